@@ -1,0 +1,125 @@
+"""The results JSON every evaluation writes, and the one reader the model-card renderer uses.
+
+Schema ``entmax_vit.results/v1`` (one file per evaluation run)::
+
+    {
+      "schema": "entmax_vit.results/v1",
+      "task": "knn" | "linear" | "segmentation" | "analysis",
+      "model": {"name_or_path": str, "attention": str, "config": {...}},      # config: model config dict
+      "dataset": {"name": str, "split": str, "num_samples": int, "num_classes": int | None},
+      "protocol": {"name": str, ...},                                         # e.g. "dino_knn", "neco_voc"
+      "metrics": {str: float, ...},            # accuracies and mIoU in percent (0-100)
+      "config": {...},                         # the resolved evaluation config
+      "versions": {"entmax_vit": str, "torch": str, "transformers": str, ...},
+      "created": "2026-11-24T05:00:00+00:00"
+    }
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+SCHEMA = "entmax_vit.results/v1"
+TASKS = ("knn", "linear", "segmentation", "analysis")
+_REQUIRED = {
+    "schema": str, "task": str, "model": dict, "dataset": dict, "protocol": dict, "metrics": dict,
+    "config": dict, "versions": dict, "created": str,
+}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the packages that determine a result."""
+    out = {}
+    for pkg in ("entmax-vit", "torch", "transformers", "datasets", "accelerate"):
+        try:
+            out[pkg.replace("-", "_")] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg.replace("-", "_")] = "unknown"
+    return out
+
+
+def validate_results(data: Any, source: str = "results") -> dict:
+    """Check ``data`` against the schema; raise ValueError naming what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{source}: schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"{source}: missing keys {missing}")
+    wrong = [k for k, t in _REQUIRED.items() if not isinstance(data[k], t)]
+    if wrong:
+        raise ValueError(f"{source}: wrong types for {wrong} (expected {[ _REQUIRED[k].__name__ for k in wrong]})")
+    if data["task"] not in TASKS:
+        raise ValueError(f"{source}: task {data['task']!r} not one of {TASKS}")
+    for key in ("name_or_path", "attention"):
+        if not isinstance(data["model"].get(key), str):
+            raise ValueError(f"{source}: model.{key} must be a string")
+    if not isinstance(data["dataset"].get("name"), str):
+        raise ValueError(f"{source}: dataset.name must be a string")
+    if not isinstance(data["protocol"].get("name"), str):
+        raise ValueError(f"{source}: protocol.name must be a string")
+    for name, value in data["metrics"].items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{source}: metric {name!r} must be a finite number, got {value!r}")
+    return data
+
+
+def make_results(
+    *,
+    task: str,
+    model_name_or_path: str,
+    model_config: Mapping[str, Any],
+    dataset: Mapping[str, Any],
+    protocol: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    config: Mapping[str, Any],
+) -> dict:
+    """Assemble and validate a results record."""
+    record = {
+        "schema": SCHEMA,
+        "task": task,
+        "model": {
+            "name_or_path": str(model_name_or_path),
+            "attention": str(model_config.get("attention", "softmax")),
+            "config": dict(model_config),
+        },
+        "dataset": dict(dataset),
+        "protocol": dict(protocol),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "config": dict(config),
+        "versions": library_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return validate_results(record)
+
+
+def write_results(record: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Validate and write atomically (temporary file + rename)."""
+    validate_results(dict(record), str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_results_")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read and validate a results JSON; wrong schema raises ValueError naming the file and the problem."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return validate_results(data, str(path))
+
+
+__all__ = ["SCHEMA", "TASKS", "library_versions", "load_results", "make_results", "validate_results", "write_results"]
