@@ -1,0 +1,1 @@
+"""Shared command-line plumbing for every entry point: typed config dataclass + YAML presets + overrides."""
