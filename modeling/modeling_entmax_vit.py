@@ -99,6 +99,10 @@ class EntmaxViTEmbeddings(nn.Module):
         return torch.cat((cls_pos, patch_pos), dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
+            )
         batch, _, height, width = pixel_values.shape
         patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
         tokens = torch.cat((self.cls_token.expand(batch, -1, -1), patches), dim=1)  # (B, 1 + N, D)
@@ -259,6 +263,33 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
         if choice not in ATTENTION_KERNELS:
             raise ValueError(f"Unknown attn_implementation {choice!r}; choose one of {ATTENTION_KERNELS}")
         return choice
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As transformers' from_pretrained, but a checkpoint that does not fit raises instead of silently
+        re-initialising: shape mismatches (unless ``ignore_mismatched_sizes=True``) and missing backbone weights
+        (task heads such as ``classifier`` may be missing: they are new) raise ValueError naming the keys."""
+        want_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        # Load leniently, then judge the loading report ourselves so the error can name the keys.
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+        mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys", [])]
+        missing = [k for k in info.get("missing_keys", []) if not k.split(".")[0] in ("classifier",)]
+        if mismatched and not ignore_mismatched:
+            raise ValueError(
+                f"Checkpoint {pretrained_model_name_or_path} does not fit this {cls.__name__} config: "
+                f"shape mismatch for {sorted(mismatched)}"
+            )
+        if missing:
+            raise ValueError(
+                f"Checkpoint {pretrained_model_name_or_path} lacks weights for {sorted(missing)}: is it an "
+                "EntmaxViT checkpoint of this architecture? Convert foreign checkpoints with "
+                "scripts/convert_checkpoint.py"
+            )
+        return (model, info) if want_info else model
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
         for module in self.modules():

@@ -1,0 +1,66 @@
+"""Security rules that hold across the whole project (issue 8)."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HUB_ALLOWED = {"torch", "transformers"}
+PROJECT_DIRS = ["modeling", "training", "evaluation", "analysis", "data", "hub_cards", "conversion", "cli", "scripts", "tests"]
+
+
+def _python_files(dirs) -> list[Path]:
+    return sorted(p for d in dirs for p in (ROOT / d).rglob("*.py") if ".venv" not in p.parts)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "modeling").glob("*.py")), ids=lambda p: p.name)
+def test_hub_code_imports_only_stdlib_torch_transformers(path: Path) -> None:
+    """Everything in modeling/ may be copied to the Hub: absolute imports must be stdlib, torch or transformers."""
+    tree = ast.parse(path.read_text())
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level > 0:  # relative: a flat sibling file, copied with it
+                continue
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top not in HUB_ALLOWED and top not in sys.stdlib_module_names and top != "__future__":
+                bad.append(name)
+    assert not bad, f"{path.name} imports {bad}: Hub code may import only the standard library, torch, transformers"
+
+
+def test_no_torch_load_without_weights_only() -> None:
+    offenders = []
+    for path in _python_files(PROJECT_DIRS):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+                if name == "load" and owner == "torch":
+                    kw = {k.arg: k.value for k in node.keywords}
+                    ok = "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) and kw["weights_only"].value is True
+                    if not ok:
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"torch.load without weights_only=True at {offenders}"
+
+
+def test_no_pickle_weight_files_are_written() -> None:
+    """Weights are saved as safetensors: no torch.save of state dicts / pickles into model folders."""
+    offenders = []
+    for path in _python_files([d for d in PROJECT_DIRS if d != "tests"]):
+        text = path.read_text()
+        for i, line in enumerate(text.splitlines(), 1):
+            if ("pytorch_model.bin" in line or "safe_serialization=False" in line) and "noqa: security" not in line:
+                offenders.append(f"{path.relative_to(ROOT)}:{i}")
+    assert not offenders, f"non-safetensors weight writing at {offenders}"
