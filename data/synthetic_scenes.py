@@ -1,0 +1,400 @@
+"""The embedded benchmark: synthetic scenes over real texture photographs, with image labels and pixel masks.
+
+Every image is a small "scene": one main object plus 0-2 distractor objects (other classes, smaller, in a
+random depth order so they can occlude each other and the main object), drawn at a random scale, position
+and rotation over a background cropped from a real photograph that ships inside scikit-image / scikit-learn
+(brick, grass, gravel, the moon's surface, a stained tissue slide, the Hubble deep field, two holiday photos).
+Each object class has its own shape AND its own colour/texture pattern, jittered per instance, so that - as in
+real scenes - patch content, the global image class and the per-pixel labels are related but not the same:
+
+- ``label`` (ClassLabel over ``OBJECT_CLASSES``): the class covering the most object pixels after occlusion.
+- ``mask`` (PIL mode "L"): 0 = background, k = ``SEGMENTATION_CLASSES[k]`` (= ``OBJECT_CLASSES[k - 1]``).
+
+Generation is deterministic: image ``i`` of a split depends only on ``(seed, split, i)`` (so the first N images
+are the same whatever the split size), labels are exactly balanced per block of ``len(OBJECT_CLASSES)`` images.
+Scenes are rendered at 2x resolution and box-downsampled (anti-aliased edges); the mask is the per-pixel
+majority label of the same 2x2 block. The result is cached with ``save_to_disk`` under
+``$ENTMAX_VIT_CACHE`` (default ``~/.cache/entmax_vit``) keyed by every parameter, and reloaded after first use.
+
+    from entmax_vit.data.synthetic_scenes import load_synthetic_scenes
+    scenes = load_synthetic_scenes()              # DatasetDict: train 2000 / validation 500, 64 px
+    python -m entmax_vit.data.synthetic_scenes --preview scenes.png   # a grid of samples and masks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# Bump when the rendering changes: it is part of the cache key, so old caches are never reused by mistake.
+GENERATOR_VERSION = 1
+
+DEFAULT_IMAGE_SIZE = 64
+DEFAULT_NUM_TRAIN = 2000
+DEFAULT_NUM_VALIDATION = 500
+
+_SPLIT_IDS = {"train": 0, "validation": 1}
+
+
+# ---------------------------------------------------------------- object classes: shape + appearance
+@dataclasses.dataclass(frozen=True)
+class ObjectClass:
+    """How one class looks. Colours are RGB in [0, 1]; ``pattern`` mixes ``color_a`` (0) and ``color_b`` (1)."""
+
+    name: str
+    shape: str  # key of _SHAPES
+    color_a: tuple[float, float, float]
+    color_b: tuple[float, float, float]
+    pattern: str  # key of _PATTERNS
+    frequency: float  # pattern frequency in cycles per object radius
+
+
+CLASS_SPECS: tuple[ObjectClass, ...] = (
+    ObjectClass("sun", "disk", (0.98, 0.82, 0.18), (0.92, 0.38, 0.05), "radial", 1.0),
+    ObjectClass("tile", "square", (0.15, 0.35, 0.85), (0.92, 0.94, 0.98), "checker", 1.5),
+    ObjectClass("leaf", "ellipse", (0.30, 0.72, 0.20), (0.08, 0.35, 0.08), "stripes", 2.5),
+    ObjectClass("kite", "triangle", (0.88, 0.12, 0.12), (0.98, 0.85, 0.20), "bands", 2.0),
+    ObjectClass("star", "star", (0.62, 0.22, 0.78), (0.98, 0.62, 0.85), "dots", 2.5),
+    ObjectClass("donut", "ring", (0.62, 0.38, 0.20), (0.98, 0.58, 0.72), "spokes", 6.0),
+    ObjectClass("cross", "cross", (0.96, 0.96, 0.94), (0.85, 0.10, 0.15), "solid", 0.0),
+    ObjectClass("moon", "crescent", (0.90, 0.90, 0.70), (0.55, 0.55, 0.48), "speckle", 0.0),
+)
+OBJECT_CLASSES: list[str] = [spec.name for spec in CLASS_SPECS]
+SEGMENTATION_CLASSES: list[str] = ["background", *OBJECT_CLASSES]
+
+
+# Shapes: boolean membership from object-local coordinates (u, v), in units of the object radius (|u|,|v| <= 1).
+def _disk(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return u * u + v * v <= 1.0
+
+
+def _square(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.maximum(np.abs(u), np.abs(v)) <= 0.78
+
+
+def _ellipse(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return u * u + (v / 0.5) ** 2 <= 1.0
+
+
+def _triangle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    # Equilateral triangle inscribed in the unit circle (vertices at 90, 210, 330 degrees): three half-planes
+    # whose outward normals point at -90, 30 and 150 degrees, each edge at distance 0.5 from the centre.
+    inside = np.ones(u.shape, dtype=bool)
+    for angle in (-np.pi / 2, np.pi / 6, 5 * np.pi / 6):
+        inside &= u * np.cos(angle) + v * np.sin(angle) <= 0.5
+    return inside
+
+
+def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    rho, phi = np.hypot(u, v), np.arctan2(v, u)
+    return rho <= 0.45 + 0.55 * np.abs(np.cos(2.5 * phi)) ** 2.5  # five pointed arms
+
+
+def _ring(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    rho2 = u * u + v * v
+    return (rho2 <= 1.0) & (rho2 >= 0.45**2)
+
+
+def _cross(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    au, av = np.abs(u), np.abs(v)
+    return ((au <= 0.3) & (av <= 0.9)) | ((av <= 0.3) & (au <= 0.9))
+
+
+def _crescent(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + v * v > 0.75**2)
+
+
+_SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "disk": _disk, "square": _square, "ellipse": _ellipse, "triangle": _triangle,
+    "star": _star, "ring": _ring, "cross": _cross, "crescent": _crescent,
+}
+
+
+# Patterns: mixing weight in [0, 1] from local coordinates; they rotate and scale with the object.
+def _pattern(name: str, u: np.ndarray, v: np.ndarray, freq: float, phase: float, rng: np.random.Generator) -> np.ndarray:
+    rho = np.hypot(u, v)
+    if name == "radial":  # bright centre fading to a darker rim
+        return np.clip(rho, 0.0, 1.0) ** 1.5
+    if name == "checker":
+        return ((np.floor(u * 2 * freq + phase) + np.floor(v * 2 * freq + phase)) % 2).astype(np.float32)
+    if name == "stripes":  # fine veins along the long axis
+        return (0.5 + 0.5 * np.sin(2 * np.pi * freq * v + phase)) ** 4
+    if name == "bands":  # wide stripes across the body
+        return (np.sin(2 * np.pi * freq * v + phase) > 0).astype(np.float32)
+    if name == "dots":
+        return ((np.sin(2 * np.pi * freq * u + phase) * np.sin(2 * np.pi * freq * v + phase)) > 0.5).astype(np.float32)
+    if name == "spokes":  # sprinkles around the ring
+        return (np.sin(freq * np.arctan2(v, u) + phase) > 0.6).astype(np.float32)
+    if name == "speckle":  # craters: sparse dark blobs
+        return (rng.random(u.shape) < 0.12).astype(np.float32) * 0.8
+    if name == "solid":
+        return np.zeros_like(u)
+    raise ValueError(f"unknown pattern {name!r}")
+
+
+# ---------------------------------------------------------------- backgrounds: real texture photographs
+@lru_cache(maxsize=1)
+def _background_sources() -> tuple[tuple[np.ndarray, bool], ...]:
+    """(H, W, 3) float32 photographs in [0, 1] with a flag: True = greyscale (tinted per scene)."""
+    from skimage import data as skdata
+
+    sources: list[tuple[np.ndarray, bool]] = []
+    for name in ("brick", "grass", "gravel", "moon", "immunohistochemistry", "hubble_deep_field"):
+        try:
+            array = getattr(skdata, name)()
+        except Exception as err:  # some skimage images need an optional download: skip them, offline
+            logger.warning("synthetic scenes: skipping background %r (%s)", name, err)
+            continue
+        sources.append(_as_rgb_float(array))
+    try:
+        from sklearn.datasets import load_sample_image
+
+        for name in ("china.jpg", "flower.jpg"):
+            sources.append(_as_rgb_float(load_sample_image(name)))
+    except Exception as err:
+        logger.warning("synthetic scenes: scikit-learn sample images unavailable (%s)", err)
+    if not sources:
+        raise RuntimeError("no background photographs could be loaded from scikit-image / scikit-learn")
+    return tuple(sources)
+
+
+def _as_rgb_float(array: np.ndarray) -> tuple[np.ndarray, bool]:
+    grey = array.ndim == 2
+    rgb = np.repeat(array[..., None], 3, axis=2) if grey else array[..., :3]
+    return rgb.astype(np.float32) / 255.0, grey
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A (size, size, 3) crop of a random photograph at a random scale, flipped/rotated and colour-jittered."""
+    sources = _background_sources()
+    photo, grey = sources[rng.integers(len(sources))]
+    h, w = photo.shape[:2]
+    side = int(rng.integers(min(size // 2, min(h, w)), min(h, w) + 1))
+    top, left = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
+    crop = Image.fromarray((photo[top:top + side, left:left + side] * 255).astype(np.uint8))
+    out = np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    out = np.rot90(out, k=int(rng.integers(4)))
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    if grey:  # tint greyscale textures with a random, mostly muted colour
+        tint = 0.55 + 0.45 * rng.random(3)
+        out = out * (tint / tint.max())
+    out = out * rng.uniform(0.65, 1.15) + rng.uniform(-0.05, 0.05)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------- one scene
+def _draw_object(rng: np.random.Generator, size: int, class_id: int, radius: float, center: tuple[float, float],
+                 canvas: np.ndarray, labels: np.ndarray) -> None:
+    """Paint one object of ``class_id`` (0-based) onto ``canvas`` (S, S, 3) and ``labels`` (S, S) in place."""
+    spec = CLASS_SPECS[class_id]
+    theta = rng.uniform(0, 2 * np.pi)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = (xs - center[0]) / radius, (ys - center[1]) / radius
+    u = np.cos(theta) * dx + np.sin(theta) * dy  # (S, S) object-local coordinates
+    v = -np.sin(theta) * dx + np.cos(theta) * dy
+    inside = _SHAPES[spec.shape](u, v)
+    if not inside.any():
+        return
+    weight = _pattern(spec.pattern, u, v, spec.frequency * rng.uniform(0.85, 1.15), rng.uniform(0, 2 * np.pi), rng)
+    brightness = rng.uniform(0.75, 1.12)
+    color_a = np.clip(np.asarray(spec.color_a) * brightness + rng.uniform(-0.06, 0.06, 3), 0, 1)
+    color_b = np.clip(np.asarray(spec.color_b) * brightness + rng.uniform(-0.06, 0.06, 3), 0, 1)
+    color = color_a * (1 - weight[..., None]) + color_b * weight[..., None]  # (S, S, 3)
+    light = rng.uniform(0, 2 * np.pi)  # soft directional shading, as on a curved surface
+    shading = 1.0 + 0.12 * (np.cos(light) * u + np.sin(light) * v)
+    color = color * shading[..., None] + rng.normal(0, 0.03, color.shape)
+    canvas[inside] = np.clip(color[inside], 0, 1)
+    labels[inside] = class_id + 1
+
+
+def render_scene(rng: np.random.Generator, image_size: int, main_class: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Render one scene whose main (largest visible) object is ``main_class`` (0-based).
+
+    Returns (image (S, S, 3) uint8, mask (S, S) uint8 with 0 = background and k = class k - 1, label).
+    The label always equals ``main_class``: distractor layouts that would out-cover it are redrawn.
+    """
+    hi = 2 * image_size  # render at 2x and box-downsample: anti-aliased edges
+    background = _background(rng, hi)
+    n_distractors = int(rng.choice(3, p=[0.3, 0.45, 0.25]))
+    for attempt in range(20):
+        canvas, labels = background.copy(), np.zeros((hi, hi), dtype=np.uint8)
+        # Main object: large, mostly inside the frame. Distractors: smaller, anywhere, may leave the frame.
+        objects = [(main_class, rng.uniform(0.22, 0.40) * hi, tuple(rng.uniform(0.25, 0.75, 2) * hi))]
+        others = [c for c in range(len(CLASS_SPECS)) if c != main_class]
+        for _ in range(n_distractors if attempt < 19 else 0):
+            objects.append((int(rng.choice(others)), rng.uniform(0.10, 0.24) * hi, tuple(rng.uniform(0.05, 0.95, 2) * hi)))
+        for index in rng.permutation(len(objects)):  # random depth order: occlusion either way
+            class_id, radius, center = objects[index]
+            _draw_object(rng, hi, class_id, float(radius), center, canvas, labels)
+        mask = _majority_downsample(labels, len(SEGMENTATION_CLASSES))
+        counts = np.bincount(mask.ravel(), minlength=len(SEGMENTATION_CLASSES))[1:]
+        if counts[main_class] >= 0.04 * image_size**2 and counts[main_class] == counts.max() and \
+                (counts == counts[main_class]).sum() == 1:
+            break
+    else:  # unreachable in practice: the last attempt has no distractors and the main object is big
+        raise RuntimeError("could not render a scene whose main object dominates")
+    image = canvas.reshape(image_size, 2, image_size, 2, 3).mean(axis=(1, 3))
+    return (image * 255 + 0.5).astype(np.uint8), mask, main_class
+
+
+def _majority_downsample(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(2S, 2S) labels -> (S, S): the most frequent label in each 2x2 block (ties -> lower id)."""
+    s = labels.shape[0] // 2
+    onehot = np.eye(num_classes, dtype=np.uint8)[labels]  # (2S, 2S, C)
+    votes = onehot.reshape(s, 2, s, 2, num_classes).sum(axis=(1, 3))  # (S, S, C)
+    return votes.argmax(axis=-1).astype(np.uint8)
+
+
+def _split_classes(seed: int, split: str, n: int) -> np.ndarray:
+    """Main class of each image: a fresh permutation of all classes per block of K images (exact balance)."""
+    k = len(CLASS_SPECS)
+    blocks = [np.random.default_rng([seed, _SPLIT_IDS[split], 1_000_003, b]).permutation(k) for b in range((n + k - 1) // k)]
+    return np.concatenate(blocks)[:n] if blocks else np.zeros(0, dtype=np.int64)
+
+
+def generate_split(split: str, num_images: int, image_size: int = DEFAULT_IMAGE_SIZE, seed: int = 0,
+                   progress: bool = True) -> dict[str, list]:
+    """Render ``num_images`` scenes of ``split`` as {"image": [PIL RGB], "label": [int], "mask": [PIL L]}."""
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be one of {list(_SPLIT_IDS)}, got {split!r}")
+    from tqdm.auto import tqdm
+
+    classes = _split_classes(seed, split, num_images)
+    out: dict[str, list] = {"image": [], "label": [], "mask": []}
+    for i in tqdm(range(num_images), desc=f"rendering {split} scenes", disable=not progress, leave=False):
+        rng = np.random.default_rng([seed, _SPLIT_IDS[split], i])  # image i depends only on (seed, split, i)
+        image, mask, label = render_scene(rng, image_size, int(classes[i]))
+        out["image"].append(Image.fromarray(image, mode="RGB"))
+        out["mask"].append(Image.fromarray(mask, mode="L"))
+        out["label"].append(label)
+    return out
+
+
+# ---------------------------------------------------------------- datasets + on-disk cache
+def default_cache_dir() -> Path:
+    """``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``."""
+    return Path(os.environ.get("ENTMAX_VIT_CACHE") or Path.home() / ".cache" / "entmax_vit")
+
+
+def dataset_features():
+    """The ``datasets.Features`` of every split: image (Image), label (ClassLabel), mask (Image, mode L)."""
+    from datasets import ClassLabel, Features
+    from datasets import Image as ImageFeature
+
+    return Features({"image": ImageFeature(), "label": ClassLabel(names=OBJECT_CLASSES), "mask": ImageFeature()})
+
+
+def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int = DEFAULT_NUM_TRAIN,
+                          num_validation: int = DEFAULT_NUM_VALIDATION, seed: int = 0,
+                          cache_dir: Optional[str | os.PathLike] = None, progress: bool = True):
+    """The embedded benchmark as a ``datasets.DatasetDict`` with splits "train" and "validation".
+
+    Columns: ``image`` (RGB, image_size x image_size), ``label`` (ClassLabel over ``OBJECT_CLASSES``: the
+    class covering most object pixels) and ``mask`` (mode "L": 0 = background, k = ``SEGMENTATION_CLASSES[k]``).
+    Rendered once (a few seconds per thousand 64 px images), then loaded from
+    ``cache_dir/synthetic_scenes/<key>`` (default cache: ``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``).
+    """
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    for name, value, low in (("image_size", image_size, 16), ("num_train", num_train, 1),
+                             ("num_validation", num_validation, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = f"v{GENERATOR_VERSION}_size{image_size}_train{num_train}_val{num_validation}_seed{seed}"
+    target = root / "synthetic_scenes" / key
+    if (target / "dataset_dict.json").exists():
+        logger.info("synthetic scenes: loading cached %s", target)
+        return load_from_disk(str(target))
+
+    start = time.perf_counter()
+    features = dataset_features()
+    splits = {split: Dataset.from_dict(generate_split(split, n, image_size, seed, progress), features=features)
+              for split, n in (("train", num_train), ("validation", num_validation))}
+    scenes = DatasetDict(splits)
+    # Write to a private folder, then rename: concurrent first uses never see a half-written cache.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{key}.tmp{os.getpid()}"
+    scenes.save_to_disk(str(tmp))
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("synthetic scenes: rendered %d + %d images in %.1f s -> %s", num_train, num_validation,
+                time.perf_counter() - start, target)
+    return load_from_disk(str(target))
+
+
+# ---------------------------------------------------------------- a look at the data
+def segmentation_palette() -> np.ndarray:
+    """(len(SEGMENTATION_CLASSES), 3) uint8 colours for masks: black background, the class colours after."""
+    colors = [(0, 0, 0)] + [tuple(int(255 * c) for c in spec.color_a) for spec in CLASS_SPECS]
+    return np.asarray(colors, dtype=np.uint8)
+
+
+def save_preview(split, path: str | os.PathLike, num: int = 16, columns: int = 8) -> Path:
+    """Save a PNG grid of ``num`` samples of a split: each image above its coloured mask, titled by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num = min(num, len(split))
+    rows = 2 * ((num + columns - 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.7 * rows), squeeze=False)
+    palette = segmentation_palette()
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(num):
+        row, col = 2 * (i // columns), i % columns
+        example = split[i]
+        axes[row, col].imshow(example["image"])
+        axes[row, col].set_title(OBJECT_CLASSES[example["label"]], fontsize=8)
+        axes[row + 1, col].imshow(palette[np.asarray(example["mask"])])
+    fig.suptitle("synthetic scenes: image / mask (black = background)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@dataclasses.dataclass
+class ScenesConfig:
+    image_size: int = DEFAULT_IMAGE_SIZE  # pixels per side
+    num_train: int = DEFAULT_NUM_TRAIN
+    num_validation: int = DEFAULT_NUM_VALIDATION
+    seed: int = 0
+    cache_dir: Optional[str] = None  # default $ENTMAX_VIT_CACHE or ~/.cache/entmax_vit
+    preview: Optional[str] = None  # write a PNG grid of validation samples here
+
+
+def main(cfg: ScenesConfig) -> None:
+    scenes = load_synthetic_scenes(cfg.image_size, cfg.num_train, cfg.num_validation, cfg.seed, cfg.cache_dir)
+    print(scenes)
+    if cfg.preview:
+        print(f"preview: {save_preview(scenes['validation'], cfg.preview)}")
+
+
+if __name__ == "__main__":
+    from entmax_vit.cli.config import parse_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main(parse_config(ScenesConfig, sys.argv[1:]))

@@ -1,0 +1,107 @@
+"""The embedded benchmark: deterministic, correctly labelled, balanced, cached."""
+
+import numpy as np
+import pytest
+
+from entmax_vit.data import synthetic_scenes as ss
+from entmax_vit.data.synthetic_scenes import OBJECT_CLASSES, SEGMENTATION_CLASSES, load_synthetic_scenes
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return load_synthetic_scenes(image_size=32, num_train=24, num_validation=16, seed=3,
+                                 cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_class_lists():
+    assert SEGMENTATION_CLASSES[0] == "background" and SEGMENTATION_CLASSES[1:] == OBJECT_CLASSES
+    assert len(set(OBJECT_CLASSES)) == len(OBJECT_CLASSES) >= 6
+
+
+def test_splits_columns_and_shapes(scenes):
+    assert set(scenes) == {"train", "validation"}
+    assert len(scenes["train"]) == 24 and len(scenes["validation"]) == 16
+    features = scenes["train"].features
+    assert features["label"].names == OBJECT_CLASSES
+    example = scenes["train"][0]
+    assert example["image"].mode == "RGB" and example["image"].size == (32, 32)
+    assert example["mask"].mode == "L" and example["mask"].size == (32, 32)
+
+
+def test_mask_values_agree_with_label(scenes):
+    for split in ("train", "validation"):
+        for example in scenes[split]:
+            mask = np.asarray(example["mask"])
+            assert mask.max() < len(SEGMENTATION_CLASSES)
+            counts = np.bincount(mask.ravel(), minlength=len(SEGMENTATION_CLASSES))[1:]
+            # the label is the class covering the most object pixels, uniquely, and it is visible
+            assert counts.argmax() == example["label"]
+            assert (counts == counts.max()).sum() == 1
+            assert counts[example["label"]] >= 0.04 * mask.size
+            assert (mask == 0).any()  # some background always shows
+
+
+def test_objects_differ_from_background(scenes):
+    # Pixels labelled as objects must look different from the background around them: the mask is not noise.
+    example = scenes["validation"][0]
+    image = np.asarray(example["image"], dtype=np.float32)
+    mask = np.asarray(example["mask"])
+    label_pixels = image[mask == example["label"] + 1].mean(axis=0)
+    background = image[mask == 0].mean(axis=0)
+    assert np.abs(label_pixels - background).max() > 5
+
+
+def test_exact_class_balance(scenes):
+    k = len(OBJECT_CLASSES)
+    labels = np.asarray(scenes["train"]["label"])
+    for block in range(len(labels) // k):  # every block of K consecutive images holds every class once
+        assert sorted(labels[block * k:(block + 1) * k]) == list(range(k))
+    full = ss._split_classes(0, "train", 2000)
+    assert np.bincount(full).tolist() == [2000 // k] * k
+
+
+def test_deterministic_and_prefix_stable(scenes, tmp_path):
+    again = load_synthetic_scenes(image_size=32, num_train=8, num_validation=4, seed=3, cache_dir=tmp_path,
+                                  progress=False)
+    for split, n in (("train", 8), ("validation", 4)):
+        for i in range(n):
+            a, b = scenes[split][i], again[split][i]
+            assert a["label"] == b["label"]
+            assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+            assert np.array_equal(np.asarray(a["mask"]), np.asarray(b["mask"]))
+    # different split and different seed give different images
+    assert not np.array_equal(np.asarray(again["train"][0]["image"]), np.asarray(again["validation"][0]["image"]))
+    other = ss.generate_split("train", 1, image_size=32, seed=4, progress=False)
+    assert not np.array_equal(np.asarray(other["image"][0]), np.asarray(again["train"][0]["image"]))
+
+
+def test_cache_reused_and_keyed(tmp_path, monkeypatch):
+    first = load_synthetic_scenes(image_size=32, num_train=2, num_validation=2, cache_dir=tmp_path, progress=False)
+    cached = list((tmp_path / "synthetic_scenes").iterdir())
+    assert len(cached) == 1 and "size32_train2_val2_seed0" in cached[0].name
+
+    def fail(*args, **kwargs):
+        raise AssertionError("re-rendered although the cache exists")
+
+    monkeypatch.setattr(ss, "generate_split", fail)
+    second = load_synthetic_scenes(image_size=32, num_train=2, num_validation=2, cache_dir=tmp_path, progress=False)
+    assert np.array_equal(np.asarray(first["train"][1]["image"]), np.asarray(second["train"][1]["image"]))
+    with pytest.raises(AssertionError):  # other parameters are another cache entry
+        load_synthetic_scenes(image_size=32, num_train=3, num_validation=2, cache_dir=tmp_path, progress=False)
+
+
+def test_env_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENTMAX_VIT_CACHE", str(tmp_path / "env"))
+    assert ss.default_cache_dir() == tmp_path / "env"
+
+
+@pytest.mark.parametrize("kwargs", [dict(image_size=8), dict(num_train=0), dict(num_validation=-1),
+                                    dict(seed=-1), dict(image_size=32.5)])
+def test_bad_arguments(kwargs, tmp_path):
+    with pytest.raises(ValueError):
+        load_synthetic_scenes(cache_dir=tmp_path, **kwargs)
+
+
+def test_preview_png(scenes, tmp_path):
+    path = ss.save_preview(scenes["validation"], tmp_path / "grid.png", num=4, columns=2)
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
