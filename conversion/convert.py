@@ -1,0 +1,239 @@
+"""Convert a DINO, transformers-ViT or timm checkpoint into an EntmaxViT save_pretrained folder.
+
+    cfg = ConvertConfig(source="dino", input="dino_deitsmall16_pretrain.pth", output_dir="out/dino_vits16")
+    result = convert(cfg)          # EntmaxViTModel + report; checked against the source library's model
+    save_converted(result, cfg)    # config.json + model.safetensors + modeling code + preprocessor_config.json
+
+With ``attention="softmax"`` (default) the converted model reproduces the source; any other transform
+(entmax15, sparsemax, entmax_bisect) keeps the weights and swaps the attention, for studies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from entmax_vit.cli.config import save_config, to_dict
+from entmax_vit.modeling import ATTENTION_TRANSFORMS, EntmaxViTConfig, EntmaxViTModel, make_image_processor
+
+from .checkpoint_io import load_input, strip_prefixes, training_args, unwrap_state_dict
+from .converted_state import ConvertedState, infer_architecture, load_strict, raise_on_rejected, resolve_num_heads
+from .dino_keys import convert_dino_keys
+from .hf_vit_keys import convert_hf_vit_keys
+from .source_models import hf_config_for, hf_vit_from_source, timm_architecture, timm_vit_from_state
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("dino", "hf-vit", "timm")
+# Official DINO --arch names -> heads (vision_transformer.py: head_dim 64).
+DINO_ARCH_HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}
+DINO_LAYER_NORM_EPS = 1e-6  # DINO and timm ViTs
+HF_VIT_DEFAULT_LAYER_NORM_EPS = 1e-12  # transformers ViTConfig default, used when there is no config.json
+# config.json fields of a transformers ViT that must agree with the weights.
+_HF_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "patch_size", "image_size",
+                   "num_channels", "qkv_bias")
+
+
+@dataclass
+class ConvertConfig:
+    """Checkpoint conversion (scripts/convert_checkpoint.py)."""
+
+    source: Literal["dino", "hf-vit", "timm"] = "dino"  # checkpoint family: official DINO, transformers ViT, timm
+    input: str = ""  # .pth/.pt/.bin/.safetensors file, save_pretrained folder, or Hub repo id (owner/name)
+    output_dir: str = ""  # folder to write the EntmaxViT model into
+    attention: str = "softmax"  # transform of the converted model; softmax reproduces the source exactly
+    which: Literal["teacher", "student"] = "teacher"  # network taken from a DINO full training checkpoint
+    num_heads: Optional[int] = None  # heads, when neither a config nor the width (head_dim 64) tells them
+    timm_arch: Optional[str] = None  # timm architecture (vit_small_patch16_224) for heads/eps; else config.json
+    verify: bool = True  # run the source library's model on random input and compare (softmax weights)
+    tolerance: float = 1e-4  # max |difference| of the final-normed tokens accepted by verify
+    overwrite: bool = False  # allow writing into an output_dir that already holds a model
+    cache_dir: Optional[str] = None  # Hub download cache for repo-id inputs
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_TRANSFORMS:
+            raise ValueError(f"attention {self.attention!r} unknown; choose one of {sorted(ATTENTION_TRANSFORMS)}")
+        if self.num_heads is not None and self.num_heads <= 0:
+            raise ValueError(f"num_heads must be positive, got {self.num_heads}")
+
+
+@dataclass
+class ConversionResult:
+    model: EntmaxViTModel
+    report: dict = field(default_factory=dict)
+
+
+def _family_hint(state: dict, source: str) -> str:
+    keys = list(state)
+    if source != "hf-vit" and any(k.startswith(("encoder.layer.", "layers.", "embeddings.", "vit.")) for k in keys):
+        return " These look like transformers ViT keys: use --source hf-vit."
+    if source == "hf-vit" and any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
+        return " These look like DINO/timm keys: use --source dino or --source timm."
+    return ""
+
+
+def _rename(cfg: ConvertConfig, state: dict[str, torch.Tensor]) -> tuple[dict, ConvertedState]:
+    if cfg.source == "hf-vit":
+        state = strip_prefixes(state, ("module.", "vit."))
+        converted = convert_hf_vit_keys(state)
+    else:
+        # DINO: "module." from DDP (student), "backbone." from the MultiCropWrapper; heads are "head.*".
+        state = strip_prefixes(state, ("module.", "backbone."))
+        converted = convert_dino_keys(state)
+    try:
+        raise_on_rejected(converted, cfg.source)
+    except ValueError as err:
+        raise ValueError(str(err) + _family_hint(state, cfg.source)) from None
+    by_reason: dict[str, int] = {}
+    for reason in converted.dropped.values():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    for reason, count in by_reason.items():
+        logger.info("Dropped %d tensor(s): %s", count, reason)
+    return state, converted
+
+
+def _check_hf_config(hf_config: dict, arch: dict) -> None:
+    model_type = hf_config.get("model_type", "vit")
+    if model_type != "vit":
+        raise ValueError(f"config.json has model_type {model_type!r}; --source hf-vit converts 'vit' models only")
+    wrong = {k: (hf_config[k], arch[k]) for k in _HF_SIZE_FIELDS if k in hf_config and hf_config[k] != arch[k]}
+    if wrong:
+        raise ValueError("config.json disagrees with the weights (config vs weights): "
+                         + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in wrong.items()))
+
+
+def convert(cfg: ConvertConfig) -> ConversionResult:
+    """Load, rename, infer the architecture, build and fill an EntmaxViTModel, and (``cfg.verify``) check it
+    against the source library's model. Raises ValueError naming offending keys for checkpoints that do not
+    fit."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"source must be one of {list(SOURCES)}, got {cfg.source!r}")
+    if not cfg.input:
+        raise ValueError("No input given: pass a checkpoint file, folder or Hub repo id")
+    loaded = load_input(cfg.input, cfg.cache_dir)
+    args = training_args(loaded.obj)
+    state, notes = unwrap_state_dict(loaded.obj, cfg.which)
+    for note in notes:
+        logger.info(note)
+    state, converted = _rename(cfg, state)
+    arch = infer_architecture(converted)
+
+    hidden_act = "gelu"
+    heads_from_source: Optional[int] = None
+    hf_config: Optional[dict] = None
+    if cfg.source == "dino":
+        eps = DINO_LAYER_NORM_EPS
+        if args is not None:
+            heads_from_source = DINO_ARCH_HEADS.get(getattr(args, "arch", None))
+            patch = getattr(args, "patch_size", arch["patch_size"])
+            if patch != arch["patch_size"]:
+                raise ValueError(f"Training args say patch_size {patch}, the weights have {arch['patch_size']}")
+    elif cfg.source == "timm":
+        eps = DINO_LAYER_NORM_EPS
+        name = cfg.timm_arch or (loaded.config or {}).get("architecture")
+        if name:
+            info = timm_architecture(name)
+            heads_from_source, eps = info["num_heads"], info["layer_norm_eps"]
+            logger.info("timm architecture %s: %d heads, LayerNorm eps %g", name, heads_from_source, eps)
+    else:
+        if loaded.config is not None:
+            hf_config = dict(loaded.config)
+            _check_hf_config(hf_config, arch)
+            heads_from_source = hf_config.get("num_attention_heads")
+            eps = float(hf_config.get("layer_norm_eps", HF_VIT_DEFAULT_LAYER_NORM_EPS))
+            hidden_act = hf_config.get("hidden_act", "gelu")
+        else:
+            eps = HF_VIT_DEFAULT_LAYER_NORM_EPS
+            logger.warning("No config.json: using transformers' ViT default LayerNorm eps %g", eps)
+    heads = resolve_num_heads(arch["hidden_size"], cfg.num_heads, heads_from_source, cfg.source)
+    if hf_config is None and cfg.source == "hf-vit":
+        hf_config = hf_config_for(arch, heads, eps, hidden_act)
+
+    # Built with softmax so the check compares like with like; the requested transform is set afterwards.
+    config = EntmaxViTConfig(**arch, num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act,
+                             attention="softmax", drop_path_rate=0.0)
+    model = EntmaxViTModel(config)
+    load_strict(model, converted)
+    model.eval()
+    logger.info("Converted %s: width %d, depth %d, heads %d, patch %d, image %d, eps %g",
+                loaded.origin, arch["hidden_size"], arch["num_hidden_layers"], heads, arch["patch_size"],
+                arch["image_size"], eps)
+
+    max_diff = None
+    if cfg.verify:
+        source_state = {k: v for k, v in state.items() if k not in converted.dropped}
+        if cfg.source == "hf-vit":
+            reference = hf_vit_from_source(None, source_state, hf_config)
+        else:
+            reference = timm_vit_from_state(source_state, arch, heads, eps)
+        max_diff = verify_against(model, reference, cfg.tolerance)
+        logger.info("Verified against the source model: max |difference| %.2e (tolerance %.0e)", max_diff, cfg.tolerance)
+
+    if cfg.attention != "softmax":
+        model.config.attention = cfg.attention
+        model.config.validate()
+        logger.info("Attention transform set to %s (the weights were trained with softmax)", cfg.attention)
+
+    report = dict(
+        source=cfg.source,
+        input=loaded.origin,
+        which=cfg.which if notes and "training checkpoint" in notes[0] else None,
+        notes=notes,
+        architecture=dict(arch, num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act),
+        attention=cfg.attention,
+        dropped_keys=converted.dropped,
+        verified_max_abs_diff=max_diff,
+    )
+    return ConversionResult(model=model, report=report)
+
+
+@torch.no_grad()
+def verify_against(model: EntmaxViTModel, reference, tolerance: float, batch: int = 2, seed: int = 0) -> float:
+    """Max |difference| of the final-normed token sequences on random input at the native resolution;
+    raises ValueError above ``tolerance``."""
+    cfg = model.config
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, generator=generator)
+    ours = model(pixels).last_hidden_state  # (B, 1 + N, D)
+    theirs = reference(pixels)
+    if ours.shape != theirs.shape:
+        raise ValueError(f"Converted model gives {tuple(ours.shape)}, the source {tuple(theirs.shape)}")
+    diff = (ours - theirs).abs().max().item()
+    if not diff <= tolerance:
+        raise ValueError(f"Converted model differs from the source by {diff:.3e} (> tolerance {tolerance:.0e})")
+    return diff
+
+
+def save_converted(result: ConversionResult, cfg: ConvertConfig) -> Path:
+    """Write the model (safetensors, config with auto_map, flat modeling code), DINO's eval image processor,
+    the resolved conversion config and a report into ``cfg.output_dir``."""
+    if not cfg.output_dir:
+        raise ValueError("No output_dir given")
+    out = Path(cfg.output_dir)
+    if (out / "config.json").exists() and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a model (config.json); pass --overwrite true to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save_pretrained(out)
+    size = result.model.config.image_size
+    # DINO's eval ratio 256/224 between resize and crop, at the model's own resolution.
+    make_image_processor(resize=round(size * 256 / 224), crop=size).save_pretrained(out)
+    save_config(cfg, out / "conversion_config.yaml")
+    tmp = out / ".conversion_report.json.tmp"
+    tmp.write_text(json.dumps(dict(result.report, config=to_dict(cfg)), indent=2, default=str))
+    os.replace(tmp, out / "conversion_report.json")
+    logger.info("Wrote %s", out)
+    return out
+
+
+def main(cfg: ConvertConfig) -> Path:
+    return save_converted(convert(cfg), cfg)
+
+
+__all__ = ["ConversionResult", "ConvertConfig", "DINO_ARCH_HEADS", "SOURCES", "convert", "main", "save_converted",
+           "verify_against"]

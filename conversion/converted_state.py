@@ -1,0 +1,177 @@
+"""The result of renaming a source state dict to EntmaxViT names, and the checks shared by every source
+format: architecture inference from tensor shapes and a strict load that names every offending key.
+
+EntmaxViT parameter names (EntmaxViTModel.state_dict()):
+    embeddings.cls_token                         (1, 1, D)
+    embeddings.position_embeddings               (1, 1 + N, D)    N = (image_size / patch_size)^2
+    embeddings.patch_embeddings.projection.*     weight (D, C, p, p)
+    encoder.layer.{i}.norm1.* / norm2.*          (D,)
+    encoder.layer.{i}.attention.qkv.*            weight (3D, D): rows [q; k; v], heads contiguous in each
+    encoder.layer.{i}.attention.proj.*           weight (D, D)
+    encoder.layer.{i}.mlp.fc1.* / fc2.*          (I, D) / (D, I)
+    layernorm.*                                  (D,)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Head count by width for the DINO/timm ViT family, all with head_dim 64 (tiny, small, base, large, huge).
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+_MAX_LISTED = 12
+_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.")
+
+
+@dataclass
+class ConvertedState:
+    """A state dict renamed to EntmaxViT names.
+
+    ``origin`` maps each new name to the source key(s) it came from (for error messages); ``dropped`` lists
+    source keys deliberately left out with the reason (logged); ``rejected`` lists source keys that do not
+    fit the architecture, with the reason (conversion fails on them).
+    """
+
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    origin: dict[str, list[str]] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    def put(self, name: str, tensor: torch.Tensor, *source_keys: str) -> None:
+        if name in self.state:
+            raise ValueError(f"Two source keys map to {name!r}: {self.origin[name]} and {list(source_keys)}")
+        self.state[name] = tensor
+        self.origin[name] = list(source_keys)
+
+    def sources(self, name: str) -> str:
+        return "/".join(self.origin.get(name, [name]))
+
+
+def _listing(keys: list[str]) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def raise_on_rejected(converted: ConvertedState, source_name: str) -> None:
+    """Fail, naming the keys, when the source holds parameters this architecture cannot represent."""
+    if not converted.rejected:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in converted.rejected.items():
+        by_reason.setdefault(reason, []).append(key)
+    lines = [f"  {reason}: {_listing(keys)}" for reason, keys in by_reason.items()]
+    hint = "" if converted.state else " (no key looked like a ViT parameter: is this another architecture?)"
+    raise ValueError(
+        f"The checkpoint does not fit a {source_name} ViT{hint}; offending keys:\n" + "\n".join(lines)
+    )
+
+
+def infer_architecture(converted: ConvertedState) -> dict:
+    """Architecture sizes from tensor shapes: width from [CLS], patch size and channels from the patch
+    convolution, image size from the position-embedding length, depth from the block indices, MLP width from
+    fc1, qkv_bias from the presence of the qkv bias. Raises ValueError naming missing or inconsistent keys."""
+    state = converted.state
+    required = ["embeddings.cls_token", "embeddings.position_embeddings",
+                "embeddings.patch_embeddings.projection.weight", "layernorm.weight"]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"Cannot infer the architecture: the checkpoint has no {_listing(missing)} "
+                         "(EntmaxViT names; see the key mapping of the chosen --source)")
+    cls = state["embeddings.cls_token"]
+    if cls.ndim != 3 or cls.shape[:2] != (1, 1):
+        raise ValueError(f"{converted.sources('embeddings.cls_token')} has shape {tuple(cls.shape)}, expected (1, 1, D)")
+    hidden = cls.shape[-1]
+    conv = state["embeddings.patch_embeddings.projection.weight"]  # (D, C, p, p)
+    if conv.ndim != 4 or conv.shape[2] != conv.shape[3] or conv.shape[0] != hidden:
+        raise ValueError(f"{converted.sources('embeddings.patch_embeddings.projection.weight')} has shape "
+                         f"{tuple(conv.shape)}, expected a square kernel (D={hidden}, C, p, p)")
+    patch, channels = conv.shape[2], conv.shape[1]
+    pos = state["embeddings.position_embeddings"]  # (1, 1 + N, D)
+    side = math.isqrt(max(pos.shape[1] - 1, 0)) if pos.ndim == 3 else 0
+    if pos.ndim != 3 or side * side != pos.shape[1] - 1 or side == 0:
+        raise ValueError(
+            f"{converted.sources('embeddings.position_embeddings')} has shape {tuple(pos.shape)}: expected "
+            "(1, 1 + side^2, D) ([CLS] + a square patch grid; extra tokens such as distillation are not supported)"
+        )
+    layers = sorted({int(m.group(1)) for k in state if (m := _LAYER.match(k))})
+    if not layers:
+        raise ValueError("The checkpoint has no transformer blocks (no keys mapping to encoder.layer.N.*)")
+    if layers != list(range(len(layers))):
+        raise ValueError(f"Transformer block indices are not contiguous from 0: {layers}")
+    fc1 = state.get("encoder.layer.0.mlp.fc1.weight")
+    if fc1 is None:
+        raise ValueError("Cannot infer the MLP width: no key maps to encoder.layer.0.mlp.fc1.weight")
+    return dict(
+        hidden_size=hidden,
+        num_hidden_layers=len(layers),
+        patch_size=patch,
+        num_channels=channels,
+        image_size=side * patch,
+        intermediate_size=fc1.shape[0],
+        qkv_bias="encoder.layer.0.attention.qkv.bias" in state,
+    )
+
+
+def resolve_num_heads(hidden_size: int, explicit: Optional[int], from_source: Optional[int], source_name: str) -> int:
+    """Heads cannot be read off a fused qkv weight: take --num-heads, else the source's own config, else the
+    DINO/timm convention (head_dim 64) for the standard widths, else fail asking for --num-heads."""
+    if explicit is not None:
+        if from_source is not None and explicit != from_source:
+            raise ValueError(f"--num-heads {explicit} contradicts the {source_name} config ({from_source} heads)")
+        heads = explicit
+    elif from_source is not None:
+        heads = from_source
+    elif hidden_size in STANDARD_HEADS:
+        heads = STANDARD_HEADS[hidden_size]
+        logger.warning("Assuming %d attention heads for width %d (head_dim 64, the DINO/timm convention); "
+                       "pass --num-heads if the source used another count", heads, hidden_size)
+    else:
+        raise ValueError(
+            f"Cannot infer the number of attention heads for width {hidden_size} from a fused qkv weight; "
+            "pass --num-heads N"
+        )
+    if heads <= 0 or hidden_size % heads:
+        raise ValueError(f"num_heads {heads} does not divide the width {hidden_size}")
+    return heads
+
+
+def load_strict(model: nn.Module, converted: ConvertedState) -> None:
+    """Copy ``converted.state`` into ``model``; missing, unexpected or mis-shaped keys raise one ValueError
+    naming them by their source names."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in converted.state]
+    unexpected = [converted.sources(k) for k in converted.state if k not in expected]
+    mismatched = [
+        f"{converted.sources(k)} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+        for k, v in converted.state.items() if k in expected and v.shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_listing(mismatched)}")
+    if problems:
+        raise ValueError("The checkpoint does not match the inferred EntmaxViT architecture; " + "; ".join(problems))
+    state = {k: v.to(expected[k].dtype) for k, v in converted.state.items()}
+    model.load_state_dict(state, strict=True)
+
+
+__all__ = [
+    "ConvertedState",
+    "STANDARD_HEADS",
+    "infer_architecture",
+    "load_strict",
+    "raise_on_rejected",
+    "resolve_num_heads",
+]
