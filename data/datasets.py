@@ -1,0 +1,269 @@
+"""One way to name image data for training, evaluation and analysis, all through Hugging Face ``datasets``.
+
+    ds = load_image_dataset("ILSVRC/imagenet-1k", split="train", streaming=True)   # Hub (gated: HF_TOKEN)
+    ds = load_image_dataset("imagefolder:/data/imgs")            # DIR/<split>/<class>/*.jpg or DIR/<class>/*.jpg
+    ds = load_image_dataset("webdataset:/data/shards")           # DIR/<split>/*.tar, DIR/<split>*.tar or a glob
+    ds = load_image_dataset("/data/saved")                       # a Dataset/DatasetDict.save_to_disk folder
+    ds = load_image_dataset("embedded", split="validation")      # the bundled synthetic scenes
+    image_col = find_column(ds, "image")
+
+In distributed runs use :func:`shard_for_rank` OR let Accelerate ``prepare()`` the DataLoader, never both
+(both would give every rank 1/world_size of its own 1/world_size share, i.e. most samples never seen).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import datasets
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
+logger = logging.getLogger(__name__)
+
+AnyDataset = Union[Dataset, IterableDataset]
+EMBEDDED = "embedded"
+# Shards given to Dataset.to_iterable_dataset when a local dataset is streamed: enough for DataLoader
+# workers and ranks to split by shard.
+_LOCAL_STREAM_SHARDS = 64
+
+
+class DatasetLoadError(ValueError):
+    """A dataset source that cannot be loaded (unknown path, missing split, gated or offline Hub dataset)."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_image_dataset(
+    source: str,
+    split: str = "train",
+    *,
+    streaming: bool = False,
+    cache_dir: Optional[str | os.PathLike] = None,
+    **load_kwargs: Any,
+) -> AnyDataset:
+    """Load one split of an image dataset.
+
+    Args:
+        source: a Hub id (``"ILSVRC/imagenet-1k"``), ``"imagefolder:DIR"``, ``"webdataset:GLOB_OR_DIR"``, the
+            path of a ``save_to_disk`` folder, or ``"embedded"`` (bundled synthetic scenes, generated and
+            cached on first use). Any other local path is handed to ``datasets.load_dataset`` as is.
+        split: split name (``"train"``, ``"validation"``, ...).
+        streaming: return an ``IterableDataset`` (Hub data is then read on the fly, nothing downloaded first).
+        cache_dir: ``datasets`` cache folder (default: the HF cache).
+        **load_kwargs: passed on to ``datasets.load_dataset`` (e.g. ``name=`` for a Hub config, ``token=``).
+
+    Raises:
+        DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset.
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise DatasetLoadError(f"dataset source must be a non-empty string, got {source!r}")
+    source = source.strip()
+    cache = str(cache_dir) if cache_dir is not None else None
+    if source == EMBEDDED:
+        return _load_embedded(split, streaming, cache_dir)
+    if source.startswith("imagefolder:"):
+        folder = Path(source.split(":", 1)[1]).expanduser()
+        if not folder.is_dir():
+            raise DatasetLoadError(f"imagefolder: {folder} is not a directory")
+        return _load_dataset("imagefolder", split, streaming, cache, data_dir=str(folder), **load_kwargs)
+    if source.startswith("webdataset:"):
+        files = webdataset_shards(source.split(":", 1)[1], split)
+        return _load_dataset("webdataset", split, streaming, cache, data_files={split: files}, **load_kwargs)
+    path = Path(source).expanduser()
+    if path.is_dir() and _is_saved_dataset(path):
+        return _load_saved(path, split, streaming)
+    return _load_dataset(source, split, streaming, cache, **load_kwargs)
+
+
+def webdataset_shards(pattern: str, split: str) -> list[str]:
+    """The ``.tar`` shards for ``split``: ``DIR/<split>/*.tar``, else ``DIR/<split>*.tar``, else a glob.
+
+    A plain folder without per-split shards is accepted only for ``split="train"``, so evaluation never
+    silently reads training shards.
+    """
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        for candidate in (sorted((path / split).glob("*.tar")), sorted(path.glob(f"{split}*.tar"))):
+            if candidate:
+                return [str(p) for p in candidate]
+        every = sorted(path.glob("*.tar"))
+        if every and split == "train":
+            return [str(p) for p in every]
+        raise DatasetLoadError(
+            f"webdataset: no .tar shards for split {split!r} in {path} (looked for {split}/*.tar and "
+            f"{split}*.tar; folder has {[p.name for p in every][:10]}). Name the files with a glob: "
+            f"'webdataset:{path}/NAME-*.tar'"
+        )
+    files = sorted(glob.glob(str(path), recursive=True))
+    if not files:
+        raise DatasetLoadError(f"webdataset: no files match {pattern!r}")
+    return files
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _load_saved(path: Path, split: str, streaming: bool) -> AnyDataset:
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise DatasetLoadError(f"{path}: no split {split!r}; splits: {sorted(loaded)}")
+        ds = loaded[split]
+    else:
+        ds = loaded
+        saved_split = str(ds.split) if ds.split is not None else None
+        if saved_split is not None and saved_split != split:
+            logger.warning("%s holds one dataset saved as split %r; using it for split %r", path, saved_split, split)
+    return _stream_local(ds) if streaming else ds
+
+
+def _stream_local(ds: Dataset) -> IterableDataset:
+    return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), _LOCAL_STREAM_SHARDS)))
+
+
+def _load_embedded(split: str, streaming: bool, cache_dir: Optional[str | os.PathLike]) -> AnyDataset:
+    from .synthetic_scenes import load_synthetic_scenes  # lazy: generated data, only when asked for
+
+    scenes = load_synthetic_scenes(cache_dir=cache_dir) if cache_dir is not None else load_synthetic_scenes()
+    if split not in scenes:
+        raise DatasetLoadError(f"embedded: no split {split!r}; splits: {sorted(scenes)}")
+    ds = scenes[split]
+    return _stream_local(ds) if streaming else ds
+
+
+def _load_dataset(path: str, split: str, streaming: bool, cache_dir: Optional[str], **kwargs: Any) -> AnyDataset:
+    try:
+        ds = datasets.load_dataset(path, split=split, streaming=streaming, cache_dir=cache_dir, **kwargs)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise DatasetLoadError(f"{path}: no split {split!r} ({err})") from err
+        raise DatasetLoadError(f"{path}: {err}") from err
+    except FileNotFoundError as err:
+        raise DatasetLoadError(_hub_hint(path, err)) from err
+    except Exception as err:  # noqa: BLE001 - DatasetNotFoundError, ConnectionError, HTTP errors, ...
+        raise DatasetLoadError(_hub_hint(path, err)) from err
+    if isinstance(ds, (DatasetDict, IterableDatasetDict)):  # defensive: load_dataset(split=...) gives one split
+        ds = ds[split]
+    return ds
+
+
+def _hub_hint(path: str, err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}"
+    hints = []
+    if "gated" in text.lower() or "authenticat" in text.lower() or "401" in text or "403" in text:
+        hints.append("this dataset is gated: accept its terms on huggingface.co and set HF_TOKEN (or `hf auth login`)")
+    elif "imagenet" in path.lower():
+        hints.append("ILSVRC/imagenet-1k is gated: accept its terms on huggingface.co and set HF_TOKEN")
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        hints.append("offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE): only cached or local data loads")
+    hints.append("local data: use 'imagefolder:DIR', 'webdataset:GLOB_OR_DIR', a save_to_disk folder or 'embedded'")
+    return f"cannot load dataset {path!r} ({text}). " + "; ".join(hints)
+
+
+# ----------------------------------------------------------------------------------------------- columns
+_IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values", "picture", "photo")
+_LABEL_NAMES = ("label", "labels", "cls", "class", "target", "fine_label", "class_id", "category")
+_MASK_WORDS = ("mask", "annotation", "segmentation", "semantic", "seg", "gt", "label")
+
+
+def dataset_features(ds: Any) -> dict[str, Any]:
+    """Column name -> feature type (for an IterableDataset without declared features, peeks one example)."""
+    features = getattr(ds, "features", None)
+    if features is None and isinstance(ds, IterableDataset):
+        try:
+            features = ds._resolve_features().features  # reads the first example only
+        except Exception:  # noqa: BLE001
+            features = None
+        if features is None:
+            first = next(iter(ds))
+            return {k: type(v).__name__ for k, v in first.items()}
+    if features is None:
+        raise ValueError(f"cannot list the columns of a {type(ds).__name__}")
+    return dict(features)
+
+
+def find_column(ds: Any, kind: Literal["image", "label", "mask"] = "image", name: Optional[str] = None) -> str:
+    """Name of the ``kind`` column of ``ds``; ``name`` forces (and checks) a specific column.
+
+    image: an ``Image`` feature with an image-like name (image, img, jpg, png, ...), else the only/first
+    Image feature that is not mask-like. label: a ``ClassLabel`` (preferring label/labels/cls/...), else an
+    integer column with such a name. mask: an ``Image`` feature whose name says mask/annotation/
+    segmentation/label/... Raises ValueError naming the available columns and their types.
+    """
+    features = dataset_features(ds)
+    available = ", ".join(f"{k} ({_describe(v)})" for k, v in features.items())
+    if name is not None:
+        if name not in features:
+            raise ValueError(f"no column {name!r} for {kind}; available columns: {available}")
+        return name
+    if kind not in ("image", "label", "mask"):
+        raise ValueError(f"kind must be 'image', 'label' or 'mask', got {kind!r}")
+    images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
+    if kind == "image":
+        plain = [k for k in images if not _is_mask_name(k)]
+        found = _by_name(plain or images, _IMAGE_NAMES) or (plain or images or [None])[0]
+        if found is None:  # undeclared features (e.g. peeked dicts): go by name
+            found = _by_name(list(features), _IMAGE_NAMES)
+    elif kind == "label":
+        class_labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
+        ints = [k for k, v in features.items() if isinstance(v, datasets.Value) and v.dtype.startswith(("int", "uint"))]
+        found = _by_name(class_labels, _LABEL_NAMES) or (class_labels[0] if class_labels else None)
+        found = found or _by_name(ints, _LABEL_NAMES)
+    else:
+        image_col = _by_name([k for k in images if not _is_mask_name(k)], _IMAGE_NAMES)
+        masks = [k for k in images if _is_mask_name(k) and k != image_col]
+        found = masks[0] if masks else None
+    if found is None:
+        raise ValueError(f"no {kind} column found; available columns: {available}. Name it explicitly.")
+    return found
+
+
+def _describe(feature: Any) -> str:
+    return type(feature).__name__ if not isinstance(feature, str) else feature
+
+
+def _is_mask_name(name: str) -> bool:
+    low = name.lower().replace(".", "_").replace("-", "_")
+    parts = set(low.split("_")) | {low}
+    return any(word in parts or low.startswith(word) for word in _MASK_WORDS)
+
+
+def _by_name(candidates: list[str], preferred: tuple[str, ...]) -> Optional[str]:
+    lowered = {c.lower(): c for c in candidates}
+    for want in preferred:
+        if want in lowered:
+            return lowered[want]
+    return None
+
+
+# ------------------------------------------------------------------------------------------ distribution
+def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
+    """The part of ``ds`` that process ``rank`` of ``world_size`` reads, so every sample is read once.
+
+    Iterable datasets are split with ``datasets.distributed.split_dataset_by_node`` (whole shards per rank
+    when the shard count divides ``world_size``, else every world_size-th example). Map-style datasets get
+    a contiguous ``shard``. Rank sizes can differ by one sample: drop the last incomplete batch or stop at
+    the shortest rank, or DDP will wait forever. Use this OR ``accelerator.prepare(dataloader)``, not both.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if world_size == 1:
+        return ds
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+__all__ = [
+    "DatasetLoadError",
+    "EMBEDDED",
+    "dataset_features",
+    "find_column",
+    "load_image_dataset",
+    "shard_for_rank",
+    "webdataset_shards",
+]

@@ -1,0 +1,339 @@
+"""DINO multi-crop augmentation, and the data path that feeds it (skipping unreadable images, counted).
+
+    tf = MultiCropTransform(MultiCropConfig())            # official DINO recipe: 2 x 224 global + 8 x 96 local
+    crops = tf(pil_image)                                 # [global1, global2, local1..local8], each (3, H, W)
+    ds = MultiCropDataset(hf_ds, find_column(hf_ds, "image"), tf)
+    loader = DataLoader(ds, batch_size=64, collate_fn=multicrop_collate)
+    for crops, num_skipped in loader: ...                 # crops: list of (B, 3, H, W)
+
+The recipe is exactly official DINO's ``DataAugmentationDINO`` (facebookresearch/dino, main_dino.py):
+per crop RandomResizedCrop (bicubic) -> horizontal flip p 0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) with
+p 0.8 -> grayscale p 0.2 -> PIL Gaussian blur, radius U(0.1, 2.0), with p 1.0 (global 1), 0.1 (global 2),
+0.5 (locals) -> solarize (threshold 128) p 0.2 on global 2 only -> ImageNet normalisation. It draws its
+random numbers from the same generators in the same order (torch for crop/flip/jitter/grayscale, Python
+``random`` for blur/solarize), so with equal seeds it returns the official pipeline's tensors
+(:func:`official_dino_transform`, the literal torchvision Compose, is kept for that test and the benchmark).
+
+It is faster than the Compose with the same math: grayscale crops are blurred/solarized on one channel
+and expanded at the end, the hue shift is a lookup table instead of a numpy round trip, and
+ToTensor + Normalize is one fused (x - 255 mean) / (255 std) on the uint8 array
+(``scripts/bench_data.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from entmax_vit.data.images import ImageDecodeError, SkipCounter, to_rgb
+from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
+
+_PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+_TV_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class MultiCropConfig:
+    """Multi-crop augmentation; defaults are official DINO's (main_dino.py, DataAugmentationDINO)."""
+
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)  # area share of the image kept by a global crop
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)  # ... by a local crop; DINO: (0.05, 0.4) with (0.4, 1)
+    local_crops_number: int = 8  # 0 disables multi-crop (2 global crops only)
+    global_size: int = 224
+    local_size: int = 96
+    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop ratio range (torchvision default)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    flip_p: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL GaussianBlur radius drawn uniformly in this range
+    global1_blur_p: float = 1.0
+    global2_blur_p: float = 0.1
+    local_blur_p: float = 0.5
+    global2_solarize_p: float = 0.2  # solarization only ever on the second global crop
+    solarize_threshold: int = 128  # pixels >= threshold are inverted (PIL ImageOps.solarize default)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        lo, hi = self.aspect_ratio
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"aspect_ratio must satisfy 0 < min <= max, got {(lo, hi)}")
+        for name in ("flip_p", "color_jitter_p", "grayscale_p", "global1_blur_p", "global2_blur_p", "local_blur_p",
+                     "global2_solarize_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {self.local_crops_number}")
+        if self.global_size <= 0 or self.local_size <= 0:
+            raise ValueError(f"crop sizes must be positive, got global {self.global_size}, local {self.local_size}")
+        if not 0.0 < self.blur_radius[0] <= self.blur_radius[1]:
+            raise ValueError(f"blur_radius must satisfy 0 < min <= max, got {self.blur_radius}")
+        if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
+            raise ValueError(f"color_jitter must be >= 0 with hue <= 0.5, got {self.color_jitter}")
+        if not 0 <= self.solarize_threshold <= 256:
+            raise ValueError(f"solarize_threshold must be in [0, 256], got {self.solarize_threshold}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """What one output crop gets: its size, area-scale range and per-crop probabilities."""
+
+    name: str
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float
+
+
+def crop_specs(cfg: MultiCropConfig) -> list[CropSpec]:
+    """[global1, global2, local1..localN] as official DINO defines them."""
+    specs = [
+        CropSpec("global1", cfg.global_size, tuple(cfg.global_crops_scale), cfg.global1_blur_p, 0.0),
+        CropSpec("global2", cfg.global_size, tuple(cfg.global_crops_scale), cfg.global2_blur_p, cfg.global2_solarize_p),
+    ]
+    specs += [CropSpec(f"local{i + 1}", cfg.local_size, tuple(cfg.local_crops_scale), cfg.local_blur_p, 0.0)
+              for i in range(cfg.local_crops_number)]
+    return specs
+
+
+# --------------------------------------------------------------------------------------------- transform
+class MultiCropTransform:
+    """PIL image (or anything :func:`to_rgb` accepts) -> list of normalised float tensors (3, H, W)."""
+
+    def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
+        self.cfg = cfg or MultiCropConfig()
+        self.specs = crop_specs(self.cfg)
+        self.resample = _PIL_RESAMPLE[self.cfg.interpolation]
+        b, c, s, h = self.cfg.color_jitter
+        # Factor ranges exactly as torchvision's ColorJitter stores them (None = that op is off).
+        self.jitter_ranges = (
+            (max(0.0, 1 - b), 1 + b) if b > 0 else None,
+            (max(0.0, 1 - c), 1 + c) if c > 0 else None,
+            (max(0.0, 1 - s), 1 + s) if s > 0 else None,
+            (-h, h) if h > 0 else None,
+        )
+        self.log_ratio = (math.log(self.cfg.aspect_ratio[0]), math.log(self.cfg.aspect_ratio[1]))
+        # Fused ToTensor + Normalize: (x / 255 - mean) / std == (x - 255 mean) / (255 std).
+        self._shift = torch.tensor([255.0 * m for m in self.cfg.mean]).view(3, 1, 1)
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.cfg.std]).view(3, 1, 1)
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        if not (isinstance(image, Image.Image) and image.mode == "RGB"):
+            image = to_rgb(image)
+        return [self._crop(image, spec) for spec in self.specs]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.cfg})"
+
+    # One crop; the random draws follow the official Compose order (see module docstring).
+    def _crop(self, img: Image.Image, spec: CropSpec) -> torch.Tensor:
+        cfg = self.cfg
+        top, left, height, width = T.RandomResizedCrop.get_params(img, list(spec.scale), list(cfg.aspect_ratio))
+        out = img.crop((left, top, left + width, top + height)).resize((spec.size, spec.size), self.resample)
+        if torch.rand(1) < cfg.flip_p:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        if not cfg.color_jitter_p < torch.rand(1):  # RandomApply: skip when p < u
+            out = self._color_jitter(out)
+        if torch.rand(1) < cfg.grayscale_p:
+            out = out.convert("L")  # blur and solarize act per channel: do them once, expand to RGB at the end
+        if random.random() <= spec.blur_p:
+            out = out.filter(ImageFilter.GaussianBlur(radius=random.uniform(*cfg.blur_radius)))
+        if spec.solarize_p > 0 and random.random() < spec.solarize_p:
+            out = ImageOps.solarize(out, cfg.solarize_threshold)
+        return self._normalize(out)
+
+    def _color_jitter(self, img: Image.Image) -> Image.Image:
+        order, *factors = T.ColorJitter.get_params(*self.jitter_ranges)
+        for fn_id in order.tolist():
+            factor = factors[fn_id]
+            if factor is None:
+                continue
+            if fn_id == 0:
+                img = TF.adjust_brightness(img, factor)
+            elif fn_id == 1:
+                img = TF.adjust_contrast(img, factor)
+            elif fn_id == 2:
+                img = TF.adjust_saturation(img, factor)
+            else:
+                img = _adjust_hue(img, factor)
+        return img
+
+    def _normalize(self, img: Image.Image) -> torch.Tensor:
+        arr = torch.from_numpy(np.array(img))  # (H, W, 3) or (H, W) uint8; a writable copy
+        if arr.ndim == 2:
+            arr = arr.unsqueeze(-1).expand(-1, -1, 3)
+        x = arr.permute(2, 0, 1).float()  # (3, H, W), contiguous copy
+        return x.sub_(self._shift).mul_(self._scale)
+
+
+def _adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
+    """torchvision's PIL hue shift (uint8 add with wrap-around on H of HSV), as a 256-entry lookup table."""
+    shift = int(np.int32(hue_factor * 255).astype(np.uint8))  # truncate, then wrap as uint8
+    h, s, v = img.convert("HSV").split()
+    h = h.point([(i + shift) & 255 for i in range(256)])
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+# --------------------------------------------------------------------- the official recipe, literally
+class _OfficialGaussianBlur:
+    """DINO utils.GaussianBlur: with probability p, PIL Gaussian blur of radius U(min, max) (Python random)."""
+
+    def __init__(self, p: float, radius: Sequence[float]) -> None:
+        self.p, self.radius = p, radius
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() <= self.p:
+            return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
+        return img
+
+
+class _OfficialSolarization:
+    """DINO utils.Solarization: with probability p, PIL solarize at the default threshold."""
+
+    def __init__(self, p: float, threshold: int) -> None:
+        self.p, self.threshold = p, threshold
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img, self.threshold) if random.random() < self.p else img
+
+
+def official_dino_transform(cfg: Optional[MultiCropConfig] = None) -> Callable[[Image.Image], list[torch.Tensor]]:
+    """Official DINO's DataAugmentationDINO as torchvision v1 Compose pipelines (reference for tests/bench)."""
+    cfg = cfg or MultiCropConfig()
+    interp = _TV_INTERPOLATION[cfg.interpolation]
+    b, c, s, h = cfg.color_jitter
+    flip_and_color_jitter = T.Compose([
+        T.RandomHorizontalFlip(p=cfg.flip_p),
+        T.RandomApply([T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)], p=cfg.color_jitter_p),
+        T.RandomGrayscale(p=cfg.grayscale_p),
+    ])
+    normalize = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    pipelines = []
+    for spec in crop_specs(cfg):
+        steps = [T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=cfg.aspect_ratio, interpolation=interp),
+                 flip_and_color_jitter, _OfficialGaussianBlur(spec.blur_p, cfg.blur_radius)]
+        if spec.name == "global2":
+            steps.append(_OfficialSolarization(spec.solarize_p, cfg.solarize_threshold))
+        pipelines.append(T.Compose(steps + [normalize]))
+    return lambda img: [p(img) for p in pipelines]
+
+
+# ------------------------------------------------------------------------------------- dataset + collate
+def _undecoded(hf_ds: Any, column: str) -> Any:
+    """Read only ``column``, as raw bytes/path: decoding happens in to_rgb, where errors are caught."""
+    import datasets
+
+    features = getattr(hf_ds, "features", None)
+    if features is not None and column not in features:
+        raise ValueError(f"no image column {column!r}; columns: {list(features)}")
+    if hasattr(hf_ds, "select_columns"):
+        hf_ds = hf_ds.select_columns([column])
+    if features is not None and isinstance(features[column], datasets.Image) and features[column].decode:
+        hf_ds = hf_ds.cast_column(column, datasets.Image(decode=False))
+    return hf_ds
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Map-style dataset: item i -> list of crops, or None when the image cannot be decoded (counted)."""
+
+    def __init__(self, hf_ds: Any, image_column: str, transform: Callable[[Image.Image], list[torch.Tensor]]) -> None:
+        self.ds = _undecoded(hf_ds, image_column)
+        self.column, self.transform = image_column, transform
+        self.skips = SkipCounter("image")
+
+    @property
+    def skipped(self) -> int:
+        """Images skipped by THIS process (DataLoader workers keep their own; see multicrop_collate)."""
+        return self.skips.count
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> Optional[list[torch.Tensor]]:
+        return _decode_and_crop(self.ds[index][self.column], self.transform, self.skips, where=f"#{index}")
+
+
+class IterableMultiCropDataset(torch.utils.data.IterableDataset):
+    """Streaming variant over a ``datasets.IterableDataset``: yields crops, or None for skipped images.
+
+    DataLoader workers split the stream by shards (``datasets`` does it); ``set_epoch`` reshuffles and
+    ``state_dict``/``load_state_dict`` resume mid-epoch, both forwarded to the HF dataset.
+    """
+
+    def __init__(self, hf_ds: Any, image_column: str, transform: Callable[[Image.Image], list[torch.Tensor]]) -> None:
+        super().__init__()
+        self.ds = _undecoded(hf_ds, image_column)
+        self.column, self.transform = image_column, transform
+        self.skips = SkipCounter("image")
+
+    @property
+    def skipped(self) -> int:
+        return self.skips.count
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.ds.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ds.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[Optional[list[torch.Tensor]]]:
+        for i, row in enumerate(self.ds):
+            yield _decode_and_crop(row[self.column], self.transform, self.skips, where=f"stream item {i}")
+
+
+def _decode_and_crop(value: Any, transform: Callable, skips: SkipCounter, where: str) -> Optional[list[torch.Tensor]]:
+    try:
+        image = to_rgb(value)
+    except ImageDecodeError as err:
+        skips.record(where, err)  # the error text names the file when there is one
+        return None
+    return transform(image)
+
+
+def multicrop_collate(batch: Sequence[Optional[list[torch.Tensor]]]) -> tuple[list[torch.Tensor], int]:
+    """Drop skipped (None) samples; stack crop k of every sample -> (list of (B, 3, H_k, W_k), num_skipped).
+
+    If every sample was skipped the crop list is empty: the training loop should skip that step.
+    """
+    kept = [item for item in batch if item is not None]
+    num_skipped = len(batch) - len(kept)
+    if not kept:
+        return [], num_skipped
+    num_crops = len(kept[0])
+    if any(len(item) != num_crops for item in kept):
+        raise ValueError(f"samples have different crop counts: {sorted({len(item) for item in kept})}")
+    return [torch.stack([item[k] for item in kept]) for k in range(num_crops)], num_skipped
+
+
+__all__ = [
+    "CropSpec",
+    "IterableMultiCropDataset",
+    "MultiCropConfig",
+    "MultiCropDataset",
+    "MultiCropTransform",
+    "crop_specs",
+    "multicrop_collate",
+    "official_dino_transform",
+]
