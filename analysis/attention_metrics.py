@@ -1,0 +1,130 @@
+"""Per-layer statistics of attention matrices: sparsity, support size, entropy, mean attention distance.
+
+Token layout as in EntmaxViT: ``prefix`` tokens first ([CLS] + registers), then ``h * w`` patches row-major.
+Every function takes one layer's attention probabilities ``attn`` of shape (B, H, T, T), T = prefix + h * w.
+
+Statistics are returned as running sums ``{name: (sum, count)}`` so batches can be accumulated exactly
+(``analysis.accumulate``); ``attention_metrics`` finalises one batch into plain numbers, which is what the
+tests check against known answers:
+
+* uniform attention: zero share 0, support T, entropy log T, distance = mean pairwise patch distance;
+* one-hot attention: entropy 0, support 1;
+* local attention: the known distance of the attended neighbours.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+Stats = dict[str, tuple[float, float]]  # name -> (sum, count)
+
+
+def patch_distance_matrix(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Euclidean distances between patch centres in patch units, (h*w, h*w), row-major patch order."""
+    rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)  # (N,)
+    cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)  # (N,)
+    pos = torch.stack([rows, cols], dim=-1)  # (N, 2)
+    return torch.cdist(pos, pos)  # (N, N)
+
+
+def row_entropy(attn: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of each attention row (0 log 0 = 0): (..., T) -> (...)."""
+    plogp = torch.where(attn > 0, attn * torch.log(attn.clamp_min(1e-30)), torch.zeros_like(attn))
+    return -plogp.sum(-1)
+
+
+def _check(attn: torch.Tensor, grid: tuple[int, int], prefix: int) -> None:
+    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attention must be (batch, heads, tokens, tokens), got shape {tuple(attn.shape)}")
+    h, w = grid
+    if attn.shape[-1] != prefix + h * w:
+        raise ValueError(
+            f"attention has {attn.shape[-1]} tokens but prefix {prefix} + grid {h}x{w} = {prefix + h * w}"
+        )
+
+
+def attention_statistics(attn: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> tuple[Stats, torch.Tensor]:
+    """Running sums of the attention metrics of one layer, and the histogram of row support sizes.
+
+    Returns ``(stats, support_hist)`` where ``support_hist[k]`` counts rows (all heads, all queries) with
+    exactly ``k`` non-zero entries, (T + 1,), from which the median support is read exactly.
+
+    Metrics (means over images, heads and the rows named):
+      attention_zero_share        share of exact zeros over all entries
+      support_mean                non-zeros per row, all rows
+      cls_support_mean            non-zeros in the [CLS] query row
+      entropy / cls_entropy       row entropy (nats), all rows / [CLS] row
+      patch_entropy               row entropy of patch queries
+      patch_to_prefix_mass        attention mass patch queries put on [CLS] + registers
+      attention_distance          patch-to-patch attention distance in patches: for each patch query the
+                                  attention-weighted mean distance to the patch keys, weights renormalised over
+                                  patch keys (ViT paper's "mean attention distance"); rows with no patch mass
+                                  are skipped
+      attention_distance_head_<i> the same per head
+    """
+    _check(attn, grid, prefix)
+    attn = attn.float()
+    batch, heads, tokens, _ = attn.shape
+    nonzero = attn > 0  # (B, H, T, T)
+    support = nonzero.sum(-1)  # (B, H, T)
+    entropy = row_entropy(attn)  # (B, H, T)
+    stats: Stats = {
+        "attention_zero_share": (float((~nonzero).sum()), float(attn.numel())),
+        "support_mean": (float(support.sum()), float(support.numel())),
+        "cls_support_mean": (float(support[:, :, 0].sum()), float(batch * heads)),
+        "entropy": (float(entropy.sum()), float(entropy.numel())),
+        "cls_entropy": (float(entropy[:, :, 0].sum()), float(batch * heads)),
+    }
+    patch_rows = attn[:, :, prefix:]  # (B, H, N, T)
+    if patch_rows.shape[2] > 0:
+        stats["patch_entropy"] = (float(entropy[:, :, prefix:].sum()), float(entropy[:, :, prefix:].numel()))
+        to_prefix = patch_rows[..., :prefix].sum(-1)  # (B, H, N)
+        stats["patch_to_prefix_mass"] = (float(to_prefix.sum()), float(to_prefix.numel()))
+        dist = patch_distance_matrix(*grid, device=attn.device)  # (N, N)
+        p2p = patch_rows[..., prefix:]  # (B, H, N, N)
+        mass = p2p.sum(-1)  # (B, H, N)
+        valid = mass > 0
+        row_dist = torch.where(valid, (p2p * dist).sum(-1) / mass.clamp_min(1e-30), torch.zeros_like(mass))
+        stats["attention_distance"] = (float(row_dist.sum()), float(valid.sum()))
+        per_head_sum = row_dist.sum(dim=(0, 2))  # (H,)
+        per_head_cnt = valid.sum(dim=(0, 2))  # (H,)
+        for i in range(heads):
+            stats[f"attention_distance_head_{i}"] = (float(per_head_sum[i]), float(per_head_cnt[i]))
+    hist = torch.bincount(support.flatten().cpu(), minlength=tokens + 1)[: tokens + 1]
+    return stats, hist
+
+
+def median_from_histogram(hist: torch.Tensor) -> float:
+    """Lower median of integer values given their histogram (``hist[k]`` = count of value k)."""
+    total = int(hist.sum())
+    if total == 0:
+        return math.nan
+    cum = torch.cumsum(hist, 0)
+    return float(torch.nonzero(cum >= (total + 1) // 2)[0, 0])
+
+
+def finalize(stats: Stats) -> dict[str, float]:
+    """Means from running sums; metrics with no valid entries are left out."""
+    return {k: s / c for k, (s, c) in stats.items() if c > 0}
+
+
+def attention_metrics(attn: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> dict[str, float]:
+    """All attention metrics of one batch of one layer as numbers (see ``attention_statistics``), plus
+    ``support_median``."""
+    stats, hist = attention_statistics(attn, grid, prefix)
+    out = finalize(stats)
+    out["support_median"] = median_from_histogram(hist)
+    return out
+
+
+__all__ = [
+    "attention_metrics",
+    "attention_statistics",
+    "finalize",
+    "median_from_histogram",
+    "patch_distance_matrix",
+    "row_entropy",
+]

@@ -1,0 +1,162 @@
+"""Images (and segmentation masks, where present) for the analysis, as tensors.
+
+Sources: any dataset source of ``entmax_vit.data.datasets.load_image_dataset`` (Hub id, ``imagefolder:DIR``,
+``webdataset:...``, a ``save_to_disk`` folder, ``embedded``), or a plain folder of image files with an
+optional folder of masks named like the images (``mask_dir``; mask pixel = class id, 0 = background,
+255 = ignore).
+
+Geometry: DINO's visualize_attention looks at the whole image, so every image is resized (shorter side to
+``image_size``, bicubic) and centre-cropped to ``image_size`` x ``image_size``; masks get the same geometry
+with nearest-neighbour resampling. Pixels are normalised with ImageNet mean/std as the models expect.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from entmax_vit.data.datasets import find_column, load_image_dataset
+from entmax_vit.data.images import ImageDecodeError, to_rgb
+from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class AnalysisImages:
+    """``pixel_values`` (B, 3, S, S) normalised; ``masks`` (B, S, S) long or None; ``names`` per image."""
+
+    pixel_values: torch.Tensor
+    masks: Optional[torch.Tensor]
+    names: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+
+def _resize_crop(img: Image.Image, size: int, resample: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), resample=resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> normalised (3, size, size) tensor (resize shorter side + centre crop)."""
+    arr = np.asarray(_resize_crop(image, size, Image.BICUBIC), dtype=np.float32) / 255.0  # (S, S, 3)
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def mask_to_array(mask: Any) -> np.ndarray:
+    """A segmentation mask (PIL "L"/"P"/"I", datasets image dict, path, array) -> (H, W) integer array."""
+    if isinstance(mask, dict):  # datasets Image(decode=False): bytes win over path
+        if mask.get("bytes") is not None:
+            mask = Image.open(io.BytesIO(mask["bytes"]))
+        elif mask.get("path"):
+            mask = Image.open(mask["path"])
+        else:
+            raise ValueError(f"mask dict has neither 'bytes' nor 'path': keys {sorted(mask)}")
+    elif isinstance(mask, (str, Path)):
+        mask = Image.open(mask)
+    if isinstance(mask, Image.Image) and mask.mode not in ("L", "P", "I", "I;16", "1"):
+        raise ValueError(f"a segmentation mask must be a one-channel image of class ids, got mode {mask.mode}")
+    arr = np.asarray(mask)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ValueError(f"a segmentation mask must be one channel of class ids (H, W), got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def preprocess_mask(mask: Any, size: int) -> torch.Tensor:
+    """Mask -> (size, size) long tensor with the image's geometry (nearest resampling keeps class ids)."""
+    arr = mask_to_array(mask)
+    img = Image.fromarray(arr.astype(np.int32), mode="I")
+    return torch.from_numpy(np.asarray(_resize_crop(img, size, Image.NEAREST)).astype(np.int64))
+
+
+def _is_plain_image_folder(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir() if p.is_file())
+
+
+def _find_mask(mask_dir: Path, stem: str) -> Optional[Path]:
+    for p in sorted(mask_dir.glob(f"{stem}.*")):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            return p
+    return None
+
+
+def _collect(items, num_images: int, size: int, with_masks: bool) -> AnalysisImages:
+    pixels, masks, names, skipped = [], [], [], 0
+    for name, image, mask in items:
+        if len(pixels) >= num_images:
+            break
+        try:
+            pixels.append(preprocess_image(to_rgb(image), size))
+        except ImageDecodeError as err:
+            logger.warning("skipping unreadable image %s: %s", name, err)
+            skipped += 1
+            continue
+        names.append(str(name))
+        if with_masks:
+            masks.append(preprocess_mask(mask, size) if mask is not None else torch.full((size, size), 255))
+    if not pixels:
+        raise ValueError(f"no readable images found ({skipped} skipped)")
+    stacked_masks = torch.stack(masks).long() if with_masks and masks else None
+    return AnalysisImages(torch.stack(pixels), stacked_masks, names, skipped)
+
+
+def load_analysis_images(
+    source: str,
+    *,
+    split: str = "validation",
+    num_images: int = 16,
+    image_size: int = 224,
+    mask_dir: Optional[str] = None,
+    image_column: Optional[str] = None,
+    mask_column: Optional[str] = None,
+    use_masks: bool = True,
+    streaming: bool = False,
+) -> AnalysisImages:
+    """The first ``num_images`` readable images of ``source`` (and their masks where the source has them)."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    path = Path(source).expanduser()
+    if _is_plain_image_folder(path):
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        mdir = Path(mask_dir).expanduser() if (mask_dir and use_masks) else None
+        if mdir is not None and not mdir.is_dir():
+            raise ValueError(f"mask_dir {mdir} is not a directory")
+        items = ((f.name, f, _find_mask(mdir, f.stem) if mdir else None) for f in files)
+        return _collect(items, num_images, image_size, mdir is not None)
+    if mask_dir:
+        raise ValueError("mask_dir applies only to a plain folder of images; datasets carry their own mask column")
+    ds = load_image_dataset(source, split=split, streaming=streaming)
+    image_col = find_column(ds, "image", image_column)
+    mask_col = None
+    if use_masks:
+        try:
+            mask_col = find_column(ds, "mask", mask_column)
+        except ValueError:
+            if mask_column is not None:
+                raise
+            logger.info("dataset %s has no mask column: foreground metrics are skipped", source)
+    rows = itertools.islice(iter(ds), num_images * 2 + 8)  # some slack for unreadable images
+    items = ((f"{source}[{i}]", row[image_col], row[mask_col] if mask_col else None) for i, row in enumerate(rows))
+    return _collect(items, num_images, image_size, mask_col is not None)
+
+
+__all__ = ["AnalysisImages", "load_analysis_images", "mask_to_array", "preprocess_image", "preprocess_mask"]

@@ -1,0 +1,162 @@
+"""The analysis entry point: ``python scripts/analyze.py --model A [--compare B ...] --dataset SOURCE``.
+
+Loads each model (EntmaxViT folder or Hub id through ``AutoModel.from_pretrained(..., trust_remote_code=True)``),
+runs ``analyze_model`` on the same images, and writes into ``output_dir``::
+
+    config.yaml                       the resolved config
+    <name>/analysis_results.json      results JSON (entmax_vit.results/v1, task "analysis", layer_<i>/<metric>)
+    <name>/per_layer.json, .md        every metric per layer / the headline metrics as a table
+    <name>/attention_maps_<k>.png     per-head last-layer [CLS] attention of the first images
+    <name>/pca.png                    PCA of patch features as RGB
+    curves/layer_curves.png           every metric over layers, one line per model (+ curve_<metric>.png)
+    comparison.md                     last-layer metrics of all models side by side
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from entmax_vit.cli.config import parse_config, save_config, to_dict
+
+from .figures import plot_layer_curves, save_attention_maps, save_pca_image
+from .inputs import load_analysis_images
+from .per_layer import analyze_model, resolve_backbone
+from .report import analysis_record, comparison_table, per_layer_table, write_analysis_results, write_per_layer_json
+
+logger = logging.getLogger("entmax_vit.analysis")
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class AnalyzeConfig:
+    # --- models
+    model: str = ""                    # EntmaxViT folder or Hub id (required)
+    compare: list[str] = field(default_factory=list)  # more models analysed on the same images, e.g. softmax
+    names: list[str] = field(default_factory=list)    # display names, one per model (default: folder names)
+    device: str = "cpu"                # "cpu", "cuda", "cuda:1", ...
+    # --- images
+    dataset: str = "embedded"          # load_image_dataset source, or a plain folder of images
+    split: str = "validation"
+    streaming: bool = False            # stream Hub datasets instead of downloading them first
+    num_images: int = 16               # the first N readable images are used
+    image_size: int = 224              # resize shorter side + centre crop to this (a multiple of the patch size)
+    image_column: Optional[str] = None  # default: found by find_column
+    mask_column: Optional[str] = None   # default: found by find_column if the dataset has one
+    mask_dir: Optional[str] = None      # masks for a plain image folder, named like the images
+    use_masks: bool = True             # foreground Jaccard where masks exist
+    # --- metrics
+    batch_size: int = 8
+    outlier_k: float = 6.0             # high-norm token: norm > median + k * 1.4826 * MAD (per layer)
+    mass_threshold: float = 0.6        # share of [CLS] attention mass kept (DINO visualize_attention: 0.6)
+    feature_norm: bool = True          # cosine/PCA on final-LayerNormed tokens (what a probe sees)
+    # --- figures
+    num_figure_images: int = 4         # attention-map PNGs per model and images in the PCA figure
+    pca_layer: int = -1                # block whose patch features the PCA shows (-1 = last)
+    pca_foreground_only: bool = False  # fit the PCA on foreground patches (masks or [CLS] attention)
+    # --- output
+    output_dir: str = "outputs/analysis"
+
+
+def _model_names(cfg: AnalyzeConfig) -> list[str]:
+    sources = [cfg.model, *cfg.compare]
+    if cfg.names:
+        if len(cfg.names) != len(sources):
+            raise ValueError(f"names has {len(cfg.names)} entries for {len(sources)} models ({sources})")
+        names = list(cfg.names)
+    else:
+        names = [Path(s.rstrip("/")).name if Path(s).exists() else s.replace("/", "__") for s in sources]
+    names = [re.sub(r"[^A-Za-z0-9._+-]", "_", n) or "model" for n in names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}; set --names a,b,...")
+    return names
+
+
+def load_model(source: str, device: str = "cpu") -> torch.nn.Module:
+    """AutoModel with remote code (EntmaxViT ships its modeling files), eager attention so that every
+    attention implementation returns its probabilities."""
+    from transformers import AutoModel
+
+    import entmax_vit.modeling  # noqa: F401  (registers EntmaxViT with the Auto classes for local folders)
+
+    try:
+        model = AutoModel.from_pretrained(source, trust_remote_code=True, attn_implementation="eager")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load model {source!r}: {err}") from err
+    return model.to(device).eval()
+
+
+def main(cfg: AnalyzeConfig) -> dict[str, dict]:
+    """Run the analysis; returns ``{name: per_layer_metrics}``."""
+    if not cfg.model:
+        raise ValueError("--model is required (an EntmaxViT folder or Hub id)")
+    logging.basicConfig(level=logging.INFO, format="[analyze] %(message)s")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    names = _model_names(cfg)
+    sources = [cfg.model, *cfg.compare]
+
+    images = load_analysis_images(
+        cfg.dataset, split=cfg.split, num_images=cfg.num_images, image_size=cfg.image_size,
+        mask_dir=cfg.mask_dir, image_column=cfg.image_column, mask_column=cfg.mask_column,
+        use_masks=cfg.use_masks, streaming=cfg.streaming,
+    )
+    n = images.pixel_values.shape[0]
+    logger.info("%d images from %s (%s), masks: %s", n, cfg.dataset, cfg.split, images.masks is not None)
+    if n < cfg.num_images:
+        logger.warning("only %d of the requested %d images were available", n, cfg.num_images)
+    dataset_info = {"name": cfg.dataset, "split": cfg.split, "num_samples": n, "num_classes": None}
+
+    runs: dict[str, dict] = {}
+    for name, source in zip(names, sources):
+        model = load_model(source, cfg.device)
+        patch = resolve_backbone(model).config.patch_size
+        if cfg.image_size % patch:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of {name}'s patch size {patch}")
+        logger.info("analysing %s (%s)", name, source)
+        per_layer = analyze_model(
+            model, images.pixel_values, images.masks, batch_size=cfg.batch_size, outlier_k=cfg.outlier_k,
+            mass_threshold=cfg.mass_threshold, feature_norm=cfg.feature_norm, progress=True,
+        )
+        runs[name] = per_layer
+        model_dir = out / name
+        model_config = resolve_backbone(model).config.to_dict()
+        record = analysis_record(per_layer, model_name_or_path=source, model_config=model_config,
+                                 dataset=dataset_info, config=to_dict(cfg))
+        write_analysis_results(record, model_dir / "analysis_results.json")
+        write_per_layer_json(per_layer, model_dir / "per_layer.json",
+                             meta={"model": source, "name": name, "dataset": dataset_info, "images": images.names})
+        (model_dir / "per_layer.md").write_text(f"# {name}\n\n{per_layer_table(per_layer)}")
+        k = min(cfg.num_figure_images, n)
+        for i in range(k):
+            save_attention_maps(model, images.pixel_values[i], model_dir / f"attention_maps_{i}.png",
+                                mass=cfg.mass_threshold)
+        if k > 0:
+            save_pca_image(model, images.pixel_values[:k], model_dir / "pca.png", layer=cfg.pca_layer,
+                           foreground_only=cfg.pca_foreground_only,
+                           masks=images.masks[:k] if images.masks is not None else None,
+                           mass=cfg.mass_threshold, feature_norm=cfg.feature_norm)
+        last = per_layer[max(per_layer)]
+        logger.info("%s last layer: zero share %.3f, support %.1f, distance %.2f, cos neighbours %.3f",
+                    name, last["attention_zero_share"], last["support_mean"], last.get("attention_distance", float("nan")),
+                    last.get("cos_neighbors", float("nan")))
+        del model
+
+    plot_layer_curves(runs, out / "curves")
+    (out / "comparison.md").write_text(comparison_table(runs))
+    logger.info("wrote %s", out)
+    return runs
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:
+    """Parse ``[--config PRESET] --key value ...`` and run."""
+    return main(parse_config(AnalyzeConfig, argv, preset_dir=PRESET_DIR))
+
+
+__all__ = ["AnalyzeConfig", "cli", "load_model", "main"]
