@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 AnyDataset = Union[Dataset, IterableDataset]
 EMBEDDED = "embedded"
+_EMBEDDED_OPTIONS = ("image_size", "num_train", "num_validation", "seed")
 # Shards given to Dataset.to_iterable_dataset when a local dataset is streamed: enough for DataLoader
 # workers and ranks to split by shard.
 _LOCAL_STREAM_SHARDS = 64
@@ -49,7 +50,9 @@ def load_image_dataset(
     Args:
         source: a Hub id (``"ILSVRC/imagenet-1k"``), ``"imagefolder:DIR"``, ``"webdataset:GLOB_OR_DIR"``, the
             path of a ``save_to_disk`` folder, or ``"embedded"`` (bundled synthetic scenes, generated and
-            cached on first use). Any other local path is handed to ``datasets.load_dataset`` as is.
+            cached on first use; ``"embedded:image_size=32,num_train=64"`` sets the generator's integer
+            options image_size, num_train, num_validation, seed). Any other local path is handed to
+            ``datasets.load_dataset`` as is.
         split: split name (``"train"``, ``"validation"``, ...).
         streaming: return an ``IterableDataset`` (Hub data is then read on the fly, nothing downloaded first).
         cache_dir: ``datasets`` cache folder (default: the HF cache).
@@ -62,8 +65,8 @@ def load_image_dataset(
         raise DatasetLoadError(f"dataset source must be a non-empty string, got {source!r}")
     source = source.strip()
     cache = str(cache_dir) if cache_dir is not None else None
-    if source == EMBEDDED:
-        return _load_embedded(split, streaming, cache_dir)
+    if source == EMBEDDED or source.startswith(EMBEDDED + ":"):
+        return _load_embedded(source.partition(":")[2], split, streaming, cache_dir)
     if source.startswith("imagefolder:"):
         folder = Path(source.split(":", 1)[1]).expanduser()
         if not folder.is_dir():
@@ -125,10 +128,22 @@ def _stream_local(ds: Dataset) -> IterableDataset:
     return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), _LOCAL_STREAM_SHARDS)))
 
 
-def _load_embedded(split: str, streaming: bool, cache_dir: Optional[str | os.PathLike]) -> AnyDataset:
+def _load_embedded(options: str, split: str, streaming: bool, cache_dir: Optional[str | os.PathLike]) -> AnyDataset:
+    """``embedded`` or ``embedded:image_size=32,num_train=64,num_validation=16,seed=0`` (integer options)."""
     from .synthetic_scenes import load_synthetic_scenes  # lazy: generated data, only when asked for
 
-    scenes = load_synthetic_scenes(cache_dir=cache_dir) if cache_dir is not None else load_synthetic_scenes()
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in options.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in _EMBEDDED_OPTIONS:
+            raise DatasetLoadError(f"embedded: bad option {item!r}; use key=value with keys {list(_EMBEDDED_OPTIONS)}")
+        try:
+            kwargs[key.strip()] = int(value)
+        except ValueError:
+            raise DatasetLoadError(f"embedded: option {key.strip()} must be an integer, got {value!r}") from None
+    if cache_dir is not None:
+        kwargs["cache_dir"] = cache_dir
+    scenes = load_synthetic_scenes(**kwargs)
     if split not in scenes:
         raise DatasetLoadError(f"embedded: no split {split!r}; splits: {sorted(scenes)}")
     ds = scenes[split]

@@ -1,0 +1,195 @@
+"""to_rgb: every input kind and every malformed case, with images made here."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from entmax_vit.data.images import ImageDecodeError, SkipCounter, to_rgb
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def noise_rgb(h: int = 48, w: int = 64, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_decode_error_is_value_error():
+    assert issubclass(ImageDecodeError, ValueError)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files_raise_and_global_flag_untouched(fmt, tmp_path):
+    data = encode(noise_rgb(), fmt)
+    assert np.asarray(to_rgb(data)).shape == (48, 64, 3)  # the complete file decodes
+    cut = data[: len(data) // 2]
+    with pytest.raises(ImageDecodeError, match="cannot decode|corrupt"):
+        to_rgb(cut)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(cut)
+    with pytest.raises(ImageDecodeError, match=str(path.name)):
+        to_rgb(str(path))
+    with pytest.raises(ImageDecodeError):  # a lazily opened PIL image fails on load, inside to_rgb
+        to_rgb(Image.open(io.BytesIO(cut)))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_empty_non_image_missing_and_none(tmp_path):
+    with pytest.raises(ImageDecodeError, match="empty"):
+        to_rgb(b"")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageDecodeError, match="empty"):
+        to_rgb(empty)
+    with pytest.raises(ImageDecodeError, match="not a recognised image"):
+        to_rgb(b"this is a text file, not a picture" * 4)
+    with pytest.raises(ImageDecodeError, match="cannot read"):
+        to_rgb(tmp_path / "missing.png")
+    with pytest.raises(ImageDecodeError, match="None"):
+        to_rgb(None)
+    with pytest.raises(ImageDecodeError, match="neither"):
+        to_rgb({"bytes": None, "path": None})
+    with pytest.raises(ImageDecodeError, match="cannot make an image"):
+        to_rgb(3.5)
+
+
+def test_datasets_dict_prefers_bytes_then_path(tmp_path):
+    img = noise_rgb()
+    path = tmp_path / "a.png"
+    img.save(path)
+    from_path = to_rgb({"bytes": None, "path": str(path)})
+    from_bytes = to_rgb({"bytes": encode(img, "PNG"), "path": "does/not/exist.png"})
+    assert np.array_equal(np.asarray(from_path), np.asarray(img))
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(img))
+
+
+def test_grayscale_and_one_bit():
+    gray = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    out = np.asarray(to_rgb(encode(gray, "PNG")))
+    assert out.shape == (16, 16, 3)
+    assert np.array_equal(out[..., 0], np.asarray(gray)) and np.array_equal(out[..., 0], out[..., 2])
+    bits = Image.fromarray(np.eye(8, dtype=bool))
+    assert bits.mode == "1"
+    out = np.asarray(to_rgb(encode(bits, "PNG")))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [0, 0, 0]
+
+
+def test_cmyk_jpeg_and_in_memory():
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # no cyan/key, full magenta+yellow = red
+    assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
+    out = np.asarray(to_rgb(encode(cmyk, "JPEG", quality=95))).astype(int)
+    assert np.abs(out - np.array([255, 0, 0])).max() <= 8  # through a lossy CMYK JPEG
+
+
+def test_rgba_and_la_composite_on_white_by_default():
+    arr = np.zeros((2, 2, 4), dtype=np.uint8)
+    arr[0, 0] = (255, 0, 0, 0)  # fully transparent red -> background
+    arr[0, 1] = (255, 0, 0, 255)  # opaque red stays red
+    arr[1, 0] = (0, 0, 0, 128)  # half-transparent black over white -> mid grey
+    rgba = Image.fromarray(arr)
+    out = np.asarray(to_rgb(encode(rgba, "PNG"))).astype(int)
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[0, 1].tolist() == [255, 0, 0]
+    assert abs(out[1, 0, 0] - 127) <= 1
+    black = np.asarray(to_rgb(rgba, background=(0, 0, 0)))
+    assert black[0, 0].tolist() == [0, 0, 0] and black[0, 1].tolist() == [255, 0, 0]
+    la = Image.fromarray(np.array([[[10, 0], [10, 255]]], dtype=np.uint8), mode="LA")
+    assert np.asarray(to_rgb(la))[0].tolist() == [[255, 255, 255], [10, 10, 10]]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_palette_with_transparency(fmt):
+    pal = Image.new("P", (4, 1))
+    pal.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)  # index 0 blue, index 1 green
+    pal.putdata([0, 1, 0, 1])
+    opaque = np.asarray(to_rgb(encode(pal, fmt)))
+    assert opaque[0, 0].tolist() == [0, 0, 255] and opaque[0, 1].tolist() == [0, 255, 0]
+    out = np.asarray(to_rgb(encode(pal, fmt, transparency=0)))  # index 0 (blue) is transparent
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [0, 255, 0]
+
+
+def test_sixteen_bit_scaled_not_clipped():
+    values = np.array([[0, 257 * 100, 65535, 32896]], dtype=np.uint16)
+    img = Image.fromarray(values)
+    assert img.mode.startswith("I;16")
+    for source in (img, encode(img, "PNG"), values):
+        out = np.asarray(to_rgb(source))
+        assert out[0, :, 0].tolist() == [0, 100, 255, 128], source.__class__
+    big_endian = values.astype(">u2")
+    assert np.asarray(to_rgb(big_endian))[0, :, 0].tolist() == [0, 100, 255, 128]
+
+
+def test_int32_and_float_modes():
+    as_i = Image.fromarray(np.array([[0, 65535]], dtype=np.int32))  # 16-bit data held in mode "I"
+    assert as_i.mode == "I" and np.asarray(to_rgb(as_i))[0, :, 0].tolist() == [0, 255]
+    small_i = Image.fromarray(np.array([[0, 200]], dtype=np.int32))  # 8-bit data in mode "I" is kept
+    assert np.asarray(to_rgb(small_i))[0, :, 0].tolist() == [0, 200]
+    as_f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert as_f.mode == "F" and np.asarray(to_rgb(as_f))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_one_pixel_image():
+    out = to_rgb(encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"))
+    assert out.size == (1, 1) and out.getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_exif_orientation_applied():
+    arr = np.zeros((2, 4, 3), dtype=np.uint8)  # stored 4 wide x 2 high: left half red, right half blue
+    arr[:, :2] = (255, 0, 0)
+    arr[:, 2:] = (0, 0, 255)
+    img = Image.fromarray(arr)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = to_rgb(encode(img, "PNG", exif=exif.tobytes()))
+    assert out.size == (2, 4)  # upright: 2 wide x 4 high
+    px = np.asarray(out)
+    assert px[0, 0].tolist() == [255, 0, 0] and px[-1, 0].tolist() == [0, 0, 255]  # left edge turned to the top
+    plain = to_rgb(encode(img, "PNG"))
+    assert plain.size == (4, 2)
+
+
+def test_decompression_bomb_is_an_error_in_warning_range_too(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    warn_range = encode(Image.new("RGB", (40, 40)), "PNG")  # 1600 px: PIL alone would only warn
+    error_range = encode(Image.new("RGB", (50, 50)), "PNG")  # 2500 px > 2x limit: PIL raises
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        to_rgb(warn_range)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        to_rgb(error_range)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        to_rgb(Image.new("RGB", (40, 40)))  # an already-open image is checked as well
+    assert to_rgb(encode(Image.new("RGB", (30, 30)), "PNG")).size == (30, 30)
+    with pytest.raises(ImageDecodeError, match="max_pixels"):
+        to_rgb(encode(Image.new("RGB", (30, 30)), "PNG"), max_pixels=100)
+
+
+def test_arrays_and_tensors():
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(to_rgb(hwc)), hwc)
+    chw_float = torch.from_numpy(hwc).permute(2, 0, 1).float() / 255.0
+    assert np.array_equal(np.asarray(to_rgb(chw_float)), hwc)
+    gray = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    assert np.array_equal(np.asarray(to_rgb(gray[..., None]))[..., 1], gray)
+    assert np.asarray(to_rgb(np.array([[True, False]])))[0, :, 0].tolist() == [255, 0]
+    rgba = np.dstack([hwc, np.full((5, 7), 255, np.uint8)])
+    assert np.array_equal(np.asarray(to_rgb(rgba)), hwc)
+    for bad in (np.zeros((5, 7, 2), np.uint8), np.zeros((0, 4), np.uint8), np.zeros((2, 2, 2, 3), np.uint8),
+                np.array([["a"]])):
+        with pytest.raises(ImageDecodeError):
+            to_rgb(bad)
+
+
+def test_skip_counter_counts_and_rate_limits_logs(caplog):
+    counter = SkipCounter("image", verbose_first=2, every=5)
+    with caplog.at_level("WARNING"):
+        for i in range(10):
+            counter.record(f"#{i}", ImageDecodeError("broken"))
+    assert counter.count == 10
+    assert len(caplog.records) == 2 + 2  # first two, then at 5 and 10
