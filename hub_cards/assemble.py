@@ -1,0 +1,208 @@
+"""Assemble a Hub repository folder from a trained EntmaxViT folder: weights, config with auto_map, the flat
+modeling files, the image processor, the custom segmentation pipeline and its head (when given), the results
+files and a generated README.md card; then verify it in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import yaml
+
+from entmax_vit.evaluation.results import load_results
+from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
+from entmax_vit.modeling.pipeline_entmax_vit import EntmaxViTSegmentationPipeline
+from entmax_vit.modeling.segmentation_head import LinearSegmentationHead
+
+from .card import CardInputs, parse_card_metadata, render_card
+from .sparsity import SparsityReport, measure_sparsity, sample_images
+from .upload import repository_files
+from .verify import VerificationReport, verify_repository
+
+logger = logging.getLogger(__name__)
+
+SEGMENTATION_TASK = "image-segmentation"
+TRAINING_CONFIG = "training_config.yaml"
+# Where a converted checkpoint may record its source (config.json keys, then side files in the model folder).
+SOURCE_KEYS = ("base_model", "converted_from", "source_checkpoint", "_source_checkpoint")
+SOURCE_FILES = ("conversion.json", "conversion.yaml", "source.json")
+# Extra Auto classes whose weights a bare-model checkpoint fills completely.
+EXTRA_AUTO_MAP = {"AutoBackbone": "modeling_entmax_vit.EntmaxViTBackbone"}
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass
+class AssembledRepository:
+    folder: Path
+    files: list[str]
+    metadata: dict
+    sparsity: Optional[SparsityReport] = None
+    verification: Optional[VerificationReport] = None
+    results: list[dict] = field(default_factory=list)
+
+
+def is_hub_id(value: object) -> bool:
+    return isinstance(value, str) and bool(_HUB_ID.fullmatch(value)) and not Path(value).exists()
+
+
+def find_base_model(model_dir: Path, config: dict) -> Optional[str]:
+    """The Hub id a converted checkpoint came from, if the model folder records one."""
+    candidates = [config.get(k) for k in SOURCE_KEYS]
+    for name in SOURCE_FILES:
+        path = model_dir / name
+        if path.is_file():
+            data = yaml.safe_load(path.read_text()) or {}
+            if isinstance(data, dict):
+                candidates += [data.get(k) for k in ("source", "hub_id", *SOURCE_KEYS)]
+    return next((c for c in candidates if is_hub_id(c)), None)
+
+
+def find_datasets(training_config: Optional[dict], results: Sequence[dict]) -> list[str]:
+    """Hub dataset ids named by the training config (any key containing 'dataset' or 'source') and results."""
+    found: list[str] = []
+
+    def walk(node: object, key: str = "") -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, str(k))
+        elif isinstance(node, str) and ("dataset" in key or "source" in key) and is_hub_id(node):
+            found.append(node)
+
+    walk(training_config or {})
+    found += [r["dataset"]["name"] for r in results if is_hub_id(r["dataset"]["name"])]
+    return list(dict.fromkeys(found))
+
+
+@contextmanager
+def registered_segmentation_pipeline() -> Iterator[None]:
+    """Register our pipeline for the 'image-segmentation' task only while the repository is saved, so the
+    saved config gets ``custom_pipelines`` without changing this process's built-in pipeline afterwards."""
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    previous = PIPELINE_REGISTRY.supported_tasks.get(SEGMENTATION_TASK)
+    PIPELINE_REGISTRY.register_pipeline(
+        SEGMENTATION_TASK, pipeline_class=EntmaxViTSegmentationPipeline, pt_model=AutoModel, type="image"
+    )
+    try:
+        yield
+    finally:
+        if previous is not None:
+            PIPELINE_REGISTRY.supported_tasks[SEGMENTATION_TASK] = previous
+        else:
+            PIPELINE_REGISTRY.supported_tasks.pop(SEGMENTATION_TASK, None)
+
+
+def _check_model_dir(model_dir: Path) -> dict:
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{model_dir} is not a model folder: no config.json (expected a save_pretrained folder, "
+                         "e.g. the final_model/ of a training run)")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != EntmaxViTConfig.model_type:
+        raise ValueError(f"{config_path}: model_type is {config.get('model_type')!r}, expected "
+                         f"{EntmaxViTConfig.model_type!r}")
+    if not any(model_dir.glob("*.safetensors")):
+        raise ValueError(f"{model_dir} has no .safetensors weights")
+    return config
+
+
+def _prepare_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(f"Output folder {output_dir} is not empty; choose another or pass overwrite")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def assemble_repository(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    repo_id: Optional[str] = None,
+    results: Sequence[str | Path] = (),
+    seg_head: Optional[str | Path] = None,
+    license: str = "apache-2.0",
+    measure: bool = True,
+    verify: bool = True,
+    overwrite: bool = False,
+) -> AssembledRepository:
+    """Build the repository folder ``output_dir`` from ``model_dir``; optionally verify it in a fresh process."""
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    raw_config = _check_model_dir(model_dir)
+    records = [load_results(p) for p in results]        # ValueError on a wrong schema
+    head = LinearSegmentationHead.load(seg_head) if seg_head is not None else None
+
+    model = EntmaxViTModel.from_pretrained(model_dir).eval()
+    if head is not None and head.config.hidden_size != model.config.hidden_size:
+        raise ValueError(f"Segmentation head {seg_head} expects hidden_size {head.config.hidden_size}, "
+                         f"the model has {model.config.hidden_size}")
+    if (model_dir / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model_dir)
+    else:
+        logger.warning("%s has no preprocessor_config.json: shipping DINO's eval preprocessing", model_dir)
+        processor = make_image_processor()
+    _prepare_output(output_dir, overwrite)
+
+    # -- weights, config (auto_map), modeling files, processor, pipeline code ------------------------------
+    if head is not None:
+        with registered_segmentation_pipeline():
+            segmenter = EntmaxViTSegmentationPipeline(model=model, image_processor=processor, segmentation_head=head)
+            segmenter.save_pretrained(output_dir)        # writes custom_pipelines + pipeline_entmax_vit.py
+        head.save(output_dir)
+    else:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+    config_path = output_dir / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved.setdefault("auto_map", {}).update({k: v for k, v in EXTRA_AUTO_MAP.items() if k not in saved["auto_map"]})
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+    # -- provenance: training config and results ------------------------------------------------------------
+    training_config = None
+    if (model_dir / TRAINING_CONFIG).is_file():
+        shutil.copyfile(model_dir / TRAINING_CONFIG, output_dir / TRAINING_CONFIG)
+        training_config = yaml.safe_load((model_dir / TRAINING_CONFIG).read_text()) or None
+    for i, (path, record) in enumerate(zip(results, records)):
+        dataset = re.sub(r"[^\w.-]+", "_", record["dataset"]["name"])
+        target = output_dir / "results" / f"{i:02d}_{record['task']}_{dataset}.json"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, target)
+
+    # -- card -----------------------------------------------------------------------------------------------
+    sparsity = measure_sparsity(model, processor) if measure else None
+    files = repository_files(output_dir) + ["README.md"]
+    inputs = CardInputs(
+        repo_id=repo_id or str(output_dir),
+        model_config=model.config.to_dict(),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        sparsity=sparsity,
+        results=records,
+        training_config=training_config,
+        segmentation_head=head.config.to_dict() if head is not None else None,
+        base_model=find_base_model(model_dir, raw_config),
+        license=license,
+        datasets=find_datasets(training_config, records),
+        files=files,
+    )
+    card = render_card(inputs)
+    (output_dir / "README.md").write_text(card)
+    assembled = AssembledRepository(folder=output_dir, files=sorted(files), metadata=parse_card_metadata(card),
+                                    sparsity=sparsity, results=records)
+    if verify:
+        images = [im for _, im in sample_images()[:2]]
+        assembled.verification = verify_repository(output_dir, model, processor, images, head=head)
+    return assembled
+
+
+__all__ = ["AssembledRepository", "assemble_repository", "find_base_model", "find_datasets", "is_hub_id",
+           "registered_segmentation_pipeline"]

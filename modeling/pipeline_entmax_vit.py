@@ -1,0 +1,222 @@
+"""Semantic segmentation with the linear probe shipped beside an EntmaxViT checkpoint.
+
+Hub code: copied flat into the model repository (with its relative import ``segmentation_head.py``) and
+loaded by ``pipeline(model=repo, trust_remote_code=True)`` or ``pipeline("image-segmentation", model=repo,
+trust_remote_code=True)``. Imports only the standard library, torch and transformers (Pillow, which every
+transformers image pipeline needs, is reached through transformers' own availability check).
+
+Output follows transformers' image-segmentation pipelines: a list with one dict per label present in the
+prediction, ``{"label": str, "score": float, "mask": PIL.Image (mode "L", 0/255)}`` at the INPUT image's
+size. ``score`` is the mean of the winning class probability over the label's pixels (transformers'
+semantic-segmentation pipelines return None there; we give the probe's confidence instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from transformers import Pipeline
+from transformers.utils import cached_file, is_vision_available
+
+from .segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS, LinearSegmentationHead
+
+if is_vision_available():
+    import PIL.Image
+    import PIL.ImageOps
+
+# Used only when the repository has no image processor config (it always has one when assembled by us).
+_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+class ImageInputError(ValueError):
+    """The pipeline input is not a readable image."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image input: open anything users pass, apply EXIF orientation, convert every mode to RGB
+# ----------------------------------------------------------------------------------------------------------
+def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image":
+    """PIL image, path, URL, base64 string or raw bytes -> upright RGB PIL image; unreadable input raises
+    ImageInputError (a ValueError) naming the problem."""
+    if not is_vision_available():
+        raise ImportError("The EntmaxViT segmentation pipeline needs Pillow: pip install pillow")
+    if isinstance(image, (bytes, bytearray)):
+        image = _open_bytes(bytes(image), "bytes")
+    elif isinstance(image, (str, os.PathLike)):
+        source = os.fspath(image)
+        if source.startswith(("http://", "https://")):
+            from transformers.image_utils import load_image  # network fetch handled by transformers
+
+            try:
+                return load_image(source, timeout=timeout)
+            except Exception as err:  # noqa: BLE001 - any fetch/decode failure is an input error
+                raise ImageInputError(f"Could not load image from {source}: {err}") from err
+        if os.path.isfile(source):
+            with open(source, "rb") as f:
+                image = _open_bytes(f.read(), source)
+        else:
+            payload = source.split(",", 1)[1] if source.startswith("data:image/") else source
+            try:
+                raw = base64.b64decode(payload, validate=True)
+            except Exception:  # noqa: BLE001
+                raise ImageInputError(
+                    f"Image input {source[:80]!r} is neither an existing file, an http(s) URL nor base64 data"
+                ) from None
+            image = _open_bytes(raw, "base64 string")
+    elif not isinstance(image, PIL.Image.Image):
+        raise ImageInputError(
+            f"Unsupported image input of type {type(image).__name__}; pass a PIL image, a path, a URL, "
+            "base64 data or bytes"
+        )
+    try:
+        image.load()
+        image = PIL.ImageOps.exif_transpose(image)
+    except Exception as err:  # noqa: BLE001 - truncated or corrupt pixel data
+        raise ImageInputError(f"Image data is unreadable or truncated: {err}") from err
+    if image.width == 0 or image.height == 0:
+        raise ImageInputError(f"Image is empty ({image.width}x{image.height})")
+    return to_rgb(image)
+
+
+def _open_bytes(raw: bytes, source: str) -> "PIL.Image.Image":
+    if not raw:
+        raise ImageInputError(f"Image input ({source}) is empty")
+    try:
+        image = PIL.Image.open(io.BytesIO(raw))
+        image.load()
+    except Exception as err:  # noqa: BLE001 - PIL raises several types for bad data
+        raise ImageInputError(f"Image input ({source}) is not a readable image: {err}") from err
+    return image
+
+
+def to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
+    """Any PIL mode -> RGB, keeping the visible content: 16/32-bit integer and float images are rescaled to
+    8 bits (a plain ``convert`` would clip them to white), transparency is composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        low, high = image.getextrema()
+        if mode != "F":
+            image = image.convert("I")
+        if mode == "F" and high <= 1.0 and low >= 0.0:
+            scale = 255.0  # float image in [0, 1]
+        elif high > 255:
+            scale = 255.0 / (65535.0 if high <= 65535 else float(high))
+        else:
+            scale = 1.0
+        image = image.point(lambda v: v * scale).convert("L")
+        return image.convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------
+class EntmaxViTSegmentationPipeline(Pipeline):
+    """Linear-probe semantic segmentation on frozen EntmaxViT patch features.
+
+    The probe (``segmentation_head.safetensors`` + ``segmentation_head.json``) is read from the model's
+    repository or folder, or given as ``segmentation_head=`` (a folder or a LinearSegmentationHead).
+    Each image is resized to the probe's ``input_size`` square, normalised with the image processor's
+    mean/std, the logits are bilinearly upsampled to the input image's size and arg-maxed.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args: Any, segmentation_head: Union[str, os.PathLike, LinearSegmentationHead, None] = None,
+                 revision: Optional[str] = None, token: Union[str, bool, None] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(segmentation_head, LinearSegmentationHead):
+            head = segmentation_head
+        else:
+            source = segmentation_head if segmentation_head is not None else self._model_source()
+            head = self._load_head(source, revision=revision, token=token)
+        hidden = getattr(self.model.config, "hidden_size", None)
+        if hidden is not None and head.config.hidden_size != hidden:
+            raise ValueError(
+                f"Segmentation head expects hidden_size {head.config.hidden_size}, the model has {hidden}"
+            )
+        self.head = head.to(self.device).eval()
+
+    def _model_source(self) -> str:
+        source = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", "")
+        if not source:
+            raise ValueError("Cannot locate the segmentation head: pass segmentation_head=FOLDER")
+        return str(source)
+
+    @staticmethod
+    def _load_head(source: Union[str, os.PathLike], revision: Optional[str] = None,
+                   token: Union[str, bool, None] = None) -> LinearSegmentationHead:
+        source = os.fspath(source)
+        if os.path.isdir(source):
+            return LinearSegmentationHead.load(source)
+        # A Hub id: fetch both files into the transformers cache; they land in one snapshot folder.
+        paths = [cached_file(source, name, revision=revision, token=token) for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
+        if any(p is None for p in paths):
+            raise FileNotFoundError(f"{source} has no {HEAD_CONFIG} / {HEAD_WEIGHTS}: no segmentation probe shipped")
+        return LinearSegmentationHead.load(os.path.dirname(paths[0]))
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.head.config.id2label or {i: str(i) for i in range(self.head.config.num_labels)}
+
+    def _sanitize_parameters(self, timeout: Optional[float] = None, **kwargs: Any) -> tuple[dict, dict, dict]:
+        if kwargs:
+            raise ValueError(f"Unknown arguments {sorted(kwargs)} for the EntmaxViT segmentation pipeline "
+                             "(accepted: timeout)")
+        preprocess = {"timeout": timeout} if timeout is not None else {}
+        return preprocess, {}, {}
+
+    def preprocess(self, image: Any, timeout: Optional[float] = None) -> dict[str, Any]:
+        image = open_image(image, timeout=timeout)
+        width, height = image.size
+        side = self.head.config.input_size
+        resized = image.resize((side, side), resample=PIL.Image.BICUBIC)
+        # bytes -> (side, side, 3) uint8 -> (1, 3, side, side) float in [0, 1]
+        pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(side, side, 3)
+        pixels = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        mean = getattr(self.image_processor, "image_mean", None) or _DEFAULT_MEAN
+        std = getattr(self.image_processor, "image_std", None) or _DEFAULT_STD
+        pixels = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        return {"pixel_values": pixels.to(self.dtype), "target_size": torch.tensor([[height, width]])}
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        pixel_values = model_inputs["pixel_values"]
+        logits = self.head(self.head.extract_features(self.model, pixel_values))  # (B, K, side/p, side/p)
+        return {"logits": logits, "target_size": model_inputs["target_size"]}
+
+    def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        logits = model_outputs["logits"].float()
+        height, width = (int(v) for v in model_outputs["target_size"].reshape(-1, 2)[0])
+        logits = F.interpolate(logits[:1], size=(height, width), mode="bilinear", align_corners=False)[0]
+        probs = logits.softmax(dim=0)             # (K, H, W)
+        confidence, prediction = probs.max(dim=0)  # (H, W) each
+        names = self.id2label
+        results = []
+        for label in prediction.unique().tolist():
+            where = prediction == label
+            mask = where.to(torch.uint8).mul(255)  # (H, W), 0/255
+            mask_image = PIL.Image.frombytes("L", (width, height), mask.contiguous().numpy().tobytes())
+            results.append({
+                "label": names.get(int(label), str(label)),
+                "score": round(float(confidence[where].mean()), 6),
+                "mask": mask_image,
+            })
+        return results
+
+
+__all__ = ["EntmaxViTSegmentationPipeline", "ImageInputError", "open_image", "to_rgb"]

@@ -1,0 +1,186 @@
+"""Release an EntmaxViT checkpoint on the Hugging Face Hub: assemble, verify in a fresh process, upload.
+
+    python scripts/push_to_hub.py RUN/final_model --repo-id OWNER/NAME \\
+        --results knn.json seg_voc.json --seg-head seg_voc/segmentation_head
+    python scripts/push_to_hub.py RUN/final_model --output-dir hub_repo          # offline: assemble + verify only
+    python scripts/push_to_hub.py RUN/final_model --repo-id OWNER/NAME --create-pr --revision dev
+
+The repository gets the safetensors weights, config.json with auto_map (AutoConfig, AutoModel, AutoBackbone),
+the flat modeling files, preprocessor_config.json, the segmentation pipeline code and head (with --seg-head;
+``custom_pipelines`` makes ``pipeline(model=repo, trust_remote_code=True)`` find it), the results files and a
+generated README.md card. Everything goes up in ONE commit (or one PR). Token: HF_TOKEN or `hf auth login`.
+Options may be written --repo-id or --repo_id; any option can also come from a YAML file via --config FILE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict
+
+logger = logging.getLogger("push_to_hub")
+
+
+@dataclass
+class PushConfig:
+    # save_pretrained folder of an EntmaxViTModel (e.g. RUN/final_model); also the first positional argument.
+    model_dir: str = ""
+    # OWNER/NAME on the Hub; the card's usage snippets name it. Without it the folder is only assembled.
+    repo_id: Optional[str] = None
+    # Results JSON files (schema entmax_vit.results/v1) for the card's evaluation table and model-index.
+    results: list[str] = field(default_factory=list)
+    # Folder with segmentation_head.safetensors + .json: ships the probe and the segmentation pipeline.
+    seg_head: Optional[str] = None
+    # Create the repository private (only when it does not exist yet).
+    private: bool = False
+    # Open a pull request instead of committing to the branch.
+    create_pr: bool = False
+    # Branch to commit to (created from main when missing); default main.
+    revision: Optional[str] = None
+    # Where to assemble the repository (kept). Default: a temporary folder, deleted after the upload.
+    output_dir: Optional[str] = None
+    # Upload? None = yes when --repo-id is given and HF_HUB_OFFLINE is not set; false = assemble only.
+    upload: Optional[bool] = None
+    # License identifier for the card metadata.
+    license: str = "apache-2.0"
+    # Commit / PR title (default names the file count).
+    commit_message: Optional[str] = None
+    # Load the assembled folder in a fresh process with trust_remote_code and compare outputs (recommended).
+    verify: bool = True
+    # Measure attention sparsity on bundled photographs for the card.
+    measure_sparsity: bool = True
+    # Replace a non-empty --output-dir.
+    overwrite: bool = False
+
+
+# Options that take several values: --results a.json b.json
+_MULTI = {"results"}
+
+
+def normalise_argv(argv: Sequence[str]) -> list[str]:
+    """Positional MODEL_DIR -> --model_dir; --dashed-keys -> --underscored_keys; --results A B -> A,B."""
+    argv = list(argv)
+    out: list[str] = []
+    if argv and not argv[0].startswith("--"):
+        out += ["--model_dir", argv.pop(0)]
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"Unexpected argument {arg!r}; options look like --key value")
+        key, eq, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key in _MULTI and not eq:
+            values = []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values.append(argv[i + 1])
+                i += 1
+            previous = out.index(f"--{key}") if f"--{key}" in out else None
+            if previous is not None:  # repeated --results: accumulate
+                values = out[previous + 1].split(",") + values
+                del out[previous : previous + 2]
+            out += [f"--{key}", ",".join(values)]
+        else:
+            out.append(f"--{key}" + (f"={inline}" if eq else ""))
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out.append(argv[i + 1])
+                i += 1
+        i += 1
+    return out
+
+
+def should_upload(cfg: PushConfig) -> bool:
+    from huggingface_hub import constants
+
+    if cfg.upload is False:
+        return False
+    if not cfg.repo_id:
+        if cfg.upload:
+            raise ConfigError("--upload true needs --repo-id OWNER/NAME")
+        return False
+    if cfg.upload is None and constants.is_offline_mode():
+        logger.warning("HF_HUB_OFFLINE is set: assembling only (pass --upload true to force the upload)")
+        return False
+    return True
+
+
+def main(cfg: PushConfig) -> dict:
+    from entmax_vit.hub_cards.assemble import assemble_repository
+    from entmax_vit.hub_cards.upload import upload_repository
+
+    if not cfg.model_dir:
+        raise ConfigError("Give the model folder: push_to_hub.py MODEL_DIR [--repo-id OWNER/NAME] ...")
+    upload = should_upload(cfg)
+    if not upload and not cfg.output_dir:
+        raise ConfigError("Nothing to do: give --repo-id OWNER/NAME to upload, or --output-dir DIR to assemble only")
+    temporary = None if cfg.output_dir else tempfile.mkdtemp(prefix="entmax_vit_hub_")
+    folder = Path(cfg.output_dir or temporary)
+    try:
+        assembled = assemble_repository(
+            cfg.model_dir, folder, repo_id=cfg.repo_id, results=cfg.results, seg_head=cfg.seg_head,
+            license=cfg.license, measure=cfg.measure_sparsity, verify=cfg.verify, overwrite=cfg.overwrite,
+        )
+        summary = {
+            "folder": str(folder) if cfg.output_dir else None,
+            "files": assembled.files,
+            "sparsity": assembled.sparsity.to_dict() if assembled.sparsity else None,
+            "verification": assembled.verification.to_dict() if assembled.verification else None,
+            "upload": None,
+        }
+        records = folder / ".push"  # hidden: kept locally, never uploaded
+        save_config(cfg, records / "push_config.yaml")
+        if upload:
+            result = upload_repository(folder, cfg.repo_id, private=cfg.private, create_pr=cfg.create_pr,
+                                       revision=cfg.revision, commit_message=cfg.commit_message)
+            summary["upload"] = dict(result.__dict__)
+        (records / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    finally:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"[push_to_hub] {len(summary['files'])} files: {', '.join(summary['files'])}")
+    if summary["sparsity"]:
+        s = summary["sparsity"]
+        print(f"[push_to_hub] attention {s['attention']}: {100 * s['mean_zero_fraction']:.1f}% exact zeros, "
+              f"{s['mean_support']:.1f}/{s['num_tokens']} keys per query")
+    if summary["verification"]:
+        v = summary["verification"]
+        print(f"[push_to_hub] fresh-process check passed: max |diff| {max(v['max_abs_diff'].values()):.1e}, "
+              f"segmentation {'matches' if v['segments_match'] else 'n/a' if v['segments_match'] is None else 'DIFFERS'}")
+    if summary["folder"]:
+        print(f"[push_to_hub] assembled repository: {summary['folder']}")
+    if summary["upload"]:
+        u = summary["upload"]
+        print(f"[push_to_hub] uploaded to {u['repo_url']} ({u['revision']}): {u['pr_url'] or u['commit_url']}")
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        for name, value in to_dict(PushConfig()).items():
+            print(f"  --{name.replace('_', '-')} (default {value!r})")
+        return 0
+    try:
+        cfg = parse_config(PushConfig, normalise_argv(argv))
+        main(cfg)
+    except ValueError as err:  # bad options or inputs (ConfigError is one): the message names the problem
+        print(f"[push_to_hub] error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
