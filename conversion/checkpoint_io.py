@@ -96,9 +96,32 @@ def load_folder(folder: str | Path) -> LoadedCheckpoint:
     )
 
 
+def download_url(url: str, cache_dir: Optional[str] = None) -> Path:
+    """Download a checkpoint URL (e.g. DINO's dl.fbaipublicfiles.com files) once into ``cache_dir`` (default:
+    torch hub's checkpoints folder) and return the local file."""
+    from urllib.parse import urlparse
+
+    name = Path(urlparse(url).path).name
+    if not name:
+        raise ValueError(f"URL {url!r} does not end in a file name")
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    target = folder / name
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        logger.info("Downloading %s to %s", url, target)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=True)
+        except OSError as err:  # URLError / HTTPError are OSErrors
+            raise ValueError(f"Could not download {url}: {err}") from None
+    return target
+
+
 def load_input(source: str, cache_dir: Optional[str] = None) -> LoadedCheckpoint:
-    """Resolve a local file, a local folder or a Hub repository id (``owner/name``, downloaded with
-    huggingface_hub: config.json and the weights only) into a :class:`LoadedCheckpoint`."""
+    """Resolve a local file, a URL (http, https, file), a local folder or a Hub repository id (``owner/name``,
+    downloaded with huggingface_hub: config.json and the weights only) into a :class:`LoadedCheckpoint`."""
+    if source.startswith(("http://", "https://", "file://")):
+        local = download_url(source, cache_dir)
+        return LoadedCheckpoint(load_weights_file(local), None, source, [local.name])
     path = Path(source).expanduser()
     if path.is_file():
         return LoadedCheckpoint(load_weights_file(path), None, str(path), [path.name])
@@ -189,6 +212,7 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) ->
 
 __all__ = [
     "LoadedCheckpoint",
+    "download_url",
     "load_folder",
     "load_input",
     "load_weights_file",

@@ -45,7 +45,7 @@ class ConvertConfig:
     """Checkpoint conversion (scripts/convert_checkpoint.py)."""
 
     source: Literal["dino", "hf-vit", "timm"] = "dino"  # checkpoint family: official DINO, transformers ViT, timm
-    input: str = ""  # .pth/.pt/.bin/.safetensors file, save_pretrained folder, or Hub repo id (owner/name)
+    input: str = ""  # .pth/.pt/.bin/.safetensors file or URL, save_pretrained folder, or Hub repo id (owner/name)
     output_dir: str = ""  # folder to write the EntmaxViT model into
     attention: str = "softmax"  # transform of the converted model; softmax reproduces the source exactly
     which: Literal["teacher", "student"] = "teacher"  # network taken from a DINO full training checkpoint
@@ -54,7 +54,7 @@ class ConvertConfig:
     verify: bool = True  # run the source library's model on random input and compare (softmax weights)
     tolerance: float = 1e-4  # max |difference| of the final-normed tokens accepted by verify
     overwrite: bool = False  # allow writing into an output_dir that already holds a model
-    cache_dir: Optional[str] = None  # Hub download cache for repo-id inputs
+    cache_dir: Optional[str] = None  # download cache for Hub ids (HF cache) and URLs (torch hub dir)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TRANSFORMS:
@@ -72,9 +72,9 @@ class ConversionResult:
 def _family_hint(state: dict, source: str) -> str:
     keys = list(state)
     if source != "hf-vit" and any(k.startswith(("encoder.layer.", "layers.", "embeddings.", "vit.")) for k in keys):
-        return " These look like transformers ViT keys: use --source hf-vit."
+        return "\nThese look like transformers ViT keys: use --source hf-vit."
     if source == "hf-vit" and any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
-        return " These look like DINO/timm keys: use --source dino or --source timm."
+        return "\nThese look like DINO/timm keys: use --source dino or --source timm."
     return ""
 
 

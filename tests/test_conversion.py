@@ -370,3 +370,18 @@ def test_converted_folder_round_trip_in_fresh_process(tmp_path):
     tokens = torch.load(tmp_path / "tokens.pt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(tokens, source.forward_features(pixels), atol=TOL, rtol=0)
+
+
+def test_url_and_hub_id_inputs(tmp_path):
+    source = tiny_timm()
+    path = tmp_path / "dino_deitsmall8_pretrain.pth"
+    torch.save(source.state_dict(), path)
+    cache = tmp_path / "cache"
+    model = _convert(tmp_path, source="dino", input=path.as_uri(), num_heads=4, cache_dir=str(cache))
+    assert (cache / path.name).is_file()  # downloaded once into the cache
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        _assert_same_features(model, source.forward_features(pixels), pixels)
+    # Offline (conftest sets HF_HUB_OFFLINE=1) an uncached Hub id fails with a clear message.
+    with pytest.raises(ValueError, match="neither a local path nor a downloadable Hub repository"):
+        _convert(tmp_path, source="hf-vit", input="someone/not-cached-vit", cache_dir=str(cache))
