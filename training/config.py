@@ -1,0 +1,187 @@
+"""Typed configuration of DINO training (``training/dino.py``). Defaults are official DINO's ViT-S/16 recipe
+(facebookresearch/dino main_dino.py); presets in ``training/configs/*.yaml`` override them and
+``--section.key value`` overrides those. Comments carry the tuning advice of the official help strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from entmax_vit.training.multicrop import MultiCropConfig
+
+
+@dataclass
+class ModelConfig:
+    # Architecture preset of EntmaxViTConfig.from_preset: vit_{tiny,small,base}_patch{8,16} (or vits16, ...).
+    preset: str = "vit_small_patch16"
+    # Attention transform in every block: softmax | entmax15 | sparsemax | entmax_bisect (the paper: entmax15).
+    attention: str = "entmax15"
+    # Attention kernel: eager | sdpa (softmax only; other transforms run eager math) | compiled.
+    attn_implementation: str = "eager"
+    # Stochastic depth of the STUDENT only (the teacher never drops paths). Official ViT-S: 0.1.
+    drop_path_rate: float = 0.1
+    # Extra EntmaxViTConfig fields, e.g. {hidden_size: 96, num_hidden_layers: 4, num_attention_heads: 3}.
+    # image_size is taken from crops.global_size (position embeddings are learnt for that grid).
+    backbone_overrides: dict = field(default_factory=dict)
+    # Head output dimension K. Official 65536; for complex/large datasets a large value works well.
+    out_dim: int = 65536
+    # Head MLP hidden width and bottleneck (official 2048 / 256), number of MLP layers (official 3).
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_num_layers: int = 3
+    # Fix the magnitude of the head's weight-normed last layer to 1. True makes training more stable;
+    # False (the "boosted" ViT-S recipe) gives better performance but may be unstable.
+    norm_last_layer: bool = True
+    # Recompute activations in the backward pass (less memory, ~30% slower).
+    gradient_checkpointing: bool = False
+    # torch.compile the student (first steps are slow while compiling).
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Hub id (ILSVRC/imagenet-1k), "imagefolder:DIR", "webdataset:GLOB_OR_DIR", a save_to_disk folder, or
+    # "embedded" (bundled synthetic scenes).
+    source: str = "ILSVRC/imagenet-1k"
+    split: str = "train"
+    # Image column; None = found automatically ("image", "img", "jpg", ...).
+    image_column: Optional[str] = None
+    # Stream the dataset instead of downloading it (Hub ids); every rank reads a disjoint shard.
+    streaming: bool = False
+    # Samples per epoch when streaming (the length of an iterable dataset is unknown); ImageNet-1K: 1281167.
+    streaming_num_samples: Optional[int] = None
+    # Use only the first N samples (quick experiments); None = all.
+    max_samples: Optional[int] = None
+    cache_dir: Optional[str] = None
+    # Images per device per step (official: 64 per GPU). The learning rate scales with the total batch.
+    batch_size_per_device: int = 64
+    # DataLoader worker processes per rank, pinned memory (for GPUs).
+    num_workers: int = 10
+    pin_memory: bool = True
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    # Peak learning rate for a total batch of 256: lr = lr_base * total_batch / 256, reached after the
+    # linear warmup. Official 5e-4.
+    lr_base: float = 0.0005
+    warmup_epochs: int = 10
+    # Final learning rate of the cosine schedule.
+    min_lr: float = 1.0e-6
+    # Weight decay, cosine from weight_decay to weight_decay_end (official 0.04 -> 0.4); never on biases or
+    # 1-D parameters.
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    # Gradient clipping PER PARAMETER (each tensor's gradient scaled to L2 norm <= clip_grad), as official
+    # DINO, not a global-norm clip. 0 disables. Official 3.0; ~0.3-1.0 can help optimisation for larger ViTs.
+    clip_grad: float = 3.0
+    # Epochs during which the head's last layer is kept fixed. 1 usually; increase it if the loss does not
+    # decrease.
+    freeze_last_layer: int = 1
+    # Teacher EMA momentum, cosine from this value to 1. Official 0.996; 0.9995 for batch size 256.
+    momentum_teacher: float = 0.996
+    # Accumulate gradients over N micro-batches (total batch = per device x devices x N).
+    gradient_accumulation_steps: int = 1
+    # no | fp16 | bf16 (official trains with fp16; bf16 on Ampere+). Through Accelerate.
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+
+
+@dataclass
+class LossConfig:
+    # Student temperature (official 0.1).
+    student_temp: float = 0.1
+    # Final teacher temperature. Official 0.04; above 0.07 is unstable. Start from 0.04 and raise it if the
+    # loss does not decrease.
+    teacher_temp: float = 0.04
+    # Initial teacher temperature, linearly warmed up to teacher_temp; lower it if training is unstable.
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    # EMA momentum of the teacher-output center (official 0.9).
+    center_momentum: float = 0.9
+
+
+@dataclass
+class CheckpointConfig:
+    # Write a checkpoint every N optimizer steps (0 = only at epoch ends) and at every epoch end.
+    every_steps: int = 1000
+    at_epoch_end: bool = True
+    # Keep the newest K checkpoints (older ones are deleted); 0 keeps all.
+    keep_last: int = 3
+    # "" = start fresh (refuses to overwrite existing checkpoints), "auto" = newest complete checkpoint in
+    # output_dir/checkpoints if any, or a path to a step_XXXXXXX folder.
+    resume: str = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    # Log metrics every N optimizer steps to OUTPUT_DIR/metrics.jsonl (and tensorboard).
+    every_steps: int = 10
+    tensorboard: bool = True
+    # Images of the first global crop used for the attention-support metric of the last block (0 = off).
+    attention_support_images: int = 4
+    progress_bar: bool = True
+
+
+@dataclass
+class DebugConfig:
+    # Write OUTPUT_DIR/debug/rank{R}.jsonl: sample indices of every batch and end-of-run digests of the
+    # teacher weights and the loss center (used by tests to check sharding and cross-rank equality).
+    dump_rank_state: bool = False
+    # Fault injection for tests: make the loss non-finite at this optimizer step (-1 = never).
+    inject_nonfinite_at_step: int = -1
+    # Stop after this many optimizer steps of the run (schedules still span optim.epochs); -1 = no limit.
+    max_steps: int = -1
+    # Sleep this many seconds after each step (makes kill tests hit every phase); 0 = off.
+    sleep_per_step: float = 0.0
+
+
+@dataclass
+class DinoConfig:
+    output_dir: str = "outputs/dino"
+    # Seed of everything: weights, data order, augmentations (a pure function of seed, epoch, sample index).
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+# Keys that may change when resuming: they do not alter the trajectory of the run.
+RESUME_SAFE_PREFIXES: tuple[str, ...] = (
+    "output_dir", "checkpoint.", "logging.", "debug.", "data.num_workers", "data.pin_memory", "data.cache_dir",
+    "model.gradient_checkpointing", "model.compile", "model.attn_implementation",
+)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b": value}."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def breaking_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """Keys whose change would alter a resumed run: {key: (saved, current)}; resume-safe keys are ignored."""
+    a, b = flatten(saved), flatten(current)
+    diff = {}
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p) for p in RESUME_SAFE_PREFIXES):
+            continue
+        if a.get(key, "<missing>") != b.get(key, "<missing>"):
+            diff[key] = (a.get(key, "<missing>"), b.get(key, "<missing>"))
+    return diff
+
+
+__all__ = [
+    "CheckpointConfig", "DataConfig", "DebugConfig", "DinoConfig", "LoggingConfig", "LossConfig", "ModelConfig",
+    "OptimConfig", "RESUME_SAFE_PREFIXES", "breaking_differences", "flatten",
+]

@@ -1,0 +1,99 @@
+"""Training metrics: always a JSONL file (one flushed line per log step), optionally Accelerate trackers
+(tensorboard), a loss-curve PNG, and the attention-support metric of the last block."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+class MetricsLog:
+    """Appends ``{"step": ..., **metrics}`` lines to ``path`` (main process only) and forwards them to
+    ``accelerator.log`` when trackers are on. On resume, ``truncate_after(step)`` drops lines written after
+    the checkpoint by the interrupted run, so the file reads like one uninterrupted run."""
+
+    def __init__(self, path: str | os.PathLike, accelerator: Any = None, use_trackers: bool = False) -> None:
+        self.path = Path(path)
+        self.accelerator = accelerator
+        self.use_trackers = use_trackers
+        self.enabled = accelerator is None or accelerator.is_main_process
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in read_metrics(self.path) if line.get("step", -1) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+                f.flush()
+        if self.use_trackers and self.accelerator is not None:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Parsed JSONL lines; a torn last line (killed while writing) is ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Optional[Path]:
+    """Loss (and learning rate) against the optimizer step as a PNG; None when there is nothing to plot."""
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r and math.isfinite(r["loss"])]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue", label="DINO loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if all("lr" in r for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", alpha=0.6)
+        ax2.set_ylabel("learning rate", color="tab:orange")
+    ax.set_title("DINO training loss")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+@torch.no_grad()
+def attention_support_size(backbone: torch.nn.Module, pixel_values: torch.Tensor) -> float:
+    """Mean number of non-zero attention weights per query row in the last block, averaged over images,
+    heads and rows. Softmax gives the full token count; entmax/sparsemax give fewer (exact zeros)."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        attn = backbone(pixel_values=pixel_values, output_attentions=True).attentions[-1]  # (B, H, N, N)
+    finally:
+        backbone.train(was_training)
+    return (attn > 0).sum(dim=-1).float().mean().item()
+
+
+__all__ = ["MetricsLog", "attention_support_size", "plot_loss_curve", "read_metrics"]

@@ -1,0 +1,50 @@
+"""Student and teacher networks of DINO: EntmaxViT backbone + DINO head in a multi-crop wrapper.
+
+The teacher is built like the student but WITHOUT drop path, starts from the student's weights, never
+receives gradients (requires_grad False) and is updated only by the EMA in the training loop.
+"""
+
+from __future__ import annotations
+
+from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+from entmax_vit.training.config import DinoConfig
+from entmax_vit.training.dino_head import DINOHead
+from entmax_vit.training.multicrop_wrapper import MultiCropWrapper
+
+
+def backbone_config(cfg: DinoConfig, drop_path_rate: float) -> EntmaxViTConfig:
+    """EntmaxViTConfig from the preset, the attention transform and ``model.backbone_overrides``; the
+    position-embedding grid is learnt at the global crop size."""
+    overrides = dict(cfg.model.backbone_overrides)
+    overrides.setdefault("image_size", cfg.crops.global_size)
+    return EntmaxViTConfig.from_preset(
+        cfg.model.preset, attention=cfg.model.attention, drop_path_rate=drop_path_rate, **overrides
+    )
+
+
+def build_networks(cfg: DinoConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """(student, teacher) with identical weights; teacher frozen, in eval mode (no dropout/BN in it)."""
+    def make(drop_path_rate: float) -> MultiCropWrapper:
+        backbone = EntmaxViTModel._from_config(
+            backbone_config(cfg, drop_path_rate), attn_implementation=cfg.model.attn_implementation
+        )
+        head = DINOHead(
+            backbone.config.hidden_size,
+            out_dim=cfg.model.out_dim,
+            hidden_dim=cfg.model.head_hidden_dim,
+            bottleneck_dim=cfg.model.head_bottleneck_dim,
+            num_layers=cfg.model.head_num_layers,
+            norm_last_layer=cfg.model.norm_last_layer,
+        )
+        return MultiCropWrapper(backbone, head)
+
+    student = make(cfg.model.drop_path_rate)
+    teacher = make(0.0)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    teacher.eval()
+    return student, teacher
+
+
+__all__ = ["backbone_config", "build_networks"]
