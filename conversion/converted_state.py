@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 _MAX_LISTED = 12
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.")
+Rules = list[tuple[re.Pattern, str]]  # (pattern on a source key, replacement name or reason)
 
 
 @dataclass
@@ -53,6 +54,20 @@ class ConvertedState:
 
     def sources(self, name: str) -> str:
         return "/".join(self.origin.get(name, [name]))
+
+    def add_by_rules(self, key: str, tensor: torch.Tensor, renames: Rules, dropped: Rules, rejected: Rules,
+                     unexpected: str) -> None:
+        """File one source key: the first matching rename (regex -> replacement), else dropped or rejected
+        with the first matching rule's reason, else rejected as ``unexpected``."""
+        for pattern, target in renames:
+            if pattern.match(key):
+                self.put(pattern.sub(target, key), tensor, key)
+                return
+        reason = next((r for p, r in dropped if p.match(key)), None)
+        if reason is not None:
+            self.dropped[key] = reason
+            return
+        self.rejected[key] = next((r for p, r in rejected if p.match(key)), unexpected)
 
 
 def _listing(keys: list[str]) -> str:
@@ -169,6 +184,7 @@ def load_strict(model: nn.Module, converted: ConvertedState) -> None:
 
 __all__ = [
     "ConvertedState",
+    "Rules",
     "STANDARD_HEADS",
     "infer_architecture",
     "load_strict",

@@ -16,16 +16,13 @@ fc_norm, q/k norms, distillation tokens) are rejected by name rather than silent
 
 from __future__ import annotations
 
-import logging
 import re
 
 import torch
 
-from .converted_state import ConvertedState
+from .converted_state import ConvertedState, Rules
 
-logger = logging.getLogger(__name__)
-
-_RENAMES: list[tuple[re.Pattern, str]] = [
+_RENAMES: Rules = [
     (re.compile(r"^cls_token$"), "embeddings.cls_token"),
     (re.compile(r"^pos_embed$"), "embeddings.position_embeddings"),
     (re.compile(r"^patch_embed\.proj\.(weight|bias)$"), r"embeddings.patch_embeddings.projection.\1"),
@@ -34,10 +31,10 @@ _RENAMES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$"), r"encoder.layer.\1.mlp.\2.\3"),
     (re.compile(r"^norm\.(weight|bias)$"), r"layernorm.\1"),
 ]
-_DROPPED: list[tuple[re.Pattern, str]] = [
+_DROPPED: Rules = [
     (re.compile(r"^head\."), "projection/classification head (not part of the backbone)"),
 ]
-_REJECTED: list[tuple[re.Pattern, str]] = [
+_REJECTED: Rules = [
     (re.compile(r"^blocks\.\d+\.ls[12]\."), "LayerScale (timm init_values / DINOv2-style blocks) is not supported"),
     (re.compile(r"^reg_token$"), "register tokens in timm's layout are not supported"),
     (re.compile(r"^(dist_token|head_dist\.)"), "DeiT distillation token/head is not supported"),
@@ -50,23 +47,11 @@ _REJECTED: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^(attn_pool|global_pool)\."), "attention pooling heads are not supported"),
 ]
 
-
 def convert_dino_keys(state: dict[str, torch.Tensor]) -> ConvertedState:
     """Rename a DINO/timm ViT state dict (prefixes such as ``module.``/``backbone.`` already stripped)."""
     out = ConvertedState()
     for key, tensor in state.items():
-        for pattern, target in _RENAMES:
-            if pattern.match(key):
-                out.put(pattern.sub(target, key), tensor, key)
-                break
-        else:
-            reason = next((r for p, r in _DROPPED if p.match(key)), None)
-            if reason is not None:
-                out.dropped[key] = reason
-                continue
-            reason = next((r for p, r in _REJECTED if p.match(key)), "unexpected key for a DINO/timm ViT")
-            out.rejected[key] = reason
+        out.add_by_rules(key, tensor, _RENAMES, _DROPPED, _REJECTED, "unexpected key for a DINO/timm ViT")
     return out
-
 
 __all__ = ["convert_dino_keys"]

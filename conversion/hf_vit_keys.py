@@ -17,19 +17,16 @@ as in DINO), the classifier of ViTForImageClassification and the masked-image-mo
 
 from __future__ import annotations
 
-import logging
 import re
 
 import torch
 
-from .converted_state import ConvertedState
-
-logger = logging.getLogger(__name__)
+from .converted_state import ConvertedState, Rules
 
 _BLOCK = r"^(?:encoder\.layer|layers)\.(\d+)\."
 _QKV = re.compile(_BLOCK + r"attention\.(?:attention\.(query|key|value)|(q_proj|k_proj|v_proj))\.(weight|bias)$")
 _QKV_INDEX = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}
-_RENAMES: list[tuple[re.Pattern, str]] = [
+_RENAMES: Rules = [
     (re.compile(r"^embeddings\.(cls_token|position_embeddings)$"), r"embeddings.\1"),
     (re.compile(r"^embeddings\.patch_embeddings\.projection\.(weight|bias)$"),
      r"embeddings.patch_embeddings.projection.\1"),
@@ -40,12 +37,11 @@ _RENAMES: list[tuple[re.Pattern, str]] = [
     (re.compile(_BLOCK + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)$"), r"encoder.layer.\1.mlp.fc2.\2"),
     (re.compile(r"^layernorm\.(weight|bias)$"), r"layernorm.\1"),
 ]
-_DROPPED: list[tuple[re.Pattern, str]] = [
+_DROPPED: Rules = [
     (re.compile(r"^pooler\."), "HF pooler (dense + tanh; EntmaxViT's pooler_output is the normed [CLS] as DINO)"),
     (re.compile(r"^classifier\."), "ViTForImageClassification classifier (not part of the backbone)"),
     (re.compile(r"^embeddings\.mask_token$"), "masked-image-modeling mask token (unused by the encoder)"),
 ]
-
 
 def convert_hf_vit_keys(state: dict[str, torch.Tensor]) -> ConvertedState:
     """Rename (and fuse q/k/v of) a transformers ViT state dict (``vit.`` prefix already stripped)."""
@@ -61,16 +57,7 @@ def convert_hf_vit_keys(state: dict[str, torch.Tensor]) -> ConvertedState:
             slot[index] = tensor
             slot[3][index] = key
             continue
-        for pattern, target in _RENAMES:
-            if pattern.match(key):
-                out.put(pattern.sub(target, key), tensor, key)
-                break
-        else:
-            reason = next((r for p, r in _DROPPED if p.match(key)), None)
-            if reason is not None:
-                out.dropped[key] = reason
-            else:
-                out.rejected[key] = "unexpected key for a transformers ViT"
+        out.add_by_rules(key, tensor, _RENAMES, _DROPPED, [], "unexpected key for a transformers ViT")
     for (layer, kind), (q, k, v, keys) in sorted(parts.items()):
         if q is None or k is None or v is None:
             present = [name for name in keys if name is not None]
@@ -82,6 +69,5 @@ def convert_hf_vit_keys(state: dict[str, torch.Tensor]) -> ConvertedState:
         # exactly how HF splits its separate projections.
         out.put(f"encoder.layer.{layer}.attention.qkv.{kind}", torch.cat([q, k, v], dim=0), *keys)
     return out
-
 
 __all__ = ["convert_hf_vit_keys"]
