@@ -1,0 +1,203 @@
+"""Frozen feature extraction with a disk cache, shared by the k-NN and linear probes.
+
+One pass over a split stores, per image:
+    cls        (N, L, D)  final-LayerNormed [CLS] of each of the last L blocks (L = ``n_last_blocks``);
+                          ``cls[:, -1]`` is DINO's k-NN feature (``model(x)``), ``cls.flatten(1)`` the linear one
+    patch_mean (N, D)     mean of the last block's normed patch tokens (DINO's ``--avgpool_patchtokens``)
+    patches    (N, P, D)  last block's normed patch tokens (float16; only with ``store_patch_tokens``)
+    labels     (N,)       int64 class ids (-1 when the split has none)
+Rows whose image cannot be decoded are dropped after gathering (their count is logged and returned).
+
+The cache file is ``cache_dir/<key>.safetensors`` where ``key`` hashes the model (path or Hub id + revision +
+config + weight-file size/mtime, so retraining into the same folder invalidates it), the dataset source,
+split and sample limit, the transform and the feature layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading any backbone: an EntmaxViT folder / Hub id, a training output dir, converted official DINO weights
+# ----------------------------------------------------------------------------------------------------------
+def resolve_model_path(name_or_path: str) -> str:
+    """A training output dir (``DIR/final_model`` inside, no ``config.json``) resolves to its final model."""
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "final_model" / "config.json").is_file():
+        return str(path / "final_model")
+    if path.exists() and path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{name_or_path} is a folder without config.json: not a save_pretrained model folder")
+    return name_or_path
+
+
+def load_backbone(name_or_path: str, revision: Optional[str] = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Frozen, eval-mode backbone through ``AutoModel.from_pretrained(..., trust_remote_code=True)``.
+
+    Classifier checkpoints are unwrapped to their encoder. The model must offer ``get_intermediate_layers``
+    (EntmaxViT) or return ``hidden_states`` and a final ``layernorm`` (HF ViT / DINOv2).
+    """
+    import entmax_vit.modeling  # noqa: F401  (registers EntmaxViT with the Auto classes for local folders)
+    from transformers import AutoModel
+
+    path = resolve_model_path(name_or_path)
+    model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=True)
+    for attr in ("entmax_vit", "vit", "dinov2", "backbone"):
+        if not hasattr(model, "get_intermediate_layers") and hasattr(model, attr):
+            model = getattr(model, attr)
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def model_fingerprint(name_or_path: str, revision: Optional[str], model: torch.nn.Module) -> dict:
+    """What identifies a model's features: path/id, revision, config and the weight files' size and mtime."""
+    path = Path(resolve_model_path(name_or_path))
+    weights = []
+    if path.is_dir():
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            st = f.stat()
+            weights.append([f.name, st.st_size, int(st.st_mtime)])
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"name_or_path": str(name_or_path), "revision": revision, "config_hash": config_hash, "weights": weights}
+
+
+@torch.no_grad()
+def block_outputs(model: torch.nn.Module, pixel_values: torch.Tensor, n_last_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] of the last ``n`` blocks (B, n, D) and the last block's patch tokens (B, P, D), all normed."""
+    if hasattr(model, "get_intermediate_layers"):
+        outs = model.get_intermediate_layers(pixel_values, n=n_last_blocks, return_class_token=True, norm=True)
+        cls = torch.stack([c for _, c in outs], dim=1)
+        return cls, outs[-1][0]
+    out = model(pixel_values=pixel_values, output_hidden_states=True)
+    if out.hidden_states is None or not hasattr(model, "layernorm"):
+        raise ValueError(f"{type(model).__name__} offers neither get_intermediate_layers nor hidden_states + layernorm")
+    states = [model.layernorm(h) for h in out.hidden_states[-n_last_blocks:]]
+    prefix = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+    return torch.stack([s[:, 0] for s in states], dim=1), states[-1][:, prefix:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Extraction loop (one CPU or many GPUs through Accelerate) and cache
+# ----------------------------------------------------------------------------------------------------------
+def cache_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    *,
+    n_last_blocks: int = 4,
+    store_patch_tokens: bool = False,
+    accelerator: Any = None,
+    desc: str = "features",
+) -> dict[str, torch.Tensor]:
+    """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid) and gather on every rank.
+
+    With an ``accelerator`` the loader must already be prepared; ``gather_for_metrics`` drops the samples
+    the distributed sampler duplicated to even out the last batch.
+    """
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = {"cls": [], "patch_mean": [], "labels": [], "valid": []}
+    if store_patch_tokens:
+        parts["patches"] = []
+    show = accelerator is None or accelerator.is_local_main_process
+    for batch in tqdm(loader, desc=desc, disable=not show):
+        x = batch["pixel_values"].to(device)
+        cls, patches = block_outputs(model, x, n_last_blocks)
+        out = {"cls": cls.float(), "patch_mean": patches.float().mean(1), "labels": batch["labels"].to(device),
+               "valid": batch["valid"].to(device)}
+        if store_patch_tokens:
+            out["patches"] = patches.half()
+        if accelerator is not None:
+            out = accelerator.gather_for_metrics(out)
+        for k, v in out.items():
+            parts[k].append(v.cpu())
+    feats = {k: torch.cat(v) for k, v in parts.items()}
+    valid = feats.pop("valid").bool()
+    skipped = int((~valid).sum())
+    if skipped:
+        logger.warning("%s: skipped %d unreadable image(s) of %d", desc, skipped, len(valid))
+    feats = {k: v[valid].contiguous() for k, v in feats.items()}
+    feats["num_skipped"] = torch.tensor([skipped])
+    return feats
+
+
+def cached_features(
+    spec: dict, cache_dir: Optional[str], compute: Any, accelerator: Any = None
+) -> dict[str, torch.Tensor]:
+    """Load features for ``spec`` from ``cache_dir`` or ``compute()`` them and write the cache (main rank)."""
+    if not cache_dir:
+        return compute()
+    path = Path(cache_dir) / f"{cache_key(spec)}.safetensors"
+    if path.is_file():
+        logger.info("loading cached features %s", path)
+        return load_file(str(path))
+    feats = compute()
+    if accelerator is None or accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"spec": json.dumps(spec, default=str)})
+        os.replace(tmp, path)
+        logger.info("cached features at %s", path)
+    return feats
+
+
+def split_features(
+    model: torch.nn.Module,
+    *,
+    model_spec: dict,
+    dataset: str,
+    split: str,
+    transform: Any,
+    n_last_blocks: int = 4,
+    store_patch_tokens: bool = False,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    max_samples: Optional[int] = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    cache_dir: Optional[str] = None,
+    dataset_cache_dir: Optional[str] = None,
+    accelerator: Any = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Features of one dataset split (cached), plus its description: name, split, sizes, class names."""
+    from .image_data import ClassificationRows, class_names_of, find_column, num_classes_of, open_dataset
+
+    ds = open_dataset(dataset, split, cache_dir=dataset_cache_dir, max_samples=max_samples)
+    image_col = find_column(ds, "image", image_column)
+    label_col = find_column(ds, "label", label_column)
+    info = {"name": dataset, "split": split, "num_samples": len(ds), "num_classes": num_classes_of(ds, label_col),
+            "class_names": class_names_of(ds, label_col)}
+    spec = {"model": model_spec, "dataset": dataset, "split": split, "max_samples": max_samples, "rows": len(ds),
+            "image_column": image_col, "label_column": label_col, "transform": transform.describe(),
+            "n_last_blocks": n_last_blocks, "patches": store_patch_tokens, "format": 1}
+
+    def compute() -> dict[str, torch.Tensor]:
+        rows = ClassificationRows(ds, image_col, label_col, transform)
+        loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        if accelerator is not None:
+            loader = accelerator.prepare(loader)
+        return extract_features(model, loader, n_last_blocks=n_last_blocks, store_patch_tokens=store_patch_tokens,
+                                accelerator=accelerator, desc=f"{split} features")
+
+    feats = cached_features(spec, cache_dir, compute, accelerator)
+    info["num_skipped"] = int(feats["num_skipped"][0])
+    return feats, info
+
+
+__all__ = ["block_outputs", "cache_key", "cached_features", "extract_features", "load_backbone", "model_fingerprint", "resolve_model_path", "split_features"]

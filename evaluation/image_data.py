@@ -1,0 +1,183 @@
+"""The evaluation data path: HF datasets rows -> (pixel_values, label | mask, valid) batches.
+
+Images are decoded with ``entmax_vit.data.images.to_rgb`` (EXIF, every PIL mode, bomb and truncation checks).
+A row that fails to decode does not crash the run and is not silently dropped: it yields a zero image with
+``valid = False``; the loops drop invalid rows after gathering across ranks and log how many were skipped.
+Keeping the row (instead of filtering it in the collate function) keeps batch shapes equal on every rank, so
+``accelerator.gather_for_metrics`` works unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger(__name__)
+
+
+def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_samples: Optional[int] = None):
+    """A map-style split of ``source`` (Hub id, ``imagefolder:DIR``, saved folder, ``embedded``...)."""
+    from entmax_vit.data.datasets import load_image_dataset
+
+    ds = load_image_dataset(source, split=split, streaming=False, cache_dir=cache_dir)
+    if not hasattr(ds, "__len__"):
+        raise ValueError(f"{source} split {split!r}: evaluation needs a map-style dataset (not streaming)")
+    if max_samples is not None and max_samples > 0 and len(ds) > max_samples:
+        ds = ds.select(range(max_samples))
+    if len(ds) == 0:
+        raise ValueError(f"{source} split {split!r} is empty")
+    return ds
+
+
+def find_column(ds: Any, kind: str, name: Optional[str] = None) -> str:
+    from entmax_vit.data.datasets import find_column as _find
+
+    return _find(ds, kind=kind, name=name)
+
+
+_SKIPS: dict[str, Any] = {}
+
+
+def _skip(what: str, where: Any, err: BaseException) -> None:
+    """Log a skipped row (first few with reasons, then every 100th: see data.images.SkipCounter)."""
+    from entmax_vit.data.images import SkipCounter
+
+    _SKIPS.setdefault(what, SkipCounter(what)).record(where, err)
+
+
+def decode_image(value: Any, where: Any = "") -> Optional[Image.Image]:
+    """RGB image, or None (logged) when the value is not a readable image."""
+    from entmax_vit.data.images import ImageDecodeError, to_rgb
+
+    try:
+        return to_rgb(value)
+    except ImageDecodeError as err:
+        _skip("image", where, err)
+        return None
+
+
+def decode_mask(value: Any, where: Any = "") -> Optional[np.ndarray]:
+    """Integer label map (H, W) from a mask cell (PIL image in mode L/P/I, dict, path, array), or None."""
+    try:
+        if isinstance(value, np.ndarray):
+            return value.astype(np.int64)
+        if isinstance(value, dict):
+            import io
+
+            value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+        elif isinstance(value, (str, bytes)) and not isinstance(value, Image.Image):
+            import io
+
+            value = Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
+        if not isinstance(value, Image.Image):
+            raise ValueError(f"unsupported mask value {type(value).__name__}")
+        value.load()
+        arr = np.asarray(value)
+        if arr.ndim == 3:  # an RGB-saved mask: class ids are in every channel
+            arr = arr[..., 0]
+        return arr.astype(np.int64)
+    except (OSError, ValueError, KeyError, TypeError, Image.DecompressionBombError) as err:
+        _skip("mask", where, err)
+        return None
+
+
+def raw_columns(ds: Any, *columns: str) -> Any:
+    """``ds`` with its Image columns left undecoded ({"bytes", "path"} dicts), so that every image goes through
+    ``to_rgb`` / ``decode_mask`` here, where a bad file becomes a logged skip instead of an exception raised
+    inside ``datasets`` while indexing."""
+    import datasets
+
+    features = getattr(ds, "features", None) or {}
+    for col in columns:
+        feature = features.get(col)
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+    return ds
+
+
+def normalize(t: torch.Tensor) -> torch.Tensor:
+    return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Classification transforms (DINO eval_linear / eval_knn)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ClassificationTransform:
+    """Eval: Resize(resize, bicubic) + CenterCrop(crop). Train (augment=True): RandomResizedCrop(crop) + flip."""
+
+    resize: int = 256
+    crop: int = 224
+    augment: bool = False
+
+    def describe(self) -> str:
+        return f"{'rrc' if self.augment else 'resize'}{self.resize}_crop{self.crop}_bicubic_imagenetnorm"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if self.augment:
+            from torchvision.transforms import RandomResizedCrop
+
+            i, j, h, w = RandomResizedCrop.get_params(image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            image = TF.resized_crop(image, i, j, h, w, [self.crop, self.crop], InterpolationMode.BICUBIC)
+            if random.random() < 0.5:
+                image = TF.hflip(image)
+        else:
+            image = TF.center_crop(TF.resize(image, self.resize, InterpolationMode.BICUBIC), self.crop)
+        return normalize(TF.to_tensor(image))
+
+
+class ClassificationRows(torch.utils.data.Dataset):
+    """Rows of a classification split -> {"pixel_values": (3, S, S), "labels": int, "valid": bool}."""
+
+    def __init__(self, ds: Any, image_column: str, label_column: Optional[str], transform: Callable) -> None:
+        self.ds = raw_columns(ds, image_column)
+        self.image_column, self.label_column, self.transform = image_column, label_column, transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, idx: int) -> dict:
+        row = self.ds[int(idx)]
+        image = decode_image(row[self.image_column], f"row {idx}")
+        label = int(row[self.label_column]) if self.label_column is not None else -1
+        if image is None:
+            size = self.transform.crop
+            return {"pixel_values": torch.zeros(3, size, size), "labels": label, "valid": False}
+        return {"pixel_values": self.transform(image), "labels": label, "valid": True}
+
+
+def num_classes_of(ds: Any, label_column: str) -> int:
+    """Class count from a ClassLabel feature, else 1 + the largest label."""
+    feature = ds.features.get(label_column) if getattr(ds, "features", None) else None
+    if feature is not None and hasattr(feature, "num_classes"):
+        return int(feature.num_classes)
+    return int(max(ds[label_column])) + 1
+
+
+def class_names_of(ds: Any, label_column: str) -> Optional[list[str]]:
+    feature = ds.features.get(label_column) if getattr(ds, "features", None) else None
+    return list(feature.names) if feature is not None and hasattr(feature, "names") else None
+
+
+__all__ = [
+    "ClassificationRows",
+    "ClassificationTransform",
+    "class_names_of",
+    "decode_image",
+    "decode_mask",
+    "find_column",
+    "normalize",
+    "num_classes_of",
+    "open_dataset",
+    "raw_columns",
+]

@@ -1,0 +1,357 @@
+"""Linear semantic-segmentation probe on a frozen backbone (NeCo/Leopart and DINOv2 linear protocols).
+
+    python scripts/eval_segmentation.py --preset voc --model PATH_OR_HUB_ID --dataset SOURCE
+
+The head is ``entmax_vit.modeling.segmentation_head.LinearSegmentationHead`` (1x1 conv, optional BatchNorm)
+over patch features of the chosen blocks (optionally with [CLS] concatenated to every patch). Logits are
+computed at patch resolution and bilinearly upsampled to the label size: for a 1x1 conv this equals NeCo's
+"upsample features to 100x100, then 1x1 conv" exactly, at a fraction of the cost. mIoU comes from a confusion
+matrix accumulated on device and summed across ranks. The trained head is saved for the Hub release.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from entmax_vit.modeling.segmentation_head import LinearSegmentationHead, SegmentationHeadConfig
+
+from .metrics import confusion_matrix, segmentation_scores
+
+logger = logging.getLogger(__name__)
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class SegmentationEvalConfig:
+    """Linear segmentation probe. Presets: voc, ade20k, cityscapes (NeCo), *_dinov2, embedded."""
+
+    model: str = ""                        # EntmaxViT folder, training output dir, or Hub id
+    revision: Optional[str] = None
+    dataset: str = "embedded"              # Hub id, saved folder, ... with an image and a mask column
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_column: Optional[str] = None     # default: detected
+    mask_column: Optional[str] = None      # default: detected
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    dataset_cache_dir: Optional[str] = None
+    # labels
+    num_classes: int = 0                   # 0: from class_names, else inferred from the train masks
+    class_names: list[str] = field(default_factory=list)
+    ignore_index: int = 255
+    reduce_zero_label: bool = False        # ADE20K: 0 -> ignore, c -> c - 1
+    label_mapping: Literal["none", "cityscapes_ids", "auto"] = "none"  # cityscapes_ids: raw labelIds -> trainIds;
+                                           # auto: cityscapes_ids if the first masks hold values 19..33
+    # probe
+    protocol: Literal["neco", "dinov2"] = "neco"
+    layers: list[int] = field(default_factory=lambda: [-1])  # blocks whose patch tokens are used (0-based)
+    backbone_norm: bool = True             # final LayerNorm on each block's tokens
+    use_cls_token: bool = False            # concatenate [CLS] to every patch feature
+    batch_norm: bool = False               # BN before the 1x1 conv (DINOv2 linear)
+    input_size: int = 448                  # NeCo: square input side; DINOv2: shorter side and crop/window size
+    mask_size: int = 100                   # NeCo: labels nearest-resized to mask_size^2, mIoU at that size
+    # optimisation
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9                  # SGD only
+    weight_decay: float = 1e-4
+    epochs: int = 25
+    max_iters: Optional[int] = None        # if set, train this many iterations instead (DINOv2: 40000)
+    lr_schedule: Literal["step", "warmup_cosine"] = "step"
+    step_epochs: list[int] = field(default_factory=lambda: [20])  # "step": lr x step_gamma at these epochs
+    step_gamma: float = 0.1
+    warmup_iters: int = 0                  # "warmup_cosine": linear warmup (DINOv2: 1500)
+    batch_size: int = 16
+    hflip: bool = True
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # DINOv2 train rescale range
+    cache_features: bool = False           # NeCo only: extract train features once (no flip augmentation)
+    # evaluation
+    eval_stride: int = 341                 # DINOv2 sliding-window stride (window = input_size)
+    eval_batch_size: int = 16              # NeCo eval batch (DINOv2 evaluates one image at a time)
+    num_workers: int = 0
+    seed: int = 0
+    output_dir: str = "outputs/eval_segmentation"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules (per iteration, as DINO) and prediction
+# ----------------------------------------------------------------------------------------------------------
+def lr_schedule(cfg: SegmentationEvalConfig, iters_per_epoch: int, total_iters: int) -> list[float]:
+    """Learning rate for every iteration."""
+    out = []
+    for it in range(total_iters):
+        if cfg.lr_schedule == "step":
+            epoch = it // max(iters_per_epoch, 1)
+            out.append(cfg.lr * cfg.step_gamma ** sum(epoch >= s for s in cfg.step_epochs))
+        elif it < cfg.warmup_iters:
+            out.append(cfg.lr * (it + 1) / cfg.warmup_iters)
+        else:
+            progress = (it - cfg.warmup_iters) / max(total_iters - cfg.warmup_iters, 1)
+            out.append(0.5 * cfg.lr * (1 + math.cos(math.pi * progress)))
+    return out
+
+
+@torch.no_grad()
+def sliding_window_logits(head: LinearSegmentationHead, model: torch.nn.Module, pixel_values: torch.Tensor,
+                          window: int, stride: int) -> torch.Tensor:
+    """(B, K, H, W) logits averaged over windows of ``window`` pixels moved by ``stride`` (mmseg "slide")."""
+    b, _, h, w = pixel_values.shape
+    patch = model.config.patch_size
+    if h < window or w < window:  # pad to a full window (zeros = the normalised mean colour's neighbourhood)
+        pixel_values = F.pad(pixel_values, (0, max(0, window - w), 0, max(0, window - h)))
+    H, W = pixel_values.shape[-2:]
+    logits = pixel_values.new_zeros(b, head.config.num_labels, H, W)
+    count = pixel_values.new_zeros(1, 1, H, W)
+    rows = list(range(0, max(H - window, 0) + 1, stride))
+    cols = list(range(0, max(W - window, 0) + 1, stride))
+    rows += [H - window] if rows[-1] != H - window else []
+    cols += [W - window] if cols[-1] != W - window else []
+    for top in rows:
+        for left in cols:
+            crop = pixel_values[..., top : top + window, left : left + window]
+            size = (window // patch * patch,) * 2
+            crop_in = crop if crop.shape[-1] == size[0] else F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
+            logits[..., top : top + window, left : left + window] += head.predict(model, crop_in, size=(window, window))
+            count[..., top : top + window, left : left + window] += 1
+    return (logits / count)[..., :h, :w]
+
+
+@torch.no_grad()
+def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cfg: SegmentationEvalConfig,
+                   num_classes: int, accelerator=None) -> tuple[torch.Tensor, int]:
+    """Confusion matrix (K, K) over the loader (summed across ranks) and the number of skipped rows."""
+    device = accelerator.device if accelerator is not None else next(head.parameters()).device
+    head.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    skipped = torch.zeros((), dtype=torch.long, device=device)
+    show = accelerator is None or accelerator.is_local_main_process
+    for batch in tqdm(loader, desc="eval", disable=not show):
+        valid = batch["valid"].to(device).bool()
+        skipped += (~valid).sum()
+        if not valid.any():
+            continue
+        x, y = batch["pixel_values"].to(device)[valid], batch["labels"].to(device)[valid]
+        if cfg.protocol == "dinov2":
+            logits = sliding_window_logits(head, model, x, cfg.input_size, cfg.eval_stride)
+        else:
+            logits = head.predict(model, x, size=tuple(y.shape[-2:]))
+        if logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        conf += confusion_matrix(logits.argmax(1), y, num_classes, cfg.ignore_index)
+    if accelerator is not None:
+        conf = accelerator.reduce(conf, reduction="sum")
+        skipped = accelerator.reduce(skipped, reduction="sum")
+    return conf.cpu(), int(skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cfg: SegmentationEvalConfig,
+                accelerator=None) -> list[dict]:
+    """Train ``head`` on frozen features; returns the per-epoch log (loss, lr, skipped rows)."""
+    device = accelerator.device if accelerator is not None else next(head.parameters()).device
+    params = [p for p in head.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_head = head
+    if accelerator is not None:
+        train_head, opt = accelerator.prepare(head, opt)
+    feature_cache: list = []
+    if cfg.cache_features:  # one frozen pass; every epoch then trains on the stored (B, C, h, w) maps
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="train features", disable=accelerator is not None and not accelerator.is_local_main_process):
+                valid = batch["valid"].to(device).bool()
+                feature_cache.append((head.extract_features(model, batch["pixel_values"].to(device)).half(),
+                                      batch["labels"].to(device), valid))
+    iters_per_epoch = len(feature_cache) if cfg.cache_features else len(loader)
+    total = cfg.max_iters or cfg.epochs * iters_per_epoch
+    epochs = math.ceil(total / max(iters_per_epoch, 1))
+    lrs = lr_schedule(cfg, iters_per_epoch, total)
+    log, it = [], 0
+    show = accelerator is None or accelerator.is_local_main_process
+    for epoch in range(epochs):
+        head.train()
+        losses, skipped = [], 0
+        batches = feature_cache if cfg.cache_features else loader
+        if cfg.cache_features:
+            order = torch.randperm(len(feature_cache)).tolist()
+            batches = [feature_cache[i] for i in order]
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
+            if it >= total:
+                break
+            if cfg.cache_features:
+                feats, y, valid = batch
+                feats = feats.float()
+            else:
+                valid = batch["valid"].to(device).bool()
+                y = batch["labels"].to(device)
+                with torch.no_grad():
+                    feats = head.extract_features(model, batch["pixel_values"].to(device))  # (B, C, h, w)
+            skipped += int((~valid).sum())
+            y = torch.where(valid[:, None, None], y, torch.full_like(y, cfg.ignore_index))
+            for group in opt.param_groups:
+                group["lr"] = lrs[it]
+            logits = F.interpolate(train_head(feats), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            if (y != cfg.ignore_index).any():
+                loss = F.cross_entropy(logits, y, ignore_index=cfg.ignore_index)
+            else:
+                loss = logits.sum() * 0.0  # keeps DDP ranks in step when a batch has no labelled pixel
+            opt.zero_grad(set_to_none=True)
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            it += 1
+        entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "lr": lrs[min(it, total) - 1],
+                 "skipped": skipped}
+        log.append(entry)
+        if show:
+            logger.info("epoch %d: loss %.4f lr %.2e", entry["epoch"], entry["loss"], entry["lr"])
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point (scripts/eval_segmentation.py)
+# ----------------------------------------------------------------------------------------------------------
+def _shard(ds_rows, accelerator):
+    """Evaluation rows of this rank (strided, no duplicates, so the summed confusion matrix is exact)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return ds_rows
+    return torch.utils.data.Subset(ds_rows, list(range(accelerator.process_index, len(ds_rows), accelerator.num_processes)))
+
+
+def main(cfg: SegmentationEvalConfig) -> dict:
+    """Train the probe on ``train_split``, evaluate on ``eval_split``, save the head and the results JSON."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from entmax_vit.cli.config import save_config, to_dict
+
+    from .features import load_backbone
+    from .image_data import find_column, open_dataset
+    from .results import make_results, write_results
+    from .segmentation_data import SegmentationRows, has_raw_cityscapes_ids, infer_num_classes
+
+    if not cfg.model:
+        raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
+    if not cfg.dataset:
+        raise ValueError("--dataset is required for this preset (a Hub id or local folder with image + mask columns)")
+    if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
+        raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {cfg.scale_range}")
+    accelerator = Accelerator()
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "eval_segmentation_config.yaml")
+    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    if not hasattr(model, "get_intermediate_layers"):
+        raise ValueError(f"{cfg.model}: the segmentation probe needs an EntmaxViT backbone (get_intermediate_layers)")
+    if cfg.input_size % model.config.patch_size:
+        raise ValueError(f"input_size {cfg.input_size} is not a multiple of the patch size {model.config.patch_size}")
+    depth = model.config.num_hidden_layers
+    if any(not -depth <= layer < depth for layer in cfg.layers):
+        raise ValueError(f"layers {cfg.layers} out of range for a {depth}-block model")
+
+    train_ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples)
+    eval_ds = open_dataset(cfg.dataset, cfg.eval_split, cfg.dataset_cache_dir, cfg.max_eval_samples)
+    image_col = find_column(train_ds, "image", cfg.image_column)
+    mask_col = find_column(train_ds, "mask", cfg.mask_column)
+    label_mapping = cfg.label_mapping
+    if label_mapping == "auto":
+        label_mapping = "cityscapes_ids" if has_raw_cityscapes_ids(train_ds, mask_col) else "none"
+        logger.info("label_mapping auto -> %s", label_mapping)
+    label_kwargs = dict(label_mapping=label_mapping, reduce_zero=cfg.reduce_zero_label, ignore_index=cfg.ignore_index)
+    class_names = list(cfg.class_names)
+    if not class_names and cfg.dataset == "embedded":
+        from entmax_vit.data.synthetic_scenes import SEGMENTATION_CLASSES
+
+        class_names = list(SEGMENTATION_CLASSES)
+    num_classes = cfg.num_classes or len(class_names) or infer_num_classes(train_ds, mask_col, cfg.ignore_index, label_kwargs)
+    if class_names and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
+    id2label = {i: (class_names[i] if class_names else str(i)) for i in range(num_classes)}
+
+    rows = dict(image_column=image_col, mask_column=mask_col, protocol=cfg.protocol, input_size=cfg.input_size,
+                mask_size=cfg.mask_size, hflip=cfg.hflip, scale_range=tuple(cfg.scale_range), **label_kwargs)
+    train_rows = SegmentationRows(train_ds, train=True, **rows)
+    eval_rows = SegmentationRows(eval_ds, train=False, **rows)
+    train_loader = torch.utils.data.DataLoader(train_rows, batch_size=cfg.batch_size, shuffle=True,
+                                               num_workers=cfg.num_workers, drop_last=len(train_rows) > cfg.batch_size)
+    eval_loader = torch.utils.data.DataLoader(_shard(eval_rows, accelerator), num_workers=cfg.num_workers,
+                                              batch_size=cfg.eval_batch_size if cfg.protocol == "neco" else 1)
+    train_loader = accelerator.prepare(train_loader)
+
+    head = LinearSegmentationHead(SegmentationHeadConfig(
+        num_labels=num_classes, hidden_size=model.config.hidden_size, layers=list(cfg.layers),
+        use_cls_token=cfg.use_cls_token, backbone_norm=cfg.backbone_norm, batch_norm=cfg.batch_norm,
+        input_size=cfg.input_size, ignore_index=cfg.ignore_index, id2label=id2label, protocol=cfg.protocol,
+    )).to(accelerator.device)
+    log = train_probe(head, model, train_loader, cfg, accelerator)
+    conf, skipped = evaluate_probe(head, model, eval_loader, cfg, num_classes, accelerator)
+    scores = segmentation_scores(conf)
+    per_class = {id2label[i]: v for i, v in enumerate(scores.pop("per_class_iou"))}
+    metrics = {k: v for k, v in scores.items() if math.isfinite(v)}
+    record = make_results(
+        task="segmentation",
+        model_name_or_path=cfg.model,
+        model_config=model.config.to_dict(),
+        dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
+                 "num_samples": len(eval_ds), "num_train_samples": len(train_ds), "num_classes": num_classes,
+                 "num_skipped": skipped + (log[-1]["skipped"] if log else 0)},
+        protocol={"name": f"{cfg.protocol}_linear", "layers": list(cfg.layers), "backbone_norm": cfg.backbone_norm,
+                  "use_cls_token": cfg.use_cls_token, "batch_norm": cfg.batch_norm, "input_size": cfg.input_size,
+                  "label_size": cfg.mask_size if cfg.protocol == "neco" else "original",
+                  "reduce_zero_label": cfg.reduce_zero_label, "label_mapping": label_mapping,
+                  "ignore_index": cfg.ignore_index},
+        metrics=metrics,
+        config=to_dict(cfg),
+    )
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(head).save(out / "segmentation_head")
+        write_results(record, out / "results_segmentation.json")
+        (out / "per_class_iou.json").write_text(json.dumps(per_class, indent=2))
+        (out / "train_log.json").write_text(json.dumps(log, indent=2))
+        _plot_per_class(per_class, out / "per_class_iou.png", metrics.get("mIoU"))
+        print(f"[eval_segmentation] mIoU {metrics.get('mIoU', float('nan')):.2f}  pixel acc "
+              f"{metrics.get('pixel_accuracy', float('nan')):.2f} -> {out / 'results_segmentation.json'}")
+    return record
+
+
+def _plot_per_class(per_class: dict, path: Path, miou: Optional[float]) -> None:
+    """Bar chart of per-class IoU (absent classes left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(k, 100 * v) for k, v in per_class.items() if math.isfinite(v)]
+    if not items:
+        return
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(items) + 2), 3.5))
+    ax.bar(range(len(items)), [v for _, v in items], color="tab:blue")
+    ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=90, fontsize=7)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    if miou is not None:
+        ax.axhline(miou, color="tab:red", ls="--", lw=1, label=f"mIoU {miou:.1f}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["PRESET_DIR", "SegmentationEvalConfig", "evaluate_probe", "lr_schedule", "sliding_window_logits", "train_probe", "main"]

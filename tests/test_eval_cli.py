@@ -1,0 +1,121 @@
+"""CLI smoke runs on a tiny save_pretrained model and a tiny save_to_disk dataset made here (one row with a
+corrupt image, which must be skipped and counted, not crash), plus the results JSON round trip."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image as ImageFeature
+
+from entmax_vit.evaluation.results import load_results
+from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+from entmax_vit.modeling.segmentation_head import LinearSegmentationHead
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png(arr: np.ndarray) -> dict:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def _split(n: int, seed: int, corrupt: bool) -> Dataset:
+    rng = np.random.default_rng(seed)
+    images, masks, labels = [], [], []
+    for i in range(n):
+        label = i % 2
+        base = np.array([200, 30, 30] if label else [30, 30, 200], dtype=np.int64)
+        img = (base + rng.integers(-20, 20, size=(40, 48, 3))).clip(0, 255).astype(np.uint8)
+        mask = np.zeros((40, 48), np.uint8)
+        mask[8:32, 8:40] = 1 + label
+        mask[0, :] = 255
+        images.append(_png(img))
+        masks.append(_png(mask))
+        labels.append(label)
+    if corrupt:
+        images[1] = {"bytes": b"\x89PNG\r\n\x1a\n truncated", "path": None}
+    feats = Features({"image": ImageFeature(), "mask": ImageFeature(), "label": ClassLabel(names=["blue", "red"])})
+    return Dataset.from_dict({"image": images, "mask": masks, "label": labels}, features=feats)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_cli")
+    torch.manual_seed(0)
+    config = EntmaxViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, attention="entmax15")
+    EntmaxViTModel(config).save_pretrained(root / "model")
+    DatasetDict({"train": _split(12, 0, corrupt=True), "validation": _split(6, 1, corrupt=False)}).save_to_disk(root / "data")
+    return root
+
+
+def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_knn_cli(assets):
+    out = assets / "knn"
+    proc = _run("eval_knn.py", "--model", str(assets / "model"), "--dataset", str(assets / "data"), "--resize", "32",
+                "--crop", "32", "--batch_size", "4", "--output_dir", str(out), cwd=assets)
+    record = load_results(out / "results_knn.json")
+    assert record["task"] == "knn" and record["protocol"]["name"] == "dino_knn"
+    assert record["model"]["attention"] == "entmax15"
+    assert record["dataset"]["num_skipped"] == 1 and record["dataset"]["num_train_samples"] == 11
+    assert set(record["metrics"]) == {"top1_k10", "top5_k10", "top1_k11", "top5_k11"}
+    assert (out / "eval_knn_config.yaml").is_file() and "unreadable" in proc.stderr
+    # a second run reads the feature cache and gives the same numbers
+    _run("eval_knn.py", "--model", str(assets / "model"), "--dataset", str(assets / "data"), "--resize", "32",
+         "--crop", "32", "--batch_size", "4", "--output_dir", str(out), cwd=assets)
+    assert load_results(out / "results_knn.json")["metrics"] == record["metrics"]
+
+
+def test_segmentation_cli(assets):
+    out = assets / "seg"
+    _run("eval_segmentation.py", "--preset", "voc", "--model", str(assets / "model"), "--dataset", str(assets / "data"),
+         "--num_classes", "3", "--class_names", "[]", "--input_size", "32", "--mask_size", "20", "--epochs", "2",
+         "--batch_size", "4", "--use_cls_token", "true", "--output_dir", str(out), cwd=assets)
+    record = load_results(out / "results_segmentation.json")
+    assert record["task"] == "segmentation" and record["protocol"]["name"] == "neco_linear"
+    assert record["protocol"]["use_cls_token"] is True and record["dataset"]["num_skipped"] == 1
+    assert 0 <= record["metrics"]["mIoU"] <= 100 and 0 <= record["metrics"]["pixel_accuracy"] <= 100
+    head = LinearSegmentationHead.load(out / "segmentation_head")
+    assert head.config.num_labels == 3 and head.config.use_cls_token and head.config.input_size == 32
+    assert (out / "per_class_iou.png").is_file()
+    assert set(json.loads((out / "per_class_iou.json").read_text())) == {"0", "1", "2"}
+
+
+def test_bad_override_is_a_clear_error():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_segmentation.py"), "--preset", "voc",
+                           "--no_such_key", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no_such_key" in proc.stderr and "use_cls_token" in proc.stderr  # names the valid keys
+
+
+def test_presets_parse():
+    from entmax_vit.cli.config import parse_config
+    from entmax_vit.evaluation.segmentation_probe import PRESET_DIR, SegmentationEvalConfig
+
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert {"voc", "ade20k", "cityscapes", "voc_dinov2", "ade20k_dinov2", "cityscapes_dinov2", "embedded"} <= set(names)
+    voc = parse_config(SegmentationEvalConfig, ["--config", "voc"], preset_dir=PRESET_DIR)
+    assert (voc.num_classes, voc.input_size, voc.mask_size, voc.lr, voc.epochs) == (21, 448, 100, 0.01, 25)
+    assert len(voc.class_names) == 21
+    ade = parse_config(SegmentationEvalConfig, ["--config", "ade20k_dinov2"], preset_dir=PRESET_DIR)
+    assert ade.reduce_zero_label and ade.batch_norm and ade.protocol == "dinov2" and ade.max_iters == 40000
+    city = parse_config(SegmentationEvalConfig, ["--config", "cityscapes"], preset_dir=PRESET_DIR)
+    assert city.num_classes == len(city.class_names) == 19 and city.label_mapping == "auto"
