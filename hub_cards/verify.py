@@ -55,7 +55,7 @@ if config.get("custom_pipelines"):
         report["segments"].append([{"label": s["label"], "score": s["score"], "size": list(s["mask"].size),
                                     "mode": s["mask"].mode} for s in segments])
         for j, s in enumerate(segments):
-            tensors[f"seg_{i}_{j}"] = torch.tensor(list(s["mask"].getdata()), dtype=torch.uint8)
+            tensors[f"seg_{i}_{j}"] = torch.frombuffer(bytearray(s["mask"].tobytes()), dtype=torch.uint8)
 save_file(tensors, str(work / "remote.safetensors"))
 leaked = sorted(m for m in sys.modules if m.split(".")[0] == "entmax_vit")
 report["leaked_modules"] = leaked
@@ -132,7 +132,7 @@ def local_outputs(model, processor, images: list[Image.Image], head=None) -> tup
             segments.append([{"label": s["label"], "score": s["score"], "size": list(s["mask"].size),
                               "mode": s["mask"].mode} for s in result])
             for j, s in enumerate(result):
-                tensors[f"seg_{i}_{j}"] = torch.tensor(list(s["mask"].getdata()), dtype=torch.uint8)
+                tensors[f"seg_{i}_{j}"] = torch.frombuffer(bytearray(s["mask"].tobytes()), dtype=torch.uint8)
     return tensors, segments
 
 
