@@ -31,8 +31,8 @@ from .source_models import hf_config_for, hf_vit_from_source, timm_architecture,
 logger = logging.getLogger(__name__)
 
 SOURCES = ("dino", "hf-vit", "timm")
-# Official DINO --arch names -> heads (vision_transformer.py: head_dim 64).
-DINO_ARCH_HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}
+# Official DINO --arch names -> heads (vision_transformer.py: head_dim 64); early releases said deit_*.
+DINO_ARCH_HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "deit_tiny": 3, "deit_small": 6, "deit_base": 12}
 DINO_LAYER_NORM_EPS = 1e-6  # DINO and timm ViTs
 HF_VIT_DEFAULT_LAYER_NORM_EPS = 1e-12  # transformers ViTConfig default, used when there is no config.json
 # config.json fields of a transformers ViT that must agree with the weights.
@@ -138,7 +138,7 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
         eps = DINO_LAYER_NORM_EPS
         name = cfg.timm_arch or (loaded.config or {}).get("architecture")
         if name:
-            info = timm_architecture(name)
+            info = timm_architecture(name, (loaded.config or {}).get("model_args") or {})
             heads_from_source, eps = info["num_heads"], info["layer_norm_eps"]
             logger.info("timm architecture %s: %d heads, LayerNorm eps %g", name, heads_from_source, eps)
     else:

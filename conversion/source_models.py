@@ -34,13 +34,16 @@ def timm_vit_from_state(state: dict[str, torch.Tensor], arch: dict, num_heads: i
     return model.forward_features
 
 
-def timm_architecture(name: str) -> dict:
-    """Head count and LayerNorm eps of a registered timm architecture, read from a meta-device instance
-    (no weights allocated, no download)."""
+def timm_architecture(name: str, model_args: Optional[dict] = None) -> dict:
+    """Head count and LayerNorm eps of a registered timm architecture (with the ``model_args`` a timm Hub
+    config.json may add), read from a meta-device instance (no weights allocated, no download)."""
     import timm
 
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **{**(model_args or {}), "num_classes": 0})
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ValueError(f"timm architecture {name!r}: {err}") from None
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(blocks[0], "attn"):
         raise ValueError(f"timm architecture {name!r} is not a plain VisionTransformer")

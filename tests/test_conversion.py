@@ -385,3 +385,16 @@ def test_url_and_hub_id_inputs(tmp_path):
     # Offline (conftest sets HF_HUB_OFFLINE=1) an uncached Hub id fails with a clear message.
     with pytest.raises(ValueError, match="neither a local path nor a downloadable Hub repository"):
         _convert(tmp_path, source="hf-vit", input="someone/not-cached-vit", cache_dir=str(cache))
+
+
+def test_heads_from_training_args_and_contradictions(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    _write_training_checkpoint(path, tiny_timm(), tiny_timm())
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(path, weights_only=True)
+    data["args"].arch = "vit_small"  # DINO's vit_small has 6 heads: cannot split width 64
+    torch.save(data, path)
+    with pytest.raises(ValueError, match="num_heads 6 does not divide the width 64"):
+        _convert(tmp_path, source="dino", input=str(path))
+    with pytest.raises(ValueError, match="--num-heads 4 contradicts the dino config"):
+        _convert(tmp_path, source="dino", input=str(path), num_heads=4)
