@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -214,10 +215,11 @@ def plot_layer_curves(
     runs: Mapping[str, PerLayerMetrics],
     out_dir: str | os.PathLike,
     metrics: Optional[Iterable[str]] = None,
+    separate: bool = False,
 ) -> list[Path]:
-    """One PNG per metric (``curve_<metric>.png``) with one line per model over layers, plus an overview grid
-    ``layer_curves.png`` of all of them. ``runs`` maps a model name to its ``analyze_model`` output.
-    Returns the written paths (overview first)."""
+    """An overview grid ``layer_curves.png``: every metric over layers, one line per model; with ``separate``
+    also one PNG per metric (``curve_<metric>.png``). ``runs`` maps a model name to its ``analyze_model``
+    output. Returns the written paths (overview first)."""
     if not runs:
         raise ValueError("plot_layer_curves needs at least one {name: per_layer_metrics} entry")
     out = Path(out_dir)
@@ -232,6 +234,8 @@ def plot_layer_curves(
                 ax.plot(layers, [per_layer[l][metric] for l in layers], marker="o", ms=3, label=label)
         ax.set_title(metric, fontsize=8)
         ax.set_xlabel("layer", fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
 
@@ -246,7 +250,7 @@ def plot_layer_curves(
     fig.legend(handles, labels, loc="upper center", ncol=max(len(labels), 1), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / rows))
     paths = [_save(fig, out / "layer_curves.png")]
-    for metric in names:
+    for metric in names if separate else []:
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         draw(ax, metric)
         ax.legend(fontsize=7)

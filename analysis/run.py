@@ -59,6 +59,7 @@ class AnalyzeConfig:
     num_figure_images: int = 4         # attention-map PNGs per model and images in the PCA figure
     pca_layer: int = -1                # block whose patch features the PCA shows (-1 = last)
     pca_foreground_only: bool = False  # fit the PCA on foreground patches (masks or [CLS] attention)
+    separate_curves: bool = True       # also one curve_<metric>.png per metric beside layer_curves.png
     # --- output
     output_dir: str = "outputs/analysis"
 
@@ -148,15 +149,20 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
                     last.get("cos_neighbors", float("nan")))
         del model
 
-    plot_layer_curves(runs, out / "curves")
+    plot_layer_curves(runs, out / "curves", separate=cfg.separate_curves)
     (out / "comparison.md").write_text(comparison_table(runs))
     logger.info("wrote %s", out)
     return runs
 
 
+def parse_analyze_config(argv: Optional[Sequence[str]] = None) -> AnalyzeConfig:
+    """``[--config PRESET_OR_YAML] --key value ...`` -> AnalyzeConfig (presets in analysis/configs/)."""
+    return parse_config(AnalyzeConfig, argv, preset_dir=PRESET_DIR)
+
+
 def cli(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:
-    """Parse ``[--config PRESET] --key value ...`` and run."""
-    return main(parse_config(AnalyzeConfig, argv, preset_dir=PRESET_DIR))
+    """Parse the command line and run."""
+    return main(parse_analyze_config(argv))
 
 
-__all__ = ["AnalyzeConfig", "cli", "load_model", "main"]
+__all__ = ["AnalyzeConfig", "cli", "load_model", "main", "parse_analyze_config"]
