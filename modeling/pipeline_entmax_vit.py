@@ -111,7 +111,7 @@ def to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
             scale = 255.0 / (65535.0 if high <= 65535 else float(high))
         else:
             scale = 1.0
-        image = image.point(lambda v: v * scale).convert("L")
+        image = image.point(lambda v: v * scale + 0.5).convert("L")  # +0.5: round, not floor
         return image.convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
