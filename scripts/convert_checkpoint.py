@@ -22,11 +22,13 @@ from entmax_vit.cli.config import ConfigError, parse_config
 from entmax_vit.conversion.convert import ConvertConfig, main
 
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(ConvertConfig) if f.type in (bool, "bool")}
+_BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
 
 
 def split_positionals(argv: Sequence[str]) -> list[str]:
     """Turn ``[... INPUT OUTPUT_DIR ...]`` into ``--input INPUT --output_dir OUTPUT_DIR`` for parse_config.
-    A ``--key`` takes the next token as its value unless it is a boolean flag or the next token is an option."""
+    A ``--key`` takes the next token as its value unless the next token is an option; a boolean flag takes it
+    only when it is a boolean word (``--verify false``), so ``--overwrite IN OUT`` still works."""
     options: list[str] = []
     positionals: list[str] = []
     i = 0
@@ -35,8 +37,8 @@ def split_positionals(argv: Sequence[str]) -> list[str]:
         if token.startswith("--"):
             options.append(token)
             key = token[2:].replace("-", "_")
-            takes_value = "=" not in token and key not in _BOOL_FIELDS
-            if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            has_next = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if has_next and (key not in _BOOL_FIELDS or argv[i + 1].lower() in _BOOL_WORDS):
                 options.append(argv[i + 1])
                 i += 1
         else:
@@ -49,13 +51,23 @@ def split_positionals(argv: Sequence[str]) -> list[str]:
     return options
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field of a config dataclass (the documented defaults) for --help."""
+    import inspect
+    import re
+
+    pattern = re.compile(r"^\s+(\w+):.*?#\s*(.+)$")
+    return {m.group(1): m.group(2) for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
+
+
 def run(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        print("Options (defaults):")
+        print("Options (default: meaning):")
+        comments = _field_comments(ConvertConfig)
         for f in dataclasses.fields(ConvertConfig):
-            print(f"  --{f.name} {f.default!r}")
+            print(f"  --{f.name:<12} {f.default!r}: {comments.get(f.name, '')}")
         return
     cfg = parse_config(ConvertConfig, split_positionals(argv))
     if not cfg.input or not cfg.output_dir:

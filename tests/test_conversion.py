@@ -398,3 +398,16 @@ def test_heads_from_training_args_and_contradictions(tmp_path):
         _convert(tmp_path, source="dino", input=str(path))
     with pytest.raises(ValueError, match="--num-heads 4 contradicts the dino config"):
         _convert(tmp_path, source="dino", input=str(path), num_heads=4)
+
+
+def test_cli_argument_splitting():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from convert_checkpoint import split_positionals
+    finally:
+        sys.path.pop(0)
+    assert split_positionals(["--source", "dino", "in.pth", "out", "--verify", "false", "--num-heads", "6"]) == [
+        "--source", "dino", "--verify", "false", "--num-heads", "6", "--input", "in.pth", "--output_dir", "out"]
+    assert split_positionals(["--overwrite", "in.pth", "out"]) == ["--overwrite", "--input", "in.pth", "--output_dir", "out"]
+    with pytest.raises(ValueError, match="at most INPUT and OUTPUT_DIR"):
+        split_positionals(["a", "b", "c"])
