@@ -411,3 +411,15 @@ def test_cli_argument_splitting():
     assert split_positionals(["--overwrite", "in.pth", "out"]) == ["--overwrite", "--input", "in.pth", "--output_dir", "out"]
     with pytest.raises(ValueError, match="at most INPUT and OUTPUT_DIR"):
         split_positionals(["a", "b", "c"])
+
+
+def test_sharded_save_pretrained_folder(tmp_path):
+    from transformers import ViTModel
+
+    source = ViTModel(_tiny_vit_config(), add_pooling_layer=False).eval()
+    _randomise(source)
+    source.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model = _convert(tmp_path, source="hf-vit", input=str(tmp_path / "sharded"))
+    pixels = torch.randn(1, 3, 32, 32)
+    _assert_same_features(model, _hf_tokens(source, pixels), pixels)
