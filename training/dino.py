@@ -37,7 +37,7 @@ from entmax_vit.training.export import export_backbone
 from entmax_vit.training.metrics_log import MetricsLog, attention_support_size, plot_loss_curve
 from entmax_vit.training.networks import build_networks
 from entmax_vit.training.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, param_groups
-from entmax_vit.training.schedules import cosine_schedule, teacher_temp_schedule
+from entmax_vit.training.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 logger = logging.getLogger("entmax_vit.training.dino")
@@ -127,7 +127,7 @@ def main(cfg: DinoConfig) -> Optional[Path]:
     iters_per_epoch = math.ceil(batches_per_epoch / accum)  # optimizer steps
     total_batch = cfg.data.batch_size_per_device * accelerator.num_processes * accum
     epochs = cfg.optim.epochs
-    lr_schedule = cosine_schedule(cfg.optim.lr_base * total_batch / 256.0, cfg.optim.min_lr, epochs,
+    lr_schedule = cosine_schedule(scaled_lr(cfg.optim.lr_base, total_batch), cfg.optim.min_lr, epochs,
                                   iters_per_epoch, warmup_epochs=cfg.optim.warmup_epochs)
     wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, epochs, iters_per_epoch)
     momentum_schedule = cosine_schedule(cfg.optim.momentum_teacher, 1.0, epochs, iters_per_epoch)

@@ -38,6 +38,11 @@ def cosine_schedule(
     return schedule
 
 
+def scaled_lr(lr_base: float, total_batch: int) -> float:
+    """Linear scaling rule of official DINO: ``lr_base * total_batch / 256`` (5e-4 at 8 x 64 -> 1e-3)."""
+    return lr_base * total_batch / 256.0
+
+
 def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
     """Teacher temperature per epoch: linear from ``warmup_temp`` to ``temp`` over ``warmup_epochs`` epochs,
     then constant (official DINO; e.g. 0.04 -> 0.07 over 30 epochs in the "boosted" ViT-S recipe)."""
@@ -46,4 +51,4 @@ def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, e
     return np.concatenate((np.linspace(warmup_temp, temp, warmup_epochs), np.full(epochs - warmup_epochs, temp)))
 
 
-__all__ = ["cosine_schedule", "teacher_temp_schedule"]
+__all__ = ["cosine_schedule", "scaled_lr", "teacher_temp_schedule"]

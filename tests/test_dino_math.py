@@ -1,0 +1,237 @@
+"""DINO's pieces against values worked out by hand from the official formulas (main_dino.py / utils.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from entmax_vit.cli.config import to_dict
+from entmax_vit.training.checkpointing import (
+    latest_checkpoint, list_checkpoints, load_teacher, remove_incomplete, save_teacher,
+)
+from entmax_vit.training.config import DinoConfig, breaking_differences
+from entmax_vit.training.dino_data import EpochPermutationSampler, sample_seed
+from entmax_vit.training.dino_head import DINOHead, WeightNormLinear
+from entmax_vit.training.dino_loss import DINOLoss
+from entmax_vit.training.multicrop_wrapper import MultiCropWrapper, resolution_groups
+from entmax_vit.training.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, param_groups
+from entmax_vit.training.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
+
+
+# ------------------------------------------------------------------------------------------- schedules
+def test_cosine_schedule_by_hand():
+    # 2 epochs x 2 iters, 1 warmup epoch: warmup linspace(0, 1, 2) = [0, 1]; then 2 cosine iterations
+    # i = 0: 0 + 0.5 * 1 * (1 + cos 0) = 1;  i = 1: 0.5 * (1 + cos(pi / 2)) = 0.5
+    np.testing.assert_allclose(cosine_schedule(1.0, 0.0, 2, 2, warmup_epochs=1), [0.0, 1.0, 1.0, 0.5], atol=1e-12)
+    # no warmup, 4 iterations from 0.04 to 0.4: 0.4 + 0.5 * (-0.36) * (1 + cos(pi i / 4))
+    expected = [0.4 - 0.18 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    np.testing.assert_allclose(cosine_schedule(0.04, 0.4, 1, 4), expected)
+    assert cosine_schedule(0.04, 0.4, 1, 4)[0] == pytest.approx(0.04)
+
+
+def test_official_lr_and_momentum_values():
+    assert scaled_lr(5e-4, 8 * 64) == pytest.approx(1e-3)  # official ViT-S/16: 8 GPUs x 64
+    lr = cosine_schedule(scaled_lr(5e-4, 512), 1e-6, 100, 2502, warmup_epochs=10)
+    assert len(lr) == 250200 and lr[0] == 0.0
+    assert lr[10 * 2502 - 1] == pytest.approx(1e-3)  # end of warmup reaches the peak
+    assert lr[-1] == pytest.approx(1e-6, abs=1e-9)
+    momentum = cosine_schedule(0.996, 1.0, 100, 2502)
+    assert momentum[0] == pytest.approx(0.996) and momentum[-1] == pytest.approx(1.0, abs=1e-9)
+    assert np.all(np.diff(momentum) >= 0)
+
+
+def test_teacher_temp_schedule_by_hand():
+    np.testing.assert_allclose(teacher_temp_schedule(0.04, 0.07, 3, 5), [0.04, 0.055, 0.07, 0.07, 0.07])
+    np.testing.assert_allclose(teacher_temp_schedule(0.04, 0.04, 0, 2), [0.04, 0.04])
+    with pytest.raises(ValueError, match="warmup_teacher_temp_epochs"):
+        teacher_temp_schedule(0.04, 0.07, 30, 10)
+
+
+def test_defaults_are_official_dino():
+    cfg = DinoConfig()
+    assert (cfg.optim.lr_base, cfg.optim.min_lr, cfg.optim.warmup_epochs) == (5e-4, 1e-6, 10)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.4, 3.0)
+    assert (cfg.optim.momentum_teacher, cfg.optim.freeze_last_layer, cfg.optim.epochs) == (0.996, 1, 100)
+    assert (cfg.loss.student_temp, cfg.loss.teacher_temp, cfg.loss.center_momentum) == (0.1, 0.04, 0.9)
+    assert (cfg.model.out_dim, cfg.model.head_hidden_dim, cfg.model.head_bottleneck_dim) == (65536, 2048, 256)
+    assert cfg.model.drop_path_rate == 0.1 and cfg.data.batch_size_per_device == 64
+    # multi-crop: 2 global 224 crops at scale (0.4, 1), 8 local 96 crops at (0.05, 0.4)
+    c = cfg.crops
+    assert (c.global_size, c.local_size, c.local_crops_number) == (224, 96, 8)
+    assert tuple(c.global_crops_scale) == (0.4, 1.0) and tuple(c.local_crops_scale) == (0.05, 0.4)
+    assert (c.global1_blur_p, c.global2_blur_p, c.local_blur_p, c.global2_solarize_p) == (1.0, 0.1, 0.5, 0.2)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def test_dino_loss_by_hand():
+    # K = 2 classes, B = 1 image, 3 crops (2 global + 1 local), student temp 0.5, teacher temp 1, center 0
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    teacher = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    loss_fn = DINOLoss(out_dim=2, num_crops=3, student_temp=0.5, center_momentum=0.9)
+    loss = loss_fn(student, teacher, teacher_temp=1.0)
+
+    def softmax(v):
+        e = [math.exp(x) for x in v]
+        return [x / sum(e) for x in e]
+
+    def cross_entropy(q, s):  # -sum q log softmax(s / 0.5)
+        p = softmax([x / 0.5 for x in s])
+        return -sum(qi * math.log(pi) for qi, pi in zip(q, p))
+
+    q0, q1 = softmax([2.0, 0.0]), softmax([0.0, 0.0])
+    s0, s1, s2 = [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]
+    # pairs (teacher view, student view) with different views: (0,1) (0,2) (1,0) (1,2)
+    expected = (cross_entropy(q0, s1) + cross_entropy(q0, s2) + cross_entropy(q1, s0) + cross_entropy(q1, s2)) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # center <- 0.9 * 0 + 0.1 * mean(teacher) = 0.1 * [1, 0]
+    torch.testing.assert_close(loss_fn.center, torch.tensor([[0.1, 0.0]]))
+    # the second call subtracts the center: teacher softmax((t - c) / T)
+    loss_fn(student, teacher, teacher_temp=1.0)
+    torch.testing.assert_close(loss_fn.center, torch.tensor([[0.9 * 0.1 + 0.1 * 1.0, 0.0]]))
+
+
+def test_dino_loss_center_uses_reduced_batch():
+    loss_fn = DINOLoss(out_dim=3, num_crops=4, center_momentum=0.5)
+    teacher = torch.ones(4, 3)
+    # a fake all-reduce doubling the sum, as two ranks with equal outputs would
+    loss_fn(torch.zeros(8, 3), teacher, 0.04, reduce_sum=lambda t: 2 * t, world_size=2)
+    torch.testing.assert_close(loss_fn.center, torch.full((1, 3), 0.5))
+    assert "center" in loss_fn.state_dict()
+
+
+def test_dino_loss_gradient_only_through_student():
+    student = torch.randn(8, 16, requires_grad=True)
+    teacher = torch.randn(4, 16, requires_grad=True)
+    DINOLoss(16, num_crops=4)(student, teacher, 0.04).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+# ------------------------------------------------------------------------------------- head, optimizer
+def test_head_last_layer_is_weight_normed_with_fixed_norm():
+    head = DINOHead(32, out_dim=64, hidden_dim=48, bottleneck_dim=16)
+    assert not head.last_layer.weight_g.requires_grad
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(64))
+    x = torch.randn(5, 32)
+    z = nn.functional.normalize(head.mlp(x), dim=-1)
+    torch.testing.assert_close(head(x), z @ (head.last_layer.weight_v / head.last_layer.weight_v.norm(dim=1, keepdim=True)).T)
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert DINOHead(32, 64, 48, 16, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+def test_weight_norm_linear_matches_torch_weight_norm():
+    ours = WeightNormLinear(6, 4)
+    with torch.no_grad():
+        ours.weight_g.copy_(torch.rand(4, 1) + 0.5)
+    ref = nn.Linear(6, 4, bias=False)
+    ref.weight.data.copy_(ours.weight_v.data)
+    ref = torch.nn.utils.parametrizations.weight_norm(ref)
+    ref.parametrizations.weight.original0.data.copy_(ours.weight_g.data)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_param_groups_no_decay_on_biases_and_1d():
+    head = DINOHead(8, 16, 12, 4, norm_last_layer=True)
+    groups = param_groups(head)
+    names = {id(p): n for n, p in head.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    plain = {names[id(p)] for p in groups[1]["params"]}
+    assert decayed == {"mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_v"}
+    assert plain == {"mlp.0.bias", "mlp.2.bias", "mlp.4.bias"}  # weight_g is frozen: in no group
+    assert groups[1]["weight_decay"] == 0.0
+
+
+def test_per_parameter_clipping_by_hand():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    a.grad = torch.tensor([6.0, 0.0])  # norm 6 > 3: scaled by 3 / (6 + 1e-6)
+    b.grad = torch.tensor([1.0, 0.0, 0.0])  # norm 1 <= 3: untouched (a global clip would scale it too)
+    total = clip_gradients_per_parameter([a, b], 3.0)
+    assert total.item() == pytest.approx(math.sqrt(37))
+    assert a.grad[0].item() == pytest.approx(3.0 * 6 / (6 + 1e-6))
+    torch.testing.assert_close(b.grad, torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_last_layer_frozen_in_first_epoch():
+    head = DINOHead(8, 16, 12, 4, norm_last_layer=False)
+    for p in head.parameters():
+        p.grad = torch.ones_like(p)
+    cancel_last_layer_gradients(head, epoch=0, freeze_last_layer=1)
+    assert head.last_layer.weight_v.grad is None and head.last_layer.weight_g.grad is None
+    assert head.mlp[0].weight.grad is not None
+    head.last_layer.weight_v.grad = torch.ones_like(head.last_layer.weight_v)
+    cancel_last_layer_gradients(head, epoch=1, freeze_last_layer=1)
+    assert head.last_layer.weight_v.grad is not None
+
+
+# ---------------------------------------------------------------------------------------- multi-crop
+def test_resolution_groups_and_wrapper(tiny_config_kwargs):
+    from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+    crops = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    assert resolution_groups(crops) == [(0, 2), (2, 5)]
+    backbone = EntmaxViTModel(EntmaxViTConfig(**tiny_config_kwargs)).eval()
+    wrapper = MultiCropWrapper(backbone, DINOHead(32, 64, 48, 16)).eval()
+    out = wrapper(crops)
+    assert out.shape == (10, 64)  # crop-major: 5 crops x 2 images
+    one_by_one = torch.cat([wrapper.head(backbone(pixel_values=c).pooler_output) for c in crops])
+    torch.testing.assert_close(out, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- EMA, data order, resume
+def test_ema_update_formula():
+    student, teacher = nn.Linear(2, 2), nn.Linear(2, 2)
+    nn.init.zeros_(student.weight), nn.init.ones_(teacher.weight)
+    m = 0.9
+    with torch.no_grad():  # the three lines of dino.py
+        for q, k in zip(student.parameters(), teacher.parameters()):
+            k.data.mul_(m).add_((1 - m) * q.detach().data)
+    torch.testing.assert_close(teacher.weight, torch.full((2, 2), 0.9))
+
+
+def test_epoch_order_is_seeded_permutation():
+    sampler = EpochPermutationSampler(10, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(10)) and list(sampler) == first
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(10)) and list(sampler) != first
+    assert sample_seed(0, 0, 1) != sample_seed(0, 0, 2) != sample_seed(0, 1, 1)
+
+
+def test_breaking_config_changes_are_named():
+    base = to_dict(DinoConfig())
+    changed = to_dict(DinoConfig())
+    changed["model"]["backbone_overrides"] = {"hidden_size": 64}
+    changed["optim"]["epochs"] = 50
+    changed["logging"]["every_steps"] = 1
+    changed["checkpoint"]["resume"] = "auto"
+    changed["data"]["num_workers"] = 2
+    diff = breaking_differences(base, changed)
+    assert set(diff) == {"model.backbone_overrides.hidden_size", "optim.epochs"}
+
+
+def test_checkpoint_listing_ignores_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in (("step_0000002", True), ("step_0000004", True), ("step_0000006", False)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "trainer_state.json").write_text("{}")
+    (root / ".tmp_step_0000008").mkdir()
+    assert [p.name for p in list_checkpoints(root)] == ["step_0000002", "step_0000004"]
+    assert latest_checkpoint(root).name == "step_0000004"
+    removed = {p.name for p in remove_incomplete(root)}
+    assert removed == {"step_0000006", ".tmp_step_0000008"}
+
+
+def test_teacher_file_round_trip_and_mismatch(tmp_path):
+    teacher, center = DINOHead(8, 16, 12, 4), torch.randn(1, 16)
+    save_teacher(tmp_path / "t.safetensors", teacher, center)
+    other, other_center = DINOHead(8, 16, 12, 4), torch.zeros(1, 16)
+    load_teacher(tmp_path / "t.safetensors", other, other_center)
+    torch.testing.assert_close(other_center, center)
+    torch.testing.assert_close(other.mlp[0].weight, teacher.mlp[0].weight)
+    with pytest.raises(ValueError, match="mlp.0.weight"):
+        load_teacher(tmp_path / "t.safetensors", DINOHead(10, 16, 12, 4), torch.zeros(1, 16))

@@ -1,0 +1,81 @@
+"""Shared pieces of the training tests: a tiny generated image dataset and a launcher for training/dino.py.
+(No tests here; imported by tests/test_training_*.py and tests/test_dino_*.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DINO = REPO / "training" / "dino.py"
+
+
+def make_image_dataset(root: Path, num_images: int = 16, size: int = 40, seed: int = 0) -> Path:
+    """A save_to_disk dataset of smooth random RGB images (coloured blobs on gradients) in ``root``."""
+    from datasets import Dataset, Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = []
+    for _ in range(num_images):
+        base = np.stack([a * xx + b * yy + c for a, b, c in rng.uniform(-0.5, 0.5, (3, 3))], -1) + 0.5
+        for _ in range(3):
+            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.3)
+            blob = ((xx - cx) ** 2 + (yy - cy) ** 2) < r**2
+            base[blob] = rng.uniform(0, 1, 3)
+        images.append(Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8)))
+    path = root / "images"
+    Dataset.from_dict({"image": images}).cast_column("image", ImageFeature()).save_to_disk(str(path))
+    return path
+
+
+def tiny_args(data: Path, out: Path, **extra: object) -> list[str]:
+    """Overrides of the tiny_cpu preset down to a seconds-per-epoch run (image 32, patch 8, hidden 32, 2 layers)."""
+    args = {
+        "config": "tiny_cpu", "output_dir": out, "data.source": data, "data.max_samples": "none",
+        "data.batch_size_per_device": 4, "data.num_workers": 0,
+        "model.backbone_overrides": "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2}",
+        "model.out_dim": 256, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
+        "crops.global_size": 32, "crops.local_size": 16, "crops.local_crops_number": 2,
+        "optim.epochs": 2, "optim.warmup_epochs": 1, "checkpoint.every_steps": 2, "checkpoint.keep_last": 0,
+        "logging.every_steps": 1, "logging.progress_bar": False, "debug.dump_rank_state": True,
+    }
+    args.update(extra)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def env() -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+             PYTHONPATH=str(REPO))
+    e.pop("ACCELERATE_USE_CPU", None)
+    return e
+
+
+def run_dino(args: Sequence[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(DINO), *args], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dino.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def start_dino(args: Sequence[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(DINO), *args], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def final_digests(out: Path, rank: int = 0) -> Optional[dict]:
+    path = out / "debug" / f"rank{rank}.jsonl"
+    finals = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("final")]
+    return finals[-1] if finals else None
