@@ -31,7 +31,8 @@ SEGMENTATION_TASK = "image-segmentation"
 TRAINING_CONFIG = "training_config.yaml"
 # Where a converted checkpoint may record its source (config.json keys, then side files in the model folder).
 SOURCE_KEYS = ("base_model", "converted_from", "source_checkpoint", "_source_checkpoint")
-SOURCE_FILES = ("conversion.json", "conversion.yaml", "source.json")
+CONVERSION_CONFIG = "conversion_config.yaml"  # written by conversion/convert.py (keys: source, input, ...)
+SOURCE_FILES = (CONVERSION_CONFIG, "conversion.json", "source.json")
 # Extra Auto classes whose weights a bare-model checkpoint fills completely.
 EXTRA_AUTO_MAP = {"AutoBackbone": "modeling_entmax_vit.EntmaxViTBackbone"}
 
@@ -60,7 +61,7 @@ def find_base_model(model_dir: Path, config: dict) -> Optional[str]:
         if path.is_file():
             data = yaml.safe_load(path.read_text()) or {}
             if isinstance(data, dict):
-                candidates += [data.get(k) for k in ("source", "hub_id", *SOURCE_KEYS)]
+                candidates += [data.get(k) for k in ("input", "source", "hub_id", *SOURCE_KEYS)]
     return next((c for c in candidates if is_hub_id(c)), None)
 
 
@@ -87,10 +88,17 @@ def registered_segmentation_pipeline() -> Iterator[None]:
     from transformers import AutoModel
     from transformers.pipelines import PIPELINE_REGISTRY
 
+    from transformers.utils import logging as hf_logging
+
     previous = PIPELINE_REGISTRY.supported_tasks.get(SEGMENTATION_TASK)
-    PIPELINE_REGISTRY.register_pipeline(
-        SEGMENTATION_TASK, pipeline_class=EntmaxViTSegmentationPipeline, pt_model=AutoModel, type="image"
-    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "already registered, overwriting" is intended here, and undone below
+    try:
+        PIPELINE_REGISTRY.register_pipeline(
+            SEGMENTATION_TASK, pipeline_class=EntmaxViTSegmentationPipeline, pt_model=AutoModel, type="image"
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     try:
         yield
     finally:
@@ -169,6 +177,9 @@ def assemble_repository(
 
     # -- provenance: training config and results ------------------------------------------------------------
     training_config = None
+    conversion = None
+    if (model_dir / CONVERSION_CONFIG).is_file():
+        conversion = yaml.safe_load((model_dir / CONVERSION_CONFIG).read_text()) or None
     if (model_dir / TRAINING_CONFIG).is_file():
         shutil.copyfile(model_dir / TRAINING_CONFIG, output_dir / TRAINING_CONFIG)
         training_config = yaml.safe_load((model_dir / TRAINING_CONFIG).read_text()) or None
@@ -190,6 +201,7 @@ def assemble_repository(
         training_config=training_config,
         segmentation_head=head.config.to_dict() if head is not None else None,
         base_model=find_base_model(model_dir, raw_config),
+        conversion=conversion,
         license=license,
         datasets=find_datasets(training_config, records),
         files=files,

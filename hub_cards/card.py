@@ -59,6 +59,7 @@ class CardInputs:
     training_config: Optional[dict] = None
     segmentation_head: Optional[dict] = None  # segmentation_head.json contents
     base_model: Optional[str] = None
+    conversion: Optional[dict] = None         # conversion_config.yaml of a converted checkpoint
     license: str = "apache-2.0"
     datasets: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
@@ -222,8 +223,12 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def _training(inputs: CardInputs) -> str:
     if not inputs.training_config:
-        if inputs.base_model:
-            return f"Weights converted from [{inputs.base_model}](https://huggingface.co/{inputs.base_model}); see its card for the recipe."
+        if inputs.conversion or inputs.base_model:
+            conv = inputs.conversion or {}
+            source = inputs.base_model or conv.get("input", "an external checkpoint")
+            family = f" ({conv['source']} format)" if conv.get("source") else ""
+            return (f"Not trained here: weights converted from `{source}`{family} with the EntmaxViT project's "
+                    "`scripts/convert_checkpoint.py`; see the original release for its training recipe.")
         return "No training configuration was recorded with these weights."
     rows = [(k, v) for k, v in _flatten(inputs.training_config) if not isinstance(v, (list, dict)) or len(str(v)) < 60]
     table = "| Setting | Value |\n|---|---|\n" + "\n".join(f"| `{k}` | `{v}` |" for k, v in rows)

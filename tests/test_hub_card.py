@@ -1,0 +1,112 @@
+"""Model-card renderer and measured sparsity: metadata parses and carries exactly what the inputs record,
+converted weights get base_model, sparsity is counted from real attention (0 for softmax, > 0 for sparsemax)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from entmax_vit.evaluation.results import make_results
+from entmax_vit.hub_cards.assemble import find_base_model, find_datasets
+from entmax_vit.hub_cards.card import BIBTEX, CardInputs, metric_type, model_index, parse_card_metadata, render_card
+from entmax_vit.hub_cards.sparsity import SparsityReport, measure_sparsity, sample_images
+from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
+
+TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64)
+
+
+def _record(task, dataset, metrics, split="validation"):
+    return make_results(task=task, model_name_or_path="m", model_config={"attention": "entmax15"},
+                        dataset={"name": dataset, "split": split, "num_samples": 10}, protocol={"name": "p"},
+                        metrics=metrics, config={})
+
+
+def test_metric_types():
+    assert metric_type("miou") == "mean_iou"
+    assert metric_type("mIoU_100") == "mean_iou"
+    assert metric_type("top1_k20") == "accuracy"
+    assert metric_type("accuracy") == "accuracy"
+    assert metric_type("pixel_accuracy") == "accuracy"
+    assert metric_type("loss") == "loss"
+
+
+def test_model_index_lists_every_metric_once():
+    results = [_record("linear", "ILSVRC/imagenet-1k", {"top1": 74.1, "top5": 91.9}),
+               _record("segmentation", "voc2012", {"miou": 48.78})]
+    index = model_index("my-model", results)
+    assert index[0]["name"] == "my-model"
+    entries = index[0]["results"]
+    assert [e["task"]["type"] for e in entries] == ["image-classification", "image-segmentation"]
+    assert [m["value"] for m in entries[0]["metrics"]] == [74.1, 91.9]
+    assert entries[1]["metrics"][0] == {"type": "mean_iou", "name": "miou (p)", "value": 48.78}
+    assert model_index("x", []) == []
+
+
+def test_card_for_converted_weights_has_base_model_and_parses(tmp_path):
+    model_dir = tmp_path / "converted"
+    model_dir.mkdir()
+    (model_dir / "conversion_config.yaml").write_text(yaml.safe_dump({"source": "hf-vit", "input": "facebook/dino-vits16"}))
+    assert find_base_model(model_dir, {}) == "facebook/dino-vits16"
+    assert find_base_model(model_dir, {"converted_from": str(model_dir)}) == "facebook/dino-vits16"
+    assert find_base_model(tmp_path, {"converted_from": str(model_dir)}) is None  # a local path is not a Hub id
+
+    config = EntmaxViTConfig(**TINY, attention="sparsemax").to_dict()
+    sparsity = SparsityReport(attention="sparsemax", images=["astronaut"], resolution=32, num_tokens=17,
+                              zero_fraction_per_layer=[0.5, 0.25], support_per_layer=[8.5, 12.75])
+    results = [_record("knn", "ILSVRC/imagenet-1k", {"top1_k20": 70.0})]
+    card = render_card(CardInputs(
+        repo_id="someone/entmax-vits16", model_config=config, num_parameters=21_700_000, sparsity=sparsity,
+        results=results, base_model="facebook/dino-vits16", conversion={"source": "hf-vit", "input": "facebook/dino-vits16"},
+        datasets=find_datasets(None, results), files=["config.json", "README.md"],
+    ))
+    meta = parse_card_metadata(card)
+    assert meta["base_model"] == "facebook/dino-vits16"
+    assert meta["datasets"] == ["ILSVRC/imagenet-1k"]
+    assert "sparsemax" in meta["tags"] and "image-segmentation" not in meta["tags"]
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 70.0
+    assert "**37.5%** of attention weights are exactly zero" in card      # mean of the per-layer values
+    assert "| 2 | 25.0 | 12.8 |" in card
+    assert "21.70 M" in card
+    assert "converted from `facebook/dino-vits16` (hf-vit format)" in card
+    assert BIBTEX in card and "author" not in BIBTEX                     # authors unknown: none invented
+    assert "image-segmentation\"" not in card                             # no segmentation usage without a head
+
+
+def test_training_recipe_and_datasets_come_from_the_training_config():
+    training = {"data": {"dataset": "ILSVRC/imagenet-1k", "num_workers": 8}, "optim": {"epochs": 200, "lr": 0.0005}}
+    assert find_datasets(training, []) == ["ILSVRC/imagenet-1k"]
+    assert find_datasets({"data": {"dataset": "embedded"}}, []) == []
+    card = render_card(CardInputs(repo_id="a/b", model_config=EntmaxViTConfig(**TINY).to_dict(), num_parameters=10,
+                                  training_config=training))
+    assert "| `optim.epochs` | `200` |" in card
+    assert "```yaml\n" + yaml.safe_dump(training, sort_keys=False).strip() in card
+    assert "Sparsity was not measured" in card and "No evaluation results" in card
+
+
+def test_bad_front_matter_is_rejected():
+    with pytest.raises(ValueError, match="front matter"):
+        parse_card_metadata("# no metadata")
+
+
+@torch.no_grad()
+def test_measured_sparsity_is_zero_for_softmax_and_positive_for_sparsemax():
+    images = sample_images(("astronaut", "coffee"))
+    processor = make_image_processor(resize=36, crop=32)
+    torch.manual_seed(0)
+    soft = EntmaxViTModel(EntmaxViTConfig(**TINY, attention="softmax"))
+    report = measure_sparsity(soft, processor, images)
+    assert report.zero_fraction_per_layer == [0.0, 0.0] and report.mean_support == 17.0
+    sparse = EntmaxViTModel(EntmaxViTConfig(**TINY, attention="sparsemax"))
+    sparse.load_state_dict(soft.state_dict())
+    for layer in sparse.encoder.layer:  # sharper scores, as after training: sparsemax then drops keys
+        layer.attention.qkv.weight.mul_(8.0)
+    report = measure_sparsity(sparse, processor, images)
+    assert report.images == ["astronaut", "coffee"] and report.num_tokens == 17 and report.resolution == 32
+    assert all(0.0 < z < 1.0 for z in report.zero_fraction_per_layer)
+    for z, k in zip(report.zero_fraction_per_layer, report.support_per_layer):
+        assert k == pytest.approx(17 * (1 - z), rel=1e-5) and k >= 1.0  # every row keeps at least one key
+    assert json.loads(json.dumps(report.to_dict()))["mean_zero_fraction"] == pytest.approx(report.mean_zero_fraction)
