@@ -304,6 +304,10 @@ def test_create_pr_and_revision(release_inputs, fake_hub):
     assert summary["upload"]["pr_url"] == f"https://huggingface.co/{REPO_ID}/discussions/1"
     preuploads = [r for r in fake_hub.requests if "/preupload/" in r[1]]
     assert preuploads and all(r[1].endswith("/preupload/dev") and r[2].get("create_pr") == "1" for r in preuploads)
+    # Registering our pipeline while saving did not replace transformers' own image-segmentation pipeline.
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    assert PIPELINE_REGISTRY.supported_tasks["image-segmentation"]["impl"].__name__ == "ImageSegmentationPipeline"
 
 
 def test_offline_assembly_only_and_verified(release_inputs, tmp_path, monkeypatch):
