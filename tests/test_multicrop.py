@@ -257,3 +257,36 @@ def test_dataset_rejects_unknown_column():
     hf = datasets.Dataset.from_dict({"img": [png(colourful())]})
     with pytest.raises(ValueError, match="img"):
         MultiCropDataset(hf, "image", MultiCropTransform())
+
+
+def test_lookup_table_brightness_and_contrast_equal_pil_enhance():
+    from PIL import ImageEnhance
+
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    img = Image.fromarray(np.dstack([x, x[::-1], x.T]))  # every uint8 value in every channel
+    rng = np.random.default_rng(0)
+    for factor in [0.0, 0.6, 1.0, 1.4, 2.5] + rng.uniform(0.5, 1.5, 50).tolist():
+        assert np.array_equal(np.asarray(mc._adjust_brightness(img, factor)),
+                              np.asarray(ImageEnhance.Brightness(img).enhance(factor)))
+        assert np.array_equal(np.asarray(mc._adjust_contrast(img, factor)),
+                              np.asarray(ImageEnhance.Contrast(img).enhance(factor)))
+
+
+def test_bench_script_runs_and_reports(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_data.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--json", "--num_images", "3", "--rounds", "2", "--warmup", "0",
+         "--multicrop.global_size", "32", "--multicrop.local_size", "16", "--multicrop.local_crops_number", "2",
+         "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout)
+    assert result["crops_per_image"] == 4 and result["images"] == 3
+    assert result["parity_max_abs_diff"] < 1e-5
+    assert result["official_img_per_s"] > 0 and result["ours_img_per_s"] > 0
+    assert len(result["per_round_img_per_s"]["ours"]) == 2
+    assert json.loads((tmp_path / "bench_data.json").read_text())["speedup"] == result["speedup"]
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "bench_data.png").stat().st_size > 1000

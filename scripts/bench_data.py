@@ -1,0 +1,178 @@
+"""Multi-crop data speed: images/s for ONE worker, ours vs the official DINO recipe built literally.
+
+    python scripts/bench_data.py                                   # text summary
+    python scripts/bench_data.py --json                            # JSON on stdout
+    python scripts/bench_data.py --rounds 10 --output_dir runs/bench --multicrop.local_crops_number 6
+    python scripts/bench_data.py --dataset imagefolder:/data/imgs --num_images 64
+
+Both pipelines get the same decoded RGB images (decoding is not part of the comparison; it is reported
+separately for ours as decode+crop from JPEG bytes). Rounds alternate the two pipelines (and which goes
+first) so machine load hits both alike; the medians over rounds are compared. One torch thread, as in a
+DataLoader worker. Before timing, both pipelines are run on the same seeds and their tensors compared.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from entmax_vit.cli.config import ConfigError, parse_config, save_config
+from entmax_vit.data.images import to_rgb
+from entmax_vit.training.multicrop import MultiCropConfig, MultiCropTransform, official_dino_transform
+
+# scikit-image's bundled photos, roughly ImageNet-sized (300-512 px sides); grey and RGBA ones go through to_rgb.
+SKIMAGE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "coins",
+                  "colorwheel", "logo", "cat", "page", "horse")
+
+
+@dataclass
+class BenchConfig:
+    dataset: Optional[str] = None  # None: scikit-image sample photos; else a load_image_dataset source
+    split: str = "train"
+    num_images: int = 16  # distinct images per round (cycled from the source)
+    rounds: int = 8  # timed rounds per pipeline (alternating); the median is reported
+    warmup: int = 1  # untimed rounds first
+    threads: int = 1  # torch threads, as in one DataLoader worker
+    seed: int = 0
+    parity_checks: int = 4  # images checked for identical outputs under equal seeds (0 = skip)
+    json: bool = False  # print the result as JSON instead of text
+    output_dir: Optional[str] = None  # write bench_data.json, config.yaml and bench_data.png here
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
+
+
+def load_images(cfg: BenchConfig) -> list[Image.Image]:
+    """``num_images`` decoded RGB images from scikit-image's samples or a dataset source."""
+    if cfg.dataset is None:
+        import skimage.data
+
+        pool = [to_rgb(getattr(skimage.data, name)()) for name in SKIMAGE_IMAGES]
+    else:
+        from entmax_vit.data.datasets import find_column, load_image_dataset
+
+        ds = load_image_dataset(cfg.dataset, split=cfg.split, streaming=True)
+        column = find_column(ds, "image")
+        pool = []
+        for row in ds:
+            pool.append(to_rgb(row[column]))
+            if len(pool) >= cfg.num_images:
+                break
+    if not pool:
+        raise ValueError(f"no images in {cfg.dataset or 'scikit-image samples'}")
+    return [pool[i % len(pool)] for i in range(cfg.num_images)]
+
+
+def timed_round(fn: Callable, items: list) -> float:
+    """Images per second for one pass of ``fn`` over ``items``."""
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return len(items) / (time.perf_counter() - start)
+
+
+def parity(ours: Callable, official: Callable, images: list[Image.Image], n: int) -> float:
+    """Largest absolute difference between the two pipelines' tensors under equal torch/Python seeds."""
+    worst = 0.0
+    for i, img in enumerate(images[:n]):
+        torch.manual_seed(i), random.seed(i)
+        a = ours(img)
+        torch.manual_seed(i), random.seed(i)
+        b = official(img)
+        worst = max(worst, max(float((x - y).abs().max()) for x, y in zip(a, b)))
+    return worst
+
+
+def main(cfg: BenchConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    images = load_images(cfg)
+    ours, official = MultiCropTransform(cfg.multicrop), official_dino_transform(cfg.multicrop)
+    max_diff = parity(ours, official, images, cfg.parity_checks) if cfg.parity_checks else None
+    encoded = []
+    for img in images:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        encoded.append(buf.getvalue())
+    decode_and_crop = lambda data: ours(to_rgb(data))  # noqa: E731
+
+    torch.manual_seed(cfg.seed), random.seed(cfg.seed)
+    for _ in range(cfg.warmup):
+        timed_round(official, images), timed_round(ours, images)
+    rates: dict[str, list[float]] = {"official": [], "ours": [], "ours_decode": []}
+    for r in range(cfg.rounds):
+        order = [("official", official), ("ours", ours)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            rates[name].append(timed_round(fn, images))
+        rates["ours_decode"].append(timed_round(decode_and_crop, encoded))
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    result = {
+        "images": len(images),
+        "mean_image_size": [float(np.mean([im.size[0] for im in images])), float(np.mean([im.size[1] for im in images]))],
+        "crops_per_image": 2 + cfg.multicrop.local_crops_number,
+        "threads": cfg.threads,
+        "rounds": cfg.rounds,
+        "official_img_per_s": median["official"],
+        "ours_img_per_s": median["ours"],
+        "ours_decode_and_crop_img_per_s": median["ours_decode"],
+        "speedup": median["ours"] / median["official"],
+        "ours_not_slower": median["ours"] >= median["official"],
+        "per_round_img_per_s": rates,
+        "parity_max_abs_diff": max_diff,
+        "source": cfg.dataset or "scikit-image samples",
+    }
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "bench_data.json").write_text(json.dumps(result, indent=2))
+        _plot(rates, out / "bench_data.png")
+    return result
+
+
+def _plot(rates: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rates)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.boxplot([rates[n] for n in names])
+    ax.set_xticks(range(1, len(names) + 1), ["official\n(same images)", "ours\n(same images)", "ours\n(+JPEG decode)"])
+    ax.set_ylabel("images / s (1 worker)")
+    ax.set_title("DINO multi-crop throughput per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print_text(result: dict) -> None:
+    print(f"multi-crop ({result['crops_per_image']} crops) on {result['images']} images "
+          f"(mean {result['mean_image_size'][0]:.0f}x{result['mean_image_size'][1]:.0f}), "
+          f"{result['threads']} thread, median of {result['rounds']} rounds")
+    print(f"  official DINO Compose : {result['official_img_per_s']:8.1f} img/s")
+    print(f"  ours                  : {result['ours_img_per_s']:8.1f} img/s  (x{result['speedup']:.2f})")
+    print(f"  ours incl. JPEG decode: {result['ours_decode_and_crop_img_per_s']:8.1f} img/s")
+    if result["parity_max_abs_diff"] is not None:
+        print(f"  max |ours - official| under equal seeds: {result['parity_max_abs_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    try:
+        config = parse_config(BenchConfig, sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"bench_data.py: {err}")
+    outcome = main(config)
+    if config.json:
+        print(json.dumps(outcome, indent=2))
+    else:
+        _print_text(outcome)
