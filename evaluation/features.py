@@ -6,6 +6,7 @@ One pass over a split stores, per image:
     patch_mean (N, D)     mean of the last block's normed patch tokens (DINO's ``--avgpool_patchtokens``)
     patches    (N, P, D)  last block's normed patch tokens (float16; only with ``store_patch_tokens``)
     labels     (N,)       int64 class ids (-1 when the split has none)
+    index      (N,)       row index in the split (rows are gathered across ranks, so order is not guaranteed)
 Rows whose image cannot be decoded are dropped after gathering (their count is logged and returned).
 
 The cache file is ``cache_dir/<key>.safetensors`` where ``key`` hashes the model (path or Hub id + revision +
@@ -112,7 +113,7 @@ def extract_features(
     the distributed sampler duplicated to even out the last batch.
     """
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    parts: dict[str, list[torch.Tensor]] = {"cls": [], "patch_mean": [], "labels": [], "valid": []}
+    parts: dict[str, list[torch.Tensor]] = {"cls": [], "patch_mean": [], "labels": [], "index": [], "valid": []}
     if store_patch_tokens:
         parts["patches"] = []
     show = accelerator is None or accelerator.is_local_main_process
@@ -120,7 +121,7 @@ def extract_features(
         x = batch["pixel_values"].to(device)
         cls, patches = block_outputs(model, x, n_last_blocks)
         out = {"cls": cls.float(), "patch_mean": patches.float().mean(1), "labels": batch["labels"].to(device),
-               "valid": batch["valid"].to(device)}
+               "index": batch["index"].to(device), "valid": batch["valid"].to(device)}
         if store_patch_tokens:
             out["patches"] = patches.half()
         if accelerator is not None:
@@ -185,7 +186,7 @@ def split_features(
             "class_names": class_names_of(ds, label_col)}
     spec = {"model": model_spec, "dataset": dataset, "split": split, "max_samples": max_samples, "rows": len(ds),
             "image_column": image_col, "label_column": label_col, "transform": transform.describe(),
-            "n_last_blocks": n_last_blocks, "patches": store_patch_tokens, "format": 1}
+            "n_last_blocks": n_last_blocks, "patches": store_patch_tokens, "format": 2}
 
     def compute() -> dict[str, torch.Tensor]:
         rows = ClassificationRows(ds, image_col, label_col, transform)

@@ -137,7 +137,7 @@ class ClassificationTransform:
 
 
 class ClassificationRows(torch.utils.data.Dataset):
-    """Rows of a classification split -> {"pixel_values": (3, S, S), "labels": int, "valid": bool}."""
+    """Rows of a classification split -> {"pixel_values": (3, S, S), "labels": int, "valid": bool, "index": int}."""
 
     def __init__(self, ds: Any, image_column: str, label_column: Optional[str], transform: Callable) -> None:
         self.ds = raw_columns(ds, image_column)
@@ -152,8 +152,8 @@ class ClassificationRows(torch.utils.data.Dataset):
         label = int(row[self.label_column]) if self.label_column is not None else -1
         if image is None:
             size = self.transform.crop
-            return {"pixel_values": torch.zeros(3, size, size), "labels": label, "valid": False}
-        return {"pixel_values": self.transform(image), "labels": label, "valid": True}
+            return {"pixel_values": torch.zeros(3, size, size), "labels": label, "valid": False, "index": int(idx)}
+        return {"pixel_values": self.transform(image), "labels": label, "valid": True, "index": int(idx)}
 
 
 def num_classes_of(ds: Any, label_column: str) -> int:

@@ -77,10 +77,32 @@ def test_knn_cli(assets):
     assert record["dataset"]["num_skipped"] == 1 and record["dataset"]["num_train_samples"] == 11
     assert set(record["metrics"]) == {"top1_k10", "top5_k10", "top1_k11", "top5_k11"}
     assert (out / "eval_knn_config.yaml").is_file() and "unreadable" in proc.stderr
-    # a second run reads the feature cache and gives the same numbers
-    _run("eval_knn.py", "--model", str(assets / "model"), "--dataset", str(assets / "data"), "--resize", "32",
-         "--crop", "32", "--batch_size", "4", "--output_dir", str(out), cwd=assets)
-    assert load_results(out / "results_knn.json")["metrics"] == record["metrics"]
+    assert len(list((out / "feature_cache").glob("*.safetensors"))) == 2  # train + validation
+
+
+def test_feature_cache_in_process(assets, tmp_path):
+    """Same spec -> read from disk (no recompute, identical tensors); another transform -> another entry."""
+    from entmax_vit.evaluation.features import load_backbone, model_fingerprint, split_features
+    from entmax_vit.evaluation.image_data import ClassificationTransform
+
+    model = load_backbone(str(assets / "model"))
+    spec = model_fingerprint(str(assets / "model"), None, model)
+    kwargs = dict(model_spec=spec, dataset=str(assets / "data"), split="validation", n_last_blocks=2,
+                  cache_dir=str(tmp_path), batch_size=4)
+    first, info = split_features(model, transform=ClassificationTransform(32, 32), **kwargs)
+    assert first["cls"].shape == (6, 2, 32) and first["patch_mean"].shape == (6, 32) and info["num_classes"] == 2
+    # the last [CLS] entry is the model's pooled output (DINO's k-NN feature)
+    from entmax_vit.evaluation.image_data import ClassificationRows, open_dataset
+
+    rows = ClassificationRows(open_dataset(str(assets / "data"), "validation"), "image", "label", ClassificationTransform(32, 32))
+    with torch.no_grad():
+        pooled = model(pixel_values=rows[0]["pixel_values"][None]).pooler_output
+    torch.testing.assert_close(first["cls"][0, -1], pooled[0], atol=1e-5, rtol=1e-5)
+    again, _ = split_features(model, transform=ClassificationTransform(32, 32), **kwargs)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    torch.testing.assert_close(again["cls"], first["cls"])
+    split_features(model, transform=ClassificationTransform(40, 32), **kwargs)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
 def test_segmentation_cli(assets):
@@ -119,3 +141,30 @@ def test_presets_parse():
     assert ade.reduce_zero_label and ade.batch_norm and ade.protocol == "dinov2" and ade.max_iters == 40000
     city = parse_config(SegmentationEvalConfig, ["--config", "cityscapes"], preset_dir=PRESET_DIR)
     assert city.num_classes == len(city.class_names) == 19 and city.label_mapping == "auto"
+
+
+def test_linear_cli(assets):
+    out = assets / "linear"
+    _run("eval_linear.py", "--model", str(assets / "model"), "--dataset", str(assets / "data"), "--resize", "32",
+         "--crop", "32", "--epochs", "3", "--batch_size", "8", "--n_last_blocks", "1,2", "--avgpool_patchtokens",
+         "false,true", "--base_lrs", "0.01,0.1", "--output_dir", str(out), cwd=assets)
+    record = load_results(out / "results_linear.json")
+    assert record["task"] == "linear" and record["protocol"]["grid_size"] == 8
+    assert record["dataset"]["num_skipped"] == 1
+    grid = json.loads((out / "grid.json").read_text())
+    assert len(grid["heads"]) == 8 and (out / "linear_grid.png").is_file()
+    assert record["metrics"]["top1"] == max(h["eval_top1"] for h in grid["heads"])  # selected on the eval split
+
+
+def test_results_round_trip(tmp_path):
+    from entmax_vit.evaluation.results import make_results, write_results
+
+    record = make_results(task="segmentation", model_name_or_path="m", model_config={"attention": "entmax15"},
+                          dataset={"name": "embedded", "split": "validation", "num_samples": 3, "num_classes": 9},
+                          protocol={"name": "neco_linear", "layers": [-1]}, metrics={"mIoU": 41.5},
+                          config={"lr": 0.01})
+    path = write_results(record, tmp_path / "r.json")
+    assert load_results(path) == json.loads(json.dumps(record))
+    (tmp_path / "bad.json").write_text(json.dumps({**record, "schema": "other"}))
+    with pytest.raises(ValueError, match="schema"):
+        load_results(tmp_path / "bad.json")
