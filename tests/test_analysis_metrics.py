@@ -270,3 +270,23 @@ def test_analyze_model_input_errors(tiny_config_kwargs):
         analyze_model(model, torch.randn(2, 3, 32, 32), torch.zeros(3, 32, 32))
     with pytest.raises(ValueError, match="batch_size"):
         analyze_model(model, torch.randn(2, 3, 32, 32), batch_size=0)
+
+
+def test_analyze_model_on_transformers_vit_and_non_square_inputs(tiny_config_kwargs):
+    """Official DINO checkpoints in transformers' ViT format work as well (eager attention returns weights);
+    a wrapper model is resolved to its encoder; non-square inputs use the right patch grid."""
+    from transformers import ViTConfig, ViTModel
+
+    from entmax_vit.modeling import EntmaxViTForImageClassification
+
+    vit = ViTModel(ViTConfig(**tiny_config_kwargs, attn_implementation="eager"), add_pooling_layer=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    m = analyze_model(vit, x)
+    assert m[1]["support_mean"] == 17 and m[1]["attention_zero_share"] == 0.0
+    sdpa = ViTModel(ViTConfig(**tiny_config_kwargs, attn_implementation="sdpa"), add_pooling_layer=False).eval()
+    with pytest.raises(ValueError, match="eager"):
+        analyze_model(sdpa, x)
+    clf = EntmaxViTForImageClassification(EntmaxViTConfig(**tiny_config_kwargs, num_labels=3)).eval()
+    wide = analyze_model(clf, torch.randn(2, 3, 32, 48))  # 4 x 6 patches
+    assert wide[0]["support_mean"] <= 25
+    assert 0 < wide[0]["attention_distance"] < math.dist((0, 0), (3, 5))
