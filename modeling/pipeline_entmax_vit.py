@@ -165,7 +165,10 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         if os.path.isdir(source):
             return LinearSegmentationHead.load(source)
         # A Hub id: fetch both files into the transformers cache; they land in one snapshot folder.
-        paths = [cached_file(source, name, revision=revision, token=token) for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
+        try:
+            paths = [cached_file(source, name, revision=revision, token=token) for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
+        except OSError as err:  # transformers raises OSError (EnvironmentError) for missing repos/files
+            raise FileNotFoundError(f"{source}: no segmentation probe ({HEAD_CONFIG} + {HEAD_WEIGHTS}): {err}") from err
         if any(p is None for p in paths):
             raise FileNotFoundError(f"{source} has no {HEAD_CONFIG} / {HEAD_WEIGHTS}: no segmentation probe shipped")
         return LinearSegmentationHead.load(os.path.dirname(paths[0]))

@@ -216,3 +216,21 @@ def test_missing_head_names_the_files(parts, tmp_path):
     model, processor, _, _ = parts
     with pytest.raises(FileNotFoundError, match="segmentation_head"):
         EntmaxViTSegmentationPipeline(model=model, image_processor=processor, segmentation_head=tmp_path)
+
+
+def test_head_is_found_for_a_hub_id_through_the_cache(parts, tmp_path, monkeypatch):
+    """A Hub id resolves through transformers.utils.cached_file (here: a populated offline cache)."""
+    _, _, head, _ = parts
+    commit = "c" * 40
+    cache = tmp_path / "hub_cache"
+    repo = cache / "models--tester--entmax-seg"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    head.save(repo / "snapshots" / commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    loaded = EntmaxViTSegmentationPipeline._load_head("tester/entmax-seg")
+    assert loaded.config == head.config
+    for name, value in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+    with pytest.raises(FileNotFoundError, match="no segmentation probe"):
+        EntmaxViTSegmentationPipeline._load_head("tester/not-there")
