@@ -5,7 +5,7 @@
 """
 
 from .attention_metrics import attention_metrics, patch_distance_matrix, row_entropy
-from .figures import pca_rgb, plot_layer_curves, save_attention_maps, save_pca_image
+from .figures import pca_rgb, plot_head_distances, plot_layer_curves, save_attention_maps, save_pca_image
 from .foreground import jaccard, mass_threshold_mask
 from .per_layer import PerLayerMetrics, analyze_model, flatten_metrics, unflatten_metrics
 from .token_metrics import high_norm_outliers, high_norm_threshold, norm_metrics, similarity_metrics
@@ -22,6 +22,7 @@ __all__ = [
     "norm_metrics",
     "patch_distance_matrix",
     "pca_rgb",
+    "plot_head_distances",
     "plot_layer_curves",
     "row_entropy",
     "save_attention_maps",

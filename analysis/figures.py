@@ -258,4 +258,40 @@ def plot_layer_curves(
     return paths
 
 
-__all__ = ["curve_metrics", "pca_rgb", "plot_layer_curves", "save_attention_maps", "save_pca_image", "to_display"]
+def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.PathLike) -> Path:
+    """Mean attention distance of every head over layers, one colour per model (the ViT paper's figure:
+    heads spread from local to global in early layers and all turn global late)."""
+    if not runs:
+        raise ValueError("plot_head_distances needs at least one {name: per_layer_metrics} entry")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    offsets = np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [0.0]
+    plotted = False
+    for (label, per_layer), dx in zip(runs.items(), offsets):
+        xs, ys = [], []
+        for layer in sorted(per_layer):
+            heads = [v for k, v in per_layer[layer].items() if k.startswith("attention_distance_head_")]
+            xs += [layer + dx] * len(heads)
+            ys += heads
+        if xs:
+            ax.scatter(xs, ys, s=12, alpha=0.8, label=label)
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        raise ValueError("no attention_distance_head_<i> metrics to plot")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean attention distance (patches)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+__all__ = [
+    "curve_metrics",
+    "pca_rgb",
+    "plot_head_distances",
+    "plot_layer_curves",
+    "save_attention_maps",
+    "save_pca_image",
+    "to_display",
+]

@@ -9,6 +9,7 @@ runs ``analyze_model`` on the same images, and writes into ``output_dir``::
     <name>/attention_maps_<k>.png     per-head last-layer [CLS] attention of the first images
     <name>/pca.png                    PCA of patch features as RGB
     curves/layer_curves.png           every metric over layers, one line per model (+ curve_<metric>.png)
+    curves/head_attention_distance.png  mean attention distance of every head over layers, per model
     comparison.md                     last-layer metrics of all models side by side
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from entmax_vit.cli.config import parse_config, save_config, to_dict
 
-from .figures import plot_layer_curves, save_attention_maps, save_pca_image
+from .figures import plot_head_distances, plot_layer_curves, save_attention_maps, save_pca_image
 from .inputs import load_analysis_images
 from .per_layer import analyze_model, resolve_backbone
 from .report import analysis_record, comparison_table, per_layer_table, write_analysis_results, write_per_layer_json
@@ -113,6 +114,8 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
     if n < cfg.num_images:
         logger.warning("only %d of the requested %d images were available", n, cfg.num_images)
     dataset_info = {"name": cfg.dataset, "split": cfg.split, "num_samples": n, "num_classes": None}
+    protocol = {"name": "semantic_diffusion", "image_size": cfg.image_size, "mass_threshold": cfg.mass_threshold,
+                "outlier_k": cfg.outlier_k, "feature_norm": cfg.feature_norm, "masks": images.masks is not None}
 
     runs: dict[str, dict] = {}
     for name, source in zip(names, sources):
@@ -129,7 +132,7 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
         model_dir = out / name
         model_config = resolve_backbone(model).config.to_dict()
         record = analysis_record(per_layer, model_name_or_path=source, model_config=model_config,
-                                 dataset=dataset_info, config=to_dict(cfg))
+                                 dataset=dataset_info, config=to_dict(cfg), protocol=protocol)
         write_analysis_results(record, model_dir / "analysis_results.json")
         write_per_layer_json(per_layer, model_dir / "per_layer.json",
                              meta={"model": source, "name": name, "dataset": dataset_info, "images": images.names})
@@ -150,6 +153,7 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
         del model
 
     plot_layer_curves(runs, out / "curves", separate=cfg.separate_curves)
+    plot_head_distances(runs, out / "curves" / "head_attention_distance.png")
     (out / "comparison.md").write_text(comparison_table(runs))
     logger.info("wrote %s", out)
     return runs

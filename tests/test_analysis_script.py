@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from entmax_vit.analysis import analyze_model, plot_layer_curves, save_attention_maps, save_pca_image
-from entmax_vit.analysis.figures import pca_rgb
+from entmax_vit.analysis.figures import pca_rgb, plot_head_distances
 from entmax_vit.analysis.run import AnalyzeConfig, main, parse_analyze_config
 from entmax_vit.cli.config import ConfigError
 from entmax_vit.evaluation.results import load_results
@@ -72,6 +72,7 @@ def test_figures_are_valid_pngs(tmp_path, tiny_config_kwargs):
     assert [p.name for p in paths] == ["layer_curves.png", "curve_entropy.png", "curve_cos_neighbors.png"]
     for p in paths:
         _png_ok(p)
+    _png_ok(plot_head_distances(runs, tmp_path / "heads.png"))
 
 
 def test_pca_rgb_range_and_foreground(tiny_config_kwargs):
@@ -92,6 +93,8 @@ def test_pca_rgb_range_and_foreground(tiny_config_kwargs):
 def test_plot_layer_curves_errors(tmp_path):
     with pytest.raises(ValueError, match="at least one"):
         plot_layer_curves({}, tmp_path)
+    with pytest.raises(ValueError, match="attention_distance_head"):
+        plot_head_distances({"m": {0: {"entropy": 1.0}}}, tmp_path / "h.png")
 
 
 # ------------------------------------------------------------------------------------------- entry point
@@ -116,6 +119,8 @@ def _check_outputs(out: Path, attentions: dict[str, str], num_images: int, figur
         assert not (out / name / f"attention_maps_{figure_images}.png").exists()
         _png_ok(out / name / "pca.png")
     _png_ok(out / "curves" / "layer_curves.png")
+    _png_ok(out / "curves" / "head_attention_distance.png")
+    assert record["protocol"]["name"] == "semantic_diffusion" and record["protocol"]["masks"] is True
     comparison = (out / "comparison.md").read_text()
     assert all(name in comparison for name in attentions)
 
