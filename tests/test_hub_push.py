@@ -296,7 +296,8 @@ def test_card_metadata_matches_results(release_inputs, fake_hub):
 
 
 def test_create_pr_and_revision(release_inputs, fake_hub):
-    summary = _push(release_inputs, "--create-pr", "--revision", "dev", "--commit-message", "Add weights")
+    summary = _push(release_inputs, "--create-pr", "--revision", "dev", "--commit-message", "Add weights", "--private")
+    assert fake_hub.repos[-1]["visibility"] == "private"
     assert fake_hub.branches == [(REPO_ID, "dev")]
     commit = fake_hub.commits[-1]
     assert commit["revision"] == "dev" and commit["create_pr"]
