@@ -278,8 +278,8 @@ def _undecoded(hf_ds: Any, column: str) -> Any:
     return hf_ds
 
 
-class MultiCropDataset(torch.utils.data.Dataset):
-    """Map-style dataset: item i -> list of crops, or None when the image cannot be decoded (counted)."""
+class _MultiCropSource:
+    """Shared by both dataset kinds: raw image cells in, crops (or None, counted) out."""
 
     def __init__(self, hf_ds: Any, image_column: str, transform: Callable[[Image.Image], list[torch.Tensor]]) -> None:
         self.ds = _undecoded(hf_ds, image_column)
@@ -291,29 +291,31 @@ class MultiCropDataset(torch.utils.data.Dataset):
         """Images skipped by THIS process (DataLoader workers keep their own; see multicrop_collate)."""
         return self.skips.count
 
+    def _crops(self, row: dict, where: str) -> Optional[list[torch.Tensor]]:
+        try:
+            image = to_rgb(row[self.column])
+        except ImageDecodeError as err:
+            self.skips.record(where, err)  # the error text names the file when there is one
+            return None
+        return self.transform(image)
+
+
+class MultiCropDataset(_MultiCropSource, torch.utils.data.Dataset):
+    """Map-style dataset: item i -> list of crops, or None when the image cannot be decoded (counted)."""
+
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, index: int) -> Optional[list[torch.Tensor]]:
-        return _decode_and_crop(self.ds[index][self.column], self.transform, self.skips, where=f"#{index}")
+        return self._crops(self.ds[index], where=f"#{index}")
 
 
-class IterableMultiCropDataset(torch.utils.data.IterableDataset):
+class IterableMultiCropDataset(_MultiCropSource, torch.utils.data.IterableDataset):
     """Streaming variant over a ``datasets.IterableDataset``: yields crops, or None for skipped images.
 
     DataLoader workers split the stream by shards (``datasets`` does it); ``set_epoch`` reshuffles and
     ``state_dict``/``load_state_dict`` resume mid-epoch, both forwarded to the HF dataset.
     """
-
-    def __init__(self, hf_ds: Any, image_column: str, transform: Callable[[Image.Image], list[torch.Tensor]]) -> None:
-        super().__init__()
-        self.ds = _undecoded(hf_ds, image_column)
-        self.column, self.transform = image_column, transform
-        self.skips = SkipCounter("image")
-
-    @property
-    def skipped(self) -> int:
-        return self.skips.count
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.ds, "set_epoch"):
@@ -327,16 +329,7 @@ class IterableMultiCropDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Optional[list[torch.Tensor]]]:
         for i, row in enumerate(self.ds):
-            yield _decode_and_crop(row[self.column], self.transform, self.skips, where=f"stream item {i}")
-
-
-def _decode_and_crop(value: Any, transform: Callable, skips: SkipCounter, where: str) -> Optional[list[torch.Tensor]]:
-    try:
-        image = to_rgb(value)
-    except ImageDecodeError as err:
-        skips.record(where, err)  # the error text names the file when there is one
-        return None
-    return transform(image)
+            yield self._crops(row, where=f"stream item {i}")
 
 
 def multicrop_collate(batch: Sequence[Optional[list[torch.Tensor]]]) -> tuple[list[torch.Tensor], int]:
