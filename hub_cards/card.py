@@ -194,9 +194,12 @@ def _usage(inputs: CardInputs) -> str:
     head = inputs.segmentation_head
     if head:
         labels = head.get("id2label", {})
+        names = ", ".join(str(labels[k]) for k in sorted(labels, key=int)) if 0 < len(labels) <= 40 else ""
+        reads = f"blocks {head.get('layers')}" + (" + [CLS]" if head.get("use_cls_token") else "")
         parts += [
             "\nSemantic segmentation with the shipped linear probe "
-            f"({len(labels) or head.get('num_labels')} classes, trained at {head.get('input_size')} px):\n",
+            f"({len(labels) or head.get('num_labels')} classes{': ' + names if names else ''}; reads {reads}; "
+            f"protocol `{head.get('protocol')}`, trained at {head.get('input_size')} px):\n",
             "```python",
             "from transformers import pipeline",
             "",
@@ -264,12 +267,13 @@ def _limitations(inputs: CardInputs) -> str:
     items = [
         "The backbone is self-supervised: it yields features, not labels. Heads other than the shipped linear "
         "probe must be trained by the user.",
-        "Sparse transforms (entmax-1.5, sparsemax) have no fused SDPA kernel; attention runs as explicit matrix "
-        "products and is slower and more memory-hungry than softmax with SDPA at high resolution.",
         "The paper's probe protocol and 200-epoch recipe are not published; numbers from this repository's "
         "evaluation scripts follow their documented protocols and may differ from the paper's.",
         "Loading runs the repository's Python code (`trust_remote_code=True`); read it before use.",
     ]
+    if inputs.model_config.get("attention", "softmax") != "softmax":
+        items.insert(1, "Sparse transforms have no fused SDPA kernel: attention runs as explicit matrix products, "
+                        "slower and more memory-hungry than softmax with SDPA at high resolution.")
     if inputs.segmentation_head:
         items.append("The segmentation probe is a single 1x1 convolution on patch features: boundaries follow the "
                      f"{inputs.model_config.get('patch_size')}-px patch grid, upsampled bilinearly.")
