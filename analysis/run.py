@@ -64,6 +64,19 @@ class AnalyzeConfig:
     # --- output
     output_dir: str = "outputs/analysis"
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_images >= 1, f"num_images must be >= 1, got {self.num_images}"),
+            (self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.outlier_k > 0, f"outlier_k must be > 0, got {self.outlier_k}"),
+            (0 < self.mass_threshold <= 1, f"mass_threshold must be in (0, 1], got {self.mass_threshold}"),
+            (self.num_figure_images >= 0, f"num_figure_images must be >= 0, got {self.num_figure_images}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
 
 def _model_names(cfg: AnalyzeConfig) -> list[str]:
     sources = [cfg.model, *cfg.compare]
@@ -164,9 +177,30 @@ def parse_analyze_config(argv: Optional[Sequence[str]] = None) -> AnalyzeConfig:
     return parse_config(AnalyzeConfig, argv, preset_dir=PRESET_DIR)
 
 
+def usage() -> str:
+    """``--help`` text: this module's doc, the presets, and every config key with its default and comment."""
+    import inspect
+
+    lines = [__doc__.strip(), "", "Presets (--config NAME): " + ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))),
+             "", "Keys (--key value):"]
+    for line in inspect.getsource(AnalyzeConfig).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", line)
+        if match:
+            name, default, comment = match.groups()
+            default = re.sub(r"field\(default_factory=list\)", "[]", default)
+            lines.append(f"  --{name:<20} {default:<22} {comment or ''}".rstrip())
+    return "\n".join(lines)
+
+
 def cli(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:
-    """Parse the command line and run."""
-    return main(parse_analyze_config(argv))
+    """Parse the command line and run (``-h`` / ``--help`` prints the keys)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(usage())
+        return {}
+    return main(parse_analyze_config(args))
 
 
-__all__ = ["AnalyzeConfig", "cli", "load_model", "main", "parse_analyze_config"]
+__all__ = ["AnalyzeConfig", "cli", "load_model", "main", "parse_analyze_config", "usage"]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from entmax_vit.analysis import analyze_model, plot_layer_curves, save_attention_maps, save_pca_image
 from entmax_vit.analysis.figures import pca_rgb, plot_head_distances
-from entmax_vit.analysis.run import AnalyzeConfig, main, parse_analyze_config
+from entmax_vit.analysis.run import AnalyzeConfig, cli, main, parse_analyze_config, usage
 from entmax_vit.cli.config import ConfigError
 from entmax_vit.evaluation.results import load_results
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
@@ -179,6 +179,10 @@ def test_analyze_on_a_saved_dataset_with_mask_column(tmp_path, tiny_config_kwarg
 def test_analyze_config_errors(tmp_path, tiny_config_kwargs):
     with pytest.raises(ConfigError, match="valid keys|has keys"):
         parse_analyze_config(["--not_a_key", "1"])
+    with pytest.raises(ConfigError, match="mass_threshold"):
+        parse_analyze_config(["--model", "m", "--mass_threshold", "1.5"])
+    assert cli(["--help"]) == {}
+    assert "--mass_threshold" in usage() and "quick" in usage()
     with pytest.raises(ValueError, match="--model is required"):
         main(AnalyzeConfig(output_dir=str(tmp_path / "o")))
     _model(tiny_config_kwargs).save_pretrained(tmp_path / "m")
@@ -189,3 +193,30 @@ def test_analyze_config_errors(tmp_path, tiny_config_kwargs):
     with pytest.raises(ValueError, match="names"):
         main(AnalyzeConfig(model=str(tmp_path / "m"), compare=[str(tmp_path / "m")], dataset=str(images),
                            image_size=32, output_dir=str(tmp_path / "o")))
+
+
+def test_images_and_masks_keep_the_same_geometry(tmp_path):
+    from entmax_vit.analysis.inputs import load_analysis_images, preprocess_mask
+    from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    arr = np.zeros((60, 90, 3), np.uint8)
+    arr[20:40, 50:80, 0] = 255  # a red box off-centre in a landscape image
+    Image.fromarray(arr).save(images / "a.png")
+    m = np.zeros((60, 90), np.uint8)
+    m[20:40, 50:80] = 7
+    Image.fromarray(m).save(masks / "a.png")
+    Image.fromarray(arr).save(images / "b.png")  # no mask: all pixels ignored (255)
+    loaded = load_analysis_images(str(images), mask_dir=str(masks), num_images=5, image_size=30)
+    assert loaded.names == ["a.png", "b.png"] and loaded.pixel_values.shape == (2, 3, 30, 30)
+    red = loaded.pixel_values[0, 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # back to [0, 1]
+    mask = loaded.masks[0]
+    assert set(mask.unique().tolist()) == {0, 7}
+    assert red[mask == 7].mean() > 0.9 and red[mask == 0].mean() < 0.1
+    assert (loaded.masks[1] == 255).all()
+    with pytest.raises(ValueError, match="one-channel"):
+        preprocess_mask(Image.fromarray(arr), 30)
+    with pytest.raises(ValueError, match="mask_dir"):
+        load_analysis_images(str(images), mask_dir=str(tmp_path / "missing"))
