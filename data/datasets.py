@@ -255,6 +255,22 @@ def _by_name(candidates: list[str], preferred: tuple[str, ...]) -> Optional[str]
     return None
 
 
+def undecoded_images(ds: Any, column: str, keep: tuple[str, ...] = ()) -> Any:
+    """``ds`` reduced to ``column`` (+ ``keep``) with that column read as raw ``{"bytes", "path"}``.
+
+    ``datasets`` otherwise decodes an ``Image`` column itself when a row is read, so a truncated or
+    oversized file raises (or only warns) inside ``ds[i]``, before ``to_rgb`` can catch, check and count it.
+    """
+    features = getattr(ds, "features", None)
+    if features is not None and column not in features:
+        raise ValueError(f"no image column {column!r}; columns: {list(features)}")
+    if hasattr(ds, "select_columns"):
+        ds = ds.select_columns([column, *[k for k in keep if k != column]])
+    if features is not None and isinstance(features[column], datasets.Image) and features[column].decode:
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
 # ------------------------------------------------------------------------------------------ distribution
 def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
     """The part of ``ds`` that process ``rank`` of ``world_size`` reads, so every sample is read once.
@@ -280,5 +296,6 @@ __all__ = [
     "find_column",
     "load_image_dataset",
     "shard_for_rank",
+    "undecoded_images",
     "webdataset_shards",
 ]

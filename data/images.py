@@ -22,6 +22,7 @@ training data path catches it, skips the sample and counts it (:class:`SkipCount
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ def _pil_to_rgb(img: Image.Image, background: Color, limit: Optional[int], sourc
             f"{source}: refused as a decompression bomb: {width}x{height} = {width * height} pixels exceeds the "
             f"limit of {limit} (raise PIL.Image.MAX_IMAGE_PIXELS or pass max_pixels to allow it)"
         )
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        _warn_truncated_allowed()
     try:
         img.load()  # full decode now: truncation and corrupt data raise here, not later in a transform
     except Exception as err:  # noqa: BLE001 - OSError, SyntaxError, EOFError, zlib.error, struct.error, ...
@@ -145,6 +148,12 @@ def _pil_to_rgb(img: Image.Image, background: Color, limit: Optional[int], sourc
         raise
     except Exception as err:  # noqa: BLE001
         raise ImageDecodeError(f"{source}: cannot convert mode {img.mode!r} to RGB ({err})") from err
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_truncated_allowed() -> None:
+    logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some code in this process: truncated "
+                   "images now decode with grey fill instead of being skipped")
 
 
 def _apply_exif_orientation(img: Image.Image, source: str) -> Image.Image:

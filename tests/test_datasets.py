@@ -182,3 +182,21 @@ def test_embedded_small_and_option_errors(tmp_path):
         load_image_dataset("embedded:num_train=many", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="no split 'test'"):
         load_image_dataset(source, split="test", cache_dir=tmp_path)
+
+
+def test_undecoded_images_hands_broken_files_to_to_rgb():
+    from entmax_vit.data.datasets import undecoded_images
+    from entmax_vit.data.images import ImageDecodeError
+
+    good = png_bytes(7)
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": good, "path": None}, {"bytes": good[:40], "path": None}],
+                                     "label": [0, 1], "extra": ["a", "b"]}).cast_column("image", datasets.Image())
+    with pytest.raises(OSError):  # datasets' own decoding trips on the truncated file
+        ds[1]["image"]
+    raw = undecoded_images(ds, "image", keep=("label",))
+    assert raw.column_names == ["image", "label"] and raw[1]["label"] == 1
+    assert first_pixel(raw[0]["image"]) == 7
+    with pytest.raises(ImageDecodeError):
+        to_rgb(raw[1]["image"])
+    with pytest.raises(ValueError, match="no image column 'pixels'"):
+        undecoded_images(ds, "pixels")

@@ -193,3 +193,15 @@ def test_skip_counter_counts_and_rate_limits_logs(caplog):
             counter.record(f"#{i}", ImageDecodeError("broken"))
     assert counter.count == 10
     assert len(caplog.records) == 2 + 2  # first two, then at 5 and 10
+
+
+def test_warns_once_if_someone_allows_truncated_images(monkeypatch, caplog):
+    from entmax_vit.data import images
+
+    images._warn_truncated_allowed.cache_clear()
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with caplog.at_level("WARNING"):
+        to_rgb(encode(noise_rgb(), "PNG"))
+        to_rgb(encode(noise_rgb(), "PNG"))
+    assert sum("LOAD_TRUNCATED_IMAGES" in r.getMessage() for r in caplog.records) == 1
+    images._warn_truncated_allowed.cache_clear()

@@ -23,7 +23,6 @@ Normalize is one fused (x - 255 mean) / (255 std) on the uint8 array
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
@@ -35,6 +34,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from entmax_vit.data.datasets import undecoded_images
 from entmax_vit.data.images import ImageDecodeError, SkipCounter, to_rgb
 from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
 
@@ -131,7 +131,6 @@ class MultiCropTransform:
             (max(0.0, 1 - s), 1 + s) if s > 0 else None,
             (-h, h) if h > 0 else None,
         )
-        self.log_ratio = (math.log(self.cfg.aspect_ratio[0]), math.log(self.cfg.aspect_ratio[1]))
         # Fused ToTensor + Normalize: (x / 255 - mean) / std == (x - 255 mean) / (255 std).
         self._shift = torch.tensor([255.0 * m for m in self.cfg.mean]).view(3, 1, 1)
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.cfg.std]).view(3, 1, 1)
@@ -264,25 +263,11 @@ def official_dino_transform(cfg: Optional[MultiCropConfig] = None) -> Callable[[
 
 
 # ------------------------------------------------------------------------------------- dataset + collate
-def _undecoded(hf_ds: Any, column: str) -> Any:
-    """Read only ``column``, as raw bytes/path: decoding happens in to_rgb, where errors are caught."""
-    import datasets
-
-    features = getattr(hf_ds, "features", None)
-    if features is not None and column not in features:
-        raise ValueError(f"no image column {column!r}; columns: {list(features)}")
-    if hasattr(hf_ds, "select_columns"):
-        hf_ds = hf_ds.select_columns([column])
-    if features is not None and isinstance(features[column], datasets.Image) and features[column].decode:
-        hf_ds = hf_ds.cast_column(column, datasets.Image(decode=False))
-    return hf_ds
-
-
 class _MultiCropSource:
     """Shared by both dataset kinds: raw image cells in, crops (or None, counted) out."""
 
     def __init__(self, hf_ds: Any, image_column: str, transform: Callable[[Image.Image], list[torch.Tensor]]) -> None:
-        self.ds = _undecoded(hf_ds, image_column)
+        self.ds = undecoded_images(hf_ds, image_column)
         self.column, self.transform = image_column, transform
         self.skips = SkipCounter("image")
 
