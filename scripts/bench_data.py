@@ -145,6 +145,8 @@ def main(cfg: BenchConfig) -> dict:
         save_config(cfg, out / "config.yaml")
         (out / "bench_data.json").write_text(json.dumps(result, indent=2))
         _plot(rates, out / "bench_data.png")
+        torch.manual_seed(cfg.seed), random.seed(cfg.seed)
+        _plot_crops(ours(images[0]), cfg.multicrop, out / "multicrop_example.png")
     return result
 
 
@@ -160,6 +162,26 @@ def _plot(rates: dict[str, list[float]], path: Path) -> None:
     ax.set_xticks(range(1, len(names) + 1), ["official\n(same images)", "ours\n(same images)", "ours\n(+JPEG decode)"])
     ax.set_ylabel("images / CPU-second (1 worker)")
     ax.set_title("DINO multi-crop throughput per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_crops(crops: list[torch.Tensor], mc: MultiCropConfig, path: Path) -> None:
+    """One image's crops side by side, de-normalised, at their relative sizes (a look at the augmentation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, std = torch.tensor(mc.mean).view(3, 1, 1), torch.tensor(mc.std).view(3, 1, 1)
+    widths = [c.shape[-1] for c in crops]
+    fig, axes = plt.subplots(1, len(crops), figsize=(1.2 * len(crops) + 2, 2.4),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for k, (ax, crop) in enumerate(zip(axes[0], crops)):
+        ax.imshow((crop * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())  # (H, W, 3) in [0, 1]
+        ax.set_title("global " + str(k + 1) if k < 2 else f"local {k - 1}", fontsize=7)
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

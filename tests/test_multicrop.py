@@ -290,6 +290,7 @@ def test_bench_script_runs_and_reports(tmp_path):
     assert len(result["per_round_img_per_s"]["ours"]) == 2
     assert json.loads((tmp_path / "bench_data.json").read_text())["speedup"] == result["speedup"]
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "bench_data.png").stat().st_size > 1000
+    assert (tmp_path / "multicrop_example.png").stat().st_size > 1000
 
 
 def test_iterable_variant_resumes_from_state_dict():
