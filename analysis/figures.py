@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 
 from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
-from .foreground import cls_attention_maps, mass_threshold_mask, upsample_to  # noqa: E402
+from .foreground import DINO_MASS_THRESHOLD, cls_attention_maps, mass_threshold_mask, upsample_to  # noqa: E402
 from .per_layer import PerLayerMetrics, forward_with_internals, resolve_backbone, token_layout  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def save_attention_maps(
     path: str | os.PathLike,
     *,
     layer: int = -1,
-    mass: Optional[float] = 0.6,
+    mass: Optional[float] = DINO_MASS_THRESHOLD,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Path:
@@ -125,7 +125,7 @@ def pca_rgb(
     layer: int = -1,
     foreground_only: bool = False,
     masks: Optional[torch.Tensor] = None,
-    mass: float = 0.6,
+    mass: float = DINO_MASS_THRESHOLD,
     feature_norm: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PCA of patch features as RGB: returns ``(rgb (B, h, w, 3) in [0, 1], foreground (B, h, w) bool)``.
@@ -178,7 +178,7 @@ def save_pca_image(
     layer: int = -1,
     foreground_only: bool = False,
     masks: Optional[torch.Tensor] = None,
-    mass: float = 0.6,
+    mass: float = DINO_MASS_THRESHOLD,
     feature_norm: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 
 from .attention_metrics import Stats
 
+# DINO's visualize_attention keeps the patches holding 60% of the [CLS] attention mass.
+DINO_MASS_THRESHOLD = 0.6
 
-def mass_threshold_mask(weights: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
+
+def mass_threshold_mask(weights: torch.Tensor, mass: float = DINO_MASS_THRESHOLD) -> torch.Tensor:
     """Smallest set of largest entries holding at least ``mass`` of the total, over the last dim.
 
     As DINO's visualize_attention: weights are normalised to sum 1 per row, sorted descending, and an entry
@@ -56,7 +59,7 @@ def foreground_statistics(
     masks: torch.Tensor,
     grid: tuple[int, int],
     prefix: int = 1,
-    mass: float = 0.6,
+    mass: float = DINO_MASS_THRESHOLD,
     ignore_index: int = 255,
 ) -> Stats:
     """Running sums of the Jaccard between thresholded [CLS] attention and the foreground of ``masks``.
@@ -101,6 +104,7 @@ def summarize_heads(metrics: dict[str, float]) -> dict[str, float]:
 
 
 __all__ = [
+    "DINO_MASS_THRESHOLD",
     "cls_attention_maps",
     "foreground_statistics",
     "jaccard",

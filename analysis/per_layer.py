@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attention_metrics import attention_statistics, finalize, median_from_histogram
-from .foreground import foreground_statistics, summarize_heads
-from .token_metrics import norm_metrics, similarity_statistics
+from .foreground import DINO_MASS_THRESHOLD, foreground_statistics, summarize_heads
+from .token_metrics import DEFAULT_OUTLIER_K, norm_metrics, similarity_statistics
 
 PerLayerMetrics = dict[int, dict[str, float]]
 
@@ -79,8 +79,8 @@ def analyze_model(
     masks: Optional[torch.Tensor] = None,
     *,
     batch_size: int = 8,
-    outlier_k: float = 6.0,
-    mass_threshold: float = 0.6,
+    outlier_k: float = DEFAULT_OUTLIER_K,
+    mass_threshold: float = DINO_MASS_THRESHOLD,
     feature_norm: bool = True,
     ignore_index: int = 255,
     progress: bool = False,

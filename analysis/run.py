@@ -15,6 +15,7 @@ runs ``analyze_model`` on the same images, and writes into ``output_dir``::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -25,10 +26,11 @@ import torch
 
 from entmax_vit.cli.config import parse_config, save_config, to_dict
 
-from .figures import plot_head_distances, plot_layer_curves, save_attention_maps, save_pca_image
+from .foreground import DINO_MASS_THRESHOLD
 from .inputs import load_analysis_images
-from .per_layer import analyze_model, resolve_backbone
-from .report import analysis_record, comparison_table, per_layer_table, write_analysis_results, write_per_layer_json
+from .per_layer import resolve_backbone
+from .pipeline import analyze_and_save, save_comparison
+from .token_metrics import DEFAULT_OUTLIER_K
 
 logger = logging.getLogger("entmax_vit.analysis")
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -53,8 +55,8 @@ class AnalyzeConfig:
     use_masks: bool = True             # foreground Jaccard where masks exist
     # --- metrics
     batch_size: int = 8
-    outlier_k: float = 6.0             # high-norm token: norm > median + k * 1.4826 * MAD (per layer)
-    mass_threshold: float = 0.6        # share of [CLS] attention mass kept (DINO visualize_attention: 0.6)
+    outlier_k: float = DEFAULT_OUTLIER_K  # high-norm token: norm > median + k * 1.4826 * MAD (per layer; 6)
+    mass_threshold: float = DINO_MASS_THRESHOLD  # share of [CLS] attention mass kept (DINO: 0.6)
     feature_norm: bool = True          # cosine/PCA on final-LayerNormed tokens (what a probe sees)
     # --- figures
     num_figure_images: int = 4         # attention-map PNGs per model and images in the PCA figure
@@ -127,8 +129,6 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
     if n < cfg.num_images:
         logger.warning("only %d of the requested %d images were available", n, cfg.num_images)
     dataset_info = {"name": cfg.dataset, "split": cfg.split, "num_samples": n, "num_classes": None}
-    protocol = {"name": "semantic_diffusion", "image_size": cfg.image_size, "mass_threshold": cfg.mass_threshold,
-                "outlier_k": cfg.outlier_k, "feature_norm": cfg.feature_norm, "masks": images.masks is not None}
 
     runs: dict[str, dict] = {}
     for name, source in zip(names, sources):
@@ -137,37 +137,15 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
         if cfg.image_size % patch:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of {name}'s patch size {patch}")
         logger.info("analysing %s (%s)", name, source)
-        per_layer = analyze_model(
-            model, images.pixel_values, images.masks, batch_size=cfg.batch_size, outlier_k=cfg.outlier_k,
-            mass_threshold=cfg.mass_threshold, feature_norm=cfg.feature_norm, progress=True,
+        runs[name] = analyze_and_save(
+            model, images.pixel_values, out / name, masks=images.masks, name=name, model_name_or_path=source,
+            dataset=dataset_info, config=to_dict(cfg), image_names=images.names, batch_size=cfg.batch_size,
+            outlier_k=cfg.outlier_k, mass_threshold=cfg.mass_threshold, feature_norm=cfg.feature_norm,
+            num_figure_images=cfg.num_figure_images, pca_layer=cfg.pca_layer,
+            pca_foreground_only=cfg.pca_foreground_only, progress=True,
         )
-        runs[name] = per_layer
-        model_dir = out / name
-        model_config = resolve_backbone(model).config.to_dict()
-        record = analysis_record(per_layer, model_name_or_path=source, model_config=model_config,
-                                 dataset=dataset_info, config=to_dict(cfg), protocol=protocol)
-        write_analysis_results(record, model_dir / "analysis_results.json")
-        write_per_layer_json(per_layer, model_dir / "per_layer.json",
-                             meta={"model": source, "name": name, "dataset": dataset_info, "images": images.names})
-        (model_dir / "per_layer.md").write_text(f"# {name}\n\n{per_layer_table(per_layer)}")
-        k = min(cfg.num_figure_images, n)
-        for i in range(k):
-            save_attention_maps(model, images.pixel_values[i], model_dir / f"attention_maps_{i}.png",
-                                mass=cfg.mass_threshold)
-        if k > 0:
-            save_pca_image(model, images.pixel_values[:k], model_dir / "pca.png", layer=cfg.pca_layer,
-                           foreground_only=cfg.pca_foreground_only,
-                           masks=images.masks[:k] if images.masks is not None else None,
-                           mass=cfg.mass_threshold, feature_norm=cfg.feature_norm)
-        last = per_layer[max(per_layer)]
-        logger.info("%s last layer: zero share %.3f, support %.1f, distance %.2f, cos neighbours %.3f",
-                    name, last["attention_zero_share"], last["support_mean"], last.get("attention_distance", float("nan")),
-                    last.get("cos_neighbors", float("nan")))
         del model
-
-    plot_layer_curves(runs, out / "curves", separate=cfg.separate_curves)
-    plot_head_distances(runs, out / "curves" / "head_attention_distance.png")
-    (out / "comparison.md").write_text(comparison_table(runs))
+    save_comparison(runs, out, separate_curves=cfg.separate_curves)
     logger.info("wrote %s", out)
     return runs
 
@@ -183,12 +161,14 @@ def usage() -> str:
 
     lines = [__doc__.strip(), "", "Presets (--config NAME): " + ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))),
              "", "Keys (--key value):"]
+    comments = {}
     for line in inspect.getsource(AnalyzeConfig).splitlines():
-        match = re.match(r"\s+(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", line)
+        match = re.match(r"\s+(\w+): [^#]+#\s*(.*)$", line)
         if match:
-            name, default, comment = match.groups()
-            default = re.sub(r"field\(default_factory=list\)", "[]", default)
-            lines.append(f"  --{name:<20} {default:<22} {comment or ''}".rstrip())
+            comments[match.group(1)] = match.group(2)
+    defaults = to_dict(AnalyzeConfig())
+    for f in dataclasses.fields(AnalyzeConfig):
+        lines.append(f"  --{f.name:<20} {defaults[f.name]!r:<22} {comments.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 
 

@@ -15,9 +15,12 @@ from .attention_metrics import Stats, finalize
 # 1.4826 * MAD estimates the standard deviation of normally distributed values, so ``k`` reads as "robust
 # standard deviations above the median".
 MAD_TO_STD = 1.4826
+# Robust standard deviations above the median that make a token "high-norm": far in the tail for the bulk of
+# patch tokens, while the artefact tokens of long-trained ViTs sit well beyond it.
+DEFAULT_OUTLIER_K = 6.0
 
 
-def high_norm_threshold(norms: torch.Tensor, k: float = 6.0) -> float:
+def high_norm_threshold(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> float:
     """Outlier threshold ``median + k * 1.4826 * MAD`` of a set of token norms (any shape).
 
     A robust version of the criterion of "Vision Transformers Need Registers" (Darcet et al. 2024), who flag
@@ -34,7 +37,7 @@ def high_norm_threshold(norms: torch.Tensor, k: float = 6.0) -> float:
     return float(median + k * MAD_TO_STD * mad)
 
 
-def high_norm_outliers(norms: torch.Tensor, k: float = 6.0) -> torch.Tensor:
+def high_norm_outliers(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> torch.Tensor:
     """Boolean mask (same shape as ``norms``) of tokens whose norm exceeds ``high_norm_threshold``."""
     return norms > high_norm_threshold(norms, k)
 
@@ -85,7 +88,7 @@ def similarity_metrics(features: torch.Tensor, grid: tuple[int, int], prefix: in
 
 
 def norm_metrics(
-    patch_norms: torch.Tensor, cls_norms: torch.Tensor, k: float = 6.0
+    patch_norms: torch.Tensor, cls_norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K
 ) -> dict[str, float]:
     """Norm metrics of one layer from pooled norms: ``patch_norms`` (num_images, N), ``cls_norms`` (num_images,).
 
@@ -112,6 +115,7 @@ def norm_metrics(
 
 
 __all__ = [
+    "DEFAULT_OUTLIER_K",
     "MAD_TO_STD",
     "high_norm_outliers",
     "high_norm_threshold",

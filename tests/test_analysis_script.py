@@ -220,3 +220,26 @@ def test_images_and_masks_keep_the_same_geometry(tmp_path):
         preprocess_mask(Image.fromarray(arr), 30)
     with pytest.raises(ValueError, match="mask_dir"):
         load_analysis_images(str(images), mask_dir=str(tmp_path / "missing"))
+
+
+def test_in_memory_analyze_and_save_and_compare(tmp_path, tiny_config_kwargs):
+    """The path the main job takes: models in memory, no files to load from."""
+    from entmax_vit.analysis import analyze_and_save, save_comparison
+
+    x = torch.randn(2, 3, 32, 32)
+    masks = torch.zeros(2, 32, 32, dtype=torch.long)
+    masks[:, 8:24, 8:24] = 1
+    runs = {}
+    for attention in ("softmax", "entmax15"):
+        model = _model(tiny_config_kwargs, attention)
+        runs[attention] = analyze_and_save(model, x, tmp_path / attention, masks=masks, name=attention,
+                                           num_figure_images=1)
+        assert runs[attention] == analyze_model(model, x, masks)
+        record = load_results(tmp_path / attention / "analysis_results.json")
+        assert record["model"]["attention"] == attention and record["dataset"]["name"] == "in_memory"
+        _png_ok(tmp_path / attention / "attention_maps_0.png")
+        _png_ok(tmp_path / attention / "pca.png")
+    paths = save_comparison(runs, tmp_path)
+    assert [p.name for p in paths] == ["layer_curves.png", "head_attention_distance.png", "comparison.md"]
+    for p in paths[:2]:
+        _png_ok(p)
