@@ -56,7 +56,7 @@ def load_images(cfg: BenchConfig) -> list[Image.Image]:
     if cfg.dataset is None:
         import skimage.data
 
-        pool = [to_rgb(getattr(skimage.data, name)()) for name in SKIMAGE_IMAGES]
+        pool = [to_rgb(getattr(skimage.data, name)()) for name in SKIMAGE_IMAGES[:cfg.num_images]]
     else:
         from entmax_vit.data.datasets import find_column, load_image_dataset
 

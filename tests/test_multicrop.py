@@ -280,7 +280,7 @@ def test_bench_script_runs_and_reports(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_data.py"
     out = subprocess.run(
-        [sys.executable, str(script), "--json", "--num_images", "3", "--rounds", "2", "--warmup", "0",
+        [sys.executable, str(script), "--json", "--num_images", "3", "--rounds", "2", "--warmup", "0", "--parity_checks", "2",
          "--multicrop.global_size", "32", "--multicrop.local_size", "16", "--multicrop.local_crops_number", "2",
          "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout)
