@@ -113,6 +113,7 @@ def main(cfg: KNNEvalConfig) -> dict:
         raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
     accelerator = Accelerator()
     out = Path(cfg.output_dir)
+    logger.info("k-NN: %d process(es) on %s", accelerator.num_processes, accelerator.device)
     if accelerator.is_main_process:
         save_config(cfg, out / "eval_knn_config.yaml")
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)

@@ -116,8 +116,16 @@ class SegmentationRows(torch.utils.data.Dataset):
         return pixels[:, top : top + s, left : left + s], labels[top : top + s, left : left + s]
 
 
+def _masks_only(ds: Any, mask_column: str) -> Any:
+    """Only the (undecoded) mask column: scanning masks must not decode, or trip over, the images."""
+    if hasattr(ds, "select_columns"):
+        ds = ds.select_columns([mask_column])
+    return raw_columns(ds, mask_column)
+
+
 def has_raw_cityscapes_ids(ds: Any, mask_column: str, limit: int = 20) -> bool:
     """True if any of the first masks holds a value in 19..33: a raw labelId, never a trainId (0..18, 255)."""
+    ds = _masks_only(ds, mask_column)
     for i in range(min(limit, len(ds))):
         mask = decode_mask(ds[i][mask_column], f"row {i}")
         if mask is not None and ((mask >= 19) & (mask <= 33)).any():
@@ -127,6 +135,7 @@ def has_raw_cityscapes_ids(ds: Any, mask_column: str, limit: int = 20) -> bool:
 
 def infer_num_classes(ds: Any, mask_column: str, ignore_index: int, label_kwargs: dict, limit: int = 200) -> int:
     """1 + the largest label in the first ``limit`` masks (used when a preset gives no class count)."""
+    ds = _masks_only(ds, mask_column)
     top = -1
     for i in range(min(limit, len(ds))):
         mask = decode_mask(ds[i][mask_column])

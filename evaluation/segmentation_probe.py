@@ -77,6 +77,7 @@ class SegmentationEvalConfig:
     # evaluation
     eval_stride: int = 341                 # DINOv2 sliding-window stride (window = input_size)
     eval_batch_size: int = 16              # NeCo eval batch (DINOv2 evaluates one image at a time)
+    head_path: Optional[str] = None        # evaluate this saved head folder instead of training one
     num_workers: int = 0
     seed: int = 0
     output_dir: str = "outputs/eval_segmentation"
@@ -255,6 +256,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
     accelerator = Accelerator()
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
+    logger.info("segmentation probe: %d process(es) on %s", accelerator.num_processes, accelerator.device)
     if accelerator.is_main_process:
         save_config(cfg, out / "eval_segmentation_config.yaml")
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)
@@ -295,12 +297,20 @@ def main(cfg: SegmentationEvalConfig) -> dict:
                                               batch_size=cfg.eval_batch_size if cfg.protocol == "neco" else 1)
     train_loader = accelerator.prepare(train_loader)
 
-    head = LinearSegmentationHead(SegmentationHeadConfig(
-        num_labels=num_classes, hidden_size=model.config.hidden_size, layers=list(cfg.layers),
-        use_cls_token=cfg.use_cls_token, backbone_norm=cfg.backbone_norm, batch_norm=cfg.batch_norm,
-        input_size=cfg.input_size, ignore_index=cfg.ignore_index, id2label=id2label, protocol=cfg.protocol,
-    )).to(accelerator.device)
-    log = train_probe(head, model, train_loader, cfg, accelerator)
+    if cfg.head_path:  # evaluation only: the head decides how the backbone is read
+        head = LinearSegmentationHead.load(cfg.head_path, map_location=accelerator.device)
+        if head.config.num_labels != num_classes or head.config.hidden_size != model.config.hidden_size:
+            raise ValueError(f"{cfg.head_path}: head has {head.config.num_labels} labels / width "
+                             f"{head.config.hidden_size}, data and model need {num_classes} / {model.config.hidden_size}")
+        log: list[dict] = []
+    else:
+        head = LinearSegmentationHead(SegmentationHeadConfig(
+            num_labels=num_classes, hidden_size=model.config.hidden_size, layers=list(cfg.layers),
+            use_cls_token=cfg.use_cls_token, backbone_norm=cfg.backbone_norm, batch_norm=cfg.batch_norm,
+            input_size=cfg.input_size, ignore_index=cfg.ignore_index, id2label=id2label, protocol=cfg.protocol,
+        )).to(accelerator.device)
+        log = train_probe(head, model, train_loader, cfg, accelerator)
+    hc = head.config
     conf, skipped = evaluate_probe(head, model, eval_loader, cfg, num_classes, accelerator)
     scores = segmentation_scores(conf)
     per_class = {id2label[i]: v for i, v in enumerate(scores.pop("per_class_iou"))}
@@ -312,8 +322,8 @@ def main(cfg: SegmentationEvalConfig) -> dict:
         dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
                  "num_samples": len(eval_ds), "num_train_samples": len(train_ds), "num_classes": num_classes,
                  "num_skipped": skipped + (log[-1]["skipped"] if log else 0)},
-        protocol={"name": f"{cfg.protocol}_linear", "layers": list(cfg.layers), "backbone_norm": cfg.backbone_norm,
-                  "use_cls_token": cfg.use_cls_token, "batch_norm": cfg.batch_norm, "input_size": cfg.input_size,
+        protocol={"name": f"{cfg.protocol}_linear", "layers": list(hc.layers), "backbone_norm": hc.backbone_norm,
+                  "use_cls_token": hc.use_cls_token, "batch_norm": hc.batch_norm, "input_size": cfg.input_size,
                   "label_size": cfg.mask_size if cfg.protocol == "neco" else "original",
                   "reduce_zero_label": cfg.reduce_zero_label, "label_mapping": label_mapping,
                   "ignore_index": cfg.ignore_index},
@@ -321,7 +331,8 @@ def main(cfg: SegmentationEvalConfig) -> dict:
         config=to_dict(cfg),
     )
     if accelerator.is_main_process:
-        accelerator.unwrap_model(head).save(out / "segmentation_head")
+        if not cfg.head_path:
+            accelerator.unwrap_model(head).save(out / "segmentation_head")
         write_results(record, out / "results_segmentation.json")
         (out / "per_class_iou.json").write_text(json.dumps(per_class, indent=2))
         (out / "train_log.json").write_text(json.dumps(log, indent=2))

@@ -168,3 +168,35 @@ def test_results_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({**record, "schema": "other"}))
     with pytest.raises(ValueError, match="schema"):
         load_results(tmp_path / "bad.json")
+
+
+def _torchrun(script: str, *args: str, cwd: Path, port: int) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(ROOT / "scripts" / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(assets):
+    """Two real CPU processes (gloo): gathered k-NN features and the rank-summed confusion matrix give exactly
+    the single-process numbers, with no sample counted twice."""
+    common = ["--model", str(assets / "model"), "--dataset", str(assets / "data"), "--cache_dir", ""]
+    knn = [*common, "--resize", "32", "--crop", "32", "--batch_size", "4"]
+    _run("eval_knn.py", *knn, "--output_dir", str(assets / "knn1"), cwd=assets)
+    _torchrun("eval_knn.py", *knn, "--output_dir", str(assets / "knn2"), cwd=assets, port=29651)
+    one, two = load_results(assets / "knn1" / "results_knn.json"), load_results(assets / "knn2" / "results_knn.json")
+    assert one["metrics"] == two["metrics"] and one["dataset"] == two["dataset"]
+
+    seg = ["--model", str(assets / "model"), "--dataset", str(assets / "data"), "--input_size", "32", "--mask_size", "20",
+           "--batch_size", "4", "--eval_batch_size", "2"]
+    _run("eval_segmentation.py", *seg, "--epochs", "2", "--output_dir", str(assets / "segtrain"), cwd=assets)
+    head = str(assets / "segtrain" / "segmentation_head")
+    _run("eval_segmentation.py", *seg, "--head_path", head, "--output_dir", str(assets / "seg1"), cwd=assets)
+    _torchrun("eval_segmentation.py", *seg, "--head_path", head, "--output_dir", str(assets / "seg2"), cwd=assets, port=29652)
+    one = load_results(assets / "seg1" / "results_segmentation.json")
+    two = load_results(assets / "seg2" / "results_segmentation.json")
+    assert one["metrics"] == two["metrics"] and one["dataset"]["num_skipped"] == two["dataset"]["num_skipped"]

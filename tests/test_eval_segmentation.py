@@ -105,3 +105,17 @@ def test_step_and_cosine_schedules():
     cfg = SegmentationEvalConfig(lr=1e-3, lr_schedule="warmup_cosine", warmup_iters=4)
     lrs = lr_schedule(cfg, iters_per_epoch=10, total_iters=20)
     assert lrs[3] == pytest.approx(1e-3) and lrs[0] == pytest.approx(2.5e-4) and lrs[-1] < 1e-5
+
+
+def test_scanning_masks_ignores_broken_images():
+    from entmax_vit.evaluation.segmentation_data import infer_num_classes
+
+    ds = colour_patch_dataset(3)
+    ds = ds.cast_column("image", ImageFeature(decode=False))
+    rows = ds.to_dict()
+    rows["image"][0] = {"bytes": b"not an image", "path": None}
+    broken = Dataset.from_dict(rows, features=Features({"image": ImageFeature(), "mask": ImageFeature()}))
+    assert infer_num_classes(broken, "mask", 255, {}) == 4
+    sample = _rows(broken, train=False)[0]
+    assert sample["valid"] is False and (sample["labels"] == 255).all()
+    assert _rows(broken, train=False)[1]["valid"] is True
