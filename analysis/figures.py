@@ -139,8 +139,7 @@ def pca_rgb(
     images = _as_batch(images)
     prefix, (h, w) = token_layout(model, images)
     attentions, blocks, final_norm = forward_with_internals(model, images)
-    feats = blocks[layer].float()
-    feats = (final_norm(feats) if feature_norm else feats)[:, prefix:].cpu()  # (B, N, D)
+    feats = (final_norm(blocks[layer]) if feature_norm else blocks[layer]).float()[:, prefix:].cpu()  # (B, N, D)
     batch = feats.shape[0]
     if foreground_only:
         if masks is not None:

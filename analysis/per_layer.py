@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -100,8 +101,6 @@ def analyze_model(
     if masks is not None:
         if masks.ndim != 3 or masks.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"masks must be (batch={pixel_values.shape[0]}, H, W), got {tuple(masks.shape)}")
-    was_training = model.training
-    model.eval()
     prefix, grid = token_layout(model, pixel_values)
     sums: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
     hists: dict[int, torch.Tensor] = {}
@@ -113,28 +112,30 @@ def analyze_model(
             sums[layer][k][0] += s
             sums[layer][k][1] += c
 
-    starts = range(0, pixel_values.shape[0], batch_size)
-    for start in tqdm(starts, desc="analysis", disable=not progress, unit="batch"):
-        x = pixel_values[start:start + batch_size]
-        attentions, blocks, final_norm = forward_with_internals(model, x)
-        batch_masks = masks[start:start + batch_size] if masks is not None else None
-        for layer, (attn, hidden) in enumerate(zip(attentions, blocks)):
-            stats, hist = attention_statistics(attn, grid, prefix)
-            add(layer, stats)
-            hists[layer] = hists[layer] + hist if layer in hists else hist
-            hidden = hidden.float()
-            norms = hidden.norm(dim=-1)  # (B, T)
-            patch_norms[layer].append(norms[:, prefix:].cpu())
-            cls_norms[layer].append(norms[:, 0].cpu())
-            feats = final_norm(hidden) if feature_norm else hidden
-            add(layer, similarity_statistics(feats, grid, prefix))
-            if batch_masks is not None:
-                m = batch_masks.to(attn.device)
-                if m.shape[-2:] != x.shape[-2:]:
-                    m = torch.nn.functional.interpolate(m[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].long()
-                add(layer, foreground_statistics(attn, m, grid, prefix, mass_threshold, ignore_index))
-    if was_training:
-        model.train()
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, pixel_values.shape[0], batch_size)
+        for start in tqdm(starts, desc="analysis", disable=not progress, unit="batch"):
+            x = pixel_values[start:start + batch_size]
+            attentions, blocks, final_norm = forward_with_internals(model, x)
+            batch_masks = masks[start:start + batch_size] if masks is not None else None
+            for layer, (attn, hidden) in enumerate(zip(attentions, blocks)):
+                stats, hist = attention_statistics(attn, grid, prefix)
+                add(layer, stats)
+                hists[layer] = hists[layer] + hist if layer in hists else hist
+                norms = hidden.float().norm(dim=-1)  # (B, T)
+                patch_norms[layer].append(norms[:, prefix:].cpu())
+                cls_norms[layer].append(norms[:, 0].cpu())
+                feats = final_norm(hidden) if feature_norm else hidden  # the model's dtype, then float
+                add(layer, similarity_statistics(feats.float(), grid, prefix))
+                if batch_masks is not None:
+                    m = batch_masks.to(attn.device)
+                    if m.shape[-2:] != x.shape[-2:]:
+                        m = F.interpolate(m[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].long()
+                    add(layer, foreground_statistics(attn, m, grid, prefix, mass_threshold, ignore_index))
+    finally:
+        model.train(was_training)
 
     result: PerLayerMetrics = {}
     for layer in sorted(sums):

@@ -290,3 +290,13 @@ def test_analyze_model_on_transformers_vit_and_non_square_inputs(tiny_config_kwa
     wide = analyze_model(clf, torch.randn(2, 3, 32, 48))  # 4 x 6 patches
     assert wide[0]["support_mean"] <= 25
     assert 0 < wide[0]["attention_distance"] < math.dist((0, 0), (3, 5))
+
+
+def test_analyze_model_on_a_bfloat16_model_keeps_its_mode(tiny_config_kwargs):
+    model = _tiny("entmax15", tiny_config_kwargs).to(torch.bfloat16).train()
+    x = torch.randn(2, 3, 32, 32)
+    low = analyze_model(model, x)
+    assert model.training  # restored
+    ref = analyze_model(model.float(), x)
+    assert low[1]["cos_neighbors"] == pytest.approx(ref[1]["cos_neighbors"], abs=0.05)
+    assert low[1]["entropy"] == pytest.approx(ref[1]["entropy"], rel=0.02)
