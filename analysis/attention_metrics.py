@@ -56,6 +56,7 @@ def attention_statistics(attn: torch.Tensor, grid: tuple[int, int], prefix: int 
       attention_zero_share        share of exact zeros over all entries
       support_mean                non-zeros per row, all rows
       cls_support_mean            non-zeros in the [CLS] query row
+      cls_zero_share              share of exact zeros in the [CLS] query row
       entropy / cls_entropy       row entropy (nats), all rows / [CLS] row
       patch_entropy               row entropy of patch queries
       patch_to_prefix_mass        attention mass patch queries put on [CLS] + registers
@@ -75,6 +76,7 @@ def attention_statistics(attn: torch.Tensor, grid: tuple[int, int], prefix: int 
         "attention_zero_share": (float((~nonzero).sum()), float(attn.numel())),
         "support_mean": (float(support.sum()), float(support.numel())),
         "cls_support_mean": (float(support[:, :, 0].sum()), float(batch * heads)),
+        "cls_zero_share": (float((~nonzero[:, :, 0]).sum()), float(batch * heads * tokens)),
         "entropy": (float(entropy.sum()), float(entropy.numel())),
         "cls_entropy": (float(entropy[:, :, 0].sum()), float(batch * heads)),
     }

@@ -43,7 +43,7 @@ def test_uniform_attention(prefix):
     t = prefix + N
     attn = torch.full((2, 3, t, t), 1.0 / t)
     m = attention_metrics(attn, GRID, prefix)
-    assert m["attention_zero_share"] == 0.0
+    assert m["attention_zero_share"] == 0.0 and m["cls_zero_share"] == 0.0
     assert m["support_mean"] == t and m["support_median"] == t and m["cls_support_mean"] == t
     assert m["entropy"] == pytest.approx(math.log(t), abs=1e-5)
     assert m["cls_entropy"] == pytest.approx(math.log(t), abs=1e-5)
@@ -60,6 +60,7 @@ def test_one_hot_attention():
     assert m["entropy"] == 0.0 and m["cls_entropy"] == 0.0
     assert m["support_mean"] == 1 and m["support_median"] == 1
     assert m["attention_zero_share"] == pytest.approx(1 - 1 / t)
+    assert m["cls_zero_share"] == pytest.approx(1 - 1 / t) and m["cls_support_mean"] == 1
     assert m["attention_distance"] == 0.0
     assert m["patch_to_prefix_mass"] == 0.0
 
