@@ -52,8 +52,11 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
         logger.warning("received signal %d: stopping after this step with a checkpoint", signum)
@@ -69,9 +72,16 @@ def tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
 
 def main(cfg: DinoConfig) -> Optional[Path]:
     """Train; returns the export folder (None when stopped early by a signal or debug.max_steps)."""
+    stop = StopRequest()
+    try:
+        return train(cfg, stop)
+    finally:
+        stop.close()
+
+
+def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
-    stop = StopRequest()
 
     # ============ distributed setup and config ============
     accelerator = Accelerator(
@@ -159,7 +169,7 @@ def main(cfg: DinoConfig) -> Optional[Path]:
     debug_file = None
     if cfg.debug.dump_rank_state:
         (out_dir / "debug").mkdir(parents=True, exist_ok=True)
-        debug_file = open(out_dir / "debug" / f"rank{accelerator.process_index}.jsonl", "a")
+        debug_file = open(out_dir / "debug" / f"rank{accelerator.process_index}.jsonl", "a", buffering=1)
 
     def save(epoch: int, batch_in_epoch: int) -> Path:
         state = dict(run_state, epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=accelerator.num_processes,

@@ -1,0 +1,181 @@
+"""End-to-end DINO training on tiny generated images: loss falls, export loads, resume equals an uninterrupted
+run, changed configs are refused by name, a non-finite loss stops the run, SIGTERM and SIGKILL lose no work."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from entmax_vit.cli.config import parse_config
+from entmax_vit.training.checkpointing import list_checkpoints, read_trainer_state
+from entmax_vit.training.config import DinoConfig
+from entmax_vit.training.dino import CONFIG_DIR, NonFiniteLossError, main
+from test_training_support import (
+    REPO, final_digests, losses, make_image_dataset, run_dino, start_dino, tiny_args,
+)
+
+
+def cfg_of(args: list[str]) -> DinoConfig:
+    return parse_config(DinoConfig, args, preset_dir=CONFIG_DIR)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_image_dataset(tmp_path_factory.mktemp("dino_data"), num_images=16)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    """The reference run: 2 epochs x 4 steps, checkpoints every 2 steps, in-process."""
+    out = tmp_path_factory.mktemp("dino_a") / "run"
+    assert main(cfg_of(tiny_args(data, out))) == out / "final_model"
+    return out
+
+
+def test_run_writes_outputs_and_loadable_export(uninterrupted, tmp_path):
+    out = uninterrupted
+    assert sorted(losses(out)) == list(range(1, 9)) and all(math.isfinite(v) for v in losses(out).values())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "img_per_s",
+                "attention_support_last_block"):
+        assert key in rows[-1], key
+    # entmax-1.5 in the teacher's last block: support <= tokens (16 patches + [CLS] at 32 px / patch 8)
+    assert 1 <= rows[-1]["attention_support_last_block"] <= 17
+    assert rows[0]["lr"] == 0.0 and rows[-1]["momentum"] > rows[0]["momentum"]
+    assert (out / "loss_curve.png").stat().st_size > 0 and (out / "training_config.yaml").is_file()
+    export = out / "final_model"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "training_config.yaml",
+                 "modeling_entmax_vit.py"):
+        assert (export / name).is_file(), name
+    # the exported weights are the teacher's (the final checkpoint's teacher.safetensors)
+    teacher = load_file(str(list_checkpoints(out / "checkpoints")[-1] / "teacher.safetensors"))
+    exported = load_file(str(export / "model.safetensors"))
+    for key, value in exported.items():
+        torch.testing.assert_close(value, teacher[f"teacher.backbone.{key}"])
+    # loadable through the Hub path in a fresh process that does not import the project
+    code = ("import sys, torch; from transformers import AutoModel, AutoImageProcessor;"
+            "m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval();"
+            "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__;"
+            "assert m.config.attention == 'entmax15' and m.config.drop_path_rate == 0.0;"
+            "AutoImageProcessor.from_pretrained(sys.argv[1]);"
+            "print(m(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output.shape)")
+    proc = subprocess.run([sys.executable, "-c", code, str(export)], cwd=tmp_path, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.Size([1, 32])" in proc.stdout
+
+
+def test_resume_equals_uninterrupted(uninterrupted, data, tmp_path):
+    out = tmp_path / "run"
+    assert main(cfg_of(tiny_args(data, out, **{"debug.max_steps": 3}))) is None  # stops mid-epoch 0
+    assert read_trainer_state(list_checkpoints(out / "checkpoints")[-1])["global_step"] == 3
+    main(cfg_of(tiny_args(data, out)))  # --checkpoint.resume auto is the default
+    assert losses(out) == losses(uninterrupted)
+    assert final_digests(out) | {"global_step": 8} == final_digests(uninterrupted)
+    a, b = load_file(str(out / "final_model/model.safetensors")), load_file(str(uninterrupted / "final_model/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_breaking_config_change_names_keys(uninterrupted, data, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    bad = tiny_args(data, out, **{"model.backbone_overrides": "{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2}",
+                                  "optim.epochs": 3})
+    with pytest.raises(ValueError, match=r"model\.backbone_overrides\.hidden_size: 32 -> 64.*optim\.epochs: 2 -> 3"):
+        main(cfg_of(bad))
+    # allowed changes (logging interval, checkpoint cadence) pass: the finished run just re-exports
+    assert main(cfg_of(tiny_args(data, out, **{"logging.every_steps": 2, "checkpoint.every_steps": 3}))) is not None
+    fresh = tiny_args(data, out, **{"checkpoint.resume": ""})
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        main(cfg_of(fresh))
+
+
+def test_nonfinite_loss_stops_with_message(data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"Loss is nan at step 3 \(epoch 0, batch 3\).*step_0000002"):
+        main(cfg_of(tiny_args(data, out, **{"debug.inject_nonfinite_at_step": 3})))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002"]
+    assert not (out / "final_model").exists()
+
+
+@pytest.mark.slow
+def test_cli_nonfinite_exit_code(data, tmp_path):
+    proc = run_dino(tiny_args(data, tmp_path / "run", **{"debug.inject_nonfinite_at_step": 0}), check=False)
+    assert proc.returncode == 3 and "Loss is nan at step 0" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_writes_checkpoint_and_exits_cleanly(data, tmp_path):
+    out = tmp_path / "run"
+    proc = start_dino(tiny_args(data, out, **{"optim.epochs": 50, "checkpoint.every_steps": 1000,
+                                              "checkpoint.at_epoch_end": False, "debug.sleep_per_step": 0.3}))
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+    stderr = proc.stderr.read()
+    assert rc == 0, stderr[-3000:]
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert len(ckpts) == 1 and read_trainer_state(ckpts[0])["global_step"] >= 2
+    assert "received signal" in stderr and not (out / "final_model").exists()
+
+
+def kill_and_resume(data: Path, out: Path, reference: Path, kills: int, rng: random.Random) -> None:
+    """SIGKILL the run at random moments ``kills`` times, resume each time; must end equal to ``reference``."""
+    args = tiny_args(data, out, **{"checkpoint.every_steps": 1, "checkpoint.keep_last": 2})
+    done_steps = 0
+    for _ in range(kills):
+        proc = start_dino(args)
+        # wait for the run to get past its start-up, then kill at a random moment of the training loop
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if (out / "metrics.jsonl").is_file() and len(losses(out)) > done_steps:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        ckpts = list_checkpoints(out / "checkpoints")
+        if ckpts:
+            state = read_trainer_state(ckpts[-1])
+            # at most one checkpoint interval (1 step) of logged work is lost
+            assert state["global_step"] >= max(losses(out), default=0) - 1
+            done_steps = state["global_step"]
+    run_dino(args)
+    assert losses(out) == losses(reference)
+    assert final_digests(out)["teacher_digest"] == final_digests(reference)["teacher_digest"]
+    assert final_digests(out)["center_digest"] == final_digests(reference)["center_digest"]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_cli(data, tmp_path_factory) -> Path:
+    """The reference run through the command line (same thread settings as the killed runs)."""
+    out = tmp_path_factory.mktemp("dino_cli") / "run"
+    run_dino(tiny_args(data, out))
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_finishes_identically(uninterrupted_cli, data, tmp_path):
+    kill_and_resume(data, tmp_path / "run", uninterrupted_cli, kills=1, rng=random.Random(0))
+
+
+@pytest.mark.slow
+def test_chaos_five_sigkills_finish_identically(uninterrupted_cli, data, tmp_path):
+    kill_and_resume(data, tmp_path / "run", uninterrupted_cli, kills=5, rng=random.Random(1))
