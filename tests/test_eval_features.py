@@ -1,0 +1,42 @@
+"""Feature extraction reads EntmaxViT and plain transformers ViT checkpoints alike (DINO's layout: final-normed
+[CLS] of the last blocks, last block's normed patch tokens), and resolves training output folders."""
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTModel
+
+from entmax_vit.evaluation.features import block_outputs, load_backbone, resolve_model_path
+from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+
+def test_entmax_vit_block_outputs_match_forward(tiny_config_kwargs):
+    model = EntmaxViTModel(EntmaxViTConfig(attention="entmax15", num_register_tokens=2, **tiny_config_kwargs)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    cls, patches = block_outputs(model, x, n_last_blocks=2)
+    out = model(pixel_values=x)
+    assert cls.shape == (2, 2, 32) and patches.shape == (2, 16, 32)  # registers excluded
+    torch.testing.assert_close(cls[:, -1], out.pooler_output)
+    torch.testing.assert_close(patches, out.last_hidden_state[:, 3:])
+
+
+def test_transformers_vit_checkpoint(tmp_path):
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, layer_norm_eps=1e-6)
+    torch.manual_seed(0)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    model = load_backbone(str(tmp_path / "vit"))
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    x = torch.randn(2, 3, 32, 32)
+    cls, patches = block_outputs(model, x, n_last_blocks=2)
+    last = model(pixel_values=x).last_hidden_state  # HF ViT: final LayerNorm applied
+    torch.testing.assert_close(cls[:, -1], last[:, 0])
+    torch.testing.assert_close(patches, last[:, 1:])
+
+
+def test_training_output_dir_resolves_to_final_model(tmp_path, tiny_config_kwargs):
+    EntmaxViTModel(EntmaxViTConfig(**tiny_config_kwargs)).save_pretrained(tmp_path / "run" / "final_model")
+    assert resolve_model_path(str(tmp_path / "run")) == str(tmp_path / "run" / "final_model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        resolve_model_path(str(tmp_path / "empty"))
+    assert resolve_model_path("facebook/dino-vits16") == "facebook/dino-vits16"  # Hub ids pass through
