@@ -1,0 +1,218 @@
+"""Fast exact sparse attention (modeling/attention.py): parity with the `entmax` package, invariants,
+adversarial rows, half precision, gradcheck (incl. a per-head alpha), the sort fallback and the compiled path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import entmax
+import pytest
+import torch
+import torch.nn.functional as F
+
+from entmax_vit.modeling import attention as A
+
+PACKAGE = {"entmax15": entmax.entmax15, "sparsemax": entmax.sparsemax}
+SPARSE = ["entmax15", "sparsemax"]
+
+
+def _scores(shape, scale: float, dtype=torch.float32) -> torch.Tensor:
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def _adversarial_rows(n: int = 37) -> torch.Tensor:
+    """Rows that stress a threshold search: ties, masks, huge/tiny scales, support 1 and support N. (R, n)"""
+    rows = [
+        torch.zeros(n),  # all tied: uniform, support N
+        torch.cat([torch.full((3,), 2.0), torch.zeros(n - 3)]),  # tied top three
+        torch.arange(n, dtype=torch.float32) % 4,  # many ties at every level
+        torch.randn(n) * 1e-6,  # tiny scale: support N, near uniform
+        torch.randn(n) * 1e4,  # huge scale: support 1
+        torch.cat([torch.tensor([50.0]), torch.zeros(n - 1)]),  # support exactly 1
+        torch.linspace(0, 1e-3, n),  # support N with a spread
+        torch.where(torch.arange(n) % 3 == 0, torch.randn(n), torch.tensor(float("-inf"))),  # -inf mask
+        torch.cat([torch.tensor([1.0]), torch.full((n - 1,), float("-inf"))]),  # a single unmasked entry
+        torch.randn(n) * 3 + 1e4,  # large offset (shift invariance)
+    ]
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exactness against the entmax package and the float64 sort reference
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SPARSE)
+@pytest.mark.parametrize("scale", [0.05, 0.3, 1.0, 4.0, 30.0])
+@pytest.mark.parametrize("n", [1, 2, 37, 197])
+def test_matches_entmax_package(name: str, scale: float, n: int) -> None:
+    scores = _scores((2, 3, 16, n), scale)
+    ours = A.ATTENTION_TRANSFORMS[name](scores)
+    theirs = PACKAGE[name](scores, dim=-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    # and against the exact sort reference in float64 (the package itself is float32 sort-based)
+    ref = A.REFERENCE_TRANSFORMS[name](scores.double())
+    torch.testing.assert_close(ours.double(), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_adversarial_rows(name: str) -> None:
+    rows = _adversarial_rows()
+    ours = A.ATTENTION_TRANSFORMS[name](rows)
+    theirs = PACKAGE[name](rows, dim=-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.sum(-1), torch.ones(len(rows)), atol=1e-6, rtol=0)
+    assert (ours >= 0).all()
+    torch.testing.assert_close(ours[0], torch.full_like(ours[0], 1 / rows.shape[-1]))  # all tied: uniform
+    assert A.support_size(ours[4]).item() == 1 and A.support_size(ours[5]).item() == 1
+    assert A.support_size(ours[3]).item() == rows.shape[-1]  # tiny scale keeps everything
+    assert (ours[7][rows[7] == float("-inf")] == 0).all()  # masked entries are exact zeros
+    assert ours[8, 0] == 1 and (ours[8, 1:] == 0).all()
+    assert ours[1, :3].unique().numel() == 1  # ties get equal weight
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_fallback_rows_are_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no Newton steps most rows fail the support check; the sort fallback must make them exact."""
+    steps = "ENTMAX15_NEWTON_STEPS" if name == "entmax15" else "SPARSEMAX_NEWTON_STEPS"
+    scores = _scores((4, 64, 97), 0.5)
+    core = A._entmax15_core if name == "entmax15" else A._sparsemax_core
+    assert not core(scores, 0)[2].all(), "test needs failing rows"
+    monkeypatch.setattr(A, steps, 0)
+    torch.testing.assert_close(A.ATTENTION_TRANSFORMS[name](scores), PACKAGE[name](scores, dim=-1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [1.2, 1.5, 2.0, 2.5, 4.0])
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_entmax_bisect_matches_package(alpha: float, scale: float) -> None:
+    scores = _scores((2, 4, 8, 61), scale)
+    ours = A.entmax_bisect(scores, alpha)
+    truth = entmax.entmax_bisect(scores.double(), alpha, dim=-1, n_iter=200)
+    theirs = entmax.entmax_bisect(scores, alpha, dim=-1)
+    # At least as close to the float64 answer as the package's own float32 bisection (+ rounding slack).
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_theirs = (theirs.double() - truth).abs().max().item()
+    assert err_ours <= err_theirs + 1e-6, (err_ours, err_theirs)
+    if alpha <= 2:
+        torch.testing.assert_close(ours, theirs, atol=3e-6, rtol=0)
+    torch.testing.assert_close(ours.sum(-1), torch.ones(ours.shape[:-1]), atol=1e-6, rtol=0)
+
+
+def test_entmax_bisect_alpha_15_and_2_equal_closed_forms() -> None:
+    scores = _scores((3, 5, 41), 2.0, torch.float64)
+    torch.testing.assert_close(A.entmax_bisect(scores, 1.5), A.entmax15(scores), atol=1e-12, rtol=0)
+    torch.testing.assert_close(A.entmax_bisect(scores, 2.0), A.sparsemax(scores), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="alpha > 1"):
+        A.entmax_bisect(scores, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Half precision and autocast
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["softmax", "entmax15", "sparsemax", "entmax_bisect"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_computed_in_float32(name: str, dtype: torch.dtype) -> None:
+    scores = _scores((2, 3, 7, 37), 3.0, dtype)
+    scores.requires_grad_(True)
+    out = A.ATTENTION_TRANSFORMS[name](scores)
+    assert out.dtype == dtype
+    expected = A.ATTENTION_TRANSFORMS[name](scores.detach().float()).to(dtype)
+    assert torch.equal(out, expected)  # the float32 result, rounded once
+    out.float().square().sum().backward()
+    assert scores.grad.dtype == dtype and torch.isfinite(scores.grad.float()).all()
+
+
+def test_autocast_bfloat16_attention() -> None:
+    q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
+    ref, _ = A.attention_forward(q, k, v, transform="entmax15", scaling=0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, probs = A.attention_forward(q, k, v, transform="entmax15", scaling=0.25, need_weights=True)
+    assert out.dtype == torch.bfloat16 and probs.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(probs.float().sum(-1), torch.ones(2, 3, 37), atol=2e-2, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["entmax15", "sparsemax", "entmax_bisect"])
+def test_gradcheck(name: str) -> None:
+    scores = _scores((2, 3, 9), 2.0, torch.float64).requires_grad_(True)
+    fn = A.ATTENTION_TRANSFORMS[name]
+    assert torch.autograd.gradcheck(fn, (scores,), eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_entmax_bisect_per_head_alpha() -> None:
+    """alpha of shape (H, 1, 1) broadcast against (B, H, N, N) scores, including alpha > 2 (bisection)."""
+    scores = _scores((2, 3, 5, 5), 2.0, torch.float64).requires_grad_(True)
+    alpha = torch.tensor([1.3, 1.7, 2.5], dtype=torch.float64).view(3, 1, 1).requires_grad_(True)
+    assert torch.autograd.gradcheck(A.entmax_bisect, (scores, alpha), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_backward_matches_package_and_saves_only_output(name: str) -> None:
+    scores = _scores((4, 6, 33), 2.0).requires_grad_(True)
+    grad = torch.randn(4, 6, 33)
+    packed = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours = A.ATTENTION_TRANSFORMS[name](scores)
+    assert len(packed) == 1 and torch.equal(packed[0], ours)
+    (g_ours,) = torch.autograd.grad(ours, scores, grad)
+    theirs = PACKAGE[name](scores, dim=-1)
+    (g_theirs,) = torch.autograd.grad(theirs, scores, grad)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention_forward and kernels
+# ----------------------------------------------------------------------------------------------------------
+def test_attention_forward_eager_softmax_equals_sdpa() -> None:
+    q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
+    sdpa, none = A.attention_forward(q, k, v, transform="softmax", scaling=0.25, kernel="sdpa")
+    eager, probs = A.attention_forward(q, k, v, transform="softmax", scaling=0.25, kernel="eager", need_weights=True)
+    assert none is None
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager, F.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v, atol=1e-5, rtol=1e-5)
+    assert probs.shape == (2, 3, 37, 37)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_attention_forward_sparse_matches_package(name: str) -> None:
+    q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
+    out, probs = A.attention_forward(q, k, v, transform=name, scaling=0.25, kernel="sdpa", need_weights=True)
+    ref_probs = PACKAGE[name](q @ k.transpose(-1, -2) * 0.25, dim=-1)
+    torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, ref_probs @ v, atol=1e-5, rtol=1e-5)
+    assert (A.support_size(probs) < 37).any()  # genuinely sparse
+
+
+def test_bad_names_raise() -> None:
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="kernel"):
+        A.attention_forward(q, q, q, transform="entmax15", scaling=1.0, kernel="flash")
+    with pytest.raises(ValueError, match="choose one of"):
+        A.attention_forward(q, q, q, transform="entmax2", scaling=1.0)
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager() -> None:
+    """kernel='compiled' (torch.compile of the threshold search and backward) gives the eager numbers."""
+    q, k, v = (torch.randn(2, 2, 17, 8, requires_grad=True) for _ in range(3))
+    alpha = torch.tensor([1.3, 2.5]).view(2, 1, 1).requires_grad_(True)
+    grad = torch.randn(2, 2, 17, 8)
+    for name in ["entmax15", "sparsemax", "entmax_bisect"]:
+        results = []
+        for kernel in ["eager", "compiled"]:
+            out, probs = A.attention_forward(
+                q, k, v, transform=name, scaling=8**-0.5, kernel=kernel, need_weights=True,
+                alpha=alpha if name == "entmax_bisect" else None,
+            )
+            inputs = (q, k, v, alpha) if name == "entmax_bisect" else (q, k, v)
+            results.append((out, probs, *torch.autograd.grad(out, inputs, grad)))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+        assert math.isclose(float(results[1][1].detach().sum()), 2 * 2 * 17, rel_tol=1e-5)
