@@ -5,20 +5,11 @@
     accelerate launch scripts/eval_linear.py --model ... --dataset ILSVRC/imagenet-1k
 
 Writes OUTPUT_DIR/results_linear.json (best head), grid.json (every head), linear_grid.png and the resolved
-config. Keys: see entmax_vit.evaluation.linear_probe.LinearEvalConfig.
+config. Keys: see entmax_vit.evaluation.linear_probe.LinearEvalConfig (docs/evaluation.md).
 """
 
-import logging
-import sys
-
-from entmax_vit.cli.config import ConfigError, parse_config
+from entmax_vit.evaluation.entry_point import run
 from entmax_vit.evaluation.linear_probe import LinearEvalConfig, main
-from entmax_vit.evaluation.segmentation_probe import PRESET_DIR
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_config(LinearEvalConfig, sys.argv[1:], preset_dir=PRESET_DIR)
-    except ConfigError as err:
-        sys.exit(f"eval_linear: {err}")
-    main(cfg)
+    run(LinearEvalConfig, main, "eval_linear")

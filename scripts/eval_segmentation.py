@@ -10,22 +10,8 @@ results_segmentation.json, segmentation_head/ (for the Hub), per_class_iou.{json
 the resolved config. Keys: see entmax_vit.evaluation.segmentation_probe.SegmentationEvalConfig.
 """
 
-import logging
-import sys
-
-from entmax_vit.cli.config import ConfigError, parse_config
-from entmax_vit.evaluation.segmentation_probe import PRESET_DIR, SegmentationEvalConfig, main
-
-
-def preset_alias(argv: list[str]) -> list[str]:
-    """``--preset X`` / ``--preset=X`` -> ``--config X``."""
-    return [("--config" + a[len("--preset"):]) if a == "--preset" or a.startswith("--preset=") else a for a in argv]
-
+from entmax_vit.evaluation.entry_point import run
+from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_config(SegmentationEvalConfig, preset_alias(sys.argv[1:]), preset_dir=PRESET_DIR, default_preset="embedded")
-    except ConfigError as err:
-        sys.exit(f"eval_segmentation: {err}")
-    main(cfg)
+    run(SegmentationEvalConfig, main, "eval_segmentation", default_preset="embedded")
