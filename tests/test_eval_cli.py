@@ -139,6 +139,7 @@ def test_presets_parse():
     assert len(voc.class_names) == 21
     ade = parse_config(SegmentationEvalConfig, ["--config", "ade20k_dinov2"], preset_dir=PRESET_DIR)
     assert ade.reduce_zero_label and ade.batch_norm and ade.protocol == "dinov2" and ade.max_iters == 40000
+    assert len(ade.class_names) == ade.num_classes == 150 and ade.class_names[0] == "wall"
     city = parse_config(SegmentationEvalConfig, ["--config", "cityscapes"], preset_dir=PRESET_DIR)
     assert city.num_classes == len(city.class_names) == 19 and city.label_mapping == "auto"
 
