@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -104,6 +105,7 @@ def save_checkpoint(
     trainer_state: dict,
     config_yaml: str,
     keep_last: int = 0,
+    pause_before_commit: float = 0.0,
 ) -> Path:
     """Collective: every rank calls it. Writes ``step_XXXXXXX`` atomically and prunes to ``keep_last``."""
     root = Path(checkpoint_root)
@@ -121,6 +123,8 @@ def save_checkpoint(
         save_teacher(tmp / TEACHER_FILE, teacher, center)
         (tmp / CONFIG_FILE).write_text(config_yaml)
         _write_json(tmp / STATE_FILE, trainer_state)  # last file: its presence marks completeness
+        if pause_before_commit > 0:  # fault-injection tests: widen the window of a half-written checkpoint
+            time.sleep(pause_before_commit)
         _fsync_dir(tmp)
         os.replace(tmp, final)
         _fsync_dir(root)

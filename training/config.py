@@ -135,6 +135,8 @@ class DebugConfig:
     max_steps: int = -1
     # Sleep this many seconds after each step (makes kill tests hit every phase); 0 = off.
     sleep_per_step: float = 0.0
+    # Pause this many seconds inside every checkpoint write, before its rename (kill tests); 0 = off.
+    pause_in_checkpoint: float = 0.0
 
 
 @dataclass

@@ -175,7 +175,8 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
         state = dict(run_state, epoch=epoch, batch_in_epoch=batch_in_epoch, world_size=accelerator.num_processes,
                      total_batch=total_batch, iters_per_epoch=iters_per_epoch, time=time.time())
         return ckpt.save_checkpoint(accelerator, ckpt_root, run_state["global_step"], teacher, dino_loss.center,
-                                    state, config_yaml, keep_last=cfg.checkpoint.keep_last)
+                                    state, config_yaml, keep_last=cfg.checkpoint.keep_last,
+                                    pause_before_commit=cfg.debug.pause_in_checkpoint)
 
     # ============ training ============
     total_steps = epochs * iters_per_epoch
