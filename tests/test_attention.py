@@ -216,3 +216,54 @@ def test_compiled_equals_eager() -> None:
         for eager, compiled in zip(*results):
             torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
         assert math.isclose(float(results[1][1].detach().sum()), 2 * 2 * 17, rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark scripts (tiny smoke runs: structure and accuracy fields, never timings)
+# ----------------------------------------------------------------------------------------------------------
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_attention_smoke(tmp_path) -> None:
+    bench = _load_script("bench_attention")
+    cfg = bench.BenchAttentionConfig(
+        batch_sizes=[1], tokens=[9], heads=2, head_dim=8, repeats=1, warmup=0, compiled=False,
+        output_dir=str(tmp_path),
+    )
+    record = bench.main(cfg)
+    saved = __import__("json").loads((tmp_path / "bench_attention.json").read_text())
+    assert saved["cases"][0]["methods"].keys() == record["cases"][0]["methods"].keys()
+    methods = record["cases"][0]["methods"]
+    assert methods["softmax_sdpa"]["forward_backward_ratio_vs_sdpa"] == 1.0
+    assert methods["entmax15_ours_eager"]["max_abs_err_vs_entmax15"] < 1e-6
+    assert methods["entmax_bisect_ours_eager"]["max_abs_err_vs_entmax15"] < 1e-5
+    assert (tmp_path / "bench_attention_config.yaml").is_file()
+
+
+def test_entmax15_training_step_peak_memory_matches_softmax(tiny_config_kwargs) -> None:
+    """entmax-1.5 keeps only its output for backward, so a training step's peak memory is softmax's (eager)."""
+    from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+    bench = _load_script("bench_model")
+    pixels = [torch.randn(4, 3, 32, 32)]
+    peaks = {}
+    for attention in ["softmax", "entmax15"]:
+        torch.manual_seed(0)
+        model = EntmaxViTModel._from_config(
+            EntmaxViTConfig(**tiny_config_kwargs, attention=attention), attn_implementation="eager"
+        ).train()
+        peaks[attention] = bench.peak_step_memory(model, pixels)
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert peaks[attention] > params
+    assert peaks["entmax15"] <= 1.1 * peaks["softmax"], peaks

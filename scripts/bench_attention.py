@@ -1,0 +1,196 @@
+"""Benchmark the attention product: softmax SDPA, eager softmax, the `entmax` package and ours.
+
+    python scripts/bench_attention.py                 # (B, 6, N, 64), B in {8, 32}, N in {197, 37}
+    python scripts/bench_attention.py --quick         # B = 8 only, fewer repeats (about a minute)
+    python scripts/bench_attention.py --json          # print the results JSON instead of the table
+
+Every method runs the whole product (QK^T -> transform -> PV), forward and forward+backward, with methods
+interleaved round-robin so that load from other processes hits all of them alike; medians are reported with
+the ratio to softmax SDPA measured in the same run, and the max |probs - entmax.entmax15| of every entmax-1.5
+method. Writes OUTPUT_DIR/bench_attention.json and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict
+from entmax_vit.modeling.attention import attention_forward
+
+log = logging.getLogger("bench_attention")
+
+
+@dataclass
+class BenchAttentionConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 32])  # B
+    tokens: list[int] = field(default_factory=lambda: [197, 37])  # N: ViT-S/16 at 224 (global) and 96 (local)
+    heads: int = 6  # H (ViT-S)
+    head_dim: int = 64  # d
+    repeats: int = 15  # timed rounds per case (median reported)
+    warmup: int = 2  # untimed rounds per case (the compiled kernel compiles in the first)
+    max_seconds_per_method: float = 8.0  # a method leaves a case's rounds once its timed total passes this
+    min_rounds: int = 3  # ... but never before this many timed rounds
+    package: bool = True  # include the `entmax` package (entmax15, entmax_bisect)
+    compiled: bool = True  # include our kernel="compiled" path (torch.compile; first call compiles)
+    threads: Optional[int] = None  # torch.set_num_threads; None = torch default
+    quick: bool = False  # B = 8 only, 7 repeats
+    json: bool = False  # print the results JSON to stdout instead of the table
+    seed: int = 0
+    output_dir: str = "outputs/bench_attention"
+
+
+def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
+    """name -> fn(q, k, v) -> (out, probs or None)."""
+
+    def ours(transform: str, kernel: str) -> Callable:
+        return lambda q, k, v: attention_forward(
+            q, k, v, transform=transform, scaling=scaling, kernel=kernel, need_weights=True
+        )
+
+    methods: dict[str, Callable] = {
+        "softmax_sdpa": lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, scale=scaling), None),
+        "softmax_eager": ours("softmax", "eager"),
+        "entmax15_ours_eager": ours("entmax15", "eager"),
+    }
+    if cfg.compiled:
+        methods["entmax15_ours_compiled"] = ours("entmax15", "compiled")
+    if cfg.package:
+        try:
+            import entmax
+        except ImportError:
+            log.warning("the `entmax` package is not installed: skipping its rows")
+        else:
+
+            def package(fn: Callable) -> Callable:
+                def run(q, k, v):
+                    probs = fn(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
+                    return torch.matmul(probs, v), probs
+
+                return run
+
+            methods["entmax15_package"] = package(entmax.entmax15)
+            methods["entmax_bisect_package"] = package(lambda s, dim: entmax.entmax_bisect(s, 1.5, dim=dim))
+    methods["sparsemax_ours_eager"] = ours("sparsemax", "eager")
+    methods["entmax_bisect_ours_eager"] = ours("entmax_bisect", "eager")
+    return methods
+
+
+def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
+    """Time every method at (batch, heads, tokens, head_dim); forward and forward+backward."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    shape = (batch, cfg.heads, tokens, cfg.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    grad = torch.randn(shape, generator=gen)
+    scaling = cfg.head_dim**-0.5
+    methods = _methods(cfg, scaling)
+
+    # Accuracy: max |probs - entmax15| for every entmax-1.5 method (bisect at alpha 1.5 included).
+    errors: dict[str, float] = {}
+    import importlib.util
+
+    if importlib.util.find_spec("entmax") is not None:
+        import entmax
+
+        with torch.no_grad():
+            reference = entmax.entmax15(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
+            for name, fn in methods.items():
+                if name.startswith("entmax15") or name.startswith("entmax_bisect"):
+                    errors[name] = float((fn(q, k, v)[1] - reference).abs().max())
+
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+
+    def forward(fn: Callable) -> None:
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def forward_backward(fn: Callable) -> None:
+        out, _ = fn(qg, kg, vg)
+        torch.autograd.grad(out, (qg, kg, vg), grad)
+
+    times: dict[str, dict[str, list[float]]] = {m: {"forward": [], "forward_backward": []} for m in methods}
+    for r in range(cfg.warmup + cfg.repeats):
+        for name, fn in methods.items():  # round-robin: background load hits every method alike
+            done = len(times[name]["forward"])
+            spent = sum(times[name]["forward"]) + sum(times[name]["forward_backward"])
+            if done >= cfg.min_rounds and spent > cfg.max_seconds_per_method:
+                continue  # slow method (the package's bisection): enough rounds for a median
+            for mode, run in (("forward", forward), ("forward_backward", forward_backward)):
+                t0 = time.perf_counter()
+                run(fn)
+                if r >= cfg.warmup:
+                    times[name][mode].append(time.perf_counter() - t0)
+
+    results = {}
+    for name in methods:
+        med = {mode: statistics.median(ts) * 1e3 for mode, ts in times[name].items()}
+        results[name] = {
+            "forward_ms": med["forward"],
+            "forward_backward_ms": med["forward_backward"],
+            "rounds": len(times[name]["forward"]),
+            "max_abs_err_vs_entmax15": errors.get(name),
+        }
+    base = results["softmax_sdpa"]
+    for r in results.values():
+        r["forward_ratio_vs_sdpa"] = r["forward_ms"] / base["forward_ms"]
+        r["forward_backward_ratio_vs_sdpa"] = r["forward_backward_ms"] / base["forward_backward_ms"]
+    return {"batch": batch, "heads": cfg.heads, "tokens": tokens, "head_dim": cfg.head_dim, "methods": results}
+
+
+def format_table(cases: list[dict]) -> str:
+    lines = []
+    for case in cases:
+        lines.append(f"\n(B, H, N, d) = ({case['batch']}, {case['heads']}, {case['tokens']}, {case['head_dim']})")
+        lines.append(f"{'method':28s} {'fwd ms':>9s} {'x sdpa':>7s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} {'err vs entmax15':>16s}")
+        for name, r in case["methods"].items():
+            err = "" if r["max_abs_err_vs_entmax15"] is None else f"{r['max_abs_err_vs_entmax15']:.1e}"
+            lines.append(
+                f"{name:28s} {r['forward_ms']:9.2f} {r['forward_ratio_vs_sdpa']:7.2f} "
+                f"{r['forward_backward_ms']:11.2f} {r['forward_backward_ratio_vs_sdpa']:7.2f} {err:>16s}"
+            )
+    return "\n".join(lines)
+
+
+def main(cfg: BenchAttentionConfig) -> dict:
+    if cfg.quick:
+        cfg.batch_sizes, cfg.repeats = [8], min(cfg.repeats, 7)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.output_dir)
+    save_config(cfg, out_dir / "bench_attention_config.yaml")
+    torch.manual_seed(cfg.seed)
+    cases = []
+    for batch in cfg.batch_sizes:
+        for tokens in cfg.tokens:
+            log.info("benchmarking B=%d H=%d N=%d d=%d", batch, cfg.heads, tokens, cfg.head_dim)
+            cases.append(bench_case(cfg, batch, tokens))
+    record = {
+        "benchmark": "attention",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": to_dict(cfg),
+        "cases": cases,
+        "note": "medians of interleaved rounds; ratios are to softmax SDPA in the same run",
+    }
+    (out_dir / "bench_attention.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2) if cfg.json else format_table(cases))
+    log.info("wrote %s", out_dir / "bench_attention.json")
+    return record
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_config(BenchAttentionConfig, sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"bench_attention: {err}")
+    main(config)

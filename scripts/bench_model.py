@@ -1,0 +1,239 @@
+"""Benchmark EntmaxViT-S/16 end to end: training step time and peak memory, feature-extraction throughput.
+
+    python scripts/bench_model.py             # full run
+    python scripts/bench_model.py --quick     # fewer repeats, smaller multi-crop step (a few minutes)
+    python scripts/bench_model.py --json      # print the results JSON instead of the table
+
+* training step = forward + backward of the backbone (train mode, drop path 0.1 as the DINO student, loss on
+  the final tokens); no optimizer step (identical for every variant). Two inputs: a batch of 224 images and a
+  DINO multi-crop step (2 global 224 + 8 local 96 crops per image, each resolution batched as DINO does).
+  Variants are "attention:kernel", e.g. softmax:sdpa (the baseline), softmax:eager, entmax15:eager,
+  entmax15:compiled; rounds interleave the variants so background load hits all alike.
+* peak memory of one training step: tensors allocated during the step, tracked per storage by torch's
+  MemTracker (CPU and CUDA; includes weights, grads, activations and temporaries). Only eager kernels are
+  tracked: torch.compile'd kernels allocate outside the dispatcher.
+* feature extraction: images/s of EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa),
+  eval mode, no grad.
+
+Writes OUTPUT_DIR/bench_model.json and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict
+from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+log = logging.getLogger("bench_model")
+
+
+@dataclass
+class BenchModelConfig:
+    preset: str = "vit_small_patch16"  # EntmaxViTConfig preset
+    batch_size: int = 8  # images of the 224 training step
+    image_size: int = 224
+    multicrop_images: int = 2  # images of the multi-crop step (0 = skip it); each gives 2 global + 8 local crops
+    global_crops: int = 2
+    local_crops: int = 8
+    local_size: int = 96
+    drop_path_rate: float = 0.1  # DINO student
+    variants: list[str] = field(
+        default_factory=lambda: ["softmax:sdpa", "softmax:eager", "entmax15:eager", "entmax15:compiled"]
+    )
+    baseline: str = "softmax:sdpa"  # ratios are to this variant
+    repeats: int = 5  # timed rounds (median reported)
+    warmup: int = 1  # untimed rounds (compiled variants compile here)
+    memory: bool = True  # measure the peak memory of one training step per eager variant
+    extract_batch: int = 16  # images per feature-extraction call
+    extract_repeats: int = 5
+    threads: Optional[int] = None  # torch.set_num_threads; None = torch default
+    quick: bool = False  # 3 repeats, multi-crop step with 1 image
+    json: bool = False  # print the results JSON to stdout instead of the table
+    seed: int = 0
+    output_dir: str = "outputs/bench_model"
+
+
+def _median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+def build_variants(cfg: BenchModelConfig) -> dict[str, EntmaxViTModel]:
+    """One model per variant, all with the same weights."""
+    models: dict[str, EntmaxViTModel] = {}
+    state = None
+    for variant in cfg.variants:
+        attention, _, kernel = variant.partition(":")
+        if not kernel:
+            raise ValueError(f"variant {variant!r}: expected 'attention:kernel', e.g. 'entmax15:compiled'")
+        config = EntmaxViTConfig.from_preset(
+            cfg.preset, attention=attention, drop_path_rate=cfg.drop_path_rate, image_size=cfg.image_size
+        )
+        model = EntmaxViTModel._from_config(config, attn_implementation=kernel).train()
+        if state is None:
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state)
+        models[variant] = model
+    if cfg.baseline not in models:
+        raise ValueError(f"baseline {cfg.baseline!r} is not among the variants {cfg.variants}")
+    return models
+
+
+def training_step(model: EntmaxViTModel, batches: list[torch.Tensor]) -> None:
+    """Forward + backward over each resolution group (as DINO's multi-crop wrapper), grads cleared after."""
+    loss = 0.0
+    for pixel_values in batches:
+        tokens = model(pixel_values).last_hidden_state  # (B, 1 + N, D)
+        loss = loss + tokens.float().square().mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def time_steps(cfg: BenchModelConfig, models: dict[str, EntmaxViTModel], batches: list[torch.Tensor]) -> dict:
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(cfg.warmup + cfg.repeats):
+        for name, model in models.items():  # interleaved rounds
+            t0 = time.perf_counter()
+            training_step(model, batches)
+            if r >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+    base = _median_ms(times[cfg.baseline])
+    return {name: {"step_ms": _median_ms(ts), "ratio_vs_baseline": _median_ms(ts) / base} for name, ts in times.items()}
+
+
+def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> Optional[int]:
+    """Peak bytes of live tensors during one training step (weights included), or None if unavailable."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:  # pragma: no cover - older torch
+        log.warning("torch MemTracker unavailable: skipping peak memory")
+        return None
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        training_step(model, batches)
+    snapshot = tracker.get_tracker_snapshot("peak")
+    return int(sum(dev["Total"] for dev in snapshot.values()))
+
+
+def feature_throughput(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
+    """images/s, eval + no_grad: EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa)."""
+    from transformers import ViTConfig, ViTModel
+
+    ours_cfg = EntmaxViTConfig.from_preset(cfg.preset, attention="softmax", image_size=cfg.image_size)
+    ours = EntmaxViTModel._from_config(ours_cfg, attn_implementation="sdpa").eval()
+    hf_cfg = ViTConfig(
+        hidden_size=ours_cfg.hidden_size,
+        num_hidden_layers=ours_cfg.num_hidden_layers,
+        num_attention_heads=ours_cfg.num_attention_heads,
+        intermediate_size=ours_cfg.intermediate_size,
+        image_size=cfg.image_size,
+        patch_size=ours_cfg.patch_size,
+        qkv_bias=True,
+        layer_norm_eps=ours_cfg.layer_norm_eps,
+    )
+    hf = ViTModel._from_config(hf_cfg, attn_implementation="sdpa", add_pooling_layer=False).eval()
+    pixels = torch.randn(cfg.extract_batch, 3, cfg.image_size, cfg.image_size, generator=gen)
+    runs: dict[str, Callable] = {
+        "entmax_vit_softmax_sdpa": lambda: ours(pixels).last_hidden_state,
+        "transformers_vit_sdpa": lambda: hf(pixel_values=pixels).last_hidden_state,
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for r in range(1 + cfg.extract_repeats):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                if r >= 1:
+                    times[name].append(time.perf_counter() - t0)
+    out = {name: {"images_per_s": cfg.extract_batch / statistics.median(ts)} for name, ts in times.items()}
+    out["entmax_vit_over_transformers"] = (
+        out["entmax_vit_softmax_sdpa"]["images_per_s"] / out["transformers_vit_sdpa"]["images_per_s"]
+    )
+    return out
+
+
+def format_report(record: dict) -> str:
+    lines = []
+    for case, results in record["training_step"].items():
+        lines.append(f"\ntraining step, {case}")
+        lines.append(f"{'variant':22s} {'step ms':>9s} {'x ' + record['config']['baseline']:>16s} {'peak MB':>9s}")
+        for name, r in results.items():
+            mem = r.get("peak_memory_bytes")
+            mem_s = f"{mem / 2**20:9.1f}" if mem else f"{'-':>9s}"
+            lines.append(f"{name:22s} {r['step_ms']:9.1f} {r['ratio_vs_baseline']:16.3f} {mem_s}")
+    fe = record["feature_extraction"]
+    lines.append("\nfeature extraction (images/s)")
+    for name in ("entmax_vit_softmax_sdpa", "transformers_vit_sdpa"):
+        lines.append(f"{name:26s} {fe[name]['images_per_s']:8.2f}")
+    lines.append(f"{'EntmaxViT / transformers':26s} {fe['entmax_vit_over_transformers']:8.3f}")
+    return "\n".join(lines)
+
+
+def main(cfg: BenchModelConfig) -> dict:
+    if cfg.quick:
+        cfg.repeats = min(cfg.repeats, 3)
+        cfg.extract_repeats = min(cfg.extract_repeats, 3)
+        cfg.multicrop_images = min(cfg.multicrop_images, 1)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.output_dir)
+    save_config(cfg, out_dir / "bench_model_config.yaml")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    models = build_variants(cfg)
+
+    cases = {f"batch {cfg.batch_size} x {cfg.image_size}": [torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen)]}
+    if cfg.multicrop_images > 0:
+        n = cfg.multicrop_images
+        cases[f"multi-crop {n} img x ({cfg.global_crops}x{cfg.image_size} + {cfg.local_crops}x{cfg.local_size})"] = [
+            torch.randn(n * cfg.global_crops, 3, cfg.image_size, cfg.image_size, generator=gen),
+            torch.randn(n * cfg.local_crops, 3, cfg.local_size, cfg.local_size, generator=gen),
+        ]
+    training: dict[str, dict] = {}
+    for case, batches in cases.items():
+        log.info("training step: %s", case)
+        results = time_steps(cfg, models, batches)
+        if cfg.memory:
+            for name, model in models.items():
+                if name.endswith(":compiled"):
+                    continue
+                results[name]["peak_memory_bytes"] = peak_step_memory(model, batches)
+            eager_soft = results.get("softmax:eager", {}).get("peak_memory_bytes")
+            for r in results.values():
+                if eager_soft and r.get("peak_memory_bytes"):
+                    r["peak_memory_ratio_vs_softmax_eager"] = r["peak_memory_bytes"] / eager_soft
+        training[case] = results
+    log.info("feature extraction throughput")
+    record = {
+        "benchmark": "model",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": to_dict(cfg),
+        "training_step": training,
+        "feature_extraction": feature_throughput(cfg, gen),
+        "note": "medians of interleaved rounds; ratios measured in the same run",
+    }
+    (out_dir / "bench_model.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2) if cfg.json else format_report(record))
+    log.info("wrote %s", out_dir / "bench_model.json")
+    return record
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_config(BenchModelConfig, sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"bench_model: {err}")
+    main(config)
