@@ -74,6 +74,35 @@ def test_run_writes_outputs_and_loadable_export(uninterrupted, tmp_path):
     assert "torch.Size([1, 32])" in proc.stdout
 
 
+def test_student_distills_a_fixed_teacher(data, tmp_path):
+    """With the teacher EMA and the center frozen (momentum 1), the whole loop (multi-crop data, forward,
+    backward, clipping, AdamW) must pull the student towards the teacher: the loss falls."""
+    out = tmp_path / "run"
+    args = tiny_args(data, out, **{"data.batch_size_per_device": 16, "optim.epochs": 20, "optim.warmup_epochs": 2,
+                                   "optim.lr_base": 0.01, "optim.freeze_last_layer": 0,
+                                   "optim.momentum_teacher": 1.0, "loss.center_momentum": 1.0,
+                                   "checkpoint.every_steps": 0, "checkpoint.at_epoch_end": False,
+                                   "logging.attention_support_images": 0})
+    main(cfg_of(args))
+    curve = [losses(out)[s] for s in sorted(losses(out))]
+    assert len(curve) == 20
+    first, last = sum(curve[:4]) / 4, sum(curve[-4:]) / 4
+    assert last < 0.9 * first, curve
+
+
+def test_bf16_accumulation_and_gradient_checkpointing(data, tmp_path):
+    """Mixed precision, gradient accumulation (the lr scales with the accumulated batch) and gradient
+    checkpointing run through Accelerate on CPU."""
+    out = tmp_path / "run"
+    args = tiny_args(data, out, **{"optim.mixed_precision": "bf16", "optim.gradient_accumulation_steps": 2,
+                                   "model.gradient_checkpointing": True, "optim.epochs": 1, "optim.warmup_epochs": 0})
+    main(cfg_of(args))
+    curve = losses(out)
+    assert sorted(curve) == [1, 2] and all(math.isfinite(v) for v in curve.values())  # 4 batches / 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == pytest.approx(0.0005 * 8 / 256)  # total batch 4 x 2 accumulation steps
+
+
 def test_resume_equals_uninterrupted(uninterrupted, data, tmp_path):
     out = tmp_path / "run"
     assert main(cfg_of(tiny_args(data, out, **{"debug.max_steps": 3}))) is None  # stops mid-epoch 0
