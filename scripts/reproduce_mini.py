@@ -131,6 +131,8 @@ def collect(out: Path, attention: str) -> dict:
         "last_layer": last,
         "per_layer": {str(k): v for k, v in per_layer.items()},
         "train_seconds": summary["stages"].get("train", {}).get("seconds"),
+        # compute time of every stage of this model, also of stages finished by an earlier (interrupted) run
+        "seconds": sum(float(stage.get("seconds") or 0) for stage in summary["stages"].values()),
     }
 
 
@@ -144,29 +146,36 @@ def _fmt(value: Optional[float], spec: str = "{:.2f}") -> str:
 
 
 def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float) -> str:
-    head = ["attention", "k-NN top-1 (%)", "seg. mIoU patch (%)", "seg. mIoU patch+[CLS] (%)"]
-    head += [title + " (last layer)" for _, title, _ in TABLE_LAYER_METRICS]
+    probes = ["| attention | k-NN top-1 (%) | seg. mIoU patch (%) | seg. mIoU patch+[CLS] (%) |", "|---|---|---|---|"]
+    probes += [f"| {row['attention']} | {_fmt(row['knn_top1'])} | {_fmt(row['seg_miou_patch'])} | "
+               f"{_fmt(row['seg_miou_patch_cls'])} |" for row in rows]
+    head = ["attention"] + [title for _, title, _ in TABLE_LAYER_METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["attention"], _fmt(row["knn_top1"]), _fmt(row["seg_miou_patch"]), _fmt(row["seg_miou_patch_cls"])]
-        cells += [_fmt(row["last_layer"].get(name), spec) for name, _, spec in TABLE_LAYER_METRICS]
+        cells = [row["attention"]] + [_fmt(row["last_layer"].get(name), spec) for name, _, spec in TABLE_LAYER_METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     paper = ["| benchmark (paper, ViT-S/16, 200 ep ImageNet) | softmax mIoU | entmax-1.5 mIoU | change |",
              "|---|---|---|---|"]
     paper += [f"| {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for name, (a, b) in PAPER_MIOU.items()]
+    per_run = ", ".join(f"{row['attention']} {(row.get('seconds') or 0) / 60:.1f}" for row in rows)
     budget = "main job --quick budget (smoke run: numbers are meaningless)" if cfg.tiny else \
         f"preset `{cfg.training_preset}`" + (f" with {cfg.train_overrides}" if cfg.train_overrides else "")
     return "\n".join([
         "# Mini reproduction: softmax vs entmax attention in DINO pretraining",
         "",
         f"Same pretraining budget ({budget}) and seed ({cfg.seed}) for every transform; only `model.attention` "
-        f"differs. Data: the embedded synthetic scenes (validation split for every metric). Total time "
-        f"{elapsed / 60:.1f} min.",
+        f"differs. Data: `{cfg.dataset}` (validation split for every metric). Compute time "
+        f"{sum(row.get('seconds') or 0 for row in rows) / 60:.1f} min over all runs and stages ({per_run}); "
+        f"this invocation {elapsed / 60:.1f} min.",
+        "",
+        "Frozen-feature probes (`probes.png`):",
+        "",
+        *probes,
+        "",
+        "Attention sparsity and semantic diffusion in the last layer (every layer: `curves/layer_curves.png`; "
+        "training loss: `training_loss.png`):",
         "",
         *lines,
-        "",
-        "Attention and semantic-diffusion metrics over layers: `curves/layer_curves.png`; training loss: "
-        "`training_loss.png`.",
         "",
         "For comparison, the paper's linear segmentation probe:",
         "",
@@ -178,6 +187,34 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float) 
         "numbers.",
         "",
     ])
+
+
+def plot_probes(out: Path, rows: list[dict]) -> Optional[Path]:
+    """Grouped bars: k-NN top-1 and both segmentation mIoUs, one colour per attention transform."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("knn_top1", "k-NN top-1"), ("seg_miou_patch", "mIoU patch"), ("seg_miou_patch_cls", "mIoU patch+[CLS]")]
+    if not any(row[k] is not None for row in rows for k, _ in keys):
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        values = [row[k] if row[k] is not None else float("nan") for k, _ in keys]
+        bars = ax.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(len(keys))], values, width,
+                      label=row["attention"])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(keys)), [title for _, title in keys])
+    ax.set_ylabel("%")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / "probes.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_losses(out: Path, attentions: list[str]) -> Optional[Path]:
@@ -235,11 +272,10 @@ def main(cfg: ReproduceMiniConfig) -> dict:
     (out / "results.json").write_text(json.dumps({"config": cfg.__dict__, "runs": rows}, indent=2, default=str))
     runs = {row["attention"]: {int(k): v for k, v in row["per_layer"].items()} for row in rows if row["per_layer"]}
     figures = plot_layer_curves(runs, out / "curves") if runs else []
-    loss_png = plot_losses(out, cfg.attentions)
+    written = [out / "results.md", out / "results.json", *figures[:1], plot_probes(out, rows),
+               plot_losses(out, cfg.attentions)]
     print("\n" + report)
-    print(f"[reproduce_mini] wrote {out / 'results.md'}, {out / 'results.json'}"
-          + (f", {figures[0]} (+{len(figures) - 1} per-metric curves)" if figures else "")
-          + (f", {loss_png}" if loss_png else ""))
+    print(f"[reproduce_mini] wrote {', '.join(str(p) for p in written if p is not None)}")
     return {"rows": rows, "report": out / "results.md"}
 
 

@@ -128,11 +128,12 @@ def test_report_from_finished_runs(tmp_path):
     assert rows[1]["last_layer"]["attention_zero_share"] == 0.625 and rows[1]["knn_top1"] == 52.5
     cfg = reproduce_mini.ReproduceMiniConfig(output_dir=str(tmp_path))
     report = reproduce_mini.markdown_report(cfg, rows, elapsed=60.0)
-    table = [line for line in report.splitlines() if line.startswith("| entmax15 |")]
-    assert table and "52.50" in table[0] and "33.25" in table[0] and "34.25" in table[0] and "62.5%" in table[0]
+    probes, layer = [line for line in report.splitlines() if line.startswith("| entmax15 |")]
+    assert probes == "| entmax15 | 52.50 | 33.25 | 34.25 |"
+    assert layer.split(" | ")[1] == "62.5%"  # last layer's exact-zero share, first metric column
     assert "| VOC | 42.80 | 48.78 | +5.98 |" in report and "Caveat of scale" in report
-    png = reproduce_mini.plot_losses(tmp_path, ["softmax", "entmax15"])
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    for png in (reproduce_mini.plot_losses(tmp_path, ["softmax", "entmax15"]), reproduce_mini.plot_probes(tmp_path, rows)):
+        assert png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no analysis results"):
         reproduce_mini.load_analysis(tmp_path / "softmax" / "train")
 
@@ -187,4 +188,5 @@ def test_tiny_reproduction_end_to_end(tmp_path):
     for attention in ("softmax", "entmax15"):
         config = json.loads((out / attention / "train" / "final_model" / "config.json").read_text())
         assert config["attention"] == attention
-    assert (out / "curves" / "layer_curves.png").exists() and (out / "training_loss.png").exists()
+    for png in ("curves/layer_curves.png", "training_loss.png", "probes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
