@@ -106,11 +106,14 @@ def extract_features(
     store_patch_tokens: bool = False,
     accelerator: Any = None,
     desc: str = "features",
+    sharded_loader: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid) and gather on every rank.
+    """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank.
 
-    With an ``accelerator`` the loader must already be prepared; ``gather_for_metrics`` drops the samples
-    the distributed sampler duplicated to even out the last batch.
+    With an ``accelerator`` the loader is either prepared (``gather_for_metrics`` per batch drops the samples
+    the distributed sampler duplicated to even out the last batch) or, with ``sharded_loader``, already reads
+    only this rank's rows (a stream): then the per-rank results, of unequal length, are padded, gathered once
+    at the end and the padding dropped.
     """
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = {"cls": [], "patch_mean": [], "labels": [], "index": [], "valid": []}
@@ -124,11 +127,20 @@ def extract_features(
                "index": batch["index"].to(device), "valid": batch["valid"].to(device)}
         if store_patch_tokens:
             out["patches"] = patches.half()
-        if accelerator is not None:
+        if accelerator is not None and not sharded_loader:
             out = accelerator.gather_for_metrics(out)
         for k, v in out.items():
             parts[k].append(v.cpu())
+    if not parts["labels"]:
+        raise ValueError(f"{desc}: the data loader produced no rows")
     feats = {k: torch.cat(v) for k, v in parts.items()}
+    if accelerator is not None and sharded_loader and accelerator.num_processes > 1:
+        feats["present"] = torch.ones(len(feats["labels"]), dtype=torch.long)
+        feats["valid"] = feats["valid"].long()  # gloo has no bool collectives
+        feats = {k: accelerator.gather(accelerator.pad_across_processes(feats[k].to(accelerator.device), dim=0)).cpu()
+                 for k in sorted(feats)}
+        present = feats.pop("present").bool()
+        feats = {k: v[present] for k, v in feats.items()}
     valid = feats.pop("valid").bool()
     skipped = int((~valid).sum())
     if skipped:
@@ -175,29 +187,44 @@ def split_features(
     cache_dir: Optional[str] = None,
     dataset_cache_dir: Optional[str] = None,
     accelerator: Any = None,
+    streaming: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Features of one dataset split (cached), plus its description: name, split, sizes, class names."""
-    from .image_data import ClassificationRows, class_names_of, find_column, num_classes_of, open_dataset
+    """Features of one dataset split (cached), plus its description: name, split, sizes, class names.
 
-    ds = open_dataset(dataset, split, cache_dir=dataset_cache_dir, max_samples=max_samples)
+    ``streaming`` reads the split on the fly (e.g. ImageNet from the Hub without downloading it first), each
+    rank its own part of the stream."""
+    from .image_data import ClassificationRows, StreamingRows, class_names_of, find_column, num_classes_of, open_dataset
+
+    ds = open_dataset(dataset, split, cache_dir=dataset_cache_dir, max_samples=max_samples, streaming=streaming)
     image_col = find_column(ds, "image", image_column)
     label_col = find_column(ds, "label", label_column)
-    info = {"name": dataset, "split": split, "num_samples": len(ds), "num_classes": num_classes_of(ds, label_col),
-            "class_names": class_names_of(ds, label_col)}
-    spec = {"model": model_spec, "dataset": dataset, "split": split, "max_samples": max_samples, "rows": len(ds),
+    info = {"name": dataset, "split": split, "num_samples": len(ds) if not streaming else None,
+            "num_classes": num_classes_of(ds, label_col), "class_names": class_names_of(ds, label_col)}
+    spec = {"model": model_spec, "dataset": dataset, "split": split, "max_samples": max_samples,
+            "rows": "stream" if streaming else len(ds),
             "image_column": image_col, "label_column": label_col, "transform": transform.describe(),
             "n_last_blocks": n_last_blocks, "patches": store_patch_tokens, "format": 2}
 
     def compute() -> dict[str, torch.Tensor]:
-        rows = ClassificationRows(ds, image_col, label_col, transform)
-        loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        if accelerator is not None:
-            loader = accelerator.prepare(loader)
+        if streaming:
+            rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+            rows = StreamingRows(ds, image_col, label_col, transform, rank, world,
+                                 truncated=max_samples is not None and max_samples > 0)
+            loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers)
+        else:
+            rows = ClassificationRows(ds, image_col, label_col, transform)
+            loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+            if accelerator is not None:
+                loader = accelerator.prepare(loader)
         return extract_features(model, loader, n_last_blocks=n_last_blocks, store_patch_tokens=store_patch_tokens,
-                                accelerator=accelerator, desc=f"{split} features")
+                                accelerator=accelerator, desc=f"{split} features", sharded_loader=streaming)
 
     feats = cached_features(spec, cache_dir, compute, accelerator)
     info["num_skipped"] = int(feats["num_skipped"][0])
+    if info["num_samples"] is None:
+        info["num_samples"] = len(feats["labels"]) + info["num_skipped"]
+    if info["num_classes"] is None:
+        info["num_classes"] = int(feats["labels"].max()) + 1
     return feats, info
 
 

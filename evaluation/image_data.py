@@ -25,11 +25,15 @@ from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
 logger = logging.getLogger(__name__)
 
 
-def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_samples: Optional[int] = None):
-    """A map-style split of ``source`` (Hub id, ``imagefolder:DIR``, saved folder, ``embedded``...)."""
+def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_samples: Optional[int] = None,
+                 streaming: bool = False):
+    """One split of ``source`` (Hub id, ``imagefolder:DIR``, saved folder, ``embedded``...): map-style, or an
+    ``IterableDataset`` read on the fly with ``streaming`` (the first ``max_samples`` rows)."""
     from entmax_vit.data.datasets import load_image_dataset
 
-    ds = load_image_dataset(source, split=split, streaming=False, cache_dir=cache_dir)
+    ds = load_image_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
+    if streaming:
+        return ds.take(max_samples) if max_samples is not None and max_samples > 0 else ds
     if not hasattr(ds, "__len__"):
         raise ValueError(f"{source} split {split!r}: evaluation needs a map-style dataset (not streaming)")
     if max_samples is not None and max_samples > 0 and len(ds) > max_samples:
@@ -147,20 +151,57 @@ class ClassificationRows(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, idx: int) -> dict:
-        row = self.ds[int(idx)]
-        image = decode_image(row[self.image_column], f"row {idx}")
+        item = self.decode_row(self.ds[int(idx)], f"row {idx}")
+        item["index"] = int(idx)
+        return item
+
+    def decode_row(self, row: dict, where: str) -> dict:
+        image = decode_image(row[self.image_column], where)
         label = int(row[self.label_column]) if self.label_column is not None else -1
         if image is None:
             size = self.transform.crop
-            return {"pixel_values": torch.zeros(3, size, size), "labels": label, "valid": False, "index": int(idx)}
-        return {"pixel_values": self.transform(image), "labels": label, "valid": True, "index": int(idx)}
+            return {"pixel_values": torch.zeros(3, size, size), "labels": label, "valid": False}
+        return {"pixel_values": self.transform(image), "labels": label, "valid": True}
 
 
-def num_classes_of(ds: Any, label_column: str) -> int:
-    """Class count from a ClassLabel feature, else 1 + the largest label."""
+class StreamingRows(torch.utils.data.IterableDataset):
+    """This rank's rows of a streamed split, decoded like ClassificationRows. ``index`` is unique across ranks
+    and DataLoader workers (a stream has no stable row numbers).
+
+    A whole stream is split by ``shard_for_rank`` (each rank downloads only its part). A truncated stream
+    (``truncated``: ``take(n)`` was applied) is read by every rank, each keeping every world_size-th row: a
+    shard split after ``take`` would not cover exactly the first n rows."""
+
+    def __init__(self, ds: Any, image_column: str, label_column: Optional[str], transform: Callable, rank: int = 0,
+                 world_size: int = 1, truncated: bool = False) -> None:
+        from entmax_vit.data.datasets import shard_for_rank
+
+        self.stride = world_size if (truncated and world_size > 1) else 1
+        if world_size > 1 and not truncated:
+            ds = shard_for_rank(ds, rank, world_size)
+        self.ds = raw_columns(ds, image_column)
+        self.rows = ClassificationRows.__new__(ClassificationRows)
+        self.rows.image_column, self.rows.label_column, self.rows.transform = image_column, label_column, transform
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, row in enumerate(self.ds):  # datasets splits an IterableDataset across workers by itself
+            if self.stride > 1 and i % self.stride != self.rank:
+                continue
+            item = self.rows.decode_row(row, f"stream row {i}")
+            item["index"] = (i * workers + worker) * self.world_size + self.rank
+            yield item
+
+
+def num_classes_of(ds: Any, label_column: str) -> Optional[int]:
+    """Class count from a ClassLabel feature, else 1 + the largest label (None for a stream without one)."""
     feature = ds.features.get(label_column) if getattr(ds, "features", None) else None
     if feature is not None and hasattr(feature, "num_classes"):
         return int(feature.num_classes)
+    if not hasattr(ds, "__len__"):
+        return None
     return int(max(ds[label_column])) + 1
 
 
@@ -172,6 +213,7 @@ def class_names_of(ds: Any, label_column: str) -> Optional[list[str]]:
 __all__ = [
     "ClassificationRows",
     "ClassificationTransform",
+    "StreamingRows",
     "class_names_of",
     "decode_image",
     "decode_mask",

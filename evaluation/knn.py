@@ -88,6 +88,7 @@ class KNNEvalConfig:
     label_column: Optional[str] = None   # default: detected
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    streaming: bool = False              # read the splits on the fly (e.g. ImageNet from the Hub), no download
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07            # DINO: 0.07
     resize: int = 256                    # eval transform: Resize(resize, bicubic) + CenterCrop(crop)
@@ -123,7 +124,7 @@ def main(cfg: KNNEvalConfig) -> dict:
     common = dict(model_spec=spec, dataset=cfg.dataset, transform=transform, n_last_blocks=1,
                   image_column=cfg.image_column, label_column=cfg.label_column, batch_size=cfg.batch_size,
                   num_workers=cfg.num_workers, cache_dir=cache, dataset_cache_dir=cfg.dataset_cache_dir,
-                  accelerator=accelerator)
+                  accelerator=accelerator, streaming=cfg.streaming)
     train, train_info = split_features(model, split=cfg.train_split, max_samples=cfg.max_train_samples, **common)
     test, test_info = split_features(model, split=cfg.eval_split, max_samples=cfg.max_eval_samples, **common)
     num_classes = max(train_info["num_classes"], test_info["num_classes"])

@@ -145,6 +145,7 @@ class LinearEvalConfig:
     label_column: Optional[str] = None
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    streaming: bool = False              # read the splits on the fly (cached mode only)
     mode: Literal["cached", "augmented"] = "cached"  # cached: center-crop features once (fast, deviation)
     n_last_blocks: list[int] = field(default_factory=lambda: [4])   # grid over n; DINO: 4 for ViT-S, 1 for ViT-B
     avgpool_patchtokens: list[bool] = field(default_factory=lambda: [False])  # grid; DINO ViT-B: true
@@ -179,6 +180,8 @@ def main(cfg: LinearEvalConfig) -> dict:
         raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
     if not cfg.base_lrs or not cfg.n_last_blocks or not cfg.avgpool_patchtokens:
         raise ValueError("base_lrs, n_last_blocks and avgpool_patchtokens must each list at least one value")
+    if cfg.streaming and cfg.mode == "augmented":
+        raise ValueError("mode 'augmented' needs a map-style dataset: use --streaming false or --mode cached")
     if not 0.0 <= cfg.holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {cfg.holdout_fraction}")
     accelerator = Accelerator()
@@ -197,17 +200,21 @@ def main(cfg: LinearEvalConfig) -> dict:
     common = dict(model_spec=model_fingerprint(cfg.model, cfg.revision, model), dataset=cfg.dataset,
                   transform=eval_tf, n_last_blocks=n_max, image_column=cfg.image_column, label_column=cfg.label_column,
                   batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, cache_dir=cache,
-                  dataset_cache_dir=cfg.dataset_cache_dir, accelerator=accelerator)
+                  dataset_cache_dir=cfg.dataset_cache_dir, accelerator=accelerator, streaming=cfg.streaming)
     train, train_info = split_features(model, split=cfg.train_split, max_samples=cfg.max_train_samples, **common)
     test, test_info = split_features(model, split=cfg.eval_split, max_samples=cfg.max_eval_samples, **common)
     num_classes = max(train_info["num_classes"], test_info["num_classes"])
 
     # Hold-out selection set: chosen by row index, so both modes hold out the same images.
-    held = torch.zeros(train_info["num_samples"], dtype=torch.bool)
+    # (A stream has no row numbers 0..N-1: there the indices are ranked first.)
+    row_ids = train["index"].long()
+    if cfg.streaming:
+        row_ids = torch.empty_like(row_ids).scatter_(0, row_ids.argsort(), torch.arange(len(row_ids)))
+    held = torch.zeros(max(train_info["num_samples"], int(row_ids.max()) + 1), dtype=torch.bool)
     if cfg.holdout_fraction > 0:
         perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.seed))
         held[perm[: max(1, int(cfg.holdout_fraction * len(held)))]] = True
-    in_holdout = held[train["index"].long()]
+    in_holdout = held[row_ids]
     fit = {k: train[k][~in_holdout] for k in ("cls", "patch_mean", "labels")}
     select = {k: train[k][in_holdout] for k in ("cls", "patch_mean", "labels")} if cfg.holdout_fraction > 0 else test
 

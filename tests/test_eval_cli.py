@@ -105,6 +105,23 @@ def test_feature_cache_in_process(assets, tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
 
 
+@pytest.mark.parametrize("max_samples", [None, 7])
+def test_streaming_features_match_map_style(assets, max_samples):
+    """A streamed split (corrupt row included) yields the same rows, labels and features as the map-style one."""
+    from entmax_vit.evaluation.features import load_backbone, split_features
+    from entmax_vit.evaluation.image_data import ClassificationTransform
+
+    model = load_backbone(str(assets / "model"))
+    kwargs = dict(model_spec={}, dataset=str(assets / "data"), split="train", n_last_blocks=1, batch_size=4,
+                  transform=ClassificationTransform(32, 32), max_samples=max_samples)
+    ref, ref_info = split_features(model, **kwargs)
+    got, info = split_features(model, streaming=True, **kwargs)
+    assert info["num_skipped"] == ref_info["num_skipped"] == 1
+    assert info["num_samples"] == ref_info["num_samples"] and info["num_classes"] == ref_info["num_classes"]
+    torch.testing.assert_close(got["cls"], ref["cls"])
+    assert got["labels"].tolist() == ref["labels"].tolist()
+
+
 def test_segmentation_cli(assets):
     out = assets / "seg"
     _run("eval_segmentation.py", "--preset", "voc", "--model", str(assets / "model"), "--dataset", str(assets / "data"),
@@ -191,6 +208,12 @@ def test_two_processes_match_one(assets):
     _torchrun("eval_knn.py", *knn, "--output_dir", str(assets / "knn2"), cwd=assets, port=29651)
     one, two = load_results(assets / "knn1" / "results_knn.json"), load_results(assets / "knn2" / "results_knn.json")
     assert one["metrics"] == two["metrics"] and one["dataset"] == two["dataset"]
+    for extra in ([], ["--max_train_samples", "9"]):  # whole stream: shards per rank; truncated: strided rows
+        _run("eval_knn.py", *knn, *extra, "--output_dir", str(assets / "knn3"), cwd=assets)
+        _torchrun("eval_knn.py", *knn, *extra, "--streaming", "true", "--output_dir", str(assets / "knn4"), cwd=assets,
+                  port=29653)
+        one, two = load_results(assets / "knn3" / "results_knn.json"), load_results(assets / "knn4" / "results_knn.json")
+        assert one["metrics"] == two["metrics"] and one["dataset"] == two["dataset"]
 
     seg = ["--model", str(assets / "model"), "--dataset", str(assets / "data"), "--input_size", "32", "--mask_size", "20",
            "--batch_size", "4", "--eval_batch_size", "2"]
