@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .image_data import decode_image, decode_mask, normalize, raw_columns

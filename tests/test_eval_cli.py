@@ -137,12 +137,21 @@ def test_segmentation_cli(assets):
     assert set(json.loads((out / "per_class_iou.json").read_text())) == {"0", "1", "2"}
 
 
-def test_bad_override_is_a_clear_error():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_segmentation.py"), "--preset", "voc",
-                           "--no_such_key", "1"], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "no_such_key" in proc.stderr and "use_cls_token" in proc.stderr  # names the valid keys
+def test_bad_override_is_a_clear_error(capsys):
+    from entmax_vit.evaluation.entry_point import run
+    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
+
+    def never(cfg):  # the run must stop before main
+        raise AssertionError("main ran")
+
+    with pytest.raises(SystemExit) as info:
+        run(SegmentationEvalConfig, never, "eval_segmentation", argv=["--preset", "voc", "--no_such_key", "1"])
+    message = str(info.value.code)
+    assert message.startswith("eval_segmentation:") and "no_such_key" in message and "use_cls_token" in message
+    with pytest.raises(SystemExit, match="protocol"):
+        run(SegmentationEvalConfig, never, "eval_segmentation", argv=["--protocol", "mask2former"])
+    with pytest.raises(SystemExit, match="No preset"):
+        run(SegmentationEvalConfig, never, "eval_segmentation", argv=["--preset=pascal"])
 
 
 def test_presets_parse():
