@@ -72,7 +72,10 @@ def model_fingerprint(name_or_path: str, revision: Optional[str], model: torch.n
     config = model.config.to_dict() if hasattr(model, "config") else {}
     config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"name_or_path": str(name_or_path), "revision": revision, "config_hash": config_hash, "weights": weights}
+    # A Hub model's resolved commit pins "main" to the exact weights the features came from.
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return {"name_or_path": str(name_or_path), "revision": revision, "commit": commit, "config_hash": config_hash,
+            "weights": weights}
 
 
 @torch.no_grad()
