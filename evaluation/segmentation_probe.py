@@ -311,6 +311,8 @@ def main(cfg: SegmentationEvalConfig) -> dict:
         )).to(accelerator.device)
         log = train_probe(head, model, train_loader, cfg, accelerator)
     hc = head.config
+    # unreadable train rows of one epoch, over all ranks
+    train_skipped = int(accelerator.reduce(torch.tensor(log[-1]["skipped"] if log else 0, device=accelerator.device), "sum"))
     conf, skipped = evaluate_probe(head, model, eval_loader, cfg, num_classes, accelerator)
     scores = segmentation_scores(conf)
     per_class = {id2label[i]: v for i, v in enumerate(scores.pop("per_class_iou"))}
@@ -321,7 +323,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
         model_config=model.config.to_dict(),
         dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
                  "num_samples": len(eval_ds), "num_train_samples": len(train_ds), "num_classes": num_classes,
-                 "num_skipped": skipped + (log[-1]["skipped"] if log else 0)},
+                 "num_skipped": skipped + train_skipped},
         protocol={"name": f"{cfg.protocol}_linear", "layers": list(hc.layers), "backbone_norm": hc.backbone_norm,
                   "use_cls_token": hc.use_cls_token, "batch_norm": hc.batch_norm, "input_size": cfg.input_size,
                   "label_size": cfg.mask_size if cfg.protocol == "neco" else "original",
