@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 from entmax_vit.cli.config import from_dict, parse_config, save_config, to_dict
 from entmax_vit.training import checkpointing as ckpt
 from entmax_vit.training.config import DinoConfig, breaking_differences, flatten
-from entmax_vit.training.dino_data import build_dataloader, build_dataset
+from entmax_vit.training.dino_data import (
+    build_dataloader, build_dataset, build_streaming_loader, streaming_batches,
+)
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.export import export_backbone
 from entmax_vit.training.metrics_log import MetricsLog, attention_support_size, plot_loss_curve
@@ -103,8 +105,15 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     accelerator.wait_for_everyone()
 
     # ============ preparing data ============
-    dataset = build_dataset(cfg.data, cfg.crops, cfg.seed)
-    data_loader = build_dataloader(dataset, cfg.data, cfg.seed)
+    streaming = cfg.data.streaming
+    if streaming:  # this rank's shard of the stream; not prepared (it is split already)
+        data_loader, streamed_batches = build_streaming_loader(
+            cfg.data, cfg.crops, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        dataset, num_images = None, cfg.data.streaming_num_samples
+    else:  # map-style: Accelerate hands each rank disjoint batches of one permutation per epoch
+        dataset = build_dataset(cfg.data, cfg.crops, cfg.seed)
+        data_loader = build_dataloader(dataset, cfg.data, cfg.seed)
+        num_images = len(dataset)
 
     # ============ building student and teacher networks ============
     student, teacher = build_networks(cfg)
@@ -121,18 +130,22 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
 
     # ============ preparing optimizer ============
     optimizer = torch.optim.AdamW(param_groups(student))  # lr and wd are set every step by the schedules
-    student, optimizer, data_loader = accelerator.prepare(student, optimizer, data_loader)
+    if streaming:
+        student, optimizer = accelerator.prepare(student, optimizer)
+    else:
+        student, optimizer, data_loader = accelerator.prepare(student, optimizer, data_loader)
     if cfg.model.compile:
         student = torch.compile(student)
     torch.manual_seed(cfg.seed + accelerator.process_index)  # drop-path draws differ between ranks
 
     # ============ init schedulers ============
     accum = cfg.optim.gradient_accumulation_steps
-    batches_per_epoch = len(data_loader)
+    # streamed epochs are cut to whole accumulation cycles (no end-of-dataloader signal to flush one)
+    batches_per_epoch = (streamed_batches // accum) * accum if streaming else len(data_loader)
     if batches_per_epoch == 0:
         raise ValueError(
-            f"dataset of {len(dataset)} images is smaller than one global batch "
-            f"({cfg.data.batch_size_per_device} x {accelerator.num_processes} processes)"
+            f"dataset of {num_images} images is smaller than one global batch "
+            f"({cfg.data.batch_size_per_device} x {accelerator.num_processes} processes x {accum} accumulation)"
         )
     iters_per_epoch = math.ceil(batches_per_epoch / accum)  # optimizer steps
     total_batch = cfg.data.batch_size_per_device * accelerator.num_processes * accum
@@ -143,7 +156,7 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     momentum_schedule = cosine_schedule(cfg.optim.momentum_teacher, 1.0, epochs, iters_per_epoch)
     temp_schedule = teacher_temp_schedule(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
                                           cfg.loss.warmup_teacher_temp_epochs, epochs)
-    logger.info("%d images, %d steps/epoch, total batch %d, peak lr %.3g", len(dataset), iters_per_epoch,
+    logger.info("%d images, %d steps/epoch, total batch %d, peak lr %.3g", num_images, iters_per_epoch,
                 total_batch, lr_schedule.max())
 
     # ============ optionally resume training ============
@@ -188,13 +201,18 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     stopped = False
     grad_norm = torch.zeros(())
     for epoch in range(run_state["epoch"], epochs):
-        data_loader.set_epoch(epoch)
-        dataset.set_epoch(epoch)  # augmentation seeds (before iterating: workers copy the dataset then)
         skip = run_state["batch_in_epoch"] if epoch == run_state["epoch"] else 0
-        loader = accelerator.skip_first_batches(data_loader, skip) if skip else data_loader
+        if streaming:  # replays the epoch's stream and drops the first `skip` batches when resuming
+            loader = streaming_batches(data_loader, epoch, batches_per_epoch, skip)
+        else:
+            data_loader.set_epoch(epoch)
+            dataset.set_epoch(epoch)  # augmentation seeds (before iterating: workers copy the dataset then)
+            loader = accelerator.skip_first_batches(data_loader, skip) if skip else data_loader
         teacher_temp = float(temp_schedule[epoch])
         for batch_in_epoch, (crops, indices, num_skipped) in enumerate(loader, start=skip):
             it = run_state["global_step"]  # global optimizer step: index into the schedules
+            if streaming:
+                crops = [c.to(accelerator.device, non_blocking=True) for c in crops]
             if debug_file is not None:
                 debug_file.write(json.dumps({"epoch": epoch, "batch": batch_in_epoch, "step": it,
                                              "indices": indices.tolist()}) + "\n")

@@ -9,17 +9,21 @@ stay in step.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import random
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from entmax_vit.data.datasets import find_column, load_image_dataset
+from entmax_vit.data.datasets import find_column, load_image_dataset, shard_for_rank
 from entmax_vit.training.config import DataConfig
-from entmax_vit.training.multicrop import MultiCropConfig, MultiCropDataset, MultiCropTransform, multicrop_collate
+from entmax_vit.training.multicrop import (
+    IterableMultiCropDataset, MultiCropConfig, MultiCropDataset, MultiCropTransform, multicrop_collate,
+)
 
 logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_SKIPS = 64
@@ -31,6 +35,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch, Python ``random`` and numpy for the block, then restore the caller's states."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class EpochPermutationSampler(Sampler[int]):
@@ -65,17 +84,8 @@ class SeededMultiCropDataset(Dataset):
         return len(self.base)
 
     def _crops(self, index: int) -> Optional[list[torch.Tensor]]:
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            s = sample_seed(self.seed, self.epoch, index)
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % 2**32)
-            try:
-                return self.base[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+            return self.base[index]
 
     def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], int]:
         for skipped in range(min(MAX_CONSECUTIVE_SKIPS, len(self))):
@@ -94,13 +104,97 @@ def collate_indexed(batch: list[tuple[int, list[torch.Tensor], int]]) -> tuple[l
     return crops, torch.tensor([item[0] for item in batch]), sum(item[2] for item in batch)
 
 
+class _CountedSeededTransform:
+    """Multi-crop transform whose k-th call in a stream is seeded by (seed, stream id, k)."""
+
+    def __init__(self, transform: MultiCropTransform, seed: int) -> None:
+        self.transform, self.seed, self.stream, self.count = transform, seed, 0, 0
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        with seeded_rngs(sample_seed(self.seed, self.stream, self.count)):
+            self.count += 1
+            return self.transform(image)
+
+
+class StreamingMultiCropDataset(IterableDataset):
+    """Streaming data for one rank: its shard (``shard_for_rank``) of a buffer-shuffled HF IterableDataset,
+    reshuffled per epoch; yields (stream position, crops, images skipped before it). DataLoader workers split
+    the rank's shards (``datasets`` does it); augmentations are seeded by (seed, epoch, rank, worker, k), so
+    replaying an epoch's stream (resume) gives the same batches."""
+
+    def __init__(self, hf_ds: Any, column: str, transform: MultiCropTransform, seed: int, rank: int,
+                 world_size: int, shuffle_buffer: int = 10_000) -> None:
+        ds = hf_ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else hf_ds
+        self.transform = _CountedSeededTransform(transform, seed)
+        self.base = IterableMultiCropDataset(shard_for_rank(ds, rank, world_size), column, self.transform)
+        self.rank, self.epoch = rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor], int]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        self.base.set_epoch(self.epoch)
+        self.transform.stream = (self.epoch << 32) + (self.rank << 12) + worker
+        self.transform.count = 0
+        skipped = 0
+        for position, crops in enumerate(self.base):
+            if crops is None:
+                skipped += 1
+                continue
+            yield position, crops, skipped
+            skipped = 0
+
+
+def streaming_batches(loader: DataLoader, epoch: int, num_batches: int, skip: int = 0) -> Iterator[Any]:
+    """Exactly ``num_batches`` batches of ``epoch`` from a streaming loader, the first ``skip`` read and
+    dropped (resume). A rank whose shard runs out starts it again, so every rank takes the same number of
+    steps (DDP would hang otherwise)."""
+    dataset = loader.dataset
+    produced, rounds = 0, 0
+    while produced < num_batches:
+        dataset.set_epoch(epoch + 1_000_003 * rounds)  # a repeated pass gets a different shuffle
+        before = produced
+        for batch in itertools.islice(loader, num_batches - produced):
+            if produced >= skip:
+                yield batch
+            produced += 1
+        if produced == before:
+            raise ValueError("the streamed dataset yielded no readable image for this rank")
+        rounds += 1
+
+
+def build_streaming_loader(data: DataConfig, crops: MultiCropConfig, seed: int, rank: int,
+                           world_size: int) -> tuple[DataLoader, int]:
+    """(DataLoader over this rank's stream, batches per epoch). Not to be passed to ``accelerator.prepare``:
+    the stream is already split between ranks."""
+    if not data.streaming_num_samples or data.streaming_num_samples <= 0:
+        raise ValueError(
+            "data.streaming=true needs data.streaming_num_samples (images per epoch, e.g. 1281167 for "
+            "ImageNet-1K train): the length of a streamed dataset is unknown and sets the schedules"
+        )
+    ds = load_image_dataset(data.source, data.split, streaming=True, cache_dir=data.cache_dir)
+    column = find_column(ds, "image", data.image_column)
+    num_samples = data.streaming_num_samples
+    if data.max_samples is not None:
+        ds, num_samples = ds.take(data.max_samples), min(num_samples, data.max_samples)
+    batches = num_samples // (data.batch_size_per_device * world_size)
+    if batches == 0:
+        raise ValueError(f"{num_samples} streamed images are fewer than one global batch "
+                         f"({data.batch_size_per_device} x {world_size})")
+    dataset = StreamingMultiCropDataset(ds, column, MultiCropTransform(crops), seed, rank, world_size)
+    loader = DataLoader(dataset, batch_size=data.batch_size_per_device, num_workers=data.num_workers,
+                        pin_memory=data.pin_memory and torch.cuda.is_available(), collate_fn=collate_indexed,
+                        drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, batches
+
+
 def build_dataset(data: DataConfig, crops: MultiCropConfig, seed: int) -> SeededMultiCropDataset:
     """Load ``data.source`` (map-style) and wrap it for multi-crop training."""
     if data.streaming:
-        raise ValueError(
-            "data.streaming=true is not supported by the training loop yet: exact resume and one-read-per-sample "
-            "need a map-style dataset. Download the dataset (or save_to_disk it) and set data.streaming=false."
-        )
+        raise ValueError("streamed datasets go through build_streaming_loader")
     ds = load_image_dataset(data.source, data.split, streaming=False, cache_dir=data.cache_dir)
     column = find_column(ds, "image", data.image_column)
     if data.max_samples is not None:
@@ -127,6 +221,6 @@ def build_dataloader(dataset: SeededMultiCropDataset, data: DataConfig, seed: in
 
 
 __all__ = [
-    "EpochPermutationSampler", "SeededMultiCropDataset", "build_dataloader", "build_dataset", "collate_indexed",
-    "sample_seed",
+    "EpochPermutationSampler", "SeededMultiCropDataset", "StreamingMultiCropDataset", "build_dataloader",
+    "build_dataset", "build_streaming_loader", "collate_indexed", "sample_seed", "seeded_rngs", "streaming_batches",
 ]
