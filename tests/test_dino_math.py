@@ -235,3 +235,22 @@ def test_teacher_file_round_trip_and_mismatch(tmp_path):
     torch.testing.assert_close(other.mlp[0].weight, teacher.mlp[0].weight)
     with pytest.raises(ValueError, match="mlp.0.weight"):
         load_teacher(tmp_path / "t.safetensors", DINOHead(10, 16, 12, 4), torch.zeros(1, 16))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "entmax15"])
+def test_attention_support_size(tiny_config_kwargs, attention):
+    from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+    from entmax_vit.training.metrics_log import attention_support_size
+
+    model = EntmaxViTModel(EntmaxViTConfig(**tiny_config_kwargs, attention=attention)).eval()
+    with torch.no_grad():  # sharpen the scores so that entmax-1.5 has to drop tokens
+        model.encoder.layer[-1].attention.qkv.weight.mul_(30.0)
+    x = torch.randn(3, 3, 32, 32)
+    tokens = 1 + (32 // 8) ** 2
+    probs = model(pixel_values=x, output_attentions=True).attentions[-1]  # (B, H, N, N)
+    support = attention_support_size(model, x)
+    assert support == pytest.approx((probs > 0).sum(-1).float().mean().item())
+    if attention == "softmax":
+        assert support == tokens
+    else:
+        assert 1 <= support < tokens

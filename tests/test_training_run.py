@@ -95,12 +95,14 @@ def test_bf16_accumulation_and_gradient_checkpointing(data, tmp_path):
     checkpointing run through Accelerate on CPU."""
     out = tmp_path / "run"
     args = tiny_args(data, out, **{"optim.mixed_precision": "bf16", "optim.gradient_accumulation_steps": 2,
-                                   "model.gradient_checkpointing": True, "optim.epochs": 1, "optim.warmup_epochs": 0})
+                                   "model.gradient_checkpointing": True, "optim.epochs": 1, "optim.warmup_epochs": 0,
+                                   "logging.tensorboard": True})
     main(cfg_of(args))
     curve = losses(out)
     assert sorted(curve) == [1, 2] and all(math.isfinite(v) for v in curve.values())  # 4 batches / 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(0.0005 * 8 / 256)  # total batch 4 x 2 accumulation steps
+    assert list((out / "dino").glob("events.out.tfevents.*")), "no tensorboard events written"
 
 
 def test_resume_equals_uninterrupted(uninterrupted, data, tmp_path):
