@@ -85,6 +85,15 @@ def banner(text: str) -> None:
     print(f"\n{'=' * 100}\n[main_job] {text}\n{'=' * 100}", flush=True)
 
 
+def _fingerprint(path: Path) -> Optional[list[int]]:
+    """(size, mtime in ns) of a file, None if it does not exist."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 class StageRunner:
     """Runs stages as subprocesses; records each finished stage with its command so reruns can skip it."""
 
@@ -96,19 +105,25 @@ class StageRunner:
     def _record_path(self, name: str) -> Path:
         return self.out / "stages" / f"{name}.json"
 
-    def finished(self, name: str, command: list[str], outputs: list[Path]) -> bool:
+    def finished(self, name: str, command: list[str], outputs: list[Path], inputs: dict) -> bool:
         path = self._record_path(name)
         if self.force or not path.exists():
             return False
         record = json.loads(path.read_text())
-        if record.get("command") != command or not all(p.exists() for p in outputs):
+        if record.get("command") != command or record.get("inputs", {}) != inputs:
+            return False
+        if not all(p.exists() for p in outputs):
             return False
         self.records[name] = {**record, "skipped": True}
         return True
 
-    def run(self, name: str, command: list[str], outputs: list[Path], clean: list[Path] = ()) -> dict:
-        """Run ``command`` unless it already finished; ``clean`` folders are removed before a forced rerun."""
-        if self.finished(name, command, outputs):
+    def run(self, name: str, command: list[str], outputs: list[Path], clean: list[Path] = (),
+            inputs: Optional[list[Path]] = None) -> dict:
+        """Run ``command`` unless it already finished with the same command on the same ``inputs`` (files
+        fingerprinted by size and modification time: a retrained model reruns every stage that reads it).
+        ``clean`` folders are removed before a rerun of a stage that had finished with other settings."""
+        fingerprints = {str(p): _fingerprint(p) for p in inputs or []}
+        if self.finished(name, command, outputs, fingerprints):
             print(f"[main_job] stage {name}: already finished with these settings, skipped "
                   f"({self._record_path(name)})", flush=True)
             return self.records[name]
@@ -129,7 +144,8 @@ class StageRunner:
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise SystemExit(f"[main_job] stage {name} finished but did not write {missing}")
-        record = {"stage": name, "command": command, "seconds": round(seconds, 1), "skipped": False}
+        record = {"stage": name, "command": command, "inputs": fingerprints, "seconds": round(seconds, 1),
+                  "skipped": False}
         self._record_path(name).write_text(json.dumps(record, indent=2))
         self.records[name] = record
         return record
@@ -389,23 +405,27 @@ def main(cfg: MainJobConfig) -> dict:
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"[main_job] no trained model at {model_dir}: run the train stage first")
     size = eval_image_size(model_dir)
+    weights = [model_dir / "model.safetensors"]  # every later stage reads these: retraining reruns them
     if "knn" in cfg.stages:
         runner.run("knn", knn_command(cfg, model_dir, paths["knn_results"].parent, size), [paths["knn_results"]],
-                   clean=[paths["knn_results"].parent])
+                   clean=[paths["knn_results"].parent], inputs=weights)
     if "segmentation" in cfg.stages:
         for features, path in paths["seg_results"].items():
             runner.run(f"segmentation_{features.replace('+', '_')}",
-                       segmentation_command(cfg, model_dir, path.parent, features), [path], clean=[path.parent])
+                       segmentation_command(cfg, model_dir, path.parent, features), [path], clean=[path.parent],
+                       inputs=weights)
     if "analysis" in cfg.stages:
         runner.run("analysis", analysis_command(cfg, model_dir, paths["analysis"], size),
-                   [paths["analysis"] / cfg.attention / "analysis_results.json"], clean=[paths["analysis"]])
+                   [paths["analysis"] / cfg.attention / "analysis_results.json"], clean=[paths["analysis"]],
+                   inputs=weights)
     if "hub" in cfg.stages:
         results = [p for p in [paths["knn_results"], *paths["seg_results"].values()] if p.exists()]
         seg_dirs = [p.parent / "segmentation_head" for p in paths["seg_results"].values()]
         seg_head = next((d for d in reversed(seg_dirs) if d.exists()), None)
+        head_files = [seg_head / "segmentation_head.safetensors"] if seg_head is not None else []
         runner.run("hub", hub_command(cfg, model_dir, paths["hub_folder"], results, seg_head),
                    [paths["hub_folder"] / "config.json", paths["hub_folder"] / "README.md"],
-                   clean=[paths["hub_folder"]])
+                   clean=[paths["hub_folder"]], inputs=weights + results + head_files)
     if "reload" in cfg.stages:
         runner.records["reload"] = reload_check(model_dir, paths["hub_folder"], out, cfg.dataset)
 

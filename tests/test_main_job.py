@@ -58,6 +58,20 @@ def test_stage_runner_skips_reruns_and_cleans(tmp_path, capsys):
     assert not forced["skipped"]
 
 
+def test_stage_reruns_when_its_input_changes(tmp_path):
+    import os
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"old weights")
+    out_file = tmp_path / "eval" / "result.txt"
+    command = _touch_command(out_file, "evaluated")
+    assert not main_job.StageRunner(tmp_path, False).run("eval", command, [out_file], inputs=[weights])["skipped"]
+    assert main_job.StageRunner(tmp_path, False).run("eval", command, [out_file], inputs=[weights])["skipped"]
+    weights.write_bytes(b"retrained weights")  # same command, new model: the old results are stale
+    os.utime(weights, ns=(1, 1))
+    assert not main_job.StageRunner(tmp_path, False).run("eval", command, [out_file], inputs=[weights])["skipped"]
+
+
 def test_stage_runner_reports_failures(tmp_path):
     runner = main_job.StageRunner(tmp_path, force=False)
     with pytest.raises(SystemExit, match="stage broken failed"):
