@@ -38,6 +38,8 @@ entmax-1.5, the support indicator for sparsemax). Half-precision inputs are comp
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
@@ -62,10 +64,35 @@ def _count_positive(d: torch.Tensor) -> torch.Tensor:
     return torch.sign(d).sum(dim=-1, keepdim=True)
 
 
-def _lower_bound(x: torch.Tensor, power: float) -> torch.Tensor:
-    """Certified lower bound on tau for rows of ``x`` with max 0: max(-1, mean(x) - N^-power). (..., 1)."""
-    n = x.shape[-1]
-    mean = x.mean(dim=-1, keepdim=True)  # -inf if the row has masked entries: then -1 wins
+_SCRATCH = threading.local()
+_SCRATCH_SLOTS = 4  # shapes kept per thread (multi-crop alternates two)
+
+
+def _scratch_like(t: torch.Tensor, compiled: bool) -> Optional[torch.Tensor]:
+    """A reusable scratch buffer shaped like ``t`` (CPU eager only; never returned to callers or saved).
+
+    On CPU every fresh multi-MB tensor is page-faulted in again (glibc hands large blocks back to the OS),
+    which costs more than the arithmetic of the threshold search; one cached buffer per shape removes that.
+    CUDA has a caching allocator and compiled code allocates its own buffers: None there.
+    """
+    if compiled or t.device.type != "cpu":
+        return None
+    cache = getattr(_SCRATCH, "buffers", None)
+    if cache is None:
+        cache = _SCRATCH.buffers = OrderedDict()
+    key = (tuple(t.shape), t.dtype)
+    buf = cache.pop(key, None)
+    if buf is None:
+        buf = torch.empty_like(t, memory_format=torch.contiguous_format)
+    cache[key] = buf
+    while len(cache) > _SCRATCH_SLOTS:
+        cache.popitem(last=False)
+    return buf
+
+
+def _lower_bound(mean: torch.Tensor, n: int, power: float) -> torch.Tensor:
+    """Certified lower bound on tau for rows with max 0 and the given mean: max(-1, mean - n^-power)."""
+    # mean is -inf if the row has masked entries (nan if all are): then -1 wins
     return torch.clamp(torch.nan_to_num(mean - n**-power, nan=-1.0, neginf=-1.0), min=-1.0)
 
 
@@ -102,59 +129,68 @@ def _sparsemax_sort(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Fast cores: pure tensor functions (no data-dependent control flow), so torch.compile can fuse them.
 # ----------------------------------------------------------------------------------------------------------
-def _entmax15_core(scores: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scores (..., N) -> (probs (..., N), x = scores/2 - max (..., N), ok (...,) rows certified exact).
+def _entmax15_core(
+    scores: torch.Tensor, steps: int, scratch: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (..., N) -> (probs (..., N), ok (...,) rows certified exact).
 
-    Written for few passes and few (..., N) allocations (two scratch buffers reused through ``out=``), which
-    is what the eager path pays for; under torch.compile the passes fuse anyway.
+    Works in score units: y = scores - max (exact for nearby values), threshold t = 2 tau, e = [y - t]_+ = 2 d.
+    One (..., N) buffer is allocated (the output, used as scratch first) besides ``scratch``: fresh large
+    allocations cost page faults on CPU, which is much of what the eager path pays; under torch.compile the
+    passes fuse anyway.
     """
-    x = (scores - scores.amax(dim=-1, keepdim=True)).mul_(0.5)  # (..., N), row max 0
-    tau = _lower_bound(x, 0.5)  # (..., 1)
-    d = torch.empty_like(x)
-    buf = torch.empty_like(x)
+    y = scores - scores.amax(dim=-1, keepdim=True)  # (..., N), row max 0
+    t = 2 * _lower_bound(y.mean(dim=-1, keepdim=True) / 2, scores.shape[-1], 0.5)  # (..., 1), tau <= tau*
+    e = torch.empty_like(y) if scratch is None else scratch
     for _ in range(steps):
-        torch.sub(x, tau, out=d).clamp_min_(0)
-        norm = torch.linalg.vector_norm(d, dim=-1, keepdim=True)  # sqrt(s2)
-        tau = tau + norm * (norm - 1) / d.sum(dim=-1, keepdim=True)  # Newton on ||d||_2 - 1: stays <= tau*
-    torch.sub(x, tau, out=d).clamp_min_(0)
-    k = torch.sign(d, out=buf).sum(dim=-1, keepdim=True)  # (..., 1) support size at tau
-    s1 = d.sum(dim=-1, keepdim=True)
-    s2 = torch.linalg.vector_norm(d, dim=-1, keepdim=True) ** 2
+        torch.sub(y, t, out=e).clamp_min_(0)  # e = 2 d
+        norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True) / 2  # ||d||_2
+        # Newton on ||d||_2 - 1: tau += norm (norm - 1) / sum(d), which stays <= tau*; t = 2 tau.
+        t = t + 4 * norm * (norm - 1) / e.sum(dim=-1, keepdim=True)
+    torch.sub(y, t, out=e).clamp_min_(0)
+    k = torch.sign(e, out=y).sum(dim=-1, keepdim=True)  # (..., 1) support size at tau; y is scratch now
+    s1 = e.sum(dim=-1, keepdim=True) / 2
+    s2 = torch.linalg.vector_norm(e, dim=-1, keepdim=True) ** 2 / 4
     mean = s1 / k
     u = mean - torch.sqrt(torch.clamp((1 - s2 + s1 * mean) / k, min=0))  # smaller root, shift from tau
     u = u.clamp_min(0)  # tau is a lower bound, so u >= 0; a negative u is rounding only
-    probs = torch.sub(d, u, out=buf).clamp_min_(0)
+    probs = torch.sub(e, 2 * u, out=y).clamp_min_(0).mul_(0.5)  # [d - u]_+
     # Exact iff no entry of the support at tau falls below the closed-form threshold: same count after.
-    ok = (torch.sign(probs, out=d).sum(dim=-1, keepdim=True) == k).squeeze(-1)
-    return probs.mul_(probs), x, ok
+    ok = (torch.sign(probs, out=e).sum(dim=-1, keepdim=True) == k).squeeze(-1)
+    return probs.mul_(probs), ok
 
 
-def _sparsemax_core(scores: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scores (..., N) -> (probs, x = scores - max, ok (...,)). Newton here is Michelot's algorithm."""
-    x = scores - scores.amax(dim=-1, keepdim=True)
-    tau = _lower_bound(x, 1.0)
+def _sparsemax_core(
+    scores: torch.Tensor, steps: int, scratch: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (..., N) -> (probs, ok (...,)). Newton here is Michelot's algorithm. Two (..., N) buffers."""
+    y = scores - scores.amax(dim=-1, keepdim=True)
+    tau = _lower_bound(y.mean(dim=-1, keepdim=True), scores.shape[-1], 1.0)
+    d = torch.empty_like(y) if scratch is None else scratch
     for _ in range(steps):
-        d = (x - tau).clamp_min_(0)
+        torch.sub(y, tau, out=d).clamp_min_(0)
         tau = tau + (d.sum(dim=-1, keepdim=True) - 1) / _count_positive(d)
-    d = (x - tau).clamp_min_(0)
-    k = _count_positive(d)
+    torch.sub(y, tau, out=d).clamp_min_(0)
+    k = torch.sign(d, out=y).sum(dim=-1, keepdim=True)
     u = ((d.sum(dim=-1, keepdim=True) - 1) / k).clamp_min(0)  # >= 0 up to rounding
-    probs = (d - u).clamp_min_(0)
-    return probs, x, (_count_positive(probs) == k).squeeze(-1)
+    probs = torch.sub(d, u, out=y).clamp_min_(0)
+    return probs, (torch.sign(probs, out=d).sum(dim=-1, keepdim=True) == k).squeeze(-1)
 
 
-def _entmax15_backward(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _entmax15_backward(probs: torch.Tensor, grad: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Jacobian-vector product of 1.5-entmax w.r.t. the scores: s = sqrt(p), g*s - s (g.s)/sum(s)."""
-    s = torch.sqrt(probs)
+    s = torch.sqrt(probs) if scratch is None else torch.sqrt(probs, out=scratch)
     gs = grad * s
-    return gs - s * (gs.sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True))
+    q = gs.sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True)
+    return gs.sub_(s.mul_(q))
 
 
-def _sparsemax_backward(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _sparsemax_backward(probs: torch.Tensor, grad: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """On the support: the gradient minus its support mean; zero elsewhere."""
-    on = (probs > 0).to(grad.dtype)
+    on = torch.sign(probs) if scratch is None else torch.sign(probs, out=scratch)
     g = grad * on
-    return g - on * (g.sum(dim=-1, keepdim=True) / on.sum(dim=-1, keepdim=True))
+    q = g.sum(dim=-1, keepdim=True) / on.sum(dim=-1, keepdim=True)
+    return g.sub_(on.mul_(q))
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -169,13 +205,12 @@ def _kernel(fn: Callable, compiled: bool) -> Callable:
     return _COMPILED[fn.__name__]
 
 
-def _fix_failed_rows(probs: torch.Tensor, x: torch.Tensor, ok: torch.Tensor, reference: Callable) -> torch.Tensor:
-    """Recompute rows whose support check failed with the exact sort-based reference (rare)."""
+def _fix_failed_rows(probs: torch.Tensor, scores: torch.Tensor, ok: torch.Tensor, reference: Callable) -> torch.Tensor:
+    """Recompute rows whose support check failed with the exact sort-based reference (rare; in place)."""
     if bool(ok.all()):
         return probs
     bad = ~ok  # (...,)
-    probs = probs.clone()
-    probs[bad] = reference(x[bad])
+    probs[bad] = reference(scores[bad]).to(probs.dtype)
     return probs
 
 
@@ -187,8 +222,8 @@ class Entmax15Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-        probs, x, ok = _kernel(_entmax15_core, compiled)(scores, ENTMAX15_NEWTON_STEPS)
-        probs = _fix_failed_rows(probs, x, ok, _entmax15_sort)
+        probs, ok = _kernel(_entmax15_core, compiled)(scores, ENTMAX15_NEWTON_STEPS, _scratch_like(scores, compiled))
+        probs = _fix_failed_rows(probs, scores, ok, entmax15_reference)
         ctx.compiled = compiled
         ctx.save_for_backward(probs)
         return probs
@@ -196,7 +231,8 @@ class Entmax15Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (probs,) = ctx.saved_tensors
-        return _kernel(_entmax15_backward, ctx.compiled)(probs, grad_output), None
+        scratch = _scratch_like(probs, ctx.compiled)
+        return _kernel(_entmax15_backward, ctx.compiled)(probs, grad_output.contiguous(), scratch), None
 
 
 def entmax15(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
@@ -218,8 +254,8 @@ class SparsemaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-        probs, x, ok = _kernel(_sparsemax_core, compiled)(scores, SPARSEMAX_NEWTON_STEPS)
-        probs = _fix_failed_rows(probs, x, ok, _sparsemax_sort)
+        probs, ok = _kernel(_sparsemax_core, compiled)(scores, SPARSEMAX_NEWTON_STEPS, _scratch_like(scores, compiled))
+        probs = _fix_failed_rows(probs, scores, ok, sparsemax_reference)
         ctx.compiled = compiled
         ctx.save_for_backward(probs)
         return probs
@@ -227,7 +263,8 @@ class SparsemaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (probs,) = ctx.saved_tensors
-        return _kernel(_sparsemax_backward, ctx.compiled)(probs, grad_output), None
+        scratch = _scratch_like(probs, ctx.compiled)
+        return _kernel(_sparsemax_backward, ctx.compiled)(probs, grad_output.contiguous(), scratch), None
 
 
 def sparsemax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
@@ -250,8 +287,7 @@ def _bisect_init(scores: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tenso
     x = scores * am1
     x = x - x.amax(dim=-1, keepdim=True)
     n = x.shape[-1]
-    mean = torch.nan_to_num(x.mean(dim=-1, keepdim=True), nan=-1.0, neginf=-1.0)
-    lo = torch.maximum(mean - n ** -torch.clamp(am1, max=1.0), torch.full_like(mean, -1.0))
+    lo = _lower_bound(x.mean(dim=-1, keepdim=True), n, torch.clamp(am1, max=1.0))
     hi = -((1.0 / n) ** am1)  # every entry contributes at most 1/n there
     return x, 1.0 / am1, lo, hi.expand_as(lo)
 

@@ -9,9 +9,9 @@
   DINO multi-crop step (2 global 224 + 8 local 96 crops per image, each resolution batched as DINO does).
   Variants are "attention:kernel", e.g. softmax:sdpa (the baseline), softmax:eager, entmax15:eager,
   entmax15:compiled; rounds interleave the variants so background load hits all alike.
-* peak memory of one training step: tensors allocated during the step, tracked per storage by torch's
-  MemTracker (CPU and CUDA; includes weights, grads, activations and temporaries). Only eager kernels are
-  tracked: torch.compile'd kernels allocate outside the dispatcher.
+* peak memory of one training step: weights + inputs + the peak of live storages allocated during the step
+  (activations, temporaries, grads), tracked per storage by a dispatch mode (CPU and CUDA alike). Only eager
+  kernels are measured: torch.compile'd kernels allocate outside the dispatcher.
 * feature extraction: images/s of EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa),
   eval mode, no grad.
 
@@ -25,11 +25,13 @@ import logging
 import statistics
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
@@ -111,19 +113,46 @@ def time_steps(cfg: BenchModelConfig, models: dict[str, EntmaxViTModel], batches
     return {name: {"step_ms": _median_ms(ts), "ratio_vs_baseline": _median_ms(ts) / base} for name, ts in times.items()}
 
 
-def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> Optional[int]:
-    """Peak bytes of live tensors during one training step (weights included), or None if unavailable."""
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker
-    except ImportError:  # pragma: no cover - older torch
-        log.warning("torch MemTracker unavailable: skipping peak memory")
-        return None
-    tracker = MemTracker()
-    tracker.track_external(model)
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages allocated under this mode (CPU or CUDA), including autograd's
+    backward ops. Each new storage is counted once and released when its Python storage object dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[weakref.ref, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        _, nbytes = self.live.pop(key, (None, 0))
+        self.current -= nbytes
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self.live and self.live[key][0]() is storage:
+            return
+        self.live[key] = (weakref.ref(storage, lambda _ref, key=key: self._release(key)), storage.nbytes())
+        self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self._track(t)
+        return out
+
+
+def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> int:
+    """Peak bytes during one training step: weights + inputs + the step's peak of new tensors (activations,
+    temporaries, grads)."""
+    base = sum(p.numel() * p.element_size() for p in model.parameters())
+    base += sum(b.numel() * b.element_size() for b in batches)
+    tracker = PeakMemory()
     with tracker:
         training_step(model, batches)
-    snapshot = tracker.get_tracker_snapshot("peak")
-    return int(sum(dev["Total"] for dev in snapshot.values()))
+    return base + tracker.peak
 
 
 def feature_throughput(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
