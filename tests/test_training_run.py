@@ -140,8 +140,10 @@ def test_resume_with_breaking_config_change_names_keys(uninterrupted, data, tmp_
     shutil.copytree(uninterrupted, out)
     bad = tiny_args(data, out, **{"model.backbone_overrides": "{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2}",
                                   "optim.epochs": 3})
+    saved_config = (out / "training_config.yaml").read_text()
     with pytest.raises(ValueError, match=r"model\.backbone_overrides\.hidden_size: 32 -> 64.*optim\.epochs: 2 -> 3"):
         main(cfg_of(bad))
+    assert (out / "training_config.yaml").read_text() == saved_config  # a refused config leaves no trace
     # allowed changes (logging interval, checkpoint cadence) pass: the finished run just re-exports
     assert main(cfg_of(tiny_args(data, out, **{"logging.every_steps": 2, "checkpoint.every_steps": 3}))) is not None
     fresh = tiny_args(data, out, **{"checkpoint.resume": ""})

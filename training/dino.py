@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -79,6 +80,9 @@ def main(cfg: DinoConfig) -> Optional[Path]:
         return train(cfg, stop)
     finally:
         stop.close()
+        # Accelerate keeps its settings process-wide; forget them so main() can run again in this process
+        # (notebooks, tests) with another mixed precision. The process group (PartialState) stays.
+        AcceleratorState._reset_state()
 
 
 def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
@@ -99,7 +103,6 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / ckpt.CONFIG_FILE)
         for path in ckpt.remove_incomplete(ckpt_root):
             logger.warning("removed incomplete checkpoint %s (interrupted while writing)", path)
     accelerator.wait_for_everyone()
@@ -171,6 +174,8 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
         if run_state["batch_in_epoch"] >= batches_per_epoch:
             run_state.update(epoch=run_state["epoch"] + 1, batch_in_epoch=0)
         logger.info("resumed from %s at epoch %d, step %d", resume_from, run_state["epoch"], run_state["global_step"])
+    if accelerator.is_main_process:  # after the resume check: a refused config never overwrites the run's
+        save_config(cfg, out_dir / ckpt.CONFIG_FILE)
     metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator, use_trackers=cfg.logging.tensorboard)
     if resume_from is None:
         metrics.reset()
@@ -285,7 +290,7 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
             # checkpoints and stop requests
             stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device),
                                           reduction="sum").item() > 0
-            limit_hit = 0 < max_steps <= steps_this_run
+            limit_hit = 0 < max_steps <= steps_this_run and step < total_steps
             if stop_now or limit_hit or (cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0):
                 save(epoch, batch_in_epoch + 1)
             if stop_now or limit_hit:
