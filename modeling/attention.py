@@ -313,10 +313,11 @@ def _bisect_finish(x, q, lo):
     return p / p.sum(dim=-1, keepdim=True)
 
 
-def _bisect_backward(probs, alpha, grad, need_alpha: bool):
+def _bisect_backward(probs, alpha, grad, need_alpha: bool, scalar_alpha: Optional[float] = None):
     """Gradients w.r.t. scores (s = p^(2-alpha)) and alpha (Correia et al., 2019, eq. 13), per row."""
     pos = probs > 0
-    s = torch.where(pos, probs.clamp(min=1e-38) ** (2 - alpha), 0)
+    exponent = 2 - (alpha if scalar_alpha is None else scalar_alpha)  # a float exponent is much faster
+    s = torch.where(pos, probs.clamp(min=1e-38) ** exponent, 0)
     gs = grad * s
     s_sum = s.sum(dim=-1, keepdim=True)
     grad_scores = gs - s * (gs.sum(dim=-1, keepdim=True) / s_sum)
@@ -333,8 +334,12 @@ class EntmaxBisectFunction(torch.autograd.Function):
     """alpha-entmax over the last dimension; ``alpha`` has shape (..., 1) (one value per row)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, alpha: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    def forward(
+        ctx, scores: torch.Tensor, alpha: torch.Tensor, compiled: bool = False, scalar_alpha: Optional[float] = None
+    ) -> torch.Tensor:
         x, q, lo, hi = _bisect_init(scores, alpha)
+        if scalar_alpha is not None:  # one alpha for all rows: a float exponent (d**2.0 is a square, not exp/log)
+            q = 1.0 / (scalar_alpha - 1.0)
         tol = 4 * torch.finfo(scores.dtype).eps
         step = _kernel(_bisect_step, compiled)
         tau, err = lo, torch.full_like(lo, float("inf"))
@@ -344,7 +349,7 @@ class EntmaxBisectFunction(torch.autograd.Function):
             if i % 4 == 3 and bool(((err <= tol) | (hi - lo <= tol)).all()):
                 break
         probs = _kernel(_bisect_finish, compiled)(x, q, lo)
-        ctx.compiled = compiled
+        ctx.compiled, ctx.scalar_alpha = compiled, scalar_alpha
         ctx.save_for_backward(probs, alpha)
         return probs
 
@@ -352,8 +357,10 @@ class EntmaxBisectFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         probs, alpha = ctx.saved_tensors
         need_alpha = ctx.needs_input_grad[1]
-        grad_scores, grad_alpha = _bisect_backward(probs, alpha, grad_output, need_alpha)
-        return grad_scores, grad_alpha, None
+        grad_scores, grad_alpha = _kernel(_bisect_backward, ctx.compiled)(
+            probs, alpha, grad_output, need_alpha, ctx.scalar_alpha
+        )
+        return grad_scores, grad_alpha, None, None
 
 
 def entmax_bisect(scores: torch.Tensor, alpha=None, *, compiled: bool = False) -> torch.Tensor:
@@ -367,7 +374,8 @@ def entmax_bisect(scores: torch.Tensor, alpha=None, *, compiled: bool = False) -
     if bool((alpha <= 1).any()):
         raise ValueError("entmax_bisect needs alpha > 1 (alpha = 1 is softmax)")
     alpha_rows = alpha.to(x.dtype).expand(*x.shape[:-1], 1)  # autograd sums the broadcast back
-    return EntmaxBisectFunction.apply(x, alpha_rows, compiled).to(scores.dtype)
+    scalar = float(alpha) if alpha.numel() == 1 else None
+    return EntmaxBisectFunction.apply(x, alpha_rows, compiled, scalar).to(scores.dtype)
 
 
 def softmax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
