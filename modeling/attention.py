@@ -293,13 +293,14 @@ def _bisect_init(scores: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tenso
     return x, 1.0 / am1, lo, hi.expand_as(lo)
 
 
-def _bisect_step(x, q, lo, hi, tau, err):
+def _bisect_step(x, q, lo, hi, tau, err, d=None, dq=None):
     """Evaluate f(tau) = sum d^q - 1, update the bracket, propose the next tau (Newton on ||d||_q - 1 from
-    lo, bisection if that leaves the bracket). Returns (lo, hi, next_tau, |f(lo)|)."""
-    d = torch.clamp(x - tau, min=0)
-    dq = d**q
+    lo, bisection if that leaves the bracket). Returns (lo, hi, next_tau, |f(lo)|). ``d``/``dq``: optional
+    (..., N) scratch buffers (CPU eager), so the iterations allocate nothing large."""
+    d = torch.sub(x, tau, out=d).clamp_min_(0) if d is not None else torch.clamp(x - tau, min=0)
+    dq = torch.pow(d, q, out=dq) if dq is not None else d**q
     sq = dq.sum(dim=-1, keepdim=True)  # (..., 1)
-    sq1 = torch.where(d > 0, dq / d, 0).sum(dim=-1, keepdim=True)  # sum d^(q-1)
+    sq1 = dq.div_(d).nan_to_num_(0.0).sum(dim=-1, keepdim=True)  # sum d^(q-1) (0/0 -> 0 off the support)
     above = sq >= 1
     lo = torch.where(above, tau, lo)
     hi = torch.where(above, hi, tau)
@@ -344,8 +345,10 @@ class EntmaxBisectFunction(torch.autograd.Function):
         tol = 4 * torch.finfo(scores.dtype).eps
         step = _kernel(_bisect_step, compiled)
         tau, err = lo, torch.full_like(lo, float("inf"))
+        d = _scratch_like(x, compiled)
+        dq = None if d is None else torch.empty_like(x)  # one more scratch, reused over the iterations
         for i in range(ENTMAX_BISECT_MAX_ITER):
-            lo, hi, tau, err = step(x, q, lo, hi, tau, err)
+            lo, hi, tau, err = step(x, q, lo, hi, tau, err, d, dq)
             # Converged rows stay put (Newton step ~0); check every few steps to limit host syncs.
             if i % 4 == 3 and bool(((err <= tol) | (hi - lo <= tol)).all()):
                 break
