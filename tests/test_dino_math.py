@@ -254,3 +254,17 @@ def test_attention_support_size(tiny_config_kwargs, attention):
         assert support == tokens
     else:
         assert 1 <= support < tokens
+
+
+def test_presets_load_and_the_paper_pair_differs_only_in_attention():
+    from entmax_vit.cli.config import parse_config
+    from entmax_vit.training.config import flatten
+    from entmax_vit.training.dino import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"tiny_cpu", "dino_vits16_100ep", "vits16_entmax15_200ep", "vits16_softmax_200ep"} <= set(names)
+    cfgs = {n: flatten(to_dict(parse_config(DinoConfig, ["--config", n], preset_dir=CONFIG_DIR))) for n in names}
+    entmax, softmax = cfgs["vits16_entmax15_200ep"], cfgs["vits16_softmax_200ep"]
+    assert {k for k in entmax if entmax[k] != softmax[k]} == {"output_dir", "model.attention"}
+    assert entmax["optim.epochs"] == 200 and entmax["data.source"] == "ILSVRC/imagenet-1k"
+    assert cfgs["dino_vits16_100ep"]["optim.epochs"] == 100 and cfgs["tiny_cpu"]["data.source"] == "embedded"
