@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from entmax_vit.cli.config import parse_config, save_config, to_dict
+from entmax_vit.cli.config import usage as config_usage
 
 from .foreground import DINO_MASS_THRESHOLD
 from .inputs import load_analysis_images
@@ -157,19 +158,7 @@ def parse_analyze_config(argv: Optional[Sequence[str]] = None) -> AnalyzeConfig:
 
 def usage() -> str:
     """``--help`` text: this module's doc, the presets, and every config key with its default and comment."""
-    import inspect
-
-    lines = [__doc__.strip(), "", "Presets (--config NAME): " + ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))),
-             "", "Keys (--key value):"]
-    comments = {}
-    for line in inspect.getsource(AnalyzeConfig).splitlines():
-        match = re.match(r"\s+(\w+): [^#]+#\s*(.*)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2)
-    defaults = to_dict(AnalyzeConfig())
-    for f in dataclasses.fields(AnalyzeConfig):
-        lines.append(f"  --{f.name:<20} {defaults[f.name]!r:<22} {comments.get(f.name, '')}".rstrip())
-    return "\n".join(lines)
+    return config_usage(AnalyzeConfig, __doc__, PRESET_DIR)
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:

@@ -205,16 +205,82 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def field_comments(cls: type, prefix: str = "") -> dict[str, str]:
+    """The ``# comment`` after each field of a config dataclass (nested ones under dotted keys): the
+    documented defaults that ``--help`` prints."""
+    import inspect
+    import re
+
+    field_line = re.compile(r"^\s+(\w+)\s*:[^#=]*(?:=[^#]*)?(?:#\s*(.+))?$")
+    out: dict[str, str] = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        source = ""
+    above: list[str] = []  # comment lines directly above a field document it, as does a trailing comment
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        match = field_line.match(line)
+        if match and not stripped.startswith(("def ", "class ", "@", "return")):
+            note = match.group(2) or " ".join(above)
+            if note:
+                out[prefix + match.group(1)] = note.strip()
+        above = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if _is_dataclass_type(hints.get(f.name)):
+            out.update(field_comments(hints[f.name], prefix=f"{prefix}{f.name}."))
+    return out
+
+
+def usage(cls: type, description: Optional[str] = None, preset_dir: Optional[Path] = None) -> str:
+    """``--help`` text: the description, the presets, and every (dotted) key with its default and comment."""
+    lines = [(description or cls.__doc__ or "").strip(), ""]
+    if preset_dir is not None and Path(preset_dir).is_dir():
+        lines += ["Presets (--config NAME, or --config FILE.yaml): "
+                  + ", ".join(sorted(p.stem for p in Path(preset_dir).glob("*.yaml"))), ""]
+    lines.append("Options (--key value; nested keys as --section.key value):")
+    comments = field_comments(cls)
+
+    def walk(klass: type, defaults: Mapping[str, Any], prefix: str = "") -> None:
+        hints = _field_types(klass)
+        for f in dataclasses.fields(klass):
+            if _is_dataclass_type(hints.get(f.name)) and isinstance(defaults.get(f.name), dict):
+                walk(hints[f.name], defaults[f.name], f"{prefix}{f.name}.")
+                continue
+            value = defaults.get(f.name, "(required)")
+            note = comments.get(prefix + f.name, "")
+            lines.append(f"  --{prefix + f.name:<28} {value!r:<24} {note}".rstrip())
+
+    try:
+        defaults = to_dict(cls())
+    except TypeError:  # required fields without defaults
+        defaults = {}
+    walk(cls, defaults)
+    return "\n".join(lines)
+
+
 def parse_config(
     cls: type[T],
     argv: Optional[Sequence[str]] = None,
     preset_dir: Optional[Path] = None,
     default_preset: Optional[str] = None,
+    description: Optional[str] = None,
 ) -> T:
-    """``[--config PRESET_OR_YAML] [--key value ...]`` -> a validated ``cls`` instance."""
+    """``[--config PRESET_OR_YAML] [--key value ...]`` -> a validated ``cls`` instance.
+
+    ``-h`` / ``--help`` prints :func:`usage` (description defaults to the running script's docstring) and
+    exits 0."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        main_doc = getattr(sys.modules.get("__main__"), "__doc__", None)
+        print(usage(cls, description or main_doc, preset_dir))
+        raise SystemExit(0)
     overrides = parse_overrides(argv)
     preset = overrides.pop("config", default_preset)
     base = load_preset(preset, preset_dir) if preset else {}
@@ -232,4 +298,4 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_preset", "parse_config", "parse_overrides", "save_config", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "field_comments", "from_dict", "load_preset", "parse_config", "parse_overrides", "save_config", "to_dict", "usage"]

@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from entmax_vit.cli.config import ConfigError, parse_config
+from entmax_vit.cli.config import ConfigError, parse_config, usage
 from entmax_vit.conversion.convert import ConvertConfig, main
 
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(ConvertConfig) if f.type in (bool, "bool")}
@@ -51,23 +51,10 @@ def split_positionals(argv: Sequence[str]) -> list[str]:
     return options
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """The ``# comment`` after each field of a config dataclass (the documented defaults) for --help."""
-    import inspect
-    import re
-
-    pattern = re.compile(r"^\s+(\w+):.*?#\s*(.+)$")
-    return {m.group(1): m.group(2) for line in inspect.getsource(cls).splitlines() if (m := pattern.match(line))}
-
-
 def run(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("Options (default: meaning):")
-        comments = _field_comments(ConvertConfig)
-        for f in dataclasses.fields(ConvertConfig):
-            print(f"  --{f.name:<12} {f.default!r}: {comments.get(f.name, '')}")
+        print(usage(ConvertConfig, __doc__))
         return
     cfg = parse_config(ConvertConfig, split_positionals(argv))
     if not cfg.input or not cfg.output_dir:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict
+from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict, usage
 
 logger = logging.getLogger("push_to_hub")
 
@@ -169,9 +169,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        for name, value in to_dict(PushConfig()).items():
-            print(f"  --{name.replace('_', '-')} (default {value!r})")
+        print(usage(PushConfig, __doc__))
         return 0
     try:
         cfg = parse_config(PushConfig, normalise_argv(argv))
