@@ -215,25 +215,59 @@ def _fix_failed_rows(probs: torch.Tensor, scores: torch.Tensor, ok: torch.Tensor
     return probs
 
 
-# ----------------------------------------------------------------------------------------------------------
-# entmax-1.5
-# ----------------------------------------------------------------------------------------------------------
-class Entmax15Function(torch.autograd.Function):
-    """1.5-entmax over the last dimension; saves only its output for backward."""
+class _ExactThresholdFunction(torch.autograd.Function):
+    """Shared autograd of the exact fast transforms (entmax-1.5, sparsemax): Newton + closed-form forward
+    with the per-row certificate and sort fallback, a backward that needs only the saved output. Subclasses
+    name their core, backward, Newton step count and reference."""
+
+    _core: Callable = None  # (scores, steps, scratch) -> (probs, ok)
+    _backward: Callable = None  # (probs, grad_output, scratch) -> grad_scores
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-        probs, ok = _kernel(_entmax15_core, compiled)(scores, ENTMAX15_NEWTON_STEPS, _scratch_like(scores, compiled))
-        probs = _fix_failed_rows(probs, scores, ok, entmax15_reference)
+    def _steps() -> int:  # read at call time, so tests can change the module constants
+        raise NotImplementedError
+
+    @staticmethod
+    def _reference(scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def forward(cls, ctx, scores: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+        probs, ok = _kernel(cls._core, compiled)(scores, cls._steps(), _scratch_like(scores, compiled))
+        probs = _fix_failed_rows(probs, scores, ok, cls._reference)
         ctx.compiled = compiled
         ctx.save_for_backward(probs)
         return probs
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    @classmethod
+    def backward(cls, ctx, grad_output: torch.Tensor):
         (probs,) = ctx.saved_tensors
         scratch = _scratch_like(probs, ctx.compiled)
-        return _kernel(_entmax15_backward, ctx.compiled)(probs, grad_output.contiguous(), scratch), None
+        return _kernel(cls._backward, ctx.compiled)(probs, grad_output.contiguous(), scratch), None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entmax-1.5
+# ----------------------------------------------------------------------------------------------------------
+def entmax15_reference(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sort-based exact 1.5-entmax (slow; the reference the fast path is tested against). Differentiable."""
+    x = _as_float32(scores) / 2
+    return _entmax15_sort(x - x.amax(dim=-1, keepdim=True)).to(scores.dtype)
+
+
+class Entmax15Function(_ExactThresholdFunction):
+    """1.5-entmax over the last dimension; saves only its output for backward."""
+
+    _core = staticmethod(_entmax15_core)
+    _backward = staticmethod(_entmax15_backward)
+
+    @staticmethod
+    def _steps() -> int:
+        return ENTMAX15_NEWTON_STEPS
+
+    @staticmethod
+    def _reference(scores: torch.Tensor) -> torch.Tensor:
+        return entmax15_reference(scores)
 
 
 def entmax15(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
@@ -241,42 +275,33 @@ def entmax15(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, comp
     return Entmax15Function.apply(_as_float32(scores), compiled).to(scores.dtype)
 
 
-def entmax15_reference(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sort-based exact 1.5-entmax (slow; the reference the fast path is tested against). Differentiable."""
-    x = _as_float32(scores) / 2
-    return _entmax15_sort(x - x.amax(dim=-1, keepdim=True)).to(scores.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # sparsemax (alpha = 2)
 # ----------------------------------------------------------------------------------------------------------
-class SparsemaxFunction(torch.autograd.Function):
+def sparsemax_reference(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sort-based exact sparsemax (slow reference). Differentiable."""
+    x = _as_float32(scores)
+    return _sparsemax_sort(x - x.amax(dim=-1, keepdim=True)).to(scores.dtype)
+
+
+class SparsemaxFunction(_ExactThresholdFunction):
     """Euclidean projection onto the simplex over the last dimension; saves only its output."""
 
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-        probs, ok = _kernel(_sparsemax_core, compiled)(scores, SPARSEMAX_NEWTON_STEPS, _scratch_like(scores, compiled))
-        probs = _fix_failed_rows(probs, scores, ok, sparsemax_reference)
-        ctx.compiled = compiled
-        ctx.save_for_backward(probs)
-        return probs
+    _core = staticmethod(_sparsemax_core)
+    _backward = staticmethod(_sparsemax_backward)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (probs,) = ctx.saved_tensors
-        scratch = _scratch_like(probs, ctx.compiled)
-        return _kernel(_sparsemax_backward, ctx.compiled)(probs, grad_output.contiguous(), scratch), None
+    def _steps() -> int:
+        return SPARSEMAX_NEWTON_STEPS
+
+    @staticmethod
+    def _reference(scores: torch.Tensor) -> torch.Tensor:
+        return sparsemax_reference(scores)
 
 
 def sparsemax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
     """Exact sparsemax over the last dimension (float32 under half precision)."""
     return SparsemaxFunction.apply(_as_float32(scores), compiled).to(scores.dtype)
-
-
-def sparsemax_reference(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sort-based exact sparsemax (slow reference). Differentiable."""
-    x = _as_float32(scores)
-    return _sparsemax_sort(x - x.amax(dim=-1, keepdim=True)).to(scores.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
