@@ -155,7 +155,7 @@ def assemble_repository(
     if (model_dir / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(model_dir)
+        processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
     else:
         logger.warning("%s has no preprocessor_config.json: shipping DINO's eval preprocessing", model_dir)
         processor = make_image_processor()

@@ -174,7 +174,7 @@ def _usage(inputs: CardInputs) -> str:
         "from PIL import Image",
         "from transformers import AutoImageProcessor, AutoModel",
         "",
-        f'processor = AutoImageProcessor.from_pretrained("{repo}")',
+        f'processor = AutoImageProcessor.from_pretrained("{repo}", trust_remote_code=True)',
         f'model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()',
         'image = Image.open("image.jpg")',
         "with torch.no_grad():",

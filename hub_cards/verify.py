@@ -31,7 +31,7 @@ from transformers import AutoImageProcessor, AutoModel, pipeline
 
 repo, work = sys.argv[1], Path(sys.argv[2])
 images = [Image.open(p) for p in sorted((work / "images").glob("*.png"))]
-processor = AutoImageProcessor.from_pretrained(repo)
+processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
 model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
 tensors, report = {}, {"model_class": type(model).__module__ + "." + type(model).__name__,
                        "processor_class": type(processor).__name__}

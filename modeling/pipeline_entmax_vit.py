@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import Pipeline
 from transformers.utils import cached_file, is_vision_available
 
+from .image_processing_entmax_vit import pil_to_rgb as to_rgb
 from .segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS, LinearSegmentationHead
 
 if is_vision_available():
@@ -93,31 +94,6 @@ def _open_bytes(raw: bytes, source: str) -> "PIL.Image.Image":
     except Exception as err:  # noqa: BLE001 - PIL raises several types for bad data
         raise ImageInputError(f"Image input ({source}) is not a readable image: {err}") from err
     return image
-
-
-def to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
-    """Any PIL mode -> RGB, keeping the visible content: 16/32-bit integer and float images are rescaled to
-    8 bits (a plain ``convert`` would clip them to white), transparency is composited on white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I") or mode == "F":
-        low, high = image.getextrema()
-        if mode != "F":
-            image = image.convert("I")
-        if mode == "F" and high <= 1.0 and low >= 0.0:
-            scale = 255.0  # float image in [0, 1]
-        elif high > 255:
-            scale = 255.0 / (65535.0 if high <= 65535 else float(high))
-        else:
-            scale = 1.0
-        image = image.point(lambda v: v * scale + 0.5).convert("L")  # +0.5: round, not floor
-        return image.convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ from safetensors.torch import save_file
 from transformers import AutoImageProcessor, AutoModel
 hub_dir, images_dir, out = sys.argv[1:4]
 model = AutoModel.from_pretrained(hub_dir, trust_remote_code=True).eval()
-processor = AutoImageProcessor.from_pretrained(hub_dir)
+processor = AutoImageProcessor.from_pretrained(hub_dir, trust_remote_code=True)
 paths = sorted(__import__("pathlib").Path(images_dir).glob("*.png"))
 inputs = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
 with torch.no_grad():

@@ -358,7 +358,7 @@ def test_converted_folder_round_trip_in_fresh_process(tmp_path):
         "from transformers import AutoModel, AutoImageProcessor\n"
         "m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
         "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
-        "p = AutoImageProcessor.from_pretrained(sys.argv[1])\n"
+        "p = AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
         "assert p.crop_size == {'height': 32, 'width': 32}, p.crop_size\n"
         "x = torch.load(sys.argv[2], weights_only=True)\n"
         "with torch.no_grad():\n"

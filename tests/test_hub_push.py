@@ -163,7 +163,7 @@ from safetensors.torch import save_file
 from transformers import AutoImageProcessor, AutoModel, pipeline
 repo, work = sys.argv[1], Path(sys.argv[2])
 images = [Image.open(p) for p in sorted(work.glob("img_*.png"))]
-processor = AutoImageProcessor.from_pretrained(repo)
+processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
 model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
 out = {}
 with torch.no_grad():
@@ -240,7 +240,7 @@ def test_push_commits_a_repository_that_loads_without_the_project(release_inputs
     from transformers import AutoImageProcessor, pipeline
 
     model, head, images = release_inputs["model"], release_inputs["head"], _images()
-    processor = AutoImageProcessor.from_pretrained(release_inputs["model_dir"])
+    processor = AutoImageProcessor.from_pretrained(release_inputs["model_dir"], trust_remote_code=True)
     with torch.no_grad():
         inputs = processor(images, return_tensors="pt")
         local = model(**inputs)

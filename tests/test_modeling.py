@@ -325,3 +325,44 @@ def test_loading_mismatched_checkpoint_names_the_keys(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="qkv|size mismatch|shape"):
         EntmaxViTModel.from_pretrained(tmp_path / "small", hidden_size=64, num_attention_heads=4,
                                        intermediate_size=64)
+
+
+def test_image_processor_converts_odd_images_as_users_expect(tmp_path: Path) -> None:
+    """16-bit, float, RGBA, palette, CMYK, grayscale, 1x1 and EXIF-rotated images become the RGB image a user
+    sees (no clipping of 16-bit to white, orientation applied, transparency on white)."""
+    import numpy as np
+    from PIL import Image
+
+    processor = make_image_processor(resize=32, crop=32)
+    rng = np.random.default_rng(0)
+    gray8 = rng.integers(0, 256, size=(40, 48), dtype=np.uint8)
+
+    def pix(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    ref = pix(Image.fromarray(gray8, "L"))
+    torch.testing.assert_close(pix(Image.fromarray(gray8.astype(np.uint16) * 257)), ref)  # I;16
+    torch.testing.assert_close(pix(Image.fromarray(gray8.astype(np.float32) / 255.0, "F")), ref, atol=0.02, rtol=0)
+    rgb = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+    ref_rgb = pix(Image.fromarray(rgb))
+    opaque = Image.fromarray(np.dstack([rgb, np.full((40, 48), 255, np.uint8)]), "RGBA")
+    torch.testing.assert_close(pix(opaque), ref_rgb)
+    clear = Image.fromarray(np.dstack([rgb, np.zeros((40, 48), np.uint8)]), "RGBA")
+    white = pix(Image.new("RGB", (48, 40), (255, 255, 255)))
+    torch.testing.assert_close(pix(clear), white)
+    for mode in ("P", "CMYK", "LA"):
+        assert pix(Image.fromarray(rgb).convert(mode)).shape == (3, 32, 32)
+    assert pix(Image.new("RGB", (1, 1), (10, 20, 30))).shape == (3, 32, 32)
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): the processor sees the upright image
+    upright = Image.fromarray(rgb)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    upright.save(tmp_path / "upright.jpg", quality=100)
+    got = pix(Image.open(tmp_path / "rotated.jpg"))
+    want = pix(Image.open(tmp_path / "upright.jpg"))
+    assert (got - want).abs().mean() < 0.1
+    # the processor round-trips through save_pretrained with its remote code
+    processor.save_pretrained(tmp_path / "proc")
+    assert (tmp_path / "proc" / "image_processing_entmax_vit.py").is_file()

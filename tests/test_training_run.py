@@ -66,7 +66,7 @@ def test_run_writes_outputs_and_loadable_export(uninterrupted, tmp_path):
             "m = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval();"
             "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__;"
             "assert m.config.attention == 'entmax15' and m.config.drop_path_rate == 0.0;"
-            "AutoImageProcessor.from_pretrained(sys.argv[1]);"
+            "AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True);"
             "print(m(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output.shape)")
     proc = subprocess.run([sys.executable, "-c", code, str(export)], cwd=tmp_path, capture_output=True, text=True,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
