@@ -2,8 +2,9 @@
 
 Hub code: copied flat into the model repository (with its relative import ``segmentation_head.py``) and
 loaded by ``pipeline(model=repo, trust_remote_code=True)`` or ``pipeline("image-segmentation", model=repo,
-trust_remote_code=True)``. Imports only the standard library, torch and transformers (Pillow, which every
-transformers image pipeline needs, is reached through transformers' own availability check).
+trust_remote_code=True)``. Imports only the standard library, torch and transformers, except Pillow's
+``Image.open`` to decode files and bytes (behind transformers' vision-availability check: transformers' own
+image pipelines decode with the same library).
 
 Output follows transformers' image-segmentation pipelines: a list with one dict per label present in the
 prediction, ``{"label": str, "score": float, "mask": PIL.Image (mode "L", 0/255)}`` at the INPUT image's
@@ -23,12 +24,15 @@ import torch.nn.functional as F
 from transformers import Pipeline
 from transformers.utils import cached_file, is_vision_available
 
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import PILImageResampling, is_pil_image
+
 from .image_processing_entmax_vit import pil_to_rgb as to_rgb
+from .image_processing_entmax_vit import upright
 from .segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS, LinearSegmentationHead
 
 if is_vision_available():
-    import PIL.Image
-    import PIL.ImageOps
+    import PIL.Image  # only to decode encoded images (Image.open)
 
 # Used only when the repository has no image processor config (it always has one when assembled by us).
 _DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -70,14 +74,14 @@ def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image"
                     f"Image input {source[:80]!r} is neither an existing file, an http(s) URL nor base64 data"
                 ) from None
             image = _open_bytes(raw, "base64 string")
-    elif not isinstance(image, PIL.Image.Image):
+    elif not is_pil_image(image):
         raise ImageInputError(
             f"Unsupported image input of type {type(image).__name__}; pass a PIL image, a path, a URL, "
             "base64 data or bytes"
         )
     try:
         image.load()
-        image = PIL.ImageOps.exif_transpose(image)
+        image = upright(image)
     except Exception as err:  # noqa: BLE001 - truncated or corrupt pixel data
         raise ImageInputError(f"Image data is unreadable or truncated: {err}") from err
     if image.width == 0 or image.height == 0:
@@ -164,7 +168,7 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         image = open_image(image, timeout=timeout)
         width, height = image.size
         side = self.head.config.input_size
-        resized = image.resize((side, side), resample=PIL.Image.BICUBIC)
+        resized = image.resize((side, side), resample=PILImageResampling.BICUBIC)
         # bytes -> (side, side, 3) uint8 -> (1, 3, side, side) float in [0, 1]
         pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(side, side, 3)
         pixels = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255.0
@@ -189,7 +193,7 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         for label in prediction.unique().tolist():
             where = prediction == label
             mask = where.to(torch.uint8).mul(255)  # (H, W), 0/255
-            mask_image = PIL.Image.frombytes("L", (width, height), mask.contiguous().numpy().tobytes())
+            mask_image = to_pil_image(mask.reshape(height, width, 1).numpy(), input_data_format="channels_last")
             results.append({
                 "label": names.get(int(label), str(label)),
                 "score": round(float(confidence[where].mean()), 6),

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -49,10 +47,10 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # align the data section to 8 bytes
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp")
     with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
+        f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for raw in blobs:
             f.write(raw)
@@ -61,10 +59,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors file into CPU tensors; malformed files raise ValueError."""
-    data = Path(path).read_bytes()
+    with open(path, "rb") as f:
+        data = f.read()
     if len(data) < 8:
         raise ValueError(f"{path}: not a safetensors file (too short)")
-    (size,) = struct.unpack("<Q", data[:8])
+    size = int.from_bytes(data[:8], "little")
     if 8 + size > len(data):
         raise ValueError(f"{path}: corrupt safetensors header")
     header = json.loads(data[8 : 8 + size])
@@ -153,22 +152,23 @@ class LinearSegmentationHead(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     # -- persistence ---------------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self.state_dict(), directory / HEAD_WEIGHTS, metadata={"format": "pt"})
-        (directory / HEAD_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
+    def save(self, directory: str | os.PathLike) -> str | os.PathLike:
+        """Write the head folder; returns ``directory`` as given."""
+        os.makedirs(directory, exist_ok=True)
+        save_safetensors(self.state_dict(), os.path.join(directory, HEAD_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(directory, HEAD_CONFIG), "w") as f:
+            f.write(json.dumps(self.config.to_dict(), indent=2))
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "LinearSegmentationHead":
-        directory = Path(directory)
         for name in (HEAD_WEIGHTS, HEAD_CONFIG):
-            if not (directory / name).is_file():
+            if not os.path.isfile(os.path.join(directory, name)):
                 raise FileNotFoundError(f"{directory} has no {name}: not a segmentation-head folder")
-        config = SegmentationHeadConfig.from_dict(json.loads((directory / HEAD_CONFIG).read_text()))
+        with open(os.path.join(directory, HEAD_CONFIG)) as f:
+            config = SegmentationHeadConfig.from_dict(json.load(f))
         head = cls(config)
-        state = load_safetensors(directory / HEAD_WEIGHTS)
+        state = load_safetensors(os.path.join(directory, HEAD_WEIGHTS))
         missing, unexpected = head.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"Segmentation head weights do not match its config: missing {missing}, unexpected {unexpected}")

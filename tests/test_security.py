@@ -10,9 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_ALLOWED = {"torch", "transformers"}
-# The image pipeline and image processor also need Pillow, the "vision" backend that transformers' own image pipelines and image
-# processors require; it is imported behind transformers.utils.is_vision_available(). Model, config and
-# attention code stay torch + transformers only.
+# The segmentation pipeline also imports Pillow, only for Image.open (decoding files and bytes, which
+# transformers' own image pipelines do with the same library), behind transformers' is_vision_available().
+# Everything else, the image processor included, stays stdlib + torch + transformers.
 PIPELINE_EXTRA = {"PIL"}
 PROJECT_DIRS = ["modeling", "training", "evaluation", "analysis", "data", "hub_cards", "conversion", "cli", "scripts", "tests"]
 
@@ -37,7 +37,7 @@ def test_hub_code_imports_only_stdlib_torch_transformers(path: Path) -> None:
             continue
         for name in names:
             top = name.split(".")[0]
-            allowed = HUB_ALLOWED | (PIPELINE_EXTRA if path.name.startswith(("pipeline_", "image_processing_")) else set())
+            allowed = HUB_ALLOWED | (PIPELINE_EXTRA if path.name.startswith("pipeline_") else set())
             if top not in allowed and top not in sys.stdlib_module_names and top != "__future__":
                 bad.append(name)
     assert not bad, f"{path.name} imports {bad}: Hub code may import only the standard library, torch, transformers"
