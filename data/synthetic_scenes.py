@@ -1,20 +1,28 @@
 """The embedded benchmark: synthetic scenes over real texture photographs, with image labels and pixel masks.
 
-Every image is a small "scene": one main object plus 0-2 distractor objects (other classes, smaller, in a
-random depth order so they can occlude each other and the main object), drawn at a random scale, position
-and rotation over a background cropped from a real photograph that ships inside scikit-image / scikit-learn
-(brick, grass, gravel, the moon's surface, a stained tissue slide, the Hubble deep field, two holiday photos).
-Each object class has its own shape AND its own colour/texture pattern, jittered per instance, so that - as in
-real scenes - patch content, the global image class and the per-pixel labels are related but not the same:
+Every image is a small "scene" of 2-4 objects of DIFFERENT classes laid out on a jittered 2 x 2 grid, so that
+neighbouring regions of one image hold different classes: a model whose patch features take on the image's
+global semantics (a global-to-local leak, "semantic diffusion") labels the neighbours of the main object
+wrongly, which the segmentation probe sees. Objects are drawn at a random scale, position and rotation, in a
+random depth order (they may occlude each other), over a background cropped from a real photograph that ships
+inside scikit-image (brick, grass, gravel, the moon's surface, a stained tissue slide, the Hubble deep field,
+a coffee cup on a table, a rocket launch). Each object class has its own shape AND its own colour/texture
+pattern, jittered per instance, so that - as in real scenes - patch content, the image class and the per-pixel
+labels are related but not the same:
 
-- ``label`` (ClassLabel over ``OBJECT_CLASSES``): the class covering the most object pixels after occlusion.
+- ``label`` (ClassLabel over ``OBJECT_CLASSES``): the image-level class used by the k-NN and linear probes is
+  the class of the scene's designated MAIN object, drawn the largest; a scene is redrawn until that object
+  also covers strictly the most visible pixels of all objects (after occlusion), so ``label`` always equals
+  the largest region's class.
 - ``mask`` (PIL mode "L"): 0 = background, k = ``SEGMENTATION_CLASSES[k]`` (= ``OBJECT_CLASSES[k - 1]``).
 
-Generation is deterministic: image ``i`` of a split depends only on ``(seed, split, i)`` (so the first N images
-are the same whatever the split size), labels are exactly balanced per block of ``len(OBJECT_CLASSES)`` images.
-Scenes are rendered at 2x resolution and box-downsampled (anti-aliased edges); the mask is the per-pixel
-majority label of the same 2x2 block. The result is cached with ``save_to_disk`` under
-``$ENTMAX_VIT_CACHE`` (default ``~/.cache/entmax_vit``) keyed by every parameter, and reloaded after first use.
+Every source of the pixels is a declared dependency (scikit-image's bundled images): a source that cannot be
+loaded is an error, never a silently different dataset. Generation is deterministic: image ``i`` of a split
+depends only on ``(seed, split, i)`` (so the first N images are the same whatever the split size), labels
+are exactly balanced per block of ``len(OBJECT_CLASSES)`` images. Scenes are rendered at 2x resolution and
+box-downsampled (anti-aliased edges); the mask is the per-pixel majority label of the same 2x2 block. The
+result is cached with ``save_to_disk`` under ``$ENTMAX_VIT_CACHE`` (default ``~/.cache/entmax_vit``) keyed by
+every parameter, the generator version and a hash of the source photographs, and reloaded after first use.
 
     from entmax_vit.data.synthetic_scenes import load_synthetic_scenes
     scenes = load_synthetic_scenes()              # DatasetDict: train 2000 / validation 500, 64 px
@@ -24,6 +32,7 @@ majority label of the same 2x2 block. The result is cached with ``save_to_disk``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -39,7 +48,8 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 # Bump when the rendering changes: it is part of the cache key, so old caches are never reused by mistake.
-GENERATOR_VERSION = 1
+# 2: several objects of different classes per scene on a 2 x 2 layout; scikit-image backgrounds only.
+GENERATOR_VERSION = 2
 
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_NUM_TRAIN = 2000
@@ -122,6 +132,18 @@ _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
+@lru_cache(maxsize=None)
+def _shape_area(shape: str) -> float:
+    """Area of a shape in units of radius^2 (disk: pi), measured on a fixed 400 x 400 grid."""
+    v, u = (np.mgrid[0:400, 0:400].astype(np.float64) + 0.5) / 200.0 - 1.0
+    return float(_SHAPES[shape](u, v).mean() * 4.0)
+
+
+# Objects of one "size" cover the same area whatever their shape (a triangle is drawn with a larger radius
+# than a disk): radius = size * sqrt(_REFERENCE_AREA / area), so no class is small or large by construction.
+_REFERENCE_AREA = 2.0
+
+
 # Patterns: mixing weight in [0, 1] from local coordinates; they rotate and scale with the object.
 def _pattern(name: str, u: np.ndarray, v: np.ndarray, freq: float, phase: float, rng: np.random.Generator) -> np.ndarray:
     rho = np.hypot(u, v)
@@ -145,29 +167,39 @@ def _pattern(name: str, u: np.ndarray, v: np.ndarray, freq: float, phase: float,
 
 
 # ---------------------------------------------------------------- backgrounds: real texture photographs
+# scikit-image's bundled images (inside its wheel, no download): the complete list of background sources.
+BACKGROUND_SOURCES: tuple[str, ...] = ("brick", "grass", "gravel", "moon", "immunohistochemistry",
+                                       "hubble_deep_field", "coffee", "rocket")
+
+
 @lru_cache(maxsize=1)
 def _background_sources() -> tuple[tuple[np.ndarray, bool], ...]:
-    """(H, W, 3) float32 photographs in [0, 1] with a flag: True = greyscale (tinted per scene)."""
+    """(H, W, 3) float32 photographs in [0, 1] with a flag: True = greyscale (tinted per scene).
+
+    Every source must load: a missing one raises instead of silently rendering a different benchmark."""
     from skimage import data as skdata
 
     sources: list[tuple[np.ndarray, bool]] = []
-    for name in ("brick", "grass", "gravel", "moon", "immunohistochemistry", "hubble_deep_field"):
+    for name in BACKGROUND_SOURCES:
         try:
             array = getattr(skdata, name)()
-        except Exception as err:  # some skimage images need an optional download: skip them, offline
-            logger.warning("synthetic scenes: skipping background %r (%s)", name, err)
-            continue
+        except Exception as err:
+            raise RuntimeError(
+                f"embedded benchmark: background photograph {name!r} of scikit-image cannot be loaded ({err!r}); "
+                "without it the scenes would differ from every other machine. Reinstall scikit-image "
+                "(a declared dependency: pip install 'scikit-image>=0.22')"
+            ) from err
         sources.append(_as_rgb_float(array))
-    try:
-        from sklearn.datasets import load_sample_image
-
-        for name in ("china.jpg", "flower.jpg"):
-            sources.append(_as_rgb_float(load_sample_image(name)))
-    except Exception as err:
-        logger.warning("synthetic scenes: scikit-learn sample images unavailable (%s)", err)
-    if not sources:
-        raise RuntimeError("no background photographs could be loaded from scikit-image / scikit-learn")
     return tuple(sources)
+
+
+def sources_fingerprint() -> str:
+    """Hash of every background photograph (names and pixels): part of the dataset cache key."""
+    digest = hashlib.sha256()
+    for name, (photo, grey) in zip(BACKGROUND_SOURCES, _background_sources()):
+        digest.update(f"{name}:{photo.shape}:{grey};".encode())
+        digest.update(np.ascontiguousarray(photo).tobytes())
+    return digest.hexdigest()[:12]
 
 
 def _as_rgb_float(array: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -198,12 +230,19 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 # ---------------------------------------------------------------- one scene
 def _draw_object(rng: np.random.Generator, size: int, class_id: int, radius: float, center: tuple[float, float],
                  canvas: np.ndarray, labels: np.ndarray) -> None:
-    """Paint one object of ``class_id`` (0-based) onto ``canvas`` (S, S, 3) and ``labels`` (S, S) in place."""
+    """Paint one object of ``class_id`` (0-based) onto ``canvas`` (S, S, 3) and ``labels`` (S, S) in place.
+
+    Only the object's bounding box is computed (every shape lies within 1.15 radii of its centre)."""
     spec = CLASS_SPECS[class_id]
     theta = rng.uniform(0, 2 * np.pi)
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    reach = 1.15 * radius
+    top, bottom = max(0, int(center[1] - reach)), min(size, int(np.ceil(center[1] + reach)))
+    left, right = max(0, int(center[0] - reach)), min(size, int(np.ceil(center[0] + reach)))
+    if top >= bottom or left >= right:
+        return
+    ys, xs = np.mgrid[top:bottom, left:right].astype(np.float32) + 0.5  # (h, w) pixel centres of the box
     dx, dy = (xs - center[0]) / radius, (ys - center[1]) / radius
-    u = np.cos(theta) * dx + np.sin(theta) * dy  # (S, S) object-local coordinates
+    u = np.cos(theta) * dx + np.sin(theta) * dy  # (h, w) object-local coordinates
     v = -np.sin(theta) * dx + np.cos(theta) * dy
     inside = _SHAPES[spec.shape](u, v)
     if not inside.any():
@@ -212,40 +251,56 @@ def _draw_object(rng: np.random.Generator, size: int, class_id: int, radius: flo
     brightness = rng.uniform(0.75, 1.12)
     color_a = np.clip(np.asarray(spec.color_a) * brightness + rng.uniform(-0.06, 0.06, 3), 0, 1)
     color_b = np.clip(np.asarray(spec.color_b) * brightness + rng.uniform(-0.06, 0.06, 3), 0, 1)
-    color = color_a * (1 - weight[..., None]) + color_b * weight[..., None]  # (S, S, 3)
+    color = color_a * (1 - weight[..., None]) + color_b * weight[..., None]  # (h, w, 3)
     light = rng.uniform(0, 2 * np.pi)  # soft directional shading, as on a curved surface
     shading = 1.0 + 0.12 * (np.cos(light) * u + np.sin(light) * v)
     color = color * shading[..., None] + rng.normal(0, 0.03, color.shape)
-    canvas[inside] = np.clip(color[inside], 0, 1)
-    labels[inside] = class_id + 1
+    canvas[top:bottom, left:right][inside] = np.clip(color[inside], 0, 1)
+    labels[top:bottom, left:right][inside] = class_id + 1
+
+
+# Layout: object centres on a jittered 2 x 2 grid (in units of the canvas side), one object per cell.
+_CELL_CENTERS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))
+_NUM_OBJECTS_P = {2: 0.2, 3: 0.4, 4: 0.4}
+# Every object of a scene covers at least this share of its pixels (after occlusion): no invisible regions.
+MIN_OBJECT_SHARE = 0.02
 
 
 def render_scene(rng: np.random.Generator, image_size: int, main_class: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Render one scene whose main (largest visible) object is ``main_class`` (0-based).
+    """Render one scene of 2-4 objects of different classes whose main (largest visible) object is
+    ``main_class`` (0-based).
 
     Returns (image (S, S, 3) uint8, mask (S, S) uint8 with 0 = background and k = class k - 1, label).
-    The label always equals ``main_class``: distractor layouts that would out-cover it are redrawn.
+    The label always equals ``main_class``: layouts in which another object covers as many pixels, or an
+    object is (nearly) hidden, are redrawn with the other objects a little smaller.
     """
     hi = 2 * image_size  # render at 2x and box-downsample: anti-aliased edges
     background = _background(rng, hi)
-    n_distractors = int(rng.choice(3, p=[0.3, 0.45, 0.25]))
+    n_objects = int(rng.choice(list(_NUM_OBJECTS_P), p=list(_NUM_OBJECTS_P.values())))
+    others = [c for c in range(len(CLASS_SPECS)) if c != main_class]
     for attempt in range(20):
         canvas, labels = background.copy(), np.zeros((hi, hi), dtype=np.uint8)
-        # Main object: large, mostly inside the frame. Distractors: smaller, anywhere, may leave the frame.
-        objects = [(main_class, rng.uniform(0.22, 0.40) * hi, tuple(rng.uniform(0.25, 0.75, 2) * hi))]
-        others = [c for c in range(len(CLASS_SPECS)) if c != main_class]
-        for _ in range(n_distractors if attempt < 19 else 0):
-            objects.append((int(rng.choice(others)), rng.uniform(0.10, 0.24) * hi, tuple(rng.uniform(0.05, 0.95, 2) * hi)))
+        classes = [main_class, *(int(c) for c in rng.choice(others, size=n_objects - 1, replace=False))]
+        cells = rng.permutation(len(_CELL_CENTERS))[:n_objects]
+        main_size = rng.uniform(0.24, 0.30) * hi
+        shrink = 1.0 - 0.025 * attempt  # each retry: the other objects a little smaller
+        objects = []
+        for k, (class_id, cell) in enumerate(zip(classes, cells)):
+            size = main_size if k == 0 else main_size * rng.uniform(0.70, 0.90) * shrink
+            radius = size * np.sqrt(_REFERENCE_AREA / _shape_area(CLASS_SPECS[class_id].shape))
+            center = tuple((np.asarray(_CELL_CENTERS[cell]) + rng.uniform(-0.05, 0.05, 2)) * hi)
+            objects.append((class_id, radius, center))
         for index in rng.permutation(len(objects)):  # random depth order: occlusion either way
             class_id, radius, center = objects[index]
             _draw_object(rng, hi, class_id, float(radius), center, canvas, labels)
         mask = _majority_downsample(labels, len(SEGMENTATION_CLASSES))
         counts = np.bincount(mask.ravel(), minlength=len(SEGMENTATION_CLASSES))[1:]
-        if counts[main_class] >= 0.04 * image_size**2 and counts[main_class] == counts.max() and \
+        visible = all(counts[c] >= MIN_OBJECT_SHARE * image_size**2 for c in classes)
+        if visible and counts[main_class] >= 0.04 * image_size**2 and counts[main_class] == counts.max() and \
                 (counts == counts[main_class]).sum() == 1:
             break
-    else:  # unreachable in practice: the last attempt has no distractors and the main object is big
-        raise RuntimeError("could not render a scene whose main object dominates")
+    else:
+        raise RuntimeError(f"could not render a scene whose main object ({OBJECT_CLASSES[main_class]}) dominates")
     image = canvas.reshape(image_size, 2, image_size, 2, 3).mean(axis=(1, 3))
     return (image * 255 + 0.5).astype(np.uint8), mask, main_class
 
@@ -303,7 +358,7 @@ def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int =
     """The embedded benchmark as a ``datasets.DatasetDict`` with splits "train" and "validation".
 
     Columns: ``image`` (RGB, image_size x image_size), ``label`` (ClassLabel over ``OBJECT_CLASSES``: the
-    class covering most object pixels) and ``mask`` (mode "L": 0 = background, k = ``SEGMENTATION_CLASSES[k]``).
+    class of the main object, which covers strictly the most object pixels) and ``mask`` (mode "L": 0 = background, k = ``SEGMENTATION_CLASSES[k]``).
     Rendered once (a few seconds per thousand 64 px images), then loaded from
     ``cache_dir/synthetic_scenes/<key>`` (default cache: ``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``).
     """
@@ -317,7 +372,9 @@ def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int =
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = f"v{GENERATOR_VERSION}_size{image_size}_train{num_train}_val{num_validation}_seed{seed}"
+    # The key covers every parameter, the generator version and the source photographs' pixels.
+    key = (f"v{GENERATOR_VERSION}_src{sources_fingerprint()}_size{image_size}_train{num_train}_val{num_validation}"
+           f"_seed{seed}")
     target = root / "synthetic_scenes" / key
     if (target / "dataset_dict.json").exists():
         logger.info("synthetic scenes: loading cached %s", target)

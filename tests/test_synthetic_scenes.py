@@ -1,4 +1,7 @@
-"""The embedded benchmark: deterministic, correctly labelled, balanced, cached."""
+"""The embedded benchmark: deterministic, correctly labelled, balanced, several classes per scene, cached under
+a key that covers its sources, pinned by a hash of generated pixels."""
+
+import hashlib
 
 import numpy as np
 import pytest
@@ -39,6 +42,51 @@ def test_mask_values_agree_with_label(scenes):
             assert (counts == counts.max()).sum() == 1
             assert counts[example["label"]] >= 0.04 * mask.size
             assert (mask == 0).any()  # some background always shows
+
+
+def test_several_classes_per_scene(scenes):
+    # Neighbouring regions hold different classes (a global-to-local leak would mislabel them): every scene has
+    # at least two visible object classes, and outside the main object they cover a real share of the pixels.
+    other_share = []
+    for split in ("train", "validation"):
+        for example in scenes[split]:
+            mask = np.asarray(example["mask"])
+            counts = np.bincount(mask.ravel(), minlength=len(SEGMENTATION_CLASSES))[1:]
+            visible = counts[counts > 0]
+            assert len(visible) >= 2
+            assert visible.min() >= ss.MIN_OBJECT_SHARE * mask.size
+            other_share.append((counts.sum() - counts[example["label"]]) / mask.size)
+    assert np.mean(other_share) > 0.10
+
+
+def test_pinned_pixels():
+    # The same scenes on every machine: a hash of the first rendered pixels, masks and labels (update it, and
+    # GENERATOR_VERSION, only on purpose when the rendering changes).
+    out = ss.generate_split("train", 3, image_size=32, seed=0, progress=False)
+    digest = hashlib.sha256()
+    for image, mask, label in zip(out["image"], out["mask"], out["label"]):
+        digest.update(np.asarray(image).tobytes())
+        digest.update(np.asarray(mask).tobytes())
+        digest.update(bytes([label]))
+    assert ss.GENERATOR_VERSION == 2
+    assert digest.hexdigest() == "da36ed12842071b75ad2a86819c5f1461c185bcd1d1b1a537315504e2db10845"
+
+
+def test_missing_source_is_an_error(monkeypatch):
+    # A background photograph that cannot be loaded stops generation with a message naming it: never a
+    # silently different benchmark.
+    from skimage import data as skdata
+
+    def broken():
+        raise OSError("file not found")
+
+    ss._background_sources.cache_clear()
+    monkeypatch.setattr(skdata, "gravel", broken)
+    try:
+        with pytest.raises(RuntimeError, match="'gravel'.*scikit-image"):
+            ss.generate_split("train", 1, image_size=32, progress=False)
+    finally:
+        ss._background_sources.cache_clear()
 
 
 def test_objects_differ_from_background(scenes):
@@ -88,6 +136,11 @@ def test_cache_reused_and_keyed(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(first["train"][1]["image"]), np.asarray(second["train"][1]["image"]))
     with pytest.raises(AssertionError):  # other parameters are another cache entry
         load_synthetic_scenes(image_size=32, num_train=3, num_validation=2, cache_dir=tmp_path, progress=False)
+    # the key covers the generator version and the source photographs
+    assert cached[0].name.startswith(f"v{ss.GENERATOR_VERSION}_src{ss.sources_fingerprint()}_")
+    monkeypatch.setattr(ss, "sources_fingerprint", lambda: "0" * 12)
+    with pytest.raises(AssertionError):  # other source pixels are another cache entry
+        load_synthetic_scenes(image_size=32, num_train=2, num_validation=2, cache_dir=tmp_path, progress=False)
 
 
 def test_env_cache_dir(tmp_path, monkeypatch):
