@@ -1,15 +1,17 @@
-"""Hub release: model-card renderer (card.py + templates/), measured attention sparsity (sparsity.py),
-repository assembly (assemble.py), fresh-process verification (verify.py) and upload (upload.py).
-Entry point: scripts/push_to_hub.py."""
+"""Hub release: model card built with huggingface_hub's ModelCard / ModelCardData / EvalResult (card.py +
+templates/), measured attention sparsity (sparsity.py), repository assembly (assemble.py), fresh-process
+verification (verify.py) and upload with HfApi (upload.py). Entry point: scripts/push_to_hub.py."""
 
 from .assemble import AssembledRepository, assemble_repository
-from .card import BIBTEX, CardInputs, build_metadata, parse_card_metadata, render_card
+from .card import (BIBTEX, PAPER_RESULTS, CardInputs, build_card, build_metadata, card_data, eval_results,
+                   parse_card_metadata, render_card)
 from .sparsity import SparsityReport, measure_sparsity
 from .upload import UploadResult, upload_repository
 from .verify import VerificationReport, verify_repository
 
 __all__ = [
-    "AssembledRepository", "BIBTEX", "CardInputs", "SparsityReport", "UploadResult", "VerificationReport",
-    "assemble_repository", "build_metadata", "measure_sparsity", "parse_card_metadata", "render_card",
+    "AssembledRepository", "BIBTEX", "CardInputs", "PAPER_RESULTS", "SparsityReport", "UploadResult",
+    "VerificationReport", "assemble_repository", "build_card", "build_metadata", "card_data", "eval_results",
+    "measure_sparsity", "parse_card_metadata", "render_card",
     "upload_repository", "verify_repository",
 ]

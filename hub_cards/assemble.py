@@ -20,7 +20,7 @@ from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_proc
 from entmax_vit.modeling.pipeline_entmax_vit import EntmaxViTSegmentationPipeline
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead
 
-from .card import CardInputs, parse_card_metadata, render_card
+from .card import CardInputs, build_card
 from .sparsity import SparsityReport, measure_sparsity, sample_images
 from .upload import repository_files
 from .verify import VerificationReport, verify_repository
@@ -206,9 +206,9 @@ def assemble_repository(
         datasets=find_datasets(training_config, records),
         files=files,
     )
-    card = render_card(inputs)
-    (output_dir / "README.md").write_text(card)
-    assembled = AssembledRepository(folder=output_dir, files=sorted(files), metadata=parse_card_metadata(card),
+    card = build_card(inputs)
+    card.save(output_dir / "README.md")
+    assembled = AssembledRepository(folder=output_dir, files=sorted(files), metadata=card.data.to_dict(),
                                     sparsity=sparsity, results=records)
     if verify:
         images = [im for _, im in sample_images()[:2]]

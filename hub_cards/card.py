@@ -1,15 +1,21 @@
-"""Model card renderer: YAML metadata (incl. model-index from results JSONs) + sections filled from what the
-model folder records. Nothing here is per-model prose: every model-specific sentence comes from data."""
+"""Model card renderer: metadata as huggingface_hub's ``ModelCardData`` (model-index built from ``EvalResult``s
+by the library) + prose sections filled from what the model folder records, rendered through
+``ModelCard.from_template`` with templates/model_card.md. Nothing here is per-model prose: every model-specific
+sentence comes from data."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from string import Template
 from typing import Any, Optional
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
+from huggingface_hub.repocard_data import eval_results_to_model_index
+
+# TODO(issue 16): import from entmax_vit.cli.config once H12b has moved the single implementation there.
+from entmax_vit.training.config import flatten
 
 from .sparsity import SparsityReport
 
@@ -78,47 +84,76 @@ def metric_type(name: str) -> str:
     return low
 
 
-def model_index(name: str, results: list[dict]) -> list[dict]:
-    """The ``model-index`` block: one result per (task, dataset, protocol) with all its metrics."""
-    entries = []
+def eval_results(results: list[dict]) -> list[EvalResult]:
+    """One ``EvalResult`` per metric of every results record, ordered as the library's model-index groups them.
+
+    huggingface_hub writes one model-index entry per (task type, dataset, dataset config, split, revision) and
+    takes that entry's task name from its first result. Two records that share those fields (a k-NN and a
+    linear probe on the same split) therefore share an entry: they get a joint task name, and the protocol
+    stays per metric (``metric_config`` and the name's suffix), so ``ModelCard.load`` gives back exactly these
+    results, in this order.
+    """
+    out: list[EvalResult] = []
     for record in results:
         task_type, task_name = TASK_TYPES[record["task"]]
         dataset = record["dataset"]
         protocol = record["protocol"].get("name", "")
-        metrics = [
-            {"type": metric_type(key), "name": f"{key} ({protocol})" if protocol else key, "value": round(float(v), 4)}
-            for key, v in record["metrics"].items()
-        ]
-        if not metrics:
-            continue
-        ds = {"name": dataset["name"], "type": dataset["name"]}
-        if dataset.get("split"):
-            ds["split"] = dataset["split"]
-        entries.append({"task": {"type": task_type, "name": task_name}, "dataset": ds, "metrics": metrics})
-    return [{"name": name, "results": entries}] if entries else []
+        for key, value in record["metrics"].items():
+            out.append(EvalResult(
+                task_type=task_type, task_name=task_name,
+                dataset_type=dataset["name"], dataset_name=dataset["name"],
+                dataset_split=dataset.get("split") or None,
+                dataset_config=dataset.get("config") or None,
+                dataset_revision=dataset.get("revision") or None,
+                metric_type=metric_type(key), metric_name=f"{key} ({protocol})" if protocol else key,
+                metric_value=round(float(value), 4), metric_config=protocol or None,
+            ))
+    groups: dict[tuple, list[EvalResult]] = {}
+    for result in out:
+        groups.setdefault(result.unique_identifier, []).append(result)
+    for group in groups.values():
+        joint = " / ".join(dict.fromkeys(r.task_name for r in group))
+        for result in group:
+            result.task_name = joint
+    return [result for group in groups.values() for result in group]
 
 
-def build_metadata(inputs: CardInputs) -> dict:
+def model_index(name: str, results: list[dict]) -> list[dict]:
+    """The ``model-index`` block as huggingface_hub serialises it (``[]`` when there is no metric)."""
+    evals = eval_results(results)
+    return eval_results_to_model_index(name, evals) if evals else []
+
+
+def card_data(inputs: CardInputs) -> ModelCardData:
+    """The card's YAML metadata as huggingface_hub's ``ModelCardData``."""
     tags = list(BASE_TAGS)
     attention = inputs.model_config.get("attention", "softmax")
     tags.append(attention.replace("_", "-"))
     if inputs.segmentation_head:
         tags.append("image-segmentation")
-    meta: dict[str, Any] = {
-        "library_name": "transformers",
-        "pipeline_tag": "image-feature-extraction",
-        "license": inputs.license,
-        "tags": tags,
-    }
     datasets = [d for d in dict.fromkeys(inputs.datasets) if d]
-    if datasets:
-        meta["datasets"] = datasets
-    if inputs.base_model:
-        meta["base_model"] = inputs.base_model
-    index = model_index(inputs.repo_id.rstrip("/").split("/")[-1], inputs.results)
-    if index:
-        meta["model-index"] = index
-    return meta
+    evals = eval_results(inputs.results)
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        license=inputs.license,
+        tags=tags,
+        datasets=datasets or None,
+        base_model=inputs.base_model or None,
+        # model_name is only written inside model-index, so it is set only when there are results.
+        eval_results=evals or None,
+        model_name=card_name(inputs) if evals else None,
+    )
+
+
+def build_metadata(inputs: CardInputs) -> dict:
+    """The card's YAML metadata as a plain dict (what the README's front matter holds)."""
+    return card_data(inputs).to_dict()
+
+
+def card_name(inputs: CardInputs) -> str:
+    """The model's name: the last part of the repo id (or of the folder path)."""
+    return inputs.repo_id.rstrip("/").split("/")[-1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,15 +250,6 @@ def _usage(inputs: CardInputs) -> str:
     return "\n".join(parts)
 
 
-def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(d, dict):
-        out = []
-        for k, v in d.items():
-            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return [(prefix, d)]
-
-
 def _training(inputs: CardInputs) -> str:
     if not inputs.training_config:
         if inputs.conversion or inputs.base_model:
@@ -233,7 +259,7 @@ def _training(inputs: CardInputs) -> str:
             return (f"Not trained here: weights converted from `{source}`{family} with the EntmaxViT project's "
                     "`scripts/convert_checkpoint.py`; see the original release for its training recipe.")
         return "No training configuration was recorded with these weights."
-    rows = [(k, v) for k, v in _flatten(inputs.training_config) if not isinstance(v, (list, dict)) or len(str(v)) < 60]
+    rows = [(k, v) for k, v in flatten(inputs.training_config).items() if not isinstance(v, (list, dict)) or len(str(v)) < 60]
     table = "| Setting | Value |\n|---|---|\n" + "\n".join(f"| `{k}` | `{v}` |" for k, v in rows)
     full = yaml.safe_dump(inputs.training_config, sort_keys=False).strip()
     return (
@@ -282,21 +308,17 @@ def _limitations(inputs: CardInputs) -> str:
     return "\n".join(f"- {item}" for item in items)
 
 
-def render_card(inputs: CardInputs) -> str:
-    """The README.md text: YAML front matter + sections."""
-    meta = yaml.safe_dump(build_metadata(inputs), sort_keys=False, allow_unicode=True).strip()
+def sections(inputs: CardInputs) -> dict[str, str]:
+    """The template's prose variables (everything but ``card_data``)."""
     attention = inputs.model_config.get("attention", "softmax")
-    name = inputs.repo_id.rstrip("/").split("/")[-1]
     summary = (
         f"A DINO-style Vision Transformer with **{attention}** attention, released with the code of "
         f"[{PAPER_TITLE}](https://arxiv.org/abs/{PAPER_ARXIV}). The paper replaces softmax with entmax-1.5 in every "
         "attention layer of DINO to limit the spread of global semantics into patch tokens, which improves linear "
         "segmentation from frozen patch features while keeping ImageNet linear accuracy."
     )
-    contents = "\n".join(f"- `{f}`" for f in sorted(inputs.files)) or "- (not listed)"
-    return Template(TEMPLATE_PATH.read_text()).substitute(
-        metadata=meta,
-        title=name,
+    return dict(
+        title=card_name(inputs),
         summary=summary,
         model_table=_model_table(inputs),
         attention_section=_attention_section(inputs),
@@ -304,21 +326,44 @@ def render_card(inputs: CardInputs) -> str:
         training=_training(inputs),
         evaluation=_evaluation(inputs),
         limitations=_limitations(inputs),
-        contents=contents,
+        contents="\n".join(f"- `{f}`" for f in sorted(inputs.files)) or "- (not listed)",
         bibtex=BIBTEX,
     )
 
 
+def _check_template_variables(template: str, given: set[str]) -> None:
+    """Jinja renders an unknown variable as empty text; a card with a silently empty section is refused."""
+    import jinja2
+    import jinja2.meta
+
+    wanted = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    missing = sorted(wanted - given - {"card_data"})
+    if missing:
+        raise ValueError(f"{TEMPLATE_PATH}: no value for template variables {missing}")
+
+
+def build_card(inputs: CardInputs) -> ModelCard:
+    """The card as huggingface_hub's ``ModelCard``: ``ModelCardData`` metadata + our template's sections."""
+    text = sections(inputs)
+    _check_template_variables(TEMPLATE_PATH.read_text(encoding="utf-8"), set(text))
+    card = ModelCard.from_template(card_data(inputs), template_path=str(TEMPLATE_PATH), **text)
+    if not card.text.endswith("\n"):  # Jinja drops the template's final newline; a text file ends with one
+        card.text += "\n"
+    return card
+
+
+def render_card(inputs: CardInputs) -> str:
+    """The README.md text: YAML front matter (written by huggingface_hub) + sections."""
+    return str(build_card(inputs))
+
+
 def parse_card_metadata(text: str) -> dict:
-    """The YAML front matter of a card (raises ValueError when missing or not a mapping)."""
-    match = re.match(r"^---\n(.*?)\n---\n", text, flags=re.S)
-    if not match:
+    """The YAML front matter of a card, read through ``ModelCard`` (raises ValueError when missing or invalid)."""
+    if not REGEX_YAML_BLOCK.search(text):  # ModelCard would only log a warning and return empty metadata
         raise ValueError("Card has no YAML front matter")
-    data = yaml.safe_load(match.group(1))
-    if not isinstance(data, dict):
-        raise ValueError("Card front matter is not a mapping")
-    return data
+    card = ModelCard(text)  # a non-mapping block or an unparsable model-index raises ValueError
+    return card.data.to_dict()
 
 
-__all__ = ["BIBTEX", "CardInputs", "PAPER_RESULTS", "build_metadata", "metric_type", "model_index",
-           "parse_card_metadata", "render_card"]
+__all__ = ["BIBTEX", "CardInputs", "PAPER_RESULTS", "build_card", "build_metadata", "card_data", "eval_results",
+           "metric_type", "model_index", "parse_card_metadata", "render_card", "sections"]

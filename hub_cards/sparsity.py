@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
+from entmax_vit.modeling.attention import support_size
+
 logger = logging.getLogger(__name__)
 
 # Real photographs bundled with scikit-image (no download): the same ones on every machine.
@@ -68,7 +70,7 @@ def measure_sparsity(model: torch.nn.Module, image_processor, images: Optional[l
     outputs = model(pixel_values, output_attentions=True, return_dict=True)
     zero_fracs, supports = [], []
     for probs in outputs.attentions:                     # each (B, H, N, N)
-        nonzero = (probs != 0).sum(dim=-1).float()        # (B, H, N) keys kept per query
+        nonzero = support_size(probs).float()              # (B, H, N) keys kept per query
         supports.append(float(nonzero.mean()))
         zero_fracs.append(float(1.0 - nonzero.mean() / probs.shape[-1]))
     return SparsityReport(

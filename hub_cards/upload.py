@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
 logger = logging.getLogger(__name__)
+
+# Local records (.push/ with the resolved options and summary, .cache/) never leave the machine: any path with a
+# component that starts with "." (fnmatch's "*" also matches "/"). Added to the library's own ignore list (.git).
+LOCAL_ONLY_PATTERNS = [".*", "*/.*"]
 
 
 @dataclass
@@ -16,16 +23,17 @@ class UploadResult:
     commit_url: str
     commit_oid: str
     pr_url: Optional[str]
-    revision: str
+    revision: str                      # branch (or PR ref) the commit was made from
     files: list[str]
+    pr_revision: Optional[str] = None  # "refs/pr/N" of an opened pull request: pass it as revision to add to it
 
 
 def repository_files(folder: Path) -> list[str]:
-    """Files to upload, relative to ``folder``; hidden entries (``.push/`` records, ``.cache``) stay local."""
-    return sorted(
-        str(p.relative_to(folder)) for p in Path(folder).rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    """Files to upload, relative to ``folder`` (POSIX paths), selected with huggingface_hub's
+    ``filter_repo_objects`` as ``upload_folder`` selects them; hidden entries stay local."""
+    folder = Path(folder)
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return list(filter_repo_objects(paths, ignore_patterns=LOCAL_ONLY_PATTERNS + DEFAULT_IGNORE_PATTERNS))
 
 
 def upload_repository(
@@ -38,30 +46,46 @@ def upload_repository(
     token: Optional[str] = None,
     commit_message: Optional[str] = None,
 ) -> UploadResult:
-    """Create the model repo if needed (and the branch ``revision`` if it is not main), then commit every file
-    of ``folder``. The token defaults to HF_TOKEN / the cached login, as everywhere in huggingface_hub."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Create the model repo if needed, then commit every file of ``folder`` in one commit.
 
+    ``revision``: the branch to commit to (created from main when missing), or an open pull request's
+    ``refs/pr/N`` to add a commit to it. ``create_pr``: open a pull request against that branch instead of
+    committing to it. ``private``: create the repository private; an existing public repository is refused
+    rather than silently receiving the files. The token defaults to HF_TOKEN / the cached login.
+    """
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():
         raise ValueError(f"{folder} is not an assembled repository (needs config.json and README.md)")
     if "/" not in repo_id:
         raise ValueError(f"repo_id must look like OWNER/NAME, got {repo_id!r}")
+    branch = revision or constants.DEFAULT_REVISION
+    is_pr_ref = branch.startswith("refs/pr/")
+    if is_pr_ref and create_pr:
+        raise ValueError(f"revision {branch!r} is already a pull request: drop create_pr to add a commit to it")
+
     api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    branch = revision or "main"
-    if branch != "main":
+    # private=None (not False) when not asked for: a new repository then gets the account's default visibility.
+    repo_url = api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
+    if private and not api.model_info(repo_id).private:
+        raise ValueError(f"{repo_id} already exists and is public: private applies only to a new repository. "
+                         "Make it private on the Hub first, or upload without private.")
+    if branch != constants.DEFAULT_REVISION and not is_pr_ref:
         api.create_branch(repo_id, branch=branch, repo_type="model", exist_ok=True)
+
     files = repository_files(folder)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
     message = commit_message or f"Upload EntmaxViT ({len(files)} files) with scripts/push_to_hub.py"
+    # create_commit, not upload_folder: in huggingface_hub 2.x with hf_xet installed, upload_folder streams large
+    # folders as several commits, skips the README metadata check the Hub would otherwise reject late, and
+    # refuses create_pr with a branch. create_commit makes one atomic commit (or PR against `branch`) and
+    # validates README.md's YAML before any file is sent.
     info = api.create_commit(
         repo_id, operations=operations, commit_message=message, repo_type="model", revision=branch,
         create_pr=create_pr,
     )
     logger.info("Committed %d files to %s@%s: %s", len(files), repo_id, branch, info.pr_url or info.commit_url)
     return UploadResult(repo_url=str(repo_url), commit_url=info.commit_url, commit_oid=info.oid,
-                        pr_url=info.pr_url, revision=branch, files=files)
+                        pr_url=info.pr_url, revision=branch, files=files, pr_revision=info.pr_revision)
 
 
-__all__ = ["UploadResult", "repository_files", "upload_repository"]
+__all__ = ["LOCAL_ONLY_PATTERNS", "UploadResult", "repository_files", "upload_repository"]

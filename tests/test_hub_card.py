@@ -1,5 +1,6 @@
 """Model-card renderer and measured sparsity: metadata parses and carries exactly what the inputs record,
-converted weights get base_model, sparsity is counted from real attention (0 for softmax, > 0 for sparsemax)."""
+``ModelCard.load`` of a generated card gives back every result as an ``EvalResult``, converted weights get
+base_model, sparsity is counted from real attention (0 for softmax, > 0 for sparsemax)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import pytest
 import torch
 import yaml
+from huggingface_hub import EvalResult, ModelCard
 
 from entmax_vit.evaluation.results import make_results
 from entmax_vit.hub_cards.assemble import find_base_model, find_datasets
-from entmax_vit.hub_cards.card import BIBTEX, CardInputs, metric_type, model_index, parse_card_metadata, render_card
+from entmax_vit.hub_cards.card import (BIBTEX, CardInputs, card_data, metric_type, model_index, parse_card_metadata,
+                                       render_card)
 from entmax_vit.hub_cards.sparsity import SparsityReport, measure_sparsity, sample_images
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
 
@@ -19,10 +22,10 @@ TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, nu
             intermediate_size=64)
 
 
-def _record(task, dataset, metrics, split="validation"):
+def _record(task, dataset, metrics, split="validation", protocol="p", **dataset_fields):
     return make_results(task=task, model_name_or_path="m", model_config={"attention": "entmax15"},
-                        dataset={"name": dataset, "split": split, "num_samples": 10}, protocol={"name": "p"},
-                        metrics=metrics, config={})
+                        dataset={"name": dataset, "split": split, "num_samples": 10, **dataset_fields},
+                        protocol={"name": protocol}, metrics=metrics, config={})
 
 
 def test_metric_types():
@@ -42,8 +45,62 @@ def test_model_index_lists_every_metric_once():
     entries = index[0]["results"]
     assert [e["task"]["type"] for e in entries] == ["image-classification", "image-segmentation"]
     assert [m["value"] for m in entries[0]["metrics"]] == [74.1, 91.9]
-    assert entries[1]["metrics"][0] == {"type": "mean_iou", "name": "miou (p)", "value": 48.78}
+    # huggingface_hub's serialisation; the protocol is also the metric's config.
+    assert entries[1]["metrics"][0] == {"type": "mean_iou", "name": "miou (p)", "value": 48.78, "config": "p"}
+    assert entries[1]["dataset"] == {"name": "voc2012", "type": "voc2012", "split": "validation"}
     assert model_index("x", []) == []
+
+
+# Written independently of card.py: what each results task is on the Hub.
+HUB_TASK = {"knn": ("image-classification", "k-NN"), "linear": ("image-classification", "Linear probe"),
+            "segmentation": ("image-segmentation", "segmentation"), "analysis": ("image-feature-extraction", "analysis")}
+
+
+def test_model_card_load_gives_back_every_result(tmp_path):
+    results = [
+        _record("knn", "ILSVRC/imagenet-1k", {"top1_k20": 70.125, "top5_k20": 88.0}, protocol="dino_knn"),
+        _record("linear", "ILSVRC/imagenet-1k", {"top1": 74.1}, protocol="dino_linear"),  # same split as k-NN
+        _record("segmentation", "scene_parse_150", {"miou": 21.97, "pixel_accuracy": 70.5}, split="validation",
+                protocol="neco_ade20k_linear", config="scene_parsing", revision="abc123"),
+        _record("analysis", "embedded", {"cls_patch_cosine": 0.31234567}, split="", protocol="diffusion"),
+    ]
+    path = tmp_path / "README.md"
+    path.write_text(render_card(CardInputs(repo_id="someone/entmax-vits16", model_config=EntmaxViTConfig(**TINY).to_dict(),
+                                           num_parameters=10, results=results)))
+    loaded = ModelCard.load(path)
+
+    assert loaded.data.model_name == "entmax-vits16"
+    assert loaded.data.eval_results == card_data(CardInputs(
+        repo_id="someone/entmax-vits16", model_config={}, num_parameters=10, results=results)).eval_results
+    assert all(isinstance(r, EvalResult) for r in loaded.data.eval_results)
+
+    # Every metric of every record, with its task, dataset, split, config, revision, metric type/name/value.
+    expected = sorted(
+        (HUB_TASK[r["task"]][0], r["dataset"]["name"], r["dataset"]["split"] or None, r["dataset"].get("config"),
+         r["dataset"].get("revision"), metric_type(key), f"{key} ({r['protocol']['name']})", round(value, 4),
+         r["protocol"]["name"])
+        for r in results for key, value in r["metrics"].items()
+    )
+    got = sorted(
+        (e.task_type, e.dataset_type, e.dataset_split, e.dataset_config, e.dataset_revision, e.metric_type,
+         e.metric_name, e.metric_value, e.metric_config)
+        for e in loaded.data.eval_results
+    )
+    assert got == expected
+    assert all(e.dataset_name == e.dataset_type for e in loaded.data.eval_results)
+    # Task names: each result's name names its own task (k-NN and linear share one model-index entry).
+    by_metric = {e.metric_name: e.task_name for e in loaded.data.eval_results}
+    for r in results:
+        for key in r["metrics"]:
+            assert HUB_TASK[r["task"]][1] in by_metric[f"{key} ({r['protocol']['name']})"]
+    index = parse_card_metadata(path.read_text())["model-index"]
+    assert [len(e["metrics"]) for e in index[0]["results"]] == [3, 2, 1]
+    assert index[0]["results"][1]["dataset"]["config"] == "scene_parsing"
+
+    # The prose sections are ours and survive the library's rendering.
+    text = loaded.text
+    assert "| segmentation | scene_parse_150 | validation | neco_ade20k_linear | 10 | miou | 21.97 |" in text
+    assert "## Citation" in text and BIBTEX in text and "{{" not in text and "{#" not in text
 
 
 def test_card_for_converted_weights_has_base_model_and_parses(tmp_path):
@@ -90,6 +147,20 @@ def test_training_recipe_and_datasets_come_from_the_training_config():
 def test_bad_front_matter_is_rejected():
     with pytest.raises(ValueError, match="front matter"):
         parse_card_metadata("# no metadata")
+    with pytest.raises(ValueError, match="front matter"):
+        parse_card_metadata("---\nlicense: mit\n# never closed")
+    with pytest.raises(ValueError, match="dict"):
+        parse_card_metadata("---\n- a list\n---\n# card")
+
+
+def test_a_template_variable_without_a_value_is_refused(monkeypatch, tmp_path):
+    from entmax_vit.hub_cards import card
+
+    template = tmp_path / "card.md"
+    template.write_text(card.TEMPLATE_PATH.read_text() + "\n{{ not_provided }}\n")
+    monkeypatch.setattr(card, "TEMPLATE_PATH", template)
+    with pytest.raises(ValueError, match="not_provided"):
+        render_card(CardInputs(repo_id="a/b", model_config=EntmaxViTConfig(**TINY).to_dict(), num_parameters=10))
 
 
 @torch.no_grad()

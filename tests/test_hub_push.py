@@ -12,7 +12,9 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx2
 import pytest
@@ -47,11 +49,14 @@ push_to_hub = _load_script()
 # A fake Hub behind the real client
 # ----------------------------------------------------------------------------------------------------------
 class FakeHub:
-    """Answers the endpoints HfApi.create_repo / create_branch / create_commit use; records every commit."""
+    """Answers the endpoints HfApi.create_repo / model_info / create_branch / create_commit use; records every
+    request (method, path, query) and every repo creation, branch and commit. ``existing`` maps repo ids that
+    exist before the test to their visibility ("public" / "private")."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing: dict[str, str] | None = None) -> None:
         self.requests: list[tuple[str, str, dict]] = []
         self.repos: list[dict] = []
+        self.visibility: dict[str, str] = dict(existing or {})
         self.branches: list[tuple[str, str]] = []
         self.commits: list[dict] = []
 
@@ -62,7 +67,12 @@ class FakeHub:
         if request.method == "POST" and path == "/api/repos/create":
             body = json.loads(request.content)
             self.repos.append(body)
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{body['organization']}/{body['name']}"})
+            repo = f"{body['organization']}/{body['name']}"
+            url = f"https://huggingface.co/{repo}"
+            if repo in self.visibility:
+                return httpx2.Response(409, json={"error": "You already created this model repo", "url": url})
+            self.visibility[repo] = body.get("visibility", "public")  # the account default here: public
+            return httpx2.Response(200, json={"url": url})
         if request.method == "POST" and path == "/api/validate-yaml":
             content = json.loads(request.content)["content"]
             parse_card_metadata(content)  # the front matter must parse, as the Hub requires
@@ -87,18 +97,29 @@ class FakeHub:
                 "commitUrl": f"{url}/commit/{'b' * 40}", "commitOid": "b" * 40,
                 "pullRequestUrl": f"{url}/discussions/1" if create_pr else None,
             })
+        if request.method == "GET" and (m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", path)):
+            if m.group(1) not in self.visibility:
+                return httpx2.Response(404, json={"error": "Repository not found"})
+            return httpx2.Response(200, json={"id": m.group(1), "sha": "a" * 40,
+                                              "private": self.visibility[m.group(1)] == "private"})
         return httpx2.Response(404, json={"error": f"unexpected {request.method} {path}"})
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    hub = FakeHub()
-    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+@contextmanager
+def serving(hub: FakeHub) -> Iterator[FakeHub]:
+    """Route every huggingface_hub request of this process to ``hub``."""
     set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
     try:
         yield hub
     finally:
         set_client_factory(default_client_factory)  # the real client again for everything else
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    with serving(FakeHub()) as hub:
+        yield hub
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,11 +159,12 @@ def release_inputs(tmp_path_factory):
     return {"model_dir": model_dir, "head_dir": head_dir, "results": results, "model": model, "head": head}
 
 
-def _push(release_inputs, *extra: str) -> dict:
-    argv = [str(release_inputs["model_dir"]), "--repo-id", REPO_ID,
-            "--results", *map(str, release_inputs["results"]), "--seg-head", str(release_inputs["head_dir"]),
-            "--upload", "true", "--verify", "false", "--measure-sparsity", "false", *extra]
-    return push_to_hub.main(push_to_hub.parse_config(push_to_hub.PushConfig, push_to_hub.normalise_argv(argv)))
+def _push(release_inputs, **options) -> dict:
+    """push_to_hub's main(cfg), as orchestrators call it (the command line is tested separately)."""
+    cfg = push_to_hub.PushConfig(
+        model_dir=str(release_inputs["model_dir"]), repo_id=REPO_ID, results=list(map(str, release_inputs["results"])),
+        seg_head=str(release_inputs["head_dir"]), upload=True, verify=False, measure_sparsity=False, **options)
+    return push_to_hub.main(cfg)
 
 
 def _images() -> list[Image.Image]:
@@ -293,16 +315,25 @@ def test_card_metadata_matches_results(release_inputs, fake_hub):
     assert "| `optim.lr` | `0.0005` |" in card  # training recipe from training_config.yaml
     assert "| knn | embedded | validation | dino_knn | 64 | top1_k20 | 41.25 |" in card
     assert "$" not in card.split("```bibtex")[0].replace("$ ", "")  # no unfilled template placeholders
+    assert "{{" not in card and "{#" not in card
 
 
-def test_create_pr_and_revision(release_inputs, fake_hub):
-    summary = _push(release_inputs, "--create-pr", "--revision", "dev", "--commit-message", "Add weights", "--private")
+def test_create_pr_revision_and_private_from_the_command_line(release_inputs, fake_hub, tmp_path):
+    out = tmp_path / "hub"
+    code = push_to_hub.cli([str(release_inputs["model_dir"]), "--repo-id", REPO_ID, "--output-dir", str(out),
+                            "--results", *map(str, release_inputs["results"]),
+                            "--seg-head", str(release_inputs["head_dir"]), "--upload", "true", "--verify", "false",
+                            "--measure-sparsity", "false",
+                            "--create-pr", "--revision", "dev", "--commit-message", "Add weights", "--private"])
+    assert code == 0
+    summary = json.loads((out / ".push" / "summary.json").read_text())
     assert fake_hub.repos[-1]["visibility"] == "private"
     assert fake_hub.branches == [(REPO_ID, "dev")]
     commit = fake_hub.commits[-1]
     assert commit["revision"] == "dev" and commit["create_pr"]
     assert commit["header"]["summary"] == "Add weights"
     assert summary["upload"]["pr_url"] == f"https://huggingface.co/{REPO_ID}/discussions/1"
+    assert summary["upload"]["pr_revision"] == "refs/pr/1"
     preuploads = [r for r in fake_hub.requests if "/preupload/" in r[1]]
     assert preuploads and all(r[1].endswith("/preupload/dev") and r[2].get("create_pr") == "1" for r in preuploads)
     # Registering our pipeline while saving did not replace transformers' own image-segmentation pipeline.
@@ -310,6 +341,123 @@ def test_create_pr_and_revision(release_inputs, fake_hub):
 
     impl = PIPELINE_REGISTRY.supported_tasks["image-segmentation"]["impl"]
     assert str(impl).endswith("image_segmentation.ImageSegmentationPipeline"), impl
+
+
+# ----------------------------------------------------------------------------------------------------------
+# upload_repository, option by option: what the Hub receives
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def assembled(release_inputs, tmp_path_factory):
+    from entmax_vit.hub_cards.assemble import assemble_repository
+
+    folder = tmp_path_factory.mktemp("assembled") / "repo"
+    assemble_repository(release_inputs["model_dir"], folder, repo_id=REPO_ID, results=release_inputs["results"],
+                        verify=False, measure=False)
+    (folder / ".push").mkdir()
+    (folder / ".push" / "summary.json").write_text("{}")
+    (folder / "results" / ".scratch.json").write_text("{}")  # hidden anywhere: stays local
+    return folder
+
+
+def _calls(hub: FakeHub) -> list[tuple[str, str]]:
+    """(method, endpoint kind) in order, e.g. ("POST", "create"), ("POST", "commit")."""
+    kinds = []
+    for method, path, _ in hub.requests:
+        kind = ("create" if path == "/api/repos/create" else "validate" if path == "/api/validate-yaml" else
+                next((k for k in ("preupload", "branch", "commit") if f"/{k}/" in path), "info"))
+        kinds.append((method, kind))
+    return kinds
+
+
+def _upload(folder, hub: FakeHub, **options):
+    from entmax_vit.hub_cards.upload import upload_repository
+
+    with serving(hub):
+        return upload_repository(folder, REPO_ID, token="hf_fake_token_for_tests", **options)
+
+
+def test_upload_defaults_commit_everything_to_main(assembled):
+    from entmax_vit.hub_cards.upload import repository_files
+
+    hub = FakeHub()
+    result = _upload(assembled, hub)
+    assert hub.repos == [{"name": "entmax-vit-tiny", "organization": "tester", "type": "model"}]  # no visibility:
+    assert _calls(hub) == [("POST", "create"), ("POST", "validate"), ("POST", "preupload"), ("POST", "commit")]
+    commit = hub.commits[0]
+    assert commit["repo"] == REPO_ID and commit["revision"] == "main" and not commit["create_pr"]
+    assert all(r[2] == {} for r in hub.requests)  # no create_pr query anywhere
+    on_disk = {p.relative_to(assembled).as_posix() for p in assembled.rglob("*") if p.is_file()}
+    assert set(commit["files"]) == {f for f in on_disk if not any(part.startswith(".") for part in f.split("/"))}
+    assert set(commit["files"]) == set(repository_files(assembled)) == set(result.files)
+    assert "results/.scratch.json" in on_disk and ".push/summary.json" in on_disk
+    assert commit["files"]["README.md"] == (assembled / "README.md").read_bytes()
+    assert result.revision == "main" and result.pr_url is None and result.pr_revision is None
+    assert commit["header"]["summary"].startswith(f"Upload EntmaxViT ({len(result.files)} files)")
+
+
+def test_upload_create_pr_opens_a_pull_request_against_main(assembled):
+    hub = FakeHub()
+    result = _upload(assembled, hub, create_pr=True)
+    assert hub.branches == []
+    commit = hub.commits[0]
+    assert commit["revision"] == "main" and commit["create_pr"]
+    assert [r[2] for r in hub.requests if "/preupload/" in r[1] or "/commit/" in r[1]] == [{"create_pr": "1"}] * 2
+    assert result.pr_url == f"https://huggingface.co/{REPO_ID}/discussions/1" and result.pr_revision == "refs/pr/1"
+
+
+def test_upload_revision_creates_the_branch_and_commits_to_it(assembled):
+    hub = FakeHub()
+    result = _upload(assembled, hub, revision="dev", commit_message="Weights for dev")
+    assert _calls(hub) == [("POST", "create"), ("POST", "branch"), ("POST", "validate"), ("POST", "preupload"),
+                           ("POST", "commit")]
+    assert hub.branches == [(REPO_ID, "dev")]
+    assert [r[1] for r in hub.requests if "/preupload/" in r[1]] == [f"/api/models/{REPO_ID}/preupload/dev"]
+    commit = hub.commits[0]
+    assert commit["revision"] == "dev" and not commit["create_pr"] and commit["header"]["summary"] == "Weights for dev"
+    assert result.revision == "dev" and result.pr_url is None
+
+
+def test_upload_to_an_open_pull_request_adds_a_commit_without_a_branch(assembled):
+    hub = FakeHub()
+    result = _upload(assembled, hub, revision="refs/pr/1")
+    assert hub.branches == []
+    assert hub.commits[0]["revision"] == "refs/pr/1" and not hub.commits[0]["create_pr"]
+    assert result.revision == "refs/pr/1"
+    with pytest.raises(ValueError, match="already a pull request"):
+        _upload(assembled, FakeHub(), revision="refs/pr/1", create_pr=True)
+
+
+def test_upload_private_creates_a_private_repository(assembled):
+    hub = FakeHub()
+    _upload(assembled, hub, private=True)
+    assert hub.repos[0]["visibility"] == "private"
+    assert ("GET", f"/api/models/{REPO_ID}", {}) in hub.requests  # visibility checked before committing
+    assert len(hub.commits) == 1
+    # An existing private repository: creation answers 409, the commit still goes in.
+    hub = FakeHub(existing={REPO_ID: "private"})
+    _upload(assembled, hub, private=True)
+    assert len(hub.commits) == 1
+
+
+def test_upload_private_refuses_an_existing_public_repository(assembled):
+    hub = FakeHub(existing={REPO_ID: "public"})
+    with pytest.raises(ValueError, match="already exists and is public"):
+        _upload(assembled, hub, private=True)
+    assert hub.commits == [] and _calls(hub) == [("POST", "create"), ("GET", "info")]  # nothing sent
+    hub = FakeHub(existing={REPO_ID: "public"})
+    _upload(assembled, hub)  # without private, an existing public repository is the target as usual
+    assert len(hub.commits) == 1
+
+
+def test_upload_refuses_a_folder_that_is_not_a_repository(tmp_path):
+    from entmax_vit.hub_cards.upload import upload_repository
+
+    with pytest.raises(ValueError, match="not an assembled repository"):
+        upload_repository(tmp_path, REPO_ID)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n")
+    with pytest.raises(ValueError, match="OWNER/NAME"):
+        upload_repository(tmp_path, "no-owner")
 
 
 def test_offline_assembly_only_and_verified(release_inputs, tmp_path, monkeypatch):
