@@ -38,11 +38,11 @@ class PushConfig:
     results: list[str] = field(default_factory=list)
     # Folder with segmentation_head.safetensors + .json: ships the probe and the segmentation pipeline.
     seg_head: Optional[str] = None
-    # Create the repository private (only when it does not exist yet).
+    # Create the repository private; an existing public repository is refused (create_repo cannot change it).
     private: bool = False
     # Open a pull request instead of committing to the branch.
     create_pr: bool = False
-    # Branch to commit to (created from main when missing); default main.
+    # Branch to commit to (created from main when missing), or an open PR's refs/pr/N; default main.
     revision: Optional[str] = None
     # Where to assemble the repository (kept). Default: a temporary folder, deleted after the upload.
     output_dir: Optional[str] = None
