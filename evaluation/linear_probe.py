@@ -1,18 +1,25 @@
-"""Linear classification probe on frozen features (official DINO ``eval_linear.py``), training a grid of heads
-in one pass (DINOv2 style).
+"""Linear classification probe on frozen features: official DINO ``eval_linear.py`` by default.
 
-Feature of an image: the final-normed [CLS] of the last ``n`` blocks concatenated (ViT-S: n = 4), optionally
-followed by the mean of the last block's patch tokens (``avgpool``). Each head is a Linear layer initialised
-N(0, 0.01), trained with SGD (momentum 0.9, no weight decay) at lr = base_lr x batch_size / 256 with a cosine
-schedule over the epochs (DINO: base_lr 0.001, 100 epochs). Every (n, avgpool, base_lr) combination is one
-head; all heads see the same batches, and the best on the selection split is reported.
+Protocol ``dino`` (the default, exactly official DINO):
+    feature   the final-normed [CLS] of the last ``n`` blocks concatenated, optionally followed by the mean of
+              the last block's patch tokens (``avgpool``); DINO's choice by width: n = 4 without avgpool for
+              ViT-S (and narrower), n = 1 with avgpool for ViT-B (and wider)
+    head      one Linear layer, weight ~ N(0, 0.01), bias 0
+    train     RandomResizedCrop(224) (torchvision defaults: scale 0.08-1, BILINEAR) + horizontal flip, freshly
+              drawn every epoch, the backbone run on every crop
+    optimiser SGD, ONE lr = 0.001 x batch_size / 256, momentum 0.9, weight decay 0, cosine over 100 epochs
+              (CosineAnnealingLR stepped per epoch, eta_min 0), batch 1024 (128 per GPU x 8)
+    eval      Resize(256, bicubic) + CenterCrop(224), top-1 after every epoch; the BEST epoch's top-1 is
+              reported (official prints ``best_acc = max(best_acc, acc1)``)
+    results   ``protocol.name == "dino_eval_linear"``
 
-Two modes:
-    cached     train on cached center-crop features (Resize 256 + CenterCrop 224): one backbone pass for the
-               whole grid. A documented deviation from DINO, which augments (RandomResizedCrop + flip).
-    augmented  DINO's train augmentation: every epoch runs the backbone on freshly augmented crops.
-Selection: on the eval split (as DINO/DINOv2 report), or on ``holdout_fraction`` of the train split held
-out, which gives an unbiased eval-split accuracy.
+Protocol ``cached_grid`` (a fast option, NOT DINO's protocol; its results say so):
+    train on cached centre-crop features (Resize 256 + CenterCrop 224, no augmentation): one backbone pass, then
+    a grid of heads (every n x avgpool x base_lr, DINOv2 style) trained side by side; the head best on the
+    selection split is reported at its last epoch. ``protocol.name == "cached_grid"``.
+
+Selection split of either protocol: the eval split (as DINO/DINOv2 report), or ``holdout_fraction`` of the
+train split held out (centre-crop features), which gives an unbiased eval-split accuracy.
 """
 
 from __future__ import annotations
@@ -33,6 +40,42 @@ from .metrics import topk_accuracy
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+DINO_BASE_LR = 0.001  # eval_linear.py --lr, for a reference batch of 256
+DINO_PROTOCOL = "dino_eval_linear"
+CACHED_GRID_PROTOCOL = "cached_grid"
+
+
+def dino_feature_layout(hidden_size: int) -> tuple[int, bool]:
+    """Official DINO's (n_last_blocks, avgpool_patchtokens) for a ViT of this width: eval_linear.py's help says
+    n = 4 without avgpool for ViT-Small (384) and n = 1 with avgpool for ViT-Base (768)."""
+    return (4, False) if hidden_size < 768 else (1, True)
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """DINO's linear scaling rule: lr = base_lr x (global) batch_size / 256."""
+    return base_lr * batch_size / 256
+
+
+class DinoTrainTransform:
+    """Official eval_linear train transform: RandomResizedCrop(crop) with torchvision's defaults (scale
+    0.08-1, ratio 3/4-4/3, BILINEAR) + RandomHorizontalFlip + ImageNet normalisation. Drawn afresh per call
+    from torch's RNG (seeded per DataLoader worker)."""
+
+    def __init__(self, crop: int = 224) -> None:
+        from torchvision import transforms
+
+        from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
+
+        self.crop = crop
+        self.crop_transform = transforms.RandomResizedCrop(crop, interpolation=transforms.InterpolationMode.BILINEAR)
+        self.transform = transforms.Compose([self.crop_transform, transforms.RandomHorizontalFlip(),
+                                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def describe(self) -> str:
+        return f"rrc{self.crop}_bilinear_flip_imagenetnorm"
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(image)
 
 
 def probe_inputs(cls: torch.Tensor, patch_mean: torch.Tensor, n: int, avgpool: bool) -> torch.Tensor:
@@ -79,7 +122,8 @@ class LinearGrid(nn.Module):
 
 
 def make_optimizer(grid: LinearGrid, batch_size: int, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    groups = [{"params": head.parameters(), "lr": s.base_lr * batch_size / 256, "initial_lr": s.base_lr * batch_size / 256}
+    """SGD with one parameter group per head at ``scaled_lr(head.base_lr, batch_size)``."""
+    groups = [{"params": head.parameters(), "lr": scaled_lr(s.base_lr, batch_size), "initial_lr": scaled_lr(s.base_lr, batch_size)}
               for s, head in zip(grid.specs, grid.heads)]
     return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
 
@@ -129,12 +173,60 @@ def train_grid_cached(grid: LinearGrid, feats: dict[str, torch.Tensor], *, epoch
     return log
 
 
+def train_grid_augmented(grid: LinearGrid, model: nn.Module, loader, *, epochs: int, batch_size: int,
+                         n_last_blocks: int, momentum: float = 0.9, weight_decay: float = 0.0, accelerator=None,
+                         evaluate=None, show: bool = True) -> list[dict]:
+    """DINO's loop: every epoch runs the frozen backbone on the loader's freshly augmented crops and steps every
+    head (SGD, cosine per epoch). ``evaluate(grid, epoch)`` runs after every epoch; the dict it returns (None:
+    not evaluated this epoch) is merged into that epoch's log entry."""
+    from .features import block_outputs
+
+    opt = make_optimizer(grid, batch_size, momentum, weight_decay)
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    log = []
+    for epoch in range(epochs):
+        set_cosine_lr(opt, epoch, epochs)
+        lr = opt.param_groups[0]["lr"]
+        grid.to(device)
+        losses, skipped = [], 0
+        for batch in tqdm(loader, desc=f"linear epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
+            cls, patches = block_outputs(model, batch["pixel_values"].to(device), n_last_blocks)
+            out = {"cls": cls, "pm": patches.mean(1), "y": batch["labels"].to(device), "v": batch["valid"].to(device)}
+            if accelerator is not None:  # gather (not gather_for_metrics): every rank steps its identical heads
+                out = accelerator.gather(out)
+            v = out["v"].bool()
+            skipped += int((~v).sum())  # unreadable images (logged by the decoder), dropped from the batch
+            if v.any():
+                losses.append(train_step(grid, opt, out["cls"][v], out["pm"][v], out["y"][v]))
+        grid.cpu()
+        entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "lr": lr, "skipped": skipped}
+        entry.update((evaluate(grid, epoch + 1) if evaluate is not None else None) or {})
+        log.append(entry)
+        if show and "eval" in entry:
+            logger.info("epoch %d: loss %.4f, eval top-1 %s", epoch + 1, entry["loss"],
+                        " ".join(f"{e['top1']:.2f}" for e in entry["eval"]))
+    return log
+
+
+def best_epoch(log: list[dict], head: int = 0, key: str = "eval") -> dict:
+    """The logged epoch with the highest ``key`` top-1 of ``head`` (the earliest on ties): DINO reports the
+    best accuracy over its per-epoch evaluations."""
+    rows = [e for e in log if key in e]
+    if not rows:
+        raise ValueError(f"no epoch of the log has {key!r} results")
+    return max(rows, key=lambda e: (e[key][head]["top1"], -e["epoch"]))
+
+
+def _accuracies(grid: LinearGrid, feats: dict[str, torch.Tensor]) -> list[dict[str, float]]:
+    return [{"top1": a[1], "top5": a[5]} for a in evaluate_grid(grid, feats["cls"], feats["patch_mean"], feats["labels"])]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Entry point (scripts/eval_linear.py)
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class LinearEvalConfig:
-    """Linear probe of a frozen backbone (DINO protocol, DINOv2-style lr grid)."""
+    """Linear probe of a frozen backbone: official DINO eval_linear (default) or the fast cached lr grid."""
 
     model: str = ""                      # EntmaxViT folder, training output dir, or Hub id
     revision: Optional[str] = None
@@ -145,18 +237,23 @@ class LinearEvalConfig:
     label_column: Optional[str] = None
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
-    streaming: bool = False              # read the splits on the fly (cached mode only)
-    mode: Literal["cached", "augmented"] = "cached"  # cached: center-crop features once (fast, deviation)
-    n_last_blocks: list[int] = field(default_factory=lambda: [4])   # grid over n; DINO: 4 for ViT-S, 1 for ViT-B
-    avgpool_patchtokens: list[bool] = field(default_factory=lambda: [False])  # grid; DINO ViT-B: true
-    base_lrs: list[float] = field(default_factory=lambda: list(DEFAULT_BASE_LRS))  # x batch_size/256; DINO: 0.001
+    streaming: bool = False              # read the splits on the fly (cached_grid only)
+    # dino: official eval_linear (augmented crops every epoch, one lr, best epoch reported);
+    # cached_grid: fast, NOT official (centre-crop features cached once, a grid of lrs, best head's last epoch)
+    protocol: Literal["dino", "cached_grid"] = "dino"
+    # [CLS] of the last n blocks; empty = DINO's choice by width (4 for ViT-S and narrower, 1 for ViT-B and wider).
+    # Several values train a grid of heads (cached_grid, or dino with a grid: then not the official protocol).
+    n_last_blocks: list[int] = field(default_factory=list)
+    avgpool_patchtokens: list[bool] = field(default_factory=list)  # empty = DINO's choice (False ViT-S, True ViT-B)
+    base_lrs: list[float] = field(default_factory=list)  # x batch_size/256; empty = [0.001] (dino), 13-value grid (cached_grid)
     epochs: int = 100
-    batch_size: int = 1024               # DINO: 128 per GPU x 8
+    batch_size: int = 1024               # global batch; DINO: 128 per GPU x 8
     momentum: float = 0.9
     weight_decay: float = 0.0
-    holdout_fraction: float = 0.0        # > 0: select on this share of train, report eval of the chosen head
+    eval_every: int = 1                  # dino: evaluate every this many epochs (and after the last); DINO: 1
+    holdout_fraction: float = 0.0        # > 0: select on this share of train, report eval of the chosen head/epoch
     resize: int = 256                    # eval transform: Resize(resize, bicubic) + CenterCrop(crop)
-    crop: int = 224
+    crop: int = 224                      # also the RandomResizedCrop size of the dino protocol
     extract_batch_size: int = 64
     num_workers: int = 0
     seed: int = 0
@@ -165,25 +262,58 @@ class LinearEvalConfig:
     output_dir: str = "outputs/eval_linear"
 
 
+def resolve_heads(cfg: LinearEvalConfig, hidden_size: int, depth: int) -> list[HeadSpec]:
+    """The heads to train: the config's lists, empty lists filled with DINO's choices."""
+    n_default, avgpool_default = dino_feature_layout(hidden_size)
+    ns = list(cfg.n_last_blocks) or [min(n_default, depth)]
+    pools = list(cfg.avgpool_patchtokens) or [avgpool_default]
+    lrs = list(cfg.base_lrs) or ([DINO_BASE_LR] if cfg.protocol == "dino" else list(DEFAULT_BASE_LRS))
+    if max(ns) > depth or min(ns) < 1:
+        raise ValueError(f"n_last_blocks {ns} must be in 1..{depth}")
+    if min(lrs) <= 0:
+        raise ValueError(f"base_lrs must be positive, got {lrs}")
+    return [HeadSpec(n, a, lr) for n in ns for a in pools for lr in lrs]
+
+
+def protocol_name(cfg: LinearEvalConfig, specs: list[HeadSpec]) -> str:
+    """``dino_eval_linear`` (one head, augmented), ``dino_eval_linear_grid`` (several heads on DINO's augmented
+    crops: the best head is a selection DINO does not make) or ``cached_grid``."""
+    if cfg.protocol == "cached_grid":
+        return CACHED_GRID_PROTOCOL
+    return DINO_PROTOCOL if len(specs) == 1 else f"{DINO_PROTOCOL}_grid"
+
+
+def is_official(cfg: LinearEvalConfig, specs: list[HeadSpec], hidden_size: int) -> bool:
+    """True when every protocol choice is official DINO eval_linear's (the batch size may differ: the lr
+    follows it by the scaling rule)."""
+    if cfg.protocol != "dino" or len(specs) != 1:
+        return False
+    spec = specs[0]
+    return (spec.base_lr == DINO_BASE_LR and (spec.n_last_blocks, spec.avgpool) == dino_feature_layout(hidden_size)
+            and cfg.epochs == 100 and cfg.momentum == 0.9 and cfg.weight_decay == 0.0 and cfg.eval_every == 1
+            and (cfg.resize, cfg.crop) == (256, 224) and cfg.holdout_fraction == 0.0)
+
+
 def main(cfg: LinearEvalConfig) -> dict:
-    """Extract features, train the grid, pick the best head, write ``results_linear.json`` and ``grid.json``."""
+    """Extract features, train the head(s), write ``results_linear.json`` and ``grid.json`` (every head, the log)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from entmax_vit.cli.config import save_config, to_dict
 
-    from .features import block_outputs, load_backbone, model_fingerprint, split_features
-    from .image_data import ClassificationRows, ClassificationTransform, find_column, open_dataset
+    from .features import load_backbone, model_fingerprint, split_features
+    from .image_data import ClassificationRows, ClassificationTransform, find_column, num_classes_of, open_dataset
     from .results import make_results, write_results
 
     if not cfg.model:
         raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
-    if not cfg.base_lrs or not cfg.n_last_blocks or not cfg.avgpool_patchtokens:
-        raise ValueError("base_lrs, n_last_blocks and avgpool_patchtokens must each list at least one value")
-    if cfg.streaming and cfg.mode == "augmented":
-        raise ValueError("mode 'augmented' needs a map-style dataset: use --streaming false or --mode cached")
+    if cfg.streaming and cfg.protocol == "dino":
+        raise ValueError("protocol 'dino' runs the backbone on augmented crops of a map-style dataset: "
+                         "use --streaming false or --protocol cached_grid")
     if not 0.0 <= cfg.holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {cfg.holdout_fraction}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
+        raise ValueError(f"epochs, batch_size and eval_every must be >= 1, got {cfg.epochs}, {cfg.batch_size}, {cfg.eval_every}")
     accelerator = Accelerator()
     set_seed(cfg.seed)
     show = accelerator.is_local_main_process
@@ -191,84 +321,103 @@ def main(cfg: LinearEvalConfig) -> dict:
     if accelerator.is_main_process:
         save_config(cfg, out / "eval_linear_config.yaml")
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)
-    depth = model.config.num_hidden_layers
-    if max(cfg.n_last_blocks) > depth or min(cfg.n_last_blocks) < 1:
-        raise ValueError(f"n_last_blocks {cfg.n_last_blocks} must be in 1..{depth}")
-    n_max = max(cfg.n_last_blocks)
+    specs = resolve_heads(cfg, model.config.hidden_size, model.config.num_hidden_layers)
+    n_max = max(s.n_last_blocks for s in specs)
     eval_tf = ClassificationTransform(cfg.resize, cfg.crop, augment=False)
     cache = str(out / "feature_cache") if cfg.cache_dir is None else (cfg.cache_dir or None)
     common = dict(model_spec=model_fingerprint(cfg.model, cfg.revision, model), dataset=cfg.dataset,
                   transform=eval_tf, n_last_blocks=n_max, image_column=cfg.image_column, label_column=cfg.label_column,
                   batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, cache_dir=cache,
                   dataset_cache_dir=cfg.dataset_cache_dir, accelerator=accelerator, streaming=cfg.streaming)
-    train, train_info = split_features(model, split=cfg.train_split, max_samples=cfg.max_train_samples, **common)
     test, test_info = split_features(model, split=cfg.eval_split, max_samples=cfg.max_eval_samples, **common)
+    # Centre-crop train features: the cached grid trains on them; the dino protocol needs them only to hold out.
+    need_train_feats = cfg.protocol == "cached_grid" or cfg.holdout_fraction > 0
+    if need_train_feats:
+        train, train_info = split_features(model, split=cfg.train_split, max_samples=cfg.max_train_samples, **common)
+    if cfg.protocol == "dino":
+        train_ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples)
+        if not need_train_feats:  # unreadable train images are counted during the first epoch (below)
+            label_col = find_column(train_ds, "label", cfg.label_column)
+            train_info = {"num_samples": len(train_ds), "num_classes": num_classes_of(train_ds, label_col), "num_skipped": 0}
     num_classes = max(train_info["num_classes"], test_info["num_classes"])
 
-    # Hold-out selection set: chosen by row index, so both modes hold out the same images.
-    # (A stream has no row numbers 0..N-1: there the indices are ranked first.)
-    row_ids = train["index"].long()
-    if cfg.streaming:
-        row_ids = torch.empty_like(row_ids).scatter_(0, row_ids.argsort(), torch.arange(len(row_ids)))
-    held = torch.zeros(max(train_info["num_samples"], int(row_ids.max()) + 1), dtype=torch.bool)
+    # Hold-out selection set: chosen by row index. (A stream has no row numbers 0..N-1: there the indices are
+    # ranked first.)
+    num_rows = train_info["num_samples"]
+    held = torch.zeros(num_rows, dtype=torch.bool)
+    if need_train_feats:
+        row_ids = train["index"].long()
+        if cfg.streaming:
+            row_ids = torch.empty_like(row_ids).scatter_(0, row_ids.argsort(), torch.arange(len(row_ids)))
+        held = torch.zeros(max(num_rows, int(row_ids.max()) + 1), dtype=torch.bool)
     if cfg.holdout_fraction > 0:
         perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.seed))
         held[perm[: max(1, int(cfg.holdout_fraction * len(held)))]] = True
-    in_holdout = held[row_ids]
-    fit = {k: train[k][~in_holdout] for k in ("cls", "patch_mean", "labels")}
-    select = {k: train[k][in_holdout] for k in ("cls", "patch_mean", "labels")} if cfg.holdout_fraction > 0 else test
+    keys = ("cls", "patch_mean", "labels")
+    select = {k: train[k][held[row_ids]] for k in keys} if cfg.holdout_fraction > 0 else test
 
-    specs = [HeadSpec(n, a, lr) for n in cfg.n_last_blocks for a in cfg.avgpool_patchtokens for lr in cfg.base_lrs]
     torch.manual_seed(cfg.seed)  # identical heads on every rank: each trains on the same gathered batches
     grid = LinearGrid(specs, model.config.hidden_size, num_classes)
-    if cfg.mode == "cached":
+    if cfg.protocol == "cached_grid":
+        fit = {k: train[k][~held[row_ids]] for k in keys}
+        num_fit = len(fit["labels"])
         log = train_grid_cached(grid, fit, epochs=cfg.epochs, batch_size=cfg.batch_size, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, seed=cfg.seed, show=show)
+        sel = evaluate_grid(grid, select["cls"], select["patch_mean"], select["labels"])
+        best = max(range(len(specs)), key=lambda i: sel[i][1])
+        final = evaluate_grid(grid, test["cls"], test["patch_mean"], test["labels"])
+        metrics = {"top1": final[best][1], "top5": final[best][5]}
+        reported = {"reported": "last_epoch", "selection_top1": sel[best][1]}
+        per_head = [{"select_top1": sel[i][1], "eval_top1": final[i][1], "eval_top5": final[i][5]} for i in range(len(specs))]
     else:
-        ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples)
-        rows = ClassificationRows(ds, find_column(ds, "image", cfg.image_column), find_column(ds, "label", cfg.label_column),
-                                  ClassificationTransform(cfg.resize, cfg.crop, augment=True))
-        rows = torch.utils.data.Subset(rows, (~held).nonzero().flatten().tolist())
+        image_col = find_column(train_ds, "image", cfg.image_column)
+        label_col = find_column(train_ds, "label", cfg.label_column)
+        rows = ClassificationRows(train_ds, image_col, label_col, DinoTrainTransform(cfg.crop))
+        rows = torch.utils.data.Subset(rows, (~held[: len(rows)]).nonzero().flatten().tolist())
+        num_fit = len(rows)
         per_rank = max(1, cfg.batch_size // accelerator.num_processes)
         loader = accelerator.prepare(torch.utils.data.DataLoader(rows, batch_size=per_rank, shuffle=True,
-                                                                 num_workers=cfg.num_workers, drop_last=len(rows) > per_rank))
-        opt = make_optimizer(grid, cfg.batch_size, cfg.momentum, cfg.weight_decay)
-        grid.to(accelerator.device)
-        log = []
-        for epoch in range(cfg.epochs):
-            set_cosine_lr(opt, epoch, cfg.epochs)
-            losses = []
-            for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False):
-                cls, patches = block_outputs(model, batch["pixel_values"], n_max)
-                # gather (not gather_for_metrics): every rank steps its identical heads on the global batch
-                g = accelerator.gather({"cls": cls, "pm": patches.mean(1), "y": batch["labels"], "v": batch["valid"]})
-                v = g["v"].bool()
-                if v.any():
-                    losses.append(train_step(grid, opt, g["cls"][v], g["pm"][v], g["y"][v]))
-            log.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)})
-        grid.cpu()
+                                                                 num_workers=cfg.num_workers))
+        key = "select" if cfg.holdout_fraction > 0 else "eval"
 
-    sel = evaluate_grid(grid, select["cls"], select["patch_mean"], select["labels"])
-    best = max(range(len(specs)), key=lambda i: sel[i][1])
-    final = evaluate_grid(grid, test["cls"], test["patch_mean"], test["labels"])
-    table = [{"head": s.name, "n_last_blocks": s.n_last_blocks, "avgpool": s.avgpool, "base_lr": s.base_lr,
-              "lr": s.base_lr * cfg.batch_size / 256, "select_top1": sel[i][1], "eval_top1": final[i][1],
-              "eval_top5": final[i][5]} for i, s in enumerate(specs)]
-    metrics = {"top1": final[best][1], "top5": final[best][5]}
+        def evaluate(g: LinearGrid, epoch: int) -> Optional[dict]:  # every eval_every epochs and after the last
+            if epoch % cfg.eval_every and epoch != cfg.epochs:
+                return None
+            return {"eval": _accuracies(g, test), **({"select": _accuracies(g, select)} if key == "select" else {})}
+
+        log = train_grid_augmented(grid, model, loader, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                   n_last_blocks=n_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                   accelerator=accelerator, evaluate=evaluate, show=show)
+        # the best (head, epoch) on the selection split, as DINO reports its best epoch
+        if not need_train_feats:
+            train_info["num_skipped"] = log[0]["skipped"]
+        bests = [best_epoch(log, i, key) for i in range(len(specs))]
+        best = max(range(len(specs)), key=lambda i: bests[i][key][i]["top1"])
+        at = bests[best]["eval"][best]
+        metrics = {"top1": at["top1"], "top5": at["top5"], "top1_last_epoch": log[-1]["eval"][best]["top1"]}
+        reported = {"reported": "best_epoch", "best_epoch": bests[best]["epoch"], "selection_top1": bests[best][key][best]["top1"]}
+        per_head = [{"select_top1": bests[i][key][i]["top1"], "eval_top1": bests[i]["eval"][i]["top1"],
+                     "eval_top5": bests[i]["eval"][i]["top5"], "best_epoch": bests[i]["epoch"]} for i in range(len(specs))]
+
     spec = specs[best]
-    logger.info("best head %s: top-1 %.2f top-5 %.2f", spec.name, metrics["top1"], metrics["top5"])
+    official = is_official(cfg, specs, model.config.hidden_size)
+    name = protocol_name(cfg, specs)
+    table = [{"head": s.name, "n_last_blocks": s.n_last_blocks, "avgpool": s.avgpool, "base_lr": s.base_lr,
+              "lr": scaled_lr(s.base_lr, cfg.batch_size), **per_head[i]} for i, s in enumerate(specs)]
+    logger.info("%s, head %s: top-1 %.2f top-5 %.2f", name, spec.name, metrics["top1"], metrics["top5"])
     record = make_results(
         task="linear",
         model_name_or_path=cfg.model,
         model_config=model.config.to_dict(),
         dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(test["labels"]), "num_train_samples": len(fit["labels"]), "num_classes": num_classes,
+                 "num_samples": len(test["labels"]), "num_train_samples": num_fit, "num_classes": num_classes,
                  "num_skipped": train_info["num_skipped"] + test_info["num_skipped"]},
-        protocol={"name": "dino_linear", "mode": cfg.mode, "best_head": spec.name, "n_last_blocks": spec.n_last_blocks,
-                  "avgpool_patchtokens": spec.avgpool, "base_lr": spec.base_lr, "lr": spec.base_lr * cfg.batch_size / 256,
-                  "epochs": cfg.epochs, "batch_size": cfg.batch_size, "grid_size": len(specs),
-                  "selection": "holdout" if cfg.holdout_fraction > 0 else cfg.eval_split,
-                  "train_transform": "center_crop_cached" if cfg.mode == "cached" else "random_resized_crop_flip",
+        protocol={"name": name, "official": official, **reported, "head": spec.name,
+                  "n_last_blocks": spec.n_last_blocks, "avgpool_patchtokens": spec.avgpool, "base_lr": spec.base_lr,
+                  "lr": scaled_lr(spec.base_lr, cfg.batch_size), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                  "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "cosine_per_epoch",
+                  "grid_size": len(specs), "selection": "holdout" if cfg.holdout_fraction > 0 else cfg.eval_split,
+                  "train_transform": "center_crop_cached" if cfg.protocol == "cached_grid" else DinoTrainTransform(cfg.crop).describe(),
                   "eval_transform": eval_tf.describe()},
         metrics=metrics,
         config=to_dict(cfg),
@@ -276,8 +425,10 @@ def main(cfg: LinearEvalConfig) -> dict:
     if accelerator.is_main_process:
         write_results(record, out / "results_linear.json")
         (out / "grid.json").write_text(json.dumps({"heads": table, "log": log}, indent=2))
-        _plot_grid(table, out / "linear_grid.png")
-        print(f"[eval_linear] best {spec.name}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} -> {out / 'results_linear.json'}")
+        if len(specs) > 1:
+            _plot_grid(table, out / "linear_grid.png")
+        print(f"[eval_linear] {name} {spec.name}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} "
+              f"({reported['reported'].replace('_', ' ')}) -> {out / 'results_linear.json'}")
     return record
 
 
@@ -302,5 +453,6 @@ def _plot_grid(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["DEFAULT_BASE_LRS", "HeadSpec", "LinearEvalConfig", "LinearGrid", "evaluate_grid", "main", "probe_inputs",
-           "train_grid_cached", "train_step"]
+__all__ = ["CACHED_GRID_PROTOCOL", "DEFAULT_BASE_LRS", "DINO_BASE_LR", "DINO_PROTOCOL", "DinoTrainTransform", "HeadSpec",
+           "LinearEvalConfig", "LinearGrid", "best_epoch", "dino_feature_layout", "evaluate_grid", "is_official", "main", "probe_inputs",
+           "protocol_name", "resolve_heads", "scaled_lr", "set_cosine_lr", "train_grid_augmented", "train_grid_cached", "train_step"]
