@@ -20,7 +20,7 @@ from typing import Literal, Optional
 import torch
 
 from entmax_vit.cli.config import save_config, to_dict
-from entmax_vit.modeling import ATTENTION_TRANSFORMS, EntmaxViTConfig, EntmaxViTModel, make_image_processor
+from entmax_vit.modeling import ATTENTION_TRANSFORMS, EntmaxViTConfig, EntmaxViTModel, make_image_processor, resolve_kernel
 
 from .checkpoint_io import load_input, strip_prefixes, training_args, unwrap_state_dict
 from .converted_state import ConvertedState, infer_architecture, load_strict, raise_on_rejected, resolve_num_heads
@@ -177,6 +177,8 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
 
     if cfg.attention != "softmax":
         model.config.attention = cfg.attention
+        # the softmax default kernel (sdpa) cannot run a sparse transform: take the new transform's default
+        model.set_attn_implementation(resolve_kernel(cfg.attention))
         model.config.validate()
         logger.info("Attention transform set to %s (the weights were trained with softmax)", cfg.attention)
 

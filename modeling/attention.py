@@ -5,11 +5,19 @@ Two separate choices, as in the house style:
 * the *transform* (``config.attention``) maps attention scores to probabilities. Each transform is a pure
   function ``fn(scores, alpha=None, *, compiled=False) -> probs`` over the last dimension, registered by name
   in ``ATTENTION_TRANSFORMS``: adding one is one function and one entry.
-* the *kernel* (``config._attn_implementation``: ``eager`` / ``sdpa`` / ``compiled``) decides how it is
-  computed. ``sdpa`` is used only where it is the same math (softmax); ``compiled`` runs the same threshold
-  and backward code through ``torch.compile`` (fused loops, same numbers up to float rounding).
+* the *kernel* (``attn_implementation``) decides how the attention product is computed. ``ATTENTION_KERNELS``
+  maps each kernel name to one function; ``KERNEL_TRANSFORMS`` says which transforms a kernel runs:
+  ``eager`` (explicit scores, any transform), ``compiled`` (the same threshold search and backward through
+  ``torch.compile``, same numbers up to float rounding), ``sdpa`` (torch's scaled_dot_product_attention:
+  softmax only, so it is refused for a sparse transform instead of silently running something else).
 
-This file is copied to the Hub with the model: it imports only the standard library and torch.
+Both reach transformers through its ``AttentionInterface``: ``attention_function(transform, kernel)`` is a
+function with transformers' eager signature, and importing this module registers one per pair under
+``attention_interface_name(transform, kernel)`` ("entmax15", "sparsemax", "entmax_bisect" for the eager
+kernel, "entmax15_compiled", ...). EntmaxViT looks its pair up in ``ALL_ATTENTION_FUNCTIONS``; transformers'
+own models (ViTModel, Dinov2Model, ...) accept the same names as ``attn_implementation``.
+
+This file is copied to the Hub with the model: it imports only the standard library, torch and transformers.
 
 How the sparse transforms are fast and still exact
 --------------------------------------------------
@@ -28,7 +36,8 @@ Instead, with x shifted so that max x = 0 and d = [x - tau]_+ :
    s1, s2 are sums of d and d^2. Because S contains the true support, that root is exact iff no entry of S
    falls below it; rows failing this check (rare, ~0 after 4 steps on attention-like scores) are recomputed
    with the exact sort-based reference. So the result is exact for every row, not "exact with high
-   probability".
+   probability". Traced, the recomputation is a ``torch.cond`` (a tensor operator, not a Python branch), so
+   the same exact result comes out of ``torch.compile(fullgraph=True)`` and ``torch.export``.
 4. alpha-entmax has no closed form: safeguarded Newton (bisection where Newton leaves the bracket, which
    only happens for alpha > 2) runs to float precision, then p is renormalised, as in the ``entmax`` package.
 
@@ -38,19 +47,20 @@ entmax-1.5, the support indicator for sparsemax). Half-precision inputs are comp
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from typing import Callable, Optional
+from functools import lru_cache
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
 
 # Newton steps before the closed-form finish: with these, no row failed the support check on Gaussian scores
 # of any scale we tried (N = 37 and 197; sparsemax's Michelot steps converge more slowly on flat rows).
-# Failing rows would still be exact (sort fallback), only slower.
+# Failing rows would still be exact (sort fallback), only slower. Read at call time (tests lower them).
 ENTMAX15_NEWTON_STEPS = 4
 SPARSEMAX_NEWTON_STEPS = 6
-# alpha-entmax: cap on Newton/bisection iterations; the loop stops once every row has converged.
+# alpha-entmax: cap on Newton/bisection iterations; eagerly the loop stops once every row has converged.
 ENTMAX_BISECT_MAX_ITER = 50
 
 
@@ -59,36 +69,15 @@ def _as_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _tracing() -> bool:
+    """True under torch.compile / torch.export / jit tracing, where a host sync cannot be taken."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _count_positive(d: torch.Tensor) -> torch.Tensor:
     """Number of positive entries per row of a non-negative ``d``, as float (..., 1). sign().sum() is several
     times faster than count_nonzero / (d > 0).sum() on CPU (no bool -> int64 copy)."""
     return torch.sign(d).sum(dim=-1, keepdim=True)
-
-
-_SCRATCH = threading.local()
-_SCRATCH_SLOTS = 4  # shapes kept per thread (multi-crop alternates two)
-
-
-def _scratch_like(t: torch.Tensor, compiled: bool) -> Optional[torch.Tensor]:
-    """A reusable scratch buffer shaped like ``t`` (CPU eager only; never returned to callers or saved).
-
-    On CPU every fresh multi-MB tensor is page-faulted in again (glibc hands large blocks back to the OS),
-    which costs more than the arithmetic of the threshold search; one cached buffer per shape removes that.
-    CUDA has a caching allocator and compiled code allocates its own buffers: None there.
-    """
-    if compiled or t.device.type != "cpu":
-        return None
-    cache = getattr(_SCRATCH, "buffers", None)
-    if cache is None:
-        cache = _SCRATCH.buffers = OrderedDict()
-    key = (tuple(t.shape), t.dtype)
-    buf = cache.pop(key, None)
-    if buf is None:
-        buf = torch.empty_like(t, memory_format=torch.contiguous_format)
-    cache[key] = buf
-    while len(cache) > _SCRATCH_SLOTS:
-        cache.popitem(last=False)
-    return buf
 
 
 def _lower_bound(mean: torch.Tensor, n: int, power: float) -> torch.Tensor:
@@ -130,124 +119,135 @@ def _sparsemax_sort(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Fast cores: pure tensor functions (no data-dependent control flow), so torch.compile can fuse them.
 # ----------------------------------------------------------------------------------------------------------
-def _entmax15_core(
-    scores: torch.Tensor, steps: int, scratch: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _entmax15_core(scores: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scores (..., N) -> (probs (..., N), ok (...,) rows certified exact).
 
     Works in score units: y = scores - max (exact for nearby values), threshold t = 2 tau, e = [y - t]_+ = 2 d.
-    One (..., N) buffer is allocated (the output, used as scratch first) besides ``scratch``: fresh large
-    allocations cost page faults on CPU, which is much of what the eager path pays; under torch.compile the
-    passes fuse anyway.
     """
     y = scores - scores.amax(dim=-1, keepdim=True)  # (..., N), row max 0
     t = 2 * _lower_bound(y.mean(dim=-1, keepdim=True) / 2, scores.shape[-1], 0.5)  # (..., 1), tau <= tau*
-    e = torch.empty_like(y) if scratch is None else scratch
     for _ in range(steps):
-        torch.sub(y, t, out=e).clamp_min_(0)  # e = 2 d
+        e = torch.clamp(y - t, min=0)  # e = 2 d
         norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True) / 2  # ||d||_2
         # Newton on ||d||_2 - 1: tau += norm (norm - 1) / sum(d), which stays <= tau*; t = 2 tau.
         t = t + 4 * norm * (norm - 1) / e.sum(dim=-1, keepdim=True)
-    torch.sub(y, t, out=e).clamp_min_(0)
-    k = torch.sign(e, out=y).sum(dim=-1, keepdim=True)  # (..., 1) support size at tau; y is scratch now
+    e = torch.clamp(y - t, min=0)
+    k = _count_positive(e)  # (..., 1) support size at tau
     s1 = e.sum(dim=-1, keepdim=True) / 2
     s2 = torch.linalg.vector_norm(e, dim=-1, keepdim=True) ** 2 / 4
     mean = s1 / k
     u = mean - torch.sqrt(torch.clamp((1 - s2 + s1 * mean) / k, min=0))  # smaller root, shift from tau
     u = u.clamp_min(0)  # tau is a lower bound, so u >= 0; a negative u is rounding only
-    probs = torch.sub(e, 2 * u, out=y).clamp_min_(0).mul_(0.5)  # [d - u]_+
+    d = torch.clamp(e / 2 - u, min=0)  # [d - u]_+
     # Exact iff no entry of the support at tau falls below the closed-form threshold: same count after.
-    ok = (torch.sign(probs, out=e).sum(dim=-1, keepdim=True) == k).squeeze(-1)
-    return probs.mul_(probs), ok
+    ok = (_count_positive(d) == k).squeeze(-1)
+    return d * d, ok
 
 
-def _sparsemax_core(
-    scores: torch.Tensor, steps: int, scratch: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (..., N) -> (probs, ok (...,)). Newton here is Michelot's algorithm. Two (..., N) buffers."""
+def _sparsemax_core(scores: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (..., N) -> (probs, ok (...,)). Newton here is Michelot's algorithm."""
     y = scores - scores.amax(dim=-1, keepdim=True)
     tau = _lower_bound(y.mean(dim=-1, keepdim=True), scores.shape[-1], 1.0)
-    d = torch.empty_like(y) if scratch is None else scratch
     for _ in range(steps):
-        torch.sub(y, tau, out=d).clamp_min_(0)
+        d = torch.clamp(y - tau, min=0)
         tau = tau + (d.sum(dim=-1, keepdim=True) - 1) / _count_positive(d)
-    torch.sub(y, tau, out=d).clamp_min_(0)
-    k = torch.sign(d, out=y).sum(dim=-1, keepdim=True)
+    d = torch.clamp(y - tau, min=0)
+    k = _count_positive(d)
     u = ((d.sum(dim=-1, keepdim=True) - 1) / k).clamp_min(0)  # >= 0 up to rounding
-    probs = torch.sub(d, u, out=y).clamp_min_(0)
-    return probs, (torch.sign(probs, out=d).sum(dim=-1, keepdim=True) == k).squeeze(-1)
+    probs = torch.clamp(d - u, min=0)
+    return probs, (_count_positive(probs) == k).squeeze(-1)
 
 
-def _entmax15_backward(probs: torch.Tensor, grad: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _entmax15_backward(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Jacobian-vector product of 1.5-entmax w.r.t. the scores: s = sqrt(p), g*s - s (g.s)/sum(s)."""
-    s = torch.sqrt(probs) if scratch is None else torch.sqrt(probs, out=scratch)
+    s = torch.sqrt(probs)
     gs = grad * s
-    q = gs.sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True)
-    return gs.sub_(s.mul_(q))
+    return gs - s * (gs.sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True))
 
 
-def _sparsemax_backward(probs: torch.Tensor, grad: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _sparsemax_backward(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """On the support: the gradient minus its support mean; zero elsewhere."""
-    on = torch.sign(probs) if scratch is None else torch.sign(probs, out=scratch)
+    on = torch.sign(probs)
     g = grad * on
-    q = g.sum(dim=-1, keepdim=True) / on.sum(dim=-1, keepdim=True)
-    return g.sub_(on.mul_(q))
+    return g - on * (g.sum(dim=-1, keepdim=True) / on.sum(dim=-1, keepdim=True))
 
 
 _COMPILED: dict[str, Callable] = {}
 
 
 def _kernel(fn: Callable, compiled: bool) -> Callable:
-    """``fn`` itself, or its torch.compile'd twin (compiled once per process; same code, fused loops)."""
-    if not compiled:
+    """``fn`` itself, or its torch.compile'd twin (compiled once per process; same code, fused loops). Inside an
+    outer torch.compile / torch.export the plain function is traced (the outer compiler fuses it anyway)."""
+    if not compiled or _tracing():
         return fn
     if fn.__name__ not in _COMPILED:
         _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
     return _COMPILED[fn.__name__]
 
 
-def _fix_failed_rows(probs: torch.Tensor, scores: torch.Tensor, ok: torch.Tensor, reference: Callable) -> torch.Tensor:
-    """Recompute rows whose support check failed with the exact sort-based reference (rare; in place)."""
-    if bool(ok.all()):
-        return probs
-    bad = ~ok  # (...,)
-    probs[bad] = reference(scores[bad]).to(probs.dtype)
-    return probs
+def _certified(probs: torch.Tensor, scores: torch.Tensor, ok: torch.Tensor, reference: Callable) -> torch.Tensor:
+    """``probs`` where the row is certified, else the exact sort-based ``reference`` of the row.
+
+    The sort runs only when some row failed (rare). Traced (torch.compile(fullgraph=True), torch.export) the
+    choice is ``torch.cond``, an operator the graph keeps; eagerly the same two branches are chosen in Python,
+    because torch.cond is not supported under TorchDispatchModes (memory and FLOP counters).
+    """
+
+    def fix(p: torch.Tensor, s: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return torch.where(o.unsqueeze(-1), p, reference(s).to(p.dtype))
+
+    all_ok = ok.all()
+    if _tracing():
+        # cond's branches may not return an input unchanged, hence the clone
+        return torch.cond(all_ok, lambda p, s, o: p.clone(), fix, (probs, scores, ok))
+    return probs if bool(all_ok) else fix(probs, scores, ok)
 
 
-class _ExactThresholdFunction(torch.autograd.Function):
-    """Shared autograd of the exact fast transforms (entmax-1.5, sparsemax): Newton + closed-form forward
-    with the per-row certificate and sort fallback, a backward that needs only the saved output. Subclasses
-    name their core, backward, Newton step count and reference."""
+def _entmax15_forward(scores: torch.Tensor) -> torch.Tensor:
+    probs, ok = _entmax15_core(scores, ENTMAX15_NEWTON_STEPS)
+    return _certified(probs, scores, ok, lambda s: _entmax15_sort(s / 2 - (s / 2).amax(dim=-1, keepdim=True)))
 
-    _core: Callable = None  # (scores, steps, scratch) -> (probs, ok)
-    _backward: Callable = None  # (probs, grad_output, scratch) -> grad_scores
+
+def _sparsemax_forward(scores: torch.Tensor) -> torch.Tensor:
+    probs, ok = _sparsemax_core(scores, SPARSEMAX_NEWTON_STEPS)
+    return _certified(probs, scores, ok, lambda s: _sparsemax_sort(s - s.amax(dim=-1, keepdim=True)))
+
+
+class Entmax15Function(torch.autograd.Function):
+    """1.5-entmax over the last dimension: Newton + closed-form forward with the per-row certificate and sort
+    fallback; the backward needs only the saved output."""
 
     @staticmethod
-    def _steps() -> int:  # read at call time, so tests can change the module constants
-        raise NotImplementedError
-
-    @staticmethod
-    def _reference(scores: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @classmethod
-    def forward(cls, ctx, scores: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-        probs, ok = _kernel(cls._core, compiled)(scores, cls._steps(), _scratch_like(scores, compiled))
-        probs = _fix_failed_rows(probs, scores, ok, cls._reference)
+    def forward(ctx, scores: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+        probs = _kernel(_entmax15_forward, compiled)(scores)
         ctx.compiled = compiled
         ctx.save_for_backward(probs)
         return probs
 
-    @classmethod
-    def backward(cls, ctx, grad_output: torch.Tensor):
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
         (probs,) = ctx.saved_tensors
-        scratch = _scratch_like(probs, ctx.compiled)
-        return _kernel(cls._backward, ctx.compiled)(probs, grad_output.contiguous(), scratch), None
+        return _kernel(_entmax15_backward, ctx.compiled)(probs, grad_output.contiguous()), None
+
+
+class SparsemaxFunction(torch.autograd.Function):
+    """Euclidean projection onto the simplex over the last dimension; saves only its output."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+        probs = _kernel(_sparsemax_forward, compiled)(scores)
+        ctx.compiled = compiled
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        return _kernel(_sparsemax_backward, ctx.compiled)(probs, grad_output.contiguous()), None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# entmax-1.5
+# entmax-1.5 and sparsemax (alpha = 2)
 # ----------------------------------------------------------------------------------------------------------
 def entmax15_reference(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sort-based exact 1.5-entmax (slow; the reference the fast path is tested against). Differentiable."""
@@ -255,48 +255,15 @@ def entmax15_reference(scores: torch.Tensor, alpha: Optional[torch.Tensor] = Non
     return _entmax15_sort(x - x.amax(dim=-1, keepdim=True)).to(scores.dtype)
 
 
-class Entmax15Function(_ExactThresholdFunction):
-    """1.5-entmax over the last dimension; saves only its output for backward."""
-
-    _core = staticmethod(_entmax15_core)
-    _backward = staticmethod(_entmax15_backward)
-
-    @staticmethod
-    def _steps() -> int:
-        return ENTMAX15_NEWTON_STEPS
-
-    @staticmethod
-    def _reference(scores: torch.Tensor) -> torch.Tensor:
-        return entmax15_reference(scores)
-
-
 def entmax15(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
     """Exact 1.5-entmax over the last dimension (computed in float32 or wider, returned in the input dtype)."""
     return Entmax15Function.apply(_as_float32(scores), compiled).to(scores.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# sparsemax (alpha = 2)
-# ----------------------------------------------------------------------------------------------------------
 def sparsemax_reference(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sort-based exact sparsemax (slow reference). Differentiable."""
     x = _as_float32(scores)
     return _sparsemax_sort(x - x.amax(dim=-1, keepdim=True)).to(scores.dtype)
-
-
-class SparsemaxFunction(_ExactThresholdFunction):
-    """Euclidean projection onto the simplex over the last dimension; saves only its output."""
-
-    _core = staticmethod(_sparsemax_core)
-    _backward = staticmethod(_sparsemax_backward)
-
-    @staticmethod
-    def _steps() -> int:
-        return SPARSEMAX_NEWTON_STEPS
-
-    @staticmethod
-    def _reference(scores: torch.Tensor) -> torch.Tensor:
-        return sparsemax_reference(scores)
 
 
 def sparsemax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
@@ -318,14 +285,13 @@ def _bisect_init(scores: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tenso
     return x, 1.0 / am1, lo, hi.expand_as(lo)
 
 
-def _bisect_step(x, q, lo, hi, tau, err, d=None, dq=None):
+def _bisect_step(x, q, lo, hi, tau, err):
     """Evaluate f(tau) = sum d^q - 1, update the bracket, propose the next tau (Newton on ||d||_q - 1 from
-    lo, bisection if that leaves the bracket). Returns (lo, hi, next_tau, |f(lo)|). ``d``/``dq``: optional
-    (..., N) scratch buffers (CPU eager), so the iterations allocate nothing large."""
-    d = torch.sub(x, tau, out=d).clamp_min_(0) if d is not None else torch.clamp(x - tau, min=0)
-    dq = torch.pow(d, q, out=dq) if dq is not None else d**q
+    lo, bisection if that leaves the bracket). Returns (lo, hi, next_tau, |f(lo)|)."""
+    d = torch.clamp(x - tau, min=0)
+    dq = d**q
     sq = dq.sum(dim=-1, keepdim=True)  # (..., 1)
-    sq1 = dq.div_(d).nan_to_num_(0.0).sum(dim=-1, keepdim=True)  # sum d^(q-1) (0/0 -> 0 off the support)
+    sq1 = torch.nan_to_num(dq / d, nan=0.0).sum(dim=-1, keepdim=True)  # sum d^(q-1) (0/0 -> 0 off the support)
     above = sq >= 1
     lo = torch.where(above, tau, lo)
     hi = torch.where(above, hi, tau)
@@ -370,12 +336,11 @@ class EntmaxBisectFunction(torch.autograd.Function):
         tol = 4 * torch.finfo(scores.dtype).eps
         step = _kernel(_bisect_step, compiled)
         tau, err = lo, torch.full_like(lo, float("inf"))
-        d = _scratch_like(x, compiled)
-        dq = None if d is None else torch.empty_like(x)  # one more scratch, reused over the iterations
         for i in range(ENTMAX_BISECT_MAX_ITER):
-            lo, hi, tau, err = step(x, q, lo, hi, tau, err, d, dq)
-            # Converged rows stay put (Newton step ~0); check every few steps to limit host syncs.
-            if i % 4 == 3 and bool(((err <= tol) | (hi - lo <= tol)).all()):
+            lo, hi, tau, err = step(x, q, lo, hi, tau, err)
+            # Converged rows stay put (Newton step ~0), so stopping early changes nothing: eagerly, check every
+            # few steps (a host sync); traced graphs run all the steps.
+            if i % 4 == 3 and not _tracing() and bool(((err <= tol) | (hi - lo <= tol)).all()):
                 break
         probs = _kernel(_bisect_finish, compiled)(x, q, lo)
         ctx.compiled, ctx.scalar_alpha = compiled, scalar_alpha
@@ -392,18 +357,22 @@ class EntmaxBisectFunction(torch.autograd.Function):
         return grad_scores, grad_alpha, None, None
 
 
-def entmax_bisect(scores: torch.Tensor, alpha=None, *, compiled: bool = False) -> torch.Tensor:
+def entmax_bisect(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
     """alpha-entmax over the last dimension. ``alpha``: None (1.5), a float, or a tensor broadcastable to
     scores.shape[:-1] + (1,), e.g. (H, 1, 1) per head against (B, H, N, N) scores; gradients flow to it."""
-    if alpha is None:
-        alpha = 1.5
+    alpha = 1.5 if alpha is None else alpha
     x = _as_float32(scores)
-    if not torch.is_tensor(alpha):
-        alpha = torch.tensor(float(alpha), device=scores.device)
-    if bool((alpha <= 1).any()):
-        raise ValueError("entmax_bisect needs alpha > 1 (alpha = 1 is softmax)")
-    alpha_rows = alpha.to(x.dtype).expand(*x.shape[:-1], 1)  # autograd sums the broadcast back
-    scalar = float(alpha) if alpha.numel() == 1 else None
+    if torch.is_tensor(alpha):
+        if not _tracing() and bool((alpha <= 1).any()):
+            raise ValueError("entmax_bisect needs alpha > 1 (alpha = 1 is softmax)")
+        # A one-element tensor is read as a float for the fast exponent, except while tracing (no host sync).
+        scalar = float(alpha) if alpha.numel() == 1 and not alpha.requires_grad and not _tracing() else None
+        alpha_rows = alpha.to(device=x.device, dtype=x.dtype).expand(*x.shape[:-1], 1)  # autograd sums it back
+    else:
+        if not alpha > 1:
+            raise ValueError("entmax_bisect needs alpha > 1 (alpha = 1 is softmax)")
+        scalar = float(alpha)
+        alpha_rows = torch.full((*x.shape[:-1], 1), scalar, device=x.device, dtype=x.dtype)
     return EntmaxBisectFunction.apply(x, alpha_rows, compiled, scalar).to(scores.dtype)
 
 
@@ -428,9 +397,6 @@ REFERENCE_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
     "sparsemax": sparsemax_reference,
 }
 
-# Kernel choices accepted in config._attn_implementation.
-ATTENTION_KERNELS = ("eager", "sdpa", "compiled")
-
 
 def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
     """Look up a transform by name; unknown names raise ValueError listing the choices."""
@@ -440,6 +406,93 @@ def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
         raise ValueError(
             f"Unknown attention transform {name!r}; choose one of {sorted(ATTENTION_TRANSFORMS)}"
         ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels: kernel name -> one function. Every kernel has the signature
+#   kernel(query, key, value, attention_mask, *, transform, alpha, scaling, dropout, need_weights)
+#     -> (out (B, H, N, d), probs (B, H, N, N) or None)
+# with query/key/value (B, H, N, d), attention_mask None or broadcastable to (B, H, N, N) (bool: True = keep,
+# float: added to the scores) and ``dropout`` the probability to apply (0 outside training).
+# ----------------------------------------------------------------------------------------------------------
+def _scores(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
+    # Scale the (N, d) query rather than the (N, N) scores: same math, a third of the work at d = 64.
+    scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, H, N, N)
+    if attention_mask is None:
+        return scores
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill(~attention_mask, float("-inf"))
+    return scores + attention_mask
+
+
+def eager_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
+                 dropout: float = 0.0, need_weights: bool = False, compiled: bool = False):
+    """Explicit scores -> transform -> dropout -> product. Any transform."""
+    scores = _scores(query, key, attention_mask, scaling)
+    probs = get_attention_transform(transform)(scores, alpha, compiled=compiled)
+    dropped = F.dropout(probs, p=dropout, training=True) if dropout > 0 else probs
+    return torch.matmul(dropped, value), (probs if need_weights else None)
+
+
+def compiled_kernel(query, key, value, attention_mask=None, **kwargs):
+    """The eager kernel with the transform's threshold search and backward run through torch.compile."""
+    return eager_kernel(query, key, value, attention_mask, compiled=True, **kwargs)
+
+
+def sdpa_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
+                dropout: float = 0.0, need_weights: bool = False):
+    """torch's scaled_dot_product_attention (softmax only). SDPA cannot return the probabilities: when they are
+    requested the eager kernel computes them (the same math)."""
+    if transform != "softmax":
+        raise ValueError(_unsupported_message(transform, "sdpa"))
+    if need_weights:
+        return eager_kernel(query, key, value, attention_mask, transform=transform, scaling=scaling,
+                            dropout=dropout, need_weights=True)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out, None
+
+
+# The one place where a kernel name maps to its function. A new kernel is one function and one entry here
+# (plus an entry in KERNEL_TRANSFORMS if it runs only some transforms, and DEFAULT_KERNELS if it should be
+# the default); AttentionInterface names are derived from these tables.
+ATTENTION_KERNELS: dict[str, Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]] = {
+    "eager": eager_kernel,
+    "compiled": compiled_kernel,
+    "sdpa": sdpa_kernel,
+}
+# Kernels that run only some transforms (absent: every transform).
+KERNEL_TRANSFORMS: dict[str, tuple[str, ...]] = {"sdpa": ("softmax",)}
+# Kernel chosen when none is requested (transformers' automatic default); absent transforms use "eager".
+DEFAULT_KERNELS: dict[str, str] = {"softmax": "sdpa"}
+
+
+def kernels_for(transform: str) -> list[str]:
+    """Kernel names that run ``transform``."""
+    get_attention_transform(transform)
+    return [k for k in ATTENTION_KERNELS if transform in KERNEL_TRANSFORMS.get(k, (transform,))]
+
+
+def _unsupported_message(transform: str, kernel: str) -> str:
+    return (
+        f"attn_implementation={kernel!r} does not run attention={transform!r}"
+        + (" (torch's scaled_dot_product_attention computes softmax only)" if kernel == "sdpa" else "")
+        + f"; choose one of {kernels_for(transform)} for it"
+    )
+
+
+def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
+    """The kernel that runs ``transform``: ``requested``, checked, or the default when None. Raises ValueError
+    for an unknown kernel or one that does not run this transform (e.g. "sdpa" for a sparse transform)."""
+    if requested is None:
+        return DEFAULT_KERNELS.get(transform, "eager")
+    if requested not in ATTENTION_KERNELS:
+        raise ValueError(
+            f"Unknown attention kernel (attn_implementation) {requested!r}; choose one of {kernels_for(transform)} "
+            f"for attention={transform!r}"
+        )
+    if requested not in kernels_for(transform):
+        raise ValueError(_unsupported_message(transform, requested))
+    return requested
 
 
 def attention_forward(
@@ -454,27 +507,86 @@ def attention_forward(
     dropout: float = 0.0,
     training: bool = False,
     need_weights: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Multi-head attention product with a chosen transform and kernel.
+    """Multi-head attention product with a chosen transform and kernel (functional form, for benchmarks).
 
     query/key/value: (B, H, N, d). Returns (out (B, H, N, d), probs (B, H, N, N) or None).
-    ``sdpa`` is used only for softmax when the probabilities are not requested; it computes the same math.
-    ``compiled`` runs the transform's threshold search and backward through torch.compile.
     """
-    if kernel not in ATTENTION_KERNELS:
-        raise ValueError(f"Unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
-    fn = get_attention_transform(transform)
-    if transform == "softmax" and kernel == "sdpa" and not need_weights:
-        out = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=dropout if training else 0.0, scale=scaling
-        )
-        return out, None
-    # Scale the (N, d) query rather than the (N, N) scores: same math, a third of the work at d = 64.
-    scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, H, N, N)
-    probs = fn(scores, alpha, compiled=kernel == "compiled")
-    dropped = F.dropout(probs, p=dropout, training=training) if dropout > 0 else probs
-    out = torch.matmul(dropped, value)  # (B, H, N, d)
-    return out, (probs if need_weights else None)
+    fn = ATTENTION_KERNELS[resolve_kernel(transform, kernel)]
+    return fn(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
+              dropout=dropout if training else 0.0, need_weights=need_weights)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers' AttentionInterface
+# ----------------------------------------------------------------------------------------------------------
+def attention_interface_name(transform: str, kernel: str) -> str:
+    """The AttentionInterface name of a (transform, kernel) pair: the transform for the eager kernel
+    ("entmax15"), else "<transform>_<kernel>" ("entmax15_compiled", "softmax_sdpa")."""
+    return transform if kernel == "eager" else f"{transform}_{kernel}"
+
+
+def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch.Tensor]:
+    """alpha of entmax_bisect for this attention module: EntmaxViT's (possibly learnt, per head) ``alpha()``,
+    else ``config.attention_alpha`` of a transformers model (default 1.5). None for the other transforms."""
+    if transform != "entmax_bisect":
+        return None
+    if callable(getattr(module, "alpha", None)):
+        return module.alpha()
+    return float(getattr(getattr(module, "config", None), "attention_alpha", 1.5))
+
+
+@lru_cache(maxsize=None)  # one function object per pair, so AttentionInterface lookups return the same one
+def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """An attention function with transformers' eager signature running ``transform`` with ``kernel``:
+
+    ``fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs)`` with query/key/value
+    (B, H, N, d) -> (attn_output (B, N, H, d), attn_weights (B, H, N, N) or None). ``attn_weights`` are the
+    exact probabilities (None only from SDPA when ``output_attentions`` is not requested).
+    """
+    kernel = resolve_kernel(transform, kernel)
+    run = ATTENTION_KERNELS[kernel]
+
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        scaling: Optional[float] = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        # transformers asks for weights only through output_attentions; every kernel but SDPA returns them.
+        need_weights = kernel != "sdpa" or bool(kwargs.get("output_attentions", False))
+        out, probs = run(query, key, value, attention_mask, transform=transform,
+                         alpha=_module_alpha(module, transform), scaling=scaling, dropout=dropout,
+                         need_weights=need_weights)
+        return out.transpose(1, 2).contiguous(), probs  # (B, N, H, d)
+
+    attention.__name__ = attention.__qualname__ = f"{attention_interface_name(transform, kernel)}_attention_forward"
+    attention.__doc__ = f"attention={transform!r} with the {kernel!r} kernel, in transformers' eager signature."
+    return attention
+
+
+def register_attention_functions() -> list[str]:
+    """Register every (transform, kernel) pair with transformers' AttentionInterface; returns the names.
+
+    Called on import, so ``ViTModel`` / ``Dinov2Model`` / ... accept ``attn_implementation="entmax15"`` (and
+    "sparsemax", "entmax_bisect" with alpha from ``config.attention_alpha``, and "<name>_compiled").
+    """
+    names = []
+    for transform in ATTENTION_TRANSFORMS:
+        for kernel in kernels_for(transform):
+            name = attention_interface_name(transform, kernel)
+            AttentionInterface.register(name, attention_function(transform, kernel))
+            names.append(name)
+    return names
+
+
+ATTENTION_INTERFACE_NAMES: list[str] = register_attention_functions()
 
 
 def support_size(probs: torch.Tensor) -> torch.Tensor:
@@ -483,14 +595,22 @@ def support_size(probs: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "ATTENTION_TRANSFORMS",
+    "ATTENTION_INTERFACE_NAMES",
     "ATTENTION_KERNELS",
+    "ATTENTION_TRANSFORMS",
+    "DEFAULT_KERNELS",
+    "KERNEL_TRANSFORMS",
     "REFERENCE_TRANSFORMS",
     "attention_forward",
+    "attention_function",
+    "attention_interface_name",
     "entmax15",
     "entmax15_reference",
     "entmax_bisect",
     "get_attention_transform",
+    "kernels_for",
+    "register_attention_functions",
+    "resolve_kernel",
     "softmax",
     "sparsemax",
     "sparsemax_reference",

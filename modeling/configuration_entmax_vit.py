@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from transformers import PretrainedConfig
 
-from .attention import ATTENTION_KERNELS, ATTENTION_TRANSFORMS
+from .attention import ATTENTION_TRANSFORMS, resolve_kernel
 
 # Architecture presets (DINO's ViT family). Patch size is chosen separately: vit_small_patch16 etc.
 _SIZES: dict[str, dict[str, int]] = {
@@ -143,8 +143,8 @@ class EntmaxViTConfig(PretrainedConfig):
         if bad:
             raise ValueError(f"out_indices {bad} outside 0..{self.num_hidden_layers}")
         impl = getattr(self, "_attn_implementation_internal", None)
-        if impl is not None and impl not in ATTENTION_KERNELS:
-            raise ValueError(f"Unknown attn_implementation {impl!r}; choose one of {ATTENTION_KERNELS}")
+        if impl is not None:
+            resolve_kernel(self.attention, impl)  # raises for an unknown kernel or one that cannot run the transform
 
     @property
     def num_patches(self) -> int:

@@ -23,7 +23,9 @@ from transformers.modeling_outputs import (
     ImageClassifierOutput,
 )
 
-from .attention import ATTENTION_KERNELS, attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention import attention_function, attention_interface_name, resolve_kernel
 from .configuration_entmax_vit import EntmaxViTConfig
 
 
@@ -134,12 +136,12 @@ class EntmaxViTAttention(nn.Module):
         else:
             self.alpha_raw = None
 
-    def alpha(self) -> Optional[torch.Tensor]:
+    def alpha(self) -> Union[None, float, torch.Tensor]:
         """alpha per head as (H, 1, 1) for alpha-entmax; None for fixed-shape transforms."""
         if self.config.attention != "entmax_bisect":
             return None
         if self.alpha_raw is None:
-            return torch.tensor(self.config.attention_alpha, device=self.qkv.weight.device)
+            return self.config.attention_alpha
         return (1.0 + F.softplus(self.alpha_raw)).view(-1, 1, 1)
 
     def forward(
@@ -148,21 +150,18 @@ class EntmaxViTAttention(nn.Module):
         batch, tokens, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
-        kernel = self.config._attn_implementation or "sdpa"
-        out, probs = attention_forward(
-            query,
-            key,
-            value,
-            transform=self.config.attention,
-            scaling=self.scaling,
-            kernel=kernel,
-            alpha=self.alpha(),
-            dropout=self.config.attention_probs_dropout_prob,
-            training=self.training,
-            need_weights=output_attentions,
+        transform = self.config.attention
+        kernel = resolve_kernel(transform, self.config._attn_implementation)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attention_interface_name(transform, kernel), attention_function(transform, kernel)
         )
-        out = out.transpose(1, 2).reshape(batch, tokens, dim)  # (B, N, D)
-        return self.proj_dropout(self.proj(out)), probs
+        out, probs = attention_interface(
+            self, query, key, value, None, scaling=self.scaling,
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+            output_attentions=output_attentions,
+        )
+        out = out.reshape(batch, tokens, dim)  # (B, N, H, d) -> (B, N, D)
+        return self.proj_dropout(self.proj(out)), probs if output_attentions else None
 
 
 class EntmaxViTMLP(nn.Module):
@@ -258,11 +257,9 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
 
     def get_correct_attn_implementation(self, requested_attention: Optional[str], is_init_check: bool = False) -> str:
-        """Kernels: eager | sdpa (softmax only; other transforms run eager math) | compiled (torch.compile)."""
-        choice = "sdpa" if requested_attention is None else requested_attention
-        if choice not in ATTENTION_KERNELS:
-            raise ValueError(f"Unknown attn_implementation {choice!r}; choose one of {ATTENTION_KERNELS}")
-        return choice
+        """The attention kernel for ``config.attention``: eager | compiled | sdpa (softmax only). None (transformers'
+        automatic choice) picks the default kernel of the transform; a kernel that cannot run it raises."""
+        return resolve_kernel(self.config.attention, requested_attention)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -183,7 +183,7 @@ def test_attention_forward_eager_softmax_equals_sdpa() -> None:
 @pytest.mark.parametrize("name", SPARSE)
 def test_attention_forward_sparse_matches_package(name: str) -> None:
     q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
-    out, probs = A.attention_forward(q, k, v, transform=name, scaling=0.25, kernel="sdpa", need_weights=True)
+    out, probs = A.attention_forward(q, k, v, transform=name, scaling=0.25, kernel="eager", need_weights=True)
     ref_probs = PACKAGE[name](q @ k.transpose(-1, -2) * 0.25, dim=-1)
     torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0)
     torch.testing.assert_close(out, ref_probs @ v, atol=1e-5, rtol=1e-5)
@@ -267,3 +267,81 @@ def test_entmax15_training_step_peak_memory_matches_softmax(tiny_config_kwargs) 
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         assert peaks[attention] > params
     assert peaks["entmax15"] <= 1.1 * peaks["softmax"], peaks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel names, AttentionInterface functions, torch.export / torch.compile(fullgraph=True)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["entmax15", "sparsemax", "entmax_bisect"])
+def test_sdpa_is_refused_for_sparse_transforms(name: str) -> None:
+    """SDPA computes softmax only: asking it for a sparse transform is an error, never another computation."""
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="does not run attention=.*softmax only.*choose one of"):
+        A.attention_forward(q, q, q, transform=name, scaling=1.0, kernel="sdpa")
+    assert A.resolve_kernel(name, None) in A.kernels_for(name) and "sdpa" not in A.kernels_for(name)
+    assert A.resolve_kernel("softmax", None) == "sdpa"
+
+
+def test_attention_functions_are_registered_with_transformers() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name in ["entmax15", "sparsemax", "entmax_bisect", "entmax15_compiled", "sparsemax_compiled"]:
+        assert name in A.ATTENTION_INTERFACE_NAMES
+        assert ALL_ATTENTION_FUNCTIONS.get_interface(name, None) is A.attention_function(*(name.split("_compiled")[0],
+                                                                                           "compiled" if "compiled" in name else "eager"))
+    # the eager signature: (module, q, k, v, mask, scaling, dropout) -> ((B, N, H, d), (B, H, N, N))
+    q, k, v = (torch.randn(2, 3, 9, 4) for _ in range(3))
+    module = torch.nn.Module()
+    out, weights = A.attention_function("entmax15", "eager")(module, q, k, v, None, scaling=0.5, dropout=0.0)
+    ref = entmax.entmax15(q @ k.transpose(-1, -2) * 0.5, dim=-1)
+    torch.testing.assert_close(weights, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, (ref @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # a boolean mask (True = attend) gives exact zeros on masked keys
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool)
+    mask[..., -2:] = False
+    _, weights = A.attention_function("sparsemax", "eager")(module, q, k, v, mask, scaling=0.5)
+    assert (weights[..., -2:] == 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, 9), atol=1e-6, rtol=0)
+
+
+class _Attend(torch.nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return A.ATTENTION_TRANSFORMS[self.name](scores, 1.3 if self.name == "entmax_bisect" else None)
+
+
+def _reference(name: str, scores: torch.Tensor) -> torch.Tensor:
+    if name == "softmax":
+        return torch.softmax(scores, -1)
+    if name == "entmax_bisect":
+        return entmax.entmax_bisect(scores.double(), 1.3, dim=-1, n_iter=200).float()
+    return PACKAGE[name](scores, dim=-1)
+
+
+@pytest.mark.parametrize("name", list(A.ATTENTION_TRANSFORMS))
+def test_torch_export_is_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.export traces every transform (no data-dependent Python branch), the sort fallback included:
+    with no Newton steps most rows need it, and the exported program is still exact."""
+    monkeypatch.setattr(A, "ENTMAX15_NEWTON_STEPS", 0)
+    monkeypatch.setattr(A, "SPARSEMAX_NEWTON_STEPS", 0)
+    scores = _scores((2, 3, 17, 17), 2.0)
+    program = torch.export.export(_Attend(name), (scores,))
+    for x in (scores, _scores((2, 3, 17, 17), 0.3)):
+        torch.testing.assert_close(program.module()(x), _reference(name, x), atol=2e-6, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(A.ATTENTION_TRANSFORMS))
+def test_torch_compile_fullgraph_is_exact_with_gradients(name: str) -> None:
+    torch._dynamo.reset()
+    scores = _scores((2, 3, 17, 17), 2.0).requires_grad_(True)
+    compiled = torch.compile(_Attend(name), fullgraph=True, backend="aot_eager")
+    probs = compiled(scores)
+    torch.testing.assert_close(probs, _reference(name, scores.detach()), atol=2e-6, rtol=0)
+    grad = torch.randn_like(probs)
+    (g_compiled,) = torch.autograd.grad(probs, scores, grad)
+    (g_eager,) = torch.autograd.grad(_Attend(name)(scores), scores, grad)
+    torch.testing.assert_close(g_compiled, g_eager, atol=1e-6, rtol=1e-5)
