@@ -53,7 +53,8 @@ def test_model_index_lists_every_metric_once():
 
 # Written independently of card.py: what each results task is on the Hub.
 HUB_TASK = {"knn": ("image-classification", "k-NN"), "linear": ("image-classification", "Linear probe"),
-            "segmentation": ("image-segmentation", "segmentation"), "analysis": ("image-feature-extraction", "analysis")}
+            "segmentation": ("image-segmentation", "segmentation"),
+            "analysis": ("image-feature-extraction", "analysis")}
 
 
 def test_model_card_load_gives_back_every_result(tmp_path):
@@ -65,8 +66,9 @@ def test_model_card_load_gives_back_every_result(tmp_path):
         _record("analysis", "embedded", {"cls_patch_cosine": 0.31234567}, split="", protocol="diffusion"),
     ]
     path = tmp_path / "README.md"
-    path.write_text(render_card(CardInputs(repo_id="someone/entmax-vits16", model_config=EntmaxViTConfig(**TINY).to_dict(),
-                                           num_parameters=10, results=results)))
+    config = EntmaxViTConfig(**TINY).to_dict()
+    path.write_text(render_card(CardInputs(repo_id="someone/entmax-vits16", model_config=config, num_parameters=10,
+                                           results=results)))
     loaded = ModelCard.load(path)
 
     assert loaded.data.model_name == "entmax-vits16"

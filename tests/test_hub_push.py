@@ -20,6 +20,7 @@ import httpx2
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
 from PIL import Image
@@ -306,6 +307,11 @@ def test_card_metadata_matches_results(release_inputs, fake_hub):
         assert values == pytest.approx(record["metrics"])
         types = {m["name"].split(" ")[0]: m["type"] for m in entry["metrics"]}
         assert types.get("miou", "mean_iou") == "mean_iou" and types.get("top1_k20", "accuracy") == "accuracy"
+    # The committed README read back by huggingface_hub: one EvalResult per metric of every results file.
+    records = [json.loads(Path(path).read_text()) for path in release_inputs["results"]]
+    loaded = ModelCard(card).data.eval_results
+    assert sorted((e.dataset_name, e.dataset_split, e.metric_name.split(" ")[0], e.metric_value) for e in loaded) == \
+        sorted((r["dataset"]["name"], r["dataset"]["split"], k, v) for r in records for k, v in r["metrics"].items())
 
     # Sections filled from the folder, not typed by hand.
     assert "@article{entmaxvit2026" in card and "arXiv:2605.23868" in card
