@@ -1,6 +1,8 @@
 """The evaluation data path: HF datasets rows -> (pixel_values, label | mask, valid) batches.
 
-Images are decoded with ``entmax_vit.data.images.to_rgb`` (EXIF, every PIL mode, bomb and truncation checks).
+Images are decoded by the project's one decoder, ``entmax_vit.modeling.image_decoding.decode_image`` (the one
+training, the image processor and the pipelines use: EXIF, every PIL mode, bomb and truncation checks); masks are
+opened with the same checks but their values kept (``open_image``).
 A row that fails to decode does not crash the run and is not silently dropped: it yields a zero image with
 ``valid = False``; the loops drop invalid rows after gathering across ranks and log how many were skipped.
 Keeping the row (instead of filtering it in the collate function) keeps batch shapes equal on every rank, so
@@ -10,6 +12,7 @@ Keeping the row (instead of filtering it in the collate function) keeps batch sh
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -61,43 +64,39 @@ def _skip(what: str, where: Any, err: BaseException) -> None:
 
 def decode_image(value: Any, where: Any = "") -> Optional[Image.Image]:
     """RGB image, or None (logged) when the value is not a readable image."""
-    from entmax_vit.data.images import ImageDecodeError, to_rgb
+    from entmax_vit.modeling.image_decoding import ImageDecodeError
+    from entmax_vit.modeling.image_decoding import decode_image as decode
 
     try:
-        return to_rgb(value)
+        return decode(value)
     except ImageDecodeError as err:
         _skip("image", where, err)
         return None
 
 
 def decode_mask(value: Any, where: Any = "") -> Optional[np.ndarray]:
-    """Integer label map (H, W) from a mask cell (PIL image in mode L/P/I, dict, path, array), or None."""
+    """Integer label map (H, W) from a mask cell (PIL image in mode L/P/I, dict, path, bytes, array), or None.
+    Encoded masks get the decoder's checks (decompression bombs, truncated PNGs: a truncated mask would
+    otherwise read as class 0); their values are class ids, so no orientation or colour conversion applies."""
+    from entmax_vit.modeling.image_decoding import ImageDecodeError, open_image
+
     try:
         if isinstance(value, np.ndarray):
             return value.astype(np.int64)
-        if isinstance(value, dict):
-            import io
-
-            value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-        elif isinstance(value, (str, bytes)) and not isinstance(value, Image.Image):
-            import io
-
-            value = Image.open(io.BytesIO(value) if isinstance(value, bytes) else value)
-        if not isinstance(value, Image.Image):
+        if not isinstance(value, (Image.Image, dict, str, bytes, bytearray, os.PathLike)):
             raise ValueError(f"unsupported mask value {type(value).__name__}")
-        value.load()
-        arr = np.asarray(value)
+        arr = np.asarray(open_image(value))
         if arr.ndim == 3:  # an RGB-saved mask: class ids are in every channel
             arr = arr[..., 0]
         return arr.astype(np.int64)
-    except (OSError, ValueError, KeyError, TypeError, Image.DecompressionBombError) as err:
+    except (ImageDecodeError, OSError, ValueError, KeyError, TypeError) as err:
         _skip("mask", where, err)
         return None
 
 
 def raw_columns(ds: Any, *columns: str) -> Any:
     """``ds`` with its Image columns left undecoded ({"bytes", "path"} dicts), so that every image goes through
-    ``to_rgb`` / ``decode_mask`` here, where a bad file becomes a logged skip instead of an exception raised
+    ``decode_image`` / ``decode_mask`` here, where a bad file becomes a logged skip instead of an exception raised
     inside ``datasets`` while indexing."""
     import datasets
 

@@ -1,10 +1,15 @@
 """Semantic segmentation with the linear probe shipped beside an EntmaxViT checkpoint.
 
-Hub code: copied flat into the model repository (with its relative import ``segmentation_head.py``) and
-loaded by ``pipeline(model=repo, trust_remote_code=True)`` or ``pipeline("image-segmentation", model=repo,
-trust_remote_code=True)``. Imports only the standard library, torch and transformers, except Pillow's
-``Image.open`` to decode files and bytes (behind transformers' vision-availability check: transformers' own
-image pipelines decode with the same library).
+Hub code: copied flat into the model repository (with its relative imports ``segmentation_head.py`` and
+``image_decoding.py``) and loaded by ``pipeline(model=repo, trust_remote_code=True)`` or
+``pipeline("image-segmentation", model=repo, trust_remote_code=True)``. Every input (PIL image, path, URL,
+base64, bytes) is decoded by ``image_decoding.decode_image``, the decoder training and evaluation use.
+
+``EntmaxViTFeatureExtractionPipeline`` is transformers' image-feature-extraction pipeline with that decoder in
+front: the built-in one opens inputs with ``transformers.image_utils.load_image``, whose ``convert("RGB")``
+clips 16-bit / float images and drops transparency before the image processor sees them. A repository serves it
+for ``pipeline("image-feature-extraction", model=repo, trust_remote_code=True)`` when its config's
+``custom_pipelines`` holds :data:`CUSTOM_PIPELINES`.
 
 Output follows transformers' image-segmentation pipelines: a list with one dict per label present in the
 prediction, ``{"label": str, "score": float, "mask": PIL.Image (mode "L", 0/255)}`` at the INPUT image's
@@ -14,25 +19,20 @@ semantic-segmentation pipelines return None there; we give the probe's confidenc
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 from typing import Any, Optional, Union
 
+import PIL.Image
 import torch
 import torch.nn.functional as F
-from transformers import Pipeline
-from transformers.utils import cached_file, is_vision_available
-
+from transformers import ImageFeatureExtractionPipeline, Pipeline
 from transformers.image_transforms import to_pil_image
-from transformers.image_utils import PILImageResampling, is_pil_image
+from transformers.image_utils import PILImageResampling
+from transformers.utils import cached_file
 
-from .image_processing_entmax_vit import pil_to_rgb as to_rgb
-from .image_processing_entmax_vit import upright
+from .image_decoding import ImageDecodeError, decode_image
+from .image_decoding import decode_image as to_rgb  # the former name, kept for callers
 from .segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS, LinearSegmentationHead
-
-if is_vision_available():
-    import PIL.Image  # only to decode encoded images (Image.open)
 
 # Used only when the repository has no image processor config (it always has one when assembled by us).
 _DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -44,60 +44,24 @@ class ImageInputError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Image input: open anything users pass, apply EXIF orientation, convert every mode to RGB
+# Image input: the project's one decoder (image_decoding.py), plus http(s) URLs
 # ----------------------------------------------------------------------------------------------------------
+ImageInputError = ImageDecodeError  # the pipelines' name for it: the decoder's error, raised unchanged
+
+
 def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image":
-    """PIL image, path, URL, base64 string or raw bytes -> upright RGB PIL image; unreadable input raises
-    ImageInputError (a ValueError) naming the problem."""
-    if not is_vision_available():
-        raise ImportError("The EntmaxViT segmentation pipeline needs Pillow: pip install pillow")
-    if isinstance(image, (bytes, bytearray)):
-        image = _open_bytes(bytes(image), "bytes")
-    elif isinstance(image, (str, os.PathLike)):
-        source = os.fspath(image)
-        if source.startswith(("http://", "https://")):
-            from transformers.image_utils import load_image  # network fetch handled by transformers
+    """PIL image, path, http(s) URL, base64 / data: URL string, raw bytes, numpy array or tensor -> upright RGB
+    PIL image, decoded exactly as in training; unreadable input raises ImageInputError (a ValueError)."""
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        from huggingface_hub import get_session  # the Hub client's HTTP session (proxies, user agent)
 
-            try:
-                return load_image(source, timeout=timeout)
-            except Exception as err:  # noqa: BLE001 - any fetch/decode failure is an input error
-                raise ImageInputError(f"Could not load image from {source}: {err}") from err
-        if os.path.isfile(source):
-            with open(source, "rb") as f:
-                image = _open_bytes(f.read(), source)
-        else:
-            payload = source.split(",", 1)[1] if source.startswith("data:image/") else source
-            try:
-                raw = base64.b64decode(payload, validate=True)
-            except Exception:  # noqa: BLE001
-                raise ImageInputError(
-                    f"Image input {source[:80]!r} is neither an existing file, an http(s) URL nor base64 data"
-                ) from None
-            image = _open_bytes(raw, "base64 string")
-    elif not is_pil_image(image):
-        raise ImageInputError(
-            f"Unsupported image input of type {type(image).__name__}; pass a PIL image, a path, a URL, "
-            "base64 data or bytes"
-        )
-    try:
-        image.load()
-        image = upright(image)
-    except Exception as err:  # noqa: BLE001 - truncated or corrupt pixel data
-        raise ImageInputError(f"Image data is unreadable or truncated: {err}") from err
-    if image.width == 0 or image.height == 0:
-        raise ImageInputError(f"Image is empty ({image.width}x{image.height})")
-    return to_rgb(image)
-
-
-def _open_bytes(raw: bytes, source: str) -> "PIL.Image.Image":
-    if not raw:
-        raise ImageInputError(f"Image input ({source}) is empty")
-    try:
-        image = PIL.Image.open(io.BytesIO(raw))
-        image.load()
-    except Exception as err:  # noqa: BLE001 - PIL raises several types for bad data
-        raise ImageInputError(f"Image input ({source}) is not a readable image: {err}") from err
-    return image
+        try:
+            response = get_session().get(image, timeout=timeout, follow_redirects=True)
+            response.raise_for_status()
+        except Exception as err:  # noqa: BLE001 - any fetch failure is an input error
+            raise ImageInputError(f"Could not load image from {image}: {err}") from err
+        return decode_image(response.content, source=image)
+    return decode_image(image)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,4 +166,33 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         return results
 
 
-__all__ = ["EntmaxViTSegmentationPipeline", "ImageInputError", "open_image", "to_rgb"]
+class EntmaxViTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
+    """transformers' image-feature-extraction pipeline (tokens, ``pool=True`` for the pooled [CLS]) whose inputs
+    are decoded by the project's decoder instead of ``load_image`` (see the module docstring)."""
+
+    def preprocess(self, image: Any, timeout: Optional[float] = None, **image_processor_kwargs: Any) -> dict:
+        image = open_image(image, timeout=timeout)
+        return self.image_processor(image, return_tensors="pt", **image_processor_kwargs).to(self.dtype)
+
+
+FEATURE_EXTRACTION_TASK = "image-feature-extraction"
+SEGMENTATION_TASK = "image-segmentation"
+# The ``custom_pipelines`` entries of a repository's config.json that serve both pipelines from this file.
+CUSTOM_PIPELINES = {
+    FEATURE_EXTRACTION_TASK: {"impl": "pipeline_entmax_vit.EntmaxViTFeatureExtractionPipeline",
+                              "pt": ["AutoModel"], "type": "image"},
+    SEGMENTATION_TASK: {"impl": "pipeline_entmax_vit.EntmaxViTSegmentationPipeline", "pt": ["AutoModel"],
+                        "type": "image"},
+}
+
+
+__all__ = [
+    "CUSTOM_PIPELINES",
+    "EntmaxViTFeatureExtractionPipeline",
+    "EntmaxViTSegmentationPipeline",
+    "FEATURE_EXTRACTION_TASK",
+    "ImageInputError",
+    "SEGMENTATION_TASK",
+    "open_image",
+    "to_rgb",
+]

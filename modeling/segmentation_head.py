@@ -1,10 +1,9 @@
 """Linear semantic-segmentation probe on frozen EntmaxViT patch features.
 
 Shared by the evaluation code (which trains it) and the Hub segmentation pipeline (which runs it), so it
-lives with the Hub code: imports only the standard library and torch. The head is saved as
-``segmentation_head.safetensors`` (weights) + ``segmentation_head.json`` (everything needed to rebuild it
-and to run it the way it was trained). The safetensors file is read and written by the small codec below,
-so the Hub copy needs no extra package; tests check it against the `safetensors` library.
+lives with the Hub code: imports only the standard library, torch and safetensors. The head is saved as
+``segmentation_head.safetensors`` (weights, written and read by the ``safetensors`` library) +
+``segmentation_head.json`` (everything needed to rebuild it and to run it the way it was trained).
 """
 
 from __future__ import annotations
@@ -12,73 +11,29 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 HEAD_WEIGHTS = "segmentation_head.safetensors"
 HEAD_CONFIG = "segmentation_head.json"
 
-# ----------------------------------------------------------------------------------------------------------
-# Minimal safetensors codec (format: u64 little-endian header size, JSON header, raw little-endian data)
-# ----------------------------------------------------------------------------------------------------------
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
-    """Write tensors to a .safetensors file (atomically: temporary file, then rename)."""
-    header: dict[str, Any] = {}
-    blobs = []
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # align the data section to 8 bytes
-    folder, name = os.path.split(os.fspath(path))
+def _save_weights(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors file written atomically (temporary file, then rename): a crash never leaves half a head."""
+    folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for raw in blobs:
-            f.write(raw)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file into CPU tensors; malformed files raise ValueError."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path}: not a safetensors file (too short)")
-    size = int.from_bytes(data[:8], "little")
-    if 8 + size > len(data):
-        raise ValueError(f"{path}: corrupt safetensors header")
-    header = json.loads(data[8 : 8 + size])
-    body = memoryview(data)[8 + size :]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
-        if end > len(body):
-            raise ValueError(f"{path}: tensor {name!r} runs past the end of the file")
-        flat = torch.frombuffer(bytearray(body[start:end]), dtype=torch.uint8) if end > start else torch.empty(0, dtype=torch.uint8)
-        out[name] = flat.view(dtype).reshape(info["shape"]).clone()
-    return out
+def _load_weights(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors raises SafetensorError / OSError for malformed files
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,7 +110,7 @@ class LinearSegmentationHead(nn.Module):
     def save(self, directory: str | os.PathLike) -> str | os.PathLike:
         """Write the head folder; returns ``directory`` as given."""
         os.makedirs(directory, exist_ok=True)
-        save_safetensors(self.state_dict(), os.path.join(directory, HEAD_WEIGHTS), metadata={"format": "pt"})
+        _save_weights(self.state_dict(), os.path.join(os.fspath(directory), HEAD_WEIGHTS))
         with open(os.path.join(directory, HEAD_CONFIG), "w") as f:
             f.write(json.dumps(self.config.to_dict(), indent=2))
         return directory
@@ -168,7 +123,7 @@ class LinearSegmentationHead(nn.Module):
         with open(os.path.join(directory, HEAD_CONFIG)) as f:
             config = SegmentationHeadConfig.from_dict(json.load(f))
         head = cls(config)
-        state = load_safetensors(os.path.join(directory, HEAD_WEIGHTS))
+        state = _load_weights(os.path.join(os.fspath(directory), HEAD_WEIGHTS))
         missing, unexpected = head.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"Segmentation head weights do not match its config: missing {missing}, unexpected {unexpected}")
@@ -180,6 +135,4 @@ __all__ = [
     "HEAD_WEIGHTS",
     "LinearSegmentationHead",
     "SegmentationHeadConfig",
-    "load_safetensors",
-    "save_safetensors",
 ]

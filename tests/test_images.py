@@ -205,3 +205,118 @@ def test_warns_once_if_someone_allows_truncated_images(monkeypatch, caplog):
         to_rgb(encode(noise_rgb(), "PNG"))
     assert sum("LOAD_TRUNCATED_IMAGES" in r.getMessage() for r in caplog.records) == 1
     images._warn_truncated_allowed.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one decoder (entmax_vit.modeling.image_decoding) against the generated corpus of odd images
+# ----------------------------------------------------------------------------------------------------------
+import base64  # noqa: E402
+
+from odd_images import bad_images, odd_images  # noqa: E402
+
+from entmax_vit.evaluation.image_data import decode_image as eval_decode  # noqa: E402
+from entmax_vit.evaluation.image_data import decode_mask  # noqa: E402
+from entmax_vit.modeling import image_decoding  # noqa: E402
+
+ODD = odd_images()
+BAD = bad_images()
+
+
+def test_training_and_modeling_share_one_decoder_and_error():
+    assert ImageDecodeError is image_decoding.ImageDecodeError
+    from entmax_vit.modeling.pipeline_entmax_vit import ImageInputError
+
+    assert ImageInputError is ImageDecodeError
+
+
+@pytest.mark.parametrize("case", ODD, ids=lambda c: c.name)
+def test_odd_image_decodes_to_its_reference_from_every_input_kind(case, tmp_path):
+    path = tmp_path / f"{case.name}{case.suffix}"
+    path.write_bytes(case.data)
+    inputs = {
+        "bytes": case.data,
+        "path": path,
+        "str path": str(path),
+        "PIL lazily opened": Image.open(path),
+        "datasets dict": {"bytes": case.data, "path": None},
+        "datasets dict by path": {"bytes": None, "path": str(path)},
+        "base64": base64.b64encode(case.data).decode(),
+        "data URL": "data:image/png;base64," + base64.b64encode(case.data).decode(),
+    }
+    for kind, value in inputs.items():
+        out = np.asarray(to_rgb(value))
+        assert out.shape == case.reference.shape, (kind, out.shape)
+        assert np.array_equal(out, case.reference), (kind, int(np.abs(out.astype(int) - case.reference).max()))
+    assert np.array_equal(np.asarray(eval_decode(case.data)), case.reference)  # every evaluation decodes the same
+
+
+@pytest.mark.parametrize("case", BAD, ids=lambda c: c.name)
+def test_bad_data_is_a_clear_error_naming_the_file(case, tmp_path):
+    path = tmp_path / f"{case.name}{case.suffix}"
+    path.write_bytes(case.data)
+    for value in (case.data, path, str(path), {"bytes": None, "path": str(path)}):
+        with pytest.raises(ImageDecodeError, match=case.match) as info:
+            to_rgb(value)
+        if not isinstance(value, bytes):
+            assert path.name in str(info.value)
+    assert eval_decode(case.data, "row 0") is None  # evaluation: a logged skip
+    assert decode_mask(case.data, "row 0") is None  # masks get the same checks
+
+
+def test_bombs_are_refused_before_any_pixel_is_decoded(monkeypatch, tmp_path):
+    bomb = next(c for c in BAD if c.name.startswith("bomb"))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb.data)
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    with pytest.warns(Image.DecompressionBombWarning):
+        lazy = Image.open(path)  # PIL alone only warns in this range
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    for value in (bomb.data, path, lazy):
+        with pytest.raises(ImageDecodeError, match="decompression bomb"):
+            to_rgb(value)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        to_rgb(np.zeros((10000, 10000), np.uint8))
+
+
+def test_truncated_png_is_refused_even_if_someone_allows_truncated_images(monkeypatch):
+    truncated = next(c for c in BAD if c.name.startswith("png_stream_ends"))
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ImageDecodeError, match="8 of 32 rows"):
+        to_rgb(truncated.data)
+
+
+def test_float_values_outside_unit_range_are_clipped_and_non_finite_become_zero():
+    values = np.array([[-1.0, -0.25, 0.0, 0.5, 1.0, 1.75, 255.0, np.nan, np.inf, -np.inf]], np.float32)
+    expected = [0, 0, 0, 128, 255, 255, 255, 0, 0, 0]
+    for source in (Image.fromarray(values, "F"), encode(Image.fromarray(values, "F"), "TIFF"), values,
+                   torch.from_numpy(values)):
+        assert np.asarray(to_rgb(source))[0, :, 0].tolist() == expected, type(source)
+
+
+def test_sixteen_bit_scaling_never_depends_on_content():
+    low = np.array([[0, 100, 200, 255]], np.uint16)
+    with_300 = np.array([[0, 100, 200, 300]], np.uint16)
+    assert np.asarray(to_rgb(encode(Image.fromarray(low), "PNG")))[0, :, 0].tolist() == [0, 0, 1, 1]
+    assert np.asarray(to_rgb(encode(Image.fromarray(with_300), "PNG")))[0, :, 0].tolist() == [0, 0, 1, 1]
+
+
+def test_int32_rule_by_range():
+    def decode(values):
+        return np.asarray(to_rgb(Image.fromarray(np.array([values], np.int32), "I")))[0, :, 0].tolist()
+
+    assert decode([0, 7, 255]) == [0, 7, 255]                  # 8-bit values: kept
+    assert decode([0, 257, 65535]) == [0, 1, 255]              # 16-bit values: x / 257
+    assert decode([-10, 0, 10]) == [0, 128, 255]               # anything else: min-max stretched
+    assert decode([70000, 70000]) == [0, 0]                    # a constant out-of-range image: 0
+
+
+def test_decoder_bad_strings_and_types():
+    with pytest.raises(ImageDecodeError, match="neither an existing file nor base64"):
+        to_rgb("/no/such/file.png")
+    with pytest.raises(ImageDecodeError, match="Unsupported image input"):
+        to_rgb(12345)
+    with pytest.raises(ImageDecodeError, match="not a readable image"):
+        to_rgb(base64.b64encode(b"hello, not an image").decode())
