@@ -94,6 +94,38 @@ def test_dino_loss_by_hand():
     torch.testing.assert_close(loss_fn.center, torch.tensor([[0.9 * 0.1 + 0.1 * 1.0, 0.0]]))
 
 
+def test_dino_loss_without_local_crops_equals_official():
+    """crops.local_crops_number 0: the 2 global crops alone, 2 loss terms, as official DINOLoss with ncrops=2
+    (pairs iq != v over teacher chunk iq and student chunk v, summed, divided by n_loss_terms = 2)."""
+    torch.manual_seed(0)
+    batch, k, student_temp, teacher_temp = 3, 5, 0.1, 0.04
+    student = torch.randn(2 * batch, k)
+    teacher = torch.randn(2 * batch, k)
+    center = torch.randn(1, k) * 0.1
+    loss_fn = DINOLoss(out_dim=k, num_crops=2, student_temp=student_temp, center_momentum=0.9)
+    loss_fn.center.copy_(center)
+    loss = loss_fn(student, teacher, teacher_temp)
+
+    # written out: q_t = softmax((teacher_t - c) / T_t), log p_s = log_softmax(student_s / T_s), per image
+    def cross_entropy(t: int, s: int) -> float:
+        total = 0.0
+        for b in range(batch):
+            logits_t = [(teacher[t * batch + b, j] - center[0, j]).item() / teacher_temp for j in range(k)]
+            top = max(logits_t)
+            q = [math.exp(x - top) for x in logits_t]
+            q = [x / sum(q) for x in q]
+            logits_s = [student[s * batch + b, j].item() / student_temp for j in range(k)]
+            top = max(logits_s)
+            log_norm = top + math.log(sum(math.exp(x - top) for x in logits_s))
+            total += -sum(qj * (x - log_norm) for qj, x in zip(q, logits_s))
+        return total / batch
+
+    expected = (cross_entropy(0, 1) + cross_entropy(1, 0)) / 2  # n_loss_terms = 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="at least"):
+        DINOLoss(out_dim=k, num_crops=1)
+
+
 def test_dino_loss_center_uses_reduced_batch():
     loss_fn = DINOLoss(out_dim=3, num_crops=4, center_momentum=0.5)
     teacher = torch.ones(4, 3)
@@ -272,3 +304,30 @@ def test_presets_load_and_the_paper_pair_differs_only_in_attention():
     assert cfgs["dino_vits16_100ep"]["model.attention"] == "softmax"  # the literal official recipe
     assert entmax["optim.epochs"] == 200 and entmax["data.source"] == "ILSVRC/imagenet-1k"
     assert cfgs["dino_vits16_100ep"]["optim.epochs"] == 100 and cfgs["tiny_cpu"]["data.source"] == "embedded"
+    # the 200-epoch presets are official DINO's vanilla defaults (dino_vits16_100ep) with epochs = 200
+    assert {k for k in softmax if softmax[k] != cfgs["dino_vits16_100ep"][k]} == {"output_dir", "optim.epochs"}
+
+
+def test_boosted_300_epoch_pair_is_official_readme_recipe():
+    """Official DINO README's longer ViT-S/16 recipe (--epochs 300 --teacher_temp 0.07
+    --warmup_teacher_temp_epochs 30 --norm_last_layer false) as a softmax / entmax-1.5 pair."""
+    from entmax_vit.cli.config import parse_config
+    from entmax_vit.training.config import flatten
+    from entmax_vit.training.dino import CONFIG_DIR
+
+    def load(name: str) -> dict:
+        return flatten(to_dict(parse_config(DinoConfig, ["--config", name], preset_dir=CONFIG_DIR)))
+
+    entmax, softmax = load("vits16_entmax15_300ep_boosted"), load("vits16_softmax_300ep_boosted")
+    vanilla = load("dino_vits16_100ep")
+    assert {k for k in entmax if entmax[k] != softmax[k]} == {"output_dir", "model.attention", "model.attn_implementation"}
+    assert (entmax["model.attention"], entmax["model.attn_implementation"]) == ("entmax15", "compiled")
+    assert (softmax["model.attention"], softmax["model.attn_implementation"]) == ("softmax", "sdpa")
+    # exactly the README's four flags on top of main_dino.py's defaults
+    assert {k for k in softmax if softmax[k] != vanilla[k]} == {
+        "output_dir", "optim.epochs", "loss.teacher_temp", "loss.warmup_teacher_temp_epochs", "model.norm_last_layer"}
+    assert (softmax["optim.epochs"], softmax["loss.teacher_temp"], softmax["loss.warmup_teacher_temp_epochs"],
+            softmax["model.norm_last_layer"], softmax["loss.warmup_teacher_temp"]) == (300, 0.07, 30, False, 0.04)
+    # 2 nodes x 8 GPUs x 64 images: total batch 1024, peak lr 5e-4 x 1024 / 256
+    assert softmax["data.batch_size_per_device"] * 16 == 1024
+    assert scaled_lr(softmax["optim.lr_base"], 1024) == pytest.approx(2e-3)

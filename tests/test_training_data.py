@@ -1,19 +1,22 @@
-"""The DINO training data path: deterministic per-sample augmentation, broken images skipped and counted."""
+"""The DINO training data path: deterministic per-sample augmentation; unreadable images (isolated, in long
+stretches, or all of them) replaced, counted once per epoch and named, or a clear error."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import re
 
 import pytest
 import torch
 
 from entmax_vit.cli.config import parse_config
 from entmax_vit.training.config import DataConfig, DinoConfig
-from entmax_vit.training.dino import CONFIG_DIR, main
-from entmax_vit.training.dino_data import build_dataset
+from entmax_vit.training.dino import CONFIG_DIR, UnreadableDataError, main
+from entmax_vit.training.dino_data import NoReadableImageError, build_dataset, sample_seed, seeded_rngs
 from entmax_vit.training.multicrop import MultiCropConfig
-from test_training_support import make_image_dataset, tiny_args
+from training_helpers import make_image_dataset, tiny_args
 
 CROPS = MultiCropConfig(global_size=32, local_size=16, local_crops_number=2)
 
@@ -64,8 +67,91 @@ def test_every_image_broken_is_a_clear_error(tmp_path):
     Dataset.from_dict({"image": [{"bytes": b"junk", "path": None}] * 8}).cast_column(
         "image", ImageFeature()).save_to_disk(str(path))
     ds = build_dataset(DataConfig(source=str(path), num_workers=0), CROPS, seed=0)
-    with pytest.raises(ValueError, match="could not be decoded"):
+    with pytest.raises(NoReadableImageError, match="none of the 8 images of the dataset can be decoded"):
         ds[0]
+    assert isinstance(NoReadableImageError("x"), ValueError)
+    with pytest.raises(NoReadableImageError, match="data.image_column"):  # the run stops at its first batch
+        main(parse_config(DinoConfig, tiny_args(path, tmp_path / "run", **{"data.batch_size_per_device": 2}),
+                          preset_dir=CONFIG_DIR))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def bad_stretch_folder(root, good: int = 16, bad: int = 70):
+    """An imagefolder of ``good`` readable JPEGs followed (in file order) by ``bad`` zero-byte .jpg files."""
+    from PIL import Image
+
+    folder = root / "photos"
+    folder.mkdir()
+    for i in range(good + bad):
+        path = folder / f"img_{i:03d}.jpg"
+        if i < good:
+            Image.new("RGB", (40, 40), (12 * i, 90, 250 - 9 * i)).save(path, format="JPEG")
+        else:
+            path.write_bytes(b"")
+    return folder
+
+
+def test_a_stretch_of_unreadable_rows_is_searched_past_with_wrap_around(tmp_path):
+    """70 consecutive unreadable rows (the last ones: the search wraps to row 0): every index gets crops, an
+    unreadable index names itself once and takes the next readable row, augmented with its own seed."""
+    folder = bad_stretch_folder(tmp_path)
+    ds = build_dataset(DataConfig(source=f"imagefolder:{folder}", num_workers=0, cache_dir=str(tmp_path / "c")),
+                       CROPS, seed=0)
+    assert len(ds) == 86
+    rows = [ds.base.describe(i) for i in range(86)]
+    bad = {i for i, name in enumerate(rows) if int(name.rsplit("img_", 1)[1][:3]) >= 16}
+    assert len(bad) == 70
+    ds.set_epoch(3)
+    for index in (0, 15, 16, 50, 85):
+        i, crops, unreadable = ds[index]
+        assert i == index and len(crops) == 4
+        if index in bad:
+            assert unreadable == (rows[index],) and "img_" in rows[index] and rows[index].endswith(".jpg)")
+            source = next(j % 86 for j in range(index + 1, index + 87) if j % 86 not in bad)
+            with seeded_rngs(sample_seed(0, 3, index)):
+                expected = ds.base[source]
+            assert all(torch.equal(a, b) for a, b in zip(crops, expected))
+        else:
+            assert unreadable == ()
+    assert ds.base.skipped <= 70  # each bad row is decoded at most once in this process (then remembered)
+
+
+def test_bad_stretch_trains_counts_each_unreadable_row_once_per_epoch_and_names_files(tmp_path, caplog):
+    """Issue 14: 16 good images + 70 consecutive zero-byte .jpg files train to the end; images_skipped counts
+    the unreadable rows drawn (once per epoch each, not per failed attempt); the log names the files."""
+    folder = bad_stretch_folder(tmp_path)
+    out = tmp_path / "run"
+    args = tiny_args(f"imagefolder:{folder}", out, **{"data.cache_dir": tmp_path / "c", "checkpoint.every_steps": 0,
+                                                      "logging.attention_support_images": 0})
+    with caplog.at_level("WARNING", logger="entmax_vit.training.dino"):
+        assert main(parse_config(DinoConfig, args, preset_dir=CONFIG_DIR)) == out / "final_model"
+    ds = build_dataset(DataConfig(source=f"imagefolder:{folder}", num_workers=0, cache_dir=str(tmp_path / "c")),
+                       CROPS, seed=0)
+    bad = {i for i in range(len(ds)) if int(ds.base.describe(i).rsplit("img_", 1)[1][:3]) >= 16}
+    batches = [json.loads(line) for line in (out / "debug" / "rank0.jsonl").read_text().splitlines()]
+    drawn = {e: [i for b in batches if b.get("epoch") == e and "indices" in b for i in b["indices"]] for e in (0, 1)}
+    assert all(len(d) == 84 for d in drawn.values())  # 86 rows, batches of 4, drop_last
+    expected = sum(len(set(d) & bad) for d in drawn.values())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["images_skipped"] == expected and 130 <= expected <= 140
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    named = [r.getMessage() for r in caplog.records if "unreadable image(s) replaced" in r.getMessage()]
+    assert named and all(".jpg" in m for m in named)
+    for message in named:  # only unreadable files are named
+        assert {int(n) for n in re.findall(r"img_(\d{3})\.jpg", message)} <= set(range(16, 86))
+
+
+def test_unreadable_share_above_the_limit_is_a_clear_error(tmp_path):
+    folder = bad_stretch_folder(tmp_path)
+    out = tmp_path / "run"
+    args = tiny_args(f"imagefolder:{folder}", out, **{"data.cache_dir": tmp_path / "c", "checkpoint.every_steps": 0,
+                                                      "data.max_unreadable_share": 0.5, "optim.epochs": 1,
+                                                      "optim.warmup_epochs": 0, "logging.attention_support_images": 0})
+    with pytest.raises(UnreadableDataError, match=r"of the 84 images drawn in epoch 0 .* data\.max_unreadable_share = 0\.5"):
+        main(parse_config(DinoConfig, args, preset_dir=CONFIG_DIR))
+    assert not (out / "final_model").exists()
+    with pytest.raises(ValueError, match="max_unreadable_share"):
+        main(parse_config(DinoConfig, [*args, "--data.max_unreadable_share", "1.5"], preset_dir=CONFIG_DIR))
 
 
 def test_missing_image_column_is_named(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_training_support import DINO, REPO, env, final_digests, losses, make_image_dataset, tiny_args
+from training_helpers import DINO, REPO, env, final_digests, losses, make_image_dataset, tiny_args
 
 
 def free_port() -> int:

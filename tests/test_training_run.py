@@ -19,7 +19,8 @@ from entmax_vit.cli.config import parse_config
 from entmax_vit.training.checkpointing import list_checkpoints, read_trainer_state
 from entmax_vit.training.config import DinoConfig
 from entmax_vit.training.dino import CONFIG_DIR, NonFiniteLossError, main
-from test_training_support import (
+from training_hooks import install
+from training_helpers import (
     REPO, env, final_digests, losses, make_image_dataset, run_dino, start_dino, tiny_args,
 )
 
@@ -151,17 +152,18 @@ def test_resume_with_breaking_config_change_names_keys(uninterrupted, data, tmp_
         main(cfg_of(fresh))
 
 
-def test_nonfinite_loss_stops_with_message(data, tmp_path):
+def test_nonfinite_loss_stops_with_message(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    install({"nonfinite_at_step": 3}, monkeypatch.setattr)
     with pytest.raises(NonFiniteLossError, match=r"Loss is nan at step 3 \(epoch 0, batch 3\).*step_0000002"):
-        main(cfg_of(tiny_args(data, out, **{"debug.inject_nonfinite_at_step": 3})))
+        main(cfg_of(tiny_args(data, out)))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002"]
     assert not (out / "final_model").exists()
 
 
 @pytest.mark.slow
 def test_cli_nonfinite_exit_code(data, tmp_path):
-    proc = run_dino(tiny_args(data, tmp_path / "run", **{"debug.inject_nonfinite_at_step": 0}), check=False)
+    proc = run_dino(tiny_args(data, tmp_path / "run"), check=False, hooks={"nonfinite_at_step": 0})
     assert proc.returncode == 3 and "Loss is nan at step 0" in proc.stderr
 
 
@@ -169,7 +171,7 @@ def test_cli_nonfinite_exit_code(data, tmp_path):
 def test_sigterm_writes_checkpoint_and_exits_cleanly(data, tmp_path):
     out = tmp_path / "run"
     proc = start_dino(tiny_args(data, out, **{"optim.epochs": 50, "checkpoint.every_steps": 1000,
-                                              "checkpoint.at_epoch_end": False, "debug.sleep_per_step": 0.3}))
+                                              "checkpoint.at_epoch_end": False}), hooks={"sleep_per_step": 0.3})
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
@@ -184,11 +186,11 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(data, tmp_path):
 
 
 def chaos(data: Path, out: Path, reference: Path, kills: int, seed: int) -> None:
-    """SIGKILL at random moments and while checkpoints are written, resume each time: equal to ``reference``."""
-    from entmax_vit.training.chaos import compare, kill_and_resume
+    """SIGKILL at random moments and while checkpoints are written, pruned or exported, resume each time:
+    equal to ``reference``."""
+    from chaos import compare, kill_and_resume
 
-    args = tiny_args(data, out, **{"checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
-                                   "debug.pause_in_checkpoint": 0.3})
+    args = tiny_args(data, out, **{"checkpoint.every_steps": 1, "checkpoint.keep_last": 2})
     report = compare(out, reference, kill_and_resume(args, kills=kills, seed=seed, env=env()))
     assert report.identical, report
     assert any(k["during_checkpoint"] for k in report.kills) == (kills > 1)

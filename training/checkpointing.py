@@ -6,17 +6,23 @@ next start. Contents:
 
     (Accelerate save_state)  model.safetensors (student), optimizer.bin, scheduler/scaler, random_states_R.pkl
     teacher.safetensors      teacher weights ("teacher.*") and the loss center ("loss.center")
-    trainer_state.json       epoch, position in the epoch, global step, world size, ...
     training_config.yaml     the resolved training config (export needs it; resume compares it)
+    manifest.json            size and SHA-256 of every other file, written before trainer_state.json
+    trainer_state.json       epoch, position in the epoch, global step, world size, ... (written last)
+
+A checkpoint damaged after it was written (a full or failing disk, a bad copy: a truncated
+``teacher.safetensors``, say) is found by :func:`verify_checkpoint`; resuming then falls back to the newest
+intact one (``dino.resolve_resume``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
-import time
+import struct
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +35,9 @@ TMP_PREFIX = ".tmp_"
 STATE_FILE = "trainer_state.json"
 TEACHER_FILE = "teacher.safetensors"
 CONFIG_FILE = "training_config.yaml"
+MANIFEST_FILE = "manifest.json"
+PRUNED_PREFIX = f"{TMP_PREFIX}old_"  # a pruned checkpoint, renamed before it is deleted
+DAMAGED_PREFIX = "damaged_"  # a checkpoint that failed verification, kept aside for inspection
 
 
 def step_dir_name(step: int) -> str:
@@ -54,7 +63,7 @@ def latest_checkpoint(checkpoint_root: str | os.PathLike) -> Optional[Path]:
 
 
 def remove_incomplete(checkpoint_root: str | os.PathLike) -> list[Path]:
-    """Delete temporary folders left by a run killed while writing a checkpoint. Main process only."""
+    """Delete temporary folders left by a killed run (see :func:`describe_leftover`). Main process only."""
     root = Path(checkpoint_root)
     removed = []
     if root.is_dir():
@@ -63,6 +72,14 @@ def remove_incomplete(checkpoint_root: str | os.PathLike) -> list[Path]:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
+
+
+def describe_leftover(path: Path) -> str:
+    """What a folder removed by :func:`remove_incomplete` was, for the log."""
+    if path.name.startswith(PRUNED_PREFIX):
+        return (f"removed {path.name}: the rest of checkpoint {path.name[len(PRUNED_PREFIX):]}, pruned by "
+                "checkpoint.keep_last (the previous run stopped while deleting it; nothing is lost)")
+    return f"removed incomplete checkpoint {path.name} (the previous run stopped while writing it)"
 
 
 def teacher_state(teacher: nn.Module, center: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -105,7 +122,6 @@ def save_checkpoint(
     trainer_state: dict,
     config_yaml: str,
     keep_last: int = 0,
-    pause_before_commit: float = 0.0,
 ) -> Path:
     """Collective: every rank calls it. Writes ``step_XXXXXXX`` atomically and prunes to ``keep_last``."""
     root = Path(checkpoint_root)
@@ -122,19 +138,116 @@ def save_checkpoint(
     if accelerator.is_main_process:
         save_teacher(tmp / TEACHER_FILE, teacher, center)
         (tmp / CONFIG_FILE).write_text(config_yaml)
+        write_manifest(tmp)
         _write_json(tmp / STATE_FILE, trainer_state)  # last file: its presence marks completeness
-        if pause_before_commit > 0:  # fault-injection tests: widen the window of a half-written checkpoint
-            time.sleep(pause_before_commit)
         _fsync_dir(tmp)
         os.replace(tmp, final)
         _fsync_dir(root)
         if keep_last > 0:
-            for old in list_checkpoints(root)[:-keep_last]:
-                doomed = root / f"{TMP_PREFIX}old_{old.name}"  # rename first: never a half-deleted step_*
-                os.replace(old, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+            prune_checkpoints(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(checkpoint_root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints; each is renamed first, so a kill never leaves a
+    half-deleted ``step_*`` (only a ``.tmp_old_step_*`` that the next start removes)."""
+    for old in list_checkpoints(checkpoint_root)[:-keep_last]:
+        doomed = checkpoint_root / f"{PRUNED_PREFIX}{old.name}"
+        os.replace(old, doomed)
+        _delete_folder(doomed)
+
+
+def _delete_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------- verification
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Record the size and SHA-256 of every file of ``checkpoint`` (before trainer_state.json is written).
+
+    Hashing re-reads files just written (in the page cache): about a second per GB, once per checkpoint.
+    """
+    files = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        rel = path.relative_to(checkpoint).as_posix()
+        if rel not in (MANIFEST_FILE, STATE_FILE):
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    _write_json(checkpoint / MANIFEST_FILE, {"files": files})
+
+
+def _check_safetensors_header(path: Path) -> Optional[str]:
+    """The problem with a safetensors file's header and length, or None (checkpoints without a manifest)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                return f"{path.name}: header of {header_len} bytes in a {size}-byte file (truncated)"
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        return f"{path.name}: unreadable safetensors header ({type(err).__name__}: {err})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + header_len + max(ends, default=0) != size:
+        return f"{path.name}: {size} bytes, the header describes {8 + header_len + max(ends, default=0)} (truncated?)"
+    return None
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike) -> list[str]:
+    """Problems found in a complete (renamed) checkpoint; empty when it is intact.
+
+    With a manifest: every listed file exists with its recorded size and SHA-256. Older checkpoints without
+    one: trainer_state.json parses, teacher and student files exist and every safetensors header matches its
+    file's length.
+    """
+    ckpt = Path(checkpoint)
+    problems = []
+    try:
+        read_trainer_state(ckpt)
+    except (OSError, ValueError) as err:
+        problems.append(f"{STATE_FILE}: {err}")
+    manifest_path = ckpt / MANIFEST_FILE
+    if manifest_path.is_file():
+        try:
+            files = json.loads(manifest_path.read_text())["files"]
+        except (OSError, ValueError, KeyError) as err:
+            return problems + [f"{MANIFEST_FILE}: unreadable ({err})"]
+        for rel, expected in files.items():
+            path = ckpt / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif path.stat().st_size != expected["size"]:
+                problems.append(f"{rel}: {path.stat().st_size} bytes, {expected['size']} when written")
+            elif _sha256(path) != expected["sha256"]:
+                problems.append(f"{rel}: contents changed since it was written (SHA-256 differs)")
+        return problems
+    for name in (TEACHER_FILE, CONFIG_FILE):
+        if not (ckpt / name).is_file():
+            problems.append(f"{name}: missing")
+    for path in sorted(ckpt.glob("*.safetensors")):
+        problem = _check_safetensors_header(path)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def set_aside_damaged(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint to ``damaged_step_XXXXXXX`` (kept for inspection, never resumed from, and
+    out of the way of the step folder the resumed run writes again). Main process only."""
+    target = checkpoint.with_name(f"{DAMAGED_PREFIX}{checkpoint.name}")
+    n = 1
+    while target.exists():
+        target, n = checkpoint.with_name(f"{DAMAGED_PREFIX}{checkpoint.name}.{n}"), n + 1
+    os.replace(checkpoint, target)
+    return target
 
 
 def read_trainer_state(checkpoint: str | os.PathLike) -> dict:
@@ -162,6 +275,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 __all__ = [
-    "CONFIG_FILE", "STATE_FILE", "TEACHER_FILE", "latest_checkpoint", "list_checkpoints", "load_teacher",
-    "read_trainer_state", "remove_incomplete", "save_checkpoint", "save_teacher", "step_dir_name", "teacher_state",
+    "CONFIG_FILE", "MANIFEST_FILE", "STATE_FILE", "TEACHER_FILE", "describe_leftover", "latest_checkpoint",
+    "list_checkpoints", "load_teacher", "prune_checkpoints", "read_trainer_state", "remove_incomplete",
+    "save_checkpoint", "save_teacher", "set_aside_damaged", "step_dir_name", "teacher_state", "verify_checkpoint",
+    "write_manifest",
 ]

@@ -2,9 +2,10 @@
 
 Determinism (what makes ``--resume`` equal an uninterrupted run, with any number of workers): the sample
 order of an epoch is a permutation seeded by (seed, epoch), and every sample's augmentation is seeded by
-(seed, epoch, index) inside a forked RNG, so neither depends on what ran before. An unreadable image is
-replaced by the next readable one (deterministically) and counted, so batches keep their size and ranks
-stay in step.
+(seed, epoch, index) inside a forked RNG, so neither depends on what ran before. An unreadable row is
+replaced by the next readable one (deterministically, searching the whole dataset if need be) and reported
+once, so batches keep their size, ranks stay in step and no stretch of bad rows stops training.
+:class:`TrainingData` puts map-style and streamed data behind one interface for the loop.
 """
 
 from __future__ import annotations
@@ -70,12 +71,23 @@ class EpochPermutationSampler(Sampler[int]):
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
 
 
+class NoReadableImageError(ValueError):
+    """Not one row of the dataset can be decoded (wrong image column, or the data is broken)."""
+
+
 class SeededMultiCropDataset(Dataset):
-    """Item i -> (i, crops, num_skipped): crops of sample i (or of the next readable one) made with RNGs
-    seeded by (seed, epoch, index), leaving the caller's global RNG state untouched."""
+    """Item i -> (i, crops, unreadable): crops made with RNGs seeded by (seed, epoch, i), leaving the caller's
+    global RNG state untouched. ``unreadable`` is empty, or names row i (and its file) when row i cannot be
+    decoded: its crops then come from the next readable row after it (wrapping around the dataset), still
+    seeded by (seed, epoch, i). That search is bounded only by the dataset size, so no stretch of bad rows can
+    stop training; a dataset without one readable row raises :class:`NoReadableImageError`. Each drawn
+    unreadable row is reported once (not once per failed attempt of the search)."""
 
     def __init__(self, base: MultiCropDataset, seed: int) -> None:
         self.base, self.seed, self.epoch = base, seed, 0
+        # Rows this process found unreadable. Decoding is deterministic, so this cache only saves decoding
+        # a bad row twice; it never changes which crops an index gets (resume stays exact).
+        self._unreadable: set[int] = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -83,25 +95,36 @@ class SeededMultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def _crops(self, index: int) -> Optional[list[torch.Tensor]]:
-        with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
-            return self.base[index]
+    def _crops(self, row: int) -> Optional[list[torch.Tensor]]:
+        if row in self._unreadable:
+            return None
+        crops = self.base[row]
+        if crops is None:
+            self._unreadable.add(row)
+        return crops
 
-    def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], int]:
-        for skipped in range(min(MAX_CONSECUTIVE_SKIPS, len(self))):
-            crops = self._crops((index + skipped) % len(self))
+    def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], tuple[str, ...]]:
+        n = len(self)
+        with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+            crops = self._crops(index)
             if crops is not None:
-                return index, crops, skipped
-        raise ValueError(
-            f"{MAX_CONSECUTIVE_SKIPS} consecutive images from #{index} could not be decoded: is the image column "
-            "right and the data readable?"
+                return index, crops, ()
+            for offset in range(1, n):
+                crops = self._crops((index + offset) % n)
+                if crops is not None:
+                    return index, crops, (self.base.describe(index),)
+        raise NoReadableImageError(
+            f"none of the {n} images of the dataset can be decoded (first: {self.base.describe(0)}): is "
+            "data.image_column right and the data readable? The warnings above give each file's reason."
         )
 
 
-def collate_indexed(batch: list[tuple[int, list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """-> (crops: list of (B, 3, H_k, W_k), indices (B,), number of unreadable images replaced)."""
+def collate_indexed(
+    batch: list[tuple[int, list[torch.Tensor], tuple[str, ...]]],
+) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """-> (crops: list of (B, 3, H_k, W_k), indices (B,), names of the unreadable rows skipped: one per row)."""
     crops, _ = multicrop_collate([item[1] for item in batch])
-    return crops, torch.tensor([item[0] for item in batch]), sum(item[2] for item in batch)
+    return crops, torch.tensor([item[0] for item in batch]), [name for item in batch for name in item[2]]
 
 
 class _CountedSeededTransform:
@@ -118,7 +141,7 @@ class _CountedSeededTransform:
 
 class StreamingMultiCropDataset(IterableDataset):
     """Streaming data for one rank: its shard (``shard_for_rank``) of a buffer-shuffled HF IterableDataset,
-    reshuffled per epoch; yields (stream position, crops, images skipped before it). DataLoader workers split
+    reshuffled per epoch; yields (stream position, crops, names of the unreadable items skipped before it). DataLoader workers split
     the rank's shards (``datasets`` does it); augmentations are seeded by (seed, epoch, rank, worker, k), so
     replaying an epoch's stream (resume) gives the same batches."""
 
@@ -132,19 +155,19 @@ class StreamingMultiCropDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor], int]]:
+    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor], tuple[str, ...]]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         self.base.set_epoch(self.epoch)
         self.transform.stream = (self.epoch << 32) + (self.rank << 12) + worker
         self.transform.count = 0
-        skipped = 0
-        for position, crops in enumerate(self.base):
+        skipped: list[str] = []  # unreadable items since the last readable one, each reported once
+        for position, (crops, unreadable) in enumerate(self.base.read()):
             if crops is None:
-                skipped += 1
+                skipped.append(unreadable)
                 continue
-            yield position, crops, skipped
-            skipped = 0
+            yield position, crops, tuple(skipped)
+            skipped = []
 
 
 def streaming_batches(loader: DataLoader, epoch: int, num_batches: int, skip: int = 0) -> Iterator[Any]:
@@ -220,7 +243,50 @@ def build_dataloader(dataset: SeededMultiCropDataset, data: DataConfig, seed: in
     )
 
 
+class TrainingData:
+    """The training loop's one view of its data, whichever kind: ``epoch(e, skip)`` yields the micro-batches
+    ``(crops on the device, indices, names of the unreadable rows replaced)`` of epoch ``e`` after the first
+    ``skip`` (resume), and ``batches_per_epoch`` is the same on every rank.
+
+    Map-style data: one DataLoader over a (seed, epoch) permutation, prepared by Accelerate (each rank gets
+    disjoint batches); resuming skips batches without loading them. Streaming: this rank's shard of the
+    stream (not prepared: it is split already), epochs cut to whole accumulation cycles (a stream gives no
+    end-of-epoch signal to flush a partial one); resuming replays the epoch's stream up to the position.
+    """
+
+    def __init__(self, data: DataConfig, crops: MultiCropConfig, seed: int, accelerator: Any,
+                 accumulation: int = 1) -> None:
+        if not 0.0 <= data.max_unreadable_share <= 1.0:
+            raise ValueError(f"data.max_unreadable_share must be in [0, 1], got {data.max_unreadable_share}")
+        self.accelerator, self.streaming = accelerator, data.streaming
+        if data.streaming:
+            self.loader, batches = build_streaming_loader(data, crops, seed, accelerator.process_index,
+                                                          accelerator.num_processes)
+            self.dataset, self.num_images = None, data.streaming_num_samples
+            self.batches_per_epoch = (batches // accumulation) * accumulation
+        else:
+            self.dataset = build_dataset(data, crops, seed)
+            self.loader = accelerator.prepare(build_dataloader(self.dataset, data, seed))
+            self.num_images, self.batches_per_epoch = len(self.dataset), len(self.loader)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"dataset of {self.num_images} images is smaller than one global batch ({data.batch_size_per_device}"
+                f" x {accelerator.num_processes} processes x {accumulation} accumulation)"
+            )
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[str]]]:
+        if self.streaming:
+            device = self.accelerator.device
+            for crops, indices, unreadable in streaming_batches(self.loader, epoch, self.batches_per_epoch, skip):
+                yield [c.to(device, non_blocking=True) for c in crops], indices, unreadable
+            return
+        self.loader.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)  # augmentation seeds (before iterating: workers copy the dataset then)
+        yield from (self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
+
+
 __all__ = [
-    "EpochPermutationSampler", "SeededMultiCropDataset", "StreamingMultiCropDataset", "build_dataloader",
-    "build_dataset", "build_streaming_loader", "collate_indexed", "sample_seed", "seeded_rngs", "streaming_batches",
+    "EpochPermutationSampler", "NoReadableImageError", "SeededMultiCropDataset", "StreamingMultiCropDataset",
+    "TrainingData", "build_dataloader", "build_dataset", "build_streaming_loader", "collate_indexed", "sample_seed",
+    "seeded_rngs", "streaming_batches",
 ]

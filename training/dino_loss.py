@@ -3,6 +3,7 @@
     student_out: (num_crops*B, K) crop-major; teacher_out: (2*B, K) for the 2 global crops.
     q_t = softmax((teacher - center) / tau_t)   (detached),   log p_s = log_softmax(student / tau_s)
     loss = mean over pairs (t, s), s != t, of  mean_b  sum_k -q_t[b,k] log p_s[b,k]
+    (2 x (num_crops - 1) pairs: 2 with the global crops alone, 2 + 2N with N local crops)
     center <- m * center + (1 - m) * mean over ALL ranks' teacher outputs of this step
 
 The center is a registered buffer, so it travels with ``state_dict()`` into checkpoints. The cross-rank mean
@@ -28,8 +29,13 @@ class DINOLoss(nn.Module):
         num_teacher_crops: int = 2,
     ) -> None:
         super().__init__()
-        if num_crops <= num_teacher_crops:
-            raise ValueError(f"num_crops ({num_crops}) must exceed the teacher's crops ({num_teacher_crops})")
+        # num_crops == num_teacher_crops is the no-multi-crop setting (crops.local_crops_number 0): official
+        # DINO then sums the 2 cross-view pairs (teacher 0 -> student 1, teacher 1 -> student 0).
+        if num_teacher_crops < 1 or num_crops < max(num_teacher_crops, 2):
+            raise ValueError(
+                f"num_crops ({num_crops}) must be at least the teacher's crops ({num_teacher_crops}) and at least 2 "
+                "(a loss term pairs two different views)"
+            )
         self.num_crops = num_crops
         self.num_teacher_crops = num_teacher_crops
         self.student_temp = student_temp

@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import torch
 
+from entmax_vit.modeling.attention import support_size
+
 
 class MetricsLog:
     """Appends ``{"step": ..., **metrics}`` lines to ``path`` (main process only) and forwards them to
@@ -93,7 +95,7 @@ def attention_support_size(backbone: torch.nn.Module, pixel_values: torch.Tensor
         attn = backbone(pixel_values=pixel_values, output_attentions=True).attentions[-1]  # (B, H, N, N)
     finally:
         backbone.train(was_training)
-    return (attn > 0).sum(dim=-1).float().mean().item()
+    return support_size(attn).float().mean().item()  # the project's one definition (modeling/attention.py)
 
 
 __all__ = ["MetricsLog", "attention_support_size", "plot_loss_curve", "read_metrics"]

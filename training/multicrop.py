@@ -23,6 +23,7 @@ Normalize is one fused (x - 255 mean) / (255 std) on the uint8 array
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
@@ -284,6 +285,12 @@ class _MultiCropSource:
             return None
         return self.transform(image)
 
+    def _describe(self, row: dict, where: str) -> str:
+        """``where`` plus the row's file when it has one: what a user needs to find and fix the file."""
+        cell = row[self.column]
+        path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, (str, os.PathLike)) else None
+        return f"{where} ({path})" if path else where
+
 
 class MultiCropDataset(_MultiCropSource, torch.utils.data.Dataset):
     """Map-style dataset: item i -> list of crops, or None when the image cannot be decoded (counted)."""
@@ -293,6 +300,10 @@ class MultiCropDataset(_MultiCropSource, torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Optional[list[torch.Tensor]]:
         return self._crops(self.ds[index], where=f"#{index}")
+
+    def describe(self, index: int) -> str:
+        """``"#index"``, with the row's file path when it has one (for logs naming unreadable rows)."""
+        return self._describe(self.ds[index], f"#{index}")
 
 
 class IterableMultiCropDataset(_MultiCropSource, torch.utils.data.IterableDataset):
@@ -313,8 +324,14 @@ class IterableMultiCropDataset(_MultiCropSource, torch.utils.data.IterableDatase
         self.ds.load_state_dict(state)
 
     def __iter__(self) -> Iterator[Optional[list[torch.Tensor]]]:
+        for crops, _ in self.read():
+            yield crops
+
+    def read(self) -> Iterator[tuple[Optional[list[torch.Tensor]], Optional[str]]]:
+        """(crops, None) per readable item, (None, description naming the item and its file) per unreadable one."""
         for i, row in enumerate(self.ds):
-            yield self._crops(row, where=f"stream item {i}")
+            crops = self._crops(row, where=f"stream item {i}")
+            yield crops, None if crops is not None else self._describe(row, f"stream item {i}")
 
 
 def multicrop_collate(batch: Sequence[Optional[list[torch.Tensor]]]) -> tuple[list[torch.Tensor], int]:

@@ -22,11 +22,19 @@ def backbone_config(cfg: DinoConfig, drop_path_rate: float) -> EntmaxViTConfig:
     )
 
 
+def attention_kernel(cfg: DinoConfig) -> str:
+    """``model.attn_implementation``, with "auto" resolved: sdpa for softmax (torch's fused kernel computes
+    exactly softmax), eager for every other transform."""
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    return "sdpa" if cfg.model.attention == "softmax" else "eager"
+
+
 def build_networks(cfg: DinoConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """(student, teacher) with identical weights; teacher frozen, in eval mode (no dropout/BN in it)."""
     def make(drop_path_rate: float) -> MultiCropWrapper:
         backbone = EntmaxViTModel._from_config(
-            backbone_config(cfg, drop_path_rate), attn_implementation=cfg.model.attn_implementation
+            backbone_config(cfg, drop_path_rate), attn_implementation=attention_kernel(cfg)
         )
         head = DINOHead(
             backbone.config.hidden_size,
@@ -47,4 +55,4 @@ def build_networks(cfg: DinoConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]
     return student, teacher
 
 
-__all__ = ["backbone_config", "build_networks"]
+__all__ = ["attention_kernel", "backbone_config", "build_networks"]

@@ -1,5 +1,6 @@
-"""Shared pieces of the training tests: a tiny generated image dataset and a launcher for training/dino.py.
-(No tests here; imported by tests/test_training_*.py and tests/test_dino_*.py.)"""
+"""Helpers of the training tests (no tests here): a tiny generated image dataset, the overrides of a
+seconds-long run, and running training/dino.py in a subprocess, optionally with test hooks
+(tests/training_hooks.py). Imported by tests/test_training_*.py and tests/chaos.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DINO = REPO / "training" / "dino.py"
+HOOKED_DINO = Path(__file__).resolve().with_name("training_hooks.py")  # dino.py's CLI with test hooks
+
+
+def dino_command(args: Sequence[str], hooks: Optional[dict] = None, python: str = sys.executable) -> list[str]:
+    """``python training/dino.py ARGS``, or through the hooks launcher when ``hooks`` are given."""
+    if hooks:
+        return [python, str(HOOKED_DINO), json.dumps(hooks), *args]
+    return [python, str(DINO), *args]
 
 
 def make_image_dataset(root: Path, num_images: int = 16, size: int = 40, seed: int = 0) -> Path:
@@ -58,16 +67,17 @@ def env() -> dict:
     return e
 
 
-def run_dino(args: Sequence[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(DINO), *args], cwd=REPO, env=env(), capture_output=True,
+def run_dino(args: Sequence[str], timeout: float = 600, check: bool = True,
+             hooks: Optional[dict] = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(dino_command(args, hooks), cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"dino.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
-def start_dino(args: Sequence[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(DINO), *args], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+def start_dino(args: Sequence[str], hooks: Optional[dict] = None) -> subprocess.Popen:
+    return subprocess.Popen(dino_command(args, hooks), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -1,0 +1,85 @@
+"""Test-only fault injection for DINO training, by monkeypatching: the product code carries no test hooks.
+
+    install({"nonfinite_at_step": 3}, monkeypatch.setattr)      # in-process (pytest undoes it)
+    python tests/training_hooks.py '{"pause_in_checkpoint": 0.3}' --config tiny_cpu ...
+        # a subprocess: installs the hooks, then runs training/dino.py as __main__ (its CLI and exit codes)
+
+Hooks (seconds for the pauses):
+    nonfinite_at_step   the loss of this optimizer step (counted from 0 in this process: the global step of a
+                        fresh run without gradient accumulation) is NaN
+    sleep_per_step      sleep after every loss computation, so kill tests can strike in every phase
+    pause_in_checkpoint sleep while a checkpoint is half-written (its .tmp_step_* folder exists)
+    pause_in_pruning    sleep after a pruned checkpoint was renamed .tmp_old_step_* and before it is deleted
+    pause_in_export     sleep inside the final export, after OUTPUT_DIR/final_model was created
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HOOKS = ("nonfinite_at_step", "sleep_per_step", "pause_in_checkpoint", "pause_in_pruning", "pause_in_export")
+DINO = Path(__file__).resolve().parents[1] / "training" / "dino.py"
+
+
+def _setattr(obj: Any, name: str, value: Any) -> None:
+    setattr(obj, name, value)
+
+
+def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = None) -> None:
+    """Patch the training modules (and names ``training.dino`` imported from them) with ``hooks``."""
+    import entmax_vit.training.checkpointing as ckpt
+    import entmax_vit.training.dino as dino
+    import entmax_vit.training.dino_loss as dino_loss
+    import entmax_vit.training.export as export
+
+    patch = setattr_ or _setattr
+    unknown = set(hooks) - set(HOOKS)
+    if unknown:
+        raise ValueError(f"unknown test hooks {sorted(unknown)}; known: {HOOKS}")
+
+    nonfinite_at = hooks.get("nonfinite_at_step")
+    sleep = float(hooks.get("sleep_per_step", 0))
+    if nonfinite_at is not None or sleep > 0:
+        base = dino_loss.DINOLoss
+
+        class HookedDINOLoss(base):  # type: ignore[misc, valid-type]
+            def forward(self, *args: Any, **kwargs: Any):
+                loss = super().forward(*args, **kwargs)
+                calls = getattr(self, "_hook_calls", 0)
+                self._hook_calls = calls + 1
+                if sleep > 0:
+                    time.sleep(sleep)
+                return loss * float("nan") if calls == nonfinite_at else loss
+
+        for module in (dino_loss, dino):
+            patch(module, "DINOLoss", HookedDINOLoss)
+
+    def pausing(fn: Callable, seconds: float, before: Optional[Callable] = None) -> Callable:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before(*args, **kwargs)
+            time.sleep(seconds)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    if hooks.get("pause_in_checkpoint"):  # write_manifest runs inside .tmp_step_*, before its rename
+        patch(ckpt, "write_manifest", pausing(ckpt.write_manifest, float(hooks["pause_in_checkpoint"])))
+    if hooks.get("pause_in_pruning"):  # _delete_folder gets the renamed .tmp_old_step_* folder
+        patch(ckpt, "_delete_folder", pausing(ckpt._delete_folder, float(hooks["pause_in_pruning"])))
+    if hooks.get("pause_in_export"):
+        def make_dir(backbone: Any, out_dir: Any, *rest: Any, **kwargs: Any) -> None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        hooked = pausing(export.export_backbone, float(hooks["pause_in_export"]), before=make_dir)
+        for module in (export, dino):
+            patch(module, "export_backbone", hooked)
+
+
+if __name__ == "__main__":
+    install(json.loads(sys.argv[1]))
+    sys.argv = [str(DINO), *sys.argv[2:]]
+    runpy.run_path(str(DINO), run_name="__main__")
