@@ -5,6 +5,12 @@ target is the ignore index (or outside ``[0, K)``) are left out. Per-class IoU =
 for classes absent from both targets and predictions; mIoU = nanmean (dataset-level, the definition of the
 `evaluate` library's ``mean_iou`` and of mmseg). Distributed runs sum the matrices across ranks
 (``accelerator.reduce(conf, "sum")``) before calling :func:`segmentation_scores`.
+
+Why not the `evaluate` library: its ``mean_iou`` keeps every prediction and label map until ``compute()`` (all
+pixels of a validation split, gigabytes for ADE20K at 512 px) where a (K, K) matrix suffices, ``evaluate.load``
+fetches the metric from the Hub (it fails offline), and distributed runs would gather all pixels instead of
+summing K * K counts. tests/test_eval_metrics.py checks these numbers against an independent numpy
+implementation of that library's definition instead.
 """
 
 from __future__ import annotations

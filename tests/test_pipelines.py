@@ -234,3 +234,211 @@ def test_head_is_found_for_a_hub_id_through_the_cache(parts, tmp_path, monkeypat
         assert torch.equal(loaded.state_dict()[name], value)
     with pytest.raises(FileNotFoundError, match="no segmentation probe"):
         EntmaxViTSegmentationPipeline._load_head("tester/not-there")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One decoder everywhere (issue 12): the corpus of odd images through the Hub code, in a fresh process
+# ----------------------------------------------------------------------------------------------------------
+# Runs without the project: cwd an empty folder, PYTHONPATH empty. argv: REPO_DIR WORK_DIR. For every case file,
+# records the pixel_values the model receives (a pre-hook on its embeddings) from AutoImageProcessor (PIL input)
+# and from both pipelines (path, bytes and PIL input), or the error raised.
+FRESH_CORPUS = r'''
+import json, sys
+from pathlib import Path
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, pipeline
+repo, work = sys.argv[1], Path(sys.argv[2])
+processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+pipes = {"features": pipeline("image-feature-extraction", model=repo, trust_remote_code=True),
+         "segmentation": pipeline("image-segmentation", model=repo, trust_remote_code=True)}
+seen = []
+for pipe in pipes.values():
+    pipe.model.embeddings.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+out, errors = {}, {}
+report = {"classes": {name: type(p).__name__ for name, p in pipes.items()}, "processor": type(processor).__name__,
+          "errors": errors, "calls": {}, "pil_cannot_open": []}
+def record(key, run):
+    try:
+        out[key] = run()
+    except Exception as err:
+        errors[key] = {"mro": [c.__name__ for c in type(err).__mro__], "message": str(err)}
+def pil(path):
+    try:
+        return Image.open(path)  # lazily opened, as users do
+    except Exception:
+        report["pil_cannot_open"].append(path.name)  # undecodable data never becomes a PIL image
+        return None
+for path in sorted(work.glob("case_*")):
+    name = path.name
+    if pil(path) is not None:
+        record(f"{name}|processor|pil", lambda: processor(pil(path), return_tensors="pt")["pixel_values"])
+    for pname, pipe in pipes.items():
+        inputs = [("path", str(path)), ("bytes", path.read_bytes())] + ([("pil", pil(path))] if pil(path) else [])
+        for kind, value in inputs:
+            def run():
+                seen.clear()
+                pipe(value)
+                report["calls"][f"{name}|{pname}|{kind}"] = len(seen)
+                return seen[0]
+            record(f"{name}|{pname}|{kind}", run)
+save_file({k: v.contiguous() for k, v in out.items()}, str(work / "pixels.safetensors"))
+(work / "report.json").write_text(json.dumps(report))
+'''
+
+
+def _save_repository(parts, folder):
+    """A model folder as the release assembles it: weights, processor, head, the pipeline code, and
+    ``custom_pipelines`` serving both of our pipelines."""
+    import json
+
+    from transformers import AutoModel
+    from transformers.pipelines import PIPELINE_REGISTRY
+    from transformers.utils import logging as hf_logging
+
+    from entmax_vit.modeling.pipeline_entmax_vit import CUSTOM_PIPELINES, SEGMENTATION_TASK
+
+    _, _, head, segmenter = parts
+    previous = PIPELINE_REGISTRY.supported_tasks.get(SEGMENTATION_TASK)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        PIPELINE_REGISTRY.register_pipeline(SEGMENTATION_TASK, pipeline_class=EntmaxViTSegmentationPipeline,
+                                            pt_model=AutoModel, type="image")
+        segmenter.save_pretrained(folder)  # model, processor, pipeline_entmax_vit.py and its relative imports
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if previous is not None:
+            PIPELINE_REGISTRY.supported_tasks[SEGMENTATION_TASK] = previous
+        else:
+            PIPELINE_REGISTRY.supported_tasks.pop(SEGMENTATION_TASK, None)
+    head.save(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["custom_pipelines"] = CUSTOM_PIPELINES
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+@pytest.fixture(scope="module")
+def fresh_corpus_run(parts, tmp_path_factory):
+    """The corpus through the Hub code in one fresh process (one interpreter start for ~300 calls)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from odd_images import bad_images, odd_images
+
+    root = tmp_path_factory.mktemp("corpus")
+    repo, work = root / "repo", root / "work"
+    work.mkdir()
+    _save_repository(parts, repo)
+    assert (repo / "image_decoding.py").is_file()
+    cases = {f"case_{c.name}{c.suffix}": c for c in odd_images() + bad_images()}
+    for file_name, case in cases.items():
+        (work / file_name).write_bytes(case.data)
+    (work / "fresh.py").write_text(FRESH_CORPUS)
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(work / "fresh.py"), str(repo), str(work)], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cases, json.loads((work / "report.json").read_text()), load_file(str(work / "pixels.safetensors"))
+
+
+def test_fresh_process_uses_our_processor_and_pipelines(fresh_corpus_run):
+    _, report, _ = fresh_corpus_run
+    assert report["processor"] == "EntmaxViTImageProcessor"
+    assert report["classes"] == {"features": "EntmaxViTFeatureExtractionPipeline",
+                                 "segmentation": "EntmaxViTSegmentationPipeline"}
+    assert set(report["calls"].values()) == {1}  # one model input per call: the hook saw exactly it
+
+
+def test_odd_images_feed_the_model_the_same_pixels_everywhere(parts, fresh_corpus_run):
+    """Training's decode, AutoImageProcessor (PIL input) and both pipelines (path, bytes, PIL) in a fresh
+    process give the model exactly the pixels of the independently computed reference image."""
+    from entmax_vit.data.images import to_rgb as training_decode
+
+    _, processor, _, segmenter = parts
+    cases, report, pixels = fresh_corpus_run
+    checked = 0
+    for file_name, case in cases.items():
+        if not hasattr(case, "reference"):
+            continue
+        assert np.array_equal(np.asarray(training_decode(case.data)), case.reference), case.name
+        reference = Image.fromarray(case.reference)
+        want = {"processor": processor(reference, return_tensors="pt")["pixel_values"],
+                "segmentation": segmenter.preprocess(reference)["pixel_values"]}
+        want["features"] = want["processor"]
+        for key in [f"{file_name}|processor|pil"] + [f"{file_name}|{p}|{k}" for p in ("features", "segmentation")
+                                                    for k in ("path", "bytes", "pil")]:
+            assert key not in report["errors"], (key, report["errors"].get(key))
+            assert torch.equal(pixels[key], want[key.split("|")[1]]), key
+            checked += 1
+    assert checked == 7 * len([c for c in cases.values() if hasattr(c, "reference")])
+
+
+def test_bombs_truncated_and_undecodable_data_are_reported_by_every_entry(fresh_corpus_run):
+    import re
+
+    cases, report, pixels = fresh_corpus_run
+    bad = {name: case for name, case in cases.items() if not hasattr(case, "reference")}
+    assert bad
+    for file_name, case in bad.items():
+        keys = [f"{file_name}|processor|pil"] + [f"{file_name}|{p}|{k}" for p in ("features", "segmentation")
+                                                for k in ("path", "bytes", "pil")]
+        if file_name in report["pil_cannot_open"]:
+            assert case.match.startswith("not a readable image"), file_name  # only undecodable data
+            keys = [k for k in keys if not k.endswith("|pil")]
+        for key in keys:
+            assert key not in pixels, f"{key}: the model was fed pixels"
+            error = report["errors"][key]
+            assert "ImageDecodeError" in error["mro"] and "ValueError" in error["mro"], (key, error)
+            assert re.search(case.match, error["message"]), (key, error["message"])
+            if key.endswith("|path"):
+                assert file_name in error["message"], (key, error["message"])
+
+
+def test_head_weights_are_safetensors_and_heads_saved_by_earlier_versions_load(tmp_path):
+    """The head is written by the safetensors library; a file from the former hand-written writer (compact
+    JSON header, names sorted, padded to 8 bytes) still loads; a malformed file is a ValueError."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from entmax_vit.modeling.segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS
+
+    torch.manual_seed(0)
+    head = LinearSegmentationHead(SegmentationHeadConfig(num_labels=3, hidden_size=8, batch_norm=True))
+    head.bn.running_mean.normal_()
+    head.save(tmp_path / "new")
+    state = head.state_dict()
+    with safe_open(str(tmp_path / "new" / HEAD_WEIGHTS), "pt") as f:
+        assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(state)
+        for name in state:
+            assert torch.equal(f.get_tensor(name), state[name])
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copyfile(tmp_path / "new" / HEAD_CONFIG, old / HEAD_CONFIG)
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    header, blobs, offset = {}, [], 0
+    for name in sorted(state):
+        raw = state[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[state[name].dtype], "shape": list(state[name].shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    (old / HEAD_WEIGHTS).write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+    loaded = LinearSegmentationHead.load(old)
+    for name, value in state.items():
+        assert torch.equal(loaded.state_dict()[name], value)
+
+    (old / HEAD_WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="safetensors"):
+        LinearSegmentationHead.load(old)
