@@ -56,7 +56,8 @@ def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image"
         from huggingface_hub import get_session  # the Hub client's HTTP session (proxies, user agent)
 
         try:
-            response = get_session().get(image, timeout=timeout, follow_redirects=True)
+            extra = {"timeout": timeout} if timeout is not None else {}
+            response = get_session().get(image, follow_redirects=True, **extra)
             response.raise_for_status()
         except Exception as err:  # noqa: BLE001 - any fetch failure is an input error
             raise ImageInputError(f"Could not load image from {image}: {err}") from err

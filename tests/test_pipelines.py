@@ -442,3 +442,55 @@ def test_head_weights_are_safetensors_and_heads_saved_by_earlier_versions_load(t
     (old / HEAD_WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="safetensors"):
         LinearSegmentationHead.load(old)
+
+
+def test_urls_are_fetched_with_the_hub_session_and_decoded_by_the_one_decoder(parts, monkeypatch):
+    import huggingface_hub
+
+    from odd_images import bad_images, odd_images
+
+    case = next(c for c in odd_images() if c.name.startswith("float_F"))
+    truncated = next(c for c in bad_images() if c.name.startswith("png_stream_ends"))
+    served = {"https://example.org/odd.tiff": case.data, "https://example.org/cut.png": truncated.data}
+    calls = []
+
+    class Response:
+        def __init__(self, content):
+            self.content = content
+
+        def raise_for_status(self):
+            if self.content is None:
+                raise OSError("404 Not Found")
+
+    class Session:
+        def get(self, url, **kwargs):
+            calls.append((url, kwargs))
+            return Response(served.get(url))
+
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: Session())
+    assert np.array_equal(np.asarray(open_image("https://example.org/odd.tiff", timeout=5)), case.reference)
+    assert calls[-1][1]["timeout"] == 5
+    _, _, _, segmenter = parts
+    with pytest.raises(ImageInputError, match="https://example.org/cut.png.*truncated"):
+        segmenter("https://example.org/cut.png")
+    with pytest.raises(ImageInputError, match="Could not load image from https://example.org/missing"):
+        segmenter("https://example.org/missing.png")
+
+
+def test_our_feature_extraction_pipeline_in_process(parts):
+    """pipeline_class=EntmaxViTFeatureExtractionPipeline: same outputs as the built-in on an ordinary image, and
+    the reference pixels on an image the built-in's load_image would clip (float with NaN/inf)."""
+    from odd_images import odd_images
+
+    from entmax_vit.modeling.pipeline_entmax_vit import EntmaxViTFeatureExtractionPipeline
+
+    model, processor, _, _ = parts
+    ours = pipeline("image-feature-extraction", model=model, image_processor=processor,
+                    pipeline_class=EntmaxViTFeatureExtractionPipeline)
+    builtin = pipeline("image-feature-extraction", model=model, image_processor=processor)
+    photo = _photo()
+    torch.testing.assert_close(torch.tensor(ours(photo)), torch.tensor(builtin(photo)))
+    case = next(c for c in odd_images() if c.name.startswith("float_F"))
+    with torch.no_grad():
+        want = model(**processor(Image.fromarray(case.reference), return_tensors="pt")).pooler_output
+    torch.testing.assert_close(torch.tensor(ours(case.data, pool=True)), want)
