@@ -2,7 +2,8 @@
 
 Used by training (``entmax_vit.data.images``), every evaluation, the image processor and both pipelines, so an
 image gives the model the same pixels whichever way it arrives. Hub code: imports only the standard library,
-numpy and PIL, and travels with the image processor and the pipelines (relative import).
+numpy and PIL, and travels with the image processor and the pipelines (relative import). Rules and known limits
+in prose: docs/data.md.
 
     rgb = decode_image(value)   # PIL image, path, bytes, base64 / data: URL string, {"bytes", "path"} dict,
                                 # numpy array or torch tensor
@@ -10,10 +11,11 @@ numpy and PIL, and travels with the image processor and the pipelines (relative 
 Rules (each one fixed, never chosen from the image's content, except mode "I", see below):
 - Refused BEFORE any pixel is decoded: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (or ``max_pixels``).
   PIL itself only warns between 1x and 2x that limit; here both ranges are an error.
-- Truncated data is an error, whatever ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says for PNG: PIL accepts a PNG
-  whose compressed stream ends before the last row and fills the rest with black, so the decompressed size of
-  a PNG is checked against its header (:func:`_check_png_complete`). Other formats rely on PIL raising, which it
-  does while ``LOAD_TRUNCATED_IMAGES`` is False (its default; we warn once if some code set it).
+- Truncated data is an error. PIL accepts a PNG whose compressed stream ends before the last row (it fills the
+  rest with black), so every PNG's inflated size is checked against its header (:func:`_check_png_complete`,
+  one extra inflate of the data), whatever ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says. Other formats rely on
+  PIL raising, as it does while that flag is False (its default, never changed here; we warn once if some code
+  set it). Not caught: a JPEG cut short but closed with an end-of-image marker (libjpeg only warns).
 - EXIF orientation is applied with ``PIL.ImageOps.exif_transpose``.
 - Transparency (RGBA, LA, PA, palette with a transparent index or per-entry alpha) is composited on ``background``
   (white by default): ``out = round((c * a + bg * (255 - a)) / 255)``.
@@ -203,8 +205,12 @@ def _load(img: Image.Image, source: str) -> Optional[np.ndarray]:
         img.load()  # full decode now: truncation and corrupt data raise here, not later in a transform
         if data is not None and len(tiles) == 1 and tiles[0].args in ("RGB;16B", "RGBA;16B"):
             return _png_sixteen_bit_rgb(data, img, tiles[0])
+    except ImageDecodeError:
+        raise
     except Exception as err:  # noqa: BLE001 - OSError, SyntaxError, EOFError, zlib.error, struct.error, ...
         raise ImageDecodeError(f"{source}: cannot decode image data, truncated or corrupt ({type(err).__name__}: {err})") from err
+    finally:
+        img.__dict__.pop("encoded_bytes", None)  # do not keep the file alive with the decoded image
     return None
 
 
