@@ -158,8 +158,11 @@ def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader,
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cfg: SegmentationEvalConfig,
-                accelerator=None) -> list[dict]:
-    """Train ``head`` on frozen features; returns the per-epoch log (loss, lr, skipped rows)."""
+                accelerator=None, feature_cache: Optional[list] = None) -> list[dict]:
+    """Train ``head`` on frozen features; returns the per-epoch log (loss, lr, skipped rows).
+
+    ``feature_cache``: already extracted ``(features (B, C, h, w), labels, valid)`` batches to train on (with
+    ``cfg.cache_features``), e.g. shared by several heads (``probe_grid_miou``); ``loader`` is then unused."""
     device = accelerator.device if accelerator is not None else next(head.parameters()).device
     params = [p for p in head.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -169,8 +172,11 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
     train_head = head
     if accelerator is not None:
         train_head, opt = accelerator.prepare(head, opt)
-    feature_cache: list = []
-    if cfg.cache_features:  # one frozen pass; every epoch then trains on the stored (B, C, h, w) maps
+    if feature_cache is not None and not cfg.cache_features:
+        raise ValueError("a feature_cache needs cfg.cache_features = true")
+    if feature_cache is None:
+        feature_cache = []
+    if cfg.cache_features and not feature_cache:  # one frozen pass; every epoch then trains on the stored maps
         with torch.no_grad():
             for batch in tqdm(loader, desc="train features", disable=accelerator is not None and not accelerator.is_local_main_process):
                 valid = batch["valid"].to(device).bool()
@@ -226,48 +232,29 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Entry point (scripts/eval_segmentation.py)
+# Data and one probe, for the entry point and for in-process callers (analysis.claims)
 # ----------------------------------------------------------------------------------------------------------
-def _shard(ds_rows, accelerator):
-    """Evaluation rows of this rank (strided, no duplicates, so the summed confusion matrix is exact)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return ds_rows
-    return torch.utils.data.Subset(ds_rows, list(range(accelerator.process_index, len(ds_rows), accelerator.num_processes)))
+@dataclass
+class ProbeData:
+    """The two splits of a probe run, as rows the loaders read, with the label space."""
+
+    train_ds: object
+    eval_ds: object
+    train_rows: torch.utils.data.Dataset
+    eval_rows: torch.utils.data.Dataset
+    num_classes: int
+    id2label: dict
+    label_mapping: str
 
 
-def main(cfg: SegmentationEvalConfig) -> dict:
-    """Train the probe on ``train_split``, evaluate on ``eval_split``, save the head and the results JSON."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from entmax_vit.cli.config import save_config, to_dict
-
-    from .features import load_backbone
+def probe_datasets(cfg: SegmentationEvalConfig) -> ProbeData:
+    """Open ``cfg.dataset``'s train and eval splits, detect columns and the label convention, and build the rows
+    of ``cfg.protocol`` (``SegmentationRows``)."""
     from .image_data import find_column, open_dataset
-    from .results import make_results, write_results
     from .segmentation_data import SegmentationRows, has_raw_cityscapes_ids, infer_num_classes
 
-    if not cfg.model:
-        raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
     if not cfg.dataset:
         raise ValueError("--dataset is required for this preset (a Hub id or local folder with image + mask columns)")
-    if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
-        raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {cfg.scale_range}")
-    accelerator = Accelerator()
-    set_seed(cfg.seed)
-    out = Path(cfg.output_dir)
-    logger.info("segmentation probe: %d process(es) on %s", accelerator.num_processes, accelerator.device)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "eval_segmentation_config.yaml")
-    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
-    if not hasattr(model, "get_intermediate_layers"):
-        raise ValueError(f"{cfg.model}: the segmentation probe needs an EntmaxViT backbone (get_intermediate_layers)")
-    if cfg.input_size % model.config.patch_size:
-        raise ValueError(f"input_size {cfg.input_size} is not a multiple of the patch size {model.config.patch_size}")
-    depth = model.config.num_hidden_layers
-    if any(not -depth <= layer < depth for layer in cfg.layers):
-        raise ValueError(f"layers {cfg.layers} out of range for a {depth}-block model")
-
     train_ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples)
     eval_ds = open_dataset(cfg.dataset, cfg.eval_split, cfg.dataset_cache_dir, cfg.max_eval_samples)
     image_col = find_column(train_ds, "image", cfg.image_column)
@@ -291,6 +278,140 @@ def main(cfg: SegmentationEvalConfig) -> dict:
                 mask_size=cfg.mask_size, hflip=cfg.hflip, scale_range=tuple(cfg.scale_range), **label_kwargs)
     train_rows = SegmentationRows(train_ds, train=True, **rows)
     eval_rows = SegmentationRows(eval_ds, train=False, **rows)
+    return ProbeData(train_ds, eval_ds, train_rows, eval_rows, num_classes, id2label, label_mapping)
+
+
+def new_head(cfg: SegmentationEvalConfig, num_classes: int, hidden_size: int, id2label: dict) -> LinearSegmentationHead:
+    """A freshly initialised head reading the backbone as ``cfg`` says (layers, norm, [CLS], BN)."""
+    return LinearSegmentationHead(SegmentationHeadConfig(
+        num_labels=num_classes, hidden_size=hidden_size, layers=list(cfg.layers), use_cls_token=cfg.use_cls_token,
+        backbone_norm=cfg.backbone_norm, batch_norm=cfg.batch_norm, input_size=cfg.input_size,
+        ignore_index=cfg.ignore_index, id2label=id2label, protocol=cfg.protocol,
+    ))
+
+
+def probe_miou(model: torch.nn.Module, data: ProbeData, cfg: SegmentationEvalConfig) -> float:
+    """Train one probe as ``cfg`` says (layers, [CLS], optimiser, ...) on ``data`` in this process and return its
+    eval-split mIoU (percent). The same training and evaluation functions as the entry point."""
+    head = new_head(cfg, data.num_classes, model.config.hidden_size, data.id2label).to(next(model.parameters()).device)
+    train_loader = torch.utils.data.DataLoader(data.train_rows, batch_size=cfg.batch_size, shuffle=True,
+                                               num_workers=cfg.num_workers, drop_last=len(data.train_rows) > cfg.batch_size)
+    eval_loader = torch.utils.data.DataLoader(data.eval_rows, num_workers=cfg.num_workers,
+                                              batch_size=cfg.eval_batch_size if cfg.protocol == "neco" else 1)
+    train_probe(head, model, train_loader, cfg)
+    conf, _ = evaluate_probe(head, model, eval_loader, cfg, data.num_classes)
+    return float(segmentation_scores(conf)["mIoU"])
+
+
+@torch.no_grad()
+def shared_block_outputs(model: torch.nn.Module, loader, layers: list[int], norm: bool = True,
+                         dtype: torch.dtype = torch.float16) -> list[tuple]:
+    """One frozen pass: per batch ``({block: (patch map (B, D, h, w), cls (B, D))}, labels, valid)``, for every
+    block in ``layers`` at once (what several heads of ``probe_grid_miou`` read)."""
+    device = next(model.parameters()).device
+    out = []
+    for batch in loader:
+        outputs = model.get_intermediate_layers(batch["pixel_values"].to(device), n=sorted(set(layers)), reshape=True,
+                                                return_class_token=True, norm=norm)
+        blocks = {b: (p.to(dtype), c.to(dtype)) for b, (p, c) in zip(sorted(set(layers)), outputs)}
+        out.append((blocks, batch["labels"].to(device), batch["valid"].to(device).bool()))
+    return out
+
+
+def head_features(blocks: dict, config: SegmentationHeadConfig, depth: int) -> torch.Tensor:
+    """The (B, C, h, w) input of a head with ``config`` from ``shared_block_outputs`` (the layout of
+    ``LinearSegmentationHead.extract_features``: per layer its patch map, then [CLS] broadcast if used;
+    tests check both agree)."""
+    maps = []
+    for layer in config.layers:
+        patches, cls = blocks[layer % depth]
+        maps += [patches, cls[:, :, None, None].expand_as(patches)] if config.use_cls_token else [patches]
+    return torch.cat(maps, dim=1)
+
+
+def probe_grid_miou(model: torch.nn.Module, data: ProbeData, cfgs: list[SegmentationEvalConfig]) -> list[float]:
+    """``probe_miou`` for several probes that differ only in ``layers`` / ``use_cls_token``, with the backbone run
+    once over each split for all of them (train features cached as ``cache_features`` does, flips drawn once).
+    NeCo protocol only; each probe is trained and scored by the same functions as the entry point."""
+    first = cfgs[0]
+    if first.protocol != "neco" or not first.cache_features:
+        return [probe_miou(model, data, c) for c in cfgs]
+    fields = ("protocol", "input_size", "mask_size", "hflip", "batch_size", "eval_batch_size", "backbone_norm")
+    if any(getattr(c, f) != getattr(first, f) for c in cfgs for f in fields):
+        raise ValueError(f"probes of one grid must share {fields}")
+    depth = model.config.num_hidden_layers
+    layers = sorted({layer % depth for c in cfgs for layer in c.layers})
+    device = next(model.parameters()).device
+    # heads first, then the data: for one probe the random draws come in probe_miou's order (same numbers)
+    heads = [new_head(cfg, data.num_classes, model.config.hidden_size, data.id2label).to(device) for cfg in cfgs]
+    train_loader = torch.utils.data.DataLoader(data.train_rows, batch_size=first.batch_size, shuffle=True,
+                                               num_workers=first.num_workers,
+                                               drop_last=len(data.train_rows) > first.batch_size)
+    eval_loader = torch.utils.data.DataLoader(data.eval_rows, batch_size=first.eval_batch_size, num_workers=first.num_workers)
+    # train maps in float16 as cache_features stores them; eval maps in float32 as evaluate_probe computes them
+    train = shared_block_outputs(model, tqdm(train_loader, desc="train features", leave=False), layers, first.backbone_norm)
+    evals = shared_block_outputs(model, tqdm(eval_loader, desc="eval features", leave=False), layers, first.backbone_norm,
+                                 dtype=torch.float32)
+    results = []
+    for cfg, head in zip(cfgs, heads):
+        cache = [(head_features(b, head.config, depth), y, v) for b, y, v in train]
+        train_probe(head, model, None, cfg, feature_cache=cache)
+        head.eval()
+        conf = torch.zeros(data.num_classes, data.num_classes, dtype=torch.long)
+        with torch.no_grad():
+            for blocks, y, valid in evals:  # as evaluate_probe (NeCo): logits upsampled to the label size
+                if valid.any():
+                    logits = F.interpolate(head(head_features(blocks, head.config, depth)[valid]),
+                                           size=tuple(y.shape[-2:]), mode="bilinear", align_corners=False)
+                    conf += confusion_matrix(logits.argmax(1), y[valid], data.num_classes, cfg.ignore_index).cpu()
+        results.append(float(segmentation_scores(conf)["mIoU"]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point (scripts/eval_segmentation.py)
+# ----------------------------------------------------------------------------------------------------------
+def _shard(ds_rows, accelerator):
+    """Evaluation rows of this rank (strided, no duplicates, so the summed confusion matrix is exact)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return ds_rows
+    return torch.utils.data.Subset(ds_rows, list(range(accelerator.process_index, len(ds_rows), accelerator.num_processes)))
+
+
+def main(cfg: SegmentationEvalConfig) -> dict:
+    """Train the probe on ``train_split``, evaluate on ``eval_split``, save the head and the results JSON."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from entmax_vit.cli.config import save_config, to_dict
+
+    from .features import load_backbone
+    from .results import make_results, write_results
+
+    if not cfg.model:
+        raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
+    if not cfg.dataset:
+        raise ValueError("--dataset is required for this preset (a Hub id or local folder with image + mask columns)")
+    if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
+        raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {cfg.scale_range}")
+    accelerator = Accelerator()
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    logger.info("segmentation probe: %d process(es) on %s", accelerator.num_processes, accelerator.device)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "eval_segmentation_config.yaml")
+    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    if not hasattr(model, "get_intermediate_layers"):
+        raise ValueError(f"{cfg.model}: the segmentation probe needs an EntmaxViT backbone (get_intermediate_layers)")
+    if cfg.input_size % model.config.patch_size:
+        raise ValueError(f"input_size {cfg.input_size} is not a multiple of the patch size {model.config.patch_size}")
+    depth = model.config.num_hidden_layers
+    if any(not -depth <= layer < depth for layer in cfg.layers):
+        raise ValueError(f"layers {cfg.layers} out of range for a {depth}-block model")
+
+    data = probe_datasets(cfg)
+    train_ds, eval_ds, num_classes, id2label = data.train_ds, data.eval_ds, data.num_classes, data.id2label
+    label_mapping, train_rows, eval_rows = data.label_mapping, data.train_rows, data.eval_rows
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=cfg.batch_size, shuffle=True,
                                                num_workers=cfg.num_workers, drop_last=len(train_rows) > cfg.batch_size)
     eval_loader = torch.utils.data.DataLoader(_shard(eval_rows, accelerator), num_workers=cfg.num_workers,
@@ -304,11 +425,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
                              f"{head.config.hidden_size}, data and model need {num_classes} / {model.config.hidden_size}")
         log: list[dict] = []
     else:
-        head = LinearSegmentationHead(SegmentationHeadConfig(
-            num_labels=num_classes, hidden_size=model.config.hidden_size, layers=list(cfg.layers),
-            use_cls_token=cfg.use_cls_token, backbone_norm=cfg.backbone_norm, batch_norm=cfg.batch_norm,
-            input_size=cfg.input_size, ignore_index=cfg.ignore_index, id2label=id2label, protocol=cfg.protocol,
-        )).to(accelerator.device)
+        head = new_head(cfg, num_classes, model.config.hidden_size, id2label).to(accelerator.device)
         log = train_probe(head, model, train_loader, cfg, accelerator)
     hc = head.config
     # unreadable train rows of one epoch, over all ranks
@@ -367,4 +484,5 @@ def _plot_per_class(per_class: dict, path: Path, miou: Optional[float]) -> None:
     plt.close(fig)
 
 
-__all__ = ["PRESET_DIR", "SegmentationEvalConfig", "evaluate_probe", "lr_schedule", "sliding_window_logits", "train_probe", "main"]
+__all__ = ["PRESET_DIR", "ProbeData", "SegmentationEvalConfig", "evaluate_probe", "head_features", "lr_schedule", "main",
+           "new_head", "probe_datasets", "probe_grid_miou", "probe_miou", "shared_block_outputs", "sliding_window_logits", "train_probe"]

@@ -1,0 +1,223 @@
+"""The paper's two analysis claims, measured on one trained model with the project's own probes.
+
+    from entmax_vit.analysis.claims import ClaimsConfig, measure, write_claims
+    numbers = measure(model, ClaimsConfig(dataset="embedded"))        # {name: float}
+    write_claims(numbers, "out/claims_results.json", model=model, cfg=ClaimsConfig())
+
+(a) "Shallow blocks align better with the foreground, yet probe worse than deeper ones." Per block i:
+    ``block_<i>/fg_jaccard``      foreground alignment: Jaccard of the block's thresholded [CLS] attention
+                                  (DINO's visualize_attention, 60 % of the mass, best head) with the foreground
+                                  of the masks (``analysis.foreground``, exactly what ``scripts/analyze.py`` reports)
+    ``block_<i>/fg_jaccard_avg_map``  the same for the head-averaged map
+    ``block_<i>/seg_miou``        the linear segmentation probe (``evaluation.segmentation_probe``, preset
+                                  ``probe_preset``) trained on block i's patch tokens alone
+    Summaries: shallow = the mean over the first half of the blocks, deep = the last block:
+    ``fg_shallow_minus_deep`` (> 0: shallow aligns better), ``miou_deep_minus_shallow`` (> 0: deep probes
+    better), ``claim_shallow_aligns_probes_worse`` = 1.0 when both are > 0, ``fg_best_block`` /
+    ``miou_best_block`` (0-based).
+(b) "[CLS] is complementary for dense prediction." The same probe on the last block's patch tokens with the
+    [CLS] token concatenated to every patch: ``seg_miou_patch_cls`` vs ``seg_miou_patch``, ``cls_gain_miou``
+    (their difference), ``claim_cls_complementary`` = 1.0 when it is > 0.
+
+Every probe is the one ``scripts/eval_segmentation.py`` trains (same preset, transforms, optimiser and
+mIoU), only the block and the [CLS] option change; all probes of one call see the same data. mIoU and
+Jaccard are in percent. A single model and seed cannot separate small differences from noise: compare the
+numbers across seeds (``scripts/reproduce_mini.py`` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ClaimsConfig:
+    """What ``measure`` reads and how it probes."""
+
+    dataset: str = "embedded"           # load_image_dataset source with image + mask columns
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_train_samples: Optional[int] = None  # subsample (e.g. for checkpoints along a long run)
+    max_eval_samples: Optional[int] = None
+    foreground_images: int = 64         # validation images for the [CLS]-attention foreground Jaccard
+    probe_preset: str = "embedded"      # evaluation/configs/<name>.yaml: the segmentation probe's protocol
+    epochs: Optional[int] = None        # override the preset's probe epochs
+    blocks: Optional[list[int]] = None  # blocks probed one by one (0-based; default: all)
+    seed: int = 0
+    progress: bool = False
+
+
+def probe_config(cfg: ClaimsConfig, **overrides: Any):
+    """The segmentation probe config of ``cfg.probe_preset`` (a YAML of evaluation/configs/), with ``overrides``.
+
+    Read directly from the preset file: these are the same values ``eval_segmentation --preset NAME`` uses."""
+    import yaml
+
+    from entmax_vit.evaluation.entry_point import PRESET_DIR
+    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
+
+    path = Path(cfg.probe_preset)
+    if not path.is_file():
+        path = PRESET_DIR / f"{cfg.probe_preset}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ValueError(f"probe_preset {cfg.probe_preset!r} is neither a YAML file nor one of {names}")
+    values = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in dataclasses.fields(SegmentationEvalConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown segmentation probe keys {unknown}")
+    values.update(dataset=cfg.dataset, train_split=cfg.train_split, eval_split=cfg.eval_split,
+                  max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples, seed=cfg.seed)
+    if cfg.epochs is not None:
+        values["epochs"] = cfg.epochs
+        values["step_epochs"] = [s for s in values.get("step_epochs", []) if s < cfg.epochs]
+    values.update(overrides)
+    return SegmentationEvalConfig(**values)
+
+
+def _backbone(model: Union[nn.Module, str]) -> nn.Module:
+    if isinstance(model, str):
+        from entmax_vit.evaluation.features import load_backbone
+
+        return load_backbone(model)
+    from .per_layer import resolve_backbone
+
+    base = resolve_backbone(model)
+    if not hasattr(base, "get_intermediate_layers"):
+        raise ValueError(f"{type(base).__name__}: the claims need an EntmaxViT backbone (get_intermediate_layers)")
+    return base
+
+
+class _EagerAttention:
+    """Context: the backbone runs its eager kernel (the one that returns attention probabilities), then the
+    kernel it had is restored. Uses transformers' ``set_attn_implementation``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.before = getattr(model.config, "_attn_implementation", None)
+
+    def __enter__(self) -> nn.Module:
+        if self.before != "eager":
+            self.model.set_attn_implementation("eager")
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.before not in (None, "eager"):
+            self.model.set_attn_implementation(self.before)
+
+
+def foreground_alignment(model: nn.Module, cfg: ClaimsConfig, image_size: int) -> dict[int, dict[str, float]]:
+    """Per block: ``fg_jaccard`` (best head) and ``fg_jaccard_avg_map`` of the [CLS] attention on the first
+    ``cfg.foreground_images`` validation images (``analysis.per_layer.analyze_model``)."""
+    from .inputs import load_analysis_images
+    from .per_layer import analyze_model
+
+    images = load_analysis_images(cfg.dataset, split=cfg.eval_split, num_images=cfg.foreground_images,
+                                  image_size=image_size)
+    if images.masks is None:
+        raise ValueError(f"{cfg.dataset} split {cfg.eval_split!r} has no mask column: no foreground to align with")
+    with _EagerAttention(model):
+        per_layer = analyze_model(model, images.pixel_values, images.masks, progress=cfg.progress)
+    return {layer: {"fg_jaccard": 100.0 * m["fg_jaccard_best_head"], "fg_jaccard_avg_map": 100.0 * m["fg_jaccard_head_avg_map"]}
+            for layer, m in per_layer.items() if "fg_jaccard_best_head" in m}
+
+
+def measure(model: Union[nn.Module, str], cfg: Optional[ClaimsConfig] = None) -> dict[str, float]:
+    """Both claims on ``model`` (an in-memory EntmaxViT model or a model wrapping one, or a folder / Hub id):
+    a flat ``{name: float}`` (names in the module docstring). The model is used in eval mode and left as it was."""
+    from entmax_vit.evaluation.segmentation_probe import probe_datasets, probe_grid_miou
+
+    cfg = cfg or ClaimsConfig()
+    backbone = _backbone(model)
+    was_training = backbone.training
+    backbone.eval()
+    depth = backbone.config.num_hidden_layers
+    blocks = list(range(depth)) if cfg.blocks is None else [b % depth for b in cfg.blocks]
+    if not blocks:
+        raise ValueError("blocks must name at least one block")
+    base = probe_config(cfg)
+    try:
+        data = probe_datasets(base)
+        numbers: dict[str, float] = {}
+        fg = foreground_alignment(backbone, cfg, base.input_size)
+        for block, values in fg.items():
+            for name, value in values.items():
+                numbers[f"block_{block}/{name}"] = value
+        runs = [(f"block_{b}/seg_miou", dict(layers=[b], use_cls_token=False)) for b in blocks]
+        if depth - 1 not in blocks:
+            runs.append((f"block_{depth - 1}/seg_miou", dict(layers=[depth - 1], use_cls_token=False)))
+        runs.append(("seg_miou_patch_cls", dict(layers=[depth - 1], use_cls_token=True)))
+        torch.manual_seed(cfg.seed)
+        # one backbone pass per split feeds every probe (they differ only in the block and the [CLS] option)
+        mious = probe_grid_miou(backbone, data, [dataclasses.replace(base, **change) for _, change in runs])
+        for (name, _), miou in zip(runs, mious):
+            numbers[name] = miou
+            logger.info("claims: %s = %.2f", name, miou)
+    finally:
+        backbone.train(was_training)
+    numbers.update(summarize(numbers, depth))
+    return dict(sorted(numbers.items()))
+
+
+def summarize(numbers: Mapping[str, float], depth: int) -> dict[str, float]:
+    """The claims' summary numbers from the per-block ones (see the module docstring)."""
+    last = depth - 1
+    out: dict[str, float] = {}
+    patch = numbers.get(f"block_{last}/seg_miou")
+    if patch is not None:
+        out["seg_miou_patch"] = patch
+        if "seg_miou_patch_cls" in numbers:
+            out["cls_gain_miou"] = numbers["seg_miou_patch_cls"] - patch
+            out["claim_cls_complementary"] = float(out["cls_gain_miou"] > 0)
+    shallow = range(max(1, depth // 2))
+    fg = {b: numbers[f"block_{b}/fg_jaccard"] for b in range(depth) if f"block_{b}/fg_jaccard" in numbers}
+    miou = {b: numbers[f"block_{b}/seg_miou"] for b in range(depth) if f"block_{b}/seg_miou" in numbers}
+    if fg:
+        out["fg_best_block"] = float(max(fg, key=fg.get))
+    if miou:
+        out["miou_best_block"] = float(max(miou, key=miou.get))
+    if last in fg and all(b in fg for b in shallow) and depth > 1:
+        out["fg_shallow_minus_deep"] = sum(fg[b] for b in shallow) / len(shallow) - fg[last]
+    if last in miou and all(b in miou for b in shallow) and depth > 1:
+        out["miou_deep_minus_shallow"] = miou[last] - sum(miou[b] for b in shallow) / len(shallow)
+    if "fg_shallow_minus_deep" in out and "miou_deep_minus_shallow" in out:
+        out["claim_shallow_aligns_probes_worse"] = float(out["fg_shallow_minus_deep"] > 0 and out["miou_deep_minus_shallow"] > 0)
+    return out
+
+
+def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *, model: Union[nn.Module, str],
+                 cfg: Optional[ClaimsConfig] = None, model_name_or_path: Optional[str] = None) -> Path:
+    """``numbers`` as a results JSON (schema entmax_vit.results/v1, task "analysis", protocol "paper_claims")."""
+    from entmax_vit.evaluation.results import make_results, write_results
+
+    cfg = cfg or ClaimsConfig()
+    backbone = _backbone(model) if not isinstance(model, str) else None
+    config = backbone.config.to_dict() if backbone is not None else {}
+    source = model_name_or_path or (model if isinstance(model, str) else config.get("_name_or_path", "") or "in_memory")
+    probe = probe_config(cfg)
+    record = make_results(
+        task="analysis", model_name_or_path=str(source), model_config=config,
+        dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
+                 "num_samples": cfg.max_eval_samples, "num_classes": None},
+        protocol={"name": "paper_claims", "probe": f"{probe.protocol}_linear", "probe_preset": cfg.probe_preset,
+                  "probe_epochs": probe.epochs, "foreground": "cls_attention_mass_0.6_best_head",
+                  "foreground_images": cfg.foreground_images, "shallow": "mean of the first half of the blocks",
+                  "deep": "last block"},
+        metrics={k: v for k, v in numbers.items() if math.isfinite(v)},
+        config=dataclasses.asdict(cfg),
+    )
+    return write_results(record, path)
+
+
+__all__ = ["ClaimsConfig", "foreground_alignment", "measure", "probe_config", "summarize", "write_claims"]
