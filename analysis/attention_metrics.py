@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from entmax_vit.modeling.attention import support_size
+
 Stats = dict[str, tuple[float, float]]  # name -> (sum, count)
 
 
@@ -70,7 +72,7 @@ def attention_statistics(attn: torch.Tensor, grid: tuple[int, int], prefix: int 
     attn = attn.float()
     batch, heads, tokens, _ = attn.shape
     nonzero = attn > 0  # (B, H, T, T)
-    support = nonzero.sum(-1)  # (B, H, T)
+    support = support_size(attn)  # (B, H, T): the project's one definition (modeling/attention.py)
     entropy = row_entropy(attn)  # (B, H, T)
     stats: Stats = {
         "attention_zero_share": (float((~nonzero).sum()), float(attn.numel())),

@@ -1,11 +1,15 @@
 """Analyse an in-memory model and write every output, and compare several analysed models.
 
-What ``scripts/analyze.py`` does per model and at the end, as two calls other code can make with models it
-already holds (the main job, the mini reproduction)::
+What ``scripts/analyze.py`` (``analysis.run.main``) does per model and at the end, as two calls for code that
+already holds its models in memory::
 
     runs = {name: analyze_and_save(model, pixel_values, out / name, masks=masks, name=name)
             for name, model in models.items()}
     save_comparison(runs, out)
+
+Who calls them: ``analysis.run.main`` (loading each model from its folder or Hub id). The main job and the mini
+reproduction (``entmax_vit.jobs``) run their analysis stage in-process through ``analysis.run.main`` with a
+config, reading the trained model back from its saved folder; they do not call these functions directly.
 """
 
 from __future__ import annotations
