@@ -83,6 +83,9 @@ def probe_inputs(cls: torch.Tensor, patch_mean: torch.Tensor, n: int, avgpool: b
     if n > cls.shape[1]:
         raise ValueError(f"n_last_blocks {n} > the {cls.shape[1]} blocks extracted")
     x = cls[:, -n:].flatten(1)
+    # Official DINO (n = 1 with avgpool) interleaves [CLS] and mean-patch channels (cat on a new last dim, then
+    # reshape); concatenating them instead only permutes the inputs of a linear layer with i.i.d. init: the same
+    # probe.
     return torch.cat([x, patch_mean], dim=1) if avgpool else x
 
 
