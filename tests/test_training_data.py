@@ -184,3 +184,50 @@ def test_streamed_unreadable_items_are_skipped_and_named_once(tmp_path):
         (), tuple(f"stream item {i} (/data/{i:02d}.png)" for i in range(1, 5)), ()]
     # item 7 (unreadable, last) has no readable successor in this pass: no batch carries it, so it is not
     # counted (a documented limit of streaming)
+
+
+def test_odd_image_corpus_through_the_training_path(tmp_path):
+    """Every odd-but-valid image of tests/odd_images.py trains with the pixels its specification gives (crops
+    equal the multi-crop transform of the reference pixels under the same seed); every bad one is replaced,
+    named by its file and counted once; a short run over the folder ends with that count."""
+    from PIL import Image
+
+    from entmax_vit.training.multicrop import MultiCropTransform
+    from odd_images import bad_images, odd_images
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    good, bad = {}, set()
+    for case in odd_images():
+        (folder / f"{case.name}{case.suffix}").write_bytes(case.data)
+        good[f"{case.name}{case.suffix}"] = case.reference
+    for case in [*bad_images()]:
+        (folder / f"{case.name}{case.suffix}").write_bytes(case.data)
+        bad.add(f"{case.name}{case.suffix}")
+    (folder / "zero_bytes.jpg").write_bytes(b"")
+    bad.add("zero_bytes.jpg")
+    source = f"imagefolder:{folder}"
+    ds = build_dataset(DataConfig(source=source, num_workers=0, cache_dir=str(tmp_path / "c")), CROPS, seed=0)
+    assert len(ds) == len(good) + len(bad)
+    transform = MultiCropTransform(CROPS)
+    bad_rows = set()
+    for i in range(len(ds)):
+        name = ds.base.describe(i).rsplit("/", 1)[1].rstrip(")")
+        _, crops, unreadable = ds[i]
+        if name in bad:
+            bad_rows.add(i)
+            assert unreadable == (ds.base.describe(i),) and name in unreadable[0]
+        else:
+            assert unreadable == ()
+            with seeded_rngs(sample_seed(0, 0, i)):
+                expected = transform(Image.fromarray(good[name]))
+            assert all(torch.equal(a, b) for a, b in zip(crops, expected)), name
+    out = tmp_path / "run"
+    main(parse_config(DinoConfig, tiny_args(source, out, **{"data.cache_dir": tmp_path / "c", "optim.epochs": 1,
+                                                            "optim.warmup_epochs": 0, "checkpoint.every_steps": 0,
+                                                            "logging.attention_support_images": 0}),
+                      preset_dir=CONFIG_DIR))
+    drawn = [i for line in (out / "debug" / "rank0.jsonl").read_text().splitlines()
+             for i in json.loads(line).get("indices", [])]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["images_skipped"] == len(set(drawn) & bad_rows) > 0
