@@ -2,6 +2,9 @@
 
     from entmax_vit.analysis import analyze_model, save_attention_maps, save_pca_image, plot_layer_curves
     per_layer = analyze_model(model, pixel_values, masks=None)      # {layer: {metric: value}}
+
+The paper's two analysis claims (per-block foreground alignment vs per-block probes; [CLS] complementarity)
+are measured by ``entmax_vit.analysis.claims.measure`` (imported from there: it trains probes).
 """
 
 from .attention_metrics import attention_metrics, patch_distance_matrix, row_entropy
