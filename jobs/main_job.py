@@ -1,0 +1,344 @@
+"""The main job (README quick start, ``make demo``): the whole release, for real, in minutes on a CPU.
+
+Stages, each the ``main(cfg)`` (or library function) of a project entry point, called in this process:
+
+1. data          render (or reuse) the embedded benchmark (entmax_vit.data)
+2. train         DINO pretraining (training/dino.py, preset ``tiny_cpu``): the one stage run as its own
+                 process, under ``accelerate launch``, so it runs on as many processes as asked
+3. knn           weighted k-NN of the frozen teacher's [CLS] (evaluation.knn.main)
+4. segmentation  linear segmentation probe on frozen patch tokens, mIoU (evaluation.segmentation_probe.main)
+5. analysis      attention maps + per-layer sparsity / semantic-diffusion metrics (analysis.run.main)
+   claims        (not run by default) the paper's two analysis claims: per-block foreground alignment and
+                 probes, [CLS] complementarity (analysis.claims.measure)
+6. hub           model card + Hub-ready folder (hub_cards.assemble), checked by reloading it with
+                 ``AutoModel.from_pretrained(..., trust_remote_code=True)`` in a fresh process that cannot
+                 import this project (hub_cards.verify), against the trained model
+
+A stage is skipped when its outputs exist and its record ``OUTPUT_DIR/stages/<stage>.json`` holds the same
+inputs: its settings and the SHA-256 of the files it read (so a retrained model reruns every evaluation).
+Otherwise its previous outputs are removed and it runs again; training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+# The claims stage's numbers in the summary (analysis.claims: mIoU and Jaccard in points).
+CLAIM_KEYS = ("fg_shallow_minus_deep", "miou_deep_minus_shallow", "cls_gain_miou",
+              "claim_shallow_aligns_probes_worse", "claim_cls_complementary")
+STAGES = ("data", "train", "knn", "segmentation", "analysis", "claims", "hub")
+
+
+@dataclass
+class MainJobConfig:
+    output_dir: str = "outputs/main_job"
+    # Attention transform of the pretrained model: softmax | entmax15 | sparsemax | entmax_bisect.
+    attention: str = "entmax15"
+    # Dataset of every stage: "embedded" (the bundled synthetic scenes) or e.g.
+    # "embedded:num_train=512,num_validation=128" (any load_image_dataset source with image, label and mask).
+    dataset: str = "embedded"
+    # Seed of the pretraining run (weights, data order, augmentations).
+    seed: int = 0
+    # Training preset of training/configs/ (tiny_cpu: a ~5 min ViT on the embedded scenes on 2 CPU cores).
+    training_preset: str = "tiny_cpu"
+    # Extra training overrides as a mapping, e.g. --train_overrides "{optim.epochs: 10}".
+    train_overrides: dict = field(default_factory=dict)
+    # Processes of the training stage (accelerate launch --num_processes); more than 1 needs GPUs or
+    # ACCELERATE_USE_CPU=true.
+    train_processes: int = 1
+    # Segmentation probes to train: "patch" = last-layer patch tokens, "patch+cls" = with [CLS] concatenated.
+    segmentation_features: list[str] = field(default_factory=lambda: ["patch+cls"])
+    # Shortened run for smoke tests: a few training steps and small evaluation subsets.
+    quick: bool = False
+    # Stages to run, in order (a subset of data, train, knn, segmentation, analysis, claims, hub).
+    stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "claims"])
+    # Rerun stages even when they finished with the same inputs (deletes their previous outputs).
+    force: bool = False
+    # Repository id written into the model card and Hub folder (nothing is uploaded).
+    hub_repo_id: str = "entmax-vit/vit-tiny-embedded-scenes"
+    # Number of validation images for the analysis metrics.
+    analysis_images: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+        if any(f not in ("patch", "patch+cls") for f in self.segmentation_features):
+            raise ValueError(f"segmentation_features entries must be 'patch' or 'patch+cls', got {self.segmentation_features}")
+        if self.train_processes < 1:
+            raise ValueError(f"train_processes must be >= 1, got {self.train_processes}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Skipping finished stages
+# ----------------------------------------------------------------------------------------------------------
+def sha256(path: Path) -> Optional[str]:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Path],
+              settings: Any = None, inputs: Sequence[Path] = (), clean: Sequence[Path] = (),
+              force: bool = False) -> dict:
+    """Run ``fn`` unless ``out/stages/<name>.json`` records the same settings and input hashes and every
+    output exists. ``clean`` folders are removed before a rerun that replaces a finished stage (or under
+    ``force``); an interrupted stage keeps them (training resumes from its checkpoints)."""
+    record_path = out / "stages" / f"{name}.json"
+    key = json.loads(json.dumps({"settings": settings, "inputs": {str(p): sha256(p) for p in inputs}}, default=str))
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if record and not force and record["key"] == key and all(p.exists() for p in outputs):
+        print(f"[main_job] stage {name}: already finished with these inputs, skipped ({record_path})", flush=True)
+        return {**record, "skipped": True}
+    if record or force:
+        for path in clean:
+            shutil.rmtree(path, ignore_errors=True)
+        record_path.unlink(missing_ok=True)
+    print(f"\n{'=' * 100}\n[main_job] stage {name}\n{'=' * 100}", flush=True)
+    start = time.perf_counter()
+    result = fn()
+    result = result if isinstance(result, dict) else {}  # entry points write their results files themselves
+    missing = [str(p) for p in outputs if not p.exists()]
+    if missing:
+        raise SystemExit(f"[main_job] stage {name} finished but did not write {missing}")
+    record = {"stage": name, "key": key, "seconds": round(time.perf_counter() - start, 1), "result": result}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2, default=str))
+    return {**record, "skipped": False}
+
+
+def run_process(name: str, command: list[str]) -> None:
+    """A stage that is its own process (training under accelerate launch); offline unless told otherwise."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env.setdefault(var, "1")
+    proc = subprocess.run(command, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"[main_job] stage {name} failed (exit code {proc.returncode}): {' '.join(command)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages: each builds the typed config of an entry point and calls it
+# ----------------------------------------------------------------------------------------------------------
+def training_config(cfg: MainJobConfig, train_dir: Path):
+    """The DinoConfig of the train stage: the preset, the job's settings, then the user's overrides."""
+    from entmax_vit.cli.config import from_dict, parse_config, to_dict
+    from entmax_vit.training.config import DinoConfig, flatten
+    from entmax_vit.training.dino import CONFIG_DIR
+
+    values = flatten(to_dict(parse_config(DinoConfig, ["--config", cfg.training_preset], preset_dir=CONFIG_DIR)))
+    values.update({"output_dir": str(train_dir), "model.attention": cfg.attention, "seed": cfg.seed,
+                   "data.source": cfg.dataset})
+    if cfg.quick:  # a handful of optimizer steps on a small subset: the code path, not the result
+        values.update({"optim.epochs": 1, "optim.warmup_epochs": 0, "data.max_samples": 64,
+                       "checkpoint.every_steps": 0})
+    values.update(flatten(cfg.train_overrides))
+    nested: dict = {}
+    for dotted, value in values.items():
+        *parents, last = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return from_dict(DinoConfig, nested)
+
+
+def train(cfg: MainJobConfig, train_dir: Path) -> None:
+    from entmax_vit.cli.config import save_config
+
+    dino = training_config(cfg, train_dir)
+    launch_config = save_config(dino, train_dir.parent / "stages" / "train_config.yaml")
+    script = importlib.util.find_spec("entmax_vit.training.dino").origin
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.train_processes),
+              "--num_machines", "1", "--mixed_precision", dino.optim.mixed_precision, "--dynamo_backend", "no",
+              *(["--multi_gpu"] if cfg.train_processes > 1 else [])]
+    run_process("train", [*launch, script, "--config", str(launch_config)])
+
+
+def knn_config(cfg: MainJobConfig, model_dir: Path, out: Path):
+    from entmax_vit.evaluation.knn import KNNEvalConfig
+
+    size = eval_image_size(model_dir)
+    subsets = {"max_train_samples": 256, "max_eval_samples": 128} if cfg.quick else {}
+    return KNNEvalConfig(model=str(model_dir), dataset=cfg.dataset, resize=size, crop=size, output_dir=str(out),
+                         **subsets)
+
+
+def segmentation_config(cfg: MainJobConfig, model_dir: Path, out: Path, features: str):
+    from entmax_vit.cli.config import parse_config
+    from entmax_vit.evaluation.entry_point import PRESET_DIR
+    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
+
+    if features not in ("patch", "patch+cls"):
+        raise ValueError(f"segmentation_features entries must be 'patch' or 'patch+cls', got {features!r}")
+    preset = parse_config(SegmentationEvalConfig, ["--config", "embedded"], preset_dir=PRESET_DIR)
+    subsets = {"epochs": 1, "max_train_samples": 128, "max_eval_samples": 64} if cfg.quick else {}
+    return dataclasses.replace(preset, model=str(model_dir), dataset=cfg.dataset, use_cls_token=features == "patch+cls",
+                               output_dir=str(out), **subsets)
+
+
+def analysis_config(cfg: MainJobConfig, model_dir: Path, out: Path):
+    from entmax_vit.analysis.run import AnalyzeConfig
+
+    return AnalyzeConfig(model=str(model_dir), names=[cfg.attention], dataset=cfg.dataset, split="validation",
+                         num_images=min(cfg.analysis_images, 16) if cfg.quick else cfg.analysis_images,
+                         image_size=eval_image_size(model_dir), output_dir=str(out),
+                         separate_curves=False)  # the overview grid only: one PNG per metric costs minutes
+
+
+def claims_config(cfg: MainJobConfig):
+    from entmax_vit.analysis.claims import ClaimsConfig
+
+    subsets = {"max_train_samples": 128, "max_eval_samples": 64, "epochs": 1} if cfg.quick else {}
+    return ClaimsConfig(dataset=cfg.dataset, seed=cfg.seed, foreground_images=cfg.analysis_images, **subsets)
+
+
+def claims(claims_cfg, model_dir: Path, out: Path) -> None:
+    """The paper's two analysis claims on the model folder, as a results JSON."""
+    from entmax_vit.analysis.claims import measure, write_claims
+
+    write_claims(measure(str(model_dir), claims_cfg), out / "claims_results.json", model=str(model_dir), cfg=claims_cfg)
+
+
+def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg_head: Optional[Path]) -> dict:
+    """Assemble the Hub folder and verify it in a fresh process (assemble_repository(verify=True))."""
+    from entmax_vit.hub_cards.assemble import assemble_repository
+
+    repo = assemble_repository(model_dir, out, repo_id=cfg.hub_repo_id, results=results, seg_head=seg_head,
+                               verify=True, overwrite=True)
+    return {"reloaded_class": repo.verification.model_class,
+            "reload_max_abs_diff": max(repo.verification.max_abs_diff.values())}
+
+
+def eval_image_size(model_dir: Path) -> int:
+    """The resolution the model was pretrained at (global crop size = position-embedding grid)."""
+    size = json.loads((model_dir / "config.json").read_text())["image_size"]
+    return int(size if isinstance(size, int) else size[0])
+
+
+def evaluate(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> dict[str, dict]:
+    """The knn / segmentation / analysis stages of one model folder into ``out``: ``{stage: record}``."""
+    from entmax_vit.analysis.run import main as analyze
+    from entmax_vit.cli.config import to_dict
+    from entmax_vit.evaluation.knn import main as knn
+    from entmax_vit.evaluation.segmentation_probe import main as segment
+
+    weights = [model_dir / "model.safetensors"]  # every stage reads them: a retrained model reruns all
+    jobs: list[tuple[str, Callable, Any, Path, Path]] = []  # (stage, entry point, its config, folder, result)
+    if "knn" in stages:
+        jobs.append(("knn", knn, knn_config(cfg, model_dir, out / "knn"), out / "knn", out / "knn" / "results_knn.json"))
+    if "segmentation" in stages:
+        for features in cfg.segmentation_features:
+            name = f"segmentation_{features.replace('+', '_')}"
+            jobs.append((name, segment, segmentation_config(cfg, model_dir, out / name, features), out / name,
+                         out / name / "results_segmentation.json"))
+    if "analysis" in stages:
+        jobs.append(("analysis", analyze, analysis_config(cfg, model_dir, out / "analysis"), out / "analysis",
+                     out / "analysis" / cfg.attention / "analysis_results.json"))
+    if "claims" in stages:
+        jobs.append(("claims", lambda c: claims(c, model_dir, out / "claims"), claims_config(cfg), out / "claims",
+                     out / "claims" / "claims_results.json"))
+    return {name: run_stage(out, name, lambda: entry_point(stage_cfg), [result], settings=to_dict(stage_cfg),
+                            inputs=weights, clean=[folder], force=cfg.force)
+            for name, entry_point, stage_cfg, folder, result in jobs}
+
+
+# ----------------------------------------------------------------------------------------------------------
+def summary_metrics(out: Path, attention: str, segmentation_features: Sequence[str]) -> dict[str, float]:
+    """The headline numbers of one evaluated model folder (the results files the stages wrote)."""
+    from entmax_vit.analysis.per_layer import unflatten_metrics
+    from entmax_vit.evaluation.results import load_results
+
+    metrics: dict[str, float] = {}
+    if (out / "knn" / "results_knn.json").is_file():
+        top1 = {k: v for k, v in load_results(out / "knn" / "results_knn.json")["metrics"].items()
+                if k.startswith("top1_k")}
+        best = max(top1, key=top1.get)
+        metrics.update(knn_top1=top1[best], knn_best_k=float(best.removeprefix("top1_k")))
+    for features in segmentation_features:
+        path = out / f"segmentation_{features.replace('+', '_')}" / "results_segmentation.json"
+        if path.is_file():
+            metrics[f"seg_miou_{features.replace('+', '_')}"] = load_results(path)["metrics"]["mIoU"]
+    analysis = out / "analysis" / attention / "analysis_results.json"
+    if analysis.is_file():
+        per_layer = unflatten_metrics(load_results(analysis)["metrics"])
+        for name in ("attention_zero_share", "support_mean", "attention_distance", "cos_to_cls"):
+            metrics[f"last_layer_{name}"] = per_layer[max(per_layer)][name]
+    if (out / "claims" / "claims_results.json").is_file():
+        claimed = load_results(out / "claims" / "claims_results.json")["metrics"]
+        metrics.update({k: v for k, v in claimed.items() if k in CLAIM_KEYS})
+    return metrics
+
+
+def main(cfg: MainJobConfig) -> dict:
+    from entmax_vit.cli.config import save_config, to_dict
+
+    start = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(cfg.output_dir).resolve()
+    save_config(cfg, out / "main_job_config.yaml")
+    train_dir, records = out / "train", {}
+    model_dir = train_dir / "final_model"
+
+    if "data" in cfg.stages:
+        from entmax_vit.data.datasets import load_image_dataset
+
+        sizes = {split: len(load_image_dataset(cfg.dataset, split=split)) for split in ("train", "validation")}
+        print(f"[main_job] data {cfg.dataset}: {sizes['train']} train / {sizes['validation']} validation", flush=True)
+    if "train" in cfg.stages:
+        records["train"] = run_stage(out, "train", lambda: train(cfg, train_dir), [model_dir / "model.safetensors"],
+                                     settings=to_dict(training_config(cfg, train_dir)),
+                                     clean=[train_dir], force=cfg.force)
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"[main_job] no trained model at {model_dir}: run the train stage first")
+    records.update(evaluate(cfg, model_dir, out, cfg.stages))
+    if "hub" in cfg.stages:
+        seg_dirs = [out / f"segmentation_{f.replace('+', '_')}" for f in cfg.segmentation_features]
+        results = [p for p in [out / "knn" / "results_knn.json", *(d / "results_segmentation.json" for d in seg_dirs)]
+                   if p.is_file()]
+        heads = [d / "segmentation_head" for d in seg_dirs if (d / "segmentation_head").is_dir()]
+        seg_head = heads[-1] if heads else None  # the last probe listed ships (patch+cls by default)
+        inputs = [model_dir / "model.safetensors", *results, *(h / "segmentation_head.safetensors" for h in heads[-1:])]
+        records["hub"] = run_stage(out, "hub", lambda: hub(cfg, model_dir, out / "hub", results, seg_head),
+                                   [out / "hub" / "config.json", out / "hub" / "README.md"],
+                                   settings={"repo_id": cfg.hub_repo_id}, inputs=inputs, clean=[out / "hub"],
+                                   force=cfg.force)
+
+    metrics = summary_metrics(out, cfg.attention, cfg.segmentation_features)
+    if "hub" in records:
+        metrics["reload_max_abs_diff"] = records["hub"]["result"]["reload_max_abs_diff"]
+    summary = {"attention": cfg.attention, "quick": cfg.quick, "total_seconds": round(time.perf_counter() - start, 1),
+               "metrics": metrics,
+               "stages": {k: {"seconds": r["seconds"], "skipped": r["skipped"]} for k, r in records.items()},
+               "output_dir": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n[main_job] done in {summary['total_seconds'] / 60:.1f} min (attention = {cfg.attention}); {out}")
+    for name, value in metrics.items():
+        print(f"  {name:<34} {value:10.4g}")
+    for name, stage in summary["stages"].items():
+        state = "skipped (done before)" if stage["skipped"] else f"{stage['seconds']:6.1f} s"
+        print(f"  stage {name:<28} {state}")
+    for path in (model_dir, out / "analysis" / cfg.attention / "attention_maps_0.png", out / "hub", out / "summary.json"):
+        if path.exists():
+            print(f"  wrote {path}")
+    return summary
+
+
+__all__ = ["MainJobConfig", "STAGES", "evaluate", "main", "run_process", "run_stage", "summary_metrics",
+           "training_config"]
