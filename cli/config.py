@@ -1,21 +1,44 @@
-"""Typed configs for entry points: a dataclass with commented defaults, YAML presets, ``--key value``
-overrides checked against the dataclass (dotted keys reach nested dataclasses), and the resolved config
-written beside the outputs.
+"""Typed configs for entry points, parsed by `tyro <https://brentyi.github.io/tyro/>`_: a dataclass with
+commented defaults, YAML presets, ``--section.key value`` overrides checked against the dataclass, and the
+resolved config written beside the outputs (docs/configuration.md says why tyro).
 
     cfg = parse_config(DinoConfig, argv, preset_dir=Path(__file__).parent / "configs")
     save_config(cfg, out_dir / "config.yaml")
+
+tyro builds the parser from the type hints (Literal, Optional, list, tuple, nested dataclasses), takes the help
+text from the comments above or beside each field and refuses unknown keys with the closest valid ones. This
+module adds what tyro leaves to its users, through tyro's own extension points:
+
+- value spellings kept from earlier versions of the project (``ConstructorRegistry`` rules): ``--flag`` alone
+  or ``--flag true|false``; lists as ``a b``, ``a,b`` or ``[a, b]``; ``none``/``null`` for Optional fields;
+  dict fields as a YAML mapping ``"{key: value}"``;
+- YAML presets (``--config NAME`` / ``--preset NAME`` or a file), read through the same tyro parser as the
+  command line, so a preset is checked exactly like an override;
+- value checks declared in the field's annotation and applied after parsing, naming the dotted key:
+  ``annotated_types`` bounds (``Annotated[float, Gt(0)]``) and :class:`KeysOf` for dict fields whose keys
+  must be arguments of some class (``Annotated[dict, KeysOf(EntmaxViTConfig)]``).
 """
 
 from __future__ import annotations
 
+import argparse
+import collections.abc
+import contextlib
 import dataclasses
+import difflib
+import inspect
+import io
 import os
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 
+import annotated_types
+import tyro
 import yaml
+from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
 T = TypeVar("T")
 
@@ -24,113 +47,273 @@ class ConfigError(ValueError):
     """A config value or key that does not fit the dataclass."""
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+# ============ value spellings (tyro constructor rules) ============
+
+REGISTRY = ConstructorRegistry()
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+_NONE = {"none", "null", "~"}
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the annotated type ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
+def _parse_bool(args: list[str]) -> bool:
+    if not args:  # a bare --flag
+        return True
+    if len(args) == 1 and args[0].lower() in _TRUE | _FALSE:
+        return args[0].lower() in _TRUE
+    raise ValueError(f"expected true/false, got {' '.join(args)!r}")
+
+
+@REGISTRY.primitive_rule
+def _bool_rule(info: PrimitiveTypeInfo) -> Optional[PrimitiveConstructorSpec]:
+    """``--flag`` alone means true; ``--flag true|false|yes|no|1|0`` sets it (tyro's default would be a
+    ``--flag/--no-flag`` pair, which breaks every command line and preset written so far)."""
+    if info.type is not bool:
+        return None
+    return PrimitiveConstructorSpec(nargs="*", metavar="[true|false]", instance_from_str=_parse_bool,
+                                    is_instance=lambda x: isinstance(x, bool),
+                                    str_from_instance=lambda x: [str(x).lower()])
+
+
+def _element_spec(tp: Any, info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec:
+    spec = ConstructorRegistry.get_primitive_spec(PrimitiveTypeInfo.make(tp, info.markers))
+    if not isinstance(spec, PrimitiveConstructorSpec):
+        raise ValueError(f"unsupported element type {tp}")
+    return spec
+
+
+@REGISTRY.primitive_rule
+def _sequence_rule(info: PrimitiveTypeInfo) -> Optional[PrimitiveConstructorSpec]:
+    """Lists and tuples of primitives: ``--ks 10 20``, ``--ks 10,20`` or ``--ks "[10, 20]"`` (``[]`` = empty)."""
+    origin = info.type_origin
+    if origin not in (list, tuple, collections.abc.Sequence) and info.type not in (list, tuple):
+        return None
+    args = typing.get_args(info.type)
+    fixed = origin is tuple and bool(args) and args[-1] is not Ellipsis
+    element_types = list(args) if fixed else [args[0] if args else str]
+    if any(dataclasses.is_dataclass(t) for t in element_types):
+        return None
+    specs = [_element_spec(t, info) for t in element_types]
+
+    def parse(tokens: list[str]) -> Any:
+        if len(tokens) == 1 and tokens[0].strip().startswith("["):
+            loaded = yaml.safe_load(tokens[0])
+            items = ["none" if v is None else str(v) for v in (loaded or [])]
+        elif len(tokens) == 1 and "," in tokens[0]:
+            items = [v.strip() for v in tokens[0].split(",") if v.strip() != ""]
+        else:
+            items = list(tokens)
+        if fixed and len(items) != len(specs):
+            raise ValueError(f"expected {len(specs)} values, got {len(items)}: {items}")
+        values = [(specs[i] if fixed else specs[0]).instance_from_str([v]) for i, v in enumerate(items)]
+        return tuple(values) if (origin is tuple or info.type is tuple) else values
+
+    def render(value: Any) -> list[str]:
+        return [x for i, v in enumerate(value) for x in (specs[i] if fixed else specs[0]).str_from_instance(v)]
+
+    return PrimitiveConstructorSpec(
+        nargs="*", metavar="VALUE [VALUE ...]" if not fixed else " ".join(s.metavar for s in specs),
+        instance_from_str=parse, is_instance=lambda x: isinstance(x, (list, tuple)), str_from_instance=render,
+    )
+
+
+@REGISTRY.primitive_rule
+def _optional_rule(info: PrimitiveTypeInfo) -> Optional[PrimitiveConstructorSpec]:
+    """``Optional[X]``: ``none``, ``null`` or ``None`` give None, anything else is parsed as X."""
+    if info.type_origin not in (typing.Union, types.UnionType):
+        return None
+    args = typing.get_args(info.type)
+    others = [a for a in args if a is not type(None)]
+    if type(None) not in args or len(others) != 1:
+        return None
+    inner = ConstructorRegistry.get_primitive_spec(PrimitiveTypeInfo.make(others[0], info.markers))
+    if not isinstance(inner, PrimitiveConstructorSpec):
+        return None
+
+    def parse(tokens: list[str]) -> Any:
+        if len(tokens) == 1 and tokens[0].lower() in _NONE:
+            return None
+        return inner.instance_from_str(tokens)
+
+    return PrimitiveConstructorSpec(
+        nargs="*" if inner.nargs != 1 else 1, metavar=f"{inner.metavar}|none", instance_from_str=parse,
+        is_instance=lambda x: x is None or inner.is_instance(x),
+        str_from_instance=lambda x: ["none"] if x is None else inner.str_from_instance(x),
+    )
+
+
+@REGISTRY.primitive_rule
+def _dict_rule(info: PrimitiveTypeInfo) -> Optional[PrimitiveConstructorSpec]:
+    """A dict field takes one YAML mapping: ``--model.backbone_overrides "{hidden_size: 96}"``."""
+    if info.type is not dict and info.type_origin is not dict:
+        return None
+
+    def parse(tokens: list[str]) -> dict:
+        value = yaml.safe_load(tokens[0]) if tokens[0].strip() else {}
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a YAML mapping such as '{{key: value}}', got {tokens[0]!r}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{key}: {value!r} does not fit {tp}: {'; '.join(errors)}")
-    if origin is typing.Literal:
-        if isinstance(value, str):
-            for choice in args:
-                if str(choice) == value:
-                    return choice
-        if value in args:
-            return value
-        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-    if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v != ""]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        inner = args[0] if args else Any
-        seq = [_coerce(v, inner, key) for v in value]
-        return tuple(seq) if (origin is tuple or tp is tuple) else seq
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(as_float)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    return value
+
+    return PrimitiveConstructorSpec(
+        nargs=1, metavar="'{KEY: VALUE, ...}'", instance_from_str=parse, is_instance=lambda x: isinstance(x, dict),
+        str_from_instance=lambda x: [yaml.safe_dump(x, default_flow_style=True, width=10**6).strip()],
+    )
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+# ============ value checks declared in annotations ============
+
+@dataclasses.dataclass(frozen=True)
+class KeysOf:
+    """Annotation for a dict field whose keys must be constructor arguments (or default attributes) of
+    ``target``: ``backbone_overrides: Annotated[dict, KeysOf(EntmaxViTConfig)]``. A typo such as ``hiden``
+    is refused with the closest valid key, instead of being passed on and silently ignored."""
+
+    target: Any
+
+    def valid_keys(self) -> set[str]:
+        keys = {name for name, p in inspect.signature(self.target.__init__).parameters.items()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"}
+        try:
+            instance = self.target()
+            keys |= set(instance.to_dict() if hasattr(instance, "to_dict") else vars(instance))
+        except Exception:  # a class without a default instance: its signature alone
+            pass
+        return keys
+
+
+_BOUNDS = {annotated_types.Gt: (">", lambda v, b: v > b), annotated_types.Ge: (">=", lambda v, b: v >= b),
+           annotated_types.Lt: ("<", lambda v, b: v < b), annotated_types.Le: ("<=", lambda v, b: v <= b)}
+
+
+def _check_value(key: str, value: Any, metadata: Sequence[Any]) -> None:
+    for item in metadata:
+        if isinstance(item, annotated_types.Interval):
+            _check_value(key, value, list(item))
+        elif type(item) in _BOUNDS and value is not None:
+            symbol, ok = _BOUNDS[type(item)]
+            bound = next(iter(dataclasses.asdict(item).values()))
+            if not ok(value, bound):
+                raise ConfigError(f"{key}: {value!r} is out of range (must be {symbol} {bound})")
+        elif isinstance(item, KeysOf) and isinstance(value, Mapping):
+            valid = item.valid_keys()
+            for name in value:
+                if name not in valid:
+                    close = difflib.get_close_matches(str(name), sorted(valid), n=3)
+                    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+                    raise ConfigError(f"{key}: unknown key {name!r} for {item.target.__name__}{hint}")
+
+
+def check_values(cfg: Any, prefix: str = "") -> None:
+    """Apply the checks in the fields' ``Annotated[...]`` metadata (bounds, :class:`KeysOf`), recursively;
+    ConfigError names the dotted key."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{prefix}{f.name}.")
+            continue
+        hint = hints.get(f.name)
+        if typing.get_origin(hint) is typing.Annotated:
+            _check_value(prefix + f.name, value, hint.__metadata__)
+
+
+# ============ parsing ============
+
+def _description(cls: type, description: Optional[str], preset_dir: Optional[Path]) -> str:
+    text = (description or cls.__doc__ or "").strip()
+    if preset_dir is not None and Path(preset_dir).is_dir():
+        names = ", ".join(sorted(p.stem for p in Path(preset_dir).glob("*.yaml")))
+        text += f"\n\nPresets (--config NAME or --preset NAME, or a FILE.yaml): {names}"
+    return text
+
+
+def _tyro(cls: type[T], args: Sequence[str], default: Optional[T] = None, prog: Optional[str] = None,
+          description: Optional[str] = None) -> T:
+    """One tyro parse; a parse error becomes ConfigError carrying tyro's message (which names the key and
+    suggests the closest valid ones) instead of tyro printing it and exiting."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return tyro.cli(cls, args=list(args), default=default, prog=prog, description=description,
+                            use_underscores=True, registry=REGISTRY, config=(tyro.conf.FlagConversionOff,))
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        message = stderr.getvalue().strip() or f"invalid arguments {list(args)}"
+        raise ConfigError("\n".join([message, *_unknown_key_notes(cls, args)])) from None
+    except (TypeError, ValueError) as err:  # a dataclass __post_init__ refusing a value
+        raise ConfigError(str(err)) from None
+
+
+def _keys(cls: type, prefix: str = "") -> dict[str, list[str]]:
+    """{section: [its keys]} for a config dataclass, sections as dotted prefixes ("" = the top level)."""
+    hints = typing.get_type_hints(cls)
+    out = {prefix: []}
+    for f in dataclasses.fields(cls):
+        out[prefix].append(f.name)
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out.update(_keys(tp, f"{prefix}{f.name}."))
+    return out
+
+
+def _unknown_key_notes(cls: type, args: Sequence[str]) -> list[str]:
+    """For each ``--key`` that is not a config key: the keys its section does have (tyro suggests only the
+    closest ones, which may be none)."""
+    sections = _keys(cls)
+    notes = []
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        key = arg[2:].split("=", 1)[0].replace("-", "_")
+        section, _, name = key.rpartition(".")
+        section = f"{section}." if section else ""
+        if name in sections.get(section, []):
+            continue
+        where = f"section {section[:-1]!r}" if section in sections and section else "the config"
+        valid = sections.get(section) or sections[""]
+        notes.append(f"{key}: not a config key; {where} has keys {valid}")
+    return notes
+
+
+def _render(value: Any) -> str:
+    """A YAML value as one command-line token for tyro (see the constructor rules above)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple, dict)):
+        return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True,
+                              width=10**6).strip()
+    return str(value)
+
+
+def _tokens(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """A (nested) mapping -> ``--a.b=value`` tokens; unknown keys raise ConfigError listing the valid ones."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix[:-1] or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    out: list[str] = []
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"Unknown config key {prefix + str(key)!r}; valid keys: {[prefix + n for n in names]}")
+        tp = hints[key]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            if dataclasses.is_dataclass(value):
+                value = to_dict(value)
+            out += _tokens(tp, value, f"{prefix}{key}.")
+        else:
+            out.append(f"--{prefix}{key}={_render(value)}")
+    return out
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build ``cls`` from a (nested) mapping; unknown keys raise ConfigError listing the valid ones."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"Unknown config key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(prefix + n for n in names)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+    """Build ``cls`` from a (nested) mapping (a YAML preset, a saved config), checked by the same tyro parser
+    as the command line; unknown keys and values that do not fit raise ConfigError."""
+    cfg = _tyro(cls, _tokens(cls, data, prefix))
+    check_values(cfg)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:
@@ -148,26 +331,14 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def apply_overrides(cfg: T, overrides: Mapping[str, Any]) -> T:
-    """Return a copy of ``cfg`` with dotted-key overrides applied and type-checked."""
-    data = to_dict(cfg)
-    for dotted, value in overrides.items():
-        node = data
-        parts = dotted.replace("-", "_").split(".")
-        cls: Any = type(cfg)
-        for i, part in enumerate(parts):
-            hints = _field_types(cls) if _is_dataclass_type(cls) else {}
-            if part not in hints:
-                where = ".".join(parts[:i]) or "the config"
-                raise ConfigError(f"Unknown config key {dotted!r}: {where} has keys {sorted(hints)}")
-            if i == len(parts) - 1:
-                node[part] = _coerce(value, hints[part], dotted)
-                if dataclasses.is_dataclass(node[part]):
-                    node[part] = to_dict(node[part])
-            else:
-                cls = hints[part]
-                node = node[part]
-    return from_dict(type(cfg), data)
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b": value}`` (the one implementation: resume checks, trackers, cards, the main job)."""
+    if isinstance(data, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
 
 
 def load_preset(name_or_path: str, preset_dir: Optional[Path] = None) -> dict:
@@ -184,83 +355,69 @@ def load_preset(name_or_path: str, preset_dir: Optional[Path] = None) -> dict:
     return data
 
 
-def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
-    """``--a.b value``, ``--a.b=value`` and ``--flag`` (true) into a dict of dotted keys."""
-    out: dict[str, Any] = {}
+def apply_overrides(cfg: T, overrides: Mapping[str, Any]) -> T:
+    """A copy of ``cfg`` with dotted-key overrides (``{"optim.epochs": 3}``) applied and checked."""
+    out = _tyro(type(cfg), [f"--{k.replace('-', '_')}={_render(v)}" for k, v in overrides.items()], default=cfg)
+    check_values(out)
+    return out
+
+
+def usage(cls: type, description: Optional[str] = None, preset_dir: Optional[Path] = None,
+          default: Any = None, prog: Optional[str] = None) -> str:
+    """``--help`` text (tyro's): the description, the presets, and every dotted key with its type, default
+    (``default``'s values, e.g. a preset's, else the dataclass's) and the comment that documents it."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.suppress(SystemExit):
+        tyro.cli(cls, args=["--help"], description=_description(cls, description, preset_dir), default=default,
+                 prog=prog,
+                 use_underscores=True, registry=REGISTRY, config=(tyro.conf.FlagConversionOff,))
+    return stdout.getvalue()
+
+
+def positionals_to_options(cls: type, argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """``[... A B ...]`` -> ``[... --names[0] A --names[1] B]``: an entry point's positional arguments as the
+    config keys they stand for (tyro's positional fields could not also be given as ``--key`` or in a preset).
+
+    An option takes the following token as its value unless that token is an option; a boolean option takes it
+    only when it is a boolean word (``--overwrite IN OUT`` keeps IN positional), a list option takes every
+    following non-option token."""
+    hints = typing.get_type_hints(cls)
+    options: list[str] = []
+    positionals: list[str] = []
+    argv = list(argv)
     i = 0
     while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"Unexpected argument {arg!r}; overrides look like --key value")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
+        token = argv[i]
+        if not token.startswith("--"):
+            positionals.append(token)
             i += 1
-        else:
-            value = "true"
-        out[key] = value
-        i += 1
-    return out
-
-
-def field_comments(cls: type, prefix: str = "") -> dict[str, str]:
-    """The ``# comment`` after each field of a config dataclass (nested ones under dotted keys): the
-    documented defaults that ``--help`` prints."""
-    import inspect
-    import re
-
-    field_line = re.compile(r"^\s+(\w+)\s*:[^#=]*(?:=[^#]*)?(?:#\s*(.+))?$")
-    out: dict[str, str] = {}
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        source = ""
-    above: list[str] = []  # comment lines directly above a field document it, as does a trailing comment
-    for line in source.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("#").strip())
             continue
-        match = field_line.match(line)
-        if match and not stripped.startswith(("def ", "class ", "@", "return")):
-            note = match.group(2) or " ".join(above)
-            if note:
-                out[prefix + match.group(1)] = note.strip()
-        above = []
-    hints = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        if _is_dataclass_type(hints.get(f.name)):
-            out.update(field_comments(hints[f.name], prefix=f"{prefix}{f.name}."))
-    return out
+        options.append(token)
+        key = token[2:].replace("-", "_")
+        tp = hints.get(key)
+        values_follow = "=" not in token
+        while values_follow and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            if tp is bool and argv[i + 1].lower() not in _TRUE | _FALSE:
+                break
+            options.append(argv[i + 1])
+            i += 1
+            if typing.get_origin(tp) not in (list, tuple):
+                break
+        i += 1
+    if len(positionals) > len(names):
+        raise ConfigError(f"Expected at most {' and '.join(n.upper() for n in names)} as positional arguments, "
+                          f"got {positionals}")
+    for name, value in zip(names, positionals):
+        options += [f"--{name}", value]
+    return options
 
 
-def usage(cls: type, description: Optional[str] = None, preset_dir: Optional[Path] = None) -> str:
-    """``--help`` text: the description, the presets, and every (dotted) key with its default and comment."""
-    lines = [(description or cls.__doc__ or "").strip(), ""]
-    if preset_dir is not None and Path(preset_dir).is_dir():
-        lines += ["Presets (--config NAME, or --config FILE.yaml): "
-                  + ", ".join(sorted(p.stem for p in Path(preset_dir).glob("*.yaml"))), ""]
-    lines.append("Options (--key value; nested keys as --section.key value):")
-    comments = field_comments(cls)
-
-    def walk(klass: type, defaults: Mapping[str, Any], prefix: str = "") -> None:
-        hints = _field_types(klass)
-        for f in dataclasses.fields(klass):
-            if _is_dataclass_type(hints.get(f.name)) and isinstance(defaults.get(f.name), dict):
-                walk(hints[f.name], defaults[f.name], f"{prefix}{f.name}.")
-                continue
-            value = defaults.get(f.name, "(required)")
-            note = comments.get(prefix + f.name, "")
-            lines.append(f"  --{prefix + f.name:<28} {value!r:<24} {note}".rstrip())
-
-    try:
-        defaults = to_dict(cls())
-    except TypeError:  # required fields without defaults
-        defaults = {}
-    walk(cls, defaults)
-    return "\n".join(lines)
+def _split_preset(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """``--config X`` / ``--preset X`` (either spelling, ``=`` or not) and the remaining arguments."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config", "--preset", dest="preset", default=None)
+    known, rest = parser.parse_known_args(list(argv))
+    return known.preset, rest
 
 
 def parse_config(
@@ -269,23 +426,28 @@ def parse_config(
     preset_dir: Optional[Path] = None,
     default_preset: Optional[str] = None,
     description: Optional[str] = None,
+    prog: Optional[str] = None,
 ) -> T:
-    """``[--config PRESET_OR_YAML] [--key value ...]`` -> a validated ``cls`` instance.
+    """``[--config|--preset PRESET_OR_YAML] [--key value ...]`` -> a checked ``cls`` instance: the dataclass
+    defaults, then the preset, then the overrides.
 
-    ``-h`` / ``--help`` prints :func:`usage` (description defaults to the running script's docstring) and
-    exits 0."""
-    import sys
-
+    ``-h`` / ``--help`` prints tyro's help with the preset's values as defaults (description defaults to the
+    running script's docstring) and exits 0.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
+    preset, rest = _split_preset(argv)
+    preset = preset or default_preset
+    try:
+        base = from_dict(cls, load_preset(preset, preset_dir)) if preset else cls()
+    except ConfigError as err:
+        raise ConfigError(f"preset {preset}: {err}") from None
+    if any(a in ("-h", "--help") for a in rest):
         main_doc = getattr(sys.modules.get("__main__"), "__doc__", None)
-        print(usage(cls, description or main_doc, preset_dir))
+        print(usage(cls, description or main_doc, preset_dir, default=base, prog=prog))
         raise SystemExit(0)
-    overrides = parse_overrides(argv)
-    preset = overrides.pop("config", default_preset)
-    base = load_preset(preset, preset_dir) if preset else {}
-    cfg = from_dict(cls, base)
-    return apply_overrides(cfg, overrides)
+    cfg = _tyro(cls, rest, default=base, prog=prog)
+    check_values(cfg)
+    return cfg
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
@@ -298,4 +460,5 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["ConfigError", "apply_overrides", "field_comments", "from_dict", "load_preset", "parse_config", "parse_overrides", "save_config", "to_dict", "usage"]
+__all__ = ["REGISTRY", "ConfigError", "KeysOf", "apply_overrides", "check_values", "flatten", "from_dict",
+           "load_preset", "parse_config", "positionals_to_options", "save_config", "to_dict", "usage"]

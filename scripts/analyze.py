@@ -2,9 +2,12 @@
 
     python scripts/analyze.py --model runs/entmax/final_model --compare runs/softmax/final_model \
         --dataset embedded --num_images 16 --output_dir outputs/analysis
+    python scripts/analyze.py --preset quick --model runs/entmax/final_model
+
+Keys: entmax_vit.analysis.run.AnalyzeConfig (``--help`` lists them); presets in analysis/configs/.
 """
 
-from entmax_vit.analysis.run import cli
+from entmax_vit.cli.commands import analyze
 
 if __name__ == "__main__":
-    cli()
+    analyze()

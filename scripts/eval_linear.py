@@ -8,8 +8,7 @@ Writes OUTPUT_DIR/results_linear.json (best head), grid.json (every head), linea
 config. Keys: see entmax_vit.evaluation.linear_probe.LinearEvalConfig (docs/evaluation.md).
 """
 
-from entmax_vit.evaluation.entry_point import run
-from entmax_vit.evaluation.linear_probe import LinearEvalConfig, main
+from entmax_vit.cli.commands import eval_linear
 
 if __name__ == "__main__":
-    run(LinearEvalConfig, main, "eval_linear")
+    eval_linear()

@@ -10,8 +10,7 @@ results_segmentation.json, segmentation_head/ (for the Hub), per_class_iou.{json
 the resolved config. Keys: see entmax_vit.evaluation.segmentation_probe.SegmentationEvalConfig.
 """
 
-from entmax_vit.evaluation.entry_point import run
-from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main
+from entmax_vit.cli.commands import eval_segmentation
 
 if __name__ == "__main__":
-    run(SegmentationEvalConfig, main, "eval_segmentation", default_preset="embedded")
+    eval_segmentation()

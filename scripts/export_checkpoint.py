@@ -2,6 +2,7 @@
 
     python scripts/export_checkpoint.py runs/tiny/checkpoints/step_0000080 runs/tiny/exported
     python scripts/export_checkpoint.py runs/tiny latest_export      # a run folder: its newest checkpoint
+    python scripts/export_checkpoint.py --checkpoint runs/tiny --out latest_export
 
 OUT then holds config.json, model.safetensors, the EntmaxViT remote code, preprocessor_config.json and
 training_config.yaml, loadable with ``AutoModel.from_pretrained(OUT, trust_remote_code=True)``.
@@ -9,31 +10,42 @@ training_config.yaml, loadable with ``AutoModel.from_pretrained(OUT, trust_remot
 
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from entmax_vit.cli import entry_point
+from entmax_vit.cli.config import ConfigError
 from entmax_vit.training.checkpointing import STATE_FILE, latest_checkpoint
 from entmax_vit.training.export import export_checkpoint
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a step_XXXXXXX checkpoint folder, or a training output_dir")
-    parser.add_argument("out", type=Path, help="folder to write the model to")
-    args = parser.parse_args(argv)
-    ckpt = args.checkpoint
+@dataclass
+class ExportConfig:
+    # A step_XXXXXXX checkpoint folder, or a training output_dir (its newest checkpoint); the first positional.
+    checkpoint: str = ""
+    # Folder to write the model to; the second positional argument.
+    out: str = ""
+
+
+def main(cfg: ExportConfig) -> Path:
+    """Export ``cfg.checkpoint`` (or the newest checkpoint of a run folder) to ``cfg.out``; returns ``cfg.out``."""
+    if not cfg.checkpoint or not cfg.out:
+        raise ConfigError("Usage: export_checkpoint.py CHECKPOINT_OR_RUN_DIR OUT")
+    ckpt = Path(cfg.checkpoint)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint folder not found: {ckpt}")
     if not (ckpt / STATE_FILE).is_file():
         newest = latest_checkpoint(ckpt / "checkpoints")
         if newest is None:
-            parser.error(f"{ckpt} is neither a checkpoint folder nor a training output_dir with checkpoints/")
+            raise ConfigError(f"{ckpt} is neither a checkpoint folder nor a training output_dir with checkpoints/")
         ckpt = newest
-    out = export_checkpoint(ckpt, args.out)
+    out = export_checkpoint(ckpt, cfg.out)
     logging.getLogger(__name__).info("exported %s -> %s", ckpt, out)
     print(out)
     return out
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    entry_point.run(main, ExportConfig, "export_checkpoint", positionals=("checkpoint", "out"), description=__doc__,
+                    log_format="%(levelname)s %(name)s: %(message)s")

@@ -9,7 +9,8 @@ The repository gets the safetensors weights, config.json with auto_map (AutoConf
 the flat modeling files, preprocessor_config.json, the segmentation pipeline code and head (with --seg-head;
 ``custom_pipelines`` makes ``pipeline(model=repo, trust_remote_code=True)`` find it), the results files and a
 generated README.md card. Everything goes up in ONE commit (or one PR). Token: HF_TOKEN or `hf auth login`.
-Options may be written --repo-id or --repo_id; any option can also come from a YAML file via --config FILE.
+Options may be written --repo-id or --repo_id; any option can also come from a YAML file via --config FILE;
+``--results`` takes several files.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict, usage
+from entmax_vit.cli import entry_point
+from entmax_vit.cli.config import ConfigError, parse_config, save_config
 
 logger = logging.getLogger("push_to_hub")
 
@@ -58,42 +60,6 @@ class PushConfig:
     measure_sparsity: bool = True
     # Replace a non-empty --output-dir.
     overwrite: bool = False
-
-
-# Options that take several values: --results a.json b.json
-_MULTI = {"results"}
-
-
-def normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Positional MODEL_DIR -> --model_dir; --dashed-keys -> --underscored_keys; --results A B -> A,B."""
-    argv = list(argv)
-    out: list[str] = []
-    if argv and not argv[0].startswith("--"):
-        out += ["--model_dir", argv.pop(0)]
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"Unexpected argument {arg!r}; options look like --key value")
-        key, eq, inline = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key in _MULTI and not eq:
-            values = []
-            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                values.append(argv[i + 1])
-                i += 1
-            previous = out.index(f"--{key}") if f"--{key}" in out else None
-            if previous is not None:  # repeated --results: accumulate
-                values = out[previous + 1].split(",") + values
-                del out[previous : previous + 2]
-            out += [f"--{key}", ",".join(values)]
-        else:
-            out.append(f"--{key}" + (f"={inline}" if eq else ""))
-            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                out.append(argv[i + 1])
-                i += 1
-        i += 1
-    return out
 
 
 def should_upload(cfg: PushConfig) -> bool:
@@ -166,17 +132,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage(PushConfig, __doc__))
-        return 0
+    """Command line -> exit status: 0, or 2 with the message on stderr (bad options, missing inputs)."""
     try:
-        cfg = parse_config(PushConfig, normalise_argv(argv))
-        main(cfg)
-    except ValueError as err:  # bad options or inputs (ConfigError is one): the message names the problem
-        print(f"[push_to_hub] error: {err}", file=sys.stderr)
-        return 2
+        entry_point.run(main, PushConfig, "push_to_hub", argv=argv, positionals=("model_dir",),
+                        model_fields=("model_dir",), description=__doc__,
+                        log_format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    except SystemExit as stop:
+        if isinstance(stop.code, str):  # a user error, its message carried by entry_point.run
+            print(stop.code, file=sys.stderr)
+            return 2
+        return stop.code or 0
     return 0
 
 

@@ -6,8 +6,12 @@ defaults (facebookresearch/dino: ViT-S/16, 100 epochs, 64 images per GPU); prese
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
+from annotated_types import Ge, Gt, Interval
+
+from entmax_vit.cli.config import KeysOf, flatten
+from entmax_vit.modeling.configuration_entmax_vit import EntmaxViTConfig
 from entmax_vit.training.multicrop import MultiCropConfig
 
 
@@ -22,12 +26,12 @@ class ModelConfig:
     # entmax-1.5 at about the cost of softmax; compiles once per crop size, so use it for long runs).
     attn_implementation: str = "auto"
     # Stochastic depth of the STUDENT only (the teacher never drops paths). Official ViT-S: 0.1.
-    drop_path_rate: float = 0.1
+    drop_path_rate: Annotated[float, Interval(ge=0, lt=1)] = 0.1
     # Extra EntmaxViTConfig fields, e.g. {hidden_size: 96, num_hidden_layers: 4, num_attention_heads: 3}.
     # image_size is taken from crops.global_size (position embeddings are learnt for that grid).
-    backbone_overrides: dict = field(default_factory=dict)
+    backbone_overrides: Annotated[dict, KeysOf(EntmaxViTConfig)] = field(default_factory=dict)
     # Head output dimension K. Official 65536; for complex/large datasets a large value works well.
-    out_dim: int = 65536
+    out_dim: Annotated[int, Ge(1)] = 65536
     # Head MLP hidden width and bottleneck (official 2048 / 256), number of MLP layers (official 3).
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
@@ -57,9 +61,9 @@ class DataConfig:
     max_samples: Optional[int] = None
     cache_dir: Optional[str] = None
     # Images per device per step (official: 64 per GPU). The learning rate scales with the total batch.
-    batch_size_per_device: int = 64
+    batch_size_per_device: Annotated[int, Ge(1)] = 64
     # DataLoader worker processes per rank, pinned memory (for GPUs).
-    num_workers: int = 10
+    num_workers: Annotated[int, Ge(0)] = 10
     pin_memory: bool = True
     # Unreadable images (corrupt, truncated, empty files) are replaced by the next readable row and counted
     # (images_skipped); training stops with an error only when no image can be read, or when more than this
@@ -70,27 +74,27 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 100
+    epochs: Annotated[int, Ge(1)] = 100
     # Peak learning rate for a total batch of 256: lr = lr_base * total_batch / 256, reached after the
     # linear warmup. Official 5e-4.
-    lr_base: float = 0.0005
-    warmup_epochs: int = 10
+    lr_base: Annotated[float, Gt(0)] = 0.0005
+    warmup_epochs: Annotated[int, Ge(0)] = 10
     # Final learning rate of the cosine schedule.
-    min_lr: float = 1.0e-6
+    min_lr: Annotated[float, Ge(0)] = 1.0e-6
     # Weight decay, cosine from weight_decay to weight_decay_end (official 0.04 -> 0.4); never on biases or
     # 1-D parameters.
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
+    weight_decay: Annotated[float, Ge(0)] = 0.04
+    weight_decay_end: Annotated[float, Ge(0)] = 0.4
     # Gradient clipping PER PARAMETER (each tensor's gradient scaled to L2 norm <= clip_grad), as official
     # DINO, not a global-norm clip. 0 disables. Official 3.0; ~0.3-1.0 can help optimisation for larger ViTs.
-    clip_grad: float = 3.0
+    clip_grad: Annotated[float, Ge(0)] = 3.0
     # Epochs during which the head's last layer is kept fixed. 1 usually; increase it if the loss does not
     # decrease.
-    freeze_last_layer: int = 1
+    freeze_last_layer: Annotated[int, Ge(0)] = 1
     # Teacher EMA momentum, cosine from this value to 1. Official 0.996; 0.9995 for batch size 256.
-    momentum_teacher: float = 0.996
+    momentum_teacher: Annotated[float, Interval(ge=0, le=1)] = 0.996
     # Accumulate gradients over N micro-batches (total batch = per device x devices x N).
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: Annotated[int, Ge(1)] = 1
     # no | fp16 | bf16 (official trains with fp16; bf16 on Ampere+). Through Accelerate.
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
 
@@ -98,24 +102,24 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     # Student temperature (official 0.1).
-    student_temp: float = 0.1
+    student_temp: Annotated[float, Gt(0)] = 0.1
     # Final teacher temperature. Official 0.04; above 0.07 is unstable. Start from 0.04 and raise it if the
     # loss does not decrease.
-    teacher_temp: float = 0.04
+    teacher_temp: Annotated[float, Gt(0)] = 0.04
     # Initial teacher temperature, linearly warmed up to teacher_temp; lower it if training is unstable.
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
+    warmup_teacher_temp: Annotated[float, Gt(0)] = 0.04
+    warmup_teacher_temp_epochs: Annotated[int, Ge(0)] = 0
     # EMA momentum of the teacher-output center (official 0.9).
-    center_momentum: float = 0.9
+    center_momentum: Annotated[float, Interval(ge=0, le=1)] = 0.9
 
 
 @dataclass
 class CheckpointConfig:
     # Write a checkpoint every N optimizer steps (0 = only at epoch ends) and at every epoch end.
-    every_steps: int = 1000
+    every_steps: Annotated[int, Ge(0)] = 1000
     at_epoch_end: bool = True
     # Keep the newest K checkpoints (older ones are deleted); 0 keeps all.
-    keep_last: int = 3
+    keep_last: Annotated[int, Ge(0)] = 3
     # "" = start fresh (refuses to overwrite existing checkpoints), "auto" = newest complete checkpoint in
     # output_dir/checkpoints if any, or a path to a step_XXXXXXX folder.
     resume: str = "auto"
@@ -124,7 +128,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     # Log metrics every N optimizer steps to OUTPUT_DIR/metrics.jsonl (and tensorboard).
-    every_steps: int = 10
+    every_steps: Annotated[int, Ge(1)] = 10
     tensorboard: bool = True
     # Images of the first global crop used for the attention-support metric of the last block (0 = off).
     attention_support_images: int = 4
@@ -176,16 +180,6 @@ RESUME_SAFE_PREFIXES: tuple[str, ...] = (
     "output_dir", "checkpoint.", "logging.", "debug.", "data.num_workers", "data.pin_memory", "data.cache_dir",
     "model.gradient_checkpointing", "model.compile", "model.attn_implementation",
 )
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b": value}."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 def breaking_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

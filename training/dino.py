@@ -443,9 +443,6 @@ def check_resume_compatible(checkpoint: Path, current: dict, saved_state: dict, 
 
 
 if __name__ == "__main__":
-    config = parse_config(DinoConfig, sys.argv[1:], preset_dir=CONFIG_DIR)
-    try:
-        main(config)
-    except NonFiniteLossError as err:
-        logging.getLogger("entmax_vit.training.dino").error("%s", err)
-        sys.exit(3)
+    from entmax_vit.cli.commands import train
+
+    train()  # config errors and a refused resume: the message alone, exit 1; a non-finite loss: exit 3

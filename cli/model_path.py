@@ -1,0 +1,49 @@
+"""Model arguments of the entry points: a local folder that must exist and hold readable weights, or a Hub id.
+
+Without this check a mistyped folder reaches ``from_pretrained`` as a would-be Hub id and fails with "Repo id
+must be in the form ..."; a truncated weights file fails with safetensors' "incomplete metadata" and no file
+name. Whether a string can be a Hub id is decided by huggingface_hub's own rule (``validate_repo_id``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHT_SUFFIX = ".safetensors"
+
+
+def check_weights(folder: str | Path) -> None:
+    """Open the header of every ``*.safetensors`` file in ``folder`` (cheap: no tensor is read); a damaged or
+    truncated file raises ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob(f"*{WEIGHT_SUFFIX}")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file}: damaged or truncated weights file ({err}); export or download the model "
+                             "again") from None
+
+
+def check_model_path(name_or_path: str) -> str:
+    """``name_or_path`` unchanged when it is an existing path (a folder's weights are checked) or a possible Hub
+    id; FileNotFoundError ("model folder not found: PATH") when it can only be a local path and does not exist."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_dir():  # a training output dir holds its model in final_model/
+            inner = path / "final_model"
+            check_weights(inner if not (path / "config.json").is_file() and inner.is_dir() else path)
+        return name_or_path
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise FileNotFoundError(f"model folder not found: {name_or_path} (no such file or directory, and not a "
+                                "Hub id of the form OWNER/NAME)") from None
+    return name_or_path
+
+
+__all__ = ["check_model_path", "check_weights"]
