@@ -1,5 +1,6 @@
 """A real 2-process CPU DINO run (gloo) through `accelerate launch`: finite loss, identical teacher weights and
-loss centers on both ranks, and every sample read by exactly one rank once per epoch."""
+loss centers on both ranks, every sample read by exactly one rank once per epoch, and unreadable rows counted
+once per epoch over both ranks."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_process_cpu_run(tmp_path):
-    data = make_image_dataset(tmp_path, num_images=16)
+    data = make_image_dataset(tmp_path, num_images=16, unreadable=(3, 9, 10))  # replaced, counted over ranks
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -53,3 +54,6 @@ def test_two_process_cpu_run(tmp_path):
         assert not set(per_rank[0]) & set(per_rank[1])  # no sample on both ranks
         assert sorted(per_rank[0] + per_rank[1]) == list(range(16))  # every sample once
     assert (out / "final_model" / "model.safetensors").is_file()
+    # every sample is drawn once per epoch, by one rank: the 3 unreadable rows count 3 per epoch, summed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["images_skipped"] == 2 * 3

@@ -25,8 +25,10 @@ def dino_command(args: Sequence[str], hooks: Optional[dict] = None, python: str 
     return [python, str(DINO), *args]
 
 
-def make_image_dataset(root: Path, num_images: int = 16, size: int = 40, seed: int = 0) -> Path:
-    """A save_to_disk dataset of smooth random RGB images (coloured blobs on gradients) in ``root``."""
+def make_image_dataset(root: Path, num_images: int = 16, size: int = 40, seed: int = 0,
+                       unreadable: Sequence[int] = ()) -> Path:
+    """A save_to_disk dataset of smooth random RGB images (coloured blobs on gradients) in ``root``; the rows
+    in ``unreadable`` hold zero-byte files instead."""
     from datasets import Dataset, Image as ImageFeature
     from PIL import Image
 
@@ -40,8 +42,9 @@ def make_image_dataset(root: Path, num_images: int = 16, size: int = 40, seed: i
             blob = ((xx - cx) ** 2 + (yy - cy) ** 2) < r**2
             base[blob] = rng.uniform(0, 1, 3)
         images.append(Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8)))
+    cells = [{"bytes": b"", "path": f"row{i}.png"} if i in unreadable else image for i, image in enumerate(images)]
     path = root / "images"
-    Dataset.from_dict({"image": images}).cast_column("image", ImageFeature()).save_to_disk(str(path))
+    Dataset.from_dict({"image": cells}).cast_column("image", ImageFeature()).save_to_disk(str(path))
     return path
 
 
