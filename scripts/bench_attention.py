@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict
+from entmax_vit.cli.config import save_config, to_dict
 from entmax_vit.modeling.attention import attention_forward
 
 log = logging.getLogger("bench_attention")
@@ -188,9 +187,6 @@ def main(cfg: BenchAttentionConfig) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = parse_config(BenchAttentionConfig, sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"bench_attention: {err}")
-    main(config)
+    from entmax_vit.cli import entry_point
+
+    entry_point.run(main, BenchAttentionConfig, "bench_attention")

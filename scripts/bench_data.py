@@ -17,7 +17,6 @@ import io
 import json
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from entmax_vit.cli.config import ConfigError, parse_config, save_config
+from entmax_vit.cli.config import save_config
 from entmax_vit.data.images import to_rgb
 from entmax_vit.training.multicrop import MultiCropConfig, MultiCropTransform, official_dino_transform
 
@@ -201,12 +200,10 @@ def _print_text(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        config = parse_config(BenchConfig, sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"bench_data.py: {err}")
-    outcome = main(config)
-    if config.json:
-        print(json.dumps(outcome, indent=2))
-    else:
-        _print_text(outcome)
+    from entmax_vit.cli import entry_point
+
+    def report(config: BenchConfig) -> None:
+        outcome = main(config)
+        print(json.dumps(outcome, indent=2)) if config.json else _print_text(outcome)
+
+    entry_point.run(report, BenchConfig, "bench_data", log_format=None)

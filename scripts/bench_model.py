@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from entmax_vit.cli.config import ConfigError, parse_config, save_config, to_dict
+from entmax_vit.cli.config import save_config, to_dict
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 
 log = logging.getLogger("bench_model")
@@ -260,9 +259,6 @@ def main(cfg: BenchModelConfig) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = parse_config(BenchModelConfig, sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"bench_model: {err}")
-    main(config)
+    from entmax_vit.cli import entry_point
+
+    entry_point.run(main, BenchModelConfig, "bench_model")
