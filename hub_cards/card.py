@@ -14,8 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
-# TODO(issue 16): import from entmax_vit.cli.config once H12b has moved the single implementation there.
-from entmax_vit.training.config import flatten
+from entmax_vit.cli.config import flatten
 
 from .sparsity import SparsityReport
 
