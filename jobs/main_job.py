@@ -16,7 +16,8 @@ Stages, each the ``main(cfg)`` (or library function) of a project entry point, c
 
 A stage is skipped when its outputs exist and its record ``OUTPUT_DIR/stages/<stage>.json`` holds the same
 inputs: its settings and the SHA-256 of the files it read (so a retrained model reruns every evaluation).
-Otherwise its previous outputs are removed and it runs again; training resumes from its last checkpoint.
+When it had finished with other inputs, its previous outputs are removed and it runs again; an interrupted
+stage keeps them, so training resumes from its last checkpoint. Nothing is uploaded.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def run_process(name: str, command: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 def training_config(cfg: MainJobConfig, train_dir: Path):
     """The DinoConfig of the train stage: the preset, the job's settings, then the user's overrides."""
-    from entmax_vit.cli.config import from_dict, parse_config, to_dict
-    from entmax_vit.training.config import DinoConfig, flatten
+    from entmax_vit.cli.config import flatten, from_dict, parse_config, to_dict
+    from entmax_vit.training.config import DinoConfig
     from entmax_vit.training.dino import CONFIG_DIR
 
     values = flatten(to_dict(parse_config(DinoConfig, ["--config", cfg.training_preset], preset_dir=CONFIG_DIR)))

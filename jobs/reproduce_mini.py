@@ -53,8 +53,8 @@ class ReproduceMiniConfig:
     long: bool = False
     # Training overrides of the long run, applied after train_overrides (30 epochs of tiny_cpu = 1860 steps).
     long_train_overrides: dict = field(default_factory=lambda: {"optim.epochs": 30})
-    # Long run: a checkpoint (and an evaluation of its teacher) every N optimizer steps.
-    checkpoint_every_steps: int = 186
+    # Long run: a checkpoint (and an evaluation of its teacher) every N optimizer steps (310 = 5 tiny_cpu epochs).
+    checkpoint_every_steps: int = 310
     # Also write the report section into DOCS_DIR/reproduce_mini_results.md and figures into DOCS_DIR/figures/.
     docs_dir: Optional[str] = None
 

@@ -10,14 +10,8 @@ the same inputs is skipped when the job runs again (``--force`` reruns everythin
 written to ``OUTPUT_DIR/summary.json``. Keys: entmax_vit.jobs.main_job.MainJobConfig.
 """
 
-import sys
-
-from entmax_vit.cli.config import ConfigError, parse_config
+from entmax_vit.cli.entry_point import run
 from entmax_vit.jobs.main_job import MainJobConfig, main
 
 if __name__ == "__main__":
-    try:
-        config = parse_config(MainJobConfig, sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"main_job: {err}")
-    main(config)
+    run(main, MainJobConfig, "main_job", description=__doc__)

@@ -11,14 +11,8 @@ difference noise when it is not larger than the seed spread. Resumable; ``--forc
 Keys: entmax_vit.jobs.reproduce_mini.ReproduceMiniConfig.
 """
 
-import sys
-
-from entmax_vit.cli.config import ConfigError, parse_config
+from entmax_vit.cli.entry_point import run
 from entmax_vit.jobs.reproduce_mini import ReproduceMiniConfig, main
 
 if __name__ == "__main__":
-    try:
-        config = parse_config(ReproduceMiniConfig, sys.argv[1:])
-    except ConfigError as err:
-        sys.exit(f"reproduce_mini: {err}")
-    main(config)
+    run(main, ReproduceMiniConfig, "reproduce_mini", description=__doc__)
