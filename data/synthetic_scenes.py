@@ -36,7 +36,6 @@ import hashlib
 import logging
 import os
 import shutil
-import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -451,7 +450,6 @@ def main(cfg: ScenesConfig) -> None:
 
 
 if __name__ == "__main__":
-    from entmax_vit.cli.config import parse_config
+    from entmax_vit.cli import entry_point
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main(parse_config(ScenesConfig, sys.argv[1:]))
+    entry_point.run(main, ScenesConfig, "synthetic_scenes", log_format="%(message)s")
