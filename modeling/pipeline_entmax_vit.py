@@ -1,4 +1,5 @@
-"""Semantic segmentation with the linear probe shipped beside an EntmaxViT checkpoint.
+"""The Hub pipelines: semantic segmentation with the linear probe shipped beside an EntmaxViT checkpoint, and
+image feature extraction, both fed by the project's one image decoder.
 
 Hub code: copied flat into the model repository (with its relative imports ``segmentation_head.py`` and
 ``image_decoding.py``) and loaded by ``pipeline(model=repo, trust_remote_code=True)`` or
@@ -37,10 +38,6 @@ from .segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS, LinearSegmentationHead
 # Used only when the repository has no image processor config (it always has one when assembled by us).
 _DEFAULT_MEAN = (0.485, 0.456, 0.406)
 _DEFAULT_STD = (0.229, 0.224, 0.225)
-
-
-class ImageInputError(ValueError):
-    """The pipeline input is not a readable image."""
 
 
 # ----------------------------------------------------------------------------------------------------------
