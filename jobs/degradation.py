@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .main_job import evaluate, run_stage, summary_metrics
-from .reproduce_mini import FEATURES, ReproduceMiniConfig, _pyplot, main_job_config, publish, run_all
+from .reproduce_mini import FEATURES, ReproduceMiniConfig, main_job_config, publish, pyplot, run_all
 from .seed_stats import METRICS, Spread
 
 DENSE = ("seg_miou_patch", "seg_miou_patch_cls", "knn_top1")  # the quality curves the verdict reads
@@ -105,7 +105,7 @@ def verdict_lines(rows: Sequence[dict]) -> list[str]:
 
 def plot_degradation(rows: Sequence[dict], path: Path) -> Path:
     """Every metric against the training step: mean over seeds, band = min..max over seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
     for ax, (key, title, spec) in zip(axes.flat, METRICS):
         scale = 100.0 if spec.endswith("%}") else 1.0

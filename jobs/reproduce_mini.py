@@ -191,7 +191,8 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
     ])
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (figures are only written to files)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +203,7 @@ def _pyplot():
 
 def plot_probes(rows: list[dict], path: Path) -> Path:
     """One panel per metric: a bar per transform at the mean over seeds, error bar = std, dots = seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     table = aggregate(rows, [key for key, _, _ in METRICS])
     fig, axes = plt.subplots(1, len(METRICS), figsize=(2.4 * len(METRICS), 3.0))
     for ax, (key, title, spec) in zip(axes, METRICS):
@@ -227,7 +228,7 @@ def plot_probes(rows: list[dict], path: Path) -> Path:
 
 def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
     """DINO loss against the step, one colour per transform, one line per seed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     drawn = False
     for i, (attention, logs) in enumerate(runs.items()):
