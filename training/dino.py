@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from entmax_vit.cli.config import from_dict, parse_config, save_config, to_dict
+from entmax_vit.cli.config import from_dict, save_config, to_dict
 from entmax_vit.training import checkpointing as ckpt
 from entmax_vit.training.config import DinoConfig, breaking_differences, flatten, without_retired_keys
 from entmax_vit.training.dino_data import TrainingData
