@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 from .attention import ATTENTION_TRANSFORMS, resolve_kernel
 
@@ -26,7 +27,7 @@ PRESET_ALIASES: dict[str, str] = {
 }
 
 
-class EntmaxViTConfig(PretrainedConfig):
+class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
     r"""Configuration of an EntmaxViT: a DINO-style ViT whose attention transform is a config field.
 
     Args:
@@ -49,7 +50,9 @@ class EntmaxViTConfig(PretrainedConfig):
         attention_alpha_learnable: learn one alpha per head per layer (entmax_bisect only), initialised at
             ``attention_alpha``.
         interpolate_offset: DINO v1 adds 0.1 to the target grid when interpolating position embeddings.
-        out_indices: blocks (1-based; 0 = embeddings) whose patch maps ``EntmaxViTBackbone`` returns.
+        out_features, out_indices: the stages whose patch maps ``EntmaxViTBackbone`` returns, as in every
+            transformers backbone config: ``stage_names`` are "stem" (the embedding output, index 0) and
+            "stage1".."stageL" (block outputs); indices may be negative; both None = the last stage.
         backbone_norm: apply the final LayerNorm to backbone feature maps.
     """
 
@@ -77,6 +80,7 @@ class EntmaxViTConfig(PretrainedConfig):
         attention_alpha: float = 1.5,
         attention_alpha_learnable: bool = False,
         interpolate_offset: float = 0.1,
+        out_features: Optional[list[str]] = None,
         out_indices: Optional[list[int]] = None,
         backbone_norm: bool = True,
         **kwargs: Any,
@@ -101,8 +105,12 @@ class EntmaxViTConfig(PretrainedConfig):
         self.attention_alpha = attention_alpha
         self.attention_alpha_learnable = attention_alpha_learnable
         self.interpolate_offset = interpolate_offset
-        self.out_indices = list(out_indices) if out_indices is not None else [num_hidden_layers]
         self.backbone_norm = backbone_norm
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_features=list(out_features) if out_features is not None else None,
+            out_indices=list(out_indices) if out_indices is not None else None,
+        )
         super().__init__(**kwargs)
         self.validate()
 
@@ -139,9 +147,6 @@ class EntmaxViTConfig(PretrainedConfig):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
-        bad = [i for i in self.out_indices if not 0 <= i <= self.num_hidden_layers]
-        if bad:
-            raise ValueError(f"out_indices {bad} outside 0..{self.num_hidden_layers}")
         impl = getattr(self, "_attn_implementation_internal", None)
         if impl is not None:
             resolve_kernel(self.attention, impl)  # raises for an unknown kernel or one that cannot run the transform

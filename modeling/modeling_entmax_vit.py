@@ -1,7 +1,9 @@
 """EntmaxViT: a DINO-style Vision Transformer whose attention transform is a config field.
 
 Copied to the Hub with the model: imports only the standard library, torch and transformers, plus its flat
-siblings (configuration_entmax_vit.py, attention.py) through relative imports.
+siblings (configuration_entmax_vit.py, attention.py) through relative imports. Built the way transformers' own
+ViT/Dinov2 are: blocks are ``GradientCheckpointingLayer``s, attention goes through ``ALL_ATTENTION_FUNCTIONS``,
+hidden states and attentions are recorded by ``capture_outputs``, the backbone is a ``BackboneMixin``.
 
 Token layout everywhere: [CLS], registers (config.num_register_tokens), patches in row-major order.
 """
@@ -9,21 +11,23 @@ Token layout everywhere: [CLS], registers (config.num_register_tokens), patches 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import (
-    BackboneOutput,
-    BaseModelOutputWithPooling,
-    ImageClassifierOutput,
-)
-
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .attention import attention_function, attention_interface_name, resolve_kernel
 from .configuration_entmax_vit import EntmaxViTConfig
@@ -44,6 +48,7 @@ class EntmaxViTPatchEmbeddings(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # The one place the input shape is checked (every model reaches the pixels through here).
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
         _, channels, height, width = pixel_values.shape
@@ -101,12 +106,8 @@ class EntmaxViTEmbeddings(nn.Module):
         return torch.cat((cls_pos, patch_pos), dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
-            )
+        patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))  # checks shape
         batch, _, height, width = pixel_values.shape
-        patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
         tokens = torch.cat((self.cls_token.expand(batch, -1, -1), patches), dim=1)  # (B, 1 + N, D)
         tokens = tokens + self.interpolate_pos_encoding(patches.shape[1], height, width)
         if self.register_tokens is not None:
@@ -118,7 +119,11 @@ class EntmaxViTEmbeddings(nn.Module):
 # Transformer block
 # ----------------------------------------------------------------------------------------------------------
 class EntmaxViTAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (as DINO/timm) and a configurable transform."""
+    """Multi-head self-attention with a fused qkv projection (as DINO/timm) and a configurable transform.
+
+    The product runs through transformers' ``ALL_ATTENTION_FUNCTIONS`` under the name of the
+    (``config.attention``, ``config._attn_implementation``) pair, e.g. "entmax15" or "softmax_sdpa".
+    """
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__()
@@ -126,18 +131,18 @@ class EntmaxViTAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
+        self.is_causal = False
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
         # Learnable alpha per head (alpha-entmax only), parametrised as alpha = 1 + softplus(raw) > 1.
         if config.attention_alpha_learnable:
-            raw = math.log(math.expm1(config.attention_alpha - 1.0))
-            self.alpha_raw = nn.Parameter(torch.full((config.num_attention_heads,), raw))
+            self.alpha_raw = nn.Parameter(torch.full((config.num_attention_heads,), _alpha_raw(config.attention_alpha)))
         else:
             self.alpha_raw = None
 
     def alpha(self) -> Union[None, float, torch.Tensor]:
-        """alpha per head as (H, 1, 1) for alpha-entmax; None for fixed-shape transforms."""
+        """alpha of alpha-entmax: the config's float, or per head as (H, 1, 1) when learnt; None otherwise."""
         if self.config.attention != "entmax_bisect":
             return None
         if self.alpha_raw is None:
@@ -145,7 +150,7 @@ class EntmaxViTAttention(nn.Module):
         return (1.0 + F.softplus(self.alpha_raw)).view(-1, 1, 1)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, tokens, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
@@ -155,13 +160,19 @@ class EntmaxViTAttention(nn.Module):
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             attention_interface_name(transform, kernel), attention_function(transform, kernel)
         )
+        # SDPA returns no probabilities; it needs to know when they are recorded (from the call or the config).
+        kwargs["output_attentions"] = kwargs.get("output_attentions") or self.config.output_attentions
         out, probs = attention_interface(
-            self, query, key, value, None, scaling=self.scaling,
-            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
-            output_attentions=output_attentions,
+            self, query, key, value, attention_mask, scaling=self.scaling,
+            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0, **kwargs,
         )
         out = out.reshape(batch, tokens, dim)  # (B, N, H, d) -> (B, N, D)
-        return self.proj_dropout(self.proj(out)), probs if output_attentions else None
+        return self.proj_dropout(self.proj(out)), probs
+
+
+def _alpha_raw(alpha: float) -> float:
+    """Inverse of alpha = 1 + softplus(raw)."""
+    return math.log(math.expm1(alpha - 1.0))
 
 
 class EntmaxViTMLP(nn.Module):
@@ -194,7 +205,7 @@ class EntmaxViTDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
-class EntmaxViTLayer(nn.Module):
+class EntmaxViTLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
     def __init__(self, config: EntmaxViTConfig, drop_path: float = 0.0) -> None:
@@ -205,45 +216,42 @@ class EntmaxViTLayer(nn.Module):
         self.mlp = EntmaxViTMLP(config)
         self.drop_path = EntmaxViTDropPath(drop_path)
 
-    def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        attn_out, probs = self.attention(self.norm1(hidden_states), output_attentions=output_attentions)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        attn_out, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
         hidden_states = hidden_states + self.drop_path(attn_out)
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
-        return hidden_states, probs
-
-
-class EntmaxViTEncoder(nn.Module):
-    def __init__(self, config: EntmaxViTConfig) -> None:
-        super().__init__()
-        # Stochastic depth decay rule (DINO): rates rise linearly from 0 to drop_path_rate over depth.
-        rates = [config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)]
-        self.layer = nn.ModuleList([EntmaxViTLayer(config, r) for r in rates])
-        self.gradient_checkpointing = False
-
-    def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        all_hidden: tuple[torch.Tensor, ...] = (hidden_states,) if output_hidden_states else ()
-        all_attn: tuple[torch.Tensor, ...] = ()
-        for block in self.layer:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden_states, probs = torch.utils.checkpoint.checkpoint(
-                    block, hidden_states, output_attentions, use_reentrant=False
-                )
-            else:
-                hidden_states, probs = block(hidden_states, output_attentions)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            if output_attentions:
-                all_attn += (probs,)
-        return hidden_states, all_hidden, all_attn
+        return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Pretrained model base
 # ----------------------------------------------------------------------------------------------------------
+# Key layouts of checkpoints that must be converted first: description -> (key pattern, converter --source).
+_FOREIGN_LAYOUTS = {
+    "an official DINO or timm ViT": (re.compile(r"(^|\.)(blocks\.\d+\.attn\.qkv|patch_embed\.proj|pos_embed$)"), "dino"),
+    "a transformers ViT/DINOv2": (
+        re.compile(
+            r"(^|\.)(encoder\.layer|layers)\.\d+\.(attention\.attention\.(query|key|value)|attention\.[qkv]_proj"
+            r"|layernorm_before)"
+        ),
+        "hf-vit",
+    ),
+}
+_CONVERTER = (
+    "Convert it into an EntmaxViT checkpoint first with the converter of the entmax-vit package (it checks the "
+    "converted model against the source to 1e-5): `pip install entmax-vit`, then `python -m entmax_vit.conversion "
+    "--source {source} INPUT OUTPUT_DIR` (--source timm for a timm checkpoint)."
+)
+
+
+def _foreign_layout(keys: Sequence[str]) -> Optional[tuple[str, str]]:
+    """(description, converter source) when ``keys`` look like an unconverted foreign checkpoint."""
+    for name, (pattern, source) in _FOREIGN_LAYOUTS.items():
+        if any(pattern.search(k) for k in keys):
+            return name, source
+    return None
+
+
 class EntmaxViTPreTrainedModel(PreTrainedModel):
     config_class = EntmaxViTConfig
     config: EntmaxViTConfig
@@ -255,6 +263,10 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": EntmaxViTLayer, "attentions": EntmaxViTAttention}
+    _input_embed_layer = "patch_embeddings"
 
     def get_correct_attn_implementation(self, requested_attention: Optional[str], is_init_check: bool = False) -> str:
         """The attention kernel for ``config.attention``: eager | compiled | sdpa (softmax only). None (transformers'
@@ -263,84 +275,80 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """As transformers' from_pretrained, but a checkpoint that does not fit raises instead of silently
-        re-initialising: shape mismatches (unless ``ignore_mismatched_sizes=True``) and missing backbone weights
-        (task heads such as ``classifier`` may be missing: they are new) raise ValueError naming the keys."""
+        """transformers' from_pretrained (missing weights are initialised with a warning, shape mismatches raise
+        unless ``ignore_mismatched_sizes=True``), except that an unconverted official DINO / timm / transformers
+        ViT checkpoint raises ValueError naming the converter instead of loading as a random model."""
         want_info = kwargs.pop("output_loading_info", False)
-        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
-        # Load leniently, then judge the loading report ourselves so the error can name the keys.
         model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
-            **kwargs,
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
-        mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys", [])]
-        missing = [k for k in info.get("missing_keys", []) if not k.split(".")[0] in ("classifier",)]
-        if mismatched and not ignore_mismatched:
+        foreign = _foreign_layout(sorted(info.get("unexpected_keys", ())))
+        if foreign is not None:
+            name, source = foreign
             raise ValueError(
-                f"Checkpoint {pretrained_model_name_or_path} does not fit this {cls.__name__} config: "
-                f"shape mismatch for {sorted(mismatched)}"
-            )
-        if missing:
-            raise ValueError(
-                f"Checkpoint {pretrained_model_name_or_path} lacks weights for {sorted(missing)}: is it an "
-                "EntmaxViT checkpoint of this architecture? Convert foreign checkpoints with "
-                "scripts/convert_checkpoint.py"
+                f"{pretrained_model_name_or_path} holds {name} checkpoint, not an EntmaxViT one (its weights did "
+                f"not load). " + _CONVERTER.format(source=source)
             )
         return (model, info) if want_info else model
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        for module in self.modules():
-            if isinstance(module, EntmaxViTEncoder):
-                module.gradient_checkpointing = enable
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self._set_gradient_checkpointing(True)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self._set_gradient_checkpointing(False)
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
-
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """DINO initialisation: truncated normal (std 0.02) for linear weights, [CLS], registers and position
-        embeddings; zero biases; unit LayerNorms. The patch convolution keeps PyTorch's default (as DINO)."""
+        """DINO initialisation of every module: truncated normal (std ``initializer_range``) for linear weights,
+        [CLS], registers and position embeddings; zero biases; unit LayerNorms; the patch convolution with
+        PyTorch's default (kaiming-uniform, as DINO keeps it), written out so weights materialised from the
+        meta device are initialised too; learnt alphas at ``attention_alpha``."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            _trunc_normal(module.weight, std)
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0, b=2.0)  # DINO/timm: absolute +-2
             if module.bias is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, EntmaxViTEmbeddings):
-            _trunc_normal(module.position_embeddings, std)
-            _trunc_normal(module.cls_token, std)
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std, a=-2.0, b=2.0)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std, a=-2.0, b=2.0)
             if module.register_tokens is not None:
-                _trunc_normal(module.register_tokens, std)
+                init.trunc_normal_(module.register_tokens, mean=0.0, std=std, a=-2.0, b=2.0)
         elif isinstance(module, EntmaxViTAttention) and module.alpha_raw is not None:
-            module.alpha_raw.fill_(math.log(math.expm1(self.config.attention_alpha - 1.0)))
+            init.constant_(module.alpha_raw, _alpha_raw(self.config.attention_alpha))
 
 
-def _trunc_normal(tensor: torch.Tensor, std: float) -> None:
-    # DINO/timm truncate at absolute +-2 (i.e. +-100 std for std 0.02), which is effectively a normal.
-    nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
+class EntmaxViTEncoder(EntmaxViTPreTrainedModel):
+    """The stack of blocks; records hidden states (embedding output + every block output) and attentions."""
+
+    def __init__(self, config: EntmaxViTConfig) -> None:
+        super().__init__(config)
+        # Stochastic depth decay rule (DINO): rates rise linearly from 0 to drop_path_rate over depth.
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.layer = nn.ModuleList([EntmaxViTLayer(config, r) for r in rates])
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutput:
+        for block in self.layer:
+            hidden_states = block(hidden_states, attention_mask, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+def _patch_map(tokens: torch.Tensor, prefix: int, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Patch tokens of a sequence (B, prefix + h*w, D) as a map (B, D, h, w)."""
+    batch, _, dim = tokens.shape
+    return tokens[:, prefix:].reshape(batch, height // patch_size, width // patch_size, dim).permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------
-@dataclass
-class _Features:
-    """Internal: final normed sequence plus requested extras."""
-
-    sequence: torch.Tensor
-    hidden_states: tuple[torch.Tensor, ...]
-    attentions: tuple[torch.Tensor, ...]
-
-
 class EntmaxViTModel(EntmaxViTPreTrainedModel):
     """The bare EntmaxViT encoder.
 
@@ -365,37 +373,21 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
         """[CLS] + registers."""
         return 1 + self.config.num_register_tokens
 
+    @can_return_tuple
     def forward(
-        self,
-        pixel_values: Optional[torch.Tensor] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> Union[BaseModelOutputWithPooling, tuple]:
+        self, pixel_values: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values (B, C, H, W) -> BaseModelOutputWithPooling; ``output_hidden_states`` /
+        ``output_attentions`` / ``return_dict`` as in transformers (defaults from the config)."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        hidden = self.embeddings(pixel_values)
-        last, all_hidden, all_attn = self.encoder(hidden, output_attentions, output_hidden_states)
-        sequence = self.layernorm(last)
-        pooled = sequence[:, 0]
-        if not return_dict:
-            out: tuple = (sequence, pooled)
-            if output_hidden_states:
-                out += (all_hidden,)
-            if output_attentions:
-                out += (all_attn,)
-            return out
+        encoded = self.encoder(self.embeddings(pixel_values), **kwargs)
+        sequence = self.layernorm(encoded.last_hidden_state)
         return BaseModelOutputWithPooling(
             last_hidden_state=sequence,
-            pooler_output=pooled,
-            hidden_states=all_hidden if output_hidden_states else None,
-            attentions=all_attn if output_attentions else None,
+            pooler_output=sequence[:, 0],
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
 
     def get_intermediate_layers(
@@ -415,23 +407,20 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
         ``norm`` applies the final LayerNorm to each (as DINO's linear evaluation does).
         """
         depth = self.config.num_hidden_layers
-        wanted = list(range(depth - n, depth)) if isinstance(n, int) else [i % depth for i in n]
         if isinstance(n, int) and not 1 <= n <= depth:
             raise ValueError(f"n must be in 1..{depth}, got {n}")
+        wanted = list(range(depth - n, depth)) if isinstance(n, int) else [i % depth for i in n]
         hidden = self.embeddings(pixel_values)
         outputs = []
         for i, block in enumerate(self.encoder.layer[: max(wanted) + 1]):
-            hidden, _ = block(hidden)
+            hidden = block(hidden)
             if i in wanted:
                 outputs.append(self.layernorm(hidden) if norm else hidden)
         prefix = self.num_prefix_tokens
-        batch, _, height, width = pixel_values.shape
-        p = self.config.patch_size
+        _, _, height, width = pixel_values.shape
         results = []
         for out in outputs:
-            patches = out[:, prefix:]
-            if reshape:
-                patches = patches.reshape(batch, height // p, width // p, -1).permute(0, 3, 1, 2).contiguous()
+            patches = _patch_map(out, prefix, height, width, self.config.patch_size) if reshape else out[:, prefix:]
             item: tuple = (patches,)
             if return_class_token:
                 item += (out[:, 0],)
@@ -442,7 +431,8 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
 
 
 class EntmaxViTForImageClassification(EntmaxViTPreTrainedModel):
-    """EntmaxViT with a linear head on [CLS] concatenated with the mean patch token (as DINOv2's classifier)."""
+    """EntmaxViT with a linear head on [CLS] concatenated with the mean patch token (as DINOv2's classifier).
+    The loss follows ``config.problem_type`` (regression / single_label / multi_label), as transformers' heads."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
@@ -453,97 +443,53 @@ class EntmaxViTForImageClassification(EntmaxViTPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
-        self,
-        pixel_values: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        output_attentions: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> Union[ImageClassifierOutput, tuple]:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.entmax_vit(
-            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        outputs: BaseModelOutputWithPooling = self.entmax_vit(pixel_values, **kwargs)
         sequence = outputs.last_hidden_state
-        patches = sequence[:, self.entmax_vit.num_prefix_tokens:]
+        patches = sequence[:, self.entmax_vit.num_prefix_tokens :]
         logits = self.classifier(torch.cat([sequence[:, 0], patches.mean(dim=1)], dim=-1))
-        loss = None
-        if labels is not None:
-            if self.config.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits, labels)
-        if not return_dict:
-            out = (logits, outputs.hidden_states, outputs.attentions)
-            return ((loss,) + out) if loss is not None else out
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
 
-class EntmaxViTBackbone(EntmaxViTPreTrainedModel):
-    """Patch feature maps (B, D, H/p, W/p) from chosen blocks, for dense heads.
+class EntmaxViTBackbone(BackboneMixin, EntmaxViTPreTrainedModel):
+    """Patch feature maps (B, D, H/p, W/p) from chosen stages, for dense heads (a transformers backbone).
 
-    ``config.out_indices`` lists the blocks (1-based; 0 = the embedding output), as transformers backbones'
-    stage indices; ``config.backbone_norm`` applies the final LayerNorm to each map.
+    Stages are ``config.stage_names`` = "stem" (the embedding output) and "stage1".."stageL" (block outputs);
+    ``config.out_features`` / ``config.out_indices`` choose them (negative indices count from the end; None
+    means the last stage). ``config.backbone_norm`` applies the final LayerNorm to each map.
     """
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.embeddings = EntmaxViTEmbeddings(config)
         self.encoder = EntmaxViTEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, config.num_hidden_layers + 1)]
-        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.post_init()
 
-    @property
-    def out_indices(self) -> list[int]:
-        return list(self.config.out_indices)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
 
-    @property
-    def out_features(self) -> list[str]:
-        return [self.stage_names[i] for i in self.out_indices]
-
-    @property
-    def channels(self) -> list[int]:
-        return [self.num_features[i] for i in self.out_indices]
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: Optional[bool] = None,
-        output_attentions: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-        **kwargs,
-    ) -> Union[BackboneOutput, tuple]:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        output_attentions = bool(output_attentions)
-        hidden = self.embeddings(pixel_values)
-        _, all_hidden, all_attn = self.encoder(hidden, output_attentions, output_hidden_states=True)
-        batch, _, height, width = pixel_values.shape
-        p = self.config.patch_size
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        encoded = self.encoder(self.embeddings(pixel_values), **kwargs)  # hidden states forced on by the filter
+        _, _, height, width = pixel_values.shape
         prefix = 1 + self.config.num_register_tokens
-        maps = []
-        for i in self.out_indices:
-            h = all_hidden[i]
-            if self.config.backbone_norm:
-                h = self.layernorm(h)
-            maps.append(h[:, prefix:].reshape(batch, height // p, width // p, -1).permute(0, 3, 1, 2).contiguous())
-        feature_maps = tuple(maps)
-        hidden_out = all_hidden if output_hidden_states else None
-        attn_out = all_attn if output_attentions else None
-        if not return_dict:
-            out: tuple = (feature_maps,)
-            if output_hidden_states:
-                out += (hidden_out,)
-            if output_attentions:
-                out += (attn_out,)
-            return out
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_out, attentions=attn_out)
+        feature_maps = tuple(
+            _patch_map(self.layernorm(hidden) if self.config.backbone_norm else hidden, prefix, height, width,
+                       self.config.patch_size)
+            for stage, hidden in zip(self.stage_names, encoded.hidden_states)
+            if stage in self.out_features
+        )
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=encoded.hidden_states, attentions=encoded.attentions)
 
 
 __all__ = [

@@ -287,7 +287,10 @@ def test_save_pretrained_reloads_in_fresh_process_without_the_project(tmp_path: 
     files = sorted(p.name for p in folder.iterdir())
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     py_files = [f for f in files if f.endswith(".py")]
-    assert sorted(py_files) == ["attention.py", "configuration_entmax_vit.py", "modeling_entmax_vit.py"]
+    expected = ["attention.py", "configuration_entmax_vit.py", "modeling_entmax_vit.py"]
+    if (Path(__file__).resolve().parents[1] / "modeling" / "tiled_attention.py").exists():  # imported by attention.py
+        expected.append("tiled_attention.py")
+    assert sorted(py_files) == sorted(expected)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_entmax_vit.EntmaxViTModel"
     x = torch.randn(2, 3, 32, 40)
@@ -319,12 +322,49 @@ def test_classification_and_backbone_save_auto_map(tmp_path: Path) -> None:
     torch.testing.assert_close(reloaded.eval()(x).logits, clf.eval()(x).logits)
 
 
-def test_loading_mismatched_checkpoint_names_the_keys(tmp_path: Path) -> None:
+def test_loading_mismatched_checkpoint_names_the_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """transformers' own semantics: a shape mismatch raises its error (the load report names the keys), and
+    ignore_mismatched_sizes=True loads what fits and initialises the rest."""
     small = EntmaxViTModel(tiny())
     small.save_pretrained(tmp_path / "small")
-    with pytest.raises(Exception, match="qkv|size mismatch|shape"):
-        EntmaxViTModel.from_pretrained(tmp_path / "small", hidden_size=64, num_attention_heads=4,
-                                       intermediate_size=64)
+    bigger = dict(hidden_size=64, num_attention_heads=4, intermediate_size=64)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        EntmaxViTModel.from_pretrained(tmp_path / "small", **bigger)
+    report = caplog.text  # transformers' load report, logged
+    assert "attention.qkv.weight" in report and "MISMATCH" in report and "size mismatch" in report
+    model, info = EntmaxViTModel.from_pretrained(tmp_path / "small", ignore_mismatched_sizes=True,
+                                                 output_loading_info=True, **bigger)
+    assert model.config.hidden_size == 64 and info["mismatched_keys"]
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32)).last_hidden_state).all()
+
+
+def test_missing_weights_are_initialised_with_a_warning(tmp_path: Path) -> None:
+    """As transformers: weights absent from the checkpoint (here a new classifier) are initialised, reported."""
+    EntmaxViTModel(tiny()).save_pretrained(tmp_path / "base")
+    clf, info = EntmaxViTForImageClassification.from_pretrained(tmp_path / "base", num_labels=3,
+                                                                output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight"]
+    assert torch.isfinite(clf.classifier.weight).all() and clf.classifier.weight.std() > 0
+
+
+@pytest.mark.parametrize("layout", ["dino", "hf-vit"])
+def test_unconverted_foreign_checkpoint_names_the_converter(tmp_path: Path, layout: str) -> None:
+    """An official DINO/timm or transformers ViT checkpoint would load as a random model: it raises instead,
+    naming the converter of the installed package (not a script of this repository)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / layout
+    EntmaxViTModel(tiny()).config.save_pretrained(folder)
+    if layout == "dino":
+        state = {"cls_token": torch.zeros(1, 1, 32), "pos_embed": torch.zeros(1, 17, 32),
+                 "patch_embed.proj.weight": torch.zeros(32, 3, 8, 8), "blocks.0.attn.qkv.weight": torch.zeros(96, 32)}
+    else:
+        state = {"embeddings.cls_token": torch.zeros(1, 1, 32),
+                 "encoder.layer.0.attention.attention.query.weight": torch.zeros(32, 32),
+                 "encoder.layer.0.layernorm_before.weight": torch.zeros(32)}
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"python -m entmax_vit.conversion --source {layout.split('-')[0]}"):
+        EntmaxViTModel.from_pretrained(folder)
 
 
 def test_image_processor_converts_odd_images_as_users_expect(tmp_path: Path) -> None:
