@@ -270,3 +270,29 @@ def test_entmax_vit_is_the_backbone_of_upernet() -> None:
     qkv = model.backbone.encoder.layer[0].attention.qkv.weight
     assert qkv.grad is not None and qkv.grad.abs().sum() > 0
     assert isinstance(AutoBackbone.from_config(backbone_config), EntmaxViTBackbone)
+
+
+def test_backbone_config_fields_as_transformers_backbones() -> None:
+    config = EntmaxViTConfig(**{**TINY, "num_hidden_layers": 3}, out_indices=[-3, -1])
+    assert config.stage_names == ["stem", "stage1", "stage2", "stage3"]
+    assert config.out_features == ["stage1", "stage3"]
+    backbone = EntmaxViTBackbone(config).eval()
+    assert backbone.out_feature_channels == {name: 32 for name in config.stage_names}
+    assert backbone.channels == [32, 32]
+    assert EntmaxViTConfig(**TINY).out_features == ["stage2"]  # None: the last stage
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        plain = backbone(x)
+        assert plain.hidden_states is None and plain.attentions is None
+        backbone.config.output_hidden_states = True  # honoured from the config
+        backbone.set_attn_implementation("eager")  # transformers' config allows output_attentions with eager only
+        backbone.config.output_attentions = True
+        full = backbone(x)
+    assert len(full.hidden_states) == 4 and len(full.attentions) == 3
+    for got, want in zip(full.feature_maps, plain.feature_maps):
+        torch.testing.assert_close(got, want)
+    assert backbone.get_input_embeddings() is backbone.embeddings.patch_embeddings
+    backbone.out_features = ["stem", "stage2"]  # setters keep features and indices aligned
+    assert backbone.out_indices == [0, 2]
+    with pytest.raises(ValueError, match="out_features"):
+        EntmaxViTConfig(**TINY, out_features=["stage2", "stage1"])
