@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import ConfigError, parse_config, save_config
+from entmax_vit.cli.config import ConfigError, save_config
 
 logger = logging.getLogger("push_to_hub")
 

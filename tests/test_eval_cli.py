@@ -154,6 +154,44 @@ def test_bad_override_is_a_clear_error(capsys):
         run(SegmentationEvalConfig, never, "eval_segmentation", argv=["--preset=pascal"])
 
 
+def test_model_paths_are_checked_before_main(assets, tmp_path):
+    """Issue 14: a missing local folder says so (not "Repo id must be in the form ..."), a truncated
+    model.safetensors is named; both before main runs, for every evaluation entry point."""
+    import shutil
+
+    from entmax_vit.evaluation.entry_point import run
+    from entmax_vit.evaluation.knn import KNNEvalConfig
+    from entmax_vit.evaluation.linear_probe import LinearEvalConfig
+    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
+
+    def never(cfg):
+        raise AssertionError("main ran")
+
+    model = tmp_path / "model"
+    shutil.copytree(assets / "model", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for cls, prog in [(KNNEvalConfig, "eval_knn"), (LinearEvalConfig, "eval_linear"),
+                      (SegmentationEvalConfig, "eval_segmentation")]:
+        with pytest.raises(SystemExit) as info:
+            run(cls, never, prog, argv=["--model", "/no/such/folder"])
+        message = str(info.value.code)
+        assert message.startswith(f"{prog}: model folder not found: /no/such/folder") and "Repo id" not in message
+        with pytest.raises(SystemExit) as info:
+            run(cls, never, prog, argv=["--model", str(model)])
+        assert str(weights) in str(info.value.code) and "truncated" in str(info.value.code)
+    # an edited config.json (3 heads do not divide hidden size 32) stops main with the message alone
+    from entmax_vit.evaluation.knn import main as knn_main
+
+    shutil.rmtree(model)
+    shutil.copytree(assets / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3}))
+    with pytest.raises(SystemExit, match="num_attention_heads"):
+        run(KNNEvalConfig, knn_main, "eval_knn", argv=["--model", str(model), "--dataset", str(assets / "data"),
+                                                       "--output_dir", str(tmp_path / "out")])
+
+
 def test_presets_parse():
     from entmax_vit.cli.config import parse_config
     from entmax_vit.evaluation.segmentation_probe import PRESET_DIR, SegmentationEvalConfig
