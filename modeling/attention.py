@@ -55,11 +55,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-# Newton steps before the closed-form finish: with these, no row failed the support check on Gaussian scores
-# of any scale we tried (N = 37 and 197; sparsemax's Michelot steps converge more slowly on flat rows).
-# Failing rows would still be exact (sort fallback), only slower. Read at call time (tests lower them).
-ENTMAX15_NEWTON_STEPS = 4
-SPARSEMAX_NEWTON_STEPS = 6
+from .tiled_attention import (
+    ENTMAX15_NEWTON_STEPS,
+    SPARSEMAX_NEWTON_STEPS,
+    TILED_TRANSFORMS,
+    _lower_bound,
+    tiled_attention,
+)
+
+# Newton steps before the closed-form finish (ENTMAX15_NEWTON_STEPS, SPARSEMAX_NEWTON_STEPS, shared with the
+# tiled kernel and imported from it): with these, no row failed the support check on Gaussian scores of any
+# scale we tried at N = 37 and 197 (sparsemax's Michelot steps converge more slowly on flat rows); at N = 785
+# and 3137 a few near-uniform rows in a thousand do. Failing rows are still exact (sort fallback), only slower.
+# Read at call time (tests lower them).
 # alpha-entmax: cap on Newton/bisection iterations; eagerly the loop stops once every row has converged.
 ENTMAX_BISECT_MAX_ITER = 50
 
@@ -78,12 +86,6 @@ def _count_positive(d: torch.Tensor) -> torch.Tensor:
     """Number of positive entries per row of a non-negative ``d``, as float (..., 1). sign().sum() is several
     times faster than count_nonzero / (d > 0).sum() on CPU (no bool -> int64 copy)."""
     return torch.sign(d).sum(dim=-1, keepdim=True)
-
-
-def _lower_bound(mean: torch.Tensor, n: int, power: float) -> torch.Tensor:
-    """Certified lower bound on tau for rows with max 0 and the given mean: max(-1, mean - n^-power)."""
-    # mean is -inf if the row has masked entries (nan if all are): then -1 wins
-    return torch.clamp(torch.nan_to_num(mean - n**-power, nan=-1.0, neginf=-1.0), min=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,6 +215,8 @@ def _sparsemax_forward(scores: torch.Tensor) -> torch.Tensor:
     return _certified(probs, scores, ok, lambda s: _sparsemax_sort(s - s.amax(dim=-1, keepdim=True)))
 
 
+# Two explicit Function classes rather than a shared base with classmethods: torch.compile(fullgraph=True)
+# traces autograd.Function only through staticmethod forward/backward.
 class Entmax15Function(torch.autograd.Function):
     """1.5-entmax over the last dimension: Newton + closed-form forward with the per-row certificate and sort
     fallback; the backward needs only the saved output."""
@@ -439,6 +443,24 @@ def compiled_kernel(query, key, value, attention_mask=None, **kwargs):
     return eager_kernel(query, key, value, attention_mask, compiled=True, **kwargs)
 
 
+def tiled_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
+                 dropout: float = 0.0, need_weights: bool = False, compiled: bool = False):
+    """Exact sparse attention in query blocks (``tiled_attention.py``): the (B, H, N, N) scores never exist and
+    backward keeps O(B H N) state. The probabilities exist only when something needs them (requested weights,
+    a mask, attention dropout): then the eager kernel runs (the same math)."""
+    if need_weights or attention_mask is not None or dropout > 0:
+        return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
+                            dropout=dropout, need_weights=need_weights, compiled=compiled)
+    run = _kernel(tiled_attention, compiled)
+    return run(query, key, value, transform=transform, scaling=scaling, alpha=alpha), None
+
+
+def tiled_compiled_kernel(query, key, value, attention_mask=None, **kwargs):
+    """The tiled kernel through torch.compile: each block's passes fuse into a few loops (C++ on CPU, Triton
+    kernels on CUDA)."""
+    return tiled_kernel(query, key, value, attention_mask, compiled=True, **kwargs)
+
+
 def sdpa_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
                 dropout: float = 0.0, need_weights: bool = False):
     """torch's scaled_dot_product_attention (softmax only). SDPA cannot return the probabilities: when they are
@@ -459,11 +481,19 @@ ATTENTION_KERNELS: dict[str, Callable[..., tuple[torch.Tensor, Optional[torch.Te
     "eager": eager_kernel,
     "compiled": compiled_kernel,
     "sdpa": sdpa_kernel,
+    "tiled": tiled_kernel,
+    "tiled_compiled": tiled_compiled_kernel,
 }
 # Kernels that run only some transforms (absent: every transform).
-KERNEL_TRANSFORMS: dict[str, tuple[str, ...]] = {"sdpa": ("softmax",)}
+KERNEL_TRANSFORMS: dict[str, tuple[str, ...]] = {
+    "sdpa": ("softmax",),
+    "tiled": TILED_TRANSFORMS,
+    "tiled_compiled": TILED_TRANSFORMS,
+}
 # Kernel chosen when none is requested (transformers' automatic default); absent transforms use "eager".
-DEFAULT_KERNELS: dict[str, str] = {"softmax": "sdpa"}
+DEFAULT_KERNELS: dict[str, str] = {"softmax": "sdpa", **{t: "tiled" for t in TILED_TRANSFORMS}}
+# Kernels that compute the probabilities only when asked (output_attentions); the others always return them.
+WEIGHTS_ON_REQUEST = ("sdpa", "tiled", "tiled_compiled")
 
 
 def kernels_for(transform: str) -> list[str]:
@@ -486,9 +516,9 @@ def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
     if requested is None:
         return DEFAULT_KERNELS.get(transform, "eager")
     if requested not in ATTENTION_KERNELS:
-        raise ValueError(
-            f"Unknown attention kernel (attn_implementation) {requested!r}; choose one of {kernels_for(transform)} "
-            f"for attention={transform!r}"
+        raise ValueError(  # transformers' wording, then ours
+            f'Specified `attn_implementation="{requested}"` is not supported: it names the attention kernel; '
+            f"choose one of {kernels_for(transform)} for attention={transform!r}"
         )
     if requested not in kernels_for(transform):
         raise ValueError(_unsupported_message(transform, requested))
@@ -559,8 +589,9 @@ def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch
         **kwargs: Any,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        # transformers asks for weights only through output_attentions; every kernel but SDPA returns them.
-        need_weights = kernel != "sdpa" or bool(kwargs.get("output_attentions", False))
+        # transformers asks for weights only through output_attentions; kernels that materialise them anyway
+        # (eager, compiled) return them always.
+        need_weights = kernel not in WEIGHTS_ON_REQUEST or bool(kwargs.get("output_attentions", False))
         out, probs = run(query, key, value, attention_mask, transform=transform,
                          alpha=_module_alpha(module, transform), scaling=scaling, dropout=dropout,
                          need_weights=need_weights)

@@ -1,7 +1,7 @@
 """Benchmark the attention product: softmax SDPA, eager softmax, the `entmax` package and ours.
 
-    python scripts/bench_attention.py                 # (B, 6, N, 64), B in {8, 32}, N in {197, 37}
-    python scripts/bench_attention.py --quick         # B = 8 only, fewer repeats (about a minute)
+    python scripts/bench_attention.py                 # (B, 6, N, 64) at N = 197 (B 8), 785 (B 2), 3137 (B 1)
+    python scripts/bench_attention.py --quick         # fewer repeats, no 3137 case, no package rows (minutes)
     python scripts/bench_attention.py --json          # print the results JSON instead of the table
 
 Every method runs the whole product (QK^T -> transform -> PV), forward and forward+backward, with methods
@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from entmax_vit.cli.config import save_config, to_dict
 from entmax_vit.modeling.attention import attention_forward
@@ -31,8 +32,11 @@ log = logging.getLogger("bench_attention")
 
 @dataclass
 class BenchAttentionConfig:
-    batch_sizes: list[int] = field(default_factory=lambda: [8, 32])  # B
-    tokens: list[int] = field(default_factory=lambda: [197, 37])  # N: ViT-S/16 at 224 (global) and 96 (local)
+    # (B, N) cases: ViT-S/16 at 224 px (N = 197), 448 px (785) and 896 px (3137), at the batch sizes of the
+    # feature-extraction benchmarks; batch_sizes x tokens (if set) replaces them
+    cases: list[list[int]] = field(default_factory=lambda: [[8, 197], [2, 785], [1, 3137]])
+    batch_sizes: list[int] = field(default_factory=list)  # B
+    tokens: list[int] = field(default_factory=list)  # N
     heads: int = 6  # H (ViT-S)
     head_dim: int = 64  # d
     repeats: int = 15  # timed rounds per case (median reported)
@@ -42,7 +46,7 @@ class BenchAttentionConfig:
     package: bool = True  # include the `entmax` package (entmax15, entmax_bisect)
     compiled: bool = True  # include our kernel="compiled" path (torch.compile; first call compiles)
     threads: Optional[int] = None  # torch.set_num_threads; None = torch default
-    quick: bool = False  # B = 8 only, 7 repeats
+    quick: bool = False  # 5 repeats, no N = 3137 case, no package rows
     json: bool = False  # print the results JSON to stdout instead of the table
     seed: int = 0
     output_dir: str = "outputs/bench_attention"
@@ -56,13 +60,18 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
             q, k, v, transform=transform, scaling=scaling, kernel=kernel, need_weights=True
         )
 
+    def tiled(transform: str, kernel: str = "tiled") -> Callable:  # output only, as SDPA
+        return lambda q, k, v: attention_forward(q, k, v, transform=transform, scaling=scaling, kernel=kernel)
+
     methods: dict[str, Callable] = {
         "softmax_sdpa": lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, scale=scaling), None),
         "softmax_eager": ours("softmax", "eager"),
+        "entmax15_ours_tiled": tiled("entmax15"),
         "entmax15_ours_eager": ours("entmax15", "eager"),
     }
     if cfg.compiled:
         methods["entmax15_ours_compiled"] = ours("entmax15", "compiled")
+        methods["entmax15_ours_tiled_compiled"] = tiled("entmax15", "tiled_compiled")
     if cfg.package:
         try:
             import entmax
@@ -79,7 +88,8 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
 
             methods["entmax15_package"] = package(entmax.entmax15)
             methods["entmax_bisect_package"] = package(lambda s, dim: entmax.entmax_bisect(s, 1.5, dim=dim))
-    methods["sparsemax_ours_eager"] = ours("sparsemax", "eager")
+    methods["sparsemax_ours_tiled"] = tiled("sparsemax")
+    methods["entmax_bisect_ours_tiled"] = tiled("entmax_bisect")
     methods["entmax_bisect_ours_eager"] = ours("entmax_bisect", "eager")
     return methods
 
@@ -102,9 +112,11 @@ def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
 
         with torch.no_grad():
             reference = entmax.entmax15(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
+            eye = torch.eye(tokens).expand(batch, cfg.heads, tokens, tokens)  # tiled kernels: P = P I
             for name, fn in methods.items():
                 if name.startswith("entmax15") or name.startswith("entmax_bisect"):
-                    errors[name] = float((fn(q, k, v)[1] - reference).abs().max())
+                    probs = fn(q, k, eye)[0] if "tiled" in name else fn(q, k, v)[1]
+                    errors[name] = float((probs - reference).abs().max())
 
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
 
@@ -161,17 +173,18 @@ def format_table(cases: list[dict]) -> str:
 
 def main(cfg: BenchAttentionConfig) -> dict:
     if cfg.quick:
-        cfg.batch_sizes, cfg.repeats = [8], min(cfg.repeats, 7)
+        cfg.cases = [c for c in cfg.cases if c[1] < 3000]
+        cfg.repeats, cfg.package = min(cfg.repeats, 5), False
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     save_config(cfg, out_dir / "bench_attention_config.yaml")
     torch.manual_seed(cfg.seed)
+    shapes = [(b, n) for b in cfg.batch_sizes for n in cfg.tokens] or [tuple(c) for c in cfg.cases]
     cases = []
-    for batch in cfg.batch_sizes:
-        for tokens in cfg.tokens:
-            log.info("benchmarking B=%d H=%d N=%d d=%d", batch, cfg.heads, tokens, cfg.head_dim)
-            cases.append(bench_case(cfg, batch, tokens))
+    for batch, tokens in tqdm(shapes, desc="attention cases"):
+        log.info("benchmarking B=%d H=%d N=%d d=%d", batch, cfg.heads, tokens, cfg.head_dim)
+        cases.append(bench_case(cfg, batch, tokens))
     record = {
         "benchmark": "attention",
         "torch": torch.__version__,

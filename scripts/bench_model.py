@@ -12,8 +12,9 @@
 * peak memory of one training step: weights + inputs + the peak of live storages allocated during the step
   (activations, temporaries, grads), tracked per storage by a dispatch mode (CPU and CUDA alike). Only eager
   kernels are measured: torch.compile'd kernels allocate outside the dispatcher.
-* feature extraction: images/s of EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa),
-  eval mode, no grad.
+* feature extraction per variant at 224 (batch 8), 448 (batch 2) and 896 px (batch 1), ratio to the baseline,
+  with the peak memory of inference at 896 px; the peak memory of a training step (batch 2) at 448 px;
+  and images/s of EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa).
 
 Writes OUTPUT_DIR/bench_model.json and the resolved config.
 """
@@ -31,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from tqdm.auto import tqdm
 
 from entmax_vit.cli.config import save_config, to_dict
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
@@ -49,16 +51,23 @@ class BenchModelConfig:
     local_size: int = 96
     drop_path_rate: float = 0.1  # DINO student
     variants: list[str] = field(
-        default_factory=lambda: ["softmax:sdpa", "softmax:eager", "entmax15:eager", "entmax15:compiled"]
+        default_factory=lambda: [
+            "softmax:sdpa", "softmax:eager", "entmax15:tiled", "entmax15:eager", "entmax15:compiled",
+            "entmax15:tiled_compiled",
+        ]
     )
     baseline: str = "softmax:sdpa"  # ratios are to this variant
     repeats: int = 5  # timed rounds (median reported)
     warmup: int = 1  # untimed rounds (compiled variants compile here)
     memory: bool = True  # measure the peak memory of one training step per eager variant
-    extract_batch: int = 16  # images per feature-extraction call
+    extract_batch: int = 16  # images per feature-extraction call (EntmaxViT vs transformers ViTModel)
     extract_repeats: int = 5
+    # feature extraction per variant, ratio to the baseline: image size -> batch (issue 13's cases)
+    extract_sizes: dict[int, int] = field(default_factory=lambda: {224: 8, 448: 2, 896: 1})
+    memory_sizes: list[int] = field(default_factory=lambda: [448])  # training-step peak memory (batch 2) here
+    inference_memory_size: int = 896  # inference peak memory (batch 1) at this size; 0 = skip
     threads: Optional[int] = None  # torch.set_num_threads; None = torch default
-    quick: bool = False  # 3 repeats, multi-crop step with 1 image
+    quick: bool = False  # 3 repeats, multi-crop step with 1 image, no 896 px, no compiled variants
     json: bool = False  # print the results JSON to stdout instead of the table
     seed: int = 0
     output_dir: str = "outputs/bench_model"
@@ -68,7 +77,7 @@ def _median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
 
 
-def build_variants(cfg: BenchModelConfig) -> dict[str, EntmaxViTModel]:
+def build_variants(cfg: BenchModelConfig, image_size: Optional[int] = None) -> dict[str, EntmaxViTModel]:
     """One model per variant, all with the same weights."""
     models: dict[str, EntmaxViTModel] = {}
     state = None
@@ -77,7 +86,7 @@ def build_variants(cfg: BenchModelConfig) -> dict[str, EntmaxViTModel]:
         if not kernel:
             raise ValueError(f"variant {variant!r}: expected 'attention:kernel', e.g. 'entmax15:compiled'")
         config = EntmaxViTConfig.from_preset(
-            cfg.preset, attention=attention, drop_path_rate=cfg.drop_path_rate, image_size=cfg.image_size
+            cfg.preset, attention=attention, drop_path_rate=cfg.drop_path_rate, image_size=image_size or cfg.image_size
         )
         model = EntmaxViTModel._from_config(config, attn_implementation=kernel).train()
         if state is None:
@@ -154,6 +163,62 @@ def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> int:
     return base + tracker.peak
 
 
+def _measurable(name: str) -> bool:
+    """Peak memory is tracked through the dispatcher; torch.compile'd kernels allocate outside it."""
+    return not name.endswith("compiled")
+
+
+def extraction_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
+    """Per image size: feature-extraction time of every variant (eval, inference mode, interleaved rounds) as a
+    ratio to the baseline; at ``inference_memory_size`` also the peak memory of one forward."""
+    results = {}
+    for size, batch in tqdm(sorted(cfg.extract_sizes.items()), desc="feature extraction"):
+        models = {name: m.eval() for name, m in build_variants(cfg, size).items()}
+        pixels = torch.randn(batch, 3, size, size, generator=gen)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        with torch.inference_mode():
+            for r in range(cfg.warmup + cfg.extract_repeats):
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    model(pixels)
+                    if r >= cfg.warmup:
+                        times[name].append(time.perf_counter() - t0)
+        base = _median_ms(times[cfg.baseline])
+        case = {name: {"ms": _median_ms(ts), "ratio_vs_baseline": _median_ms(ts) / base} for name, ts in times.items()}
+        if size == cfg.inference_memory_size:
+            for name, model in models.items():
+                if _measurable(name):
+                    tracker = PeakMemory()
+                    with torch.inference_mode(), tracker:
+                        model(pixels)
+                    case[name]["peak_memory_bytes"] = tracker.peak
+            _memory_ratios(case, cfg.baseline)
+        results[f"{batch} x {size}px"] = case
+    return results
+
+
+def _memory_ratios(results: dict, baseline: str) -> None:
+    base = results.get(baseline, {}).get("peak_memory_bytes")
+    for r in results.values():
+        if base and r.get("peak_memory_bytes"):
+            r["peak_memory_ratio_vs_baseline"] = r["peak_memory_bytes"] / base
+
+
+def training_memory_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
+    """Peak memory of one training step (batch 2) per measurable variant, at each of ``memory_sizes``."""
+    results = {}
+    for size in cfg.memory_sizes:
+        batches = [torch.randn(2, 3, size, size, generator=gen)]
+        case = {
+            name: {"peak_memory_bytes": peak_step_memory(model, batches)}
+            for name, model in build_variants(cfg, size).items()
+            if _measurable(name)
+        }
+        _memory_ratios(case, cfg.baseline)
+        results[f"2 x {size}px"] = case
+    return results
+
+
 def feature_throughput(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
     """images/s, eval + no_grad: EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa)."""
     from transformers import ViTConfig, ViTModel
@@ -200,6 +265,17 @@ def format_report(record: dict) -> str:
             mem = r.get("peak_memory_bytes")
             mem_s = f"{mem / 2**20:9.1f}" if mem else f"{'-':>9s}"
             lines.append(f"{name:22s} {r['step_ms']:9.1f} {r['ratio_vs_baseline']:16.3f} {mem_s}")
+    for title, key, field_ in [
+        ("feature extraction", "extraction_by_size", "ms"),
+        ("training-step peak memory", "training_memory_by_size", None),
+    ]:
+        for case, results in record[key].items():
+            lines.append(f"\n{title}, {case}")
+            for name, r in results.items():
+                value = f"{r[field_]:9.1f} ms {r['ratio_vs_baseline']:7.3f}x" if field_ else ""
+                if r.get("peak_memory_bytes"):
+                    value += f" {r['peak_memory_bytes'] / 2**20:9.1f} MB {r.get('peak_memory_ratio_vs_baseline', 0):6.3f}x"
+                lines.append(f"{name:26s} {value}")
     fe = record["feature_extraction"]
     lines.append("\nfeature extraction (images/s)")
     for name in ("entmax_vit_softmax_sdpa", "transformers_vit_sdpa"):
@@ -213,6 +289,9 @@ def main(cfg: BenchModelConfig) -> dict:
         cfg.repeats = min(cfg.repeats, 3)
         cfg.extract_repeats = min(cfg.extract_repeats, 3)
         cfg.multicrop_images = min(cfg.multicrop_images, 1)
+        cfg.extract_sizes = {s: b for s, b in cfg.extract_sizes.items() if s < 896}
+        cfg.inference_memory_size = 0 if cfg.inference_memory_size >= 896 else cfg.inference_memory_size
+        cfg.variants = [v for v in cfg.variants if not v.endswith("compiled")]
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
@@ -234,7 +313,7 @@ def main(cfg: BenchModelConfig) -> dict:
         results = time_steps(cfg, models, batches)
         if cfg.memory:
             for name, model in models.items():
-                if name.endswith(":compiled"):
+                if not _measurable(name):
                     continue
                 results[name]["peak_memory_bytes"] = peak_step_memory(model, batches)
             eager_soft = results.get("softmax:eager", {}).get("peak_memory_bytes")
@@ -249,6 +328,8 @@ def main(cfg: BenchModelConfig) -> dict:
         "threads": torch.get_num_threads(),
         "config": to_dict(cfg),
         "training_step": training,
+        "extraction_by_size": extraction_by_size(cfg, gen),
+        "training_memory_by_size": training_memory_by_size(cfg, gen),
         "feature_extraction": feature_throughput(cfg, gen),
         "note": "medians of interleaved rounds; ratios measured in the same run",
     }
