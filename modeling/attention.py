@@ -9,7 +9,10 @@ Two separate choices, as in the house style:
   maps each kernel name to one function; ``KERNEL_TRANSFORMS`` says which transforms a kernel runs:
   ``eager`` (explicit scores, any transform), ``compiled`` (the same threshold search and backward through
   ``torch.compile``, same numbers up to float rounding), ``sdpa`` (torch's scaled_dot_product_attention:
-  softmax only, so it is refused for a sparse transform instead of silently running something else).
+  softmax only, so it is refused for a sparse transform instead of silently running something else),
+  ``tiled`` (the sparse transforms in cache-sized query blocks, ``tiled_attention.py``: no (B, H, N, N)
+  tensor, O(B H N) saved for backward; the default for entmax15 / sparsemax / entmax_bisect) and
+  ``tiled_compiled`` (the same through ``torch.compile``).
 
 Both reach transformers through its ``AttentionInterface``: ``attention_function(transform, kernel)`` is a
 function with transformers' eager signature, and importing this module registers one per pair under
