@@ -258,3 +258,29 @@ def test_tiled_compiled_kernel_equals_tiled() -> None:
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
     for tiled, compiled in zip(*results):
         torch.testing.assert_close(compiled, tiled, atol=1e-6, rtol=1e-5)
+
+
+def test_bench_model_extraction_and_memory_smoke() -> None:
+    """bench_model's per-size feature extraction and training-step memory rows (structure, never timings)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("_bench_model_tiled", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    cfg = bench.BenchModelConfig(
+        preset="vit_tiny_patch16", variants=["softmax:sdpa", "entmax15:tiled", "entmax15:eager"],
+        extract_sizes={32: 1, 48: 1}, memory_sizes=[32], inference_memory_size=48, extract_repeats=1, warmup=0,
+    )
+    gen = torch.Generator().manual_seed(0)
+    extraction = bench.extraction_by_size(cfg, gen)
+    assert list(extraction) == ["1 x 32px", "1 x 48px"]
+    assert extraction["1 x 32px"]["softmax:sdpa"]["ratio_vs_baseline"] == 1.0
+    assert extraction["1 x 48px"]["entmax15:tiled"]["peak_memory_bytes"] > 0
+    memory = bench.training_memory_by_size(cfg, gen)["2 x 32px"]
+    assert memory["softmax:sdpa"]["peak_memory_ratio_vs_baseline"] == 1.0
+    # the tiled kernel keeps O(N) per row for backward: never more than the dense eager kernel
+    assert memory["entmax15:tiled"]["peak_memory_bytes"] <= memory["entmax15:eager"]["peak_memory_bytes"]
