@@ -1,23 +1,24 @@
 """Assemble a Hub repository folder from a trained EntmaxViT folder: weights, config with auto_map, the flat
-modeling files, the image processor, the custom segmentation pipeline and its head (when given), the results
-files and a generated README.md card; then verify it in a fresh process."""
+modeling files, the image processor, the custom pipelines (feature extraction; segmentation and its head when a
+head is given), the results files and a generated README.md card; then verify it in a fresh process."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import yaml
 
 from entmax_vit.evaluation.results import load_results
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
-from entmax_vit.modeling.pipeline_entmax_vit import EntmaxViTSegmentationPipeline
+from entmax_vit.modeling.pipeline_entmax_vit import (CUSTOM_PIPELINES, FEATURE_EXTRACTION_TASK, SEGMENTATION_TASK,
+                                                     EntmaxViTFeatureExtractionPipeline)
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead
 
 from .card import CardInputs, build_card
@@ -27,7 +28,6 @@ from .verify import VerificationReport, verify_repository
 
 logger = logging.getLogger(__name__)
 
-SEGMENTATION_TASK = "image-segmentation"
 TRAINING_CONFIG = "training_config.yaml"
 # Where a converted checkpoint may record its source (config.json keys, then side files in the model folder).
 SOURCE_KEYS = ("base_model", "converted_from", "source_checkpoint", "_source_checkpoint")
@@ -81,31 +81,12 @@ def find_datasets(training_config: Optional[dict], results: Sequence[dict]) -> l
     return list(dict.fromkeys(found))
 
 
-@contextmanager
-def registered_segmentation_pipeline() -> Iterator[None]:
-    """Register our pipeline for the 'image-segmentation' task only while the repository is saved, so the
-    saved config gets ``custom_pipelines`` without changing this process's built-in pipeline afterwards."""
-    from transformers import AutoModel
-    from transformers.pipelines import PIPELINE_REGISTRY
-
-    from transformers.utils import logging as hf_logging
-
-    previous = PIPELINE_REGISTRY.supported_tasks.get(SEGMENTATION_TASK)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "already registered, overwriting" is intended here, and undone below
-    try:
-        PIPELINE_REGISTRY.register_pipeline(
-            SEGMENTATION_TASK, pipeline_class=EntmaxViTSegmentationPipeline, pt_model=AutoModel, type="image"
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            PIPELINE_REGISTRY.supported_tasks[SEGMENTATION_TASK] = previous
-        else:
-            PIPELINE_REGISTRY.supported_tasks.pop(SEGMENTATION_TASK, None)
+def custom_pipelines(with_segmentation: bool) -> dict:
+    """The config's ``custom_pipelines``: always the feature-extraction pipeline (our decoder in front of
+    transformers' own, so 16-bit / float / transparent inputs reach the processor intact), plus segmentation
+    when a head ships. Entries from ``pipeline_entmax_vit.CUSTOM_PIPELINES``, their one home."""
+    tasks = [FEATURE_EXTRACTION_TASK] + ([SEGMENTATION_TASK] if with_segmentation else [])
+    return {task: copy.deepcopy(CUSTOM_PIPELINES[task]) for task in tasks}
 
 
 def _check_model_dir(model_dir: Path) -> dict:
@@ -162,16 +143,19 @@ def assemble_repository(
     _prepare_output(output_dir, overwrite)
 
     # -- weights, config (auto_map), modeling files, processor, pipeline code ------------------------------
+    from transformers.dynamic_module_utils import custom_object_save
+
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    # pipeline_entmax_vit.py and its relative imports, copied the way Pipeline.save_pretrained copies them.
+    custom_object_save(EntmaxViTFeatureExtractionPipeline, output_dir)
     if head is not None:
-        with registered_segmentation_pipeline():
-            segmenter = EntmaxViTSegmentationPipeline(model=model, image_processor=processor, segmentation_head=head)
-            segmenter.save_pretrained(output_dir)        # writes custom_pipelines + pipeline_entmax_vit.py
         head.save(output_dir)
-    else:
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
     config_path = output_dir / "config.json"
     saved = json.loads(config_path.read_text())
+    # Written here, not by Pipeline.save_pretrained: a registered pipeline class records only its own task
+    # (transformers keeps one task per class in _registered_impl), and we ship two.
+    saved["custom_pipelines"] = custom_pipelines(with_segmentation=head is not None)
     saved.setdefault("auto_map", {}).update({k: v for k, v in EXTRA_AUTO_MAP.items() if k not in saved["auto_map"]})
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
@@ -216,5 +200,5 @@ def assemble_repository(
     return assembled
 
 
-__all__ = ["AssembledRepository", "assemble_repository", "find_base_model", "find_datasets", "is_hub_id",
-           "registered_segmentation_pipeline"]
+__all__ = ["AssembledRepository", "assemble_repository", "custom_pipelines", "find_base_model", "find_datasets",
+           "is_hub_id"]

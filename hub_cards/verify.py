@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 REMOTE_SCRIPT = r'''
 import json, sys
 from pathlib import Path
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -42,12 +44,13 @@ tensors["pixel_values"] = inputs["pixel_values"].contiguous()
 tensors["last_hidden_state"] = out.last_hidden_state.contiguous()
 tensors["pooler_output"] = out.pooler_output.contiguous()
 extractor = pipeline("image-feature-extraction", model=repo, trust_remote_code=True)
+report["extractor_class"] = type(extractor).__name__
 for i, image in enumerate(images):
     tensors[f"pipe_tokens_{i}"] = torch.tensor(extractor(image))
     tensors[f"pipe_pooled_{i}"] = torch.tensor(extractor(image, pool=True))
 config = json.loads((Path(repo) / "config.json").read_text())
-if config.get("custom_pipelines"):
-    segmenter = pipeline(model=repo, trust_remote_code=True)
+if "image-segmentation" in config.get("custom_pipelines", {}):
+    segmenter = pipeline("image-segmentation", model=repo, trust_remote_code=True)
     report["segmenter_class"] = type(segmenter).__name__
     report["segments"] = []
     for i, image in enumerate(images):
@@ -71,6 +74,7 @@ class VerificationReport:
 
     model_class: str
     segmenter_class: Optional[str]
+    extractor_class: Optional[str] = None
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     segments_match: Optional[bool] = None
     remote_segments: list = field(default_factory=list)
@@ -108,19 +112,29 @@ def run_remote(folder: Path, images: list[Image.Image], timeout: float = 600) ->
         return json.loads((work / "remote.json").read_text()), load_file(str(work / "remote.safetensors"))
 
 
+def odd_variants(image: Image.Image) -> list[Image.Image]:
+    """An RGBA copy of ``image`` (alpha ramping 0 -> 255 left to right) and a 16-bit grey one (x * 257): inputs
+    that transformers' own load_image would flatten (alpha dropped) or clip (16-bit -> white), so the fresh
+    process's outputs match ours only if the repository's pipelines decode with the project's decoder."""
+    rgb = np.asarray(image.convert("RGB"))
+    height, width = rgb.shape[:2]
+    alpha = np.rint(np.linspace(0, 255, width))[None, :].repeat(height, axis=0).astype(np.uint8)
+    grey16 = np.asarray(image.convert("L")).astype(np.uint16) * 257
+    return [Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), Image.fromarray(grey16)]
+
+
 @torch.no_grad()
 def local_outputs(model, processor, images: list[Image.Image], head=None) -> tuple[dict[str, torch.Tensor], list]:
     """The same outputs from the source model and the project's own classes, in this process."""
-    from transformers import pipeline as make_pipeline
-
-    from entmax_vit.modeling.pipeline_entmax_vit import EntmaxViTSegmentationPipeline
+    from entmax_vit.modeling.pipeline_entmax_vit import (EntmaxViTFeatureExtractionPipeline,
+                                                         EntmaxViTSegmentationPipeline)
 
     model.eval()
     inputs = processor(images, return_tensors="pt")
     out = model(**inputs)
     tensors = {"pixel_values": inputs["pixel_values"], "last_hidden_state": out.last_hidden_state,
                "pooler_output": out.pooler_output}
-    extractor = make_pipeline("image-feature-extraction", model=model, image_processor=processor)
+    extractor = EntmaxViTFeatureExtractionPipeline(model=model, image_processor=processor)
     for i, image in enumerate(images):
         tensors[f"pipe_tokens_{i}"] = torch.tensor(extractor(image))
         tensors[f"pipe_pooled_{i}"] = torch.tensor(extractor(image, pool=True))
@@ -138,7 +152,9 @@ def local_outputs(model, processor, images: list[Image.Image], head=None) -> tup
 
 def verify_repository(folder: Path, model, processor, images: list[Image.Image], head=None,
                       atol: float = 1e-4) -> VerificationReport:
-    """Compare the fresh-process outputs of ``folder`` with ``model``'s; raise RuntimeError on any mismatch."""
+    """Compare the fresh-process outputs of ``folder`` with ``model``'s on ``images`` plus the
+    :func:`odd_variants` of the first; raise RuntimeError on any mismatch."""
+    images = list(images) + odd_variants(images[0])
     remote_report, remote = run_remote(folder, images)
     local, local_segments = local_outputs(model, processor, images, head)
     problems = []
@@ -164,18 +180,23 @@ def verify_repository(folder: Path, model, processor, images: list[Image.Image],
         if not segments_match:
             problems.append(f"segmentation differs: labels {labels_here} here vs {labels_there} in the fresh process")
         if remote_report.get("segmenter_class") != "EntmaxViTSegmentationPipeline":
-            problems.append(f"pipeline(model=repo) gave {remote_report.get('segmenter_class')}, "
+            problems.append(f"pipeline('image-segmentation', model=repo) gave {remote_report.get('segmenter_class')}, "
                             "not EntmaxViTSegmentationPipeline")
+    if remote_report.get("extractor_class") != "EntmaxViTFeatureExtractionPipeline":
+        problems.append(f"pipeline('image-feature-extraction', model=repo) gave {remote_report.get('extractor_class')}, "
+                        "not EntmaxViTFeatureExtractionPipeline (inputs would skip the project's decoder)")
     if not remote_report["model_class"].startswith("transformers_modules."):
         problems.append(f"AutoModel gave {remote_report['model_class']}, not the repository's own code")
     if problems:
         raise RuntimeError("The assembled repository does not reproduce the source model:\n- " + "\n- ".join(problems))
     report = VerificationReport(
         model_class=remote_report["model_class"], segmenter_class=remote_report.get("segmenter_class"),
+        extractor_class=remote_report.get("extractor_class"),
         max_abs_diff=diffs, segments_match=segments_match, remote_segments=remote_report.get("segments", []),
     )
     logger.info("Fresh-process check passed: %s", {k: f"{v:.1e}" for k, v in diffs.items()})
     return report
 
 
-__all__ = ["REMOTE_SCRIPT", "VerificationReport", "fresh_env", "local_outputs", "run_remote", "verify_repository"]
+__all__ = ["REMOTE_SCRIPT", "VerificationReport", "fresh_env", "local_outputs", "odd_variants", "run_remote",
+           "verify_repository"]

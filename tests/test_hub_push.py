@@ -1,7 +1,9 @@
 """scripts/push_to_hub.py end to end through the REAL huggingface_hub client code, offline: an httpx2
 MockTransport plays the Hub (repo creation, YAML validation, preupload, branch, NDJSON commit). The committed
 files are written to a folder and loaded in a fresh process that cannot import this project: model,
-processor and both pipelines must reproduce the source model. The card's YAML must match the results JSONs."""
+processor and both pipelines must reproduce the source model, and the feature-extraction pipeline must be ours
+(odd images given by path reach the model decoded by the project's decoder). The card's YAML must match the
+results JSONs."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from PIL import Image
 from entmax_vit.evaluation.results import make_results, write_results
 from entmax_vit.hub_cards.card import parse_card_metadata
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
-from entmax_vit.modeling.pipeline_entmax_vit import EntmaxViTSegmentationPipeline
+from entmax_vit.modeling.pipeline_entmax_vit import CUSTOM_PIPELINES, EntmaxViTSegmentationPipeline
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead, SegmentationHeadConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +178,13 @@ def _images() -> list[Image.Image]:
     return [astronaut, gray]
 
 
+def _odd_cases() -> list:
+    """16-bit RGB and RGBA PNGs from the odd-image corpus: transformers' load_image clips / flattens both."""
+    from odd_images import odd_images
+
+    return [c for c in odd_images() if c.name in ("rgb_16bit_png", "rgba_png")]
+
+
 # Runs in a fresh interpreter: no project on the path, cwd an empty folder. argv: REPO_DIR WORK_DIR
 FRESH = r'''
 import json, sys
@@ -195,10 +204,21 @@ with torch.no_grad():
     out["pooler_output"] = result.pooler_output
     out["last_hidden_state"] = result.last_hidden_state
 extractor = pipeline("image-feature-extraction", model=repo, trust_remote_code=True)
-segmenter = pipeline(model=repo, trust_remote_code=True)
-segmenter_by_task = pipeline("image-segmentation", model=repo, trust_remote_code=True)
+segmenter = pipeline("image-segmentation", model=repo, trust_remote_code=True)
+try:
+    pipeline(model=repo, trust_remote_code=True)  # two custom tasks: transformers asks for one
+    no_task = None
+except RuntimeError as err:
+    no_task = str(err)
 report = {"model_module": type(model).__module__, "segmenter": type(segmenter).__name__,
-          "segmenter_by_task": type(segmenter_by_task).__name__, "segments": []}
+          "extractor": type(extractor).__name__, "no_task_error": no_task, "segments": []}
+# Odd images by path: the pixel_values the model receives from the feature-extraction pipeline.
+seen = []
+extractor.model.embeddings.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+for path in sorted(work.glob("odd_*")):
+    seen.clear()
+    extractor(str(path))
+    out[f"pixels_{path.stem}"] = seen[0]
 for i, image in enumerate(images):
     out[f"tokens_{i}"] = torch.tensor(extractor(image))
     out[f"pooled_{i}"] = torch.tensor(extractor(image, pool=True))
@@ -217,6 +237,8 @@ def _run_fresh(repo_dir: Path, work: Path) -> tuple[dict, dict]:
 
     for i, image in enumerate(_images()):
         image.save(work / f"img_{i}.png")
+    for case in _odd_cases():
+        (work / f"odd_{case.name}{case.suffix}").write_bytes(case.data)
     (work / "fresh.py").write_text(FRESH)
     env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(work / "fresh.py"), str(repo_dir), str(work)], cwd=work, env=env,
@@ -251,13 +273,16 @@ def test_push_commits_a_repository_that_loads_without_the_project(release_inputs
         (repo_dir / name).write_bytes(content)
     config = json.loads((repo_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_entmax_vit.EntmaxViTModel"
+    assert config["custom_pipelines"] == CUSTOM_PIPELINES  # both pipelines, from their one home
     assert config["custom_pipelines"]["image-segmentation"]["impl"] == "pipeline_entmax_vit.EntmaxViTSegmentationPipeline"
     work = tmp_path / "fresh"
     work.mkdir()
     report, remote = _run_fresh(repo_dir, work)
     assert report["project_modules"] == []
     assert report["model_module"].startswith("transformers_modules.")
-    assert report["segmenter"] == report["segmenter_by_task"] == "EntmaxViTSegmentationPipeline"
+    assert report["segmenter"] == "EntmaxViTSegmentationPipeline"
+    assert report["extractor"] == "EntmaxViTFeatureExtractionPipeline"
+    assert "image-feature-extraction" in report["no_task_error"] and "image-segmentation" in report["no_task_error"]
 
     # Same outputs as the source model and the project's own pipeline, here.
     from transformers import AutoImageProcessor, pipeline
@@ -281,6 +306,17 @@ def test_push_commits_a_repository_that_loads_without_the_project(release_inputs
             assert score == pytest.approx(s["score"], abs=1e-5)
             assert torch.equal(remote[f"mask_{i}_{s['label']}"], torch.frombuffer(bytearray(s["mask"].tobytes()), dtype=torch.uint8))
     assert sum(len(s) for s in report["segments"]) > len(images)  # the head really separates classes
+
+    # Odd images by path: the repository's feature-extraction pipeline feeds the model what the image processor
+    # makes of the decoded image (the corpus reference), not what transformers' load_image would have left.
+    from transformers.image_utils import load_image
+
+    for case in _odd_cases():
+        want = processor(Image.fromarray(case.reference), return_tensors="pt")["pixel_values"]
+        assert torch.equal(remote[f"pixels_odd_{case.name}"], want), case.name
+        path = work / f"odd_{case.name}{case.suffix}"
+        clipped = processor(load_image(str(path)), return_tensors="pt")["pixel_values"]
+        assert not torch.equal(clipped, want), case.name  # the built-in pipeline's decode would differ
 
 
 def test_card_metadata_matches_results(release_inputs, fake_hub):
@@ -401,6 +437,14 @@ def test_upload_defaults_commit_everything_to_main(assembled):
     assert commit["header"]["summary"].startswith(f"Upload EntmaxViT ({len(result.files)} files)")
 
 
+def test_without_a_head_the_repository_serves_our_feature_extraction_pipeline(assembled):
+    config = json.loads((assembled / "config.json").read_text())
+    assert config["custom_pipelines"] == {"image-feature-extraction": CUSTOM_PIPELINES["image-feature-extraction"]}
+    for name in ("pipeline_entmax_vit.py", "image_decoding.py", "segmentation_head.py"):  # its code + imports
+        assert (assembled / name).is_file(), name
+    assert not (assembled / "segmentation_head.safetensors").exists()
+
+
 def test_upload_create_pr_opens_a_pull_request_against_main(assembled):
     hub = FakeHub()
     result = _upload(assembled, hub, create_pr=True)
@@ -481,6 +525,9 @@ def test_offline_assembly_only_and_verified(release_inputs, tmp_path, monkeypatc
     assert verification["segments_match"] is True
     assert max(verification["max_abs_diff"].values()) <= 1e-4
     assert verification["model_class"].startswith("transformers_modules.")
+    assert verification["extractor_class"] == "EntmaxViTFeatureExtractionPipeline"
+    assert verification["segmenter_class"] == "EntmaxViTSegmentationPipeline"
+    assert len(verification["remote_segments"]) == 4  # two photographs and their RGBA / 16-bit variants
     sparsity = summary["sparsity"]
     assert sparsity["attention"] == "entmax15" and len(sparsity["zero_fraction_per_layer"]) == 2
     assert all(0.0 <= z < 1.0 for z in sparsity["zero_fraction_per_layer"])
