@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -117,25 +116,17 @@ def normalize(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class ClassificationTransform:
-    """Eval: Resize(resize, bicubic) + CenterCrop(crop). Train (augment=True): RandomResizedCrop(crop) + flip."""
+    """Eval: Resize(resize, bicubic) + CenterCrop(crop) (DINO eval_linear / eval_knn). The linear probe's training
+    crops are linear_probe.DinoTrainTransform (torchvision's RandomResizedCrop, as official DINO)."""
 
     resize: int = 256
     crop: int = 224
-    augment: bool = False
 
     def describe(self) -> str:
-        return f"{'rrc' if self.augment else 'resize'}{self.resize}_crop{self.crop}_bicubic_imagenetnorm"
+        return f"resize{self.resize}_crop{self.crop}_bicubic_imagenetnorm"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if self.augment:
-            from torchvision.transforms import RandomResizedCrop
-
-            i, j, h, w = RandomResizedCrop.get_params(image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
-            image = TF.resized_crop(image, i, j, h, w, [self.crop, self.crop], InterpolationMode.BICUBIC)
-            if random.random() < 0.5:
-                image = TF.hflip(image)
-        else:
-            image = TF.center_crop(TF.resize(image, self.resize, InterpolationMode.BICUBIC), self.crop)
+        image = TF.center_crop(TF.resize(image, self.resize, InterpolationMode.BICUBIC), self.crop)
         return normalize(TF.to_tensor(image))
 
 

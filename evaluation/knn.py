@@ -119,7 +119,7 @@ def main(cfg: KNNEvalConfig) -> dict:
         save_config(cfg, out / "eval_knn_config.yaml")
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)
     spec = model_fingerprint(cfg.model, cfg.revision, model)
-    transform = ClassificationTransform(cfg.resize, cfg.crop, augment=False)
+    transform = ClassificationTransform(cfg.resize, cfg.crop)
     cache = str(out / "feature_cache") if cfg.cache_dir is None else (cfg.cache_dir or None)
     common = dict(model_spec=spec, dataset=cfg.dataset, transform=transform, n_last_blocks=1,
                   image_column=cfg.image_column, label_column=cfg.label_column, batch_size=cfg.batch_size,

@@ -326,7 +326,7 @@ def main(cfg: LinearEvalConfig) -> dict:
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)
     specs = resolve_heads(cfg, model.config.hidden_size, model.config.num_hidden_layers)
     n_max = max(s.n_last_blocks for s in specs)
-    eval_tf = ClassificationTransform(cfg.resize, cfg.crop, augment=False)
+    eval_tf = ClassificationTransform(cfg.resize, cfg.crop)
     cache = str(out / "feature_cache") if cfg.cache_dir is None else (cfg.cache_dir or None)
     common = dict(model_spec=model_fingerprint(cfg.model, cfg.revision, model), dataset=cfg.dataset,
                   transform=eval_tf, n_last_blocks=n_max, image_column=cfg.image_column, label_column=cfg.label_column,
