@@ -12,9 +12,9 @@ with nearest-neighbour resampling. Pixels are normalised with ImageNet mean/std 
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +26,7 @@ from PIL import Image
 from entmax_vit.data.datasets import find_column, load_image_dataset
 from entmax_vit.data.images import ImageDecodeError, to_rgb
 from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
+from entmax_vit.modeling.image_decoding import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +60,12 @@ def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def mask_to_array(mask: Any) -> np.ndarray:
-    """A segmentation mask (PIL "L"/"P"/"I", datasets image dict, path, array) -> (H, W) integer array."""
-    if isinstance(mask, dict):  # datasets Image(decode=False): bytes win over path
-        if mask.get("bytes") is not None:
-            mask = Image.open(io.BytesIO(mask["bytes"]))
-        elif mask.get("path"):
-            mask = Image.open(mask["path"])
-        else:
-            raise ValueError(f"mask dict has neither 'bytes' nor 'path': keys {sorted(mask)}")
-    elif isinstance(mask, (str, Path)):
-        mask = Image.open(mask)
+    """A segmentation mask (PIL "L"/"P"/"I", datasets image dict, path, encoded bytes, array) -> (H, W) integer
+    array. Encoded masks are opened by the project's one decoder (``open_image``: decompression bombs, truncated
+    files and unreadable data raise ImageDecodeError; a truncated PNG would otherwise read as class 0); their
+    values are class ids, so no orientation or colour conversion applies."""
+    if isinstance(mask, (Image.Image, dict, str, bytes, bytearray, os.PathLike)):
+        mask = open_image(mask)  # a datasets Image(decode=False) dict: bytes win over path
     if isinstance(mask, Image.Image) and mask.mode not in ("L", "P", "I", "I;16", "1"):
         raise ValueError(f"a segmentation mask must be a one-channel image of class ids, got mode {mask.mode}")
     arr = np.asarray(mask)
@@ -103,14 +100,21 @@ def _collect(items, num_images: int, size: int, with_masks: bool) -> AnalysisIma
         if len(pixels) >= num_images:
             break
         try:
-            pixels.append(preprocess_image(to_rgb(image), size))
+            pixel = preprocess_image(to_rgb(image), size)
         except ImageDecodeError as err:
             logger.warning("skipping unreadable image %s: %s", name, err)
             skipped += 1
             continue
+        try:  # no mask for this image: every pixel ignored (255)
+            label = preprocess_mask(mask, size) if with_masks and mask is not None else torch.full((size, size), 255)
+        except ImageDecodeError as err:
+            logger.warning("skipping image %s with an unreadable mask: %s", name, err)
+            skipped += 1
+            continue
+        pixels.append(pixel)
         names.append(str(name))
         if with_masks:
-            masks.append(preprocess_mask(mask, size) if mask is not None else torch.full((size, size), 255))
+            masks.append(label)
     if not pixels:
         raise ValueError(f"no readable images found ({skipped} skipped)")
     stacked_masks = torch.stack(masks).long() if with_masks and masks else None

@@ -222,6 +222,29 @@ def test_images_and_masks_keep_the_same_geometry(tmp_path):
         load_analysis_images(str(images), mask_dir=str(tmp_path / "missing"))
 
 
+def test_an_unreadable_mask_skips_its_image_instead_of_reading_as_background(tmp_path, caplog):
+    """A truncated mask PNG would read as class 0 through a bare Image.open; the one decoder refuses it."""
+    from odd_images import bad_images
+
+    from entmax_vit.analysis.inputs import load_analysis_images
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(images / f"{name}.png")
+    m = np.zeros((32, 32), np.uint8)
+    m[8:24, 8:24] = 3
+    Image.fromarray(m).save(masks / "a.png")
+    truncated = next(c for c in bad_images() if c.name == "png_stream_ends_after_8_of_32_rows")
+    (masks / "b.png").write_bytes(truncated.data)
+    with caplog.at_level("WARNING", logger="entmax_vit.analysis.inputs"):
+        loaded = load_analysis_images(str(images), mask_dir=str(masks), num_images=5, image_size=32)
+    assert loaded.names == ["a.png"] and loaded.skipped == 1
+    assert set(loaded.masks[0].unique().tolist()) == {0, 3}
+    assert any("b.png" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+
+
 def test_in_memory_analyze_and_save_and_compare(tmp_path, tiny_config_kwargs):
     """The path the main job takes: models in memory, no files to load from."""
     from entmax_vit.analysis import analyze_and_save, save_comparison

@@ -261,6 +261,11 @@ def test_bad_data_is_a_clear_error_naming_the_file(case, tmp_path):
             assert path.name in str(info.value)
     assert eval_decode(case.data, "row 0") is None  # evaluation: a logged skip
     assert decode_mask(case.data, "row 0") is None  # masks get the same checks
+    from entmax_vit.analysis.inputs import mask_to_array
+
+    for value in (case.data, path, str(path), {"bytes": case.data, "path": None}):  # the analysis's masks too
+        with pytest.raises(ImageDecodeError, match=case.match):
+            mask_to_array(value)
 
 
 def test_bombs_are_refused_before_any_pixel_is_decoded(monkeypatch, tmp_path):
