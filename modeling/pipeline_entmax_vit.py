@@ -2,9 +2,10 @@
 image feature extraction, both fed by the project's one image decoder.
 
 Hub code: copied flat into the model repository (with its relative imports ``segmentation_head.py`` and
-``image_decoding.py``) and loaded by ``pipeline(model=repo, trust_remote_code=True)`` or
-``pipeline("image-segmentation", model=repo, trust_remote_code=True)``. Every input (PIL image, path, URL,
-base64, bytes) is decoded by ``image_decoding.decode_image``, the decoder training and evaluation use.
+``image_decoding.py``) and loaded by ``pipeline("image-segmentation", model=repo, trust_remote_code=True)``
+(name the task: a repository with both custom pipelines makes ``pipeline(model=repo, ...)`` raise, since
+transformers cannot pick one). Every input (PIL image, path, URL, base64, bytes) is decoded by
+``image_decoding.decode_image``, the decoder training and evaluation use.
 
 ``EntmaxViTFeatureExtractionPipeline`` is transformers' image-feature-extraction pipeline with that decoder in
 front: the built-in one opens inputs with ``transformers.image_utils.load_image``, whose ``convert("RGB")``

@@ -5,12 +5,14 @@
     python scripts/push_to_hub.py RUN/final_model --output-dir hub_repo          # offline: assemble + verify only
     python scripts/push_to_hub.py RUN/final_model --repo-id OWNER/NAME --create-pr --revision dev
 
-The repository gets the safetensors weights, config.json with auto_map (AutoConfig, AutoModel, AutoBackbone),
-the flat modeling files, preprocessor_config.json, the segmentation pipeline code and head (with --seg-head;
-``custom_pipelines`` makes ``pipeline(model=repo, trust_remote_code=True)`` find it), the results files and a
-generated README.md card. Everything goes up in ONE commit (or one PR). Token: HF_TOKEN or `hf auth login`.
-Options may be written --repo-id or --repo_id; any option can also come from a YAML file via --config FILE;
-``--results`` takes several files.
+The repository gets the safetensors weights, config.json with auto_map (AutoConfig, AutoModel, AutoBackbone)
+and ``custom_pipelines`` (our image-feature-extraction pipeline, plus image-segmentation with --seg-head), the
+flat modeling files, preprocessor_config.json, the pipeline code, the segmentation head (with --seg-head), the
+results files and a generated README.md card. Name the task when loading:
+``pipeline("image-segmentation", model=repo, trust_remote_code=True)``; with two custom tasks,
+``pipeline(model=repo, ...)`` without one raises (transformers cannot pick). Everything goes up in ONE commit
+(or one PR). Token: HF_TOKEN or `hf auth login`. Options may be written --repo-id or --repo_id; any option can
+also come from a YAML file via --config FILE; ``--results`` takes several files.
 """
 
 from __future__ import annotations
