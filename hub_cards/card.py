@@ -22,11 +22,17 @@ TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 
 PAPER_TITLE = "Vision Transformers Need Better Token Interaction"
 PAPER_ARXIV = "2605.23868"
+PAPER_AUTHOR = "Su, Linxiang"
+# The citation, character for character the README's (tests/test_hub_card.py checks README contains it).
 BIBTEX = (
-    "@article{entmaxvit2026,\n"
-    f"  title={{{PAPER_TITLE}}},\n"
-    f"  journal={{arXiv preprint arXiv:{PAPER_ARXIV}}},\n"
-    "  year={2026}\n"
+    "@article{su2026entmaxvit,\n"
+    f"  title         = {{{PAPER_TITLE}}},\n"
+    f"  author        = {{{PAPER_AUTHOR}}},\n"
+    f"  journal       = {{arXiv preprint arXiv:{PAPER_ARXIV}}},\n"
+    f"  eprint        = {{{PAPER_ARXIV}}},\n"
+    "  archivePrefix = {arXiv},\n"
+    "  primaryClass  = {cs.CV},\n"
+    "  year          = {2026}\n"
     "}"
 )
 # The paper's headline numbers (DINOv1 ViT-S/16, 200 epochs, linear segmentation probe mIoU, softmax -> entmax-1.5).

@@ -105,6 +105,16 @@ def test_model_card_load_gives_back_every_result(tmp_path):
     assert "## Citation" in text and BIBTEX in text and "{{" not in text and "{#" not in text
 
 
+def test_card_citation_is_the_readme_citation():
+    """One citation: the card's BibTeX is, character for character, the one in the README's Citation section."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    citation = readme.split("## Citation", 1)[1]
+    assert f"```bibtex\n{BIBTEX}\n```" in citation
+    assert "arXiv:2605.23868" in BIBTEX and "primaryClass  = {cs.CV}" in BIBTEX and "year          = {2026}" in BIBTEX
+
+
 def test_card_for_converted_weights_has_base_model_and_parses(tmp_path):
     model_dir = tmp_path / "converted"
     model_dir.mkdir()
@@ -131,7 +141,7 @@ def test_card_for_converted_weights_has_base_model_and_parses(tmp_path):
     assert "| 2 | 25.0 | 12.8 |" in card
     assert "21.70 M" in card
     assert "converted from `facebook/dino-vits16` (hf-vit format)" in card
-    assert BIBTEX in card and "author" not in BIBTEX                     # authors unknown: none invented
+    assert BIBTEX in card and "author        = {Su, Linxiang}" in BIBTEX  # the paper's author, none invented
     assert "image-segmentation\"" not in card                             # no segmentation usage without a head
 
 
