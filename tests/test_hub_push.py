@@ -350,7 +350,7 @@ def test_card_metadata_matches_results(release_inputs, fake_hub):
         sorted((r["dataset"]["name"], r["dataset"]["split"], k, v) for r in records for k, v in r["metrics"].items())
 
     # Sections filled from the folder, not typed by hand.
-    assert "@article{entmaxvit2026" in card and "arXiv:2605.23868" in card
+    assert "@article{su2026entmaxvit" in card and "arXiv:2605.23868" in card
     assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in card
     assert f'pipeline("image-feature-extraction", model="{REPO_ID}"' in card
     assert f'pipeline("image-segmentation", model="{REPO_ID}"' in card
