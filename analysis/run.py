@@ -101,7 +101,9 @@ def load_model(source: str, device: str = "cpu") -> torch.nn.Module:
     from transformers import AutoModel
 
     import entmax_vit.modeling  # noqa: F401  (registers EntmaxViT with the Auto classes for local folders)
+    from entmax_vit.cli.model_path import check_model_path
 
+    check_model_path(source)  # as the entry points: a missing folder or a truncated weights file is named
     try:
         model = AutoModel.from_pretrained(source, trust_remote_code=True, attn_implementation="eager")
     except (OSError, ValueError) as err:

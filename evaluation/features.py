@@ -52,6 +52,11 @@ def load_backbone(name_or_path: str, revision: Optional[str] = None, device: str
     import entmax_vit.modeling  # noqa: F401  (registers EntmaxViT with the Auto classes for local folders)
     from transformers import AutoModel
 
+    from entmax_vit.cli.model_path import check_model_path
+
+    # The entry points' check, for in-process callers too: a missing folder says so (instead of transformers'
+    # "Repo id must be in the form ..."), a truncated weights file is named.
+    check_model_path(name_or_path)
     path = resolve_model_path(name_or_path)
     model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=True)
     for attr in ("entmax_vit", "vit", "dinov2", "backbone"):

@@ -40,3 +40,24 @@ def test_training_output_dir_resolves_to_final_model(tmp_path, tiny_config_kwarg
     with pytest.raises(ValueError, match="config.json"):
         resolve_model_path(str(tmp_path / "empty"))
     assert resolve_model_path("facebook/dino-vits16") == "facebook/dino-vits16"  # Hub ids pass through
+
+
+@pytest.mark.parametrize("load", ["evaluation.features.load_backbone", "analysis.run.load_model"])
+def test_in_process_loaders_name_a_missing_folder_and_truncated_weights(load, tmp_path, tiny_config_kwargs):
+    """The entry points' model-path check holds for in-process callers (the main job, the claims) too."""
+    import importlib
+
+    module, name = load.rsplit(".", 1)
+    loader = getattr(importlib.import_module(f"entmax_vit.{module}"), name)
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(FileNotFoundError, match="model folder not found") as info:
+        loader(str(missing))
+    assert str(missing) in str(info.value) and "Repo id" not in str(info.value)
+    folder = tmp_path / "model"
+    EntmaxViTModel(EntmaxViTConfig(**tiny_config_kwargs)).save_pretrained(folder)
+    assert sum(p.numel() for p in loader(str(folder)).parameters()) > 0  # a good folder still loads
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated") as info:
+        loader(str(folder))
+    assert str(weights) in str(info.value)
