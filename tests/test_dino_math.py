@@ -305,8 +305,28 @@ def test_presets_load_and_the_paper_pair_differs_only_in_attention():
     assert cfgs["dino_vits16_100ep"]["model.attention"] == "softmax"  # the literal official recipe
     assert entmax["optim.epochs"] == 200 and entmax["data.source"] == "ILSVRC/imagenet-1k"
     assert cfgs["dino_vits16_100ep"]["optim.epochs"] == 100 and cfgs["tiny_cpu"]["data.source"] == "embedded"
-    # the 200-epoch presets are official DINO's vanilla defaults (dino_vits16_100ep) with epochs = 200
-    assert {k for k in softmax if softmax[k] != cfgs["dino_vits16_100ep"][k]} == {"output_dir", "optim.epochs"}
+    # the 200-epoch presets are official DINO's vanilla defaults (dino_vits16_100ep) with epochs = 200; the
+    # vanilla preset says attn_implementation auto, which runs sdpa for softmax (the kernel compared here)
+    vanilla = resolved_kernel("dino_vits16_100ep")
+    assert cfgs["dino_vits16_100ep"]["model.attn_implementation"] == "auto" and vanilla["model.attn_implementation"] == "sdpa"
+    assert {k for k in softmax if softmax[k] != vanilla[k]} == {"output_dir", "optim.epochs"}
+    # auto follows the transform (modeling.attention.DEFAULT_KERNELS): the vanilla recipe with entmax15 runs tiled
+    from entmax_vit.modeling.attention import DEFAULT_KERNELS
+
+    entmax_vanilla = resolved_kernel("dino_vits16_100ep", "--model.attention", "entmax15")
+    assert entmax_vanilla["model.attn_implementation"] == DEFAULT_KERNELS["entmax15"] == "tiled"
+
+
+def resolved_kernel(preset: str, *overrides: str) -> dict:
+    """A training preset, flattened, with ``model.attn_implementation`` as training resolves it (auto -> the
+    transform's default kernel)."""
+    from entmax_vit.cli.config import parse_config
+    from entmax_vit.training.config import flatten
+    from entmax_vit.training.dino import CONFIG_DIR
+    from entmax_vit.training.networks import attention_kernel
+
+    cfg = parse_config(DinoConfig, ["--config", preset, *overrides], preset_dir=CONFIG_DIR)
+    return {**flatten(to_dict(cfg)), "model.attn_implementation": attention_kernel(cfg)}
 
 
 def test_boosted_300_epoch_pair_is_official_readme_recipe():
@@ -320,7 +340,7 @@ def test_boosted_300_epoch_pair_is_official_readme_recipe():
         return flatten(to_dict(parse_config(DinoConfig, ["--config", name], preset_dir=CONFIG_DIR)))
 
     entmax, softmax = load("vits16_entmax15_300ep_boosted"), load("vits16_softmax_300ep_boosted")
-    vanilla = load("dino_vits16_100ep")
+    vanilla = resolved_kernel("dino_vits16_100ep")  # auto -> sdpa for softmax
     assert {k for k in entmax if entmax[k] != softmax[k]} == {"output_dir", "model.attention", "model.attn_implementation"}
     assert (entmax["model.attention"], entmax["model.attn_implementation"]) == ("entmax15", "compiled")
     assert (softmax["model.attention"], softmax["model.attn_implementation"]) == ("softmax", "sdpa")

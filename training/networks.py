@@ -7,6 +7,7 @@ receives gradients (requires_grad False) and is updated only by the EMA in the t
 from __future__ import annotations
 
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+from entmax_vit.modeling.attention import resolve_kernel
 from entmax_vit.training.config import DinoConfig
 from entmax_vit.training.dino_head import DINOHead
 from entmax_vit.training.multicrop_wrapper import MultiCropWrapper
@@ -23,11 +24,10 @@ def backbone_config(cfg: DinoConfig, drop_path_rate: float) -> EntmaxViTConfig:
 
 
 def attention_kernel(cfg: DinoConfig) -> str:
-    """``model.attn_implementation``, with "auto" resolved: sdpa for softmax (torch's fused kernel computes
-    exactly softmax), eager for every other transform."""
-    if cfg.model.attn_implementation != "auto":
-        return cfg.model.attn_implementation
-    return "sdpa" if cfg.model.attention == "softmax" else "eager"
+    """``model.attn_implementation``, checked against the transform; "auto" is the transform's default kernel
+    (``modeling.attention.DEFAULT_KERNELS``, the model's own rule: sdpa for softmax, tiled for the sparse ones)."""
+    requested = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+    return resolve_kernel(cfg.model.attention, requested)
 
 
 def build_networks(cfg: DinoConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
