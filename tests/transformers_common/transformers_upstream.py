@@ -1,8 +1,8 @@
 """Fetch transformers' own common model tests for the installed transformers version (test setup only).
 
 They ship in the source distribution on PyPI, not in the wheel, so the first run downloads the sdist with pip
-(``pip download --no-deps --no-binary :all: transformers==VERSION``) into ``.cache/transformers-tests/`` (git-
-ignored; ``ENTMAX_VIT_TEST_CACHE`` overrides the folder) and extracts the three files we use into a package
+(``pip download --no-deps --no-binary :all: transformers==VERSION``) into ``~/.cache/entmax_vit/transformers-tests/``
+(outside the work tree, so upstream code never sits in the repository; ``ENTMAX_VIT_TEST_CACHE`` overrides it) and extracts the three files we use into a package
 ``hf_common_tests``. Nothing of theirs is committed here. Three helper modules they import are not in the sdist;
 ``standins/`` holds our own minimal versions, copied beside them on every run:
 
@@ -33,7 +33,7 @@ STANDINS = {
     "generation/test_utils.py": "generation_test_utils.py",
 }
 _HERE = Path(__file__).resolve().parent
-_CACHE = Path(os.environ.get("ENTMAX_VIT_TEST_CACHE", _HERE.parents[1] / ".cache" / "transformers-tests")) / VERSION
+_CACHE = Path(os.environ.get("ENTMAX_VIT_TEST_CACHE", Path.home() / ".cache" / "entmax_vit" / "transformers-tests")) / VERSION
 
 
 def _download_sdist(folder: Path) -> Path:
