@@ -1,23 +1,13 @@
 """The main job (README quick start, ``make demo``): the whole release, for real, in minutes on a CPU.
 
-Stages, each the ``main(cfg)`` (or library function) of a project entry point, called in this process:
-
-1. data          render (or reuse) the embedded benchmark (entmax_vit.data)
-2. train         DINO pretraining (training/dino.py, preset ``tiny_cpu``): the one stage run as its own
-                 process, under ``accelerate launch``, so it runs on as many processes as asked
-3. knn           weighted k-NN of the frozen teacher's [CLS] (evaluation.knn.main)
-4. segmentation  linear segmentation probe on frozen patch tokens, mIoU (evaluation.segmentation_probe.main)
-5. analysis      attention maps + per-layer sparsity / semantic-diffusion metrics (analysis.run.main)
-   claims        (not run by default) the paper's two analysis claims: per-block foreground alignment and
-                 probes, [CLS] complementarity (analysis.claims.measure)
-6. hub           model card + Hub-ready folder (hub_cards.assemble), checked by reloading it with
-                 ``AutoModel.from_pretrained(..., trust_remote_code=True)`` in a fresh process that cannot
-                 import this project (hub_cards.verify), against the trained model
-
-A stage is skipped when its outputs exist and its record ``OUTPUT_DIR/stages/<stage>.json`` holds the same
-inputs: its settings and the SHA-256 of the files it read (so a retrained model reruns every evaluation).
-When it had finished with other inputs, its previous outputs are removed and it runs again; an interrupted
-stage keeps them, so training resumes from its last checkpoint. Nothing is uploaded.
+Stages, in this process, each the ``main(cfg)`` of an entry point: data (the embedded benchmark), train (DINO,
+preset ``tiny_cpu``: the one stage run as its own process, under ``accelerate launch``), knn, segmentation
+(linear probe, mIoU), analysis (attention maps, per-layer metrics), claims (not by default: the paper's two
+analysis claims) and hub (card + Hub folder, reloaded with ``trust_remote_code`` in a fresh process that cannot
+import this project). A stage is skipped when its outputs exist and ``OUTPUT_DIR/stages/<stage>.json`` records
+the same settings and SHA-256 of the files it read (a retrained model reruns every evaluation); a stage that
+finished with other inputs has its outputs removed and reruns, an interrupted one keeps them (training resumes
+from its last checkpoint). Nothing is uploaded.
 """
 
 from __future__ import annotations
@@ -40,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 CLAIM_KEYS = ("fg_shallow_minus_deep", "miou_deep_minus_shallow", "cls_gain_miou",
               "claim_shallow_aligns_probes_worse", "claim_cls_complementary")
 STAGES = ("data", "train", "knn", "segmentation", "analysis", "claims", "hub")
+FEATURES = ("patch", "patch+cls")  # segmentation probe inputs: last-layer patch tokens, with [CLS] concatenated
 
 
 @dataclass
@@ -73,26 +64,19 @@ class MainJobConfig:
     analysis_images: int = 64
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
+        if unknown := [s for s in self.stages if s not in STAGES]:
             raise ValueError(f"unknown stages {unknown}; choose from {list(STAGES)}")
-        if any(f not in ("patch", "patch+cls") for f in self.segmentation_features):
+        if any(f not in FEATURES for f in self.segmentation_features):
             raise ValueError(f"segmentation_features entries must be 'patch' or 'patch+cls', got {self.segmentation_features}")
         if self.train_processes < 1:
             raise ValueError(f"train_processes must be >= 1, got {self.train_processes}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Skipping finished stages
-# ----------------------------------------------------------------------------------------------------------
 def sha256(path: Path) -> Optional[str]:
     if not path.is_file():
         return None
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Path],
@@ -114,11 +98,10 @@ def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Pat
     print(f"\n{'=' * 100}\n[main_job] stage {name}\n{'=' * 100}", flush=True)
     start = time.perf_counter()
     result = fn()
-    result = result if isinstance(result, dict) else {}  # entry points write their results files themselves
-    missing = [str(p) for p in outputs if not p.exists()]
-    if missing:
+    if missing := [str(p) for p in outputs if not p.exists()]:
         raise SystemExit(f"[main_job] stage {name} finished but did not write {missing}")
-    record = {"stage": name, "key": key, "seconds": round(time.perf_counter() - start, 1), "result": result}
+    record = {"stage": name, "key": key, "seconds": round(time.perf_counter() - start, 1),
+              "result": result if isinstance(result, dict) else {}}  # entry points write their results files
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2, default=str))
     return {**record, "skipped": False}
@@ -126,17 +109,12 @@ def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Pat
 
 def run_process(name: str, command: list[str]) -> None:
     """A stage that is its own process (training under accelerate launch); offline unless told otherwise."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        env.setdefault(var, "1")
-    proc = subprocess.run(command, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"[main_job] stage {name} failed (exit code {proc.returncode}): {' '.join(command)}")
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+    if (code := subprocess.run(command, env=env).returncode) != 0:
+        raise SystemExit(f"[main_job] stage {name} failed (exit code {code}): {' '.join(command)}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Stages: each builds the typed config of an entry point and calls it
-# ----------------------------------------------------------------------------------------------------------
+# Stages: each builds the typed config of an entry point ----------------------------------------------------
 def training_config(cfg: MainJobConfig, train_dir: Path):
     """The DinoConfig of the train stage: the preset, the job's settings, then the user's overrides."""
     from entmax_vit.cli.config import flatten, from_dict, parse_config, to_dict
@@ -149,7 +127,7 @@ def training_config(cfg: MainJobConfig, train_dir: Path):
     if cfg.quick:  # a handful of optimizer steps on a small subset: the code path, not the result
         values.update({"optim.epochs": 1, "optim.warmup_epochs": 0, "data.max_samples": 64,
                        "checkpoint.every_steps": 0})
-    values.update(flatten(cfg.train_overrides))
+    values.update(flatten(cfg.train_overrides))  # dotted or nested keys alike (backbone_overrides is a dict)
     nested: dict = {}
     for dotted, value in values.items():
         *parents, last = dotted.split(".")
@@ -186,7 +164,7 @@ def segmentation_config(cfg: MainJobConfig, model_dir: Path, out: Path, features
     from entmax_vit.evaluation.entry_point import PRESET_DIR
     from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
 
-    if features not in ("patch", "patch+cls"):
+    if features not in FEATURES:
         raise ValueError(f"segmentation_features entries must be 'patch' or 'patch+cls', got {features!r}")
     preset = parse_config(SegmentationEvalConfig, ["--config", "embedded"], preset_dir=PRESET_DIR)
     subsets = {"epochs": 1, "max_train_samples": 128, "max_eval_samples": 64} if cfg.quick else {}
@@ -233,57 +211,54 @@ def eval_image_size(model_dir: Path) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
+def seg_dir(out: Path, features: str) -> Path:
+    return out / f"segmentation_{features.replace('+', '_')}"
+
+
 def evaluate(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> dict[str, dict]:
-    """The knn / segmentation / analysis stages of one model folder into ``out``: ``{stage: record}``."""
+    """The knn / segmentation / analysis / claims stages of one model folder into ``out``: ``{stage: record}``."""
     from entmax_vit.analysis.run import main as analyze
     from entmax_vit.cli.config import to_dict
     from entmax_vit.evaluation.knn import main as knn
     from entmax_vit.evaluation.segmentation_probe import main as segment
 
-    weights = [model_dir / "model.safetensors"]  # every stage reads them: a retrained model reruns all
-    jobs: list[tuple[str, Callable, Any, Path, Path]] = []  # (stage, entry point, its config, folder, result)
+    jobs: list[tuple[Callable, Any, Path, str]] = []  # (entry point, its config, folder, results file)
     if "knn" in stages:
-        jobs.append(("knn", knn, knn_config(cfg, model_dir, out / "knn"), out / "knn", out / "knn" / "results_knn.json"))
+        jobs.append((knn, knn_config(cfg, model_dir, out / "knn"), out / "knn", "results_knn.json"))
     if "segmentation" in stages:
-        for features in cfg.segmentation_features:
-            name = f"segmentation_{features.replace('+', '_')}"
-            jobs.append((name, segment, segmentation_config(cfg, model_dir, out / name, features), out / name,
-                         out / name / "results_segmentation.json"))
+        jobs += [(segment, segmentation_config(cfg, model_dir, seg_dir(out, f), f), seg_dir(out, f),
+                  "results_segmentation.json") for f in cfg.segmentation_features]
     if "analysis" in stages:
-        jobs.append(("analysis", analyze, analysis_config(cfg, model_dir, out / "analysis"), out / "analysis",
-                     out / "analysis" / cfg.attention / "analysis_results.json"))
+        jobs.append((analyze, analysis_config(cfg, model_dir, out / "analysis"), out / "analysis",
+                     f"{cfg.attention}/analysis_results.json"))
     if "claims" in stages:
-        jobs.append(("claims", lambda c: claims(c, model_dir, out / "claims"), claims_config(cfg), out / "claims",
-                     out / "claims" / "claims_results.json"))
-    return {name: run_stage(out, name, lambda: entry_point(stage_cfg), [result], settings=to_dict(stage_cfg),
-                            inputs=weights, clean=[folder], force=cfg.force)
-            for name, entry_point, stage_cfg, folder, result in jobs}
+        jobs.append((lambda c: claims(c, model_dir, out / "claims"), claims_config(cfg), out / "claims",
+                     "claims_results.json"))
+    weights = [model_dir / "model.safetensors"]  # every stage reads them: a retrained model reruns all
+    return {folder.name: run_stage(out, folder.name, lambda: entry(stage_cfg), [folder / result],
+                                   settings=to_dict(stage_cfg), inputs=weights, clean=[folder], force=cfg.force)
+            for entry, stage_cfg, folder, result in jobs}
 
 
-# ----------------------------------------------------------------------------------------------------------
 def summary_metrics(out: Path, attention: str, segmentation_features: Sequence[str]) -> dict[str, float]:
     """The headline numbers of one evaluated model folder (the results files the stages wrote)."""
     from entmax_vit.analysis.per_layer import unflatten_metrics
     from entmax_vit.evaluation.results import load_results
 
     metrics: dict[str, float] = {}
-    if (out / "knn" / "results_knn.json").is_file():
-        top1 = {k: v for k, v in load_results(out / "knn" / "results_knn.json")["metrics"].items()
-                if k.startswith("top1_k")}
+    if (path := out / "knn" / "results_knn.json").is_file():
+        top1 = {k: v for k, v in load_results(path)["metrics"].items() if k.startswith("top1_k")}
         best = max(top1, key=top1.get)
         metrics.update(knn_top1=top1[best], knn_best_k=float(best.removeprefix("top1_k")))
     for features in segmentation_features:
-        path = out / f"segmentation_{features.replace('+', '_')}" / "results_segmentation.json"
-        if path.is_file():
+        if (path := seg_dir(out, features) / "results_segmentation.json").is_file():
             metrics[f"seg_miou_{features.replace('+', '_')}"] = load_results(path)["metrics"]["mIoU"]
-    analysis = out / "analysis" / attention / "analysis_results.json"
-    if analysis.is_file():
-        per_layer = unflatten_metrics(load_results(analysis)["metrics"])
+    if (path := out / "analysis" / attention / "analysis_results.json").is_file():
+        per_layer = unflatten_metrics(load_results(path)["metrics"])
         for name in ("attention_zero_share", "support_mean", "attention_distance", "cos_to_cls"):
             metrics[f"last_layer_{name}"] = per_layer[max(per_layer)][name]
-    if (out / "claims" / "claims_results.json").is_file():
-        claimed = load_results(out / "claims" / "claims_results.json")["metrics"]
-        metrics.update({k: v for k, v in claimed.items() if k in CLAIM_KEYS})
+    if (path := out / "claims" / "claims_results.json").is_file():
+        metrics.update({k: v for k, v in load_results(path)["metrics"].items() if k in CLAIM_KEYS})
     return metrics
 
 
@@ -296,12 +271,11 @@ def main(cfg: MainJobConfig) -> dict:
     save_config(cfg, out / "main_job_config.yaml")
     train_dir, records = out / "train", {}
     model_dir = train_dir / "final_model"
-
     if "data" in cfg.stages:
         from entmax_vit.data.datasets import load_image_dataset
 
-        sizes = {split: len(load_image_dataset(cfg.dataset, split=split)) for split in ("train", "validation")}
-        print(f"[main_job] data {cfg.dataset}: {sizes['train']} train / {sizes['validation']} validation", flush=True)
+        sizes = [len(load_image_dataset(cfg.dataset, split=split)) for split in ("train", "validation")]
+        print(f"[main_job] data {cfg.dataset}: {sizes[0]} train / {sizes[1]} validation", flush=True)
     if "train" in cfg.stages:
         records["train"] = run_stage(out, "train", lambda: train(cfg, train_dir), [model_dir / "model.safetensors"],
                                      settings=to_dict(training_config(cfg, train_dir)),
@@ -310,13 +284,13 @@ def main(cfg: MainJobConfig) -> dict:
         raise SystemExit(f"[main_job] no trained model at {model_dir}: run the train stage first")
     records.update(evaluate(cfg, model_dir, out, cfg.stages))
     if "hub" in cfg.stages:
-        seg_dirs = [out / f"segmentation_{f.replace('+', '_')}" for f in cfg.segmentation_features]
+        seg_dirs = [seg_dir(out, f) for f in cfg.segmentation_features]
         results = [p for p in [out / "knn" / "results_knn.json", *(d / "results_segmentation.json" for d in seg_dirs)]
                    if p.is_file()]
-        heads = [d / "segmentation_head" for d in seg_dirs if (d / "segmentation_head").is_dir()]
-        seg_head = heads[-1] if heads else None  # the last probe listed ships (patch+cls by default)
-        inputs = [model_dir / "model.safetensors", *results, *(h / "segmentation_head.safetensors" for h in heads[-1:])]
-        records["hub"] = run_stage(out, "hub", lambda: hub(cfg, model_dir, out / "hub", results, seg_head),
+        heads = [d / "segmentation_head" for d in seg_dirs if (d / "segmentation_head").is_dir()][-1:]
+        # the last probe listed ships (patch+cls by default)
+        inputs = [model_dir / "model.safetensors", *results, *(h / "segmentation_head.safetensors" for h in heads)]
+        records["hub"] = run_stage(out, "hub", lambda: hub(cfg, model_dir, out / "hub", results, next(iter(heads), None)),
                                    [out / "hub" / "config.json", out / "hub" / "README.md"],
                                    settings={"repo_id": cfg.hub_repo_id}, inputs=inputs, clean=[out / "hub"],
                                    force=cfg.force)
@@ -325,16 +299,13 @@ def main(cfg: MainJobConfig) -> dict:
     if "hub" in records:
         metrics["reload_max_abs_diff"] = records["hub"]["result"]["reload_max_abs_diff"]
     summary = {"attention": cfg.attention, "quick": cfg.quick, "total_seconds": round(time.perf_counter() - start, 1),
-               "metrics": metrics,
-               "stages": {k: {"seconds": r["seconds"], "skipped": r["skipped"]} for k, r in records.items()},
-               "output_dir": str(out)}
+               "metrics": metrics, "output_dir": str(out),
+               "stages": {k: {"seconds": r["seconds"], "skipped": r["skipped"]} for k, r in records.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n[main_job] done in {summary['total_seconds'] / 60:.1f} min (attention = {cfg.attention}); {out}")
-    for name, value in metrics.items():
-        print(f"  {name:<34} {value:10.4g}")
-    for name, stage in summary["stages"].items():
-        state = "skipped (done before)" if stage["skipped"] else f"{stage['seconds']:6.1f} s"
-        print(f"  stage {name:<28} {state}")
+    print("\n".join(f"  {name:<34} {value:10.4g}" for name, value in metrics.items()))
+    print("\n".join(f"  stage {name:<28} " + ("skipped (done before)" if s["skipped"] else f"{s['seconds']:6.1f} s")
+                    for name, s in summary["stages"].items()))
     for path in (model_dir, out / "analysis" / cfg.attention / "attention_maps_0.png", out / "hub", out / "summary.json"):
         if path.exists():
             print(f"  wrote {path}")
