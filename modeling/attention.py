@@ -63,6 +63,7 @@ from .tiled_attention import (
     SPARSEMAX_NEWTON_STEPS,
     TILED_TRANSFORMS,
     _lower_bound,
+    compiled_twin,
     tiled_attention,
 )
 
@@ -177,17 +178,10 @@ def _sparsemax_backward(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor
     return g - on * (g.sum(dim=-1, keepdim=True) / on.sum(dim=-1, keepdim=True))
 
 
-_COMPILED: dict[str, Callable] = {}
-
-
 def _kernel(fn: Callable, compiled: bool) -> Callable:
-    """``fn`` itself, or its torch.compile'd twin (compiled once per process; same code, fused loops). Inside an
-    outer torch.compile / torch.export the plain function is traced (the outer compiler fuses it anyway)."""
-    if not compiled or _tracing():
-        return fn
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn.__name__]
+    """``fn`` itself, or its torch.compile'd twin (static shapes). Inside an outer torch.compile / torch.export
+    the plain function is traced (the outer compiler fuses it anyway)."""
+    return compiled_twin(fn, compiled and not _tracing(), dynamic=False)
 
 
 def _certified(probs: torch.Tensor, scores: torch.Tensor, ok: torch.Tensor, reference: Callable) -> torch.Tensor:
@@ -454,13 +448,13 @@ def tiled_kernel(query, key, value, attention_mask=None, *, transform: str, alph
     if need_weights or attention_mask is not None or dropout > 0:
         return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
                             dropout=dropout, need_weights=need_weights, compiled=compiled)
-    run = _kernel(tiled_attention, compiled)
-    return run(query, key, value, transform=transform, scaling=scaling, alpha=alpha), None
+    return tiled_attention(query, key, value, transform=transform, scaling=scaling, alpha=alpha,
+                           compiled=compiled and not _tracing()), None
 
 
 def tiled_compiled_kernel(query, key, value, attention_mask=None, **kwargs):
-    """The tiled kernel through torch.compile: each block's passes fuse into a few loops (C++ on CPU, Triton
-    kernels on CUDA)."""
+    """The tiled kernel with each block through torch.compile (the block loop stays in Python): a block's
+    passes fuse into a few loops (C++ on CPU, Triton kernels on CUDA)."""
     return tiled_kernel(query, key, value, attention_mask, compiled=True, **kwargs)
 
 

@@ -110,20 +110,21 @@ def sparsemax_sort_threshold(y: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------
 # Thresholds on one block. y: (G, Bq, N) scores minus their row max (row max 0); e: a work buffer of the same
-# shape. Each returns the threshold t (G, Bq, 1) and e = (y - t)_+, the basis of the probabilities; y is
-# overwritten (it serves as scratch for the certificate). ``rescore()`` recomputes y for the sort fallback.
-# Buffers are reused and ops run in place because on CPU a fresh multi-MB tensor costs page faults that are
-# dearer than the arithmetic on it (about 3x for a 2 MB block); under torch.compile the passes fuse anyway.
+# shape, or None. Each returns the threshold t (G, Bq, 1) and e = (y - t)_+, the basis of the probabilities;
+# with a buffer y is overwritten too (scratch for the certificate). ``rescore()`` recomputes y for the sort
+# fallback. Eagerly, buffers are reused and ops run in place because on CPU a fresh multi-MB tensor costs page
+# faults that are dearer than the arithmetic on it (about 3x for a 2 MB block); compiled (no buffers), the
+# passes fuse and inductor plans the memory.
 # ----------------------------------------------------------------------------------------------------------
-def _relu_sub(y: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """(y - t)_+ written into ``out``."""
-    return torch.sub(y, t, out=out).clamp_min_(0)
+def _relu_sub(y: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """(y - t)_+, written into ``out`` if given."""
+    return (y - t if out is None else torch.sub(y, t, out=out)).clamp_min_(0)
 
 
-def _count_positive(e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _count_positive(e: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     """Positive entries per row of a non-negative ``e``, as float (G, Bq, 1); ``out`` is scratch (may be e).
     sign().sum() is several times faster on CPU than count_nonzero or (e > 0).sum() (no bool/int64 pass)."""
-    return torch.sign(e, out=out).sum(dim=-1, keepdim=True)
+    return (torch.sign(e) if out is None else torch.sign(e, out=out)).sum(dim=-1, keepdim=True)
 
 
 def entmax15_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,37 +135,39 @@ def entmax15_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tuple
     solved on, so the root solves the equation on its own support and is the unique threshold. The check
     holds whatever the iterates were (no lower-bound assumption, so rounding cannot certify a wrong row).
     """
+    buf = e
     t = 2 * _lower_bound(mean / 2, y.shape[-1], 0.5)  # (G, Bq, 1), t <= t*
     for _ in range(steps):
-        _relu_sub(y, t, e)
+        e = _relu_sub(y, t, buf)
         norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True) / 2  # ||d||_2
         t = t + 4 * norm * (norm - 1) / e.sum(dim=-1, keepdim=True)  # tau += norm (norm - 1) / sum(d)
-    _relu_sub(y, t, e)
+    e = _relu_sub(y, t, buf)
     s1 = e.sum(dim=-1, keepdim=True)
     s2 = torch.linalg.vector_norm(e, dim=-1, keepdim=True) ** 2
-    k = _count_positive(e, out=e)  # support size at t (e is scratch until recomputed below)
+    k = _count_positive(e, out=buf)  # support size at t (e is scratch until recomputed below)
     mean_e = s1 / k
     # smaller root u of k u^2 - 2 s1 u + s2 - 4 = 0: sum over the support of (e - u)^2 = 4, i.e. sum p = 1
     t = t + mean_e - torch.sqrt(torch.clamp((4 - s2 + s1 * mean_e) / k, min=0))
-    _relu_sub(y, t, e)
-    ok = _count_positive(e, out=y) == k  # (G, Bq, 1); y is scratch from here
+    e = _relu_sub(y, t, buf)
+    ok = _count_positive(e, out=None if buf is None else y) == k  # (G, Bq, 1); y is scratch from here
     return _certified(ok, t, e, rescore, entmax15_sort_threshold)
 
 
 def sparsemax_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact sparsemax threshold (p = e = (y - t)_+): Michelot's algorithm (Newton on sum(e) - 1) from the
     certified lower bound, the closed form on the support found, the same certificate as entmax-1.5."""
+    buf = e
     t = _lower_bound(mean, y.shape[-1], 1.0)
     for _ in range(steps):
-        _relu_sub(y, t, e)
+        e = _relu_sub(y, t, buf)
         s1 = e.sum(dim=-1, keepdim=True)
-        t = t + (s1 - 1) / _count_positive(e, out=e)
-    _relu_sub(y, t, e)
+        t = t + (s1 - 1) / _count_positive(e, out=buf)
+    e = _relu_sub(y, t, buf)
     s1 = e.sum(dim=-1, keepdim=True)
-    k = _count_positive(e, out=e)
+    k = _count_positive(e, out=buf)
     t = t + (s1 - 1) / k
-    _relu_sub(y, t, e)
-    ok = _count_positive(e, out=y) == k
+    e = _relu_sub(y, t, buf)
+    ok = _count_positive(e, out=None if buf is None else y) == k
     return _certified(ok, t, e, rescore, sparsemax_sort_threshold)
 
 
@@ -241,12 +244,98 @@ def bisect_block_threshold(
 # ----------------------------------------------------------------------------------------------------------
 # One block: scores -> probability basis, and the backward's dS from it
 # ----------------------------------------------------------------------------------------------------------
-def _block_scores(q_blk, key_t, out: torch.Tensor, m: Optional[torch.Tensor] = None):
-    """y = q_blk key^T - row max, written into ``out`` (G, Bq, N); returns (y, m). q_blk is already scaled."""
-    s = torch.matmul(q_blk, key_t, out=out)
+def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.Tensor] = None):
+    """y = q_blk key^T - row max (written into ``out`` if given), (G, Bq, N); returns (y, m). q_blk is scaled."""
+    s = torch.matmul(q_blk, key_t) if out is None else torch.matmul(q_blk, key_t, out=out)
     if m is None:
         m = s.amax(dim=-1, keepdim=True)  # (G, Bq, 1)
     return s.sub_(m), m
+
+
+def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transform: str,
+                  scalar_alpha: Optional[float]):
+    """One block of the forward: (out, m, t, z) = P V of the block and its per-row state (z: alpha-entmax's
+    normaliser, else None). q_blk (G, Bq, d) is already scaled; key_t (G, d, N); key_mean (G, d, 1);
+    value (G, N, e); alpha_blk (G, Bq, 1) (alpha-entmax only); y_buf, e_buf: (G, Bq, N) work buffers or None."""
+    y, m = _block_scores(q_blk, key_t, y_buf)  # (G, Bq, N), (G, Bq, 1)
+    mean = torch.matmul(q_blk, key_mean) - m  # (G, Bq, 1), row mean of y
+
+    def rescore():  # fresh y for the sort fallback
+        return torch.matmul(q_blk, key_t) - m
+
+    z = None
+    if transform == "entmax15":
+        t, e = entmax15_block_threshold(y, e_buf, mean, ENTMAX15_NEWTON_STEPS, rescore)
+        # p = e^2 / 4: the 1/4 is applied to the (Bq, d) output rather than the (Bq, N) block
+        out = torch.matmul(e.mul_(e), value).mul_(0.25)
+    elif transform == "sparsemax":
+        t, e = sparsemax_block_threshold(y, e_buf, mean, SPARSEMAX_NEWTON_STEPS, rescore)
+        out = torch.matmul(e, value)
+    else:
+        am1 = alpha_blk - 1
+        q = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
+        x = y.mul_(am1)
+        t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(y.dtype).eps)
+        out = torch.matmul(torch.clamp(x - t, min=0) ** q, value) / z
+    return out, m, t, z
+
+
+def backward_block(q_blk, do_blk, key, key_t, value_t, m_blk, t_blk, z_blk, alpha_blk, dk, dv, y_buf, dp_buf,
+                   transform: str, scalar_alpha: Optional[float], need_alpha: bool, scaling: float):
+    """One block of the backward: recomputes the block's probabilities with the forward's arithmetic, adds its
+    share to ``dk``, ``dv`` (G, N, d) in place, and returns (dq_blk, dalpha_blk or None)."""
+    y, _ = _block_scores(q_blk, key_t, y_buf, m_blk)  # the forward's arithmetic: bit-identical probabilities
+    dp = torch.matmul(do_blk, value_t) if dp_buf is None else torch.matmul(do_blk, value_t, out=dp_buf)  # dL/dP
+    dalpha = None
+    if transform == "entmax15":
+        e = y.sub_(t_blk).clamp_min_(0)  # p = e^2 / 4, g = sqrt(p) = e / 2
+        gdp = dp.mul_(e)
+        r = gdp.sum(dim=-1, keepdim=True) / e.sum(dim=-1, keepdim=True)
+        ds, ds_scale = gdp.addcmul_(e, r, value=-1), 0.5  # ds = 2 dS
+        dv.baddbmm_(e.mul_(e).transpose(-2, -1), do_blk, alpha=0.25)
+    elif transform == "sparsemax":
+        e = y.sub_(t_blk).clamp_min_(0)  # p = e, g = 1 on the support
+        dv.baddbmm_(e.transpose(-2, -1), do_blk)
+        g = e.sign_()
+        gdp = dp.mul_(g)
+        r = gdp.sum(dim=-1, keepdim=True) / g.sum(dim=-1, keepdim=True)
+        ds, ds_scale = gdp.addcmul_(g, r, value=-1), 1.0
+    else:
+        am1 = alpha_blk - 1
+        exponent = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
+        p = torch.clamp(y.mul_(am1) - t_blk, min=0) ** exponent / z_blk
+        pos = p > 0
+        g_exp = 2 - (scalar_alpha if scalar_alpha is not None else alpha_blk)
+        g = torch.where(pos, p.clamp(min=1e-38) ** g_exp, 0)  # p^(2 - alpha) on the support
+        g_sum = g.sum(dim=-1, keepdim=True)
+        gdp = dp * g
+        ds, ds_scale = gdp - g * (gdp.sum(dim=-1, keepdim=True) / g_sum), 1.0
+        if need_alpha:  # Correia et al. (2019), eq. 13, per row
+            plogp = torch.where(pos, p * torch.log(p.clamp(min=1e-38)), 0)
+            g_norm = g / g_sum
+            d_alpha = (p - g_norm) / am1**2 - (plogp - g_norm * plogp.sum(dim=-1, keepdim=True)) / am1
+            dalpha = (dp * d_alpha).sum(dim=-1, keepdim=True)
+        dv.baddbmm_(p.transpose(-2, -1), do_blk)
+    dk.baddbmm_(ds.transpose(-2, -1), q_blk, alpha=ds_scale)  # q_blk carries the scaling
+    return torch.matmul(ds, key).mul_(ds_scale * scaling), dalpha
+
+
+# Compiled twins (kernel "tiled_compiled", and attention.py's "compiled"): the same function through
+# torch.compile, built once per process. Here the block functions are compiled, not the whole call: the Python
+# block loop stays eager and each block's passes run as a few fused loops (C++/OpenMP on CPU, Triton on CUDA),
+# with a graph one block long whatever N (compiling the whole call unrolls its loop: at N = 3137 about 150
+# blocks, which took over 15 minutes to compile on 2 cores). dynamic=None for the blocks: the edge blocks'
+# shapes make dynamo recompile once with dynamic sizes instead of once per shape.
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_twin(fn: Callable, compiled: bool = True, dynamic: Optional[bool] = None) -> Callable:
+    """``fn`` itself, or its torch.compile'd twin (one per function and process; same code, same numbers)."""
+    if not compiled:
+        return fn
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=dynamic)
+    return _COMPILED[fn.__name__]
 
 
 def _blocks(batch_heads: int, n: int, heads: int, rows: int):
@@ -263,13 +352,15 @@ def _cat_blocks(blocks: list[list[torch.Tensor]]) -> torch.Tensor:
 
 class _Buffers:
     """Two (G, Bq, N) work buffers reused by every block of one call (views of the same storage for the
-    smaller edge blocks), so the block loop allocates nothing large."""
+    smaller edge blocks), so the eager block loop allocates nothing large. None for compiled blocks."""
 
-    def __init__(self, like: torch.Tensor, block: tuple[int, int], n: int) -> None:
+    def __init__(self, like: torch.Tensor, block: tuple[int, int], n: int, enabled: bool = True) -> None:
         size = min(block[0], like.shape[0]) * min(block[1], like.shape[1]) * n
-        self.flat = [like.new_empty(size), like.new_empty(size)]
+        self.flat = [like.new_empty(size), like.new_empty(size)] if enabled else None
 
-    def views(self, q_blk: torch.Tensor, n: int) -> list[torch.Tensor]:
+    def views(self, q_blk: torch.Tensor, n: int) -> list[Optional[torch.Tensor]]:
+        if self.flat is None:
+            return [None, None]
         g, r = q_blk.shape[:2]
         return [buf[: g * r * n].view(g, r, n) for buf in self.flat]
 
@@ -280,44 +371,27 @@ class _TiledEntmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, alpha_rows, transform: str, scaling: float, block: tuple[int, int],
-                scalar_alpha: Optional[float]):
-        n = key.shape[1]
+                scalar_alpha: Optional[float], compiled: bool = False):
+        n, bisect = key.shape[1], transform == "entmax_bisect"
         key_t = key.transpose(-2, -1)  # (BH, d, N)
         key_mean = key.mean(dim=-2).unsqueeze(-1)  # (BH, d, 1): a row mean of the scores is q . mean(k)
-        buffers = _Buffers(query, block, n)
+        buffers = _Buffers(query, block, n, enabled=not compiled)
+        run = compiled_twin(forward_block, compiled)
         outs, ms, ts, zs = [], [], [], []
         for heads, row_slices in _blocks(query.shape[0], query.shape[1], *block):  # unrolled when captured
             for blocks in (outs, ms, ts, zs):
                 blocks.append([])
             for rows in row_slices:
                 q_blk = query[heads, rows] * scaling  # (G, Bq, d)
-                y, e = buffers.views(q_blk, n)  # (G, Bq, N) each
-                y, m = _block_scores(q_blk, key_t[heads], y)  # (G, Bq, N), (G, Bq, 1)
-                mean = torch.matmul(q_blk, key_mean[heads]) - m  # (G, Bq, 1), row mean of y
-
-                def rescore(q_blk=q_blk, heads=heads, m=m):  # fresh y for the sort fallback
-                    return torch.matmul(q_blk, key_t[heads]) - m
-
-                if transform == "entmax15":
-                    t, e = entmax15_block_threshold(y, e, mean, ENTMAX15_NEWTON_STEPS, rescore)
-                    # p = e^2 / 4: the 1/4 is applied to the (Bq, d) output rather than the (Bq, N) block
-                    out = torch.matmul(e.mul_(e), value[heads]).mul_(0.25)
-                elif transform == "sparsemax":
-                    t, e = sparsemax_block_threshold(y, e, mean, SPARSEMAX_NEWTON_STEPS, rescore)
-                    out = torch.matmul(e, value[heads])
-                else:
-                    am1 = alpha_rows[heads, rows] - 1
-                    q = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
-                    x = y.mul_(am1)
-                    t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(y.dtype).eps)
-                    out = torch.matmul(torch.clamp(x - t, min=0) ** q, value[heads]) / z
-                    zs[-1].append(z)
-                outs[-1].append(out)
-                ms[-1].append(m)
-                ts[-1].append(t)
-        state = [_cat_blocks(ms), _cat_blocks(ts)] + ([_cat_blocks(zs)] if transform == "entmax_bisect" else [])
+                out, m, t, z = run(q_blk, key_t[heads], key_mean[heads], value[heads],
+                                   alpha_rows[heads, rows] if bisect else None, *buffers.views(q_blk, n),
+                                   transform, scalar_alpha)
+                for blocks, value_blk in ((outs, out), (ms, m), (ts, t), (zs, z)):
+                    blocks[-1].append(value_blk)
+        state = [_cat_blocks(ms), _cat_blocks(ts)] + ([_cat_blocks(zs)] if bisect else [])
         ctx.save_for_backward(query, key, value, alpha_rows, *state)
         ctx.transform, ctx.scaling, ctx.block, ctx.scalar_alpha = transform, scaling, block, scalar_alpha
+        ctx.compiled = compiled
         return _cat_blocks(outs)
 
     @staticmethod
@@ -328,12 +402,12 @@ class _TiledEntmax(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         query, key, value, alpha_rows, m, t, *z = ctx.saved_tensors
-        transform, scaling, scalar_alpha = ctx.transform, ctx.scaling, ctx.scalar_alpha
-        need_alpha = ctx.needs_input_grad[3]
+        bisect, need_alpha = ctx.transform == "entmax_bisect", ctx.needs_input_grad[3]
         n = key.shape[1]
         grad_out = grad_out.contiguous()
         key_t, value_t = key.transpose(-2, -1), value.transpose(-2, -1)
-        buffers = _Buffers(query, ctx.block, n)
+        buffers = _Buffers(query, ctx.block, n, enabled=not ctx.compiled)
+        run = compiled_twin(backward_block, ctx.compiled)
         dq_blocks, dk_blocks, dv_blocks, dalpha_blocks = [], [], [], []
         for heads, row_slices in _blocks(query.shape[0], query.shape[1], *ctx.block):
             dq_blocks.append([])
@@ -341,48 +415,17 @@ class _TiledEntmax(torch.autograd.Function):
             dk = torch.zeros_like(key[heads])  # (G, N, d), summed over the query blocks
             dv = torch.zeros_like(value[heads])
             for rows in row_slices:
-                q_blk = query[heads, rows] * scaling  # (G, Bq, d)
-                do_blk = grad_out[heads, rows]
-                y, dp = buffers.views(q_blk, n)
-                y, _ = _block_scores(q_blk, key_t[heads], y, m[heads, rows])  # the forward's arithmetic
-                dp = torch.matmul(do_blk, value_t[heads], out=dp)  # (G, Bq, N): gradient w.r.t. P
-                t_blk = t[heads, rows]
-                if transform == "entmax15":
-                    e = y.sub_(t_blk).clamp_min_(0)  # p = e^2 / 4, g = sqrt(p) = e / 2
-                    gdp = dp.mul_(e)
-                    r = gdp.sum(dim=-1, keepdim=True) / e.sum(dim=-1, keepdim=True)
-                    ds, ds_scale = gdp.addcmul_(e, r, value=-1), 0.5  # ds = 2 dS
-                    dv.baddbmm_(e.mul_(e).transpose(-2, -1), do_blk, alpha=0.25)
-                elif transform == "sparsemax":
-                    e = y.sub_(t_blk).clamp_min_(0)  # p = e, g = 1 on the support
-                    dv.baddbmm_(e.transpose(-2, -1), do_blk)
-                    g = e.sign_()
-                    gdp = dp.mul_(g)
-                    r = gdp.sum(dim=-1, keepdim=True) / g.sum(dim=-1, keepdim=True)
-                    ds, ds_scale = gdp.addcmul_(g, r, value=-1), 1.0
-                else:
-                    alpha = alpha_rows[heads, rows]
-                    am1 = alpha - 1
-                    exponent = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
-                    p = torch.clamp(y.mul_(am1) - t_blk, min=0) ** exponent / z[0][heads, rows]
-                    pos = p > 0
-                    g_exp = 2 - (scalar_alpha if scalar_alpha is not None else alpha)
-                    g = torch.where(pos, p.clamp(min=1e-38) ** g_exp, 0)  # p^(2 - alpha) on the support
-                    g_sum = g.sum(dim=-1, keepdim=True)
-                    gdp = dp * g
-                    ds, ds_scale = gdp - g * (gdp.sum(dim=-1, keepdim=True) / g_sum), 1.0
-                    if need_alpha:  # Correia et al. (2019), eq. 13, per row
-                        plogp = torch.where(pos, p * torch.log(p.clamp(min=1e-38)), 0)
-                        g_norm = g / g_sum
-                        d_alpha = (p - g_norm) / am1**2 - (plogp - g_norm * plogp.sum(dim=-1, keepdim=True)) / am1
-                        dalpha_blocks[-1].append((dp * d_alpha).sum(dim=-1, keepdim=True))
-                    dv.baddbmm_(p.transpose(-2, -1), do_blk)
-                dq_blocks[-1].append(torch.matmul(ds, key[heads]).mul_(ds_scale * scaling))
-                dk.baddbmm_(ds.transpose(-2, -1), q_blk, alpha=ds_scale)  # q_blk carries the scaling
+                q_blk = query[heads, rows] * ctx.scaling  # (G, Bq, d)
+                dq, dalpha = run(q_blk, grad_out[heads, rows], key[heads], key_t[heads], value_t[heads],
+                                 m[heads, rows], t[heads, rows], z[0][heads, rows] if bisect else None,
+                                 alpha_rows[heads, rows] if bisect else None, dk, dv, *buffers.views(q_blk, n),
+                                 ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
+                dq_blocks[-1].append(dq)
+                dalpha_blocks[-1].append(dalpha)
             dk_blocks.append(dk)
             dv_blocks.append(dv)
         dalpha = _cat_blocks(dalpha_blocks) if need_alpha else None
-        return _cat_blocks(dq_blocks), torch.cat(dk_blocks), torch.cat(dv_blocks), dalpha, None, None, None, None
+        return _cat_blocks(dq_blocks), torch.cat(dk_blocks), torch.cat(dv_blocks), dalpha, None, None, None, None, None
 
 
 def tiled_attention(
@@ -394,6 +437,7 @@ def tiled_attention(
     scaling: float,
     alpha=None,
     block: Optional[tuple[int, int]] = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Exact sparse attention ``transform(scaling q k^T) v`` computed in blocks: query (B, H, N, d), key
     (B, H, M, d), value (B, H, M, e) -> (B, H, N, e).
@@ -401,7 +445,8 @@ def tiled_attention(
     ``transform``: one of TILED_TRANSFORMS. ``alpha`` (entmax_bisect only): None (1.5), a float, or a tensor
     broadcastable to (B, H, N, 1), e.g. (H, 1, 1) per head; gradients flow to it. ``block``: (heads, query
     rows) per block over the flattened (B*H, N) rows (default: ``block_shape``, from BLOCK_BYTES). Half
-    precision is computed in float32.
+    precision is computed in float32. ``compiled``: run each block through ``torch.compile`` (the block loop
+    stays eager; ignored while an outer graph is captured, which traces the plain blocks).
     """
     if transform not in TILED_TRANSFORMS:
         raise ValueError(f"tiled_attention supports {TILED_TRANSFORMS}, not {transform!r}")
@@ -432,7 +477,8 @@ def tiled_attention(
 
     with torch.autocast(query.device.type, enabled=False):  # the kernel's matmuls stay in float32
         out = _TiledEntmax.apply(
-            rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block, scalar_alpha
+            rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block, scalar_alpha,
+            compiled and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()),
         )
     return out.view(batch, heads, n_q, value.shape[-1]).to(dtype)
 
@@ -441,6 +487,7 @@ __all__ = [
     "BLOCK_BYTES",
     "TILED_TRANSFORMS",
     "block_shape",
+    "compiled_twin",
     "entmax15_sort_threshold",
     "sparsemax_sort_threshold",
     "tiled_attention",

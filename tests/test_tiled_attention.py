@@ -268,6 +268,23 @@ def test_tiled_compiled_kernel_equals_tiled() -> None:
         torch.testing.assert_close(compiled, tiled, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("transform", ["entmax15", "sparsemax"])
+def test_compiled_blocks_equal_eager_blocks_with_edge_blocks(transform) -> None:
+    """compiled=True compiles the block functions, not the call: several blocks, edge blocks of other shapes
+    (recompiled with dynamic sizes) and a second N all give the eager blocks' numbers, gradients included."""
+    for n in (23, 9):
+        q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for _ in range(3))
+        grad = torch.randn(2, 3, n, 8)
+        results = []
+        for compiled in (False, True):
+            out = T.tiled_attention(q, k, v, transform=transform, scaling=0.9, block=(4, 5), compiled=compiled)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+    assert set(T._COMPILED) >= {"forward_block", "backward_block"}
+
+
 def test_bench_model_extraction_and_memory_smoke() -> None:
     """bench_model's per-size feature extraction and training-step memory rows (structure, never timings)."""
     import importlib.util
