@@ -454,7 +454,9 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a temporary name of this process: two jobs saving into one folder (parallel reproduction lanes) must not
+    # rename each other's half-written file away
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, path)
     return path

@@ -134,6 +134,19 @@ def test_save_config_round_trip(tmp_path):
     assert from_dict(Toy, yaml.safe_load(path.read_text())) == cfg
 
 
+def test_save_config_from_two_processes_into_one_path(tmp_path):
+    """Two jobs saving the same config path at once (parallel lanes of the mini reproduction share an output
+    folder) each complete: neither renames the other's temporary file away."""
+    code = ("import sys; from entmax_vit.cli.config import save_config; from entmax_vit.training.config import DinoConfig\n"
+            "for _ in range(200): save_config(DinoConfig(), sys.argv[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "c.yaml")], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert from_dict(DinoConfig, yaml.safe_load((tmp_path / "c.yaml").read_text())) == DinoConfig()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_flatten_is_the_single_implementation():
     from entmax_vit.training import config as training_config
 
