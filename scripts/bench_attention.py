@@ -45,6 +45,8 @@ class BenchAttentionConfig:
     min_rounds: int = 3  # ... but never before this many timed rounds
     package: bool = True  # include the `entmax` package (entmax15, entmax_bisect)
     compiled: bool = True  # include our kernel="compiled" path (torch.compile; first call compiles)
+    # only these methods (names as in the table; softmax_sdpa, the baseline, always runs); empty = all
+    methods: list[str] = field(default_factory=list)
     threads: Optional[int] = None  # torch.set_num_threads; None = torch default
     quick: bool = False  # 5 repeats, no N = 3137 case, no package rows
     json: bool = False  # print the results JSON to stdout instead of the table
@@ -91,6 +93,11 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
     methods["sparsemax_ours_tiled"] = tiled("sparsemax")
     methods["entmax_bisect_ours_tiled"] = tiled("entmax_bisect")
     methods["entmax_bisect_ours_eager"] = ours("entmax_bisect", "eager")
+    if cfg.methods:
+        unknown = sorted(set(cfg.methods) - set(methods))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {sorted(methods)}")
+        methods = {name: fn for name, fn in methods.items() if name == "softmax_sdpa" or name in cfg.methods}
     return methods
 
 
