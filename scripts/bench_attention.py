@@ -47,6 +47,9 @@ class BenchAttentionConfig:
     compiled: bool = True  # include our kernel="compiled" path (torch.compile; first call compiles)
     # only these methods (names as in the table; softmax_sdpa, the baseline, always runs); empty = all
     methods: list[str] = field(default_factory=list)
+    # instead of timing: torch.profiler of the forward of SDPA and our tiled entmax15 per case (the ATen calls
+    # and their share of the time), written to OUTPUT_DIR/profile_N<tokens>.txt
+    profile: bool = False
     threads: Optional[int] = None  # torch.set_num_threads; None = torch default
     quick: bool = False  # 5 repeats, no N = 3137 case, no package rows
     json: bool = False  # print the results JSON to stdout instead of the table
@@ -164,6 +167,28 @@ def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
     return {"batch": batch, "heads": cfg.heads, "tokens": tokens, "head_dim": cfg.head_dim, "methods": results}
 
 
+def profile_case(cfg: BenchAttentionConfig, batch: int, tokens: int, out_dir: Path) -> Path:
+    """torch.profiler tables of the forward of softmax SDPA and of entmax15 ``tiled`` at one case."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    q, k, v = (torch.randn(batch, cfg.heads, tokens, cfg.head_dim, generator=gen) for _ in range(3))
+    methods = _methods(cfg, cfg.head_dim**-0.5)
+    lines = []
+    for name in ("softmax_sdpa", "entmax15_ours_tiled"):
+        with torch.no_grad():
+            for _ in range(2):
+                methods[name](q, k, v)  # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    methods[name](q, k, v)
+        lines += [f"== {name}, (B, H, N, d) = ({batch}, {cfg.heads}, {tokens}, {cfg.head_dim}), 5 forwards",
+                  prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), ""]
+    path = out_dir / f"profile_N{tokens}.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def format_table(cases: list[dict]) -> str:
     lines = []
     for case in cases:
@@ -188,6 +213,10 @@ def main(cfg: BenchAttentionConfig) -> dict:
     save_config(cfg, out_dir / "bench_attention_config.yaml")
     torch.manual_seed(cfg.seed)
     shapes = [(b, n) for b in cfg.batch_sizes for n in cfg.tokens] or [tuple(c) for c in cfg.cases]
+    if cfg.profile:
+        paths = [profile_case(cfg, batch, tokens, out_dir) for batch, tokens in shapes]
+        print("\n\n".join(p.read_text() for p in paths))
+        return {"benchmark": "attention_profile", "files": [str(p) for p in paths]}
     cases = []
     for batch, tokens in tqdm(shapes, desc="attention cases"):
         log.info("benchmarking B=%d H=%d N=%d d=%d", batch, cfg.heads, tokens, cfg.head_dim)

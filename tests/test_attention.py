@@ -251,6 +251,20 @@ def test_bench_attention_smoke(tmp_path) -> None:
     assert (tmp_path / "bench_attention_config.yaml").is_file()
 
 
+def test_bench_attention_methods_filter_and_profile(tmp_path) -> None:
+    bench = _load_script("bench_attention")
+    small = dict(batch_sizes=[1], tokens=[9], heads=2, head_dim=8, repeats=1, warmup=0, compiled=False,
+                 package=False, output_dir=str(tmp_path))
+    record = bench.main(bench.BenchAttentionConfig(methods=["entmax15_ours_tiled"], **small))
+    assert list(record["cases"][0]["methods"]) == ["softmax_sdpa", "entmax15_ours_tiled"]
+    with pytest.raises(ValueError, match="unknown methods"):
+        bench.main(bench.BenchAttentionConfig(methods=["entmax15_fast"], **small))
+    profiled = bench.main(bench.BenchAttentionConfig(profile=True, **small))
+    text = (tmp_path / "profile_N9.txt").read_text()
+    assert profiled["files"] == [str(tmp_path / "profile_N9.txt")]
+    assert "== softmax_sdpa" in text and "== entmax15_ours_tiled" in text and "aten::bmm" in text
+
+
 def test_entmax15_training_step_peak_memory_matches_softmax(tiny_config_kwargs) -> None:
     """entmax-1.5 keeps only its output for backward, so a training step's peak memory is softmax's (eager)."""
     from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
