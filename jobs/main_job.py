@@ -43,7 +43,7 @@ class MainJobConfig:
     dataset: str = "embedded"
     # Seed of the pretraining run (weights, data order, augmentations).
     seed: int = 0
-    # Training preset of training/configs/ (tiny_cpu: a ~5 min ViT on the embedded scenes on 2 CPU cores).
+    # Training preset of training/configs/ (tiny_cpu: a tiny ViT on the embedded scenes, ~15 min of one CPU thread).
     training_preset: str = "tiny_cpu"
     # Extra training overrides as a mapping, e.g. --train_overrides "{optim.epochs: 10}".
     train_overrides: dict = field(default_factory=dict)

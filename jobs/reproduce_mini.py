@@ -37,7 +37,7 @@ class ReproduceMiniConfig:
     seeds: list[int] = field(default_factory=list)
     # Dataset of every stage (see the main job), e.g. "embedded:num_train=4000,num_validation=800".
     dataset: str = "embedded"
-    # Training preset shared by every run (tiny_cpu: the main job's ~5 min budget per model).
+    # Training preset shared by every run (tiny_cpu: the main job's budget, ~15 min of one CPU thread per model).
     training_preset: str = "tiny_cpu"
     # Extra training overrides applied to EVERY run, e.g. --train_overrides "{optim.epochs: 40}".
     train_overrides: dict = field(default_factory=dict)
