@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .main_job import FEATURES as PROBE_FEATURES, MainJobConfig, main as main_job, summary_metrics
+from .main_job import FEATURES, MainJobConfig, main as main_job, summary_metrics
 from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, comparison_lines
-
-FEATURES = list(PROBE_FEATURES)  # both segmentation probes on every run
 
 
 @dataclass

@@ -449,7 +449,7 @@ def tiled_kernel(query, key, value, attention_mask=None, *, transform: str, alph
         return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
                             dropout=dropout, need_weights=need_weights, compiled=compiled)
     return tiled_attention(query, key, value, transform=transform, scaling=scaling, alpha=alpha,
-                           compiled=compiled and not _tracing()), None
+                           compiled=compiled), None  # tiled_attention ignores it under an outer capture
 
 
 def tiled_compiled_kernel(query, key, value, attention_mask=None, **kwargs):

@@ -478,7 +478,7 @@ def tiled_attention(
     with torch.autocast(query.device.type, enabled=False):  # the kernel's matmuls stay in float32
         out = _TiledEntmax.apply(
             rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block, scalar_alpha,
-            compiled and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()),
+            compiled and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()),
         )
     return out.view(batch, heads, n_q, value.shape[-1]).to(dtype)
 
