@@ -35,10 +35,10 @@ from entmax_vit.training.checkpointing import (
     PRUNED_PREFIX, STATE_FILE, TMP_PREFIX, describe_leftover, list_checkpoints, read_trainer_state,
 )
 from entmax_vit.training.metrics_log import read_metrics
-from training_helpers import dino_command
+from training_helpers import RANK_STATE, dino_command
 
 logger = logging.getLogger("chaos")
-KILL_HOOKS = {"pause_in_checkpoint": 0.3, "pause_in_pruning": 0.3, "pause_in_export": 0.5}
+KILL_HOOKS = {"pause_in_checkpoint": 0.3, "pause_in_pruning": 0.3, "pause_in_export": 0.5, "dump_rank_state": True}
 
 
 @dataclass
@@ -67,9 +67,9 @@ def _leftovers(root: Path, prefix: str) -> list[str]:
 
 
 def final_state(out: Path) -> dict:
-    """Losses per step and the rank-0 end-of-run digests (needs --debug.dump_rank_state true)."""
+    """Losses per step and the rank-0 end-of-run digests (needs the dump_rank_state hook)."""
     rows = [json.loads(line) for line in (out / "debug" / "rank0.jsonl").read_text().splitlines() if line.strip()]
-    finals = [r for r in rows if r.get("final")]
+    finals = [r for r in rows if "teacher_digest" in r]
     return {"losses": {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")},
             "digests": {k: v for k, v in (finals[-1] if finals else {}).items() if k.endswith("digest")}}
 
@@ -101,7 +101,7 @@ def kill_and_resume(
 
     Kill k strikes as ``kill_mode(k, kills)`` says: at a random moment up to ``max_delay`` seconds after the
     run logged a new step, while a ``.tmp_step_*`` folder exists, while a ``.tmp_old_step_*`` one exists, or
-    once ``final_model`` exists. TRAIN_ARGS must include --output_dir, --debug.dump_rank_state true and a
+    once ``final_model`` exists. TRAIN_ARGS must include --output_dir and a
     checkpoint interval (--checkpoint.every_steps); --checkpoint.keep_last > 0 for pruning kills.
     """
     out = Path(_override(train_args, "output_dir") or "")
@@ -185,7 +185,6 @@ def tiny_run_args(workdir: Path, out: Path) -> list[str]:
         "crops.global_size": 32, "crops.local_size": 16, "crops.local_crops_number": 2,
         "optim.epochs": 2, "optim.warmup_epochs": 1, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
         "logging.every_steps": 1, "logging.progress_bar": False, "logging.tensorboard": False,
-        "debug.dump_rank_state": True,
     }
     return [x for k, v in settings.items() for x in (f"--{k}", str(v))]
 
@@ -209,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     reference, killed = args.workdir / "reference", args.workdir / "killed"
     logger.info("reference run -> %s", reference)
-    run_to_end(dino_command([*tiny_run_args(args.workdir, reference), *extra]), env=env)
+    run_to_end(dino_command([*tiny_run_args(args.workdir, reference), *extra], RANK_STATE), env=env)
     logger.info("%d kills -> %s", args.kills, killed)
     report = kill_and_resume([*tiny_run_args(args.workdir, killed), *extra], kills=args.kills, seed=args.seed,
                              env=env, max_delay=args.max_delay)

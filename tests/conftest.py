@@ -15,6 +15,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def rank_state():
+    """The ``dump_rank_state`` test hook (tests/training_hooks.py) for a whole test module, module-scoped
+    training fixtures included: in-process runs write OUTPUT_DIR/debug/rank{R}.jsonl (sample indices per batch,
+    digests of teacher, center and student after every epoch)."""
+    from training_hooks import install
+
+    with pytest.MonkeyPatch.context() as mp:
+        install({"dump_rank_state": True}, mp.setattr)
+        yield
+
+
 @pytest.fixture
 def tiny_config_kwargs() -> dict:
     """Tiny EntmaxViT (image 32, patch 8, hidden 32, 2 layers, 4 heads) as in transformers' model tests."""

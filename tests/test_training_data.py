@@ -18,6 +18,8 @@ from entmax_vit.training.dino_data import NoReadableImageError, build_dataset, s
 from entmax_vit.training.multicrop import MultiCropConfig
 from training_helpers import make_image_dataset, tiny_args
 
+pytestmark = pytest.mark.usefixtures("rank_state")  # in-process runs dump per-rank indices and digests
+
 CROPS = MultiCropConfig(global_size=32, local_size=16, local_crops_number=2)
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from training_helpers import DINO, REPO, env, final_digests, losses, make_image_dataset, tiny_args
+from training_helpers import (
+    HOOKED_DINO, RANK_STATE, REPO, env, final_digests, losses, make_image_dataset, tiny_args,
+)
 
 
 def free_port() -> int:
@@ -29,7 +31,7 @@ def test_two_process_cpu_run(tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(DINO), *tiny_args(data, out, **{"optim.epochs": 2})]
+           str(HOOKED_DINO), json.dumps(RANK_STATE), *tiny_args(data, out, **{"optim.epochs": 2})]
     proc = subprocess.run(cmd, cwd=REPO, env=dict(env(), ACCELERATE_USE_CPU="true"), capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -21,8 +21,10 @@ from entmax_vit.training.config import DinoConfig
 from entmax_vit.training.dino import CONFIG_DIR, NonFiniteLossError, main
 from training_hooks import install
 from training_helpers import (
-    REPO, env, final_digests, losses, make_image_dataset, run_dino, start_dino, tiny_args,
+    RANK_STATE, REPO, env, final_digests, losses, make_image_dataset, run_dino, start_dino, tiny_args,
 )
+
+pytestmark = pytest.mark.usefixtures("rank_state")  # in-process runs dump per-rank indices and digests
 
 
 def cfg_of(args: list[str]) -> DinoConfig:
@@ -200,7 +202,7 @@ def chaos(data: Path, out: Path, reference: Path, kills: int, seed: int) -> None
 def uninterrupted_cli(data, tmp_path_factory) -> Path:
     """The reference run through the command line (same thread settings as the killed runs)."""
     out = tmp_path_factory.mktemp("dino_cli") / "run"
-    run_dino(tiny_args(data, out))
+    run_dino(tiny_args(data, out), hooks=RANK_STATE)
     return out
 
 

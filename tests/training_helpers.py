@@ -16,6 +16,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DINO = REPO / "training" / "dino.py"
 HOOKED_DINO = Path(__file__).resolve().with_name("training_hooks.py")  # dino.py's CLI with test hooks
+RANK_STATE = {"dump_rank_state": True}  # the hook of the per-rank indices and digests (tests/training_hooks.py)
 
 
 def dino_command(args: Sequence[str], hooks: Optional[dict] = None, python: str = sys.executable) -> list[str]:
@@ -57,7 +58,7 @@ def tiny_args(data: Path, out: Path, **extra: object) -> list[str]:
         "model.out_dim": 256, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
         "crops.global_size": 32, "crops.local_size": 16, "crops.local_crops_number": 2,
         "optim.epochs": 2, "optim.warmup_epochs": 1, "checkpoint.every_steps": 2, "checkpoint.keep_last": 0,
-        "logging.every_steps": 1, "logging.progress_bar": False, "debug.dump_rank_state": True,
+        "logging.every_steps": 1, "logging.progress_bar": False,
     }
     args.update(extra)
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
@@ -89,6 +90,7 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def final_digests(out: Path, rank: int = 0) -> Optional[dict]:
+    """The last digests the ``dump_rank_state`` hook wrote for ``rank`` (those of the end of the run)."""
     path = out / "debug" / f"rank{rank}.jsonl"
-    finals = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("final")]
-    return finals[-1] if finals else None
+    digests = [r for r in map(json.loads, path.read_text().splitlines()) if "teacher_digest" in r]
+    return digests[-1] if digests else None

@@ -11,10 +11,15 @@ Hooks (seconds for the pauses):
     pause_in_checkpoint sleep while a checkpoint is half-written (its .tmp_step_* folder exists)
     pause_in_pruning    sleep after a pruned checkpoint was renamed .tmp_old_step_* and before it is deleted
     pause_in_export     sleep inside the final export, after OUTPUT_DIR/final_model was created
+    dump_rank_state     (true) append to OUTPUT_DIR/debug/rank{R}.jsonl the sample indices of every batch
+                        ({"epoch", "batch", "step", "indices"}) and, after every epoch (or early stop), digests
+                        of the teacher, loss center and student ({"after_epoch", "global_step", "*_digest"}):
+                        the sharding and rank-agreement checks of the tests
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import runpy
 import sys
@@ -22,12 +27,54 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-HOOKS = ("nonfinite_at_step", "sleep_per_step", "pause_in_checkpoint", "pause_in_pruning", "pause_in_export")
+HOOKS = ("nonfinite_at_step", "sleep_per_step", "pause_in_checkpoint", "pause_in_pruning", "pause_in_export",
+         "dump_rank_state")
 DINO = Path(__file__).resolve().parents[1] / "training" / "dino.py"
 
 
 def _setattr(obj: Any, name: str, value: Any) -> None:
     setattr(obj, name, value)
+
+
+def tensor_digest(tensors: Any) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _RecordingData:
+    """TrainingData that appends every batch's sample indices to ``file`` (everything else passes through)."""
+
+    def __init__(self, data: Any, file: Any, state: Any) -> None:
+        self._data, self._file, self._state = data, file, state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, name)
+
+    def epoch(self, epoch: int, start: int = 0) -> Any:
+        for batch, item in enumerate(self._data.epoch(epoch, start), start=start):
+            # yielded before the step runs: state.global_step is this batch's optimizer step
+            self._file.write(json.dumps({"epoch": epoch, "batch": batch, "step": self._state.global_step,
+                                         "indices": item[1].tolist()}) + "\n")
+            yield item
+
+
+def _dumping_rank_state(train_one_epoch: Callable) -> Callable:
+    def wrapped(loop: Any, data: Any, state: Any, epoch: int) -> bool:
+        folder = Path(loop.cfg.output_dir) / "debug"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank{loop.accelerator.process_index}.jsonl", "a", buffering=1) as file:
+            stopped = train_one_epoch(loop, _RecordingData(data, file, state), state, epoch)
+            student = loop.accelerator.unwrap_model(loop.student)
+            file.write(json.dumps({
+                "after_epoch": epoch, "global_step": state.global_step,
+                "teacher_digest": tensor_digest(loop.teacher.state_dict().values()),
+                "center_digest": tensor_digest([loop.dino_loss.center]),
+                "student_digest": tensor_digest(student.state_dict().values()),
+            }) + "\n")
+        return stopped
+    return wrapped
 
 
 def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = None) -> None:
@@ -77,6 +124,8 @@ def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = N
         hooked = pausing(export.export_backbone, float(hooks["pause_in_export"]), before=make_dir)
         for module in (export, dino):
             patch(module, "export_backbone", hooked)
+    if hooks.get("dump_rank_state"):
+        patch(dino, "train_one_epoch", _dumping_rank_state(dino.train_one_epoch))
 
 
 if __name__ == "__main__":

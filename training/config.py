@@ -138,9 +138,6 @@ class LoggingConfig:
 
 @dataclass
 class DebugConfig:
-    # Write OUTPUT_DIR/debug/rank{R}.jsonl: sample indices of every batch and end-of-run digests of the
-    # teacher, student and loss center (to check sharding and that ranks agree; the tests use it too).
-    dump_rank_state: bool = False
     # Stop after this many optimizer steps of the run, with a checkpoint (schedules still span optim.epochs);
     # -1 = no limit.
     max_steps: int = -1
@@ -163,7 +160,7 @@ class DinoConfig:
 
 # Keys of older versions, dropped when a saved config is read (test hooks that moved into the tests).
 RETIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "debug": ("inject_nonfinite_at_step", "sleep_per_step", "pause_in_checkpoint"),
+    "debug": ("inject_nonfinite_at_step", "sleep_per_step", "pause_in_checkpoint", "dump_rank_state"),
 }
 
 

@@ -11,15 +11,13 @@ exports at the end. Faithful to official DINO (see docs/training.md for every de
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -68,13 +66,6 @@ class StopRequest:
     def _handle(self, signum: int, frame: object) -> None:
         logger.warning("received signal %d: stopping after this step with a checkpoint", signum)
         self.requested = True
-
-
-def tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -196,10 +187,6 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     if cfg.logging.tensorboard:
         accelerator.init_trackers("dino", config={k: v for k, v in flatten(to_dict(cfg)).items()
                                                   if isinstance(v, (int, float, str, bool))})
-    debug_file = None
-    if cfg.debug.dump_rank_state:
-        (out_dir / "debug").mkdir(parents=True, exist_ok=True)
-        debug_file = open(out_dir / "debug" / f"rank{accelerator.process_index}.jsonl", "a", buffering=1)
 
     def save_checkpoint() -> Path:
         trainer_state = dict(vars(state), world_size=accelerator.num_processes, total_batch=total_batch,
@@ -212,7 +199,7 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not (
         accelerator.is_main_process and cfg.logging.progress_bar), dynamic_ncols=True, desc="DINO")
     loop = Loop(cfg, accelerator, student, teacher, dino_loss, optimizer, schedules, metrics, stop, progress,
-                debug_file, save_checkpoint, total_steps, ckpt_root)
+                save_checkpoint, total_steps, ckpt_root)
     stopped = False
     for epoch in range(state.epoch, epochs):
         stopped = train_one_epoch(loop, data, state, epoch)
@@ -226,15 +213,7 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
             save_checkpoint()
     progress.close()
 
-    # ============ end of training: digests, export ============
-    if debug_file is not None:
-        debug_file.write(json.dumps({
-            "final": True, "global_step": state.global_step,
-            "teacher_digest": tensor_digest(list(teacher.state_dict().values())),
-            "center_digest": tensor_digest([dino_loss.center]),
-            "student_digest": tensor_digest(list(accelerator.unwrap_model(student).state_dict().values())),
-        }) + "\n")
-        debug_file.close()
+    # ============ end of training: export ============
     accelerator.wait_for_everyone()
     if cfg.logging.tensorboard:
         accelerator.end_training()
@@ -264,7 +243,6 @@ class Loop:
     metrics: MetricsLog
     stop: StopRequest
     progress: Any
-    debug_file: Any
     save_checkpoint: Any  # () -> Path, writes the current RunState
     total_steps: int
     ckpt_root: Path
@@ -281,9 +259,6 @@ def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int)
     for batch_in_epoch, (crops, indices, unreadable) in enumerate(data.epoch(epoch, state.batch_in_epoch),
                                                                  start=state.batch_in_epoch):
         it = state.global_step  # global optimizer step: index into the schedules
-        if loop.debug_file is not None:
-            loop.debug_file.write(json.dumps({"epoch": epoch, "batch": batch_in_epoch, "step": it,
-                                              "indices": indices.tolist()}) + "\n")
         with accelerator.accumulate(student):
             for i, group in enumerate(optimizer.param_groups):
                 group["lr"] = float(schedules.lr[it])
