@@ -170,6 +170,11 @@ def measure(model: Union[nn.Module, str], cfg: Optional[ClaimsConfig] = None) ->
     return dict(sorted(numbers.items()))
 
 
+# The summary numbers a job's report shows next to its own probes (the rest are per block, or repeat those probes).
+HEADLINE_KEYS = ("fg_shallow_minus_deep", "miou_deep_minus_shallow", "cls_gain_miou",
+                 "claim_shallow_aligns_probes_worse", "claim_cls_complementary")
+
+
 def summarize(numbers: Mapping[str, float], depth: int) -> dict[str, float]:
     """The claims' summary numbers from the per-block ones (see the module docstring)."""
     last = depth - 1
@@ -220,4 +225,4 @@ def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *,
     return write_results(record, path)
 
 
-__all__ = ["ClaimsConfig", "foreground_alignment", "measure", "probe_config", "summarize", "write_claims"]
+__all__ = ["HEADLINE_KEYS", "ClaimsConfig", "foreground_alignment", "measure", "probe_config", "summarize", "write_claims"]

@@ -1,7 +1,7 @@
 """The main job (README quick start, ``make demo``): the whole release, for real, in minutes on a CPU.
 
-Stages, in this process, each the ``main(cfg)`` of an entry point: data (the embedded benchmark), train (DINO,
-preset ``tiny_cpu``: the one stage run as its own process, under ``accelerate launch``), knn, segmentation
+Stages, each the ``main(cfg)`` of an entry point in this process: data (the embedded benchmark), train (DINO,
+preset ``tiny_cpu``, the one stage run as its own process, under ``accelerate launch``), knn, segmentation
 (linear probe, mIoU), analysis (attention maps, per-layer metrics), claims (not by default: the paper's two
 analysis claims) and hub (card + Hub folder, reloaded with ``trust_remote_code`` in a fresh process that cannot
 import this project). A stage is skipped when its outputs exist and ``OUTPUT_DIR/stages/<stage>.json`` records
@@ -24,11 +24,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
-# The claims stage's numbers in the summary (analysis.claims: mIoU and Jaccard in points).
-CLAIM_KEYS = ("fg_shallow_minus_deep", "miou_deep_minus_shallow", "cls_gain_miou",
-              "claim_shallow_aligns_probes_worse", "claim_cls_complementary")
 STAGES = ("data", "train", "knn", "segmentation", "analysis", "claims", "hub")
 FEATURES = ("patch", "patch+cls")  # segmentation probe inputs: last-layer patch tokens, with [CLS] concatenated
 
@@ -47,8 +44,7 @@ class MainJobConfig:
     training_preset: str = "tiny_cpu"
     # Extra training overrides as a mapping, e.g. --train_overrides "{optim.epochs: 10}".
     train_overrides: dict = field(default_factory=dict)
-    # Processes of the training stage (accelerate launch --num_processes); more than 1 needs GPUs or
-    # ACCELERATE_USE_CPU=true.
+    # Processes of the training stage (accelerate launch --num_processes); > 1 needs GPUs or ACCELERATE_USE_CPU=true.
     train_processes: int = 1
     # Segmentation probes to train: "patch" = last-layer patch tokens, "patch+cls" = with [CLS] concatenated.
     segmentation_features: list[str] = field(default_factory=lambda: ["patch+cls"])
@@ -67,16 +63,10 @@ class MainJobConfig:
         if unknown := [s for s in self.stages if s not in STAGES]:
             raise ValueError(f"unknown stages {unknown}; choose from {list(STAGES)}")
         if any(f not in FEATURES for f in self.segmentation_features):
-            raise ValueError(f"segmentation_features entries must be 'patch' or 'patch+cls', got {self.segmentation_features}")
+            raise ValueError(f"segmentation_features entries must be 'patch' or 'patch+cls', got "
+                             f"{self.segmentation_features}")
         if self.train_processes < 1:
             raise ValueError(f"train_processes must be >= 1, got {self.train_processes}")
-
-
-def sha256(path: Path) -> Optional[str]:
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Path],
@@ -85,8 +75,12 @@ def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Pat
     """Run ``fn`` unless ``out/stages/<name>.json`` records the same settings and input hashes and every
     output exists. ``clean`` folders are removed before a rerun that replaces a finished stage (or under
     ``force``); an interrupted stage keeps them (training resumes from its checkpoints)."""
+    def sha256(path: Path) -> Any:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    hashes = {str(p): sha256(p) if p.is_file() else None for p in inputs}
+    key = json.loads(json.dumps({"settings": settings, "inputs": hashes}, default=str))
     record_path = out / "stages" / f"{name}.json"
-    key = json.loads(json.dumps({"settings": settings, "inputs": {str(p): sha256(p) for p in inputs}}, default=str))
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if record and not force and record["key"] == key and all(p.exists() for p in outputs):
         print(f"[main_job] stage {name}: already finished with these inputs, skipped ({record_path})", flush=True)
@@ -114,9 +108,9 @@ def run_process(name: str, command: list[str]) -> None:
         raise SystemExit(f"[main_job] stage {name} failed (exit code {code}): {' '.join(command)}")
 
 
-# Stages: each builds the typed config of an entry point ----------------------------------------------------
 def training_config(cfg: MainJobConfig, train_dir: Path):
-    """The DinoConfig of the train stage: the preset, the job's settings, then the user's overrides."""
+    """The DinoConfig of the train stage: the preset, the job's settings, then the user's overrides (dotted or
+    nested keys alike; a dict field such as model.backbone_overrides is merged key by key)."""
     from entmax_vit.cli.config import flatten, from_dict, parse_config, to_dict
     from entmax_vit.training.config import DinoConfig
     from entmax_vit.training.dino import CONFIG_DIR
@@ -127,9 +121,8 @@ def training_config(cfg: MainJobConfig, train_dir: Path):
     if cfg.quick:  # a handful of optimizer steps on a small subset: the code path, not the result
         values.update({"optim.epochs": 1, "optim.warmup_epochs": 0, "data.max_samples": 64,
                        "checkpoint.every_steps": 0})
-    values.update(flatten(cfg.train_overrides))  # dotted or nested keys alike (backbone_overrides is a dict)
     nested: dict = {}
-    for dotted, value in values.items():
+    for dotted, value in {**values, **flatten(cfg.train_overrides)}.items():
         *parents, last = dotted.split(".")
         node = nested
         for part in parents:
@@ -143,59 +136,66 @@ def train(cfg: MainJobConfig, train_dir: Path) -> None:
 
     dino = training_config(cfg, train_dir)
     launch_config = save_config(dino, train_dir.parent / "stages" / "train_config.yaml")
-    script = importlib.util.find_spec("entmax_vit.training.dino").origin
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.train_processes),
               "--num_machines", "1", "--mixed_precision", dino.optim.mixed_precision, "--dynamo_backend", "no",
               *(["--multi_gpu"] if cfg.train_processes > 1 else [])]
+    script = importlib.util.find_spec("entmax_vit.training.dino").origin
     run_process("train", [*launch, script, "--config", str(launch_config)])
 
 
-def knn_config(cfg: MainJobConfig, model_dir: Path, out: Path):
-    from entmax_vit.evaluation.knn import KNNEvalConfig
-
-    size = eval_image_size(model_dir)
-    subsets = {"max_train_samples": 256, "max_eval_samples": 128} if cfg.quick else {}
-    return KNNEvalConfig(model=str(model_dir), dataset=cfg.dataset, resize=size, crop=size, output_dir=str(out),
-                         **subsets)
+def seg_dir(out: Path, features: str) -> Path:
+    return out / f"segmentation_{features.replace('+', '_')}"
 
 
-def segmentation_config(cfg: MainJobConfig, model_dir: Path, out: Path, features: str):
+def evaluation_jobs(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> list[tuple]:
+    """``(folder, entry point, its typed config, results file)`` of every evaluation stage in ``stages``."""
+    from entmax_vit.analysis.claims import ClaimsConfig, measure, write_claims
+    from entmax_vit.analysis.run import AnalyzeConfig, main as analyze
     from entmax_vit.cli.config import parse_config
     from entmax_vit.evaluation.entry_point import PRESET_DIR
-    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
+    from entmax_vit.evaluation.knn import KNNEvalConfig, main as knn
+    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main as segment
 
-    if features not in FEATURES:
-        raise ValueError(f"segmentation_features entries must be 'patch' or 'patch+cls', got {features!r}")
-    preset = parse_config(SegmentationEvalConfig, ["--config", "embedded"], preset_dir=PRESET_DIR)
-    subsets = {"epochs": 1, "max_train_samples": 128, "max_eval_samples": 64} if cfg.quick else {}
-    return dataclasses.replace(preset, model=str(model_dir), dataset=cfg.dataset, use_cls_token=features == "patch+cls",
-                               output_dir=str(out), **subsets)
+    def size() -> int:  # the pretraining resolution (global crop size = position-embedding grid)
+        value = json.loads((model_dir / "config.json").read_text())["image_size"]
+        return int(value if isinstance(value, int) else value[0])
+    model, quick, jobs = str(model_dir), cfg.quick, []
+    if "knn" in stages:
+        subsets = {"max_train_samples": 256, "max_eval_samples": 128} if quick else {}
+        jobs.append((out / "knn", knn, KNNEvalConfig(model=model, dataset=cfg.dataset, resize=size(), crop=size(),
+                                                     output_dir=str(out / "knn"), **subsets), "results_knn.json"))
+    if "segmentation" in stages:
+        preset = parse_config(SegmentationEvalConfig, ["--config", "embedded"], preset_dir=PRESET_DIR)
+        subsets = {"epochs": 1, "max_train_samples": 128, "max_eval_samples": 64} if quick else {}
+        for f in cfg.segmentation_features:
+            seg = dataclasses.replace(preset, model=model, dataset=cfg.dataset, use_cls_token=f == "patch+cls",
+                                      output_dir=str(seg_dir(out, f)), **subsets)
+            jobs.append((seg_dir(out, f), segment, seg, "results_segmentation.json"))
+    if "analysis" in stages:
+        analysis = AnalyzeConfig(model=model, names=[cfg.attention], dataset=cfg.dataset, split="validation",
+                                 num_images=min(cfg.analysis_images, 16) if quick else cfg.analysis_images,
+                                 image_size=size(), output_dir=str(out / "analysis"),
+                                 separate_curves=False)  # the overview grid only: one PNG per metric costs minutes
+        jobs.append((out / "analysis", analyze, analysis, f"{cfg.attention}/analysis_results.json"))
+    if "claims" in stages:
+        subsets = {"max_train_samples": 128, "max_eval_samples": 64, "epochs": 1} if quick else {}
+        claims = ClaimsConfig(dataset=cfg.dataset, seed=cfg.seed, foreground_images=cfg.analysis_images, **subsets)
+        jobs.append((out / "claims", lambda c: write_claims(measure(model, c), out / "claims" / "claims_results.json",
+                                                            model=model, cfg=c), claims, "claims_results.json"))
+    return jobs
 
 
-def analysis_config(cfg: MainJobConfig, model_dir: Path, out: Path):
-    from entmax_vit.analysis.run import AnalyzeConfig
+def evaluate(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> dict[str, dict]:
+    """The knn / segmentation / analysis / claims stages of one model folder into ``out``: ``{stage: record}``."""
+    from entmax_vit.cli.config import to_dict
 
-    return AnalyzeConfig(model=str(model_dir), names=[cfg.attention], dataset=cfg.dataset, split="validation",
-                         num_images=min(cfg.analysis_images, 16) if cfg.quick else cfg.analysis_images,
-                         image_size=eval_image_size(model_dir), output_dir=str(out),
-                         separate_curves=False)  # the overview grid only: one PNG per metric costs minutes
-
-
-def claims_config(cfg: MainJobConfig):
-    from entmax_vit.analysis.claims import ClaimsConfig
-
-    subsets = {"max_train_samples": 128, "max_eval_samples": 64, "epochs": 1} if cfg.quick else {}
-    return ClaimsConfig(dataset=cfg.dataset, seed=cfg.seed, foreground_images=cfg.analysis_images, **subsets)
+    weights = [model_dir / "model.safetensors"]  # every stage reads them: a retrained model reruns all
+    return {folder.name: run_stage(out, folder.name, lambda: entry(stage_cfg), [folder / result],
+                                   settings=to_dict(stage_cfg), inputs=weights, clean=[folder], force=cfg.force)
+            for folder, entry, stage_cfg, result in evaluation_jobs(cfg, model_dir, out, stages)}
 
 
-def claims(claims_cfg, model_dir: Path, out: Path) -> None:
-    """The paper's two analysis claims on the model folder, as a results JSON."""
-    from entmax_vit.analysis.claims import measure, write_claims
-
-    write_claims(measure(str(model_dir), claims_cfg), out / "claims_results.json", model=str(model_dir), cfg=claims_cfg)
-
-
-def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg_head: Optional[Path]) -> dict:
+def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg_head: Path | None) -> dict:
     """Assemble the Hub folder and verify it in a fresh process (assemble_repository(verify=True))."""
     from entmax_vit.hub_cards.assemble import assemble_repository
 
@@ -205,43 +205,9 @@ def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg
             "reload_max_abs_diff": max(repo.verification.max_abs_diff.values())}
 
 
-def eval_image_size(model_dir: Path) -> int:
-    """The resolution the model was pretrained at (global crop size = position-embedding grid)."""
-    size = json.loads((model_dir / "config.json").read_text())["image_size"]
-    return int(size if isinstance(size, int) else size[0])
-
-
-def seg_dir(out: Path, features: str) -> Path:
-    return out / f"segmentation_{features.replace('+', '_')}"
-
-
-def evaluate(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> dict[str, dict]:
-    """The knn / segmentation / analysis / claims stages of one model folder into ``out``: ``{stage: record}``."""
-    from entmax_vit.analysis.run import main as analyze
-    from entmax_vit.cli.config import to_dict
-    from entmax_vit.evaluation.knn import main as knn
-    from entmax_vit.evaluation.segmentation_probe import main as segment
-
-    jobs: list[tuple[Callable, Any, Path, str]] = []  # (entry point, its config, folder, results file)
-    if "knn" in stages:
-        jobs.append((knn, knn_config(cfg, model_dir, out / "knn"), out / "knn", "results_knn.json"))
-    if "segmentation" in stages:
-        jobs += [(segment, segmentation_config(cfg, model_dir, seg_dir(out, f), f), seg_dir(out, f),
-                  "results_segmentation.json") for f in cfg.segmentation_features]
-    if "analysis" in stages:
-        jobs.append((analyze, analysis_config(cfg, model_dir, out / "analysis"), out / "analysis",
-                     f"{cfg.attention}/analysis_results.json"))
-    if "claims" in stages:
-        jobs.append((lambda c: claims(c, model_dir, out / "claims"), claims_config(cfg), out / "claims",
-                     "claims_results.json"))
-    weights = [model_dir / "model.safetensors"]  # every stage reads them: a retrained model reruns all
-    return {folder.name: run_stage(out, folder.name, lambda: entry(stage_cfg), [folder / result],
-                                   settings=to_dict(stage_cfg), inputs=weights, clean=[folder], force=cfg.force)
-            for entry, stage_cfg, folder, result in jobs}
-
-
 def summary_metrics(out: Path, attention: str, segmentation_features: Sequence[str]) -> dict[str, float]:
     """The headline numbers of one evaluated model folder (the results files the stages wrote)."""
+    from entmax_vit.analysis.claims import HEADLINE_KEYS
     from entmax_vit.analysis.per_layer import unflatten_metrics
     from entmax_vit.evaluation.results import load_results
 
@@ -258,12 +224,13 @@ def summary_metrics(out: Path, attention: str, segmentation_features: Sequence[s
         for name in ("attention_zero_share", "support_mean", "attention_distance", "cos_to_cls"):
             metrics[f"last_layer_{name}"] = per_layer[max(per_layer)][name]
     if (path := out / "claims" / "claims_results.json").is_file():
-        metrics.update({k: v for k, v in load_results(path)["metrics"].items() if k in CLAIM_KEYS})
+        metrics.update({k: v for k, v in load_results(path)["metrics"].items() if k in HEADLINE_KEYS})
     return metrics
 
 
 def main(cfg: MainJobConfig) -> dict:
     from entmax_vit.cli.config import save_config, to_dict
+    from entmax_vit.data.datasets import load_image_dataset
 
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -272,14 +239,12 @@ def main(cfg: MainJobConfig) -> dict:
     train_dir, records = out / "train", {}
     model_dir = train_dir / "final_model"
     if "data" in cfg.stages:
-        from entmax_vit.data.datasets import load_image_dataset
-
         sizes = [len(load_image_dataset(cfg.dataset, split=split)) for split in ("train", "validation")]
         print(f"[main_job] data {cfg.dataset}: {sizes[0]} train / {sizes[1]} validation", flush=True)
     if "train" in cfg.stages:
         records["train"] = run_stage(out, "train", lambda: train(cfg, train_dir), [model_dir / "model.safetensors"],
-                                     settings=to_dict(training_config(cfg, train_dir)),
-                                     clean=[train_dir], force=cfg.force)
+                                     settings=to_dict(training_config(cfg, train_dir)), clean=[train_dir],
+                                     force=cfg.force)
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"[main_job] no trained model at {model_dir}: run the train stage first")
     records.update(evaluate(cfg, model_dir, out, cfg.stages))
@@ -288,9 +253,9 @@ def main(cfg: MainJobConfig) -> dict:
         results = [p for p in [out / "knn" / "results_knn.json", *(d / "results_segmentation.json" for d in seg_dirs)]
                    if p.is_file()]
         heads = [d / "segmentation_head" for d in seg_dirs if (d / "segmentation_head").is_dir()][-1:]
-        # the last probe listed ships (patch+cls by default)
+        head = heads[0] if heads else None  # the last probe listed ships (patch+cls by default)
         inputs = [model_dir / "model.safetensors", *results, *(h / "segmentation_head.safetensors" for h in heads)]
-        records["hub"] = run_stage(out, "hub", lambda: hub(cfg, model_dir, out / "hub", results, next(iter(heads), None)),
+        records["hub"] = run_stage(out, "hub", lambda: hub(cfg, model_dir, out / "hub", results, head),
                                    [out / "hub" / "config.json", out / "hub" / "README.md"],
                                    settings={"repo_id": cfg.hub_repo_id}, inputs=inputs, clean=[out / "hub"],
                                    force=cfg.force)
@@ -306,11 +271,10 @@ def main(cfg: MainJobConfig) -> dict:
     print("\n".join(f"  {name:<34} {value:10.4g}" for name, value in metrics.items()))
     print("\n".join(f"  stage {name:<28} " + ("skipped (done before)" if s["skipped"] else f"{s['seconds']:6.1f} s")
                     for name, s in summary["stages"].items()))
-    for path in (model_dir, out / "analysis" / cfg.attention / "attention_maps_0.png", out / "hub", out / "summary.json"):
-        if path.exists():
-            print(f"  wrote {path}")
+    maps = out / "analysis" / cfg.attention / "attention_maps_0.png"
+    print("\n".join(f"  wrote {p}" for p in (model_dir, maps, out / "hub", out / "summary.json") if p.exists()))
     return summary
 
 
-__all__ = ["MainJobConfig", "STAGES", "evaluate", "main", "run_process", "run_stage", "summary_metrics",
-           "training_config"]
+__all__ = ["MainJobConfig", "STAGES", "evaluate", "evaluation_jobs", "main", "run_process", "run_stage",
+           "summary_metrics", "training_config"]

@@ -114,14 +114,18 @@ def test_stage_configs_carry_settings(tmp_path, monkeypatch):
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"image_size": 64}))
-    seg = main_job.segmentation_config(cfg, model, tmp_path / "s", "patch")
+    cfg.segmentation_features = ["patch", "patch+cls"]
+    jobs = main_job.evaluation_jobs(cfg, model, tmp_path, main_job.STAGES)
+    jobs = {folder.name: stage_cfg for folder, _, stage_cfg, _ in jobs}
+    seg = jobs["segmentation_patch"]
     assert seg.use_cls_token is False and seg.input_size == 64 and seg.epochs == 1  # embedded preset + --quick
-    assert main_job.segmentation_config(cfg, model, tmp_path / "s", "patch+cls").use_cls_token is True
+    assert jobs["segmentation_patch_cls"].use_cls_token is True
+    assert seg.output_dir == str(tmp_path / "segmentation_patch")
     with pytest.raises(ValueError, match="patch"):
-        main_job.segmentation_config(cfg, model, tmp_path, "cls")
-    knn = main_job.knn_config(cfg, model, tmp_path / "k")
+        main_job.MainJobConfig(segmentation_features=["cls"])
+    knn = jobs["knn"]
     assert knn.resize == knn.crop == 64 and knn.max_eval_samples == 128
-    assert main_job.analysis_config(cfg, model, tmp_path / "a").num_images == 16
+    assert jobs["analysis"].num_images == 16
 
 
 def test_hub_stage_assembles_and_verifies_without_uploading(tmp_path, monkeypatch):
