@@ -125,7 +125,18 @@ def plot_degradation(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figures: str = "") -> str:
+def recorded_minutes(run_dirs: Sequence[Path]) -> tuple[float, float]:
+    """(training, checkpoint evaluation) minutes summed over runs, as their stage records give them (a stage
+    resumed after a kill counts its last invocation only)."""
+    def seconds(records: Sequence[Path]) -> float:
+        return sum(float(json.loads(p.read_text()).get("seconds") or 0) for p in records)
+    train = seconds([d / "stages" / "train.json" for d in run_dirs if (d / "stages" / "train.json").is_file()])
+    evaluation = seconds([p for d in run_dirs for p in sorted((d / "steps").glob("*/stages/*.json"))])
+    return train / 60, evaluation / 60
+
+
+def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figures: str = "",
+           minutes: tuple[float, float] = (0.0, 0.0)) -> str:
     head = "| attention | seed | step | " + " | ".join(title for _, title, _ in METRICS) + " |"
     table = [head, "|---|---|---|" + "---|" * len(METRICS)]
     table += [f"| {r['attention']} | {r['seed']} | {r['step']} | "
@@ -136,8 +147,9 @@ def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figur
     return "\n".join([
         "## Dense degradation along training (`--long`)",
         "",
-        f"Budget: {budget}; seeds {cfg.run_seeds}; every checkpoint's teacher evaluated. This invocation "
-        f"{elapsed / 60:.1f} min.",
+        f"Budget: {budget}; seeds {cfg.run_seeds}; every checkpoint's teacher evaluated. Compute time "
+        f"{sum(minutes):.1f} min summed over the runs (training {minutes[0]:.1f}, checkpoint evaluations "
+        f"{minutes[1]:.1f}; from the stage records), this invocation {elapsed / 60:.1f} min.",
         "",
         f"![degradation]({figures}reproduce_mini_degradation.png)",
         "",
@@ -159,15 +171,16 @@ def run_degradation(cfg: ReproduceMiniConfig, out: Path, start: float) -> dict:
     rows = [row for attention, seed, run_dir in runs for row in evaluate_checkpoints(cfg, attention, seed, run_dir)]
     (out / "degradation.json").write_text(json.dumps({"rows": rows}, indent=2))
     figure = plot_degradation(rows, out / "reproduce_mini_degradation.png")
-    text = report(cfg, rows, time.perf_counter() - start)
+    minutes = recorded_minutes([run_dir for _, _, run_dir in runs])
+    text = report(cfg, rows, time.perf_counter() - start, minutes=minutes)
     (out / "degradation.md").write_text(text)
     if cfg.docs_dir:
-        page = publish(Path(cfg.docs_dir), "degradation", report(cfg, rows, time.perf_counter() - start, "figures/"),
-                       [figure])
+        page = publish(Path(cfg.docs_dir), "degradation",
+                       report(cfg, rows, time.perf_counter() - start, "figures/", minutes), [figure])
         print(f"[reproduce_mini] updated {page}")
     print("\n" + text)
     return {"rows": rows, "report": out / "degradation.md", "figure": figure}
 
 
-__all__ = ["evaluate_checkpoints", "long_overrides", "plot_degradation", "report", "run_degradation", "trend",
-           "verdict_lines"]
+__all__ = ["evaluate_checkpoints", "long_overrides", "plot_degradation", "recorded_minutes", "report",
+           "run_degradation", "trend", "verdict_lines"]

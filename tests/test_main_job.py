@@ -300,6 +300,23 @@ def test_degradation_verdict_and_figure(tmp_path):
     assert degradation.plot_degradation(rows, tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_degradation_compute_time_comes_from_the_stage_records(tmp_path):
+    runs = [tmp_path / "softmax" / "seed_0", tmp_path / "entmax15" / "seed_0"]
+    for i, run in enumerate(runs):
+        (run / "stages").mkdir(parents=True)
+        (run / "stages" / "train.json").write_text(json.dumps({"seconds": 600.0 * (i + 1)}))
+        for step in ("step_0000310", "step_0000620"):
+            (run / "steps" / step / "stages").mkdir(parents=True)
+            for stage, seconds in (("export", 1.5), ("knn", 28.5), ("analysis", 30.0)):
+                (run / "steps" / step / "stages" / f"{stage}.json").write_text(json.dumps({"seconds": seconds}))
+    train, evaluation = degradation.recorded_minutes(runs)
+    assert train == pytest.approx(30.0) and evaluation == pytest.approx(4.0)  # 600 + 1200 s; 2 x 2 x 60 s
+    cfg = reproduce_mini.ReproduceMiniConfig(output_dir=str(tmp_path), long=True)
+    text = degradation.report(cfg, _degradation_rows(), 90.0, minutes=(train, evaluation))
+    assert "Compute time 34.0 min summed over the runs (training 30.0, checkpoint evaluations 4.0" in text
+    assert "this invocation 1.5 min" in text
+
+
 def test_publish_replaces_its_section_only(tmp_path):
     page = tmp_path / "reproduce_mini_results.md"
     page.write_text("# Title\n\nHand-written header.\n")
