@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .main_job import evaluate, run_stage, summary_metrics
-from .reproduce_mini import FEATURES, ReproduceMiniConfig, main_job_config, publish, pyplot, run_all
+from .main_job import evaluate, run_stage
+from .reproduce_mini import ReproduceMiniConfig, main_job_config, publish, pyplot, run_all
+from .run_results import FEATURES, summary_metrics
 from .seed_stats import METRICS, Spread
 
 DENSE = ("seg_miou_patch", "seg_miou_patch_cls", "knn_top1")  # the quality curves the verdict reads

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .run_results import FEATURES, seg_dir, summary_metrics
+
 STAGES = ("data", "train", "knn", "segmentation", "analysis", "claims", "hub")
-FEATURES = ("patch", "patch+cls")  # segmentation probe inputs: last-layer patch tokens, with [CLS] concatenated
 
 
 @dataclass
@@ -143,10 +144,6 @@ def train(cfg: MainJobConfig, train_dir: Path) -> None:
     run_process("train", [*launch, script, "--config", str(launch_config)])
 
 
-def seg_dir(out: Path, features: str) -> Path:
-    return out / f"segmentation_{features.replace('+', '_')}"
-
-
 def evaluation_jobs(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> list[tuple]:
     """``(folder, entry point, its typed config, results file)`` of every evaluation stage in ``stages``."""
     from entmax_vit.analysis.claims import ClaimsConfig, measure, write_claims
@@ -205,29 +202,6 @@ def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg
             "reload_max_abs_diff": max(repo.verification.max_abs_diff.values())}
 
 
-def summary_metrics(out: Path, attention: str, segmentation_features: Sequence[str]) -> dict[str, float]:
-    """The headline numbers of one evaluated model folder (the results files the stages wrote)."""
-    from entmax_vit.analysis.claims import HEADLINE_KEYS
-    from entmax_vit.analysis.per_layer import unflatten_metrics
-    from entmax_vit.evaluation.results import load_results
-
-    metrics: dict[str, float] = {}
-    if (path := out / "knn" / "results_knn.json").is_file():
-        top1 = {k: v for k, v in load_results(path)["metrics"].items() if k.startswith("top1_k")}
-        best = max(top1, key=top1.get)
-        metrics.update(knn_top1=top1[best], knn_best_k=float(best.removeprefix("top1_k")))
-    for features in segmentation_features:
-        if (path := seg_dir(out, features) / "results_segmentation.json").is_file():
-            metrics[f"seg_miou_{features.replace('+', '_')}"] = load_results(path)["metrics"]["mIoU"]
-    if (path := out / "analysis" / attention / "analysis_results.json").is_file():
-        per_layer = unflatten_metrics(load_results(path)["metrics"])
-        for name in ("attention_zero_share", "support_mean", "attention_distance", "cos_to_cls"):
-            metrics[f"last_layer_{name}"] = per_layer[max(per_layer)][name]
-    if (path := out / "claims" / "claims_results.json").is_file():
-        metrics.update({k: v for k, v in load_results(path)["metrics"].items() if k in HEADLINE_KEYS})
-    return metrics
-
-
 def main(cfg: MainJobConfig) -> dict:
     from entmax_vit.cli.config import save_config, to_dict
     from entmax_vit.data.datasets import load_image_dataset
@@ -277,4 +251,4 @@ def main(cfg: MainJobConfig) -> dict:
 
 
 __all__ = ["MainJobConfig", "STAGES", "evaluate", "evaluation_jobs", "main", "run_process", "run_stage",
-           "summary_metrics", "training_config"]
+           "training_config"]

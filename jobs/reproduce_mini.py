@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .main_job import FEATURES, MainJobConfig, main as main_job, summary_metrics
+from .main_job import MainJobConfig, main as main_job
+from .run_results import FEATURES, load_analysis, summary_metrics
 from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, comparison_lines
 
 
@@ -82,18 +83,6 @@ def main_job_config(cfg: ReproduceMiniConfig, attention: str, seed: int, run_dir
 # ----------------------------------------------------------------------------------------------------------
 # Collecting results
 # ----------------------------------------------------------------------------------------------------------
-def load_analysis(analysis_dir: Path) -> dict[int, dict[str, float]]:
-    """Per-layer metrics ``{layer: {metric: value}}`` from the analysis results JSON in ``analysis_dir``."""
-    from entmax_vit.analysis.per_layer import unflatten_metrics
-    from entmax_vit.evaluation.results import load_results
-
-    for path in sorted(analysis_dir.rglob("analysis_results.json")):
-        record = load_results(path)
-        if record["task"] == "analysis":
-            return dict(unflatten_metrics(record["metrics"]))
-    raise ValueError(f"no analysis results JSON (task 'analysis') in {analysis_dir}")
-
-
 def collect(run_dir: Path, attention: str, seed: int) -> dict:
     """Every number the report needs for one run folder of the main job."""
     per_layer = load_analysis(run_dir / "analysis")
@@ -319,5 +308,5 @@ def main(cfg: ReproduceMiniConfig) -> dict:
     return {"rows": rows, "report": out / "results.md"}
 
 
-__all__ = ["ReproduceMiniConfig", "collect", "load_analysis", "main", "markdown_report", "plot_losses",
+__all__ = ["ReproduceMiniConfig", "collect", "main", "markdown_report", "plot_losses",
            "plot_probes", "publish"]

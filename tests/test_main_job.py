@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from entmax_vit.jobs import degradation, main_job, reproduce_mini, seed_stats
+from entmax_vit.jobs import degradation, main_job, reproduce_mini, run_results, seed_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,7 @@ def test_claims_stage_measures_the_model_folder(tmp_path, monkeypatch):
     records = main_job.evaluate(cfg, model, tmp_path / "eval", ["claims"])
     assert not records["claims"]["skipped"] and seen[0][0] == str(model)
     assert (seen[0][1].seed, seen[0][1].dataset, seen[0][1].foreground_images) == (3, "embedded:num_train=64", 8)
-    metrics = main_job.summary_metrics(tmp_path / "eval", "entmax15", [])
+    metrics = run_results.summary_metrics(tmp_path / "eval", "entmax15", [])
     assert metrics["cls_gain_miou"] == 2.5 and "block_0/seg_miou" not in metrics
     assert main_job.evaluate(cfg, model, tmp_path / "eval", ["claims"])["claims"]["skipped"]
 
@@ -257,7 +257,7 @@ def test_report_from_finished_runs(tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert reproduce_mini.mean_per_layer(rows)["entmax15"][1]["attention_zero_share"] == pytest.approx(0.5625)
     with pytest.raises(ValueError, match="no analysis results"):
-        reproduce_mini.load_analysis(tmp_path / "softmax" / "seed_0" / "train")
+        run_results.load_analysis(tmp_path / "softmax" / "seed_0" / "train")
 
 
 def test_one_seed_cannot_call_a_difference_real(tmp_path):
