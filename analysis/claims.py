@@ -225,4 +225,5 @@ def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *,
     return write_results(record, path)
 
 
-__all__ = ["HEADLINE_KEYS", "ClaimsConfig", "foreground_alignment", "measure", "probe_config", "summarize", "write_claims"]
+__all__ = ["HEADLINE_KEYS", "ClaimsConfig", "foreground_alignment", "measure", "probe_config", "summarize",
+           "write_claims"]

@@ -145,36 +145,42 @@ def train(cfg: MainJobConfig, train_dir: Path) -> None:
 
 
 def evaluation_jobs(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> list[tuple]:
-    """``(folder, entry point, its typed config, results file)`` of every evaluation stage in ``stages``."""
-    from entmax_vit.analysis.claims import ClaimsConfig, measure, write_claims
-    from entmax_vit.analysis.run import AnalyzeConfig, main as analyze
-    from entmax_vit.cli.config import parse_config
-    from entmax_vit.evaluation.entry_point import PRESET_DIR
-    from entmax_vit.evaluation.knn import KNNEvalConfig, main as knn
-    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main as segment
-
+    """``(folder, entry point, its typed config, results file)`` of every evaluation stage in ``stages``
+    (each stage's module is imported only when it runs)."""
     def size() -> int:  # the pretraining resolution (global crop size = position-embedding grid)
         value = json.loads((model_dir / "config.json").read_text())["image_size"]
         return int(value if isinstance(value, int) else value[0])
     model, quick, jobs = str(model_dir), cfg.quick, []
     if "knn" in stages:
+        from entmax_vit.evaluation.knn import KNNEvalConfig, main as knn
+
         subsets = {"max_train_samples": 256, "max_eval_samples": 128} if quick else {}
         jobs.append((out / "knn", knn, KNNEvalConfig(model=model, dataset=cfg.dataset, resize=size(), crop=size(),
                                                      output_dir=str(out / "knn"), **subsets), "results_knn.json"))
     if "segmentation" in stages:
+        from entmax_vit.cli.config import parse_config
+        from entmax_vit.evaluation.entry_point import PRESET_DIR
+        from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main as segment
+
         preset = parse_config(SegmentationEvalConfig, ["--config", "embedded"], preset_dir=PRESET_DIR)
         subsets = {"epochs": 1, "max_train_samples": 128, "max_eval_samples": 64} if quick else {}
         for f in cfg.segmentation_features:
+            if f not in FEATURES:
+                raise ValueError(f"segmentation_features entries must be 'patch' or 'patch+cls', got {f!r}")
             seg = dataclasses.replace(preset, model=model, dataset=cfg.dataset, use_cls_token=f == "patch+cls",
                                       output_dir=str(seg_dir(out, f)), **subsets)
             jobs.append((seg_dir(out, f), segment, seg, "results_segmentation.json"))
     if "analysis" in stages:
+        from entmax_vit.analysis.run import AnalyzeConfig, main as analyze
+
         analysis = AnalyzeConfig(model=model, names=[cfg.attention], dataset=cfg.dataset, split="validation",
                                  num_images=min(cfg.analysis_images, 16) if quick else cfg.analysis_images,
                                  image_size=size(), output_dir=str(out / "analysis"),
                                  separate_curves=False)  # the overview grid only: one PNG per metric costs minutes
         jobs.append((out / "analysis", analyze, analysis, f"{cfg.attention}/analysis_results.json"))
     if "claims" in stages:
+        from entmax_vit.analysis.claims import ClaimsConfig, measure, write_claims
+
         subsets = {"max_train_samples": 128, "max_eval_samples": 64, "epochs": 1} if quick else {}
         claims = ClaimsConfig(dataset=cfg.dataset, seed=cfg.seed, foreground_images=cfg.analysis_images, **subsets)
         jobs.append((out / "claims", lambda c: write_claims(measure(model, c), out / "claims" / "claims_results.json",
@@ -204,7 +210,6 @@ def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg
 
 def main(cfg: MainJobConfig) -> dict:
     from entmax_vit.cli.config import save_config, to_dict
-    from entmax_vit.data.datasets import load_image_dataset
 
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -213,6 +218,8 @@ def main(cfg: MainJobConfig) -> dict:
     train_dir, records = out / "train", {}
     model_dir = train_dir / "final_model"
     if "data" in cfg.stages:
+        from entmax_vit.data.datasets import load_image_dataset
+
         sizes = [len(load_image_dataset(cfg.dataset, split=split)) for split in ("train", "validation")]
         print(f"[main_job] data {cfg.dataset}: {sizes[0]} train / {sizes[1]} validation", flush=True)
     if "train" in cfg.stages:

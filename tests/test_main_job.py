@@ -123,6 +123,9 @@ def test_stage_configs_carry_settings(tmp_path, monkeypatch):
     assert seg.output_dir == str(tmp_path / "segmentation_patch")
     with pytest.raises(ValueError, match="patch"):
         main_job.MainJobConfig(segmentation_features=["cls"])
+    cfg.segmentation_features = ["cls"]  # changed after the config's own check
+    with pytest.raises(ValueError, match="patch"):
+        main_job.evaluation_jobs(cfg, model, tmp_path, ["segmentation"])
     knn = jobs["knn"]
     assert knn.resize == knn.crop == 64 and knn.max_eval_samples == 128
     assert jobs["analysis"].num_images == 16

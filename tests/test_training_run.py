@@ -119,6 +119,21 @@ def test_resume_equals_uninterrupted(uninterrupted, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rerun_of_a_finished_run_trains_nothing_and_keeps_its_state(uninterrupted, data, tmp_path):
+    """Launching a finished run again (a kill after its last checkpoint, or a repeated command) resumes at the
+    end: no step is trained again, the export and the end-of-run state are the same."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "debug")
+    assert main(cfg_of(tiny_args(data, out))) == out / "final_model"
+    assert losses(out) == losses(uninterrupted)
+    assert final_digests(out) == final_digests(uninterrupted)  # global_step 8 and the same weights
+    rows = [json.loads(line) for line in (out / "debug" / "rank0.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "indices" in r]  # no batch drawn
+
+
 def test_streaming_needs_epoch_length(data, tmp_path):
     with pytest.raises(ValueError, match="streaming_num_samples"):
         main(cfg_of(tiny_args(data, tmp_path / "run", **{"data.streaming": True})))

@@ -12,9 +12,9 @@ Hooks (seconds for the pauses):
     pause_in_pruning    sleep after a pruned checkpoint was renamed .tmp_old_step_* and before it is deleted
     pause_in_export     sleep inside the final export, after OUTPUT_DIR/final_model was created
     dump_rank_state     (true) append to OUTPUT_DIR/debug/rank{R}.jsonl the sample indices of every batch
-                        ({"epoch", "batch", "step", "indices"}) and, after every epoch (or early stop), digests
-                        of the teacher, loss center and student ({"after_epoch", "global_step", "*_digest"}):
-                        the sharding and rank-agreement checks of the tests
+                        ({"epoch", "batch", "step", "indices"}) and, when training returns, digests of the
+                        teacher, loss center and student ({"final", "global_step", "*_digest"}): the
+                        sharding and rank-agreement checks of the tests
 """
 
 from __future__ import annotations
@@ -60,21 +60,53 @@ class _RecordingData:
             yield item
 
 
-def _dumping_rank_state(train_one_epoch: Callable) -> Callable:
-    def wrapped(loop: Any, data: Any, state: Any, epoch: int) -> bool:
+def _dumping_rank_state(dino: Any, patch: Callable[[Any, str, Any], None]) -> None:
+    """Per-batch indices from ``train_one_epoch``; the digests when ``train`` returns (every invocation, also a
+    resume of a finished run that trains no epoch), from the run's ``Loop``."""
+    import entmax_vit.training.checkpointing as ckpt
+
+    loops: list = []
+    states: list = []  # the RunState of the last epoch trained (updated in place to its last step)
+
+    class RecordedLoop(dino.Loop):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            loops.append(self)
+
+    def rank_file(loop: Any) -> Path:
         folder = Path(loop.cfg.output_dir) / "debug"
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"rank{loop.accelerator.process_index}.jsonl", "a", buffering=1) as file:
-            stopped = train_one_epoch(loop, _RecordingData(data, file, state), state, epoch)
-            student = loop.accelerator.unwrap_model(loop.student)
+        return folder / f"rank{loop.accelerator.process_index}.jsonl"
+
+    epoch_fn, train_fn = dino.train_one_epoch, dino.train
+
+    def train_one_epoch(loop: Any, data: Any, state: Any, epoch: int) -> bool:
+        states.append(state)
+        with open(rank_file(loop), "a", buffering=1) as file:
+            return epoch_fn(loop, _RecordingData(data, file, state), state, epoch)
+
+    def train(*args: Any, **kwargs: Any) -> Any:
+        loops.clear()
+        states.clear()
+        result = train_fn(*args, **kwargs)
+        loop = loops[-1]
+        if states:
+            step = states[-1].global_step
+        else:  # a resumed run that had nothing left to train: the step of the checkpoint it resumed from
+            step = ckpt.read_trainer_state(ckpt.latest_checkpoint(loop.ckpt_root))["global_step"]
+        student = loop.accelerator.unwrap_model(loop.student)
+        with open(rank_file(loop), "a") as file:
             file.write(json.dumps({
-                "after_epoch": epoch, "global_step": state.global_step,
+                "final": True, "global_step": step,
                 "teacher_digest": tensor_digest(loop.teacher.state_dict().values()),
                 "center_digest": tensor_digest([loop.dino_loss.center]),
                 "student_digest": tensor_digest(student.state_dict().values()),
             }) + "\n")
-        return stopped
-    return wrapped
+        return result
+
+    patch(dino, "Loop", RecordedLoop)
+    patch(dino, "train_one_epoch", train_one_epoch)
+    patch(dino, "train", train)
 
 
 def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = None) -> None:
@@ -125,7 +157,7 @@ def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = N
         for module in (export, dino):
             patch(module, "export_backbone", hooked)
     if hooks.get("dump_rank_state"):
-        patch(dino, "train_one_epoch", _dumping_rank_state(dino.train_one_epoch))
+        _dumping_rank_state(dino, patch)
 
 
 if __name__ == "__main__":
