@@ -65,6 +65,7 @@ from .tiled_attention import (
     _lower_bound,
     compiled_twin,
     tiled_attention,
+    tracing,
 )
 
 # Newton steps before the closed-form finish (ENTMAX15_NEWTON_STEPS, SPARSEMAX_NEWTON_STEPS, shared with the
@@ -79,11 +80,6 @@ ENTMAX_BISECT_MAX_ITER = 50
 def _as_float32(x: torch.Tensor) -> torch.Tensor:
     """Half precision is computed in float32 (thresholds need the mantissa); float32/float64 unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _tracing() -> bool:
-    """True under torch.compile / torch.export / jit tracing, where a host sync cannot be taken."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _count_positive(d: torch.Tensor) -> torch.Tensor:
@@ -181,7 +177,7 @@ def _sparsemax_backward(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor
 def _kernel(fn: Callable, compiled: bool) -> Callable:
     """``fn`` itself, or its torch.compile'd twin (static shapes). Inside an outer torch.compile / torch.export
     the plain function is traced (the outer compiler fuses it anyway)."""
-    return compiled_twin(fn, compiled and not _tracing(), dynamic=False)
+    return compiled_twin(fn, compiled and not tracing(), dynamic=False)
 
 
 def _certified(probs: torch.Tensor, scores: torch.Tensor, ok: torch.Tensor, reference: Callable) -> torch.Tensor:
@@ -196,7 +192,7 @@ def _certified(probs: torch.Tensor, scores: torch.Tensor, ok: torch.Tensor, refe
         return torch.where(o.unsqueeze(-1), p, reference(s).to(p.dtype))
 
     all_ok = ok.all()
-    if _tracing():
+    if tracing():
         # cond's branches may not return an input unchanged, hence the clone
         return torch.cond(all_ok, lambda p, s, o: p.clone(), fix, (probs, scores, ok))
     return probs if bool(all_ok) else fix(probs, scores, ok)
@@ -341,7 +337,7 @@ class EntmaxBisectFunction(torch.autograd.Function):
             lo, hi, tau, err = step(x, q, lo, hi, tau, err)
             # Converged rows stay put (Newton step ~0), so stopping early changes nothing: eagerly, check every
             # few steps (a host sync); traced graphs run all the steps.
-            if i % 4 == 3 and not _tracing() and bool(((err <= tol) | (hi - lo <= tol)).all()):
+            if i % 4 == 3 and not tracing() and bool(((err <= tol) | (hi - lo <= tol)).all()):
                 break
         probs = _kernel(_bisect_finish, compiled)(x, q, lo)
         ctx.compiled, ctx.scalar_alpha = compiled, scalar_alpha
@@ -364,10 +360,10 @@ def entmax_bisect(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] 
     alpha = 1.5 if alpha is None else alpha
     x = _as_float32(scores)
     if torch.is_tensor(alpha):
-        if not _tracing() and bool((alpha <= 1).any()):
+        if not tracing() and bool((alpha <= 1).any()):
             raise ValueError("entmax_bisect needs alpha > 1 (alpha = 1 is softmax)")
         # A one-element tensor is read as a float for the fast exponent, except while tracing (no host sync).
-        scalar = float(alpha) if alpha.numel() == 1 and not alpha.requires_grad and not _tracing() else None
+        scalar = float(alpha) if alpha.numel() == 1 and not alpha.requires_grad and not tracing() else None
         alpha_rows = alpha.to(device=x.device, dtype=x.dtype).expand(*x.shape[:-1], 1)  # autograd sums it back
     else:
         if not alpha > 1:

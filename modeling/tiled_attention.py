@@ -329,6 +329,12 @@ def backward_block(q_blk, do_blk, key, key_t, value_t, m_blk, t_blk, z_blk, alph
 _COMPILED: dict[str, Callable] = {}
 
 
+def tracing() -> bool:
+    """True under torch.compile / torch.export / jit tracing, where a host sync cannot be taken and an outer
+    capture must not meet the compiled blocks."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def compiled_twin(fn: Callable, compiled: bool = True, dynamic: Optional[bool] = None) -> Callable:
     """``fn`` itself, or its torch.compile'd twin (one per function and process; same code, same numbers)."""
     if not compiled:
@@ -478,7 +484,7 @@ def tiled_attention(
     with torch.autocast(query.device.type, enabled=False):  # the kernel's matmuls stay in float32
         out = _TiledEntmax.apply(
             rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block, scalar_alpha,
-            compiled and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()),
+            compiled and not tracing(),
         )
     return out.view(batch, heads, n_q, value.shape[-1]).to(dtype)
 
@@ -491,4 +497,5 @@ __all__ = [
     "entmax15_sort_threshold",
     "sparsemax_sort_threshold",
     "tiled_attention",
+    "tracing",
 ]
