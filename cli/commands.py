@@ -17,12 +17,15 @@ def _doc(module: str) -> Optional[str]:
 
 
 def train(argv: Optional[Sequence[str]] = None) -> Any:
-    """DINO training (training/dino.py); a non-finite loss exits with status 3."""
+    """DINO training (training/dino.py); a non-finite loss exits with status 3, a checkpoint that cannot be
+    written (full disk) with 4, a lost rank (dead, frozen past distributed.timeout_s) with 5: one line each."""
     from entmax_vit.cli.entry_point import run
-    from entmax_vit.training.dino import CONFIG_DIR, DinoConfig, NonFiniteLossError, main
+    from entmax_vit.training.checkpointing import CheckpointWriteError
+    from entmax_vit.training.dino import CONFIG_DIR, DinoConfig, LostRankError, NonFiniteLossError, main
 
     return run(main, DinoConfig, "dino", preset_dir=CONFIG_DIR, argv=argv, description=_doc(main.__module__),
-               exit_codes={NonFiniteLossError: 3}, log_format=None)  # main sets the log level per rank
+               exit_codes={NonFiniteLossError: 3, CheckpointWriteError: 4, LostRankError: 5},
+               log_format=None)  # main sets the log level per rank
 
 
 def eval_knn(argv: Optional[Sequence[str]] = None) -> Any:

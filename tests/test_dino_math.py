@@ -18,7 +18,9 @@ from entmax_vit.training.dino_data import EpochPermutationSampler, sample_seed
 from entmax_vit.training.dino_head import DINOHead, WeightNormLinear
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.multicrop_wrapper import MultiCropWrapper, resolution_groups
-from entmax_vit.training.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, param_groups
+from entmax_vit.training.optim import (
+    cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update, param_groups,
+)
 from entmax_vit.training.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
 
 
@@ -187,6 +189,26 @@ def test_per_parameter_clipping_by_hand():
     torch.testing.assert_close(b.grad, torch.tensor([1.0, 0.0, 0.0]))
 
 
+def test_foreach_clipping_equals_official_loop_bitwise():
+    """The device-side (no host sync) clipping gives official DINO's per-parameter loop bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g) * scale for s, scale in (((7, 5), 4.0), ((3,), 0.1), ((4, 4), 1.0), ((2,), 9.0))]
+    params = [nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for p, t in zip(params, grads):
+        p.grad = t.clone()
+    total = clip_gradients_per_parameter(params, 3.0)
+    norms = []
+    for t in grads:  # official utils.clip_gradients
+        norm = t.norm(2)
+        norms.append(norm.item())
+        clip_coef = 3.0 / (norm + 1e-6)
+        if clip_coef < 1:
+            t.mul_(clip_coef)
+    for p, t in zip(params, grads):
+        assert torch.equal(p.grad, t)
+    assert total.item() == pytest.approx(math.sqrt(sum(n * n for n in norms)))
+
+
 def test_last_layer_frozen_in_first_epoch():
     head = DINOHead(8, 16, 12, 4, norm_last_layer=False)
     for p in head.parameters():
@@ -222,6 +244,15 @@ def test_ema_update_formula():
         for q, k in zip(student.parameters(), teacher.parameters()):
             k.data.mul_(m).add_((1 - m) * q.detach().data)
     torch.testing.assert_close(teacher.weight, torch.full((2, 2), 0.9))
+    g = torch.Generator().manual_seed(1)
+    q = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
+    k = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
+    k_loop = [t.clone() for t in k]
+    for a, b in zip(q, k_loop):
+        b.mul_(0.996).add_((1 - 0.996) * a)
+    ema_update(k, q, 0.996)  # the loop's foreach version
+    for a, b in zip(k, k_loop):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_epoch_order_is_seeded_permutation():

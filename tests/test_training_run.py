@@ -229,3 +229,57 @@ def test_sigkill_then_resume_finishes_identically(uninterrupted_cli, data, tmp_p
 @pytest.mark.slow
 def test_chaos_five_sigkills_finish_identically(uninterrupted_cli, data, tmp_path):
     chaos(data, tmp_path / "run", uninterrupted_cli, kills=5, seed=1)
+
+
+SYNC_METHODS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+def test_at_most_one_host_sync_per_optimizer_step(data, tmp_path, monkeypatch):
+    """Counts the host-syncing Tensor calls (item/tolist/numpy/__bool__/__float__/__int__) made directly by
+    training code (training/*.py, the data pipeline excluded) during each optimizer step of a tiny in-process
+    run: at most 1 per step outside log and checkpoint steps (on one process: none). The EMA no longer unwraps
+    the prepared student (that dropped DDP's no_sync under torch.compile)."""
+    import sys as _sys
+
+    import accelerate
+
+    from entmax_vit.training import loop_stats
+
+    training_dir = str(REPO / "training")
+    excluded = ("dino_data.py", "multicrop.py", "multicrop_wrapper.py")
+    current = {"step": None}
+    per_step: dict = {}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, **kwargs):
+            caller = _sys._getframe(1).f_code.co_filename
+            if current["step"] is not None and caller.startswith(training_dir) and not caller.endswith(excluded):
+                per_step[current["step"]] = per_step.get(current["step"], 0) + 1
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    for name in SYNC_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    record = loop_stats.LoopStats.record
+
+    def recording(self, loss, step, *args, **kwargs):
+        current["step"] = step  # the optimizer step this micro-batch belongs to (0-based)
+        return record(self, loss, step, *args, **kwargs)
+
+    monkeypatch.setattr(loop_stats.LoopStats, "record", recording)
+    unwraps = []
+    monkeypatch.setattr(accelerate.Accelerator, "unwrap_model",
+                        lambda self, model, *a, **k: unwraps.append(current["step"]) or model)
+    out = tmp_path / "run"
+    args = tiny_args(data, out, **{"logging.every_steps": 3, "checkpoint.every_steps": 4,
+                                   "checkpoint.at_epoch_end": False, "optim.gradient_accumulation_steps": 1})
+    main(cfg_of(args))
+    current["step"] = None
+    log_or_checkpoint = {s - 1 for s in range(1, 9) if s % 3 == 0 or s % 4 == 0 or s == 8}
+    plain = {s: per_step.get(s, 0) for s in range(8) if s not in log_or_checkpoint}
+    assert plain and all(n <= 1 for n in plain.values()), plain
+    assert sum(plain.values()) == 0  # one process: not even the stop vote syncs
+    assert all(per_step.get(s, 0) >= 1 for s in log_or_checkpoint)  # the counter does see the log syncs
+    assert [s for s in unwraps if s is not None and s < 7] == []

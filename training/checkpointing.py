@@ -113,6 +113,19 @@ def load_teacher(path: str | os.PathLike, teacher: nn.Module, center: torch.Tens
         center.copy_(center_value.to(center.device))
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, quota, I/O error); the previous one is untouched."""
+
+
+def _on_all_ranks(accelerator: Any, value: Any) -> list:
+    """Every rank's ``value``, on every rank (one collective; the value itself on one process)."""
+    if getattr(accelerator, "num_processes", 1) <= 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
 def save_checkpoint(
     accelerator: Any,
     checkpoint_root: str | os.PathLike,
@@ -123,28 +136,52 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int = 0,
 ) -> Path:
-    """Collective: every rank calls it. Writes ``step_XXXXXXX`` atomically and prunes to ``keep_last``."""
+    """Collective: every rank calls it. Writes ``step_XXXXXXX`` atomically and prunes to ``keep_last``.
+
+    Decisions are the main process's, shared with the others (a stale network-file-system view on one rank
+    cannot make ranks disagree and hang). A write that fails on any rank (ENOSPC, EDQUOT, EIO) removes the
+    half-written temporary folder and raises :class:`CheckpointWriteError` on every rank, naming the previous
+    checkpoint, which is left intact."""
     root = Path(checkpoint_root)
     final = root / step_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
-    if final.exists():  # e.g. an epoch end that coincides with every_steps
+    exists = final.exists() if accelerator.is_main_process else None
+    if _on_all_ranks(accelerator, exists)[0]:  # e.g. an epoch end that coincides with every_steps
         return final
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank writes its RNG state; the main rank the rest
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_teacher(tmp / TEACHER_FILE, teacher, center)
-        (tmp / CONFIG_FILE).write_text(config_yaml)
-        write_manifest(tmp)
-        _write_json(tmp / STATE_FILE, trainer_state)  # last file: its presence marks completeness
-        _fsync_dir(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if keep_last > 0:
-            prune_checkpoints(root, keep_last)
+    previous = latest_checkpoint(root) if accelerator.is_main_process else None
+    error = None
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every rank writes its RNG state; the main rank the rest
+    except OSError as err:
+        error = f"rank {accelerator.process_index}: {err}"
+    errors = [e for e in _on_all_ranks(accelerator, error) if e]
+    if accelerator.is_main_process and not errors:
+        try:
+            save_teacher(tmp / TEACHER_FILE, teacher, center)
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+            write_manifest(tmp)
+            _write_json(tmp / STATE_FILE, trainer_state)  # last file: its presence marks completeness
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        except OSError as err:
+            errors = [f"rank 0: {err}"]
+    errors, previous_name = _on_all_ranks(accelerator, (errors, previous and previous.name))[0]  # main's verdict
+    if errors:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final} ({'; '.join(errors)}); its temporary folder is removed. "
+            + (f"The previous checkpoint {previous_name} is intact: free disk space, then relaunch the same "
+               "command to resume from it." if previous_name else
+               "There is no earlier checkpoint: free disk space and start again.")
+        )
+    if accelerator.is_main_process and keep_last > 0:
+        prune_checkpoints(root, keep_last)
     accelerator.wait_for_everyone()
     return final
 
@@ -275,7 +312,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 __all__ = [
-    "CONFIG_FILE", "MANIFEST_FILE", "STATE_FILE", "TEACHER_FILE", "describe_leftover", "latest_checkpoint",
+    "CONFIG_FILE", "MANIFEST_FILE", "STATE_FILE", "TEACHER_FILE", "CheckpointWriteError", "describe_leftover", "latest_checkpoint",
     "list_checkpoints", "load_teacher", "prune_checkpoints", "read_trainer_state", "remove_incomplete",
     "save_checkpoint", "save_teacher", "set_aside_damaged", "step_dir_name", "teacher_state", "verify_checkpoint",
     "write_manifest",

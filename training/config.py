@@ -68,8 +68,9 @@ class DataConfig:
     pin_memory: bool = True
     # Unreadable images (corrupt, truncated, empty files) are replaced by the next readable row and counted
     # (images_skipped); training stops with an error only when no image can be read, or when more than this
-    # share of an epoch's images is unreadable (checked from the 1024th image of each epoch on, and at its
-    # end). 1.0 = stop only when no image at all is readable; e.g. 0.05 to stop on badly damaged data.
+    # share of an epoch's images is unreadable (checked at log steps and checkpoints once the epoch has drawn
+    # 1024 images, and at its end). 1.0 = stop only when no image at all is readable; e.g. 0.05 to stop on
+    # badly damaged data.
     max_unreadable_share: float = 1.0
 
 
@@ -138,9 +139,19 @@ class LoggingConfig:
 
 @dataclass
 class DebugConfig:
-    # Stop after this many optimizer steps of the run, with a checkpoint (schedules still span optim.epochs);
-    # -1 = no limit.
+    # Stop after this many optimizer steps OF THIS LAUNCH, with a checkpoint, exit status 0 (schedules still
+    # span optim.epochs). It counts per launch, not in total: a relaunch that resumes trains up to this many
+    # MORE steps (e.g. 5 then 5 again = step 10). -1 = no limit.
     max_steps: int = -1
+
+
+@dataclass
+class DistributedConfig:
+    # Process-group timeout in seconds (torch.distributed, through Accelerate's InitProcessGroupKwargs): a
+    # rank that waits longer than this for the others in a collective (a dead or frozen rank, a node still
+    # preparing the dataset) stops with an error instead of hanging. Raise it when the first start downloads
+    # or prepares a large dataset on the main process (the other ranks wait for it); see docs/training.md.
+    timeout_s: Annotated[int, Ge(1)] = 1800
 
 
 @dataclass
@@ -156,6 +167,7 @@ class DinoConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # Keys of older versions, dropped when a saved config is read (test hooks that moved into the tests).
@@ -175,8 +187,8 @@ def without_retired_keys(saved: dict) -> dict:
 
 # Keys that may change when resuming: they do not alter the trajectory of the run.
 RESUME_SAFE_PREFIXES: tuple[str, ...] = (
-    "output_dir", "checkpoint.", "logging.", "debug.", "data.num_workers", "data.pin_memory", "data.cache_dir",
-    "model.gradient_checkpointing", "model.compile", "model.attn_implementation",
+    "output_dir", "checkpoint.", "logging.", "debug.", "distributed.", "data.num_workers", "data.pin_memory",
+    "data.cache_dir", "model.gradient_checkpointing", "model.compile", "model.attn_implementation",
 )
 
 
@@ -193,6 +205,6 @@ def breaking_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any
 
 
 __all__ = [
-    "CheckpointConfig", "DataConfig", "DebugConfig", "DinoConfig", "LoggingConfig", "LossConfig", "ModelConfig",
+    "CheckpointConfig", "DataConfig", "DebugConfig", "DinoConfig", "DistributedConfig", "LoggingConfig", "LossConfig", "ModelConfig",
     "OptimConfig", "RESUME_SAFE_PREFIXES", "RETIRED_KEYS", "breaking_differences", "flatten", "without_retired_keys",
 ]

@@ -15,7 +15,8 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +25,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, gather, set_seed
 from tqdm.auto import tqdm
 
 from entmax_vit.cli.config import from_dict, save_config, to_dict
@@ -33,23 +34,21 @@ from entmax_vit.training.config import DinoConfig, breaking_differences, flatten
 from entmax_vit.training.dino_data import TrainingData
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.export import export_backbone
+from entmax_vit.training.loop_stats import LoopStats, NonFiniteLossError, UnreadableDataError  # noqa: F401 (re-exported)
 from entmax_vit.training.metrics_log import MetricsLog, attention_support_size, plot_loss_curve
 from entmax_vit.training.networks import build_networks
-from entmax_vit.training.optim import cancel_last_layer_gradients, clip_gradients_per_parameter, param_groups
+from entmax_vit.training.optim import (
+    cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update, param_groups,
+)
 from entmax_vit.training.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 logger = logging.getLogger("entmax_vit.training.dino")
 UNREADABLE_NAMES_LOGGED = 5  # per rank and epoch: enough to find the files, not a flood
-UNREADABLE_SHARE_MIN_IMAGES = 1024  # the unreadable share is checked once an epoch has drawn this many
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: the run stops, keeping its last good checkpoint."""
-
-
-class UnreadableDataError(ValueError):
-    """More than ``data.max_unreadable_share`` of an epoch's images cannot be decoded."""
+class LostRankError(RuntimeError):
+    """Another process of a distributed run died or stopped answering: this one stops too (no hang)."""
 
 
 class StopRequest:
@@ -96,11 +95,37 @@ def main(cfg: DinoConfig) -> Optional[Path]:
     stop = StopRequest()
     try:
         return train(cfg, stop)
+    except (RuntimeError, ConnectionError) as err:
+        if _is_collective_failure(err):
+            raise LostRankError(
+                f"lost contact with another process of the run ({_first_line(err)}); this process stops too. "
+                f"A rank died, was killed or waited more than distributed.timeout_s = {cfg.distributed.timeout_s} s. "
+                "Relaunch the same command to resume from the newest intact checkpoint in "
+                f"{Path(cfg.output_dir) / 'checkpoints'}."
+            ) from err
+        raise
     finally:
         stop.close()
         # Accelerate keeps its settings process-wide; forget them so main() can run again in this process
         # (notebooks, tests) with another mixed precision. The process group (PartialState) stays.
         AcceleratorState._reset_state()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    """A torch.distributed / gloo / NCCL error (a peer gone or a collective timed out), not a bug of ours."""
+    dist_errors = tuple(getattr(torch.distributed, name) for name in ("DistError", "DistBackendError")
+                        if hasattr(torch.distributed, name))
+    if isinstance(err, dist_errors):
+        return True
+    text = str(err)
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and any(
+        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset",
+                                      "Timed out", "timed out", "Broken pipe"))
 
 
 def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
@@ -114,6 +139,9 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
         log_with="tensorboard" if cfg.logging.tensorboard else None,
         project_dir=str(out_dir),
         rng_types=[],  # data order and augmentation are seeded explicitly (dino_data.py)
+        # a dead or frozen rank ends the others' collectives after this long, with an error (no hang)
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.timeout_s))],
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # pinned batches copied asynchronously
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -127,7 +155,11 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
 
     # ============ preparing data ============
     accum = cfg.optim.gradient_accumulation_steps
-    data = TrainingData(cfg.data, cfg.crops, cfg.seed, accelerator, accum)
+    # The main process loads (downloads, converts, caches) the dataset first; the other ranks then read its
+    # cache instead of each downloading it. They wait up to distributed.timeout_s for it: pre-download large
+    # datasets (docs/training.md, "Running on GPUs") or raise the timeout.
+    with accelerator.main_process_first():
+        data = TrainingData(cfg.data, cfg.crops, cfg.seed, accelerator, accum)
 
     # ============ building student and teacher networks ============
     student, teacher = build_networks(cfg)
@@ -144,6 +176,10 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
 
     # ============ preparing optimizer ============
     optimizer = torch.optim.AdamW(param_groups(student))  # lr and wd are set every step by the schedules
+    # The EMA reads the student's own parameters, taken here once: unwrapping the prepared (DDP, compiled)
+    # student every step would cost a Python walk, and accelerate's unwrap_model(keep_torch_compile=True)
+    # re-points the compiled module at the bare model, dropping DDP (and no_sync under accumulation).
+    ema_pairs = (list(teacher.parameters()), list(student.parameters()))
     student, optimizer = accelerator.prepare(student, optimizer)
     if cfg.model.compile:
         student = torch.compile(student)
@@ -199,13 +235,14 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not (
         accelerator.is_main_process and cfg.logging.progress_bar), dynamic_ncols=True, desc="DINO")
     loop = Loop(cfg, accelerator, student, teacher, dino_loss, optimizer, schedules, metrics, stop, progress,
-                save_checkpoint, total_steps, ckpt_root)
+                save_checkpoint, total_steps, ckpt_root, ema_pairs)
     stopped = False
     for epoch in range(state.epoch, epochs):
         stopped = train_one_epoch(loop, data, state, epoch)
         if stopped:
             break
-        check_unreadable_share(state, epoch, cfg.data.max_unreadable_share, end_of_epoch=True)
+        loop.stats.flush(state, epoch, cfg.data.max_unreadable_share, end_of_epoch=True,
+                         last_good=lambda: ckpt.latest_checkpoint(ckpt_root))
         logger.info("epoch %d done: %d unreadable image(s) replaced (%d in all)", epoch,
                     state.epoch_images_skipped, state.images_skipped)
         state = RunState(epoch=epoch + 1, global_step=state.global_step, images_skipped=state.images_skipped)
@@ -246,16 +283,31 @@ class Loop:
     save_checkpoint: Any  # () -> Path, writes the current RunState
     total_steps: int
     ckpt_root: Path
+    ema_pairs: tuple[list, list]  # (teacher parameters, student parameters), taken before prepare()
     steps_this_run: int = 0
+    stats: Optional[LoopStats] = None  # device-side loss / image bookkeeping (loop_stats.py)
+
+    def __post_init__(self) -> None:
+        if self.stats is None:
+            self.stats = LoopStats(self.accelerator)
 
 
 def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int) -> bool:
     """One epoch from ``state.batch_in_epoch`` on, updating ``state``; True when the run stops early (a signal
-    or debug.max_steps), after writing a checkpoint."""
+    or debug.max_steps), after writing a checkpoint.
+
+    At most one host sync per optimizer step outside log steps (the stop-request vote, on several processes
+    only): the loss, its finiteness and the image counts stay on the device until ``loop.stats`` syncs them
+    (loop_stats.py, which states the bound on work lost to a non-finite loss)."""
     cfg, accelerator, student, optimizer, schedules = loop.cfg, loop.accelerator, loop.student, loop.optimizer, loop.schedules
     teacher_temp = float(schedules.teacher_temp[epoch])
     last_log_time, images_since_log, names_logged = time.time(), 0, 0
     grad_norm = torch.zeros(())
+
+    def flush():  # the one sync of a log step / checkpoint: counts into ``state``, non-finite loss -> error
+        return loop.stats.flush(state, epoch, cfg.data.max_unreadable_share,
+                                last_good=lambda: ckpt.latest_checkpoint(loop.ckpt_root))
+
     for batch_in_epoch, (crops, indices, unreadable) in enumerate(data.epoch(epoch, state.batch_in_epoch),
                                                                  start=state.batch_in_epoch):
         it = state.global_step  # global optimizer step: index into the schedules
@@ -272,14 +324,7 @@ def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int)
             loss = loop.dino_loss(student_output, teacher_output, teacher_temp,
                                   reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
                                   world_size=accelerator.num_processes)
-            mean_loss = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-            if not math.isfinite(mean_loss):
-                last = ckpt.latest_checkpoint(loop.ckpt_root)
-                raise NonFiniteLossError(
-                    f"Loss is {mean_loss} at step {it} (epoch {epoch}, batch {batch_in_epoch}); stopping "
-                    f"training. Last good checkpoint: {last or 'none'}. Lower optim.lr_base, raise "
-                    "optim.warmup_epochs, lower loss.teacher_temp or use mixed_precision bf16/no."
-                )
+            loop.stats.record(loss, it, batch_in_epoch, len(indices), len(unreadable))  # no sync
 
             # student update
             accelerator.backward(loss)
@@ -290,26 +335,18 @@ def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        # unreadable rows of this micro-batch: counted over all ranks, the first few named in the log
-        seen_skipped = accelerator.reduce(torch.tensor([len(indices), len(unreadable)], device=accelerator.device),
-                                          reduction="sum").tolist()
-        state.epoch_images_seen += int(seen_skipped[0])
-        state.epoch_images_skipped += int(seen_skipped[1])
-        state.images_skipped += int(seen_skipped[1])
+        # unreadable rows of this micro-batch: the first few named in the log (counted over ranks at syncs)
         if unreadable and names_logged < UNREADABLE_NAMES_LOGGED:
             logger.warning("epoch %d: unreadable image(s) replaced by the next readable row: %s", epoch,
                            ", ".join(unreadable[:UNREADABLE_NAMES_LOGGED - names_logged]))
             names_logged += len(unreadable)
-        check_unreadable_share(state, epoch, cfg.data.max_unreadable_share)
         images_since_log += len(indices) * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
 
-        # EMA update for the teacher
-        with torch.no_grad():
-            m = float(schedules.momentum[it])
-            for param_q, param_k in zip(accelerator.unwrap_model(student).parameters(), loop.teacher.parameters()):
-                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+        # EMA update for the teacher (foreach: no loop over parameters, no sync)
+        m = float(schedules.momentum[it])
+        ema_update(*loop.ema_pairs, m)
         state.global_step = step = it + 1
         state.batch_in_epoch = batch_in_epoch + 1
         loop.steps_this_run += 1
@@ -317,6 +354,7 @@ def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int)
 
         # logging
         if step % cfg.logging.every_steps == 0 or step == loop.total_steps:
+            mean_loss = flush().mean_loss
             elapsed = time.time() - last_log_time
             record = {"epoch": epoch, "loss": mean_loss, "lr": float(schedules.lr[it]),
                       "wd": float(schedules.wd[it]), "momentum": m, "teacher_temp": teacher_temp,
@@ -330,39 +368,53 @@ def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int)
             loop.progress.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", img_s=f"{record['img_per_s']:.1f}")
             last_log_time, images_since_log = time.time(), 0
 
-        # checkpoints and stop requests
-        stop_now = accelerator.reduce(torch.tensor(float(loop.stop.requested), device=accelerator.device),
-                                      reduction="sum").item() > 0
+        # checkpoints and stop requests: the vote over ranks is this step's one host sync (none on one process)
+        stop_now = loop.stop.requested if accelerator.num_processes == 1 else accelerator.reduce(
+            torch.tensor(float(loop.stop.requested), device=accelerator.device), reduction="sum").item() > 0
         limit_hit = 0 < cfg.debug.max_steps <= loop.steps_this_run and step < loop.total_steps
         if stop_now or limit_hit or (cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0):
-            loop.save_checkpoint()
+            flush()  # never a checkpoint after a non-finite loss; image counts complete in trainer_state.json
+            saved = loop.save_checkpoint()
         if stop_now or limit_hit:
-            logger.warning("stopping at step %d (%s); resume with --checkpoint.resume auto", step,
-                           "signal" if stop_now else "debug.max_steps")
+            if accelerator.is_main_process:
+                logger.warning(stop_message(step, "a signal" if stop_now else f"debug.max_steps = {cfg.debug.max_steps}",
+                                            saved, Path(cfg.output_dir)))
             return True
     return False
 
 
-def check_unreadable_share(state: RunState, epoch: int, max_share: float, end_of_epoch: bool = False) -> None:
-    """UnreadableDataError when more than ``max_share`` of the epoch's images so far were unreadable (checked
-    once the epoch has drawn UNREADABLE_SHARE_MIN_IMAGES images, and at its end)."""
-    seen = state.epoch_images_seen
-    if seen == 0 or (seen < UNREADABLE_SHARE_MIN_IMAGES and not end_of_epoch):
-        return
-    share = state.epoch_images_skipped / seen
-    if share > max_share:
-        raise UnreadableDataError(
-            f"{state.epoch_images_skipped} of the {seen} images drawn in epoch {epoch} ({share:.1%}) cannot be "
-            f"decoded, more than data.max_unreadable_share = {max_share:g}. The warnings above name the first "
-            "files; clean the data, or raise data.max_unreadable_share to train on the readable rest."
-        )
+def stop_message(step: int, reason: str, checkpoint: Path, out_dir: Path) -> str:
+    """The line an early stop ends with: where it stopped, how to resume, how to export."""
+    return (f"stopped at step {step} ({reason}) with checkpoint {checkpoint}. Resume: run the same command again "
+            f"(--checkpoint.resume auto, the default, continues from it). Export this checkpoint as a model: "
+            f"python scripts/export_checkpoint.py {checkpoint} {out_dir / 'exported'}")
 
 
 def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Any = None) -> Optional[Path]:
     """``checkpoint.resume``: "" (fresh; refuses to mix with existing checkpoints), "auto" (the newest intact
     checkpoint: damaged newer ones are set aside as ``damaged_step_*`` with a warning naming them), or a path
-    (refused with the problems found when it is damaged)."""
-    mode = cfg.checkpoint.resume
+    (refused with the problems found when it is damaged).
+
+    Decided once, on the main process (the only one that reads and hashes checkpoint files), and broadcast:
+    every rank resumes from the same folder even where their views of a network file system differ, and a
+    refusal reaches every rank (none is left waiting in a collective)."""
+    main_process = accelerator is None or accelerator.is_main_process
+    decision: list = [None, None]  # [path or None, error message or None]
+    if main_process:
+        try:
+            chosen = _choose_resume(cfg.checkpoint.resume, ckpt_root)
+            decision = [None if chosen is None else str(chosen), None]
+        except ValueError as err:
+            decision = [None, str(err)]
+    if accelerator is not None and accelerator.num_processes > 1:
+        decision = broadcast_object_list(decision, from_process=0)
+    if decision[1] is not None:
+        raise ValueError(decision[1])
+    return None if decision[0] is None else Path(decision[0])
+
+
+def _choose_resume(mode: str, ckpt_root: Path) -> Optional[Path]:
+    """The main process's side of :func:`resolve_resume`."""
     if mode == "auto":
         chosen, damaged = None, []
         for candidate in reversed(ckpt.list_checkpoints(ckpt_root)):
@@ -371,15 +423,10 @@ def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Any = None) ->
                 chosen = candidate
                 break
             damaged.append((candidate, problems))
-        if accelerator is not None:
-            accelerator.wait_for_everyone()  # every rank has decided before the main one renames anything
         for path, problems in damaged:
-            if accelerator is None or accelerator.is_main_process:
-                aside = ckpt.set_aside_damaged(path)
-                logger.warning("checkpoint %s is damaged (%s): not resuming from it; moved to %s", path.name,
-                               "; ".join(problems), aside.name)
-        if damaged and accelerator is not None:
-            accelerator.wait_for_everyone()
+            aside = ckpt.set_aside_damaged(path)
+            logger.warning("checkpoint %s is damaged (%s): not resuming from it; moved to %s", path.name,
+                           "; ".join(problems), aside.name)
         if damaged:
             logger.warning("resuming from %s instead", chosen.name if chosen else "the start (no intact checkpoint)")
         return chosen

@@ -84,13 +84,20 @@ class SeededMultiCropDataset(Dataset):
     unreadable row is reported once (not once per failed attempt of the search)."""
 
     def __init__(self, base: MultiCropDataset, seed: int) -> None:
-        self.base, self.seed, self.epoch = base, seed, 0
+        self.base, self.seed = base, seed
+        # The epoch lives in shared memory: persistent DataLoader workers (forked once per run) see every
+        # set_epoch of the main process, where a plain attribute would stay at the value they were forked with.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         # Rows this process found unreadable. Decoding is deterministic, so this cache only saves decoding
         # a bad row twice; it never changes which crops an index gets (resume stays exact).
         self._unreadable: set[int] = set()
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -230,13 +237,15 @@ def build_dataset(data: DataConfig, crops: MultiCropConfig, seed: int) -> Seeded
 
 def build_dataloader(dataset: SeededMultiCropDataset, data: DataConfig, seed: int) -> DataLoader:
     """Plain DataLoader (pass it to ``accelerator.prepare``, which gives each rank disjoint batches).
-    Its own generator keeps worker seeding from touching the global RNG; drop_last as official DINO."""
+    Its own generator keeps worker seeding from touching the global RNG; drop_last as official DINO. Workers
+    persist across epochs (no fork per epoch); they read the epoch from the dataset's shared memory."""
     return DataLoader(
         dataset,
         batch_size=data.batch_size_per_device,
         sampler=EpochPermutationSampler(len(dataset), seed),
         num_workers=data.num_workers,
         pin_memory=data.pin_memory and torch.cuda.is_available(),
+        persistent_workers=data.num_workers > 0,
         drop_last=True,
         collate_fn=collate_indexed,
         generator=torch.Generator().manual_seed(seed),

@@ -49,9 +49,13 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Parsed JSONL lines; a torn last line (killed while writing) is ignored."""
+    """Parsed JSONL lines; a torn last line (killed while writing) is ignored; no file (a run stopped before
+    its first log step) reads as no lines."""
+    path = Path(path)
+    if not path.is_file():
+        return []
     out = []
-    for line in Path(path).read_text().splitlines():
+    for line in path.read_text().splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:

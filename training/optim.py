@@ -30,20 +30,28 @@ def param_groups(model: nn.Module) -> list[dict]:
 def clip_gradients_per_parameter(parameters: Iterable[nn.Parameter], clip: float) -> torch.Tensor:
     """Official DINO clipping: EACH parameter's gradient is scaled to L2 norm <= ``clip`` on its own (not
     the global norm of all gradients). Returns the global L2 norm of the gradients BEFORE clipping (logged
-    as ``grad_norm``). ``clip <= 0`` disables clipping."""
-    norms = []
-    for p in parameters:
-        if p.grad is None:
-            continue
-        norm = p.grad.detach().norm(2)
-        norms.append(norm)
-        if clip > 0:
-            coef = clip / (norm + 1e-6)
-            if coef < 1:
-                p.grad.mul_(coef)
-    if not norms:
+    as ``grad_norm``), a 0-d tensor left on the device. ``clip <= 0`` disables clipping.
+
+    Same numbers as official DINO's ``if clip_coef < 1: p.grad.mul_(clip_coef)``, without its host sync per
+    parameter: the coefficient is clamped to 1 on the device (multiplying by 1.0 leaves a gradient
+    bit-identical), and the norms and products are one ``torch._foreach_*`` launch each."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
         return torch.zeros(())
+    norms = torch._foreach_norm(grads, 2)  # one 0-d tensor per parameter
+    if clip > 0:
+        stacked = torch.stack(norms)  # (P,)
+        coefs = (clip / (stacked + 1e-6)).clamp_max(1.0)  # official clip_coef, 1 where it would not clip
+        torch._foreach_mul_(grads, list(coefs.to(grads[0].dtype).unbind()))
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+@torch.no_grad()
+def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], momentum: float) -> None:
+    """Teacher EMA, official DINO's ``param_k.mul_(m).add_((1 - m) * param_q)`` for every parameter, as two
+    ``torch._foreach_*`` launches (no Python loop over parameters, no host sync)."""
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
 
 
 def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
@@ -56,4 +64,4 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer:
             p.grad = None
 
 
-__all__ = ["cancel_last_layer_gradients", "clip_gradients_per_parameter", "param_groups"]
+__all__ = ["cancel_last_layer_gradients", "clip_gradients_per_parameter", "ema_update", "param_groups"]
