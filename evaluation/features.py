@@ -39,6 +39,11 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.is_dir() and not (path / "config.json").is_file() and (path / "final_model" / "config.json").is_file():
         return str(path / "final_model")
     if path.exists() and path.is_dir() and not (path / "config.json").is_file():
+        if (path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file():  # a run or a checkpoint
+            raise ValueError(
+                f"{name_or_path} is a training run or checkpoint without an exported model (no final_model: the run "
+                f"stopped early or is still going). Export a checkpoint first, then evaluate the export: python "
+                f"scripts/export_checkpoint.py {name_or_path} {path / 'exported'}; --model {path / 'exported'}")
         raise ValueError(f"{name_or_path} is a folder without config.json: not a save_pretrained model folder")
     return name_or_path
 

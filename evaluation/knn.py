@@ -7,6 +7,7 @@ k in {10, 20, 100, 200} (each clipped to the train-set size).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,38 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def knn_scores_for_ks(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    ks: tuple[int, ...],
+    num_classes: int,
+    temperature: float = 0.07,
+    chunk_size: int = 256,
+    device: Optional[torch.device | str] = None,
+) -> dict[int, torch.Tensor]:
+    """Class scores (N_test, C) for every k in ``ks`` (each clipped to the train size): the sum over the k
+    nearest training samples of exp(cos_sim / T) one-hot votes. One similarity matrix and ONE top-k at the
+    largest k per chunk of test images; smaller k read the first columns of that sorted top-k. Runs on
+    ``device`` (default: where the features are), e.g. the accelerator."""
+    if len(train_features) == 0:
+        raise ValueError("k-NN needs at least one training sample")
+    device = torch.device(device) if device is not None else train_features.device
+    train = F.normalize(train_features.to(device).float(), dim=1)  # (N_train, D)
+    test = F.normalize(test_features.to(device).float(), dim=1)  # (N_test, D)
+    labels = train_labels.to(device).long()
+    eff = sorted({min(k, len(train)) for k in ks})
+    scores: dict[int, list[torch.Tensor]] = {k: [] for k in eff}
+    for start in range(0, len(test), chunk_size):
+        sim = test[start : start + chunk_size] @ train.T  # (B, N_train)
+        top_sim, top_idx = sim.topk(eff[-1], dim=1)  # (B, k_max), sorted: the first k are the k nearest
+        votes = F.one_hot(labels[top_idx], num_classes).float()  # (B, k_max, C)
+        weighted = votes * (top_sim / temperature).exp()[..., None]  # (B, k_max, C)
+        for k in eff:
+            scores[k].append(weighted[:, :k].sum(1))  # (B, C)
+    return {k: torch.cat(v) for k, v in scores.items()}
+
+
 def knn_scores(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -31,19 +64,8 @@ def knn_scores(
     chunk_size: int = 256,
 ) -> torch.Tensor:
     """Class scores (N_test, C): sum over the k nearest training samples of exp(cos_sim / T) one-hot votes."""
-    if len(train_features) == 0:
-        raise ValueError("k-NN needs at least one training sample")
-    train = F.normalize(train_features.float(), dim=1)  # (N_train, D)
-    test = F.normalize(test_features.float(), dim=1)  # (N_test, D)
-    k = min(k, len(train))
-    scores = []
-    for start in range(0, len(test), chunk_size):
-        sim = test[start : start + chunk_size] @ train.T  # (B, N_train)
-        top_sim, top_idx = sim.topk(k, dim=1)  # (B, k)
-        votes = F.one_hot(train_labels[top_idx].long(), num_classes).float()  # (B, k, C)
-        weights = (top_sim / temperature).exp()  # (B, k)
-        scores.append((votes * weights[..., None]).sum(1))  # (B, C)
-    return torch.cat(scores)
+    scores = knn_scores_for_ks(train_features, train_labels, test_features, (k,), num_classes, temperature, chunk_size)
+    return next(iter(scores.values()))
 
 
 def knn_classify(
@@ -54,21 +76,19 @@ def knn_classify(
     ks: tuple[int, ...] = (10, 20, 100, 200),
     temperature: float = 0.07,
     num_classes: Optional[int] = None,
+    device: Optional[torch.device | str] = None,
 ) -> dict[str, float]:
     """``{"top1_k10": ..., "top5_k10": ..., ...}`` in percent; k values above the train size are clipped
-    (and a k that clips to an already-reported value is skipped)."""
+    (and a k that clips to an already-reported value is skipped). ``device``: where to compute (the
+    accelerator; default: where the features are)."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_scores_for_ks(train_features, train_labels, test_features, tuple(ks), num_classes, temperature,
+                               device=device)
     metrics: dict[str, float] = {}
-    done = set()
-    for k in ks:
-        eff = min(k, len(train_features))
-        if eff in done:
-            continue
-        done.add(eff)
-        scores = knn_scores(train_features, train_labels, test_features, eff, num_classes, temperature)
-        acc = topk_accuracy(scores, test_labels.long(), (1, 5))
-        metrics[f"top1_k{eff}"] = acc[1]
-        metrics[f"top5_k{eff}"] = acc[5]
+    for k in dict.fromkeys(min(k, len(train_features)) for k in ks):  # in the order asked, each once
+        acc = topk_accuracy(scores[k].cpu(), test_labels.long().cpu(), (1, 5))
+        metrics[f"top1_k{k}"] = acc[1]
+        metrics[f"top5_k{k}"] = acc[5]
     return metrics
 
 
@@ -93,8 +113,10 @@ class KNNEvalConfig:
     temperature: float = 0.07            # DINO: 0.07
     resize: int = 256                    # eval transform: Resize(resize, bicubic) + CenterCrop(crop)
     crop: int = 224
-    batch_size: int = 64
-    num_workers: int = 0
+    # Extraction batch and DataLoader workers; None: sized to the machine (evaluation/loader_defaults.py: 256 and
+    # up to 8 workers per process on a GPU, 64 and 0 on CPU).
+    batch_size: Optional[int] = None
+    num_workers: Optional[int] = None
     cache_dir: Optional[str] = None      # feature cache (default: OUTPUT_DIR/feature_cache); "" disables
     dataset_cache_dir: Optional[str] = None
     output_dir: str = "outputs/eval_knn"
@@ -108,11 +130,14 @@ def main(cfg: KNNEvalConfig) -> dict:
 
     from .features import load_backbone, model_fingerprint, split_features
     from .image_data import ClassificationTransform
+    from .loader_defaults import sized_to_machine
     from .results import make_results, write_results
 
     if not cfg.model:
         raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
     accelerator = Accelerator()
+    batch_size, num_workers = sized_to_machine(cfg.batch_size, cfg.num_workers, accelerator)
+    cfg = dataclasses.replace(cfg, batch_size=batch_size, num_workers=num_workers)
     out = Path(cfg.output_dir)
     logger.info("k-NN: %d process(es) on %s", accelerator.num_processes, accelerator.device)
     if accelerator.is_main_process:
@@ -128,8 +153,14 @@ def main(cfg: KNNEvalConfig) -> dict:
     train, train_info = split_features(model, split=cfg.train_split, max_samples=cfg.max_train_samples, **common)
     test, test_info = split_features(model, split=cfg.eval_split, max_samples=cfg.max_eval_samples, **common)
     num_classes = max(train_info["num_classes"], test_info["num_classes"])
-    metrics = knn_classify(train["cls"][:, -1], train["labels"], test["cls"][:, -1], test["labels"],
-                           tuple(cfg.ks), cfg.temperature, num_classes)
+    metrics = None
+    if accelerator.is_main_process:  # once, on the accelerator; the other ranks receive the numbers
+        metrics = knn_classify(train["cls"][:, -1], train["labels"], test["cls"][:, -1], test["labels"],
+                               tuple(cfg.ks), cfg.temperature, num_classes, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        metrics = broadcast_object_list([metrics], from_process=0)[0]
     for name, value in metrics.items():
         logger.info("k-NN %s = %.2f", name, value)
     record = make_results(
@@ -150,4 +181,4 @@ def main(cfg: KNNEvalConfig) -> dict:
     return record
 
 
-__all__ = ["KNNEvalConfig", "knn_classify", "knn_scores", "main"]
+__all__ = ["KNNEvalConfig", "knn_classify", "knn_scores", "knn_scores_for_ks", "main"]

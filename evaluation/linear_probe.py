@@ -24,6 +24,7 @@ train split held out (centre-crop features), which gives an unbiased eval-split 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -150,17 +151,24 @@ def set_cosine_lr(opt: torch.optim.Optimizer, epoch: int, epochs: int) -> None:
 @torch.no_grad()
 def evaluate_grid(grid: LinearGrid, cls: torch.Tensor, patch_mean: torch.Tensor, labels: torch.Tensor,
                   batch_size: int = 4096) -> list[dict[int, float]]:
-    """Top-1/top-5 (percent) of every head."""
+    """Top-1/top-5 (percent) of every head (computed where the grid is, e.g. the accelerator)."""
+    device = next(grid.parameters()).device
     logits = [[] for _ in grid.heads]
     for start in range(0, len(labels), batch_size):
-        for i, out in enumerate(grid(cls[start : start + batch_size], patch_mean[start : start + batch_size])):
-            logits[i].append(out)
-    return [topk_accuracy(torch.cat(l), labels.long(), (1, 5)) for l in logits]
+        chunk = slice(start, start + batch_size)
+        for i, out in enumerate(grid(cls[chunk].to(device), patch_mean[chunk].to(device))):
+            logits[i].append(out.cpu())
+    return [topk_accuracy(torch.cat(l), labels.long().cpu(), (1, 5)) for l in logits]
 
 
 def train_grid_cached(grid: LinearGrid, feats: dict[str, torch.Tensor], *, epochs: int, batch_size: int,
-                      momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0, show: bool = True) -> list[dict]:
-    """Train every head on cached features (shuffled mini-batches each epoch); returns the epoch log."""
+                      momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0, show: bool = True,
+                      device: Optional[torch.device | str] = None) -> list[dict]:
+    """Train every head on cached features (shuffled mini-batches each epoch) on ``device`` (the accelerator;
+    default: where the grid is), features moved there once; returns the epoch log."""
+    grid.to(device if device is not None else next(grid.parameters()).device)
+    device = next(grid.parameters()).device
+    feats = {k: feats[k].to(device) for k in ("cls", "patch_mean", "labels")}
     opt = make_optimizer(grid, batch_size, momentum, weight_decay)
     g = torch.Generator().manual_seed(seed)
     n = len(feats["labels"])
@@ -170,7 +178,7 @@ def train_grid_cached(grid: LinearGrid, feats: dict[str, torch.Tensor], *, epoch
         order = torch.randperm(n, generator=g)
         losses = []
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+            idx = order[start : start + batch_size].to(device)
             losses.append(train_step(grid, opt, feats["cls"][idx], feats["patch_mean"][idx], feats["labels"][idx]))
         log.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)})
     return log
@@ -257,8 +265,10 @@ class LinearEvalConfig:
     holdout_fraction: float = 0.0        # > 0: select on this share of train, report eval of the chosen head/epoch
     resize: int = 256                    # eval transform: Resize(resize, bicubic) + CenterCrop(crop)
     crop: int = 224                      # also the RandomResizedCrop size of the dino protocol
-    extract_batch_size: int = 64
-    num_workers: int = 0
+    # Extraction batch and DataLoader workers; None: sized to the machine (evaluation/loader_defaults.py: 256 and
+    # up to 8 workers per process on a GPU, 64 and 0 on CPU).
+    extract_batch_size: Optional[int] = None
+    num_workers: Optional[int] = None
     seed: int = 0
     cache_dir: Optional[str] = None      # feature cache (default OUTPUT_DIR/feature_cache); "" disables
     dataset_cache_dir: Optional[str] = None
@@ -306,6 +316,7 @@ def main(cfg: LinearEvalConfig) -> dict:
 
     from .features import load_backbone, model_fingerprint, split_features
     from .image_data import ClassificationRows, ClassificationTransform, find_column, num_classes_of, open_dataset
+    from .loader_defaults import sized_to_machine
     from .results import make_results, write_results
 
     if not cfg.model:
@@ -318,6 +329,8 @@ def main(cfg: LinearEvalConfig) -> dict:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
         raise ValueError(f"epochs, batch_size and eval_every must be >= 1, got {cfg.epochs}, {cfg.batch_size}, {cfg.eval_every}")
     accelerator = Accelerator()
+    extract_batch_size, num_workers = sized_to_machine(cfg.extract_batch_size, cfg.num_workers, accelerator)
+    cfg = dataclasses.replace(cfg, extract_batch_size=extract_batch_size, num_workers=num_workers)
     set_seed(cfg.seed)
     show = accelerator.is_local_main_process
     out = Path(cfg.output_dir)
@@ -365,7 +378,7 @@ def main(cfg: LinearEvalConfig) -> dict:
         fit = {k: train[k][~held[row_ids]] for k in keys}
         num_fit = len(fit["labels"])
         log = train_grid_cached(grid, fit, epochs=cfg.epochs, batch_size=cfg.batch_size, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, seed=cfg.seed, show=show)
+                                weight_decay=cfg.weight_decay, seed=cfg.seed, show=show, device=accelerator.device)
         sel = evaluate_grid(grid, select["cls"], select["patch_mean"], select["labels"])
         best = max(range(len(specs)), key=lambda i: sel[i][1])
         final = evaluate_grid(grid, test["cls"], test["patch_mean"], test["labels"])

@@ -40,6 +40,9 @@ def test_training_output_dir_resolves_to_final_model(tmp_path, tiny_config_kwarg
     with pytest.raises(ValueError, match="config.json"):
         resolve_model_path(str(tmp_path / "empty"))
     assert resolve_model_path("facebook/dino-vits16") == "facebook/dino-vits16"  # Hub ids pass through
+    (tmp_path / "stopped" / "checkpoints" / "step_0000002").mkdir(parents=True)  # a run stopped before its end
+    with pytest.raises(ValueError, match=r"no final_model.*scripts/export_checkpoint.py .*stopped"):
+        resolve_model_path(str(tmp_path / "stopped"))
 
 
 @pytest.mark.parametrize("load", ["evaluation.features.load_backbone", "analysis.run.load_model"])

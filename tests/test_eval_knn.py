@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from entmax_vit.evaluation.knn import knn_classify, knn_scores
+from entmax_vit.evaluation.knn import knn_classify, knn_scores, knn_scores_for_ks
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):
@@ -57,3 +57,30 @@ def test_votes_are_weighted_by_exp_similarity_over_temperature():
 def test_empty_train_set_is_rejected():
     with pytest.raises(ValueError, match="at least one"):
         knn_scores(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(2, 4), 5, 3)
+
+
+def test_one_top_k_at_the_largest_k_gives_every_k():
+    """The scores of every k come from one sorted top-k at the largest k: the same as a top-k per k."""
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 16, generator=g), torch.randn(40, 16, generator=g)
+    labels = torch.randint(0, 7, (300,), generator=g)
+    together = knn_scores_for_ks(train, labels, test, (10, 20, 100, 200), 7, chunk_size=16)
+    train_n, test_n = torch.nn.functional.normalize(train, dim=1), torch.nn.functional.normalize(test, dim=1)
+    for k, scores in together.items():
+        sim, idx = (test_n @ train_n.T).topk(k, dim=1)
+        alone = (torch.nn.functional.one_hot(labels[idx], 7).float() * (sim / 0.07).exp()[..., None]).sum(1)
+        torch.testing.assert_close(scores, alone)
+
+
+def test_loader_defaults_are_sized_to_the_machine(monkeypatch):
+    from types import SimpleNamespace
+
+    from entmax_vit.evaluation.loader_defaults import sized_to_machine
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(num_processes=1))
+    assert sized_to_machine(None, None, cpu) == (64, 0) and sized_to_machine(32, 3, cpu) == (32, 3)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), state=SimpleNamespace(num_processes=8))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    assert sized_to_machine(None, None, gpu) == (256, 8)  # 96 cores / 8 processes - 1, capped at 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert sized_to_machine(None, None, gpu) == (256, 1)

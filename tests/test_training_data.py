@@ -60,6 +60,16 @@ def test_persistent_workers_see_each_epoch(tmp_path):
     assert not torch.equal(crops_by_epoch[2, 0][0], crops_by_epoch[2, 1][0])
 
 
+def test_stream_shards_not_matching_ranks_and_workers_are_named():
+    from entmax_vit.training.dino_data import stream_sharding_problems
+
+    assert stream_sharding_problems(64, 8, 8) == [] and stream_sharding_problems(None, 16, 8) == []
+    whole_stream = stream_sharding_problems(64, 24, 4)
+    assert len(whole_stream) == 1 and "EVERY rank read" in whole_stream[0] and "96 shards" in whole_stream[0]
+    idle = stream_sharding_problems(64, 16, 8)  # 4 shards per rank for 8 workers
+    assert len(idle) == 1 and "4 of its data.num_workers workers stay idle" in idle[0]
+
+
 def test_broken_images_are_skipped_and_counted(tmp_path):
     from datasets import Dataset, Image as ImageFeature
     from PIL import Image

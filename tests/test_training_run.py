@@ -283,3 +283,50 @@ def test_at_most_one_host_sync_per_optimizer_step(data, tmp_path, monkeypatch):
     assert sum(plain.values()) == 0  # one process: not even the stop vote syncs
     assert all(per_step.get(s, 0) >= 1 for s in log_or_checkpoint)  # the counter does see the log syncs
     assert [s for s in unwraps if s is not None and s < 7] == []
+
+
+def test_stop_before_the_first_metrics_line_exits_cleanly_and_says_how_to_go_on(data, tmp_path, caplog):
+    """debug.max_steps before the first log step (issue 24): no metrics.jsonl crash, a checkpoint, and a last
+    line naming the resume and the export command; debug.max_steps counts per launch."""
+    import logging
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="entmax_vit.training.dino"):
+        assert main(cfg_of(tiny_args(data, out, **{"debug.max_steps": 2, "logging.every_steps": 100}))) is None
+    assert not (out / "metrics.jsonl").exists() and not (out / "final_model").exists()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002"]
+    line = [r.getMessage() for r in caplog.records if "stopped at step 2" in r.getMessage()][-1]
+    assert "run the same command again" in line and "scripts/export_checkpoint.py" in line and "step_0000002" in line
+    main(cfg_of(tiny_args(data, out, **{"debug.max_steps": 2, "logging.every_steps": 100})))  # 2 more: step 4
+    assert read_trainer_state(list_checkpoints(out / "checkpoints")[-1])["global_step"] == 4
+    from entmax_vit.cli.commands import eval_knn
+
+    with pytest.raises(SystemExit, match=r"no final_model.*scripts/export_checkpoint\.py"):  # eval names the export
+        eval_knn(["--model", str(out), "--output_dir", str(tmp_path / "knn")])
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(uninterrupted, data, tmp_path, monkeypatch):
+    """ENOSPC while step 4's checkpoint is written: the run stops with an error naming the intact step 2, no
+    half-written folder stays, and a relaunch resumes from step 2 and ends like the uninterrupted run."""
+    import errno
+
+    from entmax_vit.training import checkpointing as ckpt
+
+    real_save_teacher, calls = ckpt.save_teacher, []
+
+    def full_disk(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint (step 4): half its files are written
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save_teacher(path, *args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(ckpt, "save_teacher", full_disk)
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"step_0000004.*No space left.*step_0000002 is intact"):
+        main(cfg_of(tiny_args(data, out)))
+    monkeypatch.setattr(ckpt, "save_teacher", real_save_teacher)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]  # no .tmp_ folder left
+    assert ckpt.verify_checkpoint(out / "checkpoints" / "step_0000002") == []
+    main(cfg_of(tiny_args(data, out)))
+    assert losses(out) == losses(uninterrupted)
+    assert final_digests(out) | {"global_step": 8} == final_digests(uninterrupted)

@@ -195,6 +195,27 @@ def streaming_batches(loader: DataLoader, epoch: int, num_batches: int, skip: in
         rounds += 1
 
 
+def stream_sharding_problems(num_shards: Optional[int], world_size: int, num_workers: int) -> list[str]:
+    """What is wasted when a stream of ``num_shards`` shards feeds ``world_size`` ranks x ``num_workers``
+    DataLoader workers each (empty when every worker of every rank reads whole shards of its own)."""
+    if not num_shards:
+        return []
+    problems = []
+    if world_size > 1 and num_shards % world_size:
+        problems.append(
+            f"the stream has {num_shards} shards, not a multiple of the {world_size} processes: datasets' "
+            "split_dataset_by_node then makes EVERY rank read and decode-skip the whole stream, keeping one example "
+            f"in {world_size} ({world_size}x the reading). Re-shard the data to a multiple of {world_size} "
+            f"x data.num_workers (e.g. {world_size * max(1, num_workers)} shards)")
+    elif num_workers > 1 and num_shards // world_size < num_workers:
+        problems.append(
+            f"the stream has {num_shards} shards for {world_size} process(es) x {num_workers} workers: each rank gets "
+            f"{num_shards // world_size}, so {num_workers - num_shards // world_size} of its data.num_workers workers "
+            f"stay idle. Re-shard the data to a multiple of {world_size * num_workers} shards or lower "
+            "data.num_workers")
+    return problems
+
+
 def build_streaming_loader(data: DataConfig, crops: MultiCropConfig, seed: int, rank: int,
                            world_size: int) -> tuple[DataLoader, int]:
     """(DataLoader over this rank's stream, batches per epoch). Not to be passed to ``accelerator.prepare``:
@@ -209,6 +230,9 @@ def build_streaming_loader(data: DataConfig, crops: MultiCropConfig, seed: int, 
     num_samples = data.streaming_num_samples
     if data.max_samples is not None:
         ds, num_samples = ds.take(data.max_samples), min(num_samples, data.max_samples)
+    if rank == 0:
+        for problem in stream_sharding_problems(getattr(ds, "num_shards", None), world_size, data.num_workers):
+            logger.warning("%s", problem)
     batches = num_samples // (data.batch_size_per_device * world_size)
     if batches == 0:
         raise ValueError(f"{num_samples} streamed images are fewer than one global batch "
@@ -297,5 +321,5 @@ class TrainingData:
 __all__ = [
     "EpochPermutationSampler", "NoReadableImageError", "SeededMultiCropDataset", "StreamingMultiCropDataset",
     "TrainingData", "build_dataloader", "build_dataset", "build_streaming_loader", "collate_indexed", "sample_seed",
-    "seeded_rngs", "streaming_batches",
+    "seeded_rngs", "stream_sharding_problems", "streaming_batches",
 ]
