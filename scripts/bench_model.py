@@ -25,16 +25,15 @@ import json
 import logging
 import statistics
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
 from entmax_vit.cli.config import save_config, to_dict
+from entmax_vit.evaluation.speed import PeakMemory, backbone_step as training_step
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 
 log = logging.getLogger("bench_model")
@@ -99,16 +98,6 @@ def build_variants(cfg: BenchModelConfig, image_size: Optional[int] = None) -> d
     return models
 
 
-def training_step(model: EntmaxViTModel, batches: list[torch.Tensor]) -> None:
-    """Forward + backward over each resolution group (as DINO's multi-crop wrapper), grads cleared after."""
-    loss = 0.0
-    for pixel_values in batches:
-        tokens = model(pixel_values).last_hidden_state  # (B, 1 + N, D)
-        loss = loss + tokens.float().square().mean()
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-
-
 def time_steps(cfg: BenchModelConfig, models: dict[str, EntmaxViTModel], batches: list[torch.Tensor]) -> dict:
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(cfg.warmup + cfg.repeats):
@@ -119,37 +108,6 @@ def time_steps(cfg: BenchModelConfig, models: dict[str, EntmaxViTModel], batches
                 times[name].append(time.perf_counter() - t0)
     base = _median_ms(times[cfg.baseline])
     return {name: {"step_ms": _median_ms(ts), "ratio_vs_baseline": _median_ms(ts) / base} for name, ts in times.items()}
-
-
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of live tensor storages allocated under this mode (CPU or CUDA), including autograd's
-    backward ops. Each new storage is counted once and released when its Python storage object dies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[weakref.ref, int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        _, nbytes = self.live.pop(key, (None, 0))
-        self.current -= nbytes
-
-    def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in self.live and self.live[key][0]() is storage:
-            return
-        self.live[key] = (weakref.ref(storage, lambda _ref, key=key: self._release(key)), storage.nbytes())
-        self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self._track(t)
-        return out
 
 
 def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> int:

@@ -1,0 +1,98 @@
+"""Measuring a backbone's speed and memory on CPU or CUDA: the timing and peak-memory helpers shared by
+``scripts/bench_model.py`` and ``scripts/gpu_check.py`` (moved here from the benchmark script).
+
+* ``backbone_step``: forward + backward over each resolution group (as DINO's multi-crop wrapper), loss on the
+  final tokens, gradients cleared after: what a DINO student step costs without the head and optimizer.
+* ``PeakMemory``: peak bytes of live tensor storages allocated under a dispatch mode (CPU and CUDA alike);
+  ``peak_bytes`` uses CUDA's allocator statistics on a GPU and this tracker elsewhere.
+* ``median_seconds``: median wall time of interleaved rounds, synchronising CUDA around each.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def backbone_step(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """Forward + backward over each resolution group (as DINO's multi-crop wrapper), grads cleared after."""
+    loss = 0.0
+    for pixel_values in batches:
+        tokens = model(pixel_values).last_hidden_state  # (B, 1 + N, D)
+        loss = loss + tokens.float().square().mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages allocated under this mode (CPU or CUDA), including autograd's
+    backward ops. Each new storage is counted once and released when its Python storage object dies.
+    torch.compile'd code allocates outside the dispatcher and is not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[weakref.ref, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        _, nbytes = self.live.pop(key, (None, 0))
+        self.current -= nbytes
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self.live and self.live[key][0]() is storage:
+            return
+        self.live[key] = (weakref.ref(storage, lambda _ref, key=key: self._release(key)), storage.nbytes())
+        self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self._track(t)
+        return out
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before: CUDA's allocator statistics
+    on a GPU (every kernel, compiled ones included), the dispatch-mode tracker on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    tracker = PeakMemory()
+    with tracker:
+        fn()
+    return tracker.peak
+
+
+def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                   warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, in interleaved rounds (load from other processes hits all
+    alike), CUDA synchronised around every call."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+__all__ = ["PeakMemory", "backbone_step", "median_seconds", "peak_bytes"]
