@@ -257,9 +257,20 @@ def _keys(cls: type, prefix: str = "") -> dict[str, list[str]]:
     return out
 
 
+def closest_keys(name: str, valid: Sequence[str]) -> list[str]:
+    """Valid keys a mistyped ``name`` may mean: difflib's closest, and keys equal to it or containing it once
+    underscores are ignored (``batchsize`` -> ``batch_size_per_device``, which difflib alone misses)."""
+    def bare(key: str) -> str:
+        return key.replace("_", "").lower()
+
+    close = difflib.get_close_matches(name, list(valid), n=3)
+    close += [k for k in valid if bare(name) and (bare(name) in bare(k) or bare(k) in bare(name)) and k not in close]
+    return close[:3]
+
+
 def _unknown_key_notes(cls: type, args: Sequence[str]) -> list[str]:
-    """For each ``--key`` that is not a config key: the keys its section does have (tyro suggests only the
-    closest ones, which may be none)."""
+    """For each ``--key`` that is not a config key: the closest keys of its section (tyro suggests some only when
+    its own matcher finds them) and all the keys the section has."""
     sections = _keys(cls)
     notes = []
     for arg in args:
@@ -272,7 +283,9 @@ def _unknown_key_notes(cls: type, args: Sequence[str]) -> list[str]:
             continue
         where = f"section {section[:-1]!r}" if section in sections and section else "the config"
         valid = sections.get(section) or sections[""]
-        notes.append(f"{key}: not a config key; {where} has keys {valid}")
+        close = closest_keys(name, valid)
+        hint = f"did you mean {' or '.join('--' + section + k for k in close)}? " if close else ""
+        notes.append(f"{key}: not a config key; {hint}{where} has keys {valid}")
     return notes
 
 

@@ -26,9 +26,20 @@ def check_weights(folder: str | Path) -> None:
                              "again") from None
 
 
+def looks_local(name_or_path: str) -> bool:
+    """True for a string meant as a local path: ``./x``, ``../x``, ``/x``, ``~/x``, more than one ``/``, or a
+    first part that is an existing local folder (``runs/tiny`` beside a ``runs/``)."""
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        return True
+    head = name_or_path.split("/", 1)[0]
+    return "/" in name_or_path and Path(head).is_dir()
+
+
 def check_model_path(name_or_path: str) -> str:
-    """``name_or_path`` unchanged when it is an existing path (a folder's weights are checked) or a possible Hub
-    id; FileNotFoundError ("model folder not found: PATH") when it can only be a local path and does not exist."""
+    """``name_or_path`` unchanged when it is an existing path (a folder's weights are checked) or a Hub id that may
+    load; otherwise FileNotFoundError in one line, "model folder not found: NAME (...)", whatever the path's form
+    (absolute, ``./x``, ``runs/tiny``), and also for a Hub id that offline mode cannot reach (not in the cache)."""
+    from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -38,12 +49,17 @@ def check_model_path(name_or_path: str) -> str:
             inner = path / "final_model"
             check_weights(inner if not (path / "config.json").is_file() and inner.is_dir() else path)
         return name_or_path
+    not_found = f"model folder not found: {name_or_path} (no such file or directory"
+    if looks_local(name_or_path):
+        raise FileNotFoundError(not_found + ")")
     try:
         validate_repo_id(name_or_path)
     except HFValidationError:
-        raise FileNotFoundError(f"model folder not found: {name_or_path} (no such file or directory, and not a "
-                                "Hub id of the form OWNER/NAME)") from None
+        raise FileNotFoundError(not_found + ", and not a Hub id of the form OWNER/NAME)") from None
+    if constants.is_offline_mode() and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise FileNotFoundError(not_found + "; as a Hub id it is not in the local Hugging Face cache, and offline "
+                                "mode (HF_HUB_OFFLINE=1) cannot download it)")
     return name_or_path
 
 
-__all__ = ["check_model_path", "check_weights"]
+__all__ = ["check_model_path", "check_weights", "looks_local"]

@@ -81,6 +81,36 @@ def load_image_dataset(
     return _load_dataset(source, split, streaming, cache, **load_kwargs)
 
 
+SOURCE_KINDS = (EMBEDDED, "imagefolder", "webdataset")
+
+
+def check_source(source: str) -> None:
+    """Check the syntax of a dataset source without loading anything (entry points call it while validating
+    their config, before any data is read or file written): non-empty; ``embedded[:key=int,...]`` with known
+    keys; ``imagefolder:DIR`` naming an existing folder; ``webdataset:`` with a pattern; no other ``NAME:``
+    prefix (a Hub id has no colon). A Hub id or local folder is only found when it is loaded.
+
+    Raises:
+        DatasetLoadError (a ValueError) naming what is wrong.
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise DatasetLoadError(f"dataset source must be a non-empty string, got {source!r}")
+    source = source.strip()
+    kind, sep, rest = source.partition(":")
+    if source == EMBEDDED or (sep and kind == EMBEDDED):
+        _embedded_options(rest)
+    elif sep and kind == "imagefolder":
+        if not Path(rest).expanduser().is_dir():
+            raise DatasetLoadError(f"imagefolder: {rest or '(empty)'} is not a directory")
+    elif sep and kind == "webdataset":
+        if not rest.strip():
+            raise DatasetLoadError("webdataset: give a folder or a glob of .tar shards ('webdataset:DIR')")
+    elif sep and not Path(source).expanduser().exists():
+        raise DatasetLoadError(f"dataset source {source!r}: unknown kind {kind!r}; use a Hub id (OWNER/NAME), "
+                               f"{', '.join(k + ':...' for k in SOURCE_KINDS[1:])}, a save_to_disk folder or "
+                               f"'{EMBEDDED}'")
+
+
 def webdataset_shards(pattern: str, split: str) -> list[str]:
     """The ``.tar`` shards for ``split``: ``DIR/<split>/*.tar``, else ``DIR/<split>*.tar``, else a glob.
 
@@ -128,10 +158,8 @@ def _stream_local(ds: Dataset) -> IterableDataset:
     return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), _LOCAL_STREAM_SHARDS)))
 
 
-def _load_embedded(options: str, split: str, streaming: bool, cache_dir: Optional[str | os.PathLike]) -> AnyDataset:
-    """``embedded`` or ``embedded:image_size=32,num_train=64,num_validation=16,seed=0`` (integer options)."""
-    from .synthetic_scenes import load_synthetic_scenes  # lazy: generated data, only when asked for
-
+def _embedded_options(options: str) -> dict[str, Any]:
+    """``image_size=32,num_train=64`` -> ``{"image_size": 32, "num_train": 64}`` (integer generator options)."""
     kwargs: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in options.split(","))):
         key, sep, value = item.partition("=")
@@ -141,6 +169,14 @@ def _load_embedded(options: str, split: str, streaming: bool, cache_dir: Optiona
             kwargs[key.strip()] = int(value)
         except ValueError:
             raise DatasetLoadError(f"embedded: option {key.strip()} must be an integer, got {value!r}") from None
+    return kwargs
+
+
+def _load_embedded(options: str, split: str, streaming: bool, cache_dir: Optional[str | os.PathLike]) -> AnyDataset:
+    """``embedded`` or ``embedded:image_size=32,num_train=64,num_validation=16,seed=0`` (integer options)."""
+    from .synthetic_scenes import load_synthetic_scenes  # lazy: generated data, only when asked for
+
+    kwargs = _embedded_options(options)
     if cache_dir is not None:
         kwargs["cache_dir"] = cache_dir
     scenes = load_synthetic_scenes(**kwargs)
@@ -292,6 +328,7 @@ def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
 __all__ = [
     "DatasetLoadError",
     "EMBEDDED",
+    "check_source",
     "dataset_features",
     "find_column",
     "load_image_dataset",

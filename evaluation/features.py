@@ -63,7 +63,10 @@ def load_backbone(name_or_path: str, revision: Optional[str] = None, device: str
     # "Repo id must be in the form ..."), a truncated weights file is named.
     check_model_path(name_or_path)
     path = resolve_model_path(name_or_path)
-    model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=True)
+    try:
+        model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=True)
+    except OSError as err:  # a Hub id that does not exist or cannot be reached: transformers' message, one line
+        raise ValueError(f"cannot load model {name_or_path!r}: {' '.join(str(err).split())}") from None
     for attr in ("entmax_vit", "vit", "dinov2", "backbone"):
         if not hasattr(model, "get_intermediate_layers") and hasattr(model, attr):
             model = getattr(model, attr)

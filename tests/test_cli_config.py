@@ -201,7 +201,8 @@ class ModelArgs:
     compare: list[str] = dataclasses.field(default_factory=list)
 
 
-def test_model_paths_missing_folder_and_truncated_weights(tmp_path):
+def test_model_paths_missing_folder_and_truncated_weights(tmp_path, monkeypatch):
+    from huggingface_hub import constants
     from safetensors.torch import save_file
     import torch
 
@@ -209,9 +210,13 @@ def test_model_paths_missing_folder_and_truncated_weights(tmp_path):
     assert "model folder not found" in message and str(tmp_path / "no" / "such" / "folder") in message
     assert "Repo id" not in message
     assert "./nowhere" in _exit_message(["--compare", "./nowhere"], ModelArgs, model_fields=("model", "compare"))
-    # a Hub id stays a Hub id (nothing is downloaded here: main receives it unchanged)
+    # online, a Hub id stays a Hub id (nothing is downloaded here: main receives it unchanged)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert entry_point.run(lambda c: c.model, ModelArgs, "toy", argv=["--model", "owner/name"],
                            model_fields=("model",), log_format=None) == "owner/name"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline and not in the cache: one line (issue 24)
+    message = _exit_message(["--model", "owner/name"], ModelArgs, model_fields=("model",))
+    assert "model folder not found: owner/name" in message and "offline" in message and "\n" not in message
     folder = tmp_path / "model"
     folder.mkdir()
     save_file({"w": torch.zeros(64, 64)}, str(folder / "model.safetensors"))

@@ -169,6 +169,26 @@ class DinoConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+def check_config(cfg: DinoConfig) -> None:
+    """The checks that need more than one field or the model's own rules, run whenever a DinoConfig is built (the
+    command line, a preset, a saved config), so a bad value is refused before any data is loaded or file written:
+    the architecture preset, attention transform and backbone overrides (by building the EntmaxViTConfig), the
+    attention kernel for that transform, and the syntax of ``data.source``. ValueError names the key."""
+    from entmax_vit.data.datasets import check_source
+    from entmax_vit.training.networks import attention_kernel, backbone_config  # networks imports this module
+
+    for key, check in (("model", lambda: backbone_config(cfg, cfg.model.drop_path_rate)),
+                       ("model.attn_implementation", lambda: attention_kernel(cfg)),
+                       ("data.source", lambda: check_source(cfg.data.source))):
+        try:
+            check()
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+
 
 # Keys of older versions, dropped when a saved config is read (test hooks that moved into the tests).
 RETIRED_KEYS: dict[str, tuple[str, ...]] = {
@@ -206,5 +226,6 @@ def breaking_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "DebugConfig", "DinoConfig", "DistributedConfig", "LoggingConfig", "LossConfig", "ModelConfig",
-    "OptimConfig", "RESUME_SAFE_PREFIXES", "RETIRED_KEYS", "breaking_differences", "flatten", "without_retired_keys",
+    "OptimConfig", "RESUME_SAFE_PREFIXES", "RETIRED_KEYS", "breaking_differences", "check_config", "flatten",
+    "without_retired_keys",
 ]
