@@ -147,6 +147,8 @@ def measure(model: Union[nn.Module, str], cfg: Optional[ClaimsConfig] = None) ->
     if not blocks:
         raise ValueError("blocks must name at least one block")
     base = probe_config(cfg)
+    if base.input_size is None:  # a preset without input_size: the model's own resolution, as eval_segmentation
+        base = dataclasses.replace(base, input_size=backbone.config.image_size)
     try:
         data = probe_datasets(base)
         numbers: dict[str, float] = {}
@@ -206,6 +208,8 @@ def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *,
     """``numbers`` as a results JSON (schema entmax_vit.results/v1, task "analysis", protocol "paper_claims")."""
     from entmax_vit.evaluation.results import make_results, write_results
 
+    from entmax_vit.evaluation.results import weights_fingerprint
+
     cfg = cfg or ClaimsConfig()
     backbone = _backbone(model) if not isinstance(model, str) else None
     config = backbone.config.to_dict() if backbone is not None else {}
@@ -221,6 +225,7 @@ def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *,
                   "deep": "last block"},
         metrics={k: v for k, v in numbers.items() if math.isfinite(v)},
         config=dataclasses.asdict(cfg),
+        weights_sha256=weights_fingerprint(backbone) if backbone is not None else None,
     )
     return write_results(record, path)
 

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from entmax_vit.evaluation.results import weights_fingerprint
+
 from .figures import plot_head_distances, plot_layer_curves, save_attention_maps, save_pca_image
 from .foreground import DINO_MASS_THRESHOLD
 from .per_layer import PerLayerMetrics, analyze_model, resolve_backbone
@@ -67,7 +69,8 @@ def analyze_and_save(
                 "masks": masks is not None}
     record = analysis_record(per_layer, model_name_or_path=source,
                              model_config=resolve_backbone(model).config.to_dict(), dataset=dataset_info,
-                             config=dict(config or {}), protocol=protocol)
+                             config=dict(config or {}), protocol=protocol,
+                             weights_sha256=weights_fingerprint(resolve_backbone(model)))
     write_analysis_results(record, out / "analysis_results.json")
     write_per_layer_json(per_layer, out / "per_layer.json",
                          meta={"model": source, "name": name, "dataset": dataset_info,

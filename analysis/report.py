@@ -73,6 +73,7 @@ def analysis_record(
     dataset: Mapping[str, Any],
     config: Mapping[str, Any],
     protocol: Optional[Mapping[str, Any]] = None,
+    weights_sha256: Optional[str] = None,
 ) -> dict:
     """A validated results record for ``per_layer`` (non-finite values, e.g. a Jaccard with no foreground,
     are dropped: the schema allows finite numbers only)."""
@@ -85,6 +86,7 @@ def analysis_record(
         protocol=dict(protocol or {"name": "semantic_diffusion"}),
         metrics=metrics,
         config=config,
+        weights_sha256=weights_sha256,
     )
 
 

@@ -49,7 +49,9 @@ class AnalyzeConfig:
     split: str = "validation"
     streaming: bool = False            # stream Hub datasets instead of downloading them first
     num_images: int = 16               # the first N readable images are used
-    image_size: int = 224              # resize shorter side + centre crop to this (a multiple of the patch size)
+    # Resize shorter side + centre crop to this (a multiple of the patch size). None: --model's own resolution, the
+    # size it was trained at (evaluation/resolution.py: 224 for ViT-S/16, 64 for tiny_cpu); another size is warned about.
+    image_size: Optional[int] = None
     image_column: Optional[str] = None  # default: found by find_column
     mask_column: Optional[str] = None   # default: found by find_column if the dataset has one
     mask_dir: Optional[str] = None      # masks for a plain image folder, named like the images
@@ -70,7 +72,7 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.num_images >= 1, f"num_images must be >= 1, got {self.num_images}"),
-            (self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}"),
+            (self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.outlier_k > 0, f"outlier_k must be > 0, got {self.outlier_k}"),
             (0 < self.mass_threshold <= 1, f"mass_threshold must be in (0, 1], got {self.mass_threshold}"),
@@ -113,14 +115,23 @@ def load_model(source: str, device: str = "cpu") -> torch.nn.Module:
 
 def main(cfg: AnalyzeConfig) -> dict[str, dict]:
     """Run the analysis; returns ``{name: per_layer_metrics}``."""
+    from entmax_vit.data.datasets import check_source
+    from entmax_vit.evaluation.resolution import eval_resolution
+
     if not cfg.model:
         raise ValueError("--model is required (an EntmaxViT folder or Hub id)")
+    if not Path(cfg.dataset).expanduser().is_dir():  # a plain folder of images is a source here too
+        check_source(cfg.dataset)
     logging.basicConfig(level=logging.INFO, format="[analyze] %(message)s")
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     names = _model_names(cfg)
     sources = [cfg.model, *cfg.compare]
+    # One size for every model (they are compared on the same images): --model's own unless given; a model
+    # trained at another size is warned about.
+    image_size = cfg.image_size
+    for source in sources:
+        image_size = eval_resolution(None, image_size, source, what="image_size")[1]
+    cfg = dataclasses.replace(cfg, image_size=image_size)
 
     images = load_analysis_images(
         cfg.dataset, split=cfg.split, num_images=cfg.num_images, image_size=cfg.image_size,
@@ -149,6 +160,7 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
         )
         del model
     save_comparison(runs, out, separate_curves=cfg.separate_curves)
+    save_config(cfg, out / "config.yaml")  # after success, with the resolved image size
     logger.info("wrote %s", out)
     return runs
 

@@ -222,9 +222,8 @@ def save_converted(result: ConversionResult, cfg: ConvertConfig) -> Path:
         raise ValueError(f"{out} already holds a model (config.json); pass --overwrite true to replace it")
     out.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(out)
-    size = result.model.config.image_size
-    # DINO's eval ratio 256/224 between resize and crop, at the model's own resolution.
-    make_image_processor(resize=round(size * 256 / 224), crop=size).save_pretrained(out)
+    # DINO's eval preprocessing at the model's own resolution (resize at DINO's 256/224 ratio).
+    make_image_processor(crop=result.model.config.image_size).save_pretrained(out)
     save_config(cfg, out / "conversion_config.yaml")
     tmp = out / ".conversion_report.json.tmp"
     tmp.write_text(json.dumps(dict(result.report, config=to_dict(cfg)), indent=2, default=str))

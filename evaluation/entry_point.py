@@ -11,6 +11,19 @@ from entmax_vit.cli import entry_point
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
+def check_config(cfg: Any) -> None:
+    """What every evaluation checks before it loads a model or data or writes a file: ``--model`` is given and
+    ``--dataset`` is a well-formed source (data.datasets.check_source)."""
+    from entmax_vit.data.datasets import check_source
+
+    if not cfg.model:
+        raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
+    try:
+        check_source(cfg.dataset)
+    except ValueError as err:
+        raise ValueError(f"--dataset: {err}") from None
+
+
 def run(config_cls: type, main: Callable[[Any], Any], prog: str, default_preset: Optional[str] = None,
         argv: Optional[Sequence[str]] = None) -> Any:
     """Parse, check ``--model``, run ``main(cfg)``; a bad key, value or model path exits with the message alone."""
@@ -18,4 +31,4 @@ def run(config_cls: type, main: Callable[[Any], Any], prog: str, default_preset:
                            model_fields=("model",))
 
 
-__all__ = ["PRESET_DIR", "run"]
+__all__ = ["PRESET_DIR", "check_config", "run"]

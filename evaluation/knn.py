@@ -111,8 +111,10 @@ class KNNEvalConfig:
     streaming: bool = False              # read the splits on the fly (e.g. ImageNet from the Hub), no download
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07            # DINO: 0.07
-    resize: int = 256                    # eval transform: Resize(resize, bicubic) + CenterCrop(crop)
-    crop: int = 224
+    # Eval transform: Resize(resize, bicubic) + CenterCrop(crop). None: the model's own resolution (the size it was
+    # trained at, evaluation/resolution.py: 256/224 for ViT-S/16, 73/64 for tiny_cpu); another crop is warned about.
+    resize: Optional[int] = None
+    crop: Optional[int] = None
     # Extraction batch and DataLoader workers; None: sized to the machine (evaluation/loader_defaults.py: 256 and
     # up to 8 workers per process on a GPU, 64 and 0 on CPU).
     batch_size: Optional[int] = None
@@ -128,21 +130,22 @@ def main(cfg: KNNEvalConfig) -> dict:
 
     from entmax_vit.cli.config import save_config, to_dict
 
+    from .entry_point import check_config
     from .features import load_backbone, model_fingerprint, split_features
     from .image_data import ClassificationTransform
     from .loader_defaults import sized_to_machine
-    from .results import make_results, write_results
+    from .resolution import eval_resolution
+    from .results import make_results, weights_fingerprint, write_results
 
-    if not cfg.model:
-        raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
+    check_config(cfg)
     accelerator = Accelerator()
     batch_size, num_workers = sized_to_machine(cfg.batch_size, cfg.num_workers, accelerator)
     cfg = dataclasses.replace(cfg, batch_size=batch_size, num_workers=num_workers)
     out = Path(cfg.output_dir)
     logger.info("k-NN: %d process(es) on %s", accelerator.num_processes, accelerator.device)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "eval_knn_config.yaml")
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model, cfg.revision)
+    cfg = dataclasses.replace(cfg, resize=resize, crop=crop)  # the config written beside the results says it
     spec = model_fingerprint(cfg.model, cfg.revision, model)
     transform = ClassificationTransform(cfg.resize, cfg.crop)
     cache = str(out / "feature_cache") if cfg.cache_dir is None else (cfg.cache_dir or None)
@@ -174,8 +177,10 @@ def main(cfg: KNNEvalConfig) -> dict:
                   "l2_normalized": True, "transform": transform.describe()},
         metrics=metrics,
         config=to_dict(cfg),
+        weights_sha256=weights_fingerprint(model),
     )
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # a failed run writes neither its config nor results
+        save_config(cfg, out / "eval_knn_config.yaml")
         write_results(record, out / "results_knn.json")
         print(f"[eval_knn] {', '.join(f'{k}={v:.2f}' for k, v in metrics.items())} -> {out / 'results_knn.json'}")
     return record

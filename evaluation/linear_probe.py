@@ -263,8 +263,10 @@ class LinearEvalConfig:
     weight_decay: float = 0.0
     eval_every: int = 1                  # dino: evaluate every this many epochs (and after the last); DINO: 1
     holdout_fraction: float = 0.0        # > 0: select on this share of train, report eval of the chosen head/epoch
-    resize: int = 256                    # eval transform: Resize(resize, bicubic) + CenterCrop(crop)
-    crop: int = 224                      # also the RandomResizedCrop size of the dino protocol
+    # Eval transform: Resize(resize, bicubic) + CenterCrop(crop); crop is also the RandomResizedCrop size of the dino
+    # protocol. None: the model's own resolution (evaluation/resolution.py: 256/224 for ViT-S/16, 73/64 for tiny_cpu).
+    resize: Optional[int] = None
+    crop: Optional[int] = None
     # Extraction batch and DataLoader workers; None: sized to the machine (evaluation/loader_defaults.py: 256 and
     # up to 8 workers per process on a GPU, 64 and 0 on CPU).
     extract_batch_size: Optional[int] = None
@@ -314,13 +316,14 @@ def main(cfg: LinearEvalConfig) -> dict:
 
     from entmax_vit.cli.config import save_config, to_dict
 
+    from .entry_point import check_config
     from .features import load_backbone, model_fingerprint, split_features
     from .image_data import ClassificationRows, ClassificationTransform, find_column, num_classes_of, open_dataset
     from .loader_defaults import sized_to_machine
-    from .results import make_results, write_results
+    from .resolution import eval_resolution
+    from .results import make_results, weights_fingerprint, write_results
 
-    if not cfg.model:
-        raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
+    check_config(cfg)
     if cfg.streaming and cfg.protocol == "dino":
         raise ValueError("protocol 'dino' runs the backbone on augmented crops of a map-style dataset: "
                          "use --streaming false or --protocol cached_grid")
@@ -334,9 +337,9 @@ def main(cfg: LinearEvalConfig) -> dict:
     set_seed(cfg.seed)
     show = accelerator.is_local_main_process
     out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "eval_linear_config.yaml")
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model, cfg.revision)
+    cfg = dataclasses.replace(cfg, resize=resize, crop=crop)  # the config written beside the results says it
     specs = resolve_heads(cfg, model.config.hidden_size, model.config.num_hidden_layers)
     n_max = max(s.n_last_blocks for s in specs)
     eval_tf = ClassificationTransform(cfg.resize, cfg.crop)
@@ -437,8 +440,10 @@ def main(cfg: LinearEvalConfig) -> dict:
                   "eval_transform": eval_tf.describe()},
         metrics=metrics,
         config=to_dict(cfg),
+        weights_sha256=weights_fingerprint(model),
     )
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # a failed run writes neither its config nor results
+        save_config(cfg, out / "eval_linear_config.yaml")
         write_results(record, out / "results_linear.json")
         (out / "grid.json").write_text(json.dumps({"heads": table, "log": log}, indent=2))
         if len(specs) > 1:

@@ -5,7 +5,8 @@ Schema ``entmax_vit.results/v1`` (one file per evaluation run)::
     {
       "schema": "entmax_vit.results/v1",
       "task": "knn" | "linear" | "segmentation" | "analysis",
-      "model": {"name_or_path": str, "attention": str, "config": {...}},      # config: model config dict
+      "model": {"name_or_path": str, "attention": str, "config": {...},       # config: model config dict
+                "weights_sha256": str},  # weights_fingerprint(model): the card assembler checks it (optional)
       "dataset": {"name": str, "split": str, "num_samples": int, "num_classes": int | None},
       "protocol": {"name": str, ...},                                         # e.g. "dino_knn", "neco_voc"
       "metrics": {str: float, ...},            # accuracies and mIoU in percent (0-100)
@@ -18,13 +19,14 @@ Schema ``entmax_vit.results/v1`` (one file per evaluation run)::
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 SCHEMA = "entmax_vit.results/v1"
 TASKS = ("knn", "linear", "segmentation", "analysis")
@@ -43,6 +45,21 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg.replace("-", "_")] = "unknown"
     return out
+
+
+def weights_fingerprint(model: Any) -> str:
+    """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in name order. It
+    identifies the weights whatever the folder or Hub id they were loaded from, so a results file can be matched
+    to the model it was measured on (``hub_cards.assemble`` refuses a mismatch)."""
+    import torch
+
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def validate_results(data: Any, source: str = "results") -> dict:
@@ -81,8 +98,10 @@ def make_results(
     protocol: Mapping[str, Any],
     metrics: Mapping[str, float],
     config: Mapping[str, Any],
+    weights_sha256: Optional[str] = None,
 ) -> dict:
-    """Assemble and validate a results record."""
+    """Assemble and validate a results record; ``weights_sha256`` (:func:`weights_fingerprint` of the evaluated
+    model) lets a model card check that the results belong to its model."""
     record = {
         "schema": SCHEMA,
         "task": task,
@@ -90,6 +109,7 @@ def make_results(
             "name_or_path": str(model_name_or_path),
             "attention": str(model_config.get("attention", "softmax")),
             "config": dict(model_config),
+            **({"weights_sha256": weights_sha256} if weights_sha256 else {}),
         },
         "dataset": dict(dataset),
         "protocol": dict(protocol),
@@ -122,4 +142,5 @@ def load_results(path: str | os.PathLike) -> dict:
     return validate_results(data, str(path))
 
 
-__all__ = ["SCHEMA", "TASKS", "library_versions", "load_results", "make_results", "validate_results", "write_results"]
+__all__ = ["SCHEMA", "TASKS", "library_versions", "load_results", "make_results", "validate_results", "weights_fingerprint",
+           "write_results"]

@@ -11,6 +11,7 @@ matrix accumulated on device and summed across ranks. The trained head is saved 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -57,7 +58,10 @@ class SegmentationEvalConfig:
     backbone_norm: bool = True             # final LayerNorm on each block's tokens
     use_cls_token: bool = False            # concatenate [CLS] to every patch feature
     batch_norm: bool = False               # BN before the 1x1 conv (DINOv2 linear)
-    input_size: int = 448                  # NeCo: square input side; DINOv2: shorter side and crop/window size
+    # NeCo: square input side; DINOv2: shorter side and crop/window size. None: the model's own resolution (its
+    # training size, evaluation/resolution.py); the presets set their protocol's (NeCo 448), with a warning when it
+    # differs from the model's.
+    input_size: Optional[int] = None
     mask_size: int = 100                   # NeCo: labels nearest-resized to mask_size^2, mIoU at that size
     # optimisation
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -385,22 +389,23 @@ def main(cfg: SegmentationEvalConfig) -> dict:
 
     from entmax_vit.cli.config import save_config, to_dict
 
+    from .entry_point import check_config
     from .features import load_backbone
-    from .results import make_results, write_results
+    from .resolution import eval_resolution
+    from .results import make_results, weights_fingerprint, write_results
 
-    if not cfg.model:
-        raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
     if not cfg.dataset:
         raise ValueError("--dataset is required for this preset (a Hub id or local folder with image + mask columns)")
+    check_config(cfg)
     if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
         raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {cfg.scale_range}")
     accelerator = Accelerator()
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     logger.info("segmentation probe: %d process(es) on %s", accelerator.num_processes, accelerator.device)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "eval_segmentation_config.yaml")
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    _, input_size = eval_resolution(None, cfg.input_size, cfg.model, cfg.revision, what="input_size")
+    cfg = dataclasses.replace(cfg, input_size=input_size)  # the config written beside the results says it
     if not hasattr(model, "get_intermediate_layers"):
         raise ValueError(f"{cfg.model}: the segmentation probe needs an EntmaxViT backbone (get_intermediate_layers)")
     if cfg.input_size % model.config.patch_size:
@@ -448,8 +453,10 @@ def main(cfg: SegmentationEvalConfig) -> dict:
                   "ignore_index": cfg.ignore_index},
         metrics=metrics,
         config=to_dict(cfg),
+        weights_sha256=weights_fingerprint(model),
     )
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # a failed run writes neither its config nor results
+        save_config(cfg, out / "eval_segmentation_config.yaml")
         if not cfg.head_path:
             accelerator.unwrap_model(head).save(out / "segmentation_head")
         write_results(record, out / "results_segmentation.json")

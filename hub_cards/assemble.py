@@ -15,13 +15,13 @@ from typing import Optional, Sequence
 
 import yaml
 
-from entmax_vit.evaluation.results import load_results
+from entmax_vit.evaluation.results import load_results, weights_fingerprint
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
 from entmax_vit.modeling.pipeline_entmax_vit import (CUSTOM_PIPELINES, FEATURE_EXTRACTION_TASK, SEGMENTATION_TASK,
                                                      EntmaxViTFeatureExtractionPipeline)
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead
 
-from .card import CardInputs, build_card
+from .card import PLACEHOLDER_OWNER, CardInputs, build_card, public_config
 from .sparsity import SparsityReport, measure_sparsity, sample_images
 from .upload import repository_files
 from .verify import VerificationReport, verify_repository
@@ -29,6 +29,7 @@ from .verify import VerificationReport, verify_repository
 logger = logging.getLogger(__name__)
 
 TRAINING_CONFIG = "training_config.yaml"
+TRAINING_PROGRESS = "training_progress.json"  # training/export.py's PROGRESS_FILE: an export of a checkpoint
 # Where a converted checkpoint may record its source (config.json keys, then side files in the model folder).
 SOURCE_KEYS = ("base_model", "converted_from", "source_checkpoint", "_source_checkpoint")
 CONVERSION_CONFIG = "conversion_config.yaml"  # written by conversion/convert.py (keys: source, input, ...)
@@ -103,6 +104,55 @@ def _check_model_dir(model_dir: Path) -> dict:
     return config
 
 
+# What identifies an architecture in a results record without a weights fingerprint (written before issue 24).
+ARCHITECTURE_KEYS = ("model_type", "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "attention", "attention_alpha", "num_register_tokens")
+
+
+def check_results_match(records: Sequence[dict], paths: Sequence[str | Path], fingerprint: str,
+                        model_dir: Path, config: Optional[dict] = None) -> None:
+    """Refuse a results file that was not measured on these weights: its ``model.weights_sha256`` (written by
+    every evaluation, ``evaluation.results.weights_fingerprint``) must equal the model's. A record written before
+    fingerprints existed must at least describe the same architecture (``config``), and is accepted with a
+    warning that its weights could not be checked."""
+    for path, record in zip(paths, records):
+        recorded = record["model"].get("weights_sha256")
+        if recorded is None:
+            saved = record["model"].get("config") or {}
+            differ = [k for k in ARCHITECTURE_KEYS if k in saved and config is not None and saved[k] != config.get(k)]
+            if differ or not saved:
+                detail = (", ".join(f"{k} {saved[k]!r} != {config.get(k)!r}" for k in differ) if differ
+                          else "no model config recorded")
+                raise ValueError(f"{path}: measured on another model than {model_dir} ({detail}): results of "
+                                 "another model do not go in its card")
+            logger.warning("%s has no weights fingerprint (written before they were recorded): it describes the "
+                           "same architecture as %s, but whether it was measured on these weights cannot be "
+                           "checked; evaluate again to be sure", path, model_dir)
+            continue
+        if recorded != fingerprint:
+            raise ValueError(f"{path}: measured on other weights (sha256 {recorded[:12]}...) than {model_dir} "
+                             f"({fingerprint[:12]}...): results of another model do not go in its card")
+
+
+def model_processor(model_dir: Path, config: EntmaxViTConfig):
+    """The image processor to ship: the folder's own when it crops to the model's training resolution
+    (``config.image_size``); otherwise (none saved, or one written at 224 px by an older export) DINO's eval
+    preprocessing at that resolution, with a warning."""
+    side = config.image_size
+    if (model_dir / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
+        crop = (getattr(processor, "crop_size", None) or {}).get("height")
+        if crop in (None, side) or not getattr(processor, "do_center_crop", True):
+            return processor
+        logger.warning("%s: its image processor crops to %s px but the model was trained at %d px; shipping DINO's "
+                       "eval preprocessing at %d px", model_dir, crop, side, side)
+    else:
+        logger.warning("%s has no preprocessor_config.json: shipping DINO's eval preprocessing at %d px", model_dir, side)
+    return make_image_processor(crop=side)
+
+
 def _prepare_output(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
@@ -133,13 +183,8 @@ def assemble_repository(
     if head is not None and head.config.hidden_size != model.config.hidden_size:
         raise ValueError(f"Segmentation head {seg_head} expects hidden_size {head.config.hidden_size}, "
                          f"the model has {model.config.hidden_size}")
-    if (model_dir / "preprocessor_config.json").is_file():
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    else:
-        logger.warning("%s has no preprocessor_config.json: shipping DINO's eval preprocessing", model_dir)
-        processor = make_image_processor()
+    check_results_match(records, results, weights_fingerprint(model), model_dir, model.config.to_dict())
+    processor = model_processor(model_dir, model.config)
     _prepare_output(output_dir, overwrite)
 
     # -- weights, config (auto_map), modeling files, processor, pipeline code ------------------------------
@@ -165,19 +210,27 @@ def assemble_repository(
     if (model_dir / CONVERSION_CONFIG).is_file():
         conversion = yaml.safe_load((model_dir / CONVERSION_CONFIG).read_text()) or None
     if (model_dir / TRAINING_CONFIG).is_file():
-        shutil.copyfile(model_dir / TRAINING_CONFIG, output_dir / TRAINING_CONFIG)
-        training_config = yaml.safe_load((model_dir / TRAINING_CONFIG).read_text()) or None
-    for i, (path, record) in enumerate(zip(results, records)):
+        # without the run's local paths (output_dir, absolute data folders): they mean nothing on the Hub
+        training_config = public_config(yaml.safe_load((model_dir / TRAINING_CONFIG).read_text()) or {}) or None
+        (output_dir / TRAINING_CONFIG).write_text(yaml.safe_dump(training_config, sort_keys=False))
+    progress = None
+    if (model_dir / TRAINING_PROGRESS).is_file():
+        shutil.copyfile(model_dir / TRAINING_PROGRESS, output_dir / TRAINING_PROGRESS)
+        progress = json.loads((model_dir / TRAINING_PROGRESS).read_text())
+    records = [public_config(r) for r in records]  # the copies and the card without local paths
+    for i, record in enumerate(records):
         dataset = re.sub(r"[^\w.-]+", "_", record["dataset"]["name"])
         target = output_dir / "results" / f"{i:02d}_{record['task']}_{dataset}.json"
         target.parent.mkdir(exist_ok=True)
-        shutil.copyfile(path, target)
+        target.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     # -- card -----------------------------------------------------------------------------------------------
     sparsity = measure_sparsity(model, processor) if measure else None
     files = repository_files(output_dir) + ["README.md"]
     inputs = CardInputs(
-        repo_id=repo_id or str(output_dir),
+        repo_id=repo_id or f"{PLACEHOLDER_OWNER}/{output_dir.resolve().name}",
+        repo_id_is_placeholder=not repo_id,
+        training_progress=progress,
         model_config=model.config.to_dict(),
         num_parameters=sum(p.numel() for p in model.parameters()),
         sparsity=sparsity,
@@ -200,5 +253,5 @@ def assemble_repository(
     return assembled
 
 
-__all__ = ["AssembledRepository", "assemble_repository", "custom_pipelines", "find_base_model", "find_datasets",
-           "is_hub_id"]
+__all__ = ["AssembledRepository", "assemble_repository", "check_results_match", "custom_pipelines", "find_base_model",
+           "find_datasets", "is_hub_id", "model_processor"]

@@ -11,7 +11,7 @@ trust_remote_code=True)``) together with ``image_decoding.py``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from transformers import BitImageProcessorPil
 from transformers.image_utils import is_pil_image
@@ -32,8 +32,17 @@ class EntmaxViTImageProcessor(BitImageProcessorPil):
         return super().convert_to_rgb(image, input_data_format=input_data_format)
 
 
-def make_image_processor(resize: int = 256, crop: int = 224) -> EntmaxViTImageProcessor:
-    """Image processor reproducing DINO's eval transform: Resize(resize, bicubic) + CenterCrop(crop)."""
+def eval_resize(crop: int) -> int:
+    """DINO's eval resize for a crop side: the 256/224 ratio of Resize(256) + CenterCrop(224), e.g. 73 for 64 px."""
+    return round(crop * 256 / 224)
+
+
+def make_image_processor(resize: Optional[int] = None, crop: int = 224) -> EntmaxViTImageProcessor:
+    """Image processor reproducing DINO's eval transform: Resize(resize, bicubic) + CenterCrop(crop).
+
+    ``crop`` is the model's training resolution (``config.image_size``); ``resize`` defaults to
+    :func:`eval_resize` of it (256 for 224)."""
+    resize = eval_resize(crop) if resize is None else resize
     if crop > resize:
         raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
     return EntmaxViTImageProcessor(
@@ -51,4 +60,4 @@ def make_image_processor(resize: int = 256, crop: int = 224) -> EntmaxViTImagePr
     )
 
 
-__all__ = ["EntmaxViTImageProcessor", "IMAGENET_MEAN", "IMAGENET_STD", "make_image_processor"]
+__all__ = ["EntmaxViTImageProcessor", "IMAGENET_MEAN", "IMAGENET_STD", "eval_resize", "make_image_processor"]

@@ -106,7 +106,8 @@ def test_dino_lr_rule_optimizer_and_feature_layout():
     assert dino_feature_layout(768) == (1, True)  # ViT-B: n=1 with avgpool
     cfg = LinearEvalConfig(model="m")
     assert cfg.protocol == "dino" and cfg.epochs == 100 and cfg.batch_size == 1024
-    assert (cfg.resize, cfg.crop, cfg.momentum, cfg.weight_decay) == (256, 224, 0.9, 0.0)
+    assert (cfg.resize, cfg.crop, cfg.momentum, cfg.weight_decay) == (None, None, 0.9, 0.0)  # None: the model's own
+    cfg = LinearEvalConfig(model="m", resize=256, crop=224)  # as main resolves them for a 224-px ViT-S/16
     specs = resolve_heads(cfg, 384, 12)
     assert specs == [HeadSpec(4, False, 0.001)] and is_official(cfg, specs, 384)
     assert resolve_heads(cfg, 768, 12) == [HeadSpec(1, True, 0.001)]

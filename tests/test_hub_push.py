@@ -27,7 +27,7 @@ from huggingface_hub.utils import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
 from PIL import Image
 
-from entmax_vit.evaluation.results import make_results, write_results
+from entmax_vit.evaluation.results import make_results, weights_fingerprint, write_results
 from entmax_vit.hub_cards.card import parse_card_metadata
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
 from entmax_vit.modeling.pipeline_entmax_vit import CUSTOM_PIPELINES, EntmaxViTSegmentationPipeline
@@ -153,11 +153,11 @@ def release_inputs(tmp_path_factory):
     knn = make_results(task="knn", model_name_or_path=str(model_dir), model_config=model_config,
                        dataset={"name": "embedded", "split": "validation", "num_samples": 64, "num_classes": 8},
                        protocol={"name": "dino_knn", "k": 20}, metrics={"top1_k20": 41.25, "top5_k20": 80.5},
-                       config={"k": [20]})
+                       config={"k": [20]}, weights_sha256=weights_fingerprint(model))
     seg = make_results(task="segmentation", model_name_or_path=str(model_dir), model_config=model_config,
                        dataset={"name": "embedded", "split": "validation", "num_samples": 32, "num_classes": 3},
                        protocol={"name": "neco_embedded"}, metrics={"miou": 33.3, "pixel_accuracy": 71.0},
-                       config={"input_size": 32})
+                       config={"input_size": 32}, weights_sha256=weights_fingerprint(model))
     results = [write_results(knn, root / "knn.json"), write_results(seg, root / "seg.json")]
     return {"model_dir": model_dir, "head_dir": head_dir, "results": results, "model": model, "head": head}
 

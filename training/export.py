@@ -1,14 +1,16 @@
 """Export a trained DINO teacher backbone as a Hugging Face folder:
 
     OUT/config.json + model.safetensors + *.py (EntmaxViT remote code, via save_pretrained)
-    OUT/preprocessor_config.json (make_image_processor(): DINO eval preprocessing)
+    OUT/preprocessor_config.json (make_image_processor(): DINO eval preprocessing at the training resolution)
     OUT/training_config.yaml (the resolved training config)
+    OUT/training_progress.json (an export of a checkpoint: steps trained of the steps planned, for the model card)
 
 Loadable with ``AutoModel.from_pretrained(OUT, trust_remote_code=True)``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -18,16 +20,36 @@ import torch
 from entmax_vit.modeling import EntmaxViTModel, make_image_processor
 from entmax_vit.training.checkpointing import CONFIG_FILE, TEACHER_FILE
 
+PROGRESS_FILE = "training_progress.json"
 
-def export_backbone(backbone: EntmaxViTModel, out_dir: str | os.PathLike, config_yaml: Optional[str] = None) -> Path:
-    """Write ``backbone`` (a teacher's EntmaxViTModel) with the image processor and the training config."""
+
+def export_backbone(backbone: EntmaxViTModel, out_dir: str | os.PathLike, config_yaml: Optional[str] = None,
+                    progress: Optional[dict] = None) -> Path:
+    """Write ``backbone`` (a teacher's EntmaxViTModel) with the image processor, the training config and, for an
+    export of a checkpoint, ``progress`` (``{"steps_trained", "steps_planned", "epochs_planned"}``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(out)
-    make_image_processor().save_pretrained(out)
+    # DINO's eval preprocessing at the training resolution (config.image_size = crops.global_size), so that
+    # AutoImageProcessor users and our evaluations feed the model the size it learnt (64 px for tiny_cpu).
+    make_image_processor(crop=backbone.config.image_size).save_pretrained(out)
     if config_yaml is not None:
         (out / CONFIG_FILE).write_text(config_yaml)
+    if progress is not None:
+        (out / PROGRESS_FILE).write_text(json.dumps(progress, indent=2) + "\n")
     return out
+
+
+def checkpoint_progress(checkpoint: Path, cfg: "DinoConfig") -> dict:
+    """How far the run of ``checkpoint`` had trained: its global step of the ``optim.epochs`` x steps-per-epoch
+    planned (the schedules span them whatever ``debug.max_steps`` says)."""
+    from entmax_vit.training.checkpointing import read_trainer_state
+
+    state = read_trainer_state(checkpoint)
+    steps_per_epoch = int(state.get("iters_per_epoch") or 0)
+    return {"steps_trained": int(state.get("global_step", 0)),
+            "steps_planned": cfg.optim.epochs * steps_per_epoch if steps_per_epoch else None,
+            "epochs_planned": cfg.optim.epochs, "checkpoint": checkpoint.name}
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -48,7 +70,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     _, teacher = build_networks(cfg)
     center = torch.zeros(1, cfg.model.out_dim)  # read (and checked) but not exported
     load_teacher(ckpt / TEACHER_FILE, teacher, center)
-    return export_backbone(teacher.backbone, out_dir, config_yaml)
+    return export_backbone(teacher.backbone, out_dir, config_yaml, progress=checkpoint_progress(ckpt, cfg))
 
 
-__all__ = ["export_backbone", "export_checkpoint"]
+__all__ = ["PROGRESS_FILE", "checkpoint_progress", "export_backbone", "export_checkpoint"]

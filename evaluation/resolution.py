@@ -1,0 +1,83 @@
+"""The resolution a model is fed by default: its own, the one it was trained at.
+
+An EntmaxViT model learns its position embeddings at ``config.image_size`` (the global crop size of its training:
+64 px for the ``tiny_cpu`` preset), and the image processor saved with it crops to that size. Every evaluation and
+the analysis default to it (DINO's eval transform: Resize(side * 256/224) + CenterCrop(side)) and log a warning
+when asked for another size, so a model is never silently measured at a resolution it was not trained at.
+
+    resize, crop = own_resolution("runs/tiny/final_model")          # (73, 64)
+    resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model)  # the config's, or the model's own
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from entmax_vit.modeling.image_processing_entmax_vit import eval_resize
+
+logger = logging.getLogger(__name__)
+DEFAULT_SIDE = 224  # a model that records no resolution at all (neither processor nor config)
+
+
+def _json_file(name_or_path: str, filename: str, revision: Optional[str]) -> Optional[dict]:
+    """``filename`` of a model folder, or of a Hub repository through the local cache / the Hub; None if absent."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(name_or_path, filename, revision=revision, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):
+        return None
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def _processor_sizes(processor: dict) -> tuple[Optional[int], Optional[int]]:
+    """(resize, crop) of a saved image processor config (crop None when it does not crop)."""
+    def side(value: object) -> Optional[int]:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, dict):
+            for key in ("shortest_edge", "height"):
+                if isinstance(value.get(key), int):
+                    return value[key]
+        return None
+
+    resize = side(processor.get("size"))
+    crop = side(processor.get("crop_size")) if processor.get("do_center_crop", True) else None
+    return resize, crop
+
+
+def own_resolution(name_or_path: str, revision: Optional[str] = None) -> tuple[int, int]:
+    """(resize, crop) the model expects. EntmaxViT: its ``config.image_size`` (the training resolution);
+    another model (HF ViT, DINOv2): its saved image processor's sizes, else its ``config.image_size``."""
+    from .features import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    config = _json_file(path, "config.json", revision) or {}
+    side = config.get("image_size")
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    if config.get("model_type") != "entmax_vit":
+        resize, crop = _processor_sizes(_json_file(path, "preprocessor_config.json", revision) or {})
+        if crop:
+            return resize or eval_resize(crop), crop
+    side = int(side) if isinstance(side, int) else DEFAULT_SIDE
+    return eval_resize(side), side
+
+
+def eval_resolution(resize: Optional[int], crop: Optional[int], name_or_path: str, revision: Optional[str] = None,
+                    what: str = "crop") -> tuple[int, int]:
+    """(resize, crop) to evaluate at: the model's own (:func:`own_resolution`) where ``crop`` is None, else the
+    requested one, with a warning when it differs from the model's own; ``resize`` None follows the crop."""
+    own_resize, own_crop = own_resolution(name_or_path, revision)
+    if crop is None:
+        return (own_resize if resize is None else resize), own_crop
+    if crop != own_crop:
+        logger.warning("%s: evaluating at %s %d px, but the model was trained at %d px (its own resolution, the "
+                       "default when %s is not given)", name_or_path, what, crop, own_crop, what)
+    return (eval_resize(crop) if resize is None else resize), crop
+
+
+__all__ = ["eval_resolution", "own_resolution"]
