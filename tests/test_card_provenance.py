@@ -58,9 +58,12 @@ def partial_export(tmp_path_factory) -> dict:
     return {"root": root, "run": run, "model_dir": out}
 
 
-def test_export_records_progress(partial_export):
+def test_export_records_progress_and_resolution(partial_export):
     progress = json.loads((partial_export["model_dir"] / "training_progress.json").read_text())
     assert progress["steps_trained"] == 2 and progress["steps_planned"] == 4 and progress["epochs_planned"] == 2
+    # the processor crops to the run's crops.global_size (32 px here), as the model was trained (item 1)
+    processor = json.loads((partial_export["model_dir"] / "preprocessor_config.json").read_text())
+    assert processor["crop_size"] == {"height": 32, "width": 32} and processor["size"] == {"shortest_edge": 37}
 
 
 def test_card_of_a_partial_run(partial_export, tmp_path, capsys):

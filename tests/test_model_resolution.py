@@ -126,3 +126,32 @@ def test_card_processor_and_sparsity_use_the_model_resolution(exported, tmp_path
     assert saved["crop_size"] == {"height": 64, "width": 64}
     assert repo.sparsity.resolution == 64 and repo.sparsity.num_tokens == 17
     assert "center-cropped to 64 px (17 tokens" in (tmp_path / "repo" / "README.md").read_text()
+
+
+def test_analysis_defaults_to_the_model_resolution(tmp_path, caplog):
+    """``analyze --preset quick`` without --image_size: --model's own 32 px (the preset names no size); a compared
+    model trained at 48 px is analysed at the same 32 px, with a warning."""
+    import yaml
+    from PIL import Image
+
+    from entmax_vit.analysis.run import main, parse_analyze_config
+
+    for side in (32, 48):
+        torch.manual_seed(0)
+        EntmaxViTModel(EntmaxViTConfig(image_size=side, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path / f"m{side}")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    cfg = parse_analyze_config(["--config", "quick", "--model", str(tmp_path / "m32"), "--compare", str(tmp_path / "m48"),
+                                "--dataset", str(images), "--num_images", "2", "--num_figure_images", "0",
+                                "--separate_curves", "false", "--output_dir", str(tmp_path / "out")])
+    assert cfg.image_size is None
+    with caplog.at_level(logging.WARNING):
+        main(cfg)
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["image_size"] == 32
+    record = json.loads((tmp_path / "out" / "m32" / "analysis_results.json").read_text())
+    assert record["protocol"]["image_size"] == [32, 32]
+    assert "m48: evaluating at image_size 32 px, but the model was trained at 48 px" in caplog.text
