@@ -329,28 +329,30 @@ def test_presets_load_and_the_paper_pair_differs_only_in_attention():
     assert {"tiny_cpu", "dino_vits16_100ep", "vits16_entmax15_200ep", "vits16_softmax_200ep"} <= set(names)
     cfgs = {n: flatten(to_dict(parse_config(DinoConfig, ["--config", n], preset_dir=CONFIG_DIR))) for n in names}
     entmax, softmax = cfgs["vits16_entmax15_200ep"], cfgs["vits16_softmax_200ep"]
-    # The method differs only in the transform; the kernel (compiled for entmax, SDPA for softmax) is the
-    # same math, chosen for speed.
-    assert {k for k in entmax if entmax[k] != softmax[k]} == {"output_dir", "model.attention", "model.attn_implementation"}
-    assert (entmax["model.attn_implementation"], softmax["model.attn_implementation"]) == ("compiled", "sdpa")
+    # The method differs only in the transform; both take the device's default kernel (triton for entmax-1.5 and
+    # SDPA for softmax on CUDA), chosen for speed, the same math as eager.
+    from entmax_vit.modeling.attention import default_kernel
+
+    assert {k for k in entmax if entmax[k] != softmax[k]} == {"output_dir", "model.attention"}
+    assert entmax["model.attn_implementation"] == softmax["model.attn_implementation"] == "auto"
+    assert (default_kernel("entmax15", "cuda"), default_kernel("softmax", "cuda")) == ("triton", "sdpa")
     assert cfgs["dino_vits16_100ep"]["model.attention"] == "softmax"  # the literal official recipe
     assert entmax["optim.epochs"] == 200 and entmax["data.source"] == "ILSVRC/imagenet-1k"
     assert cfgs["dino_vits16_100ep"]["optim.epochs"] == 100 and cfgs["tiny_cpu"]["data.source"] == "embedded"
     # the 200-epoch presets are official DINO's vanilla defaults (dino_vits16_100ep) with epochs = 200; the
-    # vanilla preset says attn_implementation auto, which runs sdpa for softmax (the kernel compared here)
-    vanilla = resolved_kernel("dino_vits16_100ep")
-    assert cfgs["dino_vits16_100ep"]["model.attn_implementation"] == "auto" and vanilla["model.attn_implementation"] == "sdpa"
+    # vanilla preset says attn_implementation auto too
+    vanilla = cfgs["dino_vits16_100ep"]
+    assert vanilla["model.attn_implementation"] == "auto" and resolved_kernel("dino_vits16_100ep")["model.attn_implementation"] == "sdpa"
     assert {k for k in softmax if softmax[k] != vanilla[k]} == {"output_dir", "optim.epochs"}
-    # auto follows the transform (modeling.attention.DEFAULT_KERNELS): the vanilla recipe with entmax15 runs tiled
-    from entmax_vit.modeling.attention import DEFAULT_KERNELS
-
+    # auto follows the transform and the device: the vanilla recipe with entmax15 runs tiled on CPU, triton on CUDA
     entmax_vanilla = resolved_kernel("dino_vits16_100ep", "--model.attention", "entmax15")
-    assert entmax_vanilla["model.attn_implementation"] == DEFAULT_KERNELS["entmax15"] == "tiled"
+    assert entmax_vanilla["model.attn_implementation"] == "auto"
+    assert (default_kernel("entmax15", "cpu"), default_kernel("entmax15", "cuda:0")) == ("tiled", "triton")
 
 
 def resolved_kernel(preset: str, *overrides: str) -> dict:
-    """A training preset, flattened, with ``model.attn_implementation`` as training resolves it (auto -> the
-    transform's default kernel)."""
+    """A training preset, flattened, with ``model.attn_implementation`` as training resolves it (checked against
+    the transform; auto: sdpa for softmax, else "auto", the model's per-call device-aware default)."""
     from entmax_vit.cli.config import parse_config
     from entmax_vit.training.config import flatten
     from entmax_vit.training.dino import CONFIG_DIR
@@ -371,10 +373,10 @@ def test_boosted_300_epoch_pair_is_official_readme_recipe():
         return flatten(to_dict(parse_config(DinoConfig, ["--config", name], preset_dir=CONFIG_DIR)))
 
     entmax, softmax = load("vits16_entmax15_300ep_boosted"), load("vits16_softmax_300ep_boosted")
-    vanilla = resolved_kernel("dino_vits16_100ep")  # auto -> sdpa for softmax
-    assert {k for k in entmax if entmax[k] != softmax[k]} == {"output_dir", "model.attention", "model.attn_implementation"}
-    assert (entmax["model.attention"], entmax["model.attn_implementation"]) == ("entmax15", "compiled")
-    assert (softmax["model.attention"], softmax["model.attn_implementation"]) == ("softmax", "sdpa")
+    vanilla = load("dino_vits16_100ep")
+    assert {k for k in entmax if entmax[k] != softmax[k]} == {"output_dir", "model.attention"}
+    assert (entmax["model.attention"], entmax["model.attn_implementation"]) == ("entmax15", "auto")
+    assert (softmax["model.attention"], softmax["model.attn_implementation"]) == ("softmax", "auto")
     # exactly the README's four flags on top of main_dino.py's defaults
     assert {k for k in softmax if softmax[k] != vanilla[k]} == {
         "output_dir", "optim.epochs", "loss.teacher_temp", "loss.warmup_teacher_temp_epochs", "model.norm_last_layer"}

@@ -21,10 +21,9 @@ class ModelConfig:
     preset: str = "vit_small_patch16"
     # Attention transform in every block: softmax | entmax15 | sparsemax | entmax_bisect (the paper: entmax15).
     attention: str = "entmax15"
-    # Attention kernel: auto (the transform's default, modeling.attention.DEFAULT_KERNELS: sdpa for softmax,
-    # tiled for the sparse transforms) | sdpa (torch's scaled_dot_product_attention: softmax only) | eager |
-    # tiled | compiled (torch.compile'd transform: same numbers, entmax-1.5 at about the cost of softmax;
-    # compiles once per crop size, so use it for long runs) | tiled_compiled.
+    # Attention kernel: auto (modeling.attention.default_kernel, decided per call from the device: sdpa for
+    # softmax; for the sparse transforms the fused triton kernel on CUDA, tiled on CPU) | sdpa (torch's
+    # scaled_dot_product_attention: softmax only) | eager (explicit N x N scores) | tiled | triton (CUDA).
     attn_implementation: str = "auto"
     # Stochastic depth of the STUDENT only (the teacher never drops paths). Official ViT-S: 0.1.
     drop_path_rate: Annotated[float, Interval(ge=0, lt=1)] = 0.1

@@ -24,8 +24,9 @@ def backbone_config(cfg: DinoConfig, drop_path_rate: float) -> EntmaxViTConfig:
 
 
 def attention_kernel(cfg: DinoConfig) -> str:
-    """``model.attn_implementation``, checked against the transform; "auto" is the transform's default kernel
-    (``modeling.attention.DEFAULT_KERNELS``, the model's own rule: sdpa for softmax, tiled for the sparse ones)."""
+    """``model.attn_implementation``, checked against the transform; "auto" is the model's own default: sdpa for
+    softmax, and for the sparse transforms the kernel "auto" (``modeling.attention.default_kernel``: triton on
+    CUDA, tiled on CPU), decided per call, so a model built here on the CPU runs the GPU kernel once moved."""
     requested = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
     return resolve_kernel(cfg.model.attention, requested)
 

@@ -1,0 +1,310 @@
+"""Threshold solvers of the sparse transforms: one per transform, shared by every kernel.
+
+entmax-1.5, sparsemax and alpha-entmax map scores to p_i = [x_i - tau]_+^(1/(alpha-1)) with x = (alpha-1) z
+and tau the unique solution of sum_i p_i = 1 (Peters, Niculae & Martins, 2019). Every kernel solves tau with
+the functions of this file: the dense transforms of ``attention.py`` (the eager kernel) apply them to all rows
+as one block, the ``tiled`` kernel to cache-sized query blocks, and the ``triton`` kernel
+(``triton_attention.py``) mirrors the same method in registers and is tested against them.
+
+How they are fast and still exact, with x shifted so that max x = 0 and d = [x - tau]_+:
+
+1. Start from a *certified lower bound* tau_0 <= tau*: the max entry alone gives mass 1 at tau = -1, and the
+   power-mean inequality gives sum_i d_i^q >= 1 at tau = mean(x) - N^-min(alpha-1, 1).
+2. Take Newton steps on phi(tau) = ||d||_q - 1 (q = 1/(alpha-1)). For q >= 1 (alpha <= 2) phi is a norm of
+   a convex map, hence convex and decreasing, so Newton from the left never overshoots: every iterate is
+   still a lower bound and its support {x > tau} contains the true support. Newton on the norm (rather than
+   on ||d||_q^q) is nearly linear far from the root, which is what makes a few steps enough.
+3. For entmax-1.5 and sparsemax, finish in closed form on the current support S (k entries): tau solves
+   k u^2 - 2 s1 u + s2 - 1 = 0 (entmax-1.5) or k u - s1 + 1 = 0 (sparsemax) in u = tau_new - tau, where
+   s1, s2 are sums of d and d^2. The *certificate*: the support at the new tau has the size the root was
+   solved on, so the root solves the equation on its own support and is the unique threshold. It holds
+   whatever the iterates were, so rounding cannot certify a wrong row. Rows failing it (rare: a few
+   near-uniform rows in a thousand at N >= 785) take the exact path: the sort-based threshold here (as a
+   ``torch.cond`` under graph capture), more certified Newton passes in the Triton kernel.
+4. alpha-entmax has no closed form: safeguarded Newton (bisection where Newton leaves the bracket, which
+   only happens for alpha > 2) runs to float precision, then p is renormalised, as in the ``entmax`` package.
+
+Backward passes need only p: with g = p^(2-alpha) (sqrt(p) for entmax-1.5, the support indicator for
+sparsemax), dL/dz = g dP - g sum(g dP) / sum(g) (``jacobian_product``), and for alpha the gradient of
+Correia et al. (2019), eq. 13 (``alpha_gradient``). Half-precision inputs are computed in float32.
+
+This file is copied to the Hub with the model: it imports only torch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+# Newton steps before the closed-form finish (uncertified rows take the exact path, so these trade speed
+# only): with these, no row failed the certificate on Gaussian scores of any scale we tried at N = 37 and 197
+# (sparsemax's Michelot steps converge more slowly on flat rows); at N = 785 and 3137 a few near-uniform rows
+# in a thousand do. alpha-entmax: iterations per convergence check and their cap.
+ENTMAX15_NEWTON_STEPS = 4
+SPARSEMAX_NEWTON_STEPS = 6
+BISECT_CHECK_EVERY = 4
+BISECT_MAX_ITER = 64  # float64 rows at alpha > 2 need more than 48 (Newton creeps where phi is not convex)
+# Triton kernel: passes over the keys a row may take before its Newton iterate has converged (the loop ends
+# as soon as every row of a block is certified, after about 6 passes on attention-like rows).
+MAX_CERTIFY_PASSES = 64
+
+SPARSE_TRANSFORMS = ("entmax15", "sparsemax", "entmax_bisect")
+
+
+def tracing() -> bool:
+    """True under torch.compile / torch.export / jit tracing, where a host sync cannot be taken."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def _unless_all(done: torch.Tensor, fix: Callable, operands: tuple) -> torch.Tensor:
+    """``operands[0]`` if ``done`` is all True, else ``fix(*operands)``; exportable and compilable.
+
+    Under graph capture (torch.compile, torch.export) this is ``torch.cond``; in eager mode a plain branch,
+    because ``torch.cond`` called eagerly compiles itself per call. Both branches return the same values.
+    """
+    if torch.compiler.is_compiling():
+        return torch.cond(done.all(), lambda x, *rest: x.clone(), fix, operands)
+    if bool(done.all()):
+        return operands[0]
+    return fix(*operands)
+
+
+def _lower_bound(mean: torch.Tensor, n: int, power) -> torch.Tensor:
+    """Certified lower bound on tau for rows with max 0 and the given mean: max(-1, mean - n^-power)."""
+    # mean is -inf if the row has masked entries (nan if all are): then -1 wins
+    return torch.clamp(torch.nan_to_num(mean - n**-power, nan=-1.0, neginf=-1.0), min=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact sort-based thresholds (the fallback for rows the fast search cannot certify)
+# ----------------------------------------------------------------------------------------------------------
+def entmax15_sort_threshold(y: torch.Tensor) -> torch.Tensor:
+    """Exact 1.5-entmax threshold t (score units: p = ((y - t)_+ / 2)^2) of rows ``y`` with max 0, (..., 1).
+
+    On the support of the k largest entries of x = y / 2, tau_k = mean_k - sqrt((1 - k var_k) / k); the support
+    is the largest k with tau_k <= x_(k) (Peters et al., 2019). t = 2 tau.
+    """
+    x_sorted, _ = torch.sort(y / 2, dim=-1, descending=True)  # (..., N)
+    rho = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
+    mean = x_sorted.cumsum(-1) / rho
+    mean_sq = (x_sorted * x_sorted).cumsum(-1) / rho
+    tau = mean - torch.sqrt(torch.clamp((1 - rho * (mean_sq - mean * mean)) / rho, min=0))
+    support = (tau <= x_sorted).sum(dim=-1, keepdim=True).clamp(min=1)
+    return 2 * tau.gather(-1, support - 1)
+
+
+def sparsemax_sort_threshold(y: torch.Tensor) -> torch.Tensor:
+    """Exact sparsemax threshold (p = (y - t)_+) of rows ``y`` with max 0, by a sort (Martins & Astudillo)."""
+    y_sorted, _ = torch.sort(y, dim=-1, descending=True)
+    rho = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
+    cumsum = y_sorted.cumsum(-1)
+    support = ((1 + rho * y_sorted) > cumsum).sum(dim=-1, keepdim=True).clamp(min=1)
+    return (cumsum.gather(-1, support - 1) - 1) / support.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Thresholds on one block. y: (G, Bq, N) scores minus their row max (row max 0); e: a work buffer of the same
+# shape, or None. Each returns the threshold t (G, Bq, 1) and e = (y - t)_+, the basis of the probabilities;
+# with a buffer y is overwritten too (scratch for the certificate). ``rescore()`` recomputes y for the sort
+# fallback. Eagerly, buffers are reused and ops run in place because on CPU a fresh multi-MB tensor costs page
+# faults that are dearer than the arithmetic on it (about 3x for a 2 MB block); compiled (no buffers), the
+# passes fuse and inductor plans the memory.
+# ----------------------------------------------------------------------------------------------------------
+def _relu_sub(y: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """(y - t)_+, written into ``out`` if given."""
+    return (y - t if out is None else torch.sub(y, t, out=out)).clamp_min_(0)
+
+
+def _count_positive(e: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """Positive entries per row of a non-negative ``e``, as float (G, Bq, 1); ``out`` is scratch (may be e).
+    sign().sum() is several times faster on CPU than count_nonzero or (e > 0).sum() (no bool/int64 pass)."""
+    return (torch.sign(e) if out is None else torch.sign(e, out=out)).sum(dim=-1, keepdim=True)
+
+
+def entmax15_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact entmax-1.5 threshold in score units (p = (e / 2)^2, e = (y - t)_+); ``mean`` is y's row mean.
+
+    Newton on ||d||_2 - 1 (d = e / 2) from the certified lower bound, the closed-form root on the support
+    found, then the certificate: the support at the new threshold has the same size as the one the root was
+    solved on, so the root solves the equation on its own support and is the unique threshold. The check
+    holds whatever the iterates were (no lower-bound assumption, so rounding cannot certify a wrong row).
+    """
+    buf = e
+    t = 2 * _lower_bound(mean / 2, y.shape[-1], 0.5)  # (G, Bq, 1), t <= t*
+    for _ in range(steps):
+        e = _relu_sub(y, t, buf)
+        norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True) / 2  # ||d||_2
+        t = t + 4 * norm * (norm - 1) / e.sum(dim=-1, keepdim=True)  # tau += norm (norm - 1) / sum(d)
+    e = _relu_sub(y, t, buf)
+    s1 = e.sum(dim=-1, keepdim=True)
+    s2 = torch.linalg.vector_norm(e, dim=-1, keepdim=True) ** 2
+    k = _count_positive(e, out=buf)  # support size at t (e is scratch until recomputed below)
+    mean_e = s1 / k
+    # smaller root u of k u^2 - 2 s1 u + s2 - 4 = 0: sum over the support of (e - u)^2 = 4, i.e. sum p = 1
+    t = t + mean_e - torch.sqrt(torch.clamp((4 - s2 + s1 * mean_e) / k, min=0))
+    e = _relu_sub(y, t, buf)
+    ok = _count_positive(e, out=None if buf is None else y) == k  # (G, Bq, 1); y is scratch from here
+    return _certified(ok, t, e, rescore, entmax15_sort_threshold)
+
+
+def sparsemax_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact sparsemax threshold (p = e = (y - t)_+): Michelot's algorithm (Newton on sum(e) - 1) from the
+    certified lower bound, the closed form on the support found, the same certificate as entmax-1.5."""
+    buf = e
+    t = _lower_bound(mean, y.shape[-1], 1.0)
+    for _ in range(steps):
+        e = _relu_sub(y, t, buf)
+        s1 = e.sum(dim=-1, keepdim=True)
+        t = t + (s1 - 1) / _count_positive(e, out=buf)
+    e = _relu_sub(y, t, buf)
+    s1 = e.sum(dim=-1, keepdim=True)
+    k = _count_positive(e, out=buf)
+    t = t + (s1 - 1) / k
+    e = _relu_sub(y, t, buf)
+    ok = _count_positive(e, out=None if buf is None else y) == k
+    return _certified(ok, t, e, rescore, sparsemax_sort_threshold)
+
+
+def _certified(ok, t, e, rescore: Callable, sort_threshold: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, e) with the rows failing the certificate recomputed exactly by ``sort_threshold`` on rescored y.
+
+    Rare (a few rows in thousands, mostly near-uniform rows of long sequences). Eager mode sorts only the
+    failing rows; under graph capture (torch.compile, torch.export) shapes are static, so the whole block is
+    sorted inside a ``torch.cond`` branch that runs only when some row failed.
+    """
+    if torch.compiler.is_compiling():
+
+        def exact(t, ok, e):
+            y = rescore()
+            t = torch.where(ok, t, sort_threshold(y))
+            return t, torch.clamp(y - t, min=0)
+
+        return torch.cond(ok.all(), lambda t, ok, e: (t.clone(), e.clone()), exact, (t, ok, e))
+    if bool(ok.all()):
+        return t, e
+    bad = ~ok.squeeze(-1)  # (G, Bq)
+    y_bad = rescore()[bad]  # (R, N)
+    t = t.clone()
+    t[bad] = sort_threshold(y_bad)
+    e[bad] = torch.clamp(y_bad - t[bad], min=0)
+    return t, e
+
+
+def _bisect_iterations(x, q, lo, hi, tau, err, count: int):
+    """``count`` safeguarded Newton steps on ||(x - tau)_+||_q - 1 keeping the bracket f(lo) >= 0 >= f(hi)
+    (bisection where Newton would leave it; only happens for alpha > 2). Rows (..., 1); x (..., N)."""
+    for _ in range(count):
+        d = torch.clamp(x - tau, min=0)
+        dq = d**q
+        sq = dq.sum(dim=-1, keepdim=True)
+        sq1 = dq.div_(d).nan_to_num_(0.0).sum(dim=-1, keepdim=True)  # sum d^(q-1) (0/0 -> 0 off the support)
+        above = sq >= 1
+        lo = torch.where(above, tau, lo)
+        hi = torch.where(above, hi, tau)
+        err = torch.where(above, sq - 1, err)
+        newton = tau + (sq - sq ** (1 - 1 / q)) / sq1
+        tau = torch.where(above & (newton < hi) & (newton >= tau), newton, (lo + hi) / 2)
+    return lo, hi, tau, err
+
+
+def bisect_block_threshold(
+    x: torch.Tensor, mean: torch.Tensor, am1: torch.Tensor, q, tol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha-entmax threshold of ``x`` = (alpha - 1) y (row max 0, row mean ``mean``); ``am1`` = alpha - 1
+    per row (..., 1) and
+    ``q`` = 1 / (alpha - 1) (a float when alpha is one number: d ** 2.0 is a square, not exp/log).
+
+    Runs the safeguarded Newton iteration in rounds of BISECT_CHECK_EVERY steps until every row of the block
+    has converged (|f(lo)| within ``tol``, or the bracket within ``tol`` relative to |hi|: tau < hi < 0, and
+    near-uniform rows at alpha > 2 have |tau| ~ 1e-3, where an absolute bracket stops thousands of ulps early)
+    or BISECT_MAX_ITER. Returns (lo, z) with p = (x - lo)_+^q / z renormalised, as the ``entmax`` package does.
+    """
+    n = x.shape[-1]
+    lo = _lower_bound(mean, n, torch.clamp(am1, max=1.0))
+    hi = (-((1.0 / n) ** am1)).expand_as(lo)  # every entry contributes at most 1/n there
+    tau, err = lo, torch.full_like(lo, float("inf"))
+    state = torch.stack(torch.broadcast_tensors(lo, hi, tau, err))  # (4, ..., 1): one operand for the branch
+
+    def more(state, x):
+        return torch.stack(_bisect_iterations(x, q, *state.unbind(0), BISECT_CHECK_EVERY))
+
+    for _ in range(BISECT_MAX_ITER // BISECT_CHECK_EVERY):
+        lo, hi, _, err = state.unbind(0)
+        state = _unless_all((err <= tol) | (hi - lo <= tol * hi.abs()), more, (state, x))
+    lo = state[0]
+    z = (torch.clamp(x - lo, min=0) ** q).sum(dim=-1, keepdim=True)
+    return lo, z
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dense path: the block solvers applied to every row of a (..., N) tensor as one block
+# ----------------------------------------------------------------------------------------------------------
+def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
+                  scalar_alpha: Optional[float] = None) -> torch.Tensor:
+    """Exact ``transform`` of ``scores`` over the last dimension (float32 or wider). ``alpha_rows`` (..., 1):
+    alpha per row (entmax_bisect); ``scalar_alpha``: the same alpha as a float (a float exponent is cheaper)."""
+    m = scores.amax(dim=-1, keepdim=True)
+    y = scores - m  # (..., N), row max 0
+    mean = y.mean(dim=-1, keepdim=True)
+
+    def rescore() -> torch.Tensor:  # fresh y for the sort fallback
+        return scores - m
+
+    if transform == "entmax15":
+        _, e = entmax15_block_threshold(y, None, mean, ENTMAX15_NEWTON_STEPS, rescore)
+        return (e * 0.5) ** 2
+    if transform == "sparsemax":
+        return sparsemax_block_threshold(y, None, mean, SPARSEMAX_NEWTON_STEPS, rescore)[1]
+    am1 = alpha_rows - 1
+    q = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
+    x = y * am1
+    t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(x.dtype).eps)
+    return torch.clamp(x - t, min=0) ** q / z
+
+
+def jacobian_weights(probs: torch.Tensor, transform: str, alpha=None) -> torch.Tensor:
+    """g = p^(2 - alpha) (sqrt(p) for entmax-1.5, the support indicator for sparsemax), 0 off the support.
+    ``alpha``: a float or a tensor broadcastable to probs (entmax_bisect)."""
+    if transform == "entmax15":
+        return torch.sqrt(probs)
+    if transform == "sparsemax":
+        return torch.sign(probs)
+    return torch.where(probs > 0, probs.clamp(min=1e-38) ** (2 - alpha), 0)
+
+
+def jacobian_product(g: torch.Tensor, dp: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """dL/dscores = g dP - g sum(g dP) / sum(g) per row, from the weights ``g`` and dL/dP (``dp`` is
+    overwritten when ``inplace``: the tiled kernel's work buffer)."""
+    gdp = dp.mul_(g) if inplace else dp * g
+    return gdp.addcmul_(g, gdp.sum(dim=-1, keepdim=True) / g.sum(dim=-1, keepdim=True), value=-1)
+
+
+def alpha_gradient(probs: torch.Tensor, g: torch.Tensor, dp: torch.Tensor, am1: torch.Tensor) -> torch.Tensor:
+    """dL/dalpha per row (..., 1) of alpha-entmax (Correia et al., 2019, eq. 13), from p, g = p^(2 - alpha),
+    dL/dP and am1 = alpha - 1 per row."""
+    plogp = torch.where(probs > 0, probs * torch.log(probs.clamp(min=1e-38)), 0)
+    g_norm = g / g.sum(dim=-1, keepdim=True)
+    d_alpha = (probs - g_norm) / am1**2 - (plogp - g_norm * plogp.sum(dim=-1, keepdim=True)) / am1
+    return (dp * d_alpha).sum(dim=-1, keepdim=True)
+
+
+def alpha_per_row(alpha, rows_shape: tuple[int, ...], device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, Optional[float]]:
+    """alpha-entmax's alpha as one value per row, ``rows_shape + (1,)`` (an expanded view: autograd sums the
+    broadcast back to alpha's shape), and the float when alpha is one fixed number (None otherwise).
+
+    ``alpha``: None (1.5), a float, or a tensor broadcastable to the rows, e.g. (H, 1, 1) per head. Raises
+    ValueError for alpha <= 1 (checked on the host except while a graph is captured)."""
+    alpha = 1.5 if alpha is None else alpha
+    scalar = None
+    if not torch.is_tensor(alpha):
+        scalar = float(alpha)
+        alpha = torch.tensor(scalar, device=device)
+    elif alpha.numel() == 1 and not alpha.requires_grad and not tracing():
+        scalar = float(alpha)  # a fixed tensor alpha: the float exponent is cheaper (d ** 2.0 is a square)
+    if (scalar is not None and not scalar > 1) or (scalar is None and not tracing() and bool((alpha <= 1).any())):
+        raise ValueError("entmax_bisect needs alpha > 1 (alpha = 1 is softmax)")
+    return alpha.to(device=device, dtype=dtype).expand(*rows_shape, 1), scalar

@@ -1,0 +1,432 @@
+"""Fused exact sparse attention in Triton (kernel ``triton``): entmax-1.5, sparsemax and alpha-entmax.
+
+``triton_attention(q, k, v, transform=..., scaling=...)`` computes ``P V`` with ``P`` the exact row-wise
+entmax of ``S = scaling q k^T`` in one kernel launch for the forward and two for the backward, never holding
+the (B, H, N, N) scores: FlashAttention's recompute idea (Dao et al., 2022; Triton's fused-attention tutorial)
+applied to the threshold search of ``thresholds.py``, the same method as the ``tiled`` kernel:
+
+* a program owns ``BLOCK_M`` query rows; pass 0 over the keys gives the row max ``m`` and row mean, hence the
+  certified lower bound on the threshold;
+* every further pass over the keys (``QK^T`` recomputed on tensor cores, or kept in registers when all keys
+  fit one tile, ``ONE_TILE``: N <= 256, e.g. ViT-S/16 at 224 px) accumulates, per row, the statistics of
+  ``e = (y - t)_+`` at the current lower bound ``t`` (count, sum, sum of squares) and the support count at the
+  closed-form candidate ``u`` of the previous pass. A candidate whose support count equals the count it was
+  solved on is certified exact, as in ``thresholds.certified``; the next ``t`` is a Newton step on
+  ``||e / 2||_2 - 1`` (Michelot's step for sparsemax), kept below ``u``;
+* rows the certificate has not accepted keep iterating: the exact path, decided per row on the device (a
+  while loop over the block, no host sync). Newton from the lower bound converges to the threshold, where
+  the support is exact and the certificate holds; a row still open after ``MAX_PASSES`` (only an entry equal
+  to the threshold to the last bit can do that) takes the converged closed form;
+* alpha-entmax runs the safeguarded Newton/bisection of ``thresholds.bisect_threshold`` per row to float32
+  precision, then ``p = (x - tau)_+^q / z``;
+* the last pass writes ``P V``; only ``m``, ``t`` (and ``z``) are stored: O(B H N) state for backward.
+
+The backward recomputes ``P`` from ``(m, t, z)``: ``_bwd_dq`` forms ``delta = sum(g dP) / sum(g)`` per row
+(``g = p^(2 - alpha)``: ``sqrt(p)`` for entmax-1.5, the support for sparsemax), ``dS = g (dP - delta)`` and
+``dQ``, and for alpha-entmax the gradient of alpha (Correia et al., 2019, eq. 13); ``_bwd_dkdv`` (one program
+per key block) accumulates ``dK = scaling dS^T Q`` and ``dV = P^T dO``.
+
+Inputs of any float dtype: scores, thresholds and statistics are float32; the matmuls take the input dtype
+(bf16/fp16 on tensor cores; float32 inputs in IEEE float32, so the float32 results match the references to
+1e-6). ``triton`` ships with torch's CUDA builds. This module is imported only when a CUDA tensor (or, for
+tests, ``TRITON_INTERPRET=1`` with CPU tensors) needs it, so CPU-only and macOS users never import triton.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:  # transformers' check of remote code's imports skips try blocks: loading the model never requires triton
+    import triton
+    import triton.language as tl
+except ImportError as error:  # pragma: no cover - torch's CUDA builds ship triton
+    raise ImportError("attn_implementation='triton' needs the triton package (it ships with torch's CUDA builds)") from error
+
+from .thresholds import BISECT_CHECK_EVERY, BISECT_MAX_ITER, MAX_CERTIFY_PASSES, SPARSE_TRANSFORMS, alpha_per_row
+
+TRANSFORM_IDS = {name: i for i, name in enumerate(SPARSE_TRANSFORMS)}  # entmax15 0, sparsemax 1, entmax_bisect 2
+ONE_TILE_MAX = 256  # all keys in one register tile up to this N (one QK^T per program instead of one per pass)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-tile helpers
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation. ``PRECISION`` "ieee" (float32 inputs), "tf32" (half inputs: tensor
+    cores), or "upcast": triton's interpreter (3.8) multiplies bfloat16 operands as their integer bit patterns,
+    so under TRITON_INTERPRET the operands are widened first (bf16 x bf16 products are exact in float32, so the
+    numbers are the tensor cores')."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(q, k_base, start_n, N, D, stride_kn, stride_kd, scaling, m,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """y = scaling q k^T - m for keys [start_n, start_n + BLOCK_N), -inf past N. (BLOCK_M, BLOCK_N) float32."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                  mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+    s = _dot(q, k_t, PRECISION) * scaling
+    return tl.where(cols[None, :] < N, s - m[:, None], float("-inf"))
+
+
+@triton.jit
+def _probs(y, t, z, am1, TRANSFORM: tl.constexpr):
+    """(p, g) of a tile: the probabilities and g = p^(2 - alpha), the weights of the Jacobian."""
+    if TRANSFORM == 0:  # entmax-1.5: p = (e / 2)^2, g = sqrt(p) = e / 2
+        e = tl.maximum(y - t[:, None], 0.0)
+        return e * e * 0.25, e * 0.5
+    elif TRANSFORM == 1:  # sparsemax: p = e, g = 1 on the support
+        p = tl.maximum(y - t[:, None], 0.0)
+        return p, tl.where(p > 0, 1.0, 0.0)
+    else:  # alpha-entmax: p = (x - tau)_+^(1 / (alpha - 1)) / z with x = (alpha - 1) y
+        d = tl.maximum(y * am1[:, None] - t[:, None], 0.0)
+        p = tl.where(d > 0, tl.exp2(tl.log2(d) / am1[:, None]), 0.0) / z[:, None]
+        g = tl.where(p > 0, tl.exp2(tl.log2(p) * (1.0 - am1[:, None])), 0.0)
+        return p, g
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd(Q, K, V, Alpha, Out, M, T, Z,
+         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+         H, N, D, scaling, tol,
+         TRANSFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+         ONE_TILE: tl.constexpr, MAX_PASSES: tl.constexpr, PRECISION: tl.constexpr,
+         CHECK_EVERY: tl.constexpr = BISECT_CHECK_EVERY):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # pass 0: row max and row mean of the scores
+    m = zero + float("-inf")
+    total = zero
+    for start_n in range(0, N, BLOCK_N):
+        y = _scores(q, k_base, start_n, N, D, skn, skd, scaling, zero, BLOCK_N, BLOCK_D, PRECISION)
+        m = tl.maximum(m, tl.max(y, 1))
+        total += tl.sum(tl.where(y > float("-inf"), y, 0.0), 1)
+    mean = total / N - m  # row mean of y = s - m
+    if ONE_TILE:  # every key in one tile: keep y in registers for all passes
+        y_all = _scores(q, k_base, 0, N, D, skn, skd, scaling, m, BLOCK_N, BLOCK_D, PRECISION)
+
+    done = rows >= N  # padding rows need no threshold
+    z = zero + 1.0
+    am1 = zero + 1.0
+    if TRANSFORM == 2:
+        am1 = tl.load(Alpha + bh * N + rows, mask=row_ok, other=1.5) - 1.0
+        # certified bracket: f(lo) >= 0 >= f(hi) (thresholds.bisect_threshold)
+        lo = tl.maximum(mean * am1 - tl.exp2(-tl.minimum(am1, 1.0) * tl.log2(N * 1.0)), -1.0)
+        hi = -tl.exp2(-am1 * tl.log2(N * 1.0))
+        tau = lo
+        err = zero + float("inf")
+        it = 0
+        while (it < MAX_PASSES) & (tl.min(done.to(tl.int32), 0) == 0):
+            for _ in tl.static_range(CHECK_EVERY):  # as thresholds.bisect_block_threshold: rounds, then a check
+                sq = zero
+                sq1 = zero
+                for start_n in range(0, N, BLOCK_N):
+                    if not ONE_TILE:
+                        y_all = _scores(q, k_base, start_n, N, D, skn, skd, scaling, m, BLOCK_N, BLOCK_D, PRECISION)
+                    d = tl.maximum(y_all * am1[:, None] - tau[:, None], 0.0)
+                    d_q1 = tl.where(d > 0, tl.exp2(tl.log2(d) * ((1.0 - am1) / am1)[:, None]), 0.0)  # d^(q-1)
+                    sq += tl.sum(d_q1 * d, 1)
+                    sq1 += tl.sum(d_q1, 1)
+                above = sq >= 1
+                lo = tl.where(above, tau, lo)
+                hi = tl.where(above, hi, tau)
+                err = tl.where(above, sq - 1, err)
+                newton = tau + (sq - tl.exp2(tl.log2(sq) * (1.0 - am1))) / sq1
+                tau = tl.where(above & (newton < hi) & (newton >= tau), newton, (lo + hi) * 0.5)
+            done = done | (err <= tol) | (hi - lo <= tol * tl.abs(hi))
+            it += CHECK_EVERY
+        t = lo
+    else:
+        if TRANSFORM == 0:  # score units: t = 2 tau, tau >= max(-1, mean / 2 - N^-1/2)
+            t = 2.0 * tl.maximum(mean * 0.5 - tl.sqrt(1.0 / N), -1.0)
+        else:
+            t = tl.maximum(mean - 1.0 / N, -1.0)
+        u = t  # closed-form candidate of the previous pass, certified when its support count equals k_u
+        k_u = zero - 1.0
+        t_final = t
+        it = 0
+        while (it < MAX_PASSES) & (tl.min(done.to(tl.int32), 0) == 0):
+            k = zero
+            s1 = zero
+            s2 = zero
+            k_at_u = zero
+            for start_n in range(0, N, BLOCK_N):
+                if not ONE_TILE:
+                    y_all = _scores(q, k_base, start_n, N, D, skn, skd, scaling, m, BLOCK_N, BLOCK_D, PRECISION)
+                e = tl.maximum(y_all - t[:, None], 0.0)
+                k += tl.sum(tl.where(e > 0, 1.0, 0.0), 1)
+                s1 += tl.sum(e, 1)
+                s2 += tl.sum(e * e, 1)
+                k_at_u += tl.sum(tl.where(y_all > u[:, None], 1.0, 0.0), 1)
+            certified = (k_at_u == k_u) & (~done)
+            t_final = tl.where(certified, u, t_final)
+            done = done | certified
+            mean_e = s1 / k
+            if TRANSFORM == 0:
+                # smaller root of k w^2 - 2 s1 w + s2 - 4 = 0 (sum over the support of (e - w)^2 = 4)
+                u_next = t + mean_e - tl.sqrt(tl.maximum((4.0 - s2 + s1 * mean_e) / k, 0.0))
+                norm = tl.sqrt(s2) * 0.5  # ||d||_2, d = e / 2; Newton on ||d||_2 - 1
+                t_next = tl.maximum(t, tl.minimum(t + 4.0 * norm * (norm - 1.0) / s1, u_next))
+            else:
+                u_next = t + (s1 - 1.0) / k  # Michelot: the closed form on the support is also the Newton step
+                t_next = tl.maximum(t, u_next)
+            t = tl.where(done, t, t_next)
+            u = tl.where(done, u, u_next)
+            k_u = tl.where(done, k_u, k)
+            it += 1
+        t = tl.where(done, t_final, u)  # open after MAX_PASSES: the converged closed form
+
+    # last pass: out = P V (alpha-entmax: normalised by z = sum (x - tau)_+^q, accumulated alongside)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    z_acc = zero
+    for start_n in range(0, N, BLOCK_N):
+        if not ONE_TILE:
+            y_all = _scores(q, k_base, start_n, N, D, skn, skd, scaling, m, BLOCK_N, BLOCK_D, PRECISION)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd,
+                    mask=(cols[:, None] < N) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
+        p, _ = _probs(y_all, t, z, am1, TRANSFORM)  # z = 1 here: unnormalised for alpha-entmax
+        z_acc += tl.sum(p, 1)
+        acc += _dot(p.to(v.dtype), v, PRECISION)
+    if TRANSFORM == 2:
+        acc = acc / z_acc[:, None]
+        tl.store(Z + bh * N + rows, z_acc, mask=row_ok)
+    tl.store(Out + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, acc.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(M + bh * N + rows, m, mask=row_ok)
+    tl.store(T + bh * N + rows, t, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _row_state(Alpha, M, T, Z, bh, rows, row_ok, N, TRANSFORM: tl.constexpr):
+    m = tl.load(M + bh * N + rows, mask=row_ok, other=0.0)
+    t = tl.load(T + bh * N + rows, mask=row_ok, other=0.0)
+    if TRANSFORM == 2:
+        z = tl.load(Z + bh * N + rows, mask=row_ok, other=1.0)
+        am1 = tl.load(Alpha + bh * N + rows, mask=row_ok, other=1.5) - 1.0
+    else:
+        z = m * 0.0 + 1.0
+        am1 = z
+    return m, t, z, am1
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, Alpha, M, T, Z, DQ, Delta, DAlpha,
+            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, D, scaling,
+            TRANSFORM: tl.constexpr, NEED_ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ and delta = sum(g dP) / sum(g) per row (read by _bwd_dkdv); alpha-entmax: d alpha per row."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    tile_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=tile_mask, other=0.0)
+    do = tl.load(DO + bh * N * D + rows[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0).to(q.dtype)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    m, t, z, am1 = _row_state(Alpha, M, T, Z, bh, rows, row_ok, N, TRANSFORM)
+    zero = m * 0.0
+    g_sum = zero
+    gdp_sum = zero
+    pdp_sum = zero
+    plogp_sum = zero
+    plogp_dp_sum = zero
+    for start_n in range(0, N, BLOCK_N):
+        y = _scores(q, k_base, start_n, N, D, skn, skd, scaling, m, BLOCK_N, BLOCK_D, PRECISION)
+        p, g = _probs(y, t, z, am1, TRANSFORM)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        v_t = tl.load(v_base + cols[None, :] * svn + offs_d[:, None] * svd,
+                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
+        dp = _dot(do, v_t, PRECISION)  # dL/dP (BLOCK_M, BLOCK_N)
+        g_sum += tl.sum(g, 1)
+        gdp_sum += tl.sum(g * dp, 1)
+        if NEED_ALPHA:
+            plogp = tl.where(p > 0, p * tl.log(tl.maximum(p, 1e-38)), 0.0)
+            pdp_sum += tl.sum(p * dp, 1)
+            plogp_sum += tl.sum(plogp, 1)
+            plogp_dp_sum += tl.sum(plogp * dp, 1)
+    delta = gdp_sum / g_sum
+    tl.store(Delta + bh * N + rows, delta, mask=row_ok)
+    if NEED_ALPHA:  # sum_j dP_j [(p_j - g_j / G) / am1^2 - (plogp_j - g_j / G PL) / am1]
+        dalpha = (pdp_sum - delta) / (am1 * am1) - (plogp_dp_sum - delta * plogp_sum) / am1
+        tl.store(DAlpha + bh * N + rows, dalpha, mask=row_ok)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        y = _scores(q, k_base, start_n, N, D, skn, skd, scaling, m, BLOCK_N, BLOCK_D, PRECISION)
+        p, g = _probs(y, t, z, am1, TRANSFORM)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (cols[:, None] < N) & (offs_d[None, :] < D)
+        v_t = tl.load(v_base + cols[None, :] * svn + offs_d[:, None] * svd,
+                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
+        dp = _dot(do, v_t, PRECISION)
+        ds = g * (dp - delta[:, None])
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    tl.store(DQ + bh * N * D + rows[:, None] * D + offs_d[None, :], dq * scaling, mask=tile_mask)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, Alpha, M, T, Z, Delta, DK, DV,
+              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, H, N, D, scaling,
+              TRANSFORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """One program per key block: dK = scaling dS^T Q and dV = P^T dO summed over every query block."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < N
+    kv_mask = col_ok[:, None] & (offs_d[None, :] < D)
+    k_t = tl.load(K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None] * skd,
+                  mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+    v_t = tl.load(V + b * svb + h * svh + cols[None, :] * svn + offs_d[:, None] * svd,
+                  mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        tile_mask = row_ok[:, None] & (offs_d[None, :] < D)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=tile_mask, other=0.0)
+        do = tl.load(DO + bh * N * D + rows[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0).to(q.dtype)
+        m, t, z, am1 = _row_state(Alpha, M, T, Z, bh, rows, row_ok, N, TRANSFORM)
+        delta = tl.load(Delta + bh * N + rows, mask=row_ok, other=0.0)
+        s = _dot(q, k_t, PRECISION) * scaling
+        y = tl.where(row_ok[:, None] & col_ok[None, :], s - m[:, None], float("-inf"))
+        p, g = _probs(y, t, z, am1, TRANSFORM)  # (BLOCK_M, BLOCK_N); zero outside the valid rows and keys
+        dp = _dot(do, v_t, PRECISION)
+        ds = g * (dp - delta[:, None])
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
+    base = bh * N * D + cols[:, None] * D + offs_d[None, :]
+    tl.store(DK + base, dk * scaling, mask=kv_mask)
+    tl.store(DV + base, dv, mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers and autograd
+# ----------------------------------------------------------------------------------------------------------
+def _pow2(x: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(x))
+
+
+def block_sizes(n: int, d: int) -> dict:
+    """Tile sizes and warps for N keys of head dim d. All keys in one register tile up to ONE_TILE_MAX keys;
+    beyond, 64-key tiles recomputed each pass. Head dims up to 128 (d is padded to a power of two)."""
+    one_tile = n <= ONE_TILE_MAX
+    block_n = _pow2(n) if one_tile else 64
+    block_m = 32 if (one_tile and block_n >= 256) or d > 64 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d), ONE_TILE=one_tile,
+                num_warps=8 if block_n >= 128 else 4)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.stride())
+
+
+class _TritonEntmax(torch.autograd.Function):
+    """out = P V over (B, H, N, d) tensors; saves Q, K, V and the per-row (m, t[, z]) only."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, alpha_rows, transform: str, scaling: float, blocks: Optional[dict]):
+        batch, heads, n, d = query.shape
+        tid = TRANSFORM_IDS[transform]
+        cfg = dict(block_sizes(n, d), **(blocks or {}))
+        cfg["ONE_TILE"] = cfg["BLOCK_N"] >= n
+        precision = "ieee" if query.dtype == torch.float32 else "tf32"
+        if not query.is_cuda and query.dtype == torch.bfloat16:
+            precision = "upcast"  # the interpreter's bfloat16 dot (see _dot)
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
+        state = torch.empty(3, batch * heads, n, device=query.device, dtype=torch.float32)  # m, t, z
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]), batch * heads)
+        max_passes = cfg.pop("MAX_PASSES", BISECT_MAX_ITER if tid == 2 else MAX_CERTIFY_PASSES)
+        _fwd[grid](query, key, value, alpha_rows, out, state[0], state[1], state[2],
+                   *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+                   heads, n, d, scaling, 4 * torch.finfo(torch.float32).eps,
+                   TRANSFORM=tid, MAX_PASSES=max_passes, PRECISION=precision, **cfg)
+        ctx.save_for_backward(query, key, value, alpha_rows, state)
+        ctx.transform, ctx.scaling, ctx.cfg, ctx.precision = tid, scaling, cfg, precision
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, alpha_rows, state = ctx.saved_tensors
+        batch, heads, n, d = query.shape
+        cfg = {k: v for k, v in ctx.cfg.items() if k not in ("ONE_TILE", "MAX_PASSES")}
+        if cfg["BLOCK_N"] > 64:  # the backward keeps several (BLOCK_M, BLOCK_N) tiles live: smaller key tiles
+            cfg.update(BLOCK_N=64, num_warps=4)
+        need_alpha = ctx.needs_input_grad[3]
+        do = grad_out.contiguous()
+        dq = torch.empty(batch, heads, n, d, device=query.device, dtype=torch.float32)
+        dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+        delta = torch.empty(batch * heads, n, device=query.device, dtype=torch.float32)
+        dalpha = torch.empty_like(delta) if need_alpha else delta
+        common = (*_strides(query), *_strides(key), *_strides(value), heads, n, d, ctx.scaling)
+        _bwd_dq[(triton.cdiv(n, cfg["BLOCK_M"]), batch * heads)](
+            query, key, value, do, alpha_rows, state[0], state[1], state[2], dq, delta, dalpha, *common,
+            TRANSFORM=ctx.transform, NEED_ALPHA=need_alpha, PRECISION=ctx.precision, **cfg)
+        _bwd_dkdv[(triton.cdiv(n, cfg["BLOCK_N"]), batch * heads)](
+            query, key, value, do, alpha_rows, state[0], state[1], state[2], delta, dk, dv, *common,
+            TRANSFORM=ctx.transform, PRECISION=ctx.precision, **cfg)
+        grads = [g.to(query.dtype) for g in (dq, dk, dv)]
+        return (*grads, dalpha.view(alpha_rows.shape) if need_alpha else None, None, None, None)
+
+
+def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str,
+                     scaling: float, alpha=None, blocks: Optional[dict] = None) -> torch.Tensor:
+    """Exact sparse attention ``transform(scaling q k^T) v`` in fused Triton kernels: query, key, value
+    (B, H, N, d), the same N for keys (self-attention), d <= 128 -> (B, H, N, d) in the input dtype.
+
+    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1) such as (H, 1, 1)
+    per head; gradients flow to it. ``blocks`` overrides the launch configuration (tests: several key tiles at
+    small N with ``BLOCK_M``/``BLOCK_N``, or fewer passes with ``MAX_PASSES``).
+    """
+    if transform not in TRANSFORM_IDS:
+        raise ValueError(f"the triton kernel runs {SPARSE_TRANSFORMS}, not {transform!r}")
+    if query.ndim != 4 or key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(f"the triton kernel needs query, key, value of one shape (B, H, N, d); got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[-1] > 128:
+        raise ValueError(f"the triton kernel supports head dims up to 128, not {query.shape[-1]}")
+    if not (query.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        raise ValueError("the triton kernel needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the triton kernel takes float32/bfloat16/float16 inputs, not {query.dtype}; use the "
+                         f"tiled kernel for float64")
+    batch, heads, n, _ = query.shape
+    alpha_rows = query.new_empty(1, dtype=torch.float32)  # placeholder for the fixed-alpha transforms
+    if transform == "entmax_bisect":  # one alpha per row, (B*H, N); autograd sums back to alpha's shape
+        alpha_rows = alpha_per_row(alpha, (batch, heads, n), query.device, torch.float32)[0].reshape(batch * heads, n)
+        alpha_rows = alpha_rows.contiguous()  # the kernels index it densely (an expanded view has 0 strides)
+    value = value.to(query.dtype)  # autocast may hand over mixed dtypes
+    key = key.to(query.dtype)
+    with torch.autocast(query.device.type, enabled=False):
+        return _TritonEntmax.apply(query, key, value, alpha_rows, transform, scaling, blocks)
+
+
+__all__ = ["block_sizes", "triton_attention"]
