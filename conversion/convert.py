@@ -212,14 +212,21 @@ def verify_against(model: EntmaxViTModel, reference, tolerance: float, batch: in
     return diff
 
 
-def save_converted(result: ConversionResult, cfg: ConvertConfig) -> Path:
-    """Write the model (safetensors, config with auto_map, flat modeling code), DINO's eval image processor,
-    the resolved conversion config and a report into ``cfg.output_dir``."""
+def check_output_dir(cfg: ConvertConfig) -> Path:
+    """``cfg.output_dir`` as a Path: given, and not holding a model unless ``overwrite`` (checked by ``main`` before
+    anything is downloaded or converted, and again before writing)."""
     if not cfg.output_dir:
         raise ValueError("No output_dir given")
     out = Path(cfg.output_dir)
     if (out / "config.json").exists() and not cfg.overwrite:
         raise ValueError(f"{out} already holds a model (config.json); pass --overwrite true to replace it")
+    return out
+
+
+def save_converted(result: ConversionResult, cfg: ConvertConfig) -> Path:
+    """Write the model (safetensors, config with auto_map, flat modeling code), DINO's eval image processor,
+    the resolved conversion config and a report into ``cfg.output_dir``."""
+    out = check_output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(out)
     # DINO's eval preprocessing at the model's own resolution (resize at DINO's 256/224 ratio).
@@ -233,8 +240,11 @@ def save_converted(result: ConversionResult, cfg: ConvertConfig) -> Path:
 
 
 def main(cfg: ConvertConfig) -> Path:
+    """Convert ``cfg.input`` and write it to ``cfg.output_dir``; a missing or occupied output folder is refused
+    before the input is read."""
+    check_output_dir(cfg)
     return save_converted(convert(cfg), cfg)
 
 
-__all__ = ["ConversionResult", "ConvertConfig", "DINO_ARCH_HEADS", "SOURCES", "convert", "main", "save_converted",
-           "verify_against"]
+__all__ = ["ConversionResult", "ConvertConfig", "DINO_ARCH_HEADS", "SOURCES", "check_output_dir", "convert", "main",
+           "save_converted", "verify_against"]

@@ -128,3 +128,16 @@ def test_unknown_key_names_the_key_it_probably_meant():
     with pytest.raises(ConfigError) as info:
         parse_config(DinoConfig, ["--config", "tiny_cpu", "--data.batchsize", "8"], preset_dir=CONFIG_DIR)
     assert "did you mean --data.batch_size_per_device?" in str(info.value)
+
+
+def test_conversion_refuses_an_occupied_output_before_reading_its_input(tmp_path):
+    """convert_checkpoint: an output folder that already holds a model is refused before the input is read (here
+    an input that does not exist, which would otherwise be the error)."""
+    from entmax_vit.conversion.convert import ConvertConfig, main
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a model"):
+        main(ConvertConfig(input=str(tmp_path / "missing.pth"), output_dir=str(tmp_path / "out")))
+    with pytest.raises(ValueError, match="No output_dir"):
+        main(ConvertConfig(input=str(tmp_path / "missing.pth")))
