@@ -161,3 +161,22 @@ def test_a_lost_rank_stops_the_other_with_a_clear_error_and_the_relaunch_resumes
     assert "resumed from" in stderr and (out / "final_model" / "model.safetensors").is_file()
     assert sorted(losses(out)) == list(range(1, 9))
     assert final_digests(out, 0)["teacher_digest"] == final_digests(out, 1)["teacher_digest"]
+
+
+@pytest.mark.slow
+def test_compiled_student_with_accumulation_keeps_ddp(tmp_path):
+    """model.compile + gradient accumulation on 2 processes: the EMA reads the student's own parameters instead of
+    unwrapping the compiled DDP module every step (accelerate's unwrap_model(keep_torch_compile=True) re-points the
+    compiled module at the bare model: DDP's no_sync is then out of reach and every micro-batch all-reduces). The
+    compiled student still wraps DDP at the end; both ranks end with the same student, teacher and center."""
+    data = make_image_dataset(tmp_path, num_images=16)
+    out = tmp_path / "run"
+    proc = _launch(data, out, {**RANK_STATE, "compile_backend": "eager"},
+                   **{"optim.epochs": 2, "model.compile": True, "optim.gradient_accumulation_steps": 2})
+    rc, stderr = proc.wait(timeout=900), proc.stderr.read()
+    assert rc == 0, stderr[-4000:]
+    assert sorted(losses(out)) == [1, 2]  # 2 steps per rank per epoch / 2 accumulation x 2 epochs
+    rank0, rank1 = final_digests(out, 0), final_digests(out, 1)
+    assert rank0["student_inner"] == rank1["student_inner"] == "DistributedDataParallel"  # no_sync still reachable
+    assert rank0["student_digest"] == rank1["student_digest"]
+    assert rank0["teacher_digest"] == rank1["teacher_digest"] and rank0["center_digest"] == rank1["center_digest"]

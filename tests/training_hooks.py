@@ -11,9 +11,12 @@ Hooks (seconds for the pauses):
     pause_in_checkpoint sleep while a checkpoint is half-written (its .tmp_step_* folder exists)
     pause_in_pruning    sleep after a pruned checkpoint was renamed .tmp_old_step_* and before it is deleted
     pause_in_export     sleep inside the final export, after OUTPUT_DIR/final_model was created
+    compile_backend     torch.compile's backend for model.compile (e.g. "eager": compiles in seconds, still
+                        wraps the student in an OptimizedModule, which is what the DDP/no_sync test needs)
     dump_rank_state     (true) append to OUTPUT_DIR/debug/rank{R}.jsonl the sample indices of every batch
                         ({"epoch", "batch", "step", "indices"}) and, when training returns, digests of the
-                        teacher, loss center and student ({"final", "global_step", "*_digest"}): the
+                        teacher, loss center and student ({"final", "global_step", "*_digest"}, and
+                        "student_inner": the module a compiled student wraps): the
                         sharding and rank-agreement checks of the tests
 """
 
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 HOOKS = ("nonfinite_at_step", "sleep_per_step", "pause_in_checkpoint", "pause_in_pruning", "pause_in_export",
-         "dump_rank_state")
+         "compile_backend", "dump_rank_state")
 DINO = Path(__file__).resolve().parents[1] / "training" / "dino.py"
 
 
@@ -94,10 +97,12 @@ def _dumping_rank_state(dino: Any, patch: Callable[[Any, str, Any], None]) -> No
             step = states[-1].global_step
         else:  # a resumed run that had nothing left to train: the step of the checkpoint it resumed from
             step = ckpt.read_trainer_state(ckpt.latest_checkpoint(loop.ckpt_root))["global_step"]
+        # what a compiled student wraps, read before unwrap_model below (which re-points it at the bare model)
+        inner = type(getattr(loop.student, "_orig_mod", loop.student)).__name__
         student = loop.accelerator.unwrap_model(loop.student)
         with open(rank_file(loop), "a") as file:
             file.write(json.dumps({
-                "final": True, "global_step": step,
+                "final": True, "global_step": step, "student_inner": inner,
                 "teacher_digest": tensor_digest(loop.teacher.state_dict().values()),
                 "center_digest": tensor_digest([loop.dino_loss.center]),
                 "student_digest": tensor_digest(student.state_dict().values()),
@@ -156,6 +161,12 @@ def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = N
         hooked = pausing(export.export_backbone, float(hooks["pause_in_export"]), before=make_dir)
         for module in (export, dino):
             patch(module, "export_backbone", hooked)
+    if hooks.get("compile_backend"):
+        import functools
+
+        import torch
+
+        patch(torch, "compile", functools.partial(torch.compile, backend=hooks["compile_backend"]))
     if hooks.get("dump_rank_state"):
         _dumping_rank_state(dino, patch)
 

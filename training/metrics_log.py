@@ -92,14 +92,23 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
 @torch.no_grad()
 def attention_support_size(backbone: torch.nn.Module, pixel_values: torch.Tensor) -> float:
     """Mean number of non-zero attention weights per query row in the last block, averaged over images,
-    heads and rows. Softmax gives the full token count; entmax/sparsemax give fewer (exact zeros)."""
+    heads and rows. Softmax gives the full token count; entmax/sparsemax give fewer (exact zeros).
+
+    The probabilities are taken from the last attention module's own output by a forward hook, not from
+    ``outputs.attentions``: transformers' output capture (a context variable its hooks read) stops recording
+    for every model once another one has run under torch.compile (the compiled student, ``model.compile``)."""
+    attention_class = type(backbone)._can_record_outputs["attentions"]
+    last = [m for m in backbone.modules() if isinstance(m, attention_class)][-1]
+    captured: list[torch.Tensor] = []
+    handle = last.register_forward_hook(lambda module, args, output: captured.append(output[1]))
     was_training = backbone.training
     backbone.eval()
     try:
-        attn = backbone(pixel_values=pixel_values, output_attentions=True).attentions[-1]  # (B, H, N, N)
+        backbone(pixel_values=pixel_values, output_attentions=True)
     finally:
+        handle.remove()
         backbone.train(was_training)
-    return support_size(attn).float().mean().item()  # the project's one definition (modeling/attention.py)
+    return support_size(captured[-1]).float().mean().item()  # (B, H, N, N) -> the project's one definition
 
 
 __all__ = ["MetricsLog", "attention_support_size", "plot_loss_curve", "read_metrics"]
