@@ -46,8 +46,9 @@ class LoopStats:
         self.accelerator = accelerator
         device = accelerator.device
         self.last_loss = torch.zeros((), device=device)
-        self.bad_step, self.bad_batch, self.bad_value = (  # the first non-finite loss; step -1 = none yet
-            torch.full((), -1.0, dtype=torch.float64, device=device) for _ in range(3))
+        # The first non-finite loss: step (-1 = none yet), batch, value. float32 (MPS has no float64): exact for
+        # steps and batch indices below 2**24, far beyond any run here.
+        self.bad_step, self.bad_batch, self.bad_value = (torch.full((), -1.0, device=device) for _ in range(3))
         self.pending_seen = 0  # images drawn by this rank since the last sync (host integers: no sync)
         self.pending_skipped = 0
 
@@ -58,15 +59,15 @@ class LoopStats:
         bad = ~torch.isfinite(loss) & (self.bad_step < 0)  # on the device: no sync
         self.bad_step = torch.where(bad, float(step), self.bad_step)
         self.bad_batch = torch.where(bad, float(batch_in_epoch), self.bad_batch)
-        self.bad_value = torch.where(bad, loss.double(), self.bad_value)
+        self.bad_value = torch.where(bad, loss, self.bad_value)
         self.pending_seen += num_images
         self.pending_skipped += num_unreadable
 
     def sync(self, state: Any) -> Synced:
         """One gather over ranks: adds the pending image counts of every rank to ``state`` and returns the mean
         loss and the first non-finite loss (lowest step over ranks)."""
-        counts = torch.tensor([float(self.pending_seen), float(self.pending_skipped)], dtype=torch.float64)
-        local = torch.cat([torch.stack([self.last_loss.double(), self.bad_step, self.bad_batch, self.bad_value]),
+        counts = torch.tensor([float(self.pending_seen), float(self.pending_skipped)])
+        local = torch.cat([torch.stack([self.last_loss, self.bad_step, self.bad_batch, self.bad_value]),
                            counts.to(self.bad_step.device)])  # (6,)
         rows = gather(self.accelerator, local).reshape(-1, 6).tolist()  # the one host sync
         self.pending_seen = self.pending_skipped = 0
