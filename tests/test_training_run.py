@@ -330,3 +330,22 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(uninterrupt
     main(cfg_of(tiny_args(data, out)))
     assert losses(out) == losses(uninterrupted)
     assert final_digests(out) | {"global_step": 8} == final_digests(uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_at_step_2_before_any_metrics_line_exits_0(data, tmp_path):
+    """Issue 24: SIGTERM at step 2 of a one-process run that has not written metrics.jsonl yet: exit 0, one
+    checkpoint, and the line with the resume and export commands (no "No such file" crash)."""
+    out = tmp_path / "run"
+    proc = start_dino(tiny_args(data, out, **{"optim.epochs": 50, "logging.every_steps": 1000,
+                                              "checkpoint.every_steps": 1000, "checkpoint.at_epoch_end": False}),
+                      hooks={**RANK_STATE, "sleep_per_step": 0.3})
+    dump, deadline = out / "debug" / "rank0.jsonl", time.time() + 300
+    while not dump.is_file() or not any(json.loads(line).get("step", -1) >= 2 for line in dump.read_text().splitlines()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    rc, stderr = proc.wait(timeout=300), proc.stderr.read()
+    assert rc == 0, stderr[-3000:]
+    assert "stopped at step" in stderr and "scripts/export_checkpoint.py" in stderr and "Traceback" not in stderr
+    assert len(list_checkpoints(out / "checkpoints")) == 1 and not (out / "metrics.jsonl").exists()
