@@ -169,7 +169,8 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
     SDPA (the baseline) and every kernel of every sparse transform, peak memory of forward+backward, ratios to
     SDPA measured in the same run."""
     scaling = head_dim**-0.5
-    methods: dict[str, Callable] = {"softmax:sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scaling)}
+    methods: dict[str, Callable] = {
+        "softmax:sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scaling)}
     for transform in SPARSE:
         for kernel in kernels_for(transform):
             methods[f"{transform}:{kernel}"] = (
@@ -332,7 +333,8 @@ def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
         case = {a: {"status": "ok", "attention": a, "image_size": size, "batch": batch,
                     "images_per_s": batch / seconds[a], "peak_memory_mib": peak_bytes(run(m), device) / 2**20}
                 for a, m in models.items()}
-        case["entmax15"]["images_per_s_ratio_vs_softmax"] = case["entmax15"]["images_per_s"] / case["softmax"]["images_per_s"]
+        ratio = case["entmax15"]["images_per_s"] / case["softmax"]["images_per_s"]
+        case["entmax15"]["images_per_s_ratio_vs_softmax"] = ratio
         rows += list(case.values())
         del models
         if device.type == "cuda":
@@ -362,7 +364,8 @@ def run_check(out: Path, device: Optional[torch.device] = None, sections: Option
     if unknown:
         raise ValueError(f"unknown sections {unknown}; choose from {list(plan)}")
     t0 = time.perf_counter()
-    report = {"check": "gpu_check", "mode": "gpu" if device.type == "cuda" else "cpu-toy (sizes say nothing about GPUs)",
+    mode = "gpu" if device.type == "cuda" else "cpu-toy (sizes say nothing about GPUs)"
+    report = {"check": "gpu_check", "mode": mode,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "sizes": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(sizes).items()},
               "sections": {}}

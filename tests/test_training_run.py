@@ -341,8 +341,9 @@ def test_sigterm_at_step_2_before_any_metrics_line_exits_0(data, tmp_path):
                                               "checkpoint.every_steps": 1000, "checkpoint.at_epoch_end": False}),
                       hooks={**RANK_STATE, "sleep_per_step": 0.3})
     dump, deadline = out / "debug" / "rank0.jsonl", time.time() + 300
-    while not dump.is_file() or not any(json.loads(line).get("step", -1) >= 2 for line in dump.read_text().splitlines()):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+    while not dump.is_file() or not any(json.loads(r).get("step", -1) >= 2 for r in dump.read_text().splitlines()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "no step 2 within the hang guard"
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     rc, stderr = proc.wait(timeout=300), proc.stderr.read()

@@ -312,7 +312,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 __all__ = [
-    "CONFIG_FILE", "MANIFEST_FILE", "STATE_FILE", "TEACHER_FILE", "CheckpointWriteError", "describe_leftover", "latest_checkpoint",
+    "CONFIG_FILE", "MANIFEST_FILE", "STATE_FILE", "TEACHER_FILE", "CheckpointWriteError", "describe_leftover",
+    "latest_checkpoint",
     "list_checkpoints", "load_teacher", "prune_checkpoints", "read_trainer_state", "remove_incomplete",
     "save_checkpoint", "save_teacher", "set_aside_damaged", "step_dir_name", "teacher_state", "verify_checkpoint",
     "write_manifest",

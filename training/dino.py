@@ -34,7 +34,9 @@ from entmax_vit.training.config import DinoConfig, breaking_differences, flatten
 from entmax_vit.training.dino_data import TrainingData
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.export import export_backbone
-from entmax_vit.training.loop_stats import LoopStats, NonFiniteLossError, UnreadableDataError  # noqa: F401 (re-exported)
+from entmax_vit.training.loop_stats import (  # noqa: F401 (the errors are re-exported: cli, tests)
+    LoopStats, NonFiniteLossError, UnreadableDataError,
+)
 from entmax_vit.training.metrics_log import MetricsLog, attention_support_size, plot_loss_curve
 from entmax_vit.training.networks import build_networks
 from entmax_vit.training.optim import (
@@ -377,8 +379,8 @@ def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int)
             saved = loop.save_checkpoint()
         if stop_now or limit_hit:
             if accelerator.is_main_process:
-                logger.warning(stop_message(step, "a signal" if stop_now else f"debug.max_steps = {cfg.debug.max_steps}",
-                                            saved, Path(cfg.output_dir)))
+                reason = "a signal" if stop_now else f"debug.max_steps = {cfg.debug.max_steps}"
+                logger.warning(stop_message(step, reason, saved, Path(cfg.output_dir)))
             return True
     return False
 
