@@ -35,6 +35,7 @@ tests, ``TRITON_INTERPRET=1`` with CPU tensors) needs it, so CPU-only and macOS 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -336,17 +337,75 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 def block_sizes(n: int, d: int) -> dict:
-    """Tile sizes and warps for N keys of head dim d. All keys in one register tile up to ONE_TILE_MAX keys;
-    beyond, 64-key tiles recomputed each pass. Head dims up to 128 (d is padded to a power of two)."""
+    """The launch configuration without the autotuner (triton's interpreter, tests): all keys in one register
+    tile up to ONE_TILE_MAX keys, beyond that 64-key tiles recomputed each pass."""
     one_tile = n <= ONE_TILE_MAX
     block_n = _pow2(n) if one_tile else 64
     block_m = 32 if (one_tile and block_n >= 256) or d > 64 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d), ONE_TILE=one_tile,
-                num_warps=8 if block_n >= 128 else 4)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=8 if block_n >= 128 else 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotuning (CUDA): candidate tiles per kernel, timed by triton on the user's GPU once per (N, d, transform,
+# dtypes). The forward keeps all keys in registers when a tile of BLOCK_M x pow2(N) float32 fits (up to 1024
+# keys with 16 rows), else recomputes QK^T per pass; the backward's tiles are smaller (several live at once).
+# ----------------------------------------------------------------------------------------------------------
+def _fwd_configs() -> list:
+    configs = []
+    for block_n in (16, 32, 64, 128, 256, 512, 1024):  # one tile of all keys
+        for block_m in (16, 32, 64):
+            if block_m * block_n <= 16384:
+                configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "ONE_TILE": True},
+                                             num_warps=4 if block_m * block_n <= 4096 else 8))
+    for block_m in (64, 128):  # keys in tiles, QK^T recomputed each pass
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "ONE_TILE": False},
+                                             num_warps=warps, num_stages=2))
+    return configs
+
+
+def prune_fwd_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Candidates that fit N: one tile of exactly pow2(N) keys, and key tiles shorter than N when N exceeds
+    ONE_TILE_MAX (the tuner then also weighs recomputation against a register-heavy single tile)."""
+    n = named_args["N"]
+    one = [c for c in configs if c.kwargs["ONE_TILE"] and c.kwargs["BLOCK_N"] == _pow2(n)]
+    tiled = [c for c in configs if not c.kwargs["ONE_TILE"] and c.kwargs["BLOCK_N"] < n]
+    return one + (tiled if n > ONE_TILE_MAX or not one else [])
+
+
+def _bwd_configs(rows: tuple[int, ...], keys: tuple[int, ...]) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": k}, num_warps=w, num_stages=2)
+            for m in rows for k in keys for w in (4, 8)]
+
+
+@lru_cache(maxsize=None)
+def tuned_kernels() -> dict:
+    """The autotuned forward and backward kernels, built on first CUDA use (the autotuner needs a GPU)."""
+    key = ["N", "D", "TRANSFORM"]
+    return {
+        "fwd": triton.autotune(_fwd_configs(), key=key, prune_configs_by={"early_config_prune": prune_fwd_configs})(_fwd),
+        "dq": triton.autotune(_bwd_configs((32, 64, 128), (32, 64)), key=key)(_bwd_dq),
+        "dkdv": triton.autotune(_bwd_configs((32, 64), (32, 64, 128)), key=key)(_bwd_dkdv),
+    }
 
 
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.stride())
+
+
+def autotuned(query: torch.Tensor) -> bool:
+    """Whether launches take the autotuner's configuration: CUDA tensors (triton's interpreter has no timer)."""
+    return query.is_cuda
+
+
+def _launch(name: str, grid, cfg: Optional[dict], *args, **meta) -> None:
+    """Run kernel ``name`` over ``grid(config)``: with the autotuner's choice when ``cfg`` is None (CUDA), else
+    with ``cfg`` (the interpreter, or an explicit configuration)."""
+    if cfg is None:
+        tuned_kernels()[name][lambda config: grid(config)](*args, **meta)
+    else:
+        {"fwd": _fwd, "dq": _bwd_dq, "dkdv": _bwd_dkdv}[name][grid(cfg)](*args, **meta, **cfg)
 
 
 class _TritonEntmax(torch.autograd.Function):
@@ -356,19 +415,22 @@ class _TritonEntmax(torch.autograd.Function):
     def forward(ctx, query, key, value, alpha_rows, transform: str, scaling: float, blocks: Optional[dict]):
         batch, heads, n, d = query.shape
         tid = TRANSFORM_IDS[transform]
-        cfg = dict(block_sizes(n, d), **(blocks or {}))
-        cfg["ONE_TILE"] = cfg["BLOCK_N"] >= n
+        blocks = dict(blocks or {})
+        max_passes = blocks.pop("MAX_PASSES", BISECT_MAX_ITER if tid == 2 else MAX_CERTIFY_PASSES)
+        cfg = None  # CUDA without an explicit configuration: the autotuner's
+        if blocks or not autotuned(query):
+            cfg = dict(block_sizes(n, d), **blocks)
+            cfg["ONE_TILE"] = cfg["BLOCK_N"] >= n
         precision = "ieee" if query.dtype == torch.float32 else "tf32"
         if not query.is_cuda and query.dtype == torch.bfloat16:
             precision = "upcast"  # the interpreter's bfloat16 dot (see _dot)
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
         state = torch.empty(3, batch * heads, n, device=query.device, dtype=torch.float32)  # m, t, z
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]), batch * heads)
-        max_passes = cfg.pop("MAX_PASSES", BISECT_MAX_ITER if tid == 2 else MAX_CERTIFY_PASSES)
-        _fwd[grid](query, key, value, alpha_rows, out, state[0], state[1], state[2],
-                   *_strides(query), *_strides(key), *_strides(value), *_strides(out),
-                   heads, n, d, scaling, 4 * torch.finfo(torch.float32).eps,
-                   TRANSFORM=tid, MAX_PASSES=max_passes, PRECISION=precision, **cfg)
+        _launch("fwd", lambda c: (triton.cdiv(n, c["BLOCK_M"]), batch * heads), cfg,
+                query, key, value, alpha_rows, out, state[0], state[1], state[2],
+                *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+                heads, n, d, scaling, 4 * torch.finfo(torch.float32).eps,
+                TRANSFORM=tid, MAX_PASSES=max_passes, PRECISION=precision, BLOCK_D=_pow2(d))
         ctx.save_for_backward(query, key, value, alpha_rows, state)
         ctx.transform, ctx.scaling, ctx.cfg, ctx.precision = tid, scaling, cfg, precision
         return out
@@ -377,9 +439,11 @@ class _TritonEntmax(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, alpha_rows, state = ctx.saved_tensors
         batch, heads, n, d = query.shape
-        cfg = {k: v for k, v in ctx.cfg.items() if k not in ("ONE_TILE", "MAX_PASSES")}
-        if cfg["BLOCK_N"] > 64:  # the backward keeps several (BLOCK_M, BLOCK_N) tiles live: smaller key tiles
-            cfg.update(BLOCK_N=64, num_warps=4)
+        cfg = None
+        if ctx.cfg is not None:  # the forward's tiles; the backward keeps several live: at most 64 keys
+            cfg = {k: v for k, v in ctx.cfg.items() if k != "ONE_TILE"}
+            if cfg["BLOCK_N"] > 64:
+                cfg.update(BLOCK_N=64, num_warps=4)
         need_alpha = ctx.needs_input_grad[3]
         do = grad_out.contiguous()
         dq = torch.empty(batch, heads, n, d, device=query.device, dtype=torch.float32)
@@ -387,12 +451,12 @@ class _TritonEntmax(torch.autograd.Function):
         delta = torch.empty(batch * heads, n, device=query.device, dtype=torch.float32)
         dalpha = torch.empty_like(delta) if need_alpha else delta
         common = (*_strides(query), *_strides(key), *_strides(value), heads, n, d, ctx.scaling)
-        _bwd_dq[(triton.cdiv(n, cfg["BLOCK_M"]), batch * heads)](
-            query, key, value, do, alpha_rows, state[0], state[1], state[2], dq, delta, dalpha, *common,
-            TRANSFORM=ctx.transform, NEED_ALPHA=need_alpha, PRECISION=ctx.precision, **cfg)
-        _bwd_dkdv[(triton.cdiv(n, cfg["BLOCK_N"]), batch * heads)](
-            query, key, value, do, alpha_rows, state[0], state[1], state[2], delta, dk, dv, *common,
-            TRANSFORM=ctx.transform, PRECISION=ctx.precision, **cfg)
+        meta = dict(TRANSFORM=ctx.transform, PRECISION=ctx.precision, BLOCK_D=_pow2(d))
+        _launch("dq", lambda c: (triton.cdiv(n, c["BLOCK_M"]), batch * heads), cfg,
+                query, key, value, do, alpha_rows, state[0], state[1], state[2], dq, delta, dalpha, *common,
+                NEED_ALPHA=need_alpha, **meta)
+        _launch("dkdv", lambda c: (triton.cdiv(n, c["BLOCK_N"]), batch * heads), cfg,
+                query, key, value, do, alpha_rows, state[0], state[1], state[2], delta, dk, dv, *common, **meta)
         grads = [g.to(query.dtype) for g in (dq, dk, dv)]
         return (*grads, dalpha.view(alpha_rows.shape) if need_alpha else None, None, None, None)
 
@@ -429,4 +493,4 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return _TritonEntmax.apply(query, key, value, alpha_rows, transform, scaling, blocks)
 
 
-__all__ = ["block_sizes", "triton_attention"]
+__all__ = ["block_sizes", "prune_fwd_configs", "triton_attention", "tuned_kernels"]

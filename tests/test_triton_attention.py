@@ -176,6 +176,56 @@ def test_model_with_triton_kernel_equals_eager(tiny_config_kwargs) -> None:
         torch.testing.assert_close(attn, eager(pixels, output_attentions=True).attentions[-1], atol=1e-6, rtol=0)
 
 
+class _EveryConfig:
+    """Stands in for triton's autotuner (which needs a GPU to time): runs the raw kernel with every candidate the
+    tuner would time (after pruning) and checks that all write the same outputs."""
+
+    def __init__(self, kernel, configs, prune=None) -> None:
+        self.kernel, self.configs, self.prune, self.tried = kernel, configs, prune, []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            names = self.kernel.arg_names
+            configs = self.prune(self.configs, dict(zip(names, args))) if self.prune else self.configs
+            first = None
+            for config in configs:
+                kwargs = dict(config.kwargs, num_warps=config.num_warps)
+                self.kernel[grid(kwargs)](*args, **meta, **kwargs)
+                written = [a.clone() for a in args if torch.is_tensor(a)]
+                self.tried.append(config.kwargs)
+                if first is None:
+                    first = written
+                for a, b in zip(written, first):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=str(config))
+
+        return run
+
+
+@pytest.mark.parametrize("n", [37, pytest.param(300, marks=pytest.mark.slow)])
+def test_autotuned_launches_agree_for_every_candidate(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA launch path (grids from the tuner's config, meta-parameters by name): every configuration the
+    autotuner may pick gives the same forward and backward, equal to the explicit launch."""
+    from entmax_vit.modeling import triton_attention as TA
+
+    fakes = {
+        "fwd": _EveryConfig(TA._fwd, TA._fwd_configs(), lambda c, a: TA.prune_fwd_configs(c, a)),
+        "dq": _EveryConfig(TA._bwd_dq, TA._bwd_configs((32, 64, 128), (32, 64))),
+        "dkdv": _EveryConfig(TA._bwd_dkdv, TA._bwd_configs((32, 64), (32, 64, 128))),
+    }
+    q, k, v = (torch.randn(1, 2, n, 32, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, 2, n, 32)
+    explicit = _grads(lambda *x: _triton(*x[:3], transform="entmax15", scaling=0.3), q, k, v, None, grad)
+    monkeypatch.setattr(TA, "tuned_kernels", lambda: fakes)
+    monkeypatch.setattr(TA, "autotuned", lambda query: True)
+    tuned = _grads(lambda *x: _triton(*x[:3], transform="entmax15", scaling=0.3), q, k, v, None, grad)
+    for a, b in zip(tuned, explicit):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    one_tile = [c for c in fakes["fwd"].tried if c["ONE_TILE"]]
+    assert one_tile and all(c["BLOCK_N"] == (64 if n == 37 else 512) for c in one_tile)
+    assert any(not c["ONE_TILE"] for c in fakes["fwd"].tried) == (n > 256)
+    assert len(fakes["dq"].tried) == 12 and len(fakes["dkdv"].tried) == 12
+
+
 def test_device_aware_default_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """No kernel requested: triton for CUDA tensors, tiled elsewhere, sdpa for softmax; resolved per call."""
     for transform in SPARSE:
