@@ -41,6 +41,7 @@ import ast
 import base64
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ from typing import Optional
 from jinja2 import Template
 
 from entmax_vit.modeling.thresholds import SPARSE_TRANSFORMS
+
+logger = logging.getLogger(__name__)
 
 KERNEL_NAME = "entmax-attention"             # the Hub repository's name and the kernel's `name`
 PACKAGE = KERNEL_NAME.replace("-", "_")      # kernels' python name of the kernel
@@ -216,5 +219,112 @@ def render_kernel_card(repo_id: Optional[str] = None) -> str:
     )
 
 
+# Runs in a fresh interpreter without site processing (no editable install of this project) and LOCAL_KERNELS
+# pointing at the folder. argv: REPO_ID FUNCTIONS_JSON. Prints a JSON report.
+VERIFY_SCRIPT = r'''
+import json, sys
+import torch
+from transformers import Dinov2Config, Dinov2Model
+try:
+    import entmax_vit  # noqa: F401
+    sys.exit("the project is importable: the check would not show that the kernel stands alone")
+except ImportError:
+    pass
+repo_id, functions = sys.argv[1], json.loads(sys.argv[2])
+torch.manual_seed(0)
+config = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64)
+x = torch.randn(2, 3, 32, 32)
+report = {}
+for function in functions:
+    model = Dinov2Model._from_config(config, attn_implementation=f"{repo_id}:{function}").eval()
+    with torch.no_grad():
+        weights = model(pixel_values=x, output_attentions=True)   # the explicit kernel, with probabilities
+        fused = model(pixel_values=x).last_hidden_state           # the device's default kernel
+    rows = torch.stack([(p.sum(-1) - 1).abs().max() for p in weights.attentions]).max().item()
+    report[function] = {"row_sum_error": rows,
+                        "max_abs_diff": (weights.last_hidden_state - fused).abs().max().item(),
+                        "finite": bool(torch.isfinite(fused).all())}
+print(json.dumps(report))
+'''
+
+
+def verify_kernel_repository(folder: str | Path, repo_id: str = f"local/{KERNEL_NAME}") -> dict:
+    """Load the built folder through transformers and kernels (``LOCAL_KERNELS``) in a fresh interpreter that
+    cannot import this project, run a tiny ``Dinov2Model`` with each function, and check rows sum to 1 and the
+    explicit and default kernels agree (1e-5). Returns the per-function report; raises RuntimeError otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    site_dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "LOCAL_KERNELS")}
+    env.update(PYTHONPATH=os.pathsep.join(site_dirs), HF_HUB_OFFLINE="1",
+               LOCAL_KERNELS=f"{repo_id}={Path(folder).resolve()}")
+    proc = subprocess.run([sys.executable, "-S", "-c", VERIFY_SCRIPT, repo_id, json.dumps(list(FUNCTIONS))],
+                          env=env, cwd=Path(folder).resolve(), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the kernel repository did not load in a fresh process:\n{proc.stderr[-3000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad = {f: r for f, r in report.items() if not (r["finite"] and r["row_sum_error"] < 1e-5 and r["max_abs_diff"] < 1e-5)}
+    if bad:
+        raise RuntimeError(f"the kernel repository loaded but computed wrong attention: {bad}")
+    return report
+
+
+@dataclass
+class KernelUpload:
+    repo_url: str
+    main_commit: str                # commit of the files on main
+    version_branch: str             # v<KERNEL_VERSION>: what transformers and get_kernel(version=...) load
+    version_commit: str             # the version branch's commit (main's when the branch was created from it)
+    files: list[str]
+    deleted: list[str]              # files of an earlier build that this one no longer has (e.g. a removed helper)
+
+
+def upload_kernel_repository(folder: str | Path, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+                             commit_message: Optional[str] = None) -> KernelUpload:
+    """Commit a built kernel repository to the Hub as a ``kernel`` repository: one commit on main, and the same
+    files on the version branch ``v<KERNEL_VERSION>`` (created from that commit when missing, else one commit on
+    it). Files of an earlier build that this build lacks are deleted in the same commit: kernels checks every file
+    of a variant against its digest, so a stale file would make the variant fail to load."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from .upload import repository_files
+
+    folder = Path(folder)
+    if not (folder / "README.md").is_file() or not list(folder.glob("build/*/metadata.json")):
+        raise ValueError(f"{folder} is not a built kernel repository (needs README.md and build/*/metadata.json)")
+    if "/" not in repo_id:
+        raise ValueError(f"repo_id must look like OWNER/NAME, got {repo_id!r}")
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, repo_type="kernel", private=True if private else None, exist_ok=True)
+    files = repository_files(folder)
+    message = commit_message or f"{KERNEL_NAME} v{KERNEL_VERSION} ({len(files)} files) from scripts/push_kernel_to_hub.py"
+    branch = f"v{KERNEL_VERSION}"
+    has_branch = branch in {b.name for b in api.list_repo_refs(repo_id, repo_type="kernel").branches}
+    deleted: set[str] = set()
+
+    def commit(revision: str) -> str:
+        stale = sorted(f for f in api.list_repo_files(repo_id, repo_type="kernel", revision=revision)
+                       if f.startswith("build/") and f not in files)
+        deleted.update(stale)
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+        operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
+        return api.create_commit(repo_id, operations=operations, commit_message=message, repo_type="kernel",
+                                 revision=revision).oid
+
+    main_commit = commit("main")
+    if has_branch:
+        version_commit = commit(branch)
+    else:
+        api.create_branch(repo_id, branch=branch, revision=main_commit, repo_type="kernel")
+        version_commit = main_commit
+    logger.info("Committed %d files to %s (main %s, %s %s)", len(files), repo_id, main_commit, branch, version_commit)
+    return KernelUpload(repo_url=str(repo_url), main_commit=main_commit, version_branch=branch,
+                        version_commit=version_commit, files=files, deleted=sorted(deleted))
+
+
 __all__ = ["FUNCTIONS", "KERNEL_NAME", "KERNEL_VERSION", "KernelBuild", "VARIANTS", "build_kernel_repository",
-           "kernel_sources", "render_kernel_card", "variant_digest"]
+           "KernelUpload", "kernel_sources", "render_kernel_card", "upload_kernel_repository", "variant_digest",
+           "verify_kernel_repository"]

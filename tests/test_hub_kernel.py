@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,7 +27,7 @@ import pytest
 import torch
 from kernels import Metadata
 from kernels._rust import Digest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
 import entmax_vit.modeling  # noqa: F401 - registers "entmax15", "sparsemax", "entmax_bisect" (the in-project reference)
@@ -314,8 +315,6 @@ report["tampered"] = outcome("tester/tampered:entmax15")
 
 def _variant_copy(kernel_dir: Path, target: Path, edit, *, redigest: bool = True) -> Path:
     """A copy of the repository whose variants' __init__.py is ``edit``ed (and re-digested, with a new id)."""
-    import shutil
-
     shutil.copytree(kernel_dir, target)
     for variant, backend in VARIANTS.items():
         folder = target / "build" / variant

@@ -1,0 +1,99 @@
+"""Publish the entmax-attention kernel on the Hugging Face Hub: build it from modeling/, check it loads in a fresh
+process, upload it as a kernel repository.
+
+    python scripts/push_kernel_to_hub.py --repo-id OWNER/entmax-attention
+    python scripts/push_kernel_to_hub.py --repo-id OWNER/entmax-attention --output-dir hub_kernel --upload false
+
+The repository (scripts/build_hub_kernel.py builds the same folder) goes up in one commit on main; the version
+branch v1, which transformers loads for ``attn_implementation="OWNER/entmax-attention:entmax15"``, is created
+from that commit, or gets the same files in one commit when it exists. Files of an earlier build that this one
+lacks are deleted (kernels checks every file of a variant against its digest). Token: HF_TOKEN or
+`hf auth login`. Users then load it with ``allow_all_kernels=True`` (docs/hub.md: trusting a kernel).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from entmax_vit.cli import entry_point
+from entmax_vit.cli.config import ConfigError
+
+logger = logging.getLogger("push_kernel_to_hub")
+
+
+@dataclass
+class PushKernelConfig:
+    # OWNER/NAME of the kernel repository (named in the card's usage); required to upload.
+    repo_id: Optional[str] = None
+    # Where to build the repository (kept). Default: a temporary folder, deleted after the upload.
+    output_dir: Optional[str] = None
+    # Upload? None = yes when --repo-id is given and HF_HUB_OFFLINE is not set; false = build (and check) only.
+    upload: Optional[bool] = None
+    # Create the repository private (an existing repository keeps its visibility).
+    private: bool = False
+    # Commit title (default names the version and the file count).
+    commit_message: Optional[str] = None
+    # Load the built folder through transformers + kernels in a fresh process first (recommended, ~10 s).
+    verify: bool = True
+    # Replace a non-empty --output-dir.
+    overwrite: bool = False
+
+
+def main(cfg: PushKernelConfig) -> dict:
+    from huggingface_hub import constants
+
+    from entmax_vit.hub_cards.kernel_repo import (build_kernel_repository, upload_kernel_repository,
+                                                  verify_kernel_repository)
+
+    upload = cfg.upload if cfg.upload is not None else bool(cfg.repo_id) and not constants.is_offline_mode()
+    if cfg.upload is None and cfg.repo_id and not upload:
+        logger.warning("HF_HUB_OFFLINE is set: building only (pass --upload true to force the upload)")
+    if upload and not cfg.repo_id:
+        raise ConfigError("--upload true needs --repo-id OWNER/NAME")
+    if not upload and not cfg.output_dir:
+        raise ConfigError("Nothing to do: give --repo-id OWNER/NAME to upload, or --output-dir DIR to build only")
+    temporary = None if cfg.output_dir else tempfile.mkdtemp(prefix="entmax_attention_kernel_")
+    folder = Path(cfg.output_dir or temporary) / ("" if cfg.output_dir else "repo")
+    try:
+        build = build_kernel_repository(folder, repo_id=cfg.repo_id, overwrite=cfg.overwrite)
+        summary = {"folder": str(folder) if cfg.output_dir else None, "files": build.files,
+                   "verification": verify_kernel_repository(folder) if cfg.verify else None, "upload": None}
+        if upload:
+            result = upload_kernel_repository(folder, cfg.repo_id, private=cfg.private,
+                                              commit_message=cfg.commit_message)
+            summary["upload"] = dict(result.__dict__)
+    finally:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+    print(f"[push_kernel_to_hub] {len(summary['files'])} files" + (f" in {summary['folder']}" if summary["folder"] else ""))
+    if summary["verification"]:
+        print(f"[push_kernel_to_hub] fresh-process check passed: {json.dumps(summary['verification'])}")
+    if summary["upload"]:
+        u = summary["upload"]
+        print(f"[push_kernel_to_hub] uploaded to {u['repo_url']}: main {u['main_commit']}, {u['version_branch']} "
+              f"{u['version_commit']}" + (f"; deleted {', '.join(u['deleted'])}" if u["deleted"] else ""))
+    return summary
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line -> exit status: 0, or 2 with the message on stderr."""
+    try:
+        entry_point.run(main, PushKernelConfig, "push_kernel_to_hub", argv=argv, description=__doc__,
+                        exit_codes={FileExistsError: 2})
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            return 2
+        return stop.code or 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
