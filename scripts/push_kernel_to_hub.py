@@ -72,7 +72,8 @@ def main(cfg: PushKernelConfig) -> dict:
     finally:
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)
-    print(f"[push_kernel_to_hub] {len(summary['files'])} files" + (f" in {summary['folder']}" if summary["folder"] else ""))
+    where = f" in {summary['folder']}" if summary["folder"] else ""
+    print(f"[push_kernel_to_hub] {len(summary['files'])} files{where}")
     if summary["verification"]:
         print(f"[push_kernel_to_hub] fresh-process check passed: {json.dumps(summary['verification'])}")
     if summary["upload"]:

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import entmax
@@ -33,7 +31,7 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model, ViTConfig, ViTMod
 import entmax_vit.modeling  # noqa: F401 - registers "entmax15", "sparsemax", "entmax_bisect" (the in-project reference)
 from entmax_vit.hub_cards.kernel_repo import (FUNCTIONS, KERNEL_NAME, KERNEL_VERSION, KERNELS_MINVER, MODELING_DIR,
                                               PACKAGE, VARIANTS, build_kernel_repository, kernel_id, kernel_sources,
-                                              variant_digest)
+                                              standalone_env, variant_digest)
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = f"tester/{KERNEL_NAME}"
@@ -55,10 +53,8 @@ def _fresh(script: str, work: Path, local_kernels: dict[str, Path], *args: str) 
     """Run ``script`` in an interpreter without site processing: site-packages on the path, not the editable
     install's finder, not this repository (cwd is ``work``). Returns its JSON report."""
     (work / "fresh.py").write_text(script)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "LOCAL_KERNELS")}
-    env.update(PYTHONPATH=sysconfig.get_paths()["purelib"], HF_HUB_OFFLINE="1",
-               LOCAL_KERNELS=":".join(f"{repo}={path}" for repo, path in local_kernels.items()))
-    proc = subprocess.run([sys.executable, "-S", str(work / "fresh.py"), *args], cwd=work, env=env,
+    proc = subprocess.run([sys.executable, "-S", str(work / "fresh.py"), *args], cwd=work,
+                          env=standalone_env(local_kernels),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((work / "report.json").read_text())
