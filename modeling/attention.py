@@ -126,6 +126,9 @@ def _scores(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[tor
     scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, H, N, N)
     if attention_mask is None:
         return scores
+    if attention_mask.ndim != 4:  # a (B, N) padding mask would broadcast against the wrong axes
+        raise ValueError(f"attention_mask must be 4-D, broadcastable to (B, H, N, N), got shape "
+                         f"{tuple(attention_mask.shape)}")
     if attention_mask.dtype == torch.bool:
         return scores.masked_fill(~attention_mask, float("-inf"))
     return scores + attention_mask
@@ -294,12 +297,16 @@ def attention_interface_name(transform: str, kernel: str) -> str:
 
 def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch.Tensor]:
     """alpha of entmax_bisect for this attention module: EntmaxViT's (possibly learnt, per head) ``alpha()``,
-    else ``config.attention_alpha`` of a transformers model (default 1.5). None for the other transforms."""
+    else ``config.attention_alpha`` of a transformers model (default 1.5; a float, or one value per head as a
+    list or tensor). None for the other transforms."""
     if transform != "entmax_bisect":
         return None
     if callable(getattr(module, "alpha", None)):
         return module.alpha()
-    return float(getattr(getattr(module, "config", None), "attention_alpha", 1.5))
+    alpha = getattr(getattr(module, "config", None), "attention_alpha", 1.5)
+    if isinstance(alpha, (list, tuple)) or (torch.is_tensor(alpha) and alpha.numel() > 1):  # one per head
+        return torch.as_tensor(alpha, dtype=torch.float32).view(-1, 1, 1)  # (H, 1, 1) against (B, H, N, N)
+    return float(alpha)
 
 
 @lru_cache(maxsize=None)  # one function object per pair, so AttentionInterface lookups return the same one

@@ -98,6 +98,30 @@ def test_dinov2_runs_sparse_attention_forward_and_backward(name: str) -> None:
     assert model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
 
 
+def test_per_head_alpha_from_a_transformers_config() -> None:
+    """config.attention_alpha may hold one alpha per head (a list): each head's attention is that alpha-entmax."""
+    config = Dinov2Config(**TINY, attn_implementation="entmax_bisect")
+    alphas = [1.2, 1.5, 2.0, 3.0][: config.num_attention_heads]
+    config.attention_alpha = alphas
+    model = Dinov2Model(config).eval()
+    _peaked(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        probs = model(x, output_attentions=True).attentions[0]  # (1, H, N, N)
+        for head, alpha in enumerate(alphas):  # head h equals the same model with the scalar alpha of head h
+            model.config.attention_alpha = alpha
+            single = model(x, output_attentions=True).attentions[0]
+            torch.testing.assert_close(probs[0, head], single[0, head], atol=1e-6, rtol=0)
+    support = support_size(probs)[0].float().mean(-1)  # (H,): the support shrinks as alpha grows
+    assert (support[:-1] >= support[1:]).all(), support
+    with pytest.raises(ValueError, match="4-D"):
+        from entmax_vit.modeling.attention import attention_forward
+
+        q = torch.randn(1, 2, 5, 8)
+        attention_forward(q, q, q, transform="entmax15", scaling=1.0, kernel="eager",
+                          attention_mask=torch.ones(1, 5, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("cls, config_cls", [(Dinov2WithRegistersModel, Dinov2WithRegistersConfig),
                                              (DINOv3ViTModel, DINOv3ViTConfig)])
 def test_dinov2_registers_and_dinov3_accept_entmax15(cls, config_cls) -> None:
