@@ -40,10 +40,11 @@ class BenchAttentionConfig:
     heads: int = 6  # H (ViT-S)
     head_dim: int = 64  # d
     repeats: int = 15  # timed rounds per case (median reported)
-    warmup: int = 2  # untimed rounds per case
+    warmup: int = 2  # untimed rounds per case (the compiled kernel compiles in the first)
     max_seconds_per_method: float = 8.0  # a method leaves a case's rounds once its timed total passes this
     min_rounds: int = 3  # ... but never before this many timed rounds
     package: bool = True  # include the `entmax` package (entmax15, entmax_bisect)
+    compiled: bool = True  # include our kernel="compiled" path (torch.compile; first call compiles)
     # only these methods (names as in the table; softmax_sdpa, the baseline, always runs); empty = all
     methods: list[str] = field(default_factory=list)
     # instead of timing: torch.profiler of the forward of SDPA and our tiled entmax15 per case (the ATen calls
@@ -73,6 +74,8 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
         "entmax15_ours_tiled": tiled("entmax15"),
         "entmax15_ours_eager": ours("entmax15", "eager"),
     }
+    if cfg.compiled:
+        methods["entmax15_ours_compiled"] = ours("entmax15", "compiled")
     if cfg.package:
         try:
             import entmax

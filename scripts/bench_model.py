@@ -10,7 +10,8 @@
   Variants are "attention:kernel", e.g. softmax:sdpa (the baseline), softmax:eager, entmax15:tiled,
   entmax15:eager (entmax15:triton on CUDA); rounds interleave the variants so background load hits all alike.
 * peak memory of one training step: weights + inputs + the peak of live storages allocated during the step
-  (activations, temporaries, grads), tracked per storage by a dispatch mode (CPU and CUDA alike).
+  (activations, temporaries, grads), tracked per storage by a dispatch mode (CPU and CUDA alike). The
+  compiled variant is not measured: torch.compile'd code allocates outside the dispatcher.
 * feature extraction per variant at 224 (batch 8), 448 (batch 2) and 896 px (batch 1), ratio to the baseline,
   with the peak memory of inference at 896 px; the peak memory of a training step (batch 2) at 448 px;
   and images/s of EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa).
@@ -50,12 +51,12 @@ class BenchModelConfig:
     drop_path_rate: float = 0.1  # DINO student
     variants: list[str] = field(
         default_factory=lambda: [
-            "softmax:sdpa", "softmax:eager", "entmax15:tiled", "entmax15:eager",
+            "softmax:sdpa", "softmax:eager", "entmax15:tiled", "entmax15:eager", "entmax15:compiled",
         ]
     )
     baseline: str = "softmax:sdpa"  # ratios are to this variant
     repeats: int = 5  # timed rounds (median reported)
-    warmup: int = 1  # untimed rounds
+    warmup: int = 1  # untimed rounds (the compiled variant compiles here)
     memory: bool = True  # measure the peak memory of one training step per eager variant
     extract_batch: int = 16  # images per feature-extraction call (EntmaxViT vs transformers ViTModel)
     extract_repeats: int = 5
@@ -64,7 +65,7 @@ class BenchModelConfig:
     memory_sizes: list[int] = field(default_factory=lambda: [448])  # training-step peak memory (batch 2) here
     inference_memory_size: int = 896  # inference peak memory (batch 1) at this size; 0 = skip
     threads: Optional[int] = None  # torch.set_num_threads; None = torch default
-    quick: bool = False  # 3 repeats, multi-crop step with 1 image, no 896 px
+    quick: bool = False  # 3 repeats, multi-crop step with 1 image, no 896 px, no compiled variant
     json: bool = False  # print the results JSON to stdout instead of the table
     seed: int = 0
     output_dir: str = "outputs/bench_model"
@@ -119,6 +120,11 @@ def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> int:
     return base + tracker.peak
 
 
+def _measurable(name: str) -> bool:
+    """Peak memory is tracked through the dispatcher; torch.compile'd kernels allocate outside it."""
+    return not name.endswith("compiled")
+
+
 def extraction_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
     """Per image size: feature-extraction time of every variant (eval, inference mode, interleaved rounds) as a
     ratio to the baseline; at ``inference_memory_size`` also the peak memory of one forward."""
@@ -138,10 +144,11 @@ def extraction_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
         case = {name: {"ms": _median_ms(ts), "ratio_vs_baseline": _median_ms(ts) / base} for name, ts in times.items()}
         if size == cfg.inference_memory_size:
             for name, model in models.items():
-                tracker = PeakMemory()
-                with torch.inference_mode(), tracker:
-                    model(pixels)
-                case[name]["peak_memory_bytes"] = tracker.peak
+                if _measurable(name):
+                    tracker = PeakMemory()
+                    with torch.inference_mode(), tracker:
+                        model(pixels)
+                    case[name]["peak_memory_bytes"] = tracker.peak
             _memory_ratios(case, cfg.baseline)
         results[f"{batch} x {size}px"] = case
     return results
@@ -162,6 +169,7 @@ def training_memory_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict
         case = {
             name: {"peak_memory_bytes": peak_step_memory(model, batches)}
             for name, model in build_variants(cfg, size).items()
+            if _measurable(name)
         }
         _memory_ratios(case, cfg.baseline)
         results[f"2 x {size}px"] = case
@@ -240,6 +248,7 @@ def main(cfg: BenchModelConfig) -> dict:
         cfg.multicrop_images = min(cfg.multicrop_images, 1)
         cfg.extract_sizes = {s: b for s, b in cfg.extract_sizes.items() if s < 896}
         cfg.inference_memory_size = 0 if cfg.inference_memory_size >= 896 else cfg.inference_memory_size
+        cfg.variants = [v for v in cfg.variants if not v.endswith("compiled")]
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
@@ -261,6 +270,8 @@ def main(cfg: BenchModelConfig) -> dict:
         results = time_steps(cfg, models, batches)
         if cfg.memory:
             for name, model in models.items():
+                if not _measurable(name):
+                    continue
                 results[name]["peak_memory_bytes"] = peak_step_memory(model, batches)
             eager_soft = results.get("softmax:eager", {}).get("peak_memory_bytes")
             for r in results.values():

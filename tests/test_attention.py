@@ -1,5 +1,6 @@
 """Fast exact sparse attention (modeling/attention.py, thresholds.py): parity with the `entmax` package,
-invariants, adversarial rows, half precision, gradcheck (incl. a per-head alpha) and the sort fallback.
+invariants, adversarial rows, half precision, gradcheck (incl. a per-head alpha), the sort fallback and the
+compiled path.
 """
 
 from __future__ import annotations
@@ -210,6 +211,30 @@ def test_bad_names_raise() -> None:
         A.attention_forward(q, q, q, transform="entmax2", scaling=1.0)
 
 
+@pytest.mark.slow
+def test_compiled_equals_eager() -> None:
+    """kernel='compiled' (torch.compile of the threshold search and backward) gives the eager numbers."""
+    q, k, v = (torch.randn(2, 2, 17, 8, requires_grad=True) for _ in range(3))
+    alpha = torch.tensor([1.3, 2.5]).view(2, 1, 1).requires_grad_(True)
+    grad = torch.randn(2, 2, 17, 8)
+    for name in ["entmax15", "sparsemax", "entmax_bisect"]:
+        results = []
+        for kernel in ["eager", "compiled"]:
+            out, probs = A.attention_forward(
+                q, k, v, transform=name, scaling=8**-0.5, kernel=kernel, need_weights=True,
+                alpha=alpha if name == "entmax_bisect" else None,
+            )
+            inputs = (q, k, v, alpha) if name == "entmax_bisect" else (q, k, v)
+            results.append((out, probs, *torch.autograd.grad(out, inputs, grad)))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+        assert math.isclose(float(results[1][1].detach().sum()), 2 * 2 * 17, rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark scripts (tiny smoke runs: structure and accuracy fields, never timings)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark scripts (tiny smoke runs: structure and accuracy fields, never timings)
 # ----------------------------------------------------------------------------------------------------------
@@ -230,7 +255,7 @@ def _load_script(name: str):
 def test_bench_attention_smoke(tmp_path) -> None:
     bench = _load_script("bench_attention")
     cfg = bench.BenchAttentionConfig(
-        batch_sizes=[1], tokens=[9], heads=2, head_dim=8, repeats=1, warmup=0,
+        batch_sizes=[1], tokens=[9], heads=2, head_dim=8, repeats=1, warmup=0, compiled=False,
         output_dir=str(tmp_path),
     )
     record = bench.main(cfg)
@@ -245,7 +270,7 @@ def test_bench_attention_smoke(tmp_path) -> None:
 
 def test_bench_attention_methods_filter_and_profile(tmp_path) -> None:
     bench = _load_script("bench_attention")
-    small = dict(batch_sizes=[1], tokens=[9], heads=2, head_dim=8, repeats=1, warmup=0,
+    small = dict(batch_sizes=[1], tokens=[9], heads=2, head_dim=8, repeats=1, warmup=0, compiled=False,
                  package=False, output_dir=str(tmp_path))
     record = bench.main(bench.BenchAttentionConfig(methods=["entmax15_ours_tiled"], **small))
     assert list(record["cases"][0]["methods"]) == ["softmax_sdpa", "entmax15_ours_tiled"]

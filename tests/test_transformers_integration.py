@@ -172,6 +172,17 @@ def test_attention_kernel_names_say_what_runs_and_switch_at_runtime() -> None:
         torch.testing.assert_close(model(x).last_hidden_state, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_switching_to_the_compiled_kernel_at_runtime() -> None:
+    model = EntmaxViTModel(EntmaxViTConfig(**TINY, attention="entmax15")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x).last_hidden_state
+        model.set_attn_implementation("compiled")
+        assert model.config._attn_implementation == "compiled"
+        torch.testing.assert_close(model(x).last_hidden_state, eager, atol=1e-5, rtol=1e-5)
+
+
 def test_switching_to_the_triton_kernel_at_runtime() -> None:
     """set_attn_implementation takes kernel names and AttentionInterface names of the model's transform."""
     model = EntmaxViTModel(EntmaxViTConfig(**TINY, attention="entmax15")).eval()
