@@ -375,19 +375,27 @@ def main(cfg: LinearEvalConfig) -> dict:
     keys = ("cls", "patch_mean", "labels")
     select = {k: train[k][held[row_ids]] for k in keys} if cfg.holdout_fraction > 0 else test
 
-    torch.manual_seed(cfg.seed)  # identical heads on every rank: each trains on the same gathered batches
+    torch.manual_seed(cfg.seed)  # dino protocol: identical heads on every rank, each stepping the same gathered batches
     grid = LinearGrid(specs, model.config.hidden_size, num_classes)
     if cfg.protocol == "cached_grid":
         fit = {k: train[k][~held[row_ids]] for k in keys}
         num_fit = len(fit["labels"])
-        log = train_grid_cached(grid, fit, epochs=cfg.epochs, batch_size=cfg.batch_size, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, seed=cfg.seed, show=show, device=accelerator.device)
-        sel = evaluate_grid(grid, select["cls"], select["patch_mean"], select["labels"])
-        best = max(range(len(specs)), key=lambda i: sel[i][1])
-        final = evaluate_grid(grid, test["cls"], test["patch_mean"], test["labels"])
-        metrics = {"top1": final[best][1], "top5": final[best][5]}
-        reported = {"reported": "last_epoch", "selection_top1": sel[best][1]}
-        per_head = [{"select_top1": sel[i][1], "eval_top1": final[i][1], "eval_top5": final[i][5]} for i in range(len(specs))]
+        outcome = None
+        if accelerator.is_main_process:  # once, on the main rank's accelerator; the other ranks receive the numbers
+            log = train_grid_cached(grid, fit, epochs=cfg.epochs, batch_size=cfg.batch_size, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, seed=cfg.seed, show=show, device=accelerator.device)
+            sel = evaluate_grid(grid, select["cls"], select["patch_mean"], select["labels"])
+            best = max(range(len(specs)), key=lambda i: sel[i][1])
+            final = evaluate_grid(grid, test["cls"], test["patch_mean"], test["labels"])
+            outcome = (log, best, {"top1": final[best][1], "top5": final[best][5]},
+                       {"reported": "last_epoch", "selection_top1": sel[best][1]},
+                       [{"select_top1": sel[i][1], "eval_top1": final[i][1], "eval_top5": final[i][5]}
+                        for i in range(len(specs))])
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            outcome = broadcast_object_list([outcome], from_process=0)[0]
+        log, best, metrics, reported, per_head = outcome
     else:
         image_col = find_column(train_ds, "image", cfg.image_column)
         label_col = find_column(train_ds, "label", cfg.label_column)

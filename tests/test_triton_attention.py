@@ -245,6 +245,17 @@ def test_device_aware_default_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> 
     assert ran == ["tiled", "triton", "tiled"]
 
 
+def test_a_reloaded_model_gets_the_device_aware_default(tiny_config_kwargs, tmp_path) -> None:
+    """transformers does not save the kernel: from_pretrained resolves it again, to auto (triton on CUDA)."""
+    from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+    EntmaxViTModel(EntmaxViTConfig(**tiny_config_kwargs, attention="entmax15")).save_pretrained(tmp_path)
+    assert "_attn_implementation" not in (tmp_path / "config.json").read_text()
+    reloaded = EntmaxViTModel.from_pretrained(tmp_path)
+    assert reloaded.config._attn_implementation == "auto"
+    assert A.default_kernel(reloaded.config.attention, "cuda") == "triton"
+
+
 def test_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
