@@ -123,13 +123,16 @@ def extract_features(
     accelerator: Any = None,
     desc: str = "features",
     sharded_loader: bool = False,
+    main_rank_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank.
 
     With an ``accelerator`` the loader is either prepared (``gather_for_metrics`` per batch drops the samples
     the distributed sampler duplicated to even out the last batch) or, with ``sharded_loader``, already reads
     only this rank's rows (a stream): then the per-rank results, of unequal length, are padded, gathered once
-    at the end and the padding dropped.
+    at the end and the padding dropped. With ``main_rank_only`` the other ranks keep no rows (their tensors are
+    empty; the skip count is everyone's): for a consumer that runs on the main rank alone (k-NN), so that a node
+    holds the gathered features once, not once per GPU.
     """
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = {"cls": [], "patch_mean": [], "labels": [], "index": [], "valid": []}
@@ -145,8 +148,10 @@ def extract_features(
             out["patches"] = patches.half()
         if accelerator is not None and not sharded_loader:
             out = accelerator.gather_for_metrics(out)
+        drop = main_rank_only and not sharded_loader and accelerator is not None and not accelerator.is_main_process
         for k, v in out.items():
-            parts[k].append(v.cpu())
+            # a rank that drops keeps the validity flags (for the shared skip count) and empty slices of the rest
+            parts[k].append(v.cpu() if k == "valid" or not drop else v[:0].cpu())
     if not parts["labels"]:
         raise ValueError(f"{desc}: the data loader produced no rows")
     feats = {k: torch.cat(v) for k, v in parts.items()}
@@ -161,7 +166,10 @@ def extract_features(
     skipped = int((~valid).sum())
     if skipped:
         logger.warning("%s: skipped %d unreadable image(s) of %d", desc, skipped, len(valid))
-    feats = {k: v[valid].contiguous() for k, v in feats.items()}
+    if main_rank_only and accelerator is not None and not accelerator.is_main_process:
+        feats = {k: v[:0].contiguous() for k, v in feats.items()}
+    else:
+        feats = {k: v[valid].contiguous() for k, v in feats.items()}
     feats["num_skipped"] = torch.tensor([skipped])
     return feats
 
@@ -204,14 +212,17 @@ def split_features(
     dataset_cache_dir: Optional[str] = None,
     accelerator: Any = None,
     streaming: bool = False,
+    main_rank_only: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Features of one dataset split (cached), plus its description: name, split, sizes, class names.
 
     ``streaming`` reads the split on the fly (e.g. ImageNet from the Hub without downloading it first), each
-    rank its own part of the stream."""
+    rank its own part of the stream. ``main_rank_only``: see ``extract_features`` (a feature cache is read by
+    every rank)."""
     from .image_data import ClassificationRows, StreamingRows, class_names_of, find_column, num_classes_of, open_dataset
 
-    ds = open_dataset(dataset, split, cache_dir=dataset_cache_dir, max_samples=max_samples, streaming=streaming)
+    ds = open_dataset(dataset, split, cache_dir=dataset_cache_dir, max_samples=max_samples, streaming=streaming,
+                      accelerator=accelerator)
     image_col = find_column(ds, "image", image_column)
     label_col = find_column(ds, "label", label_column)
     info = {"name": dataset, "split": split, "num_samples": len(ds) if not streaming else None,
@@ -233,14 +244,15 @@ def split_features(
             if accelerator is not None:
                 loader = accelerator.prepare(loader)
         return extract_features(model, loader, n_last_blocks=n_last_blocks, store_patch_tokens=store_patch_tokens,
-                                accelerator=accelerator, desc=f"{split} features", sharded_loader=streaming)
+                                accelerator=accelerator, desc=f"{split} features", sharded_loader=streaming,
+                                main_rank_only=main_rank_only)
 
     feats = cached_features(spec, cache_dir, compute, accelerator)
     info["num_skipped"] = int(feats["num_skipped"][0])
     if info["num_samples"] is None:
         info["num_samples"] = len(feats["labels"]) + info["num_skipped"]
     if info["num_classes"] is None:
-        info["num_classes"] = int(feats["labels"].max()) + 1
+        info["num_classes"] = int(feats["labels"].max()) + 1 if len(feats["labels"]) else 0
     return feats, info
 
 

@@ -11,6 +11,7 @@ Keeping the row (instead of filtering it in the collate function) keeps batch sh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -28,12 +29,17 @@ logger = logging.getLogger(__name__)
 
 
 def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_samples: Optional[int] = None,
-                 streaming: bool = False):
+                 streaming: bool = False, accelerator: Any = None):
     """One split of ``source`` (Hub id, ``imagefolder:DIR``, saved folder, ``embedded``...): map-style, or an
-    ``IterableDataset`` read on the fly with ``streaming`` (the first ``max_samples`` rows)."""
+    ``IterableDataset`` read on the fly with ``streaming`` (the first ``max_samples`` rows).
+
+    With an ``accelerator``, the main process of each node opens it first (downloading and preparing the cache)
+    and the other ranks then read that cache, as in training, instead of every rank downloading at once."""
     from entmax_vit.data.datasets import load_image_dataset
 
-    ds = load_image_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
+    first = accelerator.main_process_first() if accelerator is not None and not streaming else contextlib.nullcontext()
+    with first:
+        ds = load_image_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
     if streaming:
         return ds.take(max_samples) if max_samples is not None and max_samples > 0 else ds
     if not hasattr(ds, "__len__"):

@@ -152,7 +152,7 @@ def main(cfg: KNNEvalConfig) -> dict:
     common = dict(model_spec=spec, dataset=cfg.dataset, transform=transform, n_last_blocks=1,
                   image_column=cfg.image_column, label_column=cfg.label_column, batch_size=cfg.batch_size,
                   num_workers=cfg.num_workers, cache_dir=cache, dataset_cache_dir=cfg.dataset_cache_dir,
-                  accelerator=accelerator, streaming=cfg.streaming)
+                  accelerator=accelerator, streaming=cfg.streaming, main_rank_only=True)  # k-NN runs on the main rank
     train, train_info = split_features(model, split=cfg.train_split, max_samples=cfg.max_train_samples, **common)
     test, test_info = split_features(model, split=cfg.eval_split, max_samples=cfg.max_eval_samples, **common)
     num_classes = max(train_info["num_classes"], test_info["num_classes"])

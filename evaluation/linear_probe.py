@@ -354,7 +354,8 @@ def main(cfg: LinearEvalConfig) -> dict:
     if need_train_feats:
         train, train_info = split_features(model, split=cfg.train_split, max_samples=cfg.max_train_samples, **common)
     if cfg.protocol == "dino":
-        train_ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples)
+        train_ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples,
+                                accelerator=accelerator)
         if not need_train_feats:  # unreadable train images are counted during the first epoch (below)
             label_col = find_column(train_ds, "label", cfg.label_column)
             train_info = {"num_samples": len(train_ds), "num_classes": num_classes_of(train_ds, label_col), "num_skipped": 0}

@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -251,7 +251,7 @@ class ProbeData:
     label_mapping: str
 
 
-def probe_datasets(cfg: SegmentationEvalConfig) -> ProbeData:
+def probe_datasets(cfg: SegmentationEvalConfig, accelerator: Any = None) -> ProbeData:
     """Open ``cfg.dataset``'s train and eval splits, detect columns and the label convention, and build the rows
     of ``cfg.protocol`` (``SegmentationRows``)."""
     from .image_data import find_column, open_dataset
@@ -259,8 +259,10 @@ def probe_datasets(cfg: SegmentationEvalConfig) -> ProbeData:
 
     if not cfg.dataset:
         raise ValueError("--dataset is required for this preset (a Hub id or local folder with image + mask columns)")
-    train_ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples)
-    eval_ds = open_dataset(cfg.dataset, cfg.eval_split, cfg.dataset_cache_dir, cfg.max_eval_samples)
+    train_ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples,
+                            accelerator=accelerator)  # the main process of each node downloads first
+    eval_ds = open_dataset(cfg.dataset, cfg.eval_split, cfg.dataset_cache_dir, cfg.max_eval_samples,
+                           accelerator=accelerator)
     image_col = find_column(train_ds, "image", cfg.image_column)
     mask_col = find_column(train_ds, "mask", cfg.mask_column)
     label_mapping = cfg.label_mapping
@@ -414,7 +416,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
     if any(not -depth <= layer < depth for layer in cfg.layers):
         raise ValueError(f"layers {cfg.layers} out of range for a {depth}-block model")
 
-    data = probe_datasets(cfg)
+    data = probe_datasets(cfg, accelerator)
     train_ds, eval_ds, num_classes, id2label = data.train_ds, data.eval_ds, data.num_classes, data.id2label
     label_mapping, train_rows, eval_rows = data.label_mapping, data.train_rows, data.eval_rows
     train_loader = torch.utils.data.DataLoader(train_rows, batch_size=cfg.batch_size, shuffle=True,

@@ -64,3 +64,27 @@ def test_in_process_loaders_name_a_missing_folder_and_truncated_weights(load, tm
     with pytest.raises(ValueError, match="truncated") as info:
         loader(str(folder))
     assert str(weights) in str(info.value)
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_main_rank_only_features_stay_on_the_main_rank(tiny_config_kwargs, main):
+    """k-NN's extraction: the main rank keeps every gathered row; another rank keeps none, but counts the same
+    unreadable rows (the skip count is everyone's)."""
+    from types import SimpleNamespace
+
+    from entmax_vit.evaluation.features import extract_features
+
+    model = EntmaxViTModel(EntmaxViTConfig(attention="entmax15", **tiny_config_kwargs)).eval()
+    batches = [{"pixel_values": torch.randn(3, 3, 32, 32), "labels": torch.tensor([0, 1, 2]),
+                "index": torch.arange(3) + 3 * i, "valid": torch.tensor([True, i == 0, True])} for i in range(2)]
+    accelerator = SimpleNamespace(device=torch.device("cpu"), is_main_process=main, is_local_main_process=main,
+                                  num_processes=2, gather_for_metrics=lambda out: out)  # as if already gathered
+    feats = extract_features(model, batches, n_last_blocks=1, accelerator=accelerator, main_rank_only=True)
+    everyone = extract_features(model, batches, n_last_blocks=1, accelerator=accelerator)
+    assert int(feats["num_skipped"][0]) == int(everyone["num_skipped"][0]) == 1
+    assert len(everyone["labels"]) == 5 and everyone["index"].tolist() == [0, 1, 2, 3, 5]
+    if main:
+        assert all(torch.equal(feats[k], everyone[k]) for k in everyone)
+    else:
+        assert {k: tuple(v.shape) for k, v in feats.items()} == {
+            "cls": (0, 1, 32), "patch_mean": (0, 32), "labels": (0,), "index": (0,), "num_skipped": (1,)}
