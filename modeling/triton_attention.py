@@ -211,7 +211,7 @@ def _fwd(Q, K, V, Alpha, Out, M, T, Z,
         acc += _dot(p.to(v.dtype), v, PRECISION)
     if TRANSFORM == 2:
         acc = acc / z_acc[:, None]
-        tl.store(Z + bh * N + rows, z_acc, mask=row_ok)
+    tl.store(Z + bh * N + rows, z_acc, mask=row_ok)  # every row state defined: z, or sum P (1 up to rounding)
     tl.store(Out + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, acc.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
     tl.store(M + bh * N + rows, m, mask=row_ok)

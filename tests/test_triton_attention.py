@@ -196,7 +196,7 @@ class _EveryConfig:
                 if first is None:
                     first = written
                 for a, b in zip(written, first):
-                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=str(config))
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{config}: {m}")
 
         return run
 
