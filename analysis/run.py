@@ -40,34 +40,43 @@ PRESET_DIR = Path(__file__).parent / "configs"
 @dataclass
 class AnalyzeConfig:
     # --- models
+
     model: str = ""                    # EntmaxViT folder or Hub id (required)
     compare: list[str] = field(default_factory=list)  # more models analysed on the same images, e.g. softmax
     names: list[str] = field(default_factory=list)    # display names, one per model (default: folder names)
-    device: str = "cpu"                # "cpu", "cuda", "cuda:1", ...
+    device: str = "cpu"                # device the models run on: "cpu", "cuda", "cuda:1", ...
+
     # --- images
+
     dataset: str = "embedded"          # load_image_dataset source, or a plain folder of images
-    split: str = "validation"
+    split: str = "validation"          # dataset split the images are taken from (not used for a plain folder)
     streaming: bool = False            # stream Hub datasets instead of downloading them first
     num_images: int = 16               # the first N readable images are used
     # Resize shorter side + centre crop to this (a multiple of the patch size). None: --model's own resolution, the
     # size it was trained at (evaluation/resolution.py: 224 for ViT-S/16, 64 for tiny_cpu); another size is warned about.
     image_size: Optional[int] = None
-    image_column: Optional[str] = None  # default: found by find_column
+    image_column: Optional[str] = None  # image column of a dataset; default: found by find_column
     mask_column: Optional[str] = None   # default: found by find_column if the dataset has one
     mask_dir: Optional[str] = None      # masks for a plain image folder, named like the images
     use_masks: bool = True             # foreground Jaccard where masks exist
+
     # --- metrics
-    batch_size: int = 8
+
+    batch_size: int = 8                # images per forward pass (lower it if memory runs out)
     outlier_k: float = DEFAULT_OUTLIER_K  # high-norm token: norm > median + k * 1.4826 * MAD (per layer; 6)
     mass_threshold: float = DINO_MASS_THRESHOLD  # share of [CLS] attention mass kept (DINO: 0.6)
     feature_norm: bool = True          # cosine/PCA on final-LayerNormed tokens (what a probe sees)
+
     # --- figures
+
     num_figure_images: int = 4         # attention-map PNGs per model and images in the PCA figure
     pca_layer: int = -1                # block whose patch features the PCA shows (-1 = last)
     pca_foreground_only: bool = False  # fit the PCA on foreground patches (masks or [CLS] attention)
     separate_curves: bool = True       # also one curve_<metric>.png per metric beside layer_curves.png
+
     # --- output
-    output_dir: str = "outputs/analysis"
+
+    output_dir: str = "outputs/analysis"  # config.yaml, one folder per model, curves/, comparison.md
 
     def __post_init__(self) -> None:
         checks = [

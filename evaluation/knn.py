@@ -102,26 +102,30 @@ class KNNEvalConfig:
     model: str = ""                      # EntmaxViT folder, training output dir, or Hub id
     revision: Optional[str] = None       # Hub revision (branch, tag or commit)
     dataset: str = "embedded"            # Hub id, imagefolder:DIR, webdataset:GLOB, saved folder, or "embedded"
-    train_split: str = "train"
-    eval_split: str = "validation"
-    image_column: Optional[str] = None   # default: detected
-    label_column: Optional[str] = None   # default: detected
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    train_split: str = "train"           # split whose features form the k-NN memory bank
+    eval_split: str = "validation"       # split classified against it (the reported accuracy)
+    image_column: Optional[str] = None   # image column; default: detected (an Image feature: image, img, ...)
+    label_column: Optional[str] = None   # label column; default: detected (a ClassLabel: label, labels, ...)
+    max_train_samples: Optional[int] = None  # use only the first N train images (quick runs); None = all
+    max_eval_samples: Optional[int] = None   # use only the first N eval images; None = all
     streaming: bool = False              # read the splits on the fly (e.g. ImageNet from the Hub), no download
+    # Numbers of neighbours k; top-1 and top-5 accuracy are reported for each (DINO: 10, 20, 100, 200).
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    temperature: float = 0.07            # DINO: 0.07
-    # Eval transform: Resize(resize, bicubic) + CenterCrop(crop). None: the model's own resolution (the size it was
-    # trained at, evaluation/resolution.py: 256/224 for ViT-S/16, 73/64 for tiny_cpu); another crop is warned about.
+    temperature: float = 0.07            # T of the neighbours' vote weights exp(cosine / T); DINO: 0.07
+    # Eval transform's bicubic Resize of the shorter side, in px. None: 256/224 of the crop (256 for 224).
     resize: Optional[int] = None
+    # Eval transform's CenterCrop side, in px. None: the model's own resolution, the size it was trained
+    # at (evaluation/resolution.py: 224 for ViT-S/16, 64 for tiny_cpu); another crop is warned about.
     crop: Optional[int] = None
-    # Extraction batch and DataLoader workers; None: sized to the machine (evaluation/loader_defaults.py: 256 and
-    # up to 8 workers per process on a GPU, 64 and 0 on CPU).
+    # Images per feature-extraction batch. None: sized to the machine (evaluation/loader_defaults.py: 256 on a
+    # GPU, 64 on CPU).
     batch_size: Optional[int] = None
+    # DataLoader worker processes for decoding. None: sized to the machine (up to 8 per process on a GPU, 0 on
+    # CPU).
     num_workers: Optional[int] = None
     cache_dir: Optional[str] = None      # feature cache (default: OUTPUT_DIR/feature_cache); "" disables
-    dataset_cache_dir: Optional[str] = None
-    output_dir: str = "outputs/eval_knn"
+    dataset_cache_dir: Optional[str] = None  # datasets cache folder for downloads; None = the HF cache
+    output_dir: str = "outputs/eval_knn"  # results_knn.json, the resolved config and the feature cache
 
 
 def main(cfg: KNNEvalConfig) -> dict:

@@ -240,14 +240,14 @@ class LinearEvalConfig:
     """Linear probe of a frozen backbone: official DINO eval_linear (default) or the fast cached lr grid."""
 
     model: str = ""                      # EntmaxViT folder, training output dir, or Hub id
-    revision: Optional[str] = None
-    dataset: str = "embedded"
-    train_split: str = "train"
-    eval_split: str = "validation"
-    image_column: Optional[str] = None
-    label_column: Optional[str] = None
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    revision: Optional[str] = None       # Hub revision (branch, tag or commit)
+    dataset: str = "embedded"            # Hub id, imagefolder:DIR, webdataset:GLOB, saved folder, or "embedded"
+    train_split: str = "train"           # split the linear head is trained on
+    eval_split: str = "validation"       # split the reported accuracy is measured on
+    image_column: Optional[str] = None   # image column; default: detected (an Image feature: image, img, ...)
+    label_column: Optional[str] = None   # label column; default: detected (a ClassLabel: label, labels, ...)
+    max_train_samples: Optional[int] = None  # use only the first N train images (quick runs); None = all
+    max_eval_samples: Optional[int] = None   # use only the first N eval images; None = all
     streaming: bool = False              # read the splits on the fly (cached_grid only)
     # dino: official eval_linear (augmented crops every epoch, one lr, best epoch reported);
     # cached_grid: fast, NOT official (centre-crop features cached once, a grid of lrs, best head's last epoch)
@@ -257,24 +257,27 @@ class LinearEvalConfig:
     n_last_blocks: list[int] = field(default_factory=list)
     avgpool_patchtokens: list[bool] = field(default_factory=list)  # empty = DINO's choice (False ViT-S, True ViT-B)
     base_lrs: list[float] = field(default_factory=list)  # x batch_size/256; empty = [0.001] (dino), 13-value grid (cached_grid)
-    epochs: int = 100
+    epochs: int = 100                    # training epochs of the head(s), cosine lr over them; DINO: 100
     batch_size: int = 1024               # global batch; DINO: 128 per GPU x 8
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    momentum: float = 0.9                # SGD momentum; DINO: 0.9
+    weight_decay: float = 0.0            # SGD weight decay of the head(s); DINO: 0
     eval_every: int = 1                  # dino: evaluate every this many epochs (and after the last); DINO: 1
     holdout_fraction: float = 0.0        # > 0: select on this share of train, report eval of the chosen head/epoch
-    # Eval transform: Resize(resize, bicubic) + CenterCrop(crop); crop is also the RandomResizedCrop size of the dino
-    # protocol. None: the model's own resolution (evaluation/resolution.py: 256/224 for ViT-S/16, 73/64 for tiny_cpu).
+    # Eval transform's bicubic Resize of the shorter side, in px. None: 256/224 of the crop (256 for 224).
     resize: Optional[int] = None
+    # Eval transform's CenterCrop side in px, also the RandomResizedCrop size of the dino protocol's training.
+    # None: the model's own resolution, the size it was trained at (evaluation/resolution.py: 224 for ViT-S/16).
     crop: Optional[int] = None
-    # Extraction batch and DataLoader workers; None: sized to the machine (evaluation/loader_defaults.py: 256 and
-    # up to 8 workers per process on a GPU, 64 and 0 on CPU).
+    # Images per feature-extraction batch. None: sized to the machine (evaluation/loader_defaults.py: 256 on a
+    # GPU, 64 on CPU).
     extract_batch_size: Optional[int] = None
+    # DataLoader worker processes for decoding (extraction and the dino protocol's training crops). None: sized
+    # to the machine (up to 8 per process on a GPU, 0 on CPU).
     num_workers: Optional[int] = None
-    seed: int = 0
+    seed: int = 0                        # seed of the heads' initialisation, data order and the hold-out split
     cache_dir: Optional[str] = None      # feature cache (default OUTPUT_DIR/feature_cache); "" disables
-    dataset_cache_dir: Optional[str] = None
-    output_dir: str = "outputs/eval_linear"
+    dataset_cache_dir: Optional[str] = None  # datasets cache folder for downloads; None = the HF cache
+    output_dir: str = "outputs/eval_linear"  # results_linear.json, grid.json, the resolved config, feature cache
 
 
 def resolve_heads(cfg: LinearEvalConfig, hidden_size: int, depth: int) -> list[HeadSpec]:

@@ -36,23 +36,32 @@ class SegmentationEvalConfig:
     """Linear segmentation probe. Presets: voc, ade20k, cityscapes (NeCo), *_dinov2, embedded."""
 
     model: str = ""                        # EntmaxViT folder, training output dir, or Hub id
-    revision: Optional[str] = None
+    revision: Optional[str] = None         # Hub revision (branch, tag or commit)
     dataset: str = "embedded"              # Hub id, saved folder, ... with an image and a mask column
-    train_split: str = "train"
-    eval_split: str = "validation"
-    image_column: Optional[str] = None     # default: detected
-    mask_column: Optional[str] = None      # default: detected
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    dataset_cache_dir: Optional[str] = None
-    # labels
+    train_split: str = "train"             # split the head is trained on
+    eval_split: str = "validation"         # split the reported mIoU is measured on
+    image_column: Optional[str] = None     # image column; default: detected (image, img, ...)
+    mask_column: Optional[str] = None      # mask column; default: detected (mask, annotation, label, ...)
+    max_train_samples: Optional[int] = None  # use only the first N train images (quick runs); None = all
+    max_eval_samples: Optional[int] = None   # use only the first N eval images; None = all
+    dataset_cache_dir: Optional[str] = None  # datasets cache folder for downloads; None = the HF cache
+
+    # --- labels
+
     num_classes: int = 0                   # 0: from class_names, else inferred from the train masks
+    # Class names in label-id order, for the per-class IoU and the head's id2label (their count is num_classes
+    # when that is 0); empty: the ids as names (embedded: its own names).
     class_names: list[str] = field(default_factory=list)
-    ignore_index: int = 255
+    ignore_index: int = 255                # mask value left out of the loss and the mIoU (VOC, Cityscapes: 255)
     reduce_zero_label: bool = False        # ADE20K: 0 -> ignore, c -> c - 1
-    label_mapping: Literal["none", "cityscapes_ids", "auto"] = "none"  # cityscapes_ids: raw labelIds -> trainIds;
-                                           # auto: cityscapes_ids if the first masks hold values 19..33
-    # probe
+    # Mask ids as stored (none), raw Cityscapes labelIds -> trainIds (cityscapes_ids), or auto: cityscapes_ids
+    # if the first masks hold values 19..33.
+    label_mapping: Literal["none", "cityscapes_ids", "auto"] = "none"
+
+    # --- probe
+
+    # neco: NeCo/Leopart (square input, masks at mask_size, SGD with a step); dinov2: DINOv2 linear (rescaled
+    # crops, sliding-window eval, logits at the label size). The presets set the rest to match.
     protocol: Literal["neco", "dinov2"] = "neco"
     layers: list[int] = field(default_factory=lambda: [-1])  # blocks whose patch tokens are used (0-based)
     backbone_norm: bool = True             # final LayerNorm on each block's tokens
@@ -63,27 +72,32 @@ class SegmentationEvalConfig:
     # differs from the model's.
     input_size: Optional[int] = None
     mask_size: int = 100                   # NeCo: labels nearest-resized to mask_size^2, mIoU at that size
-    # optimisation
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9                  # SGD only
-    weight_decay: float = 1e-4
-    epochs: int = 25
+
+    # --- optimisation
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # optimiser of the head: sgd (NeCo) | adamw (DINOv2)
+    lr: float = 0.01                       # head lr: start (step) or peak (warmup_cosine); NeCo 0.01, DINOv2 1e-3
+    momentum: float = 0.9                  # SGD momentum (optimizer sgd only; NeCo 0.9)
+    weight_decay: float = 1e-4             # weight decay of the head (NeCo 1e-4, DINOv2 1e-3)
+    epochs: int = 25                       # training epochs (NeCo: 25 VOC/Cityscapes, 20 ADE20K); see max_iters
     max_iters: Optional[int] = None        # if set, train this many iterations instead (DINOv2: 40000)
-    lr_schedule: Literal["step", "warmup_cosine"] = "step"
+    lr_schedule: Literal["step", "warmup_cosine"] = "step"  # step: NeCo; warmup_cosine: DINOv2, per iteration
     step_epochs: list[int] = field(default_factory=lambda: [20])  # "step": lr x step_gamma at these epochs
-    step_gamma: float = 0.1
+    step_gamma: float = 0.1                # "step": factor applied to the lr at each of step_epochs
     warmup_iters: int = 0                  # "warmup_cosine": linear warmup (DINOv2: 1500)
-    batch_size: int = 16
-    hflip: bool = True
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # DINOv2 train rescale range
+    batch_size: int = 16                   # training images per step and process
+    hflip: bool = True                     # flip training images and masks horizontally with p 0.5
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # dinov2: train rescale factor range
     cache_features: bool = False           # NeCo only: extract train features once (no flip augmentation)
-    # evaluation
+
+    # --- evaluation
+
     eval_stride: int = 341                 # DINOv2 sliding-window stride (window = input_size)
     eval_batch_size: int = 16              # NeCo eval batch (DINOv2 evaluates one image at a time)
     head_path: Optional[str] = None        # evaluate this saved head folder instead of training one
-    num_workers: int = 0
-    seed: int = 0
+    num_workers: int = 0                   # DataLoader worker processes (train and eval); 0 = the main process
+    seed: int = 0                          # seed of the head's initialisation, data order and augmentation
+    # results_segmentation.json, segmentation_head/, per_class_iou.{json,png}, train_log.json, resolved config
     output_dir: str = "outputs/eval_segmentation"
 
 

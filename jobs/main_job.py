@@ -33,11 +33,13 @@ STAGES = ("data", "train", "knn", "segmentation", "analysis", "claims", "hub")
 
 @dataclass
 class MainJobConfig:
+    # Job folder: train/, knn/, segmentation_*/, analysis/, hub/, the stage records and summary.json. A stage
+    # finished there with the same inputs is skipped when the job runs again.
     output_dir: str = "outputs/main_job"
     # Attention transform of the pretrained model: softmax | entmax15 | sparsemax | entmax_bisect.
     attention: str = "entmax15"
-    # Dataset of every stage: "embedded" (the bundled synthetic scenes) or e.g.
-    # "embedded:num_train=512,num_validation=128" (any load_image_dataset source with image, label and mask).
+    # Dataset of every stage: "embedded" (the bundled synthetic scenes), a larger variant such as
+    # embedded:num_train=512,num_validation=128, or any load_image_dataset source with image, label and mask.
     dataset: str = "embedded"
     # Seed of the pretraining run (weights, data order, augmentations).
     seed: int = 0

@@ -29,6 +29,7 @@ from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, compari
 
 @dataclass
 class ReproduceMiniConfig:
+    # One main-job folder per run (ATTENTION/seed_S/), results.json, results.md and the figures; resumable.
     output_dir: str = "outputs/reproduce_mini"
     # Attention transforms to compare (each gets the same pretraining budget and the same seeds).
     attentions: list[str] = field(default_factory=lambda: ["softmax", "entmax15"])

@@ -35,14 +35,14 @@ class BenchAttentionConfig:
     # (B, N) cases: ViT-S/16 at 224 px (N = 197), 448 px (785) and 896 px (3137), at the batch sizes of the
     # feature-extraction benchmarks; batch_sizes x tokens (if set) replaces them
     cases: list[list[int]] = field(default_factory=lambda: [[8, 197], [2, 785], [1, 3137]])
-    batch_sizes: list[int] = field(default_factory=list)  # B
-    tokens: list[int] = field(default_factory=list)  # N
-    heads: int = 6  # H (ViT-S)
-    head_dim: int = 64  # d
+    batch_sizes: list[int] = field(default_factory=list)  # batch sizes B; with tokens, replaces cases
+    tokens: list[int] = field(default_factory=list)  # sequence lengths N; every B x N pair is a case
+    heads: int = 6  # attention heads H (ViT-S: 6)
+    head_dim: int = 64  # dimension d of each head (ViT-S: 64)
     repeats: int = 15  # timed rounds per case (median reported)
     warmup: int = 2  # untimed rounds per case (the compiled kernel compiles in the first)
     max_seconds_per_method: float = 8.0  # a method leaves a case's rounds once its timed total passes this
-    min_rounds: int = 3  # ... but never before this many timed rounds
+    min_rounds: int = 3  # timed rounds every method runs per case, even past max_seconds_per_method
     package: bool = True  # include the `entmax` package (entmax15, entmax_bisect)
     compiled: bool = True  # include our kernel="compiled" path (torch.compile; first call compiles)
     # only these methods (names as in the table; softmax_sdpa, the baseline, always runs); empty = all
@@ -53,8 +53,8 @@ class BenchAttentionConfig:
     threads: Optional[int] = None  # torch.set_num_threads; None = torch default
     quick: bool = False  # 5 repeats, no N = 3137 case, no package rows
     json: bool = False  # print the results JSON to stdout instead of the table
-    seed: int = 0
-    output_dir: str = "outputs/bench_attention"
+    seed: int = 0  # seed of the random q, k, v and output gradients of every case
+    output_dir: str = "outputs/bench_attention"  # bench_attention.json, the resolved config, profiles
 
 
 def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:

@@ -38,15 +38,16 @@ SKIMAGE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemis
 @dataclass
 class BenchConfig:
     dataset: Optional[str] = None  # None: scikit-image sample photos; else a load_image_dataset source
-    split: str = "train"
+    split: str = "train"  # split of --dataset to read images from (streamed; unused for the samples)
     num_images: int = 16  # distinct images per round (cycled from the source)
     rounds: int = 8  # timed rounds per pipeline (alternating); the median is reported
-    warmup: int = 1  # untimed rounds first
+    warmup: int = 1  # untimed rounds of both pipelines before the timed ones
     threads: int = 1  # torch threads, as in one DataLoader worker
-    seed: int = 0
+    seed: int = 0  # seed of torch and random before the timed rounds (the crops drawn)
     parity_checks: int = 4  # images checked for identical outputs under equal seeds (0 = skip)
     json: bool = False  # print the result as JSON instead of text
-    output_dir: Optional[str] = None  # write bench_data.json, config.yaml and bench_data.png here
+    output_dir: Optional[str] = None  # write bench_data.json, config.yaml, bench_data.png and an example here
+    # The multi-crop recipe both pipelines run (training's crops section; official DINO's by default).
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
 

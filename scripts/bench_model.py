@@ -41,14 +41,16 @@ log = logging.getLogger("bench_model")
 
 @dataclass
 class BenchModelConfig:
-    preset: str = "vit_small_patch16"  # EntmaxViTConfig preset
+    preset: str = "vit_small_patch16"  # architecture preset of EntmaxViTConfig.from_preset (ViT-S/16)
     batch_size: int = 8  # images of the 224 training step
-    image_size: int = 224
+    image_size: int = 224  # side of the training step's images and of the multi-crop step's global crops, in px
     multicrop_images: int = 2  # images of the multi-crop step (0 = skip it); each gives 2 global + 8 local crops
-    global_crops: int = 2
-    local_crops: int = 8
-    local_size: int = 96
-    drop_path_rate: float = 0.1  # DINO student
+    global_crops: int = 2  # global crops per image of the multi-crop step (DINO: 2)
+    local_crops: int = 8  # local crops per image of the multi-crop step (DINO: 8)
+    local_size: int = 96  # side of the local crops in px (DINO: 96)
+    drop_path_rate: float = 0.1  # stochastic depth of the timed training steps (the DINO student's 0.1)
+    # Variants timed, "attention:kernel": softmax | entmax15 | sparsemax | entmax_bisect with a kernel of
+    # modeling.attention (sdpa, eager, tiled, compiled, triton on CUDA); every one gets the same weights.
     variants: list[str] = field(
         default_factory=lambda: [
             "softmax:sdpa", "softmax:eager", "entmax15:tiled", "entmax15:eager", "entmax15:compiled",
@@ -59,7 +61,7 @@ class BenchModelConfig:
     warmup: int = 1  # untimed rounds (the compiled variant compiles here)
     memory: bool = True  # measure the peak memory of one training step per eager variant
     extract_batch: int = 16  # images per feature-extraction call (EntmaxViT vs transformers ViTModel)
-    extract_repeats: int = 5
+    extract_repeats: int = 5  # timed rounds of every feature-extraction measurement (median reported)
     # feature extraction per variant, ratio to the baseline: image size -> batch (issue 13's cases)
     extract_sizes: dict[int, int] = field(default_factory=lambda: {224: 8, 448: 2, 896: 1})
     memory_sizes: list[int] = field(default_factory=lambda: [448])  # training-step peak memory (batch 2) here
@@ -67,8 +69,8 @@ class BenchModelConfig:
     threads: Optional[int] = None  # torch.set_num_threads; None = torch default
     quick: bool = False  # 3 repeats, multi-crop step with 1 image, no 896 px, no compiled variant
     json: bool = False  # print the results JSON to stdout instead of the table
-    seed: int = 0
-    output_dir: str = "outputs/bench_model"
+    seed: int = 0  # seed of the weights and the random input images
+    output_dir: str = "outputs/bench_model"  # bench_model.json and the resolved config
 
 
 def _median_ms(times: list[float]) -> float:

@@ -32,9 +32,12 @@ class ModelConfig:
     backbone_overrides: Annotated[dict, KeysOf(EntmaxViTConfig)] = field(default_factory=dict)
     # Head output dimension K. Official 65536; for complex/large datasets a large value works well.
     out_dim: Annotated[int, Ge(1)] = 65536
-    # Head MLP hidden width and bottleneck (official 2048 / 256), number of MLP layers (official 3).
+    # Width of the head MLP's hidden layers (official 2048); unused when head_num_layers is 1.
     head_hidden_dim: int = 2048
+    # Width of the head's bottleneck: the MLP's output, L2-normalised before the last layer (official 256).
     head_bottleneck_dim: int = 256
+    # Linear layers of the head MLP before the weight-normed last layer, the bottleneck projection included:
+    # official 3; 1 = a single linear map to the bottleneck.
     head_num_layers: int = 3
     # Fix the magnitude of the head's weight-normed last layer to 1. True makes training more stable;
     # False (the "boosted" ViT-S recipe) gives better performance but may be unstable.
@@ -47,9 +50,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Hub id (ILSVRC/imagenet-1k), "imagefolder:DIR", "webdataset:GLOB_OR_DIR", a save_to_disk folder, or
-    # "embedded" (bundled synthetic scenes).
+    # Hub id (ILSVRC/imagenet-1k), "imagefolder:DIR", "webdataset:GLOB_OR_DIR", a save_to_disk folder,
+    # or "embedded" (bundled synthetic scenes).
     source: str = "ILSVRC/imagenet-1k"
+    # Split of data.source to train on, e.g. "train".
     split: str = "train"
     # Image column; None = found automatically ("image", "img", "jpg", ...).
     image_column: Optional[str] = None
@@ -59,32 +63,38 @@ class DataConfig:
     streaming_num_samples: Optional[int] = None
     # Use only the first N samples (quick experiments); None = all.
     max_samples: Optional[int] = None
+    # datasets cache folder for downloads and prepared data; None = the HF cache (HF_DATASETS_CACHE).
     cache_dir: Optional[str] = None
     # Images per device per step (official: 64 per GPU). The learning rate scales with the total batch.
     batch_size_per_device: Annotated[int, Ge(1)] = 64
-    # DataLoader worker processes per rank, pinned memory (for GPUs).
+    # DataLoader worker processes per rank (official 10 per GPU); 0 decodes and augments in the main process.
     num_workers: Annotated[int, Ge(0)] = 10
+    # Pinned host memory for the batches, copied to the GPU asynchronously; ignored without CUDA.
     pin_memory: bool = True
-    # Unreadable images (corrupt, truncated, empty files) are replaced by the next readable row and counted
-    # (images_skipped); training stops with an error only when no image can be read, or when more than this
-    # share of an epoch's images is unreadable (checked at log steps and checkpoints once the epoch has drawn
-    # 1024 images, and at its end). 1.0 = stop only when no image at all is readable; e.g. 0.05 to stop on
-    # badly damaged data.
+    # Unreadable images (corrupt, truncated, empty files) are replaced by the next readable row and
+    # counted (images_skipped); training stops with an error only when no image can be read, or when more
+    # than this share of an epoch's images is unreadable (checked at log steps and checkpoints once the
+    # epoch has drawn 1024 images, and at its end). 1.0 = stop only when no image at all is readable;
+    # e.g. 0.05 to stop on badly damaged data.
     max_unreadable_share: float = 1.0
 
 
 @dataclass
 class OptimConfig:
+    # Training length in epochs (official 100; the paper 200). Every schedule (lr, weight decay, teacher
+    # momentum and temperature) spans it.
     epochs: Annotated[int, Ge(1)] = 100
     # Peak learning rate for a total batch of 256: lr = lr_base * total_batch / 256, reached after the
     # linear warmup. Official 5e-4.
     lr_base: Annotated[float, Gt(0)] = 0.0005
+    # Epochs of linear learning-rate warmup from 0 to the peak (official 10); at most optim.epochs.
     warmup_epochs: Annotated[int, Ge(0)] = 10
     # Final learning rate of the cosine schedule.
     min_lr: Annotated[float, Ge(0)] = 1.0e-6
-    # Weight decay, cosine from weight_decay to weight_decay_end (official 0.04 -> 0.4); never on biases or
-    # 1-D parameters.
+    # Initial weight decay, cosine to weight_decay_end over training (official 0.04: with ViTs a smaller
+    # value at the start works well); never on biases or other 1-D parameters.
     weight_decay: Annotated[float, Ge(0)] = 0.04
+    # Final weight decay of the cosine schedule (official 0.4: a larger decay by the end helps ViTs).
     weight_decay_end: Annotated[float, Ge(0)] = 0.4
     # Gradient clipping PER PARAMETER (each tensor's gradient scaled to L2 norm <= clip_grad), as official
     # DINO, not a global-norm clip. 0 disables. Official 3.0; ~0.3-1.0 can help optimisation for larger ViTs.
@@ -109,6 +119,8 @@ class LossConfig:
     teacher_temp: Annotated[float, Gt(0)] = 0.04
     # Initial teacher temperature, linearly warmed up to teacher_temp; lower it if training is unstable.
     warmup_teacher_temp: Annotated[float, Gt(0)] = 0.04
+    # Epochs of the linear teacher-temperature warmup (official 0; the boosted ViT-S recipe 30); at most
+    # optim.epochs.
     warmup_teacher_temp_epochs: Annotated[int, Ge(0)] = 0
     # EMA momentum of the teacher-output center (official 0.9).
     center_momentum: Annotated[float, Interval(ge=0, le=1)] = 0.9
@@ -116,8 +128,10 @@ class LossConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Write a checkpoint every N optimizer steps (0 = only at epoch ends) and at every epoch end.
+    # Write a checkpoint every N optimizer steps (0 = none within an epoch). A stop (signal, debug.max_steps)
+    # always writes one.
     every_steps: Annotated[int, Ge(0)] = 1000
+    # Also write a checkpoint at the end of every epoch.
     at_epoch_end: bool = True
     # Keep the newest K checkpoints (older ones are deleted); 0 keeps all.
     keep_last: Annotated[int, Ge(0)] = 3
@@ -128,11 +142,14 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    # Log metrics every N optimizer steps to OUTPUT_DIR/metrics.jsonl (and tensorboard).
+    # Log metrics (loss, lr, wd, momentum, teacher temperature, grad norm, images/s) every N optimizer steps
+    # to OUTPUT_DIR/metrics.jsonl and tensorboard. A non-finite loss stops the run by the next log step.
     every_steps: Annotated[int, Ge(1)] = 10
+    # Also log the metrics to tensorboard (event files under OUTPUT_DIR, through Accelerate).
     tensorboard: bool = True
     # Images of the first global crop used for the attention-support metric of the last block (0 = off).
     attention_support_images: int = 4
+    # Show a tqdm progress bar on the main process (loss and images/s); false for quiet logs in batch jobs.
     progress_bar: bool = True
 
 
@@ -155,17 +172,28 @@ class DistributedConfig:
 
 @dataclass
 class DinoConfig:
+    # Run folder: checkpoints/, metrics.jsonl, loss_curve.png, the resolved config and final_model/ (the
+    # exported teacher backbone). An existing run there is resumed (checkpoint.resume auto).
     output_dir: str = "outputs/dino"
     # Seed of everything: weights, data order, augmentations (a pure function of seed, epoch, sample index).
     seed: int = 0
+    # Backbone (architecture, attention transform and kernel) and DINO projection head.
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Training images: where they come from, batch size, data loading.
     data: DataConfig = field(default_factory=DataConfig)
+    # Multi-crop augmentation (official DINO's DataAugmentationDINO).
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    # AdamW, learning-rate and weight-decay schedules, teacher EMA, clipping, precision.
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # DINO loss: student and teacher temperatures, centering.
     loss: LossConfig = field(default_factory=LossConfig)
+    # Checkpoints under OUTPUT_DIR/checkpoints and resuming from them.
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Metrics log, tensorboard and progress bar.
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Stopping a launch early (smoke tests, debugging).
     debug: DebugConfig = field(default_factory=DebugConfig)
+    # Multi-process training (torch.distributed through Accelerate).
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:

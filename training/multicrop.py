@@ -49,24 +49,24 @@ class MultiCropConfig:
     """Multi-crop augmentation; defaults are official DINO's (main_dino.py, DataAugmentationDINO)."""
 
     global_crops_scale: tuple[float, float] = (0.4, 1.0)  # area share of the image kept by a global crop
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)  # ... by a local crop; DINO: (0.05, 0.4) with (0.4, 1)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area share kept by a local crop; DINO (0.05, 0.4)
     local_crops_number: int = 8  # 0 disables multi-crop (2 global crops only)
-    global_size: int = 224
-    local_size: int = 96
+    global_size: int = 224  # side of the 2 global crops in px; also the model's image_size in training
+    local_size: int = 96  # side of the local crops in px (DINO 96)
     aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop ratio range (torchvision default)
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    flip_p: float = 0.5
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resampling of every crop's resize (DINO bicubic)
+    flip_p: float = 0.5  # probability of a horizontal flip, per crop (DINO 0.5)
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
+    color_jitter_p: float = 0.8  # probability that a crop is color-jittered at all (DINO 0.8)
+    grayscale_p: float = 0.2  # probability that a crop becomes grayscale (DINO 0.2)
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL GaussianBlur radius drawn uniformly in this range
-    global1_blur_p: float = 1.0
-    global2_blur_p: float = 0.1
-    local_blur_p: float = 0.5
-    global2_solarize_p: float = 0.2  # solarization only ever on the second global crop
+    global1_blur_p: float = 1.0  # Gaussian blur probability of global crop 1 (DINO 1.0)
+    global2_blur_p: float = 0.1  # Gaussian blur probability of global crop 2 (DINO 0.1)
+    local_blur_p: float = 0.5  # Gaussian blur probability of each local crop (DINO 0.5)
+    global2_solarize_p: float = 0.2  # solarize probability of global crop 2 (the only one solarized)
     solarize_threshold: int = 128  # pixels >= threshold are inverted (PIL ImageOps.solarize default)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB mean of the normalisation, in [0, 1] (ImageNet)
+    std: tuple[float, float, float] = IMAGENET_STD  # RGB std of the normalisation, > 0 (ImageNet)
 
     def __post_init__(self) -> None:
         for name in ("global_crops_scale", "local_crops_scale"):
