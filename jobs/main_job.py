@@ -3,7 +3,8 @@
 Stages, each the ``main(cfg)`` of an entry point in this process: data (the embedded benchmark), train (DINO,
 preset ``tiny_cpu``, the one stage run as its own process, under ``accelerate launch``), knn, segmentation
 (linear probe, mIoU), analysis (attention maps, per-layer metrics), claims (not by default: the paper's two
-analysis claims) and hub (card + Hub folder, reloaded with ``trust_remote_code`` in a fresh process that cannot
+analysis claims), random (the baseline: a randomly initialised model of the same config through the same k-NN
+and segmentation stages, so the summary says what training added) and hub (card + Hub folder, reloaded with ``trust_remote_code`` in a fresh process that cannot
 import this project). A stage is skipped when its outputs exist and ``OUTPUT_DIR/stages/<stage>.json`` records
 the same settings and SHA-256 of the files it read (a retrained model reruns every evaluation); a stage that
 finished with other inputs has its outputs removed and reruns, an interrupted one keeps them (training resumes
@@ -28,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 from .run_results import FEATURES, seg_dir, summary_metrics
 
-STAGES = ("data", "train", "knn", "segmentation", "analysis", "claims", "hub")
+STAGES = ("data", "train", "knn", "segmentation", "analysis", "claims", "random", "hub")
+RANDOM_DIR = "random_init"  # the random-init baseline's folder in OUTPUT_DIR: its model and its evaluations
 
 
 @dataclass
@@ -53,7 +55,9 @@ class MainJobConfig:
     segmentation_features: list[str] = field(default_factory=lambda: ["patch+cls"])
     # Shortened run for smoke tests: a few training steps and small evaluation subsets.
     quick: bool = False
-    # Stages to run, in order (a subset of data, train, knn, segmentation, analysis, claims, hub).
+    # Stages to run, in order (a subset of data, train, knn, segmentation, analysis, claims, random, hub).
+    # random: the baseline, a randomly initialised model of the trained model's config (seeded by --seed)
+    # evaluated by the same k-NN and segmentation stages, so that the summary shows what training added.
     stages: list[str] = field(default_factory=lambda: [s for s in STAGES if s != "claims"])
     # Rerun stages even when they finished with the same inputs (deletes their previous outputs).
     force: bool = False
@@ -200,6 +204,39 @@ def evaluate(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[st
             for folder, entry, stage_cfg, result in evaluation_jobs(cfg, model_dir, out, stages)}
 
 
+def save_random_init(model_dir: Path, seed: int, random_dir: Path) -> None:
+    """A randomly initialised model with the config (and image processor) of ``model_dir``: the weights the
+    training stage started from, up to the initialisation's random draws, seeded by ``seed``."""
+    import torch
+
+    from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+    config = EntmaxViTConfig.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    EntmaxViTModel(config).save_pretrained(random_dir)
+    if (processor := model_dir / "preprocessor_config.json").is_file():
+        shutil.copy(processor, random_dir / processor.name)
+
+
+def random_baseline(cfg: MainJobConfig, model_dir: Path, out: Path) -> dict[str, dict]:
+    """The ``random`` stage: the random-init model of the trained config, then the k-NN and segmentation stages
+    of ``cfg.stages`` on it, into ``out / RANDOM_DIR``: ``{stage: record}``."""
+    from entmax_vit.cli.config import to_dict
+
+    base, random_model = out / RANDOM_DIR, out / RANDOM_DIR / "model"
+    records = {"random_model": run_stage(base, "random_model", lambda: save_random_init(model_dir, cfg.seed, random_model),
+                                         [random_model / "model.safetensors"], settings={"seed": cfg.seed},
+                                         inputs=[model_dir / "config.json"], clean=[random_model], force=cfg.force)}
+    stages = [s for s in ("knn", "segmentation") if s in cfg.stages]
+    jobs = evaluation_jobs(cfg, random_model, base, stages)
+    weights = [random_model / "model.safetensors"]
+    records.update({f"random_{folder.name}": run_stage(base, folder.name, lambda e=entry, c=stage_cfg: e(c),
+                                                       [folder / result], settings=to_dict(stage_cfg), inputs=weights,
+                                                       clean=[folder], force=cfg.force)
+                    for folder, entry, stage_cfg, result in jobs})
+    return records
+
+
 def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg_head: Path | None) -> dict:
     """Assemble the Hub folder and verify it in a fresh process (assemble_repository(verify=True))."""
     from entmax_vit.hub_cards.assemble import assemble_repository
@@ -231,6 +268,8 @@ def main(cfg: MainJobConfig) -> dict:
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"[main_job] no trained model at {model_dir}: run the train stage first")
     records.update(evaluate(cfg, model_dir, out, cfg.stages))
+    if "random" in cfg.stages:
+        records.update(random_baseline(cfg, model_dir, out))
     if "hub" in cfg.stages:
         seg_dirs = [seg_dir(out, f) for f in cfg.segmentation_features]
         results = [p for p in [out / "knn" / "results_knn.json", *(d / "results_segmentation.json" for d in seg_dirs)]
@@ -244,6 +283,10 @@ def main(cfg: MainJobConfig) -> dict:
                                    force=cfg.force)
 
     metrics = summary_metrics(out, cfg.attention, cfg.segmentation_features)
+    baseline = summary_metrics(out / RANDOM_DIR, cfg.attention, cfg.segmentation_features)
+    for name in [k for k in baseline if k in metrics and (k == "knn_top1" or k.startswith("seg_miou"))]:
+        metrics[f"random_init_{name}"] = baseline[name]  # same config, same evaluations, no training
+        metrics[f"{name}_gain_over_random"] = metrics[name] - baseline[name]
     if "hub" in records:
         metrics["reload_max_abs_diff"] = records["hub"]["result"]["reload_max_abs_diff"]
     summary = {"attention": cfg.attention, "quick": cfg.quick, "total_seconds": round(time.perf_counter() - start, 1),
@@ -259,5 +302,5 @@ def main(cfg: MainJobConfig) -> dict:
     return summary
 
 
-__all__ = ["MainJobConfig", "STAGES", "evaluate", "evaluation_jobs", "main", "run_process", "run_stage",
-           "training_config"]
+__all__ = ["MainJobConfig", "RANDOM_DIR", "STAGES", "evaluate", "evaluation_jobs", "main", "random_baseline",
+           "run_process", "run_stage", "save_random_init", "training_config"]

@@ -131,6 +131,42 @@ def test_stage_configs_carry_settings(tmp_path, monkeypatch):
     assert jobs["analysis"].num_images == 16
 
 
+def test_random_init_baseline_beside_the_trained_model(tmp_path, tiny_config_kwargs):
+    """The random stage: a seeded random-init model of the trained model's config (and processor), evaluated by
+    the same k-NN stage with the same settings; the summary reports it and the gain over it; a rerun skips it."""
+    import torch
+
+    from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+    out = tmp_path / "job"
+    trained = out / "train" / "final_model"
+    torch.manual_seed(123)
+    EntmaxViTModel(EntmaxViTConfig(attention="entmax15", **tiny_config_kwargs)).save_pretrained(trained)
+    (trained / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 32, "width": 32}}))
+    cfg = main_job.MainJobConfig(output_dir=str(out), dataset="embedded:num_train=48,num_validation=24", seed=5,
+                                 stages=["knn", "random"], quick=True)
+    summary = main_job.main(cfg)
+    random_dir = out / main_job.RANDOM_DIR
+    baseline = EntmaxViTModel.from_pretrained(random_dir / "model")
+    torch.manual_seed(5)
+    expected = EntmaxViTModel(EntmaxViTConfig.from_pretrained(trained))
+    assert all(torch.equal(a, b) for a, b in zip(baseline.state_dict().values(), expected.state_dict().values()))
+    assert (random_dir / "model" / "preprocessor_config.json").read_text() == (
+        trained / "preprocessor_config.json").read_text()
+    assert (random_dir / "knn" / "results_knn.json").is_file() and (out / "knn" / "results_knn.json").is_file()
+    ours = yaml.safe_load((out / "knn" / "eval_knn_config.yaml").read_text())
+    theirs = yaml.safe_load((random_dir / "knn" / "eval_knn_config.yaml").read_text())
+    assert {k: v for k, v in ours.items() if k not in ("model", "output_dir")} == {
+        k: v for k, v in theirs.items() if k not in ("model", "output_dir")}  # the same evaluation
+    metrics = summary["metrics"]
+    assert metrics["random_init_knn_top1"] == run_results.summary_metrics(random_dir, "entmax15", [])["knn_top1"]
+    assert math.isclose(metrics["knn_top1_gain_over_random"], metrics["knn_top1"] - metrics["random_init_knn_top1"])
+    assert "random_random_model" not in summary["stages"] and not summary["stages"]["random_model"]["skipped"]
+    again = main_job.main(cfg)
+    assert again["stages"]["random_model"]["skipped"] and again["stages"]["random_knn"]["skipped"]
+    assert again["metrics"] == metrics
+
+
 def test_hub_stage_assembles_and_verifies_without_uploading(tmp_path, monkeypatch):
     import entmax_vit.hub_cards.assemble as assemble
     import entmax_vit.hub_cards.upload as upload
