@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .main_job import MainJobConfig, main as main_job
+from .main_job import RANDOM_DIR, MainJobConfig, main as main_job
 from .run_results import FEATURES, load_analysis, summary_metrics
 from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, comparison_lines
 
@@ -84,13 +84,36 @@ def main_job_config(cfg: ReproduceMiniConfig, attention: str, seed: int, run_dir
 # ----------------------------------------------------------------------------------------------------------
 # Collecting results
 # ----------------------------------------------------------------------------------------------------------
+PROBE_KEYS = ("knn_top1", "seg_miou_patch", "seg_miou_patch_cls")  # what the random-init baseline is evaluated on
+
+
 def collect(run_dir: Path, attention: str, seed: int) -> dict:
-    """Every number the report needs for one run folder of the main job."""
+    """Every number the report needs for one run folder of the main job; ``random_init``: its random-init
+    baseline's probe results (the main job's random stage), empty when that stage did not run."""
     per_layer = load_analysis(run_dir / "analysis")
     stages = json.loads((run_dir / "summary.json").read_text())["stages"] if (run_dir / "summary.json").is_file() else {}
+    baseline = summary_metrics(run_dir / RANDOM_DIR, attention, FEATURES)
     return {"attention": attention, "seed": seed, **summary_metrics(run_dir, attention, FEATURES),
             "last_layer": per_layer[max(per_layer)], "per_layer": {str(k): v for k, v in per_layer.items()},
+            "random_init": {k: baseline[k] for k in PROBE_KEYS if k in baseline},
             "seconds": sum(float(s.get("seconds") or 0) for s in stages.values())}
+
+
+def random_rows(rows: list[dict]) -> list[dict]:
+    """The random-init baselines as report rows: attention "<transform>, random init", probe metrics only."""
+    return [{"attention": f"{row['attention']}, random init", "seed": row["seed"], **row["random_init"]}
+            for row in rows if row.get("random_init")]
+
+
+def training_gain_lines(table: dict, attentions: Sequence[str]) -> list[str]:
+    """Per transform, trained against its random init (same config, same evaluations), generated from the numbers."""
+    probes = [m for m in METRICS if m[0] in PROBE_KEYS]
+    lines = []
+    for attention in attentions:
+        baseline = f"{attention}, random init"
+        if attention in table and baseline in table:
+            lines += comparison_lines({baseline: table[baseline], attention: table[attention]}, baseline, probes)
+    return lines
 
 
 def load_losses(metrics_jsonl: Path) -> tuple[list[float], list[float]]:
@@ -120,14 +143,16 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
     """The multi-seed section: means ± spread, generated verdicts, per-seed numbers, the paper's table.
     ``figures`` prefixes the image links (e.g. "figures/" inside docs/)."""
     table = aggregate(rows, [key for key, _, _ in (*METRICS, *CLAIMS)])
+    baselines = random_rows(rows)
+    shown = {**table, **aggregate(baselines, [key for key, _, _ in METRICS])}  # trained, then random init
     seeds = sorted({row["seed"] for row in rows})
     head = "| attention | " + " | ".join(title for _, title, _ in METRICS) + " |"
     sep = "|---|" + "---|" * len(METRICS)
     means = [head, sep] + [f"| {a} | " + " | ".join(s[key].format(spec) for key, _, spec in METRICS) + " |"
-                           for a, s in table.items()]
+                           for a, s in shown.items()]
     per_seed = ["| attention | seed | " + " | ".join(title for _, title, _ in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     per_seed += [f"| {row['attention']} | {row['seed']} | " + " | ".join(_fmt(row.get(key), spec) for key, _, spec in METRICS)
-                 + " |" for row in rows]
+                 + " |" for row in [*rows, *baselines]]
     claims = ["| attention | seed | " + " | ".join(title.split(" ")[0] + " " + key for key, title, _ in CLAIMS) + " |",
               "|---|---|" + "---|" * len(CLAIMS)]
     claims += [f"| {row['attention']} | {row['seed']} | " + " | ".join(_fmt(row.get(key), spec) for key, _, spec in CLAIMS)
@@ -152,6 +177,11 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
         "not a significance test):",
         "",
         *(comparison_lines(table, baseline) or ["- only one transform measured."]),
+        "",
+        "What training added: each transform against a randomly initialised model of the same config and seed "
+        "(the main job's random stage: the same k-NN and segmentation probes; rows \"random init\" above):",
+        "",
+        *(training_gain_lines(shown, list(table)) or ["- not measured (the random stage did not run)."]),
         "",
         "The paper's two analysis claims on the same runs (analysis.claims; (a) shallow blocks align better with "
         "the foreground yet probe worse than deeper ones, shallow = mean of the first half of the blocks, deep = "
@@ -289,10 +319,11 @@ def main(cfg: ReproduceMiniConfig) -> dict:
         from .degradation import run_degradation
 
         return run_degradation(cfg, out, start)
-    runs = run_all(cfg, out, ["train", "knn", "segmentation", "analysis", *(["claims"] if cfg.claims else [])])
+    runs = run_all(cfg, out, ["train", "knn", "segmentation", "analysis", *(["claims"] if cfg.claims else []),
+                              "random"])
     rows = [collect(run_dir, attention, seed) for attention, seed, run_dir in runs]
     (out / "results.json").write_text(json.dumps({"config": to_dict(cfg), "runs": rows}, indent=2, default=str))
-    figures = [plot_probes(rows, out / "reproduce_mini_seeds.png")]
+    figures = [plot_probes([*rows, *random_rows(rows)], out / "reproduce_mini_seeds.png")]  # random init: bars too
     curves = plot_layer_curves(mean_per_layer(rows), out / "curves")
     figures.append(Path(shutil.copy(curves[0], out / "reproduce_mini_layer_curves.png")))
     logs = {a: [d / "train" / "metrics.jsonl" for b, _, d in runs if b == a] for a in cfg.attentions}
@@ -309,5 +340,5 @@ def main(cfg: ReproduceMiniConfig) -> dict:
     return {"rows": rows, "report": out / "results.md"}
 
 
-__all__ = ["ReproduceMiniConfig", "collect", "main", "markdown_report", "plot_losses",
-           "plot_probes", "publish"]
+__all__ = ["PROBE_KEYS", "ReproduceMiniConfig", "collect", "main", "markdown_report", "plot_losses",
+           "plot_probes", "publish", "random_rows", "training_gain_lines"]

@@ -297,6 +297,38 @@ def test_report_from_finished_runs(tmp_path):
     assert reproduce_mini.mean_per_layer(rows)["entmax15"][1]["attention_zero_share"] == pytest.approx(0.5625)
     with pytest.raises(ValueError, match="no analysis results"):
         run_results.load_analysis(tmp_path / "softmax" / "seed_0" / "train")
+    assert "- not measured (the random stage did not run)." in report and all(not r["random_init"] for r in rows)
+
+
+def test_report_compares_training_with_random_init(tmp_path):
+    """Rows "<transform>, random init" from the main job's random stage: in the means and per-seed tables, and
+    a generated verdict per transform on what training added (entmax15: k-NN +20 over a spread of ~1.4)."""
+    values = {("softmax", 0): 50.0, ("softmax", 1): 51.0, ("entmax15", 0): 52.0, ("entmax15", 1): 54.0}
+    random_knn = {0: 31.0, 1: 33.0}
+    rows = []
+    for (attention, seed), knn in values.items():
+        run = tmp_path / attention / f"seed_{seed}"
+        _fake_run(run, attention, knn, 30.0 + seed, 0.5 if attention == "entmax15" else 0.0)
+        if attention == "entmax15":  # the random stage ran for entmax15 only
+            base = run / main_job.RANDOM_DIR
+            _results(base / "knn" / "results_knn.json", "knn", {"top1_k20": random_knn[seed]}, attention)
+            _results(base / "segmentation_patch" / "results_segmentation.json", "segmentation", {"mIoU": 29.5 + seed},
+                     attention)
+        rows.append(reproduce_mini.collect(run, attention, seed))
+    assert rows[2]["random_init"] == {"knn_top1": 31.0, "seg_miou_patch": 29.5} and not rows[0]["random_init"]
+    report = reproduce_mini.markdown_report(reproduce_mini.ReproduceMiniConfig(output_dir=str(tmp_path)), rows, 1.0)
+    lines = report.splitlines()
+    assert "| entmax15, random init | 1 | 33.00 | 30.50 | n/a | n/a | n/a | n/a |" in lines  # per seed
+    assert any(line.startswith("| entmax15, random init | 32.00 ± 1.41 [31.00, 33.00] | 30.00 ± 0.71") for line in lines)
+    gains = [line for line in lines if "- entmax15, random init" in line]
+    assert gains == [
+        "- k-NN top-1 (%): entmax15 - entmax15, random init = +21.00 (seed spread 1.41): beyond the seed spread.",
+        "- mIoU patch (%): entmax15 - entmax15, random init = +0.50 (seed spread 0.71): noise (within the seed "
+        "spread)."]
+    softmax_lines = [line for line in lines if line.startswith("- k-NN top-1 (%): entmax15 - softmax")]
+    assert len(softmax_lines) == 1  # the transform comparison leaves the random rows out
+    assert reproduce_mini.plot_probes([*rows, *reproduce_mini.random_rows(rows)],
+                                      tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_one_seed_cannot_call_a_difference_real(tmp_path):
