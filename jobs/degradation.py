@@ -166,6 +166,17 @@ def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figur
     ])
 
 
+def main(cfg: ReproduceMiniConfig) -> dict:
+    """The dense-degradation study (``scripts/reproduce_mini.py --long``): its own entry, so that this module
+    builds on reproduce_mini and not the other way round."""
+    from entmax_vit.cli.config import save_config
+
+    start = time.perf_counter()
+    out = Path(cfg.output_dir).resolve()
+    save_config(cfg, out / "reproduce_mini_config.yaml")
+    return run_degradation(cfg, out, start)
+
+
 def run_degradation(cfg: ReproduceMiniConfig, out: Path, start: float) -> dict:
     out = out / "long"
     runs = run_all(cfg, out, ["train"], long_overrides(cfg))
@@ -183,5 +194,5 @@ def run_degradation(cfg: ReproduceMiniConfig, out: Path, start: float) -> dict:
     return {"rows": rows, "report": out / "degradation.md", "figure": figure}
 
 
-__all__ = ["evaluate_checkpoints", "long_overrides", "plot_degradation", "recorded_minutes", "report",
+__all__ = ["evaluate_checkpoints", "long_overrides", "main", "plot_degradation", "recorded_minutes", "report",
            "run_degradation", "trend", "verdict_lines"]

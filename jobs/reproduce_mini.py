@@ -312,13 +312,12 @@ def main(cfg: ReproduceMiniConfig) -> dict:
     from entmax_vit.analysis.figures import plot_layer_curves
     from entmax_vit.cli.config import save_config, to_dict
 
+    if cfg.long:
+        raise ValueError("--long is the dense-degradation study: run it with scripts/reproduce_mini.py --long or "
+                         "entmax_vit.jobs.degradation.main")
     start = time.perf_counter()
     out = Path(cfg.output_dir).resolve()
     save_config(cfg, out / "reproduce_mini_config.yaml")
-    if cfg.long:
-        from .degradation import run_degradation
-
-        return run_degradation(cfg, out, start)
     runs = run_all(cfg, out, ["train", "knn", "segmentation", "analysis", *(["claims"] if cfg.claims else []),
                               "random"])
     rows = [collect(run_dir, attention, seed) for attention, seed, run_dir in runs]

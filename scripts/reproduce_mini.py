@@ -12,7 +12,14 @@ Keys: entmax_vit.jobs.reproduce_mini.ReproduceMiniConfig.
 """
 
 from entmax_vit.cli.entry_point import run
-from entmax_vit.jobs.reproduce_mini import ReproduceMiniConfig, main
+from entmax_vit.jobs import degradation, reproduce_mini
+from entmax_vit.jobs.reproduce_mini import ReproduceMiniConfig
+
+
+def main(cfg: ReproduceMiniConfig) -> dict:
+    """--long: the dense-degradation study (jobs/degradation.py); otherwise the multi-seed comparison."""
+    return degradation.main(cfg) if cfg.long else reproduce_mini.main(cfg)
+
 
 if __name__ == "__main__":
     run(main, ReproduceMiniConfig, "reproduce_mini", description=__doc__)

@@ -230,6 +230,19 @@ def test_reproduce_needs_two_transforms(tmp_path):
         reproduce_mini.main(reproduce_mini.ReproduceMiniConfig(output_dir=str(tmp_path), attentions=["entmax15"]))
 
 
+def test_degradation_builds_on_reproduce_mini_not_the_reverse(tmp_path):
+    """No import cycle: jobs/reproduce_mini.py imports nothing from jobs/degradation.py (anywhere in the file);
+    --long goes to degradation.main through the script, and reproduce_mini.main refuses it in one line."""
+    import ast
+
+    tree = ast.parse((REPO / "jobs" / "reproduce_mini.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {m for m in imported if m and m.split(".")[-1] == "degradation"}
+    with pytest.raises(ValueError, match="dense-degradation"):
+        reproduce_mini.main(reproduce_mini.ReproduceMiniConfig(output_dir=str(tmp_path), long=True))
+    assert not (tmp_path / "reproduce_mini_config.yaml").exists()  # refused before writing anything
+
+
 def test_seed_spread_and_verdicts():
     s = seed_stats.Spread((1.0, 2.0, 3.0))
     assert (s.mean, s.std, s.min, s.max, s.n) == (2.0, 1.0, 1.0, 3.0, 3)
