@@ -368,13 +368,6 @@ def load_preset(name_or_path: str, preset_dir: Optional[Path] = None) -> dict:
     return data
 
 
-def apply_overrides(cfg: T, overrides: Mapping[str, Any]) -> T:
-    """A copy of ``cfg`` with dotted-key overrides (``{"optim.epochs": 3}``) applied and checked."""
-    out = _tyro(type(cfg), [f"--{k.replace('-', '_')}={_render(v)}" for k, v in overrides.items()], default=cfg)
-    check_values(out)
-    return out
-
-
 def usage(cls: type, description: Optional[str] = None, preset_dir: Optional[Path] = None,
           default: Any = None, prog: Optional[str] = None) -> str:
     """``--help`` text (tyro's): the description, the presets, and every dotted key with its type, default
@@ -475,5 +468,5 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["REGISTRY", "ConfigError", "KeysOf", "apply_overrides", "check_values", "flatten", "from_dict",
+__all__ = ["REGISTRY", "ConfigError", "KeysOf", "check_values", "flatten", "from_dict",
            "load_preset", "parse_config", "positionals_to_options", "save_config", "to_dict", "usage"]
