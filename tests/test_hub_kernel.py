@@ -25,7 +25,7 @@ import pytest
 import torch
 from kernels import Metadata
 from kernels._rust import Digest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
 import entmax_vit.modeling  # noqa: F401 - registers "entmax15", "sparsemax", "entmax_bisect" (the in-project reference)
@@ -131,7 +131,7 @@ FRESH_MODELS = r'''
 import json, sys
 from pathlib import Path
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 report = {}
 try:
     import entmax_vit  # noqa: F401
@@ -143,7 +143,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 repo_id, work = sys.argv[1], Path(sys.argv[2])
 cases = json.loads((work / "cases.json").read_text())
-x = torch.load(work / "pixels.pt")
+x = load_file(str(work / "pixels.safetensors"))["pixels"]
 out, kinds = {}, {}
 for case in cases:
     impl = f"{repo_id}:{case['function']}"
@@ -209,7 +209,7 @@ PACKAGE_TRANSFORMS = {
 def test_dinov2_and_vit_run_the_hub_kernel_without_the_project(kernel_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    torch.save(x, tmp_path / "pixels.pt")
+    save_file({"pixels": x}, str(tmp_path / "pixels.safetensors"))
     cases = []
     for model_name, (model_cls, config_cls) in MODELS.items():
         config = config_cls(**TINY)
