@@ -139,6 +139,7 @@ def extract_features(
     if store_patch_tokens:
         parts["patches"] = []
     show = accelerator is None or accelerator.is_local_main_process
+    drop = main_rank_only and accelerator is not None and not accelerator.is_main_process
     for batch in tqdm(loader, desc=desc, disable=not show):
         x = batch["pixel_values"].to(device)
         cls, patches = block_outputs(model, x, n_last_blocks)
@@ -148,10 +149,9 @@ def extract_features(
             out["patches"] = patches.half()
         if accelerator is not None and not sharded_loader:
             out = accelerator.gather_for_metrics(out)
-        drop = main_rank_only and not sharded_loader and accelerator is not None and not accelerator.is_main_process
         for k, v in out.items():
-            # a rank that drops keeps the validity flags (for the shared skip count) and empty slices of the rest
-            parts[k].append(v.cpu() if k == "valid" or not drop else v[:0].cpu())
+            # a rank that drops gathered rows keeps their validity flags (the shared skip count), not their features
+            parts[k].append(v[:0].cpu() if drop and not sharded_loader and k != "valid" else v.cpu())
     if not parts["labels"]:
         raise ValueError(f"{desc}: the data loader produced no rows")
     feats = {k: torch.cat(v) for k, v in parts.items()}
@@ -166,7 +166,7 @@ def extract_features(
     skipped = int((~valid).sum())
     if skipped:
         logger.warning("%s: skipped %d unreadable image(s) of %d", desc, skipped, len(valid))
-    if main_rank_only and accelerator is not None and not accelerator.is_main_process:
+    if drop:
         feats = {k: v[:0].contiguous() for k, v in feats.items()}
     else:
         feats = {k: v[valid].contiguous() for k, v in feats.items()}

@@ -4,7 +4,8 @@ Stages, each the ``main(cfg)`` of an entry point in this process: data (the embe
 preset ``tiny_cpu``, the one stage run as its own process, under ``accelerate launch``), knn, segmentation
 (linear probe, mIoU), analysis (attention maps, per-layer metrics), claims (not by default: the paper's two
 analysis claims), random (the baseline: a randomly initialised model of the same config through the same k-NN
-and segmentation stages, so the summary says what training added) and hub (card + Hub folder, reloaded with ``trust_remote_code`` in a fresh process that cannot
+and segmentation stages, so the summary says what training added) and hub (card + Hub folder, reloaded with
+``trust_remote_code`` in a fresh process that cannot
 import this project). A stage is skipped when its outputs exist and ``OUTPUT_DIR/stages/<stage>.json`` records
 the same settings and SHA-256 of the files it read (a retrained model reruns every evaluation); a stage that
 finished with other inputs has its outputs removed and reruns, an interrupted one keeps them (training resumes
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .run_results import FEATURES, seg_dir, summary_metrics
+from .run_results import FEATURES, PROBE_KEYS, seg_dir, summary_metrics
 
 STAGES = ("data", "train", "knn", "segmentation", "analysis", "claims", "random", "hub")
 RANDOM_DIR = "random_init"  # the random-init baseline's folder in OUTPUT_DIR: its model and its evaluations
@@ -220,20 +221,13 @@ def save_random_init(model_dir: Path, seed: int, random_dir: Path) -> None:
 
 def random_baseline(cfg: MainJobConfig, model_dir: Path, out: Path) -> dict[str, dict]:
     """The ``random`` stage: the random-init model of the trained config, then the k-NN and segmentation stages
-    of ``cfg.stages`` on it, into ``out / RANDOM_DIR``: ``{stage: record}``."""
-    from entmax_vit.cli.config import to_dict
-
+    of ``cfg.stages`` on it (``evaluate``), into ``out / RANDOM_DIR``: ``{stage: record}``."""
     base, random_model = out / RANDOM_DIR, out / RANDOM_DIR / "model"
     records = {"random_model": run_stage(base, "random_model", lambda: save_random_init(model_dir, cfg.seed, random_model),
                                          [random_model / "model.safetensors"], settings={"seed": cfg.seed},
                                          inputs=[model_dir / "config.json"], clean=[random_model], force=cfg.force)}
     stages = [s for s in ("knn", "segmentation") if s in cfg.stages]
-    jobs = evaluation_jobs(cfg, random_model, base, stages)
-    weights = [random_model / "model.safetensors"]
-    records.update({f"random_{folder.name}": run_stage(base, folder.name, lambda e=entry, c=stage_cfg: e(c),
-                                                       [folder / result], settings=to_dict(stage_cfg), inputs=weights,
-                                                       clean=[folder], force=cfg.force)
-                    for folder, entry, stage_cfg, result in jobs})
+    records.update({f"random_{name}": r for name, r in evaluate(cfg, random_model, base, stages).items()})
     return records
 
 
@@ -284,7 +278,7 @@ def main(cfg: MainJobConfig) -> dict:
 
     metrics = summary_metrics(out, cfg.attention, cfg.segmentation_features)
     baseline = summary_metrics(out / RANDOM_DIR, cfg.attention, cfg.segmentation_features)
-    for name in [k for k in baseline if k in metrics and (k == "knn_top1" or k.startswith("seg_miou"))]:
+    for name in [k for k in PROBE_KEYS if k in baseline and k in metrics]:
         metrics[f"random_init_{name}"] = baseline[name]  # same config, same evaluations, no training
         metrics[f"{name}_gain_over_random"] = metrics[name] - baseline[name]
     if "hub" in records:

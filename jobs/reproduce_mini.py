@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .main_job import RANDOM_DIR, MainJobConfig, main as main_job
-from .run_results import FEATURES, load_analysis, summary_metrics
+from .run_results import FEATURES, PROBE_KEYS, load_analysis, summary_metrics
 from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, comparison_lines
 
 
@@ -84,9 +84,6 @@ def main_job_config(cfg: ReproduceMiniConfig, attention: str, seed: int, run_dir
 # ----------------------------------------------------------------------------------------------------------
 # Collecting results
 # ----------------------------------------------------------------------------------------------------------
-PROBE_KEYS = ("knn_top1", "seg_miou_patch", "seg_miou_patch_cls")  # what the random-init baseline is evaluated on
-
-
 def collect(run_dir: Path, attention: str, seed: int) -> dict:
     """Every number the report needs for one run folder of the main job; ``random_init``: its random-init
     baseline's probe results (the main job's random stage), empty when that stage did not run."""
@@ -339,5 +336,5 @@ def main(cfg: ReproduceMiniConfig) -> dict:
     return {"rows": rows, "report": out / "results.md"}
 
 
-__all__ = ["PROBE_KEYS", "ReproduceMiniConfig", "collect", "main", "markdown_report", "plot_losses",
+__all__ = ["ReproduceMiniConfig", "collect", "main", "markdown_report", "plot_losses",
            "plot_probes", "publish", "random_rows", "training_gain_lines"]

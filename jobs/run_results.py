@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 FEATURES = ("patch", "patch+cls")  # segmentation probe inputs: last-layer patch tokens, with [CLS] concatenated
+# The probes' headline numbers in summary_metrics (what a random-init baseline is compared on).
+PROBE_KEYS = ("knn_top1", *(f"seg_miou_{f.replace('+', '_')}" for f in FEATURES))
 
 
 def seg_dir(out: Path, features: str) -> Path:
@@ -48,4 +50,4 @@ def summary_metrics(out: Path, attention: str, segmentation_features: Sequence[s
     return metrics
 
 
-__all__ = ["FEATURES", "load_analysis", "seg_dir", "summary_metrics"]
+__all__ = ["FEATURES", "PROBE_KEYS", "load_analysis", "seg_dir", "summary_metrics"]
