@@ -80,22 +80,22 @@ def test_explicit_resume_from_a_damaged_checkpoint_is_refused(reference, data, t
         main(cfg_of(tiny_args(data, out, **{"checkpoint.resume": str(step)})))
 
 
-def test_verify_checkpoint_without_manifest_reads_safetensors_headers(tmp_path):
-    """Checkpoints written before manifests existed: every safetensors header must match its file length."""
+def test_verify_checkpoint_needs_its_manifest_and_state(tmp_path):
+    """Every checkpoint this project writes has a manifest: one without it (or with an unreadable
+    trainer_state.json) is damaged."""
     step = tmp_path / "step_0000001"
     step.mkdir()
     (step / ckpt.STATE_FILE).write_text(json.dumps({"global_step": 1}))
-    (step / ckpt.CONFIG_FILE).write_text("seed: 0\n")
     save_file({"teacher.w": torch.arange(64.0)}, str(step / ckpt.TEACHER_FILE))
+    ckpt.write_manifest(step)
     assert ckpt.verify_checkpoint(step) == []
     data = (step / ckpt.TEACHER_FILE).read_bytes()
     (step / ckpt.TEACHER_FILE).write_bytes(data[:-10])
-    assert ckpt.verify_checkpoint(step) == [
-        f"{ckpt.TEACHER_FILE}: {len(data) - 10} bytes, the header describes {len(data)} (truncated?)"]
-    (step / ckpt.TEACHER_FILE).write_bytes(data[:20])
-    assert "truncated" in ckpt.verify_checkpoint(step)[0]
+    assert ckpt.verify_checkpoint(step) == [f"{ckpt.TEACHER_FILE}: {len(data) - 10} bytes, {len(data)} when written"]
     (step / ckpt.STATE_FILE).write_text("{not json")
     assert ckpt.verify_checkpoint(step)[0].startswith(f"{ckpt.STATE_FILE}:")
+    (step / ckpt.MANIFEST_FILE).unlink()
+    assert ckpt.verify_checkpoint(step)[-1].startswith(f"{ckpt.MANIFEST_FILE}: unreadable")
 
 
 def test_leftovers_are_described_by_what_left_them(tmp_path):

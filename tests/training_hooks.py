@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import runpy
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,21 @@ def _dumping_rank_state(dino: Any, patch: Callable[[Any, str, Any], None]) -> No
     patch(dino, "train", train)
 
 
+class _PausingShutil:
+    """checkpointing's ``shutil``, pausing before it deletes a pruned (renamed) checkpoint."""
+
+    def __init__(self, seconds: float, prefix: str) -> None:
+        self.seconds, self.prefix = seconds, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(shutil, name)
+
+    def rmtree(self, path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name.startswith(self.prefix):
+            time.sleep(self.seconds)
+        shutil.rmtree(path, *args, **kwargs)
+
+
 def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = None) -> None:
     """Patch the training modules (and names ``training.dino`` imported from them) with ``hooks``."""
     import entmax_vit.training.checkpointing as ckpt
@@ -153,8 +169,8 @@ def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = N
 
     if hooks.get("pause_in_checkpoint"):  # write_manifest runs inside .tmp_step_*, before its rename
         patch(ckpt, "write_manifest", pausing(ckpt.write_manifest, float(hooks["pause_in_checkpoint"])))
-    if hooks.get("pause_in_pruning"):  # _delete_folder gets the renamed .tmp_old_step_* folder
-        patch(ckpt, "_delete_folder", pausing(ckpt._delete_folder, float(hooks["pause_in_pruning"])))
+    if hooks.get("pause_in_pruning"):  # between the rename to .tmp_old_step_* and its deletion
+        patch(ckpt, "shutil", _PausingShutil(float(hooks["pause_in_pruning"]), ckpt.PRUNED_PREFIX))
     if hooks.get("pause_in_export"):
         def make_dir(backbone: Any, out_dir: Any, *rest: Any, **kwargs: Any) -> None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
