@@ -7,7 +7,6 @@ from .attention import (
     ATTENTION_INTERFACE_NAMES,
     ATTENTION_KERNELS,
     ATTENTION_TRANSFORMS,
-    attention_forward,
     attention_function,
     get_attention_transform,
     resolve_kernel,
@@ -47,7 +46,6 @@ __all__ = [
     "IMAGENET_STD",
     "PRESETS",
     "PRESET_ALIASES",
-    "attention_forward",
     "get_attention_transform",
     "make_image_processor",
 ]

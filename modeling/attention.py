@@ -314,19 +314,6 @@ def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
     )
 
 
-def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str,
-                      scaling: float, kernel: Optional[str] = None, alpha=None, dropout: float = 0.0,
-                      training: bool = False, need_weights: bool = False,
-                      attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Multi-head attention product with a chosen transform and kernel (functional form, for benchmarks).
-
-    query/key/value: (B, H, N, d). Returns (out (B, H, N, d), probs (B, H, N, N) or None).
-    """
-    fn = ATTENTION_KERNELS[resolve_kernel(transform, kernel)]
-    return fn(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
-              dropout=dropout if training else 0.0, need_weights=need_weights)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # transformers' AttentionInterface
 # ----------------------------------------------------------------------------------------------------------
@@ -410,7 +397,6 @@ __all__ = [
     "ATTENTION_KERNELS",
     "ATTENTION_TRANSFORMS",
     "KERNEL_TRANSFORMS",
-    "attention_forward",
     "attention_function",
     "attention_interface_name",
     "default_kernel",

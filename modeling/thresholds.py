@@ -40,9 +40,9 @@ import torch
 # Newton steps before the closed-form finish (uncertified rows take the exact path, so these trade speed
 # only): with these, no row failed the certificate on Gaussian scores of any scale we tried at N = 37 and 197
 # (sparsemax's Michelot steps converge more slowly on flat rows); at N = 785 and 3137 a few near-uniform rows
-# in a thousand do. alpha-entmax: iterations per convergence check and their cap.
-ENTMAX15_NEWTON_STEPS = 4
-SPARSEMAX_NEWTON_STEPS = 6
+# in a thousand do. The solvers take them as parameters (``newton_steps``, ``check_every``) defaulting to
+# these. alpha-entmax: iterations per convergence check and their cap.
+NEWTON_STEPS = {"entmax15": 4, "sparsemax": 6}
 BISECT_CHECK_EVERY = 4
 BISECT_MAX_ITER = 64  # float64 rows at alpha > 2 need more than 48 (Newton creeps where phi is not convex)
 # Triton kernel: passes over the keys a row may take before its Newton iterate has converged (the loop ends
@@ -209,13 +209,13 @@ def _bisect_iterations(x, q, lo, hi, tau, err, count: int):
 
 
 def bisect_block_threshold(
-    x: torch.Tensor, mean: torch.Tensor, am1: torch.Tensor, q, tol: float
+    x: torch.Tensor, mean: torch.Tensor, am1: torch.Tensor, q, tol: float, check_every: int = BISECT_CHECK_EVERY
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha-entmax threshold of ``x`` = (alpha - 1) y (row max 0, row mean ``mean``); ``am1`` = alpha - 1
     per row (..., 1) and
     ``q`` = 1 / (alpha - 1) (a float when alpha is one number: d ** 2.0 is a square, not exp/log).
 
-    Runs the safeguarded Newton iteration in rounds of BISECT_CHECK_EVERY steps until every row of the block
+    Runs the safeguarded Newton iteration in rounds of ``check_every`` steps until every row of the block
     has converged (|f(lo)| within ``tol``, or the bracket within ``tol`` relative to |hi|: tau < hi < 0, and
     near-uniform rows at alpha > 2 have |tau| ~ 1e-3, where an absolute bracket stops thousands of ulps early)
     or BISECT_MAX_ITER. Returns (lo, z) with p = (x - lo)_+^q / z renormalised, as the ``entmax`` package does.
@@ -227,9 +227,9 @@ def bisect_block_threshold(
     state = torch.stack(torch.broadcast_tensors(lo, hi, tau, err))  # (4, ..., 1): one operand for the branch
 
     def more(state, x):
-        return torch.stack(_bisect_iterations(x, q, *state.unbind(0), BISECT_CHECK_EVERY))
+        return torch.stack(_bisect_iterations(x, q, *state.unbind(0), check_every))
 
-    for _ in range(BISECT_MAX_ITER // BISECT_CHECK_EVERY):
+    for _ in range(BISECT_MAX_ITER // check_every):
         lo, hi, _, err = state.unbind(0)
         state = _unless_all((err <= tol) | (hi - lo <= tol * hi.abs()), more, (state, x))
     lo = state[0]
@@ -243,9 +243,12 @@ def bisect_block_threshold(
 # The dense path: the block solvers applied to every row of a (..., N) tensor as one block
 # ----------------------------------------------------------------------------------------------------------
 def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
-                  scalar_alpha: Optional[float] = None) -> torch.Tensor:
+                  scalar_alpha: Optional[float] = None, *, newton_steps: Optional[int] = None,
+                  check_every: int = BISECT_CHECK_EVERY) -> torch.Tensor:
     """Exact ``transform`` of ``scores`` over the last dimension (float32 or wider). ``alpha_rows`` (..., 1):
-    alpha per row (entmax_bisect); ``scalar_alpha``: the same alpha as a float (a float exponent is cheaper)."""
+    alpha per row (entmax_bisect); ``scalar_alpha``: the same alpha as a float (a float exponent is cheaper).
+    ``newton_steps`` (default ``NEWTON_STEPS[transform]``), ``check_every``: the solvers' work per round; any
+    value gives the exact answer (fewer Newton steps send more rows to the sort fallback)."""
     m = scores.amax(dim=-1, keepdim=True)
     y = scores - m  # (..., N), row max 0
     mean = y.mean(dim=-1, keepdim=True)
@@ -253,15 +256,16 @@ def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[tor
     def rescore() -> torch.Tensor:  # fresh y for the sort fallback
         return scores - m
 
+    steps = NEWTON_STEPS.get(transform) if newton_steps is None else newton_steps
     if transform == "entmax15":
-        _, e = entmax15_block_threshold(y, None, mean, ENTMAX15_NEWTON_STEPS, rescore)
+        _, e = entmax15_block_threshold(y, None, mean, steps, rescore)
         return (e * 0.5) ** 2
     if transform == "sparsemax":
-        return sparsemax_block_threshold(y, None, mean, SPARSEMAX_NEWTON_STEPS, rescore)[1]
+        return sparsemax_block_threshold(y, None, mean, steps, rescore)[1]
     am1 = alpha_rows - 1
     q = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
     x = y * am1
-    t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(x.dtype).eps)
+    t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(x.dtype).eps, check_every)
     return torch.clamp(x - t, min=0) ** q / z
 
 

@@ -36,9 +36,9 @@ from typing import Optional
 import torch
 
 from .thresholds import (
-    ENTMAX15_NEWTON_STEPS,
+    BISECT_CHECK_EVERY,
+    NEWTON_STEPS,
     SPARSE_TRANSFORMS,
-    SPARSEMAX_NEWTON_STEPS,
     alpha_gradient,
     bisect_block_threshold,
     entmax15_block_threshold,
@@ -81,10 +81,12 @@ def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.T
 
 
 def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transform: str,
-                  scalar_alpha: Optional[float]):
+                  scalar_alpha: Optional[float], newton_steps: Optional[int] = None,
+                  check_every: int = BISECT_CHECK_EVERY):
     """One block of the forward: (out, m, t, z) = P V of the block and its per-row state (z: alpha-entmax's
     normaliser, else None). q_blk (G, Bq, d) is already scaled; key_t (G, d, N); key_mean (G, d, 1);
-    value (G, N, e); alpha_blk (G, Bq, 1) (alpha-entmax only); y_buf, e_buf: (G, Bq, N) work buffers or None."""
+    value (G, N, e); alpha_blk (G, Bq, 1) (alpha-entmax only); y_buf, e_buf: (G, Bq, N) work buffers or None.
+    ``newton_steps``, ``check_every``: the solvers' work per round, as in ``thresholds.probabilities``."""
     y, m = _block_scores(q_blk, key_t, y_buf)  # (G, Bq, N), (G, Bq, 1)
     mean = torch.matmul(q_blk, key_mean) - m  # (G, Bq, 1), row mean of y
 
@@ -92,18 +94,19 @@ def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transf
         return torch.matmul(q_blk, key_t) - m
 
     z = None
+    steps = NEWTON_STEPS.get(transform) if newton_steps is None else newton_steps
     if transform == "entmax15":
-        t, e = entmax15_block_threshold(y, e_buf, mean, ENTMAX15_NEWTON_STEPS, rescore)
+        t, e = entmax15_block_threshold(y, e_buf, mean, steps, rescore)
         # p = e^2 / 4: the 1/4 is applied to the (Bq, d) output rather than the (Bq, N) block
         out = torch.matmul(e.mul_(e), value).mul_(0.25)
     elif transform == "sparsemax":
-        t, e = sparsemax_block_threshold(y, e_buf, mean, SPARSEMAX_NEWTON_STEPS, rescore)
+        t, e = sparsemax_block_threshold(y, e_buf, mean, steps, rescore)
         out = torch.matmul(e, value)
     else:
         am1 = alpha_blk - 1
         q = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
         x = y.mul_(am1)
-        t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(y.dtype).eps)
+        t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(y.dtype).eps, check_every)
         out = torch.matmul(torch.clamp(x - t, min=0) ** q, value) / z
     return out, m, t, z
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from entmax_vit.cli.config import save_config, to_dict
-from entmax_vit.modeling.attention import attention_forward
+from entmax_vit.modeling.attention import ATTENTION_KERNELS
 
 log = logging.getLogger("bench_attention")
 
@@ -61,12 +61,11 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
     """name -> fn(q, k, v) -> (out, probs or None)."""
 
     def ours(transform: str, kernel: str) -> Callable:
-        return lambda q, k, v: attention_forward(
-            q, k, v, transform=transform, scaling=scaling, kernel=kernel, need_weights=True
-        )
+        return lambda q, k, v: ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=scaling,
+                                                         need_weights=True)
 
     def tiled(transform: str, kernel: str = "tiled") -> Callable:  # output only, as SDPA
-        return lambda q, k, v: attention_forward(q, k, v, transform=transform, scaling=scaling, kernel=kernel)
+        return lambda q, k, v: ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=scaling)
 
     methods: dict[str, Callable] = {
         "softmax_sdpa": lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, scale=scaling), None),

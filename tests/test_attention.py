@@ -6,6 +6,7 @@ compiled path.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import entmax
 import pytest
@@ -25,6 +26,13 @@ def _sort_reference(name: str, scores: torch.Tensor) -> torch.Tensor:
     if name == "entmax15":
         return (torch.clamp(y - TH.entmax15_sort_threshold(y), min=0) / 2) ** 2
     return torch.clamp(y - TH.sparsemax_sort_threshold(y), min=0)
+
+
+
+def attend(q, k, v, *, transform: str, kernel: Optional[str] = None, **kwargs):
+    """The attention product of ``transform`` by ``kernel`` (the model's default when None), as the model runs it:
+    (out (B, H, N, d), probs or None)."""
+    return A.ATTENTION_KERNELS[A.resolve_kernel(transform, kernel)](q, k, v, transform=transform, **kwargs)
 
 
 def _scores(shape, scale: float, dtype=torch.float32) -> torch.Tensor:
@@ -81,17 +89,16 @@ def test_adversarial_rows(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SPARSE)
-def test_fallback_rows_are_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fallback_rows_are_exact(name: str) -> None:
     """With no Newton steps most rows fail the support check; the sort fallback must make them exact."""
-    steps = "ENTMAX15_NEWTON_STEPS" if name == "entmax15" else "SPARSEMAX_NEWTON_STEPS"
     scores = _scores((4, 64, 97), 0.5)
     solver = TH.entmax15_block_threshold if name == "entmax15" else TH.sparsemax_block_threshold
     rescored = []
     y = scores - scores.amax(dim=-1, keepdim=True)
     solver(y.clone(), None, y.mean(-1, keepdim=True), 0, lambda: rescored.append(1) or y.clone())
     assert rescored, "test needs failing rows"
-    monkeypatch.setattr(TH, steps, 0)
-    torch.testing.assert_close(A.ATTENTION_TRANSFORMS[name](scores), PACKAGE[name](scores, dim=-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(TH.probabilities(scores, name, newton_steps=0), PACKAGE[name](scores, dim=-1),
+                               atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("alpha", [1.2, 1.5, 2.0, 2.5, 4.0])
@@ -136,9 +143,9 @@ def test_half_precision_computed_in_float32(name: str, dtype: torch.dtype) -> No
 
 def test_autocast_bfloat16_attention() -> None:
     q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
-    ref, _ = A.attention_forward(q, k, v, transform="entmax15", scaling=0.25)
+    ref, _ = attend(q, k, v, transform="entmax15", scaling=0.25)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, probs = A.attention_forward(q, k, v, transform="entmax15", scaling=0.25, need_weights=True)
+        out, probs = attend(q, k, v, transform="entmax15", scaling=0.25, need_weights=True)
     assert out.dtype == torch.bfloat16 and probs.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
     torch.testing.assert_close(probs.float().sum(-1), torch.ones(2, 3, 37), atol=2e-2, rtol=0)
@@ -181,12 +188,12 @@ def test_backward_matches_package_and_saves_only_output(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# attention_forward and kernels
+# kernels
 # ----------------------------------------------------------------------------------------------------------
-def test_attention_forward_eager_softmax_equals_sdpa() -> None:
+def test_eager_softmax_equals_sdpa() -> None:
     q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
-    sdpa, none = A.attention_forward(q, k, v, transform="softmax", scaling=0.25, kernel="sdpa")
-    eager, probs = A.attention_forward(q, k, v, transform="softmax", scaling=0.25, kernel="eager", need_weights=True)
+    sdpa, none = attend(q, k, v, transform="softmax", scaling=0.25, kernel="sdpa")
+    eager, probs = attend(q, k, v, transform="softmax", scaling=0.25, kernel="eager", need_weights=True)
     assert none is None
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eager, F.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v, atol=1e-5, rtol=1e-5)
@@ -194,9 +201,9 @@ def test_attention_forward_eager_softmax_equals_sdpa() -> None:
 
 
 @pytest.mark.parametrize("name", SPARSE)
-def test_attention_forward_sparse_matches_package(name: str) -> None:
+def test_eager_sparse_matches_package(name: str) -> None:
     q, k, v = (torch.randn(2, 3, 37, 16) for _ in range(3))
-    out, probs = A.attention_forward(q, k, v, transform=name, scaling=0.25, kernel="eager", need_weights=True)
+    out, probs = attend(q, k, v, transform=name, scaling=0.25, kernel="eager", need_weights=True)
     ref_probs = PACKAGE[name](q @ k.transpose(-1, -2) * 0.25, dim=-1)
     torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0)
     torch.testing.assert_close(out, ref_probs @ v, atol=1e-5, rtol=1e-5)
@@ -206,9 +213,9 @@ def test_attention_forward_sparse_matches_package(name: str) -> None:
 def test_bad_names_raise() -> None:
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="kernel"):
-        A.attention_forward(q, q, q, transform="entmax15", scaling=1.0, kernel="flash")
+        attend(q, q, q, transform="entmax15", scaling=1.0, kernel="flash")
     with pytest.raises(ValueError, match="choose one of"):
-        A.attention_forward(q, q, q, transform="entmax2", scaling=1.0)
+        attend(q, q, q, transform="entmax2", scaling=1.0)
 
 
 @pytest.mark.slow
@@ -220,7 +227,7 @@ def test_compiled_equals_eager() -> None:
     for name in ["entmax15", "sparsemax", "entmax_bisect"]:
         results = []
         for kernel in ["eager", "compiled"]:
-            out, probs = A.attention_forward(
+            out, probs = attend(
                 q, k, v, transform=name, scaling=8**-0.5, kernel=kernel, need_weights=True,
                 alpha=alpha if name == "entmax_bisect" else None,
             )
@@ -308,7 +315,7 @@ def test_sdpa_is_refused_for_sparse_transforms(name: str) -> None:
     """SDPA computes softmax only: asking it for a sparse transform is an error, never another computation."""
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="does not run attention=.*softmax only.*choose one of"):
-        A.attention_forward(q, q, q, transform=name, scaling=1.0, kernel="sdpa")
+        attend(q, q, q, transform=name, scaling=1.0, kernel="sdpa")
     assert A.resolve_kernel(name, None) in A.kernels_for(name) and "sdpa" not in A.kernels_for(name)
     assert A.resolve_kernel("softmax", None) == "sdpa"
 
@@ -339,11 +346,13 @@ def test_attention_functions_are_registered_with_transformers() -> None:
 
 
 class _Attend(torch.nn.Module):
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, newton_steps: Optional[int] = None) -> None:
         super().__init__()
-        self.name = name
+        self.name, self.newton_steps = name, newton_steps
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.newton_steps is not None:  # the solver itself, with a given number of Newton steps
+            return TH.probabilities(scores, self.name, newton_steps=self.newton_steps)
         return A.ATTENTION_TRANSFORMS[self.name](scores, 1.3 if self.name == "entmax_bisect" else None)
 
 
@@ -356,15 +365,15 @@ def _reference(name: str, scores: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(A.ATTENTION_TRANSFORMS))
-def test_torch_export_is_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torch_export_is_exact(name: str) -> None:
     """torch.export traces every transform (no data-dependent Python branch), the sort fallback included:
     with no Newton steps most rows need it, and the exported program is still exact."""
-    monkeypatch.setattr(TH, "ENTMAX15_NEWTON_STEPS", 0)
-    monkeypatch.setattr(TH, "SPARSEMAX_NEWTON_STEPS", 0)
     scores = _scores((2, 3, 17, 17), 2.0)
-    program = torch.export.export(_Attend(name), (scores,))
-    for x in (scores, _scores((2, 3, 17, 17), 0.3)):
-        torch.testing.assert_close(program.module()(x), _reference(name, x), atol=2e-6, rtol=0)
+    modules = [_Attend(name)] + ([_Attend(name, newton_steps=0)] if name in TH.NEWTON_STEPS else [])
+    for module in modules:
+        program = torch.export.export(module, (scores,))
+        for x in (scores, _scores((2, 3, 17, 17), 0.3)):
+            torch.testing.assert_close(program.module()(x), _reference(name, x), atol=2e-6, rtol=0)
 
 
 @pytest.mark.slow

@@ -37,6 +37,19 @@ def _probs(q, k, transform: str, scaling: float, block=None, alpha=None) -> torc
     return T.tiled_attention(q, k, eye, transform=transform, scaling=scaling, block=block, alpha=alpha)
 
 
+def _block_probs(q, k, transform: str, scaling: float, alpha: float = 1.5, **solver) -> torch.Tensor:
+    """The probabilities of the tiled kernel's forward block on all of (B, H, N, d) as one block of B*H heads
+    (with work buffers, as the kernel runs it), with the solver's settings ``solver`` (newton_steps, check_every)."""
+    b, h, n, d = q.shape
+    q_blk, key = (q * scaling).reshape(b * h, n, d), k.reshape(b * h, n, d)
+    eye = torch.eye(n, dtype=q.dtype).expand(b * h, n, n)
+    buffers = [torch.empty(b * h, n, n, dtype=q.dtype) for _ in range(2)]
+    alpha_blk = torch.full((b * h, n, 1), alpha, dtype=q.dtype) if transform == "entmax_bisect" else None
+    out, *_ = T.forward_block(q_blk, key.transpose(-2, -1), key.mean(dim=-2).unsqueeze(-1), eye, alpha_blk, *buffers,
+                              transform, alpha if transform == "entmax_bisect" else None, **solver)
+    return out.view(b, h, n, n)
+
+
 @pytest.mark.parametrize("transform", TH.SPARSE_TRANSFORMS)
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("n, scale", [(1, 1.0), (9, 0.1), (37, 1.0), (50, 4.0), (197, 1.0), (197, 12.0)])
@@ -73,14 +86,12 @@ def test_sort_fallback_rows_are_exact(transform: str, monkeypatch: pytest.Monkey
     fn(y.clone(), torch.empty_like(y), y.mean(-1, keepdim=True), 0, lambda: y)
     assert not seen[0].all(), "test needs failing rows"
     monkeypatch.undo()
-    monkeypatch.setattr(T, "ENTMAX15_NEWTON_STEPS", 0)
-    monkeypatch.setattr(T, "SPARSEMAX_NEWTON_STEPS", 0)
-    probs = _probs(q, k, transform, 0.25, (3, 8))
+    probs = _block_probs(q, k, transform, 0.25, newton_steps=0)
     torch.testing.assert_close(probs, PACKAGE[transform](q @ k.transpose(-1, -2) * 0.25, dim=-1), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("alpha", [1.2, 1.5, 2.0, 2.5, 4.0])
-def test_entmax_bisect_alpha_matches_package(alpha: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_entmax_bisect_alpha_matches_package(alpha: float) -> None:
     """At any alpha the block's bisection rounds are at least as close to the float64 answer as the package's
     own float32 bisection (and equal to it for alpha <= 2); with one iteration per round the convergence
     check must run more rounds and still agree."""
@@ -88,9 +99,8 @@ def test_entmax_bisect_alpha_matches_package(alpha: float, monkeypatch: pytest.M
     scores = q @ k.transpose(-1, -2) * 0.5
     truth = entmax.entmax_bisect(scores.double(), alpha, dim=-1, n_iter=200)
     err_package = (entmax.entmax_bisect(scores, alpha, dim=-1).double() - truth).abs().max().item()
-    for check_every in (TH.BISECT_CHECK_EVERY, 1):
-        monkeypatch.setattr(TH, "BISECT_CHECK_EVERY", check_every)
-        ours = _probs(q, k, "entmax_bisect", 0.5, (2, 8), alpha)
+    for ours in (_probs(q, k, "entmax_bisect", 0.5, (2, 8), alpha),
+                 _block_probs(q, k, "entmax_bisect", 0.5, alpha, check_every=1)):
         assert (ours.double() - truth).abs().max().item() <= err_package + 1e-6
         if alpha <= 2:
             torch.testing.assert_close(ours, entmax.entmax_bisect(scores, alpha, dim=-1), atol=3e-6, rtol=0)
@@ -186,10 +196,10 @@ def test_tiled_is_the_default_kernel_for_sparse_transforms_on_cpu() -> None:
 @pytest.mark.parametrize("transform", TH.SPARSE_TRANSFORMS)
 def test_tiled_kernel_returns_real_probabilities_when_asked(transform: str) -> None:
     q, k, v = (torch.randn(2, 3, 23, 8) for _ in range(3))
-    out, none = A.attention_forward(q, k, v, transform=transform, scaling=0.3, kernel="tiled")
+    out, none = A.ATTENTION_KERNELS["tiled"](q, k, v, transform=transform, scaling=0.3)
     assert none is None
-    eager, probs = A.attention_forward(q, k, v, transform=transform, scaling=0.3, kernel="eager", need_weights=True)
-    out_w, probs_w = A.attention_forward(q, k, v, transform=transform, scaling=0.3, kernel="tiled", need_weights=True)
+    eager, probs = A.ATTENTION_KERNELS["eager"](q, k, v, transform=transform, scaling=0.3, need_weights=True)
+    out_w, probs_w = A.ATTENTION_KERNELS["tiled"](q, k, v, transform=transform, scaling=0.3, need_weights=True)
     torch.testing.assert_close(out, eager, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(probs_w, probs, atol=0, rtol=0)
     torch.testing.assert_close(out_w, eager, atol=0, rtol=0)

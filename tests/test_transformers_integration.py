@@ -115,11 +115,10 @@ def test_per_head_alpha_from_a_transformers_config() -> None:
     support = support_size(probs)[0].float().mean(-1)  # (H,): the support shrinks as alpha grows
     assert (support[:-1] >= support[1:]).all(), support
     with pytest.raises(ValueError, match="4-D"):
-        from entmax_vit.modeling.attention import attention_forward
+        from entmax_vit.modeling.attention import eager_kernel
 
         q = torch.randn(1, 2, 5, 8)
-        attention_forward(q, q, q, transform="entmax15", scaling=1.0, kernel="eager",
-                          attention_mask=torch.ones(1, 5, dtype=torch.bool))
+        eager_kernel(q, q, q, torch.ones(1, 5, dtype=torch.bool), transform="entmax15", scaling=1.0)
 
 
 @pytest.mark.parametrize("cls, config_cls", [(Dinov2WithRegistersModel, Dinov2WithRegistersConfig),
