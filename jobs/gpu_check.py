@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from entmax_vit.evaluation.speed import backbone_step, median_seconds, peak_bytes
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
-from entmax_vit.modeling.attention import attention_forward, kernels_for
+from entmax_vit.modeling.attention import ATTENTION_KERNELS, kernels_for
 
 logger = logging.getLogger("gpu_check")
 REPO = Path(__file__).resolve().parents[1]
@@ -168,9 +168,9 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
             row = {"transform": transform, "kernel": kernel, "shape": list(shape), "dtype": "float32"}
             try:
                 with torch.no_grad():
-                    probs = kernel_probabilities(lambda vv: attention_forward(
-                        q, k, vv, transform=transform, scaling=scaling, kernel=kernel)[0], q)
-                    out, _ = attention_forward(q, k, v, transform=transform, scaling=scaling, kernel=kernel)
+                    probs = kernel_probabilities(lambda vv: ATTENTION_KERNELS[kernel](
+                        q, k, vv, transform=transform, scaling=scaling)[0], q)
+                    out, _ = ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=scaling)
                 row["max_abs_err_probs"] = float((probs.float() - reference).abs().max())
                 row["max_abs_err_output"] = float((out.float() - reference @ v).abs().max())
                 ok = row["max_abs_err_probs"] <= PROBS_TOL and row["max_abs_err_output"] <= OUTPUT_TOL
@@ -193,8 +193,8 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
     for transform in SPARSE:
         for kernel in (k for k in kernels_for(transform) if k not in TIMING_SKIPS):
             methods[f"{transform}:{kernel}"] = (
-                lambda q, k, v, t=transform, kn=kernel: attention_forward(q, k, v, transform=t, scaling=scaling,
-                                                                         kernel=kn)[0])
+                lambda q, k, v, t=transform, kn=kernel: ATTENTION_KERNELS[kn](q, k, v, transform=t,
+                                                                              scaling=scaling)[0])
     rows = []
     for batch, tokens in cases:
         gen = torch.Generator().manual_seed(0)
