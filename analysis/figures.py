@@ -1,4 +1,4 @@
-"""PNG figures of the analysis (matplotlib, Agg backend: no display needed).
+"""PNG figures of the analysis (matplotlib Figures rendered with Agg: no display needed).
 
 * ``save_attention_maps``: per-head [CLS] attention over the image (last layer by default), as DINO's
   visualize_attention, with a second row of the maps thresholded to keep a share of the attention mass.
@@ -14,19 +14,22 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
 
-from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from .foreground import DINO_MASS_THRESHOLD, cls_attention_maps, mass_threshold_mask, upsample_to
+from .per_layer import PerLayerMetrics, forward_with_internals, resolve_backbone, token_layout
 
-from .foreground import DINO_MASS_THRESHOLD, cls_attention_maps, mass_threshold_mask, upsample_to  # noqa: E402
-from .per_layer import PerLayerMetrics, forward_with_internals, resolve_backbone, token_layout  # noqa: E402
+# The project draws on bare matplotlib Figures, never pyplot: a Figure renders PNGs with Agg whatever backend
+# pyplot would pick (matplotlib falls back to Agg only where it finds no display; on a desktop it would start
+# a GUI toolkit, which fails off the main thread), needs no matplotlib.use() before other imports, and belongs
+# to no global figure list, so there is nothing to close.
 
 
 def to_display(pixel_values: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
@@ -45,11 +48,10 @@ def _as_batch(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -82,7 +84,8 @@ def save_attention_maps(
     heads = maps.shape[0] - 1
     rows = 2 if mass is not None else 1
     cols = heads + 2
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     layer_name = len(attentions) - 1 if layer == -1 else layer
     titles = ["image"] + [f"head {i}" for i in range(heads)] + ["mean"]
     axes[0, 0].imshow(image)
@@ -188,7 +191,8 @@ def save_pca_image(
     rgb, _ = pca_rgb(model, images, layer=layer, foreground_only=foreground_only, masks=masks, mass=mass,
                      feature_norm=feature_norm)
     batch = images.shape[0]
-    fig, axes = plt.subplots(2, batch, figsize=(2.2 * batch, 4.6), squeeze=False)
+    fig = Figure(figsize=(2.2 * batch, 4.6))
+    axes = fig.subplots(2, batch, squeeze=False)
     for i in range(batch):
         axes[0, i].imshow(to_display(images[i], mean, std))
         axes[1, i].imshow(rgb[i], interpolation="nearest", extent=(0, images.shape[-1], images.shape[-2], 0))
@@ -226,7 +230,7 @@ def plot_layer_curves(
     if not names:
         raise ValueError("no metrics to plot")
 
-    def draw(ax: plt.Axes, metric: str) -> None:
+    def draw(ax: Axes, metric: str) -> None:
         for label, per_layer in runs.items():
             layers = [l for l in sorted(per_layer) if metric in per_layer[l]]
             if layers:
@@ -240,7 +244,8 @@ def plot_layer_curves(
 
     cols = 4
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, metric in zip(axes.flat, names):
         draw(ax, metric)
     for ax in list(axes.flat)[len(names):]:
@@ -250,7 +255,8 @@ def plot_layer_curves(
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / rows))
     paths = [_save(fig, out / "layer_curves.png")]
     for metric in names if separate else []:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        fig = Figure(figsize=(4.5, 3.2))
+        ax = fig.subplots()
         draw(ax, metric)
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / f"curve_{metric.replace('/', '_')}.png"))
@@ -262,7 +268,8 @@ def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.Path
     heads spread from local to global in early layers and all turn global late)."""
     if not runs:
         raise ValueError("plot_head_distances needs at least one {name: per_layer_metrics} entry")
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig = Figure(figsize=(5.5, 3.6))
+    ax = fig.subplots()
     offsets = np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [0.0]
     plotted = False
     for (label, per_layer), dx in zip(runs.items(), offsets):
@@ -275,7 +282,6 @@ def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.Path
             ax.scatter(xs, ys, s=12, alpha=0.8, label=label)
             plotted = True
     if not plotted:
-        plt.close(fig)
         raise ValueError("no attention_distance_head_<i> metrics to plot")
     ax.set_xlabel("layer")
     ax.set_ylabel("mean attention distance (patches)")

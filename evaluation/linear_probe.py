@@ -467,12 +467,10 @@ def main(cfg: LinearEvalConfig) -> dict:
 
 def _plot_grid(table: list[dict], path: Path) -> None:
     """Eval top-1 against the learning rate, one curve per feature variant."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for key in sorted({(r["n_last_blocks"], r["avgpool"]) for r in table}):
         rows = sorted((r for r in table if (r["n_last_blocks"], r["avgpool"]) == key), key=lambda r: r["base_lr"])
         ax.plot([r["base_lr"] for r in rows], [r["eval_top1"] for r in rows], marker="o",
@@ -483,7 +481,6 @@ def _plot_grid(table: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 __all__ = ["CACHED_GRID_PROTOCOL", "DEFAULT_BASE_LRS", "DINO_BASE_LR", "DINO_PROTOCOL", "DinoTrainTransform", "HeadSpec",

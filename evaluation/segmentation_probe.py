@@ -486,15 +486,13 @@ def main(cfg: SegmentationEvalConfig) -> dict:
 
 def _plot_per_class(per_class: dict, path: Path, miou: Optional[float]) -> None:
     """Bar chart of per-class IoU (absent classes left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     items = [(k, 100 * v) for k, v in per_class.items() if math.isfinite(v)]
     if not items:
         return
-    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(items) + 2), 3.5))
+    fig = Figure(figsize=(max(4, 0.25 * len(items) + 2), 3.5))
+    ax = fig.subplots()
     ax.bar(range(len(items)), [v for _, v in items], color="tab:blue")
     ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=90, fontsize=7)
     ax.set_ylabel("IoU (%)")
@@ -504,7 +502,6 @@ def _plot_per_class(per_class: dict, path: Path, miou: Optional[float]) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 __all__ = ["PRESET_DIR", "ProbeData", "SegmentationEvalConfig", "evaluate_probe", "head_features", "lr_schedule", "main",

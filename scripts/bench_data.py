@@ -151,40 +151,33 @@ def main(cfg: BenchConfig) -> dict:
 
 
 def _plot(rates: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     names = list(rates)
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     ax.boxplot([rates[n] for n in names])
     ax.set_xticks(range(1, len(names) + 1), ["official\n(same images)", "ours\n(same images)", "ours\n(+JPEG decode)"])
     ax.set_ylabel("images / CPU-second (1 worker)")
     ax.set_title("DINO multi-crop throughput per round")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_crops(crops: list[torch.Tensor], mc: MultiCropConfig, path: Path) -> None:
     """One image's crops side by side, de-normalised, at their relative sizes (a look at the augmentation)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     mean, std = torch.tensor(mc.mean).view(3, 1, 1), torch.tensor(mc.std).view(3, 1, 1)
     widths = [c.shape[-1] for c in crops]
-    fig, axes = plt.subplots(1, len(crops), figsize=(1.2 * len(crops) + 2, 2.4),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    fig = Figure(figsize=(1.2 * len(crops) + 2, 2.4))
+    axes = fig.subplots(1, len(crops), gridspec_kw={"width_ratios": widths}, squeeze=False)
     for k, (ax, crop) in enumerate(zip(axes[0], crops)):
         ax.imshow((crop * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())  # (H, W, 3) in [0, 1]
         ax.set_title("global " + str(k + 1) if k < 2 else f"local {k - 1}", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _print_text(result: dict) -> None:

@@ -68,12 +68,10 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     rows = [r for r in read_metrics(metrics_path) if "loss" in r and math.isfinite(r["loss"])]
     if not rows:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue", label="DINO loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss", color="tab:blue")
@@ -85,7 +83,6 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     fig.tight_layout()
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=120)
-    plt.close(fig)
     return png_path
 
 
