@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from entmax_vit.recipe import scaled_lr
+
 from .metrics import topk_accuracy
 
 logger = logging.getLogger(__name__)
@@ -50,11 +52,6 @@ def dino_feature_layout(hidden_size: int) -> tuple[int, bool]:
     """Official DINO's (n_last_blocks, avgpool_patchtokens) for a ViT of this width: eval_linear.py's help says
     n = 4 without avgpool for ViT-Small (384) and n = 1 with avgpool for ViT-Base (768)."""
     return (4, False) if hidden_size < 768 else (1, True)
-
-
-def scaled_lr(base_lr: float, batch_size: int) -> float:
-    """DINO's linear scaling rule: lr = base_lr x (global) batch_size / 256."""
-    return base_lr * batch_size / 256
 
 
 class DinoTrainTransform:
@@ -485,4 +482,4 @@ def _plot_grid(table: list[dict], path: Path) -> None:
 
 __all__ = ["CACHED_GRID_PROTOCOL", "DEFAULT_BASE_LRS", "DINO_BASE_LR", "DINO_PROTOCOL", "DinoTrainTransform", "HeadSpec",
            "LinearEvalConfig", "LinearGrid", "best_epoch", "dino_feature_layout", "evaluate_grid", "is_official", "main", "probe_inputs",
-           "protocol_name", "resolve_heads", "scaled_lr", "set_cosine_lr", "train_grid_augmented", "train_grid_cached", "train_step"]
+           "protocol_name", "resolve_heads", "set_cosine_lr", "train_grid_augmented", "train_grid_cached", "train_step"]

@@ -50,7 +50,7 @@ def library_versions() -> dict[str, str]:
 def weights_fingerprint(model: Any) -> str:
     """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in name order. It
     identifies the weights whatever the folder or Hub id they were loaded from, so a results file can be matched
-    to the model it was measured on (``hub_cards.assemble`` refuses a mismatch)."""
+    to the model it was measured on (``hub_release.assemble`` refuses a mismatch)."""
     import torch
 
     digest = hashlib.sha256()

@@ -129,7 +129,7 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def paper_table() -> list[str]:
-    from entmax_vit.hub_cards.card import PAPER_RESULTS
+    from entmax_vit.recipe import PAPER_RESULTS
 
     return ["| benchmark (paper, ViT-S/16, 200 ep ImageNet) | softmax mIoU | entmax-1.5 mIoU | change |",
             "|---|---|---|---|",

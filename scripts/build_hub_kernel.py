@@ -6,7 +6,7 @@
 The folder is what scripts/push_kernel_to_hub.py uploads: README.md (the kernel card) and build/torch-cpu/,
 build/torch-cuda/ with copies of modeling/attention.py and the files it imports, a generated __init__.py
 exporting entmax15, sparsemax and entmax_bisect, and metadata.json with a sha256 digest of every file
-(hub_cards/kernel_repo.py says why each piece is there). Try it without the Hub:
+(hub_release/kernel_repo.py says why each piece is there). Try it without the Hub:
 
     LOCAL_KERNELS=OWNER/entmax-attention=hub_kernel python -c "from transformers import Dinov2Model, Dinov2Config; \\
         Dinov2Model(Dinov2Config(), attn_implementation='OWNER/entmax-attention:entmax15')"
@@ -33,7 +33,7 @@ class BuildKernelConfig:
 
 def main(cfg: BuildKernelConfig) -> dict:
     from entmax_vit.cli.config import ConfigError
-    from entmax_vit.hub_cards.kernel_repo import build_kernel_repository
+    from entmax_vit.hub_release.kernel_repo import build_kernel_repository
 
     if not cfg.output_dir:
         raise ConfigError("Give the folder to build into: build_hub_kernel.py --output-dir DIR")

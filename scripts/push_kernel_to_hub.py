@@ -49,7 +49,7 @@ class PushKernelConfig:
 def main(cfg: PushKernelConfig) -> dict:
     from huggingface_hub import constants
 
-    from entmax_vit.hub_cards.kernel_repo import (build_kernel_repository, upload_kernel_repository,
+    from entmax_vit.hub_release.kernel_repo import (build_kernel_repository, upload_kernel_repository,
                                                   verify_kernel_repository)
 
     upload = cfg.upload if cfg.upload is not None else bool(cfg.repo_id) and not constants.is_offline_mode()

@@ -80,8 +80,8 @@ def should_upload(cfg: PushConfig) -> bool:
 
 
 def main(cfg: PushConfig) -> dict:
-    from entmax_vit.hub_cards.assemble import assemble_repository
-    from entmax_vit.hub_cards.upload import upload_repository
+    from entmax_vit.hub_release.assemble import assemble_repository
+    from entmax_vit.hub_release.upload import upload_repository
 
     if not cfg.model_dir:
         raise ConfigError("Give the model folder: push_to_hub.py MODEL_DIR [--repo-id OWNER/NAME] ...")

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from entmax_vit.evaluation.results import make_results, weights_fingerprint, write_results
-from entmax_vit.hub_cards.card import PLACEHOLDER_OWNER, CardInputs, public_config, render_card
+from entmax_vit.hub_release.card import PLACEHOLDER_OWNER, CardInputs, public_config, render_card
 from entmax_vit.modeling import EntmaxViTModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -33,7 +33,7 @@ from tyro._docstrings import get_field_docstring
 
 ROOT = Path(__file__).resolve().parents[1]
 # Folders whose .py files may define or call an entry point (scripts/ are files, the rest package modules).
-SCAN_DIRS = ("scripts", "cli", "conversion", "jobs", "analysis", "evaluation", "training", "hub_cards")
+SCAN_DIRS = ("scripts", "cli", "conversion", "jobs", "analysis", "evaluation", "training", "hub_release")
 # Call shapes that parse a command line, and the positional index of the config class in each.
 RUN_MODULES = {"entmax_vit.cli.entry_point": 1, "entmax_vit.evaluation.entry_point": 0}
 # Config classes that must be found (a floor for the discovery; new entry points are found without this list).

@@ -21,7 +21,8 @@ from entmax_vit.training.multicrop_wrapper import MultiCropWrapper, resolution_g
 from entmax_vit.training.optim import (
     cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update, param_groups,
 )
-from entmax_vit.training.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
+from entmax_vit.recipe import scaled_lr
+from entmax_vit.training.schedules import cosine_schedule, teacher_temp_schedule
 
 
 # ------------------------------------------------------------------------------------------- schedules

@@ -93,7 +93,8 @@ def test_dino_train_transform_is_torchvision_default_rrc_bilinear_and_flips():
 
 def test_dino_lr_rule_optimizer_and_feature_layout():
     from entmax_vit.evaluation.linear_probe import (DINO_BASE_LR, LinearEvalConfig, dino_feature_layout, is_official,
-                                                    make_optimizer, resolve_heads, scaled_lr)
+                                                    make_optimizer, resolve_heads)
+    from entmax_vit.recipe import scaled_lr
 
     assert DINO_BASE_LR == 0.001 and scaled_lr(0.001, 1024) == pytest.approx(0.004)  # 128 per GPU x 8
     grid = LinearGrid([HeadSpec(4, False, DINO_BASE_LR)], 8, 3)

@@ -12,11 +12,11 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard
 
 from entmax_vit.evaluation.results import make_results
-from entmax_vit.hub_cards.assemble import find_base_model, find_datasets
-from entmax_vit.hub_cards.card import (BIBTEX, CardInputs, card_data, metric_type, model_index, parse_card_metadata,
-                                       render_card)
-from entmax_vit.hub_cards.sparsity import SparsityReport, measure_sparsity, sample_images
+from entmax_vit.hub_release.assemble import find_base_model, find_datasets
+from entmax_vit.hub_release.card import CardInputs, card_data, metric_type, model_index, parse_card_metadata, render_card
+from entmax_vit.hub_release.sparsity import SparsityReport, measure_sparsity, sample_images
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
+from entmax_vit.recipe import BIBTEX
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64)
@@ -166,7 +166,7 @@ def test_bad_front_matter_is_rejected():
 
 
 def test_a_template_variable_without_a_value_is_refused(monkeypatch, tmp_path):
-    from entmax_vit.hub_cards import card
+    from entmax_vit.hub_release import card
 
     template = tmp_path / "card.md"
     template.write_text(card.TEMPLATE_PATH.read_text() + "\n{{ not_provided }}\n")

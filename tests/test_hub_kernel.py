@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
 import entmax_vit.modeling  # noqa: F401 - registers "entmax15", "sparsemax", "entmax_bisect" (the in-project reference)
-from entmax_vit.hub_cards.kernel_repo import (FUNCTIONS, KERNEL_NAME, KERNEL_VERSION, KERNELS_MINVER, MODELING_DIR,
+from entmax_vit.hub_release.kernel_repo import (FUNCTIONS, KERNEL_NAME, KERNEL_VERSION, KERNELS_MINVER, MODELING_DIR,
                                               PACKAGE, VARIANTS, build_kernel_repository, kernel_id, kernel_sources,
                                               standalone_env, variant_digest)
 
@@ -351,7 +351,7 @@ def test_contract_with_transformers_and_kernels(kernel_dir: Path, tmp_path: Path
     # ... but only because the module also has flash_attn_forward: transformers 5.x sends every Hub attention kernel
     # through its flash-attention loader, which refuses a module without a flash-attention entry point. If this
     # starts passing, transformers accepts plain attention-function kernels: drop flash_attn_forward from
-    # hub_cards/kernel_repo.py's generated __init__.py.
+    # hub_release/kernel_repo.py's generated __init__.py.
     refused = report["without_flash_attn_forward"]
     assert not refused["ok"] and "Could not find the currently requested flash attention" in refused["error"], refused
     # With supports_flash_attn as well, transformers would register flash_attn_forward whatever ":FUNC" says

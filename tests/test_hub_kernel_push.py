@@ -15,7 +15,7 @@ import pytest
 from test_hub_push import FakeHub, serving
 from test_hub_kernel import _load_script
 
-from entmax_vit.hub_cards.kernel_repo import FUNCTIONS, KERNEL_VERSION, VARIANTS
+from entmax_vit.hub_release.kernel_repo import FUNCTIONS, KERNEL_VERSION, VARIANTS
 
 REPO_ID = "tester/entmax-attention"
 push = _load_script("push_kernel_to_hub")

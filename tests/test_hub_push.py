@@ -28,7 +28,7 @@ from huggingface_hub.utils._http import default_client_factory
 from PIL import Image
 
 from entmax_vit.evaluation.results import make_results, weights_fingerprint, write_results
-from entmax_vit.hub_cards.card import parse_card_metadata
+from entmax_vit.hub_release.card import parse_card_metadata
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
 from entmax_vit.modeling.pipeline_entmax_vit import CUSTOM_PIPELINES, EntmaxViTSegmentationPipeline
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead, SegmentationHeadConfig
@@ -390,7 +390,7 @@ def test_create_pr_revision_and_private_from_the_command_line(release_inputs, fa
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def assembled(release_inputs, tmp_path_factory):
-    from entmax_vit.hub_cards.assemble import assemble_repository
+    from entmax_vit.hub_release.assemble import assemble_repository
 
     folder = tmp_path_factory.mktemp("assembled") / "repo"
     assemble_repository(release_inputs["model_dir"], folder, repo_id=REPO_ID, results=release_inputs["results"],
@@ -412,14 +412,14 @@ def _calls(hub: FakeHub) -> list[tuple[str, str]]:
 
 
 def _upload(folder, hub: FakeHub, **options):
-    from entmax_vit.hub_cards.upload import upload_repository
+    from entmax_vit.hub_release.upload import upload_repository
 
     with serving(hub):
         return upload_repository(folder, REPO_ID, token="hf_fake_token_for_tests", **options)
 
 
 def test_upload_defaults_commit_everything_to_main(assembled):
-    from entmax_vit.hub_cards.upload import repository_files
+    from entmax_vit.hub_release.upload import repository_files
 
     hub = FakeHub()
     result = _upload(assembled, hub)
@@ -500,7 +500,7 @@ def test_upload_private_refuses_an_existing_public_repository(assembled):
 
 
 def test_upload_refuses_a_folder_that_is_not_a_repository(tmp_path):
-    from entmax_vit.hub_cards.upload import upload_repository
+    from entmax_vit.hub_release.upload import upload_repository
 
     with pytest.raises(ValueError, match="not an assembled repository"):
         upload_repository(tmp_path, REPO_ID)
@@ -547,7 +547,7 @@ def test_cli_errors_name_the_problem(argv, message, release_inputs, tmp_path, ca
 
 
 def test_bad_inputs_raise_value_errors(release_inputs, tmp_path):
-    from entmax_vit.hub_cards.assemble import assemble_repository
+    from entmax_vit.hub_release.assemble import assemble_repository
 
     with pytest.raises(ValueError, match="no config.json"):
         assemble_repository(tmp_path, tmp_path / "out", verify=False, measure=False)

@@ -168,9 +168,9 @@ def test_random_init_baseline_beside_the_trained_model(tmp_path, tiny_config_kwa
 
 
 def test_hub_stage_assembles_and_verifies_without_uploading(tmp_path, monkeypatch):
-    import entmax_vit.hub_cards.assemble as assemble
-    import entmax_vit.hub_cards.upload as upload
-    from entmax_vit.hub_cards.verify import VerificationReport
+    import entmax_vit.hub_release.assemble as assemble
+    import entmax_vit.hub_release.upload as upload
+    from entmax_vit.hub_release.verify import VerificationReport
 
     calls = []
 

@@ -116,7 +116,7 @@ def test_eval_knn_defaults_to_the_model_resolution(exported, labelled_data, tmp_
 def test_card_processor_and_sparsity_use_the_model_resolution(exported, tmp_path):
     """A folder whose processor still crops to 224 px (an older export) ships one at the model's 64 px, and the
     card's sparsity is measured at 64 px (16 patches + [CLS] = 17 tokens)."""
-    from entmax_vit.hub_cards.assemble import assemble_repository
+    from entmax_vit.hub_release.assemble import assemble_repository
 
     model_dir = tmp_path / "old_export"
     _model_64().save_pretrained(model_dir)

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Hub code may use what transformers itself relies on for vision models, and nothing else.
 HUB_ALLOWED = {"torch", "transformers", "safetensors", "huggingface_hub", "numpy", "PIL"}
-PROJECT_DIRS = ["modeling", "training", "evaluation", "analysis", "data", "hub_cards", "conversion", "cli", "scripts", "tests"]
+PROJECT_DIRS = ["modeling", "training", "evaluation", "analysis", "data", "hub_release", "conversion", "cli", "scripts", "tests"]
 
 
 def _python_files(dirs) -> list[Path]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from entmax_vit.recipe import scaled_lr  # noqa: F401  (the one definition; training/dino.py imports it from here)
+
 
 def cosine_schedule(
     base_value: float,
@@ -36,11 +38,6 @@ def cosine_schedule(
     schedule = np.concatenate((warmup, cosine))
     assert len(schedule) == epochs * iters_per_epoch
     return schedule
-
-
-def scaled_lr(lr_base: float, total_batch: int) -> float:
-    """Linear scaling rule of official DINO: ``lr_base * total_batch / 256`` (5e-4 at 8 x 64 -> 1e-3)."""
-    return lr_base * total_batch / 256.0
 
 
 def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
