@@ -233,7 +233,7 @@ def random_baseline(cfg: MainJobConfig, model_dir: Path, out: Path) -> dict[str,
 
 def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg_head: Path | None) -> dict:
     """Assemble the Hub folder and verify it in a fresh process (assemble_repository(verify=True))."""
-    from entmax_vit.hub_cards.assemble import assemble_repository
+    from entmax_vit.hub_release.assemble import assemble_repository
 
     repo = assemble_repository(model_dir, out, repo_id=cfg.hub_repo_id, results=results, seg_head=seg_head,
                                verify=True, overwrite=True)
