@@ -12,7 +12,6 @@ from typing import Any, Optional
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
-from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from entmax_vit.cli.config import flatten
 from entmax_vit.recipe import BIBTEX, PAPER_ARXIV, PAPER_RESULTS, PAPER_TITLE
@@ -121,12 +120,6 @@ def eval_results(results: list[dict]) -> list[EvalResult]:
     return [result for group in groups.values() for result in group]
 
 
-def model_index(name: str, results: list[dict]) -> list[dict]:
-    """The ``model-index`` block as huggingface_hub serialises it (``[]`` when there is no metric)."""
-    evals = eval_results(results)
-    return eval_results_to_model_index(name, evals) if evals else []
-
-
 def card_data(inputs: CardInputs) -> ModelCardData:
     """The card's YAML metadata as huggingface_hub's ``ModelCardData``."""
     tags = list(BASE_TAGS)
@@ -232,4 +225,4 @@ def parse_card_metadata(text: str) -> dict:
 
 
 __all__ = ["CardInputs", "PLACEHOLDER_OWNER", "build_card", "build_metadata", "card_data", "eval_results", "is_partial",
-           "metric_type", "model_index", "parse_card_metadata", "public_config", "render_card", "template_values"]
+           "metric_type", "parse_card_metadata", "public_config", "render_card", "template_values"]

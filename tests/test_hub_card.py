@@ -10,10 +10,12 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from entmax_vit.evaluation.results import make_results
 from entmax_vit.hub_release.assemble import find_base_model, find_datasets
-from entmax_vit.hub_release.card import CardInputs, card_data, metric_type, model_index, parse_card_metadata, render_card
+from entmax_vit.hub_release.card import (CardInputs, card_data, eval_results, metric_type, parse_card_metadata,
+                                         render_card)
 from entmax_vit.hub_release.sparsity import SparsityReport, measure_sparsity, sample_images
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
 from entmax_vit.recipe import BIBTEX
@@ -26,6 +28,12 @@ def _record(task, dataset, metrics, split="validation", protocol="p", **dataset_
     return make_results(task=task, model_name_or_path="m", model_config={"attention": "entmax15"},
                         dataset={"name": dataset, "split": split, "num_samples": 10, **dataset_fields},
                         protocol={"name": protocol}, metrics=metrics, config={})
+
+
+def model_index(name: str, results: list[dict]) -> list[dict]:
+    """The ``model-index`` block as huggingface_hub serialises the card's results (``[]`` without a metric)."""
+    evals = eval_results(results)
+    return eval_results_to_model_index(name, evals) if evals else []
 
 
 def test_metric_types():
