@@ -62,19 +62,17 @@ def load_image_dataset(
     Raises:
         DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset.
     """
-    if not isinstance(source, str) or not source.strip():
-        raise DatasetLoadError(f"dataset source must be a non-empty string, got {source!r}")
+    check_source(source)
     source = source.strip()
+    kind, sep, rest = source.partition(":")
     cache = str(cache_dir) if cache_dir is not None else None
-    if source == EMBEDDED or source.startswith(EMBEDDED + ":"):
-        return _load_embedded(source.partition(":")[2], split, streaming, cache_dir)
-    if source.startswith("imagefolder:"):
-        folder = Path(source.split(":", 1)[1]).expanduser()
-        if not folder.is_dir():
-            raise DatasetLoadError(f"imagefolder: {folder} is not a directory")
-        return _load_dataset("imagefolder", split, streaming, cache, data_dir=str(folder), **load_kwargs)
-    if source.startswith("webdataset:"):
-        files = webdataset_shards(source.split(":", 1)[1], split)
+    if kind == EMBEDDED:
+        return _load_embedded(rest, split, streaming, cache_dir)
+    if sep and kind == "imagefolder":
+        return _load_dataset("imagefolder", split, streaming, cache, data_dir=str(Path(rest).expanduser()),
+                             **load_kwargs)
+    if sep and kind == "webdataset":
+        files = webdataset_shards(rest, split)
         return _load_dataset("webdataset", split, streaming, cache, data_files={split: files}, **load_kwargs)
     path = Path(source).expanduser()
     if path.is_dir() and _is_saved_dataset(path):
