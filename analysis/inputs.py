@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,9 +23,8 @@ import torch
 from PIL import Image
 
 from entmax_vit.data.datasets import find_column, load_image_dataset
-from entmax_vit.data.images import ImageDecodeError, to_rgb
+from entmax_vit.data.images import ImageRows, decode_mask
 from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
-from entmax_vit.modeling.image_decoding import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -59,27 +57,9 @@ def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
     return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-def mask_to_array(mask: Any) -> np.ndarray:
-    """A segmentation mask (PIL "L"/"P"/"I", datasets image dict, path, encoded bytes, array) -> (H, W) integer
-    array. Encoded masks are opened by the project's one decoder (``open_image``: decompression bombs, truncated
-    files and unreadable data raise ImageDecodeError; a truncated PNG would otherwise read as class 0); their
-    values are class ids, so no orientation or colour conversion applies."""
-    if isinstance(mask, (Image.Image, dict, str, bytes, bytearray, os.PathLike)):
-        mask = open_image(mask)  # a datasets Image(decode=False) dict: bytes win over path
-    if isinstance(mask, Image.Image) and mask.mode not in ("L", "P", "I", "I;16", "1"):
-        raise ValueError(f"a segmentation mask must be a one-channel image of class ids, got mode {mask.mode}")
-    arr = np.asarray(mask)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 2:
-        raise ValueError(f"a segmentation mask must be one channel of class ids (H, W), got shape {arr.shape}")
-    return arr.astype(np.int64)
-
-
 def preprocess_mask(mask: Any, size: int) -> torch.Tensor:
     """Mask -> (size, size) long tensor with the image's geometry (nearest resampling keeps class ids)."""
-    arr = mask_to_array(mask)
-    img = Image.fromarray(arr.astype(np.int32), mode="I")
+    img = Image.fromarray(decode_mask(mask).astype(np.int32), mode="I")
     return torch.from_numpy(np.asarray(_resize_crop(img, size, Image.NEAREST)).astype(np.int64))
 
 
@@ -94,31 +74,25 @@ def _find_mask(mask_dir: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _collect(items, num_images: int, size: int, with_masks: bool) -> AnalysisImages:
-    pixels, masks, names, skipped = [], [], [], 0
-    for name, image, mask in items:
+def _collect(rows: ImageRows, items, num_images: int, size: int, with_masks: bool) -> AnalysisImages:
+    """The first ``num_images`` readable rows of ``items`` ((name, row) pairs); unreadable ones are skipped and
+    counted (the data layer's policy)."""
+    pixels, masks, names = [], [], []
+    for name, row in items:
         if len(pixels) >= num_images:
             break
-        try:
-            pixel = preprocess_image(to_rgb(image), size)
-        except ImageDecodeError as err:
-            logger.warning("skipping unreadable image %s: %s", name, err)
-            skipped += 1
+        decoded = rows.decode(row, name)
+        if decoded is None:
             continue
-        try:  # no mask for this image: every pixel ignored (255)
-            label = preprocess_mask(mask, size) if with_masks and mask is not None else torch.full((size, size), 255)
-        except ImageDecodeError as err:
-            logger.warning("skipping image %s with an unreadable mask: %s", name, err)
-            skipped += 1
-            continue
-        pixels.append(pixel)
+        pixels.append(preprocess_image(decoded.image, size))
         names.append(str(name))
-        if with_masks:
-            masks.append(label)
+        if with_masks:  # no mask for this image: every pixel ignored (255)
+            mask = decoded.mask
+            masks.append(preprocess_mask(mask, size) if mask is not None else torch.full((size, size), 255))
     if not pixels:
-        raise ValueError(f"no readable images found ({skipped} skipped)")
+        raise ValueError(f"no readable images found ({rows.skipped} skipped)")
     stacked_masks = torch.stack(masks).long() if with_masks and masks else None
-    return AnalysisImages(torch.stack(pixels), stacked_masks, names, skipped)
+    return AnalysisImages(torch.stack(pixels), stacked_masks, names, rows.skipped)
 
 
 def load_analysis_images(
@@ -144,8 +118,9 @@ def load_analysis_images(
         mdir = Path(mask_dir).expanduser() if (mask_dir and use_masks) else None
         if mdir is not None and not mdir.is_dir():
             raise ValueError(f"mask_dir {mdir} is not a directory")
-        items = ((f.name, f, _find_mask(mdir, f.stem) if mdir else None) for f in files)
-        return _collect(items, num_images, image_size, mdir is not None)
+        rows = ImageRows(None, "image", "mask", mask_required=False)  # a plain folder: rows made here
+        items = ((f.name, {"image": f, "mask": _find_mask(mdir, f.stem) if mdir else None}) for f in files)
+        return _collect(rows, items, num_images, image_size, mdir is not None)
     if mask_dir:
         raise ValueError("mask_dir applies only to a plain folder of images; datasets carry their own mask column")
     ds = load_image_dataset(source, split=split, streaming=streaming)
@@ -158,9 +133,9 @@ def load_analysis_images(
             if mask_column is not None:
                 raise
             logger.info("dataset %s has no mask column: foreground metrics are skipped", source)
-    rows = itertools.islice(iter(ds), num_images * 2 + 8)  # some slack for unreadable images
-    items = ((f"{source}[{i}]", row[image_col], row[mask_col] if mask_col else None) for i, row in enumerate(rows))
-    return _collect(items, num_images, image_size, mask_col is not None)
+    rows = ImageRows(ds, image_col, mask_col, keep=(), mask_required=False)
+    items = ((f"{source}[{i}]", row) for i, row in enumerate(itertools.islice(iter(rows.ds), num_images * 2 + 8)))
+    return _collect(rows, items, num_images, image_size, mask_col is not None)  # slack above for unreadable rows
 
 
-__all__ = ["AnalysisImages", "load_analysis_images", "mask_to_array", "preprocess_image", "preprocess_mask"]
+__all__ = ["AnalysisImages", "load_analysis_images", "preprocess_image", "preprocess_mask"]

@@ -13,6 +13,7 @@ In distributed runs use :func:`shard_for_rank` OR let Accelerate ``prepare()`` t
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -61,19 +62,17 @@ def load_image_dataset(
     Raises:
         DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset.
     """
-    if not isinstance(source, str) or not source.strip():
-        raise DatasetLoadError(f"dataset source must be a non-empty string, got {source!r}")
+    check_source(source)
     source = source.strip()
+    kind, sep, rest = source.partition(":")
     cache = str(cache_dir) if cache_dir is not None else None
-    if source == EMBEDDED or source.startswith(EMBEDDED + ":"):
-        return _load_embedded(source.partition(":")[2], split, streaming, cache_dir)
-    if source.startswith("imagefolder:"):
-        folder = Path(source.split(":", 1)[1]).expanduser()
-        if not folder.is_dir():
-            raise DatasetLoadError(f"imagefolder: {folder} is not a directory")
-        return _load_dataset("imagefolder", split, streaming, cache, data_dir=str(folder), **load_kwargs)
-    if source.startswith("webdataset:"):
-        files = webdataset_shards(source.split(":", 1)[1], split)
+    if kind == EMBEDDED:
+        return _load_embedded(rest, split, streaming, cache_dir)
+    if sep and kind == "imagefolder":
+        return _load_dataset("imagefolder", split, streaming, cache, data_dir=str(Path(rest).expanduser()),
+                             **load_kwargs)
+    if sep and kind == "webdataset":
+        files = webdataset_shards(rest, split)
         return _load_dataset("webdataset", split, streaming, cache, data_files={split: files}, **load_kwargs)
     path = Path(source).expanduser()
     if path.is_dir() and _is_saved_dataset(path):
@@ -291,19 +290,37 @@ def _by_name(candidates: list[str], preferred: tuple[str, ...]) -> Optional[str]
     return None
 
 
-def undecoded_images(ds: Any, column: str, keep: tuple[str, ...] = ()) -> Any:
-    """``ds`` reduced to ``column`` (+ ``keep``) with that column read as raw ``{"bytes", "path"}``.
-
-    ``datasets`` otherwise decodes an ``Image`` column itself when a row is read, so a truncated or
-    oversized file raises (or only warns) inside ``ds[i]``, before ``to_rgb`` can catch, check and count it.
-    """
+def undecoded_images(ds: Any, *columns: str, keep: Optional[tuple[str, ...]] = None) -> Any:
+    """``ds`` with the Image ``columns`` read as raw ``{"bytes", "path"}`` (and, when ``keep`` is given, reduced
+    to those columns + ``keep``), so that every cell goes through the one decoder (``data.images``) where a
+    truncated or oversized file is checked and counted, not raised inside ``datasets`` while indexing."""
     features = getattr(ds, "features", None)
-    if features is not None and column not in features:
-        raise ValueError(f"no image column {column!r}; columns: {list(features)}")
-    if hasattr(ds, "select_columns"):
-        ds = ds.select_columns([column, *[k for k in keep if k != column]])
-    if features is not None and isinstance(features[column], datasets.Image) and features[column].decode:
-        ds = ds.cast_column(column, datasets.Image(decode=False))
+    for column in columns:
+        if features is not None and column not in features:
+            raise ValueError(f"no image column {column!r}; columns: {list(features)}")
+    if keep is not None and hasattr(ds, "select_columns"):
+        ds = ds.select_columns([*columns, *[k for k in keep if k not in columns]])
+    for column in columns:
+        if features is not None and isinstance(features[column], datasets.Image) and features[column].decode:
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_samples: Optional[int] = None,
+                 streaming: bool = False, accelerator: Any = None) -> AnyDataset:
+    """One split of ``source`` (see :func:`load_image_dataset`) cut to its first ``max_samples`` rows (None or
+    <= 0: all). With an ``accelerator`` the main process of each node loads it first (downloading and preparing
+    the cache) and the other ranks then read that cache, instead of every rank downloading at once."""
+    first = accelerator.main_process_first() if accelerator is not None and not streaming else contextlib.nullcontext()
+    with first:
+        ds = load_image_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
+    limit = max_samples if max_samples is not None and max_samples > 0 else None
+    if streaming:
+        return ds.take(limit) if limit else ds
+    if limit and len(ds) > limit:
+        ds = ds.select(range(limit))
+    if len(ds) == 0:
+        raise DatasetLoadError(f"{source} split {split!r} is empty")
     return ds
 
 
@@ -332,6 +349,7 @@ __all__ = [
     "dataset_features",
     "find_column",
     "load_image_dataset",
+    "open_dataset",
     "shard_for_rank",
     "undecoded_images",
     "webdataset_shards",

@@ -1,40 +1,63 @@
-"""Image decoding for training and evaluation: a thin layer over the project's one decoder.
+"""Decoding dataset cells, and the one policy for a row that cannot be decoded.
 
-    img = to_rgb(row["image"])          # PIL image, {"bytes", "path"} dict, bytes, path, numpy array, tensor
+    image = decode_image(cell)                  # the project's one decoder (modeling/image_decoding.py)
+    mask = decode_mask(cell)                    # (H, W) int64 class ids, with the same file checks
+    rows = ImageRows(ds, "image", "mask")       # rows.read(i) -> Decoded(image, mask, row), or None (counted)
 
-The decoding itself lives in ``entmax_vit.modeling.image_decoding`` (Hub code: the image processor and the
-pipelines use the same function, so a model sees the same pixels in training, evaluation and on the Hub); its
-docstring states every rule (truncation, decompression bombs, EXIF, transparency on white, 16-bit as x / 257,
-float clipped to [0, 1], 32-bit integer). This module adds what the data path needs on top: the
-:class:`SkipCounter` that turns :class:`ImageDecodeError` into logged, counted skips.
+The decoder itself lives in ``entmax_vit.modeling.image_decoding`` (Hub code: the image processor and the
+pipelines call it too, so a model sees the same pixels in training, evaluation, analysis and on the Hub); this
+module re-exports it unchanged and adds what a dataset needs around it.
+
+Unreadable rows (an image or mask the decoder refuses, or a mask whose size is not its image's). The policy a
+user who trusts our numbers expects, the same everywhere:
+- a row is never lost silently: each one is counted by :class:`SkipCounter` (the first ten logged with the file
+  name and the reason, then one line per hundred) and the total is reported with the result;
+- one bad file never stops a run: the reader returns ``None`` and the caller decides what takes its place:
+  training substitutes the next readable row (batch sizes, rank lock-step and resume stay exact) and reports
+  the count in metrics.jsonl / trainer_state.json, stopping past ``data.max_unreadable_share``; evaluation keeps
+  the row marked ``valid=False`` (equal batch shapes on every rank for ``gather_for_metrics``), leaves it out of
+  the metric and writes ``num_skipped`` into the results, so a denominator never shrinks unreported; analysis
+  skips it and counts it in ``AnalysisImages.skipped``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
+import numpy as np
 from PIL import Image
 
-from entmax_vit.modeling.image_decoding import WHITE, Color, ImageDecodeError, decode_image
-from entmax_vit.modeling.image_decoding import _warn_truncated_allowed  # noqa: F401 - re-exported for tests
+from entmax_vit.data.datasets import undecoded_images
+from entmax_vit.modeling.image_decoding import WHITE, ImageDecodeError, decode_image, open_image
 
 logger = logging.getLogger(__name__)
 
 
-def to_rgb(value: Any, *, background: Color = WHITE, max_pixels: Optional[int] = None) -> Image.Image:
-    """Decode ``value`` into a fully loaded 8-bit RGB PIL image (see
-    :func:`entmax_vit.modeling.image_decoding.decode_image`); raises :class:`ImageDecodeError`."""
-    return decode_image(value, background=background, max_pixels=max_pixels)
+def decode_mask(value: Any) -> np.ndarray:
+    """A segmentation mask cell (PIL "L"/"P"/"I" image, datasets dict, path, encoded bytes, array) -> (H, W)
+    int64 class ids. Encoded masks get the decoder's checks (``open_image``: decompression bombs; a truncated PNG
+    would otherwise read as class 0) but keep their values: no orientation or colour conversion. A 3-channel mask
+    is accepted only when its channels are equal (a grey mask saved as RGB); a colour-coded one raises, since
+    any one channel of it would be wrong class ids. Raises ImageDecodeError (a ValueError)."""
+    if isinstance(value, (Image.Image, dict, str, bytes, bytearray, os.PathLike)):
+        value = open_image(value)  # a datasets Image(decode=False) dict: bytes win over path
+    elif not isinstance(value, np.ndarray):
+        raise ImageDecodeError(f"unsupported mask value {type(value).__name__}")
+    arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and (arr[..., :3] == arr[..., :1]).all():
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ImageDecodeError(f"a segmentation mask must be one-channel class ids (H, W), got shape {arr.shape}")
+    return arr.astype(np.int64)
 
 
 class SkipCounter:
-    """Counts skipped samples and logs them without flooding the log.
-
-    The first ``verbose_first`` skips are logged with their reason, then one line every ``every`` skips.
-    With DataLoader workers each worker holds its own counter; the authoritative total is the per-batch
-    count returned by ``multicrop_collate``.
-    """
+    """The one count and log of unreadable rows: the first ``verbose_first`` with their reason, then one line
+    every ``every``. DataLoader workers hold their own copy; callers that need a total across workers or ranks
+    count the ``None`` / ``valid=False`` results they receive (training's LoopStats, evaluation's gather)."""
 
     def __init__(self, what: str = "image", verbose_first: int = 10, every: int = 100) -> None:
         self.what, self.verbose_first, self.every = what, verbose_first, every
@@ -48,4 +71,71 @@ class SkipCounter:
             logger.warning("skipped %d unreadable %ss so far (latest %s: %s)", self.count, self.what, where, error)
 
 
-__all__ = ["ImageDecodeError", "SkipCounter", "WHITE", "to_rgb"]
+def describe_cell(cell: Any, where: str) -> str:
+    """``where`` plus the cell's file when it has one: what a user needs to find and fix the file."""
+    path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, (str, os.PathLike)) else None
+    return f"{where} ({path})" if path else where
+
+
+@dataclass
+class Decoded:
+    """One readable row: RGB image, mask (H, W) int64 class ids or None, and the raw row (labels, ...)."""
+
+    image: Image.Image
+    mask: Optional[np.ndarray]
+    row: dict
+
+
+class ImageRows:
+    """The image (and mask) columns of a ``datasets`` split, decoded by the one decoder under the policy above.
+
+    ``datasets`` would otherwise decode an ``Image`` column itself while indexing, where a truncated file raises
+    (or only warns) before it can be checked and counted; here those columns are read as raw bytes. ``keep``
+    (None: every column) lists the other columns a caller needs (fewer columns, less reading). With
+    ``mask_required=False`` a row without a mask (None) is read with ``mask=None`` instead of counted unreadable.
+    ``ds`` may be None for rows a caller builds itself (``decode``)."""
+
+    def __init__(self, ds: Any, image_column: str, mask_column: Optional[str] = None,
+                 keep: Optional[tuple[str, ...]] = None, mask_required: bool = True) -> None:
+        columns = (image_column,) + ((mask_column,) if mask_column else ())
+        self.ds = undecoded_images(ds, *columns, keep=keep)
+        self.image_column, self.mask_column, self.mask_required = image_column, mask_column, mask_required
+        self.skips = SkipCounter("image")
+
+    @property
+    def skipped(self) -> int:
+        """Rows found unreadable by THIS process."""
+        return self.skips.count
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def decode(self, row: dict, where: str) -> Optional[Decoded]:
+        """The decoded row, or None when its image or mask is unreadable (counted and logged)."""
+        try:
+            image = decode_image(row[self.image_column])
+            cell = row[self.mask_column] if self.mask_column else None
+            mask = decode_mask(cell) if cell is not None or (self.mask_column and self.mask_required) else None
+            if mask is not None and mask.shape != (image.height, image.width):
+                raise ImageDecodeError(f"mask {mask.shape} does not match its image {image.height}x{image.width}")
+        except ImageDecodeError as err:
+            self.skips.record(where, err)  # the error names the file when there is one
+            return None
+        return Decoded(image, mask, row)
+
+    def read(self, index: int) -> Optional[Decoded]:
+        return self.decode(self.ds[int(index)], f"#{index}")
+
+    def describe(self, index: int) -> str:
+        """``"#index"``, with the row's file path when it has one (for logs naming unreadable rows)."""
+        return describe_cell(self.ds[int(index)][self.image_column], f"#{index}")
+
+    def stream(self) -> Iterator[tuple[int, Optional[Decoded], str]]:
+        """(position, decoded row or None, description naming the item and its file) over an iterable split."""
+        for i, row in enumerate(self.ds):
+            where = f"stream item {i}"
+            yield i, self.decode(row, where), describe_cell(row[self.image_column], where)
+
+
+__all__ = ["Decoded", "ImageDecodeError", "ImageRows", "SkipCounter", "WHITE", "decode_image", "decode_mask",
+           "describe_cell", "open_image"]

@@ -219,7 +219,9 @@ def split_features(
     ``streaming`` reads the split on the fly (e.g. ImageNet from the Hub without downloading it first), each
     rank its own part of the stream. ``main_rank_only``: see ``extract_features`` (a feature cache is read by
     every rank)."""
-    from .image_data import ClassificationRows, StreamingRows, class_names_of, find_column, num_classes_of, open_dataset
+    from entmax_vit.data.datasets import find_column, open_dataset
+
+    from .image_data import ClassificationRows, StreamingRows, class_names_of, num_classes_of
 
     ds = open_dataset(dataset, split, cache_dir=dataset_cache_dir, max_samples=max_samples, streaming=streaming,
                       accelerator=accelerator)

@@ -318,7 +318,9 @@ def main(cfg: LinearEvalConfig) -> dict:
 
     from .entry_point import check_config
     from .features import load_backbone, model_fingerprint, split_features
-    from .image_data import ClassificationRows, ClassificationTransform, find_column, num_classes_of, open_dataset
+    from entmax_vit.data.datasets import find_column, open_dataset
+
+    from .image_data import ClassificationRows, ClassificationTransform, num_classes_of
     from .loader_defaults import sized_to_machine
     from .resolution import eval_resolution
     from .results import make_results, weights_fingerprint, write_results

@@ -14,7 +14,6 @@ Transforms:
 
 from __future__ import annotations
 
-import logging
 import random
 from typing import Any
 
@@ -23,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
-from .image_data import decode_image, decode_mask, normalize, raw_columns
-from .metrics import reduce_zero_label
+from entmax_vit.data.datasets import undecoded_images
+from entmax_vit.data.images import ImageDecodeError, ImageRows, decode_mask
 
-logger = logging.getLogger(__name__)
+from .image_data import normalize
+from .metrics import reduce_zero_label
 
 # Cityscapes labelId -> trainId (the 19 evaluated classes); every other id, incl. -1, is ignored.
 CITYSCAPES_ID_TO_TRAINID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
@@ -57,30 +57,22 @@ class SegmentationRows(torch.utils.data.Dataset):
                  label_mapping: str = "none", reduce_zero: bool = False, ignore_index: int = 255) -> None:
         if protocol not in ("neco", "dinov2"):
             raise ValueError(f"protocol must be 'neco' or 'dinov2', got {protocol!r}")
-        self.ds = raw_columns(ds, image_column, mask_column)
-        self.image_column, self.mask_column = image_column, mask_column
+        self.rows = ImageRows(ds, image_column, mask_column)  # a mask must match its image, or the row is invalid
         self.protocol, self.train, self.input_size, self.mask_size = protocol, train, input_size, mask_size
         self.hflip, self.scale_range = hflip, scale_range
         self.label_kwargs = dict(label_mapping=label_mapping, reduce_zero=reduce_zero, ignore_index=ignore_index)
         self.ignore_index = ignore_index
 
     def __len__(self) -> int:
-        return len(self.ds)
-
-    def _invalid(self) -> dict:
-        s, m = self.input_size, (self.mask_size if self.protocol == "neco" else self.input_size)
-        return {"pixel_values": torch.zeros(3, s, s), "labels": torch.full((m, m), self.ignore_index), "valid": False}
+        return len(self.rows)
 
     def __getitem__(self, idx: int) -> dict:
-        row = self.ds[int(idx)]
-        image = decode_image(row[self.image_column], f"row {idx}")
-        mask = decode_mask(row[self.mask_column], f"row {idx}")
-        if image is None or mask is None:
-            return self._invalid()
-        if mask.shape[:2] != (image.height, image.width):
-            # A mask that does not match its image cannot be aligned: reject the row (counted as skipped).
-            logger.warning("row %s: mask %s does not match image %sx%s; skipped", idx, mask.shape[:2], image.height, image.width)
-            return self._invalid()
+        decoded = self.rows.read(idx)
+        if decoded is None:  # the data layer's policy: kept, marked invalid, counted by the loops
+            s, m = self.input_size, (self.mask_size if self.protocol == "neco" else self.input_size)
+            return {"pixel_values": torch.zeros(3, s, s), "labels": torch.full((m, m), self.ignore_index),
+                    "valid": False}
+        image, mask = decoded.image, decoded.mask
         labels = convert_labels(mask, **self.label_kwargs)  # (H, W)
         pixels = TF.to_tensor(image)  # (3, H, W) in [0, 1]
         if self.protocol == "neco":
@@ -115,31 +107,25 @@ class SegmentationRows(torch.utils.data.Dataset):
         return pixels[:, top : top + s, left : left + s], labels[top : top + s, left : left + s]
 
 
-def _masks_only(ds: Any, mask_column: str) -> Any:
-    """Only the (undecoded) mask column: scanning masks must not decode, or trip over, the images."""
-    if hasattr(ds, "select_columns"):
-        ds = ds.select_columns([mask_column])
-    return raw_columns(ds, mask_column)
+def _masks(ds: Any, mask_column: str, limit: int):
+    """The first ``limit`` readable masks, without decoding (or tripping over) the images."""
+    ds = undecoded_images(ds, mask_column, keep=())
+    for i in range(min(limit, len(ds))):
+        try:
+            yield decode_mask(ds[i][mask_column])
+        except ImageDecodeError:
+            continue
 
 
 def has_raw_cityscapes_ids(ds: Any, mask_column: str, limit: int = 20) -> bool:
     """True if any of the first masks holds a value in 19..33: a raw labelId, never a trainId (0..18, 255)."""
-    ds = _masks_only(ds, mask_column)
-    for i in range(min(limit, len(ds))):
-        mask = decode_mask(ds[i][mask_column], f"row {i}")
-        if mask is not None and ((mask >= 19) & (mask <= 33)).any():
-            return True
-    return False
+    return any(((mask >= 19) & (mask <= 33)).any() for mask in _masks(ds, mask_column, limit))
 
 
 def infer_num_classes(ds: Any, mask_column: str, ignore_index: int, label_kwargs: dict, limit: int = 200) -> int:
     """1 + the largest label in the first ``limit`` masks (used when a preset gives no class count)."""
-    ds = _masks_only(ds, mask_column)
     top = -1
-    for i in range(min(limit, len(ds))):
-        mask = decode_mask(ds[i][mask_column])
-        if mask is None:
-            continue
+    for mask in _masks(ds, mask_column, limit):
         labels = convert_labels(mask, **label_kwargs)
         labels = labels[labels != ignore_index]
         if labels.numel():

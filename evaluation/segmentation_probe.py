@@ -268,7 +268,8 @@ class ProbeData:
 def probe_datasets(cfg: SegmentationEvalConfig, accelerator: Any = None) -> ProbeData:
     """Open ``cfg.dataset``'s train and eval splits, detect columns and the label convention, and build the rows
     of ``cfg.protocol`` (``SegmentationRows``)."""
-    from .image_data import find_column, open_dataset
+    from entmax_vit.data.datasets import find_column, open_dataset
+
     from .segmentation_data import SegmentationRows, has_raw_cityscapes_ids, infer_num_classes
 
     if not cfg.dataset:

@@ -33,7 +33,6 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import cached_file
 
 from .image_decoding import ImageDecodeError, decode_image
-from .image_decoding import decode_image as to_rgb  # the former name, kept for callers
 from .segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS, LinearSegmentationHead
 
 # Used only when the repository has no image processor config (it always has one when assembled by us).
@@ -44,12 +43,9 @@ _DEFAULT_STD = (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------------------------------------
 # Image input: the project's one decoder (image_decoding.py), plus http(s) URLs
 # ----------------------------------------------------------------------------------------------------------
-ImageInputError = ImageDecodeError  # the pipelines' name for it: the decoder's error, raised unchanged
-
-
 def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image":
     """PIL image, path, http(s) URL, base64 / data: URL string, raw bytes, numpy array or tensor -> upright RGB
-    PIL image, decoded exactly as in training; unreadable input raises ImageInputError (a ValueError)."""
+    PIL image, decoded exactly as in training; unreadable input raises ImageDecodeError (a ValueError)."""
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         from huggingface_hub import get_session  # the Hub client's HTTP session (proxies, user agent)
 
@@ -58,7 +54,7 @@ def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image"
             response = get_session().get(image, follow_redirects=True, **extra)
             response.raise_for_status()
         except Exception as err:  # noqa: BLE001 - any fetch failure is an input error
-            raise ImageInputError(f"Could not load image from {image}: {err}") from err
+            raise ImageDecodeError(f"Could not load image from {image}: {err}") from err
         return decode_image(response.content, source=image)
     return decode_image(image)
 
@@ -190,8 +186,7 @@ __all__ = [
     "EntmaxViTFeatureExtractionPipeline",
     "EntmaxViTSegmentationPipeline",
     "FEATURE_EXTRACTION_TASK",
-    "ImageInputError",
+    "ImageDecodeError",
     "SEGMENTATION_TASK",
     "open_image",
-    "to_rgb",
 ]

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from entmax_vit.cli.config import save_config
-from entmax_vit.data.images import to_rgb
+from entmax_vit.data.images import decode_image as to_rgb
 from entmax_vit.training.multicrop import MultiCropConfig, MultiCropTransform, official_dino_transform
 
 # scikit-image's bundled photos, roughly ImageNet-sized (300-512 px sides); grey and RGBA ones go through to_rgb.

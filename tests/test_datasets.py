@@ -15,7 +15,7 @@ from entmax_vit.data.datasets import (
     shard_for_rank,
     webdataset_shards,
 )
-from entmax_vit.data.images import to_rgb
+from entmax_vit.data.images import decode_image
 
 
 def png_bytes(value: int, size: int = 8) -> bytes:
@@ -26,7 +26,7 @@ def png_bytes(value: int, size: int = 8) -> bytes:
 
 
 def first_pixel(value) -> int:
-    return int(np.asarray(to_rgb(value))[0, 0, 0])
+    return int(np.asarray(decode_image(value))[0, 0, 0])
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_embedded_small_and_option_errors(tmp_path):
     val = load_image_dataset(source, split="validation", cache_dir=tmp_path)
     assert len(val) == 3 and set(val.column_names) >= {"image", "label", "mask"}
     assert find_column(val, "image") == "image" and find_column(val, "mask") == "mask"
-    assert to_rgb(val[0]["image"]).size == (32, 32)
+    assert decode_image(val[0]["image"]).size == (32, 32)
     stream = load_image_dataset(source, split="train", streaming=True, cache_dir=tmp_path)
     assert sum(1 for _ in stream) == 4
     with pytest.raises(ValueError, match="bad option"):
@@ -184,7 +184,7 @@ def test_embedded_small_and_option_errors(tmp_path):
         load_image_dataset(source, split="test", cache_dir=tmp_path)
 
 
-def test_undecoded_images_hands_broken_files_to_to_rgb():
+def test_undecoded_images_hands_broken_files_to_the_decoder():
     from entmax_vit.data.datasets import undecoded_images
     from entmax_vit.data.images import ImageDecodeError
 
@@ -197,6 +197,6 @@ def test_undecoded_images_hands_broken_files_to_to_rgb():
     assert raw.column_names == ["image", "label"] and raw[1]["label"] == 1
     assert first_pixel(raw[0]["image"]) == 7
     with pytest.raises(ImageDecodeError):
-        to_rgb(raw[1]["image"])
+        decode_image(raw[1]["image"])
     with pytest.raises(ValueError, match="no image column 'pixels'"):
         undecoded_images(ds, "pixels")

@@ -92,7 +92,8 @@ def test_feature_cache_in_process(assets, tmp_path):
     first, info = split_features(model, transform=ClassificationTransform(32, 32), **kwargs)
     assert first["cls"].shape == (6, 2, 32) and first["patch_mean"].shape == (6, 32) and info["num_classes"] == 2
     # the last [CLS] entry is the model's pooled output (DINO's k-NN feature)
-    from entmax_vit.evaluation.image_data import ClassificationRows, open_dataset
+    from entmax_vit.data.datasets import open_dataset
+    from entmax_vit.evaluation.image_data import ClassificationRows
 
     rows = ClassificationRows(open_dataset(str(assets / "data"), "validation"), "image", "label", ClassificationTransform(32, 32))
     with torch.no_grad():

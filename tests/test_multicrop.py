@@ -1,4 +1,5 @@
-"""Multi-crop: official DINO values, parity with the literal official Compose, rates, skip-and-count data path."""
+"""Multi-crop: official DINO values, parity with the literal official Compose, rates; the data layer's rows
+(ImageRows) under it: unreadable rows counted and replaced, with workers and streams."""
 
 import io
 import random
@@ -16,15 +17,9 @@ from torchvision.transforms import functional as TF
 from entmax_vit.cli.config import from_dict, to_dict
 from entmax_vit.data.datasets import load_image_dataset
 from entmax_vit.training import multicrop as mc
-from entmax_vit.training.multicrop import (
-    IterableMultiCropDataset,
-    MultiCropConfig,
-    MultiCropDataset,
-    MultiCropTransform,
-    crop_specs,
-    multicrop_collate,
-    official_dino_transform,
-)
+from entmax_vit.data.images import ImageRows
+from entmax_vit.training.dino_data import SeededMultiCropDataset, StreamingMultiCropDataset, collate_indexed
+from entmax_vit.training.multicrop import MultiCropConfig, MultiCropTransform, crop_specs, official_dino_transform
 
 TINY = dict(global_size=16, local_size=8, local_crops_number=2)
 
@@ -185,13 +180,11 @@ def test_config_validation_and_yaml_round_trip():
     assert from_dict(MultiCropConfig, to_dict(cfg)) == cfg
 
 
-def test_collate_drops_none_and_counts():
+def test_collate_stacks_crops_and_lists_the_replaced_rows():
     item = [torch.zeros(3, 4, 4), torch.ones(3, 2, 2)]
-    crops, skipped = multicrop_collate([item, None, item, None])
-    assert skipped == 2 and [tuple(c.shape) for c in crops] == [(2, 3, 4, 4), (2, 3, 2, 2)]
-    assert multicrop_collate([None, None]) == ([], 2)
-    with pytest.raises(ValueError, match="crop counts"):
-        multicrop_collate([item, item[:1]])
+    crops, indices, names = collate_indexed([(0, item, ()), (5, item, ("#4 (a.png)",)), (2, item, ())])
+    assert [tuple(c.shape) for c in crops] == [(3, 3, 4, 4), (3, 3, 2, 2)]
+    assert indices.tolist() == [0, 5, 2] and names == ["#4 (a.png)"]
 
 
 def malformed_corpus() -> tuple[list[bytes], int]:
@@ -208,20 +201,26 @@ def malformed_corpus() -> tuple[list[bytes], int]:
     return files, len(bad)
 
 
+def seeded(hf) -> SeededMultiCropDataset:
+    return SeededMultiCropDataset(ImageRows(hf, "image", keep=()), MultiCropTransform(MultiCropConfig(**TINY)), 0)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_multicrop_dataset_skips_and_counts_malformed_images(num_workers, caplog):
+def test_malformed_images_are_replaced_and_each_counted_once(num_workers, caplog):
+    """Moved from MultiCropDataset + multicrop_collate (which dropped Nones) to the training path that replaced
+    them: every row gets crops, each malformed row is named once, the reader counts and logs each once."""
     files, num_bad = malformed_corpus()
     hf = datasets.Dataset.from_dict({"image": [{"bytes": f, "path": None} for f in files],
                                      "label": list(range(len(files)))}).cast_column("image", datasets.Image())
-    ds = MultiCropDataset(hf, "image", MultiCropTransform(MultiCropConfig(**TINY)))
-    loader = DataLoader(ds, batch_size=4, collate_fn=multicrop_collate, num_workers=num_workers)
+    ds = seeded(hf)
+    loader = DataLoader(ds, batch_size=4, collate_fn=collate_indexed, num_workers=num_workers)
     with caplog.at_level("WARNING"):
         batches = list(loader)
-    assert sum(s for _, s in batches) == num_bad
-    assert sum(c[0].shape[0] for c, _ in batches if c) == len(files) - num_bad
-    assert all(len(c) == 4 for c, _ in batches if c)
+    assert sum(len(names) for _, _, names in batches) == num_bad
+    assert sum(c[0].shape[0] for c, _, _ in batches) == len(files)
+    assert all(len(c) == 4 for c, _, _ in batches)
     if num_workers == 0:
-        assert ds.skipped == num_bad
+        assert ds.rows.skipped == num_bad
         assert sum("skipping unreadable image" in r.getMessage() for r in caplog.records) == num_bad
 
 
@@ -235,28 +234,30 @@ def test_malformed_imagefolder_through_the_training_path(tmp_path, monkeypatch):
     (folder / "bomb.png").write_bytes(png(Image.new("RGB", (60, 60))))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 3600 px: only a warning for PIL, an error for us
     hf = load_image_dataset(f"imagefolder:{tmp_path}", split="train", cache_dir=tmp_path / "cache")
-    ds = MultiCropDataset(hf, "image", MultiCropTransform(MultiCropConfig(**TINY)))
-    batches = list(DataLoader(ds, batch_size=5, shuffle=True, collate_fn=multicrop_collate))
-    assert sum(s for _, s in batches) == ds.skipped == num_bad + 1
-    assert sum(c[0].shape[0] for c, _ in batches if c) == len(files) - num_bad
+    ds = seeded(hf)
+    batches = list(DataLoader(ds, batch_size=5, shuffle=True, collate_fn=collate_indexed))
+    assert sum(len(names) for _, _, names in batches) == ds.rows.skipped == num_bad + 1
+    assert sum(c[0].shape[0] for c, _, _ in batches) == len(files) + 1
 
 
-def test_iterable_variant_sees_each_sample_once_across_workers():
+def test_stream_sees_each_sample_once_across_workers():
     files, num_bad = malformed_corpus()
     hf = datasets.Dataset.from_dict({"image": [{"bytes": f, "path": None} for f in files]}).cast_column(
         "image", datasets.Image())
-    stream = hf.to_iterable_dataset(num_shards=4)
-    ds = IterableMultiCropDataset(stream, "image", MultiCropTransform(MultiCropConfig(**TINY)))
-    ds.set_epoch(0)
-    batches = list(DataLoader(ds, batch_size=3, collate_fn=multicrop_collate, num_workers=2))
-    assert sum(s for _, s in batches) == num_bad
-    assert sum(c[0].shape[0] for c, _ in batches if c) == len(files) - num_bad
+    rows = ImageRows(hf.to_iterable_dataset(num_shards=4), "image", keep=())
+    assert sum(decoded is None for _, decoded, _ in rows.stream()) == rows.skipped == num_bad
+    ds = StreamingMultiCropDataset(hf.to_iterable_dataset(num_shards=4), "image",
+                                   MultiCropTransform(MultiCropConfig(**TINY)), seed=0, rank=0, world_size=1,
+                                   shuffle_buffer=1)
+    batches = list(DataLoader(ds, batch_size=3, collate_fn=collate_indexed, num_workers=2))
+    assert sum(c[0].shape[0] for c, _, _ in batches) == len(files) - num_bad
+    assert sum(len(names) for _, _, names in batches) <= num_bad  # a worker's last unreadable items: no carrier
 
 
-def test_dataset_rejects_unknown_column():
+def test_rows_reject_unknown_column():
     hf = datasets.Dataset.from_dict({"img": [png(colourful())]})
     with pytest.raises(ValueError, match="img"):
-        MultiCropDataset(hf, "image", MultiCropTransform())
+        ImageRows(hf, "image")
 
 
 def test_lookup_table_brightness_and_contrast_equal_pil_enhance():
@@ -293,19 +294,19 @@ def test_bench_script_runs_and_reports(tmp_path):
     assert (tmp_path / "multicrop_example.png").stat().st_size > 1000
 
 
-def test_iterable_variant_resumes_from_state_dict():
-    """Stop mid-stream, save state, continue in a fresh wrapper: the samples equal one uninterrupted pass."""
+def test_stream_resumes_from_state_dict():
+    """Stop mid-stream, save the dataset's state, continue in fresh rows: the samples equal one uninterrupted pass."""
     imgs = [png(Image.new("RGB", (8, 8), (i * 20, 0, 0))) for i in range(8)]
     hf = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in imgs]}).cast_column(
         "image", datasets.Image())
-    identity = lambda img: [torch.tensor(img.getpixel((0, 0)))]  # noqa: E731 - records which image came
-    make = lambda: IterableMultiCropDataset(hf.to_iterable_dataset(num_shards=2), "image", identity)  # noqa: E731
-    full = [int(x[0][0]) for x in make()]
+    make = lambda: ImageRows(hf.to_iterable_dataset(num_shards=2), "image")  # noqa: E731
+    red = lambda rows: (d.image.getpixel((0, 0))[0] for _, d, _ in rows.stream())  # noqa: E731
+    full = list(red(make()))
     first = make()
-    it = iter(first)
-    head = [int(next(it)[0][0]) for _ in range(3)]
-    state = first.state_dict()
+    it = red(first)
+    head = [next(it) for _ in range(3)]
+    state = first.ds.state_dict()
     second = make()
-    second.load_state_dict(state)
-    tail = [int(x[0][0]) for x in second]
+    second.ds.load_state_dict(state)
+    tail = list(red(second))
     assert head + tail == full and sorted(full) == [i * 20 for i in range(8)]

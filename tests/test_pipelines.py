@@ -14,7 +14,8 @@ from PIL import Image, ImageOps
 from transformers import pipeline
 
 from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD, EntmaxViTConfig, EntmaxViTModel, make_image_processor
-from entmax_vit.modeling.pipeline_entmax_vit import EntmaxViTSegmentationPipeline, ImageInputError, open_image, to_rgb
+from entmax_vit.modeling.image_decoding import ImageDecodeError, decode_image
+from entmax_vit.modeling.pipeline_entmax_vit import EntmaxViTSegmentationPipeline, open_image
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead, SegmentationHeadConfig
 
 LABELS = {0: "background", 1: "circle", 2: "square", 3: "stripes"}
@@ -151,7 +152,7 @@ def test_unreadable_input_raises_a_clear_value_error(parts, bad, message):
         bad = _png_bytes(_photo())[:200]
     with pytest.raises(ValueError, match=message) as info:
         segmenter(bad)
-    assert isinstance(info.value, ImageInputError)
+    assert isinstance(info.value, ImageDecodeError)
 
 
 def test_sixteen_bit_and_float_images_keep_their_content():
@@ -159,7 +160,7 @@ def test_sixteen_bit_and_float_images_keep_their_content():
     expected = np.round(gradient / 257.0)
     for image in (Image.fromarray(gradient), Image.fromarray(gradient.astype(np.int32)),
                   Image.fromarray((gradient / 65535.0).astype(np.float32))):
-        rgb = np.asarray(to_rgb(image)).astype(float)
+        rgb = np.asarray(decode_image(image)).astype(float)
         assert rgb.shape == (32, 48, 3)
         assert np.abs(rgb[..., 0] - expected).max() <= 1.0, image.mode  # not clipped to white
         assert (rgb[..., 0] == rgb[..., 2]).all()
@@ -178,14 +179,14 @@ def test_every_mode_segments_like_its_rgb_version(parts, mode):
     else:
         image = photo.convert(mode)
         reference = image.convert("RGB")
-    assert np.abs(np.asarray(to_rgb(image)).astype(int) - np.asarray(reference).astype(int)).max() <= 1
+    assert np.abs(np.asarray(decode_image(image)).astype(int) - np.asarray(reference).astype(int)).max() <= 1
     got = segmenter(_png_bytes(image) if mode != "CMYK" else image)
     _label_map(got, photo.size)
 
 
 def test_transparent_pixels_are_composited_on_white():
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert np.asarray(to_rgb(rgba)).min() == 255
+    assert np.asarray(decode_image(rgba)).min() == 255
 
 
 def test_exif_rotated_photo_is_segmented_upright(parts):
@@ -358,7 +359,7 @@ def test_fresh_process_uses_our_processor_and_pipelines(fresh_corpus_run):
 def test_odd_images_feed_the_model_the_same_pixels_everywhere(parts, fresh_corpus_run):
     """Training's decode, AutoImageProcessor (PIL input) and both pipelines (path, bytes, PIL) in a fresh
     process give the model exactly the pixels of the independently computed reference image."""
-    from entmax_vit.data.images import to_rgb as training_decode
+    from entmax_vit.data.images import decode_image as training_decode
 
     _, processor, _, segmenter = parts
     cases, report, pixels = fresh_corpus_run
@@ -471,9 +472,9 @@ def test_urls_are_fetched_with_the_hub_session_and_decoded_by_the_one_decoder(pa
     assert np.array_equal(np.asarray(open_image("https://example.org/odd.tiff", timeout=5)), case.reference)
     assert calls[-1][1]["timeout"] == 5
     _, _, _, segmenter = parts
-    with pytest.raises(ImageInputError, match="https://example.org/cut.png.*truncated"):
+    with pytest.raises(ImageDecodeError, match="https://example.org/cut.png.*truncated"):
         segmenter("https://example.org/cut.png")
-    with pytest.raises(ImageInputError, match="Could not load image from https://example.org/missing"):
+    with pytest.raises(ImageDecodeError, match="Could not load image from https://example.org/missing"):
         segmenter("https://example.org/missing.png")
 
 

@@ -131,7 +131,7 @@ def test_a_stretch_of_unreadable_rows_is_searched_past_with_wrap_around(tmp_path
     ds = build_dataset(DataConfig(source=f"imagefolder:{folder}", num_workers=0, cache_dir=str(tmp_path / "c")),
                        CROPS, seed=0)
     assert len(ds) == 86
-    rows = [ds.base.describe(i) for i in range(86)]
+    rows = [ds.rows.describe(i) for i in range(86)]
     bad = {i for i, name in enumerate(rows) if int(name.rsplit("img_", 1)[1][:3]) >= 16}
     assert len(bad) == 70
     ds.set_epoch(3)
@@ -142,11 +142,11 @@ def test_a_stretch_of_unreadable_rows_is_searched_past_with_wrap_around(tmp_path
             assert unreadable == (rows[index],) and "img_" in rows[index] and rows[index].endswith(".jpg)")
             source = next(j % 86 for j in range(index + 1, index + 87) if j % 86 not in bad)
             with seeded_rngs(sample_seed(0, 3, index)):
-                expected = ds.base[source]
+                expected = ds.transform(ds.rows.read(source).image)
             assert all(torch.equal(a, b) for a, b in zip(crops, expected))
         else:
             assert unreadable == ()
-    assert ds.base.skipped <= 70  # each bad row is decoded at most once in this process (then remembered)
+    assert ds.rows.skipped <= 70  # each bad row is decoded at most once in this process (then remembered)
 
 
 def test_bad_stretch_trains_counts_each_unreadable_row_once_per_epoch_and_names_files(tmp_path, caplog):
@@ -160,7 +160,7 @@ def test_bad_stretch_trains_counts_each_unreadable_row_once_per_epoch_and_names_
         assert main(parse_config(DinoConfig, args, preset_dir=CONFIG_DIR)) == out / "final_model"
     ds = build_dataset(DataConfig(source=f"imagefolder:{folder}", num_workers=0, cache_dir=str(tmp_path / "c")),
                        CROPS, seed=0)
-    bad = {i for i in range(len(ds)) if int(ds.base.describe(i).rsplit("img_", 1)[1][:3]) >= 16}
+    bad = {i for i in range(len(ds)) if int(ds.rows.describe(i).rsplit("img_", 1)[1][:3]) >= 16}
     batches = [json.loads(line) for line in (out / "debug" / "rank0.jsonl").read_text().splitlines()]
     drawn = {e: [i for b in batches if b.get("epoch") == e and "indices" in b for i in b["indices"]] for e in (0, 1)}
     assert all(len(d) == 84 for d in drawn.values())  # 86 rows, batches of 4, drop_last
@@ -245,11 +245,11 @@ def test_odd_image_corpus_through_the_training_path(tmp_path):
     transform = MultiCropTransform(CROPS)
     bad_rows = set()
     for i in range(len(ds)):
-        name = ds.base.describe(i).rsplit("/", 1)[1].rstrip(")")
+        name = ds.rows.describe(i).rsplit("/", 1)[1].rstrip(")")
         _, crops, unreadable = ds[i]
         if name in bad:
             bad_rows.add(i)
-            assert unreadable == (ds.base.describe(i),) and name in unreadable[0]
+            assert unreadable == (ds.rows.describe(i),) and name in unreadable[0]
         else:
             assert unreadable == ()
             with seeded_rngs(sample_seed(0, 0, i)):

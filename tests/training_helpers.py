@@ -65,8 +65,9 @@ def tiny_args(data: Path, out: Path, **extra: object) -> list[str]:
 
 
 def env() -> dict:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-             PYTHONPATH=str(REPO))
+    # the caller's PYTHONPATH first: a checkout tested through a path entry runs its own code in the subprocess
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     e.pop("ACCELERATE_USE_CPU", None)
     return e
 

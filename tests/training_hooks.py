@@ -66,51 +66,60 @@ class _RecordingData:
 
 def _dumping_rank_state(dino: Any, patch: Callable[[Any, str, Any], None]) -> None:
     """Per-batch indices from ``train_one_epoch``; the digests when ``train`` returns (every invocation, also a
-    resume of a finished run that trains no epoch), from the run's ``Loop``."""
-    import entmax_vit.training.checkpointing as ckpt
+    resume of a finished run that trains no epoch), from what ``train`` built: the networks, the loss, the
+    prepared student and the ``Run``."""
+    import accelerate
 
-    loops: list = []
-    states: list = []  # the RunState of the last epoch trained (updated in place to its last step)
+    built: dict = {}
 
-    class RecordedLoop(dino.Loop):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            loops.append(self)
-
-    def rank_file(loop: Any) -> Path:
-        folder = Path(loop.cfg.output_dir) / "debug"
+    def rank_file(run: Any) -> Path:
+        folder = Path(run.cfg.output_dir) / "debug"
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"rank{loop.accelerator.process_index}.jsonl"
+        return folder / f"rank{run.accelerator.process_index}.jsonl"
 
-    epoch_fn, train_fn = dino.train_one_epoch, dino.train
+    def recording(name: str, cls: Any) -> Any:
+        class Recorded(cls):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                built[name] = self
+        return Recorded
 
-    def train_one_epoch(loop: Any, data: Any, state: Any, epoch: int) -> bool:
-        states.append(state)
-        with open(rank_file(loop), "a", buffering=1) as file:
-            return epoch_fn(loop, _RecordingData(data, file, state), state, epoch)
+    build_fn, epoch_fn, train_fn = dino.build_networks, dino.train_one_epoch, dino.train
+    prepare_fn = accelerate.Accelerator.prepare
+
+    def build_networks(*args: Any, **kwargs: Any) -> Any:
+        built["student"], built["teacher"] = build_fn(*args, **kwargs)
+        return built["student"], built["teacher"]
+
+    def prepare(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = prepare_fn(self, *args, **kwargs)
+        if args and args[0] is built.get("student"):  # what torch.compile wraps (DDP when distributed)
+            built["prepared"] = out[0]
+        return out
+
+    def train_one_epoch(*args: Any) -> bool:
+        run = args[-1]
+        with open(rank_file(run), "a", buffering=1) as file:
+            return epoch_fn(*args[:4], _RecordingData(args[4], file, run.state), *args[5:])
 
     def train(*args: Any, **kwargs: Any) -> Any:
-        loops.clear()
-        states.clear()
+        built.clear()
         result = train_fn(*args, **kwargs)
-        loop = loops[-1]
-        if states:
-            step = states[-1].global_step
-        else:  # a resumed run that had nothing left to train: the step of the checkpoint it resumed from
-            step = ckpt.read_trainer_state(ckpt.latest_checkpoint(loop.ckpt_root))["global_step"]
-        # what a compiled student wraps, read before unwrap_model below (which re-points it at the bare model)
-        inner = type(getattr(loop.student, "_orig_mod", loop.student)).__name__
-        student = loop.accelerator.unwrap_model(loop.student)
-        with open(rank_file(loop), "a") as file:
+        run = built["run"]
+        with open(rank_file(run), "a") as file:
             file.write(json.dumps({
-                "final": True, "global_step": step, "student_inner": inner,
-                "teacher_digest": tensor_digest(loop.teacher.state_dict().values()),
-                "center_digest": tensor_digest([loop.dino_loss.center]),
-                "student_digest": tensor_digest(student.state_dict().values()),
+                "final": True, "global_step": run.state.global_step,
+                "student_inner": type(built["prepared"]).__name__,
+                "teacher_digest": tensor_digest(built["teacher"].state_dict().values()),
+                "center_digest": tensor_digest([built["loss"].center]),
+                "student_digest": tensor_digest(built["student"].state_dict().values()),
             }) + "\n")
         return result
 
-    patch(dino, "Loop", RecordedLoop)
+    patch(dino, "Run", recording("run", dino.Run))
+    patch(dino, "DINOLoss", recording("loss", dino.DINOLoss))
+    patch(dino, "build_networks", build_networks)
+    patch(accelerate.Accelerator, "prepare", prepare)
     patch(dino, "train_one_epoch", train_one_epoch)
     patch(dino, "train", train)
 

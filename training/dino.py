@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -25,8 +24,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, gather, set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, set_seed
 
 from entmax_vit.cli.config import from_dict, save_config, to_dict
 from entmax_vit.training import checkpointing as ckpt
@@ -35,7 +33,7 @@ from entmax_vit.training.dino_data import TrainingData
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.export import export_backbone
 from entmax_vit.training.loop_stats import (  # noqa: F401 (the errors are re-exported: cli, tests)
-    LoopStats, NonFiniteLossError, UnreadableDataError,
+    NonFiniteLossError, Run, RunState, StopRequest, UnreadableDataError,
 )
 from entmax_vit.training.metrics_log import MetricsLog, attention_support_size, plot_loss_curve
 from entmax_vit.training.networks import build_networks
@@ -46,27 +44,10 @@ from entmax_vit.training.schedules import cosine_schedule, scaled_lr, teacher_te
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 logger = logging.getLogger("entmax_vit.training.dino")
-UNREADABLE_NAMES_LOGGED = 5  # per rank and epoch: enough to find the files, not a flood
 
 
 class LostRankError(RuntimeError):
     """Another process of a distributed run died or stopped answering: this one stops too (no hang)."""
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (what schedulers send before pre-emption) -> finish the step, checkpoint, exit 0."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        logger.warning("received signal %d: stopping after this step with a checkpoint", signum)
-        self.requested = True
 
 
 @dataclass
@@ -77,19 +58,6 @@ class Schedules:
     wd: np.ndarray
     momentum: np.ndarray
     teacher_temp: np.ndarray
-
-
-@dataclass
-class RunState:
-    """Where the run is; saved in every checkpoint's trainer_state.json (``images_*`` keys default to 0 for
-    checkpoints of older versions)."""
-
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    global_step: int = 0
-    images_skipped: int = 0  # unreadable rows drawn, each once per epoch, summed over ranks
-    epoch_images_skipped: int = 0  # ... in the current epoch (for data.max_unreadable_share)
-    epoch_images_seen: int = 0  # images drawn in the current epoch, summed over ranks
 
 
 def main(cfg: DinoConfig) -> Optional[Path]:
@@ -227,30 +195,21 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
                                                   if isinstance(v, (int, float, str, bool))})
 
     def save_checkpoint() -> Path:
-        trainer_state = dict(vars(state), world_size=accelerator.num_processes, total_batch=total_batch,
+        trainer_state = dict(vars(run.state), world_size=accelerator.num_processes, total_batch=total_batch,
                              iters_per_epoch=iters_per_epoch, time=time.time())
-        return ckpt.save_checkpoint(accelerator, ckpt_root, state.global_step, teacher, dino_loss.center,
+        return ckpt.save_checkpoint(accelerator, ckpt_root, run.state.global_step, teacher, dino_loss.center,
                                     trainer_state, config_yaml, keep_last=cfg.checkpoint.keep_last)
 
     # ============ training ============
-    total_steps = epochs * iters_per_epoch
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not (
-        accelerator.is_main_process and cfg.logging.progress_bar), dynamic_ncols=True, desc="DINO")
-    loop = Loop(cfg, accelerator, student, teacher, dino_loss, optimizer, schedules, metrics, stop, progress,
-                save_checkpoint, total_steps, ckpt_root, ema_pairs)
+    run = Run(cfg, accelerator, data, state, metrics, stop, save_checkpoint, ckpt_root, epochs * iters_per_epoch)
     stopped = False
     for epoch in range(state.epoch, epochs):
-        stopped = train_one_epoch(loop, data, state, epoch)
+        stopped = train_one_epoch(student, teacher, ema_pairs, dino_loss, data, optimizer, schedules, epoch,
+                                  accelerator, cfg, run)
         if stopped:
             break
-        loop.stats.flush(state, epoch, cfg.data.max_unreadable_share, end_of_epoch=True,
-                         last_good=lambda: ckpt.latest_checkpoint(ckpt_root))
-        logger.info("epoch %d done: %d unreadable image(s) replaced (%d in all)", epoch,
-                    state.epoch_images_skipped, state.images_skipped)
-        state = RunState(epoch=epoch + 1, global_step=state.global_step, images_skipped=state.images_skipped)
-        if cfg.checkpoint.at_epoch_end:
-            save_checkpoint()
-    progress.close()
+        run.end_epoch(epoch)
+    run.progress.close()
 
     # ============ end of training: export ============
     accelerator.wait_for_everyone()
@@ -268,52 +227,23 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     return export_dir
 
 
-@dataclass
-class Loop:
-    """What ``train_one_epoch`` works with (official DINO passes the same things as arguments)."""
-
-    cfg: DinoConfig
-    accelerator: Accelerator
-    student: torch.nn.Module  # prepared (DDP-wrapped when distributed)
-    teacher: torch.nn.Module  # plain module, EMA of the student
-    dino_loss: DINOLoss
-    optimizer: torch.optim.Optimizer
-    schedules: Schedules
-    metrics: MetricsLog
-    stop: StopRequest
-    progress: Any
-    save_checkpoint: Any  # () -> Path, writes the current RunState
-    total_steps: int
-    ckpt_root: Path
-    ema_pairs: tuple[list, list]  # (teacher parameters, student parameters), taken before prepare()
-    steps_this_run: int = 0
-    stats: Optional[LoopStats] = None  # device-side loss / image bookkeeping (loop_stats.py)
-
-    def __post_init__(self) -> None:
-        if self.stats is None:
-            self.stats = LoopStats(self.accelerator)
-
-
-def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int) -> bool:
-    """One epoch from ``state.batch_in_epoch`` on, updating ``state``; True when the run stops early (a signal
-    or debug.max_steps), after writing a checkpoint.
+def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pairs: tuple[list, list],
+                    dino_loss: DINOLoss, data: TrainingData, optimizer: torch.optim.Optimizer, schedules: Schedules,
+                    epoch: int, accelerator: Accelerator, cfg: DinoConfig, run: Run) -> bool:
+    """One epoch from ``run.state.batch_in_epoch`` on; True when the run stops early (a signal or
+    debug.max_steps), after writing a checkpoint. ``student`` is prepared (DDP-wrapped when distributed),
+    ``teacher`` a plain module, ``ema_pairs`` (teacher parameters, student parameters) taken before prepare().
 
     At most one host sync per optimizer step outside log steps (the stop-request vote, on several processes
-    only): the loss, its finiteness and the image counts stay on the device until ``loop.stats`` syncs them
-    (loop_stats.py, which states the bound on work lost to a non-finite loss)."""
-    cfg, accelerator, student, optimizer, schedules = loop.cfg, loop.accelerator, loop.student, loop.optimizer, loop.schedules
+    only): the loss and its finiteness stay on the device until ``run`` syncs them (loop_stats.py); unreadable
+    rows are counted and named by the data layer (``data``)."""
     teacher_temp = float(schedules.teacher_temp[epoch])
-    last_log_time, images_since_log, names_logged = time.time(), 0, 0
     grad_norm = torch.zeros(())
-
-    def flush():  # the one sync of a log step / checkpoint: counts into ``state``, non-finite loss -> error
-        return loop.stats.flush(state, epoch, cfg.data.max_unreadable_share,
-                                last_good=lambda: ckpt.latest_checkpoint(loop.ckpt_root))
-
-    for batch_in_epoch, (crops, indices, unreadable) in enumerate(data.epoch(epoch, state.batch_in_epoch),
-                                                                 start=state.batch_in_epoch):
-        it = state.global_step  # global optimizer step: index into the schedules
+    start = run.state.batch_in_epoch
+    for batch_in_epoch, (crops, _) in enumerate(data.epoch(epoch, start), start=start):
+        it = run.state.global_step  # global optimizer step: index into the schedules
         with accelerator.accumulate(student):
+            # update weight decay and learning rate according to their schedule
             for i, group in enumerate(optimizer.param_groups):
                 group["lr"] = float(schedules.lr[it])
                 if i == 0:  # only the regularized group gets weight decay
@@ -321,12 +251,12 @@ def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int)
 
             # teacher and student forward passes + compute dino loss
             with torch.no_grad(), accelerator.autocast():
-                teacher_output = loop.teacher(crops[:2])  # only the 2 global views pass through the teacher
+                teacher_output = teacher(crops[:2])  # only the 2 global views pass through the teacher
             student_output = student(crops)  # (num_crops*B, K)
-            loss = loop.dino_loss(student_output, teacher_output, teacher_temp,
-                                  reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
-                                  world_size=accelerator.num_processes)
-            loop.stats.record(loss, it, batch_in_epoch, len(indices), len(unreadable))  # no sync
+            loss = dino_loss(student_output, teacher_output, teacher_temp,
+                             reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
+                             world_size=accelerator.num_processes)
+            run.record(loss, it, batch_in_epoch)  # no sync: checked for NaN/inf at log steps and checkpoints
 
             # student update
             accelerator.backward(loss)
@@ -336,60 +266,26 @@ def train_one_epoch(loop: Loop, data: TrainingData, state: RunState, epoch: int)
                 cancel_last_layer_gradients(student, epoch, cfg.optim.freeze_last_layer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-
-        # unreadable rows of this micro-batch: the first few named in the log (counted over ranks at syncs)
-        if unreadable and names_logged < UNREADABLE_NAMES_LOGGED:
-            logger.warning("epoch %d: unreadable image(s) replaced by the next readable row: %s", epoch,
-                           ", ".join(unreadable[:UNREADABLE_NAMES_LOGGED - names_logged]))
-            names_logged += len(unreadable)
-        images_since_log += len(indices) * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
 
         # EMA update for the teacher (foreach: no loop over parameters, no sync)
         m = float(schedules.momentum[it])
-        ema_update(*loop.ema_pairs, m)
-        state.global_step = step = it + 1
-        state.batch_in_epoch = batch_in_epoch + 1
-        loop.steps_this_run += 1
-        loop.progress.update(1)
+        ema_update(*ema_pairs, m)
 
-        # logging
-        if step % cfg.logging.every_steps == 0 or step == loop.total_steps:
-            mean_loss = flush().mean_loss
-            elapsed = time.time() - last_log_time
-            record = {"epoch": epoch, "loss": mean_loss, "lr": float(schedules.lr[it]),
-                      "wd": float(schedules.wd[it]), "momentum": m, "teacher_temp": teacher_temp,
-                      "grad_norm": float(grad_norm), "img_per_s": images_since_log / max(elapsed, 1e-9),
-                      "images_skipped": state.images_skipped}
+        # logging, checkpoints and stop requests
+        def log_values() -> dict:
+            values = {"lr": float(schedules.lr[it]), "wd": float(schedules.wd[it]), "momentum": m,
+                      "teacher_temp": teacher_temp, "grad_norm": float(grad_norm)}
             if cfg.logging.attention_support_images > 0 and accelerator.is_main_process:
                 with accelerator.autocast():
-                    record["attention_support_last_block"] = attention_support_size(
-                        loop.teacher.backbone, crops[0][: cfg.logging.attention_support_images])
-            loop.metrics.log(step, record)
-            loop.progress.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", img_s=f"{record['img_per_s']:.1f}")
-            last_log_time, images_since_log = time.time(), 0
+                    values["attention_support_last_block"] = attention_support_size(
+                        teacher.backbone, crops[0][: cfg.logging.attention_support_images])
+            return values
 
-        # checkpoints and stop requests: the vote over ranks is this step's one host sync (none on one process)
-        stop_now = loop.stop.requested if accelerator.num_processes == 1 else accelerator.reduce(
-            torch.tensor(float(loop.stop.requested), device=accelerator.device), reduction="sum").item() > 0
-        limit_hit = 0 < cfg.debug.max_steps <= loop.steps_this_run and step < loop.total_steps
-        if stop_now or limit_hit or (cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0):
-            flush()  # never a checkpoint after a non-finite loss; image counts complete in trainer_state.json
-            saved = loop.save_checkpoint()
-        if stop_now or limit_hit:
-            if accelerator.is_main_process:
-                reason = "a signal" if stop_now else f"debug.max_steps = {cfg.debug.max_steps}"
-                logger.warning(stop_message(step, reason, saved, Path(cfg.output_dir)))
+        if run.step_done(epoch, batch_in_epoch, log_values):
             return True
     return False
-
-
-def stop_message(step: int, reason: str, checkpoint: Path, out_dir: Path) -> str:
-    """The line an early stop ends with: where it stopped, how to resume, how to export."""
-    return (f"stopped at step {step} ({reason}) with checkpoint {checkpoint}. Resume: run the same command again "
-            f"(--checkpoint.resume auto, the default, continues from it). Export this checkpoint as a model: "
-            f"python scripts/export_checkpoint.py {checkpoint} {out_dir / 'exported'}")
 
 
 def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Any = None) -> Optional[Path]:

@@ -2,10 +2,11 @@
 
 Determinism (what makes ``--resume`` equal an uninterrupted run, with any number of workers): the sample
 order of an epoch is a permutation seeded by (seed, epoch), and every sample's augmentation is seeded by
-(seed, epoch, index) inside a forked RNG, so neither depends on what ran before. An unreadable row is
-replaced by the next readable one (deterministically, searching the whole dataset if need be) and reported
-once, so batches keep their size, ranks stay in step and no stretch of bad rows stops training.
-:class:`TrainingData` puts map-style and streamed data behind one interface for the loop.
+(seed, epoch, index) inside a forked RNG, so neither depends on what ran before. Rows are read and decoded by the data layer (``entmax_vit.data.images.ImageRows``); under its policy an
+unreadable row is replaced by the next readable one (deterministically, searching the whole dataset if need
+be) and reported once, so batches keep their size, ranks stay in step and no stretch of bad rows stops
+training. :class:`TrainingData` puts map-style and streamed data behind one interface for the loop, and counts
+what it drew and replaced (``take_counts``) and names the first unreadable files of each epoch in the log.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from entmax_vit.data.datasets import find_column, load_image_dataset, shard_for_rank
+from entmax_vit.data.datasets import find_column, open_dataset, shard_for_rank
+from entmax_vit.data.images import ImageRows
 from entmax_vit.training.config import DataConfig
-from entmax_vit.training.multicrop import (
-    IterableMultiCropDataset, MultiCropConfig, MultiCropDataset, MultiCropTransform, multicrop_collate,
-)
+from entmax_vit.training.multicrop import MultiCropConfig, MultiCropTransform
 
 logger = logging.getLogger(__name__)
-MAX_CONSECUTIVE_SKIPS = 64
+UNREADABLE_NAMES_LOGGED = 5  # per rank and epoch: enough to find the files, not a flood
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -76,15 +76,15 @@ class NoReadableImageError(ValueError):
 
 
 class SeededMultiCropDataset(Dataset):
-    """Item i -> (i, crops, unreadable): crops made with RNGs seeded by (seed, epoch, i), leaving the caller's
-    global RNG state untouched. ``unreadable`` is empty, or names row i (and its file) when row i cannot be
-    decoded: its crops then come from the next readable row after it (wrapping around the dataset), still
+    """Item i -> (i, crops, unreadable): crops of row i made with RNGs seeded by (seed, epoch, i), leaving the
+    caller's global RNG state untouched. ``unreadable`` is empty, or names row i (and its file) when row i cannot
+    be decoded: its crops then come from the next readable row after it (wrapping around the dataset), still
     seeded by (seed, epoch, i). That search is bounded only by the dataset size, so no stretch of bad rows can
     stop training; a dataset without one readable row raises :class:`NoReadableImageError`. Each drawn
     unreadable row is reported once (not once per failed attempt of the search)."""
 
-    def __init__(self, base: MultiCropDataset, seed: int) -> None:
-        self.base, self.seed = base, seed
+    def __init__(self, rows: ImageRows, transform: MultiCropTransform, seed: int) -> None:
+        self.rows, self.transform, self.seed = rows, transform, seed
         # The epoch lives in shared memory: persistent DataLoader workers (forked once per run) see every
         # set_epoch of the main process, where a plain attribute would stay at the value they were forked with.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -100,28 +100,24 @@ class SeededMultiCropDataset(Dataset):
         self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.rows)
 
     def _crops(self, row: int) -> Optional[list[torch.Tensor]]:
-        if row in self._unreadable:
-            return None
-        crops = self.base[row]
-        if crops is None:
+        decoded = None if row in self._unreadable else self.rows.read(row)
+        if decoded is None:
             self._unreadable.add(row)
-        return crops
+            return None
+        return self.transform(decoded.image)
 
     def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], tuple[str, ...]]:
         n = len(self)
         with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
-            crops = self._crops(index)
-            if crops is not None:
-                return index, crops, ()
-            for offset in range(1, n):
+            for offset in range(n):
                 crops = self._crops((index + offset) % n)
                 if crops is not None:
-                    return index, crops, (self.base.describe(index),)
+                    return index, crops, (self.rows.describe(index),) if offset else ()
         raise NoReadableImageError(
-            f"none of the {n} images of the dataset can be decoded (first: {self.base.describe(0)}): is "
+            f"none of the {n} images of the dataset can be decoded (first: {self.rows.describe(0)}): is "
             "data.image_column right and the data readable? The warnings above give each file's reason."
         )
 
@@ -129,8 +125,8 @@ class SeededMultiCropDataset(Dataset):
 def collate_indexed(
     batch: list[tuple[int, list[torch.Tensor], tuple[str, ...]]],
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
-    """-> (crops: list of (B, 3, H_k, W_k), indices (B,), names of the unreadable rows skipped: one per row)."""
-    crops, _ = multicrop_collate([item[1] for item in batch])
+    """-> (crops: list of (B, 3, H_k, W_k), indices (B,), names of the unreadable rows replaced: one per row)."""
+    crops = [torch.stack([item[1][k] for item in batch]) for k in range(len(batch[0][1]))]
     return crops, torch.tensor([item[0] for item in batch]), [name for item in batch for name in item[2]]
 
 
@@ -148,15 +144,15 @@ class _CountedSeededTransform:
 
 class StreamingMultiCropDataset(IterableDataset):
     """Streaming data for one rank: its shard (``shard_for_rank``) of a buffer-shuffled HF IterableDataset,
-    reshuffled per epoch; yields (stream position, crops, names of the unreadable items skipped before it). DataLoader workers split
-    the rank's shards (``datasets`` does it); augmentations are seeded by (seed, epoch, rank, worker, k), so
-    replaying an epoch's stream (resume) gives the same batches."""
+    reshuffled per epoch; yields (stream position, crops, names of the unreadable items skipped before it).
+    DataLoader workers split the rank's shards (``datasets`` does it); augmentations are seeded by (seed, epoch,
+    rank, worker, k), so replaying an epoch's stream (resume) gives the same batches."""
 
     def __init__(self, hf_ds: Any, column: str, transform: MultiCropTransform, seed: int, rank: int,
                  world_size: int, shuffle_buffer: int = 10_000) -> None:
         ds = hf_ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else hf_ds
         self.transform = _CountedSeededTransform(transform, seed)
-        self.base = IterableMultiCropDataset(shard_for_rank(ds, rank, world_size), column, self.transform)
+        self.rows = ImageRows(shard_for_rank(ds, rank, world_size), column, keep=())
         self.rank, self.epoch = rank, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -165,15 +161,16 @@ class StreamingMultiCropDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor], tuple[str, ...]]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        self.base.set_epoch(self.epoch)
+        if hasattr(self.rows.ds, "set_epoch"):
+            self.rows.ds.set_epoch(self.epoch)
         self.transform.stream = (self.epoch << 32) + (self.rank << 12) + worker
         self.transform.count = 0
         skipped: list[str] = []  # unreadable items since the last readable one, each reported once
-        for position, (crops, unreadable) in enumerate(self.base.read()):
-            if crops is None:
-                skipped.append(unreadable)
+        for position, decoded, name in self.rows.stream():
+            if decoded is None:
+                skipped.append(name)
                 continue
-            yield position, crops, tuple(skipped)
+            yield position, self.transform(decoded.image), tuple(skipped)
             skipped = []
 
 
@@ -225,11 +222,9 @@ def build_streaming_loader(data: DataConfig, crops: MultiCropConfig, seed: int, 
             "data.streaming=true needs data.streaming_num_samples (images per epoch, e.g. 1281167 for "
             "ImageNet-1K train): the length of a streamed dataset is unknown and sets the schedules"
         )
-    ds = load_image_dataset(data.source, data.split, streaming=True, cache_dir=data.cache_dir)
+    ds = open_dataset(data.source, data.split, data.cache_dir, data.max_samples, streaming=True)
     column = find_column(ds, "image", data.image_column)
-    num_samples = data.streaming_num_samples
-    if data.max_samples is not None:
-        ds, num_samples = ds.take(data.max_samples), min(num_samples, data.max_samples)
+    num_samples = min(data.streaming_num_samples, data.max_samples or data.streaming_num_samples)
     if rank == 0:
         for problem in stream_sharding_problems(getattr(ds, "num_shards", None), world_size, data.num_workers):
             logger.warning("%s", problem)
@@ -249,14 +244,12 @@ def build_dataset(data: DataConfig, crops: MultiCropConfig, seed: int) -> Seeded
     """Load ``data.source`` (map-style) and wrap it for multi-crop training."""
     if data.streaming:
         raise ValueError("streamed datasets go through build_streaming_loader")
-    ds = load_image_dataset(data.source, data.split, streaming=False, cache_dir=data.cache_dir)
+    if data.max_samples is not None and data.max_samples <= 0:
+        raise ValueError(f"data.max_samples must be positive, got {data.max_samples}")
+    ds = open_dataset(data.source, data.split, data.cache_dir, data.max_samples)
     column = find_column(ds, "image", data.image_column)
-    if data.max_samples is not None:
-        if data.max_samples <= 0:
-            raise ValueError(f"data.max_samples must be positive, got {data.max_samples}")
-        ds = ds.select(range(min(data.max_samples, len(ds))))
     logger.info("dataset %s[%s]: %d images, column %r", data.source, data.split, len(ds), column)
-    return SeededMultiCropDataset(MultiCropDataset(ds, column, MultiCropTransform(crops)), seed)
+    return SeededMultiCropDataset(ImageRows(ds, column, keep=()), MultiCropTransform(crops), seed)
 
 
 def build_dataloader(dataset: SeededMultiCropDataset, data: DataConfig, seed: int) -> DataLoader:
@@ -278,8 +271,8 @@ def build_dataloader(dataset: SeededMultiCropDataset, data: DataConfig, seed: in
 
 class TrainingData:
     """The training loop's one view of its data, whichever kind: ``epoch(e, skip)`` yields the micro-batches
-    ``(crops on the device, indices, names of the unreadable rows replaced)`` of epoch ``e`` after the first
-    ``skip`` (resume), and ``batches_per_epoch`` is the same on every rank.
+    ``(crops on the device, indices)`` of epoch ``e`` after the first ``skip`` (resume), and
+    ``batches_per_epoch`` is the same on every rank.
 
     Map-style data: one DataLoader over a (seed, epoch) permutation, prepared by Accelerate (each rank gets
     disjoint batches); resuming skips batches without loading them. Streaming: this rank's shard of the
@@ -307,7 +300,27 @@ class TrainingData:
                 f" x {accelerator.num_processes} processes x {accumulation} accumulation)"
             )
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[str]]]:
+        self.drawn = self.replaced = 0  # images drawn and unreadable rows replaced by this rank since take_counts
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """(crops on the device, indices) per micro-batch; the unreadable rows replaced are counted and the
+        first few of the epoch named in the log."""
+        named = 0
+        for crops, indices, unreadable in self._batches(epoch, skip):
+            self.drawn += len(indices)
+            self.replaced += len(unreadable)
+            if unreadable and named < UNREADABLE_NAMES_LOGGED:
+                logger.warning("epoch %d: unreadable image(s) replaced by the next readable row: %s", epoch,
+                               ", ".join(unreadable[:UNREADABLE_NAMES_LOGGED - named]))
+                named += len(unreadable)
+            yield crops, indices
+
+    def take_counts(self) -> tuple[int, int]:
+        """(images drawn, unreadable rows replaced) by this rank since the last call (host integers: no sync)."""
+        counts, self.drawn, self.replaced = (self.drawn, self.replaced), 0, 0
+        return counts
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[str]]]:
         if self.streaming:
             device = self.accelerator.device
             for crops, indices, unreadable in streaming_batches(self.loader, epoch, self.batches_per_epoch, skip):

@@ -1,20 +1,31 @@
-"""The training loop's bookkeeping without a host sync per step: the loss, the first non-finite loss and the
-image counts stay on the device (or in host integers) and are combined over ranks in ONE gather at log
-steps, before every checkpoint and at each epoch end.
+"""The run's state and its bookkeeping between optimizer steps, kept out of the DINO step (training/dino.py).
 
-Official DINO calls ``loss.item()`` and checks ``math.isfinite`` every step, a host sync that stalls the GPU
-queue. Here the non-finite check runs at those sync points instead. Bound on lost work: the first non-finite
-loss is found at most ``logging.every_steps`` optimizer steps after it happened (fewer when a checkpoint comes
-first), and no checkpoint is ever written from a step after it: the last checkpoint stays the last good one.
+:class:`Run` holds where the run is (:class:`RunState`, saved in every checkpoint), the loss of the last
+micro-batch and the first non-finite one on the device, and decides at each step end whether to log,
+checkpoint or stop. The image counts come from the data layer (``TrainingData.take_counts``).
+
+No host sync per step: official DINO calls ``loss.item()`` and checks ``math.isfinite`` every step, a host sync
+that stalls the GPU queue. Here the loss and its finiteness stay on the device and are combined over ranks with
+the image counts in ONE gather (:meth:`Run.sync`) at log steps, before every checkpoint and at each epoch end;
+the only other sync is the stop-request vote, on several processes only. Bound on lost work: the first
+non-finite loss is found at most ``logging.every_steps`` optimizer steps after it happened (fewer when a
+checkpoint comes first), and no checkpoint is ever written from a step after it: the last checkpoint stays the
+last good one.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
+
+from entmax_vit.training import checkpointing as ckpt
 
 logger = logging.getLogger("entmax_vit.training.dino")
 UNREADABLE_SHARE_MIN_IMAGES = 1024  # the unreadable share is checked once an epoch has drawn this many
@@ -28,81 +39,132 @@ class UnreadableDataError(ValueError):
     """More than ``data.max_unreadable_share`` of an epoch's images cannot be decoded."""
 
 
+class StopRequest:
+    """SIGTERM / SIGUSR1 (what schedulers send before pre-emption) -> finish the step, checkpoint, exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        logger.warning("received signal %d: stopping after this step with a checkpoint", signum)
+        self.requested = True
+
+
 @dataclass
-class Synced:
-    """What one :meth:`LoopStats.sync` returns (the same on every rank)."""
+class RunState:
+    """Where the run is; saved in every checkpoint's trainer_state.json (``images_*`` keys default to 0 for
+    checkpoints of older versions)."""
 
-    mean_loss: float  # the last micro-batch's loss, mean over ranks
-    first_bad_step: Optional[int]  # global step of the first non-finite loss since the run started, or None
-    first_bad_batch: int
-    first_bad_value: float
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    images_skipped: int = 0  # unreadable rows drawn, each once per epoch, summed over ranks
+    epoch_images_skipped: int = 0  # ... in the current epoch (for data.max_unreadable_share)
+    epoch_images_seen: int = 0  # images drawn in the current epoch, summed over ranks
 
 
-class LoopStats:
-    """Per-rank bookkeeping of ``train_one_epoch``: ``record`` every micro-batch (no sync), ``sync`` at log
-    steps, before checkpoints and at epoch ends (one gather of 6 numbers per rank)."""
+class Run:
+    """The run-state object ``train_one_epoch`` works with: ``record`` every micro-batch's loss (no sync),
+    ``step_done`` after every optimizer step (logging, checkpoints, stop requests), ``end_epoch`` after each
+    epoch. ``save_checkpoint()`` writes the current state and returns its folder."""
 
-    def __init__(self, accelerator: Any) -> None:
-        self.accelerator = accelerator
+    def __init__(self, cfg: Any, accelerator: Any, data: Any, state: RunState, metrics: Any, stop: StopRequest,
+                 save_checkpoint: Callable[[], Path], ckpt_root: Path, total_steps: int) -> None:
+        self.cfg, self.accelerator, self.data, self.state = cfg, accelerator, data, state
+        self.metrics, self.stop, self.save_checkpoint = metrics, stop, save_checkpoint
+        self.ckpt_root, self.total_steps, self.steps_this_run = ckpt_root, total_steps, 0
+        self.progress = tqdm(total=total_steps, initial=state.global_step, desc="DINO", dynamic_ncols=True,
+                             disable=not (accelerator.is_main_process and cfg.logging.progress_bar))
         device = accelerator.device
         self.last_loss = torch.zeros((), device=device)
         # The first non-finite loss: step (-1 = none yet), batch, value. float32 (MPS has no float64): exact for
         # steps and batch indices below 2**24, far beyond any run here.
         self.bad_step, self.bad_batch, self.bad_value = (torch.full((), -1.0, device=device) for _ in range(3))
-        self.pending_seen = 0  # images drawn by this rank since the last sync (host integers: no sync)
-        self.pending_skipped = 0
+        self.images_seen, self._log_images, self._log_time = 0, 0, time.time()
 
-    def record(self, loss: torch.Tensor, step: int, batch_in_epoch: int, num_images: int, num_unreadable: int) -> None:
-        """Keep the micro-batch's loss and, on the device, the first non-finite one; count images."""
+    def record(self, loss: torch.Tensor, step: int, batch_in_epoch: int) -> None:
+        """Keep the micro-batch's loss and, on the device, the first non-finite one."""
         loss = loss.detach().float()
         self.last_loss = loss
         bad = ~torch.isfinite(loss) & (self.bad_step < 0)  # on the device: no sync
         self.bad_step = torch.where(bad, float(step), self.bad_step)
         self.bad_batch = torch.where(bad, float(batch_in_epoch), self.bad_batch)
         self.bad_value = torch.where(bad, loss, self.bad_value)
-        self.pending_seen += num_images
-        self.pending_skipped += num_unreadable
 
-    def sync(self, state: Any) -> Synced:
-        """One gather over ranks: adds the pending image counts of every rank to ``state`` and returns the mean
-        loss and the first non-finite loss (lowest step over ranks)."""
-        counts = torch.tensor([float(self.pending_seen), float(self.pending_skipped)])
-        local = torch.cat([torch.stack([self.last_loss, self.bad_step, self.bad_batch, self.bad_value]),
-                           counts.to(self.bad_step.device)])  # (6,)
-        rows = gather(self.accelerator, local).reshape(-1, 6).tolist()  # the one host sync
-        self.pending_seen = self.pending_skipped = 0
-        state.epoch_images_seen += int(sum(r[4] for r in rows))
-        skipped = int(sum(r[5] for r in rows))
+    def sync(self, epoch: int, end_of_epoch: bool = False) -> float:
+        """One gather over ranks: the image counts go into ``state``; a non-finite loss (the lowest step over
+        ranks) raises NonFiniteLossError, too many unreadable images UnreadableDataError; returns the last
+        micro-batch's loss, mean over ranks."""
+        counts = torch.tensor([float(n) for n in self.data.take_counts()], device=self.bad_step.device)
+        local = torch.cat([torch.stack([self.last_loss, self.bad_step, self.bad_batch, self.bad_value]), counts])
+        gathered = self.accelerator.gather(local) if self.accelerator.num_processes > 1 else local
+        rows = gathered.reshape(-1, 6).tolist()  # the one host sync
+        state = self.state
+        seen, skipped = int(sum(r[4] for r in rows)), int(sum(r[5] for r in rows))
+        self.images_seen += seen
+        state.epoch_images_seen += seen
         state.epoch_images_skipped += skipped
         state.images_skipped += skipped
         bad = sorted((r[1], r[2], r[3]) for r in rows if r[1] >= 0)
-        mean_loss = sum(r[0] for r in rows) / len(rows)
-        if not bad:
-            return Synced(mean_loss, None, -1, 0.0)
-        return Synced(mean_loss, int(bad[0][0]), int(bad[0][1]), bad[0][2])
-
-    def flush(self, state: Any, epoch: int, max_unreadable_share: float,
-              last_good: Callable[[], Any] = lambda: None, end_of_epoch: bool = False) -> Synced:
-        """``sync``, then stop on a non-finite loss (NonFiniteLossError) or too many unreadable images."""
-        synced = self.sync(state)
-        if synced.first_bad_step is not None:
+        if bad:
             raise NonFiniteLossError(
-                f"Loss is {synced.first_bad_value} at step {synced.first_bad_step} (epoch {epoch}, batch "
-                f"{synced.first_bad_batch}); stopping training (found at step {state.global_step}: the loss is "
-                "checked at log steps and before checkpoints). Last good checkpoint: "
-                f"{last_good() or 'none'}. Lower optim.lr_base, raise optim.warmup_epochs, lower loss.teacher_temp "
-                "or use mixed_precision bf16/no."
+                f"Loss is {bad[0][2]} at step {int(bad[0][0])} (epoch {epoch}, batch {int(bad[0][1])}); stopping "
+                f"training (found at step {state.global_step}: the loss is checked at log steps and before "
+                f"checkpoints). Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root) or 'none'}. Lower "
+                "optim.lr_base, raise optim.warmup_epochs, lower loss.teacher_temp or use mixed_precision bf16/no."
             )
-        check_unreadable_share(state, epoch, max_unreadable_share, end_of_epoch)
-        return synced
+        check_unreadable_share(state, epoch, self.cfg.data.max_unreadable_share, end_of_epoch)
+        return sum(r[0] for r in rows) / len(rows)
+
+    def step_done(self, epoch: int, batch_in_epoch: int, log_values: Callable[[], dict]) -> bool:
+        """After optimizer step ``state.global_step``: advance the state, log at log steps (``log_values()`` adds
+        the step's own values), checkpoint when due or stopping; True when the run stops early (a signal or
+        debug.max_steps), after writing a checkpoint."""
+        cfg, accelerator, state = self.cfg, self.accelerator, self.state
+        state.global_step = step = state.global_step + 1
+        state.batch_in_epoch = batch_in_epoch + 1
+        self.steps_this_run += 1
+        self.progress.update(1)
+        if step % cfg.logging.every_steps == 0 or step == self.total_steps:
+            loss = self.sync(epoch)
+            now = time.time()
+            record = {"epoch": epoch, "loss": loss, **log_values(),
+                      "img_per_s": (self.images_seen - self._log_images) / max(now - self._log_time, 1e-9),
+                      "images_skipped": state.images_skipped}
+            self.metrics.log(step, record)
+            self.progress.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{record['img_per_s']:.1f}")
+            self._log_images, self._log_time = self.images_seen, now
+        # the vote over ranks is this step's one host sync (none on one process)
+        stop_now = self.stop.requested if accelerator.num_processes == 1 else accelerator.reduce(
+            torch.tensor(float(self.stop.requested), device=accelerator.device), reduction="sum").item() > 0
+        limit_hit = 0 < cfg.debug.max_steps <= self.steps_this_run and step < self.total_steps
+        if stop_now or limit_hit or (cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0):
+            self.sync(epoch)  # never a checkpoint after a non-finite loss; image counts complete in trainer_state
+            saved = self.save_checkpoint()
+        if stop_now or limit_hit:
+            if accelerator.is_main_process:
+                reason = "a signal" if stop_now else f"debug.max_steps = {cfg.debug.max_steps}"
+                logger.warning(stop_message(step, reason, saved, Path(cfg.output_dir)))
+            return True
+        return False
+
+    def end_epoch(self, epoch: int) -> None:
+        """Check the epoch's loss and unreadable share, start the next epoch's state, checkpoint if configured."""
+        self.sync(epoch, end_of_epoch=True)
+        state = self.state
+        logger.info("epoch %d done: %d unreadable image(s) replaced (%d in all)", epoch, state.epoch_images_skipped,
+                    state.images_skipped)
+        self.state = RunState(epoch=epoch + 1, global_step=state.global_step, images_skipped=state.images_skipped)
+        if self.cfg.checkpoint.at_epoch_end:
+            self.save_checkpoint()
 
 
-def gather(accelerator: Any, tensor: torch.Tensor) -> torch.Tensor:
-    """``accelerator.gather`` (all ranks' tensors, concatenated); the tensor itself on one process."""
-    return accelerator.gather(tensor) if accelerator.num_processes > 1 else tensor
-
-
-def check_unreadable_share(state: Any, epoch: int, max_share: float, end_of_epoch: bool = False) -> None:
+def check_unreadable_share(state: RunState, epoch: int, max_share: float, end_of_epoch: bool = False) -> None:
     """UnreadableDataError when more than ``max_share`` of the epoch's images so far were unreadable (checked
     once the epoch has drawn UNREADABLE_SHARE_MIN_IMAGES images, and at its end)."""
     seen = state.epoch_images_seen
@@ -117,4 +179,12 @@ def check_unreadable_share(state: Any, epoch: int, max_share: float, end_of_epoc
         )
 
 
-__all__ = ["LoopStats", "NonFiniteLossError", "Synced", "UnreadableDataError", "check_unreadable_share"]
+def stop_message(step: int, reason: str, checkpoint: Path, out_dir: Path) -> str:
+    """The line an early stop ends with: where it stopped, how to resume, how to export."""
+    return (f"stopped at step {step} ({reason}) with checkpoint {checkpoint}. Resume: run the same command again "
+            f"(--checkpoint.resume auto, the default, continues from it). Export this checkpoint as a model: "
+            f"python scripts/export_checkpoint.py {checkpoint} {out_dir / 'exported'}")
+
+
+__all__ = ["NonFiniteLossError", "Run", "RunState", "StopRequest", "UnreadableDataError", "check_unreadable_share",
+           "stop_message"]

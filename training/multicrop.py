@@ -1,10 +1,7 @@
-"""DINO multi-crop augmentation, and the data path that feeds it (skipping unreadable images, counted).
+"""DINO multi-crop augmentation (the rows it is applied to come from the data layer: training/dino_data.py).
 
     tf = MultiCropTransform(MultiCropConfig())            # official DINO recipe: 2 x 224 global + 8 x 96 local
     crops = tf(pil_image)                                 # [global1, global2, local1..local8], each (3, H, W)
-    ds = MultiCropDataset(hf_ds, find_column(hf_ds, "image"), tf)
-    loader = DataLoader(ds, batch_size=64, collate_fn=multicrop_collate)
-    for crops, num_skipped in loader: ...                 # crops: list of (B, 3, H, W)
 
 The recipe is exactly official DINO's ``DataAugmentationDINO`` (facebookresearch/dino, main_dino.py):
 per crop RandomResizedCrop (bicubic) -> horizontal flip p 0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) with
@@ -23,10 +20,9 @@ Normalize is one fused (x - 255 mean) / (255 std) on the uint8 array
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +31,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from entmax_vit.data.datasets import undecoded_images
-from entmax_vit.data.images import ImageDecodeError, SkipCounter, to_rgb
+from entmax_vit.data.images import decode_image
 from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
 
 _PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
@@ -118,7 +113,7 @@ def crop_specs(cfg: MultiCropConfig) -> list[CropSpec]:
 
 # --------------------------------------------------------------------------------------------- transform
 class MultiCropTransform:
-    """PIL image (or anything :func:`to_rgb` accepts) -> list of normalised float tensors (3, H, W)."""
+    """PIL image (or anything :func:`decode_image` accepts) -> list of normalised float tensors (3, H, W)."""
 
     def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
         self.cfg = cfg or MultiCropConfig()
@@ -138,7 +133,7 @@ class MultiCropTransform:
 
     def __call__(self, image: Any) -> list[torch.Tensor]:
         if not (isinstance(image, Image.Image) and image.mode == "RGB"):
-            image = to_rgb(image)
+            image = decode_image(image)
         return [self._crop(image, spec) for spec in self.specs]
 
     def __repr__(self) -> str:
@@ -263,99 +258,4 @@ def official_dino_transform(cfg: Optional[MultiCropConfig] = None) -> Callable[[
     return lambda img: [p(img) for p in pipelines]
 
 
-# ------------------------------------------------------------------------------------- dataset + collate
-class _MultiCropSource:
-    """Shared by both dataset kinds: raw image cells in, crops (or None, counted) out."""
-
-    def __init__(self, hf_ds: Any, image_column: str, transform: Callable[[Image.Image], list[torch.Tensor]]) -> None:
-        self.ds = undecoded_images(hf_ds, image_column)
-        self.column, self.transform = image_column, transform
-        self.skips = SkipCounter("image")
-
-    @property
-    def skipped(self) -> int:
-        """Images skipped by THIS process (DataLoader workers keep their own; see multicrop_collate)."""
-        return self.skips.count
-
-    def _crops(self, row: dict, where: str) -> Optional[list[torch.Tensor]]:
-        try:
-            image = to_rgb(row[self.column])
-        except ImageDecodeError as err:
-            self.skips.record(where, err)  # the error text names the file when there is one
-            return None
-        return self.transform(image)
-
-    def _describe(self, row: dict, where: str) -> str:
-        """``where`` plus the row's file when it has one: what a user needs to find and fix the file."""
-        cell = row[self.column]
-        path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, (str, os.PathLike)) else None
-        return f"{where} ({path})" if path else where
-
-
-class MultiCropDataset(_MultiCropSource, torch.utils.data.Dataset):
-    """Map-style dataset: item i -> list of crops, or None when the image cannot be decoded (counted)."""
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: int) -> Optional[list[torch.Tensor]]:
-        return self._crops(self.ds[index], where=f"#{index}")
-
-    def describe(self, index: int) -> str:
-        """``"#index"``, with the row's file path when it has one (for logs naming unreadable rows)."""
-        return self._describe(self.ds[index], f"#{index}")
-
-
-class IterableMultiCropDataset(_MultiCropSource, torch.utils.data.IterableDataset):
-    """Streaming variant over a ``datasets.IterableDataset``: yields crops, or None for skipped images.
-
-    DataLoader workers split the stream by shards (``datasets`` does it); ``set_epoch`` reshuffles and
-    ``state_dict``/``load_state_dict`` resume mid-epoch, both forwarded to the HF dataset.
-    """
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.ds, "set_epoch"):
-            self.ds.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return self.ds.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ds.load_state_dict(state)
-
-    def __iter__(self) -> Iterator[Optional[list[torch.Tensor]]]:
-        for crops, _ in self.read():
-            yield crops
-
-    def read(self) -> Iterator[tuple[Optional[list[torch.Tensor]], Optional[str]]]:
-        """(crops, None) per readable item, (None, description naming the item and its file) per unreadable one."""
-        for i, row in enumerate(self.ds):
-            crops = self._crops(row, where=f"stream item {i}")
-            yield crops, None if crops is not None else self._describe(row, f"stream item {i}")
-
-
-def multicrop_collate(batch: Sequence[Optional[list[torch.Tensor]]]) -> tuple[list[torch.Tensor], int]:
-    """Drop skipped (None) samples; stack crop k of every sample -> (list of (B, 3, H_k, W_k), num_skipped).
-
-    If every sample was skipped the crop list is empty: the training loop should skip that step.
-    """
-    kept = [item for item in batch if item is not None]
-    num_skipped = len(batch) - len(kept)
-    if not kept:
-        return [], num_skipped
-    num_crops = len(kept[0])
-    if any(len(item) != num_crops for item in kept):
-        raise ValueError(f"samples have different crop counts: {sorted({len(item) for item in kept})}")
-    return [torch.stack([item[k] for item in kept]) for k in range(num_crops)], num_skipped
-
-
-__all__ = [
-    "CropSpec",
-    "IterableMultiCropDataset",
-    "MultiCropConfig",
-    "MultiCropDataset",
-    "MultiCropTransform",
-    "crop_specs",
-    "multicrop_collate",
-    "official_dino_transform",
-]
+__all__ = ["CropSpec", "MultiCropConfig", "MultiCropTransform", "crop_specs", "official_dino_transform"]
