@@ -24,8 +24,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from entmax_vit.cli.config import parse_config, save_config, to_dict
+from entmax_vit.cli.config import parse_config
 from entmax_vit.cli.config import usage as config_usage
+from entmax_vit.data.config_io import save_config, to_dict
 
 from .foreground import DINO_MASS_THRESHOLD
 from .inputs import load_analysis_images

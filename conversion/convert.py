@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 import torch
 
-from entmax_vit.cli.config import save_config, to_dict
+from entmax_vit.data.config_io import save_config, to_dict
 from entmax_vit.modeling import ATTENTION_TRANSFORMS, EntmaxViTConfig, EntmaxViTModel, make_image_processor, resolve_kernel
 
 from .checkpoint_io import load_input, strip_prefixes, training_args, unwrap_state_dict

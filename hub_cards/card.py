@@ -15,7 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.repocard_data import eval_results_to_model_index
 
-from entmax_vit.cli.config import flatten
+from entmax_vit.data.config_io import flatten
 
 from .sparsity import SparsityReport
 

@@ -32,7 +32,7 @@ class BuildKernelConfig:
 
 
 def main(cfg: BuildKernelConfig) -> dict:
-    from entmax_vit.cli.config import ConfigError
+    from entmax_vit.data.config_io import ConfigError
     from entmax_vit.hub_cards.kernel_repo import build_kernel_repository
 
     if not cfg.output_dir:

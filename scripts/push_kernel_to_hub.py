@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import ConfigError
+from entmax_vit.data.config_io import ConfigError
 
 logger = logging.getLogger("push_kernel_to_hub")
 

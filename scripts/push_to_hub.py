@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import ConfigError, save_config
+from entmax_vit.data.config_io import ConfigError, save_config
 
 logger = logging.getLogger("push_to_hub")
 
