@@ -103,7 +103,7 @@ def _model_names(cfg: AnalyzeConfig) -> list[str]:
         names = [Path(s.rstrip("/")).name if Path(s).exists() else s.replace("/", "__") for s in sources]
     names = [re.sub(r"[^A-Za-z0-9._+-]", "_", n) or "model" for n in names]
     if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}; set --names a,b,...")
+        raise ValueError(f"model names must be unique, got {names}; set --names a b ...")
     return names
 
 

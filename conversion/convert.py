@@ -219,7 +219,7 @@ def check_output_dir(cfg: ConvertConfig) -> Path:
         raise ValueError("No output_dir given")
     out = Path(cfg.output_dir)
     if (out / "config.json").exists() and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a model (config.json); pass --overwrite true to replace it")
+        raise ValueError(f"{out} already holds a model (config.json); pass --overwrite to replace it")
     return out
 
 

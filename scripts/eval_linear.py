@@ -1,7 +1,7 @@
 """Linear classification probe of a frozen backbone: official DINO eval_linear by default.
 
     python scripts/eval_linear.py --model PATH_OR_HUB_ID --dataset SOURCE [--key value ...]
-    python scripts/eval_linear.py --model ... --dataset ... --protocol cached_grid --n_last_blocks 1,4
+    python scripts/eval_linear.py --model ... --dataset ... --protocol cached_grid --n_last_blocks 1 4
     accelerate launch scripts/eval_linear.py --model ... --dataset ILSVRC/imagenet-1k
 
 ``--protocol dino`` (the default) is official DINO eval_linear: augmented crops every epoch, one lr, the best

@@ -364,7 +364,7 @@ def test_create_pr_revision_and_private_from_the_command_line(release_inputs, fa
     out = tmp_path / "hub"
     code = push_to_hub.cli([str(release_inputs["model_dir"]), "--repo-id", REPO_ID, "--output-dir", str(out),
                             "--results", *map(str, release_inputs["results"]),
-                            "--seg-head", str(release_inputs["head_dir"]), "--upload", "--no-verify",
+                            "--seg-head", str(release_inputs["head_dir"]), "--upload", "True", "--no-verify",
                             "--no-measure-sparsity",
                             "--create-pr", "--revision", "dev", "--commit-message", "Add weights", "--private"])
     assert code == 0
