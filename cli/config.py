@@ -50,8 +50,9 @@ def _dict_rule(info: PrimitiveTypeInfo) -> Optional[PrimitiveConstructorSpec]:
 
 def _one_line(text: str) -> str:
     """tyro's boxed error as one line (the box drawing and the "run --help" footer dropped)."""
-    text = text.split("For full helptext")[0]
-    return " ".join(line for line in (line.strip(" │╭╮╰╯─") for line in text.splitlines()) if line)
+    lines = [line.strip() for line in text.split("For full helptext")[0].splitlines()]
+    lines = [line.strip("╭╮╰╯─+- ") if line[:1] in "╭╰+" else line.strip(" │|") for line in lines if line]
+    return " ".join(line for line in lines if line.strip("─-"))
 
 
 def _split_preset(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:

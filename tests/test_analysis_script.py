@@ -130,7 +130,7 @@ def test_analyze_main_compares_two_models(tmp_path, tiny_config_kwargs, caplog):
         _model(tiny_config_kwargs, attention).save_pretrained(tmp_path / attention)
     images, masks = _image_folder(tmp_path / "data")
     cfg = parse_analyze_config(["--model", str(tmp_path / "entmax15"), "--compare", str(tmp_path / "softmax"),
-                                "--names", "entmax,softmax", "--dataset", str(images), "--mask_dir", str(masks),
+                                "--names", "entmax", "softmax", "--dataset", str(images), "--mask_dir", str(masks),
                                 "--image_size", "32", "--num_images", "5", "--num_figure_images", "2",
                                 "--no_separate_curves", "--output_dir", str(tmp_path / "out")])
     runs = main(cfg)
@@ -177,7 +177,7 @@ def test_analyze_on_a_saved_dataset_with_mask_column(tmp_path, tiny_config_kwarg
 
 
 def test_analyze_config_errors(tmp_path, tiny_config_kwargs):
-    with pytest.raises(ConfigError, match="valid keys|has keys"):
+    with pytest.raises(ConfigError, match="Unrecognized options: --not_a_key"):
         parse_analyze_config(["--not_a_key", "1"])
     with pytest.raises(ConfigError, match="mass_threshold"):
         parse_analyze_config(["--model", "m", "--mass_threshold", "1.5"])

@@ -538,7 +538,7 @@ def test_offline_assembly_only_and_verified(release_inputs, tmp_path, monkeypatc
 @pytest.mark.parametrize("argv, message", [
     (["--repo-id", REPO_ID], "model folder"),
     (["MODEL"], "Nothing to do"),
-    (["MODEL", "--output-dir", "OUT", "--no-such-option", "1"], "no_such_option"),
+    (["MODEL", "--output-dir", "OUT", "--no-such-option", "1"], "no-such-option"),
 ])
 def test_cli_errors_name_the_problem(argv, message, release_inputs, tmp_path, capsys):
     argv = [str(release_inputs["model_dir"]) if a == "MODEL" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
