@@ -24,8 +24,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from entmax_vit.cli.config import parse_config, save_config, to_dict
+from entmax_vit.cli.config import parse_config
 from entmax_vit.cli.config import usage as config_usage
+from entmax_vit.data.config_io import save_config, to_dict
 
 from .foreground import DINO_MASS_THRESHOLD
 from .inputs import load_analysis_images
@@ -102,7 +103,7 @@ def _model_names(cfg: AnalyzeConfig) -> list[str]:
         names = [Path(s.rstrip("/")).name if Path(s).exists() else s.replace("/", "__") for s in sources]
     names = [re.sub(r"[^A-Za-z0-9._+-]", "_", n) or "model" for n in names]
     if len(set(names)) != len(names):
-        raise ValueError(f"model names must be unique, got {names}; set --names a,b,...")
+        raise ValueError(f"model names must be unique, got {names}; set --names a b ...")
     return names
 
 

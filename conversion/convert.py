@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 import torch
 
-from entmax_vit.cli.config import save_config, to_dict
+from entmax_vit.data.config_io import save_config, to_dict
 from entmax_vit.modeling import ATTENTION_TRANSFORMS, EntmaxViTConfig, EntmaxViTModel, make_image_processor, resolve_kernel
 
 from .checkpoint_io import load_input, strip_prefixes, training_args, unwrap_state_dict
@@ -219,7 +219,7 @@ def check_output_dir(cfg: ConvertConfig) -> Path:
         raise ValueError("No output_dir given")
     out = Path(cfg.output_dir)
     if (out / "config.json").exists() and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a model (config.json); pass --overwrite true to replace it")
+        raise ValueError(f"{out} already holds a model (config.json); pass --overwrite to replace it")
     return out
 
 

@@ -1,12 +1,11 @@
-"""The command-line shape of the evaluation scripts: cli.entry_point.run with the evaluation presets
-(``--config|--preset NAME``, evaluation/configs/) and the ``--model`` path checked (a missing folder says so)."""
+"""The evaluation commands (``scripts/eval_*.py`` and the ``entmax-vit-eval-*`` console scripts): each is one
+cli.entry_point.run call with the evaluation presets (``--config|--preset NAME``, evaluation/configs/) and the
+``--model`` path checked (a missing folder says so); and the checks every evaluation makes before it starts."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
-
-from entmax_vit.cli import entry_point
+from typing import Any, Optional, Sequence
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -24,11 +23,29 @@ def check_config(cfg: Any) -> None:
         raise ValueError(f"--dataset: {err}") from None
 
 
-def run(config_cls: type, main: Callable[[Any], Any], prog: str, default_preset: Optional[str] = None,
-        argv: Optional[Sequence[str]] = None) -> Any:
-    """Parse, check ``--model``, run ``main(cfg)``; a bad key, value or model path exits with the message alone."""
-    return entry_point.run(main, config_cls, prog, preset_dir=PRESET_DIR, default_preset=default_preset, argv=argv,
-                           model_fields=("model",))
+def eval_knn(argv: Optional[Sequence[str]] = None) -> Any:
+    """Weighted k-NN evaluation (evaluation/knn.py)."""
+    from entmax_vit.cli.entry_point import run
+    from entmax_vit.evaluation.knn import KNNEvalConfig, main
+
+    return run(main, KNNEvalConfig, "eval_knn", preset_dir=PRESET_DIR, argv=argv, model_fields=("model",))
 
 
-__all__ = ["PRESET_DIR", "check_config", "run"]
+def eval_linear(argv: Optional[Sequence[str]] = None) -> Any:
+    """Linear probe (evaluation/linear_probe.py)."""
+    from entmax_vit.cli.entry_point import run
+    from entmax_vit.evaluation.linear_probe import LinearEvalConfig, main
+
+    return run(main, LinearEvalConfig, "eval_linear", preset_dir=PRESET_DIR, argv=argv, model_fields=("model",))
+
+
+def eval_segmentation(argv: Optional[Sequence[str]] = None) -> Any:
+    """Linear segmentation probe (evaluation/segmentation_probe.py); default preset ``embedded``."""
+    from entmax_vit.cli.entry_point import run
+    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main
+
+    return run(main, SegmentationEvalConfig, "eval_segmentation", preset_dir=PRESET_DIR, default_preset="embedded",
+               argv=argv, model_fields=("model",))
+
+
+__all__ = ["PRESET_DIR", "check_config", "eval_knn", "eval_linear", "eval_segmentation"]

@@ -132,7 +132,7 @@ def main(cfg: KNNEvalConfig) -> dict:
     """Extract (or load cached) features, run k-NN, write ``output_dir/results_knn.json``; return the record."""
     from accelerate import Accelerator
 
-    from entmax_vit.cli.config import save_config, to_dict
+    from entmax_vit.data.config_io import save_config, to_dict
 
     from .entry_point import check_config
     from .features import load_backbone, model_fingerprint, split_features

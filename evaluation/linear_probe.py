@@ -314,7 +314,7 @@ def main(cfg: LinearEvalConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from entmax_vit.cli.config import save_config, to_dict
+    from entmax_vit.data.config_io import save_config, to_dict
 
     from .entry_point import check_config
     from .features import load_backbone, model_fingerprint, split_features
@@ -328,7 +328,7 @@ def main(cfg: LinearEvalConfig) -> dict:
     check_config(cfg)
     if cfg.streaming and cfg.protocol == "dino":
         raise ValueError("protocol 'dino' runs the backbone on augmented crops of a map-style dataset: "
-                         "use --streaming false or --protocol cached_grid")
+                         "use --no_streaming or --protocol cached_grid")
     if not 0.0 <= cfg.holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {cfg.holdout_fraction}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:

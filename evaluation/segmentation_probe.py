@@ -404,7 +404,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from entmax_vit.cli.config import save_config, to_dict
+    from entmax_vit.data.config_io import save_config, to_dict
 
     from .entry_point import check_config
     from .features import load_backbone

@@ -13,7 +13,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-from entmax_vit.cli.config import flatten
+from entmax_vit.data.config_io import flatten
 from entmax_vit.recipe import BIBTEX, PAPER_ARXIV, PAPER_RESULTS, PAPER_TITLE
 
 from .sparsity import SparsityReport

@@ -184,7 +184,7 @@ def build_kernel_repository(output_dir: str | Path, *, repo_id: Optional[str] = 
     folder = Path(output_dir)
     if folder.exists() and any(folder.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{folder} is not empty: pass --overwrite true to replace it")
+            raise FileExistsError(f"{folder} is not empty: pass --overwrite to replace it")
         shutil.rmtree(folder)
     sources = kernel_sources(modeling_dir)
     for variant, backend in VARIANTS.items():

@@ -169,7 +169,7 @@ def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figur
 def main(cfg: ReproduceMiniConfig) -> dict:
     """The dense-degradation study (``scripts/reproduce_mini.py --long``): its own entry, so that this module
     builds on reproduce_mini and not the other way round."""
-    from entmax_vit.cli.config import save_config
+    from entmax_vit.data.config_io import save_config
 
     start = time.perf_counter()
     out = Path(cfg.output_dir).resolve()

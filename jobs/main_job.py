@@ -119,11 +119,11 @@ def run_process(name: str, command: list[str]) -> None:
 def training_config(cfg: MainJobConfig, train_dir: Path):
     """The DinoConfig of the train stage: the preset, the job's settings, then the user's overrides (dotted or
     nested keys alike; a dict field such as model.backbone_overrides is merged key by key)."""
-    from entmax_vit.cli.config import flatten, from_dict, parse_config, to_dict
+    from entmax_vit.data.config_io import flatten, from_dict, load_preset, to_dict
     from entmax_vit.training.config import DinoConfig
     from entmax_vit.training.dino import CONFIG_DIR
 
-    values = flatten(to_dict(parse_config(DinoConfig, ["--config", cfg.training_preset], preset_dir=CONFIG_DIR)))
+    values = flatten(to_dict(load_preset(DinoConfig, cfg.training_preset, CONFIG_DIR)))
     values.update({"output_dir": str(train_dir), "model.attention": cfg.attention, "seed": cfg.seed,
                    "data.source": cfg.dataset})
     if cfg.quick:  # a handful of optimizer steps on a small subset: the code path, not the result
@@ -140,7 +140,7 @@ def training_config(cfg: MainJobConfig, train_dir: Path):
 
 
 def train(cfg: MainJobConfig, train_dir: Path) -> None:
-    from entmax_vit.cli.config import save_config
+    from entmax_vit.data.config_io import save_config
 
     dino = training_config(cfg, train_dir)
     launch_config = save_config(dino, train_dir.parent / "stages" / "train_config.yaml")
@@ -165,11 +165,11 @@ def evaluation_jobs(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequ
         jobs.append((out / "knn", knn, KNNEvalConfig(model=model, dataset=cfg.dataset, resize=size(), crop=size(),
                                                      output_dir=str(out / "knn"), **subsets), "results_knn.json"))
     if "segmentation" in stages:
-        from entmax_vit.cli.config import parse_config
+        from entmax_vit.data.config_io import load_preset
         from entmax_vit.evaluation.entry_point import PRESET_DIR
         from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main as segment
 
-        preset = parse_config(SegmentationEvalConfig, ["--config", "embedded"], preset_dir=PRESET_DIR)
+        preset = load_preset(SegmentationEvalConfig, "embedded", PRESET_DIR)
         subsets = {"epochs": 1, "max_train_samples": 128, "max_eval_samples": 64} if quick else {}
         for f in cfg.segmentation_features:
             if f not in FEATURES:
@@ -197,7 +197,7 @@ def evaluation_jobs(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequ
 
 def evaluate(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> dict[str, dict]:
     """The knn / segmentation / analysis / claims stages of one model folder into ``out``: ``{stage: record}``."""
-    from entmax_vit.cli.config import to_dict
+    from entmax_vit.data.config_io import to_dict
 
     weights = [model_dir / "model.safetensors"]  # every stage reads them: a retrained model reruns all
     return {folder.name: run_stage(out, folder.name, lambda: entry(stage_cfg), [folder / result],
@@ -242,7 +242,7 @@ def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg
 
 
 def main(cfg: MainJobConfig) -> dict:
-    from entmax_vit.cli.config import save_config, to_dict
+    from entmax_vit.data.config_io import save_config, to_dict
 
     start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -307,7 +307,7 @@ def run_all(cfg: ReproduceMiniConfig, out: Path, stages: Sequence[str], train_ov
 
 def main(cfg: ReproduceMiniConfig) -> dict:
     from entmax_vit.analysis.figures import plot_layer_curves
-    from entmax_vit.cli.config import save_config, to_dict
+    from entmax_vit.data.config_io import save_config, to_dict
 
     if cfg.long:
         raise ValueError("--long is the dense-degradation study: run it with scripts/reproduce_mini.py --long or "

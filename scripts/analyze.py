@@ -7,7 +7,8 @@
 Keys: entmax_vit.analysis.run.AnalyzeConfig (``--help`` lists them); presets in analysis/configs/.
 """
 
-from entmax_vit.cli.commands import analyze
+from entmax_vit.analysis.run import PRESET_DIR, AnalyzeConfig, main
+from entmax_vit.cli.entry_point import run
 
-if __name__ == "__main__":
-    analyze()
+if __name__ == "__main__":  # main configures its own log format
+    run(main, AnalyzeConfig, "analyze", preset_dir=PRESET_DIR, model_fields=("model", "compare"), log_format=None)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from entmax_vit.cli.config import save_config, to_dict
+from entmax_vit.data.config_io import save_config, to_dict
 from entmax_vit.modeling.attention import ATTENTION_KERNELS
 
 log = logging.getLogger("bench_attention")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from entmax_vit.cli.config import save_config
+from entmax_vit.data.config_io import save_config
 from entmax_vit.data.images import decode_image as to_rgb
 from entmax_vit.training.multicrop import MultiCropConfig, MultiCropTransform, official_dino_transform
 

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from entmax_vit.cli.config import save_config, to_dict
+from entmax_vit.data.config_io import save_config, to_dict
 from entmax_vit.evaluation.speed import PeakMemory, backbone_step as training_step
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 

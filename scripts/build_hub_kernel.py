@@ -1,7 +1,7 @@
 """Build the entmax-attention kernel repository (Hub kernels layout) from modeling/'s attention code.
 
     python scripts/build_hub_kernel.py --output-dir hub_kernel
-    python scripts/build_hub_kernel.py --output-dir hub_kernel --repo-id OWNER/entmax-attention --overwrite true
+    python scripts/build_hub_kernel.py --output-dir hub_kernel --repo-id OWNER/entmax-attention --overwrite
 
 The folder is what scripts/push_kernel_to_hub.py uploads: README.md (the kernel card) and build/torch-cpu/,
 build/torch-cuda/ with copies of modeling/attention.py and the files it imports, a generated __init__.py
@@ -23,7 +23,7 @@ from entmax_vit.cli import entry_point
 
 @dataclass
 class BuildKernelConfig:
-    # Folder to write the kernel repository into (must be empty or missing, unless --overwrite true).
+    # Folder to write the kernel repository into (must be empty or missing, unless --overwrite).
     output_dir: str = ""
     # OWNER/NAME the card's usage snippets name (default a YOUR_USERNAME placeholder).
     repo_id: Optional[str] = None
@@ -32,7 +32,7 @@ class BuildKernelConfig:
 
 
 def main(cfg: BuildKernelConfig) -> dict:
-    from entmax_vit.cli.config import ConfigError
+    from entmax_vit.data.config_io import ConfigError
     from entmax_vit.hub_release.kernel_repo import build_kernel_repository
 
     if not cfg.output_dir:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import ConfigError, parse_config, positionals_to_options
+from entmax_vit.cli.config import parse_config, positionals_to_options
 from entmax_vit.cli.model_path import check_model_path
+from entmax_vit.data.config_io import ConfigError
 from entmax_vit.conversion.convert import ConvertConfig, main
 
 
@@ -41,8 +42,7 @@ def checked(cfg: ConvertConfig) -> ConvertConfig:
 
 def run(argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv`` and convert; errors raise (ConfigError / ValueError / FileNotFoundError)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    main(checked(parse_config(ConvertConfig, split_positionals(argv), description=__doc__)))
+    main(checked(parse_config(ConvertConfig, split_positionals(sys.argv[1:] if argv is None else argv))))
 
 
 if __name__ == "__main__":

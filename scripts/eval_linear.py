@@ -1,7 +1,7 @@
 """Linear classification probe of a frozen backbone: official DINO eval_linear by default.
 
     python scripts/eval_linear.py --model PATH_OR_HUB_ID --dataset SOURCE [--key value ...]
-    python scripts/eval_linear.py --model ... --dataset ... --protocol cached_grid --n_last_blocks 1,4
+    python scripts/eval_linear.py --model ... --dataset ... --protocol cached_grid --n_last_blocks 1 4
     accelerate launch scripts/eval_linear.py --model ... --dataset ILSVRC/imagenet-1k
 
 ``--protocol dino`` (the default) is official DINO eval_linear: augmented crops every epoch, one lr, the best
@@ -12,7 +12,7 @@ Writes OUTPUT_DIR/results_linear.json (best head), grid.json (every head), linea
 config. Keys: see entmax_vit.evaluation.linear_probe.LinearEvalConfig (docs/evaluation.md).
 """
 
-from entmax_vit.cli.commands import eval_linear
+from entmax_vit.evaluation.entry_point import eval_linear
 
 if __name__ == "__main__":
     eval_linear()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import ConfigError
+from entmax_vit.data.config_io import ConfigError
 from entmax_vit.training.checkpointing import STATE_FILE, latest_checkpoint
 from entmax_vit.training.export import export_checkpoint
 

@@ -3,10 +3,10 @@ softmax SDPA, a 100-step bf16 DINO run of ViT-S/16 under accelerate with a bit-i
 and feature-extraction throughput and memory; writes DIR/report.json and DIR/report.md (jobs/gpu_check.py).
 
     python scripts/gpu_check.py --out gpu_report                  # one GPU: under 8 minutes
-    python scripts/gpu_check.py --out /tmp/check --cpu true       # toy sizes on the CPU (tests the check itself)
+    python scripts/gpu_check.py --out /tmp/check --cpu       # toy sizes on the CPU (tests the check itself)
     python scripts/gpu_check.py --out DIR --sections '[kernel_exactness, kernel_timing]'
 
-Without CUDA (or with --cpu true) the same rows run at toy sizes on the CPU, Triton kernels through the Triton
+Without CUDA (or with --cpu) the same rows run at toy sizes on the CPU, Triton kernels through the Triton
 interpreter (TRITON_INTERPRET=1, set here before anything imports triton). Exit status 0 even when rows fail:
 the report says which (report.json "failed_rows").
 """

@@ -2,7 +2,7 @@
 process, upload it as a kernel repository.
 
     python scripts/push_kernel_to_hub.py --repo-id OWNER/entmax-attention
-    python scripts/push_kernel_to_hub.py --repo-id OWNER/entmax-attention --output-dir hub_kernel --upload false
+    python scripts/push_kernel_to_hub.py --repo-id OWNER/entmax-attention --output-dir hub_kernel --upload False
 
 The repository (scripts/build_hub_kernel.py builds the same folder) goes up in one commit on main; the version
 branch v1, which transformers loads for ``attn_implementation="OWNER/entmax-attention:entmax15"``, is created
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import ConfigError
+from entmax_vit.data.config_io import ConfigError
 
 logger = logging.getLogger("push_kernel_to_hub")
 
@@ -54,9 +54,9 @@ def main(cfg: PushKernelConfig) -> dict:
 
     upload = cfg.upload if cfg.upload is not None else bool(cfg.repo_id) and not constants.is_offline_mode()
     if cfg.upload is None and cfg.repo_id and not upload:
-        logger.warning("HF_HUB_OFFLINE is set: building only (pass --upload true to force the upload)")
+        logger.warning("HF_HUB_OFFLINE is set: building only (pass --upload True to force the upload)")
     if upload and not cfg.repo_id:
-        raise ConfigError("--upload true needs --repo-id OWNER/NAME")
+        raise ConfigError("--upload True needs --repo-id OWNER/NAME")
     if not upload and not cfg.output_dir:
         raise ConfigError("Nothing to do: give --repo-id OWNER/NAME to upload, or --output-dir DIR to build only")
     temporary = None if cfg.output_dir else tempfile.mkdtemp(prefix="entmax_attention_kernel_")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import ConfigError, save_config
+from entmax_vit.data.config_io import ConfigError, save_config
 
 logger = logging.getLogger("push_to_hub")
 
@@ -71,10 +71,10 @@ def should_upload(cfg: PushConfig) -> bool:
         return False
     if not cfg.repo_id:
         if cfg.upload:
-            raise ConfigError("--upload true needs --repo-id OWNER/NAME")
+            raise ConfigError("--upload True needs --repo-id OWNER/NAME")
         return False
     if cfg.upload is None and constants.is_offline_mode():
-        logger.warning("HF_HUB_OFFLINE is set: assembling only (pass --upload true to force the upload)")
+        logger.warning("HF_HUB_OFFLINE is set: assembling only (pass --upload True to force the upload)")
         return False
     return True
 

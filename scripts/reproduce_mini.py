@@ -2,8 +2,8 @@
 
     python scripts/reproduce_mini.py --docs_dir docs                  # 3 seeds x 2 transforms (time: docs/reproduce_mini_results.md)
     python scripts/reproduce_mini.py --long --docs_dir docs           # dense degradation (~4 h of one thread)
-    python scripts/reproduce_mini.py --attentions softmax,entmax15,sparsemax --seeds 0,1,2,3
-    python scripts/reproduce_mini.py --tiny --seeds 0,1 --output_dir /tmp/repro   # smoke run of the machinery
+    python scripts/reproduce_mini.py --attentions softmax entmax15 sparsemax --seeds 0 1 2 3
+    python scripts/reproduce_mini.py --tiny --seeds 0 1 --output_dir /tmp/repro   # smoke run of the machinery
 
 Every run is the main job's stages with the same budget (only the transform and the seed differ); the report
 gives mean ± std [min, max] over seeds, the per-seed numbers, a bar chart with error bars, and calls a

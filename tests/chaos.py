@@ -35,7 +35,7 @@ from entmax_vit.training.checkpointing import (
     PRUNED_PREFIX, STATE_FILE, TMP_PREFIX, describe_leftover, list_checkpoints, read_trainer_state,
 )
 from entmax_vit.training.metrics_log import read_metrics
-from training_helpers import RANK_STATE, dino_command
+from training_helpers import RANK_STATE, as_options, dino_command
 
 logger = logging.getLogger("chaos")
 KILL_HOOKS = {"pause_in_checkpoint": 0.3, "pause_in_pruning": 0.3, "pause_in_export": 0.5, "dump_rank_state": True}
@@ -179,14 +179,14 @@ def tiny_run_args(workdir: Path, out: Path) -> list[str]:
     settings = {
         "config": "tiny_cpu", "output_dir": out,
         "data.source": "embedded:image_size=32,num_train=16,num_validation=4", "data.cache_dir": workdir / "cache",
-        "data.max_samples": "none", "data.batch_size_per_device": 4, "data.num_workers": 0,
+        "data.max_samples": "None", "data.batch_size_per_device": 4, "data.num_workers": 0,
         "model.backbone_overrides": "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2}",
         "model.out_dim": 256, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
         "crops.global_size": 32, "crops.local_size": 16, "crops.local_crops_number": 2,
         "optim.epochs": 2, "optim.warmup_epochs": 1, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2,
         "logging.every_steps": 1, "logging.progress_bar": False, "logging.tensorboard": False,
     }
-    return [x for k, v in settings.items() for x in (f"--{k}", str(v))]
+    return as_options(settings)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

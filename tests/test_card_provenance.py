@@ -72,7 +72,7 @@ def test_card_of_a_partial_run(partial_export, tmp_path, capsys):
     results = _record(model_dir, fingerprint, tmp_path / "knn.json")
     out = tmp_path / "hub_repo"
     code = _push_to_hub().cli([str(model_dir), "--output-dir", str(out), "--results", str(results),
-                               "--verify", "false", "--measure-sparsity", "false"])
+                               "--no-verify", "--no-measure-sparsity"])
     assert code == 0, capsys.readouterr().err
     card = (out / "README.md").read_text()
     assert "**Partially trained:** exported from a checkpoint after **2 of 4 planned optimizer steps** (50%" in card
@@ -95,7 +95,7 @@ def test_results_of_another_model_are_refused(partial_export, tmp_path, capsys, 
     model.save_pretrained(other)
     results = _record(model_dir, weights_fingerprint(model), tmp_path / "other_knn.json")
     code = _push_to_hub().cli([str(model_dir), "--output-dir", str(tmp_path / "repo"), "--results", str(results),
-                               "--verify", "false", "--measure-sparsity", "false"])
+                               "--no-verify", "--no-measure-sparsity"])
     err = [line for line in capsys.readouterr().err.splitlines() if "%|" not in line and line.strip()]  # no bars
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("push_to_hub: ") and "other_knn.json: measured on other weights" in err[0]
@@ -106,11 +106,11 @@ def test_results_of_another_model_are_refused(partial_export, tmp_path, capsys, 
     results.write_text(json.dumps({**unsigned, "model": {**unsigned["model"], "config": {
         **unsigned["model"]["config"], "hidden_size": 64}}}))
     code = _push_to_hub().cli([str(model_dir), "--output-dir", str(tmp_path / "repo"), "--results", str(results),
-                               "--verify", "false", "--measure-sparsity", "false"])
+                               "--no-verify", "--no-measure-sparsity"])
     assert code == 2 and "hidden_size 64 != 32" in capsys.readouterr().err
     results.write_text(json.dumps(unsigned))
     code = _push_to_hub().cli([str(model_dir), "--output-dir", str(tmp_path / "repo"), "--results", str(results),
-                               "--verify", "false", "--measure-sparsity", "false"])
+                               "--no-verify", "--no-measure-sparsity"])
     assert code == 0 and "has no weights fingerprint" in caplog.text
 
 

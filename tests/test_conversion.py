@@ -406,8 +406,8 @@ def test_cli_argument_splitting():
         from convert_checkpoint import split_positionals
     finally:
         sys.path.pop(0)
-    assert split_positionals(["--source", "dino", "in.pth", "out", "--verify", "false", "--num-heads", "6"]) == [
-        "--source", "dino", "--verify", "false", "--num-heads", "6", "--input", "in.pth", "--output_dir", "out"]
+    assert split_positionals(["--source", "dino", "in.pth", "out", "--no-verify", "--num-heads", "6"]) == [
+        "--source", "dino", "--no-verify", "--num-heads", "6", "--input", "in.pth", "--output_dir", "out"]
     assert split_positionals(["--overwrite", "in.pth", "out"]) == ["--overwrite", "--input", "in.pth", "--output_dir", "out"]
     with pytest.raises(ValueError, match="at most INPUT and OUTPUT_DIR"):
         split_positionals(["a", "b", "c"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from entmax_vit.cli.config import to_dict
+from entmax_vit.data.config_io import to_dict
 from entmax_vit.training.checkpointing import (
     latest_checkpoint, list_checkpoints, load_teacher, remove_incomplete, save_teacher,
 )

@@ -105,8 +105,7 @@ def test_presets_still_build():
 def test_failed_evaluation_writes_no_config(tmp_path):
     """A bad dataset source is refused before the model loads; a dataset that fails while loading leaves no
     config file (nor results) behind."""
-    from entmax_vit.evaluation.entry_point import run
-    from entmax_vit.evaluation.knn import main
+    from entmax_vit.evaluation.entry_point import eval_knn
     from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 
     model = tmp_path / "model"
@@ -114,20 +113,18 @@ def test_failed_evaluation_writes_no_config(tmp_path):
                                    num_attention_heads=2, intermediate_size=64)).save_pretrained(model)
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="--dataset: .*unknown kind"):
-        run(KNNEvalConfig, main, "eval_knn", argv=["--model", str(model), "--dataset", "imgfolder:/x",
-                                                   "--output_dir", str(out)])
+        eval_knn(["--model", str(model), "--dataset", "imgfolder:/x", "--output_dir", str(out)])
     with pytest.raises(SystemExit, match="cannot load dataset"):
-        run(KNNEvalConfig, main, "eval_knn", argv=["--model", str(model), "--dataset", "owner/no_such_dataset_24",
-                                                   "--output_dir", str(out)])
+        eval_knn(["--model", str(model), "--dataset", "owner/no_such_dataset_24", "--output_dir", str(out)])
     assert not (out / "eval_knn_config.yaml").exists() and not (out / "results_knn.json").exists()
 
 
 # ---------------------------------------------------------------- item 8: unknown keys
 def test_unknown_key_names_the_key_it_probably_meant():
-    """``--data.batchsize``: tyro's matcher suggests nothing; ours names batch_size_per_device."""
+    """``--data.batch_size``: tyro's suggestion names batch_size_per_device."""
     with pytest.raises(ConfigError) as info:
-        parse_config(DinoConfig, ["--config", "tiny_cpu", "--data.batchsize", "8"], preset_dir=CONFIG_DIR)
-    assert "did you mean --data.batch_size_per_device?" in str(info.value)
+        parse_config(DinoConfig, ["--config", "tiny_cpu", "--data.batch_size", "8"], preset_dir=CONFIG_DIR)
+    assert "Perhaps you meant: --data.batch_size_per_device" in str(info.value)
 
 
 def test_conversion_refuses_an_occupied_output_before_reading_its_input(tmp_path):

@@ -126,8 +126,8 @@ def test_streaming_features_match_map_style(assets, max_samples):
 def test_segmentation_cli(assets):
     out = assets / "seg"
     _run("eval_segmentation.py", "--preset", "voc", "--model", str(assets / "model"), "--dataset", str(assets / "data"),
-         "--num_classes", "3", "--class_names", "[]", "--input_size", "32", "--mask_size", "20", "--epochs", "2",
-         "--batch_size", "4", "--use_cls_token", "true", "--output_dir", str(out), cwd=assets)
+         "--num_classes", "3", "--class_names", "--input_size", "32", "--mask_size", "20", "--epochs", "2",
+         "--batch_size", "4", "--use_cls_token", "--output_dir", str(out), cwd=assets)
     record = load_results(out / "results_segmentation.json")
     assert record["task"] == "segmentation" and record["protocol"]["name"] == "neco_linear"
     assert record["protocol"]["use_cls_token"] is True and record["dataset"]["num_skipped"] == 1
@@ -138,17 +138,26 @@ def test_segmentation_cli(assets):
     assert set(json.loads((out / "per_class_iou.json").read_text())) == {"0", "1", "2"}
 
 
+def run(config_cls, main, prog, argv):
+    """An evaluation entry point (evaluation.entry_point) with another ``main``."""
+    from entmax_vit.cli.entry_point import run as entry_run
+    from entmax_vit.evaluation.entry_point import PRESET_DIR
+
+    default = "embedded" if prog == "eval_segmentation" else None
+    return entry_run(main, config_cls, prog, preset_dir=PRESET_DIR, default_preset=default, argv=argv,
+                     model_fields=("model",))
+
+
 def test_bad_override_is_a_clear_error(capsys):
-    from entmax_vit.evaluation.entry_point import run
     from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
 
     def never(cfg):  # the run must stop before main
         raise AssertionError("main ran")
 
     with pytest.raises(SystemExit) as info:
-        run(SegmentationEvalConfig, never, "eval_segmentation", argv=["--preset", "voc", "--no_such_key", "1"])
+        run(SegmentationEvalConfig, never, "eval_segmentation", argv=["--preset", "voc", "--use_cls", "1"])
     message = str(info.value.code)
-    assert message.startswith("eval_segmentation:") and "no_such_key" in message and "use_cls_token" in message
+    assert message.startswith("eval_segmentation:") and "--use_cls," in message and "use_cls_token" in message
     with pytest.raises(SystemExit, match="protocol"):
         run(SegmentationEvalConfig, never, "eval_segmentation", argv=["--protocol", "mask2former"])
     with pytest.raises(SystemExit, match="No preset"):
@@ -160,7 +169,6 @@ def test_model_paths_are_checked_before_main(assets, tmp_path):
     model.safetensors is named; both before main runs, for every evaluation entry point."""
     import shutil
 
-    from entmax_vit.evaluation.entry_point import run
     from entmax_vit.evaluation.knn import KNNEvalConfig
     from entmax_vit.evaluation.linear_probe import LinearEvalConfig
     from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
@@ -212,8 +220,8 @@ def test_presets_parse():
 def test_linear_cli(assets):
     out = assets / "linear"
     _run("eval_linear.py", "--model", str(assets / "model"), "--dataset", str(assets / "data"), "--resize", "32",
-         "--crop", "32", "--epochs", "3", "--batch_size", "8", "--n_last_blocks", "1,2", "--avgpool_patchtokens",
-         "false,true", "--base_lrs", "0.01,0.1", "--output_dir", str(out), cwd=assets)
+         "--crop", "32", "--epochs", "3", "--batch_size", "8", "--n_last_blocks", "1", "2", "--avgpool_patchtokens",
+         "False", "True", "--base_lrs", "0.01", "0.1", "--output_dir", str(out), cwd=assets)
     record = load_results(out / "results_linear.json")
     assert record["task"] == "linear" and record["protocol"]["grid_size"] == 8
     assert record["dataset"]["num_skipped"] == 1
@@ -258,7 +266,7 @@ def test_two_processes_match_one(assets):
     assert one["metrics"] == two["metrics"] and one["dataset"] == two["dataset"]
     for extra in ([], ["--max_train_samples", "9"]):  # whole stream: shards per rank; truncated: strided rows
         _run("eval_knn.py", *knn, *extra, "--output_dir", str(assets / "knn3"), cwd=assets)
-        _torchrun("eval_knn.py", *knn, *extra, "--streaming", "true", "--output_dir", str(assets / "knn4"), cwd=assets,
+        _torchrun("eval_knn.py", *knn, *extra, "--streaming", "--output_dir", str(assets / "knn4"), cwd=assets,
                   port=29653)
         one, two = load_results(assets / "knn3" / "results_knn.json"), load_results(assets / "knn4" / "results_knn.json")
         assert one["metrics"] == two["metrics"] and one["dataset"] == two["dataset"]

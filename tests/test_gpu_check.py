@@ -45,7 +45,7 @@ def test_cpu_mode_writes_the_whole_report(tmp_path):
     DINO relaunch bit-identical, both reports written."""
     out = tmp_path / "check"
     e = {k: v for k, v in env().items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(out), "--cpu", "true"],
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(out), "--cpu"],
                           cwd=REPO, env=e, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())

@@ -106,6 +106,6 @@ def test_push_to_an_existing_repository_updates_v1_and_deletes_stale_files(kerne
 def test_push_needs_a_repo_id_or_a_folder(tmp_path, capsys) -> None:
     assert push.cli([]) == 2
     assert "Nothing to do" in capsys.readouterr().err
-    assert push.cli(["--output-dir", str(tmp_path / "k"), "--verify", "false"]) == 0  # build only
+    assert push.cli(["--output-dir", str(tmp_path / "k"), "--no-verify"]) == 0  # build only
     assert (tmp_path / "k" / "build" / "torch-cpu" / "metadata.json").is_file()
-    assert push.cli(["--output-dir", str(tmp_path / "k"), "--verify", "false"]) == 2  # not empty
+    assert push.cli(["--output-dir", str(tmp_path / "k"), "--no-verify"]) == 2  # not empty

@@ -364,8 +364,8 @@ def test_create_pr_revision_and_private_from_the_command_line(release_inputs, fa
     out = tmp_path / "hub"
     code = push_to_hub.cli([str(release_inputs["model_dir"]), "--repo-id", REPO_ID, "--output-dir", str(out),
                             "--results", *map(str, release_inputs["results"]),
-                            "--seg-head", str(release_inputs["head_dir"]), "--upload", "true", "--verify", "false",
-                            "--measure-sparsity", "false",
+                            "--seg-head", str(release_inputs["head_dir"]), "--upload", "True", "--no-verify",
+                            "--no-measure-sparsity",
                             "--create-pr", "--revision", "dev", "--commit-message", "Add weights", "--private"])
     assert code == 0
     summary = json.loads((out / ".push" / "summary.json").read_text())
@@ -538,7 +538,7 @@ def test_offline_assembly_only_and_verified(release_inputs, tmp_path, monkeypatc
 @pytest.mark.parametrize("argv, message", [
     (["--repo-id", REPO_ID], "model folder"),
     (["MODEL"], "Nothing to do"),
-    (["MODEL", "--output-dir", "OUT", "--no-such-option", "1"], "no_such_option"),
+    (["MODEL", "--output-dir", "OUT", "--no-such-option", "1"], "no-such-option"),
 ])
 def test_cli_errors_name_the_problem(argv, message, release_inputs, tmp_path, capsys):
     argv = [str(release_inputs["model_dir"]) if a == "MODEL" else str(tmp_path / "o") if a == "OUT" else a for a in argv]

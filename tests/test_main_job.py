@@ -213,16 +213,16 @@ def test_main_rejects_unknown_stage(tmp_path):
 def test_config_parsing_of_flags(tmp_path):
     from entmax_vit.cli.config import parse_config
 
-    cfg = parse_config(main_job.MainJobConfig, ["--quick", "--stages", "[train,knn]",
-                                                "--segmentation_features", "[patch,patch+cls]"])
+    cfg = parse_config(main_job.MainJobConfig, ["--quick", "--stages", "train", "knn",
+                                                "--segmentation_features", "patch", "patch+cls"])
     assert cfg.quick and cfg.stages == ["train", "knn"] and cfg.segmentation_features == ["patch", "patch+cls"]
-    rcfg = parse_config(reproduce_mini.ReproduceMiniConfig, ["--attentions", "softmax,entmax15,sparsemax", "--tiny"])
+    rcfg = parse_config(reproduce_mini.ReproduceMiniConfig, ["--attentions", "softmax", "entmax15", "sparsemax", "--tiny"])
     job = reproduce_mini.main_job_config(rcfg, "sparsemax", 1, tmp_path, ["train"])
     assert job.quick and job.attention == "sparsemax" and job.seed == 1
     assert job.segmentation_features == ["patch", "patch+cls"]
     assert rcfg.run_seeds == [0, 1, 2]
     assert parse_config(reproduce_mini.ReproduceMiniConfig, ["--long"]).run_seeds == [0, 1]
-    assert parse_config(reproduce_mini.ReproduceMiniConfig, ["--seeds", "3,4"]).run_seeds == [3, 4]
+    assert parse_config(reproduce_mini.ReproduceMiniConfig, ["--seeds", "3", "4"]).run_seeds == [3, 4]
 
 
 def test_reproduce_needs_two_transforms(tmp_path):
@@ -450,7 +450,7 @@ def test_quick_main_job_end_to_end(tmp_path):
 @pytest.mark.timeout(2400)
 def test_tiny_reproduction_end_to_end(tmp_path):
     out, docs = tmp_path / "repro", tmp_path / "docs"
-    subprocess.run([sys.executable, "scripts/reproduce_mini.py", "--tiny", "--seeds", "0,1", "--output_dir", str(out),
+    subprocess.run([sys.executable, "scripts/reproduce_mini.py", "--tiny", "--seeds", "0", "1", "--output_dir", str(out),
                     "--dataset", SMALL, "--analysis_images", "8", "--docs_dir", str(docs)],
                    cwd=REPO, env=_env(tmp_path), check=True)
     report = (out / "results.md").read_text()
@@ -475,7 +475,7 @@ def test_tiny_reproduction_end_to_end(tmp_path):
 @pytest.mark.timeout(2400)
 def test_tiny_degradation_run_end_to_end(tmp_path):
     out = tmp_path / "repro"
-    command = [sys.executable, "scripts/reproduce_mini.py", "--tiny", "--long", "--seeds", "0,1", "--output_dir",
+    command = [sys.executable, "scripts/reproduce_mini.py", "--tiny", "--long", "--seeds", "0", "1", "--output_dir",
                str(out), "--dataset", SMALL, "--analysis_images", "8", "--long_train_overrides", "{optim.epochs: 2}",
                "--checkpoint_every_steps", "2"]
     subprocess.run(command, cwd=REPO, env=_env(tmp_path), check=True)

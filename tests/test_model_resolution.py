@@ -96,19 +96,17 @@ def test_eval_knn_defaults_to_the_model_resolution(exported, labelled_data, tmp_
     so); --crop 32 is honoured with a warning."""
     import yaml
 
-    from entmax_vit.evaluation.entry_point import run
-    from entmax_vit.evaluation.knn import KNNEvalConfig, main
+    from entmax_vit.evaluation.entry_point import eval_knn
 
     out = tmp_path / "knn"
-    record = run(KNNEvalConfig, main, "eval_knn", argv=["--model", str(exported), "--dataset", str(labelled_data),
-                                                        "--ks", "3", "--output_dir", str(out), "--cache_dir", ""])
+    record = eval_knn(["--model", str(exported), "--dataset", str(labelled_data), "--ks", "3", "--output_dir", str(out),
+                       "--cache_dir", ""])
     assert record["protocol"]["transform"].startswith("resize73_crop64")
     assert yaml.safe_load((out / "eval_knn_config.yaml").read_text())["crop"] == 64
     assert len(record["model"]["weights_sha256"]) == 64
     with caplog.at_level(logging.WARNING):
-        record = run(KNNEvalConfig, main, "eval_knn", argv=["--model", str(exported), "--dataset", str(labelled_data),
-                                                            "--ks", "3", "--crop", "32", "--output_dir", str(out),
-                                                            "--cache_dir", ""])
+        record = eval_knn(["--model", str(exported), "--dataset", str(labelled_data), "--ks", "3", "--crop", "32",
+                           "--output_dir", str(out), "--cache_dir", ""])
     assert record["protocol"]["transform"].startswith("resize37_crop32")
     assert "trained at 64 px" in caplog.text
 
@@ -147,7 +145,7 @@ def test_analysis_defaults_to_the_model_resolution(tmp_path, caplog):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
     cfg = parse_analyze_config(["--config", "quick", "--model", str(tmp_path / "m32"), "--compare", str(tmp_path / "m48"),
                                 "--dataset", str(images), "--num_images", "2", "--num_figure_images", "0",
-                                "--separate_curves", "false", "--output_dir", str(tmp_path / "out")])
+                                "--no_separate_curves", "--output_dir", str(tmp_path / "out")])
     assert cfg.image_size is None
     with caplog.at_level(logging.WARNING):
         main(cfg)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from entmax_vit.cli.config import from_dict, to_dict
+from entmax_vit.data.config_io import from_dict, to_dict
 from entmax_vit.data.datasets import load_image_dataset
 from entmax_vit.training import multicrop as mc
 from entmax_vit.data.images import ImageRows

@@ -52,7 +52,7 @@ def make_image_dataset(root: Path, num_images: int = 16, size: int = 40, seed: i
 def tiny_args(data: Path, out: Path, **extra: object) -> list[str]:
     """Overrides of the tiny_cpu preset down to a seconds-per-epoch run (image 32, patch 8, hidden 32, 2 layers)."""
     args = {
-        "config": "tiny_cpu", "output_dir": out, "data.source": data, "data.max_samples": "none",
+        "config": "tiny_cpu", "output_dir": out, "data.source": data, "data.max_samples": "None",
         "data.batch_size_per_device": 4, "data.num_workers": 0,
         "model.backbone_overrides": "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2}",
         "model.out_dim": 256, "model.head_hidden_dim": 64, "model.head_bottleneck_dim": 32,
@@ -61,7 +61,17 @@ def tiny_args(data: Path, out: Path, **extra: object) -> list[str]:
         "logging.every_steps": 1, "logging.progress_bar": False,
     }
     args.update(extra)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    return as_options(args)
+
+
+def as_options(settings: dict) -> list[str]:
+    """``{"a.b": value}`` -> command-line options; a boolean is tyro's flag, ``--a.b`` or ``--a.no_b``."""
+    def option(key: str, value: object) -> list[str]:
+        if isinstance(value, bool):
+            section, dot, name = key.rpartition(".")
+            return [f"--{section}{dot}{'' if value else 'no_'}{name}"]
+        return [f"--{key}", str(value)]
+    return [x for k, v in settings.items() for x in option(k, v)]
 
 
 def env() -> dict:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from annotated_types import Ge, Gt, Interval
 
-from entmax_vit.cli.config import KeysOf, flatten
+from entmax_vit.data.config_io import KeysOf, flatten
 from entmax_vit.modeling.configuration_entmax_vit import EntmaxViTConfig
 from entmax_vit.training.multicrop import MultiCropConfig
 
@@ -217,21 +217,6 @@ def check_config(cfg: DinoConfig) -> None:
             raise ValueError(f"{key}: {err}") from None
 
 
-# Keys of older versions, dropped when a saved config is read (test hooks that moved into the tests).
-RETIRED_KEYS: dict[str, tuple[str, ...]] = {
-    "debug": ("inject_nonfinite_at_step", "sleep_per_step", "pause_in_checkpoint", "dump_rank_state"),
-}
-
-
-def without_retired_keys(saved: dict) -> dict:
-    """A saved (checkpoint) config as a dict without :data:`RETIRED_KEYS`, ready for ``from_dict``."""
-    out = dict(saved)
-    for section, keys in RETIRED_KEYS.items():
-        if isinstance(out.get(section), dict):
-            out[section] = {k: v for k, v in out[section].items() if k not in keys}
-    return out
-
-
 # Keys that may change when resuming: they do not alter the trajectory of the run.
 RESUME_SAFE_PREFIXES: tuple[str, ...] = (
     "output_dir", "checkpoint.", "logging.", "debug.", "distributed.", "data.num_workers", "data.pin_memory",
@@ -253,6 +238,5 @@ def breaking_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "DebugConfig", "DinoConfig", "DistributedConfig", "LoggingConfig", "LossConfig", "ModelConfig",
-    "OptimConfig", "RESUME_SAFE_PREFIXES", "RETIRED_KEYS", "breaking_differences", "check_config", "flatten",
-    "without_retired_keys",
+    "OptimConfig", "RESUME_SAFE_PREFIXES", "breaking_differences", "check_config",
 ]

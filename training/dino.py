@@ -26,9 +26,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, set_seed
 
-from entmax_vit.cli.config import from_dict, save_config, to_dict
+from entmax_vit.data.config_io import flatten, load_preset, save_config, to_dict
 from entmax_vit.training import checkpointing as ckpt
-from entmax_vit.training.config import DinoConfig, breaking_differences, flatten, without_retired_keys
+from entmax_vit.training.config import DinoConfig, breaking_differences
 from entmax_vit.training.dino_data import TrainingData
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.export import export_backbone
@@ -348,8 +348,7 @@ def _choose_resume(mode: str, ckpt_root: Path) -> Optional[Path]:
 
 def check_resume_compatible(checkpoint: Path, current: dict, saved_state: dict, world_size: int) -> None:
     """ValueError naming every config key whose change would make the resumed run differ."""
-    saved = yaml.safe_load((checkpoint / ckpt.CONFIG_FILE).read_text())
-    saved = to_dict(from_dict(DinoConfig, without_retired_keys(saved)))  # normalise (tuples, newer fields)
+    saved = to_dict(load_preset(DinoConfig, str(checkpoint / ckpt.CONFIG_FILE)))  # normalised: tuples, newer fields
     diff = breaking_differences(saved, current)
     if saved_state.get("world_size", world_size) != world_size:
         diff["num_processes"] = (saved_state["world_size"], world_size)
@@ -361,7 +360,15 @@ def check_resume_compatible(checkpoint: Path, current: dict, saved_state: dict, 
         )
 
 
-if __name__ == "__main__":
-    from entmax_vit.cli.commands import train
+def cli(argv: Optional[list[str]] = None) -> Any:
+    """``python training/dino.py`` / ``entmax-vit-train``: config errors and a refused resume exit 1 with the message
+    alone; a non-finite loss 3, a checkpoint that cannot be written (full disk) 4, a lost rank (dead, frozen past
+    distributed.timeout_s) 5."""
+    from entmax_vit.cli.entry_point import run
 
-    train()  # config errors and a refused resume: the message alone, exit 1; a non-finite loss: exit 3
+    return run(main, DinoConfig, "dino", preset_dir=CONFIG_DIR, argv=argv, log_format=None,  # main logs per rank
+               exit_codes={NonFiniteLossError: 3, ckpt.CheckpointWriteError: 4, LostRankError: 5})
+
+
+if __name__ == "__main__":
+    cli()

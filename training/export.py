@@ -54,11 +54,11 @@ def checkpoint_progress(checkpoint: Path, cfg: "DinoConfig") -> dict:
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Rebuild the teacher from a ``step_XXXXXXX`` checkpoint folder (its training_config.yaml) and export."""
-    from entmax_vit.cli.config import from_dict
     import yaml
 
+    from entmax_vit.data.config_io import from_dict
     from entmax_vit.training.checkpointing import load_teacher
-    from entmax_vit.training.config import DinoConfig, without_retired_keys
+    from entmax_vit.training.config import DinoConfig
     from entmax_vit.training.networks import build_networks
 
     ckpt = Path(checkpoint)
@@ -66,7 +66,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
         if not (ckpt / name).is_file():
             raise ValueError(f"{ckpt} is not a DINO checkpoint folder: {name} is missing")
     config_yaml = (ckpt / CONFIG_FILE).read_text()
-    cfg = from_dict(DinoConfig, without_retired_keys(yaml.safe_load(config_yaml)))
+    cfg = from_dict(DinoConfig, yaml.safe_load(config_yaml))
     _, teacher = build_networks(cfg)
     center = torch.zeros(1, cfg.model.out_dim)  # read (and checked) but not exported
     load_teacher(ckpt / TEACHER_FILE, teacher, center)
