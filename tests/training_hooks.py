@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import runpy
 import shutil
 import sys
 import time
@@ -33,7 +32,6 @@ from typing import Any, Callable, Optional
 
 HOOKS = ("nonfinite_at_step", "sleep_per_step", "pause_in_checkpoint", "pause_in_pruning", "pause_in_export",
          "compile_backend", "dump_rank_state")
-DINO = Path(__file__).resolve().parents[1] / "training" / "dino.py"
 
 
 def _setattr(obj: Any, name: str, value: Any) -> None:
@@ -198,5 +196,7 @@ def install(hooks: dict, setattr_: Optional[Callable[[Any, str, Any], None]] = N
 
 if __name__ == "__main__":
     install(json.loads(sys.argv[1]))
-    sys.argv = [str(DINO), *sys.argv[2:]]
-    runpy.run_path(str(DINO), run_name="__main__")
+    # the patched module's own command line: runpy.run_path(training/dino.py) would run an unpatched copy of it
+    import entmax_vit.training.dino as dino_module
+
+    dino_module.cli(sys.argv[2:])
