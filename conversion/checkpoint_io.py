@@ -208,15 +208,3 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) ->
         if any(k.startswith(prefix) for k in state):
             state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
     return state
-
-
-__all__ = [
-    "LoadedCheckpoint",
-    "download_url",
-    "load_folder",
-    "load_input",
-    "load_weights_file",
-    "strip_prefixes",
-    "training_args",
-    "unwrap_state_dict",
-]

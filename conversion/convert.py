@@ -23,9 +23,8 @@ from entmax_vit.data.config_io import save_config, to_dict
 from entmax_vit.modeling import ATTENTION_TRANSFORMS, EntmaxViTConfig, EntmaxViTModel, make_image_processor, resolve_kernel
 
 from .checkpoint_io import load_input, strip_prefixes, training_args, unwrap_state_dict
-from .converted_state import ConvertedState, infer_architecture, load_strict, raise_on_rejected, resolve_num_heads
-from .dino_keys import convert_dino_keys
-from .hf_vit_keys import convert_hf_vit_keys
+from .converted_state import (ConvertedState, convert_dino_keys, convert_hf_vit_keys, infer_architecture, load_strict,
+                              raise_on_rejected, resolve_num_heads)
 from .source_models import hf_config_for, hf_vit_from_source, timm_architecture, timm_vit_from_state
 
 logger = logging.getLogger(__name__)
@@ -244,7 +243,3 @@ def main(cfg: ConvertConfig) -> Path:
     before the input is read."""
     check_output_dir(cfg)
     return save_converted(convert(cfg), cfg)
-
-
-__all__ = ["ConversionResult", "ConvertConfig", "DINO_ARCH_HEADS", "SOURCES", "check_output_dir", "convert", "main",
-           "save_converted", "verify_against"]

@@ -76,6 +76,3 @@ def hf_config_for(arch: dict, num_heads: int, eps: float, hidden_act: str) -> di
         intermediate_size=arch["intermediate_size"], qkv_bias=arch["qkv_bias"], layer_norm_eps=eps,
         hidden_act=hidden_act,
     )
-
-
-__all__ = ["SequenceFn", "hf_config_for", "hf_vit_from_source", "timm_architecture", "timm_vit_from_state"]

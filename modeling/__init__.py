@@ -33,19 +33,7 @@ AutoModelForImageClassification.register(EntmaxViTConfig, EntmaxViTForImageClass
 AutoBackbone.register(EntmaxViTConfig, EntmaxViTBackbone, exist_ok=True)
 AutoImageProcessor.register(EntmaxViTConfig, EntmaxViTImageProcessor, exist_ok=True)
 
-__all__ = [
-    "ATTENTION_KERNELS",
-    "ATTENTION_TRANSFORMS",
-    "EntmaxViTBackbone",
-    "EntmaxViTConfig",
-    "EntmaxViTForImageClassification",
-    "EntmaxViTImageProcessor",
-    "EntmaxViTModel",
-    "EntmaxViTPreTrainedModel",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "PRESETS",
-    "PRESET_ALIASES",
-    "get_attention_transform",
-    "make_image_processor",
-]
+__all__ = ["ATTENTION_KERNELS", "ATTENTION_TRANSFORMS", "EntmaxViTBackbone", "EntmaxViTConfig",
+           "EntmaxViTForImageClassification", "EntmaxViTImageProcessor", "EntmaxViTModel", "EntmaxViTPreTrainedModel",
+           "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "PRESET_ALIASES", "get_attention_transform",
+           "make_image_processor"]

@@ -1,31 +1,16 @@
 """Attention transforms (softmax, entmax-1.5, sparsemax, alpha-entmax) and the attention kernels.
 
-Two separate choices, as in the house style:
+Two separate choices: the *transform* (``config.attention``, ``ATTENTION_TRANSFORMS``: ``fn(scores, alpha=None)
+-> probs`` over the last dimension, sparse ones solved by ``thresholds.py``) and the *kernel*
+(``attn_implementation``, ``ATTENTION_KERNELS``; ``KERNEL_TRANSFORMS`` says which transforms each runs):
+``eager`` (explicit (B, H, N, N) scores), ``compiled`` (eager through torch.compile: fastest at ViT-S/16 on a
+2-core CPU), ``sdpa`` (softmax only), ``tiled`` (query blocks, O(B H N) saved for backward), ``triton`` (fused,
+CUDA) and ``auto``: sdpa for softmax, else triton on CUDA tensors and tiled elsewhere, decided per call so a model
+moved to a GPU (or reloaded: the kernel is not saved) runs the GPU kernel.
 
-* the *transform* (``config.attention``) maps attention scores to probabilities. Each transform is a pure
-  function ``fn(scores, alpha=None) -> probs`` over the last dimension, registered by name in
-  ``ATTENTION_TRANSFORMS``; the sparse ones solve their threshold with ``thresholds.py`` (one solver per
-  transform, shared by every kernel).
-* the *kernel* (``attn_implementation``) decides how the attention product is computed. ``ATTENTION_KERNELS``
-  maps each kernel name to one function; ``KERNEL_TRANSFORMS`` says which transforms a kernel runs:
-  ``eager`` (explicit (B, H, N, N) scores, any transform), ``compiled`` (eager with the solver through
-  ``torch.compile``: the fastest at ViT-S/16 224 px on a 2-core CPU), ``sdpa`` (torch's scaled_dot_product_attention:
-  softmax only), ``tiled`` (the sparse transforms in query blocks, ``tiled_attention.py``: no (B, H, N, N)
-  tensor, O(B H N) saved for backward), ``triton`` (the same in fused Triton kernels for CUDA,
-  ``triton_attention.py``) and ``auto``, the default: ``sdpa`` for softmax, and for a sparse transform
-  ``triton`` on CUDA tensors and ``tiled`` elsewhere, decided per call from the tensors' device, so a model
-  built on the CPU and moved to a GPU (or loaded with ``from_pretrained``, which does not save the kernel)
-  runs the GPU kernel.
-
-Both reach transformers through its ``AttentionInterface``: ``attention_function(transform, kernel)`` is a
-function with transformers' eager signature, and importing this module registers one per pair under
-``attention_interface_name(transform, kernel)``: the transform's own name for ``auto`` ("entmax15",
-"sparsemax", "entmax_bisect"), else "<transform>_<kernel>" ("entmax15_eager", "entmax15_triton", ...).
-transformers' own models (ViTModel, Dinov2Model, ...) accept these names as ``attn_implementation``, and so
-does EntmaxViT (for its own transform), so one vocabulary serves both.
-
-This file is copied to the Hub with the model: it imports only the standard library, torch and transformers
-(triton lazily, in ``triton_kernel``, for CUDA tensors).
+Importing this module registers every (transform, kernel) pair with transformers' ``AttentionInterface`` under
+``attention_interface_name`` ("entmax15" for auto, else "entmax15_triton", ...), so ViTModel, Dinov2Model and
+EntmaxViT share one vocabulary. Hub code: stdlib, torch, transformers (triton lazily, for CUDA tensors).
 """
 
 from __future__ import annotations
@@ -103,16 +88,18 @@ class SparseTransformFunction(torch.autograd.Function):
         return grad_scores, grad_alpha, None, None, None
 
 
-def entmax15(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
-    """Exact 1.5-entmax over the last dimension (computed in float32 or wider, returned in the input dtype)."""
-    x = _as_float32(scores)
-    return SparseTransformFunction.apply(x, x.new_empty(0), "entmax15", None, compiled).to(scores.dtype)
+def _fixed_alpha_transform(transform: str) -> Callable[..., torch.Tensor]:
+    def fn(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
+        x = _as_float32(scores)
+        return SparseTransformFunction.apply(x, x.new_empty(0), transform, None, compiled).to(scores.dtype)
+
+    fn.__name__ = fn.__qualname__ = transform
+    fn.__doc__ = f"Exact {transform} over the last dimension (float32 under half precision, returned as input)."
+    return fn
 
 
-def sparsemax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
-    """Exact sparsemax over the last dimension (float32 under half precision)."""
-    x = _as_float32(scores)
-    return SparseTransformFunction.apply(x, x.new_empty(0), "sparsemax", None, compiled).to(scores.dtype)
+entmax15 = _fixed_alpha_transform("entmax15")
+sparsemax = _fixed_alpha_transform("sparsemax")
 
 
 def entmax_bisect(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] = None, *,
@@ -183,40 +170,35 @@ def compiled_kernel(query, key, value, attention_mask=None, **kwargs):
     return eager_kernel(query, key, value, attention_mask, compiled=True, **kwargs)
 
 
-def _needs_eager(attention_mask, dropout: float, need_weights: bool) -> bool:
-    """The fused kernels never form the probabilities: requested weights, a mask or attention dropout go
-    through the eager kernel (the same solver, hence the same numbers)."""
-    return need_weights or attention_mask is not None or dropout > 0
+def _fused_kernel(fused: Callable[..., torch.Tensor]) -> Callable:
+    """A kernel running ``fused(query, key, value, transform=, scaling=, alpha=)``. Fused kernels never form the
+    probabilities: requested weights, a mask or attention dropout go through the eager kernel (the same solver,
+    hence the same numbers)."""
+
+    def kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
+               dropout: float = 0.0, need_weights: bool = False):
+        if need_weights or attention_mask is not None or dropout > 0:
+            return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha,
+                                scaling=scaling, dropout=dropout, need_weights=need_weights)
+        return fused(query, key, value, transform=transform, scaling=scaling, alpha=alpha), None
+
+    kernel.__doc__ = fused.__doc__
+    return kernel
 
 
-def tiled_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
-                 dropout: float = 0.0, need_weights: bool = False):
-    """Exact sparse attention in query blocks (``tiled_attention.py``): the (B, H, N, N) scores never exist and
-    backward keeps O(B H N) state."""
-    if _needs_eager(attention_mask, dropout, need_weights):
-        return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
-                            dropout=dropout, need_weights=need_weights)
-    return tiled_attention(query, key, value, transform=transform, scaling=scaling, alpha=alpha), None
-
-
-def triton_available(device: torch.device) -> bool:
-    """Whether the triton kernel can run on ``device``: CUDA, or any device under TRITON_INTERPRET=1 (tests)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
-                  dropout: float = 0.0, need_weights: bool = False):
-    """Exact sparse attention in fused Triton kernels (``triton_attention.py``): CUDA tensors, self-attention
-    (one N for queries and keys), head dims up to 128. triton is imported here, on first use."""
-    if _needs_eager(attention_mask, dropout, need_weights):
-        return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
-                            dropout=dropout, need_weights=need_weights)
-    if not triton_available(query.device):
+def _triton_attention(query, key, value, **kwargs) -> torch.Tensor:
+    """Exact sparse attention in fused Triton kernels (``triton_attention.py``): CUDA tensors (any device under
+    TRITON_INTERPRET=1, for tests), self-attention, head dims up to 128. triton is imported on first use."""
+    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"attn_implementation='triton' needs CUDA tensors, got {query.device.type} ones; use "
                          f"'tiled' (or the default, which picks tiled there)")
     from .triton_attention import triton_attention  # lazily: CPU-only and macOS users never import triton
 
-    return triton_attention(query, key, value, transform=transform, scaling=scaling, alpha=alpha), None
+    return triton_attention(query, key, value, **kwargs)
+
+
+tiled_kernel = _fused_kernel(tiled_attention)
+triton_kernel = _fused_kernel(_triton_attention)
 
 
 def sdpa_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
@@ -249,8 +231,7 @@ def auto_kernel(query, key, value, attention_mask=None, *, transform: str, **kwa
     return ATTENTION_KERNELS[kernel](query, key, value, attention_mask, transform=transform, **kwargs)
 
 
-# The one place where a kernel name maps to its function. A new kernel is one function and one entry here
-# (plus an entry in KERNEL_TRANSFORMS if it runs only some transforms); AttentionInterface names derive from it.
+# The one place where a kernel name maps to its function; AttentionInterface names derive from it.
 ATTENTION_KERNELS: dict[str, Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]] = {
     "auto": auto_kernel,
     "eager": eager_kernel,
@@ -284,13 +265,8 @@ def _unsupported_message(transform: str, kernel: str) -> str:
 
 
 def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
-    """The kernel name that runs ``transform``: when ``requested`` is None ``sdpa`` for softmax and ``auto`` (the
-    device-aware default) for a sparse transform, else ``requested``, checked.
-
-    ``requested`` is a kernel name ("tiled") or an AttentionInterface name of this transform ("entmax15" =
-    auto, "entmax15_triton" = triton). Raises ValueError for an unknown kernel, one that does not run this
-    transform (e.g. "sdpa" for a sparse transform), or the name of another transform ("sparsemax" for an
-    entmax15 model)."""
+    """The kernel that runs ``transform``: ``requested`` (a kernel or an AttentionInterface name of this
+    transform: "tiled", "entmax15" = auto, "entmax15_triton"), checked; None gives sdpa for softmax, else auto."""
     if requested is None:
         return "sdpa" if transform == "softmax" else "auto"
     for kernel in kernels_for(transform):
@@ -324,9 +300,8 @@ def attention_interface_name(transform: str, kernel: str) -> str:
 
 
 def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch.Tensor]:
-    """alpha of entmax_bisect for this attention module: EntmaxViT's (possibly learnt, per head) ``alpha()``,
-    else ``config.attention_alpha`` of a transformers model (default 1.5; a float, or one value per head as a
-    list or tensor). None for the other transforms."""
+    """entmax_bisect's alpha: EntmaxViT's ``alpha()``, else a transformers model's ``config.attention_alpha``
+    (default 1.5; a float, or one per head as a list or tensor). None for the other transforms."""
     if transform != "entmax_bisect":
         return None
     if callable(getattr(module, "alpha", None)):
@@ -339,25 +314,14 @@ def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch
 
 @lru_cache(maxsize=None)  # one function object per pair, so AttentionInterface lookups return the same one
 def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """An attention function with transformers' eager signature running ``transform`` with ``kernel``:
-
-    ``fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs)`` with query/key/value
-    (B, H, N, d) -> (attn_output (B, N, H, d), attn_weights (B, H, N, N) or None). ``attn_weights`` are the
-    exact probabilities, computed when ``output_attentions`` asks (always by the eager kernel).
-    """
+    """``transform`` with ``kernel`` in transformers' eager signature: (B, H, N, d) query/key/value ->
+    (attn_output (B, N, H, d), attn_weights (B, H, N, N) when ``output_attentions`` asks, always for eager)."""
     kernel = resolve_kernel(transform, kernel)
     run = ATTENTION_KERNELS[kernel]
 
-    def attention(
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        scaling: Optional[float] = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         need_weights = kernel in WEIGHTS_ALWAYS or bool(kwargs.get("output_attentions", False))
         out, probs = run(query, key, value, attention_mask, transform=transform,
@@ -371,10 +335,7 @@ def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch
 
 
 def register_attention_functions() -> list[str]:
-    """Register every (transform, kernel) pair with transformers' AttentionInterface; returns the names.
-
-    Called on import, so ``ViTModel`` / ``Dinov2Model`` / ... accept ``attn_implementation="entmax15"`` (and
-    "sparsemax", "entmax_bisect" with alpha from ``config.attention_alpha``, and "<name>_<kernel>")."""
+    """Register every (transform, kernel) pair with transformers' AttentionInterface (on import); returns the names."""
     names = []
     for transform in ATTENTION_TRANSFORMS:
         for kernel in kernels_for(transform):
@@ -391,22 +352,3 @@ def support_size(probs: torch.Tensor) -> torch.Tensor:
     """Number of non-zero attention weights per row, (B, H, N)."""
     return (probs > 0).sum(dim=-1)
 
-
-__all__ = [
-    "ATTENTION_INTERFACE_NAMES",
-    "ATTENTION_KERNELS",
-    "ATTENTION_TRANSFORMS",
-    "KERNEL_TRANSFORMS",
-    "attention_function",
-    "attention_interface_name",
-    "default_kernel",
-    "entmax15",
-    "entmax_bisect",
-    "get_attention_transform",
-    "kernels_for",
-    "register_attention_functions",
-    "resolve_kernel",
-    "softmax",
-    "sparsemax",
-    "support_size",
-]

@@ -162,6 +162,3 @@ class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
         if key not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)} or {sorted(PRESET_ALIASES)}")
         return cls(**{**PRESETS[key], **overrides})
-
-
-__all__ = ["EntmaxViTConfig", "PRESETS", "PRESET_ALIASES"]

@@ -58,6 +58,3 @@ def make_image_processor(resize: Optional[int] = None, crop: int = 224) -> Entma
         image_std=list(IMAGENET_STD),
         do_convert_rgb=True,
     )
-
-
-__all__ = ["EntmaxViTImageProcessor", "IMAGENET_MEAN", "IMAGENET_STD", "eval_resize", "make_image_processor"]

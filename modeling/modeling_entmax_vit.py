@@ -490,11 +490,3 @@ class EntmaxViTBackbone(BackboneMixin, EntmaxViTPreTrainedModel):
             if stage in self.out_features
         )
         return BackboneOutput(feature_maps=feature_maps, hidden_states=encoded.hidden_states, attentions=encoded.attentions)
-
-
-__all__ = [
-    "EntmaxViTBackbone",
-    "EntmaxViTForImageClassification",
-    "EntmaxViTModel",
-    "EntmaxViTPreTrainedModel",
-]

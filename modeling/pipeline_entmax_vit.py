@@ -179,14 +179,3 @@ CUSTOM_PIPELINES = {
     SEGMENTATION_TASK: {"impl": "pipeline_entmax_vit.EntmaxViTSegmentationPipeline", "pt": ["AutoModel"],
                         "type": "image"},
 }
-
-
-__all__ = [
-    "CUSTOM_PIPELINES",
-    "EntmaxViTFeatureExtractionPipeline",
-    "EntmaxViTSegmentationPipeline",
-    "FEATURE_EXTRACTION_TASK",
-    "ImageDecodeError",
-    "SEGMENTATION_TASK",
-    "open_image",
-]

@@ -128,11 +128,3 @@ class LinearSegmentationHead(nn.Module):
         if missing or unexpected:
             raise ValueError(f"Segmentation head weights do not match its config: missing {missing}, unexpected {unexpected}")
         return head.to(map_location)
-
-
-__all__ = [
-    "HEAD_CONFIG",
-    "HEAD_WEIGHTS",
-    "LinearSegmentationHead",
-    "SegmentationHeadConfig",
-]

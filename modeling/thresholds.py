@@ -1,34 +1,18 @@
-"""Threshold solvers of the sparse transforms: one per transform, shared by every kernel.
+"""Threshold solvers of the sparse transforms: one per transform, shared by every kernel (eager and tiled use
+them, the Triton kernel mirrors them and is tested against them).
 
-entmax-1.5, sparsemax and alpha-entmax map scores to p_i = [x_i - tau]_+^(1/(alpha-1)) with x = (alpha-1) z
-and tau the unique solution of sum_i p_i = 1 (Peters, Niculae & Martins, 2019). Every kernel solves tau with
-the functions of this file: the dense transforms of ``attention.py`` (the eager kernel) apply them to all rows
-as one block, the ``tiled`` kernel to cache-sized query blocks, and the ``triton`` kernel
-(``triton_attention.py``) mirrors the same method in registers and is tested against them.
-
-How they are fast and still exact, with x shifted so that max x = 0 and d = [x - tau]_+:
-
-1. Start from a *certified lower bound* tau_0 <= tau*: the max entry alone gives mass 1 at tau = -1, and the
-   power-mean inequality gives sum_i d_i^q >= 1 at tau = mean(x) - N^-min(alpha-1, 1).
-2. Take Newton steps on phi(tau) = ||d||_q - 1 (q = 1/(alpha-1)). For q >= 1 (alpha <= 2) phi is a norm of
-   a convex map, hence convex and decreasing, so Newton from the left never overshoots: every iterate is
-   still a lower bound and its support {x > tau} contains the true support. Newton on the norm (rather than
-   on ||d||_q^q) is nearly linear far from the root, which is what makes a few steps enough.
-3. For entmax-1.5 and sparsemax, finish in closed form on the current support S (k entries): tau solves
-   k u^2 - 2 s1 u + s2 - 1 = 0 (entmax-1.5) or k u - s1 + 1 = 0 (sparsemax) in u = tau_new - tau, where
-   s1, s2 are sums of d and d^2. The *certificate*: the support at the new tau has the size the root was
-   solved on, so the root solves the equation on its own support and is the unique threshold. It holds
-   whatever the iterates were, so rounding cannot certify a wrong row. Rows failing it (rare: a few
-   near-uniform rows in a thousand at N >= 785) take the exact path: the sort-based threshold here (as a
-   ``torch.cond`` under graph capture), more certified Newton passes in the Triton kernel.
-4. alpha-entmax has no closed form: safeguarded Newton (bisection where Newton leaves the bracket, which
-   only happens for alpha > 2) runs to float precision, then p is renormalised, as in the ``entmax`` package.
-
-Backward passes need only p: with g = p^(2-alpha) (sqrt(p) for entmax-1.5, the support indicator for
-sparsemax), dL/dz = g dP - g sum(g dP) / sum(g) (``jacobian_product``), and for alpha the gradient of
-Correia et al. (2019), eq. 13 (``alpha_gradient``). Half-precision inputs are computed in float32.
-
-This file is copied to the Hub with the model: it imports only torch.
+p_i = [x_i - tau]_+^(1/(alpha-1)) with x = (alpha-1) z and tau solving sum_i p_i = 1 (Peters et al., 2019).
+Fast and exact, with x shifted to max 0 and d = [x - tau]_+:
+1. start from a certified lower bound tau_0 <= tau* (max(-1, mean(x) - N^-min(alpha-1, 1)), power-mean);
+2. Newton steps on ||d||_q - 1 (q = 1/(alpha-1)): convex and decreasing for alpha <= 2, so every iterate
+   stays a lower bound whose support contains the true one;
+3. entmax-1.5 / sparsemax: the closed-form root on the current support, *certified* when the support at the
+   new tau has the size it was solved on (then it is the unique threshold, whatever rounding did). Rows that
+   fail (a few near-uniform rows in a thousand at N >= 785) take the sort-based threshold;
+4. alpha-entmax: safeguarded Newton (bisection where it leaves the bracket, only for alpha > 2) to float
+   precision, then renormalised, as the ``entmax`` package does.
+Backward needs only p: g = p^(2-alpha), dL/dz = g dP - g sum(g dP) / sum(g); alpha's gradient is Correia et
+al. (2019), eq. 13. Hub code: imports only torch.
 """
 
 from __future__ import annotations

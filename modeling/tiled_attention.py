@@ -1,32 +1,12 @@
-"""Tiled exact sparse attention: entmax-1.5, sparsemax and alpha-entmax at the memory cost of softmax SDPA.
+"""Tiled exact sparse attention (entmax-1.5, sparsemax, alpha-entmax) at the memory cost of softmax SDPA.
 
-``tiled_attention(q, k, v, transform=..., scaling=...)`` computes ``P V`` with ``P`` the exact row-wise
-entmax of ``S = scaling q k^T`` without ever holding the (B, H, N, N) scores:
-
-* queries are processed in blocks of ``Bq`` rows, sized so that a block's (B, H, Bq, N) scores (and the one
-  or two work buffers of the same size) stay in cache while the threshold search passes over them;
-* the row threshold is solved on the block with the same exact method as the dense transforms (certified
-  lower bound, Newton on ``||[x - tau]_+||_q - 1``, closed-form finish on the support, a per-row certificate,
-  the sort-based reference for rows it cannot certify; ``thresholds.py``);
-* the block's output ``P V`` is written at once; only the row max ``m`` and the threshold ``t`` (and for
-  alpha-entmax the normaliser ``z``) are kept: O(B H N) state instead of O(B H N^2);
-* the backward (FlashAttention's recompute idea applied to entmax) recomputes each block's probabilities from
-  the saved ``(m, t)`` with the same arithmetic as the forward, hence bit-identical, and forms
-  ``dP = dO V^T``, ``dS = g * (dP - sum(g dP) / sum(g))`` with ``g = p^(2-alpha)`` (``sqrt(p)`` for
-  entmax-1.5, the support indicator for sparsemax), ``dQ = scaling dS K``, ``dK = scaling dS^T Q``,
-  ``dV = P^T dO``, and for alpha-entmax the gradient for alpha (Correia et al., 2019, eq. 13).
-
-The code is plain tensor ops with no data-dependent Python control flow under graph capture, so
-``torch.export`` and ``torch.compile(fullgraph=True)`` take it whole. The two data-dependent decisions (sort
-fallback for uncertified rows, more alpha-entmax iterations for unconverged rows) are ``torch.cond`` while a
-graph is captured and a plain ``if`` in eager mode (``torch.cond`` called eagerly compiles itself on every call,
-about 2 ms, which would cost more than the block).
-
-Blocks are sized for the device: a few MB on CPU (cache), a few hundred MB on CUDA, where every block costs
-kernel launches and one host sync for its certificate (the ``triton`` kernel, CUDA's default, needs none).
-
-Everything runs in float32 or wider; half-precision inputs are computed in float32 (also under autocast) and
-the output is returned in the input dtype. This file is copied to the Hub: it imports only torch.
+``tiled_attention(q, k, v, transform=..., scaling=...)`` computes ``P V`` in query blocks sized so that a
+block's scores and work buffers stay in cache, solving each row's threshold with ``thresholds.py`` and keeping
+only the row max ``m``, the threshold ``t`` (and alpha-entmax's normaliser ``z``): O(B H N) state. The backward
+(FlashAttention's recompute idea) rebuilds each block's probabilities from ``(m, t)`` with the forward's
+arithmetic, hence bit-identical. Data-dependent branches are ``torch.cond`` under graph capture (so
+torch.export / compile(fullgraph=True) take it whole) and a plain ``if`` eagerly (an eager ``torch.cond``
+compiles itself per call, ~2 ms). Half precision is computed in float32. Hub code: imports only torch.
 """
 
 from __future__ import annotations
@@ -268,12 +248,3 @@ def tiled_attention(
             rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block, scalar_alpha
         )
     return out.view(batch, heads, n_q, value.shape[-1]).to(dtype)
-
-
-__all__ = [
-    "BLOCK_BYTES",
-    "block_shape",
-    "backward_block",
-    "forward_block",
-    "tiled_attention",
-]
