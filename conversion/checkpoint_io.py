@@ -67,15 +67,6 @@ def load_weights_file(path: str | Path) -> Any:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
 
 
-def _load_sharded(folder: Path, index_name: str) -> dict[str, torch.Tensor]:
-    index = json.loads((folder / index_name).read_text())
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index.get("weight_map", {}).values())):
-        part = load_weights_file(folder / shard)
-        state.update(part)
-    return state
-
-
 def load_folder(folder: str | Path) -> LoadedCheckpoint:
     """A save_pretrained-style folder: config.json (optional) plus model weights (single file or shards)."""
     folder = Path(folder)
@@ -86,7 +77,9 @@ def load_folder(folder: str | Path) -> LoadedCheckpoint:
             return LoadedCheckpoint(load_weights_file(folder / name), config, str(folder), [name])
     for name in FOLDER_INDEX_FILES:
         if (folder / name).is_file():
-            return LoadedCheckpoint(_load_sharded(folder, name), config, str(folder), [name])
+            shards = sorted(set(json.loads((folder / name).read_text()).get("weight_map", {}).values()))
+            state = {k: v for shard in shards for k, v in load_weights_file(folder / shard).items()}
+            return LoadedCheckpoint(state, config, str(folder), [name])
     candidates = sorted(p.name for p in folder.iterdir() if p.suffix in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
     if len(candidates) == 1:
         return LoadedCheckpoint(load_weights_file(folder / candidates[0]), config, str(folder), candidates)
@@ -173,8 +166,7 @@ def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch
             raise ValueError(
                 f"Training checkpoint has no {which!r} entry; it has {sorted(map(str, obj))}"
             )
-        args = obj.get("args")
-        epoch = obj.get("epoch")
+        args, epoch = obj.get("args"), obj.get("epoch")
         notes.append(
             f"DINO training checkpoint: using the {which}"
             + (f" (epoch {epoch})" if epoch is not None else "")

@@ -24,15 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from .thresholds import (
-    SPARSE_TRANSFORMS,
-    alpha_gradient,
-    alpha_per_row,
-    jacobian_product,
-    jacobian_weights,
-    probabilities,
-    tracing,
-)
+from .thresholds import (SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row, jacobian_product, jacobian_weights,
+                         probabilities, tracing)
 from .tiled_attention import tiled_attention
 
 

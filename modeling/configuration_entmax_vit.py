@@ -10,7 +10,7 @@ from typing import Any, Optional
 from transformers import PretrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
-from .attention import ATTENTION_TRANSFORMS, resolve_kernel
+from .attention import get_attention_transform, resolve_kernel
 
 # Architecture presets (DINO's ViT family). Patch size is chosen separately: vit_small_patch16 etc.
 _SIZES: dict[str, dict[str, int]] = {
@@ -28,31 +28,20 @@ PRESET_ALIASES: dict[str, str] = {
 
 
 class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
-    r"""Configuration of an EntmaxViT: a DINO-style ViT whose attention transform is a config field.
+    r"""Configuration of an EntmaxViT: a DINO-style ViT whose attention transform is a config field. Defaults are
+    DINO's ViT-S/16 (note layer_norm_eps 1e-6, not HF ViT's 1e-12).
 
     Args:
-        image_size: training resolution; position embeddings are learnt for (image_size / patch_size)^2
-            patches and interpolated (as official DINO) for other input sizes.
-        patch_size: patch side in pixels.
-        num_channels: input channels.
-        hidden_size, num_hidden_layers, num_attention_heads: width, depth, heads (hidden_size % heads == 0).
-        intermediate_size: MLP hidden width; defaults to ``mlp_ratio * hidden_size``.
-        mlp_ratio: used when intermediate_size is None (DINO: 4).
-        hidden_act: MLP activation (DINO: gelu).
-        qkv_bias: bias on the q/k/v projections (DINO: True).
-        layer_norm_eps: LayerNorm epsilon (DINO: 1e-6, not HF ViT's 1e-12).
-        drop_path_rate: maximum stochastic-depth rate, linearly increasing over blocks (DINO student: 0.1).
-        hidden_dropout_prob, attention_probs_dropout_prob: dropout (DINO: 0).
-        initializer_range: std of the truncated-normal initialisation (DINO: 0.02).
-        num_register_tokens: extra learnt tokens after [CLS] ("Vision Transformers Need Registers"); 0 = none.
-        attention: the attention transform: "softmax" | "entmax15" | "sparsemax" | "entmax_bisect".
+        image_size: training resolution; position embeddings are interpolated (as DINO) for other sizes.
+        intermediate_size: MLP width; None = ``mlp_ratio * hidden_size``.
+        drop_path_rate: maximum stochastic depth, rising linearly over blocks (DINO student: 0.1).
+        num_register_tokens: learnt tokens after [CLS] ("Vision Transformers Need Registers"); 0 = none.
+        attention: "softmax" | "entmax15" | "sparsemax" | "entmax_bisect".
         attention_alpha: alpha of "entmax_bisect" (> 1; 1.5 = entmax-1.5, 2 = sparsemax).
-        attention_alpha_learnable: learn one alpha per head per layer (entmax_bisect only), initialised at
-            ``attention_alpha``.
+        attention_alpha_learnable: learn one alpha per head and layer (entmax_bisect), from ``attention_alpha``.
         interpolate_offset: DINO v1 adds 0.1 to the target grid when interpolating position embeddings.
-        out_features, out_indices: the stages whose patch maps ``EntmaxViTBackbone`` returns, as in every
-            transformers backbone config: ``stage_names`` are "stem" (the embedding output, index 0) and
-            "stage1".."stageL" (block outputs); indices may be negative; both None = the last stage.
+        out_features, out_indices: ``EntmaxViTBackbone``'s stages among "stem" (embeddings) and "stage1".."stageL"
+            (as every transformers backbone; negative indices count from the end; both None = the last stage).
         backbone_norm: apply the final LayerNorm to backbone feature maps.
     """
 
@@ -116,24 +105,16 @@ class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
 
     def validate(self) -> None:
         """Raise ValueError on unknown or inconsistent values, naming the valid choices."""
-        if self.attention not in ATTENTION_TRANSFORMS:
-            raise ValueError(
-                f"Unknown attention {self.attention!r}; choose one of {sorted(ATTENTION_TRANSFORMS)}"
-            )
+        get_attention_transform(self.attention)  # unknown names raise, listing the choices
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "intermediate_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
-            )
+        for size, divisor in (("hidden_size", "num_attention_heads"), ("image_size", "patch_size")):
+            if getattr(self, size) % getattr(self, divisor):
+                raise ValueError(f"{size} ({getattr(self, size)}) must be divisible by {divisor} "
+                                 f"({getattr(self, divisor)})")
         if not self.attention_alpha > 1.0:
             raise ValueError(f"attention_alpha must be > 1 (1 would be softmax), got {self.attention_alpha}")
         if self.attention_alpha_learnable and self.attention != "entmax_bisect":

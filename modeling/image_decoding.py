@@ -43,24 +43,49 @@ def decode_image(value: Any, *, background: Color = WHITE, max_pixels: Optional[
     that is a file, a ``data:`` URL or base64; a numpy array or torch tensor (H, W), (H, W, 1|3|4) or (1|3|4, H, W).
     ``max_pixels`` defaults to ``PIL.Image.MAX_IMAGE_PIXELS``; ``source`` names encoded bytes in error messages.
     """
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if isinstance(value, Image.Image):
-        return _pil_to_rgb(value, background, limit, source=_pil_source(value))
-    img, name = _open(value, limit, source)
-    return _pil_to_rgb(img, background, limit, source=name)
+    img, source = _opened(value, max_pixels, source)
+    sixteen = _load(img, source)
+    try:
+        if sixteen is not None:
+            exif = img.getexif()
+            img = Image.fromarray(_to_uint8(sixteen, "uint16"), "RGBA" if sixteen.shape[-1] == 4 else "RGB")
+            if exif:
+                img.info["exif"] = exif.tobytes()  # the orientation travels with the exact pixels
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as err:  # noqa: BLE001 - a broken EXIF block should not cost us the pixels
+            logger.debug("%s: ignoring unreadable EXIF orientation (%s)", source, err)
+        return _mode_to_rgb(img, background)
+    except ImageDecodeError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ImageDecodeError(f"{source}: cannot convert mode {img.mode!r} to RGB ({err})") from err
 
 
 def open_image(value: Any, *, max_pixels: Optional[int] = None) -> Image.Image:
     """The same checks as :func:`decode_image` (bombs, truncation, unreadable data) but the pixels are returned
     as stored: no EXIF orientation, no mode conversion. For label masks, whose values are class ids."""
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if isinstance(value, Image.Image):
-        img, source = value, _pil_source(value)
-    else:
-        img, source = _open(value, limit)
-    _check_size(img, limit, source)
+    img, source = _opened(value, max_pixels)
     _load(img, source)
     return img
+
+
+def _opened(value: Any, max_pixels: Optional[int], name: Optional[str] = None) -> tuple[Image.Image, str]:
+    """(lazily opened PIL image, source name), its size checked against the pixel limit."""
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(value, Image.Image):
+        img, source = value, f"PIL image {value.filename}" if getattr(value, "filename", "") else "PIL image"
+    else:
+        img, source = _open(value, limit, name)
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"{source}: image has no pixels (size {img.size})")
+    if limit is not None and width * height > limit:
+        raise ImageDecodeError(
+            f"{source}: refused as a decompression bomb: {width}x{height} = {width * height} pixels exceeds the "
+            f"limit of {limit} (raise PIL.Image.MAX_IMAGE_PIXELS or pass max_pixels to allow it)"
+        )
+    return img, source
 
 
 # ------------------------------------------------------------------------------------------------ opening
@@ -106,7 +131,7 @@ def _open_bytes(data: bytes, source: str, limit: Optional[int]) -> tuple[Image.I
         raise ImageDecodeError(f"{source}: empty image data (0 bytes)")
     try:
         with warnings.catch_warnings():
-            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; _check_size refuses that range as well.
+            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; _opened refuses that range as well.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
@@ -117,11 +142,6 @@ def _open_bytes(data: bytes, source: str, limit: Optional[int]) -> tuple[Image.I
         raise ImageDecodeError(f"{source}: not a readable image: corrupt image header ({type(err).__name__}: {err})") from err
     img.encoded_bytes = data  # kept for the PNG completeness check and the 16-bit second pass
     return img, source
-
-
-def _pil_source(img: Image.Image) -> str:
-    name = getattr(img, "filename", "") or ""
-    return f"PIL image {name}" if name else "PIL image"
 
 
 def _encoded_bytes(img: Image.Image) -> Optional[bytes]:
@@ -143,17 +163,6 @@ def _encoded_bytes(img: Image.Image) -> Optional[bytes]:
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def _check_size(img: Image.Image, limit: Optional[int], source: str) -> None:
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"{source}: image has no pixels (size {img.size})")
-    if limit is not None and width * height > limit:
-        raise ImageDecodeError(
-            f"{source}: refused as a decompression bomb: {width}x{height} = {width * height} pixels exceeds the "
-            f"limit of {limit} (raise PIL.Image.MAX_IMAGE_PIXELS or pass max_pixels to allow it)"
-        )
-
-
 def _load(img: Image.Image, source: str) -> Optional[np.ndarray]:
     """Fully decode ``img``; returns the exact 16-bit samples (H, W, C) of a 16-bit RGB(A) PNG, else None."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -175,35 +184,10 @@ def _load(img: Image.Image, source: str) -> Optional[np.ndarray]:
     return None
 
 
-def _pil_to_rgb(img: Image.Image, background: Color, limit: Optional[int], source: str) -> Image.Image:
-    _check_size(img, limit, source)
-    sixteen = _load(img, source)
-    try:
-        if sixteen is not None:
-            exif = img.getexif()
-            img = Image.fromarray(_to_uint8(sixteen, "uint16"), "RGBA" if sixteen.shape[-1] == 4 else "RGB")
-            if exif:
-                img.info["exif"] = exif.tobytes()  # the orientation travels with the exact pixels
-        img = _apply_exif_orientation(img, source)
-        return _mode_to_rgb(img, background)
-    except ImageDecodeError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise ImageDecodeError(f"{source}: cannot convert mode {img.mode!r} to RGB ({err})") from err
-
-
 @functools.lru_cache(maxsize=1)
 def _warn_truncated_allowed() -> None:
     logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some code in this process: truncated "
                    "JPEG/GIF/TIFF files now decode with filled-in rows instead of raising (PNG is still checked)")
-
-
-def _apply_exif_orientation(img: Image.Image, source: str) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception as err:  # noqa: BLE001 - a broken EXIF block should not cost us the pixels
-        logger.debug("%s: ignoring unreadable EXIF orientation (%s)", source, err)
-        return img
 
 
 # ------------------------------------------------------------------------------------------------------ PNG
@@ -290,19 +274,13 @@ def _mode_to_rgb(img: Image.Image, background: Color) -> Image.Image:
     if mode in _SIXTEEN_BIT or mode in ("I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(img), mode), "L").convert("RGB")
     if mode == "LAB":
-        return _lab_to_rgb(img)
+        from PIL import ImageCms
+
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(img, ImageCms.buildTransformFromOpenProfiles(lab, srgb, "LAB", "RGB"))
     if mode in ("1", "L", "P", "CMYK", "YCbCr", "RGBX", "HSV"):
         return img.convert("RGB")
     raise ImageDecodeError(f"unsupported image mode {mode!r}")
-
-
-def _lab_to_rgb(img: Image.Image) -> Image.Image:
-    from PIL import ImageCms
-
-    transform = ImageCms.buildTransformFromOpenProfiles(
-        ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
-    )
-    return ImageCms.applyTransform(img, transform)
 
 
 def _composite(rgba: np.ndarray, background: Color) -> Image.Image:

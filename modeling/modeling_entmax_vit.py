@@ -1,11 +1,8 @@
 """EntmaxViT: a DINO-style Vision Transformer whose attention transform is a config field.
 
-Copied to the Hub with the model: imports only the standard library, torch and transformers, plus its flat
-siblings (configuration_entmax_vit.py, attention.py) through relative imports. Built the way transformers' own
-ViT/Dinov2 are: blocks are ``GradientCheckpointingLayer``s, attention goes through ``ALL_ATTENTION_FUNCTIONS``,
-hidden states and attentions are recorded by ``capture_outputs``, the backbone is a ``BackboneMixin``.
-
-Token layout everywhere: [CLS], registers (config.num_register_tokens), patches in row-major order.
+Hub code (stdlib, torch, transformers and its flat siblings), built as transformers' ViT/Dinov2: blocks are
+``GradientCheckpointingLayer``s, attention goes through ``ALL_ATTENTION_FUNCTIONS``, outputs are recorded by
+``capture_outputs``. Token layout everywhere: [CLS], registers (config.num_register_tokens), patches row-major.
 """
 
 from __future__ import annotations
@@ -81,11 +78,8 @@ class EntmaxViTEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
-        """Position embeddings for an input of height x width pixels, (1, 1 + h*w, D).
-
-        Follows official DINO v1 exactly: bicubic interpolation by ``scale_factor`` of the target grid plus
-        ``config.interpolate_offset`` (0.1) over the stored grid, which differs slightly from resizing by size.
-        """
+        """Position embeddings for height x width pixels, (1, 1 + h*w, D), as official DINO v1: bicubic by
+        ``scale_factor`` (target grid + ``config.interpolate_offset``) / stored grid, not resizing by size."""
         pos = self.position_embeddings
         stored = pos.shape[1] - 1
         if num_patches == stored and height == width:
@@ -119,11 +113,8 @@ class EntmaxViTEmbeddings(nn.Module):
 # Transformer block
 # ----------------------------------------------------------------------------------------------------------
 class EntmaxViTAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (as DINO/timm) and a configurable transform.
-
-    The product runs through transformers' ``ALL_ATTENTION_FUNCTIONS`` under the name of the
-    (``config.attention``, ``config._attn_implementation``) pair, e.g. "entmax15" or "softmax_sdpa".
-    """
+    """Multi-head self-attention with a fused qkv projection (as DINO/timm), run through
+    ``ALL_ATTENTION_FUNCTIONS`` under the (config.attention, kernel) pair's name, e.g. "entmax15", "softmax_sdpa"."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__()
@@ -136,10 +127,8 @@ class EntmaxViTAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
         # Learnable alpha per head (alpha-entmax only), parametrised as alpha = 1 + softplus(raw) > 1.
-        if config.attention_alpha_learnable:
-            self.alpha_raw = nn.Parameter(torch.full((config.num_attention_heads,), _alpha_raw(config.attention_alpha)))
-        else:
-            self.alpha_raw = None
+        self.alpha_raw = (nn.Parameter(torch.full((config.num_attention_heads,), _alpha_raw(config.attention_alpha)))
+                          if config.attention_alpha_learnable else None)
 
     def alpha(self) -> Union[None, float, torch.Tensor]:
         """alpha of alpha-entmax: the config's float, or per head as (H, 1, 1) when learnt; None otherwise."""
@@ -198,8 +187,7 @@ class EntmaxViTDropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
@@ -269,8 +257,7 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
     _input_embed_layer = "patch_embeddings"
 
     def get_correct_attn_implementation(self, requested_attention: Optional[str], is_init_check: bool = False) -> str:
-        """The attention kernel for ``config.attention``: eager | compiled | sdpa (softmax only). None (transformers'
-        automatic choice) picks the default kernel of the transform; a kernel that cannot run it raises."""
+        """The kernel for ``config.attention`` (None: the transform's default); one that cannot run it raises."""
         return resolve_kernel(self.config.attention, requested_attention)
 
     @classmethod
@@ -293,13 +280,12 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """DINO initialisation of every module: truncated normal (std ``initializer_range``) for linear weights,
-        [CLS], registers and position embeddings; zero biases; unit LayerNorms; the patch convolution with
-        PyTorch's default (kaiming-uniform, as DINO keeps it), written out so weights materialised from the
-        meta device are initialised too; learnt alphas at ``attention_alpha``."""
+        """DINO initialisation: truncated normal (std ``initializer_range``, absolute +-2 as DINO/timm) for linear
+        weights and the [CLS] / register / position embeddings; the patch convolution with PyTorch's default
+        (kaiming-uniform, as DINO keeps it; written out for weights materialised from the meta device)."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0, b=2.0)  # DINO/timm: absolute +-2
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0, b=2.0)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
@@ -311,10 +297,9 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, EntmaxViTEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std, a=-2.0, b=2.0)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std, a=-2.0, b=2.0)
-            if module.register_tokens is not None:
-                init.trunc_normal_(module.register_tokens, mean=0.0, std=std, a=-2.0, b=2.0)
+            for param in (module.position_embeddings, module.cls_token, module.register_tokens):
+                if param is not None:
+                    init.trunc_normal_(param, mean=0.0, std=std, a=-2.0, b=2.0)
         elif isinstance(module, EntmaxViTAttention) and module.alpha_raw is not None:
             init.constant_(module.alpha_raw, _alpha_raw(self.config.attention_alpha))
 
@@ -350,13 +335,8 @@ def _patch_map(tokens: torch.Tensor, prefix: int, height: int, width: int, patch
 # Models
 # ----------------------------------------------------------------------------------------------------------
 class EntmaxViTModel(EntmaxViTPreTrainedModel):
-    """The bare EntmaxViT encoder.
-
-    ``last_hidden_state`` is the final-LayerNormed sequence ([CLS], registers, patches), ``pooler_output`` the
-    normed [CLS] (DINO's feature), ``hidden_states`` the un-normed embedding output and each block output,
-    ``attentions`` the attention probabilities of every layer (for every transform; softmax falls back from
-    SDPA to the explicit product when they are requested).
-    """
+    """The bare encoder: ``last_hidden_state`` final-LayerNormed, ``pooler_output`` the normed [CLS] (DINO's
+    feature), ``hidden_states`` un-normed (embeddings + each block), ``attentions`` every layer's probabilities."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
@@ -377,8 +357,6 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
     def forward(
         self, pixel_values: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
-        """pixel_values (B, C, H, W) -> BaseModelOutputWithPooling; ``output_hidden_states`` /
-        ``output_attentions`` / ``return_dict`` as in transformers (defaults from the config)."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         encoded = self.encoder(self.embeddings(pixel_values), **kwargs)
@@ -399,13 +377,9 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
         return_register_tokens: bool = False,
         norm: bool = True,
     ) -> tuple:
-        """Outputs of the last ``n`` blocks (int) or of the blocks with the given 0-based indices (sequence),
-        as DINO/DINOv2 ``get_intermediate_layers``, for probes.
-
-        Each entry is the patch tokens (B, N, D) or, with ``reshape``, a map (B, D, H/p, W/p); with
-        ``return_class_token`` a tuple (patches, cls (B, D)); with ``return_register_tokens`` also (B, R, D).
-        ``norm`` applies the final LayerNorm to each (as DINO's linear evaluation does).
-        """
+        """Outputs of the last ``n`` blocks (int) or of the given 0-based blocks, as DINO/DINOv2's, for probes:
+        patch tokens (B, N, D) (``reshape``: maps (B, D, H/p, W/p)), plus [CLS] (B, D) and registers (B, R, D)
+        in a tuple when asked; ``norm`` applies the final LayerNorm (as DINO's linear evaluation)."""
         depth = self.config.num_hidden_layers
         if isinstance(n, int) and not 1 <= n <= depth:
             raise ValueError(f"n must be in 1..{depth}, got {n}")
@@ -459,12 +433,8 @@ class EntmaxViTForImageClassification(EntmaxViTPreTrainedModel):
 
 
 class EntmaxViTBackbone(BackboneMixin, EntmaxViTPreTrainedModel):
-    """Patch feature maps (B, D, H/p, W/p) from chosen stages, for dense heads (a transformers backbone).
-
-    Stages are ``config.stage_names`` = "stem" (the embedding output) and "stage1".."stageL" (block outputs);
-    ``config.out_features`` / ``config.out_indices`` choose them (negative indices count from the end; None
-    means the last stage). ``config.backbone_norm`` applies the final LayerNorm to each map.
-    """
+    """Patch maps (B, D, H/p, W/p) of the stages ``config.out_features`` / ``out_indices`` choose among "stem"
+    (embeddings) and "stage1".."stageL"; ``config.backbone_norm`` applies the final LayerNorm to each."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
@@ -482,7 +452,7 @@ class EntmaxViTBackbone(BackboneMixin, EntmaxViTPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
         encoded = self.encoder(self.embeddings(pixel_values), **kwargs)  # hidden states forced on by the filter
         _, _, height, width = pixel_values.shape
-        prefix = 1 + self.config.num_register_tokens
+        prefix = 1 + self.config.num_register_tokens  # [CLS] + registers
         feature_maps = tuple(
             _patch_map(self.layernorm(hidden) if self.config.backbone_norm else hidden, prefix, height, width,
                        self.config.patch_size)

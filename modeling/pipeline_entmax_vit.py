@@ -1,22 +1,12 @@
 """The Hub pipelines: semantic segmentation with the linear probe shipped beside an EntmaxViT checkpoint, and
-image feature extraction, both fed by the project's one image decoder.
+image feature extraction, both fed by the project's one image decoder (``image_decoding.decode_image``).
 
-Hub code: copied flat into the model repository (with its relative imports ``segmentation_head.py`` and
-``image_decoding.py``) and loaded by ``pipeline("image-segmentation", model=repo, trust_remote_code=True)``
-(name the task: a repository with both custom pipelines makes ``pipeline(model=repo, ...)`` raise, since
-transformers cannot pick one). Every input (PIL image, path, URL, base64, bytes) is decoded by
-``image_decoding.decode_image``, the decoder training and evaluation use.
-
-``EntmaxViTFeatureExtractionPipeline`` is transformers' image-feature-extraction pipeline with that decoder in
-front: the built-in one opens inputs with ``transformers.image_utils.load_image``, whose ``convert("RGB")``
-clips 16-bit / float images and drops transparency before the image processor sees them. A repository serves it
-for ``pipeline("image-feature-extraction", model=repo, trust_remote_code=True)`` when its config's
-``custom_pipelines`` holds :data:`CUSTOM_PIPELINES`.
-
-Output follows transformers' image-segmentation pipelines: a list with one dict per label present in the
-prediction, ``{"label": str, "score": float, "mask": PIL.Image (mode "L", 0/255)}`` at the INPUT image's
-size. ``score`` is the mean of the winning class probability over the label's pixels (transformers'
-semantic-segmentation pipelines return None there; we give the probe's confidence instead).
+Copied flat into the model repository and loaded by ``pipeline("image-segmentation", model=repo,
+trust_remote_code=True)`` (name the task: with two custom pipelines transformers cannot pick one). The feature
+extractor is transformers' own with our decoder in front: ``load_image``'s ``convert("RGB")`` clips 16-bit /
+float images and drops transparency. Segmentation output follows transformers': one dict per predicted label,
+``{"label", "score", "mask"}`` (mask: mode "L", 0/255, at the input's size); ``score`` is the mean winning
+probability over the label's pixels (transformers gives None there).
 """
 
 from __future__ import annotations
@@ -33,16 +23,10 @@ from transformers.image_utils import PILImageResampling
 from transformers.utils import cached_file
 
 from .image_decoding import ImageDecodeError, decode_image
+from .image_processing_entmax_vit import IMAGENET_MEAN, IMAGENET_STD
 from .segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS, LinearSegmentationHead
 
-# Used only when the repository has no image processor config (it always has one when assembled by us).
-_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-_DEFAULT_STD = (0.229, 0.224, 0.225)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Image input: the project's one decoder (image_decoding.py), plus http(s) URLs
-# ----------------------------------------------------------------------------------------------------------
 def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image":
     """PIL image, path, http(s) URL, base64 / data: URL string, raw bytes, numpy array or tensor -> upright RGB
     PIL image, decoded exactly as in training; unreadable input raises ImageDecodeError (a ValueError)."""
@@ -59,17 +43,10 @@ def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image"
     return decode_image(image)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The pipeline
-# ----------------------------------------------------------------------------------------------------------
 class EntmaxViTSegmentationPipeline(Pipeline):
-    """Linear-probe semantic segmentation on frozen EntmaxViT patch features.
-
-    The probe (``segmentation_head.safetensors`` + ``segmentation_head.json``) is read from the model's
-    repository or folder, or given as ``segmentation_head=`` (a folder or a LinearSegmentationHead).
-    Each image is resized to the probe's ``input_size`` square, normalised with the image processor's
-    mean/std, the logits are bilinearly upsampled to the input image's size and arg-maxed.
-    """
+    """Linear-probe semantic segmentation on frozen EntmaxViT patch features. The probe comes from the model's
+    repository or folder, or ``segmentation_head=`` (a folder or a LinearSegmentationHead). Images are resized to
+    its ``input_size`` square; logits are bilinearly upsampled to the input's size and arg-maxed."""
 
     _load_processor = False
     _load_image_processor = True
@@ -131,8 +108,9 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         # bytes -> (side, side, 3) uint8 -> (1, 3, side, side) float in [0, 1]
         pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(side, side, 3)
         pixels = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255.0
-        mean = getattr(self.image_processor, "image_mean", None) or _DEFAULT_MEAN
-        std = getattr(self.image_processor, "image_std", None) or _DEFAULT_STD
+        # the ImageNet defaults only when the repository has no image processor config
+        mean = getattr(self.image_processor, "image_mean", None) or IMAGENET_MEAN
+        std = getattr(self.image_processor, "image_std", None) or IMAGENET_STD
         pixels = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
         return {"pixel_values": pixels.to(self.dtype), "target_size": torch.tensor([[height, width]])}
 
@@ -151,13 +129,10 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         results = []
         for label in prediction.unique().tolist():
             where = prediction == label
-            mask = where.to(torch.uint8).mul(255)  # (H, W), 0/255
-            mask_image = to_pil_image(mask.reshape(height, width, 1).numpy(), input_data_format="channels_last")
-            results.append({
-                "label": names.get(int(label), str(label)),
-                "score": round(float(confidence[where].mean()), 6),
-                "mask": mask_image,
-            })
+            mask = where.to(torch.uint8).mul(255).reshape(height, width, 1).numpy()  # 0/255
+            results.append({"label": names.get(int(label), str(label)),
+                            "score": round(float(confidence[where].mean()), 6),
+                            "mask": to_pil_image(mask, input_data_format="channels_last")})
         return results
 
 

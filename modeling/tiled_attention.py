@@ -15,23 +15,13 @@ from typing import Optional
 
 import torch
 
-from .thresholds import (
-    BISECT_CHECK_EVERY,
-    NEWTON_STEPS,
-    SPARSE_TRANSFORMS,
-    alpha_gradient,
-    bisect_block_threshold,
-    entmax15_block_threshold,
-    jacobian_product,
-    jacobian_weights,
-    alpha_per_row,
-    sparsemax_block_threshold,
-)
+from .thresholds import (BISECT_CHECK_EVERY, NEWTON_STEPS, SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row,
+                         bisect_block_threshold, entmax15_block_threshold, jacobian_product, jacobian_weights,
+                         sparsemax_block_threshold)
 
-# A block's (B, H, Bq, N) float32 scores take at most this many bytes. CPU: with one or two work buffers of
-# the same size they stay in a 2-core CPU's L2 + L3 (measured on the 2-core EPYC dev machine: 1-4 MB blocks
-# run the elementwise passes 3-5x faster than whole (B, H, N, N) tensors; docs/performance.md). CUDA: large
-# blocks, so that a ViT-S/16 DINO step at 224 px is one block per layer instead of thousands of launches.
+# Max bytes of a block's (B, H, Bq, N) float32 scores. CPU: with their work buffers they stay in L2 + L3 (1-4 MB
+# blocks run 3-5x faster than whole tensors on the 2-core dev machine; docs/performance.md). CUDA: one block per
+# layer for a ViT-S/16 DINO step at 224 px instead of thousands of launches.
 BLOCK_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 BLOCK_ROWS = 128  # preferred query rows per block on CPU (GEMM efficiency)
 MIN_BLOCK_ROWS = 16  # below this the matmuls lose efficiency and the Python overhead per block dominates
@@ -49,9 +39,7 @@ def block_shape(batch_heads: int, n_keys: int, device_type: str = "cpu") -> tupl
     return max(1, min(batch_heads, heads)), rows
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One block: scores -> probability basis, and the backward's dS from it
-# ----------------------------------------------------------------------------------------------------------
+# One block: scores -> probability basis, and the backward's dS from it.
 def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.Tensor] = None):
     """y = q_blk key^T - row max (written into ``out`` if given), (G, Bq, N); returns (y, m). q_blk is scaled."""
     s = torch.matmul(q_blk, key_t) if out is None else torch.matmul(q_blk, key_t, out=out)
