@@ -12,7 +12,7 @@ import json
 import logging
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -36,7 +36,6 @@ class LoadedCheckpoint:
     obj: Any
     config: Optional[dict] = None
     origin: str = ""
-    files: list[str] = field(default_factory=list)
 
 
 def load_weights_file(path: str | Path) -> Any:
@@ -74,15 +73,15 @@ def load_folder(folder: str | Path) -> LoadedCheckpoint:
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
     for name in FOLDER_WEIGHT_FILES:
         if (folder / name).is_file():
-            return LoadedCheckpoint(load_weights_file(folder / name), config, str(folder), [name])
+            return LoadedCheckpoint(load_weights_file(folder / name), config, str(folder))
     for name in FOLDER_INDEX_FILES:
         if (folder / name).is_file():
             shards = sorted(set(json.loads((folder / name).read_text()).get("weight_map", {}).values()))
             state = {k: v for shard in shards for k, v in load_weights_file(folder / shard).items()}
-            return LoadedCheckpoint(state, config, str(folder), [name])
+            return LoadedCheckpoint(state, config, str(folder))
     candidates = sorted(p.name for p in folder.iterdir() if p.suffix in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
     if len(candidates) == 1:
-        return LoadedCheckpoint(load_weights_file(folder / candidates[0]), config, str(folder), candidates)
+        return LoadedCheckpoint(load_weights_file(folder / candidates[0]), config, str(folder))
     raise ValueError(
         f"Folder {str(folder)!r} has no weights file I can choose: expected one of "
         f"{list(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)}, found {candidates or 'none'}"
@@ -114,10 +113,10 @@ def load_input(source: str, cache_dir: Optional[str] = None) -> LoadedCheckpoint
     downloaded with huggingface_hub: config.json and the weights only) into a :class:`LoadedCheckpoint`."""
     if source.startswith(("http://", "https://", "file://")):
         local = download_url(source, cache_dir)
-        return LoadedCheckpoint(load_weights_file(local), None, source, [local.name])
+        return LoadedCheckpoint(load_weights_file(local), None, source)
     path = Path(source).expanduser()
     if path.is_file():
-        return LoadedCheckpoint(load_weights_file(path), None, str(path), [path.name])
+        return LoadedCheckpoint(load_weights_file(path), None, str(path))
     if path.is_dir():
         return load_folder(path)
     if _HUB_ID.match(source):

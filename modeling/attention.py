@@ -45,18 +45,15 @@ def _dense_backward(probs: torch.Tensor, alpha_rows: Optional[torch.Tensor], gra
     return jacobian_product(g, grad), grad_alpha
 
 
-_COMPILED: dict[str, Callable] = {}
+@lru_cache(maxsize=None)  # one compiled twin per function and process
+def _compiled_twin(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
 
 
 def _compiled(fn: Callable, compiled: bool) -> Callable:
-    """``fn``, or its torch.compile'd twin (static shapes, one per function and process) for the ``compiled``
-    kernel. Inside an outer torch.compile / torch.export the plain function is traced (the outer compiler
-    fuses it anyway)."""
-    if not compiled or tracing():
-        return fn
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn.__name__]
+    """``fn``, or for the ``compiled`` kernel its torch.compile'd twin (static shapes); inside an outer
+    torch.compile / torch.export the plain function is traced (the outer compiler fuses it anyway)."""
+    return _compiled_twin(fn) if compiled and not tracing() else fn
 
 
 class SparseTransformFunction(torch.autograd.Function):
@@ -81,27 +78,22 @@ class SparseTransformFunction(torch.autograd.Function):
         return grad_scores, grad_alpha, None, None, None
 
 
-def _fixed_alpha_transform(transform: str) -> Callable[..., torch.Tensor]:
-    def fn(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
-        x = _as_float32(scores)
-        return SparseTransformFunction.apply(x, x.new_empty(0), transform, None, compiled).to(scores.dtype)
+def _sparse_transform(transform: str, doc: str) -> Callable[..., torch.Tensor]:
+    def fn(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] = None, *,
+           compiled: bool = False) -> torch.Tensor:
+        x = _as_float32(scores)  # computed in float32 or wider, returned in the input dtype
+        alpha_rows, scalar = (alpha_per_row(alpha, x.shape[:-1], x.device, x.dtype) if transform == "entmax_bisect"
+                              else (x.new_empty(0), None))
+        return SparseTransformFunction.apply(x, alpha_rows, transform, scalar, compiled).to(scores.dtype)
 
-    fn.__name__ = fn.__qualname__ = transform
-    fn.__doc__ = f"Exact {transform} over the last dimension (float32 under half precision, returned as input)."
+    fn.__name__, fn.__qualname__, fn.__doc__ = transform, transform, doc
     return fn
 
 
-entmax15 = _fixed_alpha_transform("entmax15")
-sparsemax = _fixed_alpha_transform("sparsemax")
-
-
-def entmax_bisect(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] = None, *,
-                  compiled: bool = False) -> torch.Tensor:
-    """alpha-entmax over the last dimension. ``alpha``: None (1.5), a float, or a tensor broadcastable to
-    scores.shape[:-1] + (1,), e.g. (H, 1, 1) per head against (B, H, N, N) scores; gradients flow to it."""
-    x = _as_float32(scores)
-    alpha_rows, scalar = alpha_per_row(alpha, x.shape[:-1], x.device, x.dtype)
-    return SparseTransformFunction.apply(x, alpha_rows, "entmax_bisect", scalar, compiled).to(scores.dtype)
+entmax15 = _sparse_transform("entmax15", "Exact 1.5-entmax over the last dimension.")
+sparsemax = _sparse_transform("sparsemax", "Exact sparsemax over the last dimension.")
+entmax_bisect = _sparse_transform("entmax_bisect", """alpha-entmax over the last dimension. ``alpha``: None (1.5),
+    a float, or a tensor broadcastable to scores.shape[:-1] + (1,), e.g. (H, 1, 1) per head; gradients flow to it.""")
 
 
 def softmax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
@@ -110,11 +102,7 @@ def softmax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compi
 
 
 ATTENTION_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
-    "softmax": softmax,
-    "entmax15": entmax15,
-    "sparsemax": sparsemax,
-    "entmax_bisect": entmax_bisect,
-}
+    "softmax": softmax, "entmax15": entmax15, "sparsemax": sparsemax, "entmax_bisect": entmax_bisect}
 
 
 def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
@@ -128,11 +116,9 @@ def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels: kernel name -> one function. Every kernel has the signature
-#   kernel(query, key, value, attention_mask, *, transform, alpha, scaling, dropout, need_weights)
-#     -> (out (B, H, N, d), probs (B, H, N, N) or None)
-# with query/key/value (B, H, N, d), attention_mask None or broadcastable to (B, H, N, N) (bool: True = keep,
-# float: added to the scores) and ``dropout`` the probability to apply (0 outside training).
+# Kernels: kernel(query, key, value, attention_mask, *, transform, alpha, scaling, dropout, need_weights)
+#   -> (out (B, H, N, d), probs (B, H, N, N) or None); q/k/v (B, H, N, d), mask None or broadcastable to
+#   (B, H, N, N) (bool: True = keep; float: added to the scores), dropout 0 outside training.
 # ----------------------------------------------------------------------------------------------------------
 def _scores(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
     # Scale the (N, d) query rather than the (N, N) scores: same math, a third of the work at d = 64.
@@ -157,9 +143,8 @@ def eager_kernel(query, key, value, attention_mask=None, *, transform: str, alph
 
 
 def compiled_kernel(query, key, value, attention_mask=None, **kwargs):
-    """The eager kernel with the solver and the backward through torch.compile (fused loops, same numbers; it
-    compiles once per shape). It keeps the (B, H, N, N) probabilities for backward like eager, but on a 2-core
-    CPU it runs ViT-S/16 at 224 px faster than tiled (docs/performance.md)."""
+    """The eager kernel with the solver and backward through torch.compile (same numbers, one compile per shape):
+    it keeps (B, H, N, N) for backward, yet runs ViT-S/16 at 224 px faster than tiled on a 2-core CPU."""
     return eager_kernel(query, key, value, attention_mask, compiled=True, **kwargs)
 
 
@@ -226,19 +211,10 @@ def auto_kernel(query, key, value, attention_mask=None, *, transform: str, **kwa
 
 # The one place where a kernel name maps to its function; AttentionInterface names derive from it.
 ATTENTION_KERNELS: dict[str, Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]] = {
-    "auto": auto_kernel,
-    "eager": eager_kernel,
-    "compiled": compiled_kernel,
-    "sdpa": sdpa_kernel,
-    "tiled": tiled_kernel,
-    "triton": triton_kernel,
-}
+    "auto": auto_kernel, "eager": eager_kernel, "compiled": compiled_kernel, "sdpa": sdpa_kernel,
+    "tiled": tiled_kernel, "triton": triton_kernel}
 # Kernels that run only some transforms (absent: every transform).
-KERNEL_TRANSFORMS: dict[str, tuple[str, ...]] = {
-    "sdpa": ("softmax",),
-    "tiled": SPARSE_TRANSFORMS,
-    "triton": SPARSE_TRANSFORMS,
-}
+KERNEL_TRANSFORMS = {"sdpa": ("softmax",), "tiled": SPARSE_TRANSFORMS, "triton": SPARSE_TRANSFORMS}
 # Kernels that always return the probabilities; the others compute them only when asked (output_attentions).
 WEIGHTS_ALWAYS = ("eager", "compiled")
 

@@ -114,9 +114,9 @@ def _blocks(batch_heads: int, n: int, heads: int, rows: int):
     ]
 
 
-def _cat_blocks(blocks: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Reassemble per-block (G, Bq, .) results into (B*H, N, .): rows within a group, then groups."""
-    return torch.cat([torch.cat(group, dim=1) for group in blocks], dim=0)
+def _cat_blocks(results: list[list[tuple]], item: int) -> torch.Tensor:
+    """Reassemble ``item`` of the per-block results (G, Bq, .) into (B*H, N, .): rows in a group, then groups."""
+    return torch.cat([torch.cat([r[item] for r in group], dim=1) for group in results], dim=0)
 
 
 class _Buffers:
@@ -143,21 +143,19 @@ class _TiledEntmax(torch.autograd.Function):
         key_t = key.transpose(-2, -1)  # (BH, d, N)
         key_mean = key.mean(dim=-2).unsqueeze(-1)  # (BH, d, 1): a row mean of the scores is q . mean(k)
         buffers = _Buffers(query, block, n)
-        outs, ms, ts, zs = [], [], [], []
-        for heads, row_slices in _blocks(query.shape[0], query.shape[1], *block):  # unrolled when captured
-            for blocks in (outs, ms, ts, zs):
-                blocks.append([])
-            for rows in row_slices:
-                q_blk = query[heads, rows] * scaling  # (G, Bq, d)
-                out, m, t, z = forward_block(q_blk, key_t[heads], key_mean[heads], value[heads],
-                                             alpha_rows[heads, rows] if bisect else None,
-                                             *buffers.views(q_blk, n), transform, scalar_alpha)
-                for blocks, value_blk in ((outs, out), (ms, m), (ts, t), (zs, z)):
-                    blocks[-1].append(value_blk)
-        state = [_cat_blocks(ms), _cat_blocks(ts)] + ([_cat_blocks(zs)] if bisect else [])
+
+        def run(heads: slice, rows: slice) -> tuple:  # (out, m, t, z) of one block
+            q_blk = query[heads, rows] * scaling  # (G, Bq, d)
+            return forward_block(q_blk, key_t[heads], key_mean[heads], value[heads],
+                                 alpha_rows[heads, rows] if bisect else None, *buffers.views(q_blk, n), transform,
+                                 scalar_alpha)
+
+        # unrolled when captured
+        results = [[run(heads, rows) for rows in row_slices] for heads, row_slices in _blocks(*query.shape[:2], *block)]
+        state = [_cat_blocks(results, i) for i in ((1, 2, 3) if bisect else (1, 2))]  # m, t[, z]
         ctx.save_for_backward(query, key, value, alpha_rows, *state)
         ctx.transform, ctx.scaling, ctx.block, ctx.scalar_alpha = transform, scaling, block, scalar_alpha
-        return _cat_blocks(outs)
+        return _cat_blocks(results, 0)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -172,25 +170,22 @@ class _TiledEntmax(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         key_t, value_t = key.transpose(-2, -1), value.transpose(-2, -1)
         buffers = _Buffers(query, ctx.block, n)
-        dq_blocks, dk_blocks, dv_blocks, dalpha_blocks = [], [], [], []
-        for heads, row_slices in _blocks(query.shape[0], query.shape[1], *ctx.block):
-            dq_blocks.append([])
-            dalpha_blocks.append([])
-            dk = torch.zeros_like(key[heads])  # (G, N, d), summed over the query blocks
-            dv = torch.zeros_like(value[heads])
-            for rows in row_slices:
-                q_blk = query[heads, rows] * ctx.scaling  # (G, Bq, d)
-                dq, dalpha = backward_block(
-                    q_blk, grad_out[heads, rows], key[heads], key_t[heads], value_t[heads], m[heads, rows],
-                    t[heads, rows], z[0][heads, rows] if bisect else None,
-                    alpha_rows[heads, rows] if bisect else None, dk, dv, *buffers.views(q_blk, n),
-                    ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
-                dq_blocks[-1].append(dq)
-                dalpha_blocks[-1].append(dalpha)
-            dk_blocks.append(dk)
-            dv_blocks.append(dv)
-        dalpha = _cat_blocks(dalpha_blocks) if need_alpha else None
-        return _cat_blocks(dq_blocks), torch.cat(dk_blocks), torch.cat(dv_blocks), dalpha, None, None, None, None
+
+        def run(heads: slice, rows: slice, dk: torch.Tensor, dv: torch.Tensor) -> tuple:  # (dq, dalpha) of one block
+            q_blk = query[heads, rows] * ctx.scaling  # (G, Bq, d)
+            return backward_block(
+                q_blk, grad_out[heads, rows], key[heads], key_t[heads], value_t[heads], m[heads, rows],
+                t[heads, rows], z[0][heads, rows] if bisect else None, alpha_rows[heads, rows] if bisect else None,
+                dk, dv, *buffers.views(q_blk, n), ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
+
+        results, dks, dvs = [], [], []
+        for heads, row_slices in _blocks(*query.shape[:2], *ctx.block):
+            dk, dv = torch.zeros_like(key[heads]), torch.zeros_like(value[heads])  # (G, N, d), summed over blocks
+            results.append([run(heads, rows, dk, dv) for rows in row_slices])
+            dks.append(dk)
+            dvs.append(dv)
+        dalpha = _cat_blocks(results, 1) if need_alpha else None
+        return _cat_blocks(results, 0), torch.cat(dks), torch.cat(dvs), dalpha, None, None, None, None
 
 
 def tiled_attention(
