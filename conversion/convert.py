@@ -120,15 +120,6 @@ class ConversionResult:
     report: dict = field(default_factory=dict)
 
 
-def _family_hint(state: dict, source: str) -> str:
-    keys = list(state)
-    if source != "hf-vit" and any(k.startswith(("encoder.layer.", "layers.", "embeddings.", "vit.")) for k in keys):
-        return "\nThese look like transformers ViT keys: use --source hf-vit."
-    if source == "hf-vit" and any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
-        return "\nThese look like DINO/timm keys: use --source dino or --source timm."
-    return ""
-
-
 def _rename(cfg: ConvertConfig, state: dict[str, torch.Tensor]) -> tuple[dict, ConvertedState]:
     if cfg.source == "hf-vit":
         state = strip_prefixes(state, ("module.", "vit."))
@@ -137,10 +128,7 @@ def _rename(cfg: ConvertConfig, state: dict[str, torch.Tensor]) -> tuple[dict, C
         # DINO: "module." from DDP (student), "backbone." from the MultiCropWrapper; heads are "head.*".
         state = strip_prefixes(state, ("module.", "backbone."))
         converted = convert_dino_keys(state)
-    try:
-        raise_on_rejected(converted, cfg.source)
-    except ValueError as err:
-        raise ValueError(str(err) + _family_hint(state, cfg.source)) from None
+    raise_on_rejected(converted, cfg.source)
     for reason, count in Counter(converted.dropped.values()).items():
         logger.info("Dropped %d tensor(s): %s", count, reason)
     return state, converted

@@ -73,8 +73,9 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + more
 
 
-def raise_on_rejected(converted: ConvertedState, source_name: str) -> None:
-    """Fail, naming the keys, when the source holds parameters this architecture cannot represent."""
+def raise_on_rejected(converted: ConvertedState, source: str) -> None:
+    """Fail, naming the keys (and the --source they look like), when the source holds parameters this
+    architecture cannot represent."""
     if not converted.rejected:
         return
     by_reason: dict[str, list[str]] = {}
@@ -82,9 +83,12 @@ def raise_on_rejected(converted: ConvertedState, source_name: str) -> None:
         by_reason.setdefault(reason, []).append(key)
     lines = [f"  {reason}: {_listing(keys)}" for reason, keys in by_reason.items()]
     hint = "" if converted.state else " (no key looked like a ViT parameter: is this another architecture?)"
-    raise ValueError(
-        f"The checkpoint does not fit a {source_name} ViT{hint}; offending keys:\n" + "\n".join(lines)
-    )
+    keys = converted.rejected
+    if source != "hf-vit" and any(k.startswith(("encoder.layer.", "layers.", "embeddings.", "vit.")) for k in keys):
+        lines.append("These look like transformers ViT keys: use --source hf-vit.")
+    elif source == "hf-vit" and any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
+        lines.append("These look like DINO/timm keys: use --source dino or --source timm.")
+    raise ValueError(f"The checkpoint does not fit a {source} ViT{hint}; offending keys:\n" + "\n".join(lines))
 
 
 def infer_architecture(converted: ConvertedState) -> dict:

@@ -212,18 +212,11 @@ class EntmaxViTLayer(GradientCheckpointingLayer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pretrained model base
-# ----------------------------------------------------------------------------------------------------------
-# Key layouts of checkpoints that must be converted first: description -> (key pattern, converter --source).
+# Pretrained model base. Checkpoints that must be converted first: description -> (key pattern, --source).
 _FOREIGN_LAYOUTS = {
     "an official DINO or timm ViT": (re.compile(r"(^|\.)(blocks\.\d+\.attn\.qkv|patch_embed\.proj|pos_embed$)"), "dino"),
-    "a transformers ViT/DINOv2": (
-        re.compile(
-            r"(^|\.)(encoder\.layer|layers)\.\d+\.(attention\.attention\.(query|key|value)|attention\.[qkv]_proj"
-            r"|layernorm_before)"
-        ),
-        "hf-vit",
-    ),
+    "a transformers ViT/DINOv2": (re.compile(r"(^|\.)(encoder\.layer|layers)\.\d+\.(attention\.attention\."
+                                             r"(query|key|value)|attention\.[qkv]_proj|layernorm_before)"), "hf-vit"),
 }
 _CONVERTER = (
     "Convert it into an EntmaxViT checkpoint first with the converter of the entmax-vit package (it checks the "
@@ -432,30 +425,23 @@ class EntmaxViTForImageClassification(EntmaxViTPreTrainedModel):
         )
 
 
-class EntmaxViTBackbone(BackboneMixin, EntmaxViTPreTrainedModel):
+class EntmaxViTBackbone(BackboneMixin, EntmaxViTModel):
     """Patch maps (B, D, H/p, W/p) of the stages ``config.out_features`` / ``out_indices`` choose among "stem"
-    (embeddings) and "stage1".."stageL"; ``config.backbone_norm`` applies the final LayerNorm to each."""
+    (embeddings) and "stage1".."stageL"; ``config.backbone_norm`` applies the final LayerNorm to each. The same
+    modules (and weight names) as EntmaxViTModel, another forward."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
-        self.embeddings = EntmaxViTEmbeddings(config)
-        self.encoder = EntmaxViTEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
 
     @can_return_tuple
     @filter_output_hidden_states
     def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
         encoded = self.encoder(self.embeddings(pixel_values), **kwargs)  # hidden states forced on by the filter
         _, _, height, width = pixel_values.shape
-        prefix = 1 + self.config.num_register_tokens  # [CLS] + registers
         feature_maps = tuple(
-            _patch_map(self.layernorm(hidden) if self.config.backbone_norm else hidden, prefix, height, width,
-                       self.config.patch_size)
+            _patch_map(self.layernorm(hidden) if self.config.backbone_norm else hidden, self.num_prefix_tokens,
+                       height, width, self.config.patch_size)
             for stage, hidden in zip(self.stage_names, encoded.hidden_states)
             if stage in self.out_features
         )

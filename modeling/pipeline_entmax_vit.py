@@ -56,23 +56,16 @@ class EntmaxViTSegmentationPipeline(Pipeline):
     def __init__(self, *args: Any, segmentation_head: Union[str, os.PathLike, LinearSegmentationHead, None] = None,
                  revision: Optional[str] = None, token: Union[str, bool, None] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if isinstance(segmentation_head, LinearSegmentationHead):
-            head = segmentation_head
-        else:
-            source = segmentation_head if segmentation_head is not None else self._model_source()
+        head = segmentation_head
+        if not isinstance(head, LinearSegmentationHead):
+            source = head or getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", "")
+            if not source:
+                raise ValueError("Cannot locate the segmentation head: pass segmentation_head=FOLDER")
             head = self._load_head(source, revision=revision, token=token)
         hidden = getattr(self.model.config, "hidden_size", None)
         if hidden is not None and head.config.hidden_size != hidden:
-            raise ValueError(
-                f"Segmentation head expects hidden_size {head.config.hidden_size}, the model has {hidden}"
-            )
+            raise ValueError(f"Segmentation head expects hidden_size {head.config.hidden_size}, the model has {hidden}")
         self.head = head.to(self.device).eval()
-
-    def _model_source(self) -> str:
-        source = getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", "")
-        if not source:
-            raise ValueError("Cannot locate the segmentation head: pass segmentation_head=FOLDER")
-        return str(source)
 
     @staticmethod
     def _load_head(source: Union[str, os.PathLike], revision: Optional[str] = None,
@@ -88,10 +81,6 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         if any(p is None for p in paths):
             raise FileNotFoundError(f"{source} has no {HEAD_CONFIG} / {HEAD_WEIGHTS}: no segmentation probe shipped")
         return LinearSegmentationHead.load(os.path.dirname(paths[0]))
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return self.head.config.id2label or {i: str(i) for i in range(self.head.config.num_labels)}
 
     def _sanitize_parameters(self, timeout: Optional[float] = None, **kwargs: Any) -> tuple[dict, dict, dict]:
         if kwargs:
@@ -125,7 +114,7 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         logits = F.interpolate(logits[:1], size=(height, width), mode="bilinear", align_corners=False)[0]
         probs = logits.softmax(dim=0)             # (K, H, W)
         confidence, prediction = probs.max(dim=0)  # (H, W) each
-        names = self.id2label
+        names = self.head.config.id2label
         results = []
         for label in prediction.unique().tolist():
             where = prediction == label

@@ -119,17 +119,12 @@ def _cat_blocks(results: list[list[tuple]], item: int) -> torch.Tensor:
     return torch.cat([torch.cat([r[item] for r in group], dim=1) for group in results], dim=0)
 
 
-class _Buffers:
-    """Two (G, Bq, N) work buffers reused by every block of one call (views of the same storage for the
-    smaller edge blocks), so the block loop allocates nothing large."""
-
-    def __init__(self, like: torch.Tensor, block: tuple[int, int], n: int) -> None:
-        size = min(block[0], like.shape[0]) * min(block[1], like.shape[1]) * n
-        self.flat = [like.new_empty(size), like.new_empty(size)]
-
-    def views(self, q_blk: torch.Tensor, n: int) -> list[torch.Tensor]:
-        g, r = q_blk.shape[:2]
-        return [buf[: g * r * n].view(g, r, n) for buf in self.flat]
+def _work_buffers(like: torch.Tensor, block: tuple[int, int], n: int):
+    """``views(q_blk)``: two (G, Bq, N) work buffers reused by every block of one call (views of the same storage
+    for the smaller edge blocks), so the block loop allocates nothing large."""
+    size = min(block[0], like.shape[0]) * min(block[1], like.shape[1]) * n
+    flat = [like.new_empty(size), like.new_empty(size)]
+    return lambda q_blk: [buf[: q_blk.shape[0] * q_blk.shape[1] * n].view(*q_blk.shape[:2], n) for buf in flat]
 
 
 class _TiledEntmax(torch.autograd.Function):
@@ -142,12 +137,12 @@ class _TiledEntmax(torch.autograd.Function):
         n, bisect = key.shape[1], transform == "entmax_bisect"
         key_t = key.transpose(-2, -1)  # (BH, d, N)
         key_mean = key.mean(dim=-2).unsqueeze(-1)  # (BH, d, 1): a row mean of the scores is q . mean(k)
-        buffers = _Buffers(query, block, n)
+        views = _work_buffers(query, block, n)
 
         def run(heads: slice, rows: slice) -> tuple:  # (out, m, t, z) of one block
             q_blk = query[heads, rows] * scaling  # (G, Bq, d)
             return forward_block(q_blk, key_t[heads], key_mean[heads], value[heads],
-                                 alpha_rows[heads, rows] if bisect else None, *buffers.views(q_blk, n), transform,
+                                 alpha_rows[heads, rows] if bisect else None, *views(q_blk), transform,
                                  scalar_alpha)
 
         # unrolled when captured
@@ -169,14 +164,14 @@ class _TiledEntmax(torch.autograd.Function):
         n = key.shape[1]
         grad_out = grad_out.contiguous()
         key_t, value_t = key.transpose(-2, -1), value.transpose(-2, -1)
-        buffers = _Buffers(query, ctx.block, n)
+        views = _work_buffers(query, ctx.block, n)
 
         def run(heads: slice, rows: slice, dk: torch.Tensor, dv: torch.Tensor) -> tuple:  # (dq, dalpha) of one block
             q_blk = query[heads, rows] * ctx.scaling  # (G, Bq, d)
             return backward_block(
                 q_blk, grad_out[heads, rows], key[heads], key_t[heads], value_t[heads], m[heads, rows],
                 t[heads, rows], z[0][heads, rows] if bisect else None, alpha_rows[heads, rows] if bisect else None,
-                dk, dv, *buffers.views(q_blk, n), ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
+                dk, dv, *views(q_blk), ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
 
         results, dks, dvs = [], [], []
         for heads, row_slices in _blocks(*query.shape[:2], *ctx.block):
@@ -188,16 +183,8 @@ class _TiledEntmax(torch.autograd.Function):
         return _cat_blocks(results, 0), torch.cat(dks), torch.cat(dvs), dalpha, None, None, None, None
 
 
-def tiled_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    transform: str,
-    scaling: float,
-    alpha=None,
-    block: Optional[tuple[int, int]] = None,
-) -> torch.Tensor:
+def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str, scaling: float,
+                    alpha=None, block: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Exact sparse attention ``transform(scaling q k^T) v`` computed in blocks: query (B, H, N, d), key
     (B, H, M, d), value (B, H, M, e) -> (B, H, N, e).
 
@@ -208,7 +195,8 @@ def tiled_attention(
     """
     if transform not in SPARSE_TRANSFORMS:
         raise ValueError(f"tiled_attention supports {SPARSE_TRANSFORMS}, not {transform!r}")
-    if query.ndim != 4 or key.shape[:-1] != value.shape[:-1] or query.shape[:2] + query.shape[3:] != key.shape[:2] + key.shape[3:]:
+    if (query.ndim != 4 or key.shape[:-1] != value.shape[:-1]
+            or query.shape[:2] + query.shape[3:] != key.shape[:2] + key.shape[3:]):
         raise ValueError(
             f"expected query (B, H, N, d), key (B, H, M, d), value (B, H, M, e); got {tuple(query.shape)}, "
             f"{tuple(key.shape)}, {tuple(value.shape)}"
@@ -227,7 +215,6 @@ def tiled_attention(
         return x.to(compute).reshape(batch * heads, *x.shape[-2:])
 
     with torch.autocast(query.device.type, enabled=False):  # the kernel's matmuls stay in float32
-        out = _TiledEntmax.apply(
-            rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block, scalar_alpha
-        )
+        out = _TiledEntmax.apply(rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block,
+                                 scalar_alpha)
     return out.view(batch, heads, n_q, value.shape[-1]).to(dtype)

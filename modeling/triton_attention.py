@@ -369,10 +369,6 @@ def tuned_kernels() -> dict:
     }
 
 
-def _strides(x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(x.stride())
-
-
 def autotuned(query: torch.Tensor) -> bool:
     """Whether launches take the autotuner's configuration: CUDA tensors (triton's interpreter has no timer)."""
     return query.is_cuda
@@ -407,7 +403,7 @@ class _TritonEntmax(torch.autograd.Function):
         state = torch.empty(3, batch * heads, n, device=query.device, dtype=torch.float32)  # m, t, z
         _launch("fwd", lambda c: (triton.cdiv(n, c["BLOCK_M"]), batch * heads), cfg,
                 query, key, value, alpha_rows, out, state[0], state[1], state[2],
-                *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+                *query.stride(), *key.stride(), *value.stride(), *out.stride(),
                 heads, n, d, scaling, 4 * torch.finfo(torch.float32).eps,
                 TRANSFORM=tid, MAX_PASSES=max_passes, PRECISION=precision, BLOCK_D=_pow2(d))
         ctx.save_for_backward(query, key, value, alpha_rows, state)
@@ -429,7 +425,7 @@ class _TritonEntmax(torch.autograd.Function):
         dk, dv = torch.empty_like(dq), torch.empty_like(dq)
         delta = torch.empty(batch * heads, n, device=query.device, dtype=torch.float32)
         dalpha = torch.empty_like(delta) if need_alpha else delta
-        common = (*_strides(query), *_strides(key), *_strides(value), heads, n, d, ctx.scaling)
+        common = (*query.stride(), *key.stride(), *value.stride(), heads, n, d, ctx.scaling)
         meta = dict(TRANSFORM=ctx.transform, PRECISION=ctx.precision, BLOCK_D=_pow2(d))
         _launch("dq", lambda c: (triton.cdiv(n, c["BLOCK_M"]), batch * heads), cfg,
                 query, key, value, do, alpha_rows, state[0], state[1], state[2], dq, delta, dalpha, *common,
