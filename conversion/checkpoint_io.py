@@ -48,10 +48,8 @@ def load_weights_file(path: str | Path) -> Any:
 
         return load_file(str(path), device="cpu")
     if path.suffix not in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"Unsupported checkpoint file type {path.suffix!r} ({path}); expected .safetensors or one of "
-            f"{list(PICKLE_SUFFIXES)}"
-        )
+        raise ValueError(f"Unsupported checkpoint file type {path.suffix!r} ({path}); expected .safetensors or one "
+                         f"of {list(PICKLE_SUFFIXES)}")
     try:
         # DINO's full checkpoints pickle their argparse.Namespace; allow exactly that class, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -82,10 +80,8 @@ def load_folder(folder: str | Path) -> LoadedCheckpoint:
     candidates = sorted(p.name for p in folder.iterdir() if p.suffix in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
     if len(candidates) == 1:
         return LoadedCheckpoint(load_weights_file(folder / candidates[0]), config, str(folder))
-    raise ValueError(
-        f"Folder {str(folder)!r} has no weights file I can choose: expected one of "
-        f"{list(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)}, found {candidates or 'none'}"
-    )
+    raise ValueError(f"Folder {str(folder)!r} has no weights file I can choose: expected one of "
+                     f"{list(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)}, found {candidates or 'none'}")
 
 
 def download_url(url: str, cache_dir: Optional[str] = None) -> Path:
@@ -124,12 +120,9 @@ def load_input(source: str, cache_dir: Optional[str] = None) -> LoadedCheckpoint
 
         logger.info("Downloading %s from the Hub (config.json and weights only)", source)
         try:
-            local = snapshot_download(
-                source,
-                allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
-                                "pytorch_model.bin.index.json"],
-                cache_dir=cache_dir,
-            )
+            local = snapshot_download(source, cache_dir=cache_dir, allow_patterns=[
+                "config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json"])
         except Exception as err:  # the hub raises many types (offline, gated, missing)
             raise ValueError(f"{source!r} is neither a local path nor a downloadable Hub repository: {err}") from None
         loaded = load_folder(local)
@@ -138,9 +131,7 @@ def load_input(source: str, cache_dir: Optional[str] = None) -> LoadedCheckpoint
     raise ValueError(f"Input {source!r} does not exist (expected a checkpoint file, a folder or a Hub repo id)")
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Containers around the state dict
-# ----------------------------------------------------------------------------------------------------------
 _TRAINING_KEYS = ("teacher", "student")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 
@@ -162,9 +153,7 @@ def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch
         if which not in _TRAINING_KEYS:
             raise ValueError(f"which must be one of {list(_TRAINING_KEYS)}, got {which!r}")
         if which not in obj:
-            raise ValueError(
-                f"Training checkpoint has no {which!r} entry; it has {sorted(map(str, obj))}"
-            )
+            raise ValueError(f"Training checkpoint has no {which!r} entry; it has {sorted(map(str, obj))}")
         args, epoch = obj.get("args"), obj.get("epoch")
         notes.append(
             f"DINO training checkpoint: using the {which}"
@@ -178,10 +167,8 @@ def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch
             obj = obj[key]
     if not _is_state_dict(obj):
         kinds = {str(k): type(v).__name__ for k, v in list(obj.items())[:8]} if isinstance(obj, Mapping) else {}
-        raise ValueError(
-            "Could not find a state dict (name -> tensor) in the checkpoint; top-level entries: "
-            f"{kinds or type(obj).__name__}"
-        )
+        raise ValueError("Could not find a state dict (name -> tensor) in the checkpoint; top-level entries: "
+                         f"{kinds or type(obj).__name__}")
     return dict(obj), notes
 
 

@@ -29,7 +29,7 @@ from entmax_vit.modeling import (EntmaxViTConfig, EntmaxViTModel, get_attention_
                                  resolve_kernel)
 
 from .checkpoint_io import load_input, strip_prefixes, training_args, unwrap_state_dict
-from .converted_state import (ConvertedState, convert_dino_keys, convert_hf_vit_keys, infer_architecture, load_strict,
+from .converted_state import (convert_dino_keys, convert_hf_vit_keys, infer_architecture, load_strict,
                               raise_on_rejected, resolve_num_heads)
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ def hf_vit_from_state(state: dict[str, torch.Tensor], hf_config: dict) -> Sequen
     from transformers import ViTConfig, ViTModel
 
     with tempfile.TemporaryDirectory() as tmp:
-        ViTConfig(**{k: v for k, v in hf_config.items() if k not in ("architectures", "auto_map")}).save_pretrained(tmp)
+        config = {k: v for k, v in hf_config.items() if k not in ("architectures", "auto_map")}
+        ViTConfig(**config).save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"))
         model = ViTModel.from_pretrained(tmp, add_pooling_layer=False, attn_implementation="eager").eval()
     return lambda pixel_values: model(pixel_values).last_hidden_state
@@ -110,38 +111,12 @@ class ConvertConfig:
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
         get_attention_transform(self.attention)  # unknown names raise, listing the choices
-        if self.num_heads is not None and self.num_heads <= 0:
-            raise ValueError(f"num_heads must be positive, got {self.num_heads}")
 
 
 @dataclass
 class ConversionResult:
     model: EntmaxViTModel
     report: dict = field(default_factory=dict)
-
-
-def _rename(cfg: ConvertConfig, state: dict[str, torch.Tensor]) -> tuple[dict, ConvertedState]:
-    if cfg.source == "hf-vit":
-        state = strip_prefixes(state, ("module.", "vit."))
-        converted = convert_hf_vit_keys(state)
-    else:
-        # DINO: "module." from DDP (student), "backbone." from the MultiCropWrapper; heads are "head.*".
-        state = strip_prefixes(state, ("module.", "backbone."))
-        converted = convert_dino_keys(state)
-    raise_on_rejected(converted, cfg.source)
-    for reason, count in Counter(converted.dropped.values()).items():
-        logger.info("Dropped %d tensor(s): %s", count, reason)
-    return state, converted
-
-
-def _check_hf_config(hf_config: dict, arch: dict) -> None:
-    model_type = hf_config.get("model_type", "vit")
-    if model_type != "vit":
-        raise ValueError(f"config.json has model_type {model_type!r}; --source hf-vit converts 'vit' models only")
-    wrong = {k: (hf_config[k], arch[k]) for k in _HF_SIZE_FIELDS if k in hf_config and hf_config[k] != arch[k]}
-    if wrong:
-        raise ValueError("config.json disagrees with the weights (config vs weights): "
-                         + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in wrong.items()))
 
 
 def convert(cfg: ConvertConfig) -> ConversionResult:
@@ -154,7 +129,13 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
     state, notes = unwrap_state_dict(loaded.obj, cfg.which)
     for note in notes:
         logger.info(note)
-    state, converted = _rename(cfg, state)
+    hf = cfg.source == "hf-vit"
+    # "module." from DDP (DINO's student); "vit." of ViTForImageClassification; "backbone." of DINO's MultiCropWrapper
+    state = strip_prefixes(state, ("module.", "vit." if hf else "backbone."))
+    converted = (convert_hf_vit_keys if hf else convert_dino_keys)(state)
+    raise_on_rejected(converted, cfg.source)
+    for reason, count in Counter(converted.dropped.values()).items():
+        logger.info("Dropped %d tensor(s): %s", count, reason)
     arch = infer_architecture(converted)
 
     hidden_act, heads_from_source, eps = "gelu", None, DINO_LAYER_NORM_EPS
@@ -168,11 +149,17 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
         info = timm_architecture(name, source_config.get("model_args") or {})
         heads_from_source, eps = info["num_heads"], info["layer_norm_eps"]
         logger.info("timm architecture %s: %d heads, LayerNorm eps %g", name, heads_from_source, eps)
-    elif cfg.source == "hf-vit":
+    elif hf:
         if loaded.config is None:
             logger.warning("No config.json: using transformers' ViT default LayerNorm eps %g",
                            HF_VIT_DEFAULT_LAYER_NORM_EPS)
-        _check_hf_config(source_config, arch)
+        if source_config.get("model_type", "vit") != "vit":
+            raise ValueError(f"config.json has model_type {source_config['model_type']!r}; --source hf-vit converts "
+                             "'vit' models only")
+        wrong = [f"{k}: {source_config[k]} vs {arch[k]}" for k in _HF_SIZE_FIELDS
+                 if k in source_config and source_config[k] != arch[k]]
+        if wrong:
+            raise ValueError("config.json disagrees with the weights (config vs weights): " + ", ".join(wrong))
         heads_from_source = source_config.get("num_attention_heads")
         eps = float(source_config.get("layer_norm_eps", HF_VIT_DEFAULT_LAYER_NORM_EPS))
         hidden_act = source_config.get("hidden_act", "gelu")
@@ -191,7 +178,7 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
     max_diff = None
     if cfg.verify:
         source_state = {k: v for k, v in state.items() if k not in converted.dropped}
-        if cfg.source == "hf-vit":
+        if hf:
             # config.json when there is one, else transformers' ViT with the sizes found here
             hf_config = source_config or dict(
                 model_type="vit", num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act,
@@ -209,16 +196,10 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
         model.config.validate()
         logger.info("Attention transform set to %s (the weights were trained with softmax)", cfg.attention)
 
-    report = dict(
-        source=cfg.source,
-        input=loaded.origin,
-        which=cfg.which if notes and "training checkpoint" in notes[0] else None,
-        notes=notes,
-        architecture=dict(arch, num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act),
-        attention=cfg.attention,
-        dropped_keys=converted.dropped,
-        verified_max_abs_diff=max_diff,
-    )
+    report = dict(source=cfg.source, input=loaded.origin,
+                  which=cfg.which if notes and "training checkpoint" in notes[0] else None, notes=notes,
+                  architecture=dict(arch, num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act),
+                  attention=cfg.attention, dropped_keys=converted.dropped, verified_max_abs_diff=max_diff)
     return ConversionResult(model=model, report=report)
 
 

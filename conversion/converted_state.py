@@ -126,15 +126,9 @@ def infer_architecture(converted: ConvertedState) -> dict:
     fc1 = state.get("encoder.layer.0.mlp.fc1.weight")
     if fc1 is None:
         raise ValueError("Cannot infer the MLP width: no key maps to encoder.layer.0.mlp.fc1.weight")
-    return dict(
-        hidden_size=hidden,
-        num_hidden_layers=len(layers),
-        patch_size=patch,
-        num_channels=channels,
-        image_size=side * patch,
-        intermediate_size=fc1.shape[0],
-        qkv_bias="encoder.layer.0.attention.qkv.bias" in state,
-    )
+    return dict(hidden_size=hidden, num_hidden_layers=len(layers), patch_size=patch, num_channels=channels,
+                image_size=side * patch, intermediate_size=fc1.shape[0],
+                qkv_bias="encoder.layer.0.attention.qkv.bias" in state)
 
 
 def resolve_num_heads(hidden_size: int, explicit: Optional[int], from_source: Optional[int], source_name: str) -> int:
@@ -151,10 +145,8 @@ def resolve_num_heads(hidden_size: int, explicit: Optional[int], from_source: Op
         logger.warning("Assuming %d attention heads for width %d (head_dim 64, the DINO/timm convention); "
                        "pass --num-heads if the source used another count", heads, hidden_size)
     else:
-        raise ValueError(
-            f"Cannot infer the number of attention heads for width {hidden_size} from a fused qkv weight; "
-            "pass --num-heads N"
-        )
+        raise ValueError(f"Cannot infer the number of attention heads for width {hidden_size} from a fused qkv "
+                         "weight; pass --num-heads N")
     if heads <= 0 or hidden_size % heads:
         raise ValueError(f"num_heads {heads} does not divide the width {hidden_size}")
     return heads
@@ -166,17 +158,10 @@ def load_strict(model: nn.Module, converted: ConvertedState) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in converted.state]
     unexpected = [converted.sources(k) for k in converted.state if k not in expected]
-    mismatched = [
-        f"{converted.sources(k)} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
-        for k, v in converted.state.items() if k in expected and v.shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected: {_listing(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {_listing(mismatched)}")
+    mismatched = [f"{converted.sources(k)} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+                  for k, v in converted.state.items() if k in expected and v.shape != expected[k].shape]
+    problems = [f"{what}: {_listing(keys)}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
     if problems:
         raise ValueError("The checkpoint does not match the inferred EntmaxViT architecture; " + "; ".join(problems))
     state = {k: v.to(expected[k].dtype) for k, v in converted.state.items()}

@@ -43,8 +43,9 @@ def decode_image(value: Any, *, background: Color = WHITE, max_pixels: Optional[
     that is a file, a ``data:`` URL or base64; a numpy array or torch tensor (H, W), (H, W, 1|3|4) or (1|3|4, H, W).
     ``max_pixels`` defaults to ``PIL.Image.MAX_IMAGE_PIXELS``; ``source`` names encoded bytes in error messages.
     """
-    img, source = _opened(value, max_pixels, source)
-    sixteen = _load(img, source)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    img, source = _open(value, limit, source)
+    sixteen = _load(img, source, limit)
     try:
         if sixteen is not None:
             exif = img.getexif()
@@ -65,47 +66,32 @@ def decode_image(value: Any, *, background: Color = WHITE, max_pixels: Optional[
 def open_image(value: Any, *, max_pixels: Optional[int] = None) -> Image.Image:
     """The same checks as :func:`decode_image` (bombs, truncation, unreadable data) but the pixels are returned
     as stored: no EXIF orientation, no mode conversion. For label masks, whose values are class ids."""
-    img, source = _opened(value, max_pixels)
-    _load(img, source)
-    return img
-
-
-def _opened(value: Any, max_pixels: Optional[int], name: Optional[str] = None) -> tuple[Image.Image, str]:
-    """(lazily opened PIL image, source name), its size checked against the pixel limit."""
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if isinstance(value, Image.Image):
-        img, source = value, f"PIL image {value.filename}" if getattr(value, "filename", "") else "PIL image"
-    else:
-        img, source = _open(value, limit, name)
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"{source}: image has no pixels (size {img.size})")
-    if limit is not None and width * height > limit:
-        raise ImageDecodeError(
-            f"{source}: refused as a decompression bomb: {width}x{height} = {width * height} pixels exceeds the "
-            f"limit of {limit} (raise PIL.Image.MAX_IMAGE_PIXELS or pass max_pixels to allow it)"
-        )
-    return img, source
+    img, source = _open(value, limit)
+    _load(img, source, limit)
+    return img
 
 
 # ------------------------------------------------------------------------------------------------ opening
 def _open(value: Any, limit: Optional[int], name: Optional[str] = None) -> tuple[Image.Image, str]:
-    """(lazily opened PIL image, source name) for every non-PIL input kind; arrays are converted here."""
+    """(lazily opened PIL image, source name) of any input; arrays are converted here."""
+    if isinstance(value, Image.Image):
+        return value, f"PIL image {value.filename}" if getattr(value, "filename", "") else "PIL image"
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
         if data is not None:
-            return _open_bytes(bytes(data), f"bytes of {path}" if path else "bytes", limit)
+            return _open_bytes(bytes(data), f"bytes of {path}" if path else "bytes")
         if path:
-            return _open_bytes(_read_file(path), os.fspath(path), limit)
+            return _open_bytes(_read_file(path), os.fspath(path))
         raise ImageDecodeError(f"image dict has neither 'bytes' nor 'path': keys {sorted(value)}")
     if value is None:
         raise ImageDecodeError("image is None (missing value in the dataset)")
     if isinstance(value, np.ndarray) or type(value).__module__.startswith("torch"):
         return _array_to_pil(value, limit), f"array {tuple(np.shape(value))}"
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return _open_bytes(bytes(value), name or "bytes", limit)
+        return _open_bytes(bytes(value), name or "bytes")
     if isinstance(value, os.PathLike) or (isinstance(value, str) and os.path.isfile(value)):
-        return _open_bytes(_read_file(value), os.fspath(value), limit)
+        return _open_bytes(_read_file(value), os.fspath(value))
     if not isinstance(value, str):
         raise ImageDecodeError(f"Unsupported image input: cannot make an image from a {type(value).__name__}")
     payload = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
@@ -115,7 +101,7 @@ def _open(value: Any, limit: Optional[int], name: Optional[str] = None) -> tuple
         raise ImageDecodeError(
             f"cannot read image file {value[:120]!r}: it is neither an existing file nor base64 / data: URL data"
         ) from None
-    return _open_bytes(data, "base64 string", limit)
+    return _open_bytes(data, "base64 string")
 
 
 def _read_file(path: Any) -> bytes:
@@ -126,12 +112,12 @@ def _read_file(path: Any) -> bytes:
         raise ImageDecodeError(f"cannot read image file {os.fspath(path)}: {err}") from err
 
 
-def _open_bytes(data: bytes, source: str, limit: Optional[int]) -> tuple[Image.Image, str]:
+def _open_bytes(data: bytes, source: str) -> tuple[Image.Image, str]:
     if len(data) == 0:
         raise ImageDecodeError(f"{source}: empty image data (0 bytes)")
     try:
         with warnings.catch_warnings():
-            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; _opened refuses that range as well.
+            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; _load refuses that range as well.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
@@ -163,8 +149,16 @@ def _encoded_bytes(img: Image.Image) -> Optional[bytes]:
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def _load(img: Image.Image, source: str) -> Optional[np.ndarray]:
-    """Fully decode ``img``; returns the exact 16-bit samples (H, W, C) of a 16-bit RGB(A) PNG, else None."""
+def _load(img: Image.Image, source: str, limit: Optional[int]) -> Optional[np.ndarray]:
+    """Check the size of ``img``, then fully decode it; returns the exact 16-bit samples (H, W, C) of a 16-bit
+    RGB(A) PNG, else None."""
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"{source}: image has no pixels (size {img.size})")
+    if limit is not None and width * height > limit:
+        raise ImageDecodeError(
+            f"{source}: refused as a decompression bomb: {width}x{height} = {width * height} pixels exceeds the "
+            f"limit of {limit} (raise PIL.Image.MAX_IMAGE_PIXELS or pass max_pixels to allow it)")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         _warn_truncated_allowed()
     tiles = list(getattr(img, "tile", None) or [])

@@ -40,9 +40,7 @@ class EntmaxViTPatchEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.num_channels = config.num_channels
-        self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # The one place the input shape is checked (every model reaches the pixels through here).
@@ -52,10 +50,8 @@ class EntmaxViTPatchEmbeddings(nn.Module):
         if channels != self.num_channels:
             raise ValueError(f"Expected {self.num_channels} input channels, got {channels}")
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
-                f"Input size {height}x{width} is not divisible by the patch size {self.patch_size}; "
-                "resize or crop the image to a multiple of it (the image processor does this)"
-            )
+            raise ValueError(f"Input size {height}x{width} is not divisible by the patch size {self.patch_size}; "
+                             "resize or crop the image to a multiple of it (the image processor does this)")
         return self.projection(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
@@ -67,11 +63,8 @@ class EntmaxViTEmbeddings(nn.Module):
         self.config = config
         self.patch_size = config.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.register_tokens = (
-            nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
-            if config.num_register_tokens > 0
-            else None
-        )
+        registers = config.num_register_tokens
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, config.hidden_size)) if registers > 0 else None
         self.patch_embeddings = EntmaxViTPatchEmbeddings(config)
         # Position embeddings cover [CLS] + patches (registers get none, as in DINOv2 with registers).
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
@@ -89,11 +82,8 @@ class EntmaxViTEmbeddings(nn.Module):
         side = int(math.sqrt(stored))
         h0 = height // self.patch_size + self.config.interpolate_offset
         w0 = width // self.patch_size + self.config.interpolate_offset
-        patch_pos = F.interpolate(
-            patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2).float(),
-            scale_factor=(h0 / side, w0 / side),
-            mode="bicubic",
-        ).to(pos.dtype)
+        patch_pos = F.interpolate(patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2).float(),
+                                  scale_factor=(h0 / side, w0 / side), mode="bicubic").to(pos.dtype)
         if patch_pos.shape[-2:] != (height // self.patch_size, width // self.patch_size):
             raise RuntimeError(f"Position-embedding interpolation gave grid {tuple(patch_pos.shape[-2:])}")
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
@@ -127,8 +117,8 @@ class EntmaxViTAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
         # Learnable alpha per head (alpha-entmax only), parametrised as alpha = 1 + softplus(raw) > 1.
-        self.alpha_raw = (nn.Parameter(torch.full((config.num_attention_heads,), _alpha_raw(config.attention_alpha)))
-                          if config.attention_alpha_learnable else None)
+        raw = torch.full((config.num_attention_heads,), _alpha_raw(config.attention_alpha))
+        self.alpha_raw = nn.Parameter(raw) if config.attention_alpha_learnable else None
 
     def alpha(self) -> Union[None, float, torch.Tensor]:
         """alpha of alpha-entmax: the config's float, or per head as (H, 1, 1) when learnt; None otherwise."""
@@ -138,9 +128,8 @@ class EntmaxViTAttention(nn.Module):
             return self.config.attention_alpha
         return (1.0 + F.softplus(self.alpha_raw)).view(-1, 1, 1)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, tokens, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
@@ -225,14 +214,6 @@ _CONVERTER = (
 )
 
 
-def _foreign_layout(keys: Sequence[str]) -> Optional[tuple[str, str]]:
-    """(description, converter source) when ``keys`` look like an unconverted foreign checkpoint."""
-    for name, (pattern, source) in _FOREIGN_LAYOUTS.items():
-        if any(pattern.search(k) for k in keys):
-            return name, source
-    return None
-
-
 class EntmaxViTPreTrainedModel(PreTrainedModel):
     config_class = EntmaxViTConfig
     config: EntmaxViTConfig
@@ -259,16 +240,13 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
         unless ``ignore_mismatched_sizes=True``), except that an unconverted official DINO / timm / transformers
         ViT checkpoint raises ValueError naming the converter instead of loading as a random model."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
-        foreign = _foreign_layout(sorted(info.get("unexpected_keys", ())))
-        if foreign is not None:
-            name, source = foreign
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds {name} checkpoint, not an EntmaxViT one (its weights did "
-                f"not load). " + _CONVERTER.format(source=source)
-            )
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              **kwargs)
+        unexpected = sorted(info.get("unexpected_keys", ()))
+        for name, (pattern, source) in _FOREIGN_LAYOUTS.items():
+            if any(pattern.search(k) for k in unexpected):
+                raise ValueError(f"{pretrained_model_name_or_path} holds {name} checkpoint, not an EntmaxViT one (its "
+                                 f"weights did not load). " + _CONVERTER.format(source=source))
         return (model, info) if want_info else model
 
     @torch.no_grad()
@@ -310,18 +288,11 @@ class EntmaxViTEncoder(EntmaxViTPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> BaseModelOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
         for block in self.layer:
             hidden_states = block(hidden_states, attention_mask, **kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)
-
-
-def _patch_map(tokens: torch.Tensor, prefix: int, height: int, width: int, patch_size: int) -> torch.Tensor:
-    """Patch tokens of a sequence (B, prefix + h*w, D) as a map (B, D, h, w)."""
-    batch, _, dim = tokens.shape
-    return tokens[:, prefix:].reshape(batch, height // patch_size, width // patch_size, dim).permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,30 +317,24 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
         """[CLS] + registers."""
         return 1 + self.config.num_register_tokens
 
+    def _patch_map(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Patch tokens of a (B, prefix + h*w, D) sequence as a map (B, D, h, w) for an input of height x width."""
+        grid = (height // self.config.patch_size, width // self.config.patch_size)
+        return tokens[:, self.num_prefix_tokens:].unflatten(1, grid).permute(0, 3, 1, 2).contiguous()
+
     @can_return_tuple
-    def forward(
-        self, pixel_values: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> BaseModelOutputWithPooling:
+    def forward(self, pixel_values: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling:
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         encoded = self.encoder(self.embeddings(pixel_values), **kwargs)
         sequence = self.layernorm(encoded.last_hidden_state)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=sequence,
-            pooler_output=sequence[:, 0],
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
-        )
+        return BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=sequence[:, 0],
+                                          hidden_states=encoded.hidden_states, attentions=encoded.attentions)
 
-    def get_intermediate_layers(
-        self,
-        pixel_values: torch.Tensor,
-        n: Union[int, Sequence[int]] = 1,
-        reshape: bool = False,
-        return_class_token: bool = False,
-        return_register_tokens: bool = False,
-        norm: bool = True,
-    ) -> tuple:
+    def get_intermediate_layers(self, pixel_values: torch.Tensor, n: Union[int, Sequence[int]] = 1,
+                                reshape: bool = False, return_class_token: bool = False,
+                                return_register_tokens: bool = False, norm: bool = True) -> tuple:
         """Outputs of the last ``n`` blocks (int) or of the given 0-based blocks, as DINO/DINOv2's, for probes:
         patch tokens (B, N, D) (``reshape``: maps (B, D, H/p, W/p)), plus [CLS] (B, D) and registers (B, R, D)
         in a tuple when asked; ``norm`` applies the final LayerNorm (as DINO's linear evaluation)."""
@@ -387,7 +352,7 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
         _, _, height, width = pixel_values.shape
         results = []
         for out in outputs:
-            patches = _patch_map(out, prefix, height, width, self.config.patch_size) if reshape else out[:, prefix:]
+            patches = self._patch_map(out, height, width) if reshape else out[:, prefix:]
             item: tuple = (patches,)
             if return_class_token:
                 item += (out[:, 0],)
@@ -405,24 +370,20 @@ class EntmaxViTForImageClassification(EntmaxViTPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.entmax_vit = EntmaxViTModel(config)
-        self.classifier = (
-            nn.Linear(2 * config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        )
+        labels = config.num_labels
+        self.classifier = nn.Linear(2 * config.hidden_size, labels) if labels > 0 else nn.Identity()
         self.post_init()
 
     @can_return_tuple
-    def forward(
-        self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> ImageClassifierOutput:
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> ImageClassifierOutput:
         outputs: BaseModelOutputWithPooling = self.entmax_vit(pixel_values, **kwargs)
         sequence = outputs.last_hidden_state
         patches = sequence[:, self.entmax_vit.num_prefix_tokens :]
         logits = self.classifier(torch.cat([sequence[:, 0], patches.mean(dim=1)], dim=-1))
         loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
 
 
 class EntmaxViTBackbone(BackboneMixin, EntmaxViTModel):
@@ -439,10 +400,7 @@ class EntmaxViTBackbone(BackboneMixin, EntmaxViTModel):
     def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
         encoded = self.encoder(self.embeddings(pixel_values), **kwargs)  # hidden states forced on by the filter
         _, _, height, width = pixel_values.shape
-        feature_maps = tuple(
-            _patch_map(self.layernorm(hidden) if self.config.backbone_norm else hidden, self.num_prefix_tokens,
-                       height, width, self.config.patch_size)
-            for stage, hidden in zip(self.stage_names, encoded.hidden_states)
-            if stage in self.out_features
-        )
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=encoded.hidden_states, attentions=encoded.attentions)
+        maps = [self._patch_map(self.layernorm(h) if self.config.backbone_norm else h, height, width)
+                for stage, h in zip(self.stage_names, encoded.hidden_states) if stage in self.out_features]
+        return BackboneOutput(feature_maps=tuple(maps), hidden_states=encoded.hidden_states,
+                              attentions=encoded.attentions)

@@ -137,9 +137,6 @@ class EntmaxViTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
 FEATURE_EXTRACTION_TASK = "image-feature-extraction"
 SEGMENTATION_TASK = "image-segmentation"
 # The ``custom_pipelines`` entries of a repository's config.json that serve both pipelines from this file.
-CUSTOM_PIPELINES = {
-    FEATURE_EXTRACTION_TASK: {"impl": "pipeline_entmax_vit.EntmaxViTFeatureExtractionPipeline",
-                              "pt": ["AutoModel"], "type": "image"},
-    SEGMENTATION_TASK: {"impl": "pipeline_entmax_vit.EntmaxViTSegmentationPipeline", "pt": ["AutoModel"],
-                        "type": "image"},
-}
+CUSTOM_PIPELINES = {task: {"impl": f"pipeline_entmax_vit.{cls.__name__}", "pt": ["AutoModel"], "type": "image"}
+                    for task, cls in ((FEATURE_EXTRACTION_TASK, EntmaxViTFeatureExtractionPipeline),
+                                      (SEGMENTATION_TASK, EntmaxViTSegmentationPipeline))}

@@ -67,17 +67,11 @@ class LinearSegmentationHead(nn.Module):
     def extract_features(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen features (B, C, H/p, W/p) from an EntmaxViTModel as configured (layers, norm, [CLS])."""
         cfg = self.config
-        outputs = model.get_intermediate_layers(
-            pixel_values, n=cfg.layers, reshape=True, return_class_token=cfg.use_cls_token, norm=cfg.backbone_norm
-        )
-        maps = []
-        for out in outputs:
-            if cfg.use_cls_token:
-                patches, cls = out
-                maps += [patches, cls[:, :, None, None].expand_as(patches)]
-            else:
-                maps.append(out)
-        return torch.cat(maps, dim=1)
+        outputs = model.get_intermediate_layers(pixel_values, n=cfg.layers, reshape=True,
+                                                return_class_token=cfg.use_cls_token, norm=cfg.backbone_norm)
+        if cfg.use_cls_token:  # [CLS] (B, D) broadcast over the patch map
+            outputs = [t for patches, cls in outputs for t in (patches, cls[:, :, None, None].expand_as(patches))]
+        return torch.cat(list(outputs), dim=1)
 
     def predict(self, model: nn.Module, pixel_values: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Logits (B, K, H, W), bilinearly upsampled to ``size`` (default: the input's size)."""
