@@ -140,8 +140,9 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
 
-def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Find the state dict inside ``obj``; returns it and notes describing what was unwrapped.
+def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch.Tensor], list[str], Any]:
+    """Find the state dict inside ``obj``; returns it, notes describing what was unwrapped and the
+    ``argparse.Namespace`` DINO's full checkpoints store as ``args`` (else None).
 
     A DINO training checkpoint ({"student", "teacher", "optimizer", "epoch", "args", ...}) gives the network
     named by ``which``; timm/Lightning-style {"state_dict": ...} or {"model": ...} wrappers are opened.
@@ -149,6 +150,7 @@ def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch
     notes: list[str] = []
     if not isinstance(obj, Mapping):
         raise ValueError(f"Checkpoint holds a {type(obj).__name__}, not a state dict (a mapping of name -> tensor)")
+    namespace = obj["args"] if isinstance(obj.get("args"), argparse.Namespace) else None
     if any(k in obj for k in _TRAINING_KEYS) and not _is_state_dict(obj):
         if which not in _TRAINING_KEYS:
             raise ValueError(f"which must be one of {list(_TRAINING_KEYS)}, got {which!r}")
@@ -158,8 +160,8 @@ def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch
         notes.append(
             f"DINO training checkpoint: using the {which}"
             + (f" (epoch {epoch})" if epoch is not None else "")
-            + (f", arch {getattr(args, 'arch', '?')}, patch {getattr(args, 'patch_size', '?')}" if args is not None else "")
-        )
+            + (f", arch {getattr(args, 'arch', '?')}, patch {getattr(args, 'patch_size', '?')}"
+               if args is not None else ""))
         obj = obj[which]
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and not _is_state_dict(obj) and isinstance(obj.get(key), Mapping):
@@ -169,14 +171,7 @@ def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch
         kinds = {str(k): type(v).__name__ for k, v in list(obj.items())[:8]} if isinstance(obj, Mapping) else {}
         raise ValueError("Could not find a state dict (name -> tensor) in the checkpoint; top-level entries: "
                          f"{kinds or type(obj).__name__}")
-    return dict(obj), notes
-
-
-def training_args(obj: Any) -> Optional[argparse.Namespace]:
-    """The argparse.Namespace stored by DINO's full checkpoints, if any."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("args"), argparse.Namespace):
-        return obj["args"]
-    return None
+    return dict(obj), notes, namespace
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from entmax_vit.data.config_io import save_config, to_dict
 from entmax_vit.modeling import (EntmaxViTConfig, EntmaxViTModel, get_attention_transform, make_image_processor,
                                  resolve_kernel)
 
-from .checkpoint_io import load_input, strip_prefixes, training_args, unwrap_state_dict
+from .checkpoint_io import load_input, strip_prefixes, unwrap_state_dict
 from .converted_state import (convert_dino_keys, convert_hf_vit_keys, infer_architecture, load_strict,
                               raise_on_rejected, resolve_num_heads)
 
@@ -125,8 +125,7 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
     if not cfg.input:
         raise ValueError("No input given: pass a checkpoint file, folder or Hub repo id")
     loaded = load_input(cfg.input, cfg.cache_dir)
-    args = training_args(loaded.obj)
-    state, notes = unwrap_state_dict(loaded.obj, cfg.which)
+    state, notes, args = unwrap_state_dict(loaded.obj, cfg.which)
     for note in notes:
         logger.info(note)
     hf = cfg.source == "hf-vit"

@@ -249,7 +249,8 @@ def convert_hf_vit_keys(state: dict[str, torch.Tensor]) -> ConvertedState:
         (q, *_), (k, *_), (v, *_) = slot[0], slot[1], slot[2]
         keys = [slot[i][1] for i in range(3)]
         if not (q.shape == k.shape == v.shape):
-            raise ValueError(f"Layer {layer}: q/k/v {kind} shapes differ: {[tuple(t.shape) for t in (q, k, v)]} ({keys})")
+            shapes = [tuple(t.shape) for t in (q, k, v)]
+            raise ValueError(f"Layer {layer}: q/k/v {kind} shapes differ: {shapes} ({keys})")
         # DINO's fused rows [q (D); k (D); v (D)], heads contiguous in each: how HF splits its projections.
         out.put(f"encoder.layer.{layer}.attention.qkv.{kind}", torch.cat([q, k, v], dim=0), *keys)
     return out

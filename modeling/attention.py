@@ -29,11 +29,6 @@ from .thresholds import (SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row, jacob
 from .tiled_attention import tiled_attention
 
 
-def _as_float32(x: torch.Tensor) -> torch.Tensor:
-    """Half precision is computed in float32 (thresholds need the mantissa); float32/float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Transforms
 # ----------------------------------------------------------------------------------------------------------
@@ -81,7 +76,8 @@ class SparseTransformFunction(torch.autograd.Function):
 def _sparse_transform(transform: str, doc: str) -> Callable[..., torch.Tensor]:
     def fn(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] = None, *,
            compiled: bool = False) -> torch.Tensor:
-        x = _as_float32(scores)  # computed in float32 or wider, returned in the input dtype
+        # half precision is computed in float32 (thresholds need the mantissa), returned in the input dtype
+        x = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
         alpha_rows, scalar = (alpha_per_row(alpha, x.shape[:-1], x.device, x.dtype) if transform == "entmax_bisect"
                               else (x.new_empty(0), None))
         return SparseTransformFunction.apply(x, alpha_rows, transform, scalar, compiled).to(scores.dtype)
@@ -107,12 +103,9 @@ ATTENTION_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
 
 def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
     """Look up a transform by name; unknown names raise ValueError listing the choices."""
-    try:
-        return ATTENTION_TRANSFORMS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown attention transform {name!r}; choose one of {sorted(ATTENTION_TRANSFORMS)}"
-        ) from None
+    if name not in ATTENTION_TRANSFORMS:
+        raise ValueError(f"Unknown attention transform {name!r}; choose one of {sorted(ATTENTION_TRANSFORMS)}")
+    return ATTENTION_TRANSFORMS[name]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,11 +219,9 @@ def kernels_for(transform: str) -> list[str]:
 
 
 def _unsupported_message(transform: str, kernel: str) -> str:
-    return (
-        f"attn_implementation={kernel!r} does not run attention={transform!r}"
-        + (" (torch's scaled_dot_product_attention computes softmax only)" if kernel == "sdpa" else "")
-        + f"; choose one of {kernels_for(transform)} for it"
-    )
+    sdpa = " (torch's scaled_dot_product_attention computes softmax only)" if kernel == "sdpa" else ""
+    return (f"attn_implementation={kernel!r} does not run attention={transform!r}{sdpa}; choose one of "
+            f"{kernels_for(transform)} for it")
 
 
 def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
@@ -245,13 +236,10 @@ def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
         if requested not in kernels_for(transform):
             raise ValueError(_unsupported_message(transform, requested))
         return requested
-    other = requested.split("_")[0] if requested.split("_")[0] in ATTENTION_TRANSFORMS else requested
-    if other in ATTENTION_TRANSFORMS or requested in ATTENTION_INTERFACE_NAMES:
-        raise ValueError(
-            f"attn_implementation={requested!r} names another attention transform than this model's "
-            f"attention={transform!r}; change config.attention to switch transforms, or choose a kernel: "
-            f"{kernels_for(transform)}"
-        )
+    if requested.split("_")[0] in ATTENTION_TRANSFORMS or requested in ATTENTION_INTERFACE_NAMES:
+        raise ValueError(f"attn_implementation={requested!r} names another attention transform than this model's "
+                         f"attention={transform!r}; change config.attention to switch transforms, or choose a "
+                         f"kernel: {kernels_for(transform)}")
     raise ValueError(  # transformers' wording, then ours
         f'Specified `attn_implementation="{requested}"` is not supported: it names no attention kernel; choose '
         f"one of {kernels_for(transform)} for attention={transform!r} (or the AttentionInterface name "

@@ -1,7 +1,4 @@
-"""EntmaxViT configuration and named presets.
-
-Copied to the Hub with the model: imports only the standard library and transformers.
-"""
+"""EntmaxViT configuration and named presets. Hub code: imports only the standard library and transformers."""
 
 from __future__ import annotations
 
@@ -18,13 +15,9 @@ _SIZES: dict[str, dict[str, int]] = {
     "vit_small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     "vit_base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
 }
-PRESETS: dict[str, dict[str, int]] = {
-    f"{name}_patch{patch}": dict(size, patch_size=patch) for name, size in _SIZES.items() for patch in (8, 16)
-}
+PRESETS = {f"{name}_patch{patch}": dict(size, patch_size=patch) for name, size in _SIZES.items() for patch in (8, 16)}
 # Short aliases as people write them: "vits16", "vitb8", ...
-PRESET_ALIASES: dict[str, str] = {
-    f"vit{name[4]}{patch}": f"{name}_patch{patch}" for name in _SIZES for patch in (8, 16)
-}
+PRESET_ALIASES = {f"vit{name[4]}{patch}": f"{name}_patch{patch}" for name in _SIZES for patch in (8, 16)}
 
 
 class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
@@ -96,10 +89,8 @@ class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
         self.interpolate_offset = interpolate_offset
         self.backbone_norm = backbone_norm
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
-        self.set_output_features_output_indices(
-            out_features=list(out_features) if out_features is not None else None,
-            out_indices=list(out_indices) if out_indices is not None else None,
-        )
+        self.set_output_features_output_indices(out_features=None if out_features is None else list(out_features),
+                                                out_indices=None if out_indices is None else list(out_indices))
         super().__init__(**kwargs)
         self.validate()
 
@@ -120,16 +111,13 @@ class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
         if self.attention_alpha_learnable and self.attention != "entmax_bisect":
             raise ValueError("attention_alpha_learnable=True requires attention='entmax_bisect'")
         if self.attention != "entmax_bisect" and self.attention_alpha != 1.5:
-            raise ValueError(
-                f"attention_alpha={self.attention_alpha} only applies to attention='entmax_bisect' "
-                f"(got attention={self.attention!r})"
-            )
+            raise ValueError(f"attention_alpha={self.attention_alpha} only applies to attention='entmax_bisect' "
+                             f"(got attention={self.attention!r})")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
-        impl = getattr(self, "_attn_implementation_internal", None)
-        if impl is not None:
+        if (impl := getattr(self, "_attn_implementation_internal", None)) is not None:
             resolve_kernel(self.attention, impl)  # raises for an unknown kernel or one that cannot run the transform
 
     @property

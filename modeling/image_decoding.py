@@ -135,17 +135,14 @@ def _encoded_bytes(img: Image.Image) -> Optional[bytes]:
     data = getattr(img, "encoded_bytes", None)
     if data is not None or not getattr(img, "tile", None):
         return data
-    fp = getattr(img, "fp", None)
-    if fp is None:
+    try:  # read the whole file, then restore the position
+        position = img.fp.tell()
+        img.fp.seek(0)
+        data = img.fp.read()
+        img.fp.seek(position)
+        return data
+    except (OSError, ValueError, AttributeError):  # no (or a closed) file behind the image
         return None
-    try:
-        position = fp.tell()
-        fp.seek(0)
-        data = fp.read()
-        fp.seek(position)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return data
 
 
 # ------------------------------------------------------------------------------------------------ decoding

@@ -39,15 +39,6 @@ def make_image_processor(resize: Optional[int] = None, crop: int = 224) -> Entma
     if crop > resize:
         raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
     return EntmaxViTImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": resize},
-        resample=3,  # PIL bicubic
-        do_center_crop=True,
-        crop_size={"height": crop, "width": crop},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_convert_rgb=True,
-    )
+        do_resize=True, size={"shortest_edge": resize}, resample=3,  # PIL bicubic
+        do_center_crop=True, crop_size={"height": crop, "width": crop}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True)

@@ -58,7 +58,8 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         head = segmentation_head
         if not isinstance(head, LinearSegmentationHead):
-            source = head or getattr(self.model, "name_or_path", None) or getattr(self.model.config, "_name_or_path", "")
+            source = (head or getattr(self.model, "name_or_path", None)
+                      or getattr(self.model.config, "_name_or_path", ""))
             if not source:
                 raise ValueError("Cannot locate the segmentation head: pass segmentation_head=FOLDER")
             head = self._load_head(source, revision=revision, token=token)

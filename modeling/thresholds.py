@@ -196,10 +196,9 @@ def bisect_block_threshold(
 def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
                   scalar_alpha: Optional[float] = None, *, newton_steps: Optional[int] = None,
                   check_every: int = BISECT_CHECK_EVERY) -> torch.Tensor:
-    """Exact ``transform`` of ``scores`` over the last dimension (float32 or wider). ``alpha_rows`` (..., 1):
-    alpha per row (entmax_bisect); ``scalar_alpha``: the same alpha as a float (a float exponent is cheaper).
-    ``newton_steps`` (default ``NEWTON_STEPS[transform]``), ``check_every``: the solvers' work per round; any
-    value gives the exact answer (fewer Newton steps send more rows to the sort fallback)."""
+    """Exact ``transform`` of ``scores`` (float32 or wider) over the last dimension; ``alpha_rows`` (..., 1) and
+    ``scalar_alpha`` (the same as a float, a cheaper exponent): entmax_bisect's alpha. ``newton_steps`` (default
+    ``NEWTON_STEPS``), ``check_every``: work per round; any value is exact (fewer steps: more sort fallbacks)."""
     m = scores.amax(dim=-1, keepdim=True)
     y = scores - m  # (..., N), row max 0
     mean = y.mean(dim=-1, keepdim=True)

@@ -51,10 +51,9 @@ def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.T
 def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transform: str,
                   scalar_alpha: Optional[float], newton_steps: Optional[int] = None,
                   check_every: int = BISECT_CHECK_EVERY):
-    """One block of the forward: (out, m, t, z) = P V of the block and its per-row state (z: alpha-entmax's
-    normaliser, else None). q_blk (G, Bq, d) is already scaled; key_t (G, d, N); key_mean (G, d, 1);
-    value (G, N, e); alpha_blk (G, Bq, 1) (alpha-entmax only); y_buf, e_buf: (G, Bq, N) work buffers or None.
-    ``newton_steps``, ``check_every``: the solvers' work per round, as in ``thresholds.probabilities``."""
+    """One block of the forward: P V and the per-row state (m, t, z: alpha-entmax's normaliser, else None).
+    q_blk (G, Bq, d) scaled; key_t (G, d, N); key_mean (G, d, 1); value (G, N, e); alpha_blk (G, Bq, 1) or None;
+    y_buf, e_buf: (G, Bq, N) work buffers or None; ``newton_steps``, ``check_every`` as in ``probabilities``."""
     y, m = _block_scores(q_blk, key_t, y_buf)  # (G, Bq, N), (G, Bq, 1)
     mean = torch.matmul(q_blk, key_mean) - m  # (G, Bq, 1), row mean of y
 
@@ -109,9 +108,8 @@ def backward_block(q_blk, do_blk, key, key_t, value_t, m_blk, t_blk, z_blk, alph
 
 def _blocks(batch_heads: int, n: int, heads: int, rows: int):
     """Block index slices over (B*H, N) query rows: for each group of ``heads``, the list of row slices."""
-    return [
-        (slice(g, g + heads), [slice(r, r + rows) for r in range(0, n, rows)]) for g in range(0, batch_heads, heads)
-    ]
+    row_slices = [slice(r, r + rows) for r in range(0, n, rows)]
+    return [(slice(g, g + heads), row_slices) for g in range(0, batch_heads, heads)]
 
 
 def _cat_blocks(results: list[list[tuple]], item: int) -> torch.Tensor:

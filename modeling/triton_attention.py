@@ -308,9 +308,7 @@ def _bwd_dkdv(Q, K, V, DO, Alpha, M, T, Z, Delta, DK, DV,
     tl.store(DV + base, dv, mask=kv_mask)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Launchers and autograd
-# ----------------------------------------------------------------------------------------------------------
 def _pow2(x: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(x))
 
@@ -324,11 +322,8 @@ def block_sizes(n: int, d: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=8 if block_n >= 128 else 4)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Autotuning (CUDA): candidate tiles per kernel, timed by triton on the user's GPU once per (N, d, transform,
-# dtypes). The forward keeps all keys in registers when a tile of BLOCK_M x pow2(N) float32 fits (up to 1024
-# keys with 16 rows), else recomputes QK^T per pass; the backward's tiles are smaller (several live at once).
-# ----------------------------------------------------------------------------------------------------------
+# Autotuning (CUDA), once per (N, d, transform, dtypes): the forward keeps all keys in registers when BLOCK_M x
+# pow2(N) float32 fits (up to 1024 keys with 16 rows), else recomputes QK^T per pass; backward tiles are smaller.
 def _fwd_configs() -> list:
     configs = []
     for block_n in (16, 32, 64, 128, 256, 512, 1024):  # one tile of all keys
@@ -438,13 +433,9 @@ class _TritonEntmax(torch.autograd.Function):
 
 def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str,
                      scaling: float, alpha=None, blocks: Optional[dict] = None) -> torch.Tensor:
-    """Exact sparse attention ``transform(scaling q k^T) v`` in fused Triton kernels: query, key, value
-    (B, H, N, d), the same N for keys (self-attention), d <= 128 -> (B, H, N, d) in the input dtype.
-
-    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1) such as (H, 1, 1)
-    per head; gradients flow to it. ``blocks`` overrides the launch configuration (tests: several key tiles at
-    small N with ``BLOCK_M``/``BLOCK_N``, or fewer passes with ``MAX_PASSES``).
-    """
+    """Exact sparse attention ``transform(scaling q k^T) v`` in fused Triton kernels: query, key, value (B, H, N, d),
+    self-attention, d <= 128 -> (B, H, N, d) in the input dtype. ``alpha`` as in ``tiled_attention``; ``blocks``
+    overrides the launch configuration (tests: ``BLOCK_M``/``BLOCK_N`` for several key tiles, ``MAX_PASSES``)."""
     if transform not in TRANSFORM_IDS:
         raise ValueError(f"the triton kernel runs {SPARSE_TRANSFORMS}, not {transform!r}")
     if query.ndim != 4 or key.shape != query.shape or value.shape != query.shape:
