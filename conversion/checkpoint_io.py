@@ -12,7 +12,7 @@ import json
 import logging
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -36,7 +36,6 @@ class LoadedCheckpoint:
     obj: Any
     config: Optional[dict] = None
     origin: str = ""
-    files: list[str] = field(default_factory=list)
 
 
 def load_weights_file(path: str | Path) -> Any:
@@ -49,10 +48,8 @@ def load_weights_file(path: str | Path) -> Any:
 
         return load_file(str(path), device="cpu")
     if path.suffix not in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"Unsupported checkpoint file type {path.suffix!r} ({path}); expected .safetensors or one of "
-            f"{list(PICKLE_SUFFIXES)}"
-        )
+        raise ValueError(f"Unsupported checkpoint file type {path.suffix!r} ({path}); expected .safetensors or one "
+                         f"of {list(PICKLE_SUFFIXES)}")
     try:
         # DINO's full checkpoints pickle their argparse.Namespace; allow exactly that class, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -67,15 +64,6 @@ def load_weights_file(path: str | Path) -> Any:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
 
 
-def _load_sharded(folder: Path, index_name: str) -> dict[str, torch.Tensor]:
-    index = json.loads((folder / index_name).read_text())
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index.get("weight_map", {}).values())):
-        part = load_weights_file(folder / shard)
-        state.update(part)
-    return state
-
-
 def load_folder(folder: str | Path) -> LoadedCheckpoint:
     """A save_pretrained-style folder: config.json (optional) plus model weights (single file or shards)."""
     folder = Path(folder)
@@ -83,17 +71,17 @@ def load_folder(folder: str | Path) -> LoadedCheckpoint:
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
     for name in FOLDER_WEIGHT_FILES:
         if (folder / name).is_file():
-            return LoadedCheckpoint(load_weights_file(folder / name), config, str(folder), [name])
+            return LoadedCheckpoint(load_weights_file(folder / name), config, str(folder))
     for name in FOLDER_INDEX_FILES:
         if (folder / name).is_file():
-            return LoadedCheckpoint(_load_sharded(folder, name), config, str(folder), [name])
+            shards = sorted(set(json.loads((folder / name).read_text()).get("weight_map", {}).values()))
+            state = {k: v for shard in shards for k, v in load_weights_file(folder / shard).items()}
+            return LoadedCheckpoint(state, config, str(folder))
     candidates = sorted(p.name for p in folder.iterdir() if p.suffix in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
     if len(candidates) == 1:
-        return LoadedCheckpoint(load_weights_file(folder / candidates[0]), config, str(folder), candidates)
-    raise ValueError(
-        f"Folder {str(folder)!r} has no weights file I can choose: expected one of "
-        f"{list(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)}, found {candidates or 'none'}"
-    )
+        return LoadedCheckpoint(load_weights_file(folder / candidates[0]), config, str(folder))
+    raise ValueError(f"Folder {str(folder)!r} has no weights file I can choose: expected one of "
+                     f"{list(FOLDER_WEIGHT_FILES + FOLDER_INDEX_FILES)}, found {candidates or 'none'}")
 
 
 def download_url(url: str, cache_dir: Optional[str] = None) -> Path:
@@ -121,10 +109,10 @@ def load_input(source: str, cache_dir: Optional[str] = None) -> LoadedCheckpoint
     downloaded with huggingface_hub: config.json and the weights only) into a :class:`LoadedCheckpoint`."""
     if source.startswith(("http://", "https://", "file://")):
         local = download_url(source, cache_dir)
-        return LoadedCheckpoint(load_weights_file(local), None, source, [local.name])
+        return LoadedCheckpoint(load_weights_file(local), None, source)
     path = Path(source).expanduser()
     if path.is_file():
-        return LoadedCheckpoint(load_weights_file(path), None, str(path), [path.name])
+        return LoadedCheckpoint(load_weights_file(path), None, str(path))
     if path.is_dir():
         return load_folder(path)
     if _HUB_ID.match(source):
@@ -132,12 +120,9 @@ def load_input(source: str, cache_dir: Optional[str] = None) -> LoadedCheckpoint
 
         logger.info("Downloading %s from the Hub (config.json and weights only)", source)
         try:
-            local = snapshot_download(
-                source,
-                allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
-                                "pytorch_model.bin.index.json"],
-                cache_dir=cache_dir,
-            )
+            local = snapshot_download(source, cache_dir=cache_dir, allow_patterns=[
+                "config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json"])
         except Exception as err:  # the hub raises many types (offline, gated, missing)
             raise ValueError(f"{source!r} is neither a local path nor a downloadable Hub repository: {err}") from None
         loaded = load_folder(local)
@@ -146,9 +131,7 @@ def load_input(source: str, cache_dir: Optional[str] = None) -> LoadedCheckpoint
     raise ValueError(f"Input {source!r} does not exist (expected a checkpoint file, a folder or a Hub repo id)")
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Containers around the state dict
-# ----------------------------------------------------------------------------------------------------------
 _TRAINING_KEYS = ("teacher", "student")
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 
@@ -157,8 +140,9 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
 
 
-def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Find the state dict inside ``obj``; returns it and notes describing what was unwrapped.
+def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch.Tensor], list[str], Any]:
+    """Find the state dict inside ``obj``; returns it, notes describing what was unwrapped and the
+    ``argparse.Namespace`` DINO's full checkpoints store as ``args`` (else None).
 
     A DINO training checkpoint ({"student", "teacher", "optimizer", "epoch", "args", ...}) gives the network
     named by ``which``; timm/Lightning-style {"state_dict": ...} or {"model": ...} wrappers are opened.
@@ -166,20 +150,18 @@ def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch
     notes: list[str] = []
     if not isinstance(obj, Mapping):
         raise ValueError(f"Checkpoint holds a {type(obj).__name__}, not a state dict (a mapping of name -> tensor)")
+    namespace = obj["args"] if isinstance(obj.get("args"), argparse.Namespace) else None
     if any(k in obj for k in _TRAINING_KEYS) and not _is_state_dict(obj):
         if which not in _TRAINING_KEYS:
             raise ValueError(f"which must be one of {list(_TRAINING_KEYS)}, got {which!r}")
         if which not in obj:
-            raise ValueError(
-                f"Training checkpoint has no {which!r} entry; it has {sorted(map(str, obj))}"
-            )
-        args = obj.get("args")
-        epoch = obj.get("epoch")
+            raise ValueError(f"Training checkpoint has no {which!r} entry; it has {sorted(map(str, obj))}")
+        args, epoch = obj.get("args"), obj.get("epoch")
         notes.append(
             f"DINO training checkpoint: using the {which}"
             + (f" (epoch {epoch})" if epoch is not None else "")
-            + (f", arch {getattr(args, 'arch', '?')}, patch {getattr(args, 'patch_size', '?')}" if args is not None else "")
-        )
+            + (f", arch {getattr(args, 'arch', '?')}, patch {getattr(args, 'patch_size', '?')}"
+               if args is not None else ""))
         obj = obj[which]
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and not _is_state_dict(obj) and isinstance(obj.get(key), Mapping):
@@ -187,18 +169,9 @@ def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch
             obj = obj[key]
     if not _is_state_dict(obj):
         kinds = {str(k): type(v).__name__ for k, v in list(obj.items())[:8]} if isinstance(obj, Mapping) else {}
-        raise ValueError(
-            "Could not find a state dict (name -> tensor) in the checkpoint; top-level entries: "
-            f"{kinds or type(obj).__name__}"
-        )
-    return dict(obj), notes
-
-
-def training_args(obj: Any) -> Optional[argparse.Namespace]:
-    """The argparse.Namespace stored by DINO's full checkpoints, if any."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("args"), argparse.Namespace):
-        return obj["args"]
-    return None
+        raise ValueError("Could not find a state dict (name -> tensor) in the checkpoint; top-level entries: "
+                         f"{kinds or type(obj).__name__}")
+    return dict(obj), notes, namespace
 
 
 def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -208,15 +181,3 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) ->
         if any(k.startswith(prefix) for k in state):
             state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
     return state
-
-
-__all__ = [
-    "LoadedCheckpoint",
-    "download_url",
-    "load_folder",
-    "load_input",
-    "load_weights_file",
-    "strip_prefixes",
-    "training_args",
-    "unwrap_state_dict",
-]

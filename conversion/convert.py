@@ -4,8 +4,9 @@
     result = convert(cfg)          # EntmaxViTModel + report; checked against the source library's model
     save_converted(result, cfg)    # config.json + model.safetensors + modeling code + preprocessor_config.json
 
-With ``attention="softmax"`` (default) the converted model reproduces the source; any other transform
-(entmax15, sparsemax, entmax_bisect) keeps the weights and swaps the attention, for studies.
+With ``attention="softmax"`` (default) the converted model reproduces the source; another transform keeps the
+weights and swaps the attention, for studies. The check runs the source library's own model: timm's
+``VisionTransformer`` (DINO's block) for DINO/timm, ``ViTModel.from_pretrained`` for transformers.
 """
 
 from __future__ import annotations
@@ -13,24 +14,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
+from torch import nn
 
 from entmax_vit.data.config_io import save_config, to_dict
-from entmax_vit.modeling import ATTENTION_TRANSFORMS, EntmaxViTConfig, EntmaxViTModel, make_image_processor, resolve_kernel
+from entmax_vit.modeling import (EntmaxViTConfig, EntmaxViTModel, get_attention_transform, make_image_processor,
+                                 resolve_kernel)
 
-from .checkpoint_io import load_input, strip_prefixes, training_args, unwrap_state_dict
-from .converted_state import ConvertedState, infer_architecture, load_strict, raise_on_rejected, resolve_num_heads
-from .dino_keys import convert_dino_keys
-from .hf_vit_keys import convert_hf_vit_keys
-from .source_models import hf_config_for, hf_vit_from_source, timm_architecture, timm_vit_from_state
+from .checkpoint_io import load_input, strip_prefixes, unwrap_state_dict
+from .converted_state import (convert_dino_keys, convert_hf_vit_keys, infer_architecture, load_strict,
+                              raise_on_rejected, resolve_num_heads)
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("dino", "hf-vit", "timm")
+SOURCES = ("dino", "hf-vit", "timm")  # ConvertConfig.source's Literal, checked for Python callers too
 # Official DINO --arch names -> heads (vision_transformer.py: head_dim 64); early releases said deit_*.
 DINO_ARCH_HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "deit_tiny": 3, "deit_small": 6, "deit_base": 12}
 DINO_LAYER_NORM_EPS = 1e-6  # DINO and timm ViTs
@@ -38,6 +42,53 @@ HF_VIT_DEFAULT_LAYER_NORM_EPS = 1e-12  # transformers ViTConfig default, used wh
 # config.json fields of a transformers ViT that must agree with the weights.
 _HF_SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "patch_size", "image_size",
                    "num_channels", "qkv_bias")
+
+SequenceFn = Callable[[torch.Tensor], torch.Tensor]  # pixel_values (B, C, H, W) -> tokens (B, 1 + N, D)
+
+
+def timm_vit_from_state(state: dict[str, torch.Tensor], arch: dict, num_heads: int, eps: float) -> SequenceFn:
+    """A timm VisionTransformer with the given sizes, loaded strictly from a DINO/timm-named backbone state
+    dict (heads already removed)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(
+        img_size=arch["image_size"], patch_size=arch["patch_size"], in_chans=arch["num_channels"],
+        embed_dim=arch["hidden_size"], depth=arch["num_hidden_layers"], num_heads=num_heads,
+        mlp_ratio=arch["intermediate_size"] / arch["hidden_size"], qkv_bias=arch["qkv_bias"],
+        num_classes=0, global_pool="token", norm_layer=partial(nn.LayerNorm, eps=eps),
+    )
+    model.load_state_dict(state, strict=True)
+    return model.eval().forward_features
+
+
+def timm_architecture(name: str, model_args: Optional[dict] = None) -> dict:
+    """Head count and LayerNorm eps of a registered timm architecture (with the ``model_args`` a timm Hub
+    config.json may add), read from a meta-device instance (no weights allocated, no download)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **{**(model_args or {}), "num_classes": 0})
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ValueError(f"timm architecture {name!r}: {err}") from None
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(blocks[0], "attn"):
+        raise ValueError(f"timm architecture {name!r} is not a plain VisionTransformer")
+    return dict(num_heads=blocks[0].attn.num_heads, layer_norm_eps=float(model.norm.eps))
+
+
+def hf_vit_from_state(state: dict[str, torch.Tensor], hf_config: dict) -> SequenceFn:
+    """transformers' ViTModel (no pooler) loaded, through from_pretrained's own key mapping, from a state dict in
+    either naming written with ``hf_config`` into a temporary folder."""
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = {k: v for k, v in hf_config.items() if k not in ("architectures", "auto_map")}
+        ViTConfig(**config).save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"))
+        model = ViTModel.from_pretrained(tmp, add_pooling_layer=False, attn_implementation="eager").eval()
+    return lambda pixel_values: model(pixel_values).last_hidden_state
 
 
 @dataclass
@@ -57,10 +108,9 @@ class ConvertConfig:
     cache_dir: Optional[str] = None  # download cache for Hub ids (HF cache) and URLs (torch hub dir)
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_TRANSFORMS:
-            raise ValueError(f"attention {self.attention!r} unknown; choose one of {sorted(ATTENTION_TRANSFORMS)}")
-        if self.num_heads is not None and self.num_heads <= 0:
-            raise ValueError(f"num_heads must be positive, got {self.num_heads}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
+        get_attention_transform(self.attention)  # unknown names raise, listing the choices
 
 
 @dataclass
@@ -69,91 +119,50 @@ class ConversionResult:
     report: dict = field(default_factory=dict)
 
 
-def _family_hint(state: dict, source: str) -> str:
-    keys = list(state)
-    if source != "hf-vit" and any(k.startswith(("encoder.layer.", "layers.", "embeddings.", "vit.")) for k in keys):
-        return "\nThese look like transformers ViT keys: use --source hf-vit."
-    if source == "hf-vit" and any(k.startswith(("blocks.", "patch_embed.")) for k in keys):
-        return "\nThese look like DINO/timm keys: use --source dino or --source timm."
-    return ""
-
-
-def _rename(cfg: ConvertConfig, state: dict[str, torch.Tensor]) -> tuple[dict, ConvertedState]:
-    if cfg.source == "hf-vit":
-        state = strip_prefixes(state, ("module.", "vit."))
-        converted = convert_hf_vit_keys(state)
-    else:
-        # DINO: "module." from DDP (student), "backbone." from the MultiCropWrapper; heads are "head.*".
-        state = strip_prefixes(state, ("module.", "backbone."))
-        converted = convert_dino_keys(state)
-    try:
-        raise_on_rejected(converted, cfg.source)
-    except ValueError as err:
-        raise ValueError(str(err) + _family_hint(state, cfg.source)) from None
-    by_reason: dict[str, int] = {}
-    for reason in converted.dropped.values():
-        by_reason[reason] = by_reason.get(reason, 0) + 1
-    for reason, count in by_reason.items():
-        logger.info("Dropped %d tensor(s): %s", count, reason)
-    return state, converted
-
-
-def _check_hf_config(hf_config: dict, arch: dict) -> None:
-    model_type = hf_config.get("model_type", "vit")
-    if model_type != "vit":
-        raise ValueError(f"config.json has model_type {model_type!r}; --source hf-vit converts 'vit' models only")
-    wrong = {k: (hf_config[k], arch[k]) for k in _HF_SIZE_FIELDS if k in hf_config and hf_config[k] != arch[k]}
-    if wrong:
-        raise ValueError("config.json disagrees with the weights (config vs weights): "
-                         + ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in wrong.items()))
-
-
 def convert(cfg: ConvertConfig) -> ConversionResult:
     """Load, rename, infer the architecture, build and fill an EntmaxViTModel, and (``cfg.verify``) check it
-    against the source library's model. Raises ValueError naming offending keys for checkpoints that do not
-    fit."""
-    if cfg.source not in SOURCES:
-        raise ValueError(f"source must be one of {list(SOURCES)}, got {cfg.source!r}")
+    against the source library's model. Raises ValueError naming the offending keys of a misfit checkpoint."""
     if not cfg.input:
         raise ValueError("No input given: pass a checkpoint file, folder or Hub repo id")
     loaded = load_input(cfg.input, cfg.cache_dir)
-    args = training_args(loaded.obj)
-    state, notes = unwrap_state_dict(loaded.obj, cfg.which)
+    state, notes, args = unwrap_state_dict(loaded.obj, cfg.which)
     for note in notes:
         logger.info(note)
-    state, converted = _rename(cfg, state)
+    hf = cfg.source == "hf-vit"
+    # "module." from DDP (DINO's student); "vit." of ViTForImageClassification; "backbone." of DINO's MultiCropWrapper
+    state = strip_prefixes(state, ("module.", "vit." if hf else "backbone."))
+    converted = (convert_hf_vit_keys if hf else convert_dino_keys)(state)
+    raise_on_rejected(converted, cfg.source)
+    for reason, count in Counter(converted.dropped.values()).items():
+        logger.info("Dropped %d tensor(s): %s", count, reason)
     arch = infer_architecture(converted)
 
-    hidden_act = "gelu"
-    heads_from_source: Optional[int] = None
-    hf_config: Optional[dict] = None
-    if cfg.source == "dino":
-        eps = DINO_LAYER_NORM_EPS
-        if args is not None:
-            heads_from_source = DINO_ARCH_HEADS.get(getattr(args, "arch", None))
-            patch = getattr(args, "patch_size", arch["patch_size"])
-            if patch != arch["patch_size"]:
-                raise ValueError(f"Training args say patch_size {patch}, the weights have {arch['patch_size']}")
-    elif cfg.source == "timm":
-        eps = DINO_LAYER_NORM_EPS
-        name = cfg.timm_arch or (loaded.config or {}).get("architecture")
-        if name:
-            info = timm_architecture(name, (loaded.config or {}).get("model_args") or {})
-            heads_from_source, eps = info["num_heads"], info["layer_norm_eps"]
-            logger.info("timm architecture %s: %d heads, LayerNorm eps %g", name, heads_from_source, eps)
-    else:
-        if loaded.config is not None:
-            hf_config = dict(loaded.config)
-            _check_hf_config(hf_config, arch)
-            heads_from_source = hf_config.get("num_attention_heads")
-            eps = float(hf_config.get("layer_norm_eps", HF_VIT_DEFAULT_LAYER_NORM_EPS))
-            hidden_act = hf_config.get("hidden_act", "gelu")
-        else:
-            eps = HF_VIT_DEFAULT_LAYER_NORM_EPS
-            logger.warning("No config.json: using transformers' ViT default LayerNorm eps %g", eps)
+    hidden_act, heads_from_source, eps = "gelu", None, DINO_LAYER_NORM_EPS
+    source_config = loaded.config or {}
+    if cfg.source == "dino" and args is not None:
+        heads_from_source = DINO_ARCH_HEADS.get(getattr(args, "arch", None))
+        patch = getattr(args, "patch_size", arch["patch_size"])
+        if patch != arch["patch_size"]:
+            raise ValueError(f"Training args say patch_size {patch}, the weights have {arch['patch_size']}")
+    elif cfg.source == "timm" and (name := cfg.timm_arch or source_config.get("architecture")):
+        info = timm_architecture(name, source_config.get("model_args") or {})
+        heads_from_source, eps = info["num_heads"], info["layer_norm_eps"]
+        logger.info("timm architecture %s: %d heads, LayerNorm eps %g", name, heads_from_source, eps)
+    elif hf:
+        if loaded.config is None:
+            logger.warning("No config.json: using transformers' ViT default LayerNorm eps %g",
+                           HF_VIT_DEFAULT_LAYER_NORM_EPS)
+        if source_config.get("model_type", "vit") != "vit":
+            raise ValueError(f"config.json has model_type {source_config['model_type']!r}; --source hf-vit converts "
+                             "'vit' models only")
+        wrong = [f"{k}: {source_config[k]} vs {arch[k]}" for k in _HF_SIZE_FIELDS
+                 if k in source_config and source_config[k] != arch[k]]
+        if wrong:
+            raise ValueError("config.json disagrees with the weights (config vs weights): " + ", ".join(wrong))
+        heads_from_source = source_config.get("num_attention_heads")
+        eps = float(source_config.get("layer_norm_eps", HF_VIT_DEFAULT_LAYER_NORM_EPS))
+        hidden_act = source_config.get("hidden_act", "gelu")
     heads = resolve_num_heads(arch["hidden_size"], cfg.num_heads, heads_from_source, cfg.source)
-    if hf_config is None and cfg.source == "hf-vit":
-        hf_config = hf_config_for(arch, heads, eps, hidden_act)
 
     # Built with softmax so the check compares like with like; the requested transform is set afterwards.
     config = EntmaxViTConfig(**arch, num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act,
@@ -168,8 +177,12 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
     max_diff = None
     if cfg.verify:
         source_state = {k: v for k, v in state.items() if k not in converted.dropped}
-        if cfg.source == "hf-vit":
-            reference = hf_vit_from_source(None, source_state, hf_config)
+        if hf:
+            # config.json when there is one, else transformers' ViT with the sizes found here
+            hf_config = source_config or dict(
+                model_type="vit", num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act,
+                **{k: arch[k] for k in _HF_SIZE_FIELDS})
+            reference = hf_vit_from_state(source_state, hf_config)
         else:
             reference = timm_vit_from_state(source_state, arch, heads, eps)
         max_diff = verify_against(model, reference, cfg.tolerance)
@@ -182,16 +195,10 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
         model.config.validate()
         logger.info("Attention transform set to %s (the weights were trained with softmax)", cfg.attention)
 
-    report = dict(
-        source=cfg.source,
-        input=loaded.origin,
-        which=cfg.which if notes and "training checkpoint" in notes[0] else None,
-        notes=notes,
-        architecture=dict(arch, num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act),
-        attention=cfg.attention,
-        dropped_keys=converted.dropped,
-        verified_max_abs_diff=max_diff,
-    )
+    report = dict(source=cfg.source, input=loaded.origin,
+                  which=cfg.which if notes and "training checkpoint" in notes[0] else None, notes=notes,
+                  architecture=dict(arch, num_attention_heads=heads, layer_norm_eps=eps, hidden_act=hidden_act),
+                  attention=cfg.attention, dropped_keys=converted.dropped, verified_max_abs_diff=max_diff)
     return ConversionResult(model=model, report=report)
 
 
@@ -244,7 +251,3 @@ def main(cfg: ConvertConfig) -> Path:
     before the input is read."""
     check_output_dir(cfg)
     return save_converted(convert(cfg), cfg)
-
-
-__all__ = ["ConversionResult", "ConvertConfig", "DINO_ARCH_HEADS", "SOURCES", "check_output_dir", "convert", "main",
-           "save_converted", "verify_against"]

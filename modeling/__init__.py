@@ -3,22 +3,12 @@
 
 from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
-from .attention import (
-    ATTENTION_INTERFACE_NAMES,
-    ATTENTION_KERNELS,
-    ATTENTION_TRANSFORMS,
-    attention_function,
-    get_attention_transform,
-    resolve_kernel,
-)
+from .attention import (ATTENTION_INTERFACE_NAMES, ATTENTION_KERNELS, ATTENTION_TRANSFORMS, attention_function,
+                        get_attention_transform, resolve_kernel)
 from .configuration_entmax_vit import PRESET_ALIASES, PRESETS, EntmaxViTConfig
 from .image_processing_entmax_vit import IMAGENET_MEAN, IMAGENET_STD, EntmaxViTImageProcessor, make_image_processor
-from .modeling_entmax_vit import (
-    EntmaxViTBackbone,
-    EntmaxViTForImageClassification,
-    EntmaxViTModel,
-    EntmaxViTPreTrainedModel,
-)
+from .modeling_entmax_vit import (EntmaxViTBackbone, EntmaxViTForImageClassification, EntmaxViTModel,
+                                  EntmaxViTPreTrainedModel)
 
 EntmaxViTConfig.register_for_auto_class()
 EntmaxViTModel.register_for_auto_class("AutoModel")
@@ -33,19 +23,7 @@ AutoModelForImageClassification.register(EntmaxViTConfig, EntmaxViTForImageClass
 AutoBackbone.register(EntmaxViTConfig, EntmaxViTBackbone, exist_ok=True)
 AutoImageProcessor.register(EntmaxViTConfig, EntmaxViTImageProcessor, exist_ok=True)
 
-__all__ = [
-    "ATTENTION_KERNELS",
-    "ATTENTION_TRANSFORMS",
-    "EntmaxViTBackbone",
-    "EntmaxViTConfig",
-    "EntmaxViTForImageClassification",
-    "EntmaxViTImageProcessor",
-    "EntmaxViTModel",
-    "EntmaxViTPreTrainedModel",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "PRESETS",
-    "PRESET_ALIASES",
-    "get_attention_transform",
-    "make_image_processor",
-]
+__all__ = ["ATTENTION_KERNELS", "ATTENTION_TRANSFORMS", "EntmaxViTBackbone", "EntmaxViTConfig",
+           "EntmaxViTForImageClassification", "EntmaxViTImageProcessor", "EntmaxViTModel", "EntmaxViTPreTrainedModel",
+           "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "PRESET_ALIASES", "get_attention_transform",
+           "make_image_processor"]

@@ -1,31 +1,16 @@
 """Attention transforms (softmax, entmax-1.5, sparsemax, alpha-entmax) and the attention kernels.
 
-Two separate choices, as in the house style:
+Two separate choices: the *transform* (``config.attention``, ``ATTENTION_TRANSFORMS``: ``fn(scores, alpha=None)
+-> probs`` over the last dimension, sparse ones solved by ``thresholds.py``) and the *kernel*
+(``attn_implementation``, ``ATTENTION_KERNELS``; ``KERNEL_TRANSFORMS`` says which transforms each runs):
+``eager`` (explicit (B, H, N, N) scores), ``compiled`` (eager through torch.compile: fastest at ViT-S/16 on a
+2-core CPU), ``sdpa`` (softmax only), ``tiled`` (query blocks, O(B H N) saved for backward), ``triton`` (fused,
+CUDA) and ``auto``: sdpa for softmax, else triton on CUDA tensors and tiled elsewhere, decided per call so a model
+moved to a GPU (or reloaded: the kernel is not saved) runs the GPU kernel.
 
-* the *transform* (``config.attention``) maps attention scores to probabilities. Each transform is a pure
-  function ``fn(scores, alpha=None) -> probs`` over the last dimension, registered by name in
-  ``ATTENTION_TRANSFORMS``; the sparse ones solve their threshold with ``thresholds.py`` (one solver per
-  transform, shared by every kernel).
-* the *kernel* (``attn_implementation``) decides how the attention product is computed. ``ATTENTION_KERNELS``
-  maps each kernel name to one function; ``KERNEL_TRANSFORMS`` says which transforms a kernel runs:
-  ``eager`` (explicit (B, H, N, N) scores, any transform), ``compiled`` (eager with the solver through
-  ``torch.compile``: the fastest at ViT-S/16 224 px on a 2-core CPU), ``sdpa`` (torch's scaled_dot_product_attention:
-  softmax only), ``tiled`` (the sparse transforms in query blocks, ``tiled_attention.py``: no (B, H, N, N)
-  tensor, O(B H N) saved for backward), ``triton`` (the same in fused Triton kernels for CUDA,
-  ``triton_attention.py``) and ``auto``, the default: ``sdpa`` for softmax, and for a sparse transform
-  ``triton`` on CUDA tensors and ``tiled`` elsewhere, decided per call from the tensors' device, so a model
-  built on the CPU and moved to a GPU (or loaded with ``from_pretrained``, which does not save the kernel)
-  runs the GPU kernel.
-
-Both reach transformers through its ``AttentionInterface``: ``attention_function(transform, kernel)`` is a
-function with transformers' eager signature, and importing this module registers one per pair under
-``attention_interface_name(transform, kernel)``: the transform's own name for ``auto`` ("entmax15",
-"sparsemax", "entmax_bisect"), else "<transform>_<kernel>" ("entmax15_eager", "entmax15_triton", ...).
-transformers' own models (ViTModel, Dinov2Model, ...) accept these names as ``attn_implementation``, and so
-does EntmaxViT (for its own transform), so one vocabulary serves both.
-
-This file is copied to the Hub with the model: it imports only the standard library, torch and transformers
-(triton lazily, in ``triton_kernel``, for CUDA tensors).
+Importing this module registers every (transform, kernel) pair with transformers' ``AttentionInterface`` under
+``attention_interface_name`` ("entmax15" for auto, else "entmax15_triton", ...), so ViTModel, Dinov2Model and
+EntmaxViT share one vocabulary. Hub code: stdlib, torch, transformers (triton lazily, for CUDA tensors).
 """
 
 from __future__ import annotations
@@ -39,21 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from .thresholds import (
-    SPARSE_TRANSFORMS,
-    alpha_gradient,
-    alpha_per_row,
-    jacobian_product,
-    jacobian_weights,
-    probabilities,
-    tracing,
-)
+from .thresholds import (SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row, jacobian_product, jacobian_weights,
+                         probabilities, tracing)
 from .tiled_attention import tiled_attention
-
-
-def _as_float32(x: torch.Tensor) -> torch.Tensor:
-    """Half precision is computed in float32 (thresholds need the mantissa); float32/float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,18 +40,15 @@ def _dense_backward(probs: torch.Tensor, alpha_rows: Optional[torch.Tensor], gra
     return jacobian_product(g, grad), grad_alpha
 
 
-_COMPILED: dict[str, Callable] = {}
+@lru_cache(maxsize=None)  # one compiled twin per function and process
+def _compiled_twin(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
 
 
 def _compiled(fn: Callable, compiled: bool) -> Callable:
-    """``fn``, or its torch.compile'd twin (static shapes, one per function and process) for the ``compiled``
-    kernel. Inside an outer torch.compile / torch.export the plain function is traced (the outer compiler
-    fuses it anyway)."""
-    if not compiled or tracing():
-        return fn
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn.__name__]
+    """``fn``, or for the ``compiled`` kernel its torch.compile'd twin (static shapes); inside an outer
+    torch.compile / torch.export the plain function is traced (the outer compiler fuses it anyway)."""
+    return _compiled_twin(fn) if compiled and not tracing() else fn
 
 
 class SparseTransformFunction(torch.autograd.Function):
@@ -103,25 +73,23 @@ class SparseTransformFunction(torch.autograd.Function):
         return grad_scores, grad_alpha, None, None, None
 
 
-def entmax15(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
-    """Exact 1.5-entmax over the last dimension (computed in float32 or wider, returned in the input dtype)."""
-    x = _as_float32(scores)
-    return SparseTransformFunction.apply(x, x.new_empty(0), "entmax15", None, compiled).to(scores.dtype)
+def _sparse_transform(transform: str, doc: str) -> Callable[..., torch.Tensor]:
+    def fn(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] = None, *,
+           compiled: bool = False) -> torch.Tensor:
+        # half precision is computed in float32 (thresholds need the mantissa), returned in the input dtype
+        x = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+        alpha_rows, scalar = (alpha_per_row(alpha, x.shape[:-1], x.device, x.dtype) if transform == "entmax_bisect"
+                              else (x.new_empty(0), None))
+        return SparseTransformFunction.apply(x, alpha_rows, transform, scalar, compiled).to(scores.dtype)
+
+    fn.__name__, fn.__qualname__, fn.__doc__ = transform, transform, doc
+    return fn
 
 
-def sparsemax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
-    """Exact sparsemax over the last dimension (float32 under half precision)."""
-    x = _as_float32(scores)
-    return SparseTransformFunction.apply(x, x.new_empty(0), "sparsemax", None, compiled).to(scores.dtype)
-
-
-def entmax_bisect(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] = None, *,
-                  compiled: bool = False) -> torch.Tensor:
-    """alpha-entmax over the last dimension. ``alpha``: None (1.5), a float, or a tensor broadcastable to
-    scores.shape[:-1] + (1,), e.g. (H, 1, 1) per head against (B, H, N, N) scores; gradients flow to it."""
-    x = _as_float32(scores)
-    alpha_rows, scalar = alpha_per_row(alpha, x.shape[:-1], x.device, x.dtype)
-    return SparseTransformFunction.apply(x, alpha_rows, "entmax_bisect", scalar, compiled).to(scores.dtype)
+entmax15 = _sparse_transform("entmax15", "Exact 1.5-entmax over the last dimension.")
+sparsemax = _sparse_transform("sparsemax", "Exact sparsemax over the last dimension.")
+entmax_bisect = _sparse_transform("entmax_bisect", """alpha-entmax over the last dimension. ``alpha``: None (1.5),
+    a float, or a tensor broadcastable to scores.shape[:-1] + (1,), e.g. (H, 1, 1) per head; gradients flow to it.""")
 
 
 def softmax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
@@ -130,29 +98,20 @@ def softmax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compi
 
 
 ATTENTION_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
-    "softmax": softmax,
-    "entmax15": entmax15,
-    "sparsemax": sparsemax,
-    "entmax_bisect": entmax_bisect,
-}
+    "softmax": softmax, "entmax15": entmax15, "sparsemax": sparsemax, "entmax_bisect": entmax_bisect}
 
 
 def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
     """Look up a transform by name; unknown names raise ValueError listing the choices."""
-    try:
-        return ATTENTION_TRANSFORMS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown attention transform {name!r}; choose one of {sorted(ATTENTION_TRANSFORMS)}"
-        ) from None
+    if name not in ATTENTION_TRANSFORMS:
+        raise ValueError(f"Unknown attention transform {name!r}; choose one of {sorted(ATTENTION_TRANSFORMS)}")
+    return ATTENTION_TRANSFORMS[name]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels: kernel name -> one function. Every kernel has the signature
-#   kernel(query, key, value, attention_mask, *, transform, alpha, scaling, dropout, need_weights)
-#     -> (out (B, H, N, d), probs (B, H, N, N) or None)
-# with query/key/value (B, H, N, d), attention_mask None or broadcastable to (B, H, N, N) (bool: True = keep,
-# float: added to the scores) and ``dropout`` the probability to apply (0 outside training).
+# Kernels: kernel(query, key, value, attention_mask, *, transform, alpha, scaling, dropout, need_weights)
+#   -> (out (B, H, N, d), probs (B, H, N, N) or None); q/k/v (B, H, N, d), mask None or broadcastable to
+#   (B, H, N, N) (bool: True = keep; float: added to the scores), dropout 0 outside training.
 # ----------------------------------------------------------------------------------------------------------
 def _scores(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
     # Scale the (N, d) query rather than the (N, N) scores: same math, a third of the work at d = 64.
@@ -177,46 +136,40 @@ def eager_kernel(query, key, value, attention_mask=None, *, transform: str, alph
 
 
 def compiled_kernel(query, key, value, attention_mask=None, **kwargs):
-    """The eager kernel with the solver and the backward through torch.compile (fused loops, same numbers; it
-    compiles once per shape). It keeps the (B, H, N, N) probabilities for backward like eager, but on a 2-core
-    CPU it runs ViT-S/16 at 224 px faster than tiled (docs/performance.md)."""
+    """The eager kernel with the solver and backward through torch.compile (same numbers, one compile per shape):
+    it keeps (B, H, N, N) for backward, yet runs ViT-S/16 at 224 px faster than tiled on a 2-core CPU."""
     return eager_kernel(query, key, value, attention_mask, compiled=True, **kwargs)
 
 
-def _needs_eager(attention_mask, dropout: float, need_weights: bool) -> bool:
-    """The fused kernels never form the probabilities: requested weights, a mask or attention dropout go
-    through the eager kernel (the same solver, hence the same numbers)."""
-    return need_weights or attention_mask is not None or dropout > 0
+def _fused_kernel(fused: Callable[..., torch.Tensor]) -> Callable:
+    """A kernel running ``fused(query, key, value, transform=, scaling=, alpha=)``. Fused kernels never form the
+    probabilities: requested weights, a mask or attention dropout go through the eager kernel (the same solver,
+    hence the same numbers)."""
+
+    def kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
+               dropout: float = 0.0, need_weights: bool = False):
+        if need_weights or attention_mask is not None or dropout > 0:
+            return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha,
+                                scaling=scaling, dropout=dropout, need_weights=need_weights)
+        return fused(query, key, value, transform=transform, scaling=scaling, alpha=alpha), None
+
+    kernel.__doc__ = fused.__doc__
+    return kernel
 
 
-def tiled_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
-                 dropout: float = 0.0, need_weights: bool = False):
-    """Exact sparse attention in query blocks (``tiled_attention.py``): the (B, H, N, N) scores never exist and
-    backward keeps O(B H N) state."""
-    if _needs_eager(attention_mask, dropout, need_weights):
-        return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
-                            dropout=dropout, need_weights=need_weights)
-    return tiled_attention(query, key, value, transform=transform, scaling=scaling, alpha=alpha), None
-
-
-def triton_available(device: torch.device) -> bool:
-    """Whether the triton kernel can run on ``device``: CUDA, or any device under TRITON_INTERPRET=1 (tests)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
-                  dropout: float = 0.0, need_weights: bool = False):
-    """Exact sparse attention in fused Triton kernels (``triton_attention.py``): CUDA tensors, self-attention
-    (one N for queries and keys), head dims up to 128. triton is imported here, on first use."""
-    if _needs_eager(attention_mask, dropout, need_weights):
-        return eager_kernel(query, key, value, attention_mask, transform=transform, alpha=alpha, scaling=scaling,
-                            dropout=dropout, need_weights=need_weights)
-    if not triton_available(query.device):
+def _triton_attention(query, key, value, **kwargs) -> torch.Tensor:
+    """Exact sparse attention in fused Triton kernels (``triton_attention.py``): CUDA tensors (any device under
+    TRITON_INTERPRET=1, for tests), self-attention, head dims up to 128. triton is imported on first use."""
+    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"attn_implementation='triton' needs CUDA tensors, got {query.device.type} ones; use "
                          f"'tiled' (or the default, which picks tiled there)")
     from .triton_attention import triton_attention  # lazily: CPU-only and macOS users never import triton
 
-    return triton_attention(query, key, value, transform=transform, scaling=scaling, alpha=alpha), None
+    return triton_attention(query, key, value, **kwargs)
+
+
+tiled_kernel = _fused_kernel(tiled_attention)
+triton_kernel = _fused_kernel(_triton_attention)
 
 
 def sdpa_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
@@ -249,22 +202,12 @@ def auto_kernel(query, key, value, attention_mask=None, *, transform: str, **kwa
     return ATTENTION_KERNELS[kernel](query, key, value, attention_mask, transform=transform, **kwargs)
 
 
-# The one place where a kernel name maps to its function. A new kernel is one function and one entry here
-# (plus an entry in KERNEL_TRANSFORMS if it runs only some transforms); AttentionInterface names derive from it.
+# The one place where a kernel name maps to its function; AttentionInterface names derive from it.
 ATTENTION_KERNELS: dict[str, Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]] = {
-    "auto": auto_kernel,
-    "eager": eager_kernel,
-    "compiled": compiled_kernel,
-    "sdpa": sdpa_kernel,
-    "tiled": tiled_kernel,
-    "triton": triton_kernel,
-}
+    "auto": auto_kernel, "eager": eager_kernel, "compiled": compiled_kernel, "sdpa": sdpa_kernel,
+    "tiled": tiled_kernel, "triton": triton_kernel}
 # Kernels that run only some transforms (absent: every transform).
-KERNEL_TRANSFORMS: dict[str, tuple[str, ...]] = {
-    "sdpa": ("softmax",),
-    "tiled": SPARSE_TRANSFORMS,
-    "triton": SPARSE_TRANSFORMS,
-}
+KERNEL_TRANSFORMS = {"sdpa": ("softmax",), "tiled": SPARSE_TRANSFORMS, "triton": SPARSE_TRANSFORMS}
 # Kernels that always return the probabilities; the others compute them only when asked (output_attentions).
 WEIGHTS_ALWAYS = ("eager", "compiled")
 
@@ -276,21 +219,14 @@ def kernels_for(transform: str) -> list[str]:
 
 
 def _unsupported_message(transform: str, kernel: str) -> str:
-    return (
-        f"attn_implementation={kernel!r} does not run attention={transform!r}"
-        + (" (torch's scaled_dot_product_attention computes softmax only)" if kernel == "sdpa" else "")
-        + f"; choose one of {kernels_for(transform)} for it"
-    )
+    sdpa = " (torch's scaled_dot_product_attention computes softmax only)" if kernel == "sdpa" else ""
+    return (f"attn_implementation={kernel!r} does not run attention={transform!r}{sdpa}; choose one of "
+            f"{kernels_for(transform)} for it")
 
 
 def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
-    """The kernel name that runs ``transform``: when ``requested`` is None ``sdpa`` for softmax and ``auto`` (the
-    device-aware default) for a sparse transform, else ``requested``, checked.
-
-    ``requested`` is a kernel name ("tiled") or an AttentionInterface name of this transform ("entmax15" =
-    auto, "entmax15_triton" = triton). Raises ValueError for an unknown kernel, one that does not run this
-    transform (e.g. "sdpa" for a sparse transform), or the name of another transform ("sparsemax" for an
-    entmax15 model)."""
+    """The kernel that runs ``transform``: ``requested`` (a kernel or an AttentionInterface name of this
+    transform: "tiled", "entmax15" = auto, "entmax15_triton"), checked; None gives sdpa for softmax, else auto."""
     if requested is None:
         return "sdpa" if transform == "softmax" else "auto"
     for kernel in kernels_for(transform):
@@ -300,13 +236,10 @@ def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
         if requested not in kernels_for(transform):
             raise ValueError(_unsupported_message(transform, requested))
         return requested
-    other = requested.split("_")[0] if requested.split("_")[0] in ATTENTION_TRANSFORMS else requested
-    if other in ATTENTION_TRANSFORMS or requested in ATTENTION_INTERFACE_NAMES:
-        raise ValueError(
-            f"attn_implementation={requested!r} names another attention transform than this model's "
-            f"attention={transform!r}; change config.attention to switch transforms, or choose a kernel: "
-            f"{kernels_for(transform)}"
-        )
+    if requested.split("_")[0] in ATTENTION_TRANSFORMS or requested in ATTENTION_INTERFACE_NAMES:
+        raise ValueError(f"attn_implementation={requested!r} names another attention transform than this model's "
+                         f"attention={transform!r}; change config.attention to switch transforms, or choose a "
+                         f"kernel: {kernels_for(transform)}")
     raise ValueError(  # transformers' wording, then ours
         f'Specified `attn_implementation="{requested}"` is not supported: it names no attention kernel; choose '
         f"one of {kernels_for(transform)} for attention={transform!r} (or the AttentionInterface name "
@@ -324,9 +257,8 @@ def attention_interface_name(transform: str, kernel: str) -> str:
 
 
 def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch.Tensor]:
-    """alpha of entmax_bisect for this attention module: EntmaxViT's (possibly learnt, per head) ``alpha()``,
-    else ``config.attention_alpha`` of a transformers model (default 1.5; a float, or one value per head as a
-    list or tensor). None for the other transforms."""
+    """entmax_bisect's alpha: EntmaxViT's ``alpha()``, else a transformers model's ``config.attention_alpha``
+    (default 1.5; a float, or one per head as a list or tensor). None for the other transforms."""
     if transform != "entmax_bisect":
         return None
     if callable(getattr(module, "alpha", None)):
@@ -339,25 +271,14 @@ def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch
 
 @lru_cache(maxsize=None)  # one function object per pair, so AttentionInterface lookups return the same one
 def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """An attention function with transformers' eager signature running ``transform`` with ``kernel``:
-
-    ``fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs)`` with query/key/value
-    (B, H, N, d) -> (attn_output (B, N, H, d), attn_weights (B, H, N, N) or None). ``attn_weights`` are the
-    exact probabilities, computed when ``output_attentions`` asks (always by the eager kernel).
-    """
+    """``transform`` with ``kernel`` in transformers' eager signature: (B, H, N, d) query/key/value ->
+    (attn_output (B, N, H, d), attn_weights (B, H, N, N) when ``output_attentions`` asks, always for eager)."""
     kernel = resolve_kernel(transform, kernel)
     run = ATTENTION_KERNELS[kernel]
 
-    def attention(
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        scaling: Optional[float] = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         need_weights = kernel in WEIGHTS_ALWAYS or bool(kwargs.get("output_attentions", False))
         out, probs = run(query, key, value, attention_mask, transform=transform,
@@ -371,10 +292,7 @@ def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch
 
 
 def register_attention_functions() -> list[str]:
-    """Register every (transform, kernel) pair with transformers' AttentionInterface; returns the names.
-
-    Called on import, so ``ViTModel`` / ``Dinov2Model`` / ... accept ``attn_implementation="entmax15"`` (and
-    "sparsemax", "entmax_bisect" with alpha from ``config.attention_alpha``, and "<name>_<kernel>")."""
+    """Register every (transform, kernel) pair with transformers' AttentionInterface (on import); returns the names."""
     names = []
     for transform in ATTENTION_TRANSFORMS:
         for kernel in kernels_for(transform):
@@ -391,22 +309,3 @@ def support_size(probs: torch.Tensor) -> torch.Tensor:
     """Number of non-zero attention weights per row, (B, H, N)."""
     return (probs > 0).sum(dim=-1)
 
-
-__all__ = [
-    "ATTENTION_INTERFACE_NAMES",
-    "ATTENTION_KERNELS",
-    "ATTENTION_TRANSFORMS",
-    "KERNEL_TRANSFORMS",
-    "attention_function",
-    "attention_interface_name",
-    "default_kernel",
-    "entmax15",
-    "entmax_bisect",
-    "get_attention_transform",
-    "kernels_for",
-    "register_attention_functions",
-    "resolve_kernel",
-    "softmax",
-    "sparsemax",
-    "support_size",
-]

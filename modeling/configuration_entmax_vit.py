@@ -1,7 +1,4 @@
-"""EntmaxViT configuration and named presets.
-
-Copied to the Hub with the model: imports only the standard library and transformers.
-"""
+"""EntmaxViT configuration and named presets. Hub code: imports only the standard library and transformers."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ from typing import Any, Optional
 from transformers import PretrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
-from .attention import ATTENTION_TRANSFORMS, resolve_kernel
+from .attention import get_attention_transform, resolve_kernel
 
 # Architecture presets (DINO's ViT family). Patch size is chosen separately: vit_small_patch16 etc.
 _SIZES: dict[str, dict[str, int]] = {
@@ -18,41 +15,26 @@ _SIZES: dict[str, dict[str, int]] = {
     "vit_small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     "vit_base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
 }
-PRESETS: dict[str, dict[str, int]] = {
-    f"{name}_patch{patch}": dict(size, patch_size=patch) for name, size in _SIZES.items() for patch in (8, 16)
-}
+PRESETS = {f"{name}_patch{patch}": dict(size, patch_size=patch) for name, size in _SIZES.items() for patch in (8, 16)}
 # Short aliases as people write them: "vits16", "vitb8", ...
-PRESET_ALIASES: dict[str, str] = {
-    f"vit{name[4]}{patch}": f"{name}_patch{patch}" for name in _SIZES for patch in (8, 16)
-}
+PRESET_ALIASES = {f"vit{name[4]}{patch}": f"{name}_patch{patch}" for name in _SIZES for patch in (8, 16)}
 
 
 class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
-    r"""Configuration of an EntmaxViT: a DINO-style ViT whose attention transform is a config field.
+    r"""Configuration of an EntmaxViT: a DINO-style ViT whose attention transform is a config field. Defaults are
+    DINO's ViT-S/16 (note layer_norm_eps 1e-6, not HF ViT's 1e-12).
 
     Args:
-        image_size: training resolution; position embeddings are learnt for (image_size / patch_size)^2
-            patches and interpolated (as official DINO) for other input sizes.
-        patch_size: patch side in pixels.
-        num_channels: input channels.
-        hidden_size, num_hidden_layers, num_attention_heads: width, depth, heads (hidden_size % heads == 0).
-        intermediate_size: MLP hidden width; defaults to ``mlp_ratio * hidden_size``.
-        mlp_ratio: used when intermediate_size is None (DINO: 4).
-        hidden_act: MLP activation (DINO: gelu).
-        qkv_bias: bias on the q/k/v projections (DINO: True).
-        layer_norm_eps: LayerNorm epsilon (DINO: 1e-6, not HF ViT's 1e-12).
-        drop_path_rate: maximum stochastic-depth rate, linearly increasing over blocks (DINO student: 0.1).
-        hidden_dropout_prob, attention_probs_dropout_prob: dropout (DINO: 0).
-        initializer_range: std of the truncated-normal initialisation (DINO: 0.02).
-        num_register_tokens: extra learnt tokens after [CLS] ("Vision Transformers Need Registers"); 0 = none.
-        attention: the attention transform: "softmax" | "entmax15" | "sparsemax" | "entmax_bisect".
+        image_size: training resolution; position embeddings are interpolated (as DINO) for other sizes.
+        intermediate_size: MLP width; None = ``mlp_ratio * hidden_size``.
+        drop_path_rate: maximum stochastic depth, rising linearly over blocks (DINO student: 0.1).
+        num_register_tokens: learnt tokens after [CLS] ("Vision Transformers Need Registers"); 0 = none.
+        attention: "softmax" | "entmax15" | "sparsemax" | "entmax_bisect".
         attention_alpha: alpha of "entmax_bisect" (> 1; 1.5 = entmax-1.5, 2 = sparsemax).
-        attention_alpha_learnable: learn one alpha per head per layer (entmax_bisect only), initialised at
-            ``attention_alpha``.
+        attention_alpha_learnable: learn one alpha per head and layer (entmax_bisect), from ``attention_alpha``.
         interpolate_offset: DINO v1 adds 0.1 to the target grid when interpolating position embeddings.
-        out_features, out_indices: the stages whose patch maps ``EntmaxViTBackbone`` returns, as in every
-            transformers backbone config: ``stage_names`` are "stem" (the embedding output, index 0) and
-            "stage1".."stageL" (block outputs); indices may be negative; both None = the last stage.
+        out_features, out_indices: ``EntmaxViTBackbone``'s stages among "stem" (embeddings) and "stage1".."stageL"
+            (as every transformers backbone; negative indices count from the end; both None = the last stage).
         backbone_norm: apply the final LayerNorm to backbone feature maps.
     """
 
@@ -107,48 +89,35 @@ class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
         self.interpolate_offset = interpolate_offset
         self.backbone_norm = backbone_norm
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, num_hidden_layers + 1)]
-        self.set_output_features_output_indices(
-            out_features=list(out_features) if out_features is not None else None,
-            out_indices=list(out_indices) if out_indices is not None else None,
-        )
+        self.set_output_features_output_indices(out_features=None if out_features is None else list(out_features),
+                                                out_indices=None if out_indices is None else list(out_indices))
         super().__init__(**kwargs)
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError on unknown or inconsistent values, naming the valid choices."""
-        if self.attention not in ATTENTION_TRANSFORMS:
-            raise ValueError(
-                f"Unknown attention {self.attention!r}; choose one of {sorted(ATTENTION_TRANSFORMS)}"
-            )
+        get_attention_transform(self.attention)  # unknown names raise, listing the choices
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "intermediate_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
-            )
+        for size, divisor in (("hidden_size", "num_attention_heads"), ("image_size", "patch_size")):
+            if getattr(self, size) % getattr(self, divisor):
+                raise ValueError(f"{size} ({getattr(self, size)}) must be divisible by {divisor} "
+                                 f"({getattr(self, divisor)})")
         if not self.attention_alpha > 1.0:
             raise ValueError(f"attention_alpha must be > 1 (1 would be softmax), got {self.attention_alpha}")
         if self.attention_alpha_learnable and self.attention != "entmax_bisect":
             raise ValueError("attention_alpha_learnable=True requires attention='entmax_bisect'")
         if self.attention != "entmax_bisect" and self.attention_alpha != 1.5:
-            raise ValueError(
-                f"attention_alpha={self.attention_alpha} only applies to attention='entmax_bisect' "
-                f"(got attention={self.attention!r})"
-            )
+            raise ValueError(f"attention_alpha={self.attention_alpha} only applies to attention='entmax_bisect' "
+                             f"(got attention={self.attention!r})")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
-        impl = getattr(self, "_attn_implementation_internal", None)
-        if impl is not None:
+        if (impl := getattr(self, "_attn_implementation_internal", None)) is not None:
             resolve_kernel(self.attention, impl)  # raises for an unknown kernel or one that cannot run the transform
 
     @property
@@ -162,6 +131,3 @@ class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
         if key not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)} or {sorted(PRESET_ALIASES)}")
         return cls(**{**PRESETS[key], **overrides})
-
-
-__all__ = ["EntmaxViTConfig", "PRESETS", "PRESET_ALIASES"]

@@ -1,36 +1,12 @@
 """The one image decoder: anything users or datasets hold -> a fully decoded 8-bit RGB PIL image, or a clear error.
 
-Used by training (``entmax_vit.data.images``), every evaluation, the image processor and both pipelines, so an
-image gives the model the same pixels whichever way it arrives. Hub code: imports only the standard library,
-numpy and PIL, and travels with the image processor and the pipelines (relative import). Rules and known limits
-in prose: docs/data.md.
-
-    rgb = decode_image(value)   # PIL image, path, bytes, base64 / data: URL string, {"bytes", "path"} dict,
-                                # numpy array or torch tensor
-
-Rules (each one fixed, never chosen from the image's content, except mode "I", see below):
-- Refused BEFORE any pixel is decoded: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (or ``max_pixels``).
-  PIL itself only warns between 1x and 2x that limit; here both ranges are an error.
-- Truncated data is an error. PIL accepts a PNG whose compressed stream ends before the last row (it fills the
-  rest with black), so every PNG's inflated size is checked against its header (:func:`_check_png_complete`,
-  one extra inflate of the data), whatever ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says. Other formats rely on
-  PIL raising, as it does while that flag is False (its default, never changed here; we warn once if some code
-  set it). Not caught: a JPEG cut short but closed with an end-of-image marker (libjpeg only warns).
-- EXIF orientation is applied with ``PIL.ImageOps.exif_transpose``.
-- Transparency (RGBA, LA, PA, palette with a transparent index or per-entry alpha) is composited on ``background``
-  (white by default): ``out = round((c * a + bg * (255 - a)) / 255)``.
-- 16-bit samples become ``round(x / 257)`` (0 -> 0, 65535 -> 255): I;16* images, uint16 arrays and 16-bit RGB /
-  RGBA PNGs (whose low bytes PIL drops; they are read in a second pass, see :func:`_png_sixteen_bit_rgb`).
-  Exception: 16-bit TIFF colour and 16-bit grey+alpha PNG keep PIL's own 8-bit reduction (the high byte).
-- Float ("F", float arrays): NaN and +-inf -> 0; values are intensities in [0, 1]: clipped to [0, 1], then
-  ``round(x * 255)``. So 1.5 -> 255 and -0.2 -> 0: a float image holding 0..255 values comes out saturated.
-- 32-bit integer ("I", int arrays): the one rule that looks at the content, because the mode declares no range
-  (it holds 8-bit data, 16-bit data opened by older Pillow, or arbitrary counts): all values in [0, 255] -> kept;
-  all in [0, 65535] -> ``round(x / 257)`` as 16-bit; anything else (negative or above 65535) -> min-max
-  stretched to [0, 255] (a constant image -> 0).
-- bool arrays / 1-bit images: 0 / 255. L, CMYK, YCbCr, HSV, LAB, P: PIL's conversions.
-
-Every failure raises :class:`ImageDecodeError` (a ``ValueError``) naming the source (the file name when known).
+Training, evaluation, the image processor and the pipelines all call it, so an image gives the model the same
+pixels whichever way it arrives. Hub code (stdlib, numpy, PIL). The rules, in full, are in docs/data.md:
+bombs refused before decoding (also PIL's 1x-2x warning range); truncated data is an error (PNGs are checked
+against their header because PIL fills missing rows with black); EXIF orientation applied; transparency
+composited on ``background``; 16-bit -> round(x / 257); float -> clip to [0, 1] then round(x * 255), NaN/inf -> 0;
+32-bit integer kept if in [0, 255], as 16-bit if in [0, 65535], else min-max stretched. Every failure raises
+:class:`ImageDecodeError` (a ``ValueError``) naming the source.
 """
 
 from __future__ import annotations
@@ -61,75 +37,71 @@ class ImageDecodeError(ValueError):
 # ---------------------------------------------------------------------------------------------- public API
 def decode_image(value: Any, *, background: Color = WHITE, max_pixels: Optional[int] = None,
                  source: Optional[str] = None) -> Image.Image:
-    """Decode ``value`` into a fully loaded 8-bit RGB PIL image (rules in the module docstring).
+    """Decode ``value`` into a fully loaded 8-bit RGB PIL image.
 
-    Args:
-        value: a PIL image; a ``datasets`` image dict ``{"bytes": ..., "path": ...}`` (bytes win over path);
-            encoded ``bytes``; a ``os.PathLike`` file path; a ``str`` that is an existing file, a ``data:image/...``
-            URL or base64 data; a numpy array (H, W), (H, W, 1|3|4) or channel-first (1|3|4, H, W); a torch
-            tensor of the same layouts.
-        background: RGB colour that transparent pixels are composited on.
-        max_pixels: refuse images with more pixels than this (default ``PIL.Image.MAX_IMAGE_PIXELS``).
-        source: the name error messages give encoded ``bytes`` (e.g. the URL they came from).
-
-    Raises:
-        ImageDecodeError: empty, truncated, corrupt or non-image input, unsupported layouts, decompression bombs.
+    ``value``: a PIL image; a ``datasets`` dict ``{"bytes", "path"}`` (bytes win); encoded bytes; a path; a str
+    that is a file, a ``data:`` URL or base64; a numpy array or torch tensor (H, W), (H, W, 1|3|4) or (1|3|4, H, W).
+    ``max_pixels`` defaults to ``PIL.Image.MAX_IMAGE_PIXELS``; ``source`` names encoded bytes in error messages.
     """
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if isinstance(value, Image.Image):
-        return _pil_to_rgb(value, background, limit, source=_pil_source(value))
-    img, name = _open(value, limit, source)
-    return _pil_to_rgb(img, background, limit, source=name)
+    img, source = _open(value, limit, source)
+    sixteen = _load(img, source, limit)
+    try:
+        if sixteen is not None:
+            exif = img.getexif()
+            img = Image.fromarray(_to_uint8(sixteen, "uint16"), "RGBA" if sixteen.shape[-1] == 4 else "RGB")
+            if exif:
+                img.info["exif"] = exif.tobytes()  # the orientation travels with the exact pixels
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as err:  # noqa: BLE001 - a broken EXIF block should not cost us the pixels
+            logger.debug("%s: ignoring unreadable EXIF orientation (%s)", source, err)
+        return _mode_to_rgb(img, background)
+    except ImageDecodeError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ImageDecodeError(f"{source}: cannot convert mode {img.mode!r} to RGB ({err})") from err
 
 
 def open_image(value: Any, *, max_pixels: Optional[int] = None) -> Image.Image:
     """The same checks as :func:`decode_image` (bombs, truncation, unreadable data) but the pixels are returned
     as stored: no EXIF orientation, no mode conversion. For label masks, whose values are class ids."""
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if isinstance(value, Image.Image):
-        img, source = value, _pil_source(value)
-    else:
-        img, source = _open(value, limit)
-    _check_size(img, limit, source)
-    _load(img, source)
+    img, source = _open(value, limit)
+    _load(img, source, limit)
     return img
-
-
-def read_image_source(value: Any) -> tuple[bytes, str]:
-    """Encoded bytes and a name for error messages from bytes, a path, a data: URL or a base64 string."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value), "bytes"
-    if isinstance(value, os.PathLike):
-        return _read_file(value), os.fspath(value)
-    if isinstance(value, str):
-        if os.path.isfile(value):
-            return _read_file(value), value
-        payload = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
-        try:
-            return base64.b64decode("".join(payload.split()), validate=True), "base64 string"
-        except (binascii.Error, ValueError):
-            raise ImageDecodeError(
-                f"cannot read image file {value[:120]!r}: it is neither an existing file nor base64 / data: URL data"
-            ) from None
-    raise ImageDecodeError(f"Unsupported image input: cannot make an image from a {type(value).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ opening
 def _open(value: Any, limit: Optional[int], name: Optional[str] = None) -> tuple[Image.Image, str]:
-    """(lazily opened PIL image, source name) for every non-PIL input kind; arrays are converted here."""
+    """(lazily opened PIL image, source name) of any input; arrays are converted here."""
+    if isinstance(value, Image.Image):
+        return value, f"PIL image {value.filename}" if getattr(value, "filename", "") else "PIL image"
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
         if data is not None:
-            return _open_bytes(bytes(data), f"bytes of {path}" if path else "bytes", limit)
+            return _open_bytes(bytes(data), f"bytes of {path}" if path else "bytes")
         if path:
-            return _open_bytes(_read_file(path), os.fspath(path), limit)
+            return _open_bytes(_read_file(path), os.fspath(path))
         raise ImageDecodeError(f"image dict has neither 'bytes' nor 'path': keys {sorted(value)}")
     if value is None:
         raise ImageDecodeError("image is None (missing value in the dataset)")
     if isinstance(value, np.ndarray) or type(value).__module__.startswith("torch"):
         return _array_to_pil(value, limit), f"array {tuple(np.shape(value))}"
-    data, source = read_image_source(value)
-    return _open_bytes(data, name if name and source == "bytes" else source, limit)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _open_bytes(bytes(value), name or "bytes")
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and os.path.isfile(value)):
+        return _open_bytes(_read_file(value), os.fspath(value))
+    if not isinstance(value, str):
+        raise ImageDecodeError(f"Unsupported image input: cannot make an image from a {type(value).__name__}")
+    payload = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError(
+            f"cannot read image file {value[:120]!r}: it is neither an existing file nor base64 / data: URL data"
+        ) from None
+    return _open_bytes(data, "base64 string")
 
 
 def _read_file(path: Any) -> bytes:
@@ -140,12 +112,12 @@ def _read_file(path: Any) -> bytes:
         raise ImageDecodeError(f"cannot read image file {os.fspath(path)}: {err}") from err
 
 
-def _open_bytes(data: bytes, source: str, limit: Optional[int]) -> tuple[Image.Image, str]:
+def _open_bytes(data: bytes, source: str) -> tuple[Image.Image, str]:
     if len(data) == 0:
         raise ImageDecodeError(f"{source}: empty image data (0 bytes)")
     try:
         with warnings.catch_warnings():
-            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; _check_size refuses that range as well.
+            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; _load refuses that range as well.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
@@ -158,43 +130,32 @@ def _open_bytes(data: bytes, source: str, limit: Optional[int]) -> tuple[Image.I
     return img, source
 
 
-def _pil_source(img: Image.Image) -> str:
-    name = getattr(img, "filename", "") or ""
-    return f"PIL image {name}" if name else "PIL image"
-
-
 def _encoded_bytes(img: Image.Image) -> Optional[bytes]:
     """The encoded file behind a not-yet-loaded PIL image (ours, or one a user opened from a file)."""
     data = getattr(img, "encoded_bytes", None)
     if data is not None or not getattr(img, "tile", None):
         return data
-    fp = getattr(img, "fp", None)
-    if fp is None:
+    try:  # read the whole file, then restore the position
+        position = img.fp.tell()
+        img.fp.seek(0)
+        data = img.fp.read()
+        img.fp.seek(position)
+        return data
+    except (OSError, ValueError, AttributeError):  # no (or a closed) file behind the image
         return None
-    try:
-        position = fp.tell()
-        fp.seek(0)
-        data = fp.read()
-        fp.seek(position)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return data
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def _check_size(img: Image.Image, limit: Optional[int], source: str) -> None:
+def _load(img: Image.Image, source: str, limit: Optional[int]) -> Optional[np.ndarray]:
+    """Check the size of ``img``, then fully decode it; returns the exact 16-bit samples (H, W, C) of a 16-bit
+    RGB(A) PNG, else None."""
     width, height = img.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"{source}: image has no pixels (size {img.size})")
     if limit is not None and width * height > limit:
         raise ImageDecodeError(
             f"{source}: refused as a decompression bomb: {width}x{height} = {width * height} pixels exceeds the "
-            f"limit of {limit} (raise PIL.Image.MAX_IMAGE_PIXELS or pass max_pixels to allow it)"
-        )
-
-
-def _load(img: Image.Image, source: str) -> Optional[np.ndarray]:
-    """Fully decode ``img``; returns the exact 16-bit samples (H, W, C) of a 16-bit RGB(A) PNG, else None."""
+            f"limit of {limit} (raise PIL.Image.MAX_IMAGE_PIXELS or pass max_pixels to allow it)")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         _warn_truncated_allowed()
     tiles = list(getattr(img, "tile", None) or [])
@@ -214,41 +175,15 @@ def _load(img: Image.Image, source: str) -> Optional[np.ndarray]:
     return None
 
 
-def _pil_to_rgb(img: Image.Image, background: Color, limit: Optional[int], source: str) -> Image.Image:
-    _check_size(img, limit, source)
-    sixteen = _load(img, source)
-    try:
-        if sixteen is not None:
-            exif = img.getexif()
-            img = Image.fromarray(_to_uint8(sixteen, "uint16"), "RGBA" if sixteen.shape[-1] == 4 else "RGB")
-            if exif:
-                img.info["exif"] = exif.tobytes()  # the orientation travels with the exact pixels
-        img = _apply_exif_orientation(img, source)
-        return _mode_to_rgb(img, background)
-    except ImageDecodeError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise ImageDecodeError(f"{source}: cannot convert mode {img.mode!r} to RGB ({err})") from err
-
-
 @functools.lru_cache(maxsize=1)
 def _warn_truncated_allowed() -> None:
     logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by some code in this process: truncated "
                    "JPEG/GIF/TIFF files now decode with filled-in rows instead of raising (PNG is still checked)")
 
 
-def _apply_exif_orientation(img: Image.Image, source: str) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception as err:  # noqa: BLE001 - a broken EXIF block should not cost us the pixels
-        logger.debug("%s: ignoring unreadable EXIF orientation (%s)", source, err)
-        return img
-
-
 # ------------------------------------------------------------------------------------------------------ PNG
-# PIL's zlib decoder treats the end of the compressed stream as the end of the image and leaves the rows it
-# did not reach black, without an error; no library exposes how many rows were decoded. So the IDAT stream is
-# inflated (bounded by the size the header promises) and its length compared with what the header needs.
+# PIL leaves rows past the end of a cut IDAT stream black without an error, so the stream is inflated (bounded
+# by the header's size) and its length compared with what the header needs.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 _ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
@@ -308,17 +243,11 @@ def _check_png_complete(data: bytes, source: str) -> None:
 
 def _png_sixteen_bit_rgb(data: bytes, img: Image.Image, tile: Any) -> np.ndarray:
     """Exact 16-bit samples (H, W, 3|4) of a 16-bit RGB / RGBA PNG (``img`` loaded, ``tile`` its one tile).
-
-    Pillow has no 16-bit colour mode: it keeps the high byte of every sample. Decoding the same file a second time
-    with the little-endian raw mode makes its unpacker pick the LOW byte instead (the unfiltering is identical),
-    so x = 256 * high + low is recovered without a second decoder library.
-    """
+    Pillow keeps only the high byte; a second decode with the little-endian raw mode yields the low byte."""
     second = Image.open(io.BytesIO(data))
     second.tile = [tile._replace(args=tile.args.replace(";16B", ";16L"))]
     second.load()
-    high = np.asarray(img, dtype=np.uint16)
-    low = np.asarray(second, dtype=np.uint16)
-    return high * 256 + low
+    return np.asarray(img, dtype=np.uint16) * 256 + np.asarray(second, dtype=np.uint16)
 
 
 # ----------------------------------------------------------------------------------------- mode handling
@@ -336,19 +265,13 @@ def _mode_to_rgb(img: Image.Image, background: Color) -> Image.Image:
     if mode in _SIXTEEN_BIT or mode in ("I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(img), mode), "L").convert("RGB")
     if mode == "LAB":
-        return _lab_to_rgb(img)
+        from PIL import ImageCms
+
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(img, ImageCms.buildTransformFromOpenProfiles(lab, srgb, "LAB", "RGB"))
     if mode in ("1", "L", "P", "CMYK", "YCbCr", "RGBX", "HSV"):
         return img.convert("RGB")
     raise ImageDecodeError(f"unsupported image mode {mode!r}")
-
-
-def _lab_to_rgb(img: Image.Image) -> Image.Image:
-    from PIL import ImageCms
-
-    transform = ImageCms.buildTransformFromOpenProfiles(
-        ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
-    )
-    return ImageCms.applyTransform(img, transform)
 
 
 def _composite(rgba: np.ndarray, background: Color) -> Image.Image:
@@ -405,5 +328,3 @@ def _array_to_pil(value: Any, limit: Optional[int]) -> Image.Image:
     arr8 = np.ascontiguousarray(_to_uint8(arr, str(arr.dtype)))
     return Image.fromarray(arr8)  # (H, W) -> L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA
 
-
-__all__ = ["ImageDecodeError", "WHITE", "decode_image", "open_image", "read_image_source"]

@@ -1,12 +1,7 @@
-"""DINO's evaluation preprocessing as a transformers image processor (PIL backend: no torchvision needed).
-
-Resize the shorter side to 256 (bicubic), center-crop 224, scale to [0, 1], normalise with ImageNet mean/std.
-Before that, every PIL image goes through the project's one decoder (``image_decoding.decode_image``, the same
-function training and evaluation use): EXIF orientation applied, 16-bit as x / 257, float images clipped to
-[0, 1] with NaN/inf -> 0, transparency composited on white, every other mode converted, decompression bombs and
-truncated files refused with ``ImageDecodeError``. Numpy / torch inputs keep transformers' conventions (they are
-pixel arrays already). Copied to the Hub with the model (``AutoImageProcessor.from_pretrained(repo,
-trust_remote_code=True)``) together with ``image_decoding.py``.
+"""DINO's evaluation preprocessing as a transformers image processor (PIL backend: no torchvision needed):
+shorter side to 256 (bicubic), center-crop 224, scale to [0, 1], ImageNet mean/std. PIL images first go through
+the project's one decoder (``image_decoding.decode_image``), so they get the pixels training saw; numpy / torch
+inputs keep transformers' conventions. Copied to the Hub with ``image_decoding.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +18,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class EntmaxViTImageProcessor(BitImageProcessorPil):
-    """BitImageProcessorPil (DINO eval transform) whose RGB conversion of PIL images is the project's decoder
-    (EXIF, 16-bit, float, transparency, bombs, truncation) instead of PIL's clipping ``convert("RGB")``."""
+    """BitImageProcessorPil (DINO's eval transform) converting PIL images with the project's decoder instead of
+    PIL's clipping ``convert("RGB")``."""
 
     def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> Any:
         if is_pil_image(image):
@@ -38,26 +33,12 @@ def eval_resize(crop: int) -> int:
 
 
 def make_image_processor(resize: Optional[int] = None, crop: int = 224) -> EntmaxViTImageProcessor:
-    """Image processor reproducing DINO's eval transform: Resize(resize, bicubic) + CenterCrop(crop).
-
-    ``crop`` is the model's training resolution (``config.image_size``); ``resize`` defaults to
-    :func:`eval_resize` of it (256 for 224)."""
+    """DINO's eval transform: Resize(resize, bicubic) + CenterCrop(crop); ``crop`` is the model's resolution
+    (``config.image_size``), ``resize`` defaults to :func:`eval_resize` of it (256 for 224)."""
     resize = eval_resize(crop) if resize is None else resize
     if crop > resize:
         raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
     return EntmaxViTImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": resize},
-        resample=3,  # PIL bicubic
-        do_center_crop=True,
-        crop_size={"height": crop, "width": crop},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_convert_rgb=True,
-    )
-
-
-__all__ = ["EntmaxViTImageProcessor", "IMAGENET_MEAN", "IMAGENET_STD", "eval_resize", "make_image_processor"]
+        do_resize=True, size={"shortest_edge": resize}, resample=3,  # PIL bicubic
+        do_center_crop=True, crop_size={"height": crop, "width": crop}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True)

@@ -1,11 +1,8 @@
 """EntmaxViT: a DINO-style Vision Transformer whose attention transform is a config field.
 
-Copied to the Hub with the model: imports only the standard library, torch and transformers, plus its flat
-siblings (configuration_entmax_vit.py, attention.py) through relative imports. Built the way transformers' own
-ViT/Dinov2 are: blocks are ``GradientCheckpointingLayer``s, attention goes through ``ALL_ATTENTION_FUNCTIONS``,
-hidden states and attentions are recorded by ``capture_outputs``, the backbone is a ``BackboneMixin``.
-
-Token layout everywhere: [CLS], registers (config.num_register_tokens), patches in row-major order.
+Hub code (stdlib, torch, transformers and its flat siblings), built as transformers' ViT/Dinov2: blocks are
+``GradientCheckpointingLayer``s, attention goes through ``ALL_ATTENTION_FUNCTIONS``, outputs are recorded by
+``capture_outputs``. Token layout everywhere: [CLS], registers (config.num_register_tokens), patches row-major.
 """
 
 from __future__ import annotations
@@ -43,9 +40,7 @@ class EntmaxViTPatchEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.num_channels = config.num_channels
-        self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # The one place the input shape is checked (every model reaches the pixels through here).
@@ -55,10 +50,8 @@ class EntmaxViTPatchEmbeddings(nn.Module):
         if channels != self.num_channels:
             raise ValueError(f"Expected {self.num_channels} input channels, got {channels}")
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
-                f"Input size {height}x{width} is not divisible by the patch size {self.patch_size}; "
-                "resize or crop the image to a multiple of it (the image processor does this)"
-            )
+            raise ValueError(f"Input size {height}x{width} is not divisible by the patch size {self.patch_size}; "
+                             "resize or crop the image to a multiple of it (the image processor does this)")
         return self.projection(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
@@ -70,22 +63,16 @@ class EntmaxViTEmbeddings(nn.Module):
         self.config = config
         self.patch_size = config.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.register_tokens = (
-            nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
-            if config.num_register_tokens > 0
-            else None
-        )
+        registers = config.num_register_tokens
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, config.hidden_size)) if registers > 0 else None
         self.patch_embeddings = EntmaxViTPatchEmbeddings(config)
         # Position embeddings cover [CLS] + patches (registers get none, as in DINOv2 with registers).
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
-        """Position embeddings for an input of height x width pixels, (1, 1 + h*w, D).
-
-        Follows official DINO v1 exactly: bicubic interpolation by ``scale_factor`` of the target grid plus
-        ``config.interpolate_offset`` (0.1) over the stored grid, which differs slightly from resizing by size.
-        """
+        """Position embeddings for height x width pixels, (1, 1 + h*w, D), as official DINO v1: bicubic by
+        ``scale_factor`` (target grid + ``config.interpolate_offset``) / stored grid, not resizing by size."""
         pos = self.position_embeddings
         stored = pos.shape[1] - 1
         if num_patches == stored and height == width:
@@ -95,11 +82,8 @@ class EntmaxViTEmbeddings(nn.Module):
         side = int(math.sqrt(stored))
         h0 = height // self.patch_size + self.config.interpolate_offset
         w0 = width // self.patch_size + self.config.interpolate_offset
-        patch_pos = F.interpolate(
-            patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2).float(),
-            scale_factor=(h0 / side, w0 / side),
-            mode="bicubic",
-        ).to(pos.dtype)
+        patch_pos = F.interpolate(patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2).float(),
+                                  scale_factor=(h0 / side, w0 / side), mode="bicubic").to(pos.dtype)
         if patch_pos.shape[-2:] != (height // self.patch_size, width // self.patch_size):
             raise RuntimeError(f"Position-embedding interpolation gave grid {tuple(patch_pos.shape[-2:])}")
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
@@ -119,11 +103,8 @@ class EntmaxViTEmbeddings(nn.Module):
 # Transformer block
 # ----------------------------------------------------------------------------------------------------------
 class EntmaxViTAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (as DINO/timm) and a configurable transform.
-
-    The product runs through transformers' ``ALL_ATTENTION_FUNCTIONS`` under the name of the
-    (``config.attention``, ``config._attn_implementation``) pair, e.g. "entmax15" or "softmax_sdpa".
-    """
+    """Multi-head self-attention with a fused qkv projection (as DINO/timm), run through
+    ``ALL_ATTENTION_FUNCTIONS`` under the (config.attention, kernel) pair's name, e.g. "entmax15", "softmax_sdpa"."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__()
@@ -136,10 +117,8 @@ class EntmaxViTAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
         # Learnable alpha per head (alpha-entmax only), parametrised as alpha = 1 + softplus(raw) > 1.
-        if config.attention_alpha_learnable:
-            self.alpha_raw = nn.Parameter(torch.full((config.num_attention_heads,), _alpha_raw(config.attention_alpha)))
-        else:
-            self.alpha_raw = None
+        raw = torch.full((config.num_attention_heads,), _alpha_raw(config.attention_alpha))
+        self.alpha_raw = nn.Parameter(raw) if config.attention_alpha_learnable else None
 
     def alpha(self) -> Union[None, float, torch.Tensor]:
         """alpha of alpha-entmax: the config's float, or per head as (H, 1, 1) when learnt; None otherwise."""
@@ -149,9 +128,8 @@ class EntmaxViTAttention(nn.Module):
             return self.config.attention_alpha
         return (1.0 + F.softplus(self.alpha_raw)).view(-1, 1, 1)
 
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch, tokens, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
@@ -198,8 +176,7 @@ class EntmaxViTDropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
@@ -224,32 +201,17 @@ class EntmaxViTLayer(GradientCheckpointingLayer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pretrained model base
-# ----------------------------------------------------------------------------------------------------------
-# Key layouts of checkpoints that must be converted first: description -> (key pattern, converter --source).
+# Pretrained model base. Checkpoints that must be converted first: description -> (key pattern, --source).
 _FOREIGN_LAYOUTS = {
     "an official DINO or timm ViT": (re.compile(r"(^|\.)(blocks\.\d+\.attn\.qkv|patch_embed\.proj|pos_embed$)"), "dino"),
-    "a transformers ViT/DINOv2": (
-        re.compile(
-            r"(^|\.)(encoder\.layer|layers)\.\d+\.(attention\.attention\.(query|key|value)|attention\.[qkv]_proj"
-            r"|layernorm_before)"
-        ),
-        "hf-vit",
-    ),
+    "a transformers ViT/DINOv2": (re.compile(r"(^|\.)(encoder\.layer|layers)\.\d+\.(attention\.attention\."
+                                             r"(query|key|value)|attention\.[qkv]_proj|layernorm_before)"), "hf-vit"),
 }
 _CONVERTER = (
     "Convert it into an EntmaxViT checkpoint first with the converter of the entmax-vit package (it checks the "
     "converted model against the source to 1e-5): `pip install entmax-vit`, then `python -m entmax_vit.conversion "
     "--source {source} INPUT OUTPUT_DIR` (--source timm for a timm checkpoint)."
 )
-
-
-def _foreign_layout(keys: Sequence[str]) -> Optional[tuple[str, str]]:
-    """(description, converter source) when ``keys`` look like an unconverted foreign checkpoint."""
-    for name, (pattern, source) in _FOREIGN_LAYOUTS.items():
-        if any(pattern.search(k) for k in keys):
-            return name, source
-    return None
 
 
 class EntmaxViTPreTrainedModel(PreTrainedModel):
@@ -269,8 +231,7 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
     _input_embed_layer = "patch_embeddings"
 
     def get_correct_attn_implementation(self, requested_attention: Optional[str], is_init_check: bool = False) -> str:
-        """The attention kernel for ``config.attention``: eager | compiled | sdpa (softmax only). None (transformers'
-        automatic choice) picks the default kernel of the transform; a kernel that cannot run it raises."""
+        """The kernel for ``config.attention`` (None: the transform's default); one that cannot run it raises."""
         return resolve_kernel(self.config.attention, requested_attention)
 
     @classmethod
@@ -279,27 +240,23 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
         unless ``ignore_mismatched_sizes=True``), except that an unconverted official DINO / timm / transformers
         ViT checkpoint raises ValueError naming the converter instead of loading as a random model."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
-        foreign = _foreign_layout(sorted(info.get("unexpected_keys", ())))
-        if foreign is not None:
-            name, source = foreign
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds {name} checkpoint, not an EntmaxViT one (its weights did "
-                f"not load). " + _CONVERTER.format(source=source)
-            )
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                              **kwargs)
+        unexpected = sorted(info.get("unexpected_keys", ()))
+        for name, (pattern, source) in _FOREIGN_LAYOUTS.items():
+            if any(pattern.search(k) for k in unexpected):
+                raise ValueError(f"{pretrained_model_name_or_path} holds {name} checkpoint, not an EntmaxViT one (its "
+                                 f"weights did not load). " + _CONVERTER.format(source=source))
         return (model, info) if want_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """DINO initialisation of every module: truncated normal (std ``initializer_range``) for linear weights,
-        [CLS], registers and position embeddings; zero biases; unit LayerNorms; the patch convolution with
-        PyTorch's default (kaiming-uniform, as DINO keeps it), written out so weights materialised from the
-        meta device are initialised too; learnt alphas at ``attention_alpha``."""
+        """DINO initialisation: truncated normal (std ``initializer_range``, absolute +-2 as DINO/timm) for linear
+        weights and the [CLS] / register / position embeddings; the patch convolution with PyTorch's default
+        (kaiming-uniform, as DINO keeps it; written out for weights materialised from the meta device)."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0, b=2.0)  # DINO/timm: absolute +-2
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0, b=2.0)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
@@ -311,10 +268,9 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, EntmaxViTEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std, a=-2.0, b=2.0)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std, a=-2.0, b=2.0)
-            if module.register_tokens is not None:
-                init.trunc_normal_(module.register_tokens, mean=0.0, std=std, a=-2.0, b=2.0)
+            for param in (module.position_embeddings, module.cls_token, module.register_tokens):
+                if param is not None:
+                    init.trunc_normal_(param, mean=0.0, std=std, a=-2.0, b=2.0)
         elif isinstance(module, EntmaxViTAttention) and module.alpha_raw is not None:
             init.constant_(module.alpha_raw, _alpha_raw(self.config.attention_alpha))
 
@@ -332,31 +288,19 @@ class EntmaxViTEncoder(EntmaxViTPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> BaseModelOutput:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
         for block in self.layer:
             hidden_states = block(hidden_states, attention_mask, **kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)
-
-
-def _patch_map(tokens: torch.Tensor, prefix: int, height: int, width: int, patch_size: int) -> torch.Tensor:
-    """Patch tokens of a sequence (B, prefix + h*w, D) as a map (B, D, h, w)."""
-    batch, _, dim = tokens.shape
-    return tokens[:, prefix:].reshape(batch, height // patch_size, width // patch_size, dim).permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------
 class EntmaxViTModel(EntmaxViTPreTrainedModel):
-    """The bare EntmaxViT encoder.
-
-    ``last_hidden_state`` is the final-LayerNormed sequence ([CLS], registers, patches), ``pooler_output`` the
-    normed [CLS] (DINO's feature), ``hidden_states`` the un-normed embedding output and each block output,
-    ``attentions`` the attention probabilities of every layer (for every transform; softmax falls back from
-    SDPA to the explicit product when they are requested).
-    """
+    """The bare encoder: ``last_hidden_state`` final-LayerNormed, ``pooler_output`` the normed [CLS] (DINO's
+    feature), ``hidden_states`` un-normed (embeddings + each block), ``attentions`` every layer's probabilities."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
@@ -373,39 +317,27 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
         """[CLS] + registers."""
         return 1 + self.config.num_register_tokens
 
+    def _patch_map(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Patch tokens of a (B, prefix + h*w, D) sequence as a map (B, D, h, w) for an input of height x width."""
+        grid = (height // self.config.patch_size, width // self.config.patch_size)
+        return tokens[:, self.num_prefix_tokens:].unflatten(1, grid).permute(0, 3, 1, 2).contiguous()
+
     @can_return_tuple
-    def forward(
-        self, pixel_values: Optional[torch.Tensor] = None, **kwargs: Unpack[TransformersKwargs]
-    ) -> BaseModelOutputWithPooling:
-        """pixel_values (B, C, H, W) -> BaseModelOutputWithPooling; ``output_hidden_states`` /
-        ``output_attentions`` / ``return_dict`` as in transformers (defaults from the config)."""
+    def forward(self, pixel_values: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling:
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         encoded = self.encoder(self.embeddings(pixel_values), **kwargs)
         sequence = self.layernorm(encoded.last_hidden_state)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=sequence,
-            pooler_output=sequence[:, 0],
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
-        )
+        return BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=sequence[:, 0],
+                                          hidden_states=encoded.hidden_states, attentions=encoded.attentions)
 
-    def get_intermediate_layers(
-        self,
-        pixel_values: torch.Tensor,
-        n: Union[int, Sequence[int]] = 1,
-        reshape: bool = False,
-        return_class_token: bool = False,
-        return_register_tokens: bool = False,
-        norm: bool = True,
-    ) -> tuple:
-        """Outputs of the last ``n`` blocks (int) or of the blocks with the given 0-based indices (sequence),
-        as DINO/DINOv2 ``get_intermediate_layers``, for probes.
-
-        Each entry is the patch tokens (B, N, D) or, with ``reshape``, a map (B, D, H/p, W/p); with
-        ``return_class_token`` a tuple (patches, cls (B, D)); with ``return_register_tokens`` also (B, R, D).
-        ``norm`` applies the final LayerNorm to each (as DINO's linear evaluation does).
-        """
+    def get_intermediate_layers(self, pixel_values: torch.Tensor, n: Union[int, Sequence[int]] = 1,
+                                reshape: bool = False, return_class_token: bool = False,
+                                return_register_tokens: bool = False, norm: bool = True) -> tuple:
+        """Outputs of the last ``n`` blocks (int) or of the given 0-based blocks, as DINO/DINOv2's, for probes:
+        patch tokens (B, N, D) (``reshape``: maps (B, D, H/p, W/p)), plus [CLS] (B, D) and registers (B, R, D)
+        in a tuple when asked; ``norm`` applies the final LayerNorm (as DINO's linear evaluation)."""
         depth = self.config.num_hidden_layers
         if isinstance(n, int) and not 1 <= n <= depth:
             raise ValueError(f"n must be in 1..{depth}, got {n}")
@@ -420,7 +352,7 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
         _, _, height, width = pixel_values.shape
         results = []
         for out in outputs:
-            patches = _patch_map(out, prefix, height, width, self.config.patch_size) if reshape else out[:, prefix:]
+            patches = self._patch_map(out, height, width) if reshape else out[:, prefix:]
             item: tuple = (patches,)
             if return_class_token:
                 item += (out[:, 0],)
@@ -438,63 +370,37 @@ class EntmaxViTForImageClassification(EntmaxViTPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.entmax_vit = EntmaxViTModel(config)
-        self.classifier = (
-            nn.Linear(2 * config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        )
+        labels = config.num_labels
+        self.classifier = nn.Linear(2 * config.hidden_size, labels) if labels > 0 else nn.Identity()
         self.post_init()
 
     @can_return_tuple
-    def forward(
-        self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> ImageClassifierOutput:
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                **kwargs: Unpack[TransformersKwargs]) -> ImageClassifierOutput:
         outputs: BaseModelOutputWithPooling = self.entmax_vit(pixel_values, **kwargs)
         sequence = outputs.last_hidden_state
         patches = sequence[:, self.entmax_vit.num_prefix_tokens :]
         logits = self.classifier(torch.cat([sequence[:, 0], patches.mean(dim=1)], dim=-1))
         loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
 
 
-class EntmaxViTBackbone(BackboneMixin, EntmaxViTPreTrainedModel):
-    """Patch feature maps (B, D, H/p, W/p) from chosen stages, for dense heads (a transformers backbone).
-
-    Stages are ``config.stage_names`` = "stem" (the embedding output) and "stage1".."stageL" (block outputs);
-    ``config.out_features`` / ``config.out_indices`` choose them (negative indices count from the end; None
-    means the last stage). ``config.backbone_norm`` applies the final LayerNorm to each map.
-    """
+class EntmaxViTBackbone(BackboneMixin, EntmaxViTModel):
+    """Patch maps (B, D, H/p, W/p) of the stages ``config.out_features`` / ``out_indices`` choose among "stem"
+    (embeddings) and "stage1".."stageL"; ``config.backbone_norm`` applies the final LayerNorm to each. The same
+    modules (and weight names) as EntmaxViTModel, another forward."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
-        self.embeddings = EntmaxViTEmbeddings(config)
-        self.encoder = EntmaxViTEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
 
     @can_return_tuple
     @filter_output_hidden_states
     def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
         encoded = self.encoder(self.embeddings(pixel_values), **kwargs)  # hidden states forced on by the filter
         _, _, height, width = pixel_values.shape
-        prefix = 1 + self.config.num_register_tokens
-        feature_maps = tuple(
-            _patch_map(self.layernorm(hidden) if self.config.backbone_norm else hidden, prefix, height, width,
-                       self.config.patch_size)
-            for stage, hidden in zip(self.stage_names, encoded.hidden_states)
-            if stage in self.out_features
-        )
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=encoded.hidden_states, attentions=encoded.attentions)
-
-
-__all__ = [
-    "EntmaxViTBackbone",
-    "EntmaxViTForImageClassification",
-    "EntmaxViTModel",
-    "EntmaxViTPreTrainedModel",
-]
+        maps = [self._patch_map(self.layernorm(h) if self.config.backbone_norm else h, height, width)
+                for stage, h in zip(self.stage_names, encoded.hidden_states) if stage in self.out_features]
+        return BackboneOutput(feature_maps=tuple(maps), hidden_states=encoded.hidden_states,
+                              attentions=encoded.attentions)

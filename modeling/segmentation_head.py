@@ -1,10 +1,6 @@
-"""Linear semantic-segmentation probe on frozen EntmaxViT patch features.
-
-Shared by the evaluation code (which trains it) and the Hub segmentation pipeline (which runs it), so it
-lives with the Hub code: imports only the standard library, torch and safetensors. The head is saved as
-``segmentation_head.safetensors`` (weights, written and read by the ``safetensors`` library) +
-``segmentation_head.json`` (everything needed to rebuild it and to run it the way it was trained).
-"""
+"""Linear semantic-segmentation probe on frozen EntmaxViT patch features: trained by the evaluation code, run by
+the Hub segmentation pipeline, so it lives with the Hub code (stdlib, torch, safetensors). Saved as
+``segmentation_head.safetensors`` (weights) + ``segmentation_head.json`` (how to rebuild and run it)."""
 
 from __future__ import annotations
 
@@ -21,24 +17,7 @@ from torch import nn
 HEAD_WEIGHTS = "segmentation_head.safetensors"
 HEAD_CONFIG = "segmentation_head.json"
 
-def _save_weights(tensors: dict[str, torch.Tensor], path: str) -> None:
-    """safetensors file written atomically (temporary file, then rename): a crash never leaves half a head."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
 
-
-def _load_weights(path: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path, device="cpu")
-    except Exception as err:  # noqa: BLE001 - safetensors raises SafetensorError / OSError for malformed files
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The probe
-# ----------------------------------------------------------------------------------------------------------
 @dataclass
 class SegmentationHeadConfig:
     """How the probe reads the backbone and what it predicts."""
@@ -88,17 +67,11 @@ class LinearSegmentationHead(nn.Module):
     def extract_features(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen features (B, C, H/p, W/p) from an EntmaxViTModel as configured (layers, norm, [CLS])."""
         cfg = self.config
-        outputs = model.get_intermediate_layers(
-            pixel_values, n=cfg.layers, reshape=True, return_class_token=cfg.use_cls_token, norm=cfg.backbone_norm
-        )
-        maps = []
-        for out in outputs:
-            if cfg.use_cls_token:
-                patches, cls = out
-                maps += [patches, cls[:, :, None, None].expand_as(patches)]
-            else:
-                maps.append(out)
-        return torch.cat(maps, dim=1)
+        outputs = model.get_intermediate_layers(pixel_values, n=cfg.layers, reshape=True,
+                                                return_class_token=cfg.use_cls_token, norm=cfg.backbone_norm)
+        if cfg.use_cls_token:  # [CLS] (B, D) broadcast over the patch map
+            outputs = [t for patches, cls in outputs for t in (patches, cls[:, :, None, None].expand_as(patches))]
+        return torch.cat(list(outputs), dim=1)
 
     def predict(self, model: nn.Module, pixel_values: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Logits (B, K, H, W), bilinearly upsampled to ``size`` (default: the input's size)."""
@@ -110,7 +83,11 @@ class LinearSegmentationHead(nn.Module):
     def save(self, directory: str | os.PathLike) -> str | os.PathLike:
         """Write the head folder; returns ``directory`` as given."""
         os.makedirs(directory, exist_ok=True)
-        _save_weights(self.state_dict(), os.path.join(os.fspath(directory), HEAD_WEIGHTS))
+        # written atomically (temporary file, then rename): a crash never leaves half a head
+        tmp = os.path.join(directory, f".{HEAD_WEIGHTS}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp,
+                  metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(directory, HEAD_WEIGHTS))
         with open(os.path.join(directory, HEAD_CONFIG), "w") as f:
             f.write(json.dumps(self.config.to_dict(), indent=2))
         return directory
@@ -123,16 +100,12 @@ class LinearSegmentationHead(nn.Module):
         with open(os.path.join(directory, HEAD_CONFIG)) as f:
             config = SegmentationHeadConfig.from_dict(json.load(f))
         head = cls(config)
-        state = _load_weights(os.path.join(os.fspath(directory), HEAD_WEIGHTS))
+        path = os.path.join(directory, HEAD_WEIGHTS)
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors raises SafetensorError / OSError for malformed files
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
         missing, unexpected = head.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"Segmentation head weights do not match its config: missing {missing}, unexpected {unexpected}")
         return head.to(map_location)
-
-
-__all__ = [
-    "HEAD_CONFIG",
-    "HEAD_WEIGHTS",
-    "LinearSegmentationHead",
-    "SegmentationHeadConfig",
-]

@@ -1,34 +1,18 @@
-"""Threshold solvers of the sparse transforms: one per transform, shared by every kernel.
+"""Threshold solvers of the sparse transforms: one per transform, shared by every kernel (eager and tiled use
+them, the Triton kernel mirrors them and is tested against them).
 
-entmax-1.5, sparsemax and alpha-entmax map scores to p_i = [x_i - tau]_+^(1/(alpha-1)) with x = (alpha-1) z
-and tau the unique solution of sum_i p_i = 1 (Peters, Niculae & Martins, 2019). Every kernel solves tau with
-the functions of this file: the dense transforms of ``attention.py`` (the eager kernel) apply them to all rows
-as one block, the ``tiled`` kernel to cache-sized query blocks, and the ``triton`` kernel
-(``triton_attention.py``) mirrors the same method in registers and is tested against them.
-
-How they are fast and still exact, with x shifted so that max x = 0 and d = [x - tau]_+:
-
-1. Start from a *certified lower bound* tau_0 <= tau*: the max entry alone gives mass 1 at tau = -1, and the
-   power-mean inequality gives sum_i d_i^q >= 1 at tau = mean(x) - N^-min(alpha-1, 1).
-2. Take Newton steps on phi(tau) = ||d||_q - 1 (q = 1/(alpha-1)). For q >= 1 (alpha <= 2) phi is a norm of
-   a convex map, hence convex and decreasing, so Newton from the left never overshoots: every iterate is
-   still a lower bound and its support {x > tau} contains the true support. Newton on the norm (rather than
-   on ||d||_q^q) is nearly linear far from the root, which is what makes a few steps enough.
-3. For entmax-1.5 and sparsemax, finish in closed form on the current support S (k entries): tau solves
-   k u^2 - 2 s1 u + s2 - 1 = 0 (entmax-1.5) or k u - s1 + 1 = 0 (sparsemax) in u = tau_new - tau, where
-   s1, s2 are sums of d and d^2. The *certificate*: the support at the new tau has the size the root was
-   solved on, so the root solves the equation on its own support and is the unique threshold. It holds
-   whatever the iterates were, so rounding cannot certify a wrong row. Rows failing it (rare: a few
-   near-uniform rows in a thousand at N >= 785) take the exact path: the sort-based threshold here (as a
-   ``torch.cond`` under graph capture), more certified Newton passes in the Triton kernel.
-4. alpha-entmax has no closed form: safeguarded Newton (bisection where Newton leaves the bracket, which
-   only happens for alpha > 2) runs to float precision, then p is renormalised, as in the ``entmax`` package.
-
-Backward passes need only p: with g = p^(2-alpha) (sqrt(p) for entmax-1.5, the support indicator for
-sparsemax), dL/dz = g dP - g sum(g dP) / sum(g) (``jacobian_product``), and for alpha the gradient of
-Correia et al. (2019), eq. 13 (``alpha_gradient``). Half-precision inputs are computed in float32.
-
-This file is copied to the Hub with the model: it imports only torch.
+p_i = [x_i - tau]_+^(1/(alpha-1)) with x = (alpha-1) z and tau solving sum_i p_i = 1 (Peters et al., 2019).
+Fast and exact, with x shifted to max 0 and d = [x - tau]_+:
+1. start from a certified lower bound tau_0 <= tau* (max(-1, mean(x) - N^-min(alpha-1, 1)), power-mean);
+2. Newton steps on ||d||_q - 1 (q = 1/(alpha-1)): convex and decreasing for alpha <= 2, so every iterate
+   stays a lower bound whose support contains the true one;
+3. entmax-1.5 / sparsemax: the closed-form root on the current support, *certified* when the support at the
+   new tau has the size it was solved on (then it is the unique threshold, whatever rounding did). Rows that
+   fail (a few near-uniform rows in a thousand at N >= 785) take the sort-based threshold;
+4. alpha-entmax: safeguarded Newton (bisection where it leaves the bracket, only for alpha > 2) to float
+   precision, then renormalised, as the ``entmax`` package does.
+Backward needs only p: g = p^(2-alpha), dL/dz = g dP - g sum(g dP) / sum(g); alpha's gradient is Correia et
+al. (2019), eq. 13. Hub code: imports only torch.
 """
 
 from __future__ import annotations
@@ -37,16 +21,12 @@ from typing import Callable, Optional
 
 import torch
 
-# Newton steps before the closed-form finish (uncertified rows take the exact path, so these trade speed
-# only): with these, no row failed the certificate on Gaussian scores of any scale we tried at N = 37 and 197
-# (sparsemax's Michelot steps converge more slowly on flat rows); at N = 785 and 3137 a few near-uniform rows
-# in a thousand do. The solvers take them as parameters (``newton_steps``, ``check_every``) defaulting to
-# these. alpha-entmax: iterations per convergence check and their cap.
+# Newton steps before the closed-form finish; they trade speed only (uncertified rows take the exact path).
+# With these no row failed the certificate on Gaussian scores at N = 37 and 197; at N >= 785 a few in a thousand.
 NEWTON_STEPS = {"entmax15": 4, "sparsemax": 6}
-BISECT_CHECK_EVERY = 4
+BISECT_CHECK_EVERY = 4  # alpha-entmax: iterations per convergence check
 BISECT_MAX_ITER = 64  # float64 rows at alpha > 2 need more than 48 (Newton creeps where phi is not convex)
-# Triton kernel: passes over the keys a row may take before its Newton iterate has converged (the loop ends
-# as soon as every row of a block is certified, after about 6 passes on attention-like rows).
+# Triton kernel: cap on passes over the keys per row (every row is certified after ~6 on attention-like rows).
 MAX_CERTIFY_PASSES = 64
 
 SPARSE_TRANSFORMS = ("entmax15", "sparsemax", "entmax_bisect")
@@ -58,11 +38,8 @@ def tracing() -> bool:
 
 
 def _unless_all(done: torch.Tensor, fix: Callable, operands: tuple) -> torch.Tensor:
-    """``operands[0]`` if ``done`` is all True, else ``fix(*operands)``; exportable and compilable.
-
-    Under graph capture (torch.compile, torch.export) this is ``torch.cond``; in eager mode a plain branch,
-    because ``torch.cond`` called eagerly compiles itself per call. Both branches return the same values.
-    """
+    """``operands[0]`` if ``done`` is all True, else ``fix(*operands)``: ``torch.cond`` under graph capture, a
+    plain branch eagerly (an eager ``torch.cond`` compiles itself per call)."""
     if torch.compiler.is_compiling():
         return torch.cond(done.all(), lambda x, *rest: x.clone(), fix, operands)
     if bool(done.all()):
@@ -76,15 +53,10 @@ def _lower_bound(mean: torch.Tensor, n: int, power) -> torch.Tensor:
     return torch.clamp(torch.nan_to_num(mean - n**-power, nan=-1.0, neginf=-1.0), min=-1.0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Exact sort-based thresholds (the fallback for rows the fast search cannot certify)
-# ----------------------------------------------------------------------------------------------------------
+# Exact sort-based thresholds: the fallback for rows the fast search cannot certify.
 def entmax15_sort_threshold(y: torch.Tensor) -> torch.Tensor:
-    """Exact 1.5-entmax threshold t (score units: p = ((y - t)_+ / 2)^2) of rows ``y`` with max 0, (..., 1).
-
-    On the support of the k largest entries of x = y / 2, tau_k = mean_k - sqrt((1 - k var_k) / k); the support
-    is the largest k with tau_k <= x_(k) (Peters et al., 2019). t = 2 tau.
-    """
+    """Exact 1.5-entmax threshold t (p = ((y - t)_+ / 2)^2) of rows ``y`` with max 0, (..., 1): on the k largest
+    of x = y / 2, tau_k = mean_k - sqrt((1 - k var_k) / k), k the largest with tau_k <= x_(k); t = 2 tau."""
     x_sorted, _ = torch.sort(y / 2, dim=-1, descending=True)  # (..., N)
     rho = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
     mean = x_sorted.cumsum(-1) / rho
@@ -103,14 +75,9 @@ def sparsemax_sort_threshold(y: torch.Tensor) -> torch.Tensor:
     return (cumsum.gather(-1, support - 1) - 1) / support.to(y.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Thresholds on one block. y: (G, Bq, N) scores minus their row max (row max 0); e: a work buffer of the same
-# shape, or None. Each returns the threshold t (G, Bq, 1) and e = (y - t)_+, the basis of the probabilities;
-# with a buffer y is overwritten too (scratch for the certificate). ``rescore()`` recomputes y for the sort
-# fallback. Eagerly, buffers are reused and ops run in place because on CPU a fresh multi-MB tensor costs page
-# faults that are dearer than the arithmetic on it (about 3x for a 2 MB block); compiled (no buffers), the
-# passes fuse and inductor plans the memory.
-# ----------------------------------------------------------------------------------------------------------
+# Thresholds on one block. y: (G, Bq, N) scores minus their row max; e: a work buffer of that shape or None
+# (then y is scratch too). Each returns t (G, Bq, 1) and e = (y - t)_+; ``rescore()`` recomputes y for the sort
+# fallback. Buffers and in-place ops because on CPU a fresh multi-MB tensor's page faults cost ~3x the arithmetic.
 def _relu_sub(y: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     """(y - t)_+, written into ``out`` if given."""
     return (y - t if out is None else torch.sub(y, t, out=out)).clamp_min_(0)
@@ -123,13 +90,8 @@ def _count_positive(e: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tenso
 
 
 def entmax15_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact entmax-1.5 threshold in score units (p = (e / 2)^2, e = (y - t)_+); ``mean`` is y's row mean.
-
-    Newton on ||d||_2 - 1 (d = e / 2) from the certified lower bound, the closed-form root on the support
-    found, then the certificate: the support at the new threshold has the same size as the one the root was
-    solved on, so the root solves the equation on its own support and is the unique threshold. The check
-    holds whatever the iterates were (no lower-bound assumption, so rounding cannot certify a wrong row).
-    """
+    """Exact entmax-1.5 threshold (p = (e / 2)^2, e = (y - t)_+; ``mean``: y's row mean): Newton on ||e / 2||_2 - 1
+    from the lower bound, the closed-form root on the support found, and the certificate (module docstring)."""
     buf = e
     t = 2 * _lower_bound(mean / 2, y.shape[-1], 0.5)  # (G, Bq, 1), t <= t*
     for _ in range(steps):
@@ -167,12 +129,8 @@ def sparsemax_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tupl
 
 
 def _certified(ok, t, e, rescore: Callable, sort_threshold: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, e) with the rows failing the certificate recomputed exactly by ``sort_threshold`` on rescored y.
-
-    Rare (a few rows in thousands, mostly near-uniform rows of long sequences). Eager mode sorts only the
-    failing rows; under graph capture (torch.compile, torch.export) shapes are static, so the whole block is
-    sorted inside a ``torch.cond`` branch that runs only when some row failed.
-    """
+    """(t, e) with the rows failing the certificate recomputed by ``sort_threshold`` on rescored y: only those
+    rows eagerly; under graph capture (static shapes) the whole block, in a ``torch.cond`` branch."""
     if torch.compiler.is_compiling():
 
         def exact(t, ok, e):
@@ -211,15 +169,12 @@ def _bisect_iterations(x, q, lo, hi, tau, err, count: int):
 def bisect_block_threshold(
     x: torch.Tensor, mean: torch.Tensor, am1: torch.Tensor, q, tol: float, check_every: int = BISECT_CHECK_EVERY
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha-entmax threshold of ``x`` = (alpha - 1) y (row max 0, row mean ``mean``); ``am1`` = alpha - 1
-    per row (..., 1) and
-    ``q`` = 1 / (alpha - 1) (a float when alpha is one number: d ** 2.0 is a square, not exp/log).
+    """alpha-entmax threshold of ``x`` = (alpha - 1) y (row max 0, row mean ``mean``); ``am1`` = alpha - 1 per
+    row (..., 1), ``q`` = 1 / (alpha - 1) (a float when alpha is one number: d ** 2.0 is a square, not exp/log).
 
-    Runs the safeguarded Newton iteration in rounds of ``check_every`` steps until every row of the block
-    has converged (|f(lo)| within ``tol``, or the bracket within ``tol`` relative to |hi|: tau < hi < 0, and
-    near-uniform rows at alpha > 2 have |tau| ~ 1e-3, where an absolute bracket stops thousands of ulps early)
-    or BISECT_MAX_ITER. Returns (lo, z) with p = (x - lo)_+^q / z renormalised, as the ``entmax`` package does.
-    """
+    Safeguarded Newton in rounds of ``check_every`` until every row converged (|f(lo)| <= ``tol``, or the bracket
+    within ``tol`` relative to |hi|: near-uniform rows at alpha > 2 have |tau| ~ 1e-3) or BISECT_MAX_ITER.
+    Returns (lo, z) with p = (x - lo)_+^q / z renormalised, as the ``entmax`` package does."""
     n = x.shape[-1]
     lo = _lower_bound(mean, n, torch.clamp(am1, max=1.0))
     hi = (-((1.0 / n) ** am1)).expand_as(lo)  # every entry contributes at most 1/n there
@@ -237,18 +192,13 @@ def bisect_block_threshold(
     return lo, z
 
 
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The dense path: the block solvers applied to every row of a (..., N) tensor as one block
-# ----------------------------------------------------------------------------------------------------------
+# The dense path: the block solvers applied to every row of a (..., N) tensor as one block.
 def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
                   scalar_alpha: Optional[float] = None, *, newton_steps: Optional[int] = None,
                   check_every: int = BISECT_CHECK_EVERY) -> torch.Tensor:
-    """Exact ``transform`` of ``scores`` over the last dimension (float32 or wider). ``alpha_rows`` (..., 1):
-    alpha per row (entmax_bisect); ``scalar_alpha``: the same alpha as a float (a float exponent is cheaper).
-    ``newton_steps`` (default ``NEWTON_STEPS[transform]``), ``check_every``: the solvers' work per round; any
-    value gives the exact answer (fewer Newton steps send more rows to the sort fallback)."""
+    """Exact ``transform`` of ``scores`` (float32 or wider) over the last dimension; ``alpha_rows`` (..., 1) and
+    ``scalar_alpha`` (the same as a float, a cheaper exponent): entmax_bisect's alpha. ``newton_steps`` (default
+    ``NEWTON_STEPS``), ``check_every``: work per round; any value is exact (fewer steps: more sort fallbacks)."""
     m = scores.amax(dim=-1, keepdim=True)
     y = scores - m  # (..., N), row max 0
     mean = y.mean(dim=-1, keepdim=True)
@@ -297,11 +247,9 @@ def alpha_gradient(probs: torch.Tensor, g: torch.Tensor, dp: torch.Tensor, am1: 
 
 def alpha_per_row(alpha, rows_shape: tuple[int, ...], device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.Tensor, Optional[float]]:
-    """alpha-entmax's alpha as one value per row, ``rows_shape + (1,)`` (an expanded view: autograd sums the
-    broadcast back to alpha's shape), and the float when alpha is one fixed number (None otherwise).
-
-    ``alpha``: None (1.5), a float, or a tensor broadcastable to the rows, e.g. (H, 1, 1) per head. Raises
-    ValueError for alpha <= 1 (checked on the host except while a graph is captured)."""
+    """alpha (None = 1.5, a float, or a tensor broadcastable to the rows, e.g. (H, 1, 1)) as one value per row,
+    ``rows_shape + (1,)`` (an expanded view: autograd sums the broadcast back), and the float when alpha is one
+    fixed number (else None). Raises ValueError for alpha <= 1 (not checked while a graph is captured)."""
     alpha = 1.5 if alpha is None else alpha
     scalar = None
     if not torch.is_tensor(alpha):

@@ -1,32 +1,12 @@
-"""Tiled exact sparse attention: entmax-1.5, sparsemax and alpha-entmax at the memory cost of softmax SDPA.
+"""Tiled exact sparse attention (entmax-1.5, sparsemax, alpha-entmax) at the memory cost of softmax SDPA.
 
-``tiled_attention(q, k, v, transform=..., scaling=...)`` computes ``P V`` with ``P`` the exact row-wise
-entmax of ``S = scaling q k^T`` without ever holding the (B, H, N, N) scores:
-
-* queries are processed in blocks of ``Bq`` rows, sized so that a block's (B, H, Bq, N) scores (and the one
-  or two work buffers of the same size) stay in cache while the threshold search passes over them;
-* the row threshold is solved on the block with the same exact method as the dense transforms (certified
-  lower bound, Newton on ``||[x - tau]_+||_q - 1``, closed-form finish on the support, a per-row certificate,
-  the sort-based reference for rows it cannot certify; ``thresholds.py``);
-* the block's output ``P V`` is written at once; only the row max ``m`` and the threshold ``t`` (and for
-  alpha-entmax the normaliser ``z``) are kept: O(B H N) state instead of O(B H N^2);
-* the backward (FlashAttention's recompute idea applied to entmax) recomputes each block's probabilities from
-  the saved ``(m, t)`` with the same arithmetic as the forward, hence bit-identical, and forms
-  ``dP = dO V^T``, ``dS = g * (dP - sum(g dP) / sum(g))`` with ``g = p^(2-alpha)`` (``sqrt(p)`` for
-  entmax-1.5, the support indicator for sparsemax), ``dQ = scaling dS K``, ``dK = scaling dS^T Q``,
-  ``dV = P^T dO``, and for alpha-entmax the gradient for alpha (Correia et al., 2019, eq. 13).
-
-The code is plain tensor ops with no data-dependent Python control flow under graph capture, so
-``torch.export`` and ``torch.compile(fullgraph=True)`` take it whole. The two data-dependent decisions (sort
-fallback for uncertified rows, more alpha-entmax iterations for unconverged rows) are ``torch.cond`` while a
-graph is captured and a plain ``if`` in eager mode (``torch.cond`` called eagerly compiles itself on every call,
-about 2 ms, which would cost more than the block).
-
-Blocks are sized for the device: a few MB on CPU (cache), a few hundred MB on CUDA, where every block costs
-kernel launches and one host sync for its certificate (the ``triton`` kernel, CUDA's default, needs none).
-
-Everything runs in float32 or wider; half-precision inputs are computed in float32 (also under autocast) and
-the output is returned in the input dtype. This file is copied to the Hub: it imports only torch.
+``tiled_attention(q, k, v, transform=..., scaling=...)`` computes ``P V`` in query blocks sized so that a
+block's scores and work buffers stay in cache, solving each row's threshold with ``thresholds.py`` and keeping
+only the row max ``m``, the threshold ``t`` (and alpha-entmax's normaliser ``z``): O(B H N) state. The backward
+(FlashAttention's recompute idea) rebuilds each block's probabilities from ``(m, t)`` with the forward's
+arithmetic, hence bit-identical. Data-dependent branches are ``torch.cond`` under graph capture (so
+torch.export / compile(fullgraph=True) take it whole) and a plain ``if`` eagerly (an eager ``torch.cond``
+compiles itself per call, ~2 ms). Half precision is computed in float32. Hub code: imports only torch.
 """
 
 from __future__ import annotations
@@ -35,23 +15,13 @@ from typing import Optional
 
 import torch
 
-from .thresholds import (
-    BISECT_CHECK_EVERY,
-    NEWTON_STEPS,
-    SPARSE_TRANSFORMS,
-    alpha_gradient,
-    bisect_block_threshold,
-    entmax15_block_threshold,
-    jacobian_product,
-    jacobian_weights,
-    alpha_per_row,
-    sparsemax_block_threshold,
-)
+from .thresholds import (BISECT_CHECK_EVERY, NEWTON_STEPS, SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row,
+                         bisect_block_threshold, entmax15_block_threshold, jacobian_product, jacobian_weights,
+                         sparsemax_block_threshold)
 
-# A block's (B, H, Bq, N) float32 scores take at most this many bytes. CPU: with one or two work buffers of
-# the same size they stay in a 2-core CPU's L2 + L3 (measured on the 2-core EPYC dev machine: 1-4 MB blocks
-# run the elementwise passes 3-5x faster than whole (B, H, N, N) tensors; docs/performance.md). CUDA: large
-# blocks, so that a ViT-S/16 DINO step at 224 px is one block per layer instead of thousands of launches.
+# Max bytes of a block's (B, H, Bq, N) float32 scores. CPU: with their work buffers they stay in L2 + L3 (1-4 MB
+# blocks run 3-5x faster than whole tensors on the 2-core dev machine; docs/performance.md). CUDA: one block per
+# layer for a ViT-S/16 DINO step at 224 px instead of thousands of launches.
 BLOCK_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 BLOCK_ROWS = 128  # preferred query rows per block on CPU (GEMM efficiency)
 MIN_BLOCK_ROWS = 16  # below this the matmuls lose efficiency and the Python overhead per block dominates
@@ -69,9 +39,7 @@ def block_shape(batch_heads: int, n_keys: int, device_type: str = "cpu") -> tupl
     return max(1, min(batch_heads, heads)), rows
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One block: scores -> probability basis, and the backward's dS from it
-# ----------------------------------------------------------------------------------------------------------
+# One block: scores -> probability basis, and the backward's dS from it.
 def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.Tensor] = None):
     """y = q_blk key^T - row max (written into ``out`` if given), (G, Bq, N); returns (y, m). q_blk is scaled."""
     s = torch.matmul(q_blk, key_t) if out is None else torch.matmul(q_blk, key_t, out=out)
@@ -83,10 +51,9 @@ def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.T
 def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transform: str,
                   scalar_alpha: Optional[float], newton_steps: Optional[int] = None,
                   check_every: int = BISECT_CHECK_EVERY):
-    """One block of the forward: (out, m, t, z) = P V of the block and its per-row state (z: alpha-entmax's
-    normaliser, else None). q_blk (G, Bq, d) is already scaled; key_t (G, d, N); key_mean (G, d, 1);
-    value (G, N, e); alpha_blk (G, Bq, 1) (alpha-entmax only); y_buf, e_buf: (G, Bq, N) work buffers or None.
-    ``newton_steps``, ``check_every``: the solvers' work per round, as in ``thresholds.probabilities``."""
+    """One block of the forward: P V and the per-row state (m, t, z: alpha-entmax's normaliser, else None).
+    q_blk (G, Bq, d) scaled; key_t (G, d, N); key_mean (G, d, 1); value (G, N, e); alpha_blk (G, Bq, 1) or None;
+    y_buf, e_buf: (G, Bq, N) work buffers or None; ``newton_steps``, ``check_every`` as in ``probabilities``."""
     y, m = _block_scores(q_blk, key_t, y_buf)  # (G, Bq, N), (G, Bq, 1)
     mean = torch.matmul(q_blk, key_mean) - m  # (G, Bq, 1), row mean of y
 
@@ -141,27 +108,21 @@ def backward_block(q_blk, do_blk, key, key_t, value_t, m_blk, t_blk, z_blk, alph
 
 def _blocks(batch_heads: int, n: int, heads: int, rows: int):
     """Block index slices over (B*H, N) query rows: for each group of ``heads``, the list of row slices."""
-    return [
-        (slice(g, g + heads), [slice(r, r + rows) for r in range(0, n, rows)]) for g in range(0, batch_heads, heads)
-    ]
+    row_slices = [slice(r, r + rows) for r in range(0, n, rows)]
+    return [(slice(g, g + heads), row_slices) for g in range(0, batch_heads, heads)]
 
 
-def _cat_blocks(blocks: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Reassemble per-block (G, Bq, .) results into (B*H, N, .): rows within a group, then groups."""
-    return torch.cat([torch.cat(group, dim=1) for group in blocks], dim=0)
+def _cat_blocks(results: list[list[tuple]], item: int) -> torch.Tensor:
+    """Reassemble ``item`` of the per-block results (G, Bq, .) into (B*H, N, .): rows in a group, then groups."""
+    return torch.cat([torch.cat([r[item] for r in group], dim=1) for group in results], dim=0)
 
 
-class _Buffers:
-    """Two (G, Bq, N) work buffers reused by every block of one call (views of the same storage for the
-    smaller edge blocks), so the block loop allocates nothing large."""
-
-    def __init__(self, like: torch.Tensor, block: tuple[int, int], n: int) -> None:
-        size = min(block[0], like.shape[0]) * min(block[1], like.shape[1]) * n
-        self.flat = [like.new_empty(size), like.new_empty(size)]
-
-    def views(self, q_blk: torch.Tensor, n: int) -> list[torch.Tensor]:
-        g, r = q_blk.shape[:2]
-        return [buf[: g * r * n].view(g, r, n) for buf in self.flat]
+def _work_buffers(like: torch.Tensor, block: tuple[int, int], n: int):
+    """``views(q_blk)``: two (G, Bq, N) work buffers reused by every block of one call (views of the same storage
+    for the smaller edge blocks), so the block loop allocates nothing large."""
+    size = min(block[0], like.shape[0]) * min(block[1], like.shape[1]) * n
+    flat = [like.new_empty(size), like.new_empty(size)]
+    return lambda q_blk: [buf[: q_blk.shape[0] * q_blk.shape[1] * n].view(*q_blk.shape[:2], n) for buf in flat]
 
 
 class _TiledEntmax(torch.autograd.Function):
@@ -174,22 +135,20 @@ class _TiledEntmax(torch.autograd.Function):
         n, bisect = key.shape[1], transform == "entmax_bisect"
         key_t = key.transpose(-2, -1)  # (BH, d, N)
         key_mean = key.mean(dim=-2).unsqueeze(-1)  # (BH, d, 1): a row mean of the scores is q . mean(k)
-        buffers = _Buffers(query, block, n)
-        outs, ms, ts, zs = [], [], [], []
-        for heads, row_slices in _blocks(query.shape[0], query.shape[1], *block):  # unrolled when captured
-            for blocks in (outs, ms, ts, zs):
-                blocks.append([])
-            for rows in row_slices:
-                q_blk = query[heads, rows] * scaling  # (G, Bq, d)
-                out, m, t, z = forward_block(q_blk, key_t[heads], key_mean[heads], value[heads],
-                                             alpha_rows[heads, rows] if bisect else None,
-                                             *buffers.views(q_blk, n), transform, scalar_alpha)
-                for blocks, value_blk in ((outs, out), (ms, m), (ts, t), (zs, z)):
-                    blocks[-1].append(value_blk)
-        state = [_cat_blocks(ms), _cat_blocks(ts)] + ([_cat_blocks(zs)] if bisect else [])
+        views = _work_buffers(query, block, n)
+
+        def run(heads: slice, rows: slice) -> tuple:  # (out, m, t, z) of one block
+            q_blk = query[heads, rows] * scaling  # (G, Bq, d)
+            return forward_block(q_blk, key_t[heads], key_mean[heads], value[heads],
+                                 alpha_rows[heads, rows] if bisect else None, *views(q_blk), transform,
+                                 scalar_alpha)
+
+        # unrolled when captured
+        results = [[run(heads, rows) for rows in row_slices] for heads, row_slices in _blocks(*query.shape[:2], *block)]
+        state = [_cat_blocks(results, i) for i in ((1, 2, 3) if bisect else (1, 2))]  # m, t[, z]
         ctx.save_for_backward(query, key, value, alpha_rows, *state)
         ctx.transform, ctx.scaling, ctx.block, ctx.scalar_alpha = transform, scaling, block, scalar_alpha
-        return _cat_blocks(outs)
+        return _cat_blocks(results, 0)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -203,38 +162,27 @@ class _TiledEntmax(torch.autograd.Function):
         n = key.shape[1]
         grad_out = grad_out.contiguous()
         key_t, value_t = key.transpose(-2, -1), value.transpose(-2, -1)
-        buffers = _Buffers(query, ctx.block, n)
-        dq_blocks, dk_blocks, dv_blocks, dalpha_blocks = [], [], [], []
-        for heads, row_slices in _blocks(query.shape[0], query.shape[1], *ctx.block):
-            dq_blocks.append([])
-            dalpha_blocks.append([])
-            dk = torch.zeros_like(key[heads])  # (G, N, d), summed over the query blocks
-            dv = torch.zeros_like(value[heads])
-            for rows in row_slices:
-                q_blk = query[heads, rows] * ctx.scaling  # (G, Bq, d)
-                dq, dalpha = backward_block(
-                    q_blk, grad_out[heads, rows], key[heads], key_t[heads], value_t[heads], m[heads, rows],
-                    t[heads, rows], z[0][heads, rows] if bisect else None,
-                    alpha_rows[heads, rows] if bisect else None, dk, dv, *buffers.views(q_blk, n),
-                    ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
-                dq_blocks[-1].append(dq)
-                dalpha_blocks[-1].append(dalpha)
-            dk_blocks.append(dk)
-            dv_blocks.append(dv)
-        dalpha = _cat_blocks(dalpha_blocks) if need_alpha else None
-        return _cat_blocks(dq_blocks), torch.cat(dk_blocks), torch.cat(dv_blocks), dalpha, None, None, None, None
+        views = _work_buffers(query, ctx.block, n)
+
+        def run(heads: slice, rows: slice, dk: torch.Tensor, dv: torch.Tensor) -> tuple:  # (dq, dalpha) of one block
+            q_blk = query[heads, rows] * ctx.scaling  # (G, Bq, d)
+            return backward_block(
+                q_blk, grad_out[heads, rows], key[heads], key_t[heads], value_t[heads], m[heads, rows],
+                t[heads, rows], z[0][heads, rows] if bisect else None, alpha_rows[heads, rows] if bisect else None,
+                dk, dv, *views(q_blk), ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
+
+        results, dks, dvs = [], [], []
+        for heads, row_slices in _blocks(*query.shape[:2], *ctx.block):
+            dk, dv = torch.zeros_like(key[heads]), torch.zeros_like(value[heads])  # (G, N, d), summed over blocks
+            results.append([run(heads, rows, dk, dv) for rows in row_slices])
+            dks.append(dk)
+            dvs.append(dv)
+        dalpha = _cat_blocks(results, 1) if need_alpha else None
+        return _cat_blocks(results, 0), torch.cat(dks), torch.cat(dvs), dalpha, None, None, None, None
 
 
-def tiled_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    transform: str,
-    scaling: float,
-    alpha=None,
-    block: Optional[tuple[int, int]] = None,
-) -> torch.Tensor:
+def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str, scaling: float,
+                    alpha=None, block: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Exact sparse attention ``transform(scaling q k^T) v`` computed in blocks: query (B, H, N, d), key
     (B, H, M, d), value (B, H, M, e) -> (B, H, N, e).
 
@@ -245,7 +193,8 @@ def tiled_attention(
     """
     if transform not in SPARSE_TRANSFORMS:
         raise ValueError(f"tiled_attention supports {SPARSE_TRANSFORMS}, not {transform!r}")
-    if query.ndim != 4 or key.shape[:-1] != value.shape[:-1] or query.shape[:2] + query.shape[3:] != key.shape[:2] + key.shape[3:]:
+    if (query.ndim != 4 or key.shape[:-1] != value.shape[:-1]
+            or query.shape[:2] + query.shape[3:] != key.shape[:2] + key.shape[3:]):
         raise ValueError(
             f"expected query (B, H, N, d), key (B, H, M, d), value (B, H, M, e); got {tuple(query.shape)}, "
             f"{tuple(key.shape)}, {tuple(value.shape)}"
@@ -264,16 +213,6 @@ def tiled_attention(
         return x.to(compute).reshape(batch * heads, *x.shape[-2:])
 
     with torch.autocast(query.device.type, enabled=False):  # the kernel's matmuls stay in float32
-        out = _TiledEntmax.apply(
-            rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block, scalar_alpha
-        )
+        out = _TiledEntmax.apply(rows(query), rows(key), rows(value), alpha_rows, transform, scaling, block,
+                                 scalar_alpha)
     return out.view(batch, heads, n_q, value.shape[-1]).to(dtype)
-
-
-__all__ = [
-    "BLOCK_BYTES",
-    "block_shape",
-    "backward_block",
-    "forward_block",
-    "tiled_attention",
-]

@@ -1,35 +1,14 @@
 """Fused exact sparse attention in Triton (kernel ``triton``): entmax-1.5, sparsemax and alpha-entmax.
 
-``triton_attention(q, k, v, transform=..., scaling=...)`` computes ``P V`` with ``P`` the exact row-wise
-entmax of ``S = scaling q k^T`` in one kernel launch for the forward and two for the backward, never holding
-the (B, H, N, N) scores: FlashAttention's recompute idea (Dao et al., 2022; Triton's fused-attention tutorial)
-applied to the threshold search of ``thresholds.py``, the same method as the ``tiled`` kernel:
-
-* a program owns ``BLOCK_M`` query rows; pass 0 over the keys gives the row max ``m`` and row mean, hence the
-  certified lower bound on the threshold;
-* every further pass over the keys (``QK^T`` recomputed on tensor cores, or kept in registers when all keys
-  fit one tile, ``ONE_TILE``: N <= 256, e.g. ViT-S/16 at 224 px) accumulates, per row, the statistics of
-  ``e = (y - t)_+`` at the current lower bound ``t`` (count, sum, sum of squares) and the support count at the
-  closed-form candidate ``u`` of the previous pass. A candidate whose support count equals the count it was
-  solved on is certified exact, as in ``thresholds.certified``; the next ``t`` is a Newton step on
-  ``||e / 2||_2 - 1`` (Michelot's step for sparsemax), kept below ``u``;
-* rows the certificate has not accepted keep iterating: the exact path, decided per row on the device (a
-  while loop over the block, no host sync). Newton from the lower bound converges to the threshold, where
-  the support is exact and the certificate holds; a row still open after ``MAX_PASSES`` (only an entry equal
-  to the threshold to the last bit can do that) takes the converged closed form;
-* alpha-entmax runs the safeguarded Newton/bisection of ``thresholds.bisect_threshold`` per row to float32
-  precision, then ``p = (x - tau)_+^q / z``;
-* the last pass writes ``P V``; only ``m``, ``t`` (and ``z``) are stored: O(B H N) state for backward.
-
-The backward recomputes ``P`` from ``(m, t, z)``: ``_bwd_dq`` forms ``delta = sum(g dP) / sum(g)`` per row
-(``g = p^(2 - alpha)``: ``sqrt(p)`` for entmax-1.5, the support for sparsemax), ``dS = g (dP - delta)`` and
-``dQ``, and for alpha-entmax the gradient of alpha (Correia et al., 2019, eq. 13); ``_bwd_dkdv`` (one program
-per key block) accumulates ``dK = scaling dS^T Q`` and ``dV = P^T dO``.
-
-Inputs of any float dtype: scores, thresholds and statistics are float32; the matmuls take the input dtype
-(bf16/fp16 on tensor cores; float32 inputs in IEEE float32, so the float32 results match the references to
-1e-6). ``triton`` ships with torch's CUDA builds. This module is imported only when a CUDA tensor (or, for
-tests, ``TRITON_INTERPRET=1`` with CPU tensors) needs it, so CPU-only and macOS users never import triton.
+``triton_attention(q, k, v, transform=..., scaling=...)``: one launch forward, two backward, never holding the
+(B, H, N, N) scores (FlashAttention's recompute idea applied to ``thresholds.py``'s method). A program owns
+``BLOCK_M`` query rows; pass 0 over the keys gives the row max and mean (the certified lower bound); each further
+pass (QK^T recomputed, or kept in registers when N <= 256, ``ONE_TILE``) accumulates the statistics of
+``(y - t)_+`` and certifies the previous closed-form candidate; uncertified rows keep iterating on the device
+(no host sync), up to ``MAX_PASSES``. alpha-entmax runs the safeguarded Newton/bisection per row. Only
+``m``, ``t`` (and ``z``) are stored; ``_bwd_dq`` forms dS and dQ (and alpha's gradient), ``_bwd_dkdv`` dK, dV.
+Statistics are float32; matmuls take the input dtype (float32 inputs in IEEE float32, matching the references
+to 1e-6). Imported only when a CUDA tensor (or, for tests, TRITON_INTERPRET=1) needs it.
 """
 
 from __future__ import annotations
@@ -329,9 +308,7 @@ def _bwd_dkdv(Q, K, V, DO, Alpha, M, T, Z, Delta, DK, DV,
     tl.store(DV + base, dv, mask=kv_mask)
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Launchers and autograd
-# ----------------------------------------------------------------------------------------------------------
 def _pow2(x: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(x))
 
@@ -345,11 +322,8 @@ def block_sizes(n: int, d: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=8 if block_n >= 128 else 4)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Autotuning (CUDA): candidate tiles per kernel, timed by triton on the user's GPU once per (N, d, transform,
-# dtypes). The forward keeps all keys in registers when a tile of BLOCK_M x pow2(N) float32 fits (up to 1024
-# keys with 16 rows), else recomputes QK^T per pass; the backward's tiles are smaller (several live at once).
-# ----------------------------------------------------------------------------------------------------------
+# Autotuning (CUDA), once per (N, d, transform, dtypes): the forward keeps all keys in registers when BLOCK_M x
+# pow2(N) float32 fits (up to 1024 keys with 16 rows), else recomputes QK^T per pass; backward tiles are smaller.
 def _fwd_configs() -> list:
     configs = []
     for block_n in (16, 32, 64, 128, 256, 512, 1024):  # one tile of all keys
@@ -390,10 +364,6 @@ def tuned_kernels() -> dict:
     }
 
 
-def _strides(x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(x.stride())
-
-
 def autotuned(query: torch.Tensor) -> bool:
     """Whether launches take the autotuner's configuration: CUDA tensors (triton's interpreter has no timer)."""
     return query.is_cuda
@@ -428,7 +398,7 @@ class _TritonEntmax(torch.autograd.Function):
         state = torch.empty(3, batch * heads, n, device=query.device, dtype=torch.float32)  # m, t, z
         _launch("fwd", lambda c: (triton.cdiv(n, c["BLOCK_M"]), batch * heads), cfg,
                 query, key, value, alpha_rows, out, state[0], state[1], state[2],
-                *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+                *query.stride(), *key.stride(), *value.stride(), *out.stride(),
                 heads, n, d, scaling, 4 * torch.finfo(torch.float32).eps,
                 TRANSFORM=tid, MAX_PASSES=max_passes, PRECISION=precision, BLOCK_D=_pow2(d))
         ctx.save_for_backward(query, key, value, alpha_rows, state)
@@ -450,7 +420,7 @@ class _TritonEntmax(torch.autograd.Function):
         dk, dv = torch.empty_like(dq), torch.empty_like(dq)
         delta = torch.empty(batch * heads, n, device=query.device, dtype=torch.float32)
         dalpha = torch.empty_like(delta) if need_alpha else delta
-        common = (*_strides(query), *_strides(key), *_strides(value), heads, n, d, ctx.scaling)
+        common = (*query.stride(), *key.stride(), *value.stride(), heads, n, d, ctx.scaling)
         meta = dict(TRANSFORM=ctx.transform, PRECISION=ctx.precision, BLOCK_D=_pow2(d))
         _launch("dq", lambda c: (triton.cdiv(n, c["BLOCK_M"]), batch * heads), cfg,
                 query, key, value, do, alpha_rows, state[0], state[1], state[2], dq, delta, dalpha, *common,
@@ -463,13 +433,9 @@ class _TritonEntmax(torch.autograd.Function):
 
 def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str,
                      scaling: float, alpha=None, blocks: Optional[dict] = None) -> torch.Tensor:
-    """Exact sparse attention ``transform(scaling q k^T) v`` in fused Triton kernels: query, key, value
-    (B, H, N, d), the same N for keys (self-attention), d <= 128 -> (B, H, N, d) in the input dtype.
-
-    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1) such as (H, 1, 1)
-    per head; gradients flow to it. ``blocks`` overrides the launch configuration (tests: several key tiles at
-    small N with ``BLOCK_M``/``BLOCK_N``, or fewer passes with ``MAX_PASSES``).
-    """
+    """Exact sparse attention ``transform(scaling q k^T) v`` in fused Triton kernels: query, key, value (B, H, N, d),
+    self-attention, d <= 128 -> (B, H, N, d) in the input dtype. ``alpha`` as in ``tiled_attention``; ``blocks``
+    overrides the launch configuration (tests: ``BLOCK_M``/``BLOCK_N`` for several key tiles, ``MAX_PASSES``)."""
     if transform not in TRANSFORM_IDS:
         raise ValueError(f"the triton kernel runs {SPARSE_TRANSFORMS}, not {transform!r}")
     if query.ndim != 4 or key.shape != query.shape or value.shape != query.shape:
@@ -491,6 +457,3 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     key = key.to(query.dtype)
     with torch.autocast(query.device.type, enabled=False):
         return _TritonEntmax.apply(query, key, value, alpha_rows, transform, scaling, blocks)
-
-
-__all__ = ["block_sizes", "prune_fwd_configs", "triton_attention", "tuned_kernels"]

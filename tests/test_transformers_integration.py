@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from entmax_vit.conversion.converted_state import load_strict
-from entmax_vit.conversion.hf_vit_keys import convert_hf_vit_keys
+from entmax_vit.conversion.converted_state import convert_hf_vit_keys
 from entmax_vit.modeling import (
     EntmaxViTBackbone,
     EntmaxViTConfig,
