@@ -20,12 +20,8 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-import torch
-
-from entmax_vit.cli.config import parse_config
-from entmax_vit.cli.config import usage as config_usage
 from entmax_vit.data.config_io import save_config, to_dict
 
 from .foreground import DINO_MASS_THRESHOLD
@@ -107,25 +103,10 @@ def _model_names(cfg: AnalyzeConfig) -> list[str]:
     return names
 
 
-def load_model(source: str, device: str = "cpu") -> torch.nn.Module:
-    """AutoModel with remote code (EntmaxViT ships its modeling files), eager attention so that every
-    attention implementation returns its probabilities."""
-    from transformers import AutoModel
-
-    import entmax_vit.modeling  # noqa: F401  (registers EntmaxViT with the Auto classes for local folders)
-    from entmax_vit.cli.model_path import check_model_path
-
-    check_model_path(source)  # as the entry points: a missing folder or a truncated weights file is named
-    try:
-        model = AutoModel.from_pretrained(source, trust_remote_code=True, attn_implementation="eager")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load model {source!r}: {err}") from err
-    return model.to(device).eval()
-
-
 def main(cfg: AnalyzeConfig) -> dict[str, dict]:
     """Run the analysis; returns ``{name: per_layer_metrics}``."""
     from entmax_vit.data.datasets import check_source
+    from entmax_vit.evaluation.features import load_backbone
     from entmax_vit.evaluation.resolution import eval_resolution
 
     if not cfg.model:
@@ -156,7 +137,7 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
 
     runs: dict[str, dict] = {}
     for name, source in zip(names, sources):
-        model = load_model(source, cfg.device)
+        model = load_backbone(source, device=cfg.device, attn_implementation="eager")  # eager returns probabilities
         patch = resolve_backbone(model).config.patch_size
         if cfg.image_size % patch:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of {name}'s patch size {patch}")
@@ -173,27 +154,3 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
     save_config(cfg, out / "config.yaml")  # after success, with the resolved image size
     logger.info("wrote %s", out)
     return runs
-
-
-def parse_analyze_config(argv: Optional[Sequence[str]] = None) -> AnalyzeConfig:
-    """``[--config PRESET_OR_YAML] --key value ...`` -> AnalyzeConfig (presets in analysis/configs/)."""
-    return parse_config(AnalyzeConfig, argv, preset_dir=PRESET_DIR)
-
-
-def usage() -> str:
-    """``--help`` text: this module's doc, the presets, and every config key with its default and comment."""
-    return config_usage(AnalyzeConfig, __doc__, PRESET_DIR)
-
-
-def cli(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:
-    """Parse the command line and run (``-h`` / ``--help`` prints the keys)."""
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
-        print(usage())
-        return {}
-    return main(parse_analyze_config(args))
-
-
-__all__ = ["AnalyzeConfig", "cli", "load_model", "main", "parse_analyze_config", "usage"]

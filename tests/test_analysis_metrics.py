@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from entmax_vit.analysis import analyze_model, flatten_metrics, unflatten_metrics
+from entmax_vit.analysis.per_layer import analyze_model, flatten_metrics, unflatten_metrics
 from entmax_vit.analysis.attention_metrics import (
     attention_metrics,
     median_from_histogram,
