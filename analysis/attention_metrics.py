@@ -122,13 +122,3 @@ def attention_metrics(attn: torch.Tensor, grid: tuple[int, int], prefix: int = 1
     out = finalize(stats)
     out["support_median"] = median_from_histogram(hist)
     return out
-
-
-__all__ = [
-    "attention_metrics",
-    "attention_statistics",
-    "finalize",
-    "median_from_histogram",
-    "patch_distance_matrix",
-    "row_entropy",
-]

@@ -228,7 +228,3 @@ def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *,
         weights_sha256=weights_fingerprint(backbone) if backbone is not None else None,
     )
     return write_results(record, path)
-
-
-__all__ = ["HEADLINE_KEYS", "ClaimsConfig", "foreground_alignment", "measure", "probe_config", "summarize",
-           "write_claims"]

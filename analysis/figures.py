@@ -289,14 +289,3 @@ def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
-
-
-__all__ = [
-    "curve_metrics",
-    "pca_rgb",
-    "plot_head_distances",
-    "plot_layer_curves",
-    "save_attention_maps",
-    "save_pca_image",
-    "to_display",
-]

@@ -136,6 +136,3 @@ def load_analysis_images(
     rows = ImageRows(ds, image_col, mask_col, keep=(), mask_required=False)
     items = ((f"{source}[{i}]", row) for i, row in enumerate(itertools.islice(iter(rows.ds), num_images * 2 + 8)))
     return _collect(rows, items, num_images, image_size, mask_col is not None)  # slack above for unreadable rows
-
-
-__all__ = ["AnalysisImages", "load_analysis_images", "preprocess_image", "preprocess_mask"]

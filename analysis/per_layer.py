@@ -160,14 +160,3 @@ def unflatten_metrics(flat: dict[str, float]) -> PerLayerMetrics:
         if head.startswith("layer_") and head[6:].isdigit() and name:
             out[int(head[6:])][name] = value
     return dict(sorted(out.items()))
-
-
-__all__ = [
-    "PerLayerMetrics",
-    "analyze_model",
-    "flatten_metrics",
-    "forward_with_internals",
-    "resolve_backbone",
-    "token_layout",
-    "unflatten_metrics",
-]

@@ -112,14 +112,3 @@ def norm_metrics(
         "outlier_share": float(outliers.float().mean()),
         "outlier_norm_ratio": ratio,
     }
-
-
-__all__ = [
-    "DEFAULT_OUTLIER_K",
-    "MAD_TO_STD",
-    "high_norm_outliers",
-    "high_norm_threshold",
-    "norm_metrics",
-    "similarity_metrics",
-    "similarity_statistics",
-]

@@ -46,6 +46,3 @@ def eval_segmentation(argv: Optional[Sequence[str]] = None) -> Any:
 
     return run(main, SegmentationEvalConfig, "eval_segmentation", preset_dir=PRESET_DIR, default_preset="embedded",
                argv=argv, model_fields=("model",))
-
-
-__all__ = ["PRESET_DIR", "check_config", "eval_knn", "eval_linear", "eval_segmentation"]

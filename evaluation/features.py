@@ -9,6 +9,7 @@ weight files' size/mtime: retraining into the same folder invalidates it), data 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -234,3 +235,43 @@ def split_features(
         info["num_classes"] = int(feats["labels"].max()) + 1 if len(feats["labels"]) else 0
     return feats, info
 
+
+
+def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
+    """The k-NN and linear probes' start: the config checked, loader sizes chosen for the machine, the backbone
+    loaded at its own resolution (unless the config names one). Returns the resolved config, the Accelerator, the
+    model and the ``split_features`` keywords both splits share."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .entry_point import check_config
+    from .image_data import ClassificationTransform
+    from .loader_defaults import sized_to_machine
+    from .resolution import eval_resolution
+
+    check_config(cfg)
+    accelerator = Accelerator()
+    batch_size, num_workers = sized_to_machine(getattr(cfg, batch_field), cfg.num_workers, accelerator)
+    if seed is not None:
+        set_seed(seed)
+    logger.info("%d process(es) on %s", accelerator.num_processes, accelerator.device)
+    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model, cfg.revision)
+    # the config written beside the results says what was used
+    cfg = dataclasses.replace(cfg, **{batch_field: batch_size}, num_workers=num_workers, resize=resize, crop=crop)
+    cache = str(Path(cfg.output_dir) / "feature_cache") if cfg.cache_dir is None else (cfg.cache_dir or None)
+    common = dict(model_spec=model_fingerprint(cfg.model, cfg.revision, model), dataset=cfg.dataset,
+                  transform=ClassificationTransform(resize, crop), image_column=cfg.image_column,
+                  label_column=cfg.label_column, batch_size=batch_size, num_workers=num_workers, cache_dir=cache,
+                  dataset_cache_dir=cfg.dataset_cache_dir, accelerator=accelerator, streaming=cfg.streaming)
+    return cfg, accelerator, model, common
+
+
+def on_main_rank(accelerator: Any, compute: Any) -> Any:
+    """``compute()`` once, on the main rank (on its accelerator); every other rank receives its result."""
+    result = compute() if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result = broadcast_object_list([result], from_process=0)[0]
+    return result

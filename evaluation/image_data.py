@@ -105,7 +105,3 @@ def num_classes_of(ds: Any, label_column: str) -> Optional[int]:
 def class_names_of(ds: Any, label_column: str) -> Optional[list[str]]:
     feature = ds.features.get(label_column) if getattr(ds, "features", None) else None
     return list(feature.names) if feature is not None and hasattr(feature, "names") else None
-
-
-__all__ = ["ClassificationRows", "ClassificationTransform", "StreamingRows", "class_names_of", "normalize",
-           "num_classes_of"]

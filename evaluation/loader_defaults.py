@@ -29,6 +29,3 @@ def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], acce
 
 def _num_nodes() -> int:
     return int(os.environ.get("NUM_NODES", os.environ.get("SLURM_NNODES", "1")) or 1)
-
-
-__all__ = ["sized_to_machine"]

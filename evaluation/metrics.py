@@ -75,6 +75,3 @@ def topk_accuracy(logits_or_scores: torch.Tensor, labels: torch.Tensor, ks: tupl
     hit = top == labels[:, None]
     n = max(len(labels), 1)
     return {k: 100.0 * hit[:, : min(k, num_classes)].any(1).float().sum().item() / n for k in ks}
-
-
-__all__ = ["confusion_matrix", "reduce_zero_label", "segmentation_scores", "topk_accuracy"]

@@ -78,6 +78,3 @@ def eval_resolution(resize: Optional[int], crop: Optional[int], name_or_path: st
         logger.warning("%s: evaluating at %s %d px, but the model was trained at %d px (its own resolution, the "
                        "default when %s is not given)", name_or_path, what, crop, own_crop, what)
     return (eval_resize(crop) if resize is None else resize), crop
-
-
-__all__ = ["eval_resolution", "own_resolution"]

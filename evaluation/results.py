@@ -142,5 +142,16 @@ def load_results(path: str | os.PathLike) -> dict:
     return validate_results(data, str(path))
 
 
-__all__ = ["SCHEMA", "TASKS", "library_versions", "load_results", "make_results", "validate_results", "weights_fingerprint",
-           "write_results"]
+def finish_run(task: str, cfg: Any, model: Any, accelerator: Any, *, dataset: Mapping[str, Any],
+               protocol: Mapping[str, Any], metrics: Mapping[str, float]) -> dict:
+    """The record of an evaluation entry point; the main rank writes ``eval_<task>_config.yaml`` and
+    ``results_<task>.json`` into ``cfg.output_dir`` (a failed run writes neither)."""
+    from entmax_vit.data.config_io import save_config, to_dict
+
+    record = make_results(task=task, model_name_or_path=cfg.model, model_config=model.config.to_dict(),
+                          dataset=dataset, protocol=protocol, metrics=metrics, config=to_dict(cfg),
+                          weights_sha256=weights_fingerprint(model))
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / f"eval_{task}_config.yaml")
+        write_results(record, Path(cfg.output_dir) / f"results_{task}.json")
+    return record

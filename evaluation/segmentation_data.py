@@ -133,6 +133,3 @@ def infer_num_classes(ds: Any, mask_column: str, ignore_index: int, label_kwargs
     if top < 0:
         raise ValueError("could not infer the number of classes: no labelled pixels in the first masks")
     return top + 1
-
-
-__all__ = ["CITYSCAPES_ID_TO_TRAINID", "SegmentationRows", "convert_labels", "has_raw_cityscapes_ids", "infer_num_classes"]

@@ -503,7 +503,3 @@ def _plot_per_class(per_class: dict, path: Path, miou: Optional[float]) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-__all__ = ["PRESET_DIR", "ProbeData", "SegmentationEvalConfig", "evaluate_probe", "head_features", "lr_schedule", "main",
-           "new_head", "probe_datasets", "probe_grid_miou", "probe_miou", "shared_block_outputs", "sliding_window_logits", "train_probe"]

@@ -93,6 +93,3 @@ def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, r
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-__all__ = ["PeakMemory", "backbone_step", "median_seconds", "peak_bytes"]
