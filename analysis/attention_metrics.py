@@ -1,16 +1,6 @@
-"""Per-layer statistics of attention matrices: sparsity, support size, entropy, mean attention distance.
-
-Token layout as in EntmaxViT: ``prefix`` tokens first ([CLS] + registers), then ``h * w`` patches row-major.
-Every function takes one layer's attention probabilities ``attn`` of shape (B, H, T, T), T = prefix + h * w.
-
-Statistics are returned as running sums ``{name: (sum, count)}`` so batches can be accumulated exactly
-(``analysis.accumulate``); ``attention_metrics`` finalises one batch into plain numbers, which is what the
-tests check against known answers:
-
-* uniform attention: zero share 0, support T, entropy log T, distance = mean pairwise patch distance;
-* one-hot attention: entropy 0, support 1;
-* local attention: the known distance of the attended neighbours.
-"""
+"""Per-layer statistics of attention probabilities ``attn`` (B, H, T, T), T = prefix ([CLS] + registers) + h * w
+patches row-major: sparsity, support size, entropy, mean attention distance. Returned as running sums ``{name: (sum,
+count)}`` so that batches accumulate exactly; ``attention_metrics`` finalises one batch."""
 
 from __future__ import annotations
 

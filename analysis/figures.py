@@ -1,11 +1,8 @@
-"""PNG figures of the analysis (matplotlib Figures rendered with Agg: no display needed).
+"""PNG figures of the analysis: per-head [CLS] attention maps (DINO's visualize_attention, with the mass-thresholded
+maps), PCA of patch features as RGB, metric curves over layers and per-head attention distances per model.
 
-* ``save_attention_maps``: per-head [CLS] attention over the image (last layer by default), as DINO's
-  visualize_attention, with a second row of the maps thresholded to keep a share of the attention mass.
-* ``save_pca_image``: the first three principal components of patch features as RGB, fitted on the patches
-  of all given images (optionally on foreground patches only).
-* ``plot_layer_curves``: one curve per model for every per-layer metric (e.g. softmax vs entmax-1.5).
-"""
+Drawn on bare matplotlib Figures, never pyplot: a Figure renders with Agg whatever backend pyplot would pick (on a
+desktop pyplot starts a GUI toolkit, which fails off the main thread) and joins no global figure list."""
 
 from __future__ import annotations
 

@@ -1,14 +1,7 @@
-"""Images (and segmentation masks, where present) for the analysis, as tensors.
-
-Sources: any dataset source of ``entmax_vit.data.datasets.load_image_dataset`` (Hub id, ``imagefolder:DIR``,
-``webdataset:...``, a ``save_to_disk`` folder, ``embedded``), or a plain folder of image files with an
-optional folder of masks named like the images (``mask_dir``; mask pixel = class id, 0 = background,
-255 = ignore).
-
-Geometry: DINO's visualize_attention looks at the whole image, so every image is resized (shorter side to
-``image_size``, bicubic) and centre-cropped to ``image_size`` x ``image_size``; masks get the same geometry
-with nearest-neighbour resampling. Pixels are normalised with ImageNet mean/std as the models expect.
-"""
+"""Images (and masks, where present) for the analysis, as tensors: a dataset source of
+``data.datasets.load_image_dataset``, or a plain folder of images with an optional ``mask_dir`` (masks named like
+the images; 0 = background, 255 = ignore). As DINO's visualize_attention, whole images: shorter side resized to
+``image_size`` (bicubic; masks nearest) and centre-cropped, ImageNet-normalised."""
 
 from __future__ import annotations
 

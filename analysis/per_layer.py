@@ -1,14 +1,8 @@
-"""``analyze_model``: every semantic-diffusion metric, per layer, for a model on a set of images.
+"""``analyze_model``: every semantic-diffusion metric, per layer, for a ViT (EntmaxViT, a model wrapping one, or any
+ViT with ``output_attentions`` / ``output_hidden_states`` and ``config.patch_size``) on a set of images.
 
-Works on an in-memory ``EntmaxViTModel`` (or a model wrapping one, e.g. EntmaxViTForImageClassification), a
-model loaded with ``AutoModel.from_pretrained(..., trust_remote_code=True)``, or any ViT whose forward accepts
-``output_attentions`` / ``output_hidden_states`` and whose config has ``patch_size`` (registers read from
-``num_register_tokens``, default 0).
-
-Layer ``i`` (0-based) uses block i's attention probabilities and block i's output tokens. Norms are taken on
-the raw residual stream (where high-norm artefacts live; LayerNorm would hide them); cosine similarities on
-the features a probe sees (the final LayerNorm applied, as ``get_intermediate_layers(norm=True)``) unless
-``feature_norm=False``.
+Layer i uses block i's attention and output tokens. Norms are taken on the raw residual stream (LayerNorm would hide
+high-norm artefacts); cosine similarities on what a probe sees (final LayerNorm applied) unless ``feature_norm=False``.
 """
 
 from __future__ import annotations

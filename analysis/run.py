@@ -1,17 +1,7 @@
-"""The analysis entry point: ``python scripts/analyze.py --model A [--compare B ...] --dataset SOURCE``.
-
-Loads each model (EntmaxViT folder or Hub id through ``AutoModel.from_pretrained(..., trust_remote_code=True)``),
-runs ``analyze_model`` on the same images, and writes into ``output_dir``::
-
-    config.yaml                       the resolved config
-    <name>/analysis_results.json      results JSON (entmax_vit.results/v1, task "analysis", layer_<i>/<metric>)
-    <name>/per_layer.json, .md        every metric per layer / the headline metrics as a table
-    <name>/attention_maps_<k>.png     per-head last-layer [CLS] attention of the first images
-    <name>/pca.png                    PCA of patch features as RGB
-    curves/layer_curves.png           every metric over layers, one line per model (+ curve_<metric>.png)
-    curves/head_attention_distance.png  mean attention distance of every head over layers, per model
-    comparison.md                     last-layer metrics of all models side by side
-"""
+"""The analysis entry point (``scripts/analyze.py --model A [--compare B ...] --dataset SOURCE``): each model on the
+same images, into ``output_dir``: config.yaml; per model ``<name>/`` analysis_results.json (task "analysis",
+``layer_<i>/<metric>``), per_layer.json / .md, attention_maps_<k>.png, pca.png; ``curves/`` layer_curves.png (+
+curve_<metric>.png), head_attention_distance.png; comparison.md (last-layer metrics side by side)."""
 
 from __future__ import annotations
 

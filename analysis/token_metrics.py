@@ -1,9 +1,6 @@
-"""Per-layer statistics of token features: norms with high-norm outliers, and cosine similarities of patch
-tokens to [CLS], to their 4-connected spatial neighbours and to each other ("semantic diffusion": global
-semantics spread through every patch makes patches alike far beyond their neighbourhood).
-
-Token layout: ``prefix`` tokens ([CLS] + registers) then ``h * w`` patches row-major; features (B, T, D).
-"""
+"""Per-layer token statistics: norms with high-norm outliers, and cosine similarities of patch tokens to [CLS], to
+their 4-connected neighbours and to each other ("semantic diffusion": global semantics spread through every patch
+make patches alike far beyond their neighbourhood). Features (B, T, D), ``prefix`` tokens then h * w patches."""
 
 from __future__ import annotations
 

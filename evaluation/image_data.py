@@ -1,11 +1,6 @@
-"""The evaluation data path: HF datasets rows -> (pixel_values, label | mask, valid) batches.
-
-Rows are read and decoded by the data layer (``entmax_vit.data.images.ImageRows``: the project's one decoder,
-one count of unreadable rows). Under its policy an unreadable row yields a zero image with ``valid = False``; the
-loops leave invalid rows out of every metric after gathering across ranks and report how many (``num_skipped``
-in the results). Keeping the row, instead of filtering it in the collate function, keeps batch shapes equal on
-every rank, so ``accelerator.gather_for_metrics`` works unchanged.
-"""
+"""The classification data path: rows -> (pixel_values, label, valid, index) batches, decoded by the data layer
+(``data.images.ImageRows``). An unreadable row becomes a zero image with ``valid = False`` (batch shapes stay equal
+on every rank for ``gather_for_metrics``); the loops drop it after gathering and count it (``num_skipped``)."""
 
 from __future__ import annotations
 

@@ -1,25 +1,13 @@
 """Linear classification probe on frozen features: official DINO ``eval_linear.py`` by default.
 
-Protocol ``dino`` (the default, exactly official DINO):
-    feature   the final-normed [CLS] of the last ``n`` blocks concatenated, optionally followed by the mean of
-              the last block's patch tokens (``avgpool``); DINO's choice by width: n = 4 without avgpool for
-              ViT-S (and narrower), n = 1 with avgpool for ViT-B (and wider)
-    head      one Linear layer, weight ~ N(0, 0.01), bias 0
-    train     RandomResizedCrop(224) (torchvision defaults: scale 0.08-1, BILINEAR) + horizontal flip, freshly
-              drawn every epoch, the backbone run on every crop
-    optimiser SGD, ONE lr = 0.001 x batch_size / 256, momentum 0.9, weight decay 0, cosine over 100 epochs
-              (CosineAnnealingLR stepped per epoch, eta_min 0), batch 1024 (128 per GPU x 8)
-    eval      Resize(256, bicubic) + CenterCrop(224), top-1 after every epoch; the BEST epoch's top-1 is
-              reported (official prints ``best_acc = max(best_acc, acc1)``)
-    results   ``protocol.name == "dino_eval_linear"``
-
-Protocol ``cached_grid`` (a fast option, NOT DINO's protocol; its results say so):
-    train on cached centre-crop features (Resize 256 + CenterCrop 224, no augmentation): one backbone pass, then
-    a grid of heads (every n x avgpool x base_lr, DINOv2 style) trained side by side; the head best on the
-    selection split is reported at its last epoch. ``protocol.name == "cached_grid"``.
-
-Selection split of either protocol: the eval split (as DINO/DINOv2 report), or ``holdout_fraction`` of the
-train split held out (centre-crop features), which gives an unbiased eval-split accuracy.
+Protocol ``dino`` (official): the final-normed [CLS] of the last n blocks (+ mean patch token with avgpool; DINO:
+n = 4 for ViT-S, n = 1 + avgpool for ViT-B), one Linear head N(0, 0.01), RandomResizedCrop(224) + flip drawn every
+epoch, SGD lr 0.001 x batch/256, momentum 0.9, no weight decay, per-epoch cosine over 100 epochs, batch 1024; eval
+Resize(256, bicubic) + CenterCrop(224) after every epoch, the BEST epoch reported. ``protocol.name ==
+"dino_eval_linear"``.
+Protocol ``cached_grid`` (fast, NOT DINO's; its results say so): centre-crop features cached once, a grid of heads
+(n x avgpool x lr, DINOv2 style) trained side by side, the best head on the selection split reported at its last
+epoch. Selection split: the eval split (as DINO/DINOv2), or ``holdout_fraction`` of train held out.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""The results JSON every evaluation writes, and the one reader the model-card renderer uses.
+"""The results JSON every evaluation writes (schema ``entmax_vit.results/v1``, one file per run), and its reader.
 
-Schema ``entmax_vit.results/v1`` (one file per evaluation run)::
-
-    {
-      "schema": "entmax_vit.results/v1",
-      "task": "knn" | "linear" | "segmentation" | "analysis",
-      "model": {"name_or_path": str, "attention": str, "config": {...},       # config: model config dict
-                "weights_sha256": str},  # weights_fingerprint(model): the card assembler checks it (optional)
-      "dataset": {"name": str, "split": str, "num_samples": int, "num_classes": int | None},
-      "protocol": {"name": str, ...},                                         # e.g. "dino_knn", "neco_voc"
-      "metrics": {str: float, ...},            # accuracies and mIoU in percent (0-100)
-      "config": {...},                         # the resolved evaluation config
-      "versions": {"entmax_vit": str, "torch": str, "transformers": str, ...},
-      "created": "2026-11-24T05:00:00+00:00"
-    }
+    {"schema", "task": knn | linear | segmentation | analysis,
+     "model": {"name_or_path", "attention", "config", "weights_sha256" (optional)},
+     "dataset": {"name", "split", "num_samples", "num_classes", ...}, "protocol": {"name", ...},
+     "metrics": {name: float (percent)}, "config": {...}, "versions": {...}, "created": ISO time}
 """
 
 from __future__ import annotations
