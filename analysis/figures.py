@@ -167,7 +167,8 @@ def save_pca_image(model: nn.Module, images: torch.Tensor, path: str | os.PathLi
         ax.axis("off")
     n_layers = resolve_backbone(model).config.num_hidden_layers
     name = n_layers - 1 if layer == -1 else layer
-    fig.suptitle(f"PCA of patch features (layer {name}{', foreground' if options.get('foreground_only') else ''})", fontsize=9)
+    where = ", foreground" if options.get("foreground_only") else ""
+    fig.suptitle(f"PCA of patch features (layer {name}{where})", fontsize=9)
     return _save(fig, path)
 
 

@@ -59,11 +59,8 @@ def forward_with_internals(model: nn.Module, pixel_values: torch.Tensor) -> tupl
         )
     if hidden is None or len(hidden) != len(attentions) + 1:
         raise ValueError("expected hidden_states = embeddings + one output per block")
-    norm = getattr(base, "layernorm", None)
-    if not isinstance(norm, nn.Module):
-        norm = getattr(base, "norm", None)
-    if not isinstance(norm, nn.Module):
-        norm = nn.Identity()
+    norms = (getattr(base, "layernorm", None), getattr(base, "norm", None))
+    norm = next((m for m in norms if isinstance(m, nn.Module)), nn.Identity())
     return tuple(attentions), tuple(hidden[1:]), norm
 
 

@@ -83,7 +83,8 @@ def analyze_and_save(
 ) -> PerLayerMetrics:
     """``analyze_model`` plus, in ``out_dir``: ``analysis_results.json`` (results schema, task "analysis",
     ``layer_<i>/<metric>``), ``per_layer.json`` / ``per_layer.md``, ``attention_maps_<k>.png`` for the first
-    ``num_figure_images`` images and their ``pca.png``. ``dataset``: the results' dataset block (default "in_memory")."""
+    ``num_figure_images`` images and their ``pca.png``. ``dataset``: the results' dataset block (default:
+    "in_memory")."""
     out = Path(out_dir)
     n = pixel_values.shape[0]
     per_layer = analyze_model(model, pixel_values, masks, batch_size=batch_size, outlier_k=outlier_k,

@@ -21,9 +21,7 @@ def normalize(t: torch.Tensor) -> torch.Tensor:
     return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Classification transforms (DINO eval_linear / eval_knn)
-# ----------------------------------------------------------------------------------------------------------
+# --- Classification transforms (DINO eval_linear / eval_knn)
 @dataclass
 class ClassificationTransform:
     """Eval: Resize(resize, bicubic) + CenterCrop(crop) (DINO eval_linear / eval_knn). The linear probe's training

@@ -145,5 +145,6 @@ def main(cfg: KNNEvalConfig) -> dict:
         protocol={"name": "dino_knn", "temperature": cfg.temperature, "ks": list(cfg.ks), "feature": "cls_last_block",
                   "l2_normalized": True, "transform": common["transform"].describe()})
     if accelerator.is_main_process:
-        print(f"[eval_knn] {', '.join(f'{k}={v:.2f}' for k, v in metrics.items())} -> {Path(cfg.output_dir) / 'results_knn.json'}")
+        print(f"[eval_knn] {', '.join(f'{k}={v:.2f}' for k, v in metrics.items())} -> "
+              f"{Path(cfg.output_dir) / 'results_knn.json'}")
     return record

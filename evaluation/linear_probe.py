@@ -216,9 +216,7 @@ def _accuracies(grid: LinearGrid, feats: dict[str, torch.Tensor]) -> list[dict[s
     return [{"top1": a[1], "top5": a[5]} for a in evaluate_grid(grid, feats["cls"], feats["patch_mean"], feats["labels"])]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Entry point (scripts/eval_linear.py)
-# ----------------------------------------------------------------------------------------------------------
+# --- Entry point (scripts/eval_linear.py)
 @dataclass
 class LinearEvalConfig:
     """Linear probe of a frozen backbone: official DINO eval_linear (default) or the fast cached lr grid."""

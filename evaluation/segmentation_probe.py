@@ -101,9 +101,7 @@ class SegmentationEvalConfig:
     output_dir: str = "outputs/eval_segmentation"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Schedules (per iteration, as DINO) and prediction
-# ----------------------------------------------------------------------------------------------------------
+# --- Schedules (per iteration, as DINO) and prediction
 def lr_schedule(cfg: SegmentationEvalConfig, iters_per_epoch: int, total_iters: int) -> list[float]:
     """Learning rate for every iteration."""
     out = []
@@ -172,15 +170,11 @@ def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader,
     return conf.cpu(), int(skipped)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
+# --- Training
 def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cfg: SegmentationEvalConfig,
                 accelerator=None, feature_cache: Optional[list] = None) -> list[dict]:
-    """Train ``head`` on frozen features; returns the per-epoch log (loss, lr, skipped rows).
-
-    ``feature_cache``: already extracted ``(features (B, C, h, w), labels, valid)`` batches to train on (with
-    ``cfg.cache_features``), e.g. shared by several heads (``probe_grid_miou``); ``loader`` is then unused."""
+    """Train ``head`` on frozen features; returns the per-epoch log (loss, lr, skipped rows). ``feature_cache``:
+    extracted ``(features (B, C, h, w), labels, valid)`` batches (``cfg.cache_features``) shared by several heads."""
     device = accelerator.device if accelerator is not None else next(head.parameters()).device
     params = [p for p in head.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -192,8 +186,7 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
         train_head, opt = accelerator.prepare(head, opt)
     if feature_cache is not None and not cfg.cache_features:
         raise ValueError("a feature_cache needs cfg.cache_features = true")
-    if feature_cache is None:
-        feature_cache = []
+    feature_cache = [] if feature_cache is None else feature_cache
     if cfg.cache_features and not feature_cache:  # one frozen pass; every epoch then trains on the stored maps
         with torch.no_grad():
             for batch in tqdm(loader, desc="train features", disable=accelerator is not None and not accelerator.is_local_main_process):
@@ -209,10 +202,9 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
     for epoch in range(epochs):
         head.train()
         losses, skipped = [], 0
-        batches = feature_cache if cfg.cache_features else loader
+        batches = loader
         if cfg.cache_features:
-            order = torch.randperm(len(feature_cache)).tolist()
-            batches = [feature_cache[i] for i in order]
+            batches = [feature_cache[i] for i in torch.randperm(len(feature_cache)).tolist()]
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
             if it >= total:
                 break
@@ -234,10 +226,7 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
             else:
                 loss = logits.sum() * 0.0  # keeps DDP ranks in step when a batch has no labelled pixel
             opt.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-            else:
-                loss.backward()
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
             opt.step()
             losses.append(loss.item())
             it += 1
@@ -249,9 +238,7 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
     return log
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data and one probe, for the entry point and for in-process callers (analysis.claims)
-# ----------------------------------------------------------------------------------------------------------
+# --- Data and one probe, for the entry point and for in-process callers (analysis.claims)
 @dataclass
 class ProbeData:
     """The two splits of a probe run, as rows the loaders read, with the label space."""
