@@ -61,10 +61,7 @@ def _is_plain_image_folder(path: Path) -> bool:
 
 
 def _find_mask(mask_dir: Path, stem: str) -> Optional[Path]:
-    for p in sorted(mask_dir.glob(f"{stem}.*")):
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            return p
-    return None
+    return next((p for p in sorted(mask_dir.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
 
 
 def _collect(rows: ImageRows, items, num_images: int, size: int, with_masks: bool) -> AnalysisImages:
@@ -101,10 +98,6 @@ def load_analysis_images(
     streaming: bool = False,
 ) -> AnalysisImages:
     """The first ``num_images`` readable images of ``source`` (and their masks where the source has them)."""
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
     path = Path(source).expanduser()
     if _is_plain_image_folder(path):
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -103,20 +103,14 @@ class KNNEvalConfig:
     max_train_samples: Optional[int] = None  # use only the first N train images (quick runs); None = all
     max_eval_samples: Optional[int] = None   # use only the first N eval images; None = all
     streaming: bool = False              # read the splits on the fly (e.g. ImageNet from the Hub), no download
-    # Numbers of neighbours k; top-1 and top-5 accuracy are reported for each (DINO: 10, 20, 100, 200).
+    # numbers of neighbours k, top-1 and top-5 reported for each (DINO: 10, 20, 100, 200)
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07            # T of the neighbours' vote weights exp(cosine / T); DINO: 0.07
-    # Eval transform's bicubic Resize of the shorter side, in px. None: 256/224 of the crop (256 for 224).
-    resize: Optional[int] = None
-    # Eval transform's CenterCrop side, in px. None: the model's own resolution, the size it was trained
-    # at (evaluation/resolution.py: 224 for ViT-S/16, 64 for tiny_cpu); another crop is warned about.
+    resize: Optional[int] = None         # bicubic Resize of the shorter side (px); None: 256/224 of the crop
+    # CenterCrop side (px). None: the model's own resolution, the size it was trained at (224 for ViT-S/16)
     crop: Optional[int] = None
-    # Images per feature-extraction batch. None: sized to the machine (evaluation/loader_defaults.py: 256 on a
-    # GPU, 64 on CPU).
-    batch_size: Optional[int] = None
-    # DataLoader worker processes for decoding. None: sized to the machine (up to 8 per process on a GPU, 0 on
-    # CPU).
-    num_workers: Optional[int] = None
+    batch_size: Optional[int] = None     # images per extraction batch; None: sized to the machine (GPU 256, CPU 64)
+    num_workers: Optional[int] = None    # decoding workers; None: sized to the machine (GPU: up to 8 per process, CPU: 0)
     cache_dir: Optional[str] = None      # feature cache (default: OUTPUT_DIR/feature_cache); "" disables
     dataset_cache_dir: Optional[str] = None  # datasets cache folder for downloads; None = the HF cache
     output_dir: str = "outputs/eval_knn"  # results_knn.json, the resolved config and the feature cache

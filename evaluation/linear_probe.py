@@ -245,17 +245,11 @@ class LinearEvalConfig:
     weight_decay: float = 0.0            # SGD weight decay of the head(s); DINO: 0
     eval_every: int = 1                  # dino: evaluate every this many epochs (and after the last); DINO: 1
     holdout_fraction: float = 0.0        # > 0: select on this share of train, report eval of the chosen head/epoch
-    # Eval transform's bicubic Resize of the shorter side, in px. None: 256/224 of the crop (256 for 224).
-    resize: Optional[int] = None
-    # Eval transform's CenterCrop side in px, also the RandomResizedCrop size of the dino protocol's training.
-    # None: the model's own resolution, the size it was trained at (evaluation/resolution.py: 224 for ViT-S/16).
+    resize: Optional[int] = None         # bicubic Resize of the shorter side (px); None: 256/224 of the crop
+    # CenterCrop side (px), also the dino protocol's RandomResizedCrop size. None: the model's own resolution
     crop: Optional[int] = None
-    # Images per feature-extraction batch. None: sized to the machine (evaluation/loader_defaults.py: 256 on a
-    # GPU, 64 on CPU).
-    extract_batch_size: Optional[int] = None
-    # DataLoader worker processes for decoding (extraction and the dino protocol's training crops). None: sized
-    # to the machine (up to 8 per process on a GPU, 0 on CPU).
-    num_workers: Optional[int] = None
+    extract_batch_size: Optional[int] = None  # images per extraction batch; None: sized to the machine (256 / 64)
+    num_workers: Optional[int] = None    # decoding workers; None: sized to the machine (GPU: up to 8 per process, CPU: 0)
     seed: int = 0                        # seed of the heads' initialisation, data order and the hold-out split
     cache_dir: Optional[str] = None      # feature cache (default OUTPUT_DIR/feature_cache); "" disables
     dataset_cache_dir: Optional[str] = None  # datasets cache folder for downloads; None = the HF cache
