@@ -34,11 +34,6 @@ def high_norm_threshold(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> fl
     return float(median + k * MAD_TO_STD * mad)
 
 
-def high_norm_outliers(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> torch.Tensor:
-    """Boolean mask (same shape as ``norms``) of tokens whose norm exceeds ``high_norm_threshold``."""
-    return norms > high_norm_threshold(norms, k)
-
-
 def _check(features: torch.Tensor, grid: tuple[int, int], prefix: int) -> None:
     h, w = grid
     if features.ndim != 3 or features.shape[1] != prefix + h * w:
@@ -77,11 +72,6 @@ def similarity_statistics(features: torch.Tensor, grid: tuple[int, int], prefix:
             contrast = neigh.mean(1) - off_diag
             stats["locality_contrast"] = (float(contrast.sum()), float(batch))
     return stats
-
-
-def similarity_metrics(features: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> dict[str, float]:
-    """``similarity_statistics`` finalised into numbers."""
-    return finalize(similarity_statistics(features, grid, prefix))
 
 
 def norm_metrics(

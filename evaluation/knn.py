@@ -52,20 +52,6 @@ def knn_scores_for_ks(
     return {k: torch.cat(v) for k, v in scores.items()}
 
 
-def knn_scores(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    k: int,
-    num_classes: int,
-    temperature: float = 0.07,
-    chunk_size: int = 256,
-) -> torch.Tensor:
-    """Class scores (N_test, C): sum over the k nearest training samples of exp(cos_sim / T) one-hot votes."""
-    scores = knn_scores_for_ks(train_features, train_labels, test_features, (k,), num_classes, temperature, chunk_size)
-    return next(iter(scores.values()))
-
-
 def knn_classify(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
