@@ -44,11 +44,8 @@ def token_layout(model: nn.Module, pixel_values: torch.Tensor) -> tuple[int, tup
 
 @torch.no_grad()
 def forward_with_internals(model: nn.Module, pixel_values: torch.Tensor) -> tuple[tuple, tuple, nn.Module]:
-    """Run the encoder asking for attentions and hidden states.
-
-    Returns ``(attentions, block_outputs, final_norm)``: attentions[i] (B, H, T, T), block_outputs[i]
-    (B, T, D) the raw output of block i, and the model's final LayerNorm (identity if it has none).
-    """
+    """The encoder's ``(attentions, block_outputs, final_norm)``: attentions[i] (B, H, T, T), block_outputs[i]
+    (B, T, D) the raw output of block i, and its final LayerNorm (identity if it has none)."""
     base = resolve_backbone(model)
     device = next(base.parameters()).device
     out = base(pixel_values=pixel_values.to(device), output_attentions=True, output_hidden_states=True, return_dict=True)
@@ -77,21 +74,16 @@ def analyze_model(
     ignore_index: int = 255,
     progress: bool = False,
 ) -> PerLayerMetrics:
-    """Per-layer semantic-diffusion metrics of ``model`` on ``pixel_values`` (B, 3, H, W) (normalised as the
-    model expects), with optional segmentation ``masks`` (B, H, W) (0 background, ``ignore_index`` ignored)
-    for the [CLS]-attention foreground Jaccard.
-
-    Returns ``{layer_index: {metric: value}}`` (layer 0 = first block). Metrics are described in
-    ``attention_metrics``, ``token_metrics`` and ``foreground``; each is the exact mean over all images
-    (batching does not change the numbers).
-    """
+    """``{layer: {metric: value}}`` (layer 0 = the first block) of ``model`` on normalised ``pixel_values``
+    (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, ``ignore_index`` ignored) for the foreground
+    Jaccard. Metrics as defined in attention_metrics, token_metrics and foreground, each the exact mean over all
+    images (batching does not change the numbers)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
         raise ValueError(f"pixel_values must be a non-empty (batch, 3, H, W) tensor, got {tuple(pixel_values.shape)}")
-    if masks is not None:
-        if masks.ndim != 3 or masks.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"masks must be (batch={pixel_values.shape[0]}, H, W), got {tuple(masks.shape)}")
+    if masks is not None and (masks.ndim != 3 or masks.shape[0] != pixel_values.shape[0]):
+        raise ValueError(f"masks must be (batch={pixel_values.shape[0]}, H, W), got {tuple(masks.shape)}")
     prefix, grid = token_layout(model, pixel_values)
     sums: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
     hists: dict[int, torch.Tensor] = {}

@@ -145,7 +145,8 @@ def sliding_window_logits(head: LinearSegmentationHead, model: torch.nn.Module, 
 @torch.no_grad()
 def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cfg: SegmentationEvalConfig,
                    num_classes: int, accelerator=None) -> tuple[torch.Tensor, int]:
-    """Confusion matrix (K, K) over the loader (summed across ranks) and the number of skipped rows."""
+    """Confusion matrix (K, K) over the loader (summed across ranks) and the number of skipped rows. Batches with
+    ``features`` (the head's input, from ``head_features``) skip the backbone."""
     device = accelerator.device if accelerator is not None else next(head.parameters()).device
     head.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
@@ -156,11 +157,14 @@ def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader,
         skipped += (~valid).sum()
         if not valid.any():
             continue
-        x, y = batch["pixel_values"].to(device)[valid], batch["labels"].to(device)[valid]
-        if cfg.protocol == "dinov2":
-            logits = sliding_window_logits(head, model, x, cfg.input_size, cfg.eval_stride)
+        y = batch["labels"].to(device)[valid]
+        if "features" in batch:
+            logits = head(batch["features"].to(device)[valid])
+        elif cfg.protocol == "dinov2":
+            logits = sliding_window_logits(head, model, batch["pixel_values"].to(device)[valid], cfg.input_size,
+                                           cfg.eval_stride)
         else:
-            logits = head.predict(model, x, size=tuple(y.shape[-2:]))
+            logits = head.predict(model, batch["pixel_values"].to(device)[valid], size=tuple(y.shape[-2:]))
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         conf += confusion_matrix(logits.argmax(1), y, num_classes, cfg.ignore_index)
@@ -358,14 +362,8 @@ def probe_grid_miou(model: torch.nn.Module, data: ProbeData, cfgs: list[Segmenta
     for cfg, head in zip(cfgs, heads):
         cache = [(head_features(b, head.config, depth), y, v) for b, y, v in train]
         train_probe(head, model, None, cfg, feature_cache=cache)
-        head.eval()
-        conf = torch.zeros(data.num_classes, data.num_classes, dtype=torch.long)
-        with torch.no_grad():
-            for blocks, y, valid in evals:  # as evaluate_probe (NeCo): logits upsampled to the label size
-                if valid.any():
-                    logits = F.interpolate(head(head_features(blocks, head.config, depth)[valid]),
-                                           size=tuple(y.shape[-2:]), mode="bilinear", align_corners=False)
-                    conf += confusion_matrix(logits.argmax(1), y[valid], data.num_classes, cfg.ignore_index).cpu()
+        batches = ({"features": head_features(b, head.config, depth), "labels": y, "valid": v} for b, y, v in evals)
+        conf, _ = evaluate_probe(head, model, batches, cfg, data.num_classes)
         results.append(float(segmentation_scores(conf)["mIoU"]))
     return results
 
