@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -116,9 +117,7 @@ def extract_features(
     ``sharded_loader`` (a stream, each rank its rows) is padded and gathered once at the end. ``main_rank_only``:
     the other ranks keep no rows (only the skip count), for a consumer on the main rank alone (k-NN)."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    parts: dict[str, list[torch.Tensor]] = {"cls": [], "patch_mean": [], "labels": [], "index": [], "valid": []}
-    if store_patch_tokens:
-        parts["patches"] = []
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     show = accelerator is None or accelerator.is_local_main_process
     drop = main_rank_only and accelerator is not None and not accelerator.is_main_process
     for batch in tqdm(loader, desc=desc, disable=not show):
