@@ -1,16 +1,6 @@
-"""Per-layer statistics of attention matrices: sparsity, support size, entropy, mean attention distance.
-
-Token layout as in EntmaxViT: ``prefix`` tokens first ([CLS] + registers), then ``h * w`` patches row-major.
-Every function takes one layer's attention probabilities ``attn`` of shape (B, H, T, T), T = prefix + h * w.
-
-Statistics are returned as running sums ``{name: (sum, count)}`` so batches can be accumulated exactly
-(``analysis.accumulate``); ``attention_metrics`` finalises one batch into plain numbers, which is what the
-tests check against known answers:
-
-* uniform attention: zero share 0, support T, entropy log T, distance = mean pairwise patch distance;
-* one-hot attention: entropy 0, support 1;
-* local attention: the known distance of the attended neighbours.
-"""
+"""Per-layer statistics of attention probabilities ``attn`` (B, H, T, T), T = prefix ([CLS] + registers) + h * w
+patches row-major: sparsity, support size, entropy, mean attention distance. Returned as running sums ``{name: (sum,
+count)}`` so that batches accumulate exactly (``finalize`` turns them into means)."""
 
 from __future__ import annotations
 
@@ -113,22 +103,3 @@ def median_from_histogram(hist: torch.Tensor) -> float:
 def finalize(stats: Stats) -> dict[str, float]:
     """Means from running sums; metrics with no valid entries are left out."""
     return {k: s / c for k, (s, c) in stats.items() if c > 0}
-
-
-def attention_metrics(attn: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> dict[str, float]:
-    """All attention metrics of one batch of one layer as numbers (see ``attention_statistics``), plus
-    ``support_median``."""
-    stats, hist = attention_statistics(attn, grid, prefix)
-    out = finalize(stats)
-    out["support_median"] = median_from_histogram(hist)
-    return out
-
-
-__all__ = [
-    "attention_metrics",
-    "attention_statistics",
-    "finalize",
-    "median_from_histogram",
-    "patch_distance_matrix",
-    "row_entropy",
-]

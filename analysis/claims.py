@@ -1,28 +1,19 @@
 """The paper's two analysis claims, measured on one trained model with the project's own probes.
 
-    from entmax_vit.analysis.claims import ClaimsConfig, measure, write_claims
-    numbers = measure(model, ClaimsConfig(dataset="embedded"))        # {name: float}
+    numbers = measure(model, ClaimsConfig(dataset="embedded"))        # {name: float}, mIoU and Jaccard in percent
     write_claims(numbers, "out/claims_results.json", model=model, cfg=ClaimsConfig())
 
 (a) "Shallow blocks align better with the foreground, yet probe worse than deeper ones." Per block i:
-    ``block_<i>/fg_jaccard``      foreground alignment: Jaccard of the block's thresholded [CLS] attention
-                                  (DINO's visualize_attention, 60 % of the mass, best head) with the foreground
-                                  of the masks (``analysis.foreground``, exactly what ``scripts/analyze.py`` reports)
-    ``block_<i>/fg_jaccard_avg_map``  the same for the head-averaged map
-    ``block_<i>/seg_miou``        the linear segmentation probe (``evaluation.segmentation_probe``, preset
-                                  ``probe_preset``) trained on block i's patch tokens alone
-    Summaries: shallow = the mean over the first half of the blocks, deep = the last block:
-    ``fg_shallow_minus_deep`` (> 0: shallow aligns better), ``miou_deep_minus_shallow`` (> 0: deep probes
-    better), ``claim_shallow_aligns_probes_worse`` = 1.0 when both are > 0, ``fg_best_block`` /
-    ``miou_best_block`` (0-based).
-(b) "[CLS] is complementary for dense prediction." The same probe on the last block's patch tokens with the
-    [CLS] token concatenated to every patch: ``seg_miou_patch_cls`` vs ``seg_miou_patch``, ``cls_gain_miou``
-    (their difference), ``claim_cls_complementary`` = 1.0 when it is > 0.
+    ``block_<i>/fg_jaccard`` (best head) and ``fg_jaccard_avg_map`` (head-averaged map): Jaccard of the thresholded
+    [CLS] attention (60 % of the mass, as ``scripts/analyze.py``) with the masks' foreground; ``block_<i>/seg_miou``:
+    the segmentation probe (preset ``probe_preset``) on block i's patch tokens alone. Summaries (shallow = mean over
+    the first half of the blocks, deep = the last): ``fg_shallow_minus_deep``, ``miou_deep_minus_shallow``,
+    ``claim_shallow_aligns_probes_worse`` (1.0 when both > 0), ``fg_best_block`` / ``miou_best_block``.
+(b) "[CLS] is complementary for dense prediction": the last block's probe with [CLS] concatenated to every patch,
+    ``seg_miou_patch_cls`` vs ``seg_miou_patch``, ``cls_gain_miou``, ``claim_cls_complementary`` (1.0 when > 0).
 
-Every probe is the one ``scripts/eval_segmentation.py`` trains (same preset, transforms, optimiser and
-mIoU), only the block and the [CLS] option change; all probes of one call see the same data. mIoU and
-Jaccard are in percent. A single model and seed cannot separate small differences from noise: compare the
-numbers across seeds (``scripts/reproduce_mini.py`` does).
+Every probe is ``scripts/eval_segmentation.py``'s (same preset, transforms, optimiser, mIoU) on the same data; one
+model and seed cannot separate small differences from noise: compare across seeds (``scripts/reproduce_mini.py``).
 """
 
 from __future__ import annotations
@@ -58,32 +49,21 @@ class ClaimsConfig:
 
 
 def probe_config(cfg: ClaimsConfig, **overrides: Any):
-    """The segmentation probe config of ``cfg.probe_preset`` (a YAML of evaluation/configs/), with ``overrides``.
-
-    Read directly from the preset file: these are the same values ``eval_segmentation --preset NAME`` uses."""
-    import yaml
-
+    """The segmentation probe config of ``cfg.probe_preset`` (the values ``eval_segmentation --preset NAME`` uses),
+    with the claims' data, seed and epochs, and ``overrides``."""
+    from entmax_vit.data.config_io import ConfigError, load_preset
     from entmax_vit.evaluation.entry_point import PRESET_DIR
     from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
 
-    path = Path(cfg.probe_preset)
-    if not path.is_file():
-        path = PRESET_DIR / f"{cfg.probe_preset}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ValueError(f"probe_preset {cfg.probe_preset!r} is neither a YAML file nor one of {names}")
-    values = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in dataclasses.fields(SegmentationEvalConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown segmentation probe keys {unknown}")
-    values.update(dataset=cfg.dataset, train_split=cfg.train_split, eval_split=cfg.eval_split,
-                  max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples, seed=cfg.seed)
+    try:
+        base = load_preset(SegmentationEvalConfig, cfg.probe_preset, PRESET_DIR)
+    except ConfigError as err:
+        raise ValueError(f"probe_preset {cfg.probe_preset!r}: {err}") from None
     if cfg.epochs is not None:
-        values["epochs"] = cfg.epochs
-        values["step_epochs"] = [s for s in values.get("step_epochs", []) if s < cfg.epochs]
-    values.update(overrides)
-    return SegmentationEvalConfig(**values)
+        overrides = dict(epochs=cfg.epochs, step_epochs=[s for s in base.step_epochs if s < cfg.epochs], **overrides)
+    return dataclasses.replace(base, **{**dict(
+        dataset=cfg.dataset, train_split=cfg.train_split, eval_split=cfg.eval_split,
+        max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples, seed=cfg.seed), **overrides})
 
 
 def _backbone(model: Union[nn.Module, str]) -> nn.Module:
@@ -100,8 +80,7 @@ def _backbone(model: Union[nn.Module, str]) -> nn.Module:
 
 
 class _EagerAttention:
-    """Context: the backbone runs its eager kernel (the one that returns attention probabilities), then the
-    kernel it had is restored. Uses transformers' ``set_attn_implementation``."""
+    """Context: the backbone runs its eager kernel (which returns attention probabilities), then the one it had."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -206,9 +185,7 @@ def summarize(numbers: Mapping[str, float], depth: int) -> dict[str, float]:
 def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *, model: Union[nn.Module, str],
                  cfg: Optional[ClaimsConfig] = None, model_name_or_path: Optional[str] = None) -> Path:
     """``numbers`` as a results JSON (schema entmax_vit.results/v1, task "analysis", protocol "paper_claims")."""
-    from entmax_vit.evaluation.results import make_results, write_results
-
-    from entmax_vit.evaluation.results import weights_fingerprint
+    from entmax_vit.evaluation.results import make_results, weights_fingerprint, write_results
 
     cfg = cfg or ClaimsConfig()
     backbone = _backbone(model) if not isinstance(model, str) else None
@@ -228,7 +205,3 @@ def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *,
         weights_sha256=weights_fingerprint(backbone) if backbone is not None else None,
     )
     return write_results(record, path)
-
-
-__all__ = ["HEADLINE_KEYS", "ClaimsConfig", "foreground_alignment", "measure", "probe_config", "summarize",
-           "write_claims"]

@@ -1,18 +1,15 @@
-"""PNG figures of the analysis (matplotlib Figures rendered with Agg: no display needed).
+"""PNG figures of the analysis: per-head [CLS] attention maps (DINO's visualize_attention, with the mass-thresholded
+maps), PCA of patch features as RGB, metric curves over layers and per-head attention distances per model.
 
-* ``save_attention_maps``: per-head [CLS] attention over the image (last layer by default), as DINO's
-  visualize_attention, with a second row of the maps thresholded to keep a share of the attention mass.
-* ``save_pca_image``: the first three principal components of patch features as RGB, fitted on the patches
-  of all given images (optionally on foreground patches only).
-* ``plot_layer_curves``: one curve per model for every per-layer metric (e.g. softmax vs entmax-1.5).
-"""
+Drawn on bare matplotlib Figures, never pyplot: a Figure renders with Agg whatever backend pyplot would pick (on a
+desktop pyplot starts a GUI toolkit, which fails off the main thread) and joins no global figure list."""
 
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -26,17 +23,10 @@ from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
 from .foreground import DINO_MASS_THRESHOLD, cls_attention_maps, mass_threshold_mask, upsample_to
 from .per_layer import PerLayerMetrics, forward_with_internals, resolve_backbone, token_layout
 
-# The project draws on bare matplotlib Figures, never pyplot: a Figure renders PNGs with Agg whatever backend
-# pyplot would pick (matplotlib falls back to Agg only where it finds no display; on a desktop it would start
-# a GUI toolkit, which fails off the main thread), needs no matplotlib.use() before other imports, and belongs
-# to no global figure list, so there is nothing to close.
-
-
-def to_display(pixel_values: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-               std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def to_display(pixel_values: torch.Tensor) -> np.ndarray:
     """Undo normalisation: (3, H, W) tensor -> (H, W, 3) float array in [0, 1]."""
     x = pixel_values.detach().float().cpu()
-    x = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    x = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
@@ -63,15 +53,10 @@ def save_attention_maps(
     *,
     layer: int = -1,
     mass: Optional[float] = DINO_MASS_THRESHOLD,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
 ) -> Path:
-    """Per-head [CLS] attention maps of one image (3, H, W) over the image, saved as a PNG at ``path``.
-
-    Row 1: the image, then each head's [CLS]-to-patch attention (nearest-upsampled by the patch size, each
-    head on its own colour scale) and the head mean. Row 2 (when ``mass`` is set): the image masked to the
-    patches that hold ``mass`` of each head's attention (DINO's thresholded maps).
-    """
+    """PNG of one image's (3, H, W) per-head [CLS] attention: row 1 the image, each head's map (nearest-upsampled,
+    own colour scale) and the head mean; row 2 (``mass`` set) the image masked to the patches holding ``mass`` of
+    each map (DINO's thresholded maps)."""
     x = _as_batch(image_tensor)[:1]
     prefix, grid = token_layout(model, x)
     attentions, _, _ = forward_with_internals(model, x)
@@ -80,7 +65,7 @@ def save_attention_maps(
     maps = torch.cat([maps, maps.mean(0, keepdim=True)])  # (heads + 1, h, w)
     size = tuple(x.shape[-2:])
     up = upsample_to(maps[None], size)[0].numpy()  # (heads + 1, H, W)
-    image = to_display(x[0], mean, std)
+    image = to_display(x[0])
     heads = maps.shape[0] - 1
     rows = 2 if mass is not None else 1
     cols = heads + 2
@@ -107,8 +92,7 @@ def save_attention_maps(
 
 
 def _pca_basis(features: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (D,) and top-k principal directions (D, k) of (M, D) features, signs fixed for determinism
-    (the largest-magnitude loading of each component is positive)."""
+    """Mean (D,) and top-k principal directions (D, k) of (M, D) features; signs fixed (largest loading positive)."""
     mu = features.mean(0)
     xc = features - mu
     cov = xc.T @ xc / max(features.shape[0] - 1, 1)  # (D, D)
@@ -131,14 +115,10 @@ def pca_rgb(
     mass: float = DINO_MASS_THRESHOLD,
     feature_norm: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of patch features as RGB: returns ``(rgb (B, h, w, 3) in [0, 1], foreground (B, h, w) bool)``.
-
-    The PCA is fitted on the patches of all ``images`` (B, 3, H, W); with ``foreground_only`` only on
-    foreground patches, taken from ``masks`` (B, H, W; a patch is foreground when most of its pixels are
-    labelled non-zero, non-255) or, without masks, from the last layer's head-averaged [CLS] attention
-    keeping ``mass`` of it. Background patches are drawn black. Colours: each component scaled by its 1st-99th
-    percentile over the fitted patches.
-    """
+    """PCA of patch features as RGB: ``(rgb (B, h, w, 3) in [0, 1], foreground (B, h, w) bool)``, fitted on the
+    patches of all ``images`` (B, 3, H, W), with ``foreground_only`` on foreground patches only: from ``masks``
+    (most pixels non-zero, non-255) or else the last layer's head-averaged [CLS] attention keeping ``mass``;
+    background drawn black. Each component scaled by its 1st-99th percentile over the fitted patches."""
     images = _as_batch(images)
     prefix, (h, w) = token_layout(model, images)
     attentions, blocks, final_norm = forward_with_internals(model, images)
@@ -172,35 +152,23 @@ def pca_rgb(
     return rgb.reshape(batch, h, w, 3).numpy(), fg.numpy()
 
 
-def save_pca_image(
-    model: nn.Module,
-    images: torch.Tensor,
-    path: str | os.PathLike,
-    *,
-    layer: int = -1,
-    foreground_only: bool = False,
-    masks: Optional[torch.Tensor] = None,
-    mass: float = DINO_MASS_THRESHOLD,
-    feature_norm: bool = True,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Path:
-    """PNG at ``path``: the images (top row) and the PCA-of-patch-features RGB maps (bottom row); see
-    ``pca_rgb`` for the options."""
+def save_pca_image(model: nn.Module, images: torch.Tensor, path: str | os.PathLike, **options) -> Path:
+    """PNG of the images (top row) and their ``pca_rgb(model, images, **options)`` maps (bottom row)."""
     images = _as_batch(images)
-    rgb, _ = pca_rgb(model, images, layer=layer, foreground_only=foreground_only, masks=masks, mass=mass,
-                     feature_norm=feature_norm)
+    rgb, _ = pca_rgb(model, images, **options)
+    layer = options.get("layer", -1)
     batch = images.shape[0]
     fig = Figure(figsize=(2.2 * batch, 4.6))
     axes = fig.subplots(2, batch, squeeze=False)
     for i in range(batch):
-        axes[0, i].imshow(to_display(images[i], mean, std))
+        axes[0, i].imshow(to_display(images[i]))
         axes[1, i].imshow(rgb[i], interpolation="nearest", extent=(0, images.shape[-1], images.shape[-2], 0))
     for ax in axes.flat:
         ax.axis("off")
     n_layers = resolve_backbone(model).config.num_hidden_layers
     name = n_layers - 1 if layer == -1 else layer
-    fig.suptitle(f"PCA of patch features (layer {name}{', foreground' if foreground_only else ''})", fontsize=9)
+    where = ", foreground" if options.get("foreground_only") else ""
+    fig.suptitle(f"PCA of patch features (layer {name}{where})", fontsize=9)
     return _save(fig, path)
 
 
@@ -220,9 +188,8 @@ def plot_layer_curves(
     metrics: Optional[Iterable[str]] = None,
     separate: bool = False,
 ) -> list[Path]:
-    """An overview grid ``layer_curves.png``: every metric over layers, one line per model; with ``separate``
-    also one PNG per metric (``curve_<metric>.png``). ``runs`` maps a model name to its ``analyze_model``
-    output. Returns the written paths (overview first)."""
+    """``layer_curves.png``: every metric over layers, one line per model (``runs``: {name: analyze_model output});
+    with ``separate`` also ``curve_<metric>.png`` each. Returns the written paths (overview first)."""
     if not runs:
         raise ValueError("plot_layer_curves needs at least one {name: per_layer_metrics} entry")
     out = Path(out_dir)
@@ -264,8 +231,7 @@ def plot_layer_curves(
 
 
 def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.PathLike) -> Path:
-    """Mean attention distance of every head over layers, one colour per model (the ViT paper's figure:
-    heads spread from local to global in early layers and all turn global late)."""
+    """Mean attention distance of every head over layers, one colour per model (the ViT paper's figure)."""
     if not runs:
         raise ValueError("plot_head_distances needs at least one {name: per_layer_metrics} entry")
     fig = Figure(figsize=(5.5, 3.6))
@@ -289,14 +255,3 @@ def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
-
-
-__all__ = [
-    "curve_metrics",
-    "pca_rgb",
-    "plot_head_distances",
-    "plot_layer_curves",
-    "save_attention_maps",
-    "save_pca_image",
-    "to_display",
-]

@@ -101,14 +101,3 @@ def summarize_heads(metrics: dict[str, float]) -> dict[str, float]:
         "fg_jaccard_best_head_index": float(best),
         "fg_jaccard_mean_head": sum(per_head.values()) / len(per_head),
     }
-
-
-__all__ = [
-    "DINO_MASS_THRESHOLD",
-    "cls_attention_maps",
-    "foreground_statistics",
-    "jaccard",
-    "mass_threshold_mask",
-    "summarize_heads",
-    "upsample_to",
-]

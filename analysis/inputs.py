@@ -1,14 +1,7 @@
-"""Images (and segmentation masks, where present) for the analysis, as tensors.
-
-Sources: any dataset source of ``entmax_vit.data.datasets.load_image_dataset`` (Hub id, ``imagefolder:DIR``,
-``webdataset:...``, a ``save_to_disk`` folder, ``embedded``), or a plain folder of image files with an
-optional folder of masks named like the images (``mask_dir``; mask pixel = class id, 0 = background,
-255 = ignore).
-
-Geometry: DINO's visualize_attention looks at the whole image, so every image is resized (shorter side to
-``image_size``, bicubic) and centre-cropped to ``image_size`` x ``image_size``; masks get the same geometry
-with nearest-neighbour resampling. Pixels are normalised with ImageNet mean/std as the models expect.
-"""
+"""Images (and masks, where present) for the analysis, as tensors: a dataset source of
+``data.datasets.load_image_dataset``, or a plain folder of images with an optional ``mask_dir`` (masks named like
+the images; 0 = background, 255 = ignore). As DINO's visualize_attention, whole images: shorter side resized to
+``image_size`` (bicubic; masks nearest) and centre-cropped, ImageNet-normalised."""
 
 from __future__ import annotations
 
@@ -68,10 +61,7 @@ def _is_plain_image_folder(path: Path) -> bool:
 
 
 def _find_mask(mask_dir: Path, stem: str) -> Optional[Path]:
-    for p in sorted(mask_dir.glob(f"{stem}.*")):
-        if p.suffix.lower() in IMAGE_SUFFIXES:
-            return p
-    return None
+    return next((p for p in sorted(mask_dir.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
 
 
 def _collect(rows: ImageRows, items, num_images: int, size: int, with_masks: bool) -> AnalysisImages:
@@ -108,10 +98,6 @@ def load_analysis_images(
     streaming: bool = False,
 ) -> AnalysisImages:
     """The first ``num_images`` readable images of ``source`` (and their masks where the source has them)."""
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
     path = Path(source).expanduser()
     if _is_plain_image_folder(path):
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -136,6 +122,3 @@ def load_analysis_images(
     rows = ImageRows(ds, image_col, mask_col, keep=(), mask_required=False)
     items = ((f"{source}[{i}]", row) for i, row in enumerate(itertools.islice(iter(rows.ds), num_images * 2 + 8)))
     return _collect(rows, items, num_images, image_size, mask_col is not None)  # slack above for unreadable rows
-
-
-__all__ = ["AnalysisImages", "load_analysis_images", "preprocess_image", "preprocess_mask"]

@@ -1,14 +1,8 @@
-"""``analyze_model``: every semantic-diffusion metric, per layer, for a model on a set of images.
+"""``analyze_model``: every semantic-diffusion metric, per layer, for a ViT (EntmaxViT, a model wrapping one, or any
+ViT with ``output_attentions`` / ``output_hidden_states`` and ``config.patch_size``) on a set of images.
 
-Works on an in-memory ``EntmaxViTModel`` (or a model wrapping one, e.g. EntmaxViTForImageClassification), a
-model loaded with ``AutoModel.from_pretrained(..., trust_remote_code=True)``, or any ViT whose forward accepts
-``output_attentions`` / ``output_hidden_states`` and whose config has ``patch_size`` (registers read from
-``num_register_tokens``, default 0).
-
-Layer ``i`` (0-based) uses block i's attention probabilities and block i's output tokens. Norms are taken on
-the raw residual stream (where high-norm artefacts live; LayerNorm would hide them); cosine similarities on
-the features a probe sees (the final LayerNorm applied, as ``get_intermediate_layers(norm=True)``) unless
-``feature_norm=False``.
+Layer i uses block i's attention and output tokens. Norms are taken on the raw residual stream (LayerNorm would hide
+high-norm artefacts); cosine similarities on what a probe sees (final LayerNorm applied) unless ``feature_norm=False``.
 """
 
 from __future__ import annotations
@@ -50,11 +44,8 @@ def token_layout(model: nn.Module, pixel_values: torch.Tensor) -> tuple[int, tup
 
 @torch.no_grad()
 def forward_with_internals(model: nn.Module, pixel_values: torch.Tensor) -> tuple[tuple, tuple, nn.Module]:
-    """Run the encoder asking for attentions and hidden states.
-
-    Returns ``(attentions, block_outputs, final_norm)``: attentions[i] (B, H, T, T), block_outputs[i]
-    (B, T, D) the raw output of block i, and the model's final LayerNorm (identity if it has none).
-    """
+    """The encoder's ``(attentions, block_outputs, final_norm)``: attentions[i] (B, H, T, T), block_outputs[i]
+    (B, T, D) the raw output of block i, and its final LayerNorm (identity if it has none)."""
     base = resolve_backbone(model)
     device = next(base.parameters()).device
     out = base(pixel_values=pixel_values.to(device), output_attentions=True, output_hidden_states=True, return_dict=True)
@@ -65,11 +56,8 @@ def forward_with_internals(model: nn.Module, pixel_values: torch.Tensor) -> tupl
         )
     if hidden is None or len(hidden) != len(attentions) + 1:
         raise ValueError("expected hidden_states = embeddings + one output per block")
-    norm = getattr(base, "layernorm", None)
-    if not isinstance(norm, nn.Module):
-        norm = getattr(base, "norm", None)
-    if not isinstance(norm, nn.Module):
-        norm = nn.Identity()
+    norms = (getattr(base, "layernorm", None), getattr(base, "norm", None))
+    norm = next((m for m in norms if isinstance(m, nn.Module)), nn.Identity())
     return tuple(attentions), tuple(hidden[1:]), norm
 
 
@@ -86,21 +74,16 @@ def analyze_model(
     ignore_index: int = 255,
     progress: bool = False,
 ) -> PerLayerMetrics:
-    """Per-layer semantic-diffusion metrics of ``model`` on ``pixel_values`` (B, 3, H, W) (normalised as the
-    model expects), with optional segmentation ``masks`` (B, H, W) (0 background, ``ignore_index`` ignored)
-    for the [CLS]-attention foreground Jaccard.
-
-    Returns ``{layer_index: {metric: value}}`` (layer 0 = first block). Metrics are described in
-    ``attention_metrics``, ``token_metrics`` and ``foreground``; each is the exact mean over all images
-    (batching does not change the numbers).
-    """
+    """``{layer: {metric: value}}`` (layer 0 = the first block) of ``model`` on normalised ``pixel_values``
+    (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, ``ignore_index`` ignored) for the foreground
+    Jaccard. Metrics as defined in attention_metrics, token_metrics and foreground, each the exact mean over all
+    images (batching does not change the numbers)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
         raise ValueError(f"pixel_values must be a non-empty (batch, 3, H, W) tensor, got {tuple(pixel_values.shape)}")
-    if masks is not None:
-        if masks.ndim != 3 or masks.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"masks must be (batch={pixel_values.shape[0]}, H, W), got {tuple(masks.shape)}")
+    if masks is not None and (masks.ndim != 3 or masks.shape[0] != pixel_values.shape[0]):
+        raise ValueError(f"masks must be (batch={pixel_values.shape[0]}, H, W), got {tuple(masks.shape)}")
     prefix, grid = token_layout(model, pixel_values)
     sums: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
     hists: dict[int, torch.Tensor] = {}
@@ -160,14 +143,3 @@ def unflatten_metrics(flat: dict[str, float]) -> PerLayerMetrics:
         if head.startswith("layer_") and head[6:].isdigit() and name:
             out[int(head[6:])][name] = value
     return dict(sorted(out.items()))
-
-
-__all__ = [
-    "PerLayerMetrics",
-    "analyze_model",
-    "flatten_metrics",
-    "forward_with_internals",
-    "resolve_backbone",
-    "token_layout",
-    "unflatten_metrics",
-]

@@ -1,17 +1,7 @@
-"""The analysis entry point: ``python scripts/analyze.py --model A [--compare B ...] --dataset SOURCE``.
-
-Loads each model (EntmaxViT folder or Hub id through ``AutoModel.from_pretrained(..., trust_remote_code=True)``),
-runs ``analyze_model`` on the same images, and writes into ``output_dir``::
-
-    config.yaml                       the resolved config
-    <name>/analysis_results.json      results JSON (entmax_vit.results/v1, task "analysis", layer_<i>/<metric>)
-    <name>/per_layer.json, .md        every metric per layer / the headline metrics as a table
-    <name>/attention_maps_<k>.png     per-head last-layer [CLS] attention of the first images
-    <name>/pca.png                    PCA of patch features as RGB
-    curves/layer_curves.png           every metric over layers, one line per model (+ curve_<metric>.png)
-    curves/head_attention_distance.png  mean attention distance of every head over layers, per model
-    comparison.md                     last-layer metrics of all models side by side
-"""
+"""The analysis entry point (``scripts/analyze.py --model A [--compare B ...] --dataset SOURCE``): each model on the
+same images, into ``output_dir``: config.yaml; per model ``<name>/`` analysis_results.json (task "analysis",
+``layer_<i>/<metric>``), per_layer.json / .md, attention_maps_<k>.png, pca.png; ``curves/`` layer_curves.png (+
+curve_<metric>.png), head_attention_distance.png; comparison.md (last-layer metrics side by side)."""
 
 from __future__ import annotations
 
@@ -20,12 +10,8 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-import torch
-
-from entmax_vit.cli.config import parse_config
-from entmax_vit.cli.config import usage as config_usage
 from entmax_vit.data.config_io import save_config, to_dict
 
 from .foreground import DINO_MASS_THRESHOLD
@@ -107,25 +93,10 @@ def _model_names(cfg: AnalyzeConfig) -> list[str]:
     return names
 
 
-def load_model(source: str, device: str = "cpu") -> torch.nn.Module:
-    """AutoModel with remote code (EntmaxViT ships its modeling files), eager attention so that every
-    attention implementation returns its probabilities."""
-    from transformers import AutoModel
-
-    import entmax_vit.modeling  # noqa: F401  (registers EntmaxViT with the Auto classes for local folders)
-    from entmax_vit.cli.model_path import check_model_path
-
-    check_model_path(source)  # as the entry points: a missing folder or a truncated weights file is named
-    try:
-        model = AutoModel.from_pretrained(source, trust_remote_code=True, attn_implementation="eager")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load model {source!r}: {err}") from err
-    return model.to(device).eval()
-
-
 def main(cfg: AnalyzeConfig) -> dict[str, dict]:
     """Run the analysis; returns ``{name: per_layer_metrics}``."""
     from entmax_vit.data.datasets import check_source
+    from entmax_vit.evaluation.features import load_backbone
     from entmax_vit.evaluation.resolution import eval_resolution
 
     if not cfg.model:
@@ -156,7 +127,7 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
 
     runs: dict[str, dict] = {}
     for name, source in zip(names, sources):
-        model = load_model(source, cfg.device)
+        model = load_backbone(source, device=cfg.device, attn_implementation="eager")  # eager returns probabilities
         patch = resolve_backbone(model).config.patch_size
         if cfg.image_size % patch:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of {name}'s patch size {patch}")
@@ -173,27 +144,3 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
     save_config(cfg, out / "config.yaml")  # after success, with the resolved image size
     logger.info("wrote %s", out)
     return runs
-
-
-def parse_analyze_config(argv: Optional[Sequence[str]] = None) -> AnalyzeConfig:
-    """``[--config PRESET_OR_YAML] --key value ...`` -> AnalyzeConfig (presets in analysis/configs/)."""
-    return parse_config(AnalyzeConfig, argv, preset_dir=PRESET_DIR)
-
-
-def usage() -> str:
-    """``--help`` text: this module's doc, the presets, and every config key with its default and comment."""
-    return config_usage(AnalyzeConfig, __doc__, PRESET_DIR)
-
-
-def cli(argv: Optional[Sequence[str]] = None) -> dict[str, dict]:
-    """Parse the command line and run (``-h`` / ``--help`` prints the keys)."""
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
-        print(usage())
-        return {}
-    return main(parse_analyze_config(args))
-
-
-__all__ = ["AnalyzeConfig", "cli", "load_model", "main", "parse_analyze_config", "usage"]

@@ -1,9 +1,6 @@
-"""Per-layer statistics of token features: norms with high-norm outliers, and cosine similarities of patch
-tokens to [CLS], to their 4-connected spatial neighbours and to each other ("semantic diffusion": global
-semantics spread through every patch makes patches alike far beyond their neighbourhood).
-
-Token layout: ``prefix`` tokens ([CLS] + registers) then ``h * w`` patches row-major; features (B, T, D).
-"""
+"""Per-layer token statistics: norms with high-norm outliers, and cosine similarities of patch tokens to [CLS], to
+their 4-connected neighbours and to each other ("semantic diffusion": global semantics spread through every patch
+make patches alike far beyond their neighbourhood). Features (B, T, D), ``prefix`` tokens then h * w patches."""
 
 from __future__ import annotations
 
@@ -35,11 +32,6 @@ def high_norm_threshold(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> fl
     median = flat.median()
     mad = (flat - median).abs().median()
     return float(median + k * MAD_TO_STD * mad)
-
-
-def high_norm_outliers(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> torch.Tensor:
-    """Boolean mask (same shape as ``norms``) of tokens whose norm exceeds ``high_norm_threshold``."""
-    return norms > high_norm_threshold(norms, k)
 
 
 def _check(features: torch.Tensor, grid: tuple[int, int], prefix: int) -> None:
@@ -82,11 +74,6 @@ def similarity_statistics(features: torch.Tensor, grid: tuple[int, int], prefix:
     return stats
 
 
-def similarity_metrics(features: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> dict[str, float]:
-    """``similarity_statistics`` finalised into numbers."""
-    return finalize(similarity_statistics(features, grid, prefix))
-
-
 def norm_metrics(
     patch_norms: torch.Tensor, cls_norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K
 ) -> dict[str, float]:
@@ -112,14 +99,3 @@ def norm_metrics(
         "outlier_share": float(outliers.float().mean()),
         "outlier_norm_ratio": ratio,
     }
-
-
-__all__ = [
-    "DEFAULT_OUTLIER_K",
-    "MAD_TO_STD",
-    "high_norm_outliers",
-    "high_norm_threshold",
-    "norm_metrics",
-    "similarity_metrics",
-    "similarity_statistics",
-]

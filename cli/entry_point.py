@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from entmax_vit.cli.config import parse_config, positionals_to_options
-from entmax_vit.cli.model_path import check_model_path
+from entmax_vit.data.model_path import check_model_path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Errors whose message tells the user what to fix (ConfigError is a ValueError): reported without a traceback.

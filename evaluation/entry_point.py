@@ -1,6 +1,5 @@
-"""The evaluation commands (``scripts/eval_*.py`` and the ``entmax-vit-eval-*`` console scripts): each is one
-cli.entry_point.run call with the evaluation presets (``--config|--preset NAME``, evaluation/configs/) and the
-``--model`` path checked (a missing folder says so); and the checks every evaluation makes before it starts."""
+"""The evaluation commands (``scripts/eval_*.py``, the ``entmax-vit-eval-*`` console scripts): cli.entry_point.run
+with the evaluation presets (evaluation/configs/) and the ``--model`` path checked; and the first check of each."""
 
 from __future__ import annotations
 
@@ -46,6 +45,3 @@ def eval_segmentation(argv: Optional[Sequence[str]] = None) -> Any:
 
     return run(main, SegmentationEvalConfig, "eval_segmentation", preset_dir=PRESET_DIR, default_preset="embedded",
                argv=argv, model_fields=("model",))
-
-
-__all__ = ["PRESET_DIR", "check_config", "eval_knn", "eval_linear", "eval_segmentation"]

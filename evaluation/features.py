@@ -1,25 +1,20 @@
 """Frozen feature extraction with a disk cache, shared by the k-NN and linear probes.
 
-One pass over a split stores, per image:
-    cls        (N, L, D)  final-LayerNormed [CLS] of each of the last L blocks (L = ``n_last_blocks``);
-                          ``cls[:, -1]`` is DINO's k-NN feature (``model(x)``), ``cls.flatten(1)`` the linear one
-    patch_mean (N, D)     mean of the last block's normed patch tokens (DINO's ``--avgpool_patchtokens``)
-    patches    (N, P, D)  last block's normed patch tokens (float16; only with ``store_patch_tokens``)
-    labels     (N,)       int64 class ids (-1 when the split has none)
-    index      (N,)       row index in the split (rows are gathered across ranks, so order is not guaranteed)
-Rows whose image cannot be decoded are dropped after gathering (their count is logged and returned).
-
-The cache file is ``cache_dir/<key>.safetensors`` where ``key`` hashes the model (path or Hub id + revision +
-config + weight-file size/mtime, so retraining into the same folder invalidates it), the dataset source,
-split and sample limit, the transform and the feature layout.
+Per image: ``cls`` (N, L, D) final-normed [CLS] of the last L blocks (``cls[:, -1]`` is DINO's k-NN feature),
+``patch_mean`` (N, D) mean of the last block's normed patch tokens (DINO's ``--avgpool_patchtokens``), ``patches``
+(N, P, D) float16 (only with ``store_patch_tokens``), ``labels`` (N,) (-1 without labels), ``index`` (N,) row in the
+split. Unreadable rows are dropped after gathering and counted. The cache key hashes the model (id, revision, config,
+weight files' size/mtime: retraining into the same folder invalidates it), data source, split, transform and layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,15 +25,12 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading any backbone: an EntmaxViT folder / Hub id, a training output dir, converted official DINO weights
-# ----------------------------------------------------------------------------------------------------------
 def resolve_model_path(name_or_path: str) -> str:
     """A training output dir (``DIR/final_model`` inside, no ``config.json``) resolves to its final model."""
     path = Path(name_or_path)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "final_model" / "config.json").is_file():
         return str(path / "final_model")
-    if path.exists() and path.is_dir() and not (path / "config.json").is_file():
+    if path.is_dir() and not (path / "config.json").is_file():
         if (path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file():  # a run or a checkpoint
             raise ValueError(
                 f"{name_or_path} is a training run or checkpoint without an exported model (no final_model: the run "
@@ -48,23 +40,20 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_backbone(name_or_path: str, revision: Optional[str] = None, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Frozen, eval-mode backbone through ``AutoModel.from_pretrained(..., trust_remote_code=True)``.
-
-    Classifier checkpoints are unwrapped to their encoder. The model must offer ``get_intermediate_layers``
-    (EntmaxViT) or return ``hidden_states`` and a final ``layernorm`` (HF ViT / DINOv2).
-    """
+def load_backbone(name_or_path: str, revision: Optional[str] = None, device: str | torch.device = "cpu",
+                  attn_implementation: Optional[str] = None) -> torch.nn.Module:
+    """Frozen, eval-mode backbone through ``AutoModel.from_pretrained(..., trust_remote_code=True)``, classifiers
+    unwrapped to their encoder: EntmaxViT, or a model with ``hidden_states`` and a final ``layernorm`` (ViT, DINOv2)."""
     import entmax_vit.modeling  # noqa: F401  (registers EntmaxViT with the Auto classes for local folders)
     from transformers import AutoModel
 
-    from entmax_vit.cli.model_path import check_model_path
+    from entmax_vit.data.model_path import check_model_path
 
-    # The entry points' check, for in-process callers too: a missing folder says so (instead of transformers'
-    # "Repo id must be in the form ..."), a truncated weights file is named.
-    check_model_path(name_or_path)
+    check_model_path(name_or_path)  # the entry points' check, for in-process callers too
     path = resolve_model_path(name_or_path)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=True)
+        model = AutoModel.from_pretrained(path, revision=revision, trust_remote_code=True, **kwargs)
     except OSError as err:  # a Hub id that does not exist or cannot be reached: transformers' message, one line
         raise ValueError(f"cannot load model {name_or_path!r}: {' '.join(str(err).split())}") from None
     for attr in ("entmax_vit", "vit", "dinov2", "backbone"):
@@ -84,7 +73,7 @@ def model_fingerprint(name_or_path: str, revision: Optional[str], model: torch.n
             weights.append([f.name, st.st_size, int(st.st_mtime)])
     config = model.config.to_dict() if hasattr(model, "config") else {}
     config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
-    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    config_hash = _hash(config, 16)
     # A Hub model's resolved commit pins "main" to the exact weights the features came from.
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     return {"name_or_path": str(name_or_path), "revision": revision, "commit": commit, "config_hash": config_hash,
@@ -106,11 +95,8 @@ def block_outputs(model: torch.nn.Module, pixel_values: torch.Tensor, n_last_blo
     return torch.stack([s[:, 0] for s in states], dim=1), states[-1][:, prefix:]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Extraction loop (one CPU or many GPUs through Accelerate) and cache
-# ----------------------------------------------------------------------------------------------------------
-def cache_key(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:24]
+def _hash(spec: dict, n: int) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 @torch.no_grad()
@@ -127,17 +113,11 @@ def extract_features(
 ) -> dict[str, torch.Tensor]:
     """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank.
 
-    With an ``accelerator`` the loader is either prepared (``gather_for_metrics`` per batch drops the samples
-    the distributed sampler duplicated to even out the last batch) or, with ``sharded_loader``, already reads
-    only this rank's rows (a stream): then the per-rank results, of unequal length, are padded, gathered once
-    at the end and the padding dropped. With ``main_rank_only`` the other ranks keep no rows (their tensors are
-    empty; the skip count is everyone's): for a consumer that runs on the main rank alone (k-NN), so that a node
-    holds the gathered features once, not once per GPU.
-    """
+    A prepared loader is gathered per batch (``gather_for_metrics`` drops the sampler's duplicates); a
+    ``sharded_loader`` (a stream, each rank its rows) is padded and gathered once at the end. ``main_rank_only``:
+    the other ranks keep no rows (only the skip count), for a consumer on the main rank alone (k-NN)."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    parts: dict[str, list[torch.Tensor]] = {"cls": [], "patch_mean": [], "labels": [], "index": [], "valid": []}
-    if store_patch_tokens:
-        parts["patches"] = []
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     show = accelerator is None or accelerator.is_local_main_process
     drop = main_rank_only and accelerator is not None and not accelerator.is_main_process
     for batch in tqdm(loader, desc=desc, disable=not show):
@@ -180,7 +160,7 @@ def cached_features(
     """Load features for ``spec`` from ``cache_dir`` or ``compute()`` them and write the cache (main rank)."""
     if not cache_dir:
         return compute()
-    path = Path(cache_dir) / f"{cache_key(spec)}.safetensors"
+    path = Path(cache_dir) / f"{_hash(spec, 24)}.safetensors"
     if path.is_file():
         logger.info("loading cached features %s", path)
         return load_file(str(path))
@@ -214,11 +194,8 @@ def split_features(
     streaming: bool = False,
     main_rank_only: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Features of one dataset split (cached), plus its description: name, split, sizes, class names.
-
-    ``streaming`` reads the split on the fly (e.g. ImageNet from the Hub without downloading it first), each
-    rank its own part of the stream. ``main_rank_only``: see ``extract_features`` (a feature cache is read by
-    every rank)."""
+    """Features of one dataset split (cached), and its description: name, split, sizes, class names.
+    ``streaming``: the split read on the fly, each rank its part of the stream."""
     from entmax_vit.data.datasets import find_column, open_dataset
 
     from .image_data import ClassificationRows, StreamingRows, class_names_of, num_classes_of
@@ -258,4 +235,42 @@ def split_features(
     return feats, info
 
 
-__all__ = ["block_outputs", "cache_key", "cached_features", "extract_features", "load_backbone", "model_fingerprint", "resolve_model_path", "split_features"]
+
+def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
+    """The k-NN and linear probes' start: the config checked, loader sizes chosen for the machine, the backbone
+    loaded at its own resolution (unless the config names one). Returns the resolved config, the Accelerator, the
+    model and the ``split_features`` keywords both splits share."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .entry_point import check_config
+    from .image_data import ClassificationTransform
+    from .loader_defaults import sized_to_machine
+    from .resolution import eval_resolution
+
+    check_config(cfg)
+    accelerator = Accelerator()
+    batch_size, num_workers = sized_to_machine(getattr(cfg, batch_field), cfg.num_workers, accelerator)
+    if seed is not None:
+        set_seed(seed)
+    logger.info("%d process(es) on %s", accelerator.num_processes, accelerator.device)
+    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model, cfg.revision)
+    # the config written beside the results says what was used
+    cfg = dataclasses.replace(cfg, **{batch_field: batch_size}, num_workers=num_workers, resize=resize, crop=crop)
+    cache = str(Path(cfg.output_dir) / "feature_cache") if cfg.cache_dir is None else (cfg.cache_dir or None)
+    common = dict(model_spec=model_fingerprint(cfg.model, cfg.revision, model), dataset=cfg.dataset,
+                  transform=ClassificationTransform(resize, crop), image_column=cfg.image_column,
+                  label_column=cfg.label_column, batch_size=batch_size, num_workers=num_workers, cache_dir=cache,
+                  dataset_cache_dir=cfg.dataset_cache_dir, accelerator=accelerator, streaming=cfg.streaming)
+    return cfg, accelerator, model, common
+
+
+def on_main_rank(accelerator: Any, compute: Any) -> Any:
+    """``compute()`` once, on the main rank (on its accelerator); every other rank receives its result."""
+    result = compute() if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result = broadcast_object_list([result], from_process=0)[0]
+    return result

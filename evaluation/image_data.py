@@ -1,11 +1,6 @@
-"""The evaluation data path: HF datasets rows -> (pixel_values, label | mask, valid) batches.
-
-Rows are read and decoded by the data layer (``entmax_vit.data.images.ImageRows``: the project's one decoder,
-one count of unreadable rows). Under its policy an unreadable row yields a zero image with ``valid = False``; the
-loops leave invalid rows out of every metric after gathering across ranks and report how many (``num_skipped``
-in the results). Keeping the row, instead of filtering it in the collate function, keeps batch shapes equal on
-every rank, so ``accelerator.gather_for_metrics`` works unchanged.
-"""
+"""The classification data path: rows -> (pixel_values, label, valid, index) batches, decoded by the data layer
+(``data.images.ImageRows``). An unreadable row becomes a zero image with ``valid = False`` (batch shapes stay equal
+on every rank for ``gather_for_metrics``); the loops drop it after gathering and count it (``num_skipped``)."""
 
 from __future__ import annotations
 
@@ -26,9 +21,7 @@ def normalize(t: torch.Tensor) -> torch.Tensor:
     return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Classification transforms (DINO eval_linear / eval_knn)
-# ----------------------------------------------------------------------------------------------------------
+# --- Classification transforms (DINO eval_linear / eval_knn)
 @dataclass
 class ClassificationTransform:
     """Eval: Resize(resize, bicubic) + CenterCrop(crop) (DINO eval_linear / eval_knn). The linear probe's training
@@ -92,20 +85,18 @@ class StreamingRows(torch.utils.data.IterableDataset):
             yield self.rows.item(row, f"stream row {i}", (i * workers + worker) * self.world_size + self.rank)
 
 
+def _label_feature(ds: Any, label_column: str) -> Any:
+    return ds.features.get(label_column) if getattr(ds, "features", None) else None
+
+
 def num_classes_of(ds: Any, label_column: str) -> Optional[int]:
     """Class count from a ClassLabel feature, else 1 + the largest label (None for a stream without one)."""
-    feature = ds.features.get(label_column) if getattr(ds, "features", None) else None
-    if feature is not None and hasattr(feature, "num_classes"):
+    feature = _label_feature(ds, label_column)
+    if hasattr(feature, "num_classes"):
         return int(feature.num_classes)
-    if not hasattr(ds, "__len__"):
-        return None
-    return int(max(ds[label_column])) + 1
+    return int(max(ds[label_column])) + 1 if hasattr(ds, "__len__") else None
 
 
 def class_names_of(ds: Any, label_column: str) -> Optional[list[str]]:
-    feature = ds.features.get(label_column) if getattr(ds, "features", None) else None
-    return list(feature.names) if feature is not None and hasattr(feature, "names") else None
-
-
-__all__ = ["ClassificationRows", "ClassificationTransform", "StreamingRows", "class_names_of", "normalize",
-           "num_classes_of"]
+    feature = _label_feature(ds, label_column)
+    return list(feature.names) if hasattr(feature, "names") else None

@@ -7,7 +7,6 @@ k in {10, 20, 100, 200} (each clipped to the train-set size).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,9 @@ def knn_scores_for_ks(
     chunk_size: int = 256,
     device: Optional[torch.device | str] = None,
 ) -> dict[int, torch.Tensor]:
-    """Class scores (N_test, C) for every k in ``ks`` (each clipped to the train size): the sum over the k
-    nearest training samples of exp(cos_sim / T) one-hot votes. One similarity matrix and ONE top-k at the
-    largest k per chunk of test images; smaller k read the first columns of that sorted top-k. Runs on
-    ``device`` (default: where the features are), e.g. the accelerator."""
+    """Class scores (N_test, C) for every k in ``ks`` (clipped to the train size): the sum over the k nearest
+    training samples of exp(cos_sim / T) one-hot votes. One top-k at the largest k per chunk of test images; smaller
+    k read its first columns. Runs on ``device`` (default: where the features are)."""
     if len(train_features) == 0:
         raise ValueError("k-NN needs at least one training sample")
     device = torch.device(device) if device is not None else train_features.device
@@ -54,20 +52,6 @@ def knn_scores_for_ks(
     return {k: torch.cat(v) for k, v in scores.items()}
 
 
-def knn_scores(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    k: int,
-    num_classes: int,
-    temperature: float = 0.07,
-    chunk_size: int = 256,
-) -> torch.Tensor:
-    """Class scores (N_test, C): sum over the k nearest training samples of exp(cos_sim / T) one-hot votes."""
-    scores = knn_scores_for_ks(train_features, train_labels, test_features, (k,), num_classes, temperature, chunk_size)
-    return next(iter(scores.values()))
-
-
 def knn_classify(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -78,9 +62,8 @@ def knn_classify(
     num_classes: Optional[int] = None,
     device: Optional[torch.device | str] = None,
 ) -> dict[str, float]:
-    """``{"top1_k10": ..., "top5_k10": ..., ...}`` in percent; k values above the train size are clipped
-    (and a k that clips to an already-reported value is skipped). ``device``: where to compute (the
-    accelerator; default: where the features are)."""
+    """``{"top1_k10": ..., "top5_k10": ..., ...}`` in percent; k above the train size is clipped (a k clipped to
+    an already-reported value is skipped). ``device``: where to compute (default: where the features are)."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_scores_for_ks(train_features, train_labels, test_features, tuple(ks), num_classes, temperature,
                                device=device)
@@ -92,9 +75,6 @@ def knn_classify(
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Entry point (scripts/eval_knn.py)
-# ----------------------------------------------------------------------------------------------------------
 @dataclass
 class KNNEvalConfig:
     """k-NN evaluation of a frozen backbone (DINO defaults)."""
@@ -109,20 +89,14 @@ class KNNEvalConfig:
     max_train_samples: Optional[int] = None  # use only the first N train images (quick runs); None = all
     max_eval_samples: Optional[int] = None   # use only the first N eval images; None = all
     streaming: bool = False              # read the splits on the fly (e.g. ImageNet from the Hub), no download
-    # Numbers of neighbours k; top-1 and top-5 accuracy are reported for each (DINO: 10, 20, 100, 200).
+    # numbers of neighbours k, top-1 and top-5 reported for each (DINO: 10, 20, 100, 200)
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07            # T of the neighbours' vote weights exp(cosine / T); DINO: 0.07
-    # Eval transform's bicubic Resize of the shorter side, in px. None: 256/224 of the crop (256 for 224).
-    resize: Optional[int] = None
-    # Eval transform's CenterCrop side, in px. None: the model's own resolution, the size it was trained
-    # at (evaluation/resolution.py: 224 for ViT-S/16, 64 for tiny_cpu); another crop is warned about.
+    resize: Optional[int] = None         # bicubic Resize of the shorter side (px); None: 256/224 of the crop
+    # CenterCrop side (px). None: the model's own resolution, the size it was trained at (224 for ViT-S/16)
     crop: Optional[int] = None
-    # Images per feature-extraction batch. None: sized to the machine (evaluation/loader_defaults.py: 256 on a
-    # GPU, 64 on CPU).
-    batch_size: Optional[int] = None
-    # DataLoader worker processes for decoding. None: sized to the machine (up to 8 per process on a GPU, 0 on
-    # CPU).
-    num_workers: Optional[int] = None
+    batch_size: Optional[int] = None     # images per extraction batch; None: sized to the machine (GPU 256, CPU 64)
+    num_workers: Optional[int] = None    # decoding workers; None: sized to the machine (GPU: up to 8 per process, CPU: 0)
     cache_dir: Optional[str] = None      # feature cache (default: OUTPUT_DIR/feature_cache); "" disables
     dataset_cache_dir: Optional[str] = None  # datasets cache folder for downloads; None = the HF cache
     output_dir: str = "outputs/eval_knn"  # results_knn.json, the resolved config and the feature cache
@@ -130,64 +104,27 @@ class KNNEvalConfig:
 
 def main(cfg: KNNEvalConfig) -> dict:
     """Extract (or load cached) features, run k-NN, write ``output_dir/results_knn.json``; return the record."""
-    from accelerate import Accelerator
+    from .features import on_main_rank, prepare_classification, split_features
+    from .results import finish_run
 
-    from entmax_vit.data.config_io import save_config, to_dict
-
-    from .entry_point import check_config
-    from .features import load_backbone, model_fingerprint, split_features
-    from .image_data import ClassificationTransform
-    from .loader_defaults import sized_to_machine
-    from .resolution import eval_resolution
-    from .results import make_results, weights_fingerprint, write_results
-
-    check_config(cfg)
-    accelerator = Accelerator()
-    batch_size, num_workers = sized_to_machine(cfg.batch_size, cfg.num_workers, accelerator)
-    cfg = dataclasses.replace(cfg, batch_size=batch_size, num_workers=num_workers)
-    out = Path(cfg.output_dir)
-    logger.info("k-NN: %d process(es) on %s", accelerator.num_processes, accelerator.device)
-    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
-    resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model, cfg.revision)
-    cfg = dataclasses.replace(cfg, resize=resize, crop=crop)  # the config written beside the results says it
-    spec = model_fingerprint(cfg.model, cfg.revision, model)
-    transform = ClassificationTransform(cfg.resize, cfg.crop)
-    cache = str(out / "feature_cache") if cfg.cache_dir is None else (cfg.cache_dir or None)
-    common = dict(model_spec=spec, dataset=cfg.dataset, transform=transform, n_last_blocks=1,
-                  image_column=cfg.image_column, label_column=cfg.label_column, batch_size=cfg.batch_size,
-                  num_workers=cfg.num_workers, cache_dir=cache, dataset_cache_dir=cfg.dataset_cache_dir,
-                  accelerator=accelerator, streaming=cfg.streaming, main_rank_only=True)  # k-NN runs on the main rank
+    cfg, accelerator, model, common = prepare_classification(cfg, "batch_size")
+    common.update(n_last_blocks=1, main_rank_only=True)  # k-NN runs on the main rank
     train, train_info = split_features(model, split=cfg.train_split, max_samples=cfg.max_train_samples, **common)
     test, test_info = split_features(model, split=cfg.eval_split, max_samples=cfg.max_eval_samples, **common)
     num_classes = max(train_info["num_classes"], test_info["num_classes"])
-    metrics = None
-    if accelerator.is_main_process:  # once, on the accelerator; the other ranks receive the numbers
-        metrics = knn_classify(train["cls"][:, -1], train["labels"], test["cls"][:, -1], test["labels"],
-                               tuple(cfg.ks), cfg.temperature, num_classes, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        metrics = broadcast_object_list([metrics], from_process=0)[0]
+    metrics = on_main_rank(accelerator, lambda: knn_classify(
+        train["cls"][:, -1], train["labels"], test["cls"][:, -1], test["labels"], tuple(cfg.ks), cfg.temperature,
+        num_classes, device=accelerator.device))
     for name, value in metrics.items():
         logger.info("k-NN %s = %.2f", name, value)
-    record = make_results(
-        task="knn",
-        model_name_or_path=cfg.model,
-        model_config=model.config.to_dict(),
+    record = finish_run(
+        "knn", cfg, model, accelerator, metrics=metrics,
         dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
                  "num_samples": len(test["labels"]), "num_train_samples": len(train["labels"]),
                  "num_classes": num_classes, "num_skipped": train_info["num_skipped"] + test_info["num_skipped"]},
         protocol={"name": "dino_knn", "temperature": cfg.temperature, "ks": list(cfg.ks), "feature": "cls_last_block",
-                  "l2_normalized": True, "transform": transform.describe()},
-        metrics=metrics,
-        config=to_dict(cfg),
-        weights_sha256=weights_fingerprint(model),
-    )
-    if accelerator.is_main_process:  # a failed run writes neither its config nor results
-        save_config(cfg, out / "eval_knn_config.yaml")
-        write_results(record, out / "results_knn.json")
-        print(f"[eval_knn] {', '.join(f'{k}={v:.2f}' for k, v in metrics.items())} -> {out / 'results_knn.json'}")
+                  "l2_normalized": True, "transform": common["transform"].describe()})
+    if accelerator.is_main_process:
+        print(f"[eval_knn] {', '.join(f'{k}={v:.2f}' for k, v in metrics.items())} -> "
+              f"{Path(cfg.output_dir) / 'results_knn.json'}")
     return record
-
-
-__all__ = ["KNNEvalConfig", "knn_classify", "knn_scores", "knn_scores_for_ks", "main"]

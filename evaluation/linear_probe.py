@@ -1,30 +1,17 @@
 """Linear classification probe on frozen features: official DINO ``eval_linear.py`` by default.
 
-Protocol ``dino`` (the default, exactly official DINO):
-    feature   the final-normed [CLS] of the last ``n`` blocks concatenated, optionally followed by the mean of
-              the last block's patch tokens (``avgpool``); DINO's choice by width: n = 4 without avgpool for
-              ViT-S (and narrower), n = 1 with avgpool for ViT-B (and wider)
-    head      one Linear layer, weight ~ N(0, 0.01), bias 0
-    train     RandomResizedCrop(224) (torchvision defaults: scale 0.08-1, BILINEAR) + horizontal flip, freshly
-              drawn every epoch, the backbone run on every crop
-    optimiser SGD, ONE lr = 0.001 x batch_size / 256, momentum 0.9, weight decay 0, cosine over 100 epochs
-              (CosineAnnealingLR stepped per epoch, eta_min 0), batch 1024 (128 per GPU x 8)
-    eval      Resize(256, bicubic) + CenterCrop(224), top-1 after every epoch; the BEST epoch's top-1 is
-              reported (official prints ``best_acc = max(best_acc, acc1)``)
-    results   ``protocol.name == "dino_eval_linear"``
-
-Protocol ``cached_grid`` (a fast option, NOT DINO's protocol; its results say so):
-    train on cached centre-crop features (Resize 256 + CenterCrop 224, no augmentation): one backbone pass, then
-    a grid of heads (every n x avgpool x base_lr, DINOv2 style) trained side by side; the head best on the
-    selection split is reported at its last epoch. ``protocol.name == "cached_grid"``.
-
-Selection split of either protocol: the eval split (as DINO/DINOv2 report), or ``holdout_fraction`` of the
-train split held out (centre-crop features), which gives an unbiased eval-split accuracy.
+Protocol ``dino`` (official): the final-normed [CLS] of the last n blocks (+ mean patch token with avgpool; DINO:
+n = 4 for ViT-S, n = 1 + avgpool for ViT-B), one Linear head N(0, 0.01), RandomResizedCrop(224) + flip drawn every
+epoch, SGD lr 0.001 x batch/256, momentum 0.9, no weight decay, per-epoch cosine over 100 epochs, batch 1024; eval
+Resize(256, bicubic) + CenterCrop(224) after every epoch, the BEST epoch reported. ``protocol.name ==
+"dino_eval_linear"``.
+Protocol ``cached_grid`` (fast, NOT DINO's; its results say so): centre-crop features cached once, a grid of heads
+(n x avgpool x lr, DINOv2 style) trained side by side, the best head on the selection split reported at its last
+epoch. Selection split: the eval split (as DINO/DINOv2), or ``holdout_fraction`` of train held out.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -229,9 +216,7 @@ def _accuracies(grid: LinearGrid, feats: dict[str, torch.Tensor]) -> list[dict[s
     return [{"top1": a[1], "top5": a[5]} for a in evaluate_grid(grid, feats["cls"], feats["patch_mean"], feats["labels"])]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Entry point (scripts/eval_linear.py)
-# ----------------------------------------------------------------------------------------------------------
+# --- Entry point (scripts/eval_linear.py)
 @dataclass
 class LinearEvalConfig:
     """Linear probe of a frozen backbone: official DINO eval_linear (default) or the fast cached lr grid."""
@@ -260,17 +245,11 @@ class LinearEvalConfig:
     weight_decay: float = 0.0            # SGD weight decay of the head(s); DINO: 0
     eval_every: int = 1                  # dino: evaluate every this many epochs (and after the last); DINO: 1
     holdout_fraction: float = 0.0        # > 0: select on this share of train, report eval of the chosen head/epoch
-    # Eval transform's bicubic Resize of the shorter side, in px. None: 256/224 of the crop (256 for 224).
-    resize: Optional[int] = None
-    # Eval transform's CenterCrop side in px, also the RandomResizedCrop size of the dino protocol's training.
-    # None: the model's own resolution, the size it was trained at (evaluation/resolution.py: 224 for ViT-S/16).
+    resize: Optional[int] = None         # bicubic Resize of the shorter side (px); None: 256/224 of the crop
+    # CenterCrop side (px), also the dino protocol's RandomResizedCrop size. None: the model's own resolution
     crop: Optional[int] = None
-    # Images per feature-extraction batch. None: sized to the machine (evaluation/loader_defaults.py: 256 on a
-    # GPU, 64 on CPU).
-    extract_batch_size: Optional[int] = None
-    # DataLoader worker processes for decoding (extraction and the dino protocol's training crops). None: sized
-    # to the machine (up to 8 per process on a GPU, 0 on CPU).
-    num_workers: Optional[int] = None
+    extract_batch_size: Optional[int] = None  # images per extraction batch; None: sized to the machine (256 / 64)
+    num_workers: Optional[int] = None    # decoding workers; None: sized to the machine (GPU: up to 8 per process, CPU: 0)
     seed: int = 0                        # seed of the heads' initialisation, data order and the hold-out split
     cache_dir: Optional[str] = None      # feature cache (default OUTPUT_DIR/feature_cache); "" disables
     dataset_cache_dir: Optional[str] = None  # datasets cache folder for downloads; None = the HF cache
@@ -311,45 +290,24 @@ def is_official(cfg: LinearEvalConfig, specs: list[HeadSpec], hidden_size: int) 
 
 def main(cfg: LinearEvalConfig) -> dict:
     """Extract features, train the head(s), write ``results_linear.json`` and ``grid.json`` (every head, the log)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from entmax_vit.data.config_io import save_config, to_dict
-
-    from .entry_point import check_config
-    from .features import load_backbone, model_fingerprint, split_features
     from entmax_vit.data.datasets import find_column, open_dataset
 
-    from .image_data import ClassificationRows, ClassificationTransform, num_classes_of
-    from .loader_defaults import sized_to_machine
-    from .resolution import eval_resolution
-    from .results import make_results, weights_fingerprint, write_results
+    from .features import on_main_rank, prepare_classification, split_features
+    from .image_data import ClassificationRows, num_classes_of
+    from .results import finish_run
 
-    check_config(cfg)
     if cfg.streaming and cfg.protocol == "dino":
         raise ValueError("protocol 'dino' runs the backbone on augmented crops of a map-style dataset: "
                          "use --no_streaming or --protocol cached_grid")
     if not 0.0 <= cfg.holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {cfg.holdout_fraction}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
-        raise ValueError(f"epochs, batch_size and eval_every must be >= 1, got {cfg.epochs}, {cfg.batch_size}, {cfg.eval_every}")
-    accelerator = Accelerator()
-    extract_batch_size, num_workers = sized_to_machine(cfg.extract_batch_size, cfg.num_workers, accelerator)
-    cfg = dataclasses.replace(cfg, extract_batch_size=extract_batch_size, num_workers=num_workers)
-    set_seed(cfg.seed)
+        raise ValueError(f"epochs, batch_size and eval_every must be >= 1, got {cfg.epochs}, {cfg.batch_size}, "
+                         f"{cfg.eval_every}")
+    cfg, accelerator, model, common = prepare_classification(cfg, "extract_batch_size", seed=cfg.seed)
     show = accelerator.is_local_main_process
-    out = Path(cfg.output_dir)
-    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
-    resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model, cfg.revision)
-    cfg = dataclasses.replace(cfg, resize=resize, crop=crop)  # the config written beside the results says it
     specs = resolve_heads(cfg, model.config.hidden_size, model.config.num_hidden_layers)
-    n_max = max(s.n_last_blocks for s in specs)
-    eval_tf = ClassificationTransform(cfg.resize, cfg.crop)
-    cache = str(out / "feature_cache") if cfg.cache_dir is None else (cfg.cache_dir or None)
-    common = dict(model_spec=model_fingerprint(cfg.model, cfg.revision, model), dataset=cfg.dataset,
-                  transform=eval_tf, n_last_blocks=n_max, image_column=cfg.image_column, label_column=cfg.label_column,
-                  batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, cache_dir=cache,
-                  dataset_cache_dir=cfg.dataset_cache_dir, accelerator=accelerator, streaming=cfg.streaming)
+    common["n_last_blocks"] = n_max = max(s.n_last_blocks for s in specs)
     test, test_info = split_features(model, split=cfg.eval_split, max_samples=cfg.max_eval_samples, **common)
     # Centre-crop train features: the cached grid trains on them; the dino protocol needs them only to hold out.
     need_train_feats = cfg.protocol == "cached_grid" or cfg.holdout_fraction > 0
@@ -358,104 +316,88 @@ def main(cfg: LinearEvalConfig) -> dict:
     if cfg.protocol == "dino":
         train_ds = open_dataset(cfg.dataset, cfg.train_split, cfg.dataset_cache_dir, cfg.max_train_samples,
                                 accelerator=accelerator)
+        image_col = find_column(train_ds, "image", cfg.image_column)
+        label_col = find_column(train_ds, "label", cfg.label_column)
         if not need_train_feats:  # unreadable train images are counted during the first epoch (below)
-            label_col = find_column(train_ds, "label", cfg.label_column)
-            train_info = {"num_samples": len(train_ds), "num_classes": num_classes_of(train_ds, label_col), "num_skipped": 0}
+            train_info = {"num_samples": len(train_ds), "num_classes": num_classes_of(train_ds, label_col)}
     num_classes = max(train_info["num_classes"], test_info["num_classes"])
 
-    # Hold-out selection set: chosen by row index. (A stream has no row numbers 0..N-1: there the indices are
-    # ranked first.)
-    num_rows = train_info["num_samples"]
-    held = torch.zeros(num_rows, dtype=torch.bool)
+    # Hold-out selection set, chosen by row index (a stream's indices are ranked first: it has no rows 0..N-1).
+    held = torch.zeros(train_info["num_samples"], dtype=torch.bool)
     if need_train_feats:
         row_ids = train["index"].long()
         if cfg.streaming:
             row_ids = torch.empty_like(row_ids).scatter_(0, row_ids.argsort(), torch.arange(len(row_ids)))
-        held = torch.zeros(max(num_rows, int(row_ids.max()) + 1), dtype=torch.bool)
+        held = torch.zeros(max(len(held), int(row_ids.max()) + 1), dtype=torch.bool)
     if cfg.holdout_fraction > 0:
         perm = torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.seed))
         held[perm[: max(1, int(cfg.holdout_fraction * len(held)))]] = True
     keys = ("cls", "patch_mean", "labels")
     select = {k: train[k][held[row_ids]] for k in keys} if cfg.holdout_fraction > 0 else test
+    key = "select" if cfg.holdout_fraction > 0 else "eval"
+
+    def evaluate(g: LinearGrid, epoch: int) -> Optional[dict]:  # every eval_every epochs and after the last
+        if epoch % cfg.eval_every and epoch != cfg.epochs:
+            return None
+        return {"eval": _accuracies(g, test), **({"select": _accuracies(g, select)} if key == "select" else {})}
 
     torch.manual_seed(cfg.seed)  # dino protocol: identical heads on every rank, each stepping the same gathered batches
     grid = LinearGrid(specs, model.config.hidden_size, num_classes)
     if cfg.protocol == "cached_grid":
         fit = {k: train[k][~held[row_ids]] for k in keys}
         num_fit = len(fit["labels"])
-        outcome = None
-        if accelerator.is_main_process:  # once, on the main rank's accelerator; the other ranks receive the numbers
+
+        def fit_grid() -> tuple:  # the last epoch of every head
             log = train_grid_cached(grid, fit, epochs=cfg.epochs, batch_size=cfg.batch_size, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, seed=cfg.seed, show=show, device=accelerator.device)
-            sel = evaluate_grid(grid, select["cls"], select["patch_mean"], select["labels"])
-            best = max(range(len(specs)), key=lambda i: sel[i][1])
-            final = evaluate_grid(grid, test["cls"], test["patch_mean"], test["labels"])
-            outcome = (log, best, {"top1": final[best][1], "top5": final[best][5]},
-                       {"reported": "last_epoch", "selection_top1": sel[best][1]},
-                       [{"select_top1": sel[i][1], "eval_top1": final[i][1], "eval_top5": final[i][5]}
-                        for i in range(len(specs))])
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
+            return log, [{"epoch": cfg.epochs, **evaluate(grid, cfg.epochs)}] * len(specs)
 
-            outcome = broadcast_object_list([outcome], from_process=0)[0]
-        log, best, metrics, reported, per_head = outcome
+        log, bests = on_main_rank(accelerator, fit_grid)
     else:
-        image_col = find_column(train_ds, "image", cfg.image_column)
-        label_col = find_column(train_ds, "label", cfg.label_column)
         rows = ClassificationRows(train_ds, image_col, label_col, DinoTrainTransform(cfg.crop))
         rows = torch.utils.data.Subset(rows, (~held[: len(rows)]).nonzero().flatten().tolist())
         num_fit = len(rows)
         per_rank = max(1, cfg.batch_size // accelerator.num_processes)
         loader = accelerator.prepare(torch.utils.data.DataLoader(rows, batch_size=per_rank, shuffle=True,
                                                                  num_workers=cfg.num_workers))
-        key = "select" if cfg.holdout_fraction > 0 else "eval"
-
-        def evaluate(g: LinearGrid, epoch: int) -> Optional[dict]:  # every eval_every epochs and after the last
-            if epoch % cfg.eval_every and epoch != cfg.epochs:
-                return None
-            return {"eval": _accuracies(g, test), **({"select": _accuracies(g, select)} if key == "select" else {})}
 
         log = train_grid_augmented(grid, model, loader, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                    n_last_blocks=n_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                    accelerator=accelerator, evaluate=evaluate, show=show)
-        # the best (head, epoch) on the selection split, as DINO reports its best epoch
         if not need_train_feats:
             train_info["num_skipped"] = log[0]["skipped"]
-        bests = [best_epoch(log, i, key) for i in range(len(specs))]
-        best = max(range(len(specs)), key=lambda i: bests[i][key][i]["top1"])
-        at = bests[best]["eval"][best]
-        metrics = {"top1": at["top1"], "top5": at["top5"], "top1_last_epoch": log[-1]["eval"][best]["top1"]}
-        reported = {"reported": "best_epoch", "best_epoch": bests[best]["epoch"], "selection_top1": bests[best][key][best]["top1"]}
-        per_head = [{"select_top1": bests[i][key][i]["top1"], "eval_top1": bests[i]["eval"][i]["top1"],
-                     "eval_top5": bests[i]["eval"][i]["top5"], "best_epoch": bests[i]["epoch"]} for i in range(len(specs))]
-
-    spec = specs[best]
-    official = is_official(cfg, specs, model.config.hidden_size)
-    name = protocol_name(cfg, specs)
+        bests = [best_epoch(log, i, key) for i in range(len(specs))]  # DINO reports its best epoch
+    best = max(range(len(specs)), key=lambda i: bests[i][key][i]["top1"])  # the best head on the selection split
+    at = bests[best]["eval"][best]
+    metrics = {"top1": at["top1"], "top5": at["top5"]}
+    if cfg.protocol == "dino":
+        metrics["top1_last_epoch"] = log[-1]["eval"][best]["top1"]
+        reported = {"reported": "best_epoch", "best_epoch": bests[best]["epoch"]}
+    else:
+        reported = {"reported": "last_epoch"}
+    reported["selection_top1"] = bests[best][key][best]["top1"]
     table = [{"head": s.name, "n_last_blocks": s.n_last_blocks, "avgpool": s.avgpool, "base_lr": s.base_lr,
-              "lr": scaled_lr(s.base_lr, cfg.batch_size), **per_head[i]} for i, s in enumerate(specs)]
+              "lr": scaled_lr(s.base_lr, cfg.batch_size), "select_top1": b[key][i]["top1"],
+              "eval_top1": b["eval"][i]["top1"], "eval_top5": b["eval"][i]["top5"],
+              **({"best_epoch": b["epoch"]} if cfg.protocol == "dino" else {})}
+             for i, (s, b) in enumerate(zip(specs, bests))]
+    spec, name = specs[best], protocol_name(cfg, specs)
     logger.info("%s, head %s: top-1 %.2f top-5 %.2f", name, spec.name, metrics["top1"], metrics["top5"])
-    record = make_results(
-        task="linear",
-        model_name_or_path=cfg.model,
-        model_config=model.config.to_dict(),
+    record = finish_run(
+        "linear", cfg, model, accelerator, metrics=metrics,
         dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
                  "num_samples": len(test["labels"]), "num_train_samples": num_fit, "num_classes": num_classes,
                  "num_skipped": train_info["num_skipped"] + test_info["num_skipped"]},
-        protocol={"name": name, "official": official, **reported, "head": spec.name,
-                  "n_last_blocks": spec.n_last_blocks, "avgpool_patchtokens": spec.avgpool, "base_lr": spec.base_lr,
-                  "lr": scaled_lr(spec.base_lr, cfg.batch_size), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                  "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "cosine_per_epoch",
-                  "grid_size": len(specs), "selection": "holdout" if cfg.holdout_fraction > 0 else cfg.eval_split,
-                  "train_transform": "center_crop_cached" if cfg.protocol == "cached_grid" else DinoTrainTransform(cfg.crop).describe(),
-                  "eval_transform": eval_tf.describe()},
-        metrics=metrics,
-        config=to_dict(cfg),
-        weights_sha256=weights_fingerprint(model),
-    )
-    if accelerator.is_main_process:  # a failed run writes neither its config nor results
-        save_config(cfg, out / "eval_linear_config.yaml")
-        write_results(record, out / "results_linear.json")
+        protocol={"name": name, "official": is_official(cfg, specs, model.config.hidden_size), **reported,
+                  "head": spec.name, "n_last_blocks": spec.n_last_blocks, "avgpool_patchtokens": spec.avgpool,
+                  "base_lr": spec.base_lr, "lr": scaled_lr(spec.base_lr, cfg.batch_size), "epochs": cfg.epochs,
+                  "batch_size": cfg.batch_size, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                  "schedule": "cosine_per_epoch", "grid_size": len(specs),
+                  "selection": "holdout" if cfg.holdout_fraction > 0 else cfg.eval_split,
+                  "train_transform": "center_crop_cached" if cfg.protocol == "cached_grid"
+                  else DinoTrainTransform(cfg.crop).describe(), "eval_transform": common["transform"].describe()})
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
         (out / "grid.json").write_text(json.dumps({"heads": table, "log": log}, indent=2))
         if len(specs) > 1:
             _plot_grid(table, out / "linear_grid.png")
@@ -480,8 +422,3 @@ def _plot_grid(table: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-__all__ = ["CACHED_GRID_PROTOCOL", "DEFAULT_BASE_LRS", "DINO_BASE_LR", "DINO_PROTOCOL", "DinoTrainTransform", "HeadSpec",
-           "LinearEvalConfig", "LinearGrid", "best_epoch", "dino_feature_layout", "evaluate_grid", "is_official", "main", "probe_inputs",
-           "protocol_name", "resolve_heads", "set_cosine_lr", "train_grid_augmented", "train_grid_cached", "train_step"]

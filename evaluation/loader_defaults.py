@@ -1,9 +1,7 @@
 """Feature-extraction batch size and DataLoader workers sized to the machine, for configs that leave them unset.
 
-On a GPU, JPEG decoding on the main process (``num_workers=0``) bounds throughput far below the model's speed,
-and batch 64 leaves it idle between launches: there the default is batch 256 and up to 8 workers per process
-(the machine's cores shared among the processes of this node, one left for the main loop). On CPU the model
-is the bottleneck and decoding in the main process keeps runs reproducible and light: batch 64, no workers.
+On a GPU, decoding on the main process starves the model: batch 256 and up to 8 workers per process (the cores shared
+among this node's processes, one left for the main loop). On CPU the model is the bottleneck: batch 64, no workers.
 """
 
 from __future__ import annotations
@@ -29,6 +27,3 @@ def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], acce
 
 def _num_nodes() -> int:
     return int(os.environ.get("NUM_NODES", os.environ.get("SLURM_NNODES", "1")) or 1)
-
-
-__all__ = ["sized_to_machine"]

@@ -1,16 +1,9 @@
-"""Segmentation metrics from a confusion matrix accumulated on device (no framework, as DINOv2's evaluation).
+"""Segmentation metrics from a confusion matrix accumulated on device (as DINOv2's evaluation), and top-k accuracy.
 
-The confusion matrix ``conf[t, p]`` counts pixels with target class ``t`` predicted as ``p``; pixels whose
-target is the ignore index (or outside ``[0, K)``) are left out. Per-class IoU = TP / (TP + FP + FN) with NaN
-for classes absent from both targets and predictions; mIoU = nanmean (dataset-level, the definition of the
-`evaluate` library's ``mean_iou`` and of mmseg). Distributed runs sum the matrices across ranks
-(``accelerator.reduce(conf, "sum")``) before calling :func:`segmentation_scores`.
-
-Why not the `evaluate` library: its ``mean_iou`` keeps every prediction and label map until ``compute()`` (all
-pixels of a validation split, gigabytes for ADE20K at 512 px) where a (K, K) matrix suffices, ``evaluate.load``
-fetches the metric from the Hub (it fails offline), and distributed runs would gather all pixels instead of
-summing K * K counts. tests/test_eval_metrics.py checks these numbers against an independent numpy
-implementation of that library's definition instead.
+``conf[t, p]`` counts pixels of target ``t`` predicted ``p`` (ignore index and ids outside [0, K) left out); per-class
+IoU = TP / (TP + FP + FN), NaN for absent classes; mIoU = nanmean (the `evaluate` library's ``mean_iou`` and mmseg).
+Ranks sum their matrices. Not `evaluate` itself: it keeps every pixel map until ``compute()`` and loads the metric
+from the Hub (offline it fails); tests/test_eval_metrics.py checks against a numpy version of its definition.
 """
 
 from __future__ import annotations
@@ -75,6 +68,3 @@ def topk_accuracy(logits_or_scores: torch.Tensor, labels: torch.Tensor, ks: tupl
     hit = top == labels[:, None]
     n = max(len(labels), 1)
     return {k: 100.0 * hit[:, : min(k, num_classes)].any(1).float().sum().item() / n for k in ks}
-
-
-__all__ = ["confusion_matrix", "reduce_zero_label", "segmentation_scores", "topk_accuracy"]

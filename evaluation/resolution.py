@@ -1,13 +1,6 @@
-"""The resolution a model is fed by default: its own, the one it was trained at.
-
-An EntmaxViT model learns its position embeddings at ``config.image_size`` (the global crop size of its training:
-64 px for the ``tiny_cpu`` preset), and the image processor saved with it crops to that size. Every evaluation and
-the analysis default to it (DINO's eval transform: Resize(side * 256/224) + CenterCrop(side)) and log a warning
-when asked for another size, so a model is never silently measured at a resolution it was not trained at.
-
-    resize, crop = own_resolution("runs/tiny/final_model")          # (73, 64)
-    resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model)  # the config's, or the model's own
-"""
+"""The resolution a model is fed by default: its own, the one it was trained at (``config.image_size`` of an
+EntmaxViT, e.g. 64 px for ``tiny_cpu``). Every evaluation and the analysis default to it (Resize(side * 256/224) +
+CenterCrop(side)) and warn when asked for another size."""
 
 from __future__ import annotations
 
@@ -78,6 +71,3 @@ def eval_resolution(resize: Optional[int], crop: Optional[int], name_or_path: st
         logger.warning("%s: evaluating at %s %d px, but the model was trained at %d px (its own resolution, the "
                        "default when %s is not given)", name_or_path, what, crop, own_crop, what)
     return (eval_resize(crop) if resize is None else resize), crop
-
-
-__all__ = ["eval_resolution", "own_resolution"]

@@ -1,19 +1,9 @@
-"""The results JSON every evaluation writes, and the one reader the model-card renderer uses.
+"""The results JSON every evaluation writes (schema ``entmax_vit.results/v1``, one file per run), and its reader.
 
-Schema ``entmax_vit.results/v1`` (one file per evaluation run)::
-
-    {
-      "schema": "entmax_vit.results/v1",
-      "task": "knn" | "linear" | "segmentation" | "analysis",
-      "model": {"name_or_path": str, "attention": str, "config": {...},       # config: model config dict
-                "weights_sha256": str},  # weights_fingerprint(model): the card assembler checks it (optional)
-      "dataset": {"name": str, "split": str, "num_samples": int, "num_classes": int | None},
-      "protocol": {"name": str, ...},                                         # e.g. "dino_knn", "neco_voc"
-      "metrics": {str: float, ...},            # accuracies and mIoU in percent (0-100)
-      "config": {...},                         # the resolved evaluation config
-      "versions": {"entmax_vit": str, "torch": str, "transformers": str, ...},
-      "created": "2026-11-24T05:00:00+00:00"
-    }
+    {"schema", "task": knn | linear | segmentation | analysis,
+     "model": {"name_or_path", "attention", "config", "weights_sha256" (optional)},
+     "dataset": {"name", "split", "num_samples", "num_classes", ...}, "protocol": {"name", ...},
+     "metrics": {name: float (percent)}, "config": {...}, "versions": {...}, "created": ISO time}
 """
 
 from __future__ import annotations
@@ -142,5 +132,16 @@ def load_results(path: str | os.PathLike) -> dict:
     return validate_results(data, str(path))
 
 
-__all__ = ["SCHEMA", "TASKS", "library_versions", "load_results", "make_results", "validate_results", "weights_fingerprint",
-           "write_results"]
+def finish_run(task: str, cfg: Any, model: Any, accelerator: Any, *, dataset: Mapping[str, Any],
+               protocol: Mapping[str, Any], metrics: Mapping[str, float]) -> dict:
+    """The record of an evaluation entry point; the main rank writes ``eval_<task>_config.yaml`` and
+    ``results_<task>.json`` into ``cfg.output_dir`` (a failed run writes neither)."""
+    from entmax_vit.data.config_io import save_config, to_dict
+
+    record = make_results(task=task, model_name_or_path=cfg.model, model_config=model.config.to_dict(),
+                          dataset=dataset, protocol=protocol, metrics=metrics, config=to_dict(cfg),
+                          weights_sha256=weights_fingerprint(model))
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / f"eval_{task}_config.yaml")
+        write_results(record, Path(cfg.output_dir) / f"results_{task}.json")
+    return record

@@ -1,16 +1,8 @@
-"""Image + mask rows for the linear segmentation probe: label conventions and the two protocols' transforms.
-
-Label conventions (applied to the raw mask before any resizing):
-    VOC         21 classes, 255 = ignore (object boundaries)
-    ADE20K      150 classes, ``reduce_zero_label``: 0 ("other") -> ignore, c -> c - 1
-    Cityscapes  19 trainIds, 255 = ignore; raw labelIds (0..33, -1) are mapped with ``CITYSCAPES_ID_TO_TRAINID``
-Transforms:
-    neco    image resized to (S, S), mask nearest-resized to (M, M) (S = input_size 448, M = mask_size 100);
-            optional horizontal flip in training. Square batches.
-    dinov2  train: shorter side rescaled to S x U(scale_range), random crop S x S (padding: image 0, mask
-            ignore), flip. Eval: shorter side resized to S keeping the aspect ratio; the mask keeps its original
-            size (logits are upsampled to it). Eval batches hold one image.
-"""
+"""Image + mask rows for the linear segmentation probe. Label conventions (on the raw mask): VOC 21 classes, 255
+ignore; ADE20K 150 with ``reduce_zero_label`` (0 -> ignore, c -> c - 1); Cityscapes 19 trainIds (raw labelIds
+mapped by ``CITYSCAPES_ID_TO_TRAINID``). Transforms: neco: image to (S, S), mask nearest to (M, M), flip in
+training. dinov2: train rescale by S x U(scale_range), random S crop (pad: image 0, mask ignore), flip; eval
+shorter side to S, mask at its original size, one image per batch."""
 
 from __future__ import annotations
 
@@ -133,6 +125,3 @@ def infer_num_classes(ds: Any, mask_column: str, ignore_index: int, label_kwargs
     if top < 0:
         raise ValueError("could not infer the number of classes: no labelled pixels in the first masks")
     return top + 1
-
-
-__all__ = ["CITYSCAPES_ID_TO_TRAINID", "SegmentationRows", "convert_labels", "has_raw_cityscapes_ids", "infer_num_classes"]

@@ -101,9 +101,7 @@ class SegmentationEvalConfig:
     output_dir: str = "outputs/eval_segmentation"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Schedules (per iteration, as DINO) and prediction
-# ----------------------------------------------------------------------------------------------------------
+# --- Schedules (per iteration, as DINO) and prediction
 def lr_schedule(cfg: SegmentationEvalConfig, iters_per_epoch: int, total_iters: int) -> list[float]:
     """Learning rate for every iteration."""
     out = []
@@ -147,7 +145,8 @@ def sliding_window_logits(head: LinearSegmentationHead, model: torch.nn.Module, 
 @torch.no_grad()
 def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cfg: SegmentationEvalConfig,
                    num_classes: int, accelerator=None) -> tuple[torch.Tensor, int]:
-    """Confusion matrix (K, K) over the loader (summed across ranks) and the number of skipped rows."""
+    """Confusion matrix (K, K) over the loader (summed across ranks) and the number of skipped rows. Batches with
+    ``features`` (the head's input, from ``head_features``) skip the backbone."""
     device = accelerator.device if accelerator is not None else next(head.parameters()).device
     head.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
@@ -158,11 +157,14 @@ def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader,
         skipped += (~valid).sum()
         if not valid.any():
             continue
-        x, y = batch["pixel_values"].to(device)[valid], batch["labels"].to(device)[valid]
-        if cfg.protocol == "dinov2":
-            logits = sliding_window_logits(head, model, x, cfg.input_size, cfg.eval_stride)
+        y = batch["labels"].to(device)[valid]
+        if "features" in batch:
+            logits = head(batch["features"].to(device)[valid])
+        elif cfg.protocol == "dinov2":
+            logits = sliding_window_logits(head, model, batch["pixel_values"].to(device)[valid], cfg.input_size,
+                                           cfg.eval_stride)
         else:
-            logits = head.predict(model, x, size=tuple(y.shape[-2:]))
+            logits = head.predict(model, batch["pixel_values"].to(device)[valid], size=tuple(y.shape[-2:]))
         if logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         conf += confusion_matrix(logits.argmax(1), y, num_classes, cfg.ignore_index)
@@ -172,15 +174,11 @@ def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader,
     return conf.cpu(), int(skipped)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
+# --- Training
 def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cfg: SegmentationEvalConfig,
                 accelerator=None, feature_cache: Optional[list] = None) -> list[dict]:
-    """Train ``head`` on frozen features; returns the per-epoch log (loss, lr, skipped rows).
-
-    ``feature_cache``: already extracted ``(features (B, C, h, w), labels, valid)`` batches to train on (with
-    ``cfg.cache_features``), e.g. shared by several heads (``probe_grid_miou``); ``loader`` is then unused."""
+    """Train ``head`` on frozen features; returns the per-epoch log (loss, lr, skipped rows). ``feature_cache``:
+    extracted ``(features (B, C, h, w), labels, valid)`` batches (``cfg.cache_features``) shared by several heads."""
     device = accelerator.device if accelerator is not None else next(head.parameters()).device
     params = [p for p in head.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -192,8 +190,7 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
         train_head, opt = accelerator.prepare(head, opt)
     if feature_cache is not None and not cfg.cache_features:
         raise ValueError("a feature_cache needs cfg.cache_features = true")
-    if feature_cache is None:
-        feature_cache = []
+    feature_cache = [] if feature_cache is None else feature_cache
     if cfg.cache_features and not feature_cache:  # one frozen pass; every epoch then trains on the stored maps
         with torch.no_grad():
             for batch in tqdm(loader, desc="train features", disable=accelerator is not None and not accelerator.is_local_main_process):
@@ -209,10 +206,9 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
     for epoch in range(epochs):
         head.train()
         losses, skipped = [], 0
-        batches = feature_cache if cfg.cache_features else loader
+        batches = loader
         if cfg.cache_features:
-            order = torch.randperm(len(feature_cache)).tolist()
-            batches = [feature_cache[i] for i in order]
+            batches = [feature_cache[i] for i in torch.randperm(len(feature_cache)).tolist()]
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
             if it >= total:
                 break
@@ -234,10 +230,7 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
             else:
                 loss = logits.sum() * 0.0  # keeps DDP ranks in step when a batch has no labelled pixel
             opt.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-            else:
-                loss.backward()
+            accelerator.backward(loss) if accelerator is not None else loss.backward()
             opt.step()
             losses.append(loss.item())
             it += 1
@@ -249,9 +242,7 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
     return log
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data and one probe, for the entry point and for in-process callers (analysis.claims)
-# ----------------------------------------------------------------------------------------------------------
+# --- Data and one probe, for the entry point and for in-process callers (analysis.claims)
 @dataclass
 class ProbeData:
     """The two splits of a probe run, as rows the loaders read, with the label space."""
@@ -315,10 +306,7 @@ def probe_miou(model: torch.nn.Module, data: ProbeData, cfg: SegmentationEvalCon
     """Train one probe as ``cfg`` says (layers, [CLS], optimiser, ...) on ``data`` in this process and return its
     eval-split mIoU (percent). The same training and evaluation functions as the entry point."""
     head = new_head(cfg, data.num_classes, model.config.hidden_size, data.id2label).to(next(model.parameters()).device)
-    train_loader = torch.utils.data.DataLoader(data.train_rows, batch_size=cfg.batch_size, shuffle=True,
-                                               num_workers=cfg.num_workers, drop_last=len(data.train_rows) > cfg.batch_size)
-    eval_loader = torch.utils.data.DataLoader(data.eval_rows, num_workers=cfg.num_workers,
-                                              batch_size=cfg.eval_batch_size if cfg.protocol == "neco" else 1)
+    train_loader, eval_loader = _loaders(cfg, data)
     train_probe(head, model, train_loader, cfg)
     conf, _ = evaluate_probe(head, model, eval_loader, cfg, data.num_classes)
     return float(segmentation_scores(conf)["mIoU"])
@@ -365,10 +353,7 @@ def probe_grid_miou(model: torch.nn.Module, data: ProbeData, cfgs: list[Segmenta
     device = next(model.parameters()).device
     # heads first, then the data: for one probe the random draws come in probe_miou's order (same numbers)
     heads = [new_head(cfg, data.num_classes, model.config.hidden_size, data.id2label).to(device) for cfg in cfgs]
-    train_loader = torch.utils.data.DataLoader(data.train_rows, batch_size=first.batch_size, shuffle=True,
-                                               num_workers=first.num_workers,
-                                               drop_last=len(data.train_rows) > first.batch_size)
-    eval_loader = torch.utils.data.DataLoader(data.eval_rows, batch_size=first.eval_batch_size, num_workers=first.num_workers)
+    train_loader, eval_loader = _loaders(first, data)
     # train maps in float16 as cache_features stores them; eval maps in float32 as evaluate_probe computes them
     train = shared_block_outputs(model, tqdm(train_loader, desc="train features", leave=False), layers, first.backbone_norm)
     evals = shared_block_outputs(model, tqdm(eval_loader, desc="eval features", leave=False), layers, first.backbone_norm,
@@ -377,26 +362,23 @@ def probe_grid_miou(model: torch.nn.Module, data: ProbeData, cfgs: list[Segmenta
     for cfg, head in zip(cfgs, heads):
         cache = [(head_features(b, head.config, depth), y, v) for b, y, v in train]
         train_probe(head, model, None, cfg, feature_cache=cache)
-        head.eval()
-        conf = torch.zeros(data.num_classes, data.num_classes, dtype=torch.long)
-        with torch.no_grad():
-            for blocks, y, valid in evals:  # as evaluate_probe (NeCo): logits upsampled to the label size
-                if valid.any():
-                    logits = F.interpolate(head(head_features(blocks, head.config, depth)[valid]),
-                                           size=tuple(y.shape[-2:]), mode="bilinear", align_corners=False)
-                    conf += confusion_matrix(logits.argmax(1), y[valid], data.num_classes, cfg.ignore_index).cpu()
+        batches = ({"features": head_features(b, head.config, depth), "labels": y, "valid": v} for b, y, v in evals)
+        conf, _ = evaluate_probe(head, model, batches, cfg, data.num_classes)
         results.append(float(segmentation_scores(conf)["mIoU"]))
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Entry point (scripts/eval_segmentation.py)
-# ----------------------------------------------------------------------------------------------------------
-def _shard(ds_rows, accelerator):
-    """Evaluation rows of this rank (strided, no duplicates, so the summed confusion matrix is exact)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return ds_rows
-    return torch.utils.data.Subset(ds_rows, list(range(accelerator.process_index, len(ds_rows), accelerator.num_processes)))
+def _loaders(cfg: SegmentationEvalConfig, data: ProbeData, accelerator: Any = None) -> tuple:
+    """Shuffled train and ordered eval loaders; with several ranks each evaluates every n-th row (no duplicates,
+    so the summed confusion matrix is exact)."""
+    eval_rows = data.eval_rows
+    if accelerator is not None and accelerator.num_processes > 1:
+        eval_rows = torch.utils.data.Subset(eval_rows, list(range(accelerator.process_index, len(eval_rows),
+                                                                  accelerator.num_processes)))
+    train = torch.utils.data.DataLoader(data.train_rows, batch_size=cfg.batch_size, shuffle=True,
+                                        num_workers=cfg.num_workers, drop_last=len(data.train_rows) > cfg.batch_size)
+    return train, torch.utils.data.DataLoader(eval_rows, num_workers=cfg.num_workers,
+                                              batch_size=cfg.eval_batch_size if cfg.protocol == "neco" else 1)
 
 
 def main(cfg: SegmentationEvalConfig) -> dict:
@@ -404,12 +386,10 @@ def main(cfg: SegmentationEvalConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from entmax_vit.data.config_io import save_config, to_dict
-
     from .entry_point import check_config
     from .features import load_backbone
     from .resolution import eval_resolution
-    from .results import make_results, weights_fingerprint, write_results
+    from .results import finish_run
 
     if not cfg.dataset:
         raise ValueError("--dataset is required for this preset (a Hub id or local folder with image + mask columns)")
@@ -418,7 +398,6 @@ def main(cfg: SegmentationEvalConfig) -> dict:
         raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {cfg.scale_range}")
     accelerator = Accelerator()
     set_seed(cfg.seed)
-    out = Path(cfg.output_dir)
     logger.info("segmentation probe: %d process(es) on %s", accelerator.num_processes, accelerator.device)
     model = load_backbone(cfg.model, cfg.revision, accelerator.device)
     _, input_size = eval_resolution(None, cfg.input_size, cfg.model, cfg.revision, what="input_size")
@@ -432,51 +411,39 @@ def main(cfg: SegmentationEvalConfig) -> dict:
         raise ValueError(f"layers {cfg.layers} out of range for a {depth}-block model")
 
     data = probe_datasets(cfg, accelerator)
-    train_ds, eval_ds, num_classes, id2label = data.train_ds, data.eval_ds, data.num_classes, data.id2label
-    label_mapping, train_rows, eval_rows = data.label_mapping, data.train_rows, data.eval_rows
-    train_loader = torch.utils.data.DataLoader(train_rows, batch_size=cfg.batch_size, shuffle=True,
-                                               num_workers=cfg.num_workers, drop_last=len(train_rows) > cfg.batch_size)
-    eval_loader = torch.utils.data.DataLoader(_shard(eval_rows, accelerator), num_workers=cfg.num_workers,
-                                              batch_size=cfg.eval_batch_size if cfg.protocol == "neco" else 1)
+    train_loader, eval_loader = _loaders(cfg, data, accelerator)
     train_loader = accelerator.prepare(train_loader)
-
     if cfg.head_path:  # evaluation only: the head decides how the backbone is read
         head = LinearSegmentationHead.load(cfg.head_path, map_location=accelerator.device)
-        if head.config.num_labels != num_classes or head.config.hidden_size != model.config.hidden_size:
+        if head.config.num_labels != data.num_classes or head.config.hidden_size != model.config.hidden_size:
             raise ValueError(f"{cfg.head_path}: head has {head.config.num_labels} labels / width "
-                             f"{head.config.hidden_size}, data and model need {num_classes} / {model.config.hidden_size}")
+                             f"{head.config.hidden_size}, data and model need {data.num_classes} / "
+                             f"{model.config.hidden_size}")
         log: list[dict] = []
     else:
-        head = new_head(cfg, num_classes, model.config.hidden_size, id2label).to(accelerator.device)
+        head = new_head(cfg, data.num_classes, model.config.hidden_size, data.id2label).to(accelerator.device)
         log = train_probe(head, model, train_loader, cfg, accelerator)
     hc = head.config
     # unreadable train rows of one epoch, over all ranks
     train_skipped = int(accelerator.reduce(torch.tensor(log[-1]["skipped"] if log else 0, device=accelerator.device), "sum"))
-    conf, skipped = evaluate_probe(head, model, eval_loader, cfg, num_classes, accelerator)
+    conf, skipped = evaluate_probe(head, model, eval_loader, cfg, data.num_classes, accelerator)
     scores = segmentation_scores(conf)
-    per_class = {id2label[i]: v for i, v in enumerate(scores.pop("per_class_iou"))}
+    per_class = {data.id2label[i]: v for i, v in enumerate(scores.pop("per_class_iou"))}
     metrics = {k: v for k, v in scores.items() if math.isfinite(v)}
-    record = make_results(
-        task="segmentation",
-        model_name_or_path=cfg.model,
-        model_config=model.config.to_dict(),
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process and not cfg.head_path:
+        accelerator.unwrap_model(head).save(out / "segmentation_head")
+    record = finish_run(
+        "segmentation", cfg, model, accelerator, metrics=metrics,
         dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(eval_ds), "num_train_samples": len(train_ds), "num_classes": num_classes,
-                 "num_skipped": skipped + train_skipped},
+                 "num_samples": len(data.eval_ds), "num_train_samples": len(data.train_ds),
+                 "num_classes": data.num_classes, "num_skipped": skipped + train_skipped},
         protocol={"name": f"{cfg.protocol}_linear", "layers": list(hc.layers), "backbone_norm": hc.backbone_norm,
                   "use_cls_token": hc.use_cls_token, "batch_norm": hc.batch_norm, "input_size": cfg.input_size,
                   "label_size": cfg.mask_size if cfg.protocol == "neco" else "original",
-                  "reduce_zero_label": cfg.reduce_zero_label, "label_mapping": label_mapping,
-                  "ignore_index": cfg.ignore_index},
-        metrics=metrics,
-        config=to_dict(cfg),
-        weights_sha256=weights_fingerprint(model),
-    )
-    if accelerator.is_main_process:  # a failed run writes neither its config nor results
-        save_config(cfg, out / "eval_segmentation_config.yaml")
-        if not cfg.head_path:
-            accelerator.unwrap_model(head).save(out / "segmentation_head")
-        write_results(record, out / "results_segmentation.json")
+                  "reduce_zero_label": cfg.reduce_zero_label, "label_mapping": data.label_mapping,
+                  "ignore_index": cfg.ignore_index})
+    if accelerator.is_main_process:
         (out / "per_class_iou.json").write_text(json.dumps(per_class, indent=2))
         (out / "train_log.json").write_text(json.dumps(log, indent=2))
         _plot_per_class(per_class, out / "per_class_iou.png", metrics.get("mIoU"))
@@ -503,7 +470,3 @@ def _plot_per_class(per_class: dict, path: Path, miou: Optional[float]) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-__all__ = ["PRESET_DIR", "ProbeData", "SegmentationEvalConfig", "evaluate_probe", "head_features", "lr_schedule", "main",
-           "new_head", "probe_datasets", "probe_grid_miou", "probe_miou", "shared_block_outputs", "sliding_window_logits", "train_probe"]

@@ -1,12 +1,4 @@
-"""Measuring a backbone's speed and memory on CPU or CUDA: the timing and peak-memory helpers shared by
-``scripts/bench_model.py`` and ``scripts/gpu_check.py`` (moved here from the benchmark script).
-
-* ``backbone_step``: forward + backward over each resolution group (as DINO's multi-crop wrapper), loss on the
-  final tokens, gradients cleared after: what a DINO student step costs without the head and optimizer.
-* ``PeakMemory``: peak bytes of live tensor storages allocated under a dispatch mode (CPU and CUDA alike);
-  ``peak_bytes`` uses CUDA's allocator statistics on a GPU and this tracker elsewhere.
-* ``median_seconds``: median wall time of interleaved rounds, synchronising CUDA around each.
-"""
+"""A backbone's speed and peak memory on CPU or CUDA (scripts/bench_model.py, jobs/gpu_check.py)."""
 
 from __future__ import annotations
 
@@ -93,6 +85,3 @@ def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, r
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-__all__ = ["PeakMemory", "backbone_step", "median_seconds", "peak_bytes"]

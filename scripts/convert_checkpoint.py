@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
 from entmax_vit.cli.config import parse_config, positionals_to_options
-from entmax_vit.cli.model_path import check_model_path
+from entmax_vit.data.model_path import check_model_path
 from entmax_vit.data.config_io import ConfigError
 from entmax_vit.conversion.convert import ConvertConfig, main
 

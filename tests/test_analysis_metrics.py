@@ -6,17 +6,31 @@ import math
 import pytest
 import torch
 
-from entmax_vit.analysis import analyze_model, flatten_metrics, unflatten_metrics
+from entmax_vit.analysis.per_layer import analyze_model, flatten_metrics, unflatten_metrics
 from entmax_vit.analysis.attention_metrics import (
-    attention_metrics,
+    attention_statistics,
     median_from_histogram,
     patch_distance_matrix,
     row_entropy,
 )
 from entmax_vit.analysis.foreground import foreground_statistics, jaccard, mass_threshold_mask, summarize_heads
 from entmax_vit.analysis.attention_metrics import finalize
-from entmax_vit.analysis.token_metrics import high_norm_outliers, norm_metrics, similarity_metrics
+from entmax_vit.analysis.token_metrics import high_norm_threshold, norm_metrics, similarity_statistics
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+
+def attention_metrics(attn, grid, prefix=1):
+    """One batch of one layer as numbers, as analyze_model finalises them."""
+    stats, hist = attention_statistics(attn, grid, prefix)
+    return {**finalize(stats), "support_median": median_from_histogram(hist)}
+
+
+def similarity_metrics(features, grid, prefix=1):
+    return finalize(similarity_statistics(features, grid, prefix))
+
+
+def high_norm_outliers(norms, k=6.0):
+    return norms > high_norm_threshold(norms, k)
 
 GRID = (3, 4)  # h, w: 12 patches
 N = GRID[0] * GRID[1]

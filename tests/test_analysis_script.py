@@ -1,6 +1,7 @@
 """Figures and the ``scripts/analyze.py`` entry point on tiny saved models and tiny datasets made in tmp_path."""
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from entmax_vit.analysis import analyze_model, plot_layer_curves, save_attention_maps, save_pca_image
-from entmax_vit.analysis.figures import pca_rgb, plot_head_distances
-from entmax_vit.analysis.run import AnalyzeConfig, cli, main, parse_analyze_config, usage
+from entmax_vit.analysis.figures import pca_rgb, plot_head_distances, plot_layer_curves, save_attention_maps, save_pca_image
+from entmax_vit.analysis.per_layer import analyze_model
+from entmax_vit.analysis.run import PRESET_DIR, AnalyzeConfig, main
+from entmax_vit.cli.config import parse_config, usage
 from entmax_vit.data.config_io import ConfigError
 from entmax_vit.evaluation.results import load_results
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_analyze_config(argv):  # what scripts/analyze.py parses (analysis/ itself imports no cli)
+    return parse_config(AnalyzeConfig, argv, preset_dir=PRESET_DIR)
 
 
 def _png_ok(path: Path) -> tuple[int, int]:
@@ -181,8 +187,12 @@ def test_analyze_config_errors(tmp_path, tiny_config_kwargs):
         parse_analyze_config(["--not_a_key", "1"])
     with pytest.raises(ConfigError, match="mass_threshold"):
         parse_analyze_config(["--model", "m", "--mass_threshold", "1.5"])
-    assert cli(["--help"]) == {}
-    assert "--mass_threshold" in usage() and "quick" in usage()
+    script = runpy.run_path(str(REPO / "scripts" / "analyze.py"), run_name="analyze_script")
+    with pytest.raises(SystemExit) as exit_:
+        script["cli"](["--help"])
+    assert exit_.value.code in (0, None)
+    text = usage(AnalyzeConfig, script["__doc__"], PRESET_DIR)
+    assert "--mass_threshold" in text and "quick" in text
     with pytest.raises(ValueError, match="--model is required"):
         main(AnalyzeConfig(output_dir=str(tmp_path / "o")))
     _model(tiny_config_kwargs).save_pretrained(tmp_path / "m")
@@ -247,7 +257,7 @@ def test_an_unreadable_mask_skips_its_image_instead_of_reading_as_background(tmp
 
 def test_in_memory_analyze_and_save_and_compare(tmp_path, tiny_config_kwargs):
     """The path the main job takes: models in memory, no files to load from."""
-    from entmax_vit.analysis import analyze_and_save, save_comparison
+    from entmax_vit.analysis.pipeline import analyze_and_save, save_comparison
 
     x = torch.randn(2, 3, 32, 32)
     masks = torch.zeros(2, 32, 32, dtype=torch.long)

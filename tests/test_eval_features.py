@@ -45,13 +45,13 @@ def test_training_output_dir_resolves_to_final_model(tmp_path, tiny_config_kwarg
         resolve_model_path(str(tmp_path / "stopped"))
 
 
-@pytest.mark.parametrize("load", ["evaluation.features.load_backbone", "analysis.run.load_model"])
-def test_in_process_loaders_name_a_missing_folder_and_truncated_weights(load, tmp_path, tiny_config_kwargs):
+@pytest.mark.parametrize("kwargs", [{}, {"attn_implementation": "eager"}])  # evaluation's / analysis' load
+def test_in_process_loaders_name_a_missing_folder_and_truncated_weights(kwargs, tmp_path, tiny_config_kwargs):
     """The entry points' model-path check holds for in-process callers (the main job, the claims) too."""
-    import importlib
 
-    module, name = load.rsplit(".", 1)
-    loader = getattr(importlib.import_module(f"entmax_vit.{module}"), name)
+    def loader(path):
+        return load_backbone(path, **kwargs)
+
     missing = tmp_path / "no" / "such" / "folder"
     with pytest.raises(FileNotFoundError, match="model folder not found") as info:
         loader(str(missing))

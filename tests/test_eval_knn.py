@@ -6,7 +6,12 @@ import math
 import pytest
 import torch
 
-from entmax_vit.evaluation.knn import knn_classify, knn_scores, knn_scores_for_ks
+from entmax_vit.evaluation.knn import knn_classify, knn_scores_for_ks
+
+
+def knn_scores(train, train_labels, test, k, num_classes, temperature=0.07):
+    """Class scores (N_test, C) for one k."""
+    return next(iter(knn_scores_for_ks(train, train_labels, test, (k,), num_classes, temperature).values()))
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, noise: float, seed: int):

@@ -132,7 +132,11 @@ def test_analysis_defaults_to_the_model_resolution(tmp_path, caplog):
     import yaml
     from PIL import Image
 
-    from entmax_vit.analysis.run import main, parse_analyze_config
+    from entmax_vit.analysis.run import PRESET_DIR, AnalyzeConfig, main
+    from entmax_vit.cli.config import parse_config
+
+    def parse_analyze_config(argv):
+        return parse_config(AnalyzeConfig, argv, preset_dir=PRESET_DIR)
 
     for side in (32, 48):
         torch.manual_seed(0)

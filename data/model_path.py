@@ -1,23 +1,19 @@
-"""Model arguments of the entry points: a local folder that must exist and hold readable weights, or a Hub id.
+"""Model arguments: a local folder that must exist and hold readable weights, or a Hub id.
 
-Without this check a mistyped folder reaches ``from_pretrained`` as a would-be Hub id and fails with "Repo id
-must be in the form ..."; a truncated weights file fails with safetensors' "incomplete metadata" and no file
-name. Whether a string can be a Hub id is decided by huggingface_hub's own rule (``validate_repo_id``).
+Without this check a mistyped folder reaches ``from_pretrained`` as a would-be Hub id ("Repo id must be in the
+form ...") and a truncated weights file fails with safetensors' "incomplete metadata" and no file name.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHT_SUFFIX = ".safetensors"
-
 
 def check_weights(folder: str | Path) -> None:
-    """Open the header of every ``*.safetensors`` file in ``folder`` (cheap: no tensor is read); a damaged or
-    truncated file raises ValueError naming it."""
+    """Open the header of every ``*.safetensors`` in ``folder`` (no tensor is read); a damaged one raises ValueError."""
     from safetensors import SafetensorError, safe_open
 
-    for file in sorted(Path(folder).glob(f"*{WEIGHT_SUFFIX}")):
+    for file in sorted(Path(folder).glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt"):
                 pass
@@ -27,18 +23,17 @@ def check_weights(folder: str | Path) -> None:
 
 
 def looks_local(name_or_path: str) -> bool:
-    """True for a string meant as a local path: ``./x``, ``../x``, ``/x``, ``~/x``, more than one ``/``, or a
-    first part that is an existing local folder (``runs/tiny`` beside a ``runs/``)."""
+    """A string meant as a local path: ``./x``, ``../x``, ``/x``, ``~/x``, more than one ``/``, or a first part
+    that is an existing folder (``runs/tiny`` beside a ``runs/``)."""
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         return True
-    head = name_or_path.split("/", 1)[0]
-    return "/" in name_or_path and Path(head).is_dir()
+    return "/" in name_or_path and Path(name_or_path.split("/", 1)[0]).is_dir()
 
 
 def check_model_path(name_or_path: str) -> str:
     """``name_or_path`` unchanged when it is an existing path (a folder's weights are checked) or a Hub id that may
-    load; otherwise FileNotFoundError in one line, "model folder not found: NAME (...)", whatever the path's form
-    (absolute, ``./x``, ``runs/tiny``), and also for a Hub id that offline mode cannot reach (not in the cache)."""
+    load (huggingface_hub's ``validate_repo_id``); otherwise FileNotFoundError "model folder not found: NAME (...)",
+    also for a Hub id that offline mode cannot reach."""
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -60,6 +55,3 @@ def check_model_path(name_or_path: str) -> str:
         raise FileNotFoundError(not_found + "; as a Hub id it is not in the local Hugging Face cache, and offline "
                                 "mode (HF_HUB_OFFLINE=1) cannot download it)")
     return name_or_path
-
-
-__all__ = ["check_model_path", "check_weights", "looks_local"]
