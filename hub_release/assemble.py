@@ -251,7 +251,3 @@ def assemble_repository(
         images = [im for _, im in sample_images()[:2]]
         assembled.verification = verify_repository(output_dir, model, processor, images, head=head)
     return assembled
-
-
-__all__ = ["AssembledRepository", "assemble_repository", "check_results_match", "custom_pipelines", "find_base_model",
-           "find_datasets", "is_hub_id", "model_processor"]

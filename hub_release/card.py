@@ -222,7 +222,3 @@ def parse_card_metadata(text: str) -> dict:
         raise ValueError("Card has no YAML front matter")
     card = ModelCard(text)  # a non-mapping block or an unparsable model-index raises ValueError
     return card.data.to_dict()
-
-
-__all__ = ["CardInputs", "PLACEHOLDER_OWNER", "build_card", "build_metadata", "card_data", "eval_results", "is_partial",
-           "metric_type", "parse_card_metadata", "public_config", "render_card", "template_values"]

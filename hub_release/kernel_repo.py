@@ -334,8 +334,3 @@ def upload_kernel_repository(folder: str | Path, repo_id: str, *, private: bool 
     logger.info("Committed %d files to %s (main %s, %s %s)", len(files), repo_id, main_commit, branch, version_commit)
     return KernelUpload(repo_url=str(repo_url), main_commit=main_commit, version_branch=branch,
                         version_commit=version_commit, files=files, deleted=sorted(deleted))
-
-
-__all__ = ["FUNCTIONS", "KERNEL_NAME", "KERNEL_VERSION", "KernelBuild", "KernelUpload", "VARIANTS",
-           "build_kernel_repository", "kernel_sources", "render_kernel_card", "standalone_env",
-           "upload_kernel_repository", "variant_digest", "verify_kernel_repository"]

@@ -81,6 +81,3 @@ def measure_sparsity(model: torch.nn.Module, image_processor, images: Optional[l
         zero_fraction_per_layer=zero_fracs,
         support_per_layer=supports,
     )
-
-
-__all__ = ["SAMPLE_IMAGES", "SparsityReport", "measure_sparsity", "sample_images"]

@@ -86,6 +86,3 @@ def upload_repository(
     logger.info("Committed %d files to %s@%s: %s", len(files), repo_id, branch, info.pr_url or info.commit_url)
     return UploadResult(repo_url=str(repo_url), commit_url=info.commit_url, commit_oid=info.oid,
                         pr_url=info.pr_url, revision=branch, files=files, pr_revision=info.pr_revision)
-
-
-__all__ = ["LOCAL_ONLY_PATTERNS", "UploadResult", "repository_files", "upload_repository"]

@@ -196,7 +196,3 @@ def verify_repository(folder: Path, model, processor, images: list[Image.Image],
     )
     logger.info("Fresh-process check passed: %s", {k: f"{v:.1e}" for k, v in diffs.items()})
     return report
-
-
-__all__ = ["REMOTE_SCRIPT", "VerificationReport", "fresh_env", "local_outputs", "odd_variants", "run_remote",
-           "verify_repository"]

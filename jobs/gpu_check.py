@@ -412,7 +412,3 @@ def format_markdown(report: dict) -> str:
             lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-__all__ = ["CPU_TOY", "GPU", "Sizes", "dino_resume_rows", "environment_rows", "extraction_rows", "format_markdown",
-           "kernel_exactness_rows", "kernel_timing_rows", "multicrop_rows", "run_check"]

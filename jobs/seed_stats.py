@@ -128,6 +128,3 @@ def claim_lines(table: Mapping[str, Mapping[str, Spread]]) -> list[str]:
                 state = "within noise (|mean| not larger than the seed spread)"
             lines.append(f"- {title}, {attention}: {s.format(spec)}; > 0 in {positive} of {s.n} seeds: {state}.")
     return lines
-
-
-__all__ = ["CLAIMS", "METRICS", "Spread", "aggregate", "claim_lines", "comparison_lines", "verdict"]
