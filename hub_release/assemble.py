@@ -23,7 +23,7 @@ from entmax_vit.modeling.segmentation_head import LinearSegmentationHead
 
 from .card import PLACEHOLDER_OWNER, CardInputs, build_card, public_config
 from .sparsity import SparsityReport, measure_sparsity, sample_images
-from .upload import repository_files
+from .upload import prepare_folder, repository_files
 from .verify import VerificationReport, verify_repository
 
 logger = logging.getLogger(__name__)
@@ -104,31 +104,15 @@ def _check_model_dir(model_dir: Path) -> dict:
     return config
 
 
-# What identifies an architecture in a results record without a weights fingerprint (written before issue 24).
-ARCHITECTURE_KEYS = ("model_type", "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "attention", "attention_alpha", "num_register_tokens")
-
-
 def check_results_match(records: Sequence[dict], paths: Sequence[str | Path], fingerprint: str,
-                        model_dir: Path, config: Optional[dict] = None) -> None:
-    """Refuse a results file that was not measured on these weights: its ``model.weights_sha256`` (written by
-    every evaluation, ``evaluation.results.weights_fingerprint``) must equal the model's. A record written before
-    fingerprints existed must at least describe the same architecture (``config``), and is accepted with a
-    warning that its weights could not be checked."""
+                        model_dir: Path) -> None:
+    """Refuse a results file not measured on these weights: its ``model.weights_sha256`` (written by every
+    evaluation, ``evaluation.results.weights_fingerprint``) must equal the model's."""
     for path, record in zip(paths, records):
         recorded = record["model"].get("weights_sha256")
         if recorded is None:
-            saved = record["model"].get("config") or {}
-            differ = [k for k in ARCHITECTURE_KEYS if k in saved and config is not None and saved[k] != config.get(k)]
-            if differ or not saved:
-                detail = (", ".join(f"{k} {saved[k]!r} != {config.get(k)!r}" for k in differ) if differ
-                          else "no model config recorded")
-                raise ValueError(f"{path}: measured on another model than {model_dir} ({detail}): results of "
-                                 "another model do not go in its card")
-            logger.warning("%s has no weights fingerprint (written before they were recorded): it describes the "
-                           "same architecture as %s, but whether it was measured on these weights cannot be "
-                           "checked; evaluate again to be sure", path, model_dir)
-            continue
+            raise ValueError(f"{path}: no weights fingerprint (model.weights_sha256), so whether it was measured on "
+                             f"{model_dir} cannot be checked: evaluate the model again")
         if recorded != fingerprint:
             raise ValueError(f"{path}: measured on other weights (sha256 {recorded[:12]}...) than {model_dir} "
                              f"({fingerprint[:12]}...): results of another model do not go in its card")
@@ -153,14 +137,6 @@ def model_processor(model_dir: Path, config: EntmaxViTConfig):
     return make_image_processor(crop=side)
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"Output folder {output_dir} is not empty; choose another or pass overwrite")
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-
 def assemble_repository(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -183,9 +159,9 @@ def assemble_repository(
     if head is not None and head.config.hidden_size != model.config.hidden_size:
         raise ValueError(f"Segmentation head {seg_head} expects hidden_size {head.config.hidden_size}, "
                          f"the model has {model.config.hidden_size}")
-    check_results_match(records, results, weights_fingerprint(model), model_dir, model.config.to_dict())
+    check_results_match(records, results, weights_fingerprint(model), model_dir)
     processor = model_processor(model_dir, model.config)
-    _prepare_output(output_dir, overwrite)
+    prepare_folder(output_dir, overwrite)
 
     # -- weights, config (auto_map), modeling files, processor, pipeline code ------------------------------
     from transformers.dynamic_module_utils import custom_object_save

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,6 +35,15 @@ def repository_files(folder: Path) -> list[str]:
     folder = Path(folder)
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return list(filter_repo_objects(paths, ignore_patterns=LOCAL_ONLY_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+
+
+def prepare_folder(folder: Path, overwrite: bool) -> None:
+    """Create ``folder`` empty: a non-empty one is refused unless ``overwrite``, then replaced."""
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{folder} is not empty: choose another folder or pass --overwrite to replace it")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def upload_repository(

@@ -138,11 +138,9 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     try:
         entry_point.run(main, PushConfig, "push_to_hub", argv=argv, positionals=("model_dir",),
                         model_fields=("model_dir",), description=__doc__,
-                        log_format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        log_format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        exit_codes=dict.fromkeys(entry_point.USER_ERRORS, 2))
     except SystemExit as stop:
-        if isinstance(stop.code, str):  # a user error, its message carried by entry_point.run
-            print(stop.code, file=sys.stderr)
-            return 2
         return stop.code or 0
     return 0
 
