@@ -133,7 +133,8 @@ def model_processor(model_dir: Path, config: EntmaxViTConfig):
         logger.warning("%s: its image processor crops to %s px but the model was trained at %d px; shipping DINO's "
                        "eval preprocessing at %d px", model_dir, crop, side, side)
     else:
-        logger.warning("%s has no preprocessor_config.json: shipping DINO's eval preprocessing at %d px", model_dir, side)
+        logger.warning("%s has no preprocessor_config.json: shipping DINO's eval preprocessing at %d px",
+                       model_dir, side)
     return make_image_processor(crop=side)
 
 

@@ -61,7 +61,8 @@ def sample_images(names: Sequence[str] = SAMPLE_IMAGES) -> list[tuple[str, Image
 
 
 @torch.no_grad()
-def measure_sparsity(model: torch.nn.Module, image_processor, images: Optional[list[tuple[str, Image.Image]]] = None) -> SparsityReport:
+def measure_sparsity(model: torch.nn.Module, image_processor,
+                     images: Optional[list[tuple[str, Image.Image]]] = None) -> SparsityReport:
     """Share of exactly-zero attention weights per layer on real images (eager attention, eval mode)."""
     images = images if images is not None else sample_images()
     model.eval()

@@ -134,6 +134,7 @@ def verify_repository(folder: Path, model, processor, images: list[Image.Image],
     if problems:
         raise RuntimeError("The assembled repository does not reproduce the source model:\n- " + "\n- ".join(problems))
     logger.info("Fresh-process check passed: %s", {k: f"{v:.1e}" for k, v in diffs.items()})
-    return VerificationReport(model_class=remote_report["model_class"], segmenter_class=remote_report["segmenter_class"],
-                              extractor_class=remote_report["extractor_class"], max_abs_diff=diffs,
-                              segments_match=segments_match, remote_segments=remote_report["segments"])
+    return VerificationReport(
+        model_class=remote_report["model_class"], segmenter_class=remote_report["segmenter_class"],
+        extractor_class=remote_report["extractor_class"], max_abs_diff=diffs, segments_match=segments_match,
+        remote_segments=remote_report["segments"])

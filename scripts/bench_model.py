@@ -4,17 +4,13 @@
     python scripts/bench_model.py --quick     # fewer repeats, smaller multi-crop step (a few minutes)
     python scripts/bench_model.py --json      # print the results JSON instead of the table
 
-* training step = forward + backward of the backbone (train mode, drop path 0.1 as the DINO student, loss on
-  the final tokens); no optimizer step (identical for every variant). Two inputs: a batch of 224 images and a
-  DINO multi-crop step (2 global 224 + 8 local 96 crops per image, each resolution batched as DINO does).
-  Variants are "attention:kernel", e.g. softmax:sdpa (the baseline), softmax:eager, entmax15:tiled,
-  entmax15:eager (entmax15:triton on CUDA); rounds interleave the variants so background load hits all alike.
-* peak memory of one training step: weights + inputs + the peak of live storages allocated during the step
-  (activations, temporaries, grads), tracked per storage by a dispatch mode (CPU and CUDA alike). The
-  compiled variant is not measured: torch.compile'd code allocates outside the dispatcher.
-* feature extraction per variant at 224 (batch 8), 448 (batch 2) and 896 px (batch 1), ratio to the baseline,
-  with the peak memory of inference at 896 px; the peak memory of a training step (batch 2) at 448 px;
-  and images/s of EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa).
+* training step = forward + backward of the backbone (train mode, drop path 0.1 as the DINO student), no
+  optimizer step, on a batch of 224 images and on a DINO multi-crop step (2 x 224 + 8 x 96 crops per image).
+  Variants are "attention:kernel" (softmax:sdpa is the baseline); rounds interleave them so background load hits
+  all alike. Peak memory: weights + inputs + the peak of live storages during the step, tracked by a dispatch
+  mode, so the compiled variant (allocating outside the dispatcher) is not measured.
+* feature extraction per variant at 224 / 448 / 896 px, ratio to the baseline, with inference peak memory at
+  896 px; training-step peak memory at 448 px; images/s of EntmaxViT softmax vs transformers' ViTModel.
 
 Writes OUTPUT_DIR/bench_model.json and the resolved config.
 """

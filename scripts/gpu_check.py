@@ -4,7 +4,7 @@ and feature-extraction throughput and memory; writes DIR/report.json and DIR/rep
 
     python scripts/gpu_check.py --out gpu_report                  # one GPU: under 8 minutes
     python scripts/gpu_check.py --out /tmp/check --cpu       # toy sizes on the CPU (tests the check itself)
-    python scripts/gpu_check.py --out DIR --sections '[kernel_exactness, kernel_timing]'
+    python scripts/gpu_check.py --out DIR --sections kernel_exactness kernel_timing
 
 Without CUDA (or with --cpu) the same rows run at toy sizes on the CPU, Triton kernels through the Triton
 interpreter (TRITON_INTERPRET=1, set here before anything imports triton). Exit status 0 even when rows fail:
