@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+from entmax_vit.data.config_io import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,30 @@ def repository_files(folder: Path) -> list[str]:
     folder = Path(folder)
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return list(filter_repo_objects(paths, ignore_patterns=LOCAL_ONLY_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+
+
+def should_upload(upload: Optional[bool], repo_id: Optional[str], output_dir: Optional[str]) -> bool:
+    """The push scripts' ``--upload``: None = yes when ``repo_id`` is given and HF_HUB_OFFLINE is not set; without
+    an upload there must be an ``output_dir`` to keep the folder in."""
+    if upload and not repo_id:
+        raise ConfigError("--upload True needs --repo-id OWNER/NAME")
+    if upload is None:
+        upload = bool(repo_id) and not constants.is_offline_mode()
+        if repo_id and not upload:
+            logger.warning("HF_HUB_OFFLINE is set: not uploading (pass --upload True to force the upload)")
+    if not upload and not output_dir:
+        raise ConfigError("Nothing to do: give --repo-id OWNER/NAME to upload, or --output-dir DIR to keep the folder")
+    return upload
+
+
+@contextmanager
+def work_folder(output_dir: Optional[str], prefix: str) -> Iterator[Path]:
+    """``output_dir`` (kept), or an empty temporary folder deleted on exit."""
+    if output_dir:
+        yield Path(output_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp) / "repo"
 
 
 def prepare_folder(folder: Path, overwrite: bool) -> None:
