@@ -138,18 +138,10 @@ def model_processor(model_dir: Path, config: EntmaxViTConfig):
     return make_image_processor(crop=side)
 
 
-def assemble_repository(
-    model_dir: str | Path,
-    output_dir: str | Path,
-    *,
-    repo_id: Optional[str] = None,
-    results: Sequence[str | Path] = (),
-    seg_head: Optional[str | Path] = None,
-    license: str = "apache-2.0",
-    measure: bool = True,
-    verify: bool = True,
-    overwrite: bool = False,
-) -> AssembledRepository:
+def assemble_repository(model_dir: str | Path, output_dir: str | Path, *, repo_id: Optional[str] = None,
+                        results: Sequence[str | Path] = (), seg_head: Optional[str | Path] = None,
+                        license: str = "apache-2.0", measure: bool = True, verify: bool = True,
+                        overwrite: bool = False) -> AssembledRepository:
     """Build the repository folder ``output_dir`` from ``model_dir``; optionally verify it in a fresh process."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     raw_config = _check_model_dir(model_dir)
@@ -182,15 +174,13 @@ def assemble_repository(
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
     # -- provenance: training config and results ------------------------------------------------------------
-    training_config = None
-    conversion = None
+    training_config = progress = conversion = None
     if (model_dir / CONVERSION_CONFIG).is_file():
         conversion = yaml.safe_load((model_dir / CONVERSION_CONFIG).read_text()) or None
     if (model_dir / TRAINING_CONFIG).is_file():
         # without the run's local paths (output_dir, absolute data folders): they mean nothing on the Hub
         training_config = public_config(yaml.safe_load((model_dir / TRAINING_CONFIG).read_text()) or {}) or None
         (output_dir / TRAINING_CONFIG).write_text(yaml.safe_dump(training_config, sort_keys=False))
-    progress = None
     if (model_dir / TRAINING_PROGRESS).is_file():
         shutil.copyfile(model_dir / TRAINING_PROGRESS, output_dir / TRAINING_PROGRESS)
         progress = json.loads((model_dir / TRAINING_PROGRESS).read_text())
@@ -204,23 +194,14 @@ def assemble_repository(
     # -- card -----------------------------------------------------------------------------------------------
     sparsity = measure_sparsity(model, processor) if measure else None
     files = repository_files(output_dir) + ["README.md"]
-    inputs = CardInputs(
-        repo_id=repo_id or f"{PLACEHOLDER_OWNER}/{output_dir.resolve().name}",
-        repo_id_is_placeholder=not repo_id,
-        training_progress=progress,
-        model_config=model.config.to_dict(),
-        num_parameters=sum(p.numel() for p in model.parameters()),
-        sparsity=sparsity,
-        results=records,
-        training_config=training_config,
-        segmentation_head=head.config.to_dict() if head is not None else None,
-        base_model=find_base_model(model_dir, raw_config),
-        conversion=conversion,
-        license=license,
-        datasets=find_datasets(training_config, records),
-        files=files,
-    )
-    card = build_card(inputs)
+    card = build_card(CardInputs(
+        repo_id=repo_id or f"{PLACEHOLDER_OWNER}/{output_dir.resolve().name}", repo_id_is_placeholder=not repo_id,
+        training_progress=progress, model_config=model.config.to_dict(),
+        num_parameters=sum(p.numel() for p in model.parameters()), sparsity=sparsity, results=records,
+        training_config=training_config, segmentation_head=head.config.to_dict() if head is not None else None,
+        base_model=find_base_model(model_dir, raw_config), conversion=conversion, license=license,
+        datasets=find_datasets(training_config, records), files=files,
+    ))
     card.save(output_dir / "README.md")
     assembled = AssembledRepository(folder=output_dir, files=sorted(files), metadata=card.data.to_dict(),
                                     sparsity=sparsity, results=records)

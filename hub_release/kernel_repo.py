@@ -30,7 +30,7 @@ from jinja2 import Template
 from entmax_vit.modeling.thresholds import SPARSE_TRANSFORMS
 
 from .card import PLACEHOLDER_OWNER
-from .upload import prepare_folder, repository_files
+from .upload import additions, open_repository, prepare_folder, repository_files
 from .verify import run_standalone
 
 logger = logging.getLogger(__name__)
@@ -241,15 +241,12 @@ def upload_kernel_repository(folder: str | Path, repo_id: str, *, private: bool 
     files on the version branch ``v<KERNEL_VERSION>`` (created from that commit when missing, else one commit on
     it). Files of an earlier build that this build lacks are deleted in the same commit: kernels checks every file
     of a variant against its digest, so a stale file would make the variant fail to load."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import CommitOperationDelete
 
     folder = Path(folder)
     if not (folder / "README.md").is_file() or not list(folder.glob("build/*/metadata.json")):
         raise ValueError(f"{folder} is not a built kernel repository (needs README.md and build/*/metadata.json)")
-    if "/" not in repo_id:
-        raise ValueError(f"repo_id must look like OWNER/NAME, got {repo_id!r}")
-    api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id, repo_type="kernel", private=True if private else None, exist_ok=True)
+    api, repo_url = open_repository(repo_id, "kernel", private, token)
     files = repository_files(folder)
     message = commit_message or f"{KERNEL_NAME} v{KERNEL_VERSION} ({len(files)} files), scripts/push_kernel_to_hub.py"
     branch = f"v{KERNEL_VERSION}"
@@ -260,8 +257,7 @@ def upload_kernel_repository(folder: str | Path, repo_id: str, *, private: bool 
         stale = sorted(f for f in api.list_repo_files(repo_id, repo_type="kernel", revision=revision)
                        if f.startswith("build/") and f not in files)
         deleted.update(stale)
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-        operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
+        operations = additions(folder, files) + [CommitOperationDelete(path_in_repo=name) for name in stale]
         return api.create_commit(repo_id, operations=operations, commit_message=message, repo_type="kernel",
                                  revision=revision).oid
 
@@ -272,5 +268,5 @@ def upload_kernel_repository(folder: str | Path, repo_id: str, *, private: bool 
         api.create_branch(repo_id, branch=branch, revision=main_commit, repo_type="kernel")
         version_commit = main_commit
     logger.info("Committed %d files to %s (main %s, %s %s)", len(files), repo_id, main_commit, branch, version_commit)
-    return KernelUpload(repo_url=str(repo_url), main_commit=main_commit, version_branch=branch,
+    return KernelUpload(repo_url=repo_url, main_commit=main_commit, version_branch=branch,
                         version_commit=version_commit, files=files, deleted=sorted(deleted))

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from entmax_vit.evaluation.speed import backbone_step, median_seconds, peak_bytes
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 from entmax_vit.modeling.attention import ATTENTION_KERNELS, kernels_for
+from entmax_vit.modeling.thresholds import SPARSE_TRANSFORMS as SPARSE
 
 from .baseline_ratios import add_ratios
 
 logger = logging.getLogger("gpu_check")
 REPO = Path(__file__).resolve().parents[1]
-SPARSE = ("entmax15", "sparsemax", "entmax_bisect")
 PROBS_TOL, OUTPUT_TOL = 1e-6, 1e-5
 # compiled (the 2-core CPU's fastest at 224 px, tests/test_attention.py holds it to eager) would spend the check's
 # minutes compiling a graph per transform and shape; auto is triton (CUDA) or tiled (CPU), timed under that name
