@@ -57,14 +57,14 @@ class CardInputs:
     training_progress: Optional[dict] = None  # training_progress.json of an export of a checkpoint
 
 
-def public_config(node: Any, key: str = "") -> Any:
+def public_config(node: Any) -> Any:
     """A config / results record without the local paths of the machine that made it: :data:`LOCAL_KEYS`
     dropped, an absolute or home path (also after ``imagefolder:`` / ``webdataset:``) reduced to
     ``<local>/LAST_PART``. Hub ids, relative names and numbers are kept."""
     if isinstance(node, dict):
-        return {k: public_config(v, str(k)) for k, v in node.items() if k not in LOCAL_KEYS}
+        return {k: public_config(v) for k, v in node.items() if k not in LOCAL_KEYS}
     if isinstance(node, list):
-        return [public_config(v, key) for v in node]
+        return [public_config(v) for v in node]
     if isinstance(node, str):
         kind, sep, rest = node.partition(":")
         prefix, path = (kind + sep, rest) if sep and kind in ("imagefolder", "webdataset") else ("", node)

@@ -181,7 +181,8 @@ def format_table(cases: list[dict]) -> str:
     lines = []
     for case in cases:
         lines.append(f"\n(B, H, N, d) = ({case['batch']}, {case['heads']}, {case['tokens']}, {case['head_dim']})")
-        lines.append(f"{'method':28s} {'fwd ms':>9s} {'x sdpa':>7s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} {'err vs entmax15':>16s}")
+        lines.append(f"{'method':28s} {'fwd ms':>9s} {'x sdpa':>7s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} "
+                     f"{'err vs entmax15':>16s}")
         for name, r in case["methods"].items():
             err = "" if r["max_abs_err_vs_entmax15"] is None else f"{r['max_abs_err_vs_entmax15']:.1e}"
             lines.append(

@@ -181,7 +181,8 @@ def format_report(record: dict) -> str:
             for name, r in results.items():
                 value = f"{r[field_]:9.1f} ms {r['ratio_vs_baseline']:7.3f}x" if field_ else ""
                 if r.get("peak_memory_bytes"):
-                    value += f" {r['peak_memory_bytes'] / 2**20:9.1f} MB {r.get('peak_memory_ratio_vs_baseline', 0):6.3f}x"
+                    ratio = r.get("peak_memory_ratio_vs_baseline", 0)
+                    value += f" {r['peak_memory_bytes'] / 2**20:9.1f} MB {ratio:6.3f}x"
                 lines.append(f"{name:26s} {value}")
     fe = record["feature_extraction"]
     lines.append("\nfeature extraction (images/s)")
@@ -207,13 +208,13 @@ def main(cfg: BenchModelConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     models = build_variants(cfg)
 
-    cases = {f"batch {cfg.batch_size} x {cfg.image_size}": [torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen)]}
+    side = cfg.image_size
+    cases = {f"batch {cfg.batch_size} x {side}": [torch.randn(cfg.batch_size, 3, side, side, generator=gen)]}
     if cfg.multicrop_images > 0:
-        n = cfg.multicrop_images
-        cases[f"multi-crop {n} img x ({cfg.global_crops}x{cfg.image_size} + {cfg.local_crops}x{cfg.local_size})"] = [
-            torch.randn(n * cfg.global_crops, 3, cfg.image_size, cfg.image_size, generator=gen),
-            torch.randn(n * cfg.local_crops, 3, cfg.local_size, cfg.local_size, generator=gen),
-        ]
+        n, local = cfg.multicrop_images, cfg.local_size
+        cases[f"multi-crop {n} img x ({cfg.global_crops}x{side} + {cfg.local_crops}x{local})"] = [
+            torch.randn(n * cfg.global_crops, 3, side, side, generator=gen),
+            torch.randn(n * cfg.local_crops, 3, local, local, generator=gen)]
     training: dict[str, dict] = {}
     for case, batches in cases.items():
         log.info("training step: %s", case)

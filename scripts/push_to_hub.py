@@ -93,8 +93,9 @@ def _print_summary(summary: dict) -> None:
               f"{s['mean_support']:.1f}/{s['num_tokens']} keys per query")
     if summary["verification"]:
         v = summary["verification"]
+        segments = {True: "matches", False: "DIFFERS", None: "n/a"}[v["segments_match"]]
         print(f"[push_to_hub] fresh-process check passed: max |diff| {max(v['max_abs_diff'].values()):.1e}, "
-              f"segmentation {'matches' if v['segments_match'] else 'n/a' if v['segments_match'] is None else 'DIFFERS'}")
+              f"segmentation {segments}")
     if summary["folder"]:
         print(f"[push_to_hub] assembled repository: {summary['folder']}")
     if summary["upload"]:
