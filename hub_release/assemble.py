@@ -82,14 +82,6 @@ def find_datasets(training_config: Optional[dict], results: Sequence[dict]) -> l
     return list(dict.fromkeys(found))
 
 
-def custom_pipelines(with_segmentation: bool) -> dict:
-    """The config's ``custom_pipelines``: always the feature-extraction pipeline (our decoder in front of
-    transformers' own, so 16-bit / float / transparent inputs reach the processor intact), plus segmentation
-    when a head ships. Entries from ``pipeline_entmax_vit.CUSTOM_PIPELINES``, their one home."""
-    tasks = [FEATURE_EXTRACTION_TASK] + ([SEGMENTATION_TASK] if with_segmentation else [])
-    return {task: copy.deepcopy(CUSTOM_PIPELINES[task]) for task in tasks}
-
-
 def _check_model_dir(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -168,8 +160,10 @@ def assemble_repository(model_dir: str | Path, output_dir: str | Path, *, repo_i
     config_path = output_dir / "config.json"
     saved = json.loads(config_path.read_text())
     # Written here, not by Pipeline.save_pretrained: a registered pipeline class records only its own task
-    # (transformers keeps one task per class in _registered_impl), and we ship two.
-    saved["custom_pipelines"] = custom_pipelines(with_segmentation=head is not None)
+    # (transformers keeps one task per class in _registered_impl), and we ship two. Feature extraction always (our
+    # decoder in front of transformers', so 16-bit / float / transparent inputs reach the processor intact).
+    tasks = [FEATURE_EXTRACTION_TASK] + ([SEGMENTATION_TASK] if head is not None else [])
+    saved["custom_pipelines"] = {task: copy.deepcopy(CUSTOM_PIPELINES[task]) for task in tasks}
     saved.setdefault("auto_map", {}).update({k: v for k, v in EXTRA_AUTO_MAP.items() if k not in saved["auto_map"]})
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 

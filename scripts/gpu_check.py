@@ -14,7 +14,6 @@ the report says which (report.json "failed_rows").
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +44,6 @@ def main(cfg: GpuCheckConfig) -> dict:
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available() or "--cpu" in sys.argv:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from entmax_vit.cli import entry_point
+    from entmax_vit.cli import entry_point  # imports no triton: main sets TRITON_INTERPRET in time
 
     entry_point.run(main, GpuCheckConfig, "gpu_check", description=__doc__)
