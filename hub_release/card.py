@@ -124,14 +124,9 @@ def card_data(inputs: CardInputs) -> ModelCardData:
     datasets = [d for d in dict.fromkeys(inputs.datasets) if d]
     evals = eval_results(inputs.results)
     return ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-feature-extraction",
-        license=inputs.license,
-        tags=tags,
-        datasets=datasets or None,
-        base_model=inputs.base_model or None,
+        library_name="transformers", pipeline_tag="image-feature-extraction", license=inputs.license, tags=tags,
+        datasets=datasets or None, base_model=inputs.base_model or None, eval_results=evals or None,
         # model_name is only written inside model-index, so it is set only when there are results.
-        eval_results=evals or None,
         model_name=card_name(inputs) if evals else None,
     )
 

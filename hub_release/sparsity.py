@@ -74,11 +74,6 @@ def measure_sparsity(model: torch.nn.Module, image_processor,
         nonzero = support_size(probs).float()              # (B, H, N) keys kept per query
         supports.append(float(nonzero.mean()))
         zero_fracs.append(float(1.0 - nonzero.mean() / probs.shape[-1]))
-    return SparsityReport(
-        attention=str(model.config.attention),
-        images=[name for name, _ in images],
-        resolution=int(pixel_values.shape[-1]),
-        num_tokens=int(outputs.attentions[0].shape[-1]),
-        zero_fraction_per_layer=zero_fracs,
-        support_per_layer=supports,
-    )
+    return SparsityReport(attention=str(model.config.attention), images=[name for name, _ in images],
+                          resolution=int(pixel_values.shape[-1]), num_tokens=int(outputs.attentions[0].shape[-1]),
+                          zero_fraction_per_layer=zero_fracs, support_per_layer=supports)
