@@ -141,6 +141,7 @@ def main(cfg: BenchConfig) -> dict:
         _plot(rates, out / "bench_data.png")
         torch.manual_seed(cfg.seed), random.seed(cfg.seed)
         _plot_crops(ours(images[0]), cfg.multicrop, out / "multicrop_example.png")
+    print(json.dumps(result, indent=2)) if cfg.json else _print_text(result)
     return result
 
 
@@ -190,8 +191,4 @@ def _print_text(result: dict) -> None:
 if __name__ == "__main__":
     from entmax_vit.cli import entry_point
 
-    def report(config: BenchConfig) -> None:
-        outcome = main(config)
-        print(json.dumps(outcome, indent=2)) if config.json else _print_text(outcome)
-
-    entry_point.run(report, BenchConfig, "bench_data", log_format=None)
+    entry_point.run(main, BenchConfig, "bench_data", log_format=None)
