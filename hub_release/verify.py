@@ -52,8 +52,8 @@ def standalone_env(local_kernels: Optional[dict[str, Path]] = None) -> dict[str,
     return env
 
 
-def run_standalone(args: Sequence[str], cwd: Path, what: str, local_kernels: Optional[dict[str, Path]] = None,
-                   ) -> subprocess.CompletedProcess:
+def run_standalone(args: Sequence[str], cwd: Path, what: str,
+                   local_kernels: Optional[dict[str, Path]] = None) -> subprocess.CompletedProcess:
     """Run ``python -S ARGS`` in :func:`standalone_env`; RuntimeError naming ``what`` when it fails."""
     proc = subprocess.run([sys.executable, "-S", *args], env=standalone_env(local_kernels), cwd=cwd,
                           capture_output=True, text=True, timeout=600)
