@@ -23,7 +23,7 @@ from entmax_vit.modeling.segmentation_head import LinearSegmentationHead
 
 from .card import PLACEHOLDER_OWNER, CardInputs, build_card, public_config
 from .sparsity import SparsityReport, measure_sparsity, sample_images
-from .upload import repository_files
+from .upload import prepare_folder, repository_files
 from .verify import VerificationReport, verify_repository
 
 logger = logging.getLogger(__name__)
@@ -82,14 +82,6 @@ def find_datasets(training_config: Optional[dict], results: Sequence[dict]) -> l
     return list(dict.fromkeys(found))
 
 
-def custom_pipelines(with_segmentation: bool) -> dict:
-    """The config's ``custom_pipelines``: always the feature-extraction pipeline (our decoder in front of
-    transformers' own, so 16-bit / float / transparent inputs reach the processor intact), plus segmentation
-    when a head ships. Entries from ``pipeline_entmax_vit.CUSTOM_PIPELINES``, their one home."""
-    tasks = [FEATURE_EXTRACTION_TASK] + ([SEGMENTATION_TASK] if with_segmentation else [])
-    return {task: copy.deepcopy(CUSTOM_PIPELINES[task]) for task in tasks}
-
-
 def _check_model_dir(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -104,31 +96,15 @@ def _check_model_dir(model_dir: Path) -> dict:
     return config
 
 
-# What identifies an architecture in a results record without a weights fingerprint (written before issue 24).
-ARCHITECTURE_KEYS = ("model_type", "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "attention", "attention_alpha", "num_register_tokens")
-
-
 def check_results_match(records: Sequence[dict], paths: Sequence[str | Path], fingerprint: str,
-                        model_dir: Path, config: Optional[dict] = None) -> None:
-    """Refuse a results file that was not measured on these weights: its ``model.weights_sha256`` (written by
-    every evaluation, ``evaluation.results.weights_fingerprint``) must equal the model's. A record written before
-    fingerprints existed must at least describe the same architecture (``config``), and is accepted with a
-    warning that its weights could not be checked."""
+                        model_dir: Path) -> None:
+    """Refuse a results file not measured on these weights: its ``model.weights_sha256`` (written by every
+    evaluation, ``evaluation.results.weights_fingerprint``) must equal the model's."""
     for path, record in zip(paths, records):
         recorded = record["model"].get("weights_sha256")
         if recorded is None:
-            saved = record["model"].get("config") or {}
-            differ = [k for k in ARCHITECTURE_KEYS if k in saved and config is not None and saved[k] != config.get(k)]
-            if differ or not saved:
-                detail = (", ".join(f"{k} {saved[k]!r} != {config.get(k)!r}" for k in differ) if differ
-                          else "no model config recorded")
-                raise ValueError(f"{path}: measured on another model than {model_dir} ({detail}): results of "
-                                 "another model do not go in its card")
-            logger.warning("%s has no weights fingerprint (written before they were recorded): it describes the "
-                           "same architecture as %s, but whether it was measured on these weights cannot be "
-                           "checked; evaluate again to be sure", path, model_dir)
-            continue
+            raise ValueError(f"{path}: no weights fingerprint (model.weights_sha256), so whether it was measured on "
+                             f"{model_dir} cannot be checked: evaluate the model again")
         if recorded != fingerprint:
             raise ValueError(f"{path}: measured on other weights (sha256 {recorded[:12]}...) than {model_dir} "
                              f"({fingerprint[:12]}...): results of another model do not go in its card")
@@ -149,30 +125,15 @@ def model_processor(model_dir: Path, config: EntmaxViTConfig):
         logger.warning("%s: its image processor crops to %s px but the model was trained at %d px; shipping DINO's "
                        "eval preprocessing at %d px", model_dir, crop, side, side)
     else:
-        logger.warning("%s has no preprocessor_config.json: shipping DINO's eval preprocessing at %d px", model_dir, side)
+        logger.warning("%s has no preprocessor_config.json: shipping DINO's eval preprocessing at %d px",
+                       model_dir, side)
     return make_image_processor(crop=side)
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"Output folder {output_dir} is not empty; choose another or pass overwrite")
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-
-def assemble_repository(
-    model_dir: str | Path,
-    output_dir: str | Path,
-    *,
-    repo_id: Optional[str] = None,
-    results: Sequence[str | Path] = (),
-    seg_head: Optional[str | Path] = None,
-    license: str = "apache-2.0",
-    measure: bool = True,
-    verify: bool = True,
-    overwrite: bool = False,
-) -> AssembledRepository:
+def assemble_repository(model_dir: str | Path, output_dir: str | Path, *, repo_id: Optional[str] = None,
+                        results: Sequence[str | Path] = (), seg_head: Optional[str | Path] = None,
+                        license: str = "apache-2.0", measure: bool = True, verify: bool = True,
+                        overwrite: bool = False) -> AssembledRepository:
     """Build the repository folder ``output_dir`` from ``model_dir``; optionally verify it in a fresh process."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     raw_config = _check_model_dir(model_dir)
@@ -183,9 +144,9 @@ def assemble_repository(
     if head is not None and head.config.hidden_size != model.config.hidden_size:
         raise ValueError(f"Segmentation head {seg_head} expects hidden_size {head.config.hidden_size}, "
                          f"the model has {model.config.hidden_size}")
-    check_results_match(records, results, weights_fingerprint(model), model_dir, model.config.to_dict())
+    check_results_match(records, results, weights_fingerprint(model), model_dir)
     processor = model_processor(model_dir, model.config)
-    _prepare_output(output_dir, overwrite)
+    prepare_folder(output_dir, overwrite)
 
     # -- weights, config (auto_map), modeling files, processor, pipeline code ------------------------------
     from transformers.dynamic_module_utils import custom_object_save
@@ -199,21 +160,21 @@ def assemble_repository(
     config_path = output_dir / "config.json"
     saved = json.loads(config_path.read_text())
     # Written here, not by Pipeline.save_pretrained: a registered pipeline class records only its own task
-    # (transformers keeps one task per class in _registered_impl), and we ship two.
-    saved["custom_pipelines"] = custom_pipelines(with_segmentation=head is not None)
+    # (transformers keeps one task per class in _registered_impl), and we ship two. Feature extraction always (our
+    # decoder in front of transformers', so 16-bit / float / transparent inputs reach the processor intact).
+    tasks = [FEATURE_EXTRACTION_TASK] + ([SEGMENTATION_TASK] if head is not None else [])
+    saved["custom_pipelines"] = {task: copy.deepcopy(CUSTOM_PIPELINES[task]) for task in tasks}
     saved.setdefault("auto_map", {}).update({k: v for k, v in EXTRA_AUTO_MAP.items() if k not in saved["auto_map"]})
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
     # -- provenance: training config and results ------------------------------------------------------------
-    training_config = None
-    conversion = None
+    training_config = progress = conversion = None
     if (model_dir / CONVERSION_CONFIG).is_file():
         conversion = yaml.safe_load((model_dir / CONVERSION_CONFIG).read_text()) or None
     if (model_dir / TRAINING_CONFIG).is_file():
         # without the run's local paths (output_dir, absolute data folders): they mean nothing on the Hub
         training_config = public_config(yaml.safe_load((model_dir / TRAINING_CONFIG).read_text()) or {}) or None
         (output_dir / TRAINING_CONFIG).write_text(yaml.safe_dump(training_config, sort_keys=False))
-    progress = None
     if (model_dir / TRAINING_PROGRESS).is_file():
         shutil.copyfile(model_dir / TRAINING_PROGRESS, output_dir / TRAINING_PROGRESS)
         progress = json.loads((model_dir / TRAINING_PROGRESS).read_text())
@@ -227,23 +188,14 @@ def assemble_repository(
     # -- card -----------------------------------------------------------------------------------------------
     sparsity = measure_sparsity(model, processor) if measure else None
     files = repository_files(output_dir) + ["README.md"]
-    inputs = CardInputs(
-        repo_id=repo_id or f"{PLACEHOLDER_OWNER}/{output_dir.resolve().name}",
-        repo_id_is_placeholder=not repo_id,
-        training_progress=progress,
-        model_config=model.config.to_dict(),
-        num_parameters=sum(p.numel() for p in model.parameters()),
-        sparsity=sparsity,
-        results=records,
-        training_config=training_config,
-        segmentation_head=head.config.to_dict() if head is not None else None,
-        base_model=find_base_model(model_dir, raw_config),
-        conversion=conversion,
-        license=license,
-        datasets=find_datasets(training_config, records),
-        files=files,
-    )
-    card = build_card(inputs)
+    card = build_card(CardInputs(
+        repo_id=repo_id or f"{PLACEHOLDER_OWNER}/{output_dir.resolve().name}", repo_id_is_placeholder=not repo_id,
+        training_progress=progress, model_config=model.config.to_dict(),
+        num_parameters=sum(p.numel() for p in model.parameters()), sparsity=sparsity, results=records,
+        training_config=training_config, segmentation_head=head.config.to_dict() if head is not None else None,
+        base_model=find_base_model(model_dir, raw_config), conversion=conversion, license=license,
+        datasets=find_datasets(training_config, records), files=files,
+    ))
     card.save(output_dir / "README.md")
     assembled = AssembledRepository(folder=output_dir, files=sorted(files), metadata=card.data.to_dict(),
                                     sparsity=sparsity, results=records)
@@ -251,7 +203,3 @@ def assemble_repository(
         images = [im for _, im in sample_images()[:2]]
         assembled.verification = verify_repository(output_dir, model, processor, images, head=head)
     return assembled
-
-
-__all__ = ["AssembledRepository", "assemble_repository", "check_results_match", "custom_pipelines", "find_base_model",
-           "find_datasets", "is_hub_id", "model_processor"]

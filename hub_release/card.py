@@ -57,14 +57,14 @@ class CardInputs:
     training_progress: Optional[dict] = None  # training_progress.json of an export of a checkpoint
 
 
-def public_config(node: Any, key: str = "") -> Any:
+def public_config(node: Any) -> Any:
     """A config / results record without the local paths of the machine that made it: :data:`LOCAL_KEYS`
     dropped, an absolute or home path (also after ``imagefolder:`` / ``webdataset:``) reduced to
     ``<local>/LAST_PART``. Hub ids, relative names and numbers are kept."""
     if isinstance(node, dict):
-        return {k: public_config(v, str(k)) for k, v in node.items() if k not in LOCAL_KEYS}
+        return {k: public_config(v) for k, v in node.items() if k not in LOCAL_KEYS}
     if isinstance(node, list):
-        return [public_config(v, key) for v in node]
+        return [public_config(v) for v in node]
     if isinstance(node, str):
         kind, sep, rest = node.partition(":")
         prefix, path = (kind + sep, rest) if sep and kind in ("imagefolder", "webdataset") else ("", node)
@@ -73,9 +73,6 @@ def public_config(node: Any, key: str = "") -> Any:
     return node
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Metadata
-# ----------------------------------------------------------------------------------------------------------
 def metric_type(name: str) -> str:
     """Hub metric type for a results metric key (``miou`` -> mean_iou, ``top1`` -> accuracy)."""
     low = name.lower()
@@ -89,12 +86,9 @@ def metric_type(name: str) -> str:
 def eval_results(results: list[dict]) -> list[EvalResult]:
     """One ``EvalResult`` per metric of every results record, ordered as the library's model-index groups them.
 
-    huggingface_hub writes one model-index entry per (task type, dataset, dataset config, split, revision) and
-    takes that entry's task name from its first result. Two records that share those fields (a k-NN and a
-    linear probe on the same split) therefore share an entry: they get a joint task name, and the protocol
-    stays per metric (``metric_config`` and the name's suffix), so ``ModelCard.load`` gives back exactly these
-    results, in this order.
-    """
+    huggingface_hub writes one model-index entry per (task type, dataset, config, split, revision), named by its
+    first result: records sharing those (k-NN and linear probe on one split) get a joint task name and keep the
+    protocol per metric, so ``ModelCard.load`` gives back exactly these results, in this order."""
     out: list[EvalResult] = []
     for record in results:
         task_type, task_name = TASK_TYPES[record["task"]]
@@ -130,35 +124,16 @@ def card_data(inputs: CardInputs) -> ModelCardData:
     datasets = [d for d in dict.fromkeys(inputs.datasets) if d]
     evals = eval_results(inputs.results)
     return ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-feature-extraction",
-        license=inputs.license,
-        tags=tags,
-        datasets=datasets or None,
-        base_model=inputs.base_model or None,
+        library_name="transformers", pipeline_tag="image-feature-extraction", license=inputs.license, tags=tags,
+        datasets=datasets or None, base_model=inputs.base_model or None, eval_results=evals or None,
         # model_name is only written inside model-index, so it is set only when there are results.
-        eval_results=evals or None,
         model_name=card_name(inputs) if evals else None,
     )
-
-
-def build_metadata(inputs: CardInputs) -> dict:
-    """The card's YAML metadata as a plain dict (what the README's front matter holds)."""
-    return card_data(inputs).to_dict()
 
 
 def card_name(inputs: CardInputs) -> str:
     """The model's name: the last part of the repo id (or of the folder path)."""
     return inputs.repo_id.rstrip("/").split("/")[-1]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The template's data (its prose is in templates/model_card.md)
-# ----------------------------------------------------------------------------------------------------------
-def is_partial(inputs: CardInputs) -> bool:
-    """True for weights exported from a checkpoint before the end of the planned training."""
-    p = inputs.training_progress or {}
-    return bool(p.get("steps_planned")) and int(p.get("steps_trained", 0)) < int(p["steps_planned"])
 
 
 def template_values(inputs: CardInputs) -> dict[str, Any]:
@@ -177,7 +152,9 @@ def template_values(inputs: CardInputs) -> dict[str, Any]:
         base_model=inputs.base_model, conversion=inputs.conversion, sparsity=inputs.sparsity,
         repo=inputs.repo_id, repo_id_is_placeholder=inputs.repo_id_is_placeholder,
         head=inputs.segmentation_head, head_labels=[str(labels[k]) for k in sorted(labels, key=int)],
-        training_rows=training_rows, training_yaml=training_yaml, partial=is_partial(inputs),
+        training_rows=training_rows, training_yaml=training_yaml,
+        # weights exported from a checkpoint before the end of the planned training
+        partial=int(progress.get("steps_trained", 0)) < int(progress.get("steps_planned") or 0),
         progress=progress and {"trained": int(progress.get("steps_trained", 0)),
                                "planned": int(progress.get("steps_planned") or 0),
                                "epochs_planned": progress.get("epochs_planned")},
@@ -222,7 +199,3 @@ def parse_card_metadata(text: str) -> dict:
         raise ValueError("Card has no YAML front matter")
     card = ModelCard(text)  # a non-mapping block or an unparsable model-index raises ValueError
     return card.data.to_dict()
-
-
-__all__ = ["CardInputs", "PLACEHOLDER_OWNER", "build_card", "build_metadata", "card_data", "eval_results", "is_partial",
-           "metric_type", "parse_card_metadata", "public_config", "render_card", "template_values"]

@@ -1,38 +1,16 @@
-"""The entmax attention kernel repository for the Hub, generated from ``modeling/`` (issue 23).
+"""The entmax attention kernel repository for the Hub, generated from ``modeling/`` (issue 23): README.md (the
+kernel card) and two noarch variants, build/torch-cpu/ and build/torch-cuda/ (kernels picks the one of the installed
+torch; the files are identical, the functions pick Triton on CUDA tensors and the tiled kernel elsewhere, per call).
+Each holds byte-for-byte copies of modeling/attention.py and every file it imports relatively, a generated
+``__init__.py``, the ``entmax_attention/`` package older kernels releases import, and metadata.json (id, version,
+backend, kernels-minver, and the sha256 digest of every file that kernels checks on load).
 
-transformers loads an attention function from a Hub kernel repository with
-``attn_implementation="OWNER/entmax-attention:entmax15"`` (``integrations/hub_kernels.load_and_register_attn_kernel``,
-through the ``kernels`` library). This module writes that repository from the attention code the model ships,
-never from a hand-kept copy:
-
-    README.md                          the kernel card (usage, what it computes, exactness, speed)
-    build/torch-cpu/                   variant picked by a CPU-only torch
-    build/torch-cuda/                  variant picked by a CUDA build of torch (with or without a GPU)
-        __init__.py                    generated: entmax15, sparsemax, entmax_bisect (+ flash_attn_forward)
-        attention.py, thresholds.py,   byte-for-byte copies of modeling/'s files: attention.py and every file
-        tiled_attention.py,            it imports relatively (found by reading its imports, lazy ones included)
-        triton_attention.py
-        entmax_attention/__init__.py   the compatibility package older ``kernels`` releases import
-        metadata.json                  id, name, version, license, python-depends, backend, kernels-minver,
-                                       digest (sha256 of every file, which ``kernels`` checks on load)
-
-Both variants are pure Python ("noarch") and identical but for ``backend``: the functions pick the Triton
-kernel for CUDA tensors and the tiled kernel elsewhere, per call (``attention.default_kernel``).
-
-The contract with transformers and kernels (pinned by tests/test_hub_kernel.py):
-
-- kernels resolves ``build/<variant>/`` (``torch-<backend>``), checks metadata.json (its ``digest`` against the
-  files; a missing digest only warns) and imports ``<variant>/__init__.py`` as a package named by ``id``, so
-  the copies' relative imports (``from .thresholds import ...``) resolve inside the variant;
-- transformers asks kernels for ``version=1`` (branch ``v1`` on the Hub) unless the string pins ``@REV``; for a
-  module with no flash-attention entry points it registers ``getattr(module, FUNC)`` as the attention function,
-  called like an eager attention function: ``fn(module, query, key, value, attention_mask, scaling=...,
-  dropout=..., **kwargs) -> (out (B, N, H, d), weights or None)``;
-- but transformers 5.x then runs its flash-attention checks on every Hub attention kernel and refuses a module
-  that has none of ``flash_attn_varlen_func``, ``sparse_atten_func``, ``flash_attn_forward``. The module
-  therefore also exports ``flash_attn_forward`` (the entmax-1.5 function, in the same signature) and
-  deliberately NOT ``supports_flash_attn``: with both, transformers registers ``flash_attn_forward`` whatever
-  ``:FUNC`` names. Without ``:FUNC`` transformers has no function to register: always name one.
+The contract with transformers and kernels (pinned by tests/test_hub_kernel.py): transformers asks for
+``version=1`` (branch v1) unless ``@REV`` is given and registers ``getattr(module, FUNC)`` for
+``attn_implementation="OWNER/entmax-attention:FUNC"``, called as an eager attention function. transformers 5.x
+refuses a Hub attention kernel without a flash-attention entry point, so the module also exports
+``flash_attn_forward`` (entmax-1.5) and deliberately NOT ``supports_flash_attn``: with both, transformers would
+register ``flash_attn_forward`` whatever ``:FUNC`` names. Without ``:FUNC`` there is nothing to register.
 """
 
 from __future__ import annotations
@@ -51,6 +29,10 @@ from jinja2 import Template
 
 from entmax_vit.modeling.thresholds import SPARSE_TRANSFORMS
 
+from .card import PLACEHOLDER_OWNER
+from .upload import additions, open_repository, prepare_folder, repository_files
+from .verify import run_standalone
+
 logger = logging.getLogger(__name__)
 
 KERNEL_NAME = "entmax-attention"             # the Hub repository's name and the kernel's `name`
@@ -62,15 +44,14 @@ LICENSE = "Apache-2.0"
 VARIANTS: dict[str, dict] = {"torch-cpu": {"type": "cpu"}, "torch-cuda": {"type": "cuda"}}
 # The functions the kernel exports, each the device-aware default kernel (`auto`) of one sparse transform.
 FUNCTIONS: tuple[str, ...] = SPARSE_TRANSFORMS
-ENTRY_FILE = "attention.py"
 MODELING_DIR = Path(__file__).resolve().parents[1] / "modeling"
 CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "kernel_card.md"
 
 
-def kernel_sources(modeling_dir: Path = MODELING_DIR, entry: str = ENTRY_FILE) -> list[str]:
-    """``entry`` and every modeling file it imports relatively, directly or not, lazy imports included (read from
+def kernel_sources(modeling_dir: Path = MODELING_DIR) -> list[str]:
+    """attention.py and every modeling file it imports relatively, directly or not, lazy imports included (read from
     the code, so a new helper file travels without a list to keep)."""
-    found, todo = [], [entry]
+    found, todo = [], ["attention.py"]
     while todo:
         name = todo.pop()
         if name in found:
@@ -85,11 +66,11 @@ def kernel_sources(modeling_dir: Path = MODELING_DIR, entry: str = ENTRY_FILE) -
     return sorted(found)
 
 
-def init_source(version: int = KERNEL_VERSION) -> str:
+def init_source() -> str:
     """The generated ``__init__.py`` of a variant."""
     functions = "\n".join(f'{f} = _checked(attention_function("{f}", "auto"))' for f in FUNCTIONS)
     exported = ", ".join(f'"{name}"' for name in (*FUNCTIONS, "flash_attn_forward"))
-    return f'''"""{KERNEL_NAME} (version {version}): exact sparse attention for transformers models.
+    return f'''"""{KERNEL_NAME} (version {KERNEL_VERSION}): exact sparse attention for transformers models.
 
 Generated by EntmaxViT's scripts/build_hub_kernel.py from its modeling/ files; do not edit.
 
@@ -152,14 +133,11 @@ globals().update({{name: getattr(_module, name) for name in __all__}})
 '''
 
 
-def file_digest(path: Path) -> str:
-    """base64 of the file's sha256, as kernels' ``Digest`` records it."""
-    return base64.b64encode(hashlib.sha256(path.read_bytes()).digest()).decode()
-
-
 def variant_digest(variant_dir: Path) -> dict[str, str]:
-    """Every file of the variant but metadata.json (and bytecode), relative POSIX path -> digest."""
-    return {p.relative_to(variant_dir).as_posix(): file_digest(p) for p in sorted(variant_dir.rglob("*"))
+    """Every file of the variant but metadata.json (and bytecode), relative POSIX path -> base64 of its sha256 (as
+    kernels' ``Digest`` records it)."""
+    return {p.relative_to(variant_dir).as_posix(): base64.b64encode(hashlib.sha256(p.read_bytes()).digest()).decode()
+            for p in sorted(variant_dir.rglob("*"))
             if p.is_file() and p.name != "metadata.json" and "__pycache__" not in p.parts and p.suffix != ".pyc"}
 
 
@@ -178,45 +156,29 @@ class KernelBuild:
     files: list[str]         # every file of the repository, relative POSIX paths
 
 
-def build_kernel_repository(output_dir: str | Path, *, repo_id: Optional[str] = None, overwrite: bool = False,
-                            modeling_dir: Path = MODELING_DIR) -> KernelBuild:
-    """Write the kernel repository into ``output_dir`` (refused when it is not empty, unless ``overwrite``)."""
+def build_kernel_repository(output_dir: str | Path, *, repo_id: Optional[str] = None,
+                            overwrite: bool = False) -> KernelBuild:
+    """Write the kernel repository into ``output_dir`` (see :func:`upload.prepare_folder`)."""
     folder = Path(output_dir)
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{folder} is not empty: pass --overwrite to replace it")
-        shutil.rmtree(folder)
-    sources = kernel_sources(modeling_dir)
+    prepare_folder(folder, overwrite)
+    sources = kernel_sources()
     for variant, backend in VARIANTS.items():
         target = folder / "build" / variant
         (target / PACKAGE).mkdir(parents=True)
         for name in sources:
-            shutil.copyfile(modeling_dir / name, target / name)
+            shutil.copyfile(MODELING_DIR / name, target / name)
         (target / "__init__.py").write_text(init_source())
         (target / PACKAGE / "__init__.py").write_text(compat_init_source())
         digest = variant_digest(target)
-        metadata = {
-            "id": kernel_id(digest, backend["type"]),
-            "name": KERNEL_NAME,
-            "version": KERNEL_VERSION,
-            "license": LICENSE,
-            "python-depends": [],
-            "kernels-minver": KERNELS_MINVER,
-            "backend": backend,
-            "digest": {"algorithm": "sha256", "files": digest},
-        }
+        metadata = {"id": kernel_id(digest, backend["type"]), "name": KERNEL_NAME, "version": KERNEL_VERSION,
+                    "license": LICENSE, "python-depends": [], "kernels-minver": KERNELS_MINVER, "backend": backend,
+                    "digest": {"algorithm": "sha256", "files": digest}}
         (target / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    (folder / "README.md").write_text(render_kernel_card(repo_id))
+    (folder / "README.md").write_text(Template(CARD_TEMPLATE.read_text(), keep_trailing_newline=True).render(
+        repo_id=repo_id or f"{PLACEHOLDER_OWNER}/{KERNEL_NAME}", name=KERNEL_NAME, version=KERNEL_VERSION,
+        functions=FUNCTIONS, variants=list(VARIANTS), kernels_minver=KERNELS_MINVER, license=LICENSE.lower()))
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return KernelBuild(folder=folder, variants=list(VARIANTS), sources=sources, files=files)
-
-
-def render_kernel_card(repo_id: Optional[str] = None) -> str:
-    """README.md of the kernel repository (``templates/kernel_card.md``)."""
-    return Template(CARD_TEMPLATE.read_text(), keep_trailing_newline=True).render(
-        repo_id=repo_id or f"YOUR_USERNAME/{KERNEL_NAME}", name=KERNEL_NAME, version=KERNEL_VERSION,
-        functions=FUNCTIONS, variants=list(VARIANTS), kernels_minver=KERNELS_MINVER, license=LICENSE.lower(),
-    )
 
 
 # Runs in a fresh interpreter without site processing (no editable install of this project) and LOCAL_KERNELS
@@ -249,32 +211,12 @@ print(json.dumps(report))
 '''
 
 
-def standalone_env(local_kernels: dict[str, Path]) -> dict[str, str]:
-    """Environment of a ``python -S`` interpreter that has this one's site-packages but not the project (no .pth
-    files run, so no editable install; no PYTHONPATH), is offline, and maps Hub kernel ids to local folders
-    through ``LOCAL_KERNELS``. TRITON_INTERPRET is dropped: the kernel then picks by device as a user's would."""
-    import os
-    import sys
-
-    site_dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "LOCAL_KERNELS")}
-    env.update(PYTHONPATH=os.pathsep.join(site_dirs), HF_HUB_OFFLINE="1",
-               LOCAL_KERNELS=":".join(f"{repo}={Path(path).resolve()}" for repo, path in local_kernels.items()))
-    return env
-
-
 def verify_kernel_repository(folder: str | Path, repo_id: str = f"local/{KERNEL_NAME}") -> dict:
     """Load the built folder through transformers and kernels (``LOCAL_KERNELS``) in a fresh interpreter that
     cannot import this project, run a tiny ``Dinov2Model`` with each function, and check rows sum to 1 and the
     explicit and default kernels agree (1e-5). Returns the per-function report; raises RuntimeError otherwise."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-S", "-c", VERIFY_SCRIPT, repo_id, json.dumps(list(FUNCTIONS))],
-                          env=standalone_env({repo_id: Path(folder)}), cwd=Path(folder).resolve(),
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the kernel repository did not load in a fresh process:\n{proc.stderr[-3000:]}")
+    proc = run_standalone(["-c", VERIFY_SCRIPT, repo_id, json.dumps(list(FUNCTIONS))], Path(folder).resolve(),
+                          "Loading the kernel repository", local_kernels={repo_id: Path(folder)})
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     bad = {f: r for f, r in report.items()
            if not (r["finite"] and r["row_sum_error"] < 1e-5 and r["max_abs_diff"] < 1e-5)}
@@ -299,17 +241,12 @@ def upload_kernel_repository(folder: str | Path, repo_id: str, *, private: bool 
     files on the version branch ``v<KERNEL_VERSION>`` (created from that commit when missing, else one commit on
     it). Files of an earlier build that this build lacks are deleted in the same commit: kernels checks every file
     of a variant against its digest, so a stale file would make the variant fail to load."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-
-    from .upload import repository_files
+    from huggingface_hub import CommitOperationDelete
 
     folder = Path(folder)
     if not (folder / "README.md").is_file() or not list(folder.glob("build/*/metadata.json")):
         raise ValueError(f"{folder} is not a built kernel repository (needs README.md and build/*/metadata.json)")
-    if "/" not in repo_id:
-        raise ValueError(f"repo_id must look like OWNER/NAME, got {repo_id!r}")
-    api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id, repo_type="kernel", private=True if private else None, exist_ok=True)
+    api, repo_url = open_repository(repo_id, "kernel", private, token)
     files = repository_files(folder)
     message = commit_message or f"{KERNEL_NAME} v{KERNEL_VERSION} ({len(files)} files), scripts/push_kernel_to_hub.py"
     branch = f"v{KERNEL_VERSION}"
@@ -320,8 +257,7 @@ def upload_kernel_repository(folder: str | Path, repo_id: str, *, private: bool 
         stale = sorted(f for f in api.list_repo_files(repo_id, repo_type="kernel", revision=revision)
                        if f.startswith("build/") and f not in files)
         deleted.update(stale)
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-        operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
+        operations = additions(folder, files) + [CommitOperationDelete(path_in_repo=name) for name in stale]
         return api.create_commit(repo_id, operations=operations, commit_message=message, repo_type="kernel",
                                  revision=revision).oid
 
@@ -332,10 +268,5 @@ def upload_kernel_repository(folder: str | Path, repo_id: str, *, private: bool 
         api.create_branch(repo_id, branch=branch, revision=main_commit, repo_type="kernel")
         version_commit = main_commit
     logger.info("Committed %d files to %s (main %s, %s %s)", len(files), repo_id, main_commit, branch, version_commit)
-    return KernelUpload(repo_url=str(repo_url), main_commit=main_commit, version_branch=branch,
+    return KernelUpload(repo_url=repo_url, main_commit=main_commit, version_branch=branch,
                         version_commit=version_commit, files=files, deleted=sorted(deleted))
-
-
-__all__ = ["FUNCTIONS", "KERNEL_NAME", "KERNEL_VERSION", "KernelBuild", "KernelUpload", "VARIANTS",
-           "build_kernel_repository", "kernel_sources", "render_kernel_card", "standalone_env",
-           "upload_kernel_repository", "variant_digest", "verify_kernel_repository"]

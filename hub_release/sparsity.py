@@ -61,7 +61,8 @@ def sample_images(names: Sequence[str] = SAMPLE_IMAGES) -> list[tuple[str, Image
 
 
 @torch.no_grad()
-def measure_sparsity(model: torch.nn.Module, image_processor, images: Optional[list[tuple[str, Image.Image]]] = None) -> SparsityReport:
+def measure_sparsity(model: torch.nn.Module, image_processor,
+                     images: Optional[list[tuple[str, Image.Image]]] = None) -> SparsityReport:
     """Share of exactly-zero attention weights per layer on real images (eager attention, eval mode)."""
     images = images if images is not None else sample_images()
     model.eval()
@@ -73,14 +74,6 @@ def measure_sparsity(model: torch.nn.Module, image_processor, images: Optional[l
         nonzero = support_size(probs).float()              # (B, H, N) keys kept per query
         supports.append(float(nonzero.mean()))
         zero_fracs.append(float(1.0 - nonzero.mean() / probs.shape[-1]))
-    return SparsityReport(
-        attention=str(model.config.attention),
-        images=[name for name, _ in images],
-        resolution=int(pixel_values.shape[-1]),
-        num_tokens=int(outputs.attentions[0].shape[-1]),
-        zero_fraction_per_layer=zero_fracs,
-        support_per_layer=supports,
-    )
-
-
-__all__ = ["SAMPLE_IMAGES", "SparsityReport", "measure_sparsity", "sample_images"]
+    return SparsityReport(attention=str(model.config.attention), images=[name for name, _ in images],
+                          resolution=int(pixel_values.shape[-1]), num_tokens=int(outputs.attentions[0].shape[-1]),
+                          zero_fraction_per_layer=zero_fracs, support_per_layer=supports)

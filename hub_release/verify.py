@@ -1,71 +1,27 @@
 """Check an assembled repository the way a Hub user meets it: load it with trust_remote_code in a fresh Python
-process that cannot see this project, run the model, the processor and both pipelines, and compare every
-output with the source model run in this process."""
+process that cannot see this project, run the model, the processor and both pipelines (remote_check.py), and
+compare every output with the source model run in this process."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from . import remote_check
 
 logger = logging.getLogger(__name__)
-
-# Runs in the fresh process. argv: REPO_FOLDER WORK_DIR. Reads WORK_DIR/images/*.png, writes WORK_DIR/remote.json
-# and WORK_DIR/remote.safetensors. It must not import entmax_vit: the last lines assert that.
-REMOTE_SCRIPT = r'''
-import json, sys
-from pathlib import Path
-import numpy as np
-import torch
-from PIL import Image
-from safetensors.torch import save_file
-from transformers import AutoImageProcessor, AutoModel, pipeline
-
-repo, work = sys.argv[1], Path(sys.argv[2])
-images = [Image.open(p) for p in sorted((work / "images").glob("*.png"))]
-processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
-model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
-tensors, report = {}, {"model_class": type(model).__module__ + "." + type(model).__name__,
-                       "processor_class": type(processor).__name__}
-with torch.no_grad():
-    inputs = processor(images, return_tensors="pt")
-    out = model(**inputs)
-tensors["pixel_values"] = inputs["pixel_values"].contiguous()
-tensors["last_hidden_state"] = out.last_hidden_state.contiguous()
-tensors["pooler_output"] = out.pooler_output.contiguous()
-extractor = pipeline("image-feature-extraction", model=repo, trust_remote_code=True)
-report["extractor_class"] = type(extractor).__name__
-for i, image in enumerate(images):
-    tensors[f"pipe_tokens_{i}"] = torch.tensor(extractor(image))
-    tensors[f"pipe_pooled_{i}"] = torch.tensor(extractor(image, pool=True))
-config = json.loads((Path(repo) / "config.json").read_text())
-if "image-segmentation" in config.get("custom_pipelines", {}):
-    segmenter = pipeline("image-segmentation", model=repo, trust_remote_code=True)
-    report["segmenter_class"] = type(segmenter).__name__
-    report["segments"] = []
-    for i, image in enumerate(images):
-        segments = segmenter(image)
-        report["segments"].append([{"label": s["label"], "score": s["score"], "size": list(s["mask"].size),
-                                    "mode": s["mask"].mode} for s in segments])
-        for j, s in enumerate(segments):
-            tensors[f"seg_{i}_{j}"] = torch.frombuffer(bytearray(s["mask"].tobytes()), dtype=torch.uint8)
-save_file(tensors, str(work / "remote.safetensors"))
-leaked = sorted(m for m in sys.modules if m.split(".")[0] == "entmax_vit")
-report["leaked_modules"] = leaked
-(work / "remote.json").write_text(json.dumps(report))
-if leaked:
-    raise SystemExit(f"the project leaked into the fresh process: {leaked}")
-'''
 
 
 @dataclass
@@ -83,17 +39,31 @@ class VerificationReport:
         return dict(self.__dict__)
 
 
-def fresh_env() -> dict[str, str]:
-    """Environment for a process that cannot import the project from the source tree (PYTHONPATH emptied)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ""
-    env.setdefault("HF_HUB_OFFLINE", "1")
+def standalone_env(local_kernels: Optional[dict[str, Path]] = None) -> dict[str, str]:
+    """Environment of a ``python -S`` interpreter that has this one's site-packages but not the project (no .pth
+    files run, so no editable install; no PYTHONPATH), is offline, and maps Hub kernel ids to local folders
+    through ``LOCAL_KERNELS``. TRITON_INTERPRET is dropped: kernels then pick by device as a user's would."""
+    site_dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET", "LOCAL_KERNELS")}
+    env.update(PYTHONPATH=os.pathsep.join(site_dirs), HF_HUB_OFFLINE="1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if local_kernels:
+        env["LOCAL_KERNELS"] = ":".join(f"{repo}={Path(path).resolve()}" for repo, path in local_kernels.items())
     return env
 
 
-def run_remote(folder: Path, images: list[Image.Image], timeout: float = 600) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Load ``folder`` in a fresh interpreter (cwd = an empty temp dir) and return its report and tensors."""
+def run_standalone(args: Sequence[str], cwd: Path, what: str,
+                   local_kernels: Optional[dict[str, Path]] = None) -> subprocess.CompletedProcess:
+    """Run ``python -S ARGS`` in :func:`standalone_env`; RuntimeError naming ``what`` when it fails."""
+    proc = subprocess.run([sys.executable, "-S", *args], env=standalone_env(local_kernels), cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed in a fresh process:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_remote(folder: Path, images: list[Image.Image]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run remote_check.py on ``folder`` in a fresh interpreter (cwd = an empty temp dir): its report and tensors."""
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory(prefix="entmax_vit_verify_") as tmp:
@@ -101,14 +71,9 @@ def run_remote(folder: Path, images: list[Image.Image], timeout: float = 600) ->
         (work / "images").mkdir()
         for i, image in enumerate(images):
             image.save(work / "images" / f"{i:02d}.png")
-        script = work / "check_remote.py"
-        script.write_text(REMOTE_SCRIPT)
-        proc = subprocess.run(
-            [sys.executable, str(script), str(Path(folder).resolve()), str(work)],
-            cwd=work, env=fresh_env(), capture_output=True, text=True, timeout=timeout,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"Loading the assembled repository in a fresh process failed:\n{proc.stderr[-4000:]}")
+        shutil.copyfile(remote_check.__file__, work / "check_remote.py")
+        run_standalone(["check_remote.py", str(Path(folder).resolve()), str(work)], work,
+                       "Loading the assembled repository")
         return json.loads((work / "remote.json").read_text()), load_file(str(work / "remote.safetensors"))
 
 
@@ -123,40 +88,20 @@ def odd_variants(image: Image.Image) -> list[Image.Image]:
     return [Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), Image.fromarray(grey16)]
 
 
-@torch.no_grad()
-def local_outputs(model, processor, images: list[Image.Image], head=None) -> tuple[dict[str, torch.Tensor], list]:
-    """The same outputs from the source model and the project's own classes, in this process."""
-    from entmax_vit.modeling.pipeline_entmax_vit import (EntmaxViTFeatureExtractionPipeline,
-                                                         EntmaxViTSegmentationPipeline)
-
-    model.eval()
-    inputs = processor(images, return_tensors="pt")
-    out = model(**inputs)
-    tensors = {"pixel_values": inputs["pixel_values"], "last_hidden_state": out.last_hidden_state,
-               "pooler_output": out.pooler_output}
-    extractor = EntmaxViTFeatureExtractionPipeline(model=model, image_processor=processor)
-    for i, image in enumerate(images):
-        tensors[f"pipe_tokens_{i}"] = torch.tensor(extractor(image))
-        tensors[f"pipe_pooled_{i}"] = torch.tensor(extractor(image, pool=True))
-    segments = []
-    if head is not None:
-        segmenter = EntmaxViTSegmentationPipeline(model=model, image_processor=processor, segmentation_head=head)
-        for i, image in enumerate(images):
-            result = segmenter(image)
-            segments.append([{"label": s["label"], "score": s["score"], "size": list(s["mask"].size),
-                              "mode": s["mask"].mode} for s in result])
-            for j, s in enumerate(result):
-                tensors[f"seg_{i}_{j}"] = torch.frombuffer(bytearray(s["mask"].tobytes()), dtype=torch.uint8)
-    return tensors, segments
-
-
 def verify_repository(folder: Path, model, processor, images: list[Image.Image], head=None,
                       atol: float = 1e-4) -> VerificationReport:
     """Compare the fresh-process outputs of ``folder`` with ``model``'s on ``images`` plus the
     :func:`odd_variants` of the first; raise RuntimeError on any mismatch."""
     images = list(images) + odd_variants(images[0])
     remote_report, remote = run_remote(folder, images)
-    local, local_segments = local_outputs(model, processor, images, head)
+    from entmax_vit.modeling.pipeline_entmax_vit import (EntmaxViTFeatureExtractionPipeline,
+                                                         EntmaxViTSegmentationPipeline)
+
+    model.eval()
+    extractor = EntmaxViTFeatureExtractionPipeline(model=model, image_processor=processor)
+    segmenter = (EntmaxViTSegmentationPipeline(model=model, image_processor=processor, segmentation_head=head)
+                 if head is not None else None)
+    local, local_segments = remote_check.collect(model, processor, extractor, segmenter, images)
     problems = []
     diffs = {}
     for key, value in local.items():
@@ -171,32 +116,25 @@ def verify_repository(folder: Path, model, processor, images: list[Image.Image],
             problems.append(f"{key}: max |diff| {diffs[key]:.2e} > {atol}")
     segments_match = None
     if head is not None:
-        remote_segments = remote_report.get("segments", [])
         labels_here = [[s["label"] for s in img] for img in local_segments]
-        labels_there = [[s["label"] for s in img] for img in remote_segments]
+        labels_there = [[s["label"] for s in img] for img in remote_report["segments"]]
         seg_keys = [k for k in local if k.startswith("seg_")]
         same_masks = all(k in remote and torch.equal(remote[k], local[k]) for k in seg_keys)
         segments_match = labels_here == labels_there and same_masks
         if not segments_match:
             problems.append(f"segmentation differs: labels {labels_here} here vs {labels_there} in the fresh process")
-        if remote_report.get("segmenter_class") != "EntmaxViTSegmentationPipeline":
-            problems.append(f"pipeline('image-segmentation', model=repo) gave {remote_report.get('segmenter_class')}, "
+        if remote_report["segmenter_class"] != "EntmaxViTSegmentationPipeline":
+            problems.append(f"pipeline('image-segmentation', model=repo) gave {remote_report['segmenter_class']}, "
                             "not EntmaxViTSegmentationPipeline")
-    if remote_report.get("extractor_class") != "EntmaxViTFeatureExtractionPipeline":
-        problems.append(f"pipeline('image-feature-extraction', model=repo) gave {remote_report.get('extractor_class')}, "
+    if remote_report["extractor_class"] != "EntmaxViTFeatureExtractionPipeline":
+        problems.append(f"pipeline('image-feature-extraction', model=repo) gave {remote_report['extractor_class']}, "
                         "not EntmaxViTFeatureExtractionPipeline (inputs would skip the project's decoder)")
     if not remote_report["model_class"].startswith("transformers_modules."):
         problems.append(f"AutoModel gave {remote_report['model_class']}, not the repository's own code")
     if problems:
         raise RuntimeError("The assembled repository does not reproduce the source model:\n- " + "\n- ".join(problems))
-    report = VerificationReport(
-        model_class=remote_report["model_class"], segmenter_class=remote_report.get("segmenter_class"),
-        extractor_class=remote_report.get("extractor_class"),
-        max_abs_diff=diffs, segments_match=segments_match, remote_segments=remote_report.get("segments", []),
-    )
     logger.info("Fresh-process check passed: %s", {k: f"{v:.1e}" for k, v in diffs.items()})
-    return report
-
-
-__all__ = ["REMOTE_SCRIPT", "VerificationReport", "fresh_env", "local_outputs", "odd_variants", "run_remote",
-           "verify_repository"]
+    return VerificationReport(
+        model_class=remote_report["model_class"], segmenter_class=remote_report["segmenter_class"],
+        extractor_class=remote_report["extractor_class"], max_abs_diff=diffs, segments_match=segments_match,
+        remote_segments=remote_report["segments"])

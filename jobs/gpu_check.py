@@ -1,25 +1,15 @@
 """The GPU acceptance check (``scripts/gpu_check.py --out DIR``): one command that says whether this machine runs
-EntmaxViT right and how fast, in report.json and report.md.
+EntmaxViT right and how fast, in report.json and report.md. Each section is a function returning rows; a failing
+row is reported as failed and the check goes on: environment; exactness of every kernel of every sparse transform
+(``kernels_for``, so a new kernel is covered without a change here) against the ``entmax`` package at ViT-S/16's
+N = 197, float32; the attention product's timings at N = 197 / 785 / 3137 in bf16 against softmax SDPA in the same
+run, with peak memory; a bf16 DINO run of ViT-S/16 under ``accelerate launch`` relaunched from its middle
+checkpoint, which must continue bit-identically; multi-crop step and feature-extraction (224 / 448 / 896 px)
+throughput and peak memory, softmax vs entmax15.
 
-Sections, each a function returning rows (a failing row is reported as failed, the check goes on):
-
-* ``environment_rows``: GPU, driver, CUDA, torch, triton, transformers, accelerate.
-* ``kernel_exactness_rows``: every kernel of every sparse transform (``modeling.attention.kernels_for``, so a
-  newly registered kernel is covered without a change here; ``compiled`` aside, see EXACTNESS_SKIPS) against
-  the ``entmax`` package on the same scores at a real shape (ViT-S/16 at 224 px: N = 197, d = 64), float32:
-  max |probs| and |output| errors, pass at 1e-6 (probabilities) / 1e-5 (outputs, sums of N products).
-* ``kernel_timing_rows``: the attention product, forward and forward+backward, at N = 197 / 785 / 3137 in bf16,
-  every sparse kernel (but ``auto``, an alias, and ``compiled``) against softmax SDPA in the same run, with
-  peak memory.
-* ``dino_resume_rows``: a bf16 DINO run of ViT-S/16 on the embedded data under ``accelerate launch`` (100 steps),
-  then a relaunch from its middle checkpoint in another folder that must continue bit-identically.
-* ``multicrop_rows``: images/s and peak memory of the ViT-S/16 multi-crop step (2 x 224 + 8 x 96 per image,
-  forward + backward) for softmax and entmax15 (default kernels), and their ratio.
-* ``extraction_rows``: feature extraction (inference) at 224 / 448 / 896 px: images/s and peak memory.
-
-Without a GPU the same rows run at toy sizes on the CPU (a 2-block width-32 model, a few steps, Triton through
-its interpreter: ``TRITON_INTERPRET=1`` must be set before triton is imported, which scripts/gpu_check.py does),
-in about a minute or two: that mode tests the check itself, its numbers say nothing about GPUs.
+Without a GPU the same rows run at toy sizes on the CPU (Triton through its interpreter: ``TRITON_INTERPRET=1``
+must be set before triton is imported, which scripts/gpu_check.py does) in a minute or two: that mode tests the
+check itself, its numbers say nothing about GPUs.
 """
 
 from __future__ import annotations
@@ -44,10 +34,12 @@ import torch.nn.functional as F
 from entmax_vit.evaluation.speed import backbone_step, median_seconds, peak_bytes
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 from entmax_vit.modeling.attention import ATTENTION_KERNELS, kernels_for
+from entmax_vit.modeling.thresholds import SPARSE_TRANSFORMS as SPARSE
+
+from .baseline_ratios import add_ratios
 
 logger = logging.getLogger("gpu_check")
 REPO = Path(__file__).resolve().parents[1]
-SPARSE = ("entmax15", "sparsemax", "entmax_bisect")
 PROBS_TOL, OUTPUT_TOL = 1e-6, 1e-5
 # compiled (the 2-core CPU's fastest at 224 px, tests/test_attention.py holds it to eager) would spend the check's
 # minutes compiling a graph per transform and shape; auto is triton (CUDA) or tiled (CPU), timed under that name
@@ -80,7 +72,7 @@ GPU = Sizes(
     dino_args={"model.preset": "vit_small_patch16", "model.backbone_overrides": "{}", "model.out_dim": 65536,
                "model.head_hidden_dim": 2048, "model.head_bottleneck_dim": 256, "crops.global_size": 224,
                "crops.local_size": 96, "crops.local_crops_number": 8, "data.batch_size_per_device": 32,
-               "data.max_samples": 1600, "data.num_workers": 8, "data.pin_memory": "true"},  # 50 steps/epoch
+               "data.max_samples": 1600, "data.num_workers": 8, "data.pin_memory": True},  # 50 steps/epoch
 )
 CPU_TOY = Sizes(
     exact_shape=(1, 2, 37, 16), timing_cases=[(1, 17), (1, 33), (1, 65)], heads=2, head_dim=16,
@@ -92,7 +84,7 @@ CPU_TOY = Sizes(
                "model.backbone_overrides": "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2}",
                "crops.global_size": 32, "crops.local_size": 16, "crops.local_crops_number": 2,
                "data.source": "embedded:image_size=32,num_train=16,num_validation=4", "data.batch_size_per_device": 4,
-               "data.max_samples": 16, "data.num_workers": 0, "data.pin_memory": "false"},  # 4 steps/epoch
+               "data.max_samples": 16, "data.num_workers": 0, "data.pin_memory": False},  # 4 steps/epoch
 )
 
 
@@ -229,12 +221,11 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
             except Exception as err:  # noqa: BLE001 - e.g. a kernel without a backward
                 case_rows[name]["error_backward"] = f"{type(err).__name__}: {err}"[:300]
         for name in runnable:
-            row = case_rows[name]
-            row.update(status="ok", forward_ms=forward[name] * 1e3)
-            row["forward_ratio_vs_sdpa"] = forward[name] / forward["softmax:sdpa"]
+            case_rows[name].update(status="ok", forward_ms=forward[name] * 1e3)
             if name in both:
-                row["forward_backward_ms"] = both[name] * 1e3
-                row["forward_backward_ratio_vs_sdpa"] = both[name] / both["softmax:sdpa"]
+                case_rows[name]["forward_backward_ms"] = both[name] * 1e3
+        for mode in ("forward", "forward_backward"):
+            add_ratios(case_rows, "softmax:sdpa", f"{mode}_ms", f"{mode}_ratio_vs_sdpa")
         rows += list(case_rows.values())
     return rows
 
@@ -247,10 +238,15 @@ def _dino_command(out: Path, sizes: Sizes, device: torch.device, steps: int) -> 
     per_epoch = sizes.dino_args["data.max_samples"] // sizes.dino_args["data.batch_size_per_device"]
     args = {"config": "tiny_cpu", "output_dir": out, "data.source": "embedded", "optim.mixed_precision": "bf16",
             "model.attention": "entmax15", "optim.epochs": steps // per_epoch, "optim.warmup_epochs": 1,
-            "checkpoint.every_steps": steps // 2, "checkpoint.keep_last": 0, "checkpoint.at_epoch_end": "false",
-            "logging.every_steps": 1, "logging.progress_bar": "false", "logging.tensorboard": "false",
+            "checkpoint.every_steps": steps // 2, "checkpoint.keep_last": 0, "checkpoint.at_epoch_end": False,
+            "logging.every_steps": 1, "logging.progress_bar": False, "logging.tensorboard": False,
             **sizes.dino_args}
-    return [*launcher, str(REPO / "training" / "dino.py"), *[x for k, v in args.items() for x in (f"--{k}", str(v))]]
+    options = []
+    for key, value in args.items():
+        section, _, name = key.rpartition(".")  # a boolean is tyro's flag: --a.b or --a.no_b
+        is_flag = isinstance(value, bool)
+        options += [f"--{section}.{'' if value else 'no_'}{name}"] if is_flag else [f"--{key}", str(value)]
+    return [*launcher, str(REPO / "training" / "dino.py"), *options]
 
 
 def dino_resume_rows(device: torch.device, sizes: Sizes, work: Path) -> list[dict]:
@@ -304,6 +300,16 @@ def _backbone(sizes: Sizes, attention: str, image_size: int, device: torch.devic
     return EntmaxViTModel(config).to(device)  # attn_implementation: the transform's device default
 
 
+def _throughput(runs: dict[str, Callable[[], None]], per_call: int, device: torch.device, repeats: int,
+                **fields) -> dict[str, dict]:
+    """Per attention: images/s (``per_call`` images a call) over interleaved rounds and the peak memory of one
+    call, ratios to softmax."""
+    seconds = median_seconds(runs, device, repeats)
+    rows = {a: {"status": "ok", "attention": a, **fields, "step_ms": seconds[a] * 1e3, "images_per_s": per_call / s,
+                "peak_memory_mib": peak_bytes(runs[a], device) / 2**20} for a, s in seconds.items()}
+    return add_ratios(rows, "softmax", "images_per_s", "images_per_s_ratio_vs_softmax")
+
+
 def multicrop_rows(device: torch.device, sizes: Sizes) -> list[dict]:
     """images/s and peak memory of the DINO student's multi-crop step (forward + backward, bf16 autocast on a
     GPU) for softmax and entmax15 with their default kernels."""
@@ -312,25 +318,17 @@ def multicrop_rows(device: torch.device, sizes: Sizes) -> list[dict]:
     batches = [torch.randn(2 * n, 3, sizes.global_size, sizes.global_size, generator=gen).to(device),
                torch.randn(8 * n, 3, sizes.local_size, sizes.local_size, generator=gen).to(device)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    rows = {}
-    models = {attention: _backbone(sizes, attention, sizes.global_size, device).train()
-              for attention in ("softmax", "entmax15")}
-    steps = {attention: (lambda m=m: _autocast_step(m, batches, autocast)) for attention, m in models.items()}
-    seconds = median_seconds(steps, device, sizes.repeats)
-    for attention, model in models.items():
-        rows[attention] = {"status": "ok", "attention": attention, "kernel": "auto (device default)",
-                           "images": n, "crops": f"2x{sizes.global_size} + 8x{sizes.local_size}",
-                           "step_ms": seconds[attention] * 1e3, "images_per_s": n / seconds[attention],
-                           "peak_memory_mib": peak_bytes(steps[attention], device) / 2**20}
-    soft, sparse = rows["softmax"], rows["entmax15"]
-    sparse["images_per_s_ratio_vs_softmax"] = sparse["images_per_s"] / soft["images_per_s"]
-    sparse["peak_memory_ratio_vs_softmax"] = sparse["peak_memory_mib"] / max(soft["peak_memory_mib"], 1e-9)
-    return list(rows.values())
 
+    def step(model: torch.nn.Module) -> Callable[[], None]:
+        def fn() -> None:
+            with autocast:
+                backbone_step(model, batches)
+        return fn
 
-def _autocast_step(model: torch.nn.Module, batches: list[torch.Tensor], autocast) -> None:
-    with autocast:
-        backbone_step(model, batches)
+    runs = {a: step(_backbone(sizes, a, sizes.global_size, device).train()) for a in ("softmax", "entmax15")}
+    rows = _throughput(runs, n, device, sizes.repeats, kernel="auto (device default)", images=n,
+                       crops=f"2x{sizes.global_size} + 8x{sizes.local_size}")
+    return list(add_ratios(rows, "softmax", "peak_memory_mib", "peak_memory_ratio_vs_softmax").values())
 
 
 def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
@@ -340,7 +338,6 @@ def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for size, batch in sorted(sizes.extract_sizes.items()):
         pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        models = {a: _backbone(sizes, a, size, device).eval() for a in ("softmax", "entmax15")}
 
         def run(model: torch.nn.Module) -> Callable[[], None]:
             def fn() -> None:
@@ -348,14 +345,9 @@ def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
                     model(pixels)
             return fn
 
-        seconds = median_seconds({a: run(m) for a, m in models.items()}, device, sizes.repeats)
-        case = {a: {"status": "ok", "attention": a, "image_size": size, "batch": batch,
-                    "images_per_s": batch / seconds[a], "peak_memory_mib": peak_bytes(run(m), device) / 2**20}
-                for a, m in models.items()}
-        ratio = case["entmax15"]["images_per_s"] / case["softmax"]["images_per_s"]
-        case["entmax15"]["images_per_s_ratio_vs_softmax"] = ratio
-        rows += list(case.values())
-        del models
+        runs = {a: run(_backbone(sizes, a, size, device).eval()) for a in ("softmax", "entmax15")}
+        rows += list(_throughput(runs, batch, device, sizes.repeats, image_size=size, batch=batch).values())
+        del runs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -412,7 +404,3 @@ def format_markdown(report: dict) -> str:
             lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-__all__ = ["CPU_TOY", "GPU", "Sizes", "dino_resume_rows", "environment_rows", "extraction_rows", "format_markdown",
-           "kernel_exactness_rows", "kernel_timing_rows", "multicrop_rows", "run_check"]

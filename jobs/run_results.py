@@ -48,6 +48,3 @@ def summary_metrics(out: Path, attention: str, segmentation_features: Sequence[s
     if (path := out / "claims" / "claims_results.json").is_file():
         metrics.update({k: v for k, v in load_results(path)["metrics"].items() if k in HEADLINE_KEYS})
     return metrics
-
-
-__all__ = ["FEATURES", "PROBE_KEYS", "load_analysis", "seg_dir", "summary_metrics"]

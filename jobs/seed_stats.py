@@ -97,11 +97,11 @@ def comparison_lines(table: Mapping[str, Mapping[str, Spread]], baseline: str,
             base, other = table[baseline][key], spreads[key]
             if not base.values or not other.values:
                 continue
-            delta = other.mean - base.mean
-            spread = max(base.std, other.std)
-            shown = spec.format(delta) if not spec.endswith("%}") else f"{100 * delta:.1f} points"
-            spread_text = "n/a" if math.isnan(spread) else (
-                spec.format(spread) if not spec.endswith("%}") else f"{100 * spread:.1f} points")
+            delta, spread = other.mean - base.mean, max(base.std, other.std)
+            points = spec.endswith("%}")  # a share: its difference is told in percentage points
+            shown = f"{100 * delta:.1f} points" if points else spec.format(delta)
+            spread_text = ("n/a" if math.isnan(spread) else f"{100 * spread:.1f} points" if points
+                           else spec.format(spread))
             sign = "+" if delta >= 0 and not shown.startswith("-") else ""
             lines.append(f"- {title}: {attention} - {baseline} = {sign}{shown} (seed spread {spread_text}): "
                          f"{verdict(base, other)}.")
@@ -128,6 +128,3 @@ def claim_lines(table: Mapping[str, Mapping[str, Spread]]) -> list[str]:
                 state = "within noise (|mean| not larger than the seed spread)"
             lines.append(f"- {title}, {attention}: {s.format(spec)}; > 0 in {positive} of {s.n} seeds: {state}.")
     return lines
-
-
-__all__ = ["CLAIMS", "METRICS", "Spread", "aggregate", "claim_lines", "comparison_lines", "verdict"]

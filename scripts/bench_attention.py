@@ -12,6 +12,7 @@ method. Writes OUTPUT_DIR/bench_attention.json and the resolved config.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import statistics
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from entmax_vit.data.config_io import save_config, to_dict
+from entmax_vit.jobs.baseline_ratios import add_ratios
 from entmax_vit.modeling.attention import ATTENTION_KERNELS
 
 log = logging.getLogger("bench_attention")
@@ -60,17 +62,14 @@ class BenchAttentionConfig:
 def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
     """name -> fn(q, k, v) -> (out, probs or None)."""
 
-    def ours(transform: str, kernel: str) -> Callable:
+    def ours(transform: str, kernel: str) -> Callable:  # tiled: output only, as SDPA; the others with probs
         return lambda q, k, v: ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=scaling,
-                                                         need_weights=True)
-
-    def tiled(transform: str, kernel: str = "tiled") -> Callable:  # output only, as SDPA
-        return lambda q, k, v: ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=scaling)
+                                                         need_weights=kernel != "tiled")
 
     methods: dict[str, Callable] = {
         "softmax_sdpa": lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, scale=scaling), None),
         "softmax_eager": ours("softmax", "eager"),
-        "entmax15_ours_tiled": tiled("entmax15"),
+        "entmax15_ours_tiled": ours("entmax15", "tiled"),
         "entmax15_ours_eager": ours("entmax15", "eager"),
     }
     if cfg.compiled:
@@ -91,8 +90,8 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
 
             methods["entmax15_package"] = package(entmax.entmax15)
             methods["entmax_bisect_package"] = package(lambda s, dim: entmax.entmax_bisect(s, 1.5, dim=dim))
-    methods["sparsemax_ours_tiled"] = tiled("sparsemax")
-    methods["entmax_bisect_ours_tiled"] = tiled("entmax_bisect")
+    methods["sparsemax_ours_tiled"] = ours("sparsemax", "tiled")
+    methods["entmax_bisect_ours_tiled"] = ours("entmax_bisect", "tiled")
     methods["entmax_bisect_ours_eager"] = ours("entmax_bisect", "eager")
     if cfg.methods:
         unknown = sorted(set(cfg.methods) - set(methods))
@@ -113,8 +112,6 @@ def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
 
     # Accuracy: max |probs - entmax15| for every entmax-1.5 method (bisect at alpha 1.5 included).
     errors: dict[str, float] = {}
-    import importlib.util
-
     if importlib.util.find_spec("entmax") is not None:
         import entmax
 
@@ -149,19 +146,12 @@ def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
                 if r >= cfg.warmup:
                     times[name][mode].append(time.perf_counter() - t0)
 
-    results = {}
-    for name in methods:
-        med = {mode: statistics.median(ts) * 1e3 for mode, ts in times[name].items()}
-        results[name] = {
-            "forward_ms": med["forward"],
-            "forward_backward_ms": med["forward_backward"],
-            "rounds": len(times[name]["forward"]),
-            "max_abs_err_vs_entmax15": errors.get(name),
-        }
-    base = results["softmax_sdpa"]
-    for r in results.values():
-        r["forward_ratio_vs_sdpa"] = r["forward_ms"] / base["forward_ms"]
-        r["forward_backward_ratio_vs_sdpa"] = r["forward_backward_ms"] / base["forward_backward_ms"]
+    results = {name: {"forward_ms": statistics.median(ts["forward"]) * 1e3,
+                      "forward_backward_ms": statistics.median(ts["forward_backward"]) * 1e3,
+                      "rounds": len(ts["forward"]), "max_abs_err_vs_entmax15": errors.get(name)}
+               for name, ts in times.items()}
+    for mode in ("forward", "forward_backward"):
+        add_ratios(results, "softmax_sdpa", f"{mode}_ms", f"{mode}_ratio_vs_sdpa")
     return {"batch": batch, "heads": cfg.heads, "tokens": tokens, "head_dim": cfg.head_dim, "methods": results}
 
 
@@ -191,7 +181,8 @@ def format_table(cases: list[dict]) -> str:
     lines = []
     for case in cases:
         lines.append(f"\n(B, H, N, d) = ({case['batch']}, {case['heads']}, {case['tokens']}, {case['head_dim']})")
-        lines.append(f"{'method':28s} {'fwd ms':>9s} {'x sdpa':>7s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} {'err vs entmax15':>16s}")
+        lines.append(f"{'method':28s} {'fwd ms':>9s} {'x sdpa':>7s} {'fwd+bwd ms':>11s} {'x sdpa':>7s} "
+                     f"{'err vs entmax15':>16s}")
         for name, r in case["methods"].items():
             err = "" if r["max_abs_err_vs_entmax15"] is None else f"{r['max_abs_err_vs_entmax15']:.1e}"
             lines.append(

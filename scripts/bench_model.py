@@ -4,17 +4,13 @@
     python scripts/bench_model.py --quick     # fewer repeats, smaller multi-crop step (a few minutes)
     python scripts/bench_model.py --json      # print the results JSON instead of the table
 
-* training step = forward + backward of the backbone (train mode, drop path 0.1 as the DINO student, loss on
-  the final tokens); no optimizer step (identical for every variant). Two inputs: a batch of 224 images and a
-  DINO multi-crop step (2 global 224 + 8 local 96 crops per image, each resolution batched as DINO does).
-  Variants are "attention:kernel", e.g. softmax:sdpa (the baseline), softmax:eager, entmax15:tiled,
-  entmax15:eager (entmax15:triton on CUDA); rounds interleave the variants so background load hits all alike.
-* peak memory of one training step: weights + inputs + the peak of live storages allocated during the step
-  (activations, temporaries, grads), tracked per storage by a dispatch mode (CPU and CUDA alike). The
-  compiled variant is not measured: torch.compile'd code allocates outside the dispatcher.
-* feature extraction per variant at 224 (batch 8), 448 (batch 2) and 896 px (batch 1), ratio to the baseline,
-  with the peak memory of inference at 896 px; the peak memory of a training step (batch 2) at 448 px;
-  and images/s of EntmaxViT softmax (sdpa) vs transformers ViTModel of the same size (sdpa).
+* training step = forward + backward of the backbone (train mode, drop path 0.1 as the DINO student), no
+  optimizer step, on a batch of 224 images and on a DINO multi-crop step (2 x 224 + 8 x 96 crops per image).
+  Variants are "attention:kernel" (softmax:sdpa is the baseline); rounds interleave them so background load hits
+  all alike. Peak memory: weights + inputs + the peak of live storages during the step, tracked by a dispatch
+  mode, so the compiled variant (allocating outside the dispatcher) is not measured.
+* feature extraction per variant at 224 / 448 / 896 px, ratio to the baseline, with inference peak memory at
+  896 px; training-step peak memory at 448 px; images/s of EntmaxViT softmax vs transformers' ViTModel.
 
 Writes OUTPUT_DIR/bench_model.json and the resolved config.
 """
@@ -23,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from entmax_vit.data.config_io import save_config, to_dict
-from entmax_vit.evaluation.speed import PeakMemory, backbone_step as training_step
+from entmax_vit.evaluation.speed import backbone_step as training_step, median_seconds, peak_bytes
+from entmax_vit.jobs.baseline_ratios import add_ratios
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 
 log = logging.getLogger("bench_model")
@@ -73,8 +68,7 @@ class BenchModelConfig:
     output_dir: str = "outputs/bench_model"  # bench_model.json and the resolved config
 
 
-def _median_ms(times: list[float]) -> float:
-    return statistics.median(times) * 1e3
+CPU = torch.device("cpu")
 
 
 def build_variants(cfg: BenchModelConfig, image_size: Optional[int] = None) -> dict[str, EntmaxViTModel]:
@@ -99,16 +93,10 @@ def build_variants(cfg: BenchModelConfig, image_size: Optional[int] = None) -> d
     return models
 
 
-def time_steps(cfg: BenchModelConfig, models: dict[str, EntmaxViTModel], batches: list[torch.Tensor]) -> dict:
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(cfg.warmup + cfg.repeats):
-        for name, model in models.items():  # interleaved rounds
-            t0 = time.perf_counter()
-            training_step(model, batches)
-            if r >= cfg.warmup:
-                times[name].append(time.perf_counter() - t0)
-    base = _median_ms(times[cfg.baseline])
-    return {name: {"step_ms": _median_ms(ts), "ratio_vs_baseline": _median_ms(ts) / base} for name, ts in times.items()}
+def timed(cfg: BenchModelConfig, fns: dict[str, Callable], repeats: int, key: str) -> dict[str, dict]:
+    """Median milliseconds (``key``) of each function over interleaved rounds, and its ratio to the baseline."""
+    ms = {name: {key: s * 1e3} for name, s in median_seconds(fns, CPU, repeats, warmup=cfg.warmup).items()}
+    return add_ratios(ms, cfg.baseline, key, "ratio_vs_baseline")
 
 
 def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> int:
@@ -116,10 +104,7 @@ def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> int:
     temporaries, grads)."""
     base = sum(p.numel() * p.element_size() for p in model.parameters())
     base += sum(b.numel() * b.element_size() for b in batches)
-    tracker = PeakMemory()
-    with tracker:
-        training_step(model, batches)
-    return base + tracker.peak
+    return base + peak_bytes(lambda: training_step(model, batches), CPU)
 
 
 def _measurable(name: str) -> bool:
@@ -134,33 +119,15 @@ def extraction_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
     for size, batch in tqdm(sorted(cfg.extract_sizes.items()), desc="feature extraction"):
         models = {name: m.eval() for name, m in build_variants(cfg, size).items()}
         pixels = torch.randn(batch, 3, size, size, generator=gen)
-        times: dict[str, list[float]] = {name: [] for name in models}
         with torch.inference_mode():
-            for r in range(cfg.warmup + cfg.extract_repeats):
+            case = timed(cfg, {name: (lambda m=m: m(pixels)) for name, m in models.items()}, cfg.extract_repeats, "ms")
+            if size == cfg.inference_memory_size:
                 for name, model in models.items():
-                    t0 = time.perf_counter()
-                    model(pixels)
-                    if r >= cfg.warmup:
-                        times[name].append(time.perf_counter() - t0)
-        base = _median_ms(times[cfg.baseline])
-        case = {name: {"ms": _median_ms(ts), "ratio_vs_baseline": _median_ms(ts) / base} for name, ts in times.items()}
-        if size == cfg.inference_memory_size:
-            for name, model in models.items():
-                if _measurable(name):
-                    tracker = PeakMemory()
-                    with torch.inference_mode(), tracker:
-                        model(pixels)
-                    case[name]["peak_memory_bytes"] = tracker.peak
-            _memory_ratios(case, cfg.baseline)
+                    if _measurable(name):
+                        case[name]["peak_memory_bytes"] = peak_bytes(lambda: model(pixels), CPU)
+                add_ratios(case, cfg.baseline, "peak_memory_bytes", "peak_memory_ratio_vs_baseline")
         results[f"{batch} x {size}px"] = case
     return results
-
-
-def _memory_ratios(results: dict, baseline: str) -> None:
-    base = results.get(baseline, {}).get("peak_memory_bytes")
-    for r in results.values():
-        if base and r.get("peak_memory_bytes"):
-            r["peak_memory_ratio_vs_baseline"] = r["peak_memory_bytes"] / base
 
 
 def training_memory_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
@@ -168,13 +135,9 @@ def training_memory_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict
     results = {}
     for size in cfg.memory_sizes:
         batches = [torch.randn(2, 3, size, size, generator=gen)]
-        case = {
-            name: {"peak_memory_bytes": peak_step_memory(model, batches)}
-            for name, model in build_variants(cfg, size).items()
-            if _measurable(name)
-        }
-        _memory_ratios(case, cfg.baseline)
-        results[f"2 x {size}px"] = case
+        case = {name: {"peak_memory_bytes": peak_step_memory(model, batches)}
+                for name, model in build_variants(cfg, size).items() if _measurable(name)}
+        results[f"2 x {size}px"] = add_ratios(case, cfg.baseline, "peak_memory_bytes", "peak_memory_ratio_vs_baseline")
     return results
 
 
@@ -184,34 +147,19 @@ def feature_throughput(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
 
     ours_cfg = EntmaxViTConfig.from_preset(cfg.preset, attention="softmax", image_size=cfg.image_size)
     ours = EntmaxViTModel._from_config(ours_cfg, attn_implementation="sdpa").eval()
-    hf_cfg = ViTConfig(
-        hidden_size=ours_cfg.hidden_size,
-        num_hidden_layers=ours_cfg.num_hidden_layers,
-        num_attention_heads=ours_cfg.num_attention_heads,
-        intermediate_size=ours_cfg.intermediate_size,
-        image_size=cfg.image_size,
-        patch_size=ours_cfg.patch_size,
-        qkv_bias=True,
-        layer_norm_eps=ours_cfg.layer_norm_eps,
-    )
+    hf_cfg = ViTConfig(hidden_size=ours_cfg.hidden_size, num_hidden_layers=ours_cfg.num_hidden_layers,
+                       num_attention_heads=ours_cfg.num_attention_heads, intermediate_size=ours_cfg.intermediate_size,
+                       image_size=cfg.image_size, patch_size=ours_cfg.patch_size, qkv_bias=True,
+                       layer_norm_eps=ours_cfg.layer_norm_eps)
     hf = ViTModel._from_config(hf_cfg, attn_implementation="sdpa", add_pooling_layer=False).eval()
     pixels = torch.randn(cfg.extract_batch, 3, cfg.image_size, cfg.image_size, generator=gen)
-    runs: dict[str, Callable] = {
-        "entmax_vit_softmax_sdpa": lambda: ours(pixels).last_hidden_state,
-        "transformers_vit_sdpa": lambda: hf(pixel_values=pixels).last_hidden_state,
-    }
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    runs: dict[str, Callable] = {"entmax_vit_softmax_sdpa": lambda: ours(pixels).last_hidden_state,
+                                 "transformers_vit_sdpa": lambda: hf(pixel_values=pixels).last_hidden_state}
     with torch.inference_mode():
-        for r in range(1 + cfg.extract_repeats):
-            for name, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                if r >= 1:
-                    times[name].append(time.perf_counter() - t0)
-    out = {name: {"images_per_s": cfg.extract_batch / statistics.median(ts)} for name, ts in times.items()}
+        seconds = median_seconds(runs, CPU, cfg.extract_repeats)
+    out = {name: {"images_per_s": cfg.extract_batch / s} for name, s in seconds.items()}
     out["entmax_vit_over_transformers"] = (
-        out["entmax_vit_softmax_sdpa"]["images_per_s"] / out["transformers_vit_sdpa"]["images_per_s"]
-    )
+        out["entmax_vit_softmax_sdpa"]["images_per_s"] / out["transformers_vit_sdpa"]["images_per_s"])
     return out
 
 
@@ -233,7 +181,8 @@ def format_report(record: dict) -> str:
             for name, r in results.items():
                 value = f"{r[field_]:9.1f} ms {r['ratio_vs_baseline']:7.3f}x" if field_ else ""
                 if r.get("peak_memory_bytes"):
-                    value += f" {r['peak_memory_bytes'] / 2**20:9.1f} MB {r.get('peak_memory_ratio_vs_baseline', 0):6.3f}x"
+                    ratio = r.get("peak_memory_ratio_vs_baseline", 0)
+                    value += f" {r['peak_memory_bytes'] / 2**20:9.1f} MB {ratio:6.3f}x"
                 lines.append(f"{name:26s} {value}")
     fe = record["feature_extraction"]
     lines.append("\nfeature extraction (images/s)")
@@ -259,26 +208,23 @@ def main(cfg: BenchModelConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     models = build_variants(cfg)
 
-    cases = {f"batch {cfg.batch_size} x {cfg.image_size}": [torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen)]}
+    side = cfg.image_size
+    cases = {f"batch {cfg.batch_size} x {side}": [torch.randn(cfg.batch_size, 3, side, side, generator=gen)]}
     if cfg.multicrop_images > 0:
-        n = cfg.multicrop_images
-        cases[f"multi-crop {n} img x ({cfg.global_crops}x{cfg.image_size} + {cfg.local_crops}x{cfg.local_size})"] = [
-            torch.randn(n * cfg.global_crops, 3, cfg.image_size, cfg.image_size, generator=gen),
-            torch.randn(n * cfg.local_crops, 3, cfg.local_size, cfg.local_size, generator=gen),
-        ]
+        n, local = cfg.multicrop_images, cfg.local_size
+        cases[f"multi-crop {n} img x ({cfg.global_crops}x{side} + {cfg.local_crops}x{local})"] = [
+            torch.randn(n * cfg.global_crops, 3, side, side, generator=gen),
+            torch.randn(n * cfg.local_crops, 3, local, local, generator=gen)]
     training: dict[str, dict] = {}
     for case, batches in cases.items():
         log.info("training step: %s", case)
-        results = time_steps(cfg, models, batches)
+        steps = {name: (lambda m=m: training_step(m, batches)) for name, m in models.items()}
+        results = timed(cfg, steps, cfg.repeats, "step_ms")
         if cfg.memory:
             for name, model in models.items():
-                if not _measurable(name):
-                    continue
-                results[name]["peak_memory_bytes"] = peak_step_memory(model, batches)
-            eager_soft = results.get("softmax:eager", {}).get("peak_memory_bytes")
-            for r in results.values():
-                if eager_soft and r.get("peak_memory_bytes"):
-                    r["peak_memory_ratio_vs_softmax_eager"] = r["peak_memory_bytes"] / eager_soft
+                if _measurable(name):
+                    results[name]["peak_memory_bytes"] = peak_step_memory(model, batches)
+            add_ratios(results, "softmax:eager", "peak_memory_bytes", "peak_memory_ratio_vs_softmax_eager")
         training[case] = results
     log.info("feature extraction throughput")
     record = {

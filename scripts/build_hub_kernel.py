@@ -47,11 +47,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Command line -> exit status: 0, or 2 with the message on stderr."""
     try:
         entry_point.run(main, BuildKernelConfig, "build_hub_kernel", argv=argv, description=__doc__,
-                        exit_codes={FileExistsError: 2})
+                        exit_codes=dict.fromkeys(entry_point.USER_ERRORS, 2))
     except SystemExit as stop:
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-            return 2
         return stop.code or 0
     return 0
 

@@ -14,18 +14,11 @@ lacks are deleted (kernels checks every file of a variant against its digest). T
 from __future__ import annotations
 
 import json
-import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
-from entmax_vit.data.config_io import ConfigError
-
-logger = logging.getLogger("push_kernel_to_hub")
 
 
 @dataclass
@@ -47,21 +40,12 @@ class PushKernelConfig:
 
 
 def main(cfg: PushKernelConfig) -> dict:
-    from huggingface_hub import constants
-
     from entmax_vit.hub_release.kernel_repo import (build_kernel_repository, upload_kernel_repository,
-                                                  verify_kernel_repository)
+                                                    verify_kernel_repository)
+    from entmax_vit.hub_release.upload import should_upload, work_folder
 
-    upload = cfg.upload if cfg.upload is not None else bool(cfg.repo_id) and not constants.is_offline_mode()
-    if cfg.upload is None and cfg.repo_id and not upload:
-        logger.warning("HF_HUB_OFFLINE is set: building only (pass --upload True to force the upload)")
-    if upload and not cfg.repo_id:
-        raise ConfigError("--upload True needs --repo-id OWNER/NAME")
-    if not upload and not cfg.output_dir:
-        raise ConfigError("Nothing to do: give --repo-id OWNER/NAME to upload, or --output-dir DIR to build only")
-    temporary = None if cfg.output_dir else tempfile.mkdtemp(prefix="entmax_attention_kernel_")
-    folder = Path(cfg.output_dir or temporary) / ("" if cfg.output_dir else "repo")
-    try:
+    upload = should_upload(cfg.upload, cfg.repo_id, cfg.output_dir)
+    with work_folder(cfg.output_dir, "entmax_attention_kernel_") as folder:
         build = build_kernel_repository(folder, repo_id=cfg.repo_id, overwrite=cfg.overwrite)
         summary = {"folder": str(folder) if cfg.output_dir else None, "files": build.files,
                    "verification": verify_kernel_repository(folder) if cfg.verify else None, "upload": None}
@@ -69,9 +53,6 @@ def main(cfg: PushKernelConfig) -> dict:
             result = upload_kernel_repository(folder, cfg.repo_id, private=cfg.private,
                                               commit_message=cfg.commit_message)
             summary["upload"] = dict(result.__dict__)
-    finally:
-        if temporary:
-            shutil.rmtree(temporary, ignore_errors=True)
     where = f" in {summary['folder']}" if summary["folder"] else ""
     print(f"[push_kernel_to_hub] {len(summary['files'])} files{where}")
     if summary["verification"]:
@@ -87,11 +68,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Command line -> exit status: 0, or 2 with the message on stderr."""
     try:
         entry_point.run(main, PushKernelConfig, "push_kernel_to_hub", argv=argv, description=__doc__,
-                        exit_codes={FileExistsError: 2})
+                        exit_codes=dict.fromkeys(entry_point.USER_ERRORS, 2))
     except SystemExit as stop:
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-            return 2
         return stop.code or 0
     return 0
 

@@ -18,18 +18,12 @@ also come from a YAML file via --config FILE; ``--results`` takes several files.
 from __future__ import annotations
 
 import json
-import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
 from entmax_vit.data.config_io import ConfigError, save_config
-
-logger = logging.getLogger("push_to_hub")
 
 
 @dataclass
@@ -64,44 +58,22 @@ class PushConfig:
     overwrite: bool = False
 
 
-def should_upload(cfg: PushConfig) -> bool:
-    from huggingface_hub import constants
-
-    if cfg.upload is False:
-        return False
-    if not cfg.repo_id:
-        if cfg.upload:
-            raise ConfigError("--upload True needs --repo-id OWNER/NAME")
-        return False
-    if cfg.upload is None and constants.is_offline_mode():
-        logger.warning("HF_HUB_OFFLINE is set: assembling only (pass --upload True to force the upload)")
-        return False
-    return True
-
-
 def main(cfg: PushConfig) -> dict:
     from entmax_vit.hub_release.assemble import assemble_repository
-    from entmax_vit.hub_release.upload import upload_repository
+    from entmax_vit.hub_release.upload import should_upload, upload_repository, work_folder
 
     if not cfg.model_dir:
         raise ConfigError("Give the model folder: push_to_hub.py MODEL_DIR [--repo-id OWNER/NAME] ...")
-    upload = should_upload(cfg)
-    if not upload and not cfg.output_dir:
-        raise ConfigError("Nothing to do: give --repo-id OWNER/NAME to upload, or --output-dir DIR to assemble only")
-    temporary = None if cfg.output_dir else tempfile.mkdtemp(prefix="entmax_vit_hub_")
-    folder = Path(cfg.output_dir or temporary)
-    try:
+    upload = should_upload(cfg.upload, cfg.repo_id, cfg.output_dir)
+    with work_folder(cfg.output_dir, "entmax_vit_hub_") as folder:
         assembled = assemble_repository(
             cfg.model_dir, folder, repo_id=cfg.repo_id, results=cfg.results, seg_head=cfg.seg_head,
             license=cfg.license, measure=cfg.measure_sparsity, verify=cfg.verify, overwrite=cfg.overwrite,
         )
-        summary = {
-            "folder": str(folder) if cfg.output_dir else None,
-            "files": assembled.files,
-            "sparsity": assembled.sparsity.to_dict() if assembled.sparsity else None,
-            "verification": assembled.verification.to_dict() if assembled.verification else None,
-            "upload": None,
-        }
+        summary = {"folder": str(folder) if cfg.output_dir else None, "files": assembled.files,
+                   "sparsity": assembled.sparsity.to_dict() if assembled.sparsity else None,
+                   "verification": assembled.verification.to_dict() if assembled.verification else None,
+                   "upload": None}
         records = folder / ".push"  # hidden: kept locally, never uploaded
         save_config(cfg, records / "push_config.yaml")
         if upload:
@@ -109,9 +81,6 @@ def main(cfg: PushConfig) -> dict:
                                        revision=cfg.revision, commit_message=cfg.commit_message)
             summary["upload"] = dict(result.__dict__)
         (records / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    finally:
-        if temporary:
-            shutil.rmtree(temporary, ignore_errors=True)
     _print_summary(summary)
     return summary
 
@@ -124,8 +93,9 @@ def _print_summary(summary: dict) -> None:
               f"{s['mean_support']:.1f}/{s['num_tokens']} keys per query")
     if summary["verification"]:
         v = summary["verification"]
+        segments = {True: "matches", False: "DIFFERS", None: "n/a"}[v["segments_match"]]
         print(f"[push_to_hub] fresh-process check passed: max |diff| {max(v['max_abs_diff'].values()):.1e}, "
-              f"segmentation {'matches' if v['segments_match'] else 'n/a' if v['segments_match'] is None else 'DIFFERS'}")
+              f"segmentation {segments}")
     if summary["folder"]:
         print(f"[push_to_hub] assembled repository: {summary['folder']}")
     if summary["upload"]:
@@ -138,11 +108,9 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     try:
         entry_point.run(main, PushConfig, "push_to_hub", argv=argv, positionals=("model_dir",),
                         model_fields=("model_dir",), description=__doc__,
-                        log_format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        log_format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        exit_codes=dict.fromkeys(entry_point.USER_ERRORS, 2))
     except SystemExit as stop:
-        if isinstance(stop.code, str):  # a user error, its message carried by entry_point.run
-            print(stop.code, file=sys.stderr)
-            return 2
         return stop.code or 0
     return 0
 

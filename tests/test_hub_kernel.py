@@ -31,7 +31,8 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model, ViTConfig, ViTMod
 import entmax_vit.modeling  # noqa: F401 - registers "entmax15", "sparsemax", "entmax_bisect" (the in-project reference)
 from entmax_vit.hub_release.kernel_repo import (FUNCTIONS, KERNEL_NAME, KERNEL_VERSION, KERNELS_MINVER, MODELING_DIR,
                                               PACKAGE, VARIANTS, build_kernel_repository, kernel_id, kernel_sources,
-                                              standalone_env, variant_digest)
+                                              variant_digest)
+from entmax_vit.hub_release.verify import standalone_env
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = f"tester/{KERNEL_NAME}"
