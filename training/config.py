@@ -1,6 +1,5 @@
-"""Typed configuration of DINO training (``training/dino.py``). Defaults are official DINO's main_dino.py
-defaults (facebookresearch/dino: ViT-S/16, 100 epochs, 64 images per GPU); presets in ``training/configs/*.yaml`` override them and
-``--section.key value`` overrides those. Comments carry the tuning advice of the official help strings.
+"""Typed configuration of DINO training: official main_dino.py defaults (ViT-S/16, 100 epochs, 64 images per GPU),
+overridden by ``training/configs/*.yaml`` presets, then ``--section.key value``. Comments carry the official advice.
 """
 
 from __future__ import annotations
@@ -60,9 +59,9 @@ class DataConfig:
     # Stream the dataset instead of downloading it (Hub ids); every rank reads a disjoint shard.
     streaming: bool = False
     # Samples per epoch when streaming (the length of an iterable dataset is unknown); ImageNet-1K: 1281167.
-    streaming_num_samples: Optional[int] = None
+    streaming_num_samples: Annotated[Optional[int], Ge(1)] = None
     # Use only the first N samples (quick experiments); None = all.
-    max_samples: Optional[int] = None
+    max_samples: Annotated[Optional[int], Ge(1)] = None
     # datasets cache folder for downloads and prepared data; None = the HF cache (HF_DATASETS_CACHE).
     cache_dir: Optional[str] = None
     # Images per device per step (official: 64 per GPU). The learning rate scales with the total batch.
@@ -76,7 +75,7 @@ class DataConfig:
     # than this share of an epoch's images is unreadable (checked at log steps and checkpoints once the
     # epoch has drawn 1024 images, and at its end). 1.0 = stop only when no image at all is readable;
     # e.g. 0.05 to stop on badly damaged data.
-    max_unreadable_share: float = 1.0
+    max_unreadable_share: Annotated[float, Interval(ge=0, le=1)] = 1.0
 
 
 @dataclass
@@ -201,10 +200,9 @@ class DinoConfig:
 
 
 def check_config(cfg: DinoConfig) -> None:
-    """The checks that need more than one field or the model's own rules, run whenever a DinoConfig is built (the
-    command line, a preset, a saved config), so a bad value is refused before any data is loaded or file written:
-    the architecture preset, attention transform and backbone overrides (by building the EntmaxViTConfig), the
-    attention kernel for that transform, and the syntax of ``data.source``. ValueError names the key."""
+    """Checks needing several fields or the model's rules, on every DinoConfig built (before any data is loaded):
+    the backbone config, the attention kernel for the transform, the syntax of ``data.source``; ValueError names
+    the key."""
     from entmax_vit.data.datasets import check_source
     from entmax_vit.training.networks import attention_kernel, backbone_config  # networks imports this module
 
@@ -227,16 +225,5 @@ RESUME_SAFE_PREFIXES: tuple[str, ...] = (
 def breaking_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """Keys whose change would alter a resumed run: {key: (saved, current)}; resume-safe keys are ignored."""
     a, b = flatten(saved), flatten(current)
-    diff = {}
-    for key in sorted(set(a) | set(b)):
-        if any(key == p or key.startswith(p) for p in RESUME_SAFE_PREFIXES):
-            continue
-        if a.get(key, "<missing>") != b.get(key, "<missing>"):
-            diff[key] = (a.get(key, "<missing>"), b.get(key, "<missing>"))
-    return diff
-
-
-__all__ = [
-    "CheckpointConfig", "DataConfig", "DebugConfig", "DinoConfig", "DistributedConfig", "LoggingConfig", "LossConfig", "ModelConfig",
-    "OptimConfig", "RESUME_SAFE_PREFIXES", "breaking_differences", "check_config",
-]
+    return {k: (a.get(k, "<missing>"), b.get(k, "<missing>")) for k in sorted(set(a) | set(b))
+            if not k.startswith(RESUME_SAFE_PREFIXES) and a.get(k, "<missing>") != b.get(k, "<missing>")}
