@@ -36,7 +36,8 @@ from entmax_vit.training.metrics_log import MetricsLog, attention_support_size, 
 from entmax_vit.training.networks import build_networks
 from entmax_vit.training.optim import (cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update,
                                       param_groups)
-from entmax_vit.training.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
+from entmax_vit.recipe import scaled_lr
+from entmax_vit.training.schedules import cosine_schedule, teacher_temp_schedule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 logger = logging.getLogger("entmax_vit.training.dino")

@@ -36,15 +36,8 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """Official DINO head (``use_bn=False`` variant, the default)."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int = 65536,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        num_layers: int = 3,
-        norm_last_layer: bool = True,
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3, norm_last_layer: bool = True) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -68,5 +61,3 @@ class DINOHead(nn.Module):
         x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)  # (B, out_dim)
 
-
-__all__ = ["DINOHead", "WeightNormLinear"]

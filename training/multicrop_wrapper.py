@@ -32,8 +32,7 @@ class MultiCropWrapper(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.head = head
+        self.backbone, self.head = backbone, head
 
     def forward(self, crops: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         if isinstance(crops, torch.Tensor):
@@ -44,5 +43,3 @@ class MultiCropWrapper(nn.Module):
             features.append(self.backbone(pixel_values=batch).pooler_output)  # ((end-start)*B, D)
         return self.head(torch.cat(features))  # (num_crops*B, out_dim)
 
-
-__all__ = ["MultiCropWrapper", "resolution_groups"]

@@ -18,9 +18,8 @@ def backbone_config(cfg: DinoConfig, drop_path_rate: float) -> EntmaxViTConfig:
     position-embedding grid is learnt at the global crop size."""
     overrides = dict(cfg.model.backbone_overrides)
     overrides.setdefault("image_size", cfg.crops.global_size)
-    return EntmaxViTConfig.from_preset(
-        cfg.model.preset, attention=cfg.model.attention, drop_path_rate=drop_path_rate, **overrides
-    )
+    return EntmaxViTConfig.from_preset(cfg.model.preset, attention=cfg.model.attention, drop_path_rate=drop_path_rate,
+                                       **overrides)
 
 
 def attention_kernel(cfg: DinoConfig) -> str:
@@ -34,26 +33,14 @@ def attention_kernel(cfg: DinoConfig) -> str:
 def build_networks(cfg: DinoConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """(student, teacher) with identical weights; teacher frozen, in eval mode (no dropout/BN in it)."""
     def make(drop_path_rate: float) -> MultiCropWrapper:
-        backbone = EntmaxViTModel._from_config(
-            backbone_config(cfg, drop_path_rate), attn_implementation=attention_kernel(cfg)
-        )
-        head = DINOHead(
-            backbone.config.hidden_size,
-            out_dim=cfg.model.out_dim,
-            hidden_dim=cfg.model.head_hidden_dim,
-            bottleneck_dim=cfg.model.head_bottleneck_dim,
-            num_layers=cfg.model.head_num_layers,
-            norm_last_layer=cfg.model.norm_last_layer,
-        )
-        return MultiCropWrapper(backbone, head)
+        backbone = EntmaxViTModel._from_config(backbone_config(cfg, drop_path_rate),
+                                               attn_implementation=attention_kernel(cfg))
+        m = cfg.model
+        return MultiCropWrapper(backbone, DINOHead(backbone.config.hidden_size, m.out_dim, m.head_hidden_dim,
+                                                   m.head_bottleneck_dim, m.head_num_layers, m.norm_last_layer))
 
-    student = make(cfg.model.drop_path_rate)
-    teacher = make(0.0)
+    student, teacher = make(cfg.model.drop_path_rate), make(0.0)
     teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    teacher.eval()
+    teacher.requires_grad_(False).eval()
     return student, teacher
 
-
-__all__ = ["attention_kernel", "backbone_config", "build_networks"]
