@@ -20,8 +20,8 @@ class ModelConfig:
     preset: str = "vit_small_patch16"
     # Attention transform in every block: softmax | entmax15 | sparsemax | entmax_bisect (the paper: entmax15).
     attention: str = "entmax15"
-    # Attention kernel: auto (from the device per call: sdpa for softmax, else triton on CUDA, tiled on CPU) | sdpa
-    # (softmax only) | eager (explicit N x N scores) | tiled | triton (CUDA).
+    # Attention kernel: auto (from the device per call: sdpa for softmax, else triton on CUDA, tiled on CPU) |
+    # sdpa (softmax only) | eager (explicit N x N scores) | tiled | triton (CUDA).
     attn_implementation: str = "auto"
     # Stochastic depth of the STUDENT only (the teacher never drops paths). Official ViT-S: 0.1.
     drop_path_rate: Annotated[float, Interval(ge=0, lt=1)] = 0.1
