@@ -1,13 +1,9 @@
-"""The command line of every entry point, parsed by `tyro <https://brentyi.github.io/tyro/>`_: a config dataclass
-with commented defaults, a YAML preset as the default instance handed to tyro, ``--section.key value`` overrides
-(docs/configuration.md).
+"""The command line of every entry point, parsed by tyro: a config dataclass, a YAML preset as the default instance,
+``--section.key value`` overrides (docs/configuration.md).
 
     cfg = parse_config(DinoConfig, argv, preset_dir=Path(__file__).parent / "configs")
 
-tyro parses every value type from the type hints, takes the help text from the field comments and refuses unknown
-keys with its own suggestions. Added here: ``--config|--preset NAME_OR_YAML`` (read by data.config_io, which also
-reads and writes config files for every package), a dict field given as one YAML mapping, and the bounds declared
-in annotations checked after parsing.
+Added to tyro: ``--config|--preset NAME_OR_YAML``, a dict field as one YAML mapping, the annotated bounds checked.
 """
 
 from __future__ import annotations
@@ -70,11 +66,9 @@ def _split_preset(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
 def parse_config(cls: type[T], argv: Optional[Sequence[str]] = None, preset_dir: Optional[Path] = None,
                  default_preset: Optional[str] = None, description: Optional[str] = None,
                  prog: Optional[str] = None) -> T:
-    """``[--config|--preset PRESET_OR_YAML] [--key value ...]`` -> a checked ``cls``: the dataclass defaults, then
-    the preset, then the overrides. ConfigError carries tyro's message on one line.
-
-    ``-h`` / ``--help`` prints tyro's help, with the preset's values as defaults and the presets listed (the
-    description defaults to the running script's docstring), and exits 0."""
+    """``[--config|--preset PRESET_OR_YAML] [--key value ...]`` -> a checked ``cls`` (defaults, then the preset, then
+    the overrides); ConfigError carries tyro's message on one line. ``--help`` shows the preset's values as defaults
+    and lists the presets (description: the running script's docstring by default), and exits 0."""
     preset, rest = _split_preset(sys.argv[1:] if argv is None else argv)
     preset = preset or default_preset
     base = load_preset(cls, preset, preset_dir) if preset else cls()
@@ -107,9 +101,8 @@ def usage(cls: type, description: Optional[str] = None, preset_dir: Optional[Pat
 
 
 def positionals_to_options(cls: type, argv: Sequence[str], names: Sequence[str]) -> list[str]:
-    """``[... A B ...]`` -> ``[... --names[0] A --names[1] B]``: an entry point's positional arguments as the config
-    keys they stand for. A token is an option's value when the option takes one: a flag (boolean) takes none, a list
-    every following non-option token, anything else the next token."""
+    """``[... A B ...]`` -> ``[... --names[0] A --names[1] B]``: positional arguments as the keys they stand for. A
+    token is an option's value when the option takes one: a flag none, a list every following non-option token."""
     hints = typing.get_type_hints(cls)
     options: list[str] = []
     positionals: list[str] = []
@@ -131,5 +124,3 @@ def positionals_to_options(cls: type, argv: Sequence[str], names: Sequence[str])
                           f"got {positionals}")
     return options + [x for name, value in zip(names, positionals) for x in (f"--{name}", value)]
 
-
-__all__ = ["REGISTRY", "ConfigError", "parse_config", "positionals_to_options", "usage"]

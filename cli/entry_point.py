@@ -1,7 +1,6 @@
-"""The one ``__main__`` shape of every entry point: logging, the typed config parsed from ``[--config|--preset
-NAME] --key value ...`` (cli.config), model paths checked, then ``main(cfg)``. An error the user can act on (a bad
-key or value, a refused resume, a missing model folder, a damaged weights file) ends the process with its message
-alone and a non-zero exit code, no Python traceback; ``ENTMAX_VIT_TRACEBACK=1`` shows the traceback.
+"""The one ``__main__`` shape of every entry point: logging, the config parsed (cli.config), model paths checked, then
+``main(cfg)``. An error the user can act on (bad key or value, refused resume, missing model, damaged weights) ends
+the process with its message alone and a non-zero status; ``ENTMAX_VIT_TRACEBACK=1`` shows the traceback.
 
     if __name__ == "__main__":
         run(main, KNNEvalConfig, "eval_knn", preset_dir=PRESET_DIR, model_fields=("model",))
@@ -28,12 +27,9 @@ def run(main: Callable[[Any], Any], config_cls: type, prog: str, *, preset_dir: 
         description: Optional[str] = None, positionals: Sequence[str] = (), model_fields: Sequence[str] = (),
         exit_codes: Optional[Mapping[type[BaseException], int]] = None,
         log_format: Optional[str] = LOG_FORMAT) -> Any:
-    """Parse ``argv`` (default ``sys.argv[1:]``) into ``config_cls``, check ``model_fields`` (paths or Hub ids, or
-    lists of them, through check_model_path), return ``main(cfg)``.
-
-    ``positionals`` names the config keys that positional arguments stand for (``export_checkpoint.py CKPT OUT``).
-    ``exit_codes`` maps further exception types to exit codes (a message alone on stderr, then that status); a user
-    error exits via ``SystemExit("prog: message")`` (status 1). ``log_format=None`` leaves logging to ``main``."""
+    """Parse ``argv`` (default ``sys.argv[1:]``) into ``config_cls``, check ``model_fields`` (paths or Hub ids, or lists
+    of them), return ``main(cfg)``. ``positionals``: the keys positional arguments stand for; ``exit_codes``: further
+    exception types -> status (message alone on stderr); a user error exits via ``SystemExit("prog: message")``."""
     if log_format is not None:
         logging.basicConfig(level=logging.INFO, format=log_format)
     try:
@@ -56,5 +52,3 @@ def run(main: Callable[[Any], Any], config_cls: type, prog: str, *, preset_dir: 
         print(f"{prog}: {err}", file=sys.stderr)
         raise SystemExit(code) from None
 
-
-__all__ = ["LOG_FORMAT", "USER_ERRORS", "run"]

@@ -1,8 +1,5 @@
-"""Config dataclasses as YAML files: read a preset or a saved config into its dataclass, write the resolved config
-beside the outputs, and check the values declared in field annotations.
-
-At the bottom of the package graph (standard library, yaml, typeguard, annotated-types), so that every package can
-save and read its configs; the command line itself (``entmax_vit.cli``) builds on it.
+"""Config dataclasses as YAML files (presets, saved configs, the resolved config beside the outputs) and the checks
+declared in field annotations. At the bottom of the package graph, so every package can use it; ``cli`` builds on it.
 
     cfg = load_preset(DinoConfig, "tiny_cpu", CONFIG_DIR)
     save_config(cfg, out_dir / "config.yaml")
@@ -31,9 +28,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class KeysOf:
-    """Annotation for a dict field whose keys must be constructor arguments (or default attributes) of ``target``:
-    ``backbone_overrides: Annotated[dict, KeysOf(EntmaxViTConfig)]``. A typo such as ``hiden`` is refused with the
-    closest valid key, instead of being passed on and silently ignored."""
+    """Annotation of a dict field whose keys must be constructor arguments (or default attributes) of ``target``:
+    a typo is refused with the closest valid key instead of being silently ignored."""
 
     target: Any
 
@@ -69,8 +65,8 @@ def _check_value(key: str, value: Any, metadata: Sequence[Any]) -> None:
 
 
 def check_values(cfg: Any, prefix: str = "") -> None:
-    """Apply the checks in the fields' ``Annotated[...]`` metadata (annotated-types bounds such as
-    ``Annotated[float, Gt(0)]``, :class:`KeysOf`), recursively; ConfigError names the dotted key."""
+    """Apply the fields' ``Annotated[...]`` checks (annotated-types bounds, :class:`KeysOf`), recursively; ConfigError
+    names the dotted key."""
     hints = typing.get_type_hints(type(cfg), include_extras=True)
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
@@ -107,8 +103,8 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Build ``cls`` from a (nested) mapping (a YAML preset, a saved config): missing keys keep their defaults;
-    an unknown key, a value of the wrong type or out of its declared range raises ConfigError naming the key."""
+    """``cls`` from a nested mapping (missing keys keep their defaults); ConfigError names an unknown key, or a value
+    of the wrong type or out of its declared range."""
     cfg = _build(cls, data, "")
     check_values(cfg)
     return cfg
@@ -128,7 +124,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> ``{"a.b": value}`` (resume checks, trackers, cards, the main job)."""
+    """Nested dict -> ``{"a.b": value}``."""
     if isinstance(data, Mapping):
         return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: data}
@@ -157,13 +153,9 @@ def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary name of this process: two jobs saving into one folder (parallel reproduction lanes) must not
-    # rename each other's half-written file away
+    # a temporary name of this process: two jobs saving into one folder must not rename each other's file away
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, path)
     return path
 
-
-__all__ = ["ConfigError", "KeysOf", "check_values", "flatten", "from_dict", "load_preset", "preset_path",
-           "save_config", "to_dict"]

@@ -7,8 +7,7 @@
     ds = load_image_dataset("embedded", split="validation")      # the bundled synthetic scenes
     image_col = find_column(ds, "image")
 
-In distributed runs use :func:`shard_for_rank` OR let Accelerate ``prepare()`` the DataLoader, never both
-(both would give every rank 1/world_size of its own 1/world_size share, i.e. most samples never seen).
+In distributed runs use :func:`shard_for_rank` OR Accelerate's ``prepare()`` of the DataLoader, never both.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import datasets
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset
 
 logger = logging.getLogger(__name__)
 
@@ -37,31 +36,12 @@ class DatasetLoadError(ValueError):
     """A dataset source that cannot be loaded (unknown path, missing split, gated or offline Hub dataset)."""
 
 
-# ---------------------------------------------------------------------------------------------- loading
-def load_image_dataset(
-    source: str,
-    split: str = "train",
-    *,
-    streaming: bool = False,
-    cache_dir: Optional[str | os.PathLike] = None,
-    **load_kwargs: Any,
-) -> AnyDataset:
-    """Load one split of an image dataset.
-
-    Args:
-        source: a Hub id (``"ILSVRC/imagenet-1k"``), ``"imagefolder:DIR"``, ``"webdataset:GLOB_OR_DIR"``, the
-            path of a ``save_to_disk`` folder, or ``"embedded"`` (bundled synthetic scenes, generated and
-            cached on first use; ``"embedded:image_size=32,num_train=64"`` sets the generator's integer
-            options image_size, num_train, num_validation, seed). Any other local path is handed to
-            ``datasets.load_dataset`` as is.
-        split: split name (``"train"``, ``"validation"``, ...).
-        streaming: return an ``IterableDataset`` (Hub data is then read on the fly, nothing downloaded first).
-        cache_dir: ``datasets`` cache folder (default: the HF cache).
-        **load_kwargs: passed on to ``datasets.load_dataset`` (e.g. ``name=`` for a Hub config, ``token=``).
-
-    Raises:
-        DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset.
-    """
+def load_image_dataset(source: str, split: str = "train", *, streaming: bool = False,
+                       cache_dir: Optional[str | os.PathLike] = None) -> AnyDataset:
+    """One split of ``source``: a Hub id, ``imagefolder:DIR``, ``webdataset:GLOB_OR_DIR``, a ``save_to_disk`` folder,
+    or ``embedded[:image_size=32,num_train=64,...]`` (bundled synthetic scenes, integer generator options); any
+    other local path goes to ``datasets.load_dataset`` as is. ``streaming`` gives an ``IterableDataset`` (Hub data
+    read on the fly). DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset."""
     check_source(source)
     source = source.strip()
     kind, sep, rest = source.partition(":")
@@ -69,29 +49,23 @@ def load_image_dataset(
     if kind == EMBEDDED:
         return _load_embedded(rest, split, streaming, cache_dir)
     if sep and kind == "imagefolder":
-        return _load_dataset("imagefolder", split, streaming, cache, data_dir=str(Path(rest).expanduser()),
-                             **load_kwargs)
+        return _load_dataset("imagefolder", split, streaming, cache, data_dir=str(Path(rest).expanduser()))
     if sep and kind == "webdataset":
         files = webdataset_shards(rest, split)
-        return _load_dataset("webdataset", split, streaming, cache, data_files={split: files}, **load_kwargs)
+        return _load_dataset("webdataset", split, streaming, cache, data_files={split: files})
     path = Path(source).expanduser()
     if path.is_dir() and _is_saved_dataset(path):
         return _load_saved(path, split, streaming)
-    return _load_dataset(source, split, streaming, cache, **load_kwargs)
+    return _load_dataset(source, split, streaming, cache)
 
 
 SOURCE_KINDS = (EMBEDDED, "imagefolder", "webdataset")
 
 
 def check_source(source: str) -> None:
-    """Check the syntax of a dataset source without loading anything (entry points call it while validating
-    their config, before any data is read or file written): non-empty; ``embedded[:key=int,...]`` with known
-    keys; ``imagefolder:DIR`` naming an existing folder; ``webdataset:`` with a pattern; no other ``NAME:``
-    prefix (a Hub id has no colon). A Hub id or local folder is only found when it is loaded.
-
-    Raises:
-        DatasetLoadError (a ValueError) naming what is wrong.
-    """
+    """The syntax of a dataset source, checked without loading anything (configs call it): non-empty, known
+    ``embedded`` options, an existing ``imagefolder:`` folder, a ``webdataset:`` pattern, no other ``NAME:`` prefix.
+    A Hub id or local folder is only found when loaded. DatasetLoadError (a ValueError) names what is wrong."""
     if not isinstance(source, str) or not source.strip():
         raise DatasetLoadError(f"dataset source must be a non-empty string, got {source!r}")
     source = source.strip()
@@ -111,11 +85,8 @@ def check_source(source: str) -> None:
 
 
 def webdataset_shards(pattern: str, split: str) -> list[str]:
-    """The ``.tar`` shards for ``split``: ``DIR/<split>/*.tar``, else ``DIR/<split>*.tar``, else a glob.
-
-    A plain folder without per-split shards is accepted only for ``split="train"``, so evaluation never
-    silently reads training shards.
-    """
+    """The ``.tar`` shards for ``split``: ``DIR/<split>/*.tar``, else ``DIR/<split>*.tar``, else a glob. A folder
+    without per-split shards serves only ``split="train"``: evaluation never silently reads training shards."""
     path = Path(pattern).expanduser()
     if path.is_dir():
         for candidate in (sorted((path / split).glob("*.tar")), sorted(path.glob(f"{split}*.tar"))):
@@ -172,7 +143,6 @@ def _embedded_options(options: str) -> dict[str, Any]:
 
 
 def _load_embedded(options: str, split: str, streaming: bool, cache_dir: Optional[str | os.PathLike]) -> AnyDataset:
-    """``embedded`` or ``embedded:image_size=32,num_train=64,num_validation=16,seed=0`` (integer options)."""
     from .synthetic_scenes import load_synthetic_scenes  # lazy: generated data, only when asked for
 
     kwargs = _embedded_options(options)
@@ -192,12 +162,8 @@ def _load_dataset(path: str, split: str, streaming: bool, cache_dir: Optional[st
         if "split" in str(err).lower():
             raise DatasetLoadError(f"{path}: no split {split!r} ({err})") from err
         raise DatasetLoadError(f"{path}: {err}") from err
-    except FileNotFoundError as err:
+    except Exception as err:  # noqa: BLE001 - DatasetNotFoundError, FileNotFoundError, ConnectionError, HTTP, ...
         raise DatasetLoadError(_hub_hint(path, err)) from err
-    except Exception as err:  # noqa: BLE001 - DatasetNotFoundError, ConnectionError, HTTP errors, ...
-        raise DatasetLoadError(_hub_hint(path, err)) from err
-    if isinstance(ds, (DatasetDict, IterableDatasetDict)):  # defensive: load_dataset(split=...) gives one split
-        ds = ds[split]
     return ds
 
 
@@ -214,7 +180,6 @@ def _hub_hint(path: str, err: BaseException) -> str:
     return f"cannot load dataset {path!r} ({text}). " + "; ".join(hints)
 
 
-# ----------------------------------------------------------------------------------------------- columns
 _IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values", "picture", "photo")
 _LABEL_NAMES = ("label", "labels", "cls", "class", "target", "fine_label", "class_id", "category")
 _MASK_WORDS = ("mask", "annotation", "segmentation", "semantic", "seg", "gt", "label")
@@ -237,15 +202,11 @@ def dataset_features(ds: Any) -> dict[str, Any]:
 
 
 def find_column(ds: Any, kind: Literal["image", "label", "mask"] = "image", name: Optional[str] = None) -> str:
-    """Name of the ``kind`` column of ``ds``; ``name`` forces (and checks) a specific column.
-
-    image: an ``Image`` feature with an image-like name (image, img, jpg, png, ...), else the only/first
-    Image feature that is not mask-like. label: a ``ClassLabel`` (preferring label/labels/cls/...), else an
-    integer column with such a name. mask: an ``Image`` feature whose name says mask/annotation/
-    segmentation/label/... Raises ValueError naming the available columns and their types.
-    """
+    """Name of the ``kind`` column of ``ds`` (``name`` forces and checks one). image: an ``Image`` feature, by an
+    image-like name, else the first one not mask-like; label: a ``ClassLabel``, else an integer column, by a label-like
+    name; mask: an ``Image`` feature named mask/annotation/segmentation/... ValueError names the columns."""
     features = dataset_features(ds)
-    available = ", ".join(f"{k} ({_describe(v)})" for k, v in features.items())
+    available = ", ".join(f"{k} ({v if isinstance(v, str) else type(v).__name__})" for k, v in features.items())
     if name is not None:
         if name not in features:
             raise ValueError(f"no column {name!r} for {kind}; available columns: {available}")
@@ -272,10 +233,6 @@ def find_column(ds: Any, kind: Literal["image", "label", "mask"] = "image", name
     return found
 
 
-def _describe(feature: Any) -> str:
-    return type(feature).__name__ if not isinstance(feature, str) else feature
-
-
 def _is_mask_name(name: str) -> bool:
     low = name.lower().replace(".", "_").replace("-", "_")
     parts = set(low.split("_")) | {low}
@@ -284,16 +241,12 @@ def _is_mask_name(name: str) -> bool:
 
 def _by_name(candidates: list[str], preferred: tuple[str, ...]) -> Optional[str]:
     lowered = {c.lower(): c for c in candidates}
-    for want in preferred:
-        if want in lowered:
-            return lowered[want]
-    return None
+    return next((lowered[want] for want in preferred if want in lowered), None)
 
 
 def undecoded_images(ds: Any, *columns: str, keep: Optional[tuple[str, ...]] = None) -> Any:
-    """``ds`` with the Image ``columns`` read as raw ``{"bytes", "path"}`` (and, when ``keep`` is given, reduced
-    to those columns + ``keep``), so that every cell goes through the one decoder (``data.images``) where a
-    truncated or oversized file is checked and counted, not raised inside ``datasets`` while indexing."""
+    """``ds`` with the Image ``columns`` read as raw ``{"bytes", "path"}`` (reduced to them + ``keep`` when given),
+    so every cell goes through the one decoder (``data.images``) that checks and counts bad files."""
     features = getattr(ds, "features", None)
     for column in columns:
         if features is not None and column not in features:
@@ -308,9 +261,8 @@ def undecoded_images(ds: Any, *columns: str, keep: Optional[tuple[str, ...]] = N
 
 def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_samples: Optional[int] = None,
                  streaming: bool = False, accelerator: Any = None) -> AnyDataset:
-    """One split of ``source`` (see :func:`load_image_dataset`) cut to its first ``max_samples`` rows (None or
-    <= 0: all). With an ``accelerator`` the main process of each node loads it first (downloading and preparing
-    the cache) and the other ranks then read that cache, instead of every rank downloading at once."""
+    """One split of ``source`` cut to its first ``max_samples`` rows (None or <= 0: all). With an ``accelerator`` the
+    main process of each node loads (downloads, caches) it first and the other ranks then read that cache."""
     first = accelerator.main_process_first() if accelerator is not None and not streaming else contextlib.nullcontext()
     with first:
         ds = load_image_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
@@ -324,15 +276,10 @@ def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_s
     return ds
 
 
-# ------------------------------------------------------------------------------------------ distribution
 def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
-    """The part of ``ds`` that process ``rank`` of ``world_size`` reads, so every sample is read once.
-
-    Iterable datasets are split with ``datasets.distributed.split_dataset_by_node`` (whole shards per rank
-    when the shard count divides ``world_size``, else every world_size-th example). Map-style datasets get
-    a contiguous ``shard``. Rank sizes can differ by one sample: drop the last incomplete batch or stop at
-    the shortest rank, or DDP will wait forever. Use this OR ``accelerator.prepare(dataloader)``, not both.
-    """
+    """The part of ``ds`` that process ``rank`` of ``world_size`` reads (``split_dataset_by_node``: whole shards when
+    their count divides ``world_size``, else every world_size-th example). Rank sizes can differ by one sample: drop
+    the last incomplete batch, or DDP waits forever."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if world_size == 1:
@@ -341,16 +288,3 @@ def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
 
     return split_dataset_by_node(ds, rank=rank, world_size=world_size)
 
-
-__all__ = [
-    "DatasetLoadError",
-    "EMBEDDED",
-    "check_source",
-    "dataset_features",
-    "find_column",
-    "load_image_dataset",
-    "open_dataset",
-    "shard_for_rank",
-    "undecoded_images",
-    "webdataset_shards",
-]

@@ -4,20 +4,14 @@
     mask = decode_mask(cell)                    # (H, W) int64 class ids, with the same file checks
     rows = ImageRows(ds, "image", "mask")       # rows.read(i) -> Decoded(image, mask, row), or None (counted)
 
-The decoder itself lives in ``entmax_vit.modeling.image_decoding`` (Hub code: the image processor and the
-pipelines call it too, so a model sees the same pixels in training, evaluation, analysis and on the Hub); this
-module re-exports it unchanged and adds what a dataset needs around it.
+The decoder lives in ``entmax_vit.modeling.image_decoding`` (the Hub processor and pipelines use it too: the same
+pixels everywhere); re-exported here with what a dataset needs around it.
 
-Unreadable rows (an image or mask the decoder refuses, or a mask whose size is not its image's). The policy a
-user who trusts our numbers expects, the same everywhere:
-- a row is never lost silently: each one is counted by :class:`SkipCounter` (the first ten logged with the file
-  name and the reason, then one line per hundred) and the total is reported with the result;
-- one bad file never stops a run: the reader returns ``None`` and the caller decides what takes its place:
-  training substitutes the next readable row (batch sizes, rank lock-step and resume stay exact) and reports
-  the count in metrics.jsonl / trainer_state.json, stopping past ``data.max_unreadable_share``; evaluation keeps
-  the row marked ``valid=False`` (equal batch shapes on every rank for ``gather_for_metrics``), leaves it out of
-  the metric and writes ``num_skipped`` into the results, so a denominator never shrinks unreported; analysis
-  skips it and counts it in ``AnalysisImages.skipped``.
+Unreadable rows (an image or mask the decoder refuses, a mask not the size of its image), the same policy everywhere:
+never lost silently (:class:`SkipCounter` logs the first ten with the file and reason, then one line per hundred,
+and results report the total) and never fatal for one file (the reader returns ``None``): training substitutes the
+next readable row (stopping past ``data.max_unreadable_share``), evaluation keeps the row as ``valid=False`` out of
+the metric and reports ``num_skipped``, analysis skips it and counts it in ``AnalysisImages.skipped``.
 """
 
 from __future__ import annotations
@@ -37,11 +31,10 @@ logger = logging.getLogger(__name__)
 
 
 def decode_mask(value: Any) -> np.ndarray:
-    """A segmentation mask cell (PIL "L"/"P"/"I" image, datasets dict, path, encoded bytes, array) -> (H, W)
-    int64 class ids. Encoded masks get the decoder's checks (``open_image``: decompression bombs; a truncated PNG
-    would otherwise read as class 0) but keep their values: no orientation or colour conversion. A 3-channel mask
-    is accepted only when its channels are equal (a grey mask saved as RGB); a colour-coded one raises, since
-    any one channel of it would be wrong class ids. Raises ImageDecodeError (a ValueError)."""
+    """A segmentation mask cell (PIL image, datasets dict, path, encoded bytes, array) -> (H, W) int64 class ids.
+    Encoded masks get the decoder's file checks (``open_image``) but keep their values (no orientation or colour
+    conversion). A 3-channel mask must have equal channels: one channel of a colour-coded mask would be wrong class
+    ids. Raises ImageDecodeError (a ValueError)."""
     if isinstance(value, (Image.Image, dict, str, bytes, bytearray, os.PathLike)):
         value = open_image(value)  # a datasets Image(decode=False) dict: bytes win over path
     elif not isinstance(value, np.ndarray):
@@ -55,9 +48,8 @@ def decode_mask(value: Any) -> np.ndarray:
 
 
 class SkipCounter:
-    """The one count and log of unreadable rows: the first ``verbose_first`` with their reason, then one line
-    every ``every``. DataLoader workers hold their own copy; callers that need a total across workers or ranks
-    count the ``None`` / ``valid=False`` results they receive (training's LoopStats, evaluation's gather)."""
+    """The one count and log of unreadable rows: the first ``verbose_first`` with their reason, then one line every
+    ``every``. Per process: totals across workers or ranks count the ``None`` / ``valid=False`` results instead."""
 
     def __init__(self, what: str = "image", verbose_first: int = 10, every: int = 100) -> None:
         self.what, self.verbose_first, self.every = what, verbose_first, every
@@ -87,13 +79,9 @@ class Decoded:
 
 
 class ImageRows:
-    """The image (and mask) columns of a ``datasets`` split, decoded by the one decoder under the policy above.
-
-    ``datasets`` would otherwise decode an ``Image`` column itself while indexing, where a truncated file raises
-    (or only warns) before it can be checked and counted; here those columns are read as raw bytes. ``keep``
-    (None: every column) lists the other columns a caller needs (fewer columns, less reading). With
-    ``mask_required=False`` a row without a mask (None) is read with ``mask=None`` instead of counted unreadable.
-    ``ds`` may be None for rows a caller builds itself (``decode``)."""
+    """The image (and mask) columns of a ``datasets`` split, read as raw bytes and decoded by the one decoder under
+    the policy above. ``keep`` (None: every column) lists the other columns a caller needs; with
+    ``mask_required=False`` a row without a mask reads with ``mask=None`` instead of counting as unreadable."""
 
     def __init__(self, ds: Any, image_column: str, mask_column: Optional[str] = None,
                  keep: Optional[tuple[str, ...]] = None, mask_required: bool = True) -> None:
@@ -136,6 +124,3 @@ class ImageRows:
             where = f"stream item {i}"
             yield i, self.decode(row, where), describe_cell(row[self.image_column], where)
 
-
-__all__ = ["Decoded", "ImageDecodeError", "ImageRows", "SkipCounter", "WHITE", "decode_image", "decode_mask",
-           "describe_cell", "open_image"]

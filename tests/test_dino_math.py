@@ -15,9 +15,8 @@ from entmax_vit.training.checkpointing import (
 )
 from entmax_vit.training.config import DinoConfig, breaking_differences
 from entmax_vit.training.dino_data import EpochPermutationSampler, sample_seed
-from entmax_vit.training.dino_head import DINOHead, WeightNormLinear
+from entmax_vit.training.networks import DINOHead, MultiCropWrapper, WeightNormLinear, resolution_groups
 from entmax_vit.training.dino_loss import DINOLoss
-from entmax_vit.training.multicrop_wrapper import MultiCropWrapper, resolution_groups
 from entmax_vit.training.optim import (
     cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update, param_groups,
 )

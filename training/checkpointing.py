@@ -1,8 +1,7 @@
 """Atomic training checkpoints: ``OUTPUT_DIR/checkpoints/step_XXXXXXX/``.
 
-A checkpoint is first written into ``.tmp_step_XXXXXXX`` and renamed when complete, so a folder named
-``step_*`` is always whole: a kill during writing leaves only a temporary folder, ignored and deleted at the
-next start. Contents:
+Written into ``.tmp_step_XXXXXXX`` and renamed when complete, so a ``step_*`` folder is always whole (a kill
+leaves only a temporary folder, deleted at the next start). Contents:
 
     (Accelerate save_state)  model.safetensors (student), optimizer.bin, scheduler/scaler, random_states_R.pkl
     teacher.safetensors      teacher weights ("teacher.*") and the loss center ("loss.center")
@@ -10,13 +9,13 @@ next start. Contents:
     manifest.json            size and SHA-256 of every other file, written before trainer_state.json
     trainer_state.json       epoch, position in the epoch, global step, world size, ... (written last)
 
-A checkpoint damaged after it was written (a full or failing disk, a bad copy: a truncated
-``teacher.safetensors``, say) is found by :func:`verify_checkpoint`; resuming then falls back to the newest
-intact one (``dino.resolve_resume``).
+A checkpoint damaged after it was written (failing disk, bad copy) is found by :func:`verify_checkpoint`; resuming
+then falls back to the newest intact one (``dino.resolve_resume``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,21 +38,12 @@ PRUNED_PREFIX = f"{TMP_PREFIX}old_"  # a pruned checkpoint, renamed before it is
 DAMAGED_PREFIX = "damaged_"  # a checkpoint that failed verification, kept aside for inspection
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
 def list_checkpoints(checkpoint_root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints (renamed folders holding trainer_state.json), oldest first."""
     root = Path(checkpoint_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = STEP_DIR.match(path.name)
-        if match and path.is_dir() and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+    found = [p for p in (root.iterdir() if root.is_dir() else ())
+             if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(checkpoint_root: str | os.PathLike) -> Optional[Path]:
@@ -64,12 +54,10 @@ def latest_checkpoint(checkpoint_root: str | os.PathLike) -> Optional[Path]:
 def remove_incomplete(checkpoint_root: str | os.PathLike) -> list[Path]:
     """Delete temporary folders left by a killed run (see :func:`describe_leftover`). Main process only."""
     root = Path(checkpoint_root)
-    removed = []
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith(TMP_PREFIX) or (STEP_DIR.match(path.name) and not (path / STATE_FILE).is_file()):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+    removed = [p for p in (root.iterdir() if root.is_dir() else ())
+               if p.name.startswith(TMP_PREFIX) or (STEP_DIR.match(p.name) and not (p / STATE_FILE).is_file())]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
@@ -120,16 +108,8 @@ def _on_all_ranks(accelerator: Any, value: Any) -> list:
     return gather_object([value])
 
 
-def save_checkpoint(
-    accelerator: Any,
-    checkpoint_root: str | os.PathLike,
-    step: int,
-    teacher: nn.Module,
-    center: torch.Tensor,
-    trainer_state: dict,
-    config_yaml: str,
-    keep_last: int = 0,
-) -> Path:
+def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: int, teacher: nn.Module,
+                    center: torch.Tensor, trainer_state: dict, config_yaml: str, keep_last: int = 0) -> Path:
     """Collective: every rank calls it. Writes ``step_XXXXXXX`` atomically and prunes to ``keep_last``.
 
     Decisions are the main process's, shared with the others (a stale network-file-system view on one rank
@@ -137,8 +117,8 @@ def save_checkpoint(
     half-written temporary folder and raises :class:`CheckpointWriteError` on every rank, naming the previous
     checkpoint, which is left intact."""
     root = Path(checkpoint_root)
-    final = root / step_dir_name(step)
-    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}"
+    final = root / f"step_{step:07d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
     exists = final.exists() if accelerator.is_main_process else None
     if _on_all_ranks(accelerator, exists)[0]:  # e.g. an epoch end that coincides with every_steps
         return final
@@ -199,10 +179,8 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(checkpoint: Path) -> None:
-    """Record the size and SHA-256 of every file of ``checkpoint`` (before trainer_state.json is written).
-
-    Hashing re-reads files just written (in the page cache): about a second per GB, once per checkpoint.
-    """
+    """Record the size and SHA-256 of every file of ``checkpoint`` (before trainer_state.json is written); hashing
+    re-reads files just written (page cache): about a second per GB."""
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         rel = path.relative_to(checkpoint).as_posix()
@@ -258,22 +236,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not every file system syncs a folder
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-
-__all__ = [
-    "CONFIG_FILE", "MANIFEST_FILE", "STATE_FILE", "TEACHER_FILE", "CheckpointWriteError", "describe_leftover",
-    "latest_checkpoint",
-    "list_checkpoints", "load_teacher", "prune_checkpoints", "read_trainer_state", "remove_incomplete",
-    "save_checkpoint", "save_teacher", "set_aside_damaged", "step_dir_name", "verify_checkpoint",
-    "write_manifest",
-]

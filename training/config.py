@@ -1,6 +1,5 @@
-"""Typed configuration of DINO training (``training/dino.py``). Defaults are official DINO's main_dino.py
-defaults (facebookresearch/dino: ViT-S/16, 100 epochs, 64 images per GPU); presets in ``training/configs/*.yaml`` override them and
-``--section.key value`` overrides those. Comments carry the tuning advice of the official help strings.
+"""Typed configuration of DINO training: official main_dino.py defaults (ViT-S/16, 100 epochs, 64 images per GPU),
+overridden by ``training/configs/*.yaml`` presets, then ``--section.key value``. Comments carry the official advice.
 """
 
 from __future__ import annotations
@@ -21,26 +20,22 @@ class ModelConfig:
     preset: str = "vit_small_patch16"
     # Attention transform in every block: softmax | entmax15 | sparsemax | entmax_bisect (the paper: entmax15).
     attention: str = "entmax15"
-    # Attention kernel: auto (modeling.attention.default_kernel, decided per call from the device: sdpa for
-    # softmax; for the sparse transforms the fused triton kernel on CUDA, tiled on CPU) | sdpa (torch's
-    # scaled_dot_product_attention: softmax only) | eager (explicit N x N scores) | tiled | triton (CUDA).
+    # Attention kernel: auto (from the device per call: sdpa for softmax, else triton on CUDA, tiled on CPU) |
+    # sdpa (softmax only) | eager (explicit N x N scores) | tiled | triton (CUDA).
     attn_implementation: str = "auto"
     # Stochastic depth of the STUDENT only (the teacher never drops paths). Official ViT-S: 0.1.
     drop_path_rate: Annotated[float, Interval(ge=0, lt=1)] = 0.1
-    # Extra EntmaxViTConfig fields, e.g. {hidden_size: 96, num_hidden_layers: 4, num_attention_heads: 3}.
-    # image_size is taken from crops.global_size (position embeddings are learnt for that grid).
+    # Extra EntmaxViTConfig fields, e.g. {hidden_size: 96, num_hidden_layers: 4}; image_size is crops.global_size.
     backbone_overrides: Annotated[dict, KeysOf(EntmaxViTConfig)] = field(default_factory=dict)
     # Head output dimension K. Official 65536; for complex/large datasets a large value works well.
     out_dim: Annotated[int, Ge(1)] = 65536
     # Width of the head MLP's hidden layers (official 2048); unused when head_num_layers is 1.
     head_hidden_dim: int = 2048
-    # Width of the head's bottleneck: the MLP's output, L2-normalised before the last layer (official 256).
+    # Width of the head's bottleneck, L2-normalised before the last layer (official 256).
     head_bottleneck_dim: int = 256
-    # Linear layers of the head MLP before the weight-normed last layer, the bottleneck projection included:
-    # official 3; 1 = a single linear map to the bottleneck.
+    # Linear layers of the head MLP before its weight-normed last layer (official 3; 1 = one map to the bottleneck).
     head_num_layers: int = 3
-    # Fix the magnitude of the head's weight-normed last layer to 1. True makes training more stable;
-    # False (the "boosted" ViT-S recipe) gives better performance but may be unstable.
+    # Fix the magnitude of the head's last layer to 1: more stable; False ("boosted" ViT-S) better but may be unstable.
     norm_last_layer: bool = True
     # Recompute activations in the backward pass (less memory, ~30% slower).
     gradient_checkpointing: bool = False
@@ -50,8 +45,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # Hub id (ILSVRC/imagenet-1k), "imagefolder:DIR", "webdataset:GLOB_OR_DIR", a save_to_disk folder,
-    # or "embedded" (bundled synthetic scenes).
+    # Hub id, "imagefolder:DIR", "webdataset:GLOB_OR_DIR", a save_to_disk folder, or "embedded" (synthetic scenes).
     source: str = "ILSVRC/imagenet-1k"
     # Split of data.source to train on, e.g. "train".
     split: str = "train"
@@ -60,9 +54,9 @@ class DataConfig:
     # Stream the dataset instead of downloading it (Hub ids); every rank reads a disjoint shard.
     streaming: bool = False
     # Samples per epoch when streaming (the length of an iterable dataset is unknown); ImageNet-1K: 1281167.
-    streaming_num_samples: Optional[int] = None
+    streaming_num_samples: Annotated[Optional[int], Ge(1)] = None
     # Use only the first N samples (quick experiments); None = all.
-    max_samples: Optional[int] = None
+    max_samples: Annotated[Optional[int], Ge(1)] = None
     # datasets cache folder for downloads and prepared data; None = the HF cache (HF_DATASETS_CACHE).
     cache_dir: Optional[str] = None
     # Images per device per step (official: 64 per GPU). The learning rate scales with the total batch.
@@ -71,36 +65,31 @@ class DataConfig:
     num_workers: Annotated[int, Ge(0)] = 10
     # Pinned host memory for the batches, copied to the GPU asynchronously; ignored without CUDA.
     pin_memory: bool = True
-    # Unreadable images (corrupt, truncated, empty files) are replaced by the next readable row and
-    # counted (images_skipped); training stops with an error only when no image can be read, or when more
-    # than this share of an epoch's images is unreadable (checked at log steps and checkpoints once the
-    # epoch has drawn 1024 images, and at its end). 1.0 = stop only when no image at all is readable;
-    # e.g. 0.05 to stop on badly damaged data.
-    max_unreadable_share: float = 1.0
+    # Unreadable images are replaced by the next readable row and counted (images_skipped); training stops when
+    # more than this share of an epoch's images is unreadable (checked from 1024 images drawn, and at the epoch's
+    # end). 1.0 = only when no image is readable; e.g. 0.05 to stop on badly damaged data.
+    max_unreadable_share: Annotated[float, Interval(ge=0, le=1)] = 1.0
 
 
 @dataclass
 class OptimConfig:
-    # Training length in epochs (official 100; the paper 200). Every schedule (lr, weight decay, teacher
-    # momentum and temperature) spans it.
+    # Training length in epochs (official 100; the paper 200); every schedule spans it.
     epochs: Annotated[int, Ge(1)] = 100
-    # Peak learning rate for a total batch of 256: lr = lr_base * total_batch / 256, reached after the
-    # linear warmup. Official 5e-4.
+    # Peak learning rate for a total batch of 256 (lr = lr_base * total_batch / 256) after warmup. Official 5e-4.
     lr_base: Annotated[float, Gt(0)] = 0.0005
     # Epochs of linear learning-rate warmup from 0 to the peak (official 10); at most optim.epochs.
     warmup_epochs: Annotated[int, Ge(0)] = 10
     # Final learning rate of the cosine schedule.
     min_lr: Annotated[float, Ge(0)] = 1.0e-6
-    # Initial weight decay, cosine to weight_decay_end over training (official 0.04: with ViTs a smaller
-    # value at the start works well); never on biases or other 1-D parameters.
+    # Initial weight decay, cosine to weight_decay_end (official 0.04: smaller at the start suits ViTs); not on 1-D
+    # parameters.
     weight_decay: Annotated[float, Ge(0)] = 0.04
     # Final weight decay of the cosine schedule (official 0.4: a larger decay by the end helps ViTs).
     weight_decay_end: Annotated[float, Ge(0)] = 0.4
-    # Gradient clipping PER PARAMETER (each tensor's gradient scaled to L2 norm <= clip_grad), as official
-    # DINO, not a global-norm clip. 0 disables. Official 3.0; ~0.3-1.0 can help optimisation for larger ViTs.
+    # Gradient clipping PER PARAMETER, as official DINO (not a global norm); 0 disables. Official 3.0; ~0.3-1.0 can
+    # help larger ViTs.
     clip_grad: Annotated[float, Ge(0)] = 3.0
-    # Epochs during which the head's last layer is kept fixed. 1 usually; increase it if the loss does not
-    # decrease.
+    # Epochs the head's last layer stays fixed: 1 usually; increase it if the loss does not decrease.
     freeze_last_layer: Annotated[int, Ge(0)] = 1
     # Teacher EMA momentum, cosine from this value to 1. Official 0.996; 0.9995 for batch size 256.
     momentum_teacher: Annotated[float, Interval(ge=0, le=1)] = 0.996
@@ -114,13 +103,11 @@ class OptimConfig:
 class LossConfig:
     # Student temperature (official 0.1).
     student_temp: Annotated[float, Gt(0)] = 0.1
-    # Final teacher temperature. Official 0.04; above 0.07 is unstable. Start from 0.04 and raise it if the
-    # loss does not decrease.
+    # Final teacher temperature. Official 0.04; above 0.07 is unstable; raise it if the loss does not decrease.
     teacher_temp: Annotated[float, Gt(0)] = 0.04
     # Initial teacher temperature, linearly warmed up to teacher_temp; lower it if training is unstable.
     warmup_teacher_temp: Annotated[float, Gt(0)] = 0.04
-    # Epochs of the linear teacher-temperature warmup (official 0; the boosted ViT-S recipe 30); at most
-    # optim.epochs.
+    # Epochs of the linear teacher-temperature warmup (official 0; boosted ViT-S 30); at most optim.epochs.
     warmup_teacher_temp_epochs: Annotated[int, Ge(0)] = 0
     # EMA momentum of the teacher-output center (official 0.9).
     center_momentum: Annotated[float, Interval(ge=0, le=1)] = 0.9
@@ -128,22 +115,20 @@ class LossConfig:
 
 @dataclass
 class CheckpointConfig:
-    # Write a checkpoint every N optimizer steps (0 = none within an epoch). A stop (signal, debug.max_steps)
-    # always writes one.
+    # Write a checkpoint every N optimizer steps (0 = none within an epoch); a stop always writes one.
     every_steps: Annotated[int, Ge(0)] = 1000
     # Also write a checkpoint at the end of every epoch.
     at_epoch_end: bool = True
     # Keep the newest K checkpoints (older ones are deleted); 0 keeps all.
     keep_last: Annotated[int, Ge(0)] = 3
-    # "" = start fresh (refuses to overwrite existing checkpoints), "auto" = newest complete checkpoint in
-    # output_dir/checkpoints if any, or a path to a step_XXXXXXX folder.
+    # "" = start fresh (refused over existing checkpoints), "auto" = the newest intact one if any, or a step_* path.
     resume: str = "auto"
 
 
 @dataclass
 class LoggingConfig:
-    # Log metrics (loss, lr, wd, momentum, teacher temperature, grad norm, images/s) every N optimizer steps
-    # to OUTPUT_DIR/metrics.jsonl and tensorboard. A non-finite loss stops the run by the next log step.
+    # Log metrics every N optimizer steps to OUTPUT_DIR/metrics.jsonl (and tensorboard); a non-finite loss stops the
+    # run by the next log step.
     every_steps: Annotated[int, Ge(1)] = 10
     # Also log the metrics to tensorboard (event files under OUTPUT_DIR, through Accelerate).
     tensorboard: bool = True
@@ -155,25 +140,21 @@ class LoggingConfig:
 
 @dataclass
 class DebugConfig:
-    # Stop after this many optimizer steps OF THIS LAUNCH, with a checkpoint, exit status 0 (schedules still
-    # span optim.epochs). It counts per launch, not in total: a relaunch that resumes trains up to this many
-    # MORE steps (e.g. 5 then 5 again = step 10). -1 = no limit.
+    # Stop after this many optimizer steps OF THIS LAUNCH with a checkpoint, status 0 (schedules still span
+    # optim.epochs); a resumed relaunch trains this many MORE (5 then 5 again = step 10). -1 = no limit.
     max_steps: int = -1
 
 
 @dataclass
 class DistributedConfig:
-    # Process-group timeout in seconds (torch.distributed, through Accelerate's InitProcessGroupKwargs): a
-    # rank that waits longer than this for the others in a collective (a dead or frozen rank, a node still
-    # preparing the dataset) stops with an error instead of hanging. Raise it when the first start downloads
-    # or prepares a large dataset on the main process (the other ranks wait for it); see docs/training.md.
+    # Process-group timeout in seconds: a rank waiting longer in a collective (a dead or frozen rank) stops with an
+    # error instead of hanging. Raise it when the main process first downloads a large dataset (docs/training.md).
     timeout_s: Annotated[int, Ge(1)] = 1800
 
 
 @dataclass
 class DinoConfig:
-    # Run folder: checkpoints/, metrics.jsonl, loss_curve.png, the resolved config and final_model/ (the
-    # exported teacher backbone). An existing run there is resumed (checkpoint.resume auto).
+    # Run folder: checkpoints/, metrics.jsonl, loss_curve.png, the config and final_model/ (the teacher backbone).
     output_dir: str = "outputs/dino"
     # Seed of everything: weights, data order, augmentations (a pure function of seed, epoch, sample index).
     seed: int = 0
@@ -201,10 +182,9 @@ class DinoConfig:
 
 
 def check_config(cfg: DinoConfig) -> None:
-    """The checks that need more than one field or the model's own rules, run whenever a DinoConfig is built (the
-    command line, a preset, a saved config), so a bad value is refused before any data is loaded or file written:
-    the architecture preset, attention transform and backbone overrides (by building the EntmaxViTConfig), the
-    attention kernel for that transform, and the syntax of ``data.source``. ValueError names the key."""
+    """Checks needing several fields or the model's rules, on every DinoConfig built (before any data is loaded):
+    the backbone config, the attention kernel for the transform, the syntax of ``data.source``; ValueError names
+    the key."""
     from entmax_vit.data.datasets import check_source
     from entmax_vit.training.networks import attention_kernel, backbone_config  # networks imports this module
 
@@ -227,16 +207,5 @@ RESUME_SAFE_PREFIXES: tuple[str, ...] = (
 def breaking_differences(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """Keys whose change would alter a resumed run: {key: (saved, current)}; resume-safe keys are ignored."""
     a, b = flatten(saved), flatten(current)
-    diff = {}
-    for key in sorted(set(a) | set(b)):
-        if any(key == p or key.startswith(p) for p in RESUME_SAFE_PREFIXES):
-            continue
-        if a.get(key, "<missing>") != b.get(key, "<missing>"):
-            diff[key] = (a.get(key, "<missing>"), b.get(key, "<missing>"))
-    return diff
-
-
-__all__ = [
-    "CheckpointConfig", "DataConfig", "DebugConfig", "DinoConfig", "DistributedConfig", "LoggingConfig", "LossConfig", "ModelConfig",
-    "OptimConfig", "RESUME_SAFE_PREFIXES", "breaking_differences", "check_config",
-]
+    return {k: (a.get(k, "<missing>"), b.get(k, "<missing>")) for k in sorted(set(a) | set(b))
+            if not k.startswith(RESUME_SAFE_PREFIXES) and a.get(k, "<missing>") != b.get(k, "<missing>")}

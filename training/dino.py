@@ -3,10 +3,8 @@
     accelerate launch training/dino.py --config vits16_entmax15_200ep --output_dir runs/entmax
     python training/dino.py --config tiny_cpu --output_dir runs/tiny          # minutes on 2 CPU cores
 
-Reads top to bottom like official DINO's main_dino.py: ``train`` sets up config -> data -> student/teacher ->
-loss -> optimizer and schedules -> resume, then calls ``train_one_epoch`` per epoch (teacher forward, student
-forward, loss, backward, per-parameter clipping, last-layer freezing, step, EMA, logging, checkpoints) and
-exports at the end. Faithful to official DINO (see docs/training.md for every default and where it comes from).
+Reads top to bottom like official DINO's main_dino.py: ``train`` sets up data, networks, loss, optimizer, schedules
+and resume, ``train_one_epoch`` runs the steps, the teacher is exported at the end (docs/training.md).
 """
 
 from __future__ import annotations
@@ -32,15 +30,14 @@ from entmax_vit.training.config import DinoConfig, breaking_differences
 from entmax_vit.training.dino_data import TrainingData
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.export import export_backbone
-from entmax_vit.training.loop_stats import (  # noqa: F401 (the errors are re-exported: cli, tests)
-    NonFiniteLossError, Run, RunState, StopRequest, UnreadableDataError,
-)
+from entmax_vit.training.loop_stats import (NonFiniteLossError, Run, RunState, StopRequest,  # noqa: F401
+                                           UnreadableDataError)
 from entmax_vit.training.metrics_log import MetricsLog, attention_support_size, plot_loss_curve
 from entmax_vit.training.networks import build_networks
-from entmax_vit.training.optim import (
-    cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update, param_groups,
-)
-from entmax_vit.training.schedules import cosine_schedule, scaled_lr, teacher_temp_schedule
+from entmax_vit.training.optim import (cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update,
+                                      param_groups)
+from entmax_vit.recipe import scaled_lr
+from entmax_vit.training.schedules import cosine_schedule, teacher_temp_schedule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 logger = logging.getLogger("entmax_vit.training.dino")
@@ -82,20 +79,16 @@ def main(cfg: DinoConfig) -> Optional[Path]:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
 
 def _is_collective_failure(err: BaseException) -> bool:
     """A torch.distributed / gloo / NCCL error (a peer gone or a collective timed out), not a bug of ours."""
-    dist_errors = tuple(getattr(torch.distributed, name) for name in ("DistError", "DistBackendError")
-                        if hasattr(torch.distributed, name))
-    if isinstance(err, dist_errors):
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):  # DistBackendError is one
         return True
-    text = str(err)
     return torch.distributed.is_available() and torch.distributed.is_initialized() and any(
-        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset",
-                                      "Timed out", "timed out", "Broken pipe"))
+        marker in str(err) for marker in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset",
+                                          "Timed out", "timed out", "Broken pipe"))
 
 
 def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
@@ -230,13 +223,9 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
 def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pairs: tuple[list, list],
                     dino_loss: DINOLoss, data: TrainingData, optimizer: torch.optim.Optimizer, schedules: Schedules,
                     epoch: int, accelerator: Accelerator, cfg: DinoConfig, run: Run) -> bool:
-    """One epoch from ``run.state.batch_in_epoch`` on; True when the run stops early (a signal or
-    debug.max_steps), after writing a checkpoint. ``student`` is prepared (DDP-wrapped when distributed),
-    ``teacher`` a plain module, ``ema_pairs`` (teacher parameters, student parameters) taken before prepare().
-
-    At most one host sync per optimizer step outside log steps (the stop-request vote, on several processes
-    only): the loss and its finiteness stay on the device until ``run`` syncs them (loop_stats.py); unreadable
-    rows are counted and named by the data layer (``data``)."""
+    """One epoch from ``run.state.batch_in_epoch`` on; True when the run stops early (signal, debug.max_steps) after
+    a checkpoint. ``student`` is prepared (DDP), ``ema_pairs`` (teacher, student parameters) taken before prepare().
+    At most one host sync per optimizer step outside log steps (the stop vote): ``run`` syncs the loss (loop_stats)."""
     teacher_temp = float(schedules.teacher_temp[epoch])
     grad_norm = torch.zeros(())
     start = run.state.batch_in_epoch
@@ -289,13 +278,10 @@ def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pair
 
 
 def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Any = None) -> Optional[Path]:
-    """``checkpoint.resume``: "" (fresh; refuses to mix with existing checkpoints), "auto" (the newest intact
-    checkpoint: damaged newer ones are set aside as ``damaged_step_*`` with a warning naming them), or a path
-    (refused with the problems found when it is damaged).
-
-    Decided once, on the main process (the only one that reads and hashes checkpoint files), and broadcast:
-    every rank resumes from the same folder even where their views of a network file system differ, and a
-    refusal reaches every rank (none is left waiting in a collective)."""
+    """``checkpoint.resume``: "" (fresh; refused over existing checkpoints), "auto" (the newest intact checkpoint;
+    damaged newer ones are set aside as ``damaged_step_*``), or a path (refused when damaged). Decided on the main
+    process and broadcast: every rank resumes from the same folder whatever its view of a network file system, and
+    a refusal reaches every rank (none is left waiting in a collective)."""
     main_process = accelerator is None or accelerator.is_main_process
     decision: list = [None, None]  # [path or None, error message or None]
     if main_process:
@@ -312,7 +298,6 @@ def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Any = None) ->
 
 
 def _choose_resume(mode: str, ckpt_root: Path) -> Optional[Path]:
-    """The main process's side of :func:`resolve_resume`."""
     if mode == "auto":
         chosen, damaged = None, []
         for candidate in reversed(ckpt.list_checkpoints(ckpt_root)):

@@ -1,12 +1,9 @@
 """The DINO training data path: HF dataset -> multi-crop samples with their indices -> batches.
 
-Determinism (what makes ``--resume`` equal an uninterrupted run, with any number of workers): the sample
-order of an epoch is a permutation seeded by (seed, epoch), and every sample's augmentation is seeded by
-(seed, epoch, index) inside a forked RNG, so neither depends on what ran before. Rows are read and decoded by the data layer (``entmax_vit.data.images.ImageRows``); under its policy an
-unreadable row is replaced by the next readable one (deterministically, searching the whole dataset if need
-be) and reported once, so batches keep their size, ranks stay in step and no stretch of bad rows stops
-training. :class:`TrainingData` puts map-style and streamed data behind one interface for the loop, and counts
-what it drew and replaced (``take_counts``) and names the first unreadable files of each epoch in the log.
+Determinism (``--resume`` equals an uninterrupted run, with any number of workers): an epoch's sample order is a
+permutation seeded by (seed, epoch) and each sample's augmentation is seeded by (seed, epoch, index) in a forked
+RNG. An unreadable row is replaced by the next readable one (data.images' policy) and reported once, so batches
+keep their size and ranks stay in step. :class:`TrainingData` is the loop's one view of map-style and streamed data.
 """
 
 from __future__ import annotations
@@ -54,8 +51,7 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 
 
 class EpochPermutationSampler(Sampler[int]):
-    """All indices in an order seeded by (seed, epoch); identical on every rank (Accelerate shards the
-    batches between ranks). ``set_epoch`` is called by the prepared DataLoader."""
+    """All indices in an order seeded by (seed, epoch), the same on every rank (Accelerate shards the batches)."""
 
     def __init__(self, num_samples: int, seed: int) -> None:
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
@@ -76,20 +72,15 @@ class NoReadableImageError(ValueError):
 
 
 class SeededMultiCropDataset(Dataset):
-    """Item i -> (i, crops, unreadable): crops of row i made with RNGs seeded by (seed, epoch, i), leaving the
-    caller's global RNG state untouched. ``unreadable`` is empty, or names row i (and its file) when row i cannot
-    be decoded: its crops then come from the next readable row after it (wrapping around the dataset), still
-    seeded by (seed, epoch, i). That search is bounded only by the dataset size, so no stretch of bad rows can
-    stop training; a dataset without one readable row raises :class:`NoReadableImageError`. Each drawn
-    unreadable row is reported once (not once per failed attempt of the search)."""
+    """Item i -> (i, crops, unreadable): crops of row i seeded by (seed, epoch, i). When row i cannot be decoded,
+    ``unreadable`` names it and the crops come from the next readable row (wrapping around, same seed); no stretch
+    of bad rows stops training, a dataset without one readable row raises :class:`NoReadableImageError`."""
 
     def __init__(self, rows: ImageRows, transform: MultiCropTransform, seed: int) -> None:
         self.rows, self.transform, self.seed = rows, transform, seed
-        # The epoch lives in shared memory: persistent DataLoader workers (forked once per run) see every
-        # set_epoch of the main process, where a plain attribute would stay at the value they were forked with.
+        # In shared memory: persistent DataLoader workers (forked once per run) see every set_epoch.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        # Rows this process found unreadable. Decoding is deterministic, so this cache only saves decoding
-        # a bad row twice; it never changes which crops an index gets (resume stays exact).
+        # Decoding is deterministic: this cache only saves decoding a bad row twice (resume stays exact).
         self._unreadable: set[int] = set()
 
     @property
@@ -130,58 +121,43 @@ def collate_indexed(
     return crops, torch.tensor([item[0] for item in batch]), [name for item in batch for name in item[2]]
 
 
-class _CountedSeededTransform:
-    """Multi-crop transform whose k-th call in a stream is seeded by (seed, stream id, k)."""
-
-    def __init__(self, transform: MultiCropTransform, seed: int) -> None:
-        self.transform, self.seed, self.stream, self.count = transform, seed, 0, 0
-
-    def __call__(self, image: Any) -> list[torch.Tensor]:
-        with seeded_rngs(sample_seed(self.seed, self.stream, self.count)):
-            self.count += 1
-            return self.transform(image)
-
-
 class StreamingMultiCropDataset(IterableDataset):
-    """Streaming data for one rank: its shard (``shard_for_rank``) of a buffer-shuffled HF IterableDataset,
-    reshuffled per epoch; yields (stream position, crops, names of the unreadable items skipped before it).
-    DataLoader workers split the rank's shards (``datasets`` does it); augmentations are seeded by (seed, epoch,
-    rank, worker, k), so replaying an epoch's stream (resume) gives the same batches."""
+    """One rank's shard of a buffer-shuffled HF IterableDataset, reshuffled per epoch; yields (stream position,
+    crops, names of the unreadable items skipped before it). The k-th augmentation of a DataLoader worker is seeded
+    by (seed, epoch, rank, worker, k), so replaying an epoch's stream (resume) gives the same batches."""
 
     def __init__(self, hf_ds: Any, column: str, transform: MultiCropTransform, seed: int, rank: int,
                  world_size: int, shuffle_buffer: int = 10_000) -> None:
         ds = hf_ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else hf_ds
-        self.transform = _CountedSeededTransform(transform, seed)
         self.rows = ImageRows(shard_for_rank(ds, rank, world_size), column, keep=())
-        self.rank, self.epoch = rank, 0
+        self.transform, self.seed, self.rank, self.epoch = transform, seed, rank, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor], tuple[str, ...]]]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
         if hasattr(self.rows.ds, "set_epoch"):
             self.rows.ds.set_epoch(self.epoch)
-        self.transform.stream = (self.epoch << 32) + (self.rank << 12) + worker
-        self.transform.count = 0
+        stream, count = (self.epoch << 32) + (self.rank << 12) + (info.id if info is not None else 0), 0
         skipped: list[str] = []  # unreadable items since the last readable one, each reported once
         for position, decoded, name in self.rows.stream():
             if decoded is None:
                 skipped.append(name)
                 continue
-            yield position, self.transform(decoded.image), tuple(skipped)
+            with seeded_rngs(sample_seed(self.seed, stream, count)):
+                crops = self.transform(decoded.image)
+            count += 1
+            yield position, crops, tuple(skipped)
             skipped = []
 
 
 def streaming_batches(loader: DataLoader, epoch: int, num_batches: int, skip: int = 0) -> Iterator[Any]:
-    """Exactly ``num_batches`` batches of ``epoch`` from a streaming loader, the first ``skip`` read and
-    dropped (resume). A rank whose shard runs out starts it again, so every rank takes the same number of
-    steps (DDP would hang otherwise)."""
-    dataset = loader.dataset
+    """Exactly ``num_batches`` batches of ``epoch``, the first ``skip`` read and dropped (resume). A rank whose
+    shard runs out starts it again, so every rank takes the same number of steps (DDP would hang otherwise)."""
     produced, rounds = 0, 0
     while produced < num_batches:
-        dataset.set_epoch(epoch + 1_000_003 * rounds)  # a repeated pass gets a different shuffle
+        loader.dataset.set_epoch(epoch + 1_000_003 * rounds)  # a repeated pass gets a different shuffle
         before = produced
         for batch in itertools.islice(loader, num_batches - produced):
             if produced >= skip:
@@ -197,27 +173,32 @@ def stream_sharding_problems(num_shards: Optional[int], world_size: int, num_wor
     DataLoader workers each (empty when every worker of every rank reads whole shards of its own)."""
     if not num_shards:
         return []
-    problems = []
     if world_size > 1 and num_shards % world_size:
-        problems.append(
+        return [
             f"the stream has {num_shards} shards, not a multiple of the {world_size} processes: datasets' "
             "split_dataset_by_node then makes EVERY rank read and decode-skip the whole stream, keeping one example "
             f"in {world_size} ({world_size}x the reading). Re-shard the data to a multiple of {world_size} "
-            f"x data.num_workers (e.g. {world_size * max(1, num_workers)} shards)")
-    elif num_workers > 1 and num_shards // world_size < num_workers:
-        problems.append(
+            f"x data.num_workers (e.g. {world_size * max(1, num_workers)} shards)"]
+    if num_workers > 1 and num_shards // world_size < num_workers:
+        return [
             f"the stream has {num_shards} shards for {world_size} process(es) x {num_workers} workers: each rank gets "
             f"{num_shards // world_size}, so {num_workers - num_shards // world_size} of its data.num_workers workers "
             f"stay idle. Re-shard the data to a multiple of {world_size * num_workers} shards or lower "
-            "data.num_workers")
-    return problems
+            "data.num_workers"]
+    return []
+
+
+def _loader(dataset: Dataset, data: DataConfig, seed: int, **kwargs: Any) -> DataLoader:
+    # Its own generator keeps worker seeding from touching the global RNG; drop_last as official DINO.
+    return DataLoader(dataset, batch_size=data.batch_size_per_device, num_workers=data.num_workers,
+                      pin_memory=data.pin_memory and torch.cuda.is_available(), drop_last=True,
+                      collate_fn=collate_indexed, generator=torch.Generator().manual_seed(seed), **kwargs)
 
 
 def build_streaming_loader(data: DataConfig, crops: MultiCropConfig, seed: int, rank: int,
                            world_size: int) -> tuple[DataLoader, int]:
-    """(DataLoader over this rank's stream, batches per epoch). Not to be passed to ``accelerator.prepare``:
-    the stream is already split between ranks."""
-    if not data.streaming_num_samples or data.streaming_num_samples <= 0:
+    """(DataLoader over this rank's stream, batches per epoch); not for ``accelerator.prepare`` (already split)."""
+    if not data.streaming_num_samples:
         raise ValueError(
             "data.streaming=true needs data.streaming_num_samples (images per epoch, e.g. 1281167 for "
             "ImageNet-1K train): the length of a streamed dataset is unknown and sets the schedules"
@@ -233,19 +214,11 @@ def build_streaming_loader(data: DataConfig, crops: MultiCropConfig, seed: int, 
         raise ValueError(f"{num_samples} streamed images are fewer than one global batch "
                          f"({data.batch_size_per_device} x {world_size})")
     dataset = StreamingMultiCropDataset(ds, column, MultiCropTransform(crops), seed, rank, world_size)
-    loader = DataLoader(dataset, batch_size=data.batch_size_per_device, num_workers=data.num_workers,
-                        pin_memory=data.pin_memory and torch.cuda.is_available(), collate_fn=collate_indexed,
-                        drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
-    return loader, batches
+    return _loader(dataset, data, seed), batches
 
 
 def build_dataset(data: DataConfig, crops: MultiCropConfig, seed: int) -> SeededMultiCropDataset:
     """Load ``data.source`` (map-style) and wrap it for multi-crop training."""
-    if data.streaming:
-        raise ValueError("streamed datasets go through build_streaming_loader")
-    if data.max_samples is not None and data.max_samples <= 0:
-        raise ValueError(f"data.max_samples must be positive, got {data.max_samples}")
     ds = open_dataset(data.source, data.split, data.cache_dir, data.max_samples)
     column = find_column(ds, "image", data.image_column)
     logger.info("dataset %s[%s]: %d images, column %r", data.source, data.split, len(ds), column)
@@ -253,37 +226,22 @@ def build_dataset(data: DataConfig, crops: MultiCropConfig, seed: int) -> Seeded
 
 
 def build_dataloader(dataset: SeededMultiCropDataset, data: DataConfig, seed: int) -> DataLoader:
-    """Plain DataLoader (pass it to ``accelerator.prepare``, which gives each rank disjoint batches).
-    Its own generator keeps worker seeding from touching the global RNG; drop_last as official DINO. Workers
-    persist across epochs (no fork per epoch); they read the epoch from the dataset's shared memory."""
-    return DataLoader(
-        dataset,
-        batch_size=data.batch_size_per_device,
-        sampler=EpochPermutationSampler(len(dataset), seed),
-        num_workers=data.num_workers,
-        pin_memory=data.pin_memory and torch.cuda.is_available(),
-        persistent_workers=data.num_workers > 0,
-        drop_last=True,
-        collate_fn=collate_indexed,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    """For ``accelerator.prepare`` (each rank gets disjoint batches). Workers persist across epochs and read the
+    epoch from the dataset's shared memory."""
+    return _loader(dataset, data, seed, sampler=EpochPermutationSampler(len(dataset), seed),
+                   persistent_workers=data.num_workers > 0)
 
 
 class TrainingData:
-    """The training loop's one view of its data, whichever kind: ``epoch(e, skip)`` yields the micro-batches
-    ``(crops on the device, indices)`` of epoch ``e`` after the first ``skip`` (resume), and
-    ``batches_per_epoch`` is the same on every rank.
+    """The loop's one view of its data: ``epoch(e, skip)`` yields the micro-batches ``(crops on the device,
+    indices)`` of epoch ``e`` after the first ``skip`` (resume); ``batches_per_epoch`` is the same on every rank.
 
-    Map-style data: one DataLoader over a (seed, epoch) permutation, prepared by Accelerate (each rank gets
-    disjoint batches); resuming skips batches without loading them. Streaming: this rank's shard of the
-    stream (not prepared: it is split already), epochs cut to whole accumulation cycles (a stream gives no
-    end-of-epoch signal to flush a partial one); resuming replays the epoch's stream up to the position.
-    """
+    Map-style: a (seed, epoch) permutation prepared by Accelerate; resuming skips batches without loading them.
+    Streaming: this rank's shard, epochs cut to whole accumulation cycles (a stream gives no end-of-epoch signal
+    to flush a partial one); resuming replays the epoch's stream up to the position."""
 
     def __init__(self, data: DataConfig, crops: MultiCropConfig, seed: int, accelerator: Any,
                  accumulation: int = 1) -> None:
-        if not 0.0 <= data.max_unreadable_share <= 1.0:
-            raise ValueError(f"data.max_unreadable_share must be in [0, 1], got {data.max_unreadable_share}")
         self.accelerator, self.streaming = accelerator, data.streaming
         if data.streaming:
             self.loader, batches = build_streaming_loader(data, crops, seed, accelerator.process_index,
@@ -299,12 +257,10 @@ class TrainingData:
                 f"dataset of {self.num_images} images is smaller than one global batch ({data.batch_size_per_device}"
                 f" x {accelerator.num_processes} processes x {accumulation} accumulation)"
             )
-
         self.drawn = self.replaced = 0  # images drawn and unreadable rows replaced by this rank since take_counts
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        """(crops on the device, indices) per micro-batch; the unreadable rows replaced are counted and the
-        first few of the epoch named in the log."""
+        """(crops on the device, indices) per micro-batch; replaced rows are counted, the epoch's first few named."""
         named = 0
         for crops, indices, unreadable in self._batches(epoch, skip):
             self.drawn += len(indices)
@@ -329,10 +285,3 @@ class TrainingData:
         self.loader.set_epoch(epoch)
         self.dataset.set_epoch(epoch)  # augmentation seeds (before iterating: workers copy the dataset then)
         yield from (self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
-
-
-__all__ = [
-    "EpochPermutationSampler", "NoReadableImageError", "SeededMultiCropDataset", "StreamingMultiCropDataset",
-    "TrainingData", "build_dataloader", "build_dataset", "build_streaming_loader", "collate_indexed", "sample_seed",
-    "seeded_rngs", "stream_sharding_problems", "streaming_batches",
-]

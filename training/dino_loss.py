@@ -18,16 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]  # accelerator.reduce(t, "sum") in a distributed run
+
 
 class DINOLoss(nn.Module):
-    def __init__(
-        self,
-        out_dim: int,
-        num_crops: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        num_teacher_crops: int = 2,
-    ) -> None:
+    def __init__(self, out_dim: int, num_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 num_teacher_crops: int = 2) -> None:
         super().__init__()
         # num_crops == num_teacher_crops is the no-multi-crop setting (crops.local_crops_number 0): official
         # DINO then sums the 2 cross-view pairs (teacher 0 -> student 1, teacher 1 -> student 0).
@@ -36,20 +32,12 @@ class DINOLoss(nn.Module):
                 f"num_crops ({num_crops}) must be at least the teacher's crops ({num_teacher_crops}) and at least 2 "
                 "(a loss term pairs two different views)"
             )
-        self.num_crops = num_crops
-        self.num_teacher_crops = num_teacher_crops
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
+        self.num_crops, self.num_teacher_crops = num_crops, num_teacher_crops
+        self.student_temp, self.center_momentum = student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K)
 
-    def forward(
-        self,
-        student_output: torch.Tensor,
-        teacher_output: torch.Tensor,
-        teacher_temp: float,
-        reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        world_size: int = 1,
-    ) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float,
+                reduce_sum: Optional[ReduceSum] = None, world_size: int = 1) -> torch.Tensor:
         student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         student_chunks = student_log_probs.chunk(self.num_crops)  # num_crops x (B, K)
         teacher_probs = F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1).detach()
@@ -67,12 +55,8 @@ class DINOLoss(nn.Module):
         return total / num_terms
 
     @torch.no_grad()
-    def update_center(
-        self,
-        teacher_output: torch.Tensor,
-        reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        world_size: int = 1,
-    ) -> None:
+    def update_center(self, teacher_output: torch.Tensor, reduce_sum: Optional[ReduceSum] = None,
+                      world_size: int = 1) -> None:
         """EMA of the teacher's mean output over the global batch of every rank."""
         batch_center = teacher_output.float().sum(dim=0, keepdim=True)  # (1, K)
         if reduce_sum is not None:
@@ -80,5 +64,3 @@ class DINOLoss(nn.Module):
         batch_center = batch_center / (len(teacher_output) * world_size)
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
 
-
-__all__ = ["DINOLoss"]

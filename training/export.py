@@ -28,8 +28,7 @@ def export_backbone(backbone: EntmaxViTModel, out_dir: str | os.PathLike, config
     """Write ``backbone`` (a teacher's EntmaxViTModel) with the image processor, the training config and, for an
     export of a checkpoint, ``progress`` (``{"steps_trained", "steps_planned", "epochs_planned"}``)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    backbone.save_pretrained(out)
+    backbone.save_pretrained(out)  # creates the folder
     # DINO's eval preprocessing at the training resolution (config.image_size = crops.global_size), so that
     # AutoImageProcessor users and our evaluations feed the model the size it learnt (64 px for tiny_cpu).
     make_image_processor(crop=backbone.config.image_size).save_pretrained(out)
@@ -72,5 +71,3 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     load_teacher(ckpt / TEACHER_FILE, teacher, center)
     return export_backbone(teacher.backbone, out_dir, config_yaml, progress=checkpoint_progress(ckpt, cfg))
 
-
-__all__ = ["PROGRESS_FILE", "checkpoint_progress", "export_backbone", "export_checkpoint"]

@@ -1,16 +1,10 @@
-"""The run's state and its bookkeeping between optimizer steps, kept out of the DINO step (training/dino.py).
+"""The run's state and its bookkeeping between optimizer steps (logging, checkpoints, stops), kept out of the DINO step.
 
-:class:`Run` holds where the run is (:class:`RunState`, saved in every checkpoint), the loss of the last
-micro-batch and the first non-finite one on the device, and decides at each step end whether to log,
-checkpoint or stop. The image counts come from the data layer (``TrainingData.take_counts``).
-
-No host sync per step: official DINO calls ``loss.item()`` and checks ``math.isfinite`` every step, a host sync
-that stalls the GPU queue. Here the loss and its finiteness stay on the device and are combined over ranks with
-the image counts in ONE gather (:meth:`Run.sync`) at log steps, before every checkpoint and at each epoch end;
-the only other sync is the stop-request vote, on several processes only. Bound on lost work: the first
-non-finite loss is found at most ``logging.every_steps`` optimizer steps after it happened (fewer when a
-checkpoint comes first), and no checkpoint is ever written from a step after it: the last checkpoint stays the
-last good one.
+No host sync per step (official DINO's ``loss.item()`` each step stalls the GPU queue): the loss and its finiteness
+stay on the device and are combined over ranks with the image counts in ONE gather (:meth:`Run.sync`) at log steps,
+before every checkpoint and at each epoch end; the only other sync is the stop vote, on several processes only. A
+non-finite loss is found at most ``logging.every_steps`` steps late and never checkpointed: the last checkpoint
+stays the last good one.
 """
 
 from __future__ import annotations
@@ -57,8 +51,7 @@ class StopRequest:
 
 @dataclass
 class RunState:
-    """Where the run is; saved in every checkpoint's trainer_state.json (``images_*`` keys default to 0 for
-    checkpoints of older versions)."""
+    """Where the run is; saved in every checkpoint's trainer_state.json (missing keys of older ones read as 0)."""
 
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -69,9 +62,8 @@ class RunState:
 
 
 class Run:
-    """The run-state object ``train_one_epoch`` works with: ``record`` every micro-batch's loss (no sync),
-    ``step_done`` after every optimizer step (logging, checkpoints, stop requests), ``end_epoch`` after each
-    epoch. ``save_checkpoint()`` writes the current state and returns its folder."""
+    """``record`` every micro-batch's loss (no sync), ``step_done`` after every optimizer step, ``end_epoch`` after
+    each epoch; ``save_checkpoint()`` writes the current state and returns its folder."""
 
     def __init__(self, cfg: Any, accelerator: Any, data: Any, state: RunState, metrics: Any, stop: StopRequest,
                  save_checkpoint: Callable[[], Path], ckpt_root: Path, total_steps: int) -> None:
@@ -118,7 +110,13 @@ class Run:
                 f"checkpoints). Last good checkpoint: {ckpt.latest_checkpoint(self.ckpt_root) or 'none'}. Lower "
                 "optim.lr_base, raise optim.warmup_epochs, lower loss.teacher_temp or use mixed_precision bf16/no."
             )
-        check_unreadable_share(state, epoch, self.cfg.data.max_unreadable_share, end_of_epoch)
+        drawn, max_share = state.epoch_images_seen, self.cfg.data.max_unreadable_share
+        share = state.epoch_images_skipped / max(drawn, 1)
+        if drawn and (drawn >= UNREADABLE_SHARE_MIN_IMAGES or end_of_epoch) and share > max_share:
+            raise UnreadableDataError(
+                f"{state.epoch_images_skipped} of the {drawn} images drawn in epoch {epoch} ({share:.1%}) cannot be "
+                f"decoded, more than data.max_unreadable_share = {max_share:g}. The warnings above name the first "
+                "files; clean the data, or raise data.max_unreadable_share to train on the readable rest.")
         return sum(r[0] for r in rows) / len(rows)
 
     def step_done(self, epoch: int, batch_in_epoch: int, log_values: Callable[[], dict]) -> bool:
@@ -149,7 +147,10 @@ class Run:
         if stop_now or limit_hit:
             if accelerator.is_main_process:
                 reason = "a signal" if stop_now else f"debug.max_steps = {cfg.debug.max_steps}"
-                logger.warning(stop_message(step, reason, saved, Path(cfg.output_dir)))
+                logger.warning(f"stopped at step {step} ({reason}) with checkpoint {saved}. Resume: run the same "
+                               "command again (--checkpoint.resume auto, the default, continues from it). Export "
+                               "this checkpoint as a model: python scripts/export_checkpoint.py "
+                               f"{saved} {Path(cfg.output_dir) / 'exported'}")
             return True
         return False
 
@@ -162,29 +163,3 @@ class Run:
         self.state = RunState(epoch=epoch + 1, global_step=state.global_step, images_skipped=state.images_skipped)
         if self.cfg.checkpoint.at_epoch_end:
             self.save_checkpoint()
-
-
-def check_unreadable_share(state: RunState, epoch: int, max_share: float, end_of_epoch: bool = False) -> None:
-    """UnreadableDataError when more than ``max_share`` of the epoch's images so far were unreadable (checked
-    once the epoch has drawn UNREADABLE_SHARE_MIN_IMAGES images, and at its end)."""
-    seen = state.epoch_images_seen
-    if seen == 0 or (seen < UNREADABLE_SHARE_MIN_IMAGES and not end_of_epoch):
-        return
-    share = state.epoch_images_skipped / seen
-    if share > max_share:
-        raise UnreadableDataError(
-            f"{state.epoch_images_skipped} of the {seen} images drawn in epoch {epoch} ({share:.1%}) cannot be "
-            f"decoded, more than data.max_unreadable_share = {max_share:g}. The warnings above name the first "
-            "files; clean the data, or raise data.max_unreadable_share to train on the readable rest."
-        )
-
-
-def stop_message(step: int, reason: str, checkpoint: Path, out_dir: Path) -> str:
-    """The line an early stop ends with: where it stopped, how to resume, how to export."""
-    return (f"stopped at step {step} ({reason}) with checkpoint {checkpoint}. Resume: run the same command again "
-            f"(--checkpoint.resume auto, the default, continues from it). Export this checkpoint as a model: "
-            f"python scripts/export_checkpoint.py {checkpoint} {out_dir / 'exported'}")
-
-
-__all__ = ["NonFiniteLossError", "Run", "RunState", "StopRequest", "UnreadableDataError", "check_unreadable_share",
-           "stop_message"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,9 +21,7 @@ class MetricsLog:
     the checkpoint by the interrupted run, so the file reads like one uninterrupted run."""
 
     def __init__(self, path: str | os.PathLike, accelerator: Any = None, use_trackers: bool = False) -> None:
-        self.path = Path(path)
-        self.accelerator = accelerator
-        self.use_trackers = use_trackers
+        self.path, self.accelerator, self.use_trackers = Path(path), accelerator, use_trackers
         self.enabled = accelerator is None or accelerator.is_main_process
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,15 +50,10 @@ class MetricsLog:
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Parsed JSONL lines; a torn last line (killed while writing) is ignored; no file (a run stopped before
     its first log step) reads as no lines."""
-    path = Path(path)
-    if not path.is_file():
-        return []
     out = []
-    for line in path.read_text().splitlines():
-        try:
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return out
 
 
@@ -107,5 +101,3 @@ def attention_support_size(backbone: torch.nn.Module, pixel_values: torch.Tensor
         backbone.train(was_training)
     return support_size(captured[-1]).float().mean().item()  # (B, H, N, N) -> the project's one definition
 
-
-__all__ = ["MetricsLog", "attention_support_size", "plot_loss_curve", "read_metrics"]

@@ -1,20 +1,13 @@
-"""DINO multi-crop augmentation (the rows it is applied to come from the data layer: training/dino_data.py).
+"""DINO multi-crop augmentation: exactly official DINO's ``DataAugmentationDINO`` (main_dino.py), faster.
 
     tf = MultiCropTransform(MultiCropConfig())            # official DINO recipe: 2 x 224 global + 8 x 96 local
     crops = tf(pil_image)                                 # [global1, global2, local1..local8], each (3, H, W)
 
-The recipe is exactly official DINO's ``DataAugmentationDINO`` (facebookresearch/dino, main_dino.py):
-per crop RandomResizedCrop (bicubic) -> horizontal flip p 0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) with
-p 0.8 -> grayscale p 0.2 -> PIL Gaussian blur, radius U(0.1, 2.0), with p 1.0 (global 1), 0.1 (global 2),
-0.5 (locals) -> solarize (threshold 128) p 0.2 on global 2 only -> ImageNet normalisation. It draws its
-random numbers from the same generators in the same order (torch for crop/flip/jitter/grayscale, Python
-``random`` for blur/solarize), so with equal seeds it returns the official pipeline's tensors
-(:func:`official_dino_transform`, the literal torchvision Compose, is kept for that test and the benchmark).
-
-It is faster than the Compose with the same math (bit-identical uint8 images): brightness, contrast and
-hue are single lookup-table passes instead of PIL blends with a second full image / a numpy round trip,
-grayscale crops are blurred and solarized on one channel and expanded at the end, and ToTensor +
-Normalize is one fused (x - 255 mean) / (255 std) on the uint8 array
+Per crop: RandomResizedCrop (bicubic) -> flip p 0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 -> grayscale p 0.2 ->
+PIL Gaussian blur p 1.0 (global 1) / 0.1 (global 2) / 0.5 (locals) -> solarize p 0.2 (global 2) -> normalisation.
+The random numbers come from the same generators in the same order (torch for crop/flip/jitter/grayscale, Python
+``random`` for blur/solarize), so equal seeds give :func:`official_dino_transform`'s tensors. Faster with the same
+uint8 math: jitter as lookup tables, grayscale crops blurred on one channel, ToTensor + Normalize fused
 (``scripts/bench_data.py`` measures it).
 """
 
@@ -22,15 +15,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
+from annotated_types import Ge, Interval
 from PIL import Image, ImageFilter, ImageOps, ImageStat
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from entmax_vit.data.config_io import check_values
 from entmax_vit.data.images import decode_image
 from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
 
@@ -38,53 +33,41 @@ _PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 _TV_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
-# ------------------------------------------------------------------------------------------------ config
+Probability = Annotated[float, Interval(ge=0, le=1)]
+
+
 @dataclass
 class MultiCropConfig:
     """Multi-crop augmentation; defaults are official DINO's (main_dino.py, DataAugmentationDINO)."""
 
     global_crops_scale: tuple[float, float] = (0.4, 1.0)  # area share of the image kept by a global crop
     local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area share kept by a local crop; DINO (0.05, 0.4)
-    local_crops_number: int = 8  # 0 disables multi-crop (2 global crops only)
-    global_size: int = 224  # side of the 2 global crops in px; also the model's image_size in training
-    local_size: int = 96  # side of the local crops in px (DINO 96)
+    local_crops_number: Annotated[int, Ge(0)] = 8  # 0 disables multi-crop (2 global crops only)
+    global_size: Annotated[int, Ge(1)] = 224  # side of the 2 global crops in px; also the model's image_size
+    local_size: Annotated[int, Ge(1)] = 96  # side of the local crops in px (DINO 96)
     aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop ratio range (torchvision default)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # resampling of every crop's resize (DINO bicubic)
-    flip_p: float = 0.5  # probability of a horizontal flip, per crop (DINO 0.5)
+    flip_p: Probability = 0.5  # probability of a horizontal flip, per crop (DINO 0.5)
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    color_jitter_p: float = 0.8  # probability that a crop is color-jittered at all (DINO 0.8)
-    grayscale_p: float = 0.2  # probability that a crop becomes grayscale (DINO 0.2)
+    color_jitter_p: Probability = 0.8  # probability that a crop is color-jittered at all (DINO 0.8)
+    grayscale_p: Probability = 0.2  # probability that a crop becomes grayscale (DINO 0.2)
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL GaussianBlur radius drawn uniformly in this range
-    global1_blur_p: float = 1.0  # Gaussian blur probability of global crop 1 (DINO 1.0)
-    global2_blur_p: float = 0.1  # Gaussian blur probability of global crop 2 (DINO 0.1)
-    local_blur_p: float = 0.5  # Gaussian blur probability of each local crop (DINO 0.5)
-    global2_solarize_p: float = 0.2  # solarize probability of global crop 2 (the only one solarized)
-    solarize_threshold: int = 128  # pixels >= threshold are inverted (PIL ImageOps.solarize default)
+    global1_blur_p: Probability = 1.0  # Gaussian blur probability of global crop 1 (DINO 1.0)
+    global2_blur_p: Probability = 0.1  # Gaussian blur probability of global crop 2 (DINO 0.1)
+    local_blur_p: Probability = 0.5  # Gaussian blur probability of each local crop (DINO 0.5)
+    global2_solarize_p: Probability = 0.2  # solarize probability of global crop 2 (the only one solarized)
+    solarize_threshold: Annotated[int, Interval(ge=0, le=256)] = 128  # pixels >= it are inverted (PIL default)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB mean of the normalisation, in [0, 1] (ImageNet)
     std: tuple[float, float, float] = IMAGENET_STD  # RGB std of the normalisation, > 0 (ImageNet)
 
     def __post_init__(self) -> None:
-        for name in ("global_crops_scale", "local_crops_scale"):
-            lo, hi = getattr(self, name)
-            if not 0.0 < lo <= hi <= 1.0:
-                raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
-        lo, hi = self.aspect_ratio
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"aspect_ratio must satisfy 0 < min <= max, got {(lo, hi)}")
-        for name in ("flip_p", "color_jitter_p", "grayscale_p", "global1_blur_p", "global2_blur_p", "local_blur_p",
-                     "global2_solarize_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        if self.local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {self.local_crops_number}")
-        if self.global_size <= 0 or self.local_size <= 0:
-            raise ValueError(f"crop sizes must be positive, got global {self.global_size}, local {self.local_size}")
-        if not 0.0 < self.blur_radius[0] <= self.blur_radius[1]:
-            raise ValueError(f"blur_radius must satisfy 0 < min <= max, got {self.blur_radius}")
+        check_values(self)
+        for name in ("global_crops_scale", "local_crops_scale", "aspect_ratio", "blur_radius"):
+            (lo, hi), top = getattr(self, name), 1.0 if name.endswith("scale") else float("inf")
+            if not 0.0 < lo <= hi <= top:
+                raise ValueError(f"{name} must satisfy 0 < min <= max{' <= 1' * (top == 1)}, got {(lo, hi)}")
         if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
             raise ValueError(f"color_jitter must be >= 0 with hue <= 0.5, got {self.color_jitter}")
-        if not 0 <= self.solarize_threshold <= 256:
-            raise ValueError(f"solarize_threshold must be in [0, 256], got {self.solarize_threshold}")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
 
@@ -119,14 +102,9 @@ class MultiCropTransform:
         self.cfg = cfg or MultiCropConfig()
         self.specs = crop_specs(self.cfg)
         self.resample = _PIL_RESAMPLE[self.cfg.interpolation]
-        b, c, s, h = self.cfg.color_jitter
-        # Factor ranges exactly as torchvision's ColorJitter stores them (None = that op is off).
-        self.jitter_ranges = (
-            (max(0.0, 1 - b), 1 + b) if b > 0 else None,
-            (max(0.0, 1 - c), 1 + c) if c > 0 else None,
-            (max(0.0, 1 - s), 1 + s) if s > 0 else None,
-            (-h, h) if h > 0 else None,
-        )
+        # Factor ranges exactly as torchvision's ColorJitter stores them (None = that op is off); hue is last.
+        self.jitter_ranges = [None if x <= 0 else (-x, x) if i == 3 else (max(0.0, 1 - x), 1 + x)
+                              for i, x in enumerate(self.cfg.color_jitter)]
         # Fused ToTensor + Normalize: (x / 255 - mean) / std == (x - 255 mean) / (255 std).
         self._shift = torch.tensor([255.0 * m for m in self.cfg.mean]).view(3, 1, 1)
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.cfg.std]).view(3, 1, 1)
@@ -158,18 +136,10 @@ class MultiCropTransform:
 
     def _color_jitter(self, img: Image.Image) -> Image.Image:
         order, *factors = T.ColorJitter.get_params(*self.jitter_ranges)
+        ops = (_adjust_brightness, _adjust_contrast, TF.adjust_saturation, _adjust_hue)
         for fn_id in order.tolist():
-            factor = factors[fn_id]
-            if factor is None:
-                continue
-            if fn_id == 0:
-                img = _adjust_brightness(img, factor)
-            elif fn_id == 1:
-                img = _adjust_contrast(img, factor)
-            elif fn_id == 2:
-                img = TF.adjust_saturation(img, factor)
-            else:
-                img = _adjust_hue(img, factor)
+            if factors[fn_id] is not None:
+                img = ops[fn_id](img, factors[fn_id])
         return img
 
     def _normalize(self, img: Image.Image) -> torch.Tensor:
@@ -214,29 +184,6 @@ def _adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
-# --------------------------------------------------------------------- the official recipe, literally
-class _OfficialGaussianBlur:
-    """DINO utils.GaussianBlur: with probability p, PIL Gaussian blur of radius U(min, max) (Python random)."""
-
-    def __init__(self, p: float, radius: Sequence[float]) -> None:
-        self.p, self.radius = p, radius
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if random.random() <= self.p:
-            return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
-        return img
-
-
-class _OfficialSolarization:
-    """DINO utils.Solarization: with probability p, PIL solarize at the default threshold."""
-
-    def __init__(self, p: float, threshold: int) -> None:
-        self.p, self.threshold = p, threshold
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return ImageOps.solarize(img, self.threshold) if random.random() < self.p else img
-
-
 def official_dino_transform(cfg: Optional[MultiCropConfig] = None) -> Callable[[Image.Image], list[torch.Tensor]]:
     """Official DINO's DataAugmentationDINO as torchvision v1 Compose pipelines (reference for tests/bench)."""
     cfg = cfg or MultiCropConfig()
@@ -248,14 +195,20 @@ def official_dino_transform(cfg: Optional[MultiCropConfig] = None) -> Callable[[
         T.RandomGrayscale(p=cfg.grayscale_p),
     ])
     normalize = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+    def blur(p: float) -> Callable[[Image.Image], Image.Image]:  # DINO utils.GaussianBlur
+        return lambda img: img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*cfg.blur_radius))) \
+            if random.random() <= p else img
+
+    def solarize(p: float) -> Callable[[Image.Image], Image.Image]:  # DINO utils.Solarization
+        return lambda img: ImageOps.solarize(img, cfg.solarize_threshold) if random.random() < p else img
+
     pipelines = []
     for spec in crop_specs(cfg):
         steps = [T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=cfg.aspect_ratio, interpolation=interp),
-                 flip_and_color_jitter, _OfficialGaussianBlur(spec.blur_p, cfg.blur_radius)]
+                 flip_and_color_jitter, blur(spec.blur_p)]
         if spec.name == "global2":
-            steps.append(_OfficialSolarization(spec.solarize_p, cfg.solarize_threshold))
+            steps.append(solarize(spec.solarize_p))
         pipelines.append(T.Compose(steps + [normalize]))
     return lambda img: [p(img) for p in pipelines]
 
-
-__all__ = ["CropSpec", "MultiCropConfig", "MultiCropTransform", "crop_specs", "official_dino_transform"]

@@ -9,17 +9,11 @@ from torch import nn
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """Two AdamW groups: ``regularized`` (weights of rank >= 2) and ``not_regularized`` (biases and all 1-D
-    parameters: norms, ...). The second group gets ``weight_decay = 0`` for the whole run; the training loop
-    writes the scheduled weight decay into group 0 only. Frozen parameters are left out."""
-    regularized, not_regularized = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or param.ndim <= 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
+    """Two AdamW groups: ``regularized`` (weights of rank >= 2; the loop schedules group 0's weight decay) and
+    ``not_regularized`` (biases and 1-D parameters, weight decay 0). Frozen parameters are left out."""
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    not_regularized = [p for name, p in trained if name.endswith(".bias") or p.ndim <= 1]
+    regularized = [p for name, p in trained if not (name.endswith(".bias") or p.ndim <= 1)]
     return [
         {"params": regularized, "name": "regularized"},
         {"params": not_regularized, "name": "not_regularized", "weight_decay": 0.0},
@@ -28,13 +22,10 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 @torch.no_grad()
 def clip_gradients_per_parameter(parameters: Iterable[nn.Parameter], clip: float) -> torch.Tensor:
-    """Official DINO clipping: EACH parameter's gradient is scaled to L2 norm <= ``clip`` on its own (not
-    the global norm of all gradients). Returns the global L2 norm of the gradients BEFORE clipping (logged
-    as ``grad_norm``), a 0-d tensor left on the device. ``clip <= 0`` disables clipping.
-
-    Same numbers as official DINO's ``if clip_coef < 1: p.grad.mul_(clip_coef)``, without its host sync per
-    parameter: the coefficient is clamped to 1 on the device (multiplying by 1.0 leaves a gradient
-    bit-identical), and the norms and products are one ``torch._foreach_*`` launch each."""
+    """Official DINO clipping: EACH parameter's gradient scaled to L2 norm <= ``clip`` on its own (``clip <= 0``:
+    none). Returns the global L2 norm BEFORE clipping (``grad_norm``), a 0-d tensor left on the device. Official
+    ``if clip_coef < 1: p.grad.mul_(clip_coef)`` without its host sync per parameter: the coefficient is clamped
+    to 1 on the device (x 1.0 is bit-identical), norms and products one ``torch._foreach_*`` launch each."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
@@ -63,5 +54,3 @@ def cancel_last_layer_gradients(model: nn.Module, epoch: int, freeze_last_layer:
         if "last_layer" in name:
             p.grad = None
 
-
-__all__ = ["cancel_last_layer_gradients", "clip_gradients_per_parameter", "ema_update", "param_groups"]

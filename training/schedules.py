@@ -8,24 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from entmax_vit.recipe import scaled_lr  # noqa: F401  (the one definition; training/dino.py imports it from here)
 
-
-def cosine_schedule(
-    base_value: float,
-    final_value: float,
-    epochs: int,
-    iters_per_epoch: int,
-    warmup_epochs: int = 0,
-    start_warmup_value: float = 0.0,
-) -> np.ndarray:
-    """Linear warmup from ``start_warmup_value`` to ``base_value`` over ``warmup_epochs`` epochs, then a half
-    cosine from ``base_value`` down to ``final_value`` over the remaining iterations.
-
-    Warmup: ``linspace(start, base, W)`` (its last entry equals ``base``); cosine at iteration i of the
-    remaining R: ``final + (base - final) * (1 + cos(pi * i / R)) / 2`` (i = 0 gives ``base``, never reaches
-    ``final`` exactly). Returns a float64 array of length ``epochs * iters_per_epoch``.
-    """
+def cosine_schedule(base_value: float, final_value: float, epochs: int, iters_per_epoch: int,
+                    warmup_epochs: int = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """Linear warmup ``linspace(start, base, W)`` over ``warmup_epochs``, then at iteration i of the remaining R
+    ``final + (base - final) * (1 + cos(pi * i / R)) / 2`` (never quite ``final``); float64, one entry per step."""
     if epochs <= 0 or iters_per_epoch <= 0:
         raise ValueError(f"epochs ({epochs}) and iters_per_epoch ({iters_per_epoch}) must be positive")
     if not 0 <= warmup_epochs <= epochs:
@@ -35,9 +22,7 @@ def cosine_schedule(
     remaining = epochs * iters_per_epoch - warmup_iters
     i = np.arange(remaining)
     cosine = final_value + 0.5 * (base_value - final_value) * (1.0 + np.cos(np.pi * i / max(remaining, 1)))
-    schedule = np.concatenate((warmup, cosine))
-    assert len(schedule) == epochs * iters_per_epoch
-    return schedule
+    return np.concatenate((warmup, cosine))
 
 
 def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
@@ -47,5 +32,3 @@ def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, e
         raise ValueError(f"loss.warmup_teacher_temp_epochs ({warmup_epochs}) exceeds optim.epochs ({epochs})")
     return np.concatenate((np.linspace(warmup_temp, temp, warmup_epochs), np.full(epochs - warmup_epochs, temp)))
 
-
-__all__ = ["cosine_schedule", "scaled_lr", "teacher_temp_schedule"]
