@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from entmax_vit.cli.config import parse_config, positionals_to_options
 from entmax_vit.data.model_path import check_model_path
+from entmax_vit.evaluation.entry_point import PRESET_DIR as EVAL_PRESETS
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Errors whose message tells the user what to fix (ConfigError is a ValueError): reported without a traceback.
@@ -52,3 +53,25 @@ def run(main: Callable[[Any], Any], config_cls: type, prog: str, *, preset_dir: 
         print(f"{prog}: {err}", file=sys.stderr)
         raise SystemExit(code) from None
 
+
+# The evaluation commands (scripts/eval_*.py, the entmax-vit-eval-* console scripts): one hop to main(cfg).
+def eval_knn(argv: Optional[Sequence[str]] = None) -> Any:
+    """Weighted k-NN evaluation (evaluation/knn.py)."""
+    from entmax_vit.evaluation.knn import KNNEvalConfig, main
+
+    return run(main, KNNEvalConfig, "eval_knn", preset_dir=EVAL_PRESETS, argv=argv, model_fields=("model",))
+
+
+def eval_linear(argv: Optional[Sequence[str]] = None) -> Any:
+    """Linear probe (evaluation/linear_probe.py)."""
+    from entmax_vit.evaluation.linear_probe import LinearEvalConfig, main
+
+    return run(main, LinearEvalConfig, "eval_linear", preset_dir=EVAL_PRESETS, argv=argv, model_fields=("model",))
+
+
+def eval_segmentation(argv: Optional[Sequence[str]] = None) -> Any:
+    """Linear segmentation probe (evaluation/segmentation_probe.py); default preset ``embedded``."""
+    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main
+
+    return run(main, SegmentationEvalConfig, "eval_segmentation", preset_dir=EVAL_PRESETS, default_preset="embedded",
+               argv=argv, model_fields=("model",))

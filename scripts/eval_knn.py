@@ -7,7 +7,7 @@ Writes OUTPUT_DIR/results_knn.json, the resolved config and a feature cache. Key
 entmax_vit.evaluation.knn.KNNEvalConfig (docs/evaluation.md).
 """
 
-from entmax_vit.evaluation.entry_point import eval_knn
+from entmax_vit.cli.entry_point import eval_knn
 
 if __name__ == "__main__":
     eval_knn()

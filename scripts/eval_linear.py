@@ -12,7 +12,7 @@ Writes OUTPUT_DIR/results_linear.json (best head), grid.json (every head), linea
 config. Keys: see entmax_vit.evaluation.linear_probe.LinearEvalConfig (docs/evaluation.md).
 """
 
-from entmax_vit.evaluation.entry_point import eval_linear
+from entmax_vit.cli.entry_point import eval_linear
 
 if __name__ == "__main__":
     eval_linear()

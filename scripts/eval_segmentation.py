@@ -10,7 +10,7 @@ results_segmentation.json, segmentation_head/ (for the Hub), per_class_iou.{json
 the resolved config. Keys: see entmax_vit.evaluation.segmentation_probe.SegmentationEvalConfig.
 """
 
-from entmax_vit.evaluation.entry_point import eval_segmentation
+from entmax_vit.cli.entry_point import eval_segmentation
 
 if __name__ == "__main__":
     eval_segmentation()

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Folders whose .py files may define or call an entry point (scripts/ are files, the rest package modules).
 SCAN_DIRS = ("scripts", "cli", "conversion", "jobs", "analysis", "evaluation", "training", "hub_release")
 # Call shapes that parse a command line, and the positional index of the config class in each.
-RUN_MODULES = {"entmax_vit.cli.entry_point": 1, "entmax_vit.evaluation.entry_point": 0}
+RUN_MODULES = {"entmax_vit.cli.entry_point": 1}
 # Config classes that must be found (a floor for the discovery; new entry points are found without this list).
 EXPECTED = {
     "DinoConfig", "KNNEvalConfig", "LinearEvalConfig", "SegmentationEvalConfig", "AnalyzeConfig", "ConvertConfig",
@@ -66,12 +66,13 @@ def module_of(path: Path):
 
 class CallFinder(ast.NodeVisitor):
     """(name, the module it was imported from or None, lineno) of the config argument of every command-line
-    parsing call in one file. Imports are resolved per function scope (cli/commands.py imports a different
+    parsing call in one file. Imports are resolved per function scope (a module may import a different
     ``run`` in each function); names that are parameters of an enclosing function (a helper forwarding its
     ``config_cls``) are left out."""
 
-    def __init__(self, package: str) -> None:
+    def __init__(self, package: str, module: str = "") -> None:
         self.package = package  # for relative imports
+        self.module = module  # a name neither imported nor a parameter is this module's own (cli.entry_point's run)
         self.scopes: list[dict[str, str]] = [{}]  # local name -> "module.name" it was imported as
         self.params: list[set[str]] = []
         self.found: list[tuple[str, str | None, int]] = []
@@ -97,7 +98,7 @@ class CallFinder(ast.NodeVisitor):
 
     def config_index(self, func: ast.expr) -> int | None:
         if isinstance(func, ast.Name):  # parse_config(C, ...) or run(...) imported from an entry_point module
-            target = self.lookup(func.id) or ""
+            target = self.lookup(func.id) or f"{self.module}.{func.id}"
             if func.id == "parse_config" or target.endswith(".parse_config"):
                 return 0
             return RUN_MODULES.get(target.rpartition(".")[0]) if target.endswith(".run") else None
@@ -123,7 +124,7 @@ def discover() -> dict[str, type]:
     classes: dict[str, type] = {}
     for folder in SCAN_DIRS:
         for path in sorted((ROOT / folder).glob("*.py")):
-            finder = CallFinder(f"entmax_vit.{folder}")
+            finder = CallFinder(f"entmax_vit.{folder}", f"entmax_vit.{folder}.{path.stem}")
             finder.visit(ast.parse(path.read_text(), str(path)))
             for name, module, lineno in finder.found:
                 where = f"{path.relative_to(ROOT)}:{lineno}"

@@ -105,7 +105,7 @@ def test_presets_still_build():
 def test_failed_evaluation_writes_no_config(tmp_path):
     """A bad dataset source is refused before the model loads; a dataset that fails while loading leaves no
     config file (nor results) behind."""
-    from entmax_vit.evaluation.entry_point import eval_knn
+    from entmax_vit.cli.entry_point import eval_knn
     from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 
     model = tmp_path / "model"

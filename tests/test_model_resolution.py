@@ -96,7 +96,7 @@ def test_eval_knn_defaults_to_the_model_resolution(exported, labelled_data, tmp_
     so); --crop 32 is honoured with a warning."""
     import yaml
 
-    from entmax_vit.evaluation.entry_point import eval_knn
+    from entmax_vit.cli.entry_point import eval_knn
 
     out = tmp_path / "knn"
     record = eval_knn(["--model", str(exported), "--dataset", str(labelled_data), "--ks", "3", "--output_dir", str(out),
