@@ -54,6 +54,16 @@ def run(main: Callable[[Any], Any], config_cls: type, prog: str, *, preset_dir: 
         raise SystemExit(code) from None
 
 
+
+def exit_status(main: Callable[[Any], Any], config_cls: type, prog: str, **kwargs: Any) -> int:
+    """``run`` as an exit status, for commands whose ``cli()`` returns one (the Hub scripts): 0, or 2 with the
+    message alone on stderr for an error the user can act on."""
+    try:
+        run(main, config_cls, prog, exit_codes=dict.fromkeys(USER_ERRORS, 2), **kwargs)
+    except SystemExit as stop:
+        return stop.code or 0
+    return 0
+
 # The evaluation commands (scripts/eval_*.py, the entmax-vit-eval-* console scripts): one hop to main(cfg).
 def eval_knn(argv: Optional[Sequence[str]] = None) -> Any:
     """Weighted k-NN evaluation (evaluation/knn.py)."""

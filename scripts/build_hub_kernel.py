@@ -45,12 +45,7 @@ def main(cfg: BuildKernelConfig) -> dict:
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Command line -> exit status: 0, or 2 with the message on stderr."""
-    try:
-        entry_point.run(main, BuildKernelConfig, "build_hub_kernel", argv=argv, description=__doc__,
-                        exit_codes=dict.fromkeys(entry_point.USER_ERRORS, 2))
-    except SystemExit as stop:
-        return stop.code or 0
-    return 0
+    return entry_point.exit_status(main, BuildKernelConfig, "build_hub_kernel", argv=argv, description=__doc__)
 
 
 if __name__ == "__main__":

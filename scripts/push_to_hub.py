@@ -105,14 +105,9 @@ def _print_summary(summary: dict) -> None:
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Command line -> exit status: 0, or 2 with the message on stderr (bad options, missing inputs)."""
-    try:
-        entry_point.run(main, PushConfig, "push_to_hub", argv=argv, positionals=("model_dir",),
-                        model_fields=("model_dir",), description=__doc__,
-                        log_format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        exit_codes=dict.fromkeys(entry_point.USER_ERRORS, 2))
-    except SystemExit as stop:
-        return stop.code or 0
-    return 0
+    return entry_point.exit_status(main, PushConfig, "push_to_hub", argv=argv, positionals=("model_dir",),
+                                   model_fields=("model_dir",), description=__doc__,
+                                   log_format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCAN_DIRS = ("scripts", "cli", "conversion", "jobs", "analysis", "evaluation", "training", "hub_release")
 # Call shapes that parse a command line, and the positional index of the config class in each.
 RUN_MODULES = {"entmax_vit.cli.entry_point": 1}
+RUN_FUNCTIONS = ("run", "exit_status")  # the entry_point functions that parse a command line
 # Config classes that must be found (a floor for the discovery; new entry points are found without this list).
 EXPECTED = {
     "DinoConfig", "KNNEvalConfig", "LinearEvalConfig", "SegmentationEvalConfig", "AnalyzeConfig", "ConvertConfig",
@@ -101,11 +102,12 @@ class CallFinder(ast.NodeVisitor):
             target = self.lookup(func.id) or f"{self.module}.{func.id}"
             if func.id == "parse_config" or target.endswith(".parse_config"):
                 return 0
-            return RUN_MODULES.get(target.rpartition(".")[0]) if target.endswith(".run") else None
+            module, _, name = target.rpartition(".")
+            return RUN_MODULES.get(module) if name in RUN_FUNCTIONS else None
         if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):  # entry_point.run(...)
             if func.attr == "parse_config":
                 return 0
-            if func.attr == "run":
+            if func.attr in RUN_FUNCTIONS:
                 return RUN_MODULES.get(self.lookup(func.value.id) or "")
         return None
 

@@ -299,7 +299,7 @@ def test_stop_before_the_first_metrics_line_exits_cleanly_and_says_how_to_go_on(
     assert "run the same command again" in line and "scripts/export_checkpoint.py" in line and "step_0000002" in line
     main(cfg_of(tiny_args(data, out, **{"debug.max_steps": 2, "logging.every_steps": 100})))  # 2 more: step 4
     assert read_trainer_state(list_checkpoints(out / "checkpoints")[-1])["global_step"] == 4
-    from entmax_vit.evaluation.entry_point import eval_knn
+    from entmax_vit.cli.entry_point import eval_knn
 
     with pytest.raises(SystemExit, match=r"no final_model.*scripts/export_checkpoint\.py"):  # eval names the export
         eval_knn(["--model", str(out), "--output_dir", str(tmp_path / "knn")])
