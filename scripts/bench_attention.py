@@ -34,9 +34,10 @@ log = logging.getLogger("bench_attention")
 
 @dataclass
 class BenchAttentionConfig:
-    # (B, N) cases: ViT-S/16 at 224 px (N = 197), 448 px (785) and 896 px (3137), at the batch sizes of the
-    # feature-extraction benchmarks; batch_sizes x tokens (if set) replaces them
-    cases: list[list[int]] = field(default_factory=lambda: [[8, 197], [2, 785], [1, 3137]])
+    # Cases "BxN" (batch x tokens): ViT-S/16 at 224 px (N = 197), 448 px (785) and 896 px (3137), at the batch
+    # sizes of the feature-extraction benchmarks (strings, so the command line sets any number: --cases 8x197);
+    # batch_sizes x tokens (if set) replaces them
+    cases: list[str] = field(default_factory=lambda: ["8x197", "2x785", "1x3137"])
     batch_sizes: list[int] = field(default_factory=list)  # batch sizes B; with tokens, replaces cases
     tokens: list[int] = field(default_factory=list)  # sequence lengths N; every B x N pair is a case
     heads: int = 6  # attention heads H (ViT-S: 6)
@@ -192,16 +193,24 @@ def format_table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _case(text: str) -> tuple[int, int]:
+    """ "8x197" -> (8, 197); anything else is a one-line error naming the option."""
+    batch, sep, tokens = text.partition("x")
+    if not (sep and batch.isdigit() and tokens.isdigit() and int(batch) > 0 and int(tokens) > 0):
+        raise ValueError(f"--cases: expected BATCHxTOKENS such as 8x197, got {text!r}")
+    return int(batch), int(tokens)
+
+
 def main(cfg: BenchAttentionConfig) -> dict:
+    shapes = [(b, n) for b in cfg.batch_sizes for n in cfg.tokens] or [_case(c) for c in cfg.cases]  # checked first
     if cfg.quick:
-        cfg.cases = [c for c in cfg.cases if c[1] < 3000]
+        shapes = [(b, n) for b, n in shapes if n < 3000]
         cfg.repeats, cfg.package = min(cfg.repeats, 5), False
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
     save_config(cfg, out_dir / "bench_attention_config.yaml")
     torch.manual_seed(cfg.seed)
-    shapes = [(b, n) for b in cfg.batch_sizes for n in cfg.tokens] or [tuple(c) for c in cfg.cases]
     if cfg.profile:
         paths = [profile_case(cfg, batch, tokens, out_dir) for batch, tokens in shapes]
         print("\n\n".join(p.read_text() for p in paths))

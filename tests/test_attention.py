@@ -283,6 +283,9 @@ def test_bench_attention_methods_filter_and_profile(tmp_path) -> None:
     assert list(record["cases"][0]["methods"]) == ["softmax_sdpa", "entmax15_ours_tiled"]
     with pytest.raises(ValueError, match="unknown methods"):
         bench.main(bench.BenchAttentionConfig(methods=["entmax15_fast"], **small))
+    with pytest.raises(ValueError, match="--cases: expected BATCHxTOKENS"):  # refused before any file is written
+        bench.main(bench.BenchAttentionConfig(cases=["8,197"], heads=2, output_dir=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
     profiled = bench.main(bench.BenchAttentionConfig(profile=True, **small))
     text = (tmp_path / "profile_N9.txt").read_text()
     assert profiled["files"] == [str(tmp_path / "profile_N9.txt")]
