@@ -421,14 +421,12 @@ def segmentation_palette() -> np.ndarray:
 
 def save_preview(split, path: str | os.PathLike, num: int = 16, columns: int = 8) -> Path:
     """Save a PNG grid of ``num`` samples of a split: each image above its coloured mask, titled by label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     num = min(num, len(split))
     rows = 2 * ((num + columns - 1) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.7 * rows), squeeze=False)
+    fig = Figure(figsize=(1.6 * columns, 1.7 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     palette = segmentation_palette()
     for ax in axes.ravel():
         ax.axis("off")
@@ -443,7 +441,6 @@ def save_preview(split, path: str | os.PathLike, num: int = 16, columns: int = 8
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .main_job import evaluate, run_stage
-from .reproduce_mini import ReproduceMiniConfig, main_job_config, publish, pyplot, run_all
+from .reproduce_mini import ReproduceMiniConfig, main_job_config, figure, publish, run_all
 from .run_results import FEATURES, summary_metrics
 from .seed_stats import METRICS, Spread
 
@@ -106,8 +106,8 @@ def verdict_lines(rows: Sequence[dict]) -> list[str]:
 
 def plot_degradation(rows: Sequence[dict], path: Path) -> Path:
     """Every metric against the training step: mean over seeds, band = min..max over seeds."""
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6))
+    fig = figure(figsize=(11, 6))
+    axes = fig.subplots(2, 3)
     for ax, (key, title, spec) in zip(axes.flat, METRICS):
         scale = 100.0 if spec.endswith("%}") else 1.0
         for i, (attention, (steps, spreads)) in enumerate(curves(rows, key).items()):
@@ -122,7 +122,6 @@ def plot_degradation(rows: Sequence[dict], path: Path) -> Path:
     fig.suptitle("along training: mean over seeds, band = min..max over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

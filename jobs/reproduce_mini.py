@@ -206,21 +206,18 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
     ])
 
 
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (figures are only written to files)."""
-    import matplotlib
+def figure(**kwargs):
+    """A bare matplotlib Figure (renders with Agg, no pyplot: see analysis/figures.py)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_probes(rows: list[dict], path: Path) -> Path:
     """One panel per metric: a bar per transform at the mean over seeds, error bar = std, dots = seeds."""
-    plt = pyplot()
     table = aggregate(rows, [key for key, _, _ in METRICS])
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(2.4 * len(METRICS), 3.0))
+    fig = figure(figsize=(2.4 * len(METRICS), 3.0))
+    axes = fig.subplots(1, len(METRICS))
     for ax, (key, title, spec) in zip(axes, METRICS):
         scale = 100.0 if spec.endswith("%}") else 1.0
         for i, (attention, spreads) in enumerate(table.items()):
@@ -237,14 +234,13 @@ def plot_probes(rows: list[dict], path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
     """DINO loss against the step, one colour per transform, one line per seed."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = figure(figsize=(5, 3.4))
+    ax = fig.subplots()
     drawn = False
     for i, (attention, logs) in enumerate(runs.items()):
         for j, log in enumerate(logs):
@@ -253,7 +249,6 @@ def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
                 ax.plot(steps, losses, color=f"C{i}", alpha=0.8, label=attention if j == 0 else None)
                 drawn = True
     if not drawn:
-        plt.close(fig)
         return None
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("DINO loss")
@@ -261,7 +256,6 @@ def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
