@@ -80,6 +80,18 @@ def test_explicit_resume_from_a_damaged_checkpoint_is_refused(reference, data, t
         main(cfg_of(tiny_args(data, out, **{"checkpoint.resume": str(step)})))
 
 
+def test_resume_state_without_a_position_key_is_refused(reference, data, tmp_path):
+    # No defaults for trainer_state.json layouts of unreleased versions: a missing key is a one-line refusal.
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    step = out / "checkpoints" / "step_0000006"
+    state = json.loads((step / ckpt.STATE_FILE).read_text())
+    del state["images_skipped"]
+    (step / ckpt.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"trainer_state\.json lacks \['images_skipped'\]: not a checkpoint"):
+        main(cfg_of(tiny_args(data, out, **{"checkpoint.resume": str(step)})))
+
+
 def test_verify_checkpoint_needs_its_manifest_and_state(tmp_path):
     """Every checkpoint this project writes has a manifest: one without it (or with an unreadable
     trainer_state.json) is damaged."""

@@ -171,7 +171,9 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
         check_resume_compatible(resume_from, to_dict(cfg), saved, accelerator.num_processes)
         accelerator.load_state(str(resume_from))  # student, optimizer, scaler, RNG states of every rank
         ckpt.load_teacher(resume_from / ckpt.TEACHER_FILE, teacher, dino_loss.center)
-        state = RunState(**{k: saved.get(k, 0) for k in RunState.__dataclass_fields__})
+        if missing := [k for k in RunState.__dataclass_fields__ if k not in saved]:  # no defaults for old layouts
+            raise ValueError(f"{resume_from}/{ckpt.STATE_FILE} lacks {missing}: not a checkpoint of this version")
+        state = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__})
         if state.batch_in_epoch >= data.batches_per_epoch:
             state = RunState(epoch=state.epoch + 1, global_step=state.global_step,
                              images_skipped=state.images_skipped)

@@ -51,7 +51,7 @@ class StopRequest:
 
 @dataclass
 class RunState:
-    """Where the run is; saved in every checkpoint's trainer_state.json (missing keys of older ones read as 0)."""
+    """Where the run is; saved in every checkpoint's trainer_state.json."""
 
     epoch: int = 0
     batch_in_epoch: int = 0
