@@ -64,24 +64,27 @@ def exit_status(main: Callable[[Any], Any], config_cls: type, prog: str, **kwarg
         return stop.code or 0
     return 0
 
-# The evaluation commands (scripts/eval_*.py, the entmax-vit-eval-* console scripts): one hop to main(cfg).
-def eval_knn(argv: Optional[Sequence[str]] = None) -> Any:
+
+# The evaluation commands (scripts/eval_*.py, the entmax-vit-eval-* console scripts): one hop to main(cfg). They
+# return None: a console script's wrapper exits with sys.exit(returned value), and any value but None or an int
+# would print it and exit 1 after a successful run (main(cfg) returns the results for callers in Python).
+def eval_knn(argv: Optional[Sequence[str]] = None) -> None:
     """Weighted k-NN evaluation (evaluation/knn.py)."""
     from entmax_vit.evaluation.knn import KNNEvalConfig, main
 
-    return run(main, KNNEvalConfig, "eval_knn", preset_dir=EVAL_PRESETS, argv=argv, model_fields=("model",))
+    run(main, KNNEvalConfig, "eval_knn", preset_dir=EVAL_PRESETS, argv=argv, model_fields=("model",))
 
 
-def eval_linear(argv: Optional[Sequence[str]] = None) -> Any:
+def eval_linear(argv: Optional[Sequence[str]] = None) -> None:
     """Linear probe (evaluation/linear_probe.py)."""
     from entmax_vit.evaluation.linear_probe import LinearEvalConfig, main
 
-    return run(main, LinearEvalConfig, "eval_linear", preset_dir=EVAL_PRESETS, argv=argv, model_fields=("model",))
+    run(main, LinearEvalConfig, "eval_linear", preset_dir=EVAL_PRESETS, argv=argv, model_fields=("model",))
 
 
-def eval_segmentation(argv: Optional[Sequence[str]] = None) -> Any:
+def eval_segmentation(argv: Optional[Sequence[str]] = None) -> None:
     """Linear segmentation probe (evaluation/segmentation_probe.py); default preset ``embedded``."""
     from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig, main
 
-    return run(main, SegmentationEvalConfig, "eval_segmentation", preset_dir=EVAL_PRESETS, default_preset="embedded",
-               argv=argv, model_fields=("model",))
+    run(main, SegmentationEvalConfig, "eval_segmentation", preset_dir=EVAL_PRESETS, default_preset="embedded",
+        argv=argv, model_fields=("model",))

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from entmax_vit.data.datasets import undecoded_images
-from entmax_vit.modeling.image_decoding import WHITE, ImageDecodeError, decode_image, open_image
+from entmax_vit.modeling.image_decoding import ImageDecodeError, decode_image, open_image
 
 logger = logging.getLogger(__name__)
 

@@ -138,3 +138,14 @@ def test_conversion_refuses_an_occupied_output_before_reading_its_input(tmp_path
         main(ConvertConfig(input=str(tmp_path / "missing.pth"), output_dir=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="No output_dir"):
         main(ConvertConfig(input=str(tmp_path / "missing.pth")))
+
+
+def test_console_commands_return_none(monkeypatch):
+    # A console script's wrapper calls sys.exit(command()): a returned results dict or Path would be printed and
+    # turn a successful run into exit status 1.
+    from entmax_vit.cli import entry_point
+    from entmax_vit.training import dino
+
+    monkeypatch.setattr(entry_point, "run", lambda *args, **kwargs: {"top1": 50.0})
+    for command in (entry_point.eval_knn, entry_point.eval_linear, entry_point.eval_segmentation, dino.cli):
+        assert command([]) is None

@@ -92,6 +92,20 @@ def test_resume_state_without_a_position_key_is_refused(reference, data, tmp_pat
         main(cfg_of(tiny_args(data, out, **{"checkpoint.resume": str(step)})))
 
 
+def test_auto_resume_refuses_a_checkpoint_without_a_manifest(reference, data, tmp_path):
+    # Every complete checkpoint of this version has a manifest: one without is another version's, refused in one
+    # line instead of being set aside as "damaged" and the run restarted (which would rewrite metrics.jsonl).
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "checkpoints" / "step_0000008" / ckpt.MANIFEST_FILE).unlink()
+    (out / "final_model").rename(out / "final_model_old")
+    log_before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"step_0000008 has no manifest\.json: not a checkpoint of this version"):
+        main(cfg_of(tiny_args(data, out, **{"logging.attention_support_images": 0})))
+    assert (out / "metrics.jsonl").read_text() == log_before
+    assert (out / "checkpoints" / "step_0000008").is_dir()
+
+
 def test_verify_checkpoint_needs_its_manifest_and_state(tmp_path):
     """Every checkpoint this project writes has a manifest: one without it (or with an unreadable
     trainer_state.json) is damaged."""

@@ -303,6 +303,9 @@ def _choose_resume(mode: str, ckpt_root: Path) -> Optional[Path]:
     if mode == "auto":
         chosen, damaged = None, []
         for candidate in reversed(ckpt.list_checkpoints(ckpt_root)):
+            if not (candidate / ckpt.MANIFEST_FILE).exists():  # every complete checkpoint of this version has one
+                raise ValueError(f"{candidate} has no {ckpt.MANIFEST_FILE}: not a checkpoint of this version "
+                                 "(resume it with the version that wrote it, or start a new --output_dir)")
             problems = ckpt.verify_checkpoint(candidate)
             if not problems:
                 chosen = candidate
@@ -347,14 +350,14 @@ def check_resume_compatible(checkpoint: Path, current: dict, saved_state: dict, 
         )
 
 
-def cli(argv: Optional[list[str]] = None) -> Any:
+def cli(argv: Optional[list[str]] = None) -> None:
     """``python training/dino.py`` / ``entmax-vit-train``: config errors and a refused resume exit 1 with the message
     alone; a non-finite loss 3, a checkpoint that cannot be written (full disk) 4, a lost rank (dead, frozen past
-    distributed.timeout_s) 5."""
+    distributed.timeout_s) 5. Returns None (a console script exits with the returned value)."""
     from entmax_vit.cli.entry_point import run
 
-    return run(main, DinoConfig, "dino", preset_dir=CONFIG_DIR, argv=argv, log_format=None,  # main logs per rank
-               exit_codes={NonFiniteLossError: 3, ckpt.CheckpointWriteError: 4, LostRankError: 5})
+    run(main, DinoConfig, "dino", preset_dir=CONFIG_DIR, argv=argv, log_format=None,  # main logs per rank
+        description=__doc__, exit_codes={NonFiniteLossError: 3, ckpt.CheckpointWriteError: 4, LostRankError: 5})
 
 
 if __name__ == "__main__":
