@@ -99,14 +99,16 @@ def test_eval_knn_defaults_to_the_model_resolution(exported, labelled_data, tmp_
     from entmax_vit.cli.entry_point import eval_knn
 
     out = tmp_path / "knn"
-    record = eval_knn(["--model", str(exported), "--dataset", str(labelled_data), "--ks", "3", "--output_dir", str(out),
-                       "--cache_dir", ""])
+    eval_knn(["--model", str(exported), "--dataset", str(labelled_data), "--ks", "3", "--output_dir", str(out),
+              "--cache_dir", ""])
+    record = json.loads((out / "results_knn.json").read_text())  # the command returns None (a console script)
     assert record["protocol"]["transform"].startswith("resize73_crop64")
     assert yaml.safe_load((out / "eval_knn_config.yaml").read_text())["crop"] == 64
     assert len(record["model"]["weights_sha256"]) == 64
     with caplog.at_level(logging.WARNING):
-        record = eval_knn(["--model", str(exported), "--dataset", str(labelled_data), "--ks", "3", "--crop", "32",
-                           "--output_dir", str(out), "--cache_dir", ""])
+        eval_knn(["--model", str(exported), "--dataset", str(labelled_data), "--ks", "3", "--crop", "32",
+                  "--output_dir", str(out), "--cache_dir", ""])
+    record = json.loads((out / "results_knn.json").read_text())
     assert record["protocol"]["transform"].startswith("resize37_crop32")
     assert "trained at 64 px" in caplog.text
 
