@@ -6,6 +6,8 @@ for softmax and entmax-1.5 and every seed, one longer run is trained with a chec
 ``checkpoint_every_steps`` steps (all kept); the teacher of every checkpoint is exported and evaluated with
 the main job's own stages: k-NN, the segmentation probe on patch tokens and on patch+[CLS], and the
 semantic-diffusion metrics of the last block (cos(patch, [CLS]), attention distance, share of exact zeros).
+Step 0 of every curve is the run's random-init baseline (the main job's random stage: the same config and seed,
+untrained, through the same evaluations), so the curves show what training added.
 Everything is resumable: training resumes from its newest checkpoint, finished evaluations are skipped.
 
 Writes ``OUTPUT_DIR/long/degradation.{md,json}`` and ``reproduce_mini_degradation.png`` (metrics against the
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .main_job import evaluate, run_stage
+from .main_job import RANDOM_DIR, evaluate, run_stage, save_random_init
 from .reproduce_mini import ReproduceMiniConfig, main_job_config, figure, publish, run_all
 from .run_results import FEATURES, summary_metrics
 from .seed_stats import METRICS, Spread
@@ -53,7 +55,12 @@ def evaluate_checkpoints(cfg: ReproduceMiniConfig, attention: str, seed: int, ru
         rows.append({"attention": attention, "seed": seed, "step": step, **summary_metrics(out, attention, FEATURES)})
     if not rows:
         raise SystemExit(f"[reproduce_mini] {run_dir / 'train' / 'checkpoints'} holds no checkpoint to evaluate")
-    return rows
+    base = run_dir / RANDOM_DIR  # step 0: the random init of the same config and seed, evaluated the same way
+    first = run_dir / "steps" / checkpoints[0].name / "model"
+    run_stage(base, "random_model", lambda: save_random_init(first, seed, base / "model"), [base / "model" / "model.safetensors"],
+              settings={"seed": seed}, inputs=[first / "config.json"], clean=[base / "model"], force=cfg.force)
+    evaluate(job, base / "model", base, job.stages)
+    return [{"attention": attention, "seed": seed, "step": 0, **summary_metrics(base, attention, FEATURES)}, *rows]
 
 
 def curves(rows: Sequence[dict], key: str) -> dict[str, tuple[list[int], list[Spread]]]:
@@ -84,11 +91,13 @@ def verdict_lines(rows: Sequence[dict]) -> list[str]:
     lines, trends = [], {}
     for key in DENSE:
         for attention, (steps, spreads) in curves(rows, key).items():
-            t = trends[attention, key] = trend(steps, spreads)
+            trained = [i for i, step in enumerate(steps) if step > 0]  # step 0 is the random init: not a peak
+            t = trends[attention, key] = trend([steps[i] for i in trained], [spreads[i] for i in trained])
+            start = f"random init {spreads[0].mean:.2f}, " if steps[0] == 0 else ""
             state = {None: "one seed: whether it falls cannot be told from noise",
                      True: "falls by more than the seed spread", False: "does not fall beyond the seed spread"}[t["falls"]]
             spread = "n/a" if math.isnan(t["spread"]) else f"{t['spread']:.2f}"
-            lines.append(f"- {titles[key]}, {attention}: peak {t['peak']:.2f} at step {t['peak_step']}, "
+            lines.append(f"- {titles[key]}, {attention}: {start}peak {t['peak']:.2f} at step {t['peak_step']}, "
                          f"{t['final']:.2f} at step {t['final_step']} (fall {t['fall']:.2f}, seed spread {spread}): {state}.")
     soft, ent = trends.get(("softmax", "seg_miou_patch")), trends.get(("entmax15", "seg_miou_patch"))
     if soft and ent:
@@ -153,6 +162,7 @@ def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figur
         "",
         f"![degradation]({figures}reproduce_mini_degradation.png)",
         "",
+        "Step 0 is the random init of the same config and seed (untrained, the same evaluations). "
         "What it shows (generated from the numbers; a fall counts when it exceeds the seed spread, the larger "
         "standard deviation over seeds at the peak and at the last step):",
         "",

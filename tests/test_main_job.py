@@ -375,6 +375,9 @@ def test_degradation_verdict_and_figure(tmp_path):
     lines = degradation.verdict_lines(rows)
     assert lines[-1].endswith("softmax's patch-only dense quality peaks and falls while entmax-1.5 holds, as the "
                               "paper describes.")
+    random = [{**r, "step": 0, "seg_miou_patch": 99.0} for r in rows if r["step"] == 100]  # step 0: random init
+    with_random = degradation.verdict_lines([*random, *rows])
+    assert with_random[-1] == lines[-1] and "random init 99.00, peak 40.00 at step 200" in "\n".join(with_random)
     flat = [{**r, "seg_miou_patch": 30.0 + r["seed"]} for r in rows]  # nothing falls: the pattern is not shown
     assert "not shown at this budget" in degradation.verdict_lines(flat)[-1]
     cfg = reproduce_mini.ReproduceMiniConfig(output_dir=str(tmp_path), long=True)
@@ -480,11 +483,14 @@ def test_tiny_degradation_run_end_to_end(tmp_path):
                "--checkpoint_every_steps", "2"]
     subprocess.run(command, cwd=REPO, env=_env(tmp_path), check=True)
     rows = json.loads((out / "long" / "degradation.json").read_text())["rows"]
-    # 64 images, batch 32: 2 steps per epoch, 2 epochs -> checkpoints at steps 2 and 4 of every run
-    assert sorted({r["step"] for r in rows}) == [2, 4] and len(rows) == 8
+    # 64 images, batch 32: 2 steps per epoch, 2 epochs -> checkpoints at steps 2 and 4 of every run, and step 0:
+    # the random init of the same config and seed
+    assert sorted({r["step"] for r in rows}) == [0, 2, 4] and len(rows) == 12
+    assert "random init" in (out / "long" / "degradation.md").read_text()
     assert all(0 <= r["seg_miou_patch"] <= 100 and 0 <= r["seg_miou_patch_cls"] <= 100 for r in rows)
     assert all(r["last_layer_attention_zero_share"] == 0.0 for r in rows if r["attention"] == "softmax")
     assert "Answer, patch-only segmentation probe" in (out / "long" / "degradation.md").read_text()
     assert (out / "long" / "reproduce_mini_degradation.png").read_bytes()[:4] == b"\x89PNG"
     proc = subprocess.run(command, cwd=REPO, env=_env(tmp_path), check=True, capture_output=True, text=True)
-    assert proc.stdout.count("skipped") >= 8 * 5  # resumed: every export and evaluation of every checkpoint
+    assert proc.stdout.count("skipped") >= 8 * 5 + 4 * 4  # resumed: every export and evaluation of every checkpoint
+    # and of every random init (its model and three evaluations)
