@@ -383,23 +383,15 @@ def _loaders(cfg: SegmentationEvalConfig, data: ProbeData, accelerator: Any = No
 
 def main(cfg: SegmentationEvalConfig) -> dict:
     """Train the probe on ``train_split``, evaluate on ``eval_split``, save the head and the results JSON."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from .entry_point import check_config
-    from .features import load_backbone
+    from .entry_point import start_run
     from .resolution import eval_resolution
     from .results import finish_run
 
     if not cfg.dataset:
         raise ValueError("--dataset is required for this preset (a Hub id or local folder with image + mask columns)")
-    check_config(cfg)
     if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
         raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {cfg.scale_range}")
-    accelerator = Accelerator()
-    set_seed(cfg.seed)
-    logger.info("segmentation probe: %d process(es) on %s", accelerator.num_processes, accelerator.device)
-    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    accelerator, model = start_run(cfg, cfg.seed)
     _, input_size = eval_resolution(None, cfg.input_size, cfg.model, cfg.revision, what="input_size")
     cfg = dataclasses.replace(cfg, input_size=input_size)  # the config written beside the results says it
     if not hasattr(model, "get_intermediate_layers"):
