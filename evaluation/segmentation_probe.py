@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -190,41 +190,36 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
         train_head, opt = accelerator.prepare(head, opt)
     if feature_cache is not None and not cfg.cache_features:
         raise ValueError("a feature_cache needs cfg.cache_features = true")
-    feature_cache = [] if feature_cache is None else feature_cache
+    show = accelerator is None or accelerator.is_local_main_process
+
+    @torch.no_grad()  # as a decorator: grad mode is restored at every yield
+    def read(batches) -> Iterator[tuple]:  # (features (B, C, h, w), labels, valid) of the frozen backbone
+        for batch in batches:
+            yield (head.extract_features(model, batch["pixel_values"].to(device)), batch["labels"].to(device),
+                   batch["valid"].to(device).bool())
+
     if cfg.cache_features and not feature_cache:  # one frozen pass; every epoch then trains on the stored maps
-        with torch.no_grad():
-            for batch in tqdm(loader, desc="train features", disable=accelerator is not None and not accelerator.is_local_main_process):
-                valid = batch["valid"].to(device).bool()
-                feature_cache.append((head.extract_features(model, batch["pixel_values"].to(device)).half(),
-                                      batch["labels"].to(device), valid))
+        feature_cache = [(f.half(), y, v) for f, y, v in read(tqdm(loader, desc="train features", disable=not show))]
     iters_per_epoch = len(feature_cache) if cfg.cache_features else len(loader)
     total = cfg.max_iters or cfg.epochs * iters_per_epoch
     epochs = math.ceil(total / max(iters_per_epoch, 1))
     lrs = lr_schedule(cfg, iters_per_epoch, total)
     log, it = [], 0
-    show = accelerator is None or accelerator.is_local_main_process
     for epoch in range(epochs):
         head.train()
         losses, skipped = [], 0
-        batches = loader
         if cfg.cache_features:
             batches = [feature_cache[i] for i in torch.randperm(len(feature_cache)).tolist()]
-        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
+        else:
+            batches = read(loader)
+        for feats, y, valid in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
             if it >= total:
                 break
-            if cfg.cache_features:
-                feats, y, valid = batch
-                feats = feats.float()
-            else:
-                valid = batch["valid"].to(device).bool()
-                y = batch["labels"].to(device)
-                with torch.no_grad():
-                    feats = head.extract_features(model, batch["pixel_values"].to(device))  # (B, C, h, w)
             skipped += int((~valid).sum())
             y = torch.where(valid[:, None, None], y, torch.full_like(y, cfg.ignore_index))
             for group in opt.param_groups:
                 group["lr"] = lrs[it]
-            logits = F.interpolate(train_head(feats), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(train_head(feats.float()), size=y.shape[-2:], mode="bilinear", align_corners=False)
             if (y != cfg.ignore_index).any():
                 loss = F.cross_entropy(logits, y, ignore_index=cfg.ignore_index)
             else:
