@@ -242,8 +242,6 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
 class ProbeData:
     """The two splits of a probe run, as rows the loaders read, with the label space."""
 
-    train_ds: object
-    eval_ds: object
     train_rows: torch.utils.data.Dataset
     eval_rows: torch.utils.data.Dataset
     num_classes: int
@@ -285,7 +283,7 @@ def probe_datasets(cfg: SegmentationEvalConfig, accelerator: Any = None) -> Prob
                 mask_size=cfg.mask_size, hflip=cfg.hflip, scale_range=tuple(cfg.scale_range), **label_kwargs)
     train_rows = SegmentationRows(train_ds, train=True, **rows)
     eval_rows = SegmentationRows(eval_ds, train=False, **rows)
-    return ProbeData(train_ds, eval_ds, train_rows, eval_rows, num_classes, id2label, label_mapping)
+    return ProbeData(train_rows, eval_rows, num_classes, id2label, label_mapping)
 
 
 def new_head(cfg: SegmentationEvalConfig, num_classes: int, hidden_size: int, id2label: dict) -> LinearSegmentationHead:
@@ -364,14 +362,15 @@ def probe_grid_miou(model: torch.nn.Module, data: ProbeData, cfgs: list[Segmenta
 
 
 def _loaders(cfg: SegmentationEvalConfig, data: ProbeData, accelerator: Any = None) -> tuple:
-    """Shuffled train and ordered eval loaders; with several ranks each evaluates every n-th row (no duplicates,
-    so the summed confusion matrix is exact)."""
+    """Shuffled train and ordered eval loaders; with an accelerator the train loader is prepared, and with several
+    ranks each evaluates every n-th row (no duplicates, so the summed confusion matrix is exact)."""
     eval_rows = data.eval_rows
     if accelerator is not None and accelerator.num_processes > 1:
         eval_rows = torch.utils.data.Subset(eval_rows, list(range(accelerator.process_index, len(eval_rows),
                                                                   accelerator.num_processes)))
     train = torch.utils.data.DataLoader(data.train_rows, batch_size=cfg.batch_size, shuffle=True,
                                         num_workers=cfg.num_workers, drop_last=len(data.train_rows) > cfg.batch_size)
+    train = accelerator.prepare(train) if accelerator is not None else train
     return train, torch.utils.data.DataLoader(eval_rows, num_workers=cfg.num_workers,
                                               batch_size=cfg.eval_batch_size if cfg.protocol == "neco" else 1)
 
@@ -399,7 +398,6 @@ def main(cfg: SegmentationEvalConfig) -> dict:
 
     data = probe_datasets(cfg, accelerator)
     train_loader, eval_loader = _loaders(cfg, data, accelerator)
-    train_loader = accelerator.prepare(train_loader)
     if cfg.head_path:  # evaluation only: the head decides how the backbone is read
         head = LinearSegmentationHead.load(cfg.head_path, map_location=accelerator.device)
         if head.config.num_labels != data.num_classes or head.config.hidden_size != model.config.hidden_size:
@@ -423,7 +421,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
     record = finish_run(
         "segmentation", cfg, model, accelerator, metrics=metrics,
         dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(data.eval_ds), "num_train_samples": len(data.train_ds),
+                 "num_samples": len(data.eval_rows), "num_train_samples": len(data.train_rows),
                  "num_classes": data.num_classes, "num_skipped": skipped + train_skipped},
         protocol={"name": f"{cfg.protocol}_linear", "layers": list(hc.layers), "backbone_norm": hc.backbone_norm,
                   "use_cls_token": hc.use_cls_token, "batch_norm": hc.batch_norm, "input_size": cfg.input_size,
