@@ -66,17 +66,12 @@ def load_backbone(name_or_path: str, revision: Optional[str] = None, device: str
 def model_fingerprint(name_or_path: str, revision: Optional[str], model: torch.nn.Module) -> dict:
     """What identifies a model's features: path/id, revision, config and the weight files' size and mtime."""
     path = Path(resolve_model_path(name_or_path))
-    weights = []
-    if path.is_dir():
-        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-            st = f.stat()
-            weights.append([f.name, st.st_size, int(st.st_mtime)])
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
-    config_hash = _hash(config, 16)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
+    weights = [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     # A Hub model's resolved commit pins "main" to the exact weights the features came from.
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-    return {"name_or_path": str(name_or_path), "revision": revision, "commit": commit, "config_hash": config_hash,
+    commit = getattr(model.config, "_commit_hash", None)
+    return {"name_or_path": str(name_or_path), "revision": revision, "commit": commit, "config_hash": _hash(config, 16),
             "weights": weights}
 
 

@@ -310,12 +310,12 @@ def shared_block_outputs(model: torch.nn.Module, loader, layers: list[int], norm
                          dtype: torch.dtype = torch.float16) -> list[tuple]:
     """One frozen pass: per batch ``({block: (patch map (B, D, h, w), cls (B, D))}, labels, valid)``, for every
     block in ``layers`` at once (what several heads of ``probe_grid_miou`` read)."""
-    device = next(model.parameters()).device
+    device, layers = next(model.parameters()).device, sorted(set(layers))
     out = []
     for batch in loader:
-        outputs = model.get_intermediate_layers(batch["pixel_values"].to(device), n=sorted(set(layers)), reshape=True,
+        outputs = model.get_intermediate_layers(batch["pixel_values"].to(device), n=layers, reshape=True,
                                                 return_class_token=True, norm=norm)
-        blocks = {b: (p.to(dtype), c.to(dtype)) for b, (p, c) in zip(sorted(set(layers)), outputs)}
+        blocks = {b: (p.to(dtype), c.to(dtype)) for b, (p, c) in zip(layers, outputs)}
         out.append((blocks, batch["labels"].to(device), batch["valid"].to(device).bool()))
     return out
 
