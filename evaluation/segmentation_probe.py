@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead, SegmentationHeadConfig
 
-from .entry_point import PRESET_DIR
 from .metrics import confusion_matrix, segmentation_scores
 
 logger = logging.getLogger(__name__)
