@@ -127,16 +127,15 @@ def sliding_window_logits(head: LinearSegmentationHead, model: torch.nn.Module, 
     H, W = pixel_values.shape[-2:]
     logits = pixel_values.new_zeros(b, head.config.num_labels, H, W)
     count = pixel_values.new_zeros(1, 1, H, W)
-    rows = list(range(0, max(H - window, 0) + 1, stride))
-    cols = list(range(0, max(W - window, 0) + 1, stride))
-    rows += [H - window] if rows[-1] != H - window else []
-    cols += [W - window] if cols[-1] != W - window else []
+    rows = [*range(0, H - window, stride), H - window]  # the last window ends at the border
+    cols = [*range(0, W - window, stride), W - window]
+    size = (window // patch * patch,) * 2
     for top in rows:
         for left in cols:
             crop = pixel_values[..., top : top + window, left : left + window]
-            size = (window // patch * patch,) * 2
-            crop_in = crop if crop.shape[-1] == size[0] else F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
-            logits[..., top : top + window, left : left + window] += head.predict(model, crop_in, size=(window, window))
+            if crop.shape[-1] != size[0]:
+                crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
+            logits[..., top : top + window, left : left + window] += head.predict(model, crop, size=(window, window))
             count[..., top : top + window, left : left + window] += 1
     return (logits / count)[..., :h, :w]
 
