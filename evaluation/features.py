@@ -66,17 +66,12 @@ def load_backbone(name_or_path: str, revision: Optional[str] = None, device: str
 def model_fingerprint(name_or_path: str, revision: Optional[str], model: torch.nn.Module) -> dict:
     """What identifies a model's features: path/id, revision, config and the weight files' size and mtime."""
     path = Path(resolve_model_path(name_or_path))
-    weights = []
-    if path.is_dir():
-        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-            st = f.stat()
-            weights.append([f.name, st.st_size, int(st.st_mtime)])
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
-    config_hash = _hash(config, 16)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
+    weights = [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     # A Hub model's resolved commit pins "main" to the exact weights the features came from.
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-    return {"name_or_path": str(name_or_path), "revision": revision, "commit": commit, "config_hash": config_hash,
+    commit = getattr(model.config, "_commit_hash", None)
+    return {"name_or_path": str(name_or_path), "revision": revision, "commit": commit, "config_hash": _hash(config, 16),
             "weights": weights}
 
 
@@ -154,26 +149,6 @@ def extract_features(
     return feats
 
 
-def cached_features(
-    spec: dict, cache_dir: Optional[str], compute: Any, accelerator: Any = None
-) -> dict[str, torch.Tensor]:
-    """Load features for ``spec`` from ``cache_dir`` or ``compute()`` them and write the cache (main rank)."""
-    if not cache_dir:
-        return compute()
-    path = Path(cache_dir) / f"{_hash(spec, 24)}.safetensors"
-    if path.is_file():
-        logger.info("loading cached features %s", path)
-        return load_file(str(path))
-    feats = compute()
-    if accelerator is None or accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"spec": json.dumps(spec, default=str)})
-        os.replace(tmp, path)
-        logger.info("cached features at %s", path)
-    return feats
-
-
 def split_features(
     model: torch.nn.Module,
     *,
@@ -194,18 +169,17 @@ def split_features(
     streaming: bool = False,
     main_rank_only: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Features of one dataset split (cached), and its description: name, split, sizes, class names.
+    """Features of one dataset split, from ``cache_dir`` or computed and cached there (main rank), and its sizes.
     ``streaming``: the split read on the fly, each rank its part of the stream."""
     from entmax_vit.data.datasets import find_column, open_dataset
 
-    from .image_data import ClassificationRows, StreamingRows, class_names_of, num_classes_of
+    from .image_data import ClassificationRows, StreamingRows, num_classes_of
 
     ds = open_dataset(dataset, split, cache_dir=dataset_cache_dir, max_samples=max_samples, streaming=streaming,
                       accelerator=accelerator)
     image_col = find_column(ds, "image", image_column)
     label_col = find_column(ds, "label", label_column)
-    info = {"name": dataset, "split": split, "num_samples": len(ds) if not streaming else None,
-            "num_classes": num_classes_of(ds, label_col), "class_names": class_names_of(ds, label_col)}
+    info = {"num_samples": len(ds) if not streaming else None, "num_classes": num_classes_of(ds, label_col)}
     spec = {"model": model_spec, "dataset": dataset, "split": split, "max_samples": max_samples,
             "rows": "stream" if streaming else len(ds),
             "image_column": image_col, "label_column": label_col, "transform": transform.describe(),
@@ -226,7 +200,19 @@ def split_features(
                                 accelerator=accelerator, desc=f"{split} features", sharded_loader=streaming,
                                 main_rank_only=main_rank_only)
 
-    feats = cached_features(spec, cache_dir, compute, accelerator)
+    path = Path(cache_dir) / f"{_hash(spec, 24)}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        logger.info("loading cached features %s", path)
+        feats = load_file(str(path))
+    else:
+        feats = compute()
+        if path is not None and (accelerator is None or accelerator.is_main_process):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp),
+                      metadata={"spec": json.dumps(spec, default=str)})
+            os.replace(tmp, path)
+            logger.info("cached features at %s", path)
     info["num_skipped"] = int(feats["num_skipped"][0])
     if info["num_samples"] is None:
         info["num_samples"] = len(feats["labels"]) + info["num_skipped"]
@@ -236,25 +222,32 @@ def split_features(
 
 
 
-def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
-    """The k-NN and linear probes' start: the config checked, loader sizes chosen for the machine, the backbone
-    loaded at its own resolution (unless the config names one). Returns the resolved config, the Accelerator, the
-    model and the ``split_features`` keywords both splits share."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], accelerator: Any) -> tuple[int, int]:
+    """``(batch_size, num_workers)``: the given values, or where None the defaults for ``accelerator.device``. On a
+    GPU, decoding on the main process starves the model: batch 256 and up to 8 workers per process (more rarely
+    helps decoding keep up and multiplies memory; the cores shared among this node's processes, one left for the
+    main loop). On CPU the model is the bottleneck: batch 64, no workers."""
+    on_gpu = accelerator.device.type == "cuda"
+    if batch_size is None:
+        batch_size = 256 if on_gpu else 64
+    if num_workers is None:
+        nodes = int(os.environ.get("NUM_NODES", os.environ.get("SLURM_NNODES", "1")) or 1)
+        per_node = max(1, getattr(accelerator.state, "num_processes", 1) // max(1, nodes))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_workers = min(8, max(0, cores // per_node - 1)) if on_gpu else 0
+    return batch_size, num_workers
 
-    from .entry_point import check_config
+
+def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
+    """The k-NN and linear probes' start (entry_point.start_run), loader sizes chosen for the machine, the model's
+    own resolution (unless the config names one). Returns the resolved config, the Accelerator, the model and the
+    ``split_features`` keywords both splits share."""
+    from .entry_point import start_run
     from .image_data import ClassificationTransform
-    from .loader_defaults import sized_to_machine
     from .resolution import eval_resolution
 
-    check_config(cfg)
-    accelerator = Accelerator()
+    accelerator, model = start_run(cfg, seed)
     batch_size, num_workers = sized_to_machine(getattr(cfg, batch_field), cfg.num_workers, accelerator)
-    if seed is not None:
-        set_seed(seed)
-    logger.info("%d process(es) on %s", accelerator.num_processes, accelerator.device)
-    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
     resize, crop = eval_resolution(cfg.resize, cfg.crop, cfg.model, cfg.revision)
     # the config written beside the results says what was used
     cfg = dataclasses.replace(cfg, **{batch_field: batch_size}, num_workers=num_workers, resize=resize, crop=crop)

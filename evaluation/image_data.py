@@ -85,18 +85,9 @@ class StreamingRows(torch.utils.data.IterableDataset):
             yield self.rows.item(row, f"stream row {i}", (i * workers + worker) * self.world_size + self.rank)
 
 
-def _label_feature(ds: Any, label_column: str) -> Any:
-    return ds.features.get(label_column) if getattr(ds, "features", None) else None
-
-
 def num_classes_of(ds: Any, label_column: str) -> Optional[int]:
     """Class count from a ClassLabel feature, else 1 + the largest label (None for a stream without one)."""
-    feature = _label_feature(ds, label_column)
+    feature = ds.features.get(label_column) if getattr(ds, "features", None) else None
     if hasattr(feature, "num_classes"):
         return int(feature.num_classes)
     return int(max(ds[label_column])) + 1 if hasattr(ds, "__len__") else None
-
-
-def class_names_of(ds: Any, label_column: str) -> Optional[list[str]]:
-    feature = _label_feature(ds, label_column)
-    return list(feature.names) if hasattr(feature, "names") else None

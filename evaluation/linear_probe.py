@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
 from torch import nn
@@ -31,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
 DINO_BASE_LR = 0.001  # eval_linear.py --lr, for a reference batch of 256
-DINO_PROTOCOL = "dino_eval_linear"
-CACHED_GRID_PROTOCOL = "cached_grid"
 
 
 def dino_feature_layout(hidden_size: int) -> tuple[int, bool]:
@@ -111,7 +108,7 @@ class LinearGrid(nn.Module):
 
 def make_optimizer(grid: LinearGrid, batch_size: int, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with one parameter group per head at ``scaled_lr(head.base_lr, batch_size)``."""
-    groups = [{"params": head.parameters(), "lr": scaled_lr(s.base_lr, batch_size), "initial_lr": scaled_lr(s.base_lr, batch_size)}
+    groups = [{"params": head.parameters(), "lr": scaled_lr(s.base_lr, batch_size)}
               for s, head in zip(grid.specs, grid.heads)]
     return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
 
@@ -126,81 +123,63 @@ def train_step(grid: LinearGrid, opt: torch.optim.Optimizer, cls: torch.Tensor, 
     return float(torch.stack(losses).detach().mean())
 
 
-def set_cosine_lr(opt: torch.optim.Optimizer, epoch: int, epochs: int) -> None:
-    """DINO: CosineAnnealingLR(T_max=epochs, eta_min=0) stepped once per epoch."""
-    for group in opt.param_groups:
-        group["lr"] = group["initial_lr"] * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-
-
-@torch.no_grad()
-def evaluate_grid(grid: LinearGrid, cls: torch.Tensor, patch_mean: torch.Tensor, labels: torch.Tensor,
-                  batch_size: int = 4096) -> list[dict[int, float]]:
-    """Top-1/top-5 (percent) of every head (computed where the grid is, e.g. the accelerator)."""
-    device = next(grid.parameters()).device
-    logits = [[] for _ in grid.heads]
-    for start in range(0, len(labels), batch_size):
-        chunk = slice(start, start + batch_size)
-        for i, out in enumerate(grid(cls[chunk].to(device), patch_mean[chunk].to(device))):
-            logits[i].append(out.cpu())
-    return [topk_accuracy(torch.cat(l), labels.long().cpu(), (1, 5)) for l in logits]
-
-
-def train_grid_cached(grid: LinearGrid, feats: dict[str, torch.Tensor], *, epochs: int, batch_size: int,
-                      momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0, show: bool = True,
-                      device: Optional[torch.device | str] = None) -> list[dict]:
-    """Train every head on cached features (shuffled mini-batches each epoch) on ``device`` (the accelerator;
-    default: where the grid is), features moved there once; returns the epoch log."""
-    grid.to(device if device is not None else next(grid.parameters()).device)
-    device = next(grid.parameters()).device
-    feats = {k: feats[k].to(device) for k in ("cls", "patch_mean", "labels")}
+def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int, batch_size: int,
+               momentum: float = 0.9, weight_decay: float = 0.0, evaluate: Optional[Callable] = None,
+               show: bool = True) -> list[dict]:
+    """Train every head for ``epochs`` as DINO: SGD, CosineAnnealingLR (eta_min 0) stepped once per epoch. Each
+    epoch steps on the ``(cls, patch_mean, labels, valid)`` batches of ``batches()``; rows not ``valid``
+    (unreadable images, logged by the decoder) are dropped and counted as ``skipped``. ``evaluate(grid, epoch)``
+    runs after every epoch; the dict it returns (None: not evaluated this epoch) is merged into its log entry."""
     opt = make_optimizer(grid, batch_size, momentum, weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    n = len(feats["labels"])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     log = []
     for epoch in tqdm(range(epochs), desc="linear probe", disable=not show):
-        set_cosine_lr(opt, epoch, epochs)
-        order = torch.randperm(n, generator=g)
-        losses = []
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size].to(device)
-            losses.append(train_step(grid, opt, feats["cls"][idx], feats["patch_mean"][idx], feats["labels"][idx]))
-        log.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)})
-    return log
-
-
-def train_grid_augmented(grid: LinearGrid, model: nn.Module, loader, *, epochs: int, batch_size: int,
-                         n_last_blocks: int, momentum: float = 0.9, weight_decay: float = 0.0, accelerator=None,
-                         evaluate=None, show: bool = True) -> list[dict]:
-    """DINO's loop: every epoch runs the frozen backbone on the loader's freshly augmented crops and steps every
-    head (SGD, cosine per epoch). ``evaluate(grid, epoch)`` runs after every epoch; the dict it returns (None:
-    not evaluated this epoch) is merged into that epoch's log entry."""
-    from .features import block_outputs
-
-    opt = make_optimizer(grid, batch_size, momentum, weight_decay)
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    log = []
-    for epoch in range(epochs):
-        set_cosine_lr(opt, epoch, epochs)
-        lr = opt.param_groups[0]["lr"]
-        grid.to(device)
         losses, skipped = [], 0
-        for batch in tqdm(loader, desc=f"linear epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
-            cls, patches = block_outputs(model, batch["pixel_values"].to(device), n_last_blocks)
-            out = {"cls": cls, "pm": patches.mean(1), "y": batch["labels"].to(device), "v": batch["valid"].to(device)}
-            if accelerator is not None:  # gather (not gather_for_metrics): every rank steps its identical heads
-                out = accelerator.gather(out)
-            v = out["v"].bool()
-            skipped += int((~v).sum())  # unreadable images (logged by the decoder), dropped from the batch
-            if v.any():
-                losses.append(train_step(grid, opt, out["cls"][v], out["pm"][v], out["y"][v]))
-        grid.cpu()
-        entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "lr": lr, "skipped": skipped}
+        for cls, patch_mean, labels, valid in batches():
+            skipped += int((~valid).sum())
+            if valid.any():
+                losses.append(train_step(grid, opt, cls[valid], patch_mean[valid], labels[valid]))
+        entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "lr": schedule.get_last_lr()[0],
+                 "skipped": skipped}
+        schedule.step()
         entry.update((evaluate(grid, epoch + 1) if evaluate is not None else None) or {})
         log.append(entry)
         if show and "eval" in entry:
             logger.info("epoch %d: loss %.4f, eval top-1 %s", epoch + 1, entry["loss"],
                         " ".join(f"{e['top1']:.2f}" for e in entry["eval"]))
     return log
+
+
+def train_grid_cached(grid: LinearGrid, feats: dict[str, torch.Tensor], *, seed: int = 0,
+                      device: Optional[torch.device | str] = None, **kwargs: Any) -> list[dict]:
+    """``train_grid`` on cached features (shuffled mini-batches each epoch) on ``device`` (the accelerator;
+    default: where the grid is), features moved there once."""
+    grid.to(device if device is not None else next(grid.parameters()).device)
+    device = next(grid.parameters()).device
+    feats = {k: feats[k].to(device) for k in ("cls", "patch_mean", "labels")}
+    g = torch.Generator().manual_seed(seed)
+    n, size = len(feats["labels"]), kwargs["batch_size"]
+
+    def batches():
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n, size):
+            idx = order[start : start + size].to(device)
+            yield feats["cls"][idx], feats["patch_mean"][idx], feats["labels"][idx], torch.ones_like(idx, dtype=bool)
+
+    return train_grid(grid, batches, **kwargs)
+
+
+@torch.no_grad()
+def evaluate_grid(grid: LinearGrid, feats: dict[str, torch.Tensor], batch_size: int = 4096) -> list[dict[str, float]]:
+    """Top-1/top-5 (percent) of every head on ``feats`` (computed where the grid is, e.g. the accelerator)."""
+    device = next(grid.parameters()).device
+    logits = [[] for _ in grid.heads]
+    for start in range(0, len(feats["labels"]), batch_size):
+        chunk = slice(start, start + batch_size)
+        for i, out in enumerate(grid(feats["cls"][chunk].to(device), feats["patch_mean"][chunk].to(device))):
+            logits[i].append(out.cpu())
+    accs = [topk_accuracy(torch.cat(l), feats["labels"].long().cpu(), (1, 5)) for l in logits]
+    return [{"top1": a[1], "top5": a[5]} for a in accs]
 
 
 def best_epoch(log: list[dict], head: int = 0, key: str = "eval") -> dict:
@@ -210,10 +189,6 @@ def best_epoch(log: list[dict], head: int = 0, key: str = "eval") -> dict:
     if not rows:
         raise ValueError(f"no epoch of the log has {key!r} results")
     return max(rows, key=lambda e: (e[key][head]["top1"], -e["epoch"]))
-
-
-def _accuracies(grid: LinearGrid, feats: dict[str, torch.Tensor]) -> list[dict[str, float]]:
-    return [{"top1": a[1], "top5": a[5]} for a in evaluate_grid(grid, feats["cls"], feats["patch_mean"], feats["labels"])]
 
 
 # --- Entry point (scripts/eval_linear.py)
@@ -269,14 +244,6 @@ def resolve_heads(cfg: LinearEvalConfig, hidden_size: int, depth: int) -> list[H
     return [HeadSpec(n, a, lr) for n in ns for a in pools for lr in lrs]
 
 
-def protocol_name(cfg: LinearEvalConfig, specs: list[HeadSpec]) -> str:
-    """``dino_eval_linear`` (one head, augmented), ``dino_eval_linear_grid`` (several heads on DINO's augmented
-    crops: the best head is a selection DINO does not make) or ``cached_grid``."""
-    if cfg.protocol == "cached_grid":
-        return CACHED_GRID_PROTOCOL
-    return DINO_PROTOCOL if len(specs) == 1 else f"{DINO_PROTOCOL}_grid"
-
-
 def is_official(cfg: LinearEvalConfig, specs: list[HeadSpec], hidden_size: int) -> bool:
     """True when every protocol choice is official DINO eval_linear's (the batch size may differ: the lr
     follows it by the scaling rule)."""
@@ -292,7 +259,7 @@ def main(cfg: LinearEvalConfig) -> dict:
     """Extract features, train the head(s), write ``results_linear.json`` and ``grid.json`` (every head, the log)."""
     from entmax_vit.data.datasets import find_column, open_dataset
 
-    from .features import on_main_rank, prepare_classification, split_features
+    from .features import block_outputs, on_main_rank, prepare_classification, split_features
     from .image_data import ClassificationRows, num_classes_of
     from .results import finish_run
 
@@ -339,7 +306,7 @@ def main(cfg: LinearEvalConfig) -> dict:
     def evaluate(g: LinearGrid, epoch: int) -> Optional[dict]:  # every eval_every epochs and after the last
         if epoch % cfg.eval_every and epoch != cfg.epochs:
             return None
-        return {"eval": _accuracies(g, test), **({"select": _accuracies(g, select)} if key == "select" else {})}
+        return {"eval": evaluate_grid(g, test), **({"select": evaluate_grid(g, select)} if key == "select" else {})}
 
     torch.manual_seed(cfg.seed)  # dino protocol: identical heads on every rank, each stepping the same gathered batches
     grid = LinearGrid(specs, model.config.hidden_size, num_classes)
@@ -361,9 +328,17 @@ def main(cfg: LinearEvalConfig) -> dict:
         loader = accelerator.prepare(torch.utils.data.DataLoader(rows, batch_size=per_rank, shuffle=True,
                                                                  num_workers=cfg.num_workers))
 
-        log = train_grid_augmented(grid, model, loader, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                   n_last_blocks=n_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                   accelerator=accelerator, evaluate=evaluate, show=show)
+        def crops():  # DINO's loop: every epoch runs the frozen backbone on freshly augmented crops
+            for batch in tqdm(loader, desc="train crops", disable=not show, leave=False):
+                batch = {k: batch[k].to(accelerator.device) for k in ("pixel_values", "labels", "valid")}
+                cls, patches = block_outputs(model, batch["pixel_values"], n_max)
+                # gather (not gather_for_metrics): every rank steps its identical heads on the same rows
+                cls, patch_mean, labels, valid = accelerator.gather((cls, patches.mean(1), batch["labels"],
+                                                                     batch["valid"]))
+                yield cls, patch_mean, labels, valid.bool()
+
+        log = train_grid(grid.to(accelerator.device), crops, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                         momentum=cfg.momentum, weight_decay=cfg.weight_decay, evaluate=evaluate, show=show)
         if not need_train_feats:
             train_info["num_skipped"] = log[0]["skipped"]
         bests = [best_epoch(log, i, key) for i in range(len(specs))]  # DINO reports its best epoch
@@ -381,7 +356,9 @@ def main(cfg: LinearEvalConfig) -> dict:
               "eval_top1": b["eval"][i]["top1"], "eval_top5": b["eval"][i]["top5"],
               **({"best_epoch": b["epoch"]} if cfg.protocol == "dino" else {})}
              for i, (s, b) in enumerate(zip(specs, bests))]
-    spec, name = specs[best], protocol_name(cfg, specs)
+    spec = specs[best]
+    # several heads on DINO's crops: the best head is a selection DINO does not make
+    name = "cached_grid" if cfg.protocol == "cached_grid" else "dino_eval_linear" + ("_grid" if len(specs) > 1 else "")
     logger.info("%s, head %s: top-1 %.2f top-5 %.2f", name, spec.name, metrics["top1"], metrics["top5"])
     record = finish_run(
         "linear", cfg, model, accelerator, metrics=metrics,

@@ -8,8 +8,6 @@ from the Hub (offline it fails); tests/test_eval_metrics.py checks against a num
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -21,20 +19,15 @@ def reduce_zero_label(labels: torch.Tensor, ignore_index: int = 255) -> torch.Te
     return out
 
 
-def confusion_matrix(
-    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: Optional[int] = 255
-) -> torch.Tensor:
-    """(K, K) int64 counts of ``target`` (rows) vs ``pred`` (columns) over all pixels, on their device.
-
-    ``pred`` and ``target`` are integer tensors of the same shape (e.g. (B, H, W)).
-    """
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """(K, K) int64 counts of ``target`` (rows) vs ``pred`` (columns), integer tensors of one shape (e.g. (B, H, W)),
+    over all pixels, on their device."""
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     pred = pred.reshape(-1).long()
     target = target.reshape(-1).long()
-    keep = (target >= 0) & (target < num_classes)
-    if ignore_index is not None:
-        keep &= target != ignore_index
+    keep = (target >= 0) & (target < num_classes) & (target != ignore_index)
     pred, target = pred[keep], target[keep]
     if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
         raise ValueError(f"predictions must be class ids in [0, {num_classes})")

@@ -66,13 +66,9 @@ def validate_results(data: Any, source: str = "results") -> dict:
         raise ValueError(f"{source}: wrong types for {wrong} (expected {[ _REQUIRED[k].__name__ for k in wrong]})")
     if data["task"] not in TASKS:
         raise ValueError(f"{source}: task {data['task']!r} not one of {TASKS}")
-    for key in ("name_or_path", "attention"):
-        if not isinstance(data["model"].get(key), str):
-            raise ValueError(f"{source}: model.{key} must be a string")
-    if not isinstance(data["dataset"].get("name"), str):
-        raise ValueError(f"{source}: dataset.name must be a string")
-    if not isinstance(data["protocol"].get("name"), str):
-        raise ValueError(f"{source}: protocol.name must be a string")
+    for section, key in (("model", "name_or_path"), ("model", "attention"), ("dataset", "name"), ("protocol", "name")):
+        if not isinstance(data[section].get(key), str):
+            raise ValueError(f"{source}: {section}.{key} must be a string")
     for name, value in data["metrics"].items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"{source}: metric {name!r} must be a finite number, got {value!r}")

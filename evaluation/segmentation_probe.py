@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead, SegmentationHeadConfig
 
-from .entry_point import PRESET_DIR
 from .metrics import confusion_matrix, segmentation_scores
 
 logger = logging.getLogger(__name__)
@@ -128,16 +127,15 @@ def sliding_window_logits(head: LinearSegmentationHead, model: torch.nn.Module, 
     H, W = pixel_values.shape[-2:]
     logits = pixel_values.new_zeros(b, head.config.num_labels, H, W)
     count = pixel_values.new_zeros(1, 1, H, W)
-    rows = list(range(0, max(H - window, 0) + 1, stride))
-    cols = list(range(0, max(W - window, 0) + 1, stride))
-    rows += [H - window] if rows[-1] != H - window else []
-    cols += [W - window] if cols[-1] != W - window else []
+    rows = [*range(0, H - window, stride), H - window]  # the last window ends at the border
+    cols = [*range(0, W - window, stride), W - window]
+    size = (window // patch * patch,) * 2
     for top in rows:
         for left in cols:
             crop = pixel_values[..., top : top + window, left : left + window]
-            size = (window // patch * patch,) * 2
-            crop_in = crop if crop.shape[-1] == size[0] else F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
-            logits[..., top : top + window, left : left + window] += head.predict(model, crop_in, size=(window, window))
+            if crop.shape[-1] != size[0]:
+                crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)
+            logits[..., top : top + window, left : left + window] += head.predict(model, crop, size=(window, window))
             count[..., top : top + window, left : left + window] += 1
     return (logits / count)[..., :h, :w]
 
@@ -190,41 +188,36 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
         train_head, opt = accelerator.prepare(head, opt)
     if feature_cache is not None and not cfg.cache_features:
         raise ValueError("a feature_cache needs cfg.cache_features = true")
-    feature_cache = [] if feature_cache is None else feature_cache
+    show = accelerator is None or accelerator.is_local_main_process
+
+    @torch.no_grad()  # as a decorator: grad mode is restored at every yield
+    def read(batches) -> Iterator[tuple]:  # (features (B, C, h, w), labels, valid) of the frozen backbone
+        for batch in batches:
+            yield (head.extract_features(model, batch["pixel_values"].to(device)), batch["labels"].to(device),
+                   batch["valid"].to(device).bool())
+
     if cfg.cache_features and not feature_cache:  # one frozen pass; every epoch then trains on the stored maps
-        with torch.no_grad():
-            for batch in tqdm(loader, desc="train features", disable=accelerator is not None and not accelerator.is_local_main_process):
-                valid = batch["valid"].to(device).bool()
-                feature_cache.append((head.extract_features(model, batch["pixel_values"].to(device)).half(),
-                                      batch["labels"].to(device), valid))
+        feature_cache = [(f.half(), y, v) for f, y, v in read(tqdm(loader, desc="train features", disable=not show))]
     iters_per_epoch = len(feature_cache) if cfg.cache_features else len(loader)
     total = cfg.max_iters or cfg.epochs * iters_per_epoch
     epochs = math.ceil(total / max(iters_per_epoch, 1))
     lrs = lr_schedule(cfg, iters_per_epoch, total)
     log, it = [], 0
-    show = accelerator is None or accelerator.is_local_main_process
     for epoch in range(epochs):
         head.train()
         losses, skipped = [], 0
-        batches = loader
         if cfg.cache_features:
             batches = [feature_cache[i] for i in torch.randperm(len(feature_cache)).tolist()]
-        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
+        else:
+            batches = read(loader)
+        for feats, y, valid in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not show, leave=False):
             if it >= total:
                 break
-            if cfg.cache_features:
-                feats, y, valid = batch
-                feats = feats.float()
-            else:
-                valid = batch["valid"].to(device).bool()
-                y = batch["labels"].to(device)
-                with torch.no_grad():
-                    feats = head.extract_features(model, batch["pixel_values"].to(device))  # (B, C, h, w)
             skipped += int((~valid).sum())
             y = torch.where(valid[:, None, None], y, torch.full_like(y, cfg.ignore_index))
             for group in opt.param_groups:
                 group["lr"] = lrs[it]
-            logits = F.interpolate(train_head(feats), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(train_head(feats.float()), size=y.shape[-2:], mode="bilinear", align_corners=False)
             if (y != cfg.ignore_index).any():
                 loss = F.cross_entropy(logits, y, ignore_index=cfg.ignore_index)
             else:
@@ -247,8 +240,6 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
 class ProbeData:
     """The two splits of a probe run, as rows the loaders read, with the label space."""
 
-    train_ds: object
-    eval_ds: object
     train_rows: torch.utils.data.Dataset
     eval_rows: torch.utils.data.Dataset
     num_classes: int
@@ -290,7 +281,7 @@ def probe_datasets(cfg: SegmentationEvalConfig, accelerator: Any = None) -> Prob
                 mask_size=cfg.mask_size, hflip=cfg.hflip, scale_range=tuple(cfg.scale_range), **label_kwargs)
     train_rows = SegmentationRows(train_ds, train=True, **rows)
     eval_rows = SegmentationRows(eval_ds, train=False, **rows)
-    return ProbeData(train_ds, eval_ds, train_rows, eval_rows, num_classes, id2label, label_mapping)
+    return ProbeData(train_rows, eval_rows, num_classes, id2label, label_mapping)
 
 
 def new_head(cfg: SegmentationEvalConfig, num_classes: int, hidden_size: int, id2label: dict) -> LinearSegmentationHead:
@@ -317,12 +308,12 @@ def shared_block_outputs(model: torch.nn.Module, loader, layers: list[int], norm
                          dtype: torch.dtype = torch.float16) -> list[tuple]:
     """One frozen pass: per batch ``({block: (patch map (B, D, h, w), cls (B, D))}, labels, valid)``, for every
     block in ``layers`` at once (what several heads of ``probe_grid_miou`` read)."""
-    device = next(model.parameters()).device
+    device, layers = next(model.parameters()).device, sorted(set(layers))
     out = []
     for batch in loader:
-        outputs = model.get_intermediate_layers(batch["pixel_values"].to(device), n=sorted(set(layers)), reshape=True,
+        outputs = model.get_intermediate_layers(batch["pixel_values"].to(device), n=layers, reshape=True,
                                                 return_class_token=True, norm=norm)
-        blocks = {b: (p.to(dtype), c.to(dtype)) for b, (p, c) in zip(sorted(set(layers)), outputs)}
+        blocks = {b: (p.to(dtype), c.to(dtype)) for b, (p, c) in zip(layers, outputs)}
         out.append((blocks, batch["labels"].to(device), batch["valid"].to(device).bool()))
     return out
 
@@ -369,37 +360,30 @@ def probe_grid_miou(model: torch.nn.Module, data: ProbeData, cfgs: list[Segmenta
 
 
 def _loaders(cfg: SegmentationEvalConfig, data: ProbeData, accelerator: Any = None) -> tuple:
-    """Shuffled train and ordered eval loaders; with several ranks each evaluates every n-th row (no duplicates,
-    so the summed confusion matrix is exact)."""
+    """Shuffled train and ordered eval loaders; with an accelerator the train loader is prepared, and with several
+    ranks each evaluates every n-th row (no duplicates, so the summed confusion matrix is exact)."""
     eval_rows = data.eval_rows
     if accelerator is not None and accelerator.num_processes > 1:
         eval_rows = torch.utils.data.Subset(eval_rows, list(range(accelerator.process_index, len(eval_rows),
                                                                   accelerator.num_processes)))
     train = torch.utils.data.DataLoader(data.train_rows, batch_size=cfg.batch_size, shuffle=True,
                                         num_workers=cfg.num_workers, drop_last=len(data.train_rows) > cfg.batch_size)
+    train = accelerator.prepare(train) if accelerator is not None else train
     return train, torch.utils.data.DataLoader(eval_rows, num_workers=cfg.num_workers,
                                               batch_size=cfg.eval_batch_size if cfg.protocol == "neco" else 1)
 
 
 def main(cfg: SegmentationEvalConfig) -> dict:
     """Train the probe on ``train_split``, evaluate on ``eval_split``, save the head and the results JSON."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from .entry_point import check_config
-    from .features import load_backbone
+    from .entry_point import start_run
     from .resolution import eval_resolution
     from .results import finish_run
 
     if not cfg.dataset:
         raise ValueError("--dataset is required for this preset (a Hub id or local folder with image + mask columns)")
-    check_config(cfg)
     if len(cfg.scale_range) != 2 or not 0 < cfg.scale_range[0] <= cfg.scale_range[1]:
         raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {cfg.scale_range}")
-    accelerator = Accelerator()
-    set_seed(cfg.seed)
-    logger.info("segmentation probe: %d process(es) on %s", accelerator.num_processes, accelerator.device)
-    model = load_backbone(cfg.model, cfg.revision, accelerator.device)
+    accelerator, model = start_run(cfg, cfg.seed)
     _, input_size = eval_resolution(None, cfg.input_size, cfg.model, cfg.revision, what="input_size")
     cfg = dataclasses.replace(cfg, input_size=input_size)  # the config written beside the results says it
     if not hasattr(model, "get_intermediate_layers"):
@@ -412,7 +396,6 @@ def main(cfg: SegmentationEvalConfig) -> dict:
 
     data = probe_datasets(cfg, accelerator)
     train_loader, eval_loader = _loaders(cfg, data, accelerator)
-    train_loader = accelerator.prepare(train_loader)
     if cfg.head_path:  # evaluation only: the head decides how the backbone is read
         head = LinearSegmentationHead.load(cfg.head_path, map_location=accelerator.device)
         if head.config.num_labels != data.num_classes or head.config.hidden_size != model.config.hidden_size:
@@ -436,7 +419,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
     record = finish_run(
         "segmentation", cfg, model, accelerator, metrics=metrics,
         dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(data.eval_ds), "num_train_samples": len(data.train_ds),
+                 "num_samples": len(data.eval_rows), "num_train_samples": len(data.train_rows),
                  "num_classes": data.num_classes, "num_skipped": skipped + train_skipped},
         protocol={"name": f"{cfg.protocol}_linear", "layers": list(hc.layers), "backbone_norm": hc.backbone_norm,
                   "use_cls_token": hc.use_cls_token, "batch_norm": hc.batch_norm, "input_size": cfg.input_size,

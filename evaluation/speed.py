@@ -73,15 +73,14 @@ def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, r
                    warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, in interleaved rounds (load from other processes hits all
     alike), CUDA synchronised around every call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -203,7 +203,8 @@ def test_model_paths_are_checked_before_main(assets, tmp_path):
 
 def test_presets_parse():
     from entmax_vit.cli.config import parse_config
-    from entmax_vit.evaluation.segmentation_probe import PRESET_DIR, SegmentationEvalConfig
+    from entmax_vit.evaluation.entry_point import PRESET_DIR
+    from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig
 
     names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     assert {"voc", "ade20k", "cityscapes", "voc_dinov2", "ade20k_dinov2", "cityscapes_dinov2", "embedded"} <= set(names)

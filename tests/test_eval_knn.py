@@ -80,7 +80,7 @@ def test_one_top_k_at_the_largest_k_gives_every_k():
 def test_loader_defaults_are_sized_to_the_machine(monkeypatch):
     from types import SimpleNamespace
 
-    from entmax_vit.evaluation.loader_defaults import sized_to_machine
+    from entmax_vit.evaluation.features import sized_to_machine
 
     cpu = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(num_processes=1))
     assert sized_to_machine(None, None, cpu) == (64, 0) and sized_to_machine(32, 3, cpu) == (32, 3)
