@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from entmax_vit.data.config_io import flatten
 from entmax_vit.recipe import BIBTEX, PAPER_ARXIV, PAPER_RESULTS, PAPER_TITLE
@@ -187,15 +186,3 @@ def build_card(inputs: CardInputs) -> ModelCard:
         card.text += "\n"
     return card
 
-
-def render_card(inputs: CardInputs) -> str:
-    """The README.md text: YAML front matter (written by huggingface_hub) + sections."""
-    return str(build_card(inputs))
-
-
-def parse_card_metadata(text: str) -> dict:
-    """The YAML front matter of a card, read through ``ModelCard`` (raises ValueError when missing or invalid)."""
-    if not REGEX_YAML_BLOCK.search(text):  # ModelCard would only log a warning and return empty metadata
-        raise ValueError("Card has no YAML front matter")
-    card = ModelCard(text)  # a non-mapping block or an unparsable model-index raises ValueError
-    return card.data.to_dict()
