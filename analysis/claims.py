@@ -18,12 +18,13 @@ model and seed cannot separate small differences from noise: compare across seed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -79,21 +80,17 @@ def _backbone(model: Union[nn.Module, str]) -> nn.Module:
     return base
 
 
-class _EagerAttention:
-    """Context: the backbone runs its eager kernel (which returns attention probabilities), then the one it had."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.before = getattr(model.config, "_attn_implementation", None)
-
-    def __enter__(self) -> nn.Module:
-        if self.before != "eager":
-            self.model.set_attn_implementation("eager")
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.before not in (None, "eager"):
-            self.model.set_attn_implementation(self.before)
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """The backbone runs its eager kernel (which returns attention probabilities), then the one it had."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        if before not in (None, "eager"):
+            model.set_attn_implementation(before)
 
 
 def foreground_alignment(model: nn.Module, cfg: ClaimsConfig, image_size: int) -> dict[int, dict[str, float]]:
@@ -106,7 +103,7 @@ def foreground_alignment(model: nn.Module, cfg: ClaimsConfig, image_size: int) -
                                   image_size=image_size)
     if images.masks is None:
         raise ValueError(f"{cfg.dataset} split {cfg.eval_split!r} has no mask column: no foreground to align with")
-    with _EagerAttention(model):
+    with _eager_attention(model):
         per_layer = analyze_model(model, images.pixel_values, images.masks, progress=cfg.progress)
     return {layer: {"fg_jaccard": 100.0 * m["fg_jaccard_best_head"], "fg_jaccard_avg_map": 100.0 * m["fg_jaccard_head_avg_map"]}
             for layer, m in per_layer.items() if "fg_jaccard_best_head" in m}
