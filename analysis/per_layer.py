@@ -33,9 +33,7 @@ def resolve_backbone(model: nn.Module) -> nn.Module:
 
 
 def token_layout(model: nn.Module, pixel_values: torch.Tensor) -> tuple[int, tuple[int, int]]:
-    """``(prefix, (h, w))``: number of [CLS] + register tokens and the patch grid for these inputs."""
-    if pixel_values.ndim != 4:
-        raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+    """``(prefix, (h, w))``: number of [CLS] + register tokens and the patch grid for (B, C, H, W) inputs."""
     cfg = resolve_backbone(model).config
     p = cfg.patch_size
     prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
