@@ -180,14 +180,14 @@ def summarize(numbers: Mapping[str, float], depth: int) -> dict[str, float]:
 
 
 def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *, model: Union[nn.Module, str],
-                 cfg: Optional[ClaimsConfig] = None, model_name_or_path: Optional[str] = None) -> Path:
+                 cfg: Optional[ClaimsConfig] = None) -> Path:
     """``numbers`` as a results JSON (schema entmax_vit.results/v1, task "analysis", protocol "paper_claims")."""
     from entmax_vit.evaluation.results import make_results, weights_fingerprint, write_results
 
     cfg = cfg or ClaimsConfig()
     backbone = _backbone(model) if not isinstance(model, str) else None
     config = backbone.config.to_dict() if backbone is not None else {}
-    source = model_name_or_path or (model if isinstance(model, str) else config.get("_name_or_path", "") or "in_memory")
+    source = model if isinstance(model, str) else config.get("_name_or_path", "") or "in_memory"
     probe = probe_config(cfg)
     record = make_results(
         task="analysis", model_name_or_path=str(source), model_config=config,
