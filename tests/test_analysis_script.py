@@ -14,10 +14,12 @@ from PIL import Image
 from entmax_vit.analysis.figures import pca_rgb, plot_head_distances, plot_layer_curves, save_attention_maps, save_pca_image
 from entmax_vit.analysis.per_layer import analyze_model
 from entmax_vit.analysis.run import PRESET_DIR, AnalyzeConfig, main
-from entmax_vit.cli.config import parse_config, usage
+from entmax_vit.cli.config import parse_config
 from entmax_vit.data.config_io import ConfigError
 from entmax_vit.evaluation.results import load_results
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+from cli_helpers import usage  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
