@@ -140,6 +140,7 @@ def template_values(inputs: CardInputs) -> dict[str, Any]:
     head = inputs.segmentation_head or {}
     labels = head.get("id2label", {})
     progress = inputs.training_progress or {}
+    trained, planned = int(progress.get("steps_trained", 0)), int(progress.get("steps_planned") or 0)
     training_rows = training_yaml = None
     if inputs.training_config:
         config = public_config(inputs.training_config)
@@ -152,10 +153,8 @@ def template_values(inputs: CardInputs) -> dict[str, Any]:
         repo=inputs.repo_id, repo_id_is_placeholder=inputs.repo_id_is_placeholder,
         head=inputs.segmentation_head, head_labels=[str(labels[k]) for k in sorted(labels, key=int)],
         training_rows=training_rows, training_yaml=training_yaml,
-        # weights exported from a checkpoint before the end of the planned training
-        partial=int(progress.get("steps_trained", 0)) < int(progress.get("steps_planned") or 0),
-        progress=progress and {"trained": int(progress.get("steps_trained", 0)),
-                               "planned": int(progress.get("steps_planned") or 0),
+        partial=trained < planned,  # weights exported from a checkpoint before the end of the planned training
+        progress=progress and {"trained": trained, "planned": planned,
                                "epochs_planned": progress.get("epochs_planned")},
         rows=[{"task": r["task"], "dataset": r["dataset"]["name"], "split": r["dataset"].get("split", ""),
                "protocol": r["protocol"].get("name", ""), "samples": r["dataset"].get("num_samples", ""),
