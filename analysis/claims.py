@@ -18,12 +18,13 @@ model and seed cannot separate small differences from noise: compare across seed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -79,21 +80,17 @@ def _backbone(model: Union[nn.Module, str]) -> nn.Module:
     return base
 
 
-class _EagerAttention:
-    """Context: the backbone runs its eager kernel (which returns attention probabilities), then the one it had."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.before = getattr(model.config, "_attn_implementation", None)
-
-    def __enter__(self) -> nn.Module:
-        if self.before != "eager":
-            self.model.set_attn_implementation("eager")
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.before not in (None, "eager"):
-            self.model.set_attn_implementation(self.before)
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """The backbone runs its eager kernel (which returns attention probabilities), then the one it had."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        if before not in (None, "eager"):
+            model.set_attn_implementation(before)
 
 
 def foreground_alignment(model: nn.Module, cfg: ClaimsConfig, image_size: int) -> dict[int, dict[str, float]]:
@@ -106,7 +103,7 @@ def foreground_alignment(model: nn.Module, cfg: ClaimsConfig, image_size: int) -
                                   image_size=image_size)
     if images.masks is None:
         raise ValueError(f"{cfg.dataset} split {cfg.eval_split!r} has no mask column: no foreground to align with")
-    with _EagerAttention(model):
+    with _eager_attention(model):
         per_layer = analyze_model(model, images.pixel_values, images.masks, progress=cfg.progress)
     return {layer: {"fg_jaccard": 100.0 * m["fg_jaccard_best_head"], "fg_jaccard_avg_map": 100.0 * m["fg_jaccard_head_avg_map"]}
             for layer, m in per_layer.items() if "fg_jaccard_best_head" in m}
@@ -183,14 +180,14 @@ def summarize(numbers: Mapping[str, float], depth: int) -> dict[str, float]:
 
 
 def write_claims(numbers: Mapping[str, float], path: Union[str, os.PathLike], *, model: Union[nn.Module, str],
-                 cfg: Optional[ClaimsConfig] = None, model_name_or_path: Optional[str] = None) -> Path:
+                 cfg: Optional[ClaimsConfig] = None) -> Path:
     """``numbers`` as a results JSON (schema entmax_vit.results/v1, task "analysis", protocol "paper_claims")."""
     from entmax_vit.evaluation.results import make_results, weights_fingerprint, write_results
 
     cfg = cfg or ClaimsConfig()
     backbone = _backbone(model) if not isinstance(model, str) else None
     config = backbone.config.to_dict() if backbone is not None else {}
-    source = model_name_or_path or (model if isinstance(model, str) else config.get("_name_or_path", "") or "in_memory")
+    source = model if isinstance(model, str) else config.get("_name_or_path", "") or "in_memory"
     probe = probe_config(cfg)
     record = make_results(
         task="analysis", model_name_or_path=str(source), model_config=config,

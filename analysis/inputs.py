@@ -1,7 +1,7 @@
 """Images (and masks, where present) for the analysis, as tensors: a dataset source of
 ``data.datasets.load_image_dataset``, or a plain folder of images with an optional ``mask_dir`` (masks named like
 the images; 0 = background, 255 = ignore). As DINO's visualize_attention, whole images: shorter side resized to
-``image_size`` (bicubic; masks nearest) and centre-cropped, ImageNet-normalised."""
+``image_size`` (bicubic; masks nearest) and centre-cropped, ImageNet-normalised (evaluation's eval transform)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from entmax_vit.data.datasets import find_column, load_image_dataset
 from entmax_vit.data.images import ImageRows, decode_mask
-from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
+from entmax_vit.evaluation.image_data import ClassificationTransform
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +36,11 @@ class AnalysisImages:
     skipped: int = 0
 
 
-def _resize_crop(img: Image.Image, size: int, resample: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), resample=resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> normalised (3, size, size) tensor (resize shorter side + centre crop)."""
-    arr = np.asarray(_resize_crop(image, size, Image.BICUBIC), dtype=np.float32) / 255.0  # (S, S, 3)
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
 def preprocess_mask(mask: Any, size: int) -> torch.Tensor:
     """Mask -> (size, size) long tensor with the image's geometry (nearest resampling keeps class ids)."""
     img = Image.fromarray(decode_mask(mask).astype(np.int32), mode="I")
-    return torch.from_numpy(np.asarray(_resize_crop(img, size, Image.NEAREST)).astype(np.int64))
+    img = TF.center_crop(TF.resize(img, size, InterpolationMode.NEAREST), size)
+    return torch.from_numpy(np.asarray(img).astype(np.int64))
 
 
 def _is_plain_image_folder(path: Path) -> bool:
@@ -67,6 +54,7 @@ def _find_mask(mask_dir: Path, stem: str) -> Optional[Path]:
 def _collect(rows: ImageRows, items, num_images: int, size: int, with_masks: bool) -> AnalysisImages:
     """The first ``num_images`` readable rows of ``items`` ((name, row) pairs); unreadable ones are skipped and
     counted (the data layer's policy)."""
+    transform = ClassificationTransform(resize=size, crop=size)
     pixels, masks, names = [], [], []
     for name, row in items:
         if len(pixels) >= num_images:
@@ -74,7 +62,7 @@ def _collect(rows: ImageRows, items, num_images: int, size: int, with_masks: boo
         decoded = rows.decode(row, name)
         if decoded is None:
             continue
-        pixels.append(preprocess_image(decoded.image, size))
+        pixels.append(transform(decoded.image))
         names.append(str(name))
         if with_masks:  # no mask for this image: every pixel ignored (255)
             mask = decoded.mask

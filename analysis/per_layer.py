@@ -33,9 +33,7 @@ def resolve_backbone(model: nn.Module) -> nn.Module:
 
 
 def token_layout(model: nn.Module, pixel_values: torch.Tensor) -> tuple[int, tuple[int, int]]:
-    """``(prefix, (h, w))``: number of [CLS] + register tokens and the patch grid for these inputs."""
-    if pixel_values.ndim != 4:
-        raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}")
+    """``(prefix, (h, w))``: number of [CLS] + register tokens and the patch grid for (B, C, H, W) inputs."""
     cfg = resolve_backbone(model).config
     p = cfg.patch_size
     prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
@@ -71,11 +69,10 @@ def analyze_model(
     outlier_k: float = DEFAULT_OUTLIER_K,
     mass_threshold: float = DINO_MASS_THRESHOLD,
     feature_norm: bool = True,
-    ignore_index: int = 255,
     progress: bool = False,
 ) -> PerLayerMetrics:
     """``{layer: {metric: value}}`` (layer 0 = the first block) of ``model`` on normalised ``pixel_values``
-    (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, ``ignore_index`` ignored) for the foreground
+    (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, 255 ignored) for the foreground
     Jaccard. Metrics as defined in attention_metrics, token_metrics and foreground, each the exact mean over all
     images (batching does not change the numbers)."""
     if batch_size < 1:
@@ -116,7 +113,7 @@ def analyze_model(
                     m = batch_masks.to(attn.device)
                     if m.shape[-2:] != x.shape[-2:]:
                         m = F.interpolate(m[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].long()
-                    add(layer, foreground_statistics(attn, m, grid, prefix, mass_threshold, ignore_index))
+                    add(layer, foreground_statistics(attn, m, grid, prefix, mass_threshold))
     finally:
         model.train(was_training)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention_metrics import Stats, finalize
+from .attention_metrics import Stats
 
 # 1.4826 * MAD estimates the standard deviation of normally distributed values, so ``k`` reads as "robust
 # standard deviations above the median".

@@ -13,7 +13,7 @@ import io
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Optional, Sequence, TypeVar
 
 import tyro
 import yaml
@@ -89,15 +89,6 @@ def parse_config(cls: type[T], argv: Optional[Sequence[str]] = None, preset_dir:
         raise ConfigError(str(err)) from None
     check_values(cfg)
     return cfg
-
-
-def usage(cls: type, description: Optional[str] = None, preset_dir: Optional[Path] = None,
-          prog: Optional[str] = None, argv: Sequence[str] = ()) -> str:
-    """The ``--help`` text of ``parse_config(cls, [*argv, "--help"], ...)``."""
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.suppress(SystemExit):
-        parse_config(cls, [*argv, "--help"], preset_dir, description=description or cls.__doc__, prog=prog)
-    return stdout.getvalue()
 
 
 def positionals_to_options(cls: type, argv: Sequence[str], names: Sequence[str]) -> list[str]:

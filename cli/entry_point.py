@@ -54,7 +54,6 @@ def run(main: Callable[[Any], Any], config_cls: type, prog: str, *, preset_dir: 
         raise SystemExit(code) from None
 
 
-
 def exit_status(main: Callable[[Any], Any], config_cls: type, prog: str, **kwargs: Any) -> int:
     """``run`` as an exit status, for commands whose ``cli()`` returns one (the Hub scripts): 0, or 2 with the
     message alone on stderr for an error the user can act on."""

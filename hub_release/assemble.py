@@ -30,10 +30,7 @@ logger = logging.getLogger(__name__)
 
 TRAINING_CONFIG = "training_config.yaml"
 TRAINING_PROGRESS = "training_progress.json"  # training/export.py's PROGRESS_FILE: an export of a checkpoint
-# Where a converted checkpoint may record its source (config.json keys, then side files in the model folder).
-SOURCE_KEYS = ("base_model", "converted_from", "source_checkpoint", "_source_checkpoint")
 CONVERSION_CONFIG = "conversion_config.yaml"  # written by conversion/convert.py (keys: source, input, ...)
-SOURCE_FILES = (CONVERSION_CONFIG, "conversion.json", "source.json")
 # Extra Auto classes whose weights a bare-model checkpoint fills completely.
 EXTRA_AUTO_MAP = {"AutoBackbone": "modeling_entmax_vit.EntmaxViTBackbone"}
 
@@ -55,14 +52,11 @@ def is_hub_id(value: object) -> bool:
 
 
 def find_base_model(model_dir: Path, config: dict) -> Optional[str]:
-    """The Hub id a converted checkpoint came from, if the model folder records one."""
-    candidates = [config.get(k) for k in SOURCE_KEYS]
-    for name in SOURCE_FILES:
-        path = model_dir / name
-        if path.is_file():
-            data = yaml.safe_load(path.read_text()) or {}
-            if isinstance(data, dict):
-                candidates += [data.get(k) for k in ("input", "source", "hub_id", *SOURCE_KEYS)]
+    """The Hub id a converted checkpoint came from: config.json's ``base_model`` / ``converted_from``, else the
+    ``input`` of the conversion_config.yaml conversion/convert.py wrote."""
+    conversion = model_dir / CONVERSION_CONFIG
+    converted = (yaml.safe_load(conversion.read_text()) or {}) if conversion.is_file() else {}
+    candidates = [config.get("base_model"), config.get("converted_from"), converted.get("input")]
     return next((c for c in candidates if is_hub_id(c)), None)
 
 

@@ -11,7 +11,6 @@ from typing import Any, Optional
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from entmax_vit.data.config_io import flatten
 from entmax_vit.recipe import BIBTEX, PAPER_ARXIV, PAPER_RESULTS, PAPER_TITLE
@@ -141,6 +140,7 @@ def template_values(inputs: CardInputs) -> dict[str, Any]:
     head = inputs.segmentation_head or {}
     labels = head.get("id2label", {})
     progress = inputs.training_progress or {}
+    trained, planned = int(progress.get("steps_trained", 0)), int(progress.get("steps_planned") or 0)
     training_rows = training_yaml = None
     if inputs.training_config:
         config = public_config(inputs.training_config)
@@ -153,10 +153,8 @@ def template_values(inputs: CardInputs) -> dict[str, Any]:
         repo=inputs.repo_id, repo_id_is_placeholder=inputs.repo_id_is_placeholder,
         head=inputs.segmentation_head, head_labels=[str(labels[k]) for k in sorted(labels, key=int)],
         training_rows=training_rows, training_yaml=training_yaml,
-        # weights exported from a checkpoint before the end of the planned training
-        partial=int(progress.get("steps_trained", 0)) < int(progress.get("steps_planned") or 0),
-        progress=progress and {"trained": int(progress.get("steps_trained", 0)),
-                               "planned": int(progress.get("steps_planned") or 0),
+        partial=trained < planned,  # weights exported from a checkpoint before the end of the planned training
+        progress=progress and {"trained": trained, "planned": planned,
                                "epochs_planned": progress.get("epochs_planned")},
         rows=[{"task": r["task"], "dataset": r["dataset"]["name"], "split": r["dataset"].get("split", ""),
                "protocol": r["protocol"].get("name", ""), "samples": r["dataset"].get("num_samples", ""),
@@ -187,15 +185,3 @@ def build_card(inputs: CardInputs) -> ModelCard:
         card.text += "\n"
     return card
 
-
-def render_card(inputs: CardInputs) -> str:
-    """The README.md text: YAML front matter (written by huggingface_hub) + sections."""
-    return str(build_card(inputs))
-
-
-def parse_card_metadata(text: str) -> dict:
-    """The YAML front matter of a card, read through ``ModelCard`` (raises ValueError when missing or invalid)."""
-    if not REGEX_YAML_BLOCK.search(text):  # ModelCard would only log a warning and return empty metadata
-        raise ValueError("Card has no YAML front matter")
-    card = ModelCard(text)  # a non-mapping block or an unparsable model-index raises ValueError
-    return card.data.to_dict()

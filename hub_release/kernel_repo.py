@@ -177,8 +177,7 @@ def build_kernel_repository(output_dir: str | Path, *, repo_id: Optional[str] = 
     (folder / "README.md").write_text(Template(CARD_TEMPLATE.read_text(), keep_trailing_newline=True).render(
         repo_id=repo_id or f"{PLACEHOLDER_OWNER}/{KERNEL_NAME}", name=KERNEL_NAME, version=KERNEL_VERSION,
         functions=FUNCTIONS, variants=list(VARIANTS), kernels_minver=KERNELS_MINVER, license=LICENSE.lower()))
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return KernelBuild(folder=folder, variants=list(VARIANTS), sources=sources, files=files)
+    return KernelBuild(folder=folder, variants=list(VARIANTS), sources=sources, files=repository_files(folder))
 
 
 # Runs in a fresh interpreter without site processing (no editable install of this project) and LOCAL_KERNELS

@@ -35,9 +35,6 @@ class VerificationReport:
     segments_match: Optional[bool] = None
     remote_segments: list = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def standalone_env(local_kernels: Optional[dict[str, Path]] = None) -> dict[str, str]:
     """Environment of a ``python -S`` interpreter that has this one's site-packages but not the project (no .pth

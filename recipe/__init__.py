@@ -28,5 +28,3 @@ def scaled_lr(lr_base: float, total_batch: int) -> float:
     (5e-4 at 8 x 64 -> 1e-3)."""
     return lr_base * total_batch / 256.0
 
-
-__all__ = ["BIBTEX", "PAPER_ARXIV", "PAPER_AUTHOR", "PAPER_RESULTS", "PAPER_TITLE", "scaled_lr"]

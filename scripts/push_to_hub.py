@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
@@ -72,7 +72,7 @@ def main(cfg: PushConfig) -> dict:
         )
         summary = {"folder": str(folder) if cfg.output_dir else None, "files": assembled.files,
                    "sparsity": assembled.sparsity.to_dict() if assembled.sparsity else None,
-                   "verification": assembled.verification.to_dict() if assembled.verification else None,
+                   "verification": asdict(assembled.verification) if assembled.verification else None,
                    "upload": None}
         records = folder / ".push"  # hidden: kept locally, never uploaded
         save_config(cfg, records / "push_config.yaml")

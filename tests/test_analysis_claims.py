@@ -98,12 +98,12 @@ def test_measure_end_to_end(model, tmp_path):
 
 
 def test_attention_weights_are_read_with_the_eager_kernel_and_the_kernel_is_restored():
-    from entmax_vit.analysis.claims import _EagerAttention
+    from entmax_vit.analysis.claims import _eager_attention
 
     m = EntmaxViTModel(EntmaxViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                        num_attention_heads=4, intermediate_size=64, attention="softmax"))
     assert m.config._attn_implementation == "sdpa"  # returns no attention weights
-    with _EagerAttention(m):
+    with _eager_attention(m):
         out = m(pixel_values=torch.randn(1, 3, 32, 32), output_attentions=True)
         assert all(a is not None for a in out.attentions)
     assert m.config._attn_implementation == "sdpa"

@@ -14,10 +14,12 @@ from PIL import Image
 from entmax_vit.analysis.figures import pca_rgb, plot_head_distances, plot_layer_curves, save_attention_maps, save_pca_image
 from entmax_vit.analysis.per_layer import analyze_model
 from entmax_vit.analysis.run import PRESET_DIR, AnalyzeConfig, main
-from entmax_vit.cli.config import parse_config, usage
+from entmax_vit.cli.config import parse_config
 from entmax_vit.data.config_io import ConfigError
 from entmax_vit.evaluation.results import load_results
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
+
+from cli_helpers import usage  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,7 +259,7 @@ def test_an_unreadable_mask_skips_its_image_instead_of_reading_as_background(tmp
 
 def test_in_memory_analyze_and_save_and_compare(tmp_path, tiny_config_kwargs):
     """The path the main job takes: models in memory, no files to load from."""
-    from entmax_vit.analysis.pipeline import analyze_and_save, save_comparison
+    from entmax_vit.analysis.run import AnalyzeConfig, analyze_and_save, save_comparison
 
     x = torch.randn(2, 3, 32, 32)
     masks = torch.zeros(2, 32, 32, dtype=torch.long)
@@ -266,7 +268,7 @@ def test_in_memory_analyze_and_save_and_compare(tmp_path, tiny_config_kwargs):
     for attention in ("softmax", "entmax15"):
         model = _model(tiny_config_kwargs, attention)
         runs[attention] = analyze_and_save(model, x, tmp_path / attention, masks=masks, name=attention,
-                                           num_figure_images=1)
+                                           cfg=AnalyzeConfig(num_figure_images=1))
         assert runs[attention] == analyze_model(model, x, masks)
         record = load_results(tmp_path / attention / "analysis_results.json")
         assert record["model"]["attention"] == attention and record["dataset"]["name"] == "in_memory"

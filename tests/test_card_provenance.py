@@ -17,10 +17,11 @@ import torch
 import yaml
 
 from entmax_vit.evaluation.results import make_results, weights_fingerprint, write_results
-from entmax_vit.hub_release.card import PLACEHOLDER_OWNER, CardInputs, public_config, render_card
+from entmax_vit.hub_release.card import PLACEHOLDER_OWNER, CardInputs, public_config
 from entmax_vit.modeling import EntmaxViTModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from card_helpers import render_card  # noqa: E402
 from training_helpers import REPO, env, make_image_dataset, run_dino, tiny_args  # noqa: E402
 
 sys.path.pop(0)

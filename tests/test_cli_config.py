@@ -18,10 +18,12 @@ import yaml
 from annotated_types import Ge, Gt
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import parse_config, positionals_to_options, usage
+from entmax_vit.cli.config import parse_config, positionals_to_options
 from entmax_vit.data.config_io import ConfigError, KeysOf, flatten, from_dict, save_config, to_dict
 from entmax_vit.training.config import DinoConfig
 from entmax_vit.training.dino import CONFIG_DIR, main as dino_main
+
+from cli_helpers import usage  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIRS = [ROOT / "training" / "configs", ROOT / "evaluation" / "configs", ROOT / "analysis" / "configs"]

@@ -14,11 +14,12 @@ from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from entmax_vit.evaluation.results import make_results
 from entmax_vit.hub_release.assemble import find_base_model, find_datasets
-from entmax_vit.hub_release.card import (CardInputs, card_data, eval_results, metric_type, parse_card_metadata,
-                                         render_card)
+from entmax_vit.hub_release.card import CardInputs, card_data, eval_results, metric_type
 from entmax_vit.hub_release.sparsity import SparsityReport, measure_sparsity, sample_images
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
 from entmax_vit.recipe import BIBTEX
+
+from card_helpers import parse_card_metadata, render_card  # tests/ is on sys.path under pytest
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64)

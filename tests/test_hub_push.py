@@ -28,10 +28,11 @@ from huggingface_hub.utils._http import default_client_factory
 from PIL import Image
 
 from entmax_vit.evaluation.results import make_results, weights_fingerprint, write_results
-from entmax_vit.hub_release.card import parse_card_metadata
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel, make_image_processor
 from entmax_vit.modeling.pipeline_entmax_vit import CUSTOM_PIPELINES, EntmaxViTSegmentationPipeline
 from entmax_vit.modeling.segmentation_head import LinearSegmentationHead, SegmentationHeadConfig
+
+from card_helpers import parse_card_metadata  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "tester/entmax-vit-tiny"
