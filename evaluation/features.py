@@ -22,22 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .resolution import eval_resolution, resolve_model_path
+
 logger = logging.getLogger(__name__)
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A training output dir (``DIR/final_model`` inside, no ``config.json``) resolves to its final model."""
-    path = Path(name_or_path)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "final_model" / "config.json").is_file():
-        return str(path / "final_model")
-    if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file():  # a run or a checkpoint
-            raise ValueError(
-                f"{name_or_path} is a training run or checkpoint without an exported model (no final_model: the run "
-                f"stopped early or is still going). Export a checkpoint first, then evaluate the export: python "
-                f"scripts/export_checkpoint.py {name_or_path} {path / 'exported'}; --model {path / 'exported'}")
-        raise ValueError(f"{name_or_path} is a folder without config.json: not a save_pretrained model folder")
-    return name_or_path
 
 
 def load_backbone(name_or_path: str, revision: Optional[str] = None, device: str | torch.device = "cpu",
@@ -238,13 +225,33 @@ def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], acce
     return batch_size, num_workers
 
 
+def start_run(cfg: Any, seed: Optional[int] = None) -> tuple[Any, Any]:
+    """Every evaluation's start, before it loads data or writes a file: ``--model`` is given and ``--dataset`` is a
+    well-formed source (data.datasets.check_source); then an Accelerator, the seed, and the frozen backbone on the
+    accelerator's device. Returns (accelerator, model)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from entmax_vit.data.datasets import check_source
+
+    if not cfg.model:
+        raise ValueError("--model is required (an EntmaxViT folder, training output dir or Hub id)")
+    try:
+        check_source(cfg.dataset)
+    except ValueError as err:
+        raise ValueError(f"--dataset: {err}") from None
+    accelerator = Accelerator()
+    if seed is not None:
+        set_seed(seed)
+    logger.info("%d process(es) on %s", accelerator.num_processes, accelerator.device)
+    return accelerator, load_backbone(cfg.model, cfg.revision, accelerator.device)
+
+
 def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
-    """The k-NN and linear probes' start (entry_point.start_run), loader sizes chosen for the machine, the model's
+    """The k-NN and linear probes' start (start_run), loader sizes chosen for the machine, the model's
     own resolution (unless the config names one). Returns the resolved config, the Accelerator, the model and the
     ``split_features`` keywords both splits share."""
-    from .entry_point import start_run
     from .image_data import ClassificationTransform
-    from .resolution import eval_resolution
 
     accelerator, model = start_run(cfg, seed)
     batch_size, num_workers = sized_to_machine(getattr(cfg, batch_field), cfg.num_workers, accelerator)

@@ -43,11 +43,24 @@ def _processor_sizes(processor: dict) -> tuple[Optional[int], Optional[int]]:
     return resize, crop
 
 
+def resolve_model_path(name_or_path: str) -> str:
+    """A training output dir (``DIR/final_model`` inside, no ``config.json``) resolves to its final model."""
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "final_model" / "config.json").is_file():
+        return str(path / "final_model")
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file():  # a run or a checkpoint
+            raise ValueError(
+                f"{name_or_path} is a training run or checkpoint without an exported model (no final_model: the run "
+                f"stopped early or is still going). Export a checkpoint first, then evaluate the export: python "
+                f"scripts/export_checkpoint.py {name_or_path} {path / 'exported'}; --model {path / 'exported'}")
+        raise ValueError(f"{name_or_path} is a folder without config.json: not a save_pretrained model folder")
+    return name_or_path
+
+
 def own_resolution(name_or_path: str, revision: Optional[str] = None) -> tuple[int, int]:
     """(resize, crop) the model expects. EntmaxViT: its ``config.image_size`` (the training resolution);
     another model (HF ViT, DINOv2): its saved image processor's sizes, else its ``config.image_size``."""
-    from .features import resolve_model_path
-
     path = resolve_model_path(name_or_path)
     config = _json_file(path, "config.json", revision) or {}
     side = config.get("image_size")

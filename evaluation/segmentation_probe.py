@@ -375,7 +375,7 @@ def _loaders(cfg: SegmentationEvalConfig, data: ProbeData, accelerator: Any = No
 
 def main(cfg: SegmentationEvalConfig) -> dict:
     """Train the probe on ``train_split``, evaluate on ``eval_split``, save the head and the results JSON."""
-    from .entry_point import start_run
+    from .features import start_run
     from .resolution import eval_resolution
     from .results import finish_run
 
