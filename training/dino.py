@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -180,11 +180,8 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
         logger.info("resumed from %s at epoch %d, step %d", resume_from, state.epoch, state.global_step)
     if accelerator.is_main_process:  # after the resume check: a refused config never overwrites the run's
         save_config(cfg, out_dir / ckpt.CONFIG_FILE)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator, use_trackers=cfg.logging.tensorboard)
-    if resume_from is None:
-        metrics.reset()
-    else:
-        metrics.truncate_after(state.global_step)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator, cfg.logging.tensorboard,
+                         resume_step=None if resume_from is None else state.global_step)
     if cfg.logging.tensorboard:
         accelerator.init_trackers("dino", config={k: v for k, v in flatten(to_dict(cfg)).items()
                                                   if isinstance(v, (int, float, str, bool))})
@@ -279,21 +276,19 @@ def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pair
     return False
 
 
-def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Any = None) -> Optional[Path]:
+def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Accelerator) -> Optional[Path]:
     """``checkpoint.resume``: "" (fresh; refused over existing checkpoints), "auto" (the newest intact checkpoint;
     damaged newer ones are set aside as ``damaged_step_*``), or a path (refused when damaged). Decided on the main
     process and broadcast: every rank resumes from the same folder whatever its view of a network file system, and
     a refusal reaches every rank (none is left waiting in a collective)."""
-    main_process = accelerator is None or accelerator.is_main_process
     decision: list = [None, None]  # [path or None, error message or None]
-    if main_process:
+    if accelerator.is_main_process:
         try:
             chosen = _choose_resume(cfg.checkpoint.resume, ckpt_root)
             decision = [None if chosen is None else str(chosen), None]
         except ValueError as err:
             decision = [None, str(err)]
-    if accelerator is not None and accelerator.num_processes > 1:
-        decision = broadcast_object_list(decision, from_process=0)
+    decision = broadcast_object_list(decision, from_process=0)
     if decision[1] is not None:
         raise ValueError(decision[1])
     return None if decision[0] is None else Path(decision[0])
