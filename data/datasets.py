@@ -54,7 +54,7 @@ def load_image_dataset(source: str, split: str = "train", *, streaming: bool = F
         files = webdataset_shards(rest, split)
         return _load_dataset("webdataset", split, streaming, cache, data_files={split: files})
     path = Path(source).expanduser()
-    if path.is_dir() and _is_saved_dataset(path):
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return _load_saved(path, split, streaming)
     return _load_dataset(source, split, streaming, cache)
 
@@ -104,10 +104,6 @@ def webdataset_shards(pattern: str, split: str) -> list[str]:
     if not files:
         raise DatasetLoadError(f"webdataset: no files match {pattern!r}")
     return files
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 def _load_saved(path: Path, split: str, streaming: bool) -> AnyDataset:

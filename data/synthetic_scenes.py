@@ -155,7 +155,9 @@ def _background_sources() -> tuple[tuple[np.ndarray, bool], ...]:
                 "without it the scenes would differ from every other machine. Reinstall scikit-image "
                 "(a declared dependency: pip install 'scikit-image>=0.22')"
             ) from err
-        sources.append(_as_rgb_float(array))
+        grey = array.ndim == 2
+        rgb = np.repeat(array[..., None], 3, axis=2) if grey else array[..., :3]
+        sources.append((rgb.astype(np.float32) / 255.0, grey))
     return tuple(sources)
 
 
@@ -166,12 +168,6 @@ def sources_fingerprint() -> str:
         digest.update(f"{name}:{photo.shape}:{grey};".encode())
         digest.update(np.ascontiguousarray(photo).tobytes())
     return digest.hexdigest()[:12]
-
-
-def _as_rgb_float(array: np.ndarray) -> tuple[np.ndarray, bool]:
-    grey = array.ndim == 2
-    rgb = np.repeat(array[..., None], 3, axis=2) if grey else array[..., :3]
-    return rgb.astype(np.float32) / 255.0, grey
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
