@@ -38,10 +38,9 @@ class DatasetLoadError(ValueError):
 
 def load_image_dataset(source: str, split: str = "train", *, streaming: bool = False,
                        cache_dir: Optional[str | os.PathLike] = None) -> AnyDataset:
-    """One split of ``source``: a Hub id, ``imagefolder:DIR``, ``webdataset:GLOB_OR_DIR``, a ``save_to_disk`` folder,
-    or ``embedded[:image_size=32,num_train=64,...]`` (bundled synthetic scenes, integer generator options); any
-    other local path goes to ``datasets.load_dataset`` as is. ``streaming`` gives an ``IterableDataset`` (Hub data
-    read on the fly). DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset."""
+    """One split of ``source`` (the forms above; ``embedded[:image_size=32,num_train=64,...]`` takes integer
+    generator options; any other local path goes to ``datasets.load_dataset`` as is). ``streaming`` gives an
+    ``IterableDataset``. DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset."""
     check_source(source)
     source = source.strip()
     kind, sep, rest = source.partition(":")
