@@ -130,21 +130,17 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
-def preset_path(name_or_path: str, preset_dir: Optional[Path] = None) -> Path:
-    """``preset_dir/NAME.yaml`` for a bare name, else the path itself; ConfigError listing the presets if missing."""
+def load_preset(cls: type[T], name_or_path: str, preset_dir: Optional[Path] = None) -> T:
+    """A YAML preset (``preset_dir/NAME.yaml`` for a bare name, else a path; a saved config is one too) as a checked
+    ``cls``; ConfigError listing the presets when there is no such file."""
     path = Path(name_or_path)
     if not path.suffix and preset_dir is not None:
         path = Path(preset_dir) / f"{name_or_path}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in Path(preset_dir).glob("*.yaml")) if preset_dir else []
         raise ConfigError(f"No preset or YAML file {name_or_path!r}; presets: {available}")
-    return path
-
-
-def load_preset(cls: type[T], name_or_path: str, preset_dir: Optional[Path] = None) -> T:
-    """A YAML preset (by name in ``preset_dir``, or by path; a saved config is one too) as a checked ``cls``."""
     try:
-        return from_dict(cls, yaml.safe_load(preset_path(name_or_path, preset_dir).read_text()) or {})
+        return from_dict(cls, yaml.safe_load(path.read_text()) or {})
     except ConfigError as err:
         raise ConfigError(f"preset {name_or_path}: {err}") from None
 

@@ -38,10 +38,9 @@ class DatasetLoadError(ValueError):
 
 def load_image_dataset(source: str, split: str = "train", *, streaming: bool = False,
                        cache_dir: Optional[str | os.PathLike] = None) -> AnyDataset:
-    """One split of ``source``: a Hub id, ``imagefolder:DIR``, ``webdataset:GLOB_OR_DIR``, a ``save_to_disk`` folder,
-    or ``embedded[:image_size=32,num_train=64,...]`` (bundled synthetic scenes, integer generator options); any
-    other local path goes to ``datasets.load_dataset`` as is. ``streaming`` gives an ``IterableDataset`` (Hub data
-    read on the fly). DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset."""
+    """One split of ``source`` (the forms above; ``embedded[:image_size=32,num_train=64,...]`` takes integer
+    generator options; any other local path goes to ``datasets.load_dataset`` as is). ``streaming`` gives an
+    ``IterableDataset``. DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset."""
     check_source(source)
     source = source.strip()
     kind, sep, rest = source.partition(":")
@@ -54,12 +53,9 @@ def load_image_dataset(source: str, split: str = "train", *, streaming: bool = F
         files = webdataset_shards(rest, split)
         return _load_dataset("webdataset", split, streaming, cache, data_files={split: files})
     path = Path(source).expanduser()
-    if path.is_dir() and _is_saved_dataset(path):
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return _load_saved(path, split, streaming)
     return _load_dataset(source, split, streaming, cache)
-
-
-SOURCE_KINDS = (EMBEDDED, "imagefolder", "webdataset")
 
 
 def check_source(source: str) -> None:
@@ -80,7 +76,7 @@ def check_source(source: str) -> None:
             raise DatasetLoadError("webdataset: give a folder or a glob of .tar shards ('webdataset:DIR')")
     elif sep and not Path(source).expanduser().exists():
         raise DatasetLoadError(f"dataset source {source!r}: unknown kind {kind!r}; use a Hub id (OWNER/NAME), "
-                               f"{', '.join(k + ':...' for k in SOURCE_KINDS[1:])}, a save_to_disk folder or "
+                               "imagefolder:..., webdataset:..., a save_to_disk folder or "
                                f"'{EMBEDDED}'")
 
 
@@ -104,10 +100,6 @@ def webdataset_shards(pattern: str, split: str) -> list[str]:
     if not files:
         raise DatasetLoadError(f"webdataset: no files match {pattern!r}")
     return files
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 def _load_saved(path: Path, split: str, streaming: bool) -> AnyDataset:
@@ -185,27 +177,19 @@ _LABEL_NAMES = ("label", "labels", "cls", "class", "target", "fine_label", "clas
 _MASK_WORDS = ("mask", "annotation", "segmentation", "semantic", "seg", "gt", "label")
 
 
-def dataset_features(ds: Any) -> dict[str, Any]:
-    """Column name -> feature type (for an IterableDataset without declared features, peeks one example)."""
-    features = getattr(ds, "features", None)
-    if features is None and isinstance(ds, IterableDataset):
-        try:
-            features = ds._resolve_features().features  # reads the first example only
-        except Exception:  # noqa: BLE001
-            features = None
-        if features is None:
-            first = next(iter(ds))
-            return {k: type(v).__name__ for k, v in first.items()}
-    if features is None:
-        raise ValueError(f"cannot list the columns of a {type(ds).__name__}")
-    return dict(features)
-
-
 def find_column(ds: Any, kind: Literal["image", "label", "mask"] = "image", name: Optional[str] = None) -> str:
     """Name of the ``kind`` column of ``ds`` (``name`` forces and checks one). image: an ``Image`` feature, by an
     image-like name, else the first one not mask-like; label: a ``ClassLabel``, else an integer column, by a label-like
     name; mask: an ``Image`` feature named mask/annotation/segmentation/... ValueError names the columns."""
-    features = dataset_features(ds)
+    features = getattr(ds, "features", None)
+    if features is None and isinstance(ds, IterableDataset):  # no declared features: peek the first example
+        with contextlib.suppress(Exception):
+            features = ds._resolve_features().features
+        if features is None:
+            features = {k: type(v).__name__ for k, v in next(iter(ds)).items()}
+    if features is None:
+        raise ValueError(f"cannot list the columns of a {type(ds).__name__}")
+    features = dict(features)
     available = ", ".join(f"{k} ({v if isinstance(v, str) else type(v).__name__})" for k, v in features.items())
     if name is not None:
         if name not in features:

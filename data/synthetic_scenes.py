@@ -61,11 +61,8 @@ _SPLIT_IDS = {"train": 0, "validation": 1}
 
 
 # ---------------------------------------------------------------- object classes: shape only
-# A class is a SHAPE. Colours and surface patterns come from one pool shared by every class and are drawn per
-# object (generator v3): colour or texture statistics of a patch or an image say nothing about its class, so
-# random features are near chance and a probe can only succeed on features that encode shape - what a
-# self-supervised model has to learn. (v2 gave each class its own colours and pattern: random-init features
-# already scored most of what DINO reached, which hid whether training learned anything.)
+# (v2 gave each class its own colours and pattern: random-init features already scored most of what DINO reached,
+# which hid whether training learned anything.)
 OBJECT_CLASSES: list[str] = ["disk", "square", "ellipse", "triangle", "star", "ring", "cross", "crescent"]
 SEGMENTATION_CLASSES: list[str] = ["background", *OBJECT_CLASSES]
 
@@ -81,54 +78,23 @@ PATTERN_POOL: dict[str, tuple[float, float]] = {
     "spokes": (4.0, 8.0), "speckle": (0.0, 0.0), "solid": (0.0, 0.0),
 }
 # Preview colours of the mask classes (black background): for looking at masks only, never used in rendering.
-_MASK_COLORS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-                (145, 30, 180), (70, 240, 240), (240, 50, 230))
+_MASK_COLORS = np.asarray(((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                           (145, 30, 180), (70, 240, 240), (240, 50, 230)), dtype=np.uint8)
 
 
 # Shapes: boolean membership from object-local coordinates (u, v), in units of the object radius (|u|,|v| <= 1).
-def _disk(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return u * u + v * v <= 1.0
-
-
-def _square(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return np.maximum(np.abs(u), np.abs(v)) <= 0.78
-
-
-def _ellipse(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return u * u + (v / 0.5) ** 2 <= 1.0
-
-
-def _triangle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    # Equilateral triangle inscribed in the unit circle (vertices at 90, 210, 330 degrees): three half-planes
-    # whose outward normals point at -90, 30 and 150 degrees, each edge at distance 0.5 from the centre.
-    inside = np.ones(u.shape, dtype=bool)
-    for angle in (-np.pi / 2, np.pi / 6, 5 * np.pi / 6):
-        inside &= u * np.cos(angle) + v * np.sin(angle) <= 0.5
-    return inside
-
-
-def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    rho, phi = np.hypot(u, v), np.arctan2(v, u)
-    return rho <= 0.45 + 0.55 * np.abs(np.cos(2.5 * phi)) ** 2.5  # five pointed arms
-
-
-def _ring(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    rho2 = u * u + v * v
-    return (rho2 <= 1.0) & (rho2 >= 0.45**2)
-
-
-def _cross(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    au, av = np.abs(u), np.abs(v)
-    return ((au <= 0.3) & (av <= 0.9)) | ((av <= 0.3) & (au <= 0.9))
-
-
-def _crescent(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + v * v > 0.75**2)
-
-
+# triangle: equilateral, inscribed in the unit circle (vertices at 90, 210, 330 degrees): three half-planes whose
+# outward normals point at -90, 30 and 150 degrees, each edge at distance 0.5 from the centre. star: five arms.
 _SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "disk": _disk, "square": _square, "ellipse": _ellipse, "triangle": _triangle,
-    "star": _star, "ring": _ring, "cross": _cross, "crescent": _crescent,
+    "disk": lambda u, v: u * u + v * v <= 1.0,
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.78,
+    "ellipse": lambda u, v: u * u + (v / 0.5) ** 2 <= 1.0,
+    "triangle": lambda u, v: np.logical_and.reduce(
+        [u * np.cos(a) + v * np.sin(a) <= 0.5 for a in (-np.pi / 2, np.pi / 6, 5 * np.pi / 6)]),
+    "star": lambda u, v: np.hypot(u, v) <= 0.45 + 0.55 * np.abs(np.cos(2.5 * np.arctan2(v, u))) ** 2.5,
+    "ring": lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.45**2),
+    "cross": lambda u, v: ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.9)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.9)),
+    "crescent": lambda u, v: (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + v * v > 0.75**2),
 }
 
 
@@ -189,7 +155,9 @@ def _background_sources() -> tuple[tuple[np.ndarray, bool], ...]:
                 "without it the scenes would differ from every other machine. Reinstall scikit-image "
                 "(a declared dependency: pip install 'scikit-image>=0.22')"
             ) from err
-        sources.append(_as_rgb_float(array))
+        grey = array.ndim == 2
+        rgb = np.repeat(array[..., None], 3, axis=2) if grey else array[..., :3]
+        sources.append((rgb.astype(np.float32) / 255.0, grey))
     return tuple(sources)
 
 
@@ -200,12 +168,6 @@ def sources_fingerprint() -> str:
         digest.update(f"{name}:{photo.shape}:{grey};".encode())
         digest.update(np.ascontiguousarray(photo).tobytes())
     return digest.hexdigest()[:12]
-
-
-def _as_rgb_float(array: np.ndarray) -> tuple[np.ndarray, bool]:
-    grey = array.ndim == 2
-    rgb = np.repeat(array[..., None], 3, axis=2) if grey else array[..., :3]
-    return rgb.astype(np.float32) / 255.0, grey
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -359,14 +321,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ENTMAX_VIT_CACHE") or Path.home() / ".cache" / "entmax_vit")
 
 
-def dataset_features():
-    """The ``datasets.Features`` of every split: image (Image), label (ClassLabel), mask (Image, mode L)."""
-    from datasets import ClassLabel, Features
-    from datasets import Image as ImageFeature
-
-    return Features({"image": ImageFeature(), "label": ClassLabel(names=OBJECT_CLASSES), "mask": ImageFeature()})
-
-
 def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int = DEFAULT_NUM_TRAIN,
                           num_validation: int = DEFAULT_NUM_VALIDATION, seed: int = 0,
                           cache_dir: Optional[str | os.PathLike] = None, progress: bool = True):
@@ -377,7 +331,8 @@ def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int =
     Rendered once (a few seconds per thousand 64 px images), then loaded from
     ``cache_dir/synthetic_scenes/<key>`` (default cache: ``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``).
     """
-    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, load_from_disk
+    from datasets import Image as ImageFeature
 
     for name, value, low in (("image_size", image_size, 16), ("num_train", num_train, 1),
                              ("num_validation", num_validation, 1)):
@@ -396,7 +351,7 @@ def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int =
         return load_from_disk(str(target))
 
     start = time.perf_counter()
-    features = dataset_features()
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=OBJECT_CLASSES), "mask": ImageFeature()})
     splits = {split: Dataset.from_dict(generate_split(split, n, image_size, seed, progress), features=features)
               for split, n in (("train", num_train), ("validation", num_validation))}
     scenes = DatasetDict(splits)
@@ -414,11 +369,6 @@ def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int =
 
 
 # ---------------------------------------------------------------- a look at the data
-def segmentation_palette() -> np.ndarray:
-    """(len(SEGMENTATION_CLASSES), 3) uint8 colours for masks: black background, the class colours after."""
-    return np.asarray(_MASK_COLORS, dtype=np.uint8)
-
-
 def save_preview(split, path: str | os.PathLike, num: int = 16, columns: int = 8) -> Path:
     """Save a PNG grid of ``num`` samples of a split: each image above its coloured mask, titled by label."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
@@ -427,7 +377,6 @@ def save_preview(split, path: str | os.PathLike, num: int = 16, columns: int = 8
     rows = 2 * ((num + columns - 1) // columns)
     fig = Figure(figsize=(1.6 * columns, 1.7 * rows))
     axes = fig.subplots(rows, columns, squeeze=False)
-    palette = segmentation_palette()
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(num):
@@ -435,7 +384,7 @@ def save_preview(split, path: str | os.PathLike, num: int = 16, columns: int = 8
         example = split[i]
         axes[row, col].imshow(example["image"])
         axes[row, col].set_title(OBJECT_CLASSES[example["label"]], fontsize=8)
-        axes[row + 1, col].imshow(palette[np.asarray(example["mask"])])
+        axes[row + 1, col].imshow(_MASK_COLORS[np.asarray(example["mask"])])
     fig.suptitle("synthetic scenes: image / mask (black = background)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
@@ -463,7 +412,7 @@ class ScenesConfig:
 def main(cfg: ScenesConfig):
     scenes = load_synthetic_scenes(cfg.image_size, cfg.num_train, cfg.num_validation, cfg.seed, cfg.cache_dir)
     print(scenes)
-    return scenes
     if cfg.preview:
         print(f"preview: {save_preview(scenes['validation'], cfg.preview)}")
+    return scenes
 

@@ -15,7 +15,7 @@ from entmax_vit.training.checkpointing import (
 )
 from entmax_vit.training.config import DinoConfig, breaking_differences
 from entmax_vit.training.dino_data import EpochPermutationSampler, sample_seed
-from entmax_vit.training.networks import DINOHead, MultiCropWrapper, WeightNormLinear, resolution_groups
+from entmax_vit.training.networks import DINOHead, MultiCropWrapper, WeightNormLinear
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.optim import (
     cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update, param_groups,
@@ -226,10 +226,14 @@ def test_resolution_groups_and_wrapper(tiny_config_kwargs):
     from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 
     crops = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16) for _ in range(3)]
-    assert resolution_groups(crops) == [(0, 2), (2, 5)]
     backbone = EntmaxViTModel(EntmaxViTConfig(**tiny_config_kwargs)).eval()
     wrapper = MultiCropWrapper(backbone, DINOHead(32, 64, 48, 16)).eval()
+    batches = []  # one backbone pass per resolution group: crops [0, 2) and [2, 5)
+    handle = backbone.register_forward_hook(
+        lambda module, args, kwargs, output: batches.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
     out = wrapper(crops)
+    handle.remove()
+    assert batches == [2 * 2, 3 * 2]
     assert out.shape == (10, 64)  # crop-major: 5 crops x 2 images
     one_by_one = torch.cat([wrapper.head(backbone(pixel_values=c).pooler_output) for c in crops])
     torch.testing.assert_close(out, one_by_one, atol=1e-5, rtol=1e-5)

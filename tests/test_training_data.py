@@ -42,19 +42,23 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
 def test_persistent_workers_see_each_epoch(tmp_path):
     """Workers forked once (persistent_workers) still augment epoch 1 as epoch 1: the same crops as without
     workers, and not epoch 0's."""
-    from entmax_vit.training.dino_data import build_dataloader
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from entmax_vit.training.dino_data import TrainingData
 
     data = make_image_dataset(tmp_path, num_images=4)
     crops_by_epoch = {}
-    for workers in (0, 2):
-        cfg = DataConfig(source=str(data), num_workers=workers, batch_size_per_device=2)
-        ds = build_dataset(cfg, CROPS, seed=0)
-        loader = build_dataloader(ds, cfg, seed=0)
-        assert loader.persistent_workers == (workers > 0)
-        for epoch in (0, 1):
-            loader.sampler.set_epoch(epoch)
-            ds.set_epoch(epoch)
-            crops_by_epoch[workers, epoch] = {int(i): c for crops, idx, _ in loader for i, c in zip(idx, crops[0])}
+    try:
+        for workers in (0, 2):
+            cfg = DataConfig(source=str(data), num_workers=workers, batch_size_per_device=2)
+            training_data = TrainingData(cfg, CROPS, seed=0, accelerator=Accelerator(cpu=True, rng_types=[]))
+            assert training_data.loader.persistent_workers == (workers > 0)
+            for epoch in (0, 1):  # epoch() sets the sampler's and the dataset's epoch
+                crops_by_epoch[workers, epoch] = {int(i): c for crops, idx in training_data.epoch(epoch)
+                                                  for i, c in zip(idx, crops[0])}
+    finally:
+        AcceleratorState._reset_state()
     for epoch in (0, 1):
         assert all(torch.equal(crops_by_epoch[0, epoch][i], crops_by_epoch[2, epoch][i]) for i in range(4))
     assert not torch.equal(crops_by_epoch[2, 0][0], crops_by_epoch[2, 1][0])

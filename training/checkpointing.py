@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -99,28 +100,19 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (full disk, quota, I/O error); the previous one is untouched."""
 
 
-def _on_all_ranks(accelerator: Any, value: Any) -> list:
-    """Every rank's ``value``, on every rank (one collective; the value itself on one process)."""
-    if getattr(accelerator, "num_processes", 1) <= 1:
-        return [value]
-    from accelerate.utils import gather_object
-
-    return gather_object([value])
-
-
 def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: int, teacher: nn.Module,
                     center: torch.Tensor, trainer_state: dict, config_yaml: str, keep_last: int = 0) -> Path:
     """Collective: every rank calls it. Writes ``step_XXXXXXX`` atomically and prunes to ``keep_last``.
 
-    Decisions are the main process's, shared with the others (a stale network-file-system view on one rank
-    cannot make ranks disagree and hang). A write that fails on any rank (ENOSPC, EDQUOT, EIO) removes the
+    Decisions are the main process's, shared with the others by ``gather_object`` (a stale network-file-system
+    view on one rank cannot make ranks disagree and hang). A write that fails on any rank (ENOSPC, EDQUOT, EIO) removes the
     half-written temporary folder and raises :class:`CheckpointWriteError` on every rank, naming the previous
     checkpoint, which is left intact."""
     root = Path(checkpoint_root)
     final = root / f"step_{step:07d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
     exists = final.exists() if accelerator.is_main_process else None
-    if _on_all_ranks(accelerator, exists)[0]:  # e.g. an epoch end that coincides with every_steps
+    if gather_object([exists])[0]:  # e.g. an epoch end that coincides with every_steps
         return final
     previous = latest_checkpoint(root) if accelerator.is_main_process else None
     error = None
@@ -132,7 +124,7 @@ def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: 
         accelerator.save_state(str(tmp))  # every rank writes its RNG state; the main rank the rest
     except OSError as err:
         error = f"rank {accelerator.process_index}: {err}"
-    errors = [e for e in _on_all_ranks(accelerator, error) if e]
+    errors = [e for e in gather_object([error]) if e]
     if accelerator.is_main_process and not errors:
         try:
             save_teacher(tmp / TEACHER_FILE, teacher, center)
@@ -144,7 +136,7 @@ def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: 
             _fsync_dir(root)
         except OSError as err:
             errors = [f"rank 0: {err}"]
-    errors, previous_name = _on_all_ranks(accelerator, (errors, previous and previous.name))[0]  # main's verdict
+    errors, previous_name = gather_object([(errors, previous and previous.name)])[0]  # main's verdict
     if errors:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)

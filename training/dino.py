@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,16 +44,6 @@ logger = logging.getLogger("entmax_vit.training.dino")
 
 class LostRankError(RuntimeError):
     """Another process of a distributed run died or stopped answering: this one stops too (no hang)."""
-
-
-@dataclass
-class Schedules:
-    """Per optimizer step (lr, wd, teacher momentum) and per epoch (teacher temperature), as official DINO."""
-
-    lr: np.ndarray
-    wd: np.ndarray
-    momentum: np.ndarray
-    teacher_temp: np.ndarray
 
 
 def main(cfg: DinoConfig) -> Optional[Path]:
@@ -152,16 +141,15 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     iters_per_epoch = math.ceil(data.batches_per_epoch / accum)  # optimizer steps
     total_batch = cfg.data.batch_size_per_device * accelerator.num_processes * accum
     epochs = cfg.optim.epochs
-    schedules = Schedules(
-        lr=cosine_schedule(scaled_lr(cfg.optim.lr_base, total_batch), cfg.optim.min_lr, epochs, iters_per_epoch,
-                           warmup_epochs=cfg.optim.warmup_epochs),
-        wd=cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, epochs, iters_per_epoch),
-        momentum=cosine_schedule(cfg.optim.momentum_teacher, 1.0, epochs, iters_per_epoch),
-        teacher_temp=teacher_temp_schedule(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
-                                           cfg.loss.warmup_teacher_temp_epochs, epochs),
-    )
+    # official DINO's arrays: lr, wd and teacher momentum per optimizer step, the teacher temperature per epoch
+    lr_schedule = cosine_schedule(scaled_lr(cfg.optim.lr_base, total_batch), cfg.optim.min_lr, epochs,
+                                  iters_per_epoch, warmup_epochs=cfg.optim.warmup_epochs)
+    wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, epochs, iters_per_epoch)
+    momentum_schedule = cosine_schedule(cfg.optim.momentum_teacher, 1.0, epochs, iters_per_epoch)
+    teacher_temps = teacher_temp_schedule(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
+                                          cfg.loss.warmup_teacher_temp_epochs, epochs)
     logger.info("%d images, %d steps/epoch, total batch %d, peak lr %.3g", data.num_images, iters_per_epoch,
-                total_batch, schedules.lr.max())
+                total_batch, lr_schedule.max())
 
     # ============ optionally resume training ============
     state = RunState()
@@ -180,11 +168,8 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
         logger.info("resumed from %s at epoch %d, step %d", resume_from, state.epoch, state.global_step)
     if accelerator.is_main_process:  # after the resume check: a refused config never overwrites the run's
         save_config(cfg, out_dir / ckpt.CONFIG_FILE)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator, use_trackers=cfg.logging.tensorboard)
-    if resume_from is None:
-        metrics.reset()
-    else:
-        metrics.truncate_after(state.global_step)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator, cfg.logging.tensorboard,
+                         resume_step=None if resume_from is None else state.global_step)
     if cfg.logging.tensorboard:
         accelerator.init_trackers("dino", config={k: v for k, v in flatten(to_dict(cfg)).items()
                                                   if isinstance(v, (int, float, str, bool))})
@@ -199,8 +184,8 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
     run = Run(cfg, accelerator, data, state, metrics, stop, save_checkpoint, ckpt_root, epochs * iters_per_epoch)
     stopped = False
     for epoch in range(state.epoch, epochs):
-        stopped = train_one_epoch(student, teacher, ema_pairs, dino_loss, data, optimizer, schedules, epoch,
-                                  accelerator, cfg, run)
+        stopped = train_one_epoch(student, teacher, ema_pairs, dino_loss, data, optimizer, lr_schedule, wd_schedule,
+                                  momentum_schedule, float(teacher_temps[epoch]), epoch, accelerator, cfg, run)
         if stopped:
             break
         run.end_epoch(epoch)
@@ -223,12 +208,12 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
 
 
 def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pairs: tuple[list, list],
-                    dino_loss: DINOLoss, data: TrainingData, optimizer: torch.optim.Optimizer, schedules: Schedules,
-                    epoch: int, accelerator: Accelerator, cfg: DinoConfig, run: Run) -> bool:
+                    dino_loss: DINOLoss, data: TrainingData, optimizer: torch.optim.Optimizer, lr_schedule: np.ndarray,
+                    wd_schedule: np.ndarray, momentum_schedule: np.ndarray, teacher_temp: float, epoch: int,
+                    accelerator: Accelerator, cfg: DinoConfig, run: Run) -> bool:
     """One epoch from ``run.state.batch_in_epoch`` on; True when the run stops early (signal, debug.max_steps) after
     a checkpoint. ``student`` is prepared (DDP), ``ema_pairs`` (teacher, student parameters) taken before prepare().
     At most one host sync per optimizer step outside log steps (the stop vote): ``run`` syncs the loss (loop_stats)."""
-    teacher_temp = float(schedules.teacher_temp[epoch])
     grad_norm = torch.zeros(())
     start = run.state.batch_in_epoch
     for batch_in_epoch, (crops, _) in enumerate(data.epoch(epoch, start), start=start):
@@ -236,9 +221,9 @@ def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pair
         with accelerator.accumulate(student):
             # update weight decay and learning rate according to their schedule
             for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = float(schedules.lr[it])
+                group["lr"] = float(lr_schedule[it])
                 if i == 0:  # only the regularized group gets weight decay
-                    group["weight_decay"] = float(schedules.wd[it])
+                    group["weight_decay"] = float(wd_schedule[it])
 
             # teacher and student forward passes + compute dino loss
             with torch.no_grad(), accelerator.autocast():
@@ -261,12 +246,12 @@ def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pair
             continue
 
         # EMA update for the teacher (foreach: no loop over parameters, no sync)
-        m = float(schedules.momentum[it])
+        m = float(momentum_schedule[it])
         ema_update(*ema_pairs, m)
 
         # logging, checkpoints and stop requests
         def log_values() -> dict:
-            values = {"lr": float(schedules.lr[it]), "wd": float(schedules.wd[it]), "momentum": m,
+            values = {"lr": float(lr_schedule[it]), "wd": float(wd_schedule[it]), "momentum": m,
                       "teacher_temp": teacher_temp, "grad_norm": float(grad_norm)}
             if cfg.logging.attention_support_images > 0 and accelerator.is_main_process:
                 with accelerator.autocast():
@@ -279,21 +264,19 @@ def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pair
     return False
 
 
-def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Any = None) -> Optional[Path]:
+def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Accelerator) -> Optional[Path]:
     """``checkpoint.resume``: "" (fresh; refused over existing checkpoints), "auto" (the newest intact checkpoint;
     damaged newer ones are set aside as ``damaged_step_*``), or a path (refused when damaged). Decided on the main
     process and broadcast: every rank resumes from the same folder whatever its view of a network file system, and
     a refusal reaches every rank (none is left waiting in a collective)."""
-    main_process = accelerator is None or accelerator.is_main_process
     decision: list = [None, None]  # [path or None, error message or None]
-    if main_process:
+    if accelerator.is_main_process:
         try:
             chosen = _choose_resume(cfg.checkpoint.resume, ckpt_root)
             decision = [None if chosen is None else str(chosen), None]
         except ValueError as err:
             decision = [None, str(err)]
-    if accelerator is not None and accelerator.num_processes > 1:
-        decision = broadcast_object_list(decision, from_process=0)
+    decision = broadcast_object_list(decision, from_process=0)
     if decision[1] is not None:
         raise ValueError(decision[1])
     return None if decision[0] is None else Path(decision[0])

@@ -152,22 +152,6 @@ class StreamingMultiCropDataset(IterableDataset):
             skipped = []
 
 
-def streaming_batches(loader: DataLoader, epoch: int, num_batches: int, skip: int = 0) -> Iterator[Any]:
-    """Exactly ``num_batches`` batches of ``epoch``, the first ``skip`` read and dropped (resume). A rank whose
-    shard runs out starts it again, so every rank takes the same number of steps (DDP would hang otherwise)."""
-    produced, rounds = 0, 0
-    while produced < num_batches:
-        loader.dataset.set_epoch(epoch + 1_000_003 * rounds)  # a repeated pass gets a different shuffle
-        before = produced
-        for batch in itertools.islice(loader, num_batches - produced):
-            if produced >= skip:
-                yield batch
-            produced += 1
-        if produced == before:
-            raise ValueError("the streamed dataset yielded no readable image for this rank")
-        rounds += 1
-
-
 def stream_sharding_problems(num_shards: Optional[int], world_size: int, num_workers: int) -> list[str]:
     """What is wasted when a stream of ``num_shards`` shards feeds ``world_size`` ranks x ``num_workers``
     DataLoader workers each (empty when every worker of every rank reads whole shards of its own)."""
@@ -188,48 +172,12 @@ def stream_sharding_problems(num_shards: Optional[int], world_size: int, num_wor
     return []
 
 
-def _loader(dataset: Dataset, data: DataConfig, seed: int, **kwargs: Any) -> DataLoader:
-    # Its own generator keeps worker seeding from touching the global RNG; drop_last as official DINO.
-    return DataLoader(dataset, batch_size=data.batch_size_per_device, num_workers=data.num_workers,
-                      pin_memory=data.pin_memory and torch.cuda.is_available(), drop_last=True,
-                      collate_fn=collate_indexed, generator=torch.Generator().manual_seed(seed), **kwargs)
-
-
-def build_streaming_loader(data: DataConfig, crops: MultiCropConfig, seed: int, rank: int,
-                           world_size: int) -> tuple[DataLoader, int]:
-    """(DataLoader over this rank's stream, batches per epoch); not for ``accelerator.prepare`` (already split)."""
-    if not data.streaming_num_samples:
-        raise ValueError(
-            "data.streaming=true needs data.streaming_num_samples (images per epoch, e.g. 1281167 for "
-            "ImageNet-1K train): the length of a streamed dataset is unknown and sets the schedules"
-        )
-    ds = open_dataset(data.source, data.split, data.cache_dir, data.max_samples, streaming=True)
-    column = find_column(ds, "image", data.image_column)
-    num_samples = min(data.streaming_num_samples, data.max_samples or data.streaming_num_samples)
-    if rank == 0:
-        for problem in stream_sharding_problems(getattr(ds, "num_shards", None), world_size, data.num_workers):
-            logger.warning("%s", problem)
-    batches = num_samples // (data.batch_size_per_device * world_size)
-    if batches == 0:
-        raise ValueError(f"{num_samples} streamed images are fewer than one global batch "
-                         f"({data.batch_size_per_device} x {world_size})")
-    dataset = StreamingMultiCropDataset(ds, column, MultiCropTransform(crops), seed, rank, world_size)
-    return _loader(dataset, data, seed), batches
-
-
 def build_dataset(data: DataConfig, crops: MultiCropConfig, seed: int) -> SeededMultiCropDataset:
     """Load ``data.source`` (map-style) and wrap it for multi-crop training."""
     ds = open_dataset(data.source, data.split, data.cache_dir, data.max_samples)
     column = find_column(ds, "image", data.image_column)
     logger.info("dataset %s[%s]: %d images, column %r", data.source, data.split, len(ds), column)
     return SeededMultiCropDataset(ImageRows(ds, column, keep=()), MultiCropTransform(crops), seed)
-
-
-def build_dataloader(dataset: SeededMultiCropDataset, data: DataConfig, seed: int) -> DataLoader:
-    """For ``accelerator.prepare`` (each rank gets disjoint batches). Workers persist across epochs and read the
-    epoch from the dataset's shared memory."""
-    return _loader(dataset, data, seed, sampler=EpochPermutationSampler(len(dataset), seed),
-                   persistent_workers=data.num_workers > 0)
 
 
 class TrainingData:
@@ -243,14 +191,38 @@ class TrainingData:
     def __init__(self, data: DataConfig, crops: MultiCropConfig, seed: int, accelerator: Any,
                  accumulation: int = 1) -> None:
         self.accelerator, self.streaming = accelerator, data.streaming
+        # Its own generator keeps worker seeding from touching the global RNG; drop_last as official DINO.
+        loader_kwargs = dict(batch_size=data.batch_size_per_device, num_workers=data.num_workers,
+                             pin_memory=data.pin_memory and torch.cuda.is_available(), drop_last=True,
+                             collate_fn=collate_indexed, generator=torch.Generator().manual_seed(seed))
+        rank, world_size = accelerator.process_index, accelerator.num_processes
         if data.streaming:
-            self.loader, batches = build_streaming_loader(data, crops, seed, accelerator.process_index,
-                                                          accelerator.num_processes)
+            if not data.streaming_num_samples:
+                raise ValueError(
+                    "data.streaming=true needs data.streaming_num_samples (images per epoch, e.g. 1281167 for "
+                    "ImageNet-1K train): the length of a streamed dataset is unknown and sets the schedules"
+                )
+            ds = open_dataset(data.source, data.split, data.cache_dir, data.max_samples, streaming=True)
+            column = find_column(ds, "image", data.image_column)
+            if rank == 0:
+                for problem in stream_sharding_problems(getattr(ds, "num_shards", None), world_size, data.num_workers):
+                    logger.warning("%s", problem)
+            num_samples = min(data.streaming_num_samples, data.max_samples or data.streaming_num_samples)
+            batches = num_samples // (data.batch_size_per_device * world_size)
+            if batches == 0:
+                raise ValueError(f"{num_samples} streamed images are fewer than one global batch "
+                                 f"({data.batch_size_per_device} x {world_size})")
             self.dataset, self.num_images = None, data.streaming_num_samples
             self.batches_per_epoch = (batches // accumulation) * accumulation
+            stream = StreamingMultiCropDataset(ds, column, MultiCropTransform(crops), seed, rank, world_size)
+            self.loader = DataLoader(stream, **loader_kwargs)  # this rank's stream, already split: not prepared
         else:
             self.dataset = build_dataset(data, crops, seed)
-            self.loader = accelerator.prepare(build_dataloader(self.dataset, data, seed))
+            # Prepared: each rank gets disjoint batches. Workers persist across epochs and read the epoch from the
+            # dataset's shared memory.
+            self.loader = accelerator.prepare(DataLoader(
+                self.dataset, sampler=EpochPermutationSampler(len(self.dataset), seed),
+                persistent_workers=data.num_workers > 0, **loader_kwargs))
             self.num_images, self.batches_per_epoch = len(self.dataset), len(self.loader)
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -278,9 +250,19 @@ class TrainingData:
 
     def _batches(self, epoch: int, skip: int) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[str]]]:
         if self.streaming:
-            device = self.accelerator.device
-            for crops, indices, unreadable in streaming_batches(self.loader, epoch, self.batches_per_epoch, skip):
-                yield [c.to(device, non_blocking=True) for c in crops], indices, unreadable
+            # Exactly batches_per_epoch batches, the first ``skip`` read and dropped. A rank whose shard runs out
+            # starts it again, so every rank takes the same number of steps (DDP would hang otherwise).
+            produced, rounds = 0, 0
+            while produced < self.batches_per_epoch:
+                self.loader.dataset.set_epoch(epoch + 1_000_003 * rounds)  # a repeated pass gets a different shuffle
+                before = produced
+                for crops, indices, unreadable in itertools.islice(self.loader, self.batches_per_epoch - produced):
+                    if produced >= skip:
+                        yield [c.to(self.accelerator.device, non_blocking=True) for c in crops], indices, unreadable
+                    produced += 1
+                if produced == before:
+                    raise ValueError("the streamed dataset yielded no readable image for this rank")
+                rounds += 1
             return
         self.loader.set_epoch(epoch)
         self.dataset.set_epoch(epoch)  # augmentation seeds (before iterating: workers copy the dataset then)

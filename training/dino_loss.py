@@ -22,17 +22,14 @@ ReduceSum = Callable[[torch.Tensor], torch.Tensor]  # accelerator.reduce(t, "sum
 
 
 class DINOLoss(nn.Module):
-    def __init__(self, out_dim: int, num_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 num_teacher_crops: int = 2) -> None:
+    def __init__(self, out_dim: int, num_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
-        # num_crops == num_teacher_crops is the no-multi-crop setting (crops.local_crops_number 0): official
-        # DINO then sums the 2 cross-view pairs (teacher 0 -> student 1, teacher 1 -> student 0).
-        if num_teacher_crops < 1 or num_crops < max(num_teacher_crops, 2):
-            raise ValueError(
-                f"num_crops ({num_crops}) must be at least the teacher's crops ({num_teacher_crops}) and at least 2 "
-                "(a loss term pairs two different views)"
-            )
-        self.num_crops, self.num_teacher_crops = num_crops, num_teacher_crops
+        # num_crops == 2 is the no-multi-crop setting (crops.local_crops_number 0): official DINO then sums the 2
+        # cross-view pairs (teacher 0 -> student 1, teacher 1 -> student 0).
+        if num_crops < 2:
+            raise ValueError(f"num_crops ({num_crops}) must be at least the teacher's 2 global crops (a loss term "
+                             "pairs two different views)")
+        self.num_crops = num_crops
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K)
 
@@ -41,7 +38,7 @@ class DINOLoss(nn.Module):
         student_log_probs = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         student_chunks = student_log_probs.chunk(self.num_crops)  # num_crops x (B, K)
         teacher_probs = F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1).detach()
-        teacher_chunks = teacher_probs.chunk(self.num_teacher_crops)  # 2 x (B, K)
+        teacher_chunks = teacher_probs.chunk(2)  # 2 x (B, K)
 
         total = student_output.new_zeros((), dtype=torch.float32)
         num_terms = 0

@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
+from entmax_vit.data.config_io import from_dict
 from entmax_vit.modeling import EntmaxViTModel, make_image_processor
-from entmax_vit.training.checkpointing import CONFIG_FILE, TEACHER_FILE
+from entmax_vit.training.checkpointing import CONFIG_FILE, TEACHER_FILE, load_teacher, read_trainer_state
+from entmax_vit.training.config import DinoConfig
+from entmax_vit.training.networks import build_networks
 
 PROGRESS_FILE = "training_progress.json"
 
@@ -39,27 +43,10 @@ def export_backbone(backbone: EntmaxViTModel, out_dir: str | os.PathLike, config
     return out
 
 
-def checkpoint_progress(checkpoint: Path, cfg: "DinoConfig") -> dict:
-    """How far the run of ``checkpoint`` had trained: its global step of the ``optim.epochs`` x steps-per-epoch
-    planned (the schedules span them whatever ``debug.max_steps`` says)."""
-    from entmax_vit.training.checkpointing import read_trainer_state
-
-    state = read_trainer_state(checkpoint)
-    steps_per_epoch = int(state.get("iters_per_epoch") or 0)
-    return {"steps_trained": int(state.get("global_step", 0)),
-            "steps_planned": cfg.optim.epochs * steps_per_epoch if steps_per_epoch else None,
-            "epochs_planned": cfg.optim.epochs, "checkpoint": checkpoint.name}
-
-
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Rebuild the teacher from a ``step_XXXXXXX`` checkpoint folder (its training_config.yaml) and export."""
-    import yaml
-
-    from entmax_vit.data.config_io import from_dict
-    from entmax_vit.training.checkpointing import load_teacher
-    from entmax_vit.training.config import DinoConfig
-    from entmax_vit.training.networks import build_networks
-
+    """Rebuild the teacher from a ``step_XXXXXXX`` checkpoint folder (its training_config.yaml) and export, with
+    how far its run had trained: its global step of the ``optim.epochs`` x steps-per-epoch planned (the schedules
+    span them whatever ``debug.max_steps`` says)."""
     ckpt = Path(checkpoint)
     for name in (CONFIG_FILE, TEACHER_FILE):
         if not (ckpt / name).is_file():
@@ -69,5 +56,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     _, teacher = build_networks(cfg)
     center = torch.zeros(1, cfg.model.out_dim)  # read (and checked) but not exported
     load_teacher(ckpt / TEACHER_FILE, teacher, center)
-    return export_backbone(teacher.backbone, out_dir, config_yaml, progress=checkpoint_progress(ckpt, cfg))
-
+    state = read_trainer_state(ckpt)
+    steps_per_epoch = int(state.get("iters_per_epoch") or 0)
+    progress = {"steps_trained": int(state.get("global_step", 0)),
+                "steps_planned": cfg.optim.epochs * steps_per_epoch if steps_per_epoch else None,
+                "epochs_planned": cfg.optim.epochs, "checkpoint": ckpt.name}
+    return export_backbone(teacher.backbone, out_dir, config_yaml, progress=progress)

@@ -17,33 +17,30 @@ from entmax_vit.modeling.attention import support_size
 
 class MetricsLog:
     """Appends ``{"step": ..., **metrics}`` lines to ``path`` (main process only) and forwards them to
-    ``accelerator.log`` when trackers are on. On resume, ``truncate_after(step)`` drops lines written after
-    the checkpoint by the interrupted run, so the file reads like one uninterrupted run."""
+    ``accelerator.log`` when trackers are on. A fresh run (``resume_step`` None) starts without the file; a resumed
+    one drops the lines written after its checkpoint by the interrupted run, so the file reads like one
+    uninterrupted run."""
 
-    def __init__(self, path: str | os.PathLike, accelerator: Any = None, use_trackers: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, accelerator: Any, use_trackers: bool,
+                 resume_step: Optional[int]) -> None:
         self.path, self.accelerator, self.use_trackers = Path(path), accelerator, use_trackers
-        self.enabled = accelerator is None or accelerator.is_main_process
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def truncate_after(self, step: int) -> None:
-        if not self.enabled or not self.path.is_file():
+        if not accelerator.is_main_process:
             return
-        kept = [line for line in read_metrics(self.path) if line.get("step", -1) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
-        os.replace(tmp, self.path)
-
-    def reset(self) -> None:
-        if self.enabled and self.path.exists():
-            self.path.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.is_file():
+            kept = [line for line in read_metrics(self.path) if line.get("step", -1) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+            os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.enabled:
+        if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
                 f.flush()
-        if self.use_trackers and self.accelerator is not None:
+        if self.use_trackers:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
 

@@ -12,6 +12,7 @@ gradients and is updated only by the EMA in the training loop.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -69,17 +70,6 @@ class DINOHead(nn.Module):
         return self.last_layer(x)  # (B, out_dim)
 
 
-def resolution_groups(crops: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """[(start, end)) index ranges of consecutive crops sharing a resolution, e.g. [(0, 2), (2, 10)]."""
-    groups: list[tuple[int, int]] = []
-    start = 0
-    for i in range(1, len(crops) + 1):
-        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
-            groups.append((start, i))
-            start = i
-    return groups
-
-
 class MultiCropWrapper(nn.Module):
     """``forward(list of crops) -> head outputs``; the backbone is an EntmaxViTModel (its ``pooler_output`` is
     the final-normed [CLS], DINO's feature)."""
@@ -92,9 +82,9 @@ class MultiCropWrapper(nn.Module):
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         features = []
-        for start, end in resolution_groups(crops):
-            batch = torch.cat(list(crops[start:end]))  # ((end-start)*B, 3, H, W)
-            features.append(self.backbone(pixel_values=batch).pooler_output)  # ((end-start)*B, D)
+        for _, group in itertools.groupby(crops, key=lambda crop: crop.shape[-2:]):  # consecutive crops of one size
+            batch = torch.cat(list(group))  # (crops of the group * B, 3, H, W)
+            features.append(self.backbone(pixel_values=batch).pooler_output)  # (crops of the group * B, D)
         return self.head(torch.cat(features))  # (num_crops*B, out_dim)
 
 
