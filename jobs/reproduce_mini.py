@@ -206,17 +206,12 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
     ])
 
 
-def figure(**kwargs):
-    """A bare matplotlib Figure (renders with Agg, no pyplot: see analysis/figures.py)."""
-    from matplotlib.figure import Figure
-
-    return Figure(**kwargs)
-
-
 def plot_probes(rows: list[dict], path: Path) -> Path:
     """One panel per metric: a bar per transform at the mean over seeds, error bar = std, dots = seeds."""
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
+
     table = aggregate(rows, [key for key, _, _ in METRICS])
-    fig = figure(figsize=(2.4 * len(METRICS), 3.0))
+    fig = Figure(figsize=(2.4 * len(METRICS), 3.0))
     axes = fig.subplots(1, len(METRICS))
     for ax, (key, title, spec) in zip(axes, METRICS):
         scale = 100.0 if spec.endswith("%}") else 1.0
@@ -239,7 +234,9 @@ def plot_probes(rows: list[dict], path: Path) -> Path:
 
 def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
     """DINO loss against the step, one colour per transform, one line per seed."""
-    fig = figure(figsize=(5, 3.4))
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
+
+    fig = Figure(figsize=(5, 3.4))
     ax = fig.subplots()
     drawn = False
     for i, (attention, logs) in enumerate(runs.items()):
@@ -328,7 +325,3 @@ def main(cfg: ReproduceMiniConfig) -> dict:
     print(f"[reproduce_mini] wrote {out / 'results.md'}, {out / 'results.json'}, "
           f"{', '.join(str(p) for p in [*figures, loss_png] if p)}")
     return {"rows": rows, "report": out / "results.md"}
-
-
-__all__ = ["ReproduceMiniConfig", "collect", "main", "markdown_report", "plot_losses",
-           "plot_probes", "publish", "random_rows", "training_gain_lines"]
