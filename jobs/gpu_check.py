@@ -36,7 +36,7 @@ from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 from entmax_vit.modeling.attention import ATTENTION_KERNELS, kernels_for
 from entmax_vit.modeling.thresholds import SPARSE_TRANSFORMS as SPARSE
 
-from .baseline_ratios import add_ratios
+from .benchmarks import add_ratios
 
 logger = logging.getLogger("gpu_check")
 REPO = Path(__file__).resolve().parents[1]
