@@ -26,7 +26,7 @@ from typing import Sequence
 from .main_job import RANDOM_DIR, evaluate, random_baseline, run_stage
 from .reproduce_mini import ReproduceMiniConfig, main_job_config, publish, run_all
 from .run_results import FEATURES, summary_metrics
-from .seed_stats import METRICS, Spread
+from .seed_stats import METRICS, Spread, seed_table
 
 DENSE = ("seg_miou_patch", "seg_miou_patch_cls", "knn_top1")  # the quality curves the verdict reads
 
@@ -146,11 +146,8 @@ def recorded_minutes(run_dirs: Sequence[Path]) -> tuple[float, float]:
 
 def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figures: str = "",
            minutes: tuple[float, float] = (0.0, 0.0)) -> str:
-    head = "| attention | seed | step | " + " | ".join(title for _, title, _ in METRICS) + " |"
-    table = [head, "|---|---|---|" + "---|" * len(METRICS)]
-    table += [f"| {r['attention']} | {r['seed']} | {r['step']} | "
-              + " | ".join("n/a" if r.get(k) is None else spec.format(r[k]) for k, _, spec in METRICS) + " |"
-              for r in sorted(rows, key=lambda r: (r["attention"], r["seed"], r["step"]))]
+    table = seed_table(sorted(rows, key=lambda r: (r["attention"], r["seed"], r["step"])),
+                       ["attention", "seed", "step"], METRICS)
     budget = "tiny smoke budget (the numbers are meaningless)" if cfg.tiny else \
         f"preset `{cfg.training_preset}` with {long_overrides(cfg)}"
     return "\n".join([

@@ -193,13 +193,6 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
         shape = (batch, heads, tokens, head_dim)
         q, k, v, grad = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(4))
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-
-        def fwd(fn: Callable) -> Callable:
-            return lambda: fn(q, k, v)
-
-        def fwd_bwd(fn: Callable) -> Callable:
-            return lambda: torch.autograd.grad(fn(*leaves), leaves, grad)
-
         runnable, case_rows = {}, {}
         for name, fn in methods.items():
             row = {"method": name, "batch": batch, "heads": heads, "tokens": tokens, "head_dim": head_dim,
@@ -212,12 +205,14 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
                 row.update(status="failed", error=f"{type(err).__name__}: {err}"[:300])
             case_rows[name] = row
         with torch.no_grad():
-            forward = median_seconds({n: fwd(fn) for n, fn in runnable.items()}, device, repeats)
+            forward = median_seconds({n: (lambda fn=fn: fn(q, k, v)) for n, fn in runnable.items()}, device, repeats)
         both = {}
-        for name, fn in list(runnable.items()):
+        for name, fn in runnable.items():
+            def fwd_bwd(fn: Callable = fn) -> tuple:
+                return torch.autograd.grad(fn(*leaves), leaves, grad)
             try:
-                both.update(median_seconds({name: fwd_bwd(fn)}, device, repeats))
-                case_rows[name]["peak_memory_fwd_bwd_mib"] = peak_bytes(fwd_bwd(fn), device) / 2**20
+                both.update(median_seconds({name: fwd_bwd}, device, repeats))
+                case_rows[name]["peak_memory_fwd_bwd_mib"] = peak_bytes(fwd_bwd, device) / 2**20
             except Exception as err:  # noqa: BLE001 - e.g. a kernel without a backward
                 case_rows[name]["error_backward"] = f"{type(err).__name__}: {err}"[:300]
         for name in runnable:

@@ -15,7 +15,6 @@ training resumes from its last checkpoint. ``--docs_dir docs`` also writes the r
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Optional, Sequence
 
 from .main_job import RANDOM_DIR, MainJobConfig, main as main_job
 from .run_results import FEATURES, PROBE_KEYS, load_analysis, summary_metrics
-from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, comparison_lines
+from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, comparison_lines, seed_table
 
 
 @dataclass
@@ -124,10 +123,6 @@ def load_losses(metrics_jsonl: Path) -> tuple[list[float], list[float]]:
 # ----------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value)
-
-
 def paper_table() -> list[str]:
     from entmax_vit.recipe import PAPER_RESULTS
 
@@ -147,13 +142,9 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
     sep = "|---|" + "---|" * len(METRICS)
     means = [head, sep] + [f"| {a} | " + " | ".join(s[key].format(spec) for key, _, spec in METRICS) + " |"
                            for a, s in shown.items()]
-    per_seed = ["| attention | seed | " + " | ".join(title for _, title, _ in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    per_seed += [f"| {row['attention']} | {row['seed']} | " + " | ".join(_fmt(row.get(key), spec) for key, _, spec in METRICS)
-                 + " |" for row in [*rows, *baselines]]
-    claims = ["| attention | seed | " + " | ".join(title.split(" ")[0] + " " + key for key, title, _ in CLAIMS) + " |",
-              "|---|---|" + "---|" * len(CLAIMS)]
-    claims += [f"| {row['attention']} | {row['seed']} | " + " | ".join(_fmt(row.get(key), spec) for key, _, spec in CLAIMS)
-               + " |" for row in rows if any(row.get(key) is not None for key, _, _ in CLAIMS)]
+    per_seed = seed_table([*rows, *baselines], ["attention", "seed"], METRICS)
+    claims = seed_table([row for row in rows if any(row.get(key) is not None for key, _, _ in CLAIMS)],
+                        ["attention", "seed"], CLAIMS, [title.split(" ")[0] + " " + key for key, title, _ in CLAIMS])
     baseline = "softmax" if "softmax" in table else next(iter(table))
     budget = "the main job's --quick budget (smoke run: the numbers are meaningless)" if cfg.tiny else \
         f"preset `{cfg.training_preset}`" + (f" with {cfg.train_overrides}" if cfg.train_overrides else "")
