@@ -112,14 +112,6 @@ def training_gain_lines(table: dict, attentions: Sequence[str]) -> list[str]:
     return lines
 
 
-def load_losses(metrics_jsonl: Path) -> tuple[list[float], list[float]]:
-    """(step, loss) of the training log."""
-    from entmax_vit.training.metrics_log import read_metrics
-
-    rows = [r for r in read_metrics(metrics_jsonl) if "loss" in r] if metrics_jsonl.is_file() else []
-    return [float(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------
@@ -224,17 +216,21 @@ def plot_probes(rows: list[dict], path: Path) -> Path:
 
 
 def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
-    """DINO loss against the step, one colour per transform, one line per seed."""
+    """DINO loss against the step (the training logs' rows with a loss), one colour per transform, one line per
+    seed."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
+
+    from entmax_vit.training.metrics_log import read_metrics
 
     fig = Figure(figsize=(5, 3.4))
     ax = fig.subplots()
     drawn = False
     for i, (attention, logs) in enumerate(runs.items()):
         for j, log in enumerate(logs):
-            steps, losses = load_losses(log)
-            if steps:
-                ax.plot(steps, losses, color=f"C{i}", alpha=0.8, label=attention if j == 0 else None)
+            rows = [r for r in read_metrics(log) if "loss" in r] if log.is_file() else []
+            if rows:
+                ax.plot([float(r["step"]) for r in rows], [float(r["loss"]) for r in rows], color=f"C{i}", alpha=0.8,
+                        label=attention if j == 0 else None)
                 drawn = True
     if not drawn:
         return None
