@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .main_job import RANDOM_DIR, evaluate, run_stage, save_random_init
-from .reproduce_mini import ReproduceMiniConfig, main_job_config, figure, publish, run_all
+from .main_job import RANDOM_DIR, evaluate, random_baseline, run_stage
+from .reproduce_mini import ReproduceMiniConfig, main_job_config, publish, run_all
 from .run_results import FEATURES, summary_metrics
-from .seed_stats import METRICS, Spread
+from .seed_stats import METRICS, Spread, seed_table
 
 DENSE = ("seg_miou_patch", "seg_miou_patch_cls", "knn_top1")  # the quality curves the verdict reads
 
@@ -55,12 +55,10 @@ def evaluate_checkpoints(cfg: ReproduceMiniConfig, attention: str, seed: int, ru
         rows.append({"attention": attention, "seed": seed, "step": step, **summary_metrics(out, attention, FEATURES)})
     if not rows:
         raise SystemExit(f"[reproduce_mini] {run_dir / 'train' / 'checkpoints'} holds no checkpoint to evaluate")
-    base = run_dir / RANDOM_DIR  # step 0: the random init of the same config and seed, evaluated the same way
-    first = run_dir / "steps" / checkpoints[0].name / "model"
-    run_stage(base, "random_model", lambda: save_random_init(first, seed, base / "model"), [base / "model" / "model.safetensors"],
-              settings={"seed": seed}, inputs=[first / "config.json"], clean=[base / "model"], force=cfg.force)
-    evaluate(job, base / "model", base, job.stages)
-    return [{"attention": attention, "seed": seed, "step": 0, **summary_metrics(base, attention, FEATURES)}, *rows]
+    # step 0: the random init of the same config and seed, evaluated the same way
+    random_baseline(job, run_dir / "steps" / checkpoints[0].name / "model", run_dir, job.stages)
+    step_0 = summary_metrics(run_dir / RANDOM_DIR, attention, FEATURES)
+    return [{"attention": attention, "seed": seed, "step": 0, **step_0}, *rows]
 
 
 def curves(rows: Sequence[dict], key: str) -> dict[str, tuple[list[int], list[Spread]]]:
@@ -115,7 +113,9 @@ def verdict_lines(rows: Sequence[dict]) -> list[str]:
 
 def plot_degradation(rows: Sequence[dict], path: Path) -> Path:
     """Every metric against the training step: mean over seeds, band = min..max over seeds."""
-    fig = figure(figsize=(11, 6))
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
+
+    fig = Figure(figsize=(11, 6))
     axes = fig.subplots(2, 3)
     for ax, (key, title, spec) in zip(axes.flat, METRICS):
         scale = 100.0 if spec.endswith("%}") else 1.0
@@ -146,11 +146,8 @@ def recorded_minutes(run_dirs: Sequence[Path]) -> tuple[float, float]:
 
 def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figures: str = "",
            minutes: tuple[float, float] = (0.0, 0.0)) -> str:
-    head = "| attention | seed | step | " + " | ".join(title for _, title, _ in METRICS) + " |"
-    table = [head, "|---|---|---|" + "---|" * len(METRICS)]
-    table += [f"| {r['attention']} | {r['seed']} | {r['step']} | "
-              + " | ".join("n/a" if r.get(k) is None else spec.format(r[k]) for k, _, spec in METRICS) + " |"
-              for r in sorted(rows, key=lambda r: (r["attention"], r["seed"], r["step"]))]
+    table = seed_table(sorted(rows, key=lambda r: (r["attention"], r["seed"], r["step"])),
+                       ["attention", "seed", "step"], METRICS)
     budget = "tiny smoke budget (the numbers are meaningless)" if cfg.tiny else \
         f"preset `{cfg.training_preset}` with {long_overrides(cfg)}"
     return "\n".join([
@@ -183,10 +180,6 @@ def main(cfg: ReproduceMiniConfig) -> dict:
     start = time.perf_counter()
     out = Path(cfg.output_dir).resolve()
     save_config(cfg, out / "reproduce_mini_config.yaml")
-    return run_degradation(cfg, out, start)
-
-
-def run_degradation(cfg: ReproduceMiniConfig, out: Path, start: float) -> dict:
     out = out / "long"
     runs = run_all(cfg, out, ["train"], long_overrides(cfg))
     rows = [row for attention, seed, run_dir in runs for row in evaluate_checkpoints(cfg, attention, seed, run_dir)]
@@ -201,7 +194,3 @@ def run_degradation(cfg: ReproduceMiniConfig, out: Path, start: float) -> dict:
         print(f"[reproduce_mini] updated {page}")
     print("\n" + text)
     return {"rows": rows, "report": out / "degradation.md", "figure": figure}
-
-
-__all__ = ["evaluate_checkpoints", "long_overrides", "main", "plot_degradation", "recorded_minutes", "report",
-           "run_degradation", "trend", "verdict_lines"]

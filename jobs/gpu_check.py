@@ -36,7 +36,7 @@ from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 from entmax_vit.modeling.attention import ATTENTION_KERNELS, kernels_for
 from entmax_vit.modeling.thresholds import SPARSE_TRANSFORMS as SPARSE
 
-from .baseline_ratios import add_ratios
+from .benchmarks import add_ratios
 
 logger = logging.getLogger("gpu_check")
 REPO = Path(__file__).resolve().parents[1]
@@ -193,13 +193,6 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
         shape = (batch, heads, tokens, head_dim)
         q, k, v, grad = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(4))
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-
-        def fwd(fn: Callable) -> Callable:
-            return lambda: fn(q, k, v)
-
-        def fwd_bwd(fn: Callable) -> Callable:
-            return lambda: torch.autograd.grad(fn(*leaves), leaves, grad)
-
         runnable, case_rows = {}, {}
         for name, fn in methods.items():
             row = {"method": name, "batch": batch, "heads": heads, "tokens": tokens, "head_dim": head_dim,
@@ -212,12 +205,14 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
                 row.update(status="failed", error=f"{type(err).__name__}: {err}"[:300])
             case_rows[name] = row
         with torch.no_grad():
-            forward = median_seconds({n: fwd(fn) for n, fn in runnable.items()}, device, repeats)
+            forward = median_seconds({n: (lambda fn=fn: fn(q, k, v)) for n, fn in runnable.items()}, device, repeats)
         both = {}
-        for name, fn in list(runnable.items()):
+        for name, fn in runnable.items():
+            def fwd_bwd(fn: Callable = fn) -> tuple:
+                return torch.autograd.grad(fn(*leaves), leaves, grad)
             try:
-                both.update(median_seconds({name: fwd_bwd(fn)}, device, repeats))
-                case_rows[name]["peak_memory_fwd_bwd_mib"] = peak_bytes(fwd_bwd(fn), device) / 2**20
+                both.update(median_seconds({name: fwd_bwd}, device, repeats))
+                case_rows[name]["peak_memory_fwd_bwd_mib"] = peak_bytes(fwd_bwd, device) / 2**20
             except Exception as err:  # noqa: BLE001 - e.g. a kernel without a backward
                 case_rows[name]["error_backward"] = f"{type(err).__name__}: {err}"[:300]
         for name in runnable:
@@ -293,61 +288,49 @@ def dino_resume_rows(device: torch.device, sizes: Sizes, work: Path) -> list[dic
 
 
 # ============================================================================ backbone throughput
-def _backbone(sizes: Sizes, attention: str, image_size: int, device: torch.device) -> EntmaxViTModel:
-    config = EntmaxViTConfig.from_preset(sizes.preset, attention=attention, image_size=image_size,
-                                         drop_path_rate=0.1, **sizes.overrides)
-    torch.manual_seed(0)
-    return EntmaxViTModel(config).to(device)  # attn_implementation: the transform's device default
+def _throughput(sizes: Sizes, device: torch.device, side: int, call: Callable[[torch.nn.Module], object],
+                per_call: int, train: bool, **fields) -> dict[str, dict]:
+    """Per attention (softmax, entmax15 with their default kernels, for images of ``side`` px): ``call(model)``
+    under bf16 autocast on a GPU, in inference mode unless ``train``; images/s (``per_call`` images a call) over
+    interleaved rounds and the peak memory of one call, ratios to softmax."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    def run(attention: str) -> Callable[[], None]:
+        config = EntmaxViTConfig.from_preset(sizes.preset, attention=attention, image_size=side,
+                                             drop_path_rate=0.1, **sizes.overrides)
+        torch.manual_seed(0)
+        model = EntmaxViTModel(config).to(device).train(train)  # attn_implementation: the transform's device default
 
-def _throughput(runs: dict[str, Callable[[], None]], per_call: int, device: torch.device, repeats: int,
-                **fields) -> dict[str, dict]:
-    """Per attention: images/s (``per_call`` images a call) over interleaved rounds and the peak memory of one
-    call, ratios to softmax."""
-    seconds = median_seconds(runs, device, repeats)
+        def fn() -> None:
+            with torch.inference_mode(not train), autocast:
+                call(model)
+        return fn
+
+    runs = {a: run(a) for a in ("softmax", "entmax15")}
+    seconds = median_seconds(runs, device, sizes.repeats)
     rows = {a: {"status": "ok", "attention": a, **fields, "step_ms": seconds[a] * 1e3, "images_per_s": per_call / s,
                 "peak_memory_mib": peak_bytes(runs[a], device) / 2**20} for a, s in seconds.items()}
     return add_ratios(rows, "softmax", "images_per_s", "images_per_s_ratio_vs_softmax")
 
 
 def multicrop_rows(device: torch.device, sizes: Sizes) -> list[dict]:
-    """images/s and peak memory of the DINO student's multi-crop step (forward + backward, bf16 autocast on a
-    GPU) for softmax and entmax15 with their default kernels."""
+    """images/s and peak memory of the DINO student's multi-crop step (forward + backward)."""
     n = sizes.multicrop_images
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(2 * n, 3, sizes.global_size, sizes.global_size, generator=gen).to(device),
                torch.randn(8 * n, 3, sizes.local_size, sizes.local_size, generator=gen).to(device)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step(model: torch.nn.Module) -> Callable[[], None]:
-        def fn() -> None:
-            with autocast:
-                backbone_step(model, batches)
-        return fn
-
-    runs = {a: step(_backbone(sizes, a, sizes.global_size, device).train()) for a in ("softmax", "entmax15")}
-    rows = _throughput(runs, n, device, sizes.repeats, kernel="auto (device default)", images=n,
-                       crops=f"2x{sizes.global_size} + 8x{sizes.local_size}")
+    rows = _throughput(sizes, device, sizes.global_size, lambda model: backbone_step(model, batches), n, True,
+                       kernel="auto (device default)", images=n, crops=f"2x{sizes.global_size} + 8x{sizes.local_size}")
     return list(add_ratios(rows, "softmax", "peak_memory_mib", "peak_memory_ratio_vs_softmax").values())
 
 
 def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
-    """Feature extraction (eval, inference mode; bf16 autocast on a GPU) per image size: images/s, peak memory,
-    softmax vs entmax15 with their default kernels."""
+    """Feature extraction (eval, inference mode) per image size: images/s and peak memory."""
     rows = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for size, batch in sorted(sizes.extract_sizes.items()):
         pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-
-        def run(model: torch.nn.Module) -> Callable[[], None]:
-            def fn() -> None:
-                with torch.inference_mode(), autocast:
-                    model(pixels)
-            return fn
-
-        runs = {a: run(_backbone(sizes, a, size, device).eval()) for a in ("softmax", "entmax15")}
-        rows += list(_throughput(runs, batch, device, sizes.repeats, image_size=size, batch=batch).values())
-        del runs
+        rows += list(_throughput(sizes, device, size, lambda model: model(pixels), batch, False, image_size=size,
+                                 batch=batch).values())
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

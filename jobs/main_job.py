@@ -219,14 +219,16 @@ def save_random_init(model_dir: Path, seed: int, random_dir: Path) -> None:
         shutil.copy(processor, random_dir / processor.name)
 
 
-def random_baseline(cfg: MainJobConfig, model_dir: Path, out: Path) -> dict[str, dict]:
-    """The ``random`` stage: the random-init model of the trained config, then the k-NN and segmentation stages
-    of ``cfg.stages`` on it (``evaluate``), into ``out / RANDOM_DIR``: ``{stage: record}``."""
+def random_baseline(cfg: MainJobConfig, model_dir: Path, out: Path,
+                    stages: Sequence[str] = ("knn", "segmentation")) -> dict[str, dict]:
+    """The ``random`` stage: the random-init model of the trained config, then the evaluation ``stages`` that are
+    in ``cfg.stages`` on it (``evaluate``), into ``out / RANDOM_DIR``: ``{stage: record}``. The dense-degradation
+    run's step 0 is the same, with every evaluation of its checkpoints."""
     base, random_model = out / RANDOM_DIR, out / RANDOM_DIR / "model"
     records = {"random_model": run_stage(base, "random_model", lambda: save_random_init(model_dir, cfg.seed, random_model),
                                          [random_model / "model.safetensors"], settings={"seed": cfg.seed},
                                          inputs=[model_dir / "config.json"], clean=[random_model], force=cfg.force)}
-    stages = [s for s in ("knn", "segmentation") if s in cfg.stages]
+    stages = [s for s in stages if s in cfg.stages]
     records.update({f"random_{name}": r for name, r in evaluate(cfg, random_model, base, stages).items()})
     return records
 
@@ -294,7 +296,3 @@ def main(cfg: MainJobConfig) -> dict:
     maps = out / "analysis" / cfg.attention / "attention_maps_0.png"
     print("\n".join(f"  wrote {p}" for p in (model_dir, maps, out / "hub", out / "summary.json") if p.exists()))
     return summary
-
-
-__all__ = ["MainJobConfig", "RANDOM_DIR", "STAGES", "evaluate", "evaluation_jobs", "main", "random_baseline",
-           "run_process", "run_stage", "save_random_init", "training_config"]

@@ -15,7 +15,6 @@ training resumes from its last checkpoint. ``--docs_dir docs`` also writes the r
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Optional, Sequence
 
 from .main_job import RANDOM_DIR, MainJobConfig, main as main_job
 from .run_results import FEATURES, PROBE_KEYS, load_analysis, summary_metrics
-from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, comparison_lines
+from .seed_stats import CLAIMS, METRICS, Spread, aggregate, claim_lines, comparison_lines, seed_table
 
 
 @dataclass
@@ -113,21 +112,9 @@ def training_gain_lines(table: dict, attentions: Sequence[str]) -> list[str]:
     return lines
 
 
-def load_losses(metrics_jsonl: Path) -> tuple[list[float], list[float]]:
-    """(step, loss) of the training log."""
-    from entmax_vit.training.metrics_log import read_metrics
-
-    rows = [r for r in read_metrics(metrics_jsonl) if "loss" in r] if metrics_jsonl.is_file() else []
-    return [float(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value)
-
-
 def paper_table() -> list[str]:
     from entmax_vit.recipe import PAPER_RESULTS
 
@@ -147,13 +134,9 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
     sep = "|---|" + "---|" * len(METRICS)
     means = [head, sep] + [f"| {a} | " + " | ".join(s[key].format(spec) for key, _, spec in METRICS) + " |"
                            for a, s in shown.items()]
-    per_seed = ["| attention | seed | " + " | ".join(title for _, title, _ in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    per_seed += [f"| {row['attention']} | {row['seed']} | " + " | ".join(_fmt(row.get(key), spec) for key, _, spec in METRICS)
-                 + " |" for row in [*rows, *baselines]]
-    claims = ["| attention | seed | " + " | ".join(title.split(" ")[0] + " " + key for key, title, _ in CLAIMS) + " |",
-              "|---|---|" + "---|" * len(CLAIMS)]
-    claims += [f"| {row['attention']} | {row['seed']} | " + " | ".join(_fmt(row.get(key), spec) for key, _, spec in CLAIMS)
-               + " |" for row in rows if any(row.get(key) is not None for key, _, _ in CLAIMS)]
+    per_seed = seed_table([*rows, *baselines], ["attention", "seed"], METRICS)
+    claims = seed_table([row for row in rows if any(row.get(key) is not None for key, _, _ in CLAIMS)],
+                        ["attention", "seed"], CLAIMS, [title.split(" ")[0] + " " + key for key, title, _ in CLAIMS])
     baseline = "softmax" if "softmax" in table else next(iter(table))
     budget = "the main job's --quick budget (smoke run: the numbers are meaningless)" if cfg.tiny else \
         f"preset `{cfg.training_preset}`" + (f" with {cfg.train_overrides}" if cfg.train_overrides else "")
@@ -206,17 +189,12 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
     ])
 
 
-def figure(**kwargs):
-    """A bare matplotlib Figure (renders with Agg, no pyplot: see analysis/figures.py)."""
-    from matplotlib.figure import Figure
-
-    return Figure(**kwargs)
-
-
 def plot_probes(rows: list[dict], path: Path) -> Path:
     """One panel per metric: a bar per transform at the mean over seeds, error bar = std, dots = seeds."""
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
+
     table = aggregate(rows, [key for key, _, _ in METRICS])
-    fig = figure(figsize=(2.4 * len(METRICS), 3.0))
+    fig = Figure(figsize=(2.4 * len(METRICS), 3.0))
     axes = fig.subplots(1, len(METRICS))
     for ax, (key, title, spec) in zip(axes, METRICS):
         scale = 100.0 if spec.endswith("%}") else 1.0
@@ -238,15 +216,21 @@ def plot_probes(rows: list[dict], path: Path) -> Path:
 
 
 def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
-    """DINO loss against the step, one colour per transform, one line per seed."""
-    fig = figure(figsize=(5, 3.4))
+    """DINO loss against the step (the training logs' rows with a loss), one colour per transform, one line per
+    seed."""
+    from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
+
+    from entmax_vit.training.metrics_log import read_metrics
+
+    fig = Figure(figsize=(5, 3.4))
     ax = fig.subplots()
     drawn = False
     for i, (attention, logs) in enumerate(runs.items()):
         for j, log in enumerate(logs):
-            steps, losses = load_losses(log)
-            if steps:
-                ax.plot(steps, losses, color=f"C{i}", alpha=0.8, label=attention if j == 0 else None)
+            rows = [r for r in read_metrics(log) if "loss" in r] if log.is_file() else []
+            if rows:
+                ax.plot([float(r["step"]) for r in rows], [float(r["loss"]) for r in rows], color=f"C{i}", alpha=0.8,
+                        label=attention if j == 0 else None)
                 drawn = True
     if not drawn:
         return None
@@ -328,7 +312,3 @@ def main(cfg: ReproduceMiniConfig) -> dict:
     print(f"[reproduce_mini] wrote {out / 'results.md'}, {out / 'results.json'}, "
           f"{', '.join(str(p) for p in [*figures, loss_png] if p)}")
     return {"rows": rows, "report": out / "results.md"}
-
-
-__all__ = ["ReproduceMiniConfig", "collect", "main", "markdown_report", "plot_losses",
-           "plot_probes", "publish", "random_rows", "training_gain_lines"]

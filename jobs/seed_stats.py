@@ -64,6 +64,20 @@ class Spread:
         return f"{spec.format(self.mean)} ± {spec.format(self.std)} [{spec.format(self.min)}, {spec.format(self.max)}]"
 
 
+def seed_table(rows: Sequence[Mapping], columns: Sequence[str], metrics: Sequence[tuple[str, str, str]],
+               titles: Sequence[str] = ()) -> list[str]:
+    """A markdown table, one line per row: its ``columns`` as they are, then each metric formatted by its spec
+    ("n/a" when missing or nan); ``titles`` of the metric columns default to the metrics' titles."""
+    titles = list(titles) or [title for _, title, _ in metrics]
+    lines = ["| " + " | ".join([*columns, *titles]) + " |", "|" + "---|" * (len(columns) + len(titles))]
+    for row in rows:
+        values = [row.get(key) for key, _, _ in metrics]
+        cells = ["n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
+                 for v, (_, _, spec) in zip(values, metrics)]
+        lines.append("| " + " | ".join([*(str(row[c]) for c in columns), *cells]) + " |")
+    return lines
+
+
 def aggregate(rows: Sequence[Mapping], keys: Sequence[str]) -> dict[str, dict[str, Spread]]:
     """``{attention: {metric: Spread}}`` over the seeds of each transform (rows missing a metric are skipped)."""
     out: dict[str, dict[str, Spread]] = {}

@@ -12,8 +12,6 @@ method. Writes OUTPUT_DIR/bench_attention.json and the resolved config.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import statistics
 import time
@@ -21,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import entmax
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from entmax_vit.data.config_io import save_config, to_dict
-from entmax_vit.jobs.baseline_ratios import add_ratios
+from entmax_vit.jobs.benchmarks import add_ratios, start_benchmark, write_benchmark
 from entmax_vit.modeling.attention import ATTENTION_KERNELS
 
 log = logging.getLogger("bench_attention")
@@ -76,21 +74,16 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
     if cfg.compiled:
         methods["entmax15_ours_compiled"] = ours("entmax15", "compiled")
     if cfg.package:
-        try:
-            import entmax
-        except ImportError:
-            log.warning("the `entmax` package is not installed: skipping its rows")
-        else:
 
-            def package(fn: Callable) -> Callable:
-                def run(q, k, v):
-                    probs = fn(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
-                    return torch.matmul(probs, v), probs
+        def package(fn: Callable) -> Callable:
+            def run(q, k, v):
+                probs = fn(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
+                return torch.matmul(probs, v), probs
 
-                return run
+            return run
 
-            methods["entmax15_package"] = package(entmax.entmax15)
-            methods["entmax_bisect_package"] = package(lambda s, dim: entmax.entmax_bisect(s, 1.5, dim=dim))
+        methods["entmax15_package"] = package(entmax.entmax15)
+        methods["entmax_bisect_package"] = package(lambda s, dim: entmax.entmax_bisect(s, 1.5, dim=dim))
     methods["sparsemax_ours_tiled"] = ours("sparsemax", "tiled")
     methods["entmax_bisect_ours_tiled"] = ours("entmax_bisect", "tiled")
     methods["entmax_bisect_ours_eager"] = ours("entmax_bisect", "eager")
@@ -113,16 +106,13 @@ def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
 
     # Accuracy: max |probs - entmax15| for every entmax-1.5 method (bisect at alpha 1.5 included).
     errors: dict[str, float] = {}
-    if importlib.util.find_spec("entmax") is not None:
-        import entmax
-
-        with torch.no_grad():
-            reference = entmax.entmax15(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
-            eye = torch.eye(tokens).expand(batch, cfg.heads, tokens, tokens)  # tiled kernels: P = P I
-            for name, fn in methods.items():
-                if name.startswith("entmax15") or name.startswith("entmax_bisect"):
-                    probs = fn(q, k, eye)[0] if "tiled" in name else fn(q, k, v)[1]
-                    errors[name] = float((probs - reference).abs().max())
+    with torch.no_grad():
+        reference = entmax.entmax15(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
+        eye = torch.eye(tokens).expand(batch, cfg.heads, tokens, tokens)  # tiled kernels: P = P I
+        for name, fn in methods.items():
+            if name.startswith("entmax15") or name.startswith("entmax_bisect"):
+                probs = fn(q, k, eye)[0] if "tiled" in name else fn(q, k, v)[1]
+                errors[name] = float((probs - reference).abs().max())
 
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
 
@@ -206,11 +196,7 @@ def main(cfg: BenchAttentionConfig) -> dict:
     if cfg.quick:
         shapes = [(b, n) for b, n in shapes if n < 3000]
         cfg.repeats, cfg.package = min(cfg.repeats, 5), False
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.output_dir)
-    save_config(cfg, out_dir / "bench_attention_config.yaml")
-    torch.manual_seed(cfg.seed)
+    out_dir = start_benchmark("attention", cfg)
     if cfg.profile:
         paths = [profile_case(cfg, batch, tokens, out_dir) for batch, tokens in shapes]
         print("\n\n".join(p.read_text() for p in paths))
@@ -219,18 +205,9 @@ def main(cfg: BenchAttentionConfig) -> dict:
     for batch, tokens in tqdm(shapes, desc="attention cases"):
         log.info("benchmarking B=%d H=%d N=%d d=%d", batch, cfg.heads, tokens, cfg.head_dim)
         cases.append(bench_case(cfg, batch, tokens))
-    record = {
-        "benchmark": "attention",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "config": to_dict(cfg),
-        "cases": cases,
-        "note": "medians of interleaved rounds; ratios are to softmax SDPA in the same run",
-    }
-    (out_dir / "bench_attention.json").write_text(json.dumps(record, indent=2))
-    print(json.dumps(record, indent=2) if cfg.json else format_table(cases))
-    log.info("wrote %s", out_dir / "bench_attention.json")
-    return record
+    return write_benchmark("attention", cfg, {"cases": cases},
+                           "medians of interleaved rounds; ratios are to softmax SDPA in the same run",
+                           lambda record: format_table(record["cases"]))
 
 
 if __name__ == "__main__":

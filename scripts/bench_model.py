@@ -17,18 +17,15 @@ Writes OUTPUT_DIR/bench_model.json and the resolved config.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from entmax_vit.data.config_io import save_config, to_dict
 from entmax_vit.evaluation.speed import backbone_step as training_step, median_seconds, peak_bytes
-from entmax_vit.jobs.baseline_ratios import add_ratios
+from entmax_vit.jobs.benchmarks import add_ratios, start_benchmark, write_benchmark
 from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
 
 log = logging.getLogger("bench_model")
@@ -200,11 +197,7 @@ def main(cfg: BenchModelConfig) -> dict:
         cfg.extract_sizes = {s: b for s, b in cfg.extract_sizes.items() if s < 896}
         cfg.inference_memory_size = 0 if cfg.inference_memory_size >= 896 else cfg.inference_memory_size
         cfg.variants = [v for v in cfg.variants if not v.endswith("compiled")]
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.output_dir)
-    save_config(cfg, out_dir / "bench_model_config.yaml")
-    torch.manual_seed(cfg.seed)
+    start_benchmark("model", cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     models = build_variants(cfg)
 
@@ -227,21 +220,11 @@ def main(cfg: BenchModelConfig) -> dict:
             add_ratios(results, "softmax:eager", "peak_memory_bytes", "peak_memory_ratio_vs_softmax_eager")
         training[case] = results
     log.info("feature extraction throughput")
-    record = {
-        "benchmark": "model",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "config": to_dict(cfg),
-        "training_step": training,
-        "extraction_by_size": extraction_by_size(cfg, gen),
-        "training_memory_by_size": training_memory_by_size(cfg, gen),
-        "feature_extraction": feature_throughput(cfg, gen),
-        "note": "medians of interleaved rounds; ratios measured in the same run",
-    }
-    (out_dir / "bench_model.json").write_text(json.dumps(record, indent=2))
-    print(json.dumps(record, indent=2) if cfg.json else format_report(record))
-    log.info("wrote %s", out_dir / "bench_model.json")
-    return record
+    results = {"training_step": training, "extraction_by_size": extraction_by_size(cfg, gen),
+               "training_memory_by_size": training_memory_by_size(cfg, gen),
+               "feature_extraction": feature_throughput(cfg, gen)}
+    return write_benchmark("model", cfg, results, "medians of interleaved rounds; ratios measured in the same run",
+                           format_report)
 
 
 if __name__ == "__main__":

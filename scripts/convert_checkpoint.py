@@ -13,20 +13,12 @@ INPUT and OUTPUT_DIR may also be given as --input / --output_dir; every field of
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 from entmax_vit.cli import entry_point
-from entmax_vit.cli.config import parse_config, positionals_to_options
 from entmax_vit.data.model_path import check_model_path
 from entmax_vit.data.config_io import ConfigError
 from entmax_vit.conversion.convert import ConvertConfig, main
-
-
-def split_positionals(argv: Sequence[str]) -> list[str]:
-    """Turn ``[... INPUT OUTPUT_DIR ...]`` into ``--input INPUT --output_dir OUTPUT_DIR``."""
-    return positionals_to_options(ConvertConfig, argv, ("input", "output_dir"))
 
 
 def checked(cfg: ConvertConfig) -> ConvertConfig:
@@ -38,11 +30,6 @@ def checked(cfg: ConvertConfig) -> ConvertConfig:
     elif not Path(cfg.input).expanduser().exists():
         raise FileNotFoundError(f"checkpoint file not found: {cfg.input}")
     return cfg
-
-
-def run(argv: Optional[Sequence[str]] = None) -> None:
-    """Parse ``argv`` and convert; errors raise (ConfigError / ValueError / FileNotFoundError)."""
-    main(checked(parse_config(ConvertConfig, split_positionals(sys.argv[1:] if argv is None else argv))))
 
 
 if __name__ == "__main__":

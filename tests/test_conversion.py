@@ -315,16 +315,30 @@ def test_verify_against_rejects_a_different_model(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Output folder, other transforms, CLI, fresh-process round trip
 # ----------------------------------------------------------------------------------------------------------
-def test_cli_writes_folder_and_swaps_attention(tmp_path):
+def _split_positionals(argv):
+    """What scripts/convert_checkpoint.py makes of ``[... INPUT OUTPUT_DIR ...]`` (entry_point.run's positionals)."""
+    from entmax_vit.cli.config import positionals_to_options
+
+    return positionals_to_options(ConvertConfig, argv, ("input", "output_dir"))
+
+
+def _run_script(argv):
+    """scripts/convert_checkpoint.py on ``argv``, its errors raised (the script prints them)."""
+    from entmax_vit.cli.config import parse_config
+
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import convert_checkpoint
     finally:
         sys.path.pop(0)
+    convert_checkpoint.main(convert_checkpoint.checked(parse_config(ConvertConfig, _split_positionals(argv))))
+
+
+def test_cli_writes_folder_and_swaps_attention(tmp_path):
     source = tiny_timm()
     path = _timm_file(tmp_path, source.state_dict())
     out = tmp_path / "entmax"
-    convert_checkpoint.run(["--source", "timm", path, str(out), "--num-heads", "4", "--attention", "entmax15"])
+    _run_script(["--source", "timm", path, str(out), "--num-heads", "4", "--attention", "entmax15"])
     config = json.loads((out / "config.json").read_text())
     assert config["attention"] == "entmax15" and config["auto_map"]["AutoModel"].endswith("EntmaxViTModel")
     assert {"model.safetensors", "modeling_entmax_vit.py", "attention.py", "configuration_entmax_vit.py",
@@ -338,11 +352,11 @@ def test_cli_writes_folder_and_swaps_attention(tmp_path):
     torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
     assert (probs == 0).any()  # entmax-1.5 gives exact zeros
     with pytest.raises(ValueError, match="already holds a model"):
-        convert_checkpoint.run(["--source", "timm", path, str(out), "--num-heads", "4"])
+        _run_script(["--source", "timm", path, str(out), "--num-heads", "4"])
     with pytest.raises(ValueError, match="attention"):
-        convert_checkpoint.run(["--source", "timm", path, str(out), "--attention", "relu"])
+        _run_script(["--source", "timm", path, str(out), "--attention", "relu"])
     with pytest.raises(ValueError, match="source"):
-        convert_checkpoint.run(["--source", "keras", path, str(out)])
+        _run_script(["--source", "keras", path, str(out)])
 
 
 def test_converted_folder_round_trip_in_fresh_process(tmp_path):
@@ -401,16 +415,11 @@ def test_heads_from_training_args_and_contradictions(tmp_path):
 
 
 def test_cli_argument_splitting():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from convert_checkpoint import split_positionals
-    finally:
-        sys.path.pop(0)
-    assert split_positionals(["--source", "dino", "in.pth", "out", "--no-verify", "--num-heads", "6"]) == [
+    assert _split_positionals(["--source", "dino", "in.pth", "out", "--no-verify", "--num-heads", "6"]) == [
         "--source", "dino", "--no-verify", "--num-heads", "6", "--input", "in.pth", "--output_dir", "out"]
-    assert split_positionals(["--overwrite", "in.pth", "out"]) == ["--overwrite", "--input", "in.pth", "--output_dir", "out"]
+    assert _split_positionals(["--overwrite", "in.pth", "out"]) == ["--overwrite", "--input", "in.pth", "--output_dir", "out"]
     with pytest.raises(ValueError, match="at most INPUT and OUTPUT_DIR"):
-        split_positionals(["a", "b", "c"])
+        _split_positionals(["a", "b", "c"])
 
 
 def test_sharded_save_pretrained_folder(tmp_path):
