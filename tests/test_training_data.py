@@ -13,7 +13,8 @@ import torch
 
 from entmax_vit.cli.config import parse_config
 from entmax_vit.training.config import DataConfig, DinoConfig
-from entmax_vit.training.dino import CONFIG_DIR, UnreadableDataError, main
+from entmax_vit.training.dino import CONFIG_DIR, main
+from entmax_vit.training.loop_stats import UnreadableDataError
 from entmax_vit.training.dino_data import NoReadableImageError, build_dataset, sample_seed, seeded_rngs
 from entmax_vit.training.multicrop import MultiCropConfig
 from training_helpers import make_image_dataset, tiny_args

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Optional
 from annotated_types import Ge, Gt, Interval
 
 from entmax_vit.data.config_io import KeysOf, flatten
+from entmax_vit.modeling.attention import resolve_kernel
 from entmax_vit.modeling.configuration_entmax_vit import EntmaxViTConfig
 from entmax_vit.training.multicrop import MultiCropConfig
 
@@ -181,12 +182,28 @@ class DinoConfig:
         check_config(self)
 
 
+def backbone_config(cfg: DinoConfig, drop_path_rate: float) -> EntmaxViTConfig:
+    """EntmaxViTConfig from the preset, the attention transform and ``model.backbone_overrides``; the
+    position-embedding grid is learnt at the global crop size."""
+    overrides = dict(cfg.model.backbone_overrides)
+    overrides.setdefault("image_size", cfg.crops.global_size)
+    return EntmaxViTConfig.from_preset(cfg.model.preset, attention=cfg.model.attention, drop_path_rate=drop_path_rate,
+                                       **overrides)
+
+
+def attention_kernel(cfg: DinoConfig) -> str:
+    """``model.attn_implementation``, checked against the transform; "auto" is the model's own default: sdpa for
+    softmax, and for the sparse transforms the kernel "auto" (``modeling.attention.default_kernel``: triton on
+    CUDA, tiled on CPU), decided per call, so a model built here on the CPU runs the GPU kernel once moved."""
+    requested = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+    return resolve_kernel(cfg.model.attention, requested)
+
+
 def check_config(cfg: DinoConfig) -> None:
     """Checks needing several fields or the model's rules, on every DinoConfig built (before any data is loaded):
     the backbone config, the attention kernel for the transform, the syntax of ``data.source``; ValueError names
     the key."""
     from entmax_vit.data.datasets import check_source
-    from entmax_vit.training.networks import attention_kernel, backbone_config  # networks imports this module
 
     for key, check in (("model", lambda: backbone_config(cfg, cfg.model.drop_path_rate)),
                        ("model.attn_implementation", lambda: attention_kernel(cfg)),

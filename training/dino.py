@@ -29,8 +29,7 @@ from entmax_vit.training.config import DinoConfig, breaking_differences
 from entmax_vit.training.dino_data import TrainingData
 from entmax_vit.training.dino_loss import DINOLoss
 from entmax_vit.training.export import export_backbone
-from entmax_vit.training.loop_stats import (NonFiniteLossError, Run, RunState, StopRequest,  # noqa: F401
-                                           UnreadableDataError)
+from entmax_vit.training.loop_stats import NonFiniteLossError, Run, RunState, StopRequest
 from entmax_vit.training.metrics_log import MetricsLog, attention_support_size, plot_loss_curve
 from entmax_vit.training.networks import build_networks
 from entmax_vit.training.optim import (cancel_last_layer_gradients, clip_gradients_per_parameter, ema_update,

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
-from entmax_vit.modeling.attention import resolve_kernel
-from entmax_vit.training.config import DinoConfig
+from entmax_vit.modeling import EntmaxViTModel
+from entmax_vit.training.config import DinoConfig, attention_kernel, backbone_config
 
 
 class WeightNormLinear(nn.Module):
@@ -86,23 +85,6 @@ class MultiCropWrapper(nn.Module):
             batch = torch.cat(list(group))  # (crops of the group * B, 3, H, W)
             features.append(self.backbone(pixel_values=batch).pooler_output)  # (crops of the group * B, D)
         return self.head(torch.cat(features))  # (num_crops*B, out_dim)
-
-
-def backbone_config(cfg: DinoConfig, drop_path_rate: float) -> EntmaxViTConfig:
-    """EntmaxViTConfig from the preset, the attention transform and ``model.backbone_overrides``; the
-    position-embedding grid is learnt at the global crop size."""
-    overrides = dict(cfg.model.backbone_overrides)
-    overrides.setdefault("image_size", cfg.crops.global_size)
-    return EntmaxViTConfig.from_preset(cfg.model.preset, attention=cfg.model.attention, drop_path_rate=drop_path_rate,
-                                       **overrides)
-
-
-def attention_kernel(cfg: DinoConfig) -> str:
-    """``model.attn_implementation``, checked against the transform; "auto" is the model's own default: sdpa for
-    softmax, and for the sparse transforms the kernel "auto" (``modeling.attention.default_kernel``: triton on
-    CUDA, tiled on CPU), decided per call, so a model built here on the CPU runs the GPU kernel once moved."""
-    requested = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
-    return resolve_kernel(cfg.model.attention, requested)
 
 
 def build_networks(cfg: DinoConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
