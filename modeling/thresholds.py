@@ -192,31 +192,36 @@ def bisect_block_threshold(
     return lo, z
 
 
-# The dense path: the block solvers applied to every row of a (..., N) tensor as one block.
-def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
-                  scalar_alpha: Optional[float] = None, *, newton_steps: Optional[int] = None,
-                  check_every: int = BISECT_CHECK_EVERY) -> torch.Tensor:
-    """Exact ``transform`` of ``scores`` (float32 or wider) over the last dimension; ``alpha_rows`` (..., 1) and
+def block_probabilities(y, e, mean, transform: str, alpha_rows, scalar_alpha: Optional[float], rescore: Callable,
+                        newton_steps: Optional[int] = None, check_every: int = BISECT_CHECK_EVERY):
+    """Exact ``transform`` of a block ``y`` (..., N) of scores minus their row max (row mean ``mean``; ``e`` a work
+    buffer of y's shape or None; y is scratch): (t, w, z) with p = w / z, the constant z = 4 for entmax-1.5 (w =
+    (y - t)_+^2) and 1 for sparsemax, alpha-entmax's normaliser otherwise. ``alpha_rows`` (..., 1) and
     ``scalar_alpha`` (the same as a float, a cheaper exponent): entmax_bisect's alpha. ``newton_steps`` (default
     ``NEWTON_STEPS``), ``check_every``: work per round; any value is exact (fewer steps: more sort fallbacks)."""
-    m = scores.amax(dim=-1, keepdim=True)
-    y = scores - m  # (..., N), row max 0
-    mean = y.mean(dim=-1, keepdim=True)
-
-    def rescore() -> torch.Tensor:  # fresh y for the sort fallback
-        return scores - m
-
     steps = NEWTON_STEPS.get(transform) if newton_steps is None else newton_steps
     if transform == "entmax15":
-        _, e = entmax15_block_threshold(y, None, mean, steps, rescore)
-        return (e * 0.5) ** 2
+        t, e = entmax15_block_threshold(y, e, mean, steps, rescore)
+        return t, e.mul_(e), 4.0  # the 1/4 is applied to the (Bq, d) output in the tiled kernel, not to the block
     if transform == "sparsemax":
-        return sparsemax_block_threshold(y, None, mean, steps, rescore)[1]
+        t, e = sparsemax_block_threshold(y, e, mean, steps, rescore)
+        return t, e, 1.0
     am1 = alpha_rows - 1
     q = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
-    x = y * am1
+    x = y.mul_(am1)
     t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(x.dtype).eps, check_every)
-    return torch.clamp(x - t, min=0) ** q / z
+    return t, torch.clamp(x - t, min=0) ** q, z
+
+
+def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
+                  scalar_alpha: Optional[float] = None, **solver) -> torch.Tensor:
+    """Exact ``transform`` of ``scores`` (float32 or wider) over the last dimension, as one block (the dense path);
+    ``solver``: ``newton_steps``, ``check_every`` of ``block_probabilities``."""
+    m = scores.amax(dim=-1, keepdim=True)
+    y = scores - m  # (..., N), row max 0
+    _, w, z = block_probabilities(y, None, y.mean(dim=-1, keepdim=True), transform, alpha_rows, scalar_alpha,
+                                  lambda: scores - m, **solver)  # the sort fallback's fresh y
+    return w / z
 
 
 def jacobian_weights(probs: torch.Tensor, transform: str, alpha=None) -> torch.Tensor:
