@@ -207,9 +207,6 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["EntmaxViTEmbeddings", "EntmaxViTLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = False
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": EntmaxViTLayer, "attentions": EntmaxViTAttention}
     _input_embed_layer = "patch_embeddings"
