@@ -291,8 +291,6 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.uint8) * 255
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
         return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
-    if arr.size == 0:
-        raise ImageDecodeError("image array is empty")
     if np.issubdtype(arr.dtype, np.floating):
         x = np.where(np.isfinite(arr), arr, 0.0).astype(np.float64)
         return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
