@@ -134,11 +134,6 @@ class _TiledEntmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):  # float32 matmuls, as the forward
-            return _TiledEntmax._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
         query, key, value, alpha_rows, m, t, *z = ctx.saved_tensors
         bisect, need_alpha = ctx.transform == "entmax_bisect", ctx.needs_input_grad[3]
         n = key.shape[1]
@@ -154,11 +149,12 @@ class _TiledEntmax(torch.autograd.Function):
                 dk, dv, *views(q_blk), ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
 
         results, dks, dvs = [], [], []
-        for heads, row_slices in _blocks(*query.shape[:2], *ctx.block):
-            dk, dv = torch.zeros_like(key[heads]), torch.zeros_like(value[heads])  # (G, N, d), summed over blocks
-            results.append([run(heads, rows, dk, dv) for rows in row_slices])
-            dks.append(dk)
-            dvs.append(dv)
+        with torch.autocast(grad_out.device.type, enabled=False):  # float32 matmuls, as the forward
+            for heads, row_slices in _blocks(*query.shape[:2], *ctx.block):
+                dk, dv = torch.zeros_like(key[heads]), torch.zeros_like(value[heads])  # (G, N, d), summed over blocks
+                results.append([run(heads, rows, dk, dv) for rows in row_slices])
+                dks.append(dk)
+                dvs.append(dv)
         dalpha = _cat_blocks(results, 1) if need_alpha else None
         return _cat_blocks(results, 0), torch.cat(dks), torch.cat(dvs), dalpha, None, None, None, None
 
