@@ -213,7 +213,6 @@ WEIGHTS_ALWAYS = ("eager", "compiled")
 
 
 def kernels_for(transform: str) -> list[str]:
-    """Kernel names that run ``transform``."""
     get_attention_transform(transform)
     return [k for k in ATTENTION_KERNELS if transform in KERNEL_TRANSFORMS.get(k, (transform,))]
 

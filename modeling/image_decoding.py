@@ -49,7 +49,7 @@ def decode_image(value: Any, *, background: Color = WHITE, max_pixels: Optional[
     try:
         if sixteen is not None:
             exif = img.getexif()
-            img = Image.fromarray(_to_uint8(sixteen, "uint16"), "RGBA" if sixteen.shape[-1] == 4 else "RGB")
+            img = Image.fromarray(_to_uint8(sixteen), "RGBA" if sixteen.shape[-1] == 4 else "RGB")
             if exif:
                 img.info["exif"] = exif.tobytes()  # the orientation travels with the exact pixels
         try:
@@ -252,7 +252,6 @@ def _png_sixteen_bit_rgb(data: bytes, img: Image.Image, tile: Any) -> np.ndarray
 
 # ----------------------------------------------------------------------------------------- mode handling
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def _mode_to_rgb(img: Image.Image, background: Color) -> Image.Image:
@@ -262,8 +261,8 @@ def _mode_to_rgb(img: Image.Image, background: Color) -> Image.Image:
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
         # A palette with a transparent index (GIF/PNG) must be composited, else the "hidden" colour shows.
         return _composite(np.asarray(img.convert("RGBA")), background)
-    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(img), mode), "L").convert("RGB")
+    if mode.startswith("I") or mode == "F":  # I, I;16, I;16B, ...: the rules go by the samples' dtype
+        return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
     if mode == "LAB":
         from PIL import ImageCms
 
@@ -284,16 +283,14 @@ def _composite(rgba: np.ndarray, background: Color) -> Image.Image:
     return Image.fromarray(out.astype(np.uint8), "RGB")
 
 
-def _to_uint8(arr: np.ndarray, kind: str) -> np.ndarray:
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
     """High-bit-depth array -> uint8 by the module's rules (16-bit, float, 32-bit integer, bool)."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
-    if kind in _SIXTEEN_BIT or kind == "uint16" or (arr.dtype.kind == "u" and arr.dtype.itemsize == 2):
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
         return np.rint(arr.astype(np.float64) / 257.0).astype(np.uint8)
-    if arr.size == 0:
-        raise ImageDecodeError("image array is empty")
     if np.issubdtype(arr.dtype, np.floating):
         x = np.where(np.isfinite(arr), arr, 0.0).astype(np.float64)
         return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -325,6 +322,6 @@ def _array_to_pil(value: Any, limit: Optional[int]) -> Image.Image:
                                f"pixels exceeds the limit of {limit}")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise ImageDecodeError(f"array dtype {arr.dtype} is not numeric")
-    arr8 = np.ascontiguousarray(_to_uint8(arr, str(arr.dtype)))
+    arr8 = np.ascontiguousarray(_to_uint8(arr))
     return Image.fromarray(arr8)  # (H, W) -> L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA
 

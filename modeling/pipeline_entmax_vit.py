@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
+import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,6 @@ class EntmaxViTSegmentationPipeline(Pipeline):
             paths = [cached_file(source, name, revision=revision, token=token) for name in (HEAD_CONFIG, HEAD_WEIGHTS)]
         except OSError as err:  # transformers raises OSError (EnvironmentError) for missing repos/files
             raise FileNotFoundError(f"{source}: no segmentation probe ({HEAD_CONFIG} + {HEAD_WEIGHTS}): {err}") from err
-        if any(p is None for p in paths):
-            raise FileNotFoundError(f"{source} has no {HEAD_CONFIG} / {HEAD_WEIGHTS}: no segmentation probe shipped")
         return LinearSegmentationHead.load(os.path.dirname(paths[0]))
 
     def _sanitize_parameters(self, timeout: Optional[float] = None, **kwargs: Any) -> tuple[dict, dict, dict]:
@@ -95,9 +94,7 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         width, height = image.size
         side = self.head.config.input_size
         resized = image.resize((side, side), resample=PILImageResampling.BICUBIC)
-        # bytes -> (side, side, 3) uint8 -> (1, 3, side, side) float in [0, 1]
-        pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(side, side, 3)
-        pixels = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1).unsqueeze(0).float() / 255.0  # (1, 3, s, s)
         # the ImageNet defaults only when the repository has no image processor config
         mean = getattr(self.image_processor, "image_mean", None) or IMAGENET_MEAN
         std = getattr(self.image_processor, "image_std", None) or IMAGENET_STD

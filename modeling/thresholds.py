@@ -79,7 +79,6 @@ def sparsemax_sort_threshold(y: torch.Tensor) -> torch.Tensor:
 # (then y is scratch too). Each returns t (G, Bq, 1) and e = (y - t)_+; ``rescore()`` recomputes y for the sort
 # fallback. Buffers and in-place ops because on CPU a fresh multi-MB tensor's page faults cost ~3x the arithmetic.
 def _relu_sub(y: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """(y - t)_+, written into ``out`` if given."""
     return (y - t if out is None else torch.sub(y, t, out=out)).clamp_min_(0)
 
 
@@ -89,43 +88,32 @@ def _count_positive(e: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tenso
     return (torch.sign(e) if out is None else torch.sign(e, out=out)).sum(dim=-1, keepdim=True)
 
 
-def entmax15_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact entmax-1.5 threshold (p = (e / 2)^2, e = (y - t)_+; ``mean``: y's row mean): Newton on ||e / 2||_2 - 1
-    from the lower bound, the closed-form root on the support found, and the certificate (module docstring)."""
-    buf = e
-    t = 2 * _lower_bound(mean / 2, y.shape[-1], 0.5)  # (G, Bq, 1), t <= t*
+def sparse_block_threshold(transform: str, y, e, mean, steps: int,
+                           rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact threshold of entmax-1.5 (p = (e / 2)^2) or sparsemax (p = e), e = (y - t)_+ (``mean``: y's row mean):
+    Newton from the lower bound (entmax-1.5: on ||e / 2||_2 - 1; sparsemax: Michelot's algorithm, on sum(e) - 1),
+    the closed-form root on the support found, and the certificate (module docstring)."""
+    buf, entmax15 = e, transform == "entmax15"
+    t = 2 * _lower_bound(mean / 2, y.shape[-1], 0.5) if entmax15 else _lower_bound(mean, y.shape[-1], 1.0)  # <= t*
     for _ in range(steps):
         e = _relu_sub(y, t, buf)
-        norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True) / 2  # ||d||_2
-        t = t + 4 * norm * (norm - 1) / e.sum(dim=-1, keepdim=True)  # tau += norm (norm - 1) / sum(d)
+        if entmax15:
+            norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True) / 2  # ||d||_2
+            t = t + 4 * norm * (norm - 1) / e.sum(dim=-1, keepdim=True)  # tau += norm (norm - 1) / sum(d)
+        else:
+            t = t + (e.sum(dim=-1, keepdim=True) - 1) / _count_positive(e, out=buf)
     e = _relu_sub(y, t, buf)
     s1 = e.sum(dim=-1, keepdim=True)
-    s2 = torch.linalg.vector_norm(e, dim=-1, keepdim=True) ** 2
+    s2 = torch.linalg.vector_norm(e, dim=-1, keepdim=True) ** 2 if entmax15 else None
     k = _count_positive(e, out=buf)  # support size at t (e is scratch until recomputed below)
-    mean_e = s1 / k
-    # smaller root u of k u^2 - 2 s1 u + s2 - 4 = 0: sum over the support of (e - u)^2 = 4, i.e. sum p = 1
-    t = t + mean_e - torch.sqrt(torch.clamp((4 - s2 + s1 * mean_e) / k, min=0))
+    if entmax15:  # smaller root u of k u^2 - 2 s1 u + s2 - 4 = 0: sum over the support of (e - u)^2 = 4, sum p = 1
+        mean_e = s1 / k
+        t = t + mean_e - torch.sqrt(torch.clamp((4 - s2 + s1 * mean_e) / k, min=0))
+    else:
+        t = t + (s1 - 1) / k
     e = _relu_sub(y, t, buf)
     ok = _count_positive(e, out=None if buf is None else y) == k  # (G, Bq, 1); y is scratch from here
-    return _certified(ok, t, e, rescore, entmax15_sort_threshold)
-
-
-def sparsemax_block_threshold(y, e, mean, steps: int, rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact sparsemax threshold (p = e = (y - t)_+): Michelot's algorithm (Newton on sum(e) - 1) from the
-    certified lower bound, the closed form on the support found, the same certificate as entmax-1.5."""
-    buf = e
-    t = _lower_bound(mean, y.shape[-1], 1.0)
-    for _ in range(steps):
-        e = _relu_sub(y, t, buf)
-        s1 = e.sum(dim=-1, keepdim=True)
-        t = t + (s1 - 1) / _count_positive(e, out=buf)
-    e = _relu_sub(y, t, buf)
-    s1 = e.sum(dim=-1, keepdim=True)
-    k = _count_positive(e, out=buf)
-    t = t + (s1 - 1) / k
-    e = _relu_sub(y, t, buf)
-    ok = _count_positive(e, out=None if buf is None else y) == k
-    return _certified(ok, t, e, rescore, sparsemax_sort_threshold)
+    return _certified(ok, t, e, rescore, entmax15_sort_threshold if entmax15 else sparsemax_sort_threshold)
 
 
 def _certified(ok, t, e, rescore: Callable, sort_threshold: Callable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,31 +180,34 @@ def bisect_block_threshold(
     return lo, z
 
 
-# The dense path: the block solvers applied to every row of a (..., N) tensor as one block.
-def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
-                  scalar_alpha: Optional[float] = None, *, newton_steps: Optional[int] = None,
-                  check_every: int = BISECT_CHECK_EVERY) -> torch.Tensor:
-    """Exact ``transform`` of ``scores`` (float32 or wider) over the last dimension; ``alpha_rows`` (..., 1) and
+def block_probabilities(y, e, mean, transform: str, alpha_rows, scalar_alpha: Optional[float], rescore: Callable,
+                        newton_steps: Optional[int] = None, check_every: int = BISECT_CHECK_EVERY):
+    """Exact ``transform`` of a block ``y`` (..., N) of scores minus their row max (row mean ``mean``; ``e`` a work
+    buffer of y's shape or None; y is scratch): (t, w, z) with p = w / z, the constant z = 4 for entmax-1.5 (w =
+    (y - t)_+^2) and 1 for sparsemax, alpha-entmax's normaliser otherwise. ``alpha_rows`` (..., 1) and
     ``scalar_alpha`` (the same as a float, a cheaper exponent): entmax_bisect's alpha. ``newton_steps`` (default
     ``NEWTON_STEPS``), ``check_every``: work per round; any value is exact (fewer steps: more sort fallbacks)."""
-    m = scores.amax(dim=-1, keepdim=True)
-    y = scores - m  # (..., N), row max 0
-    mean = y.mean(dim=-1, keepdim=True)
-
-    def rescore() -> torch.Tensor:  # fresh y for the sort fallback
-        return scores - m
-
     steps = NEWTON_STEPS.get(transform) if newton_steps is None else newton_steps
-    if transform == "entmax15":
-        _, e = entmax15_block_threshold(y, None, mean, steps, rescore)
-        return (e * 0.5) ** 2
-    if transform == "sparsemax":
-        return sparsemax_block_threshold(y, None, mean, steps, rescore)[1]
+    if transform != "entmax_bisect":
+        t, e = sparse_block_threshold(transform, y, e, mean, steps, rescore)
+        # entmax-1.5: the 1/4 is applied to the (Bq, d) output in the tiled kernel, not to the block
+        return (t, e.mul_(e), 4.0) if transform == "entmax15" else (t, e, 1.0)
     am1 = alpha_rows - 1
     q = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
-    x = y * am1
+    x = y.mul_(am1)
     t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(x.dtype).eps, check_every)
-    return torch.clamp(x - t, min=0) ** q / z
+    return t, torch.clamp(x - t, min=0) ** q, z
+
+
+def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
+                  scalar_alpha: Optional[float] = None, **solver) -> torch.Tensor:
+    """Exact ``transform`` of ``scores`` (float32 or wider) over the last dimension, as one block (the dense path);
+    ``solver``: ``newton_steps``, ``check_every`` of ``block_probabilities``."""
+    m = scores.amax(dim=-1, keepdim=True)
+    y = scores - m  # (..., N), row max 0
+    _, w, z = block_probabilities(y, None, y.mean(dim=-1, keepdim=True), transform, alpha_rows, scalar_alpha,
+                                  lambda: scores - m, **solver)  # the sort fallback's fresh y
+    return w / z
 
 
 def jacobian_weights(probs: torch.Tensor, transform: str, alpha=None) -> torch.Tensor:

@@ -15,9 +15,8 @@ from typing import Optional
 
 import torch
 
-from .thresholds import (BISECT_CHECK_EVERY, NEWTON_STEPS, SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row,
-                         bisect_block_threshold, entmax15_block_threshold, jacobian_product, jacobian_weights,
-                         sparsemax_block_threshold)
+from .thresholds import (BISECT_CHECK_EVERY, SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row, block_probabilities,
+                         jacobian_product, jacobian_weights)
 
 # Max bytes of a block's (B, H, Bq, N) float32 scores. CPU: with their work buffers they stay in L2 + L3 (1-4 MB
 # blocks run 3-5x faster than whole tensors on the 2-core dev machine; docs/performance.md). CUDA: one block per
@@ -51,31 +50,14 @@ def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.T
 def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transform: str,
                   scalar_alpha: Optional[float], newton_steps: Optional[int] = None,
                   check_every: int = BISECT_CHECK_EVERY):
-    """One block of the forward: P V and the per-row state (m, t, z: alpha-entmax's normaliser, else None).
+    """One block of the forward: P V and the per-row state (m, t, z: alpha-entmax's normaliser, else a constant).
     q_blk (G, Bq, d) scaled; key_t (G, d, N); key_mean (G, d, 1); value (G, N, e); alpha_blk (G, Bq, 1) or None;
-    y_buf, e_buf: (G, Bq, N) work buffers or None; ``newton_steps``, ``check_every`` as in ``probabilities``."""
+    y_buf, e_buf: (G, Bq, N) work buffers or None; ``newton_steps``, ``check_every`` as in ``block_probabilities``."""
     y, m = _block_scores(q_blk, key_t, y_buf)  # (G, Bq, N), (G, Bq, 1)
     mean = torch.matmul(q_blk, key_mean) - m  # (G, Bq, 1), row mean of y
-
-    def rescore():  # fresh y for the sort fallback
-        return torch.matmul(q_blk, key_t) - m
-
-    z = None
-    steps = NEWTON_STEPS.get(transform) if newton_steps is None else newton_steps
-    if transform == "entmax15":
-        t, e = entmax15_block_threshold(y, e_buf, mean, steps, rescore)
-        # p = e^2 / 4: the 1/4 is applied to the (Bq, d) output rather than the (Bq, N) block
-        out = torch.matmul(e.mul_(e), value).mul_(0.25)
-    elif transform == "sparsemax":
-        t, e = sparsemax_block_threshold(y, e_buf, mean, steps, rescore)
-        out = torch.matmul(e, value)
-    else:
-        am1 = alpha_blk - 1
-        q = 1.0 / (scalar_alpha - 1.0) if scalar_alpha is not None else 1.0 / am1
-        x = y.mul_(am1)
-        t, z = bisect_block_threshold(x, mean * am1, am1, q, 4 * torch.finfo(y.dtype).eps, check_every)
-        out = torch.matmul(torch.clamp(x - t, min=0) ** q, value) / z
-    return out, m, t, z
+    t, w, z = block_probabilities(y, e_buf, mean, transform, alpha_blk, scalar_alpha,
+                                  lambda: torch.matmul(q_blk, key_t) - m, newton_steps, check_every)
+    return torch.matmul(w, value).div_(z), m, t, z
 
 
 def backward_block(q_blk, do_blk, key, key_t, value_t, m_blk, t_blk, z_blk, alpha_blk, dk, dv, y_buf, dp_buf,
@@ -152,11 +134,6 @@ class _TiledEntmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):  # float32 matmuls, as the forward
-            return _TiledEntmax._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
         query, key, value, alpha_rows, m, t, *z = ctx.saved_tensors
         bisect, need_alpha = ctx.transform == "entmax_bisect", ctx.needs_input_grad[3]
         n = key.shape[1]
@@ -172,11 +149,12 @@ class _TiledEntmax(torch.autograd.Function):
                 dk, dv, *views(q_blk), ctx.transform, ctx.scalar_alpha, need_alpha, ctx.scaling)
 
         results, dks, dvs = [], [], []
-        for heads, row_slices in _blocks(*query.shape[:2], *ctx.block):
-            dk, dv = torch.zeros_like(key[heads]), torch.zeros_like(value[heads])  # (G, N, d), summed over blocks
-            results.append([run(heads, rows, dk, dv) for rows in row_slices])
-            dks.append(dk)
-            dvs.append(dv)
+        with torch.autocast(grad_out.device.type, enabled=False):  # float32 matmuls, as the forward
+            for heads, row_slices in _blocks(*query.shape[:2], *ctx.block):
+                dk, dv = torch.zeros_like(key[heads]), torch.zeros_like(value[heads])  # (G, N, d), summed over blocks
+                results.append([run(heads, rows, dk, dv) for rows in row_slices])
+                dks.append(dk)
+                dvs.append(dv)
         dalpha = _cat_blocks(results, 1) if need_alpha else None
         return _cat_blocks(results, 0), torch.cat(dks), torch.cat(dvs), dalpha, None, None, None, None
 
