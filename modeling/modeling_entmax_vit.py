@@ -21,7 +21,6 @@ from transformers.backbone_utils import BackboneMixin, filter_output_hidden_stat
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.dinov2.modeling_dinov2 import Dinov2DropPath
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
@@ -166,6 +165,23 @@ class EntmaxViTMLP(nn.Module):
         return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden_states)))))
 
 
+class EntmaxViTDropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample with probability ``drop_prob`` (training only)."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep) / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
 class EntmaxViTLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
@@ -175,7 +191,7 @@ class EntmaxViTLayer(GradientCheckpointingLayer):
         self.attention = EntmaxViTAttention(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = EntmaxViTMLP(config)
-        self.drop_path = Dinov2DropPath(drop_path)  # stochastic depth, as DINO's drop_path
+        self.drop_path = EntmaxViTDropPath(drop_path)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
