@@ -117,6 +117,7 @@ def analyze_and_save(model: nn.Module, pixel_values: torch.Tensor, out_dir: str 
     model), plus, in ``out_dir``: ``analysis_results.json`` (results schema, task "analysis", ``layer_<i>/<metric>``),
     ``per_layer.json`` / ``per_layer.md``, ``attention_maps_<k>.png`` for the first ``cfg.num_figure_images`` images
     and their ``pca.png``. ``dataset``: the results' dataset block (default: "in_memory")."""
+    record_config = {} if cfg is None else to_dict(cfg)  # an in-memory call without cfg: no config to record
     cfg = cfg or AnalyzeConfig()
     out = Path(out_dir)
     n = pixel_values.shape[0]
@@ -132,7 +133,7 @@ def analyze_and_save(model: nn.Module, pixel_values: torch.Tensor, out_dir: str 
         protocol={"name": "semantic_diffusion", "image_size": list(pixel_values.shape[-2:]),
                   "mass_threshold": cfg.mass_threshold, "outlier_k": cfg.outlier_k, "feature_norm": cfg.feature_norm,
                   "masks": masks is not None},
-        metrics=metrics, config=to_dict(cfg), weights_sha256=weights_fingerprint(backbone))
+        metrics=metrics, config=record_config, weights_sha256=weights_fingerprint(backbone))
     write_results(record, out / "analysis_results.json")
     layers = {str(l): {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
               for l, m in per_layer.items()}  # NaN written as null

@@ -138,7 +138,7 @@ def load_preset(cls: type[T], name_or_path: str, preset_dir: Optional[Path] = No
         path = Path(preset_dir) / f"{name_or_path}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in Path(preset_dir).glob("*.yaml")) if preset_dir else []
-        raise ConfigError(f"No preset or YAML file {name_or_path!r}; presets: {available}")
+        raise ConfigError(f"preset {name_or_path}: No preset or YAML file {name_or_path!r}; presets: {available}")
     try:
         return from_dict(cls, yaml.safe_load(path.read_text()) or {})
     except ConfigError as err:

@@ -61,8 +61,11 @@ _SPLIT_IDS = {"train": 0, "validation": 1}
 
 
 # ---------------------------------------------------------------- object classes: shape only
-# (v2 gave each class its own colours and pattern: random-init features already scored most of what DINO reached,
-# which hid whether training learned anything.)
+# A class is a SHAPE. Colours and surface patterns come from one pool shared by every class and are drawn per
+# object (generator v3): colour or texture statistics of a patch or an image say nothing about its class, so
+# random features are near chance and a probe can only succeed on features that encode shape - what a
+# self-supervised model has to learn. (v2 gave each class its own colours and pattern: random-init features
+# already scored most of what DINO reached, which hid whether training learned anything.)
 OBJECT_CLASSES: list[str] = ["disk", "square", "ellipse", "triangle", "star", "ring", "cross", "crescent"]
 SEGMENTATION_CLASSES: list[str] = ["background", *OBJECT_CLASSES]
 

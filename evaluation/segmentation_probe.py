@@ -197,7 +197,9 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
                    batch["valid"].to(device).bool())
 
     if cfg.cache_features and not feature_cache:  # one frozen pass; every epoch then trains on the stored maps
-        feature_cache = [(f.half(), y, v) for f, y, v in read(tqdm(loader, desc="train features", disable=not show))]
+        feature_cache = [] if feature_cache is None else feature_cache  # a caller's empty list is filled for reuse
+        batches = read(tqdm(loader, desc="train features", disable=not show))
+        feature_cache.extend((f.half(), y, v) for f, y, v in batches)
     iters_per_epoch = len(feature_cache) if cfg.cache_features else len(loader)
     total = cfg.max_iters or cfg.epochs * iters_per_epoch
     epochs = math.ceil(total / max(iters_per_epoch, 1))

@@ -56,6 +56,7 @@ def find_base_model(model_dir: Path, config: dict) -> Optional[str]:
     ``input`` of the conversion_config.yaml conversion/convert.py wrote."""
     conversion = model_dir / CONVERSION_CONFIG
     converted = (yaml.safe_load(conversion.read_text()) or {}) if conversion.is_file() else {}
+    converted = converted if isinstance(converted, dict) else {}  # not a mapping: not ours, nothing to read
     candidates = [config.get("base_model"), config.get("converted_from"), converted.get("input")]
     return next((c for c in candidates if is_hub_id(c)), None)
 

@@ -94,7 +94,8 @@ def test_fallback_rows_are_exact(name: str) -> None:
     scores = _scores((4, 64, 97), 0.5)
     rescored = []
     y = scores - scores.amax(dim=-1, keepdim=True)
-    TH.sparse_block_threshold(name, y.clone(), None, y.mean(-1, keepdim=True), 0, lambda: rescored.append(1) or y.clone())
+    TH.sparse_block_threshold(name, y.clone(), None, y.mean(-1, keepdim=True), 0,
+                              lambda: rescored.append(1) or y.clone())
     assert rescored, "test needs failing rows"
     torch.testing.assert_close(TH.probabilities(scores, name, newton_steps=0), PACKAGE[name](scores, dim=-1),
                                atol=1e-6, rtol=0)

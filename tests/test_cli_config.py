@@ -97,7 +97,7 @@ def test_presets_are_checked_like_overrides(tmp_path):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=name):
             parse_config(Toy, ["--config", str(tmp_path / "bad.yaml")])
-    with pytest.raises(ConfigError, match="No preset"):
+    with pytest.raises(ConfigError, match=r"^preset nope: No preset or YAML file 'nope'; presets: \['bad', 'good'\]$"):
         parse_config(Toy, ["--config", "nope"], preset_dir=tmp_path)
 
 

@@ -417,7 +417,8 @@ def test_heads_from_training_args_and_contradictions(tmp_path):
 def test_cli_argument_splitting():
     assert _split_positionals(["--source", "dino", "in.pth", "out", "--no-verify", "--num-heads", "6"]) == [
         "--source", "dino", "--no-verify", "--num-heads", "6", "--input", "in.pth", "--output_dir", "out"]
-    assert _split_positionals(["--overwrite", "in.pth", "out"]) == ["--overwrite", "--input", "in.pth", "--output_dir", "out"]
+    assert _split_positionals(["--overwrite", "in.pth", "out"]) == ["--overwrite", "--input", "in.pth",
+                                                                    "--output_dir", "out"]
     with pytest.raises(ValueError, match="at most INPUT and OUTPUT_DIR"):
         _split_positionals(["a", "b", "c"])
 

@@ -105,9 +105,9 @@ def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: 
     """Collective: every rank calls it. Writes ``step_XXXXXXX`` atomically and prunes to ``keep_last``.
 
     Decisions are the main process's, shared with the others by ``gather_object`` (a stale network-file-system
-    view on one rank cannot make ranks disagree and hang). A write that fails on any rank (ENOSPC, EDQUOT, EIO) removes the
-    half-written temporary folder and raises :class:`CheckpointWriteError` on every rank, naming the previous
-    checkpoint, which is left intact."""
+    view on one rank cannot make ranks disagree and hang). A write that fails on any rank (ENOSPC, EDQUOT, EIO)
+    removes the half-written temporary folder and raises :class:`CheckpointWriteError` on every rank, naming the
+    previous checkpoint, which is left intact."""
     root = Path(checkpoint_root)
     final = root / f"step_{step:07d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
