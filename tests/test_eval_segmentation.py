@@ -51,7 +51,9 @@ def test_probe_learns_patch_colour_to_class(tiny_backbone):
     train = torch.utils.data.DataLoader(_rows(colour_patch_dataset(48), True), batch_size=8, shuffle=True)
     val = torch.utils.data.DataLoader(_rows(colour_patch_dataset(16, seed=1), False), batch_size=8)
     before = segmentation_scores(evaluate_probe(head, tiny_backbone, val, cfg, 4)[0])["mIoU"]
-    log = train_probe(head, tiny_backbone, train, cfg)
+    shared: list = []  # a caller's empty list is filled with the extracted batches, for the next head to reuse
+    log = train_probe(head, tiny_backbone, train, cfg, feature_cache=shared)
+    assert len(shared) == len(train) and shared[0][0].dtype == torch.float16
     conf, skipped = evaluate_probe(head, tiny_backbone, val, cfg, 4)
     scores = segmentation_scores(conf)
     assert log[-1]["loss"] < log[0]["loss"]
