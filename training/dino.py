@@ -338,8 +338,15 @@ def cli(argv: Optional[list[str]] = None) -> None:
     distributed.timeout_s) 5. Returns None (a console script exits with the returned value)."""
     from entmax_vit.cli.entry_point import run
 
+    from accelerate import PartialState
+
     run(main, DinoConfig, "dino", preset_dir=CONFIG_DIR, argv=argv, log_format=None,  # main logs per rank
         description=__doc__, exit_codes={NonFiniteLossError: 3, ckpt.CheckpointWriteError: 4, LostRankError: 5})
+    # The run finished: tear the process group down before the interpreter does (torch asks for it; a gloo group
+    # left to interpreter teardown once made rank 1 abort, "terminate called without an active exception", status
+    # -6, after a finished two-process run). Only here, on success: main() keeps the group so it can run again in
+    # one process, and after a lost peer a collective teardown could block the failing rank.
+    PartialState().destroy_process_group()
 
 
 if __name__ == "__main__":
