@@ -1,22 +1,13 @@
-"""Attention transforms (softmax, entmax-1.5, sparsemax, alpha-entmax) and the attention kernels.
-
-Two separate choices: the *transform* (``config.attention``, ``ATTENTION_TRANSFORMS``: ``fn(scores, alpha=None)
--> probs`` over the last dimension, sparse ones solved by ``thresholds.py``) and the *kernel*
-(``attn_implementation``, ``ATTENTION_KERNELS``; ``KERNEL_TRANSFORMS`` says which transforms each runs):
-``eager`` (explicit (B, H, N, N) scores), ``compiled`` (eager through torch.compile: fastest at ViT-S/16 on a
-2-core CPU), ``sdpa`` (softmax only), ``tiled`` (query blocks, O(B H N) saved for backward), ``triton`` (fused,
-CUDA) and ``auto``: sdpa for softmax, else triton on CUDA tensors and tiled elsewhere, decided per call so a model
-moved to a GPU (or reloaded: the kernel is not saved) runs the GPU kernel.
-
-Importing this module registers every (transform, kernel) pair with transformers' ``AttentionInterface`` under
-``attention_interface_name`` ("entmax15" for auto, else "entmax15_triton", ...), so ViTModel, Dinov2Model and
-EntmaxViT share one vocabulary. Hub code: stdlib, torch, transformers (triton lazily, for CUDA tensors).
+"""Attention transforms (``config.attention``: ``fn(scores, alpha=None) -> probs`` over the last dimension, sparse
+ones solved by ``thresholds.py``) and kernels (``attn_implementation``; docs/performance.md, "Which kernel to use").
+Importing this module registers every (transform, kernel) pair with transformers' ``AttentionInterface``, so
+ViTModel, Dinov2Model and EntmaxViT share one vocabulary. Hub code: stdlib, torch, transformers (triton lazily).
 """
 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -29,9 +20,6 @@ from .thresholds import (SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row, jacob
 from .tiled_attention import tiled_attention
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Transforms
-# ----------------------------------------------------------------------------------------------------------
 def _dense_backward(probs: torch.Tensor, alpha_rows: Optional[torch.Tensor], grad: torch.Tensor, transform: str,
                     scalar_alpha: Optional[float], need_alpha: bool):
     alpha = scalar_alpha if scalar_alpha is not None else alpha_rows
@@ -52,9 +40,8 @@ def _compiled(fn: Callable, compiled: bool) -> Callable:
 
 
 class SparseTransformFunction(torch.autograd.Function):
-    """A sparse transform over the last dimension of ``scores`` (float32 or wider); saves only its output (and
-    alpha per row). ``alpha_rows`` (..., 1) for entmax_bisect, else an empty placeholder. ``compiled``: the
-    solver and the backward through torch.compile (the ``compiled`` kernel; the same numbers)."""
+    """A sparse transform of ``scores`` (float32 or wider) saving only its output (and ``alpha_rows`` (..., 1),
+    entmax_bisect's, else an empty placeholder). ``compiled``: solver and backward through torch.compile."""
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, alpha_rows: torch.Tensor, transform: str,
@@ -108,11 +95,9 @@ def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
     return ATTENTION_TRANSFORMS[name]
 
 
-# ----------------------------------------------------------------------------------------------------------
 # Kernels: kernel(query, key, value, attention_mask, *, transform, alpha, scaling, dropout, need_weights)
-#   -> (out (B, H, N, d), probs (B, H, N, N) or None); q/k/v (B, H, N, d), mask None or broadcastable to
-#   (B, H, N, N) (bool: True = keep; float: added to the scores), dropout 0 outside training.
-# ----------------------------------------------------------------------------------------------------------
+#   -> (out (B, H, N, d), probs (B, H, N, N) or None); mask None or broadcastable to (B, H, N, N) (bool: True =
+#   keep; float: added to the scores), dropout 0 outside training.
 def _scores(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
     # Scale the (N, d) query rather than the (N, N) scores: same math, a third of the work at d = 64.
     scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, H, N, N)
@@ -135,10 +120,8 @@ def eager_kernel(query, key, value, attention_mask=None, *, transform: str, alph
     return torch.matmul(dropped, value), (probs if need_weights else None)
 
 
-def compiled_kernel(query, key, value, attention_mask=None, **kwargs):
-    """The eager kernel with the solver and backward through torch.compile (same numbers, one compile per shape):
-    it keeps (B, H, N, N) for backward, yet runs ViT-S/16 at 224 px faster than tiled on a 2-core CPU."""
-    return eager_kernel(query, key, value, attention_mask, compiled=True, **kwargs)
+# Keeps (B, H, N, N) for backward, yet runs the DINO multi-crop step faster than tiled on a 2-core CPU.
+compiled_kernel = partial(eager_kernel, compiled=True)
 
 
 def _fused_kernel(fused: Callable[..., torch.Tensor]) -> Callable:
@@ -186,8 +169,7 @@ def sdpa_kernel(query, key, value, attention_mask=None, *, transform: str, alpha
 
 
 def default_kernel(transform: str, device: Union[str, torch.device, None] = None) -> str:
-    """The kernel that ``auto`` runs for ``transform`` on ``device``: sdpa for softmax; for a sparse transform
-    triton on CUDA and tiled elsewhere (CPU, MPS, ...)."""
+    """The kernel that ``auto`` runs for ``transform`` on ``device``."""
     get_attention_transform(transform)
     if transform == "softmax":
         return "sdpa"
@@ -246,12 +228,8 @@ def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# transformers' AttentionInterface
-# ----------------------------------------------------------------------------------------------------------
 def attention_interface_name(transform: str, kernel: str) -> str:
-    """The AttentionInterface name of a (transform, kernel) pair: the transform itself for the device-aware
-    default ``auto`` ("entmax15"), else "<transform>_<kernel>" ("entmax15_triton", "softmax_sdpa")."""
+    """The AttentionInterface name of a (transform, kernel) pair: "entmax15" for ``auto``, else "entmax15_triton"."""
     return transform if kernel == "auto" else f"{transform}_{kernel}"
 
 

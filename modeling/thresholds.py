@@ -1,18 +1,12 @@
-"""Threshold solvers of the sparse transforms: one per transform, shared by every kernel (eager and tiled use
-them, the Triton kernel mirrors them and is tested against them).
+"""Threshold solvers of the sparse transforms, shared by every kernel (the Triton kernel mirrors them and is
+tested against them). p_i = [x_i - tau]_+^(1/(alpha-1)), x = (alpha-1) z, sum_i p_i = 1 (Peters et al., 2019).
 
-p_i = [x_i - tau]_+^(1/(alpha-1)) with x = (alpha-1) z and tau solving sum_i p_i = 1 (Peters et al., 2019).
-Fast and exact, with x shifted to max 0 and d = [x - tau]_+:
-1. start from a certified lower bound tau_0 <= tau* (max(-1, mean(x) - N^-min(alpha-1, 1)), power-mean);
-2. Newton steps on ||d||_q - 1 (q = 1/(alpha-1)): convex and decreasing for alpha <= 2, so every iterate
-   stays a lower bound whose support contains the true one;
-3. entmax-1.5 / sparsemax: the closed-form root on the current support, *certified* when the support at the
-   new tau has the size it was solved on (then it is the unique threshold, whatever rounding did). Rows that
-   fail (a few near-uniform rows in a thousand at N >= 785) take the sort-based threshold;
-4. alpha-entmax: safeguarded Newton (bisection where it leaves the bracket, only for alpha > 2) to float
-   precision, then renormalised, as the ``entmax`` package does.
-Backward needs only p: g = p^(2-alpha), dL/dz = g dP - g sum(g dP) / sum(g); alpha's gradient is Correia et
-al. (2019), eq. 13. Hub code: imports only torch.
+Method (docs/performance.md, "How it is exact without sorting"), on rows shifted to max 0: Newton steps on
+||[x - tau]_+||_q - 1 from a certified lower bound (every iterate stays one for alpha <= 2); entmax-1.5 and
+sparsemax then take the closed-form root on the support found, *certified* when the support at the root has the
+size it was solved on (else the sort-based threshold); alpha-entmax runs safeguarded Newton to float precision and
+renormalises, as the ``entmax`` package. Backward needs only p: g = p^(2-alpha), dL/dz = g dP - g sum(g dP) /
+sum(g); alpha's gradient is Correia et al. (2019), eq. 13. Hub code: imports only torch.
 """
 
 from __future__ import annotations
@@ -35,16 +29,6 @@ SPARSE_TRANSFORMS = ("entmax15", "sparsemax", "entmax_bisect")
 def tracing() -> bool:
     """True under torch.compile / torch.export / jit tracing, where a host sync cannot be taken."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
-def _unless_all(done: torch.Tensor, fix: Callable, operands: tuple) -> torch.Tensor:
-    """``operands[0]`` if ``done`` is all True, else ``fix(*operands)``: ``torch.cond`` under graph capture, a
-    plain branch eagerly (an eager ``torch.cond`` compiles itself per call)."""
-    if torch.compiler.is_compiling():
-        return torch.cond(done.all(), lambda x, *rest: x.clone(), fix, operands)
-    if bool(done.all()):
-        return operands[0]
-    return fix(*operands)
 
 
 def _lower_bound(mean: torch.Tensor, n: int, power) -> torch.Tensor:
@@ -91,8 +75,7 @@ def _count_positive(e: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tenso
 def sparse_block_threshold(transform: str, y, e, mean, steps: int,
                            rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact threshold of entmax-1.5 (p = (e / 2)^2) or sparsemax (p = e), e = (y - t)_+ (``mean``: y's row mean):
-    Newton from the lower bound (entmax-1.5: on ||e / 2||_2 - 1; sparsemax: Michelot's algorithm, on sum(e) - 1),
-    the closed-form root on the support found, and the certificate (module docstring)."""
+    Newton (sparsemax: Michelot's algorithm), the closed-form root on the support found, the certificate."""
     buf, entmax15 = e, transform == "entmax15"
     t = 2 * _lower_bound(mean / 2, y.shape[-1], 0.5) if entmax15 else _lower_bound(mean, y.shape[-1], 1.0)  # <= t*
     for _ in range(steps):
@@ -159,7 +142,6 @@ def bisect_block_threshold(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha-entmax threshold of ``x`` = (alpha - 1) y (row max 0, row mean ``mean``); ``am1`` = alpha - 1 per
     row (..., 1), ``q`` = 1 / (alpha - 1) (a float when alpha is one number: d ** 2.0 is a square, not exp/log).
-
     Safeguarded Newton in rounds of ``check_every`` until every row converged (|f(lo)| <= ``tol``, or the bracket
     within ``tol`` relative to |hi|: near-uniform rows at alpha > 2 have |tau| ~ 1e-3) or BISECT_MAX_ITER.
     Returns (lo, z) with p = (x - lo)_+^q / z renormalised, as the ``entmax`` package does."""
@@ -174,7 +156,11 @@ def bisect_block_threshold(
 
     for _ in range(BISECT_MAX_ITER // check_every):
         lo, hi, _, err = state.unbind(0)
-        state = _unless_all((err <= tol) | (hi - lo <= tol * hi.abs()), more, (state, x))
+        done = (err <= tol) | (hi - lo <= tol * hi.abs())
+        if torch.compiler.is_compiling():  # eagerly a plain branch: an eager torch.cond compiles itself per call
+            state = torch.cond(done.all(), lambda state, x: state.clone(), more, (state, x))
+        elif not bool(done.all()):
+            state = more(state, x)
     lo = state[0]
     z = (torch.clamp(x - lo, min=0) ** q).sum(dim=-1, keepdim=True)
     return lo, z
@@ -183,9 +169,8 @@ def bisect_block_threshold(
 def block_probabilities(y, e, mean, transform: str, alpha_rows, scalar_alpha: Optional[float], rescore: Callable,
                         newton_steps: Optional[int] = None, check_every: int = BISECT_CHECK_EVERY):
     """Exact ``transform`` of a block ``y`` (..., N) of scores minus their row max (row mean ``mean``; ``e`` a work
-    buffer of y's shape or None; y is scratch): (t, w, z) with p = w / z, the constant z = 4 for entmax-1.5 (w =
-    (y - t)_+^2) and 1 for sparsemax, alpha-entmax's normaliser otherwise. ``alpha_rows`` (..., 1) and
-    ``scalar_alpha`` (the same as a float, a cheaper exponent): entmax_bisect's alpha. ``newton_steps`` (default
+    buffer of y's shape or None; y is scratch): (t, w, z) with p = w / z (z = 4 for entmax-1.5, 1 for sparsemax).
+    ``scalar_alpha``: ``alpha_rows`` (..., 1) as a float, a cheaper exponent. ``newton_steps`` (default
     ``NEWTON_STEPS``), ``check_every``: work per round; any value is exact (fewer steps: more sort fallbacks)."""
     steps = NEWTON_STEPS.get(transform) if newton_steps is None else newton_steps
     if transform != "entmax_bisect":

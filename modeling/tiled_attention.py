@@ -1,12 +1,7 @@
-"""Tiled exact sparse attention (entmax-1.5, sparsemax, alpha-entmax) at the memory cost of softmax SDPA.
-
-``tiled_attention(q, k, v, transform=..., scaling=...)`` computes ``P V`` in query blocks sized so that a
-block's scores and work buffers stay in cache, solving each row's threshold with ``thresholds.py`` and keeping
-only the row max ``m``, the threshold ``t`` (and alpha-entmax's normaliser ``z``): O(B H N) state. The backward
-(FlashAttention's recompute idea) rebuilds each block's probabilities from ``(m, t)`` with the forward's
-arithmetic, hence bit-identical. Data-dependent branches are ``torch.cond`` under graph capture (so
-torch.export / compile(fullgraph=True) take it whole) and a plain ``if`` eagerly (an eager ``torch.cond``
-compiles itself per call, ~2 ms). Half precision is computed in float32. Hub code: imports only torch.
+"""Tiled exact sparse attention at the memory cost of softmax SDPA (docs/performance.md, "The tiled kernel"):
+``P V`` in cache-sized query blocks, keeping only the row max ``m``, threshold ``t`` (and alpha-entmax's ``z``);
+backward rebuilds each block's probabilities from them with the forward's arithmetic, hence bit-identical.
+Hub code: imports only torch.
 """
 
 from __future__ import annotations
@@ -27,9 +22,8 @@ MIN_BLOCK_ROWS = 16  # below this the matmuls lose efficiency and the Python ove
 
 
 def block_shape(batch_heads: int, n_keys: int, device_type: str = "cpu") -> tuple[int, int]:
-    """(heads, rows) of a block over the flattened (B*H, N) query rows for ``device_type``: up to BLOCK_ROWS
-    query rows on CPU (all N on CUDA) and as many (batch, head) pairs as keep the float32 scores within the
-    device's BLOCK_BYTES; for very long rows, fewer query rows instead."""
+    """(heads, rows) of a block over the flattened (B*H, N) query rows: up to BLOCK_ROWS rows on CPU (all N on
+    CUDA), as many (batch, head) pairs as keep the float32 scores within BLOCK_BYTES (long rows: fewer rows)."""
     budget = BLOCK_BYTES.get(device_type, BLOCK_BYTES["cuda"])
     rows = n_keys if device_type != "cpu" else min(n_keys, BLOCK_ROWS)
     heads = budget // (4 * rows * n_keys)
@@ -52,7 +46,7 @@ def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transf
                   check_every: int = BISECT_CHECK_EVERY):
     """One block of the forward: P V and the per-row state (m, t, z: alpha-entmax's normaliser, else a constant).
     q_blk (G, Bq, d) scaled; key_t (G, d, N); key_mean (G, d, 1); value (G, N, e); alpha_blk (G, Bq, 1) or None;
-    y_buf, e_buf: (G, Bq, N) work buffers or None; ``newton_steps``, ``check_every`` as in ``block_probabilities``."""
+    y_buf, e_buf: (G, Bq, N) work buffers or None."""
     y, m = _block_scores(q_blk, key_t, y_buf)  # (G, Bq, N), (G, Bq, 1)
     mean = torch.matmul(q_blk, key_mean) - m  # (G, Bq, 1), row mean of y
     t, w, z = block_probabilities(y, e_buf, mean, transform, alpha_blk, scalar_alpha,
@@ -161,14 +155,10 @@ class _TiledEntmax(torch.autograd.Function):
 
 def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str, scaling: float,
                     alpha=None, block: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Exact sparse attention ``transform(scaling q k^T) v`` computed in blocks: query (B, H, N, d), key
-    (B, H, M, d), value (B, H, M, e) -> (B, H, N, e).
-
-    ``transform``: one of SPARSE_TRANSFORMS. ``alpha`` (entmax_bisect only): None (1.5), a float, or a tensor
-    broadcastable to (B, H, N, 1), e.g. (H, 1, 1) per head; gradients flow to it. ``block``: (heads, query
-    rows) per block over the flattened (B*H, N) rows (default: ``block_shape`` for the device). Half
-    precision is computed in float32.
-    """
+    """Exact sparse attention ``transform(scaling q k^T) v`` in blocks: query (B, H, N, d), key (B, H, M, d), value
+    (B, H, M, e) -> (B, H, N, e). ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to
+    (B, H, N, 1), e.g. (H, 1, 1) per head; gradients flow to it. ``block``: (heads, rows), default ``block_shape``.
+    Half precision is computed in float32."""
     if transform not in SPARSE_TRANSFORMS:
         raise ValueError(f"tiled_attention supports {SPARSE_TRANSFORMS}, not {transform!r}")
     if (query.ndim != 4 or key.shape[:-1] != value.shape[:-1]

@@ -1,14 +1,7 @@
-"""Fused exact sparse attention in Triton (kernel ``triton``): entmax-1.5, sparsemax and alpha-entmax.
-
-``triton_attention(q, k, v, transform=..., scaling=...)``: one launch forward, two backward, never holding the
-(B, H, N, N) scores (FlashAttention's recompute idea applied to ``thresholds.py``'s method). A program owns
-``BLOCK_M`` query rows; pass 0 over the keys gives the row max and mean (the certified lower bound); each further
-pass (QK^T recomputed, or kept in registers when N <= 256, ``ONE_TILE``) accumulates the statistics of
-``(y - t)_+`` and certifies the previous closed-form candidate; uncertified rows keep iterating on the device
-(no host sync), up to ``MAX_PASSES``. alpha-entmax runs the safeguarded Newton/bisection per row. Only
-``m``, ``t`` (and ``z``) are stored; ``_bwd_dq`` forms dS and dQ (and alpha's gradient), ``_bwd_dkdv`` dK, dV.
-Statistics are float32; matmuls take the input dtype (float32 inputs in IEEE float32, matching the references
-to 1e-6). Imported only when a CUDA tensor (or, for tests, TRITON_INTERPRET=1) needs it.
+"""Fused exact sparse attention in Triton (kernel ``triton``): one launch forward, two backward, never holding the
+(B, H, N, N) scores; ``thresholds.py``'s method with every row certified on the device (design:
+docs/performance.md, "The triton kernel"). Statistics are float32; matmuls take the input dtype (float32 inputs in
+IEEE float32, matching the references to 1e-6). Imported only when a CUDA tensor (or TRITON_INTERPRET=1) needs it.
 """
 
 from __future__ import annotations
@@ -31,9 +24,6 @@ TRANSFORM_IDS = {name: i for i, name in enumerate(SPARSE_TRANSFORMS)}  # entmax1
 ONE_TILE_MAX = 256  # all keys in one register tile up to this N (one QK^T per program instead of one per pass)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Per-tile helpers
-# ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     """a @ b with float32 accumulation. ``PRECISION`` "ieee" (float32 inputs), "tf32" (half inputs: tensor
@@ -73,9 +63,6 @@ def _probs(y, t, z, am1, TRANSFORM: tl.constexpr):
         return p, g
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Forward
-# ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd(Q, K, V, Alpha, Out, M, T, Z,
          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
@@ -197,9 +184,6 @@ def _fwd(Q, K, V, Alpha, Out, M, T, Z,
     tl.store(T + bh * N + rows, t, mask=row_ok)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _row_state(Alpha, M, T, Z, bh, rows, row_ok, N, TRANSFORM: tl.constexpr):
     m = tl.load(M + bh * N + rows, mask=row_ok, other=0.0)
@@ -325,18 +309,11 @@ def block_sizes(n: int, d: int) -> dict:
 # Autotuning (CUDA), once per (N, d, transform, dtypes): the forward keeps all keys in registers when BLOCK_M x
 # pow2(N) float32 fits (up to 1024 keys with 16 rows), else recomputes QK^T per pass; backward tiles are smaller.
 def _fwd_configs() -> list:
-    configs = []
-    for block_n in (16, 32, 64, 128, 256, 512, 1024):  # one tile of all keys
-        for block_m in (16, 32, 64):
-            if block_m * block_n <= 16384:
-                configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "ONE_TILE": True},
-                                             num_warps=4 if block_m * block_n <= 4096 else 8))
-    for block_m in (64, 128):  # keys in tiles, QK^T recomputed each pass
-        for block_n in (32, 64, 128):
-            for warps in (4, 8):
-                configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "ONE_TILE": False},
-                                             num_warps=warps, num_stages=2))
-    return configs
+    one_tile = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "ONE_TILE": True}, num_warps=4 if m * n <= 4096 else 8)
+                for n in (16, 32, 64, 128, 256, 512, 1024) for m in (16, 32, 64) if m * n <= 16384]
+    recompute = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "ONE_TILE": False}, num_warps=w, num_stages=2)
+                 for m in (64, 128) for n in (32, 64, 128) for w in (4, 8)]
+    return one_tile + recompute
 
 
 def prune_fwd_configs(configs: list, named_args: dict, **kwargs) -> list:
