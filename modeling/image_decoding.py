@@ -1,12 +1,7 @@
-"""The one image decoder: anything users or datasets hold -> a fully decoded 8-bit RGB PIL image, or a clear error.
-
-Training, evaluation, the image processor and the pipelines all call it, so an image gives the model the same
-pixels whichever way it arrives. Hub code (stdlib, numpy, PIL). The rules, in full, are in docs/data.md:
-bombs refused before decoding (also PIL's 1x-2x warning range); truncated data is an error (PNGs are checked
-against their header because PIL fills missing rows with black); EXIF orientation applied; transparency
-composited on ``background``; 16-bit -> round(x / 257); float -> clip to [0, 1] then round(x * 255), NaN/inf -> 0;
-32-bit integer kept if in [0, 255], as 16-bit if in [0, 65535], else min-max stretched. Every failure raises
-:class:`ImageDecodeError` (a ``ValueError``) naming the source.
+"""The one image decoder: anything users or datasets hold -> a fully decoded 8-bit RGB PIL image, or an
+:class:`ImageDecodeError` (a ``ValueError``) naming the source. Training, evaluation, the image processor and the
+pipelines all call it, so an image gives the model the same pixels whichever way it arrives. The rules are in
+docs/data.md ("Robust decoding"). Hub code (stdlib, numpy, PIL).
 """
 
 from __future__ import annotations
@@ -34,15 +29,11 @@ class ImageDecodeError(ValueError):
     """An input that cannot be turned into an RGB image (unreadable, truncated, empty, not an image, too big)."""
 
 
-# ---------------------------------------------------------------------------------------------- public API
 def decode_image(value: Any, *, background: Color = WHITE, max_pixels: Optional[int] = None,
                  source: Optional[str] = None) -> Image.Image:
-    """Decode ``value`` into a fully loaded 8-bit RGB PIL image.
-
-    ``value``: a PIL image; a ``datasets`` dict ``{"bytes", "path"}`` (bytes win); encoded bytes; a path; a str
-    that is a file, a ``data:`` URL or base64; a numpy array or torch tensor (H, W), (H, W, 1|3|4) or (1|3|4, H, W).
-    ``max_pixels`` defaults to ``PIL.Image.MAX_IMAGE_PIXELS``; ``source`` names encoded bytes in error messages.
-    """
+    """Decode ``value`` (a PIL image, ``datasets`` dict, bytes, path, file / base64 / ``data:`` str, array or
+    tensor) into a fully loaded 8-bit RGB PIL image. ``max_pixels`` defaults to ``PIL.Image.MAX_IMAGE_PIXELS``;
+    ``source`` names encoded bytes in error messages."""
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     img, source = _open(value, limit, source)
     sixteen = _load(img, source, limit)
@@ -72,7 +63,6 @@ def open_image(value: Any, *, max_pixels: Optional[int] = None) -> Image.Image:
     return img
 
 
-# ------------------------------------------------------------------------------------------------ opening
 def _open(value: Any, limit: Optional[int], name: Optional[str] = None) -> tuple[Image.Image, str]:
     """(lazily opened PIL image, source name) of any input; arrays are converted here."""
     if isinstance(value, Image.Image):
@@ -145,7 +135,6 @@ def _encoded_bytes(img: Image.Image) -> Optional[bytes]:
         return None
 
 
-# ------------------------------------------------------------------------------------------------ decoding
 def _load(img: Image.Image, source: str, limit: Optional[int]) -> Optional[np.ndarray]:
     """Check the size of ``img``, then fully decode it; returns the exact 16-bit samples (H, W, C) of a 16-bit
     RGB(A) PNG, else None."""
@@ -166,8 +155,6 @@ def _load(img: Image.Image, source: str, limit: Optional[int]) -> Optional[np.nd
         img.load()  # full decode now: truncation and corrupt data raise here, not later in a transform
         if data is not None and len(tiles) == 1 and tiles[0].args in ("RGB;16B", "RGBA;16B"):
             return _png_sixteen_bit_rgb(data, img, tiles[0])
-    except ImageDecodeError:
-        raise
     except Exception as err:  # noqa: BLE001 - OSError, SyntaxError, EOFError, zlib.error, struct.error, ...
         raise ImageDecodeError(f"{source}: cannot decode image data, truncated or corrupt ({type(err).__name__}: {err})") from err
     finally:
@@ -181,7 +168,6 @@ def _warn_truncated_allowed() -> None:
                    "JPEG/GIF/TIFF files now decode with filled-in rows instead of raising (PNG is still checked)")
 
 
-# ------------------------------------------------------------------------------------------------------ PNG
 # PIL leaves rows past the end of a cut IDAT stream black without an error, so the stream is inflated (bounded
 # by the header's size) and its length compared with what the header needs.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -250,7 +236,6 @@ def _png_sixteen_bit_rgb(data: bytes, img: Image.Image, tile: Any) -> np.ndarray
     return np.asarray(img, dtype=np.uint16) * 256 + np.asarray(second, dtype=np.uint16)
 
 
-# ----------------------------------------------------------------------------------------- mode handling
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
@@ -322,6 +307,5 @@ def _array_to_pil(value: Any, limit: Optional[int]) -> Image.Image:
                                f"pixels exceeds the limit of {limit}")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise ImageDecodeError(f"array dtype {arr.dtype} is not numeric")
-    arr8 = np.ascontiguousarray(_to_uint8(arr))
-    return Image.fromarray(arr8)  # (H, W) -> L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA
+    return Image.fromarray(np.ascontiguousarray(_to_uint8(arr)))  # (H, W) -> L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA
 
