@@ -30,9 +30,6 @@ from .attention import attention_function, attention_interface_name, resolve_ker
 from .configuration_entmax_vit import EntmaxViTConfig
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Embeddings
-# ----------------------------------------------------------------------------------------------------------
 class EntmaxViTPatchEmbeddings(nn.Module):
     """Non-overlapping patches by a strided convolution: (B, C, H, W) -> (B, H/p * W/p, D)."""
 
@@ -99,9 +96,6 @@ class EntmaxViTEmbeddings(nn.Module):
         return self.dropout(tokens)  # (B, 1 + R + N, D)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Transformer block
-# ----------------------------------------------------------------------------------------------------------
 class EntmaxViTAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (as DINO/timm), run through
     ``ALL_ATTENTION_FUNCTIONS`` under the (config.attention, kernel) pair's name, e.g. "entmax15", "softmax_sdpa"."""
@@ -200,8 +194,7 @@ class EntmaxViTLayer(GradientCheckpointingLayer):
         return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pretrained model base. Checkpoints that must be converted first: description -> (key pattern, --source).
+# Checkpoints that must be converted first: description -> (key pattern, --source).
 _FOREIGN_LAYOUTS = {
     "an official DINO or timm ViT": (re.compile(r"(^|\.)(blocks\.\d+\.attn\.qkv|patch_embed\.proj|pos_embed$)"), "dino"),
     "a transformers ViT/DINOv2": (re.compile(r"(^|\.)(encoder\.layer|layers)\.\d+\.(attention\.attention\."
@@ -292,9 +285,6 @@ class EntmaxViTEncoder(EntmaxViTPreTrainedModel):
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------------------
 class EntmaxViTModel(EntmaxViTPreTrainedModel):
     """The bare encoder: ``last_hidden_state`` final-LayerNormed, ``pooler_output`` the normed [CLS] (DINO's
     feature), ``hidden_states`` un-normed (embeddings + each block), ``attentions`` every layer's probabilities."""
@@ -340,15 +330,14 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
             raise ValueError(f"n must be in 1..{depth}, got {n}")
         wanted = list(range(depth - n, depth)) if isinstance(n, int) else [i % depth for i in n]
         hidden = self.embeddings(pixel_values)
-        outputs = []
-        for i, block in enumerate(self.encoder.layer[: max(wanted) + 1]):
-            hidden = block(hidden)
-            if i in wanted:
-                outputs.append(self.layernorm(hidden) if norm else hidden)
         prefix = self.num_prefix_tokens
         _, _, height, width = pixel_values.shape
         results = []
-        for out in outputs:
+        for i, block in enumerate(self.encoder.layer[: max(wanted) + 1]):
+            hidden = block(hidden)
+            if i not in wanted:
+                continue
+            out = self.layernorm(hidden) if norm else hidden
             patches = self._patch_map(out, height, width) if reshape else out[:, prefix:]
             item: tuple = (patches,)
             if return_class_token:
