@@ -15,13 +15,12 @@ from typing import Callable, Optional
 
 import torch
 
-# Newton steps before the closed-form finish; they trade speed only (uncertified rows take the exact path).
-# With these no row failed the certificate on Gaussian scores at N = 37 and 197; at N >= 785 a few in a thousand.
+# Newton steps before the closed-form finish: speed only (uncertified rows take the exact path). With these no
+# Gaussian row failed the certificate at N = 37 and 197; at N >= 785 a few in a thousand.
 NEWTON_STEPS = {"entmax15": 4, "sparsemax": 6}
 BISECT_CHECK_EVERY = 4  # alpha-entmax: iterations per convergence check
 BISECT_MAX_ITER = 64  # float64 rows at alpha > 2 need more than 48 (Newton creeps where phi is not convex)
-# Triton kernel: cap on passes over the keys per row (every row is certified after ~6 on attention-like rows).
-MAX_CERTIFY_PASSES = 64
+MAX_CERTIFY_PASSES = 64  # Triton: cap on passes over the keys per row (attention-like rows certify after ~6)
 
 SPARSE_TRANSFORMS = ("entmax15", "sparsemax", "entmax_bisect")
 
@@ -120,23 +119,6 @@ def _certified(ok, t, e, rescore: Callable, sort_threshold: Callable) -> tuple[t
     return t, e
 
 
-def _bisect_iterations(x, q, lo, hi, tau, err, count: int):
-    """``count`` safeguarded Newton steps on ||(x - tau)_+||_q - 1 keeping the bracket f(lo) >= 0 >= f(hi)
-    (bisection where Newton would leave it; only happens for alpha > 2). Rows (..., 1); x (..., N)."""
-    for _ in range(count):
-        d = torch.clamp(x - tau, min=0)
-        dq = d**q
-        sq = dq.sum(dim=-1, keepdim=True)
-        sq1 = dq.div_(d).nan_to_num_(0.0).sum(dim=-1, keepdim=True)  # sum d^(q-1) (0/0 -> 0 off the support)
-        above = sq >= 1
-        lo = torch.where(above, tau, lo)
-        hi = torch.where(above, hi, tau)
-        err = torch.where(above, sq - 1, err)
-        newton = tau + (sq - sq ** (1 - 1 / q)) / sq1
-        tau = torch.where(above & (newton < hi) & (newton >= tau), newton, (lo + hi) / 2)
-    return lo, hi, tau, err
-
-
 def bisect_block_threshold(
     x: torch.Tensor, mean: torch.Tensor, am1: torch.Tensor, q, tol: float, check_every: int = BISECT_CHECK_EVERY
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +133,20 @@ def bisect_block_threshold(
     tau, err = lo, torch.full_like(lo, float("inf"))
     state = torch.stack(torch.broadcast_tensors(lo, hi, tau, err))  # (4, ..., 1): one operand for the branch
 
-    def more(state, x):
-        return torch.stack(_bisect_iterations(x, q, *state.unbind(0), check_every))
+    def more(state, x):  # check_every safeguarded Newton steps on ||(x - tau)_+||_q - 1 keeping the bracket
+        lo, hi, tau, err = state.unbind(0)  # f(lo) >= 0 >= f(hi): bisection where Newton would leave it (alpha > 2)
+        for _ in range(check_every):
+            d = torch.clamp(x - tau, min=0)
+            dq = d**q
+            sq = dq.sum(dim=-1, keepdim=True)
+            sq1 = dq.div_(d).nan_to_num_(0.0).sum(dim=-1, keepdim=True)  # sum d^(q-1) (0/0 -> 0 off the support)
+            above = sq >= 1
+            lo = torch.where(above, tau, lo)
+            hi = torch.where(above, hi, tau)
+            err = torch.where(above, sq - 1, err)
+            newton = tau + (sq - sq ** (1 - 1 / q)) / sq1
+            tau = torch.where(above & (newton < hi) & (newton >= tau), newton, (lo + hi) / 2)
+        return torch.stack((lo, hi, tau, err))
 
     for _ in range(BISECT_MAX_ITER // check_every):
         lo, hi, _, err = state.unbind(0)
@@ -206,15 +200,13 @@ def jacobian_weights(probs: torch.Tensor, transform: str, alpha=None) -> torch.T
 
 
 def jacobian_product(g: torch.Tensor, dp: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """dL/dscores = g dP - g sum(g dP) / sum(g) per row, from the weights ``g`` and dL/dP (``dp`` is
-    overwritten when ``inplace``: the tiled kernel's work buffer)."""
+    """dL/dscores = g dP - g sum(g dP) / sum(g) per row (``inplace``: overwrites ``dp``, a work buffer)."""
     gdp = dp.mul_(g) if inplace else dp * g
     return gdp.addcmul_(g, gdp.sum(dim=-1, keepdim=True) / g.sum(dim=-1, keepdim=True), value=-1)
 
 
 def alpha_gradient(probs: torch.Tensor, g: torch.Tensor, dp: torch.Tensor, am1: torch.Tensor) -> torch.Tensor:
-    """dL/dalpha per row (..., 1) of alpha-entmax (Correia et al., 2019, eq. 13), from p, g = p^(2 - alpha),
-    dL/dP and am1 = alpha - 1 per row."""
+    """dL/dalpha per row (..., 1) of alpha-entmax (Correia et al., 2019, eq. 13); am1 = alpha - 1 per row."""
     plogp = torch.where(probs > 0, probs * torch.log(probs.clamp(min=1e-38)), 0)
     g_norm = g / g.sum(dim=-1, keepdim=True)
     d_alpha = (probs - g_norm) / am1**2 - (plogp - g_norm * plogp.sum(dim=-1, keepdim=True)) / am1
