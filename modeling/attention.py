@@ -98,23 +98,19 @@ def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
 # Kernels: kernel(query, key, value, attention_mask, *, transform, alpha, scaling, dropout, need_weights)
 #   -> (out (B, H, N, d), probs (B, H, N, N) or None); mask None or broadcastable to (B, H, N, N) (bool: True =
 #   keep; float: added to the scores), dropout 0 outside training.
-def _scores(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
-    # Scale the (N, d) query rather than the (N, N) scores: same math, a third of the work at d = 64.
-    scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, H, N, N)
-    if attention_mask is None:
-        return scores
-    if attention_mask.ndim != 4:  # a (B, N) padding mask would broadcast against the wrong axes
-        raise ValueError(f"attention_mask must be 4-D, broadcastable to (B, H, N, N), got shape "
-                         f"{tuple(attention_mask.shape)}")
-    if attention_mask.dtype == torch.bool:
-        return scores.masked_fill(~attention_mask, float("-inf"))
-    return scores + attention_mask
-
-
 def eager_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
                  dropout: float = 0.0, need_weights: bool = False, compiled: bool = False):
     """Explicit scores -> transform -> dropout -> product. Any transform."""
-    scores = _scores(query, key, attention_mask, scaling)
+    # Scale the (N, d) query rather than the (N, N) scores: same math, a third of the work at d = 64.
+    scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, H, N, N)
+    if attention_mask is not None:
+        if attention_mask.ndim != 4:  # a (B, N) padding mask would broadcast against the wrong axes
+            raise ValueError(f"attention_mask must be 4-D, broadcastable to (B, H, N, N), got shape "
+                             f"{tuple(attention_mask.shape)}")
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
     probs = get_attention_transform(transform)(scores, alpha, compiled=compiled)
     dropped = F.dropout(probs, p=dropout, training=True) if dropout > 0 else probs
     return torch.matmul(dropped, value), (probs if need_weights else None)
@@ -125,9 +121,8 @@ compiled_kernel = partial(eager_kernel, compiled=True)
 
 
 def _fused_kernel(fused: Callable[..., torch.Tensor]) -> Callable:
-    """A kernel running ``fused(query, key, value, transform=, scaling=, alpha=)``. Fused kernels never form the
-    probabilities: requested weights, a mask or attention dropout go through the eager kernel (the same solver,
-    hence the same numbers)."""
+    """A kernel running ``fused(query, key, value, transform=, scaling=, alpha=)``, which never forms the
+    probabilities: requested weights, a mask or dropout go through the eager kernel (same solver, same numbers)."""
 
     def kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
                dropout: float = 0.0, need_weights: bool = False):
@@ -141,8 +136,7 @@ def _fused_kernel(fused: Callable[..., torch.Tensor]) -> Callable:
 
 
 def _triton_attention(query, key, value, **kwargs) -> torch.Tensor:
-    """Exact sparse attention in fused Triton kernels (``triton_attention.py``): CUDA tensors (any device under
-    TRITON_INTERPRET=1, for tests), self-attention, head dims up to 128. triton is imported on first use."""
+    """``triton_attention.triton_attention``, imported on first use (CUDA tensors, or any under TRITON_INTERPRET=1)."""
     if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"attn_implementation='triton' needs CUDA tensors, got {query.device.type} ones; use "
                          f"'tiled' (or the default, which picks tiled there)")
@@ -157,8 +151,7 @@ triton_kernel = _fused_kernel(_triton_attention)
 
 def sdpa_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
                 dropout: float = 0.0, need_weights: bool = False):
-    """torch's scaled_dot_product_attention (softmax only). SDPA cannot return the probabilities: when they are
-    requested the eager kernel computes them (the same math)."""
+    """torch's scaled_dot_product_attention (softmax only); requested probabilities come from the eager kernel."""
     if transform != "softmax":
         raise ValueError(_unsupported_message(transform, "sdpa"))
     if need_weights:
@@ -177,7 +170,7 @@ def default_kernel(transform: str, device: Union[str, torch.device, None] = None
 
 
 def auto_kernel(query, key, value, attention_mask=None, *, transform: str, **kwargs):
-    """The device-aware default: ``default_kernel(transform, query.device)``, decided per call."""
+    """The device-aware default, decided per call."""
     kernel = default_kernel(transform, query.device)
     if kernel == "triton" and (query.shape != key.shape or query.shape[-1] > 128):
         kernel = "tiled"  # cross-attention or head dims the fused kernel does not cover
@@ -224,8 +217,7 @@ def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
     raise ValueError(  # transformers' wording, then ours
         f'Specified `attn_implementation="{requested}"` is not supported: it names no attention kernel; choose '
         f"one of {kernels_for(transform)} for attention={transform!r} (or the AttentionInterface name "
-        f"{attention_interface_name(transform, 'auto')!r}, its default)"
-    )
+        f"{attention_interface_name(transform, 'auto')!r}, its default)")
 
 
 def attention_interface_name(transform: str, kernel: str) -> str:

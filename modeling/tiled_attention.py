@@ -102,8 +102,7 @@ def _work_buffers(like: torch.Tensor, block: tuple[int, int], n: int):
 
 
 class _TiledEntmax(torch.autograd.Function):
-    """out = P V with P = transform(scaling Q K^T) over (B*H, N, d) tensors, in (heads, rows) blocks.
-    Saves Q, K, V and the per-row (m, t[, z]) only."""
+    """out = P V over (B*H, N, d) tensors in (heads, rows) blocks; saves Q, K, V and the per-row (m, t[, z])."""
 
     @staticmethod
     def forward(ctx, query, key, value, alpha_rows, transform: str, scaling: float, block: tuple[int, int],
@@ -163,10 +162,8 @@ def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         raise ValueError(f"tiled_attention supports {SPARSE_TRANSFORMS}, not {transform!r}")
     if (query.ndim != 4 or key.shape[:-1] != value.shape[:-1]
             or query.shape[:2] + query.shape[3:] != key.shape[:2] + key.shape[3:]):
-        raise ValueError(
-            f"expected query (B, H, N, d), key (B, H, M, d), value (B, H, M, e); got {tuple(query.shape)}, "
-            f"{tuple(key.shape)}, {tuple(value.shape)}"
-        )
+        raise ValueError(f"expected query (B, H, N, d), key (B, H, M, d), value (B, H, M, e); got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     dtype = query.dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     batch, heads, n_q, _ = query.shape
