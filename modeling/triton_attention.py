@@ -26,10 +26,8 @@ ONE_TILE_MAX = 256  # all keys in one register tile up to this N (one QK^T per p
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
-    """a @ b with float32 accumulation. ``PRECISION`` "ieee" (float32 inputs), "tf32" (half inputs: tensor
-    cores), or "upcast": triton's interpreter (3.8) multiplies bfloat16 operands as their integer bit patterns,
-    so under TRITON_INTERPRET the operands are widened first (bf16 x bf16 products are exact in float32, so the
-    numbers are the tensor cores')."""
+    """a @ b with float32 accumulation. ``PRECISION`` "ieee" (float32 inputs), "tf32" (half inputs), or "upcast":
+    triton's interpreter (3.8) multiplies bfloat16 operands as integers, so they are widened first (exact)."""
     if PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
@@ -97,7 +95,7 @@ def _fwd(Q, K, V, Alpha, Out, M, T, Z,
     am1 = zero + 1.0
     if TRANSFORM == 2:
         am1 = tl.load(Alpha + bh * N + rows, mask=row_ok, other=1.5) - 1.0
-        # certified bracket: f(lo) >= 0 >= f(hi) (thresholds.bisect_threshold)
+        # certified bracket: f(lo) >= 0 >= f(hi) (thresholds.bisect_block_threshold)
         lo = tl.maximum(mean * am1 - tl.exp2(-tl.minimum(am1, 1.0) * tl.log2(N * 1.0)), -1.0)
         hi = -tl.exp2(-am1 * tl.log2(N * 1.0))
         tau = lo
@@ -298,8 +296,7 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 def block_sizes(n: int, d: int) -> dict:
-    """The launch configuration without the autotuner (triton's interpreter, tests): all keys in one register
-    tile up to ONE_TILE_MAX keys, beyond that 64-key tiles recomputed each pass."""
+    """The launch configuration without the autotuner (triton's interpreter, tests)."""
     one_tile = n <= ONE_TILE_MAX
     block_n = _pow2(n) if one_tile else 64
     block_m = 32 if (one_tile and block_n >= 256) or d > 64 else 64
@@ -347,8 +344,7 @@ def autotuned(query: torch.Tensor) -> bool:
 
 
 def _launch(name: str, grid, cfg: Optional[dict], *args, **meta) -> None:
-    """Run kernel ``name`` over ``grid(config)``: with the autotuner's choice when ``cfg`` is None (CUDA), else
-    with ``cfg`` (the interpreter, or an explicit configuration)."""
+    """Run kernel ``name`` over ``grid(config)`` with ``cfg``, or the autotuner's choice when ``cfg`` is None."""
     if cfg is None:
         tuned_kernels()[name][lambda config: grid(config)](*args, **meta)
     else:
@@ -410,9 +406,8 @@ class _TritonEntmax(torch.autograd.Function):
 
 def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str,
                      scaling: float, alpha=None, blocks: Optional[dict] = None) -> torch.Tensor:
-    """Exact sparse attention ``transform(scaling q k^T) v`` in fused Triton kernels: query, key, value (B, H, N, d),
-    self-attention, d <= 128 -> (B, H, N, d) in the input dtype. ``alpha`` as in ``tiled_attention``; ``blocks``
-    overrides the launch configuration (tests: ``BLOCK_M``/``BLOCK_N`` for several key tiles, ``MAX_PASSES``)."""
+    """Exact sparse attention ``transform(scaling q k^T) v`` in fused Triton kernels (self-attention, d <= 128).
+    ``alpha`` as in ``tiled_attention``; ``blocks`` overrides the launch configuration (tests: ``MAX_PASSES``...)."""
     if transform not in TRANSFORM_IDS:
         raise ValueError(f"the triton kernel runs {SPARSE_TRANSFORMS}, not {transform!r}")
     if query.ndim != 4 or key.shape != query.shape or value.shape != query.shape:
