@@ -88,9 +88,8 @@ def _open(value: Any, limit: Optional[int], name: Optional[str] = None) -> tuple
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise ImageDecodeError(
-            f"cannot read image file {value[:120]!r}: it is neither an existing file nor base64 / data: URL data"
-        ) from None
+        raise ImageDecodeError(f"cannot read image file {value[:120]!r}: it is neither an existing file nor "
+                               "base64 / data: URL data") from None
     return _open_bytes(data, "base64 string")
 
 
@@ -214,17 +213,14 @@ def _check_png_complete(data: bytes, source: str) -> None:
     if not header:
         return  # PIL reports a PNG without IHDR itself
     needed = _png_raw_size(header)
-    inflater = zlib.decompressobj()
     try:
-        got = len(inflater.decompress(stream, needed))
+        got = len(zlib.decompressobj().decompress(stream, needed))
     except zlib.error as err:
         raise ImageDecodeError(f"{source}: cannot decode image data, corrupt PNG data stream ({err})") from err
     if got < needed:
         per_row = needed // max(header["height"], 1)
-        raise ImageDecodeError(
-            f"{source}: cannot decode image data: truncated PNG, its data stream ends after {got} of {needed} bytes "
-            f"(about {got // max(per_row, 1)} of {header['height']} rows)"
-        )
+        raise ImageDecodeError(f"{source}: cannot decode image data: truncated PNG, its data stream ends after {got} "
+                               f"of {needed} bytes (about {got // max(per_row, 1)} of {header['height']} rows)")
 
 
 def _png_sixteen_bit_rgb(data: bytes, img: Image.Image, tile: Any) -> np.ndarray:

@@ -1,7 +1,6 @@
-"""DINO's evaluation preprocessing as a transformers image processor (PIL backend: no torchvision needed):
-shorter side to 256 (bicubic), center-crop 224, scale to [0, 1], ImageNet mean/std. PIL images first go through
-the project's one decoder (``image_decoding.decode_image``), so they get the pixels training saw; numpy / torch
-inputs keep transformers' conventions. Copied to the Hub with ``image_decoding.py``.
+"""DINO's evaluation preprocessing as a transformers image processor (PIL backend: no torchvision needed). PIL
+images first go through the project's one decoder (``image_decoding.decode_image``), so they get the pixels
+training saw; numpy / torch inputs keep transformers' conventions.
 """
 
 from __future__ import annotations

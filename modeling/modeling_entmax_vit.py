@@ -1,8 +1,6 @@
-"""EntmaxViT: a DINO-style Vision Transformer whose attention transform is a config field.
-
-Hub code (stdlib, torch, transformers and its flat siblings), built as transformers' ViT/Dinov2: blocks are
-``GradientCheckpointingLayer``s, attention goes through ``ALL_ATTENTION_FUNCTIONS``, outputs are recorded by
-``capture_outputs``. Token layout everywhere: [CLS], registers (config.num_register_tokens), patches row-major.
+"""EntmaxViT: a DINO-style Vision Transformer whose attention transform is a config field, built as transformers'
+ViT/Dinov2. Token layout everywhere: [CLS], registers (config.num_register_tokens), patches row-major. Hub code
+(stdlib, torch, transformers and its flat siblings).
 """
 
 from __future__ import annotations
@@ -129,15 +127,13 @@ class EntmaxViTAttention(nn.Module):
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
         transform = self.config.attention
         kernel = resolve_kernel(transform, self.config._attn_implementation)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            attention_interface_name(transform, kernel), attention_function(transform, kernel)
-        )
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention_interface_name(transform, kernel),
+                                                                     attention_function(transform, kernel))
         # SDPA returns no probabilities; it needs to know when they are recorded (from the call or the config).
         kwargs["output_attentions"] = kwargs.get("output_attentions") or self.config.output_attentions
-        out, probs = attention_interface(
-            self, query, key, value, attention_mask, scaling=self.scaling,
-            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0, **kwargs,
-        )
+        out, probs = attention_interface(self, query, key, value, attention_mask, scaling=self.scaling,
+                                         dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
+                                         **kwargs)
         out = out.reshape(batch, tokens, dim)  # (B, N, H, d) -> (B, N, D)
         return self.proj_dropout(self.proj(out)), probs
 
@@ -226,9 +222,8 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' from_pretrained (missing weights are initialised with a warning, shape mismatches raise
-        unless ``ignore_mismatched_sizes=True``), except that an unconverted official DINO / timm / transformers
-        ViT checkpoint raises ValueError naming the converter instead of loading as a random model."""
+        """transformers' from_pretrained, except that an unconverted official DINO / timm / transformers ViT
+        checkpoint raises ValueError naming the converter instead of loading as a random model."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
                                               **kwargs)
@@ -356,8 +351,7 @@ class EntmaxViTForImageClassification(EntmaxViTPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.entmax_vit = EntmaxViTModel(config)
-        labels = config.num_labels
-        self.classifier = nn.Linear(2 * config.hidden_size, labels) if labels > 0 else nn.Identity()
+        self.classifier = nn.Linear(2 * config.hidden_size, self.num_labels) if self.num_labels > 0 else nn.Identity()
         self.post_init()
 
     @can_return_tuple

@@ -1,12 +1,6 @@
-"""The Hub pipelines: semantic segmentation with the linear probe shipped beside an EntmaxViT checkpoint, and
-image feature extraction, both fed by the project's one image decoder (``image_decoding.decode_image``).
-
-Copied flat into the model repository and loaded by ``pipeline("image-segmentation", model=repo,
-trust_remote_code=True)`` (name the task: with two custom pipelines transformers cannot pick one). The feature
-extractor is transformers' own with our decoder in front: ``load_image``'s ``convert("RGB")`` clips 16-bit /
-float images and drops transparency. Segmentation output follows transformers': one dict per predicted label,
-``{"label", "score", "mask"}`` (mask: mode "L", 0/255, at the input's size); ``score`` is the mean winning
-probability over the label's pixels (transformers gives None there).
+"""The Hub pipelines (docs/hub.md): semantic segmentation with the linear probe shipped beside an EntmaxViT
+checkpoint, and transformers' image feature extraction, both fed by the project's one image decoder instead of
+``load_image`` (whose ``convert("RGB")`` clips 16-bit / float images and drops transparency).
 """
 
 from __future__ import annotations
@@ -47,7 +41,9 @@ def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image"
 class EntmaxViTSegmentationPipeline(Pipeline):
     """Linear-probe semantic segmentation on frozen EntmaxViT patch features. The probe comes from the model's
     repository or folder, or ``segmentation_head=`` (a folder or a LinearSegmentationHead). Images are resized to
-    its ``input_size`` square; logits are bilinearly upsampled to the input's size and arg-maxed."""
+    its ``input_size`` square; logits are bilinearly upsampled to the input's size and arg-maxed. One dict per
+    predicted label, as transformers': ``{"label", "score", "mask"}`` (mask: mode "L", 0/255, at the input's
+    size); ``score`` is the mean winning probability over the label's pixels (transformers gives None)."""
 
     _load_processor = False
     _load_image_processor = True
@@ -124,8 +120,7 @@ class EntmaxViTSegmentationPipeline(Pipeline):
 
 
 class EntmaxViTFeatureExtractionPipeline(ImageFeatureExtractionPipeline):
-    """transformers' image-feature-extraction pipeline (tokens, ``pool=True`` for the pooled [CLS]) whose inputs
-    are decoded by the project's decoder instead of ``load_image`` (see the module docstring)."""
+    """transformers' image-feature-extraction pipeline (``pool=True``: the pooled [CLS]) with our decoder."""
 
     def preprocess(self, image: Any, timeout: Optional[float] = None, **image_processor_kwargs: Any) -> dict:
         image = open_image(image, timeout=timeout)
