@@ -291,9 +291,6 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
-
     @property
     def num_prefix_tokens(self) -> int:
         """[CLS] + registers."""
@@ -367,9 +364,8 @@ class EntmaxViTForImageClassification(EntmaxViTPreTrainedModel):
 
 
 class EntmaxViTBackbone(BackboneMixin, EntmaxViTModel):
-    """Patch maps (B, D, H/p, W/p) of the stages ``config.out_features`` / ``out_indices`` choose among "stem"
-    (embeddings) and "stage1".."stageL"; ``config.backbone_norm`` applies the final LayerNorm to each. The same
-    modules (and weight names) as EntmaxViTModel, another forward."""
+    """Patch maps (B, D, H/p, W/p) of the stages ``config.out_features`` / ``out_indices`` choose, final-LayerNormed
+    if ``config.backbone_norm``. The same modules (and weight names) as EntmaxViTModel, another forward."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
