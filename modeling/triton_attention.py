@@ -425,7 +425,6 @@ def triton_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if transform == "entmax_bisect":  # one alpha per row, (B*H, N); autograd sums back to alpha's shape
         alpha_rows = alpha_per_row(alpha, (batch, heads, n), query.device, torch.float32)[0].reshape(batch * heads, n)
         alpha_rows = alpha_rows.contiguous()  # the kernels index it densely (an expanded view has 0 strides)
-    value = value.to(query.dtype)  # autocast may hand over mixed dtypes
-    key = key.to(query.dtype)
+    key, value = key.to(query.dtype), value.to(query.dtype)  # autocast may hand over mixed dtypes
     with torch.autocast(query.device.type, enabled=False):
         return _TritonEntmax.apply(query, key, value, alpha_rows, transform, scaling, blocks)
