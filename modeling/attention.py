@@ -40,8 +40,7 @@ def _compiled(fn: Callable, compiled: bool) -> Callable:
 
 
 class SparseTransformFunction(torch.autograd.Function):
-    """A sparse transform of ``scores`` (float32 or wider) saving only its output (and ``alpha_rows`` (..., 1),
-    entmax_bisect's, else an empty placeholder). ``compiled``: solver and backward through torch.compile."""
+    """A sparse transform of ``scores`` (float32 or wider) saving only its output (and entmax_bisect's alpha)."""
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, alpha_rows: torch.Tensor, transform: str,

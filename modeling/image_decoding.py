@@ -135,8 +135,7 @@ def _encoded_bytes(img: Image.Image) -> Optional[bytes]:
 
 
 def _load(img: Image.Image, source: str, limit: Optional[int]) -> Optional[np.ndarray]:
-    """Check the size of ``img``, then fully decode it; returns the exact 16-bit samples (H, W, C) of a 16-bit
-    RGB(A) PNG, else None."""
+    """Check the size of ``img``, fully decode it; returns a 16-bit RGB(A) PNG's exact samples (H, W, C), else None."""
     width, height = img.size
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"{source}: image has no pixels (size {img.size})")

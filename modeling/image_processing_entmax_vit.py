@@ -17,8 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class EntmaxViTImageProcessor(BitImageProcessorPil):
-    """BitImageProcessorPil (DINO's eval transform) converting PIL images with the project's decoder instead of
-    PIL's clipping ``convert("RGB")``."""
+    """BitImageProcessorPil converting PIL images with the project's decoder, not PIL's clipping ``convert("RGB")``."""
 
     def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> Any:
         if is_pil_image(image):

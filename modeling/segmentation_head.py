@@ -63,7 +63,6 @@ class LinearSegmentationHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.conv(self.bn(features))
 
-    # -- reading the backbone ------------------------------------------------------------------------------
     def extract_features(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen features (B, C, H/p, W/p) from an EntmaxViTModel as configured (layers, norm, [CLS])."""
         cfg = self.config
@@ -79,7 +78,6 @@ class LinearSegmentationHead(nn.Module):
         size = size or tuple(pixel_values.shape[-2:])
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    # -- persistence ---------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> str | os.PathLike:
         """Write the head folder; returns ``directory`` as given."""
         os.makedirs(directory, exist_ok=True)

@@ -1,12 +1,8 @@
 """Threshold solvers of the sparse transforms, shared by every kernel (the Triton kernel mirrors them and is
-tested against them). p_i = [x_i - tau]_+^(1/(alpha-1)), x = (alpha-1) z, sum_i p_i = 1 (Peters et al., 2019).
-
-Method (docs/performance.md, "How it is exact without sorting"), on rows shifted to max 0: Newton steps on
-||[x - tau]_+||_q - 1 from a certified lower bound (every iterate stays one for alpha <= 2); entmax-1.5 and
-sparsemax then take the closed-form root on the support found, *certified* when the support at the root has the
-size it was solved on (else the sort-based threshold); alpha-entmax runs safeguarded Newton to float precision and
-renormalises, as the ``entmax`` package. Backward needs only p: g = p^(2-alpha), dL/dz = g dP - g sum(g dP) /
-sum(g); alpha's gradient is Correia et al. (2019), eq. 13. Hub code: imports only torch.
+tested against them): p_i = [x_i - tau]_+^(1/(alpha-1)), x = (alpha-1) z, sum_i p_i = 1 (Peters et al., 2019).
+Method: docs/performance.md, "How it is exact without sorting"; a closed-form root is *certified* when the support
+at it has the size it was solved on. Backward needs only p: g = p^(2-alpha), dL/dz = g dP - g sum(g dP) / sum(g);
+alpha's gradient is Correia et al. (2019), eq. 13. Hub code: imports only torch.
 """
 
 from __future__ import annotations
@@ -163,9 +159,8 @@ def bisect_block_threshold(
 def block_probabilities(y, e, mean, transform: str, alpha_rows, scalar_alpha: Optional[float], rescore: Callable,
                         newton_steps: Optional[int] = None, check_every: int = BISECT_CHECK_EVERY):
     """Exact ``transform`` of a block ``y`` (..., N) of scores minus their row max (row mean ``mean``; ``e`` a work
-    buffer of y's shape or None; y is scratch): (t, w, z) with p = w / z (z = 4 for entmax-1.5, 1 for sparsemax).
-    ``scalar_alpha``: ``alpha_rows`` (..., 1) as a float, a cheaper exponent. ``newton_steps`` (default
-    ``NEWTON_STEPS``), ``check_every``: work per round; any value is exact (fewer steps: more sort fallbacks)."""
+    buffer of y's shape or None; y is scratch): (t, w, z) with p = w / z. ``scalar_alpha``: ``alpha_rows`` as a
+    float, a cheaper exponent. ``newton_steps``, ``check_every``: any value is exact (fewer: more sort fallbacks)."""
     steps = NEWTON_STEPS.get(transform) if newton_steps is None else newton_steps
     if transform != "entmax_bisect":
         t, e = sparse_block_threshold(transform, y, e, mean, steps, rescore)

@@ -44,9 +44,8 @@ def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.T
 def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transform: str,
                   scalar_alpha: Optional[float], newton_steps: Optional[int] = None,
                   check_every: int = BISECT_CHECK_EVERY):
-    """One block of the forward: P V and the per-row state (m, t, z: alpha-entmax's normaliser, else a constant).
-    q_blk (G, Bq, d) scaled; key_t (G, d, N); key_mean (G, d, 1); value (G, N, e); alpha_blk (G, Bq, 1) or None;
-    y_buf, e_buf: (G, Bq, N) work buffers or None."""
+    """One block of the forward: P V and the per-row state (m, t, z). q_blk (G, Bq, d) scaled; key_t (G, d, N);
+    key_mean (G, d, 1); value (G, N, e); alpha_blk (G, Bq, 1) or None; y_buf, e_buf: (G, Bq, N) or None."""
     y, m = _block_scores(q_blk, key_t, y_buf)  # (G, Bq, N), (G, Bq, 1)
     mean = torch.matmul(q_blk, key_mean) - m  # (G, Bq, 1), row mean of y
     t, w, z = block_probabilities(y, e_buf, mean, transform, alpha_blk, scalar_alpha,
@@ -154,10 +153,9 @@ class _TiledEntmax(torch.autograd.Function):
 
 def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str, scaling: float,
                     alpha=None, block: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Exact sparse attention ``transform(scaling q k^T) v`` in blocks: query (B, H, N, d), key (B, H, M, d), value
-    (B, H, M, e) -> (B, H, N, e). ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to
-    (B, H, N, 1), e.g. (H, 1, 1) per head; gradients flow to it. ``block``: (heads, rows), default ``block_shape``.
-    Half precision is computed in float32."""
+    """Exact sparse attention ``transform(scaling q k^T) v`` in blocks, half precision computed in float32.
+    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1), e.g. (H, 1, 1) per
+    head; gradients flow to it. ``block``: (heads, rows), default ``block_shape``."""
     if transform not in SPARSE_TRANSFORMS:
         raise ValueError(f"tiled_attention supports {SPARSE_TRANSFORMS}, not {transform!r}")
     if (query.ndim != 4 or key.shape[:-1] != value.shape[:-1]
