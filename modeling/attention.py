@@ -88,7 +88,6 @@ ATTENTION_TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
-    """Look up a transform by name; unknown names raise ValueError listing the choices."""
     if name not in ATTENTION_TRANSFORMS:
         raise ValueError(f"Unknown attention transform {name!r}; choose one of {sorted(ATTENTION_TRANSFORMS)}")
     return ATTENTION_TRANSFORMS[name]

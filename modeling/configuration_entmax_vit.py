@@ -95,7 +95,6 @@ class EntmaxViTConfig(BackboneConfigMixin, PretrainedConfig):
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError on unknown or inconsistent values, naming the valid choices."""
         get_attention_transform(self.attention)  # unknown names raise, listing the choices
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
                      "num_attention_heads", "intermediate_size"):

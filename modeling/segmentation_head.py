@@ -79,7 +79,6 @@ class LinearSegmentationHead(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def save(self, directory: str | os.PathLike) -> str | os.PathLike:
-        """Write the head folder; returns ``directory`` as given."""
         os.makedirs(directory, exist_ok=True)
         # written atomically (temporary file, then rename): a crash never leaves half a head
         tmp = os.path.join(directory, f".{HEAD_WEIGHTS}.tmp")
