@@ -93,20 +93,15 @@ class SeededMultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _crops(self, row: int) -> Optional[list[torch.Tensor]]:
-        decoded = None if row in self._unreadable else self.rows.read(row)
-        if decoded is None:
-            self._unreadable.add(row)
-            return None
-        return self.transform(decoded.image)
-
     def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], tuple[str, ...]]:
         n = len(self)
         with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
             for offset in range(n):
-                crops = self._crops((index + offset) % n)
-                if crops is not None:
-                    return index, crops, (self.rows.describe(index),) if offset else ()
+                row = (index + offset) % n
+                decoded = None if row in self._unreadable else self.rows.read(row)
+                if decoded is not None:
+                    return index, self.transform(decoded.image), (self.rows.describe(index),) if offset else ()
+                self._unreadable.add(row)
         raise NoReadableImageError(
             f"none of the {n} images of the dataset can be decoded (first: {self.rows.describe(0)}): is "
             "data.image_column right and the data readable? The warnings above give each file's reason."
