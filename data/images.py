@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -64,13 +64,8 @@ def describe_cell(cell: Any, where: str) -> str:
     return f"{where} ({path})" if path else where
 
 
-@dataclass
-class Decoded:
-    """One readable row: RGB image, mask (H, W) int64 class ids or None, and the raw row (labels, ...)."""
-
-    image: Image.Image
-    mask: Optional[np.ndarray]
-    row: dict
+# One readable row: RGB image, mask (H, W) int64 class ids or None, and the raw row (labels, ...).
+Decoded = namedtuple("Decoded", "image mask row")
 
 
 class ImageRows:
