@@ -1,11 +1,5 @@
-"""One way to name image data for training, evaluation and analysis, all through Hugging Face ``datasets``.
-
-    ds = load_image_dataset("ILSVRC/imagenet-1k", split="train", streaming=True)   # Hub (gated: HF_TOKEN)
-    ds = load_image_dataset("imagefolder:/data/imgs")            # DIR/<split>/<class>/*.jpg or DIR/<class>/*.jpg
-    ds = load_image_dataset("webdataset:/data/shards")           # DIR/<split>/*.tar, DIR/<split>*.tar or a glob
-    ds = load_image_dataset("/data/saved")                       # a Dataset/DatasetDict.save_to_disk folder
-    ds = load_image_dataset("embedded", split="validation")      # the bundled synthetic scenes
-    image_col = find_column(ds, "image")
+"""One way to name image data for training, evaluation and analysis, all through Hugging Face ``datasets``: a Hub
+id, ``imagefolder:DIR``, ``webdataset:DIR_OR_GLOB``, a ``save_to_disk`` folder or ``embedded`` (docs/data.md).
 
 In distributed runs use :func:`shard_for_rank` OR Accelerate's ``prepare()`` of the DataLoader, never both.
 """
@@ -38,7 +32,7 @@ class DatasetLoadError(ValueError):
 
 def load_image_dataset(source: str, split: str = "train", *, streaming: bool = False,
                        cache_dir: Optional[str | os.PathLike] = None) -> AnyDataset:
-    """One split of ``source`` (the forms above; ``embedded[:image_size=32,num_train=64,...]`` takes integer
+    """One split of ``source`` (the forms above and in docs/data.md; ``embedded[:image_size=32,...]`` takes integer
     generator options; any other local path goes to ``datasets.load_dataset`` as is). ``streaming`` gives an
     ``IterableDataset``. DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset."""
     check_source(source)

@@ -3,7 +3,7 @@
 Determinism (``--resume`` equals an uninterrupted run, with any number of workers): an epoch's sample order is a
 permutation seeded by (seed, epoch) and each sample's augmentation is seeded by (seed, epoch, index) in a forked
 RNG. An unreadable row is replaced by the next readable one (data.images' policy) and reported once, so batches
-keep their size and ranks stay in step. :class:`TrainingData` is the loop's one view of map-style and streamed data.
+keep their size and ranks stay in step.
 """
 
 from __future__ import annotations
