@@ -119,7 +119,10 @@ class MultiCropTransform:
             out = out.filter(ImageFilter.GaussianBlur(radius=random.uniform(*cfg.blur_radius)))
         if spec.solarize_p > 0 and random.random() < spec.solarize_p:
             out = ImageOps.solarize(out, cfg.solarize_threshold)
-        return self._normalize(out)
+        arr = torch.from_numpy(np.array(out))  # (H, W, 3) or (H, W) uint8; a writable copy
+        if arr.ndim == 2:
+            arr = arr.unsqueeze(-1).expand(-1, -1, 3)
+        return arr.permute(2, 0, 1).float().sub_(self._shift).mul_(self._scale)  # (3, H, W), fused ToTensor+Normalize
 
     def _color_jitter(self, img: Image.Image) -> Image.Image:
         order, *factors = T.ColorJitter.get_params(*self.jitter_ranges)
@@ -128,13 +131,6 @@ class MultiCropTransform:
             if factors[fn_id] is not None:
                 img = ops[fn_id](img, factors[fn_id])
         return img
-
-    def _normalize(self, img: Image.Image) -> torch.Tensor:
-        arr = torch.from_numpy(np.array(img))  # (H, W, 3) or (H, W) uint8; a writable copy
-        if arr.ndim == 2:
-            arr = arr.unsqueeze(-1).expand(-1, -1, 3)
-        x = arr.permute(2, 0, 1).float()  # (3, H, W), contiguous copy
-        return x.sub_(self._shift).mul_(self._scale)
 
 
 def _blend_lut(constant: int, factor: float) -> list[int]:
