@@ -238,9 +238,8 @@ def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_s
 
 
 def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
-    """The part of ``ds`` that process ``rank`` of ``world_size`` reads (``split_dataset_by_node``: whole shards when
-    their count divides ``world_size``, else every world_size-th example). Rank sizes can differ by one sample: drop
-    the last incomplete batch, or DDP waits forever."""
+    """The part of ``ds`` that process ``rank`` of ``world_size`` reads (``split_dataset_by_node``, docs/data.md).
+    Rank sizes can differ by one sample: drop the last incomplete batch, or DDP waits forever."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if world_size == 1:

@@ -130,9 +130,7 @@ BACKGROUND_SOURCES: tuple[str, ...] = ("brick", "grass", "gravel", "moon", "immu
 
 @lru_cache(maxsize=1)
 def _background_sources() -> tuple[tuple[np.ndarray, bool], ...]:
-    """(H, W, 3) float32 photographs in [0, 1] with a flag: True = greyscale (tinted per scene).
-
-    Every source must load: a missing one raises instead of silently rendering a different benchmark."""
+    """(H, W, 3) float32 photographs in [0, 1] with a flag: True = greyscale (tinted per scene); every one must load."""
     from skimage import data as skdata
 
     sources: list[tuple[np.ndarray, bool]] = []
@@ -179,7 +177,6 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-# ---------------------------------------------------------------- one scene
 def _draw_object(rng: np.random.Generator, size: int, class_id: int, radius: float, center: tuple[float, float],
                  canvas: np.ndarray, labels: np.ndarray) -> None:
     """Paint one object of ``class_id`` (0-based) onto ``canvas`` (S, S, 3) and ``labels`` (S, S) in place.
@@ -301,7 +298,6 @@ def generate_split(split: str, num_images: int, image_size: int = DEFAULT_IMAGE_
     return out
 
 
-# ---------------------------------------------------------------- datasets + on-disk cache
 def default_cache_dir() -> Path:
     """``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``."""
     return Path(os.environ.get("ENTMAX_VIT_CACHE") or Path.home() / ".cache" / "entmax_vit")
@@ -350,7 +346,6 @@ def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int =
     return load_from_disk(str(target))
 
 
-# ---------------------------------------------------------------- a look at the data
 def save_preview(split, path: str | os.PathLike, num: int = 16, columns: int = 8) -> Path:
     """Save a PNG grid of ``num`` samples of a split: each image above its coloured mask, titled by label."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py

@@ -156,7 +156,6 @@ def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: 
     return final
 
 
-# -------------------------------------------------------------------------------------------- verification
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -81,7 +81,6 @@ def crop_specs(cfg: MultiCropConfig) -> list[CropSpec]:
     return specs
 
 
-# --------------------------------------------------------------------------------------------- transform
 class MultiCropTransform:
     """PIL image (or anything :func:`decode_image` accepts) -> list of normalised float tensors (3, H, W)."""
 
