@@ -1,11 +1,5 @@
-"""One way to name image data for training, evaluation and analysis, all through Hugging Face ``datasets``.
-
-    ds = load_image_dataset("ILSVRC/imagenet-1k", split="train", streaming=True)   # Hub (gated: HF_TOKEN)
-    ds = load_image_dataset("imagefolder:/data/imgs")            # DIR/<split>/<class>/*.jpg or DIR/<class>/*.jpg
-    ds = load_image_dataset("webdataset:/data/shards")           # DIR/<split>/*.tar, DIR/<split>*.tar or a glob
-    ds = load_image_dataset("/data/saved")                       # a Dataset/DatasetDict.save_to_disk folder
-    ds = load_image_dataset("embedded", split="validation")      # the bundled synthetic scenes
-    image_col = find_column(ds, "image")
+"""One way to name image data for training, evaluation and analysis, all through Hugging Face ``datasets``: a Hub
+id, ``imagefolder:DIR``, ``webdataset:DIR_OR_GLOB``, a ``save_to_disk`` folder or ``embedded`` (docs/data.md).
 
 In distributed runs use :func:`shard_for_rank` OR Accelerate's ``prepare()`` of the DataLoader, never both.
 """
@@ -38,7 +32,7 @@ class DatasetLoadError(ValueError):
 
 def load_image_dataset(source: str, split: str = "train", *, streaming: bool = False,
                        cache_dir: Optional[str | os.PathLike] = None) -> AnyDataset:
-    """One split of ``source`` (the forms above; ``embedded[:image_size=32,num_train=64,...]`` takes integer
+    """One split of ``source`` (the forms above and in docs/data.md; ``embedded[:image_size=32,...]`` takes integer
     generator options; any other local path goes to ``datasets.load_dataset`` as is). ``streaming`` gives an
     ``IterableDataset``. DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset."""
     check_source(source)
@@ -46,7 +40,10 @@ def load_image_dataset(source: str, split: str = "train", *, streaming: bool = F
     kind, sep, rest = source.partition(":")
     cache = str(cache_dir) if cache_dir is not None else None
     if kind == EMBEDDED:
-        return _load_embedded(rest, split, streaming, cache_dir)
+        from .synthetic_scenes import load_synthetic_scenes  # lazy: generated data, only when asked for
+
+        return _local_split(load_synthetic_scenes(**_embedded_options(rest), cache_dir=cache_dir), split, streaming,
+                            EMBEDDED)
     if sep and kind == "imagefolder":
         return _load_dataset("imagefolder", split, streaming, cache, data_dir=str(Path(rest).expanduser()))
     if sep and kind == "webdataset":
@@ -54,7 +51,7 @@ def load_image_dataset(source: str, split: str = "train", *, streaming: bool = F
         return _load_dataset("webdataset", split, streaming, cache, data_files={split: files})
     path = Path(source).expanduser()
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        return _load_saved(path, split, streaming)
+        return _local_split(datasets.load_from_disk(str(path)), split, streaming, str(path))
     return _load_dataset(source, split, streaming, cache)
 
 
@@ -102,22 +99,17 @@ def webdataset_shards(pattern: str, split: str) -> list[str]:
     return files
 
 
-def _load_saved(path: Path, split: str, streaming: bool) -> AnyDataset:
-    loaded = datasets.load_from_disk(str(path))
+def _local_split(loaded: Dataset | DatasetDict, split: str, streaming: bool, where: str) -> AnyDataset:
+    """``split`` of a DatasetDict, or a single Dataset whatever ``split`` (with a warning when saved as another)."""
     if isinstance(loaded, DatasetDict):
         if split not in loaded:
-            raise DatasetLoadError(f"{path}: no split {split!r}; splits: {sorted(loaded)}")
-        ds = loaded[split]
-    else:
-        ds = loaded
-        saved_split = str(ds.split) if ds.split is not None else None
-        if saved_split is not None and saved_split != split:
-            logger.warning("%s holds one dataset saved as split %r; using it for split %r", path, saved_split, split)
-    return _stream_local(ds) if streaming else ds
-
-
-def _stream_local(ds: Dataset) -> IterableDataset:
-    return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), _LOCAL_STREAM_SHARDS)))
+            raise DatasetLoadError(f"{where}: no split {split!r}; splits: {sorted(loaded)}")
+        loaded = loaded[split]
+    elif loaded.split is not None and str(loaded.split) != split:
+        logger.warning("%s holds one dataset saved as split %r; using it for split %r", where, str(loaded.split), split)
+    if not streaming:
+        return loaded
+    return loaded.to_iterable_dataset(num_shards=max(1, min(len(loaded), _LOCAL_STREAM_SHARDS)))
 
 
 def _embedded_options(options: str) -> dict[str, Any]:
@@ -134,29 +126,15 @@ def _embedded_options(options: str) -> dict[str, Any]:
     return kwargs
 
 
-def _load_embedded(options: str, split: str, streaming: bool, cache_dir: Optional[str | os.PathLike]) -> AnyDataset:
-    from .synthetic_scenes import load_synthetic_scenes  # lazy: generated data, only when asked for
-
-    kwargs = _embedded_options(options)
-    if cache_dir is not None:
-        kwargs["cache_dir"] = cache_dir
-    scenes = load_synthetic_scenes(**kwargs)
-    if split not in scenes:
-        raise DatasetLoadError(f"embedded: no split {split!r}; splits: {sorted(scenes)}")
-    ds = scenes[split]
-    return _stream_local(ds) if streaming else ds
-
-
 def _load_dataset(path: str, split: str, streaming: bool, cache_dir: Optional[str], **kwargs: Any) -> AnyDataset:
     try:
-        ds = datasets.load_dataset(path, split=split, streaming=streaming, cache_dir=cache_dir, **kwargs)
+        return datasets.load_dataset(path, split=split, streaming=streaming, cache_dir=cache_dir, **kwargs)
     except ValueError as err:
         if "split" in str(err).lower():
             raise DatasetLoadError(f"{path}: no split {split!r} ({err})") from err
         raise DatasetLoadError(f"{path}: {err}") from err
     except Exception as err:  # noqa: BLE001 - DatasetNotFoundError, FileNotFoundError, ConnectionError, HTTP, ...
         raise DatasetLoadError(_hub_hint(path, err)) from err
-    return ds
 
 
 def _hub_hint(path: str, err: BaseException) -> str:
@@ -199,10 +177,9 @@ def find_column(ds: Any, kind: Literal["image", "label", "mask"] = "image", name
         raise ValueError(f"kind must be 'image', 'label' or 'mask', got {kind!r}")
     images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
     if kind == "image":
-        plain = [k for k in images if not _is_mask_name(k)]
-        found = _by_name(plain or images, _IMAGE_NAMES) or (plain or images or [None])[0]
-        if found is None:  # undeclared features (e.g. peeked dicts): go by name
-            found = _by_name(list(features), _IMAGE_NAMES)
+        plain = [k for k in images if not _is_mask_name(k)] or images
+        # no Image feature (undeclared features, e.g. peeked dicts): go by name
+        found = _by_name(plain, _IMAGE_NAMES) or (plain[0] if plain else _by_name(list(features), _IMAGE_NAMES))
     elif kind == "label":
         class_labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
         ints = [k for k, v in features.items() if isinstance(v, datasets.Value) and v.dtype.startswith(("int", "uint"))]
@@ -261,9 +238,8 @@ def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_s
 
 
 def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
-    """The part of ``ds`` that process ``rank`` of ``world_size`` reads (``split_dataset_by_node``: whole shards when
-    their count divides ``world_size``, else every world_size-th example). Rank sizes can differ by one sample: drop
-    the last incomplete batch, or DDP waits forever."""
+    """The part of ``ds`` that process ``rank`` of ``world_size`` reads (``split_dataset_by_node``, docs/data.md).
+    Rank sizes can differ by one sample: drop the last incomplete batch, or DDP waits forever."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if world_size == 1:

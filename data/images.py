@@ -1,24 +1,19 @@
-"""Decoding dataset cells, and the one policy for a row that cannot be decoded.
+"""Decoding dataset cells, and the one policy for a row that cannot be decoded (docs/data.md, "Unreadable rows").
 
     image = decode_image(cell)                  # the project's one decoder (modeling/image_decoding.py)
     mask = decode_mask(cell)                    # (H, W) int64 class ids, with the same file checks
     rows = ImageRows(ds, "image", "mask")       # rows.read(i) -> Decoded(image, mask, row), or None (counted)
 
-The decoder lives in ``entmax_vit.modeling.image_decoding`` (the Hub processor and pipelines use it too: the same
-pixels everywhere); re-exported here with what a dataset needs around it.
-
-Unreadable rows (an image or mask the decoder refuses, a mask not the size of its image), the same policy everywhere:
-never lost silently (:class:`SkipCounter` logs the first ten with the file and reason, then one line per hundred,
-and results report the total) and never fatal for one file (the reader returns ``None``): training substitutes the
-next readable row (stopping past ``data.max_unreadable_share``), evaluation keeps the row as ``valid=False`` out of
-the metric and reports ``num_skipped``, analysis skips it and counts it in ``AnalysisImages.skipped``.
+An unreadable row (an image or mask the decoder refuses, a mask not the size of its image) is never lost silently
+(:class:`SkipCounter`) and never fatal for one file (``None``): training substitutes the next readable row,
+evaluation keeps it as ``valid=False`` out of the metric, analysis skips it; all three report the count.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -69,13 +64,8 @@ def describe_cell(cell: Any, where: str) -> str:
     return f"{where} ({path})" if path else where
 
 
-@dataclass
-class Decoded:
-    """One readable row: RGB image, mask (H, W) int64 class ids or None, and the raw row (labels, ...)."""
-
-    image: Image.Image
-    mask: Optional[np.ndarray]
-    row: dict
+# One readable row: RGB image, mask (H, W) int64 class ids or None, and the raw row (labels, ...).
+Decoded = namedtuple("Decoded", "image mask row")
 
 
 class ImageRows:

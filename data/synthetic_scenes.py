@@ -1,31 +1,18 @@
-"""The embedded benchmark: synthetic scenes over real texture photographs, with image labels and pixel masks.
+"""The embedded benchmark: synthetic scenes over real texture photographs, with image labels and pixel masks
+(docs/reproduction.md: the design, what it measures and why).
 
-Every image is a small "scene" of 3-4 objects laid out on a jittered 2 x 2 grid: two or three instances of the
-scene's MAIN class and one or two objects of other classes, about as large, so that neighbouring regions of one image
-hold different classes: a model whose patch features take on the image's global semantics (a global-to-local
-leak, "semantic diffusion") labels the other objects wrongly, which the segmentation probe sees. Objects are drawn at a random scale, position and rotation, in a
-random depth order (they may occlude each other), over a background cropped from a real photograph that ships
-inside scikit-image (brick, grass, gravel, the moon's surface, a stained tissue slide, the Hubble deep field,
-a coffee cup on a table, a rocket launch). A class is a SHAPE (disk, square, ellipse, triangle, star, ring,
-cross, crescent); every object's two colours and surface pattern are drawn from one pool shared by all
-classes, so colour and texture statistics do not predict the class: random-weight features and a linear probe
-on raw pixels sit near chance (README, "The embedded benchmark"), and a probe succeeds only on features that
-encode shape.
+Every image holds 3-4 objects on a jittered 2 x 2 grid: two instances of the scene's MAIN class and one or two
+objects of other classes, about as large, over a background cropped from a photograph that ships inside
+scikit-image. A class is a SHAPE; colours and patterns come from one pool shared by all classes (see below).
 
-- ``label`` (ClassLabel over ``OBJECT_CLASSES``): the image-level class used by the k-NN and linear probes is
-  the main class; a scene is redrawn until that class covers strictly the most visible pixels of all classes
-  (after occlusion), so ``label`` always equals the largest region's class.
+- ``label`` (ClassLabel over ``OBJECT_CLASSES``): the main class; a scene is redrawn until it covers strictly the
+  most visible pixels of all classes (after occlusion), so ``label`` always equals the largest region's class.
 - ``mask`` (PIL mode "L"): 0 = background, k = ``SEGMENTATION_CLASSES[k]`` (= ``OBJECT_CLASSES[k - 1]``).
 
-Every source of the pixels is a declared dependency (scikit-image's bundled images): a source that cannot be
-loaded is an error, never a silently different dataset. Generation is deterministic: image ``i`` of a split
-depends only on ``(seed, split, i)`` (so the first N images are the same whatever the split size), labels
-are exactly balanced per block of ``len(OBJECT_CLASSES)`` images. Scenes are rendered at 2x resolution and
-box-downsampled (anti-aliased edges); the mask is the per-pixel majority label of the same 2x2 block. The
-result is cached with ``save_to_disk`` under ``$ENTMAX_VIT_CACHE`` (default ``~/.cache/entmax_vit``) keyed by
-every parameter, the generator version and a hash of the source photographs, and reloaded after first use.
+Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``, and a background that cannot be loaded
+is an error, never a silently different dataset. Cached with ``save_to_disk`` under ``$ENTMAX_VIT_CACHE``
+(default ``~/.cache/entmax_vit``), keyed by every parameter, the generator version and the photographs' hash.
 
-    from entmax_vit.data.synthetic_scenes import load_synthetic_scenes
     scenes = load_synthetic_scenes()              # DatasetDict: train 2000 / validation 500, 64 px
     python scripts/synthetic_scenes.py --preview scenes.png --pixel_baselines   # samples and masks; raw-pixel probes
 """
@@ -143,9 +130,7 @@ BACKGROUND_SOURCES: tuple[str, ...] = ("brick", "grass", "gravel", "moon", "immu
 
 @lru_cache(maxsize=1)
 def _background_sources() -> tuple[tuple[np.ndarray, bool], ...]:
-    """(H, W, 3) float32 photographs in [0, 1] with a flag: True = greyscale (tinted per scene).
-
-    Every source must load: a missing one raises instead of silently rendering a different benchmark."""
+    """(H, W, 3) float32 photographs in [0, 1] with a flag: True = greyscale (tinted per scene); every one must load."""
     from skimage import data as skdata
 
     sources: list[tuple[np.ndarray, bool]] = []
@@ -192,7 +177,6 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-# ---------------------------------------------------------------- one scene
 def _draw_object(rng: np.random.Generator, size: int, class_id: int, radius: float, center: tuple[float, float],
                  canvas: np.ndarray, labels: np.ndarray) -> None:
     """Paint one object of ``class_id`` (0-based) onto ``canvas`` (S, S, 3) and ``labels`` (S, S) in place.
@@ -228,11 +212,10 @@ def _draw_object(rng: np.random.Generator, size: int, class_id: int, radius: flo
 
 # Layout: object centres on a jittered 2 x 2 grid (in units of the canvas side), one object per cell.
 _CELL_CENTERS = ((0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73))
-# (instances of the main class, objects of other classes) -> probability. The main class appears twice, each
-# instance in its own colours and pattern: what the objects of one image share is their shape, so
-# views of a scene agree on its class only through shape (a self-supervised model has a reason to learn it),
-# while the objects of other classes, about as large, keep neighbouring regions different (semantic diffusion
-# costs: the oracle that labels every object pixel with the image's class scores < 50 mIoU).
+# (instances of the main class, objects of other classes) -> probability. The two main instances share only their
+# shape (a self-supervised model has a reason to learn it); the others, about as large, keep neighbouring regions
+# different (semantic diffusion costs: the oracle that labels every object pixel with the image's class scores
+# < 50 mIoU).
 _LAYOUTS_P = {(2, 1): 0.15, (2, 2): 0.85}
 # Size of a main-class instance (in units of the canvas side) and of the others relative to the smaller one.
 MAIN_SIZE = (0.24, 0.30)
@@ -246,13 +229,10 @@ MIN_OBJECT_SHARE = 0.02
 
 
 def render_scene(rng: np.random.Generator, image_size: int, main_class: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Render one scene of 3-4 objects: two instances of ``main_class`` (0-based), each in its own
-    colours and pattern, and one or two objects of other classes, about as large.
+    """(image (S, S, 3) uint8, mask (S, S) uint8 with 0 = background and k = class k - 1, label = ``main_class``).
 
-    Returns (image (S, S, 3) uint8, mask (S, S) uint8 with 0 = background and k = class k - 1, label).
-    The label always equals ``main_class``, the class covering the most pixels: layouts in which another class
-    covers as many, or a class is (nearly) hidden, are redrawn with the other objects a little smaller.
-    """
+    Layouts in which another class covers as many pixels as ``main_class`` (0-based), or a class is (nearly) hidden,
+    are redrawn with the other objects a little smaller."""
     hi = 2 * image_size  # render at 2x and box-downsample: anti-aliased edges
     background = _background(rng, hi)
     layouts = list(_LAYOUTS_P)
@@ -318,7 +298,6 @@ def generate_split(split: str, num_images: int, image_size: int = DEFAULT_IMAGE_
     return out
 
 
-# ---------------------------------------------------------------- datasets + on-disk cache
 def default_cache_dir() -> Path:
     """``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``."""
     return Path(os.environ.get("ENTMAX_VIT_CACHE") or Path.home() / ".cache" / "entmax_vit")
@@ -327,13 +306,9 @@ def default_cache_dir() -> Path:
 def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int = DEFAULT_NUM_TRAIN,
                           num_validation: int = DEFAULT_NUM_VALIDATION, seed: int = 0,
                           cache_dir: Optional[str | os.PathLike] = None, progress: bool = True):
-    """The embedded benchmark as a ``datasets.DatasetDict`` with splits "train" and "validation".
-
-    Columns: ``image`` (RGB, image_size x image_size), ``label`` (ClassLabel over ``OBJECT_CLASSES``: the
-    main class, which covers strictly the most object pixels) and ``mask`` (mode "L": 0 = background, k = ``SEGMENTATION_CLASSES[k]``).
-    Rendered once (a few seconds per thousand 64 px images), then loaded from
-    ``cache_dir/synthetic_scenes/<key>`` (default cache: ``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``).
-    """
+    """The embedded benchmark as a ``datasets.DatasetDict`` with splits "train" and "validation" (columns: see the
+    module docstring). Rendered once (a few seconds per thousand 64 px images), then loaded from
+    ``cache_dir/synthetic_scenes/<key>`` (default cache: ``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``)."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, load_from_disk
     from datasets import Image as ImageFeature
 
@@ -371,7 +346,6 @@ def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int =
     return load_from_disk(str(target))
 
 
-# ---------------------------------------------------------------- a look at the data
 def save_preview(split, path: str | os.PathLike, num: int = 16, columns: int = 8) -> Path:
     """Save a PNG grid of ``num`` samples of a split: each image above its coloured mask, titled by label."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py

@@ -48,8 +48,7 @@ def list_checkpoints(checkpoint_root: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(checkpoint_root: str | os.PathLike) -> Optional[Path]:
-    ckpts = list_checkpoints(checkpoint_root)
-    return ckpts[-1] if ckpts else None
+    return (list_checkpoints(checkpoint_root) or [None])[-1]
 
 
 def remove_incomplete(checkpoint_root: str | os.PathLike) -> list[Path]:
@@ -147,21 +146,16 @@ def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: 
                "There is no earlier checkpoint: free disk space and start again.")
         )
     if accelerator.is_main_process and keep_last > 0:
-        prune_checkpoints(root, keep_last)
+        # Prune: each old checkpoint is renamed first, so a kill never leaves a half-deleted step_* (only a
+        # .tmp_old_step_* that the next start removes).
+        for old in list_checkpoints(root)[:-keep_last]:
+            doomed = root / f"{PRUNED_PREFIX}{old.name}"
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def prune_checkpoints(checkpoint_root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints; each is renamed first, so a kill never leaves a
-    half-deleted ``step_*`` (only a ``.tmp_old_step_*`` that the next start removes)."""
-    for old in list_checkpoints(checkpoint_root)[:-keep_last]:
-        doomed = checkpoint_root / f"{PRUNED_PREFIX}{old.name}"
-        os.replace(old, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-
-
-# -------------------------------------------------------------------------------------------- verification
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

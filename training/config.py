@@ -192,17 +192,15 @@ def backbone_config(cfg: DinoConfig, drop_path_rate: float) -> EntmaxViTConfig:
 
 
 def attention_kernel(cfg: DinoConfig) -> str:
-    """``model.attn_implementation``, checked against the transform; "auto" is the model's own default: sdpa for
-    softmax, and for the sparse transforms the kernel "auto" (``modeling.attention.default_kernel``: triton on
-    CUDA, tiled on CPU), decided per call, so a model built here on the CPU runs the GPU kernel once moved."""
+    """``model.attn_implementation``, checked against the transform; "auto" is the model's own default, decided per
+    call (``modeling.attention.default_kernel``), so a model built here on the CPU runs the GPU kernel once moved."""
     requested = None if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
     return resolve_kernel(cfg.model.attention, requested)
 
 
 def check_config(cfg: DinoConfig) -> None:
-    """Checks needing several fields or the model's rules, on every DinoConfig built (before any data is loaded):
-    the backbone config, the attention kernel for the transform, the syntax of ``data.source``; ValueError names
-    the key."""
+    """Checks needing several fields or the model's rules, on every DinoConfig built (before any data is loaded);
+    ValueError names the key."""
     from entmax_vit.data.datasets import check_source
 
     for key, check in (("model", lambda: backbone_config(cfg, cfg.model.drop_path_rate)),

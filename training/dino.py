@@ -52,11 +52,12 @@ def main(cfg: DinoConfig) -> Optional[Path]:
         return train(cfg, stop)
     except (RuntimeError, ConnectionError) as err:
         if _is_collective_failure(err):
+            first_line = (str(err).strip().splitlines() or [""])[0][:300]
             raise LostRankError(
-                f"lost contact with another process of the run ({_first_line(err)}); this process stops too. "
-                f"A rank died, was killed or waited more than distributed.timeout_s = {cfg.distributed.timeout_s} s. "
-                "Relaunch the same command to resume from the newest intact checkpoint in "
-                f"{Path(cfg.output_dir) / 'checkpoints'}."
+                f"lost contact with another process of the run ({type(err).__name__}: {first_line}); this process "
+                "stops too. A rank died, was killed or waited more than distributed.timeout_s = "
+                f"{cfg.distributed.timeout_s} s. Relaunch the same command to resume from the newest intact checkpoint "
+                f"in {Path(cfg.output_dir) / 'checkpoints'}."
             ) from err
         raise
     finally:
@@ -64,10 +65,6 @@ def main(cfg: DinoConfig) -> Optional[Path]:
         # Accelerate keeps its settings process-wide; forget them so main() can run again in this process
         # (notebooks, tests) with another mixed precision. The process group (PartialState) stays.
         AcceleratorState._reset_state()
-
-
-def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
 
 def _is_collective_failure(err: BaseException) -> bool:
@@ -106,9 +103,8 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
 
     # ============ preparing data ============
     accum = cfg.optim.gradient_accumulation_steps
-    # The main process loads (downloads, converts, caches) the dataset first; the other ranks then read its
-    # cache instead of each downloading it. They wait up to distributed.timeout_s for it: pre-download large
-    # datasets (docs/training.md, "Running on GPUs") or raise the timeout.
+    # The main process loads (downloads, caches) the dataset first, then the other ranks read its cache; they wait
+    # up to distributed.timeout_s (docs/training.md, "Running on GPUs": pre-download large datasets).
     with accelerator.main_process_first():
         data = TrainingData(cfg.data, cfg.crops, cfg.seed, accelerator, accum)
 
@@ -211,8 +207,7 @@ def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pair
                     wd_schedule: np.ndarray, momentum_schedule: np.ndarray, teacher_temp: float, epoch: int,
                     accelerator: Accelerator, cfg: DinoConfig, run: Run) -> bool:
     """One epoch from ``run.state.batch_in_epoch`` on; True when the run stops early (signal, debug.max_steps) after
-    a checkpoint. ``student`` is prepared (DDP), ``ema_pairs`` (teacher, student parameters) taken before prepare().
-    At most one host sync per optimizer step outside log steps (the stop vote): ``run`` syncs the loss (loop_stats)."""
+    a checkpoint. ``student`` is prepared (DDP), ``ema_pairs`` (teacher, student parameters) taken before prepare()."""
     grad_norm = torch.zeros(())
     start = run.state.batch_in_epoch
     for batch_in_epoch, (crops, _) in enumerate(data.epoch(epoch, start), start=start):

@@ -3,7 +3,7 @@
 Determinism (``--resume`` equals an uninterrupted run, with any number of workers): an epoch's sample order is a
 permutation seeded by (seed, epoch) and each sample's augmentation is seeded by (seed, epoch, index) in a forked
 RNG. An unreadable row is replaced by the next readable one (data.images' policy) and reported once, so batches
-keep their size and ranks stay in step. :class:`TrainingData` is the loop's one view of map-style and streamed data.
+keep their size and ranks stay in step.
 """
 
 from __future__ import annotations
@@ -93,20 +93,15 @@ class SeededMultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _crops(self, row: int) -> Optional[list[torch.Tensor]]:
-        decoded = None if row in self._unreadable else self.rows.read(row)
-        if decoded is None:
-            self._unreadable.add(row)
-            return None
-        return self.transform(decoded.image)
-
     def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], tuple[str, ...]]:
         n = len(self)
         with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
             for offset in range(n):
-                crops = self._crops((index + offset) % n)
-                if crops is not None:
-                    return index, crops, (self.rows.describe(index),) if offset else ()
+                row = (index + offset) % n
+                decoded = None if row in self._unreadable else self.rows.read(row)
+                if decoded is not None:
+                    return index, self.transform(decoded.image), (self.rows.describe(index),) if offset else ()
+                self._unreadable.add(row)
         raise NoReadableImageError(
             f"none of the {n} images of the dataset can be decoded (first: {self.rows.describe(0)}): is "
             "data.image_column right and the data readable? The warnings above give each file's reason."

@@ -1,10 +1,8 @@
 """The run's state and its bookkeeping between optimizer steps (logging, checkpoints, stops), kept out of the DINO step.
 
-No host sync per step (official DINO's ``loss.item()`` each step stalls the GPU queue): the loss and its finiteness
-stay on the device and are combined over ranks with the image counts in ONE gather (:meth:`Run.sync`) at log steps,
-before every checkpoint and at each epoch end; the only other sync is the stop vote, on several processes only. A
-non-finite loss is found at most ``logging.every_steps`` steps late and never checkpointed: the last checkpoint
-stays the last good one.
+No host sync per step (official DINO's ``loss.item()`` each step stalls the GPU queue): the loss, its finiteness and
+the image counts stay on the device until ONE gather over ranks (:meth:`Run.sync`) at log steps, before every
+checkpoint and at each epoch end (docs/training.md, "Host syncs"); a non-finite loss is never checkpointed.
 """
 
 from __future__ import annotations

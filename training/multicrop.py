@@ -3,17 +3,15 @@
     tf = MultiCropTransform(MultiCropConfig())            # official DINO recipe: 2 x 224 global + 8 x 96 local
     crops = tf(pil_image)                                 # [global1, global2, local1..local8], each (3, H, W)
 
-Per crop: RandomResizedCrop (bicubic) -> flip p 0.5 -> ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 -> grayscale p 0.2 ->
-PIL Gaussian blur p 1.0 (global 1) / 0.1 (global 2) / 0.5 (locals) -> solarize p 0.2 (global 2) -> normalisation.
 The random numbers come from the same generators in the same order (torch for crop/flip/jitter/grayscale, Python
-``random`` for blur/solarize), so equal seeds give :func:`official_dino_transform`'s tensors. Faster with the same
-uint8 math: jitter as lookup tables, grayscale crops blurred on one channel, ToTensor + Normalize fused
-(``scripts/bench_data.py`` measures it).
+``random`` for blur/solarize), so equal seeds give :func:`official_dino_transform`'s tensors; the speed-ups keep
+the same uint8 math (docs/data.md; ``scripts/bench_data.py`` measures them).
 """
 
 from __future__ import annotations
 
 import random
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, Optional
 
@@ -28,10 +26,6 @@ from torchvision.transforms import functional as TF
 from entmax_vit.data.config_io import check_values
 from entmax_vit.data.images import decode_image
 from entmax_vit.modeling import IMAGENET_MEAN, IMAGENET_STD
-
-_PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-_TV_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
-
 
 Probability = Annotated[float, Interval(ge=0, le=1)]
 
@@ -72,15 +66,8 @@ class MultiCropConfig:
             raise ValueError(f"std must be positive, got {self.std}")
 
 
-@dataclass(frozen=True)
-class CropSpec:
-    """What one output crop gets: its size, area-scale range and per-crop probabilities."""
-
-    name: str
-    size: int
-    scale: tuple[float, float]
-    blur_p: float
-    solarize_p: float
+# What one output crop gets: its size, area-scale range and per-crop probabilities.
+CropSpec = namedtuple("CropSpec", "name size scale blur_p solarize_p")
 
 
 def crop_specs(cfg: MultiCropConfig) -> list[CropSpec]:
@@ -94,14 +81,13 @@ def crop_specs(cfg: MultiCropConfig) -> list[CropSpec]:
     return specs
 
 
-# --------------------------------------------------------------------------------------------- transform
 class MultiCropTransform:
     """PIL image (or anything :func:`decode_image` accepts) -> list of normalised float tensors (3, H, W)."""
 
     def __init__(self, cfg: Optional[MultiCropConfig] = None) -> None:
         self.cfg = cfg or MultiCropConfig()
         self.specs = crop_specs(self.cfg)
-        self.resample = _PIL_RESAMPLE[self.cfg.interpolation]
+        self.resample = Image.Resampling[self.cfg.interpolation.upper()]
         # Factor ranges exactly as torchvision's ColorJitter stores them (None = that op is off); hue is last.
         self.jitter_ranges = [None if x <= 0 else (-x, x) if i == 3 else (max(0.0, 1 - x), 1 + x)
                               for i, x in enumerate(self.cfg.color_jitter)]
@@ -132,7 +118,10 @@ class MultiCropTransform:
             out = out.filter(ImageFilter.GaussianBlur(radius=random.uniform(*cfg.blur_radius)))
         if spec.solarize_p > 0 and random.random() < spec.solarize_p:
             out = ImageOps.solarize(out, cfg.solarize_threshold)
-        return self._normalize(out)
+        arr = torch.from_numpy(np.array(out))  # (H, W, 3) or (H, W) uint8; a writable copy
+        if arr.ndim == 2:
+            arr = arr.unsqueeze(-1).expand(-1, -1, 3)
+        return arr.permute(2, 0, 1).float().sub_(self._shift).mul_(self._scale)  # (3, H, W), fused ToTensor+Normalize
 
     def _color_jitter(self, img: Image.Image) -> Image.Image:
         order, *factors = T.ColorJitter.get_params(*self.jitter_ranges)
@@ -141,13 +130,6 @@ class MultiCropTransform:
             if factors[fn_id] is not None:
                 img = ops[fn_id](img, factors[fn_id])
         return img
-
-    def _normalize(self, img: Image.Image) -> torch.Tensor:
-        arr = torch.from_numpy(np.array(img))  # (H, W, 3) or (H, W) uint8; a writable copy
-        if arr.ndim == 2:
-            arr = arr.unsqueeze(-1).expand(-1, -1, 3)
-        x = arr.permute(2, 0, 1).float()  # (3, H, W), contiguous copy
-        return x.sub_(self._shift).mul_(self._scale)
 
 
 def _blend_lut(constant: int, factor: float) -> list[int]:
@@ -187,7 +169,7 @@ def _adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
 def official_dino_transform(cfg: Optional[MultiCropConfig] = None) -> Callable[[Image.Image], list[torch.Tensor]]:
     """Official DINO's DataAugmentationDINO as torchvision v1 Compose pipelines (reference for tests/bench)."""
     cfg = cfg or MultiCropConfig()
-    interp = _TV_INTERPOLATION[cfg.interpolation]
+    interp = InterpolationMode(cfg.interpolation)
     b, c, s, h = cfg.color_jitter
     flip_and_color_jitter = T.Compose([
         T.RandomHorizontalFlip(p=cfg.flip_p),

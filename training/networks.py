@@ -5,9 +5,6 @@
           the EMA, optimizer groups, freezing and checkpoints treat them like any weight; ``norm_last_layer`` fixes g.
     wrapper: crops [(B,3,G,G) x 2, (B,3,L,L) x N] -> backbone once per resolution -> [CLS] (2B + N*B, D) -> head,
           crop-major (crop 0 of all images first), as official DINO's MultiCropWrapper.
-
-The teacher is built like the student WITHOUT drop path, starts from the student's weights, never receives
-gradients and is updated only by the EMA in the training loop.
 """
 
 from __future__ import annotations
@@ -88,7 +85,8 @@ class MultiCropWrapper(nn.Module):
 
 
 def build_networks(cfg: DinoConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """(student, teacher) with identical weights; teacher frozen, in eval mode (no dropout/BN in it)."""
+    """(student, teacher) with identical weights; the teacher has no drop path, is frozen and in eval mode (no
+    dropout/BN in it): only the training loop's EMA updates it."""
     def make(drop_path_rate: float) -> MultiCropWrapper:
         backbone = EntmaxViTModel._from_config(backbone_config(cfg, drop_path_rate),
                                                attn_implementation=attention_kernel(cfg))
