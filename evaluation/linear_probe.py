@@ -1,13 +1,10 @@
-"""Linear classification probe on frozen features: official DINO ``eval_linear.py`` by default.
+"""Linear classification probe on frozen features (both protocols, choice by choice: docs/evaluation.md).
 
-Protocol ``dino`` (official): the final-normed [CLS] of the last n blocks (+ mean patch token with avgpool; DINO:
-n = 4 for ViT-S, n = 1 + avgpool for ViT-B), one Linear head N(0, 0.01), RandomResizedCrop(224) + flip drawn every
-epoch, SGD lr 0.001 x batch/256, momentum 0.9, no weight decay, per-epoch cosine over 100 epochs, batch 1024; eval
-Resize(256, bicubic) + CenterCrop(224) after every epoch, the BEST epoch reported. ``protocol.name ==
-"dino_eval_linear"``.
-Protocol ``cached_grid`` (fast, NOT DINO's; its results say so): centre-crop features cached once, a grid of heads
-(n x avgpool x lr, DINOv2 style) trained side by side, the best head on the selection split reported at its last
-epoch. Selection split: the eval split (as DINO/DINOv2), or ``holdout_fraction`` of train held out.
+Protocol ``dino`` (default): official DINO ``eval_linear.py``, augmented crops every epoch, the BEST epoch reported;
+``protocol.name == "dino_eval_linear"``. Protocol ``cached_grid`` (fast, NOT DINO's; its results say so):
+centre-crop features cached once, a grid of heads (n x avgpool x lr, DINOv2 style) trained side by side, the best
+head on the selection split reported at its last epoch. Selection split: the eval split (as DINO/DINOv2), or
+``holdout_fraction`` of train held out.
 """
 
 from __future__ import annotations
@@ -113,16 +110,6 @@ def make_optimizer(grid: LinearGrid, batch_size: int, momentum: float, weight_de
     return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
 
 
-def train_step(grid: LinearGrid, opt: torch.optim.Optimizer, cls: torch.Tensor, patch_mean: torch.Tensor,
-               labels: torch.Tensor) -> float:
-    """One SGD step of every head (the summed loss keeps each head's gradient its own); mean loss."""
-    losses = [nn.functional.cross_entropy(logits, labels) for logits in grid(cls, patch_mean)]
-    opt.zero_grad(set_to_none=True)
-    torch.stack(losses).sum().backward()
-    opt.step()
-    return float(torch.stack(losses).detach().mean())
-
-
 def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int, batch_size: int,
                momentum: float = 0.9, weight_decay: float = 0.0, evaluate: Optional[Callable] = None,
                show: bool = True) -> list[dict]:
@@ -137,8 +124,13 @@ def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int
         losses, skipped = [], 0
         for cls, patch_mean, labels, valid in batches():
             skipped += int((~valid).sum())
-            if valid.any():
-                losses.append(train_step(grid, opt, cls[valid], patch_mean[valid], labels[valid]))
+            if valid.any():  # one step of every head: the summed loss keeps each head's gradient its own
+                loss = torch.stack([nn.functional.cross_entropy(logits, labels[valid])
+                                    for logits in grid(cls[valid], patch_mean[valid])])
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                losses.append(float(loss.detach().mean()))
         entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "lr": schedule.get_last_lr()[0],
                  "skipped": skipped}
         schedule.step()
