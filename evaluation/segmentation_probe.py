@@ -1,12 +1,7 @@
-"""Linear semantic-segmentation probe on a frozen backbone (NeCo/Leopart and DINOv2 linear protocols).
-
-    python scripts/eval_segmentation.py --preset voc --model PATH_OR_HUB_ID --dataset SOURCE
-
-The head is ``entmax_vit.modeling.segmentation_head.LinearSegmentationHead`` (1x1 conv, optional BatchNorm)
-over patch features of the chosen blocks (optionally with [CLS] concatenated to every patch). Logits are
-computed at patch resolution and bilinearly upsampled to the label size: for a 1x1 conv this equals NeCo's
-"upsample features to 100x100, then 1x1 conv" exactly, at a fraction of the cost. mIoU comes from a confusion
-matrix accumulated on device and summed across ranks. The trained head is saved for the Hub release.
+"""Linear semantic-segmentation probe on a frozen backbone (NeCo/Leopart and DINOv2 linear protocols;
+docs/evaluation.md). The head is ``modeling.segmentation_head.LinearSegmentationHead``; its logits are computed at
+patch resolution, then upsampled to the label size: for a 1x1 conv this equals NeCo's "upsample features to
+100x100, then 1x1 conv" exactly, at a fraction of the cost. mIoU: a confusion matrix summed across ranks.
 """
 
 from __future__ import annotations
