@@ -82,17 +82,9 @@ def _hash(spec: dict, n: int) -> str:
 
 
 @torch.no_grad()
-def extract_features(
-    model: torch.nn.Module,
-    loader: torch.utils.data.DataLoader,
-    *,
-    n_last_blocks: int = 4,
-    store_patch_tokens: bool = False,
-    accelerator: Any = None,
-    desc: str = "features",
-    sharded_loader: bool = False,
-    main_rank_only: bool = False,
-) -> dict[str, torch.Tensor]:
+def extract_features(model: torch.nn.Module, loader: torch.utils.data.DataLoader, *, n_last_blocks: int = 4,
+                     store_patch_tokens: bool = False, accelerator: Any = None, desc: str = "features",
+                     sharded_loader: bool = False, main_rank_only: bool = False) -> dict[str, torch.Tensor]:
     """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank.
 
     A prepared loader is gathered per batch (``gather_for_metrics`` drops the sampler's duplicates); a
@@ -136,26 +128,12 @@ def extract_features(
     return feats
 
 
-def split_features(
-    model: torch.nn.Module,
-    *,
-    model_spec: dict,
-    dataset: str,
-    split: str,
-    transform: Any,
-    n_last_blocks: int = 4,
-    store_patch_tokens: bool = False,
-    image_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    max_samples: Optional[int] = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    cache_dir: Optional[str] = None,
-    dataset_cache_dir: Optional[str] = None,
-    accelerator: Any = None,
-    streaming: bool = False,
-    main_rank_only: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict]:
+def split_features(model: torch.nn.Module, *, model_spec: dict, dataset: str, split: str, transform: Any,
+                   n_last_blocks: int = 4, store_patch_tokens: bool = False, image_column: Optional[str] = None,
+                   label_column: Optional[str] = None, max_samples: Optional[int] = None, batch_size: int = 64,
+                   num_workers: int = 0, cache_dir: Optional[str] = None, dataset_cache_dir: Optional[str] = None,
+                   accelerator: Any = None, streaming: bool = False,
+                   main_rank_only: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Features of one dataset split, from ``cache_dir`` or computed and cached there (main rank), and its sizes.
     ``streaming``: the split read on the fly, each rank its part of the stream."""
     from entmax_vit.data.datasets import find_column, open_dataset
@@ -206,7 +184,6 @@ def split_features(
     if info["num_classes"] is None:
         info["num_classes"] = int(feats["labels"].max()) + 1 if len(feats["labels"]) else 0
     return feats, info
-
 
 
 def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], accelerator: Any) -> tuple[int, int]:

@@ -21,16 +21,9 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def knn_scores_for_ks(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    ks: tuple[int, ...],
-    num_classes: int,
-    temperature: float = 0.07,
-    chunk_size: int = 256,
-    device: Optional[torch.device | str] = None,
-) -> dict[int, torch.Tensor]:
+def knn_scores_for_ks(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                      ks: tuple[int, ...], num_classes: int, temperature: float = 0.07, chunk_size: int = 256,
+                      device: Optional[torch.device | str] = None) -> dict[int, torch.Tensor]:
     """Class scores (N_test, C) for every k in ``ks`` (clipped to the train size): the sum over the k nearest
     training samples of exp(cos_sim / T) one-hot votes. One top-k at the largest k per chunk of test images; smaller
     k read its first columns. Runs on ``device`` (default: where the features are)."""
@@ -52,16 +45,9 @@ def knn_scores_for_ks(
     return {k: torch.cat(v) for k, v in scores.items()}
 
 
-def knn_classify(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    ks: tuple[int, ...] = (10, 20, 100, 200),
-    temperature: float = 0.07,
-    num_classes: Optional[int] = None,
-    device: Optional[torch.device | str] = None,
-) -> dict[str, float]:
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, ks: tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
+                 num_classes: Optional[int] = None, device: Optional[torch.device | str] = None) -> dict[str, float]:
     """``{"top1_k10": ..., "top5_k10": ..., ...}`` in percent; k above the train size is clipped (a k clipped to
     an already-reported value is skipped). ``device``: where to compute (default: where the features are)."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1

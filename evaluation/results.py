@@ -75,17 +75,9 @@ def validate_results(data: Any, source: str = "results") -> dict:
     return data
 
 
-def make_results(
-    *,
-    task: str,
-    model_name_or_path: str,
-    model_config: Mapping[str, Any],
-    dataset: Mapping[str, Any],
-    protocol: Mapping[str, Any],
-    metrics: Mapping[str, float],
-    config: Mapping[str, Any],
-    weights_sha256: Optional[str] = None,
-) -> dict:
+def make_results(*, task: str, model_name_or_path: str, model_config: Mapping[str, Any], dataset: Mapping[str, Any],
+                 protocol: Mapping[str, Any], metrics: Mapping[str, float], config: Mapping[str, Any],
+                 weights_sha256: Optional[str] = None) -> dict:
     """Assemble and validate a results record; ``weights_sha256`` (:func:`weights_fingerprint` of the evaluated
     model) lets a model card check that the results belong to its model."""
     record = {
