@@ -95,8 +95,7 @@ def extract_features(model: torch.nn.Module, loader: torch.utils.data.DataLoader
     show = accelerator is None or accelerator.is_local_main_process
     drop = main_rank_only and accelerator is not None and not accelerator.is_main_process
     for batch in tqdm(loader, desc=desc, disable=not show):
-        x = batch["pixel_values"].to(device)
-        cls, patches = block_outputs(model, x, n_last_blocks)
+        cls, patches = block_outputs(model, batch["pixel_values"].to(device), n_last_blocks)
         out = {"cls": cls.float(), "patch_mean": patches.float().mean(1), "labels": batch["labels"].to(device),
                "index": batch["index"].to(device), "valid": batch["valid"].to(device)}
         if store_patch_tokens:
@@ -120,10 +119,7 @@ def extract_features(model: torch.nn.Module, loader: torch.utils.data.DataLoader
     skipped = int((~valid).sum())
     if skipped:
         logger.warning("%s: skipped %d unreadable image(s) of %d", desc, skipped, len(valid))
-    if drop:
-        feats = {k: v[:0].contiguous() for k, v in feats.items()}
-    else:
-        feats = {k: v[valid].contiguous() for k, v in feats.items()}
+    feats = {k: (v[:0] if drop else v[valid]).contiguous() for k, v in feats.items()}
     feats["num_skipped"] = torch.tensor([skipped])
     return feats
 

@@ -93,14 +93,10 @@ class LinearGrid(nn.Module):
             self.heads.append(head)
 
     def forward(self, cls: torch.Tensor, patch_mean: torch.Tensor) -> list[torch.Tensor]:
-        cache: dict = {}
-        out = []
-        for s, head in zip(self.specs, self.heads):
-            key = (s.n_last_blocks, s.avgpool)
-            if key not in cache:
-                cache[key] = probe_inputs(cls, patch_mean, *key)
-            out.append(head(cache[key]))
-        return out
+        # one probe input per feature layout, shared by the heads that read it
+        layouts = dict.fromkeys((s.n_last_blocks, s.avgpool) for s in self.specs)
+        inputs = {key: probe_inputs(cls, patch_mean, *key) for key in layouts}
+        return [head(inputs[s.n_last_blocks, s.avgpool]) for s, head in zip(self.specs, self.heads)]
 
 
 def make_optimizer(grid: LinearGrid, batch_size: int, momentum: float, weight_decay: float) -> torch.optim.SGD:
