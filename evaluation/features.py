@@ -146,7 +146,11 @@ def split_features(model: torch.nn.Module, *, model_spec: dict, dataset: str, sp
             "image_column": image_col, "label_column": label_col, "transform": transform.describe(),
             "n_last_blocks": n_last_blocks, "patches": store_patch_tokens, "format": 2}
 
-    def compute() -> dict[str, torch.Tensor]:
+    path = Path(cache_dir) / f"{_hash(spec, 24)}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        logger.info("loading cached features %s", path)
+        feats = load_file(str(path))
+    else:
         if streaming:
             rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
             rows = StreamingRows(ds, image_col, label_col, transform, rank, world,
@@ -157,16 +161,9 @@ def split_features(model: torch.nn.Module, *, model_spec: dict, dataset: str, sp
             loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=num_workers)
             if accelerator is not None:
                 loader = accelerator.prepare(loader)
-        return extract_features(model, loader, n_last_blocks=n_last_blocks, store_patch_tokens=store_patch_tokens,
-                                accelerator=accelerator, desc=f"{split} features", sharded_loader=streaming,
-                                main_rank_only=main_rank_only)
-
-    path = Path(cache_dir) / f"{_hash(spec, 24)}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        logger.info("loading cached features %s", path)
-        feats = load_file(str(path))
-    else:
-        feats = compute()
+        feats = extract_features(model, loader, n_last_blocks=n_last_blocks, store_patch_tokens=store_patch_tokens,
+                                 accelerator=accelerator, desc=f"{split} features", sharded_loader=streaming,
+                                 main_rank_only=main_rank_only)
         if path is not None and (accelerator is None or accelerator.is_main_process):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
