@@ -105,8 +105,7 @@ def main(cfg: KNNEvalConfig) -> dict:
         logger.info("k-NN %s = %.2f", name, value)
     record = finish_run(
         "knn", cfg, model, accelerator, metrics=metrics,
-        dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(test["labels"]), "num_train_samples": len(train["labels"]),
+        dataset={"num_samples": len(test["labels"]), "num_train_samples": len(train["labels"]),
                  "num_classes": num_classes, "num_skipped": train_info["num_skipped"] + test_info["num_skipped"]},
         protocol={"name": "dino_knn", "temperature": cfg.temperature, "ks": list(cfg.ks), "feature": "cls_last_block",
                   "l2_normalized": True, "transform": common["transform"].describe()})

@@ -350,8 +350,7 @@ def main(cfg: LinearEvalConfig) -> dict:
     logger.info("%s, head %s: top-1 %.2f top-5 %.2f", name, spec.name, metrics["top1"], metrics["top5"])
     record = finish_run(
         "linear", cfg, model, accelerator, metrics=metrics,
-        dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(test["labels"]), "num_train_samples": num_fit, "num_classes": num_classes,
+        dataset={"num_samples": len(test["labels"]), "num_train_samples": num_fit, "num_classes": num_classes,
                  "num_skipped": train_info["num_skipped"] + test_info["num_skipped"]},
         protocol={"name": name, "official": is_official(cfg, specs, model.config.hidden_size), **reported,
                   "head": spec.name, "n_last_blocks": spec.n_last_blocks, "avgpool_patchtokens": spec.avgpool,

@@ -122,10 +122,11 @@ def load_results(path: str | os.PathLike) -> dict:
 
 def finish_run(task: str, cfg: Any, model: Any, accelerator: Any, *, dataset: Mapping[str, Any],
                protocol: Mapping[str, Any], metrics: Mapping[str, float]) -> dict:
-    """The record of an evaluation entry point; the main rank writes ``eval_<task>_config.yaml`` and
-    ``results_<task>.json`` into ``cfg.output_dir`` (a failed run writes neither)."""
+    """The record of an evaluation entry point (``dataset``: its sizes, after cfg's name and splits); the main rank
+    writes ``eval_<task>_config.yaml`` and ``results_<task>.json`` into ``cfg.output_dir`` (a failed run: neither)."""
     from entmax_vit.data.config_io import save_config, to_dict
 
+    dataset = {"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split, **dataset}
     record = make_results(task=task, model_name_or_path=cfg.model, model_config=model.config.to_dict(),
                           dataset=dataset, protocol=protocol, metrics=metrics, config=to_dict(cfg),
                           weights_sha256=weights_fingerprint(model))

@@ -415,8 +415,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
         accelerator.unwrap_model(head).save(out / "segmentation_head")
     record = finish_run(
         "segmentation", cfg, model, accelerator, metrics=metrics,
-        dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(data.eval_rows), "num_train_samples": len(data.train_rows),
+        dataset={"num_samples": len(data.eval_rows), "num_train_samples": len(data.train_rows),
                  "num_classes": data.num_classes, "num_skipped": skipped + train_skipped},
         protocol={"name": f"{cfg.protocol}_linear", "layers": list(hc.layers), "backbone_norm": hc.backbone_norm,
                   "use_cls_token": hc.use_cls_token, "batch_norm": hc.batch_norm, "input_size": cfg.input_size,
