@@ -1,10 +1,9 @@
-"""Frozen feature extraction with a disk cache, shared by the k-NN and linear probes.
+"""Frozen feature extraction with a disk cache (its key: docs/evaluation.md), shared by the k-NN and linear probes.
 
 Per image: ``cls`` (N, L, D) final-normed [CLS] of the last L blocks (``cls[:, -1]`` is DINO's k-NN feature),
 ``patch_mean`` (N, D) mean of the last block's normed patch tokens (DINO's ``--avgpool_patchtokens``), ``patches``
 (N, P, D) float16 (only with ``store_patch_tokens``), ``labels`` (N,) (-1 without labels), ``index`` (N,) row in the
-split. Unreadable rows are dropped after gathering and counted. The cache key hashes the model (id, revision, config,
-weight files' size/mtime: retraining into the same folder invalidates it), data source, split, transform and layout.
+split. Unreadable rows are dropped after gathering and counted.
 """
 
 from __future__ import annotations
@@ -85,9 +84,8 @@ def _hash(spec: dict, n: int) -> str:
 def extract_features(model: torch.nn.Module, loader: torch.utils.data.DataLoader, *, n_last_blocks: int = 4,
                      store_patch_tokens: bool = False, accelerator: Any = None, desc: str = "features",
                      sharded_loader: bool = False, main_rank_only: bool = False) -> dict[str, torch.Tensor]:
-    """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank.
-
-    A prepared loader is gathered per batch (``gather_for_metrics`` drops the sampler's duplicates); a
+    """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank. A
+    prepared loader is gathered per batch (``gather_for_metrics`` drops the sampler's duplicates); a
     ``sharded_loader`` (a stream, each rank its rows) is padded and gathered once at the end. ``main_rank_only``:
     the other ranks keep no rows (only the skip count), for a consumer on the main rank alone (k-NN)."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -196,9 +194,8 @@ def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], acce
 
 
 def start_run(cfg: Any, seed: Optional[int] = None) -> tuple[Any, Any]:
-    """Every evaluation's start, before it loads data or writes a file: ``--model`` is given and ``--dataset`` is a
-    well-formed source (data.datasets.check_source); then an Accelerator, the seed, and the frozen backbone on the
-    accelerator's device. Returns (accelerator, model)."""
+    """Every evaluation's start, before it loads data or writes a file: check ``--model`` and ``--dataset``
+    (data.datasets.check_source), then an Accelerator, the seed, and the frozen backbone on its device."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -218,9 +215,8 @@ def start_run(cfg: Any, seed: Optional[int] = None) -> tuple[Any, Any]:
 
 
 def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
-    """The k-NN and linear probes' start (start_run), loader sizes chosen for the machine, the model's
-    own resolution (unless the config names one). Returns the resolved config, the Accelerator, the model and the
-    ``split_features`` keywords both splits share."""
+    """The k-NN and linear probes' start: start_run, loader sizes and resolution resolved; returns the resolved
+    config, the Accelerator, the model and the ``split_features`` keywords both splits share."""
     from .image_data import ClassificationTransform
 
     accelerator, model = start_run(cfg, seed)

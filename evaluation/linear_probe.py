@@ -62,9 +62,8 @@ def probe_inputs(cls: torch.Tensor, patch_mean: torch.Tensor, n: int, avgpool: b
     if n > cls.shape[1]:
         raise ValueError(f"n_last_blocks {n} > the {cls.shape[1]} blocks extracted")
     x = cls[:, -n:].flatten(1)
-    # Official DINO (n = 1 with avgpool) interleaves [CLS] and mean-patch channels (cat on a new last dim, then
-    # reshape); concatenating them instead only permutes the inputs of a linear layer with i.i.d. init: the same
-    # probe.
+    # Official DINO (n = 1 with avgpool) interleaves [CLS] and mean-patch channels; concatenating them instead
+    # only permutes the inputs of a linear layer with i.i.d. init: the same probe.
     return torch.cat([x, patch_mean], dim=1) if avgpool else x
 
 
@@ -109,10 +108,9 @@ def make_optimizer(grid: LinearGrid, batch_size: int, momentum: float, weight_de
 def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int, batch_size: int,
                momentum: float = 0.9, weight_decay: float = 0.0, evaluate: Optional[Callable] = None,
                show: bool = True) -> list[dict]:
-    """Train every head for ``epochs`` as DINO: SGD, CosineAnnealingLR (eta_min 0) stepped once per epoch. Each
-    epoch steps on the ``(cls, patch_mean, labels, valid)`` batches of ``batches()``; rows not ``valid``
-    (unreadable images, logged by the decoder) are dropped and counted as ``skipped``. ``evaluate(grid, epoch)``
-    runs after every epoch; the dict it returns (None: not evaluated this epoch) is merged into its log entry."""
+    """Train every head for ``epochs`` as DINO (SGD, CosineAnnealingLR stepped per epoch) on the ``(cls,
+    patch_mean, labels, valid)`` batches of ``batches()``, rows not ``valid`` (unreadable) dropped and counted as
+    ``skipped``; ``evaluate(grid, epoch)`` runs after every epoch, its dict (None: not evaluated) joins the log."""
     opt = make_optimizer(grid, batch_size, momentum, weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     log = []
@@ -140,8 +138,7 @@ def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int
 
 def train_grid_cached(grid: LinearGrid, feats: dict[str, torch.Tensor], *, seed: int = 0,
                       device: Optional[torch.device | str] = None, **kwargs: Any) -> list[dict]:
-    """``train_grid`` on cached features (shuffled mini-batches each epoch) on ``device`` (the accelerator;
-    default: where the grid is), features moved there once."""
+    """``train_grid`` on cached features (reshuffled each epoch), moved once to ``device`` (default: the grid's)."""
     grid.to(device if device is not None else next(grid.parameters()).device)
     device = next(grid.parameters()).device
     feats = {k: feats[k].to(device) for k in ("cls", "patch_mean", "labels")}
