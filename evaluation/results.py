@@ -20,10 +20,8 @@ from typing import Any, Mapping, Optional
 
 SCHEMA = "entmax_vit.results/v1"
 TASKS = ("knn", "linear", "segmentation", "analysis")
-_REQUIRED = {
-    "schema": str, "task": str, "model": dict, "dataset": dict, "protocol": dict, "metrics": dict,
-    "config": dict, "versions": dict, "created": str,
-}
+_REQUIRED = {"schema": str, "task": str, "model": dict, "dataset": dict, "protocol": dict, "metrics": dict,
+             "config": dict, "versions": dict, "created": str}
 
 
 def library_versions() -> dict[str, str]:
