@@ -1,7 +1,4 @@
-"""What the evaluation commands (cli.entry_point.eval_*) share below the command line: the presets' folder (the
-start every evaluation makes is features.start_run)."""
-
-from __future__ import annotations
+"""The evaluation presets' folder (cli.entry_point's eval_* commands; their shared start is features.start_run)."""
 
 from pathlib import Path
 

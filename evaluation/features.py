@@ -1,10 +1,9 @@
-"""Frozen feature extraction with a disk cache, shared by the k-NN and linear probes.
+"""Frozen feature extraction with a disk cache (its key: docs/evaluation.md), shared by the k-NN and linear probes.
 
 Per image: ``cls`` (N, L, D) final-normed [CLS] of the last L blocks (``cls[:, -1]`` is DINO's k-NN feature),
 ``patch_mean`` (N, D) mean of the last block's normed patch tokens (DINO's ``--avgpool_patchtokens``), ``patches``
 (N, P, D) float16 (only with ``store_patch_tokens``), ``labels`` (N,) (-1 without labels), ``index`` (N,) row in the
-split. Unreadable rows are dropped after gathering and counted. The cache key hashes the model (id, revision, config,
-weight files' size/mtime: retraining into the same folder invalidates it), data source, split, transform and layout.
+split. Unreadable rows are dropped after gathering and counted.
 """
 
 from __future__ import annotations
@@ -82,20 +81,11 @@ def _hash(spec: dict, n: int) -> str:
 
 
 @torch.no_grad()
-def extract_features(
-    model: torch.nn.Module,
-    loader: torch.utils.data.DataLoader,
-    *,
-    n_last_blocks: int = 4,
-    store_patch_tokens: bool = False,
-    accelerator: Any = None,
-    desc: str = "features",
-    sharded_loader: bool = False,
-    main_rank_only: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank.
-
-    A prepared loader is gathered per batch (``gather_for_metrics`` drops the sampler's duplicates); a
+def extract_features(model: torch.nn.Module, loader: torch.utils.data.DataLoader, *, n_last_blocks: int = 4,
+                     store_patch_tokens: bool = False, accelerator: Any = None, desc: str = "features",
+                     sharded_loader: bool = False, main_rank_only: bool = False) -> dict[str, torch.Tensor]:
+    """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank. A
+    prepared loader is gathered per batch (``gather_for_metrics`` drops the sampler's duplicates); a
     ``sharded_loader`` (a stream, each rank its rows) is padded and gathered once at the end. ``main_rank_only``:
     the other ranks keep no rows (only the skip count), for a consumer on the main rank alone (k-NN)."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
@@ -103,8 +93,7 @@ def extract_features(
     show = accelerator is None or accelerator.is_local_main_process
     drop = main_rank_only and accelerator is not None and not accelerator.is_main_process
     for batch in tqdm(loader, desc=desc, disable=not show):
-        x = batch["pixel_values"].to(device)
-        cls, patches = block_outputs(model, x, n_last_blocks)
+        cls, patches = block_outputs(model, batch["pixel_values"].to(device), n_last_blocks)
         out = {"cls": cls.float(), "patch_mean": patches.float().mean(1), "labels": batch["labels"].to(device),
                "index": batch["index"].to(device), "valid": batch["valid"].to(device)}
         if store_patch_tokens:
@@ -128,34 +117,17 @@ def extract_features(
     skipped = int((~valid).sum())
     if skipped:
         logger.warning("%s: skipped %d unreadable image(s) of %d", desc, skipped, len(valid))
-    if drop:
-        feats = {k: v[:0].contiguous() for k, v in feats.items()}
-    else:
-        feats = {k: v[valid].contiguous() for k, v in feats.items()}
+    feats = {k: (v[:0] if drop else v[valid]).contiguous() for k, v in feats.items()}
     feats["num_skipped"] = torch.tensor([skipped])
     return feats
 
 
-def split_features(
-    model: torch.nn.Module,
-    *,
-    model_spec: dict,
-    dataset: str,
-    split: str,
-    transform: Any,
-    n_last_blocks: int = 4,
-    store_patch_tokens: bool = False,
-    image_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    max_samples: Optional[int] = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    cache_dir: Optional[str] = None,
-    dataset_cache_dir: Optional[str] = None,
-    accelerator: Any = None,
-    streaming: bool = False,
-    main_rank_only: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict]:
+def split_features(model: torch.nn.Module, *, model_spec: dict, dataset: str, split: str, transform: Any,
+                   n_last_blocks: int = 4, store_patch_tokens: bool = False, image_column: Optional[str] = None,
+                   label_column: Optional[str] = None, max_samples: Optional[int] = None, batch_size: int = 64,
+                   num_workers: int = 0, cache_dir: Optional[str] = None, dataset_cache_dir: Optional[str] = None,
+                   accelerator: Any = None, streaming: bool = False,
+                   main_rank_only: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Features of one dataset split, from ``cache_dir`` or computed and cached there (main rank), and its sizes.
     ``streaming``: the split read on the fly, each rank its part of the stream."""
     from entmax_vit.data.datasets import find_column, open_dataset
@@ -172,7 +144,11 @@ def split_features(
             "image_column": image_col, "label_column": label_col, "transform": transform.describe(),
             "n_last_blocks": n_last_blocks, "patches": store_patch_tokens, "format": 2}
 
-    def compute() -> dict[str, torch.Tensor]:
+    path = Path(cache_dir) / f"{_hash(spec, 24)}.safetensors" if cache_dir else None
+    if path is not None and path.is_file():
+        logger.info("loading cached features %s", path)
+        feats = load_file(str(path))
+    else:
         if streaming:
             rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
             rows = StreamingRows(ds, image_col, label_col, transform, rank, world,
@@ -183,16 +159,9 @@ def split_features(
             loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=num_workers)
             if accelerator is not None:
                 loader = accelerator.prepare(loader)
-        return extract_features(model, loader, n_last_blocks=n_last_blocks, store_patch_tokens=store_patch_tokens,
-                                accelerator=accelerator, desc=f"{split} features", sharded_loader=streaming,
-                                main_rank_only=main_rank_only)
-
-    path = Path(cache_dir) / f"{_hash(spec, 24)}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        logger.info("loading cached features %s", path)
-        feats = load_file(str(path))
-    else:
-        feats = compute()
+        feats = extract_features(model, loader, n_last_blocks=n_last_blocks, store_patch_tokens=store_patch_tokens,
+                                 accelerator=accelerator, desc=f"{split} features", sharded_loader=streaming,
+                                 main_rank_only=main_rank_only)
         if path is not None and (accelerator is None or accelerator.is_main_process):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -206,7 +175,6 @@ def split_features(
     if info["num_classes"] is None:
         info["num_classes"] = int(feats["labels"].max()) + 1 if len(feats["labels"]) else 0
     return feats, info
-
 
 
 def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], accelerator: Any) -> tuple[int, int]:
@@ -226,9 +194,8 @@ def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], acce
 
 
 def start_run(cfg: Any, seed: Optional[int] = None) -> tuple[Any, Any]:
-    """Every evaluation's start, before it loads data or writes a file: ``--model`` is given and ``--dataset`` is a
-    well-formed source (data.datasets.check_source); then an Accelerator, the seed, and the frozen backbone on the
-    accelerator's device. Returns (accelerator, model)."""
+    """Every evaluation's start, before it loads data or writes a file: check ``--model`` and ``--dataset``
+    (data.datasets.check_source), then an Accelerator, the seed, and the frozen backbone on its device."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -248,9 +215,8 @@ def start_run(cfg: Any, seed: Optional[int] = None) -> tuple[Any, Any]:
 
 
 def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
-    """The k-NN and linear probes' start (start_run), loader sizes chosen for the machine, the model's
-    own resolution (unless the config names one). Returns the resolved config, the Accelerator, the model and the
-    ``split_features`` keywords both splits share."""
+    """The k-NN and linear probes' start: start_run, loader sizes and resolution resolved; returns the resolved
+    config, the Accelerator, the model and the ``split_features`` keywords both splits share."""
     from .image_data import ClassificationTransform
 
     accelerator, model = start_run(cfg, seed)

@@ -21,7 +21,6 @@ def normalize(t: torch.Tensor) -> torch.Tensor:
     return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
 
 
-# --- Classification transforms (DINO eval_linear / eval_knn)
 @dataclass
 class ClassificationTransform:
     """Eval: Resize(resize, bicubic) + CenterCrop(crop) (DINO eval_linear / eval_knn). The linear probe's training
@@ -61,10 +60,9 @@ class ClassificationRows(torch.utils.data.Dataset):
 
 
 class StreamingRows(torch.utils.data.IterableDataset):
-    """This rank's rows of a streamed split, decoded like ClassificationRows. ``index`` is unique across ranks
-    and DataLoader workers (a stream has no stable row numbers).
-
-    A whole stream is split by ``shard_for_rank`` (each rank downloads only its part). A truncated stream
+    """This rank's rows of a streamed split, decoded like ClassificationRows; ``index`` is unique across ranks
+    and DataLoader workers (a stream has no stable row numbers). A whole stream is split by ``shard_for_rank``
+    (each rank downloads only its part). A truncated stream
     (``truncated``: ``take(n)`` was applied) is read by every rank, each keeping every world_size-th row: a
     shard split after ``take`` would not cover exactly the first n rows."""
 

@@ -1,9 +1,6 @@
-"""Weighted k-NN classification on frozen [CLS] features, as official DINO's ``eval_knn.py``.
-
-Features are L2-normalised; each test image takes its k nearest training images by cosine similarity, and
-each neighbour votes for its class with weight exp(similarity / T), T = 0.07. Top-1 / top-5 accuracy for
-k in {10, 20, 100, 200} (each clipped to the train-set size).
-"""
+"""Weighted k-NN classification on frozen [CLS] features, as official DINO's ``eval_knn.py``: L2-normalised
+features, each test image's k nearest training images (cosine) vote with weight exp(similarity / T), T = 0.07;
+top-1 / top-5 for k in {10, 20, 100, 200} (each clipped to the train-set size)."""
 
 from __future__ import annotations
 
@@ -21,19 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def knn_scores_for_ks(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    ks: tuple[int, ...],
-    num_classes: int,
-    temperature: float = 0.07,
-    chunk_size: int = 256,
-    device: Optional[torch.device | str] = None,
-) -> dict[int, torch.Tensor]:
-    """Class scores (N_test, C) for every k in ``ks`` (clipped to the train size): the sum over the k nearest
-    training samples of exp(cos_sim / T) one-hot votes. One top-k at the largest k per chunk of test images; smaller
-    k read its first columns. Runs on ``device`` (default: where the features are)."""
+def knn_scores_for_ks(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                      ks: tuple[int, ...], num_classes: int, temperature: float = 0.07, chunk_size: int = 256,
+                      device: Optional[torch.device | str] = None) -> dict[int, torch.Tensor]:
+    """Class scores (N_test, C) for every k in ``ks`` (clipped to the train size), on ``device`` (default: the
+    features'). One top-k at the largest k per chunk of test images; a smaller k reads its first columns."""
     if len(train_features) == 0:
         raise ValueError("k-NN needs at least one training sample")
     device = torch.device(device) if device is not None else train_features.device
@@ -52,16 +41,9 @@ def knn_scores_for_ks(
     return {k: torch.cat(v) for k, v in scores.items()}
 
 
-def knn_classify(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    ks: tuple[int, ...] = (10, 20, 100, 200),
-    temperature: float = 0.07,
-    num_classes: Optional[int] = None,
-    device: Optional[torch.device | str] = None,
-) -> dict[str, float]:
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, ks: tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
+                 num_classes: Optional[int] = None, device: Optional[torch.device | str] = None) -> dict[str, float]:
     """``{"top1_k10": ..., "top5_k10": ..., ...}`` in percent; k above the train size is clipped (a k clipped to
     an already-reported value is skipped). ``device``: where to compute (default: where the features are)."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
@@ -119,8 +101,7 @@ def main(cfg: KNNEvalConfig) -> dict:
         logger.info("k-NN %s = %.2f", name, value)
     record = finish_run(
         "knn", cfg, model, accelerator, metrics=metrics,
-        dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(test["labels"]), "num_train_samples": len(train["labels"]),
+        dataset={"num_samples": len(test["labels"]), "num_train_samples": len(train["labels"]),
                  "num_classes": num_classes, "num_skipped": train_info["num_skipped"] + test_info["num_skipped"]},
         protocol={"name": "dino_knn", "temperature": cfg.temperature, "ks": list(cfg.ks), "feature": "cls_last_block",
                   "l2_normalized": True, "transform": common["transform"].describe()})

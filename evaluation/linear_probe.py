@@ -1,13 +1,10 @@
-"""Linear classification probe on frozen features: official DINO ``eval_linear.py`` by default.
+"""Linear classification probe on frozen features (both protocols, choice by choice: docs/evaluation.md).
 
-Protocol ``dino`` (official): the final-normed [CLS] of the last n blocks (+ mean patch token with avgpool; DINO:
-n = 4 for ViT-S, n = 1 + avgpool for ViT-B), one Linear head N(0, 0.01), RandomResizedCrop(224) + flip drawn every
-epoch, SGD lr 0.001 x batch/256, momentum 0.9, no weight decay, per-epoch cosine over 100 epochs, batch 1024; eval
-Resize(256, bicubic) + CenterCrop(224) after every epoch, the BEST epoch reported. ``protocol.name ==
-"dino_eval_linear"``.
-Protocol ``cached_grid`` (fast, NOT DINO's; its results say so): centre-crop features cached once, a grid of heads
-(n x avgpool x lr, DINOv2 style) trained side by side, the best head on the selection split reported at its last
-epoch. Selection split: the eval split (as DINO/DINOv2), or ``holdout_fraction`` of train held out.
+Protocol ``dino`` (default): official DINO ``eval_linear.py``, augmented crops every epoch, the BEST epoch reported;
+``protocol.name == "dino_eval_linear"``. Protocol ``cached_grid`` (fast, NOT DINO's; its results say so):
+centre-crop features cached once, a grid of heads (n x avgpool x lr, DINOv2 style) trained side by side, the best
+head on the selection split reported at its last epoch. Selection split: the eval split (as DINO/DINOv2), or
+``holdout_fraction`` of train held out.
 """
 
 from __future__ import annotations
@@ -65,9 +62,8 @@ def probe_inputs(cls: torch.Tensor, patch_mean: torch.Tensor, n: int, avgpool: b
     if n > cls.shape[1]:
         raise ValueError(f"n_last_blocks {n} > the {cls.shape[1]} blocks extracted")
     x = cls[:, -n:].flatten(1)
-    # Official DINO (n = 1 with avgpool) interleaves [CLS] and mean-patch channels (cat on a new last dim, then
-    # reshape); concatenating them instead only permutes the inputs of a linear layer with i.i.d. init: the same
-    # probe.
+    # Official DINO (n = 1 with avgpool) interleaves [CLS] and mean-patch channels; concatenating them instead
+    # only permutes the inputs of a linear layer with i.i.d. init: the same probe.
     return torch.cat([x, patch_mean], dim=1) if avgpool else x
 
 
@@ -96,14 +92,10 @@ class LinearGrid(nn.Module):
             self.heads.append(head)
 
     def forward(self, cls: torch.Tensor, patch_mean: torch.Tensor) -> list[torch.Tensor]:
-        cache: dict = {}
-        out = []
-        for s, head in zip(self.specs, self.heads):
-            key = (s.n_last_blocks, s.avgpool)
-            if key not in cache:
-                cache[key] = probe_inputs(cls, patch_mean, *key)
-            out.append(head(cache[key]))
-        return out
+        # one probe input per feature layout, shared by the heads that read it
+        layouts = dict.fromkeys((s.n_last_blocks, s.avgpool) for s in self.specs)
+        inputs = {key: probe_inputs(cls, patch_mean, *key) for key in layouts}
+        return [head(inputs[s.n_last_blocks, s.avgpool]) for s, head in zip(self.specs, self.heads)]
 
 
 def make_optimizer(grid: LinearGrid, batch_size: int, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -113,23 +105,12 @@ def make_optimizer(grid: LinearGrid, batch_size: int, momentum: float, weight_de
     return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
 
 
-def train_step(grid: LinearGrid, opt: torch.optim.Optimizer, cls: torch.Tensor, patch_mean: torch.Tensor,
-               labels: torch.Tensor) -> float:
-    """One SGD step of every head (the summed loss keeps each head's gradient its own); mean loss."""
-    losses = [nn.functional.cross_entropy(logits, labels) for logits in grid(cls, patch_mean)]
-    opt.zero_grad(set_to_none=True)
-    torch.stack(losses).sum().backward()
-    opt.step()
-    return float(torch.stack(losses).detach().mean())
-
-
 def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int, batch_size: int,
                momentum: float = 0.9, weight_decay: float = 0.0, evaluate: Optional[Callable] = None,
                show: bool = True) -> list[dict]:
-    """Train every head for ``epochs`` as DINO: SGD, CosineAnnealingLR (eta_min 0) stepped once per epoch. Each
-    epoch steps on the ``(cls, patch_mean, labels, valid)`` batches of ``batches()``; rows not ``valid``
-    (unreadable images, logged by the decoder) are dropped and counted as ``skipped``. ``evaluate(grid, epoch)``
-    runs after every epoch; the dict it returns (None: not evaluated this epoch) is merged into its log entry."""
+    """Train every head for ``epochs`` as DINO (SGD, CosineAnnealingLR stepped per epoch) on the ``(cls,
+    patch_mean, labels, valid)`` batches of ``batches()``, rows not ``valid`` (unreadable) dropped and counted as
+    ``skipped``; ``evaluate(grid, epoch)`` runs after every epoch, its dict (None: not evaluated) joins the log."""
     opt = make_optimizer(grid, batch_size, momentum, weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     log = []
@@ -137,8 +118,13 @@ def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int
         losses, skipped = [], 0
         for cls, patch_mean, labels, valid in batches():
             skipped += int((~valid).sum())
-            if valid.any():
-                losses.append(train_step(grid, opt, cls[valid], patch_mean[valid], labels[valid]))
+            if valid.any():  # one step of every head: the summed loss keeps each head's gradient its own
+                loss = torch.stack([nn.functional.cross_entropy(logits, labels[valid])
+                                    for logits in grid(cls[valid], patch_mean[valid])])
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                losses.append(float(loss.detach().mean()))
         entry = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "lr": schedule.get_last_lr()[0],
                  "skipped": skipped}
         schedule.step()
@@ -152,8 +138,7 @@ def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int
 
 def train_grid_cached(grid: LinearGrid, feats: dict[str, torch.Tensor], *, seed: int = 0,
                       device: Optional[torch.device | str] = None, **kwargs: Any) -> list[dict]:
-    """``train_grid`` on cached features (shuffled mini-batches each epoch) on ``device`` (the accelerator;
-    default: where the grid is), features moved there once."""
+    """``train_grid`` on cached features (reshuffled each epoch), moved once to ``device`` (default: the grid's)."""
     grid.to(device if device is not None else next(grid.parameters()).device)
     device = next(grid.parameters()).device
     feats = {k: feats[k].to(device) for k in ("cls", "patch_mean", "labels")}
@@ -362,8 +347,7 @@ def main(cfg: LinearEvalConfig) -> dict:
     logger.info("%s, head %s: top-1 %.2f top-5 %.2f", name, spec.name, metrics["top1"], metrics["top5"])
     record = finish_run(
         "linear", cfg, model, accelerator, metrics=metrics,
-        dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(test["labels"]), "num_train_samples": num_fit, "num_classes": num_classes,
+        dataset={"num_samples": len(test["labels"]), "num_train_samples": num_fit, "num_classes": num_classes,
                  "num_skipped": train_info["num_skipped"] + test_info["num_skipped"]},
         protocol={"name": name, "official": is_official(cfg, specs, model.config.hidden_size), **reported,
                   "head": spec.name, "n_last_blocks": spec.n_last_blocks, "avgpool_patchtokens": spec.avgpool,

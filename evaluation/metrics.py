@@ -1,9 +1,8 @@
 """Segmentation metrics from a confusion matrix accumulated on device (as DINOv2's evaluation), and top-k accuracy.
 
-``conf[t, p]`` counts pixels of target ``t`` predicted ``p`` (ignore index and ids outside [0, K) left out); per-class
-IoU = TP / (TP + FP + FN), NaN for absent classes; mIoU = nanmean (the `evaluate` library's ``mean_iou`` and mmseg).
-Ranks sum their matrices. Not `evaluate` itself: it keeps every pixel map until ``compute()`` and loads the metric
-from the Hub (offline it fails); tests/test_eval_metrics.py checks against a numpy version of its definition.
+``conf[t, p]`` counts pixels of target ``t`` predicted ``p``; mIoU as the `evaluate` library's ``mean_iou`` and mmseg
+(docs/evaluation.md). Not `evaluate` itself: it keeps every pixel map until ``compute()`` and loads the metric from
+the Hub (offline it fails); tests/test_eval_metrics.py checks against a numpy version of its definition.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ def reduce_zero_label(labels: torch.Tensor, ignore_index: int = 255) -> torch.Te
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = 255) -> torch.Tensor:
-    """(K, K) int64 counts of ``target`` (rows) vs ``pred`` (columns), integer tensors of one shape (e.g. (B, H, W)),
-    over all pixels, on their device."""
+    """(K, K) int64 counts of ``target`` (rows) vs ``pred`` (columns), integer tensors of one shape, on their device;
+    the ignore index and targets outside [0, K) left out."""
     if pred.shape != target.shape:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     pred = pred.reshape(-1).long()

@@ -27,35 +27,30 @@ def _json_file(name_or_path: str, filename: str, revision: Optional[str]) -> Opt
     return json.loads(Path(path).read_text()) if path else None
 
 
-def _processor_sizes(processor: dict) -> tuple[Optional[int], Optional[int]]:
-    """(resize, crop) of a saved image processor config (crop None when it does not crop)."""
-    def side(value: object) -> Optional[int]:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, dict):
-            for key in ("shortest_edge", "height"):
-                if isinstance(value.get(key), int):
-                    return value[key]
-        return None
-
-    resize = side(processor.get("size"))
-    crop = side(processor.get("crop_size")) if processor.get("do_center_crop", True) else None
-    return resize, crop
+def _side(size: object) -> Optional[int]:
+    """The side of an image processor's ``size`` / ``crop_size`` (an int, or a dict of shortest_edge / height)."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        for key in ("shortest_edge", "height"):
+            if isinstance(size.get(key), int):
+                return size[key]
+    return None
 
 
 def resolve_model_path(name_or_path: str) -> str:
     """A training output dir (``DIR/final_model`` inside, no ``config.json``) resolves to its final model."""
     path = Path(name_or_path)
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "final_model" / "config.json").is_file():
+    if not path.is_dir() or (path / "config.json").is_file():
+        return name_or_path
+    if (path / "final_model" / "config.json").is_file():
         return str(path / "final_model")
-    if path.is_dir() and not (path / "config.json").is_file():
-        if (path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file():  # a run or a checkpoint
-            raise ValueError(
-                f"{name_or_path} is a training run or checkpoint without an exported model (no final_model: the run "
-                f"stopped early or is still going). Export a checkpoint first, then evaluate the export: python "
-                f"scripts/export_checkpoint.py {name_or_path} {path / 'exported'}; --model {path / 'exported'}")
-        raise ValueError(f"{name_or_path} is a folder without config.json: not a save_pretrained model folder")
-    return name_or_path
+    if (path / "checkpoints").is_dir() or (path / "trainer_state.json").is_file():  # a run or a checkpoint
+        raise ValueError(
+            f"{name_or_path} is a training run or checkpoint without an exported model (no final_model: the run "
+            f"stopped early or is still going). Export a checkpoint first, then evaluate the export: python "
+            f"scripts/export_checkpoint.py {name_or_path} {path / 'exported'}; --model {path / 'exported'}")
+    raise ValueError(f"{name_or_path} is a folder without config.json: not a save_pretrained model folder")
 
 
 def own_resolution(name_or_path: str, revision: Optional[str] = None) -> tuple[int, int]:
@@ -66,9 +61,10 @@ def own_resolution(name_or_path: str, revision: Optional[str] = None) -> tuple[i
     side = config.get("image_size")
     side = side[0] if isinstance(side, (list, tuple)) else side
     if config.get("model_type") != "entmax_vit":
-        resize, crop = _processor_sizes(_json_file(path, "preprocessor_config.json", revision) or {})
+        processor = _json_file(path, "preprocessor_config.json", revision) or {}
+        crop = _side(processor.get("crop_size")) if processor.get("do_center_crop", True) else None
         if crop:
-            return resize or eval_resize(crop), crop
+            return _side(processor.get("size")) or eval_resize(crop), crop
     side = int(side) if isinstance(side, int) else DEFAULT_SIDE
     return eval_resize(side), side
 

@@ -20,10 +20,8 @@ from typing import Any, Mapping, Optional
 
 SCHEMA = "entmax_vit.results/v1"
 TASKS = ("knn", "linear", "segmentation", "analysis")
-_REQUIRED = {
-    "schema": str, "task": str, "model": dict, "dataset": dict, "protocol": dict, "metrics": dict,
-    "config": dict, "versions": dict, "created": str,
-}
+_REQUIRED = {"schema": str, "task": str, "model": dict, "dataset": dict, "protocol": dict, "metrics": dict,
+             "config": dict, "versions": dict, "created": str}
 
 
 def library_versions() -> dict[str, str]:
@@ -75,17 +73,9 @@ def validate_results(data: Any, source: str = "results") -> dict:
     return data
 
 
-def make_results(
-    *,
-    task: str,
-    model_name_or_path: str,
-    model_config: Mapping[str, Any],
-    dataset: Mapping[str, Any],
-    protocol: Mapping[str, Any],
-    metrics: Mapping[str, float],
-    config: Mapping[str, Any],
-    weights_sha256: Optional[str] = None,
-) -> dict:
+def make_results(*, task: str, model_name_or_path: str, model_config: Mapping[str, Any], dataset: Mapping[str, Any],
+                 protocol: Mapping[str, Any], metrics: Mapping[str, float], config: Mapping[str, Any],
+                 weights_sha256: Optional[str] = None) -> dict:
     """Assemble and validate a results record; ``weights_sha256`` (:func:`weights_fingerprint` of the evaluated
     model) lets a model card check that the results belong to its model."""
     record = {
@@ -130,10 +120,11 @@ def load_results(path: str | os.PathLike) -> dict:
 
 def finish_run(task: str, cfg: Any, model: Any, accelerator: Any, *, dataset: Mapping[str, Any],
                protocol: Mapping[str, Any], metrics: Mapping[str, float]) -> dict:
-    """The record of an evaluation entry point; the main rank writes ``eval_<task>_config.yaml`` and
-    ``results_<task>.json`` into ``cfg.output_dir`` (a failed run writes neither)."""
+    """The record of an evaluation entry point (``dataset``: its sizes, after cfg's name and splits); the main rank
+    writes ``eval_<task>_config.yaml`` and ``results_<task>.json`` into ``cfg.output_dir`` (a failed run: neither)."""
     from entmax_vit.data.config_io import save_config, to_dict
 
+    dataset = {"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split, **dataset}
     record = make_results(task=task, model_name_or_path=cfg.model, model_config=model.config.to_dict(),
                           dataset=dataset, protocol=protocol, metrics=metrics, config=to_dict(cfg),
                           weights_sha256=weights_fingerprint(model))

@@ -31,8 +31,7 @@ def convert_labels(mask: np.ndarray, *, label_mapping: str = "none", reduce_zero
     labels = torch.from_numpy(np.ascontiguousarray(mask)).long()
     if label_mapping == "cityscapes_ids":
         lut = torch.full((256,), ignore_index, dtype=torch.long)
-        for raw, train_id in CITYSCAPES_ID_TO_TRAINID.items():
-            lut[raw] = train_id
+        lut[list(CITYSCAPES_ID_TO_TRAINID)] = torch.tensor(list(CITYSCAPES_ID_TO_TRAINID.values()))
         labels = lut[labels.clamp(0, 255)]
     elif label_mapping != "none":
         raise ValueError(f"label_mapping must be 'none' or 'cityscapes_ids', got {label_mapping!r}")

@@ -1,12 +1,7 @@
-"""Linear semantic-segmentation probe on a frozen backbone (NeCo/Leopart and DINOv2 linear protocols).
-
-    python scripts/eval_segmentation.py --preset voc --model PATH_OR_HUB_ID --dataset SOURCE
-
-The head is ``entmax_vit.modeling.segmentation_head.LinearSegmentationHead`` (1x1 conv, optional BatchNorm)
-over patch features of the chosen blocks (optionally with [CLS] concatenated to every patch). Logits are
-computed at patch resolution and bilinearly upsampled to the label size: for a 1x1 conv this equals NeCo's
-"upsample features to 100x100, then 1x1 conv" exactly, at a fraction of the cost. mIoU comes from a confusion
-matrix accumulated on device and summed across ranks. The trained head is saved for the Hub release.
+"""Linear semantic-segmentation probe on a frozen backbone (NeCo/Leopart and DINOv2 linear protocols;
+docs/evaluation.md). The head is ``modeling.segmentation_head.LinearSegmentationHead``; its logits are computed at
+patch resolution, then upsampled to the label size: for a 1x1 conv this equals NeCo's "upsample features to
+100x100, then 1x1 conv" exactly, at a fraction of the cost. mIoU: a confusion matrix summed across ranks.
 """
 
 from __future__ import annotations
@@ -183,9 +178,7 @@ def train_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cf
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_head = head
-    if accelerator is not None:
-        train_head, opt = accelerator.prepare(head, opt)
+    train_head, opt = accelerator.prepare(head, opt) if accelerator is not None else (head, opt)
     if feature_cache is not None and not cfg.cache_features:
         raise ValueError("a feature_cache needs cfg.cache_features = true")
     show = accelerator is None or accelerator.is_local_main_process
@@ -250,8 +243,7 @@ class ProbeData:
 
 
 def probe_datasets(cfg: SegmentationEvalConfig, accelerator: Any = None) -> ProbeData:
-    """Open ``cfg.dataset``'s train and eval splits, detect columns and the label convention, and build the rows
-    of ``cfg.protocol`` (``SegmentationRows``)."""
+    """Open ``cfg.dataset``'s two splits, detect columns and label convention, build their ``SegmentationRows``."""
     from entmax_vit.data.datasets import find_column, open_dataset
 
     from .segmentation_data import SegmentationRows, has_raw_cityscapes_ids, infer_num_classes
@@ -296,8 +288,7 @@ def new_head(cfg: SegmentationEvalConfig, num_classes: int, hidden_size: int, id
 
 
 def probe_miou(model: torch.nn.Module, data: ProbeData, cfg: SegmentationEvalConfig) -> float:
-    """Train one probe as ``cfg`` says (layers, [CLS], optimiser, ...) on ``data`` in this process and return its
-    eval-split mIoU (percent). The same training and evaluation functions as the entry point."""
+    """The eval mIoU (percent) of one probe as ``cfg`` says, trained in this process as by the entry point."""
     head = new_head(cfg, data.num_classes, model.config.hidden_size, data.id2label).to(next(model.parameters()).device)
     train_loader, eval_loader = _loaders(cfg, data)
     train_probe(head, model, train_loader, cfg)
@@ -321,9 +312,8 @@ def shared_block_outputs(model: torch.nn.Module, loader, layers: list[int], norm
 
 
 def head_features(blocks: dict, config: SegmentationHeadConfig, depth: int) -> torch.Tensor:
-    """The (B, C, h, w) input of a head with ``config`` from ``shared_block_outputs`` (the layout of
-    ``LinearSegmentationHead.extract_features``: per layer its patch map, then [CLS] broadcast if used;
-    tests check both agree)."""
+    """The (B, C, h, w) input of a head with ``config`` from ``shared_block_outputs``, in the layout of
+    ``LinearSegmentationHead.extract_features`` (per layer its patch map, then [CLS] if used; tested equal)."""
     maps = []
     for layer in config.layers:
         patches, cls = blocks[layer % depth]
@@ -420,8 +410,7 @@ def main(cfg: SegmentationEvalConfig) -> dict:
         accelerator.unwrap_model(head).save(out / "segmentation_head")
     record = finish_run(
         "segmentation", cfg, model, accelerator, metrics=metrics,
-        dataset={"name": cfg.dataset, "split": cfg.eval_split, "train_split": cfg.train_split,
-                 "num_samples": len(data.eval_rows), "num_train_samples": len(data.train_rows),
+        dataset={"num_samples": len(data.eval_rows), "num_train_samples": len(data.train_rows),
                  "num_classes": data.num_classes, "num_skipped": skipped + train_skipped},
         protocol={"name": f"{cfg.protocol}_linear", "layers": list(hc.layers), "backbone_norm": hc.backbone_norm,
                   "use_cls_token": hc.use_cls_token, "batch_norm": hc.batch_norm, "input_size": cfg.input_size,

@@ -36,20 +36,17 @@ class PeakMemory(TorchDispatchMode):
         _, nbytes = self.live.pop(key, (None, 0))
         self.current -= nbytes
 
-    def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key in self.live and self.live[key][0]() is storage:
-            return
-        self.live[key] = (weakref.ref(storage, lambda _ref, key=key: self._release(key)), storage.nbytes())
-        self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self._track(t)
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key not in self.live or self.live[key][0]() is not storage:  # a storage not counted yet
+                self.live[key] = (weakref.ref(storage, lambda _ref, key=key: self._release(key)), storage.nbytes())
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
         return out
 
 
