@@ -15,8 +15,6 @@ step, mean over seeds with the min-max band); the text saying whether softmax's 
 while entmax-1.5 holds is generated from the numbers.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import time

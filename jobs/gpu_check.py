@@ -12,8 +12,6 @@ must be set before triton is imported, which scripts/gpu_check.py does) in a min
 check itself, its numbers say nothing about GPUs.
 """
 
-from __future__ import annotations
-
 import datetime
 import importlib.metadata
 import json

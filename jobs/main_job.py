@@ -12,8 +12,6 @@ finished with other inputs has its outputs removed and reruns, an interrupted on
 from its last checkpoint). Nothing is uploaded.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import importlib.util

@@ -12,8 +12,6 @@ training resumes from its last checkpoint. ``--docs_dir docs`` also writes the r
 ``docs/reproduce_mini_results.md`` and its figures into ``docs/figures/``.
 """
 
-from __future__ import annotations
-
 import json
 import shutil
 import time

@@ -10,8 +10,6 @@ the ratio to softmax SDPA measured in the same run, and the max |probs - entmax.
 method. Writes OUTPUT_DIR/bench_attention.json and the resolved config.
 """
 
-from __future__ import annotations
-
 import logging
 import statistics
 import time

@@ -11,8 +11,6 @@ first) so machine load hits both alike; the medians over rounds are compared. On
 DataLoader worker. Before timing, both pipelines are run on the same seeds and their tensors compared.
 """
 
-from __future__ import annotations
-
 import io
 import json
 import random

@@ -15,8 +15,6 @@
 Writes OUTPUT_DIR/bench_model.json and the resolved config.
 """
 
-from __future__ import annotations
-
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional

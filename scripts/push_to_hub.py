@@ -15,8 +15,6 @@ results files and a generated README.md card. Name the task when loading:
 also come from a YAML file via --config FILE; ``--results`` takes several files.
 """
 
-from __future__ import annotations
-
 import json
 import sys
 from dataclasses import asdict, dataclass, field
