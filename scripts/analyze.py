@@ -7,19 +7,11 @@
 Keys: entmax_vit.analysis.run.AnalyzeConfig (``--help`` lists them); presets in analysis/configs/.
 """
 
-from typing import Optional, Sequence
-
 from entmax_vit.analysis.run import PRESET_DIR, AnalyzeConfig, main
 
-
-def cli(argv: Optional[Sequence[str]] = None) -> dict:
-    """The command line: ``--help`` prints every key with its default and comment, and the presets."""
+if __name__ == "__main__":
     from entmax_vit.cli.entry_point import run
 
     # main configures its own log format
-    return run(main, AnalyzeConfig, "analyze", preset_dir=PRESET_DIR, argv=argv, model_fields=("model", "compare"),
-               log_format=None, description=__doc__)
-
-
-if __name__ == "__main__":
-    cli()
+    run(main, AnalyzeConfig, "analyze", preset_dir=PRESET_DIR, model_fields=("model", "compare"), log_format=None,
+        description=__doc__)
