@@ -78,9 +78,6 @@ def main_job_config(cfg: ReproduceMiniConfig, attention: str, seed: int, run_dir
                          force=cfg.force, analysis_images=cfg.analysis_images)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Collecting results
-# ----------------------------------------------------------------------------------------------------------
 def collect(run_dir: Path, attention: str, seed: int) -> dict:
     """Every number the report needs for one run folder of the main job; ``random_init``: its random-init
     baseline's probe results (the main job's random stage), empty when that stage did not run."""
@@ -110,20 +107,11 @@ def training_gain_lines(table: dict, attentions: Sequence[str]) -> list[str]:
     return lines
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reporting
-# ----------------------------------------------------------------------------------------------------------
-def paper_table() -> list[str]:
-    from entmax_vit.recipe import PAPER_RESULTS
-
-    return ["| benchmark (paper, ViT-S/16, 200 ep ImageNet) | softmax mIoU | entmax-1.5 mIoU | change |",
-            "|---|---|---|---|",
-            *(f"| {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for name, (a, b) in PAPER_RESULTS.items())]
-
-
 def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, figures: str = "") -> str:
     """The multi-seed section: means ± spread, generated verdicts, per-seed numbers, the paper's table.
     ``figures`` prefixes the image links (e.g. "figures/" inside docs/)."""
+    from entmax_vit.recipe import PAPER_RESULTS
+
     table = aggregate(rows, [key for key, _, _ in (*METRICS, *CLAIMS)])
     baselines = random_rows(rows)
     shown = {**table, **aggregate(baselines, [key for key, _, _ in METRICS])}  # trained, then random init
@@ -178,7 +166,9 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
         f"Every layer, mean over seeds: `{figures}reproduce_mini_layer_curves.png`. For comparison, the paper's "
         "linear segmentation probe:",
         "",
-        *paper_table(),
+        "| benchmark (paper, ViT-S/16, 200 ep ImageNet) | softmax mIoU | entmax-1.5 mIoU | change |",
+        "|---|---|---|---|",
+        *(f"| {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for name, (a, b) in PAPER_RESULTS.items()),
         "",
         "Caveat of scale: a tiny ViT pretrained for minutes on a few thousand 64-pixel synthetic images is not a "
         "200-epoch ViT-S/16 on ImageNet; this tests whether the mechanism shows at a scale anyone can run, not "
@@ -269,7 +259,6 @@ def publish(docs_dir: Path, section: str, text: str, figures: Sequence[Path]) ->
     return page
 
 
-# ----------------------------------------------------------------------------------------------------------
 def run_all(cfg: ReproduceMiniConfig, out: Path, stages: Sequence[str], train_overrides: Optional[dict] = None,
             ) -> list[tuple[str, int, Path]]:
     """The main job of every (transform, seed), one after the other: ``[(attention, seed, run_dir)]``."""
