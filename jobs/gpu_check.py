@@ -1,15 +1,12 @@
-"""The GPU acceptance check (``scripts/gpu_check.py --out DIR``): one command that says whether this machine runs
-EntmaxViT right and how fast, in report.json and report.md. Each section is a function returning rows; a failing
-row is reported as failed and the check goes on: environment; exactness of every kernel of every sparse transform
-(``kernels_for``, so a new kernel is covered without a change here) against the ``entmax`` package at ViT-S/16's
-N = 197, float32; the attention product's timings at N = 197 / 785 / 3137 in bf16 against softmax SDPA in the same
-run, with peak memory; a bf16 DINO run of ViT-S/16 under ``accelerate launch`` relaunched from its middle
-checkpoint, which must continue bit-identically; multi-crop step and feature-extraction (224 / 448 / 896 px)
-throughput and peak memory, softmax vs entmax15.
+"""The GPU acceptance check (``scripts/gpu_check.py --out DIR``; docs/training.md lists its rows): whether this
+machine runs EntmaxViT right and how fast, in report.json and report.md. Each section is a function returning
+rows; a section or kernel that raises is a failed row and the check goes on. Exactness covers every kernel of
+``kernels_for`` (a new kernel without a change here) against the ``entmax`` package; timings are ratios to softmax
+SDPA (or softmax) measured in the same run.
 
 Without a GPU the same rows run at toy sizes on the CPU (Triton through its interpreter: ``TRITON_INTERPRET=1``
-must be set before triton is imported, which scripts/gpu_check.py does) in a minute or two: that mode tests the
-check itself, its numbers say nothing about GPUs.
+must be set before triton is imported, which scripts/gpu_check.py does): that mode tests the check itself, its
+numbers say nothing about GPUs.
 """
 
 import datetime
@@ -98,7 +95,6 @@ def _row(section: str, fn: Callable[[], list[dict]]) -> list[dict]:
     return rows
 
 
-# ============================================================================ environment
 def environment_rows(device: torch.device) -> list[dict]:
     def version(package: str) -> Optional[str]:
         try:
@@ -124,7 +120,6 @@ def environment_rows(device: torch.device) -> list[dict]:
     return [row]
 
 
-# ============================================================================ kernels: exactness
 def kernel_probabilities(fn: Callable, q: torch.Tensor) -> torch.Tensor:
     """P of an attention kernel ``fn(v) -> P v`` read through its output, d columns at a time: with V = columns
     j..j+d of the identity, P V = P[:, j:j+d]. Works for any N (the fused kernels need V of q's shape)."""
@@ -150,7 +145,6 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.round(torch.randn(shape, generator=gen) * 8).div(8).to(device) for _ in range(3))
     q = q / 8  # scores of a few units, exact (dyadic)
-    scaling = 1.0
     rows = []
     for transform in SPARSE:
         reference = references[transform](torch.matmul(q, k.transpose(-2, -1)))  # (B, H, N, N)
@@ -159,8 +153,8 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
             try:
                 with torch.no_grad():
                     probs = kernel_probabilities(lambda vv: ATTENTION_KERNELS[kernel](
-                        q, k, vv, transform=transform, scaling=scaling)[0], q)
-                    out, _ = ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=scaling)
+                        q, k, vv, transform=transform, scaling=1.0)[0], q)
+                    out, _ = ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=1.0)
                 row["max_abs_err_probs"] = float((probs.float() - reference).abs().max())
                 row["max_abs_err_output"] = float((out.float() - reference @ v).abs().max())
                 ok = row["max_abs_err_probs"] <= PROBS_TOL and row["max_abs_err_output"] <= OUTPUT_TOL
@@ -171,7 +165,6 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
     return rows
 
 
-# ============================================================================ kernels: timing
 def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads: int, head_dim: int,
                        dtype: torch.dtype, repeats: int) -> list[dict]:
     """The attention product (QK^T -> transform -> PV), forward and forward+backward, per (B, N) case: softmax
@@ -223,7 +216,6 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
     return rows
 
 
-# ============================================================================ DINO run and bit-identical resume
 def _dino_command(out: Path, sizes: Sizes, device: torch.device, steps: int) -> list[str]:
     accelerate = Path(sys.executable).with_name("accelerate")
     launcher = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
@@ -285,7 +277,6 @@ def dino_resume_rows(device: torch.device, sizes: Sizes, work: Path) -> list[dic
              "model": sizes.dino_args["model.preset"], "attention": "entmax15"}]
 
 
-# ============================================================================ backbone throughput
 def _throughput(sizes: Sizes, device: torch.device, side: int, call: Callable[[torch.nn.Module], object],
                 per_call: int, train: bool, **fields) -> dict[str, dict]:
     """Per attention (softmax, entmax15 with their default kernels, for images of ``side`` px): ``call(model)``
@@ -334,7 +325,6 @@ def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
     return rows
 
 
-# ============================================================================ report
 def run_check(out: Path, device: Optional[torch.device] = None, sections: Optional[list[str]] = None) -> dict:
     """Run every section (or those named) on ``device`` (default: CUDA if present, else the CPU toy sizes);
     write ``out/report.json`` and ``out/report.md``; return the report."""
