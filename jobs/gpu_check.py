@@ -175,9 +175,8 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
         "softmax:sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scaling)}
     for transform in SPARSE:
         for kernel in (k for k in kernels_for(transform) if k not in TIMING_SKIPS):
-            methods[f"{transform}:{kernel}"] = (
-                lambda q, k, v, t=transform, kn=kernel: ATTENTION_KERNELS[kn](q, k, v, transform=t,
-                                                                              scaling=scaling)[0])
+            methods[f"{transform}:{kernel}"] = lambda q, k, v, t=transform, kn=kernel: ATTENTION_KERNELS[kn](
+                q, k, v, transform=t, scaling=scaling)[0]
     rows = []
     for batch, tokens in cases:
         gen = torch.Generator().manual_seed(0)
@@ -330,9 +329,8 @@ def run_check(out: Path, device: Optional[torch.device] = None, sections: Option
     write ``out/report.json`` and ``out/report.md``; return the report."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = GPU if device.type == "cuda" else CPU_TOY
-    out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
-    work.mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     plan: dict[str, Callable[[], list[dict]]] = {
         "environment": lambda: environment_rows(device),
         "kernel_exactness": lambda: kernel_exactness_rows(device, sizes.exact_shape),
@@ -342,19 +340,14 @@ def run_check(out: Path, device: Optional[torch.device] = None, sections: Option
         "multicrop_step": lambda: multicrop_rows(device, sizes),
         "feature_extraction": lambda: extraction_rows(device, sizes),
     }
-    unknown = sorted(set(sections or []) - set(plan))
-    if unknown:
+    if unknown := sorted(set(sections or []) - set(plan)):
         raise ValueError(f"unknown sections {unknown}; choose from {list(plan)}")
     t0 = time.perf_counter()
     mode = "gpu" if device.type == "cuda" else "cpu-toy (sizes say nothing about GPUs)"
     report = {"check": "gpu_check", "mode": mode,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "sizes": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(sizes).items()},
-              "sections": {}}
-    for name, fn in plan.items():
-        if sections and name not in sections:
-            continue
-        report["sections"][name] = _row(name, fn)
+              "sizes": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(sizes).items()}}
+    report["sections"] = {name: _row(name, fn) for name, fn in plan.items() if not sections or name in sections}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["failed_rows"] = sum(r.get("status") == "failed" for rows in report["sections"].values() for r in rows)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -368,8 +361,7 @@ def format_markdown(report: dict) -> str:
     for name, rows in report["sections"].items():
         lines += [f"## {name}", ""]
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        lines.append("| " + " | ".join(keys) + " |")
-        lines.append("|" + "---|" * len(keys))
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for r in rows:
             cells = [(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, ""))) for k in keys]
             lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
