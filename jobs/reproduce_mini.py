@@ -1,14 +1,9 @@
-"""A mini reproduction of the paper on CPU: softmax vs entmax-1.5 (optionally sparsemax), several seeds each.
-
-For every transform and seed it runs the main job's train / knn / segmentation (patch and patch+[CLS]) /
-analysis stages (entmax_vit.jobs.main_job, in this process; training under accelerate launch) with the SAME
-preset and budget - only ``model.attention`` and the seed differ - then reports every metric as mean ± std
-[min, max] over seeds, the per-seed numbers, a bar chart with error bars, and sentences generated from the
-numbers that call a difference noise when it is not larger than the seed spread (jobs/seed_stats.py).
-``--long`` runs the dense-degradation study instead (jobs/degradation.py).
-
-Resumable: each run lives in ``OUTPUT_DIR/<attention>/seed_<seed>/`` and its finished stages are skipped;
-training resumes from its last checkpoint. ``--docs_dir docs`` also writes the report's section into
+"""The multi-seed mini reproduction (``scripts/reproduce_mini.py``, docs/reproduction.md): softmax vs entmax-1.5
+(optionally sparsemax), several seeds each, every run being the main job's stages (entmax_vit.jobs.main_job, in
+this process) with the SAME preset and budget; only ``model.attention`` and the seed differ. Every metric is
+reported as mean ± std [min, max] over seeds, with the per-seed numbers, a bar chart and sentences generated from
+the numbers (jobs/seed_stats.py). ``--long`` is jobs/degradation.py. Resumable: each run lives in
+``OUTPUT_DIR/<attention>/seed_<seed>/``; ``--docs_dir docs`` also writes the report's section into
 ``docs/reproduce_mini_results.md`` and its figures into ``docs/figures/``.
 """
 
@@ -204,8 +199,7 @@ def plot_probes(rows: list[dict], path: Path) -> Path:
 
 
 def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
-    """DINO loss against the step (the training logs' rows with a loss), one colour per transform, one line per
-    seed."""
+    """DINO loss against the optimizer step: one colour per transform, one line per seed."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     from entmax_vit.training.metrics_log import read_metrics
