@@ -1,13 +1,10 @@
-"""The dense-degradation run of the mini reproduction (``scripts/reproduce_mini.py --long``).
-
-The paper's phenomenon: along prolonged DINO training global semantics diffuse into the patch tokens, so dense
-quality (a linear segmentation probe on patch tokens) degrades while image-level quality holds. For every
-transform and seed one longer run keeps a checkpoint every ``checkpoint_every_steps`` steps; every checkpoint's
-teacher is exported and evaluated by the main job's own stages (k-NN, segmentation probes on patch and
-patch+[CLS], the last block's semantic-diffusion metrics). Step 0 is the run's random-init baseline (the main
-job's random stage). Resumable. Writes ``OUTPUT_DIR/long/degradation.{md,json}`` and
-``reproduce_mini_degradation.png``; whether softmax peaks and falls while entmax-1.5 holds is generated from the
-numbers.
+"""The dense-degradation run of the mini reproduction (``scripts/reproduce_mini.py --long``): does dense quality (a
+linear segmentation probe on patch tokens) degrade along prolonged DINO training while image-level quality holds,
+as the paper says of softmax? For every transform and seed one longer run keeps a checkpoint every
+``checkpoint_every_steps`` steps; each checkpoint's teacher is exported and evaluated by the main job's own stages.
+Step 0 is the run's random-init baseline (the main job's random stage). Resumable. Writes
+``OUTPUT_DIR/long/degradation.{md,json}`` and ``reproduce_mini_degradation.png``; the verdict is generated from
+the numbers.
 """
 
 import json

@@ -167,9 +167,8 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
 
 def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads: int, head_dim: int,
                        dtype: torch.dtype, repeats: int) -> list[dict]:
-    """The attention product (QK^T -> transform -> PV), forward and forward+backward, per (B, N) case: softmax
-    SDPA (the baseline) and every kernel of every sparse transform, peak memory of forward+backward, ratios to
-    SDPA measured in the same run."""
+    """The attention product (QK^T -> transform -> PV) per (B, N) case, forward and forward+backward with its
+    peak memory: softmax SDPA (the baseline) and every kernel of every sparse transform."""
     scaling = head_dim**-0.5
     methods: dict[str, Callable] = {
         "softmax:sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scaling)}

@@ -122,9 +122,8 @@ def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
     times: dict[str, dict[str, list[float]]] = {m: {"forward": [], "forward_backward": []} for m in methods}
     for r in range(cfg.warmup + cfg.repeats):
         for name, fn in methods.items():  # round-robin: background load hits every method alike
-            done = len(times[name]["forward"])
             spent = sum(times[name]["forward"]) + sum(times[name]["forward_backward"])
-            if done >= cfg.min_rounds and spent > cfg.max_seconds_per_method:
+            if len(times[name]["forward"]) >= cfg.min_rounds and spent > cfg.max_seconds_per_method:
                 continue  # slow method (the package's bisection): enough rounds for a median
             for mode, run in (("forward", forward), ("forward_backward", forward_backward)):
                 t0 = time.perf_counter()
