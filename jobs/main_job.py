@@ -69,9 +69,8 @@ class MainJobConfig:
             raise ValueError(f"train_processes must be >= 1, got {self.train_processes}")
 
 
-def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Path],
-              settings: Any = None, inputs: Sequence[Path] = (), clean: Sequence[Path] = (),
-              force: bool = False) -> dict:
+def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Path], settings: Any = None,
+              inputs: Sequence[Path] = (), clean: Sequence[Path] = (), force: bool = False) -> dict:
     """Run ``fn`` unless ``out/stages/<name>.json`` records the same settings and input hashes and every
     output exists. ``clean`` folders are removed before a rerun that replaces a finished stage (or under
     ``force``); an interrupted stage keeps them (training resumes from its checkpoints)."""
