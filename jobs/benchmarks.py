@@ -1,8 +1,6 @@
 """What the benchmarks (scripts/bench_*.py) and the GPU check share: ratios to a baseline measured in the same run
 (a ratio across runs would mix in the machine's load), and the benchmark record's set-up and writing."""
 
-from __future__ import annotations
-
 import json
 import logging
 from pathlib import Path

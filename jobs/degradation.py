@@ -1,21 +1,11 @@
-"""The dense-degradation run of the mini reproduction (``scripts/reproduce_mini.py --long``).
-
-The paper's phenomenon: during prolonged DINO training global semantics diffuse into the patch tokens, so
-dense quality (a linear segmentation probe on patch tokens) degrades while image-level quality holds. Here,
-for softmax and entmax-1.5 and every seed, one longer run is trained with a checkpoint every
-``checkpoint_every_steps`` steps (all kept); the teacher of every checkpoint is exported and evaluated with
-the main job's own stages: k-NN, the segmentation probe on patch tokens and on patch+[CLS], and the
-semantic-diffusion metrics of the last block (cos(patch, [CLS]), attention distance, share of exact zeros).
-Step 0 of every curve is the run's random-init baseline (the main job's random stage: the same config and seed,
-untrained, through the same evaluations), so the curves show what training added.
-Everything is resumable: training resumes from its newest checkpoint, finished evaluations are skipped.
-
-Writes ``OUTPUT_DIR/long/degradation.{md,json}`` and ``reproduce_mini_degradation.png`` (metrics against the
-step, mean over seeds with the min-max band); the text saying whether softmax's dense quality peaks and falls
-while entmax-1.5 holds is generated from the numbers.
+"""The dense-degradation run of the mini reproduction (``scripts/reproduce_mini.py --long``): does dense quality (a
+linear segmentation probe on patch tokens) degrade along prolonged DINO training while image-level quality holds,
+as the paper says of softmax? For every transform and seed one longer run keeps a checkpoint every
+``checkpoint_every_steps`` steps; each checkpoint's teacher is exported and evaluated by the main job's own stages.
+Step 0 is the run's random-init baseline (the main job's random stage). Resumable. Writes
+``OUTPUT_DIR/long/degradation.{md,json}`` and ``reproduce_mini_degradation.png``; the verdict is generated from
+the numbers.
 """
-
-from __future__ import annotations
 
 import json
 import math

@@ -1,18 +1,13 @@
-"""The GPU acceptance check (``scripts/gpu_check.py --out DIR``): one command that says whether this machine runs
-EntmaxViT right and how fast, in report.json and report.md. Each section is a function returning rows; a failing
-row is reported as failed and the check goes on: environment; exactness of every kernel of every sparse transform
-(``kernels_for``, so a new kernel is covered without a change here) against the ``entmax`` package at ViT-S/16's
-N = 197, float32; the attention product's timings at N = 197 / 785 / 3137 in bf16 against softmax SDPA in the same
-run, with peak memory; a bf16 DINO run of ViT-S/16 under ``accelerate launch`` relaunched from its middle
-checkpoint, which must continue bit-identically; multi-crop step and feature-extraction (224 / 448 / 896 px)
-throughput and peak memory, softmax vs entmax15.
+"""The GPU acceptance check (``scripts/gpu_check.py --out DIR``; docs/training.md lists its rows): whether this
+machine runs EntmaxViT right and how fast, in report.json and report.md. Each section is a function returning
+rows; a section or kernel that raises is a failed row and the check goes on. Exactness covers every kernel of
+``kernels_for`` (a new kernel without a change here) against the ``entmax`` package; timings are ratios to softmax
+SDPA (or softmax) measured in the same run.
 
 Without a GPU the same rows run at toy sizes on the CPU (Triton through its interpreter: ``TRITON_INTERPRET=1``
-must be set before triton is imported, which scripts/gpu_check.py does) in a minute or two: that mode tests the
-check itself, its numbers say nothing about GPUs.
+must be set before triton is imported, which scripts/gpu_check.py does): that mode tests the check itself, its
+numbers say nothing about GPUs.
 """
-
-from __future__ import annotations
 
 import datetime
 import importlib.metadata
@@ -100,7 +95,6 @@ def _row(section: str, fn: Callable[[], list[dict]]) -> list[dict]:
     return rows
 
 
-# ============================================================================ environment
 def environment_rows(device: torch.device) -> list[dict]:
     def version(package: str) -> Optional[str]:
         try:
@@ -126,7 +120,6 @@ def environment_rows(device: torch.device) -> list[dict]:
     return [row]
 
 
-# ============================================================================ kernels: exactness
 def kernel_probabilities(fn: Callable, q: torch.Tensor) -> torch.Tensor:
     """P of an attention kernel ``fn(v) -> P v`` read through its output, d columns at a time: with V = columns
     j..j+d of the identity, P V = P[:, j:j+d]. Works for any N (the fused kernels need V of q's shape)."""
@@ -152,7 +145,6 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.round(torch.randn(shape, generator=gen) * 8).div(8).to(device) for _ in range(3))
     q = q / 8  # scores of a few units, exact (dyadic)
-    scaling = 1.0
     rows = []
     for transform in SPARSE:
         reference = references[transform](torch.matmul(q, k.transpose(-2, -1)))  # (B, H, N, N)
@@ -161,8 +153,8 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
             try:
                 with torch.no_grad():
                     probs = kernel_probabilities(lambda vv: ATTENTION_KERNELS[kernel](
-                        q, k, vv, transform=transform, scaling=scaling)[0], q)
-                    out, _ = ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=scaling)
+                        q, k, vv, transform=transform, scaling=1.0)[0], q)
+                    out, _ = ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=1.0)
                 row["max_abs_err_probs"] = float((probs.float() - reference).abs().max())
                 row["max_abs_err_output"] = float((out.float() - reference @ v).abs().max())
                 ok = row["max_abs_err_probs"] <= PROBS_TOL and row["max_abs_err_output"] <= OUTPUT_TOL
@@ -173,20 +165,17 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
     return rows
 
 
-# ============================================================================ kernels: timing
 def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads: int, head_dim: int,
                        dtype: torch.dtype, repeats: int) -> list[dict]:
-    """The attention product (QK^T -> transform -> PV), forward and forward+backward, per (B, N) case: softmax
-    SDPA (the baseline) and every kernel of every sparse transform, peak memory of forward+backward, ratios to
-    SDPA measured in the same run."""
+    """The attention product (QK^T -> transform -> PV) per (B, N) case, forward and forward+backward with its
+    peak memory: softmax SDPA (the baseline) and every kernel of every sparse transform."""
     scaling = head_dim**-0.5
     methods: dict[str, Callable] = {
         "softmax:sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scaling)}
     for transform in SPARSE:
         for kernel in (k for k in kernels_for(transform) if k not in TIMING_SKIPS):
-            methods[f"{transform}:{kernel}"] = (
-                lambda q, k, v, t=transform, kn=kernel: ATTENTION_KERNELS[kn](q, k, v, transform=t,
-                                                                              scaling=scaling)[0])
+            methods[f"{transform}:{kernel}"] = lambda q, k, v, t=transform, kn=kernel: ATTENTION_KERNELS[kn](
+                q, k, v, transform=t, scaling=scaling)[0]
     rows = []
     for batch, tokens in cases:
         gen = torch.Generator().manual_seed(0)
@@ -225,7 +214,6 @@ def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads
     return rows
 
 
-# ============================================================================ DINO run and bit-identical resume
 def _dino_command(out: Path, sizes: Sizes, device: torch.device, steps: int) -> list[str]:
     accelerate = Path(sys.executable).with_name("accelerate")
     launcher = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
@@ -287,7 +275,6 @@ def dino_resume_rows(device: torch.device, sizes: Sizes, work: Path) -> list[dic
              "model": sizes.dino_args["model.preset"], "attention": "entmax15"}]
 
 
-# ============================================================================ backbone throughput
 def _throughput(sizes: Sizes, device: torch.device, side: int, call: Callable[[torch.nn.Module], object],
                 per_call: int, train: bool, **fields) -> dict[str, dict]:
     """Per attention (softmax, entmax15 with their default kernels, for images of ``side`` px): ``call(model)``
@@ -336,15 +323,13 @@ def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
     return rows
 
 
-# ============================================================================ report
 def run_check(out: Path, device: Optional[torch.device] = None, sections: Optional[list[str]] = None) -> dict:
     """Run every section (or those named) on ``device`` (default: CUDA if present, else the CPU toy sizes);
     write ``out/report.json`` and ``out/report.md``; return the report."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = GPU if device.type == "cuda" else CPU_TOY
-    out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
-    work.mkdir(exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     plan: dict[str, Callable[[], list[dict]]] = {
         "environment": lambda: environment_rows(device),
         "kernel_exactness": lambda: kernel_exactness_rows(device, sizes.exact_shape),
@@ -354,19 +339,14 @@ def run_check(out: Path, device: Optional[torch.device] = None, sections: Option
         "multicrop_step": lambda: multicrop_rows(device, sizes),
         "feature_extraction": lambda: extraction_rows(device, sizes),
     }
-    unknown = sorted(set(sections or []) - set(plan))
-    if unknown:
+    if unknown := sorted(set(sections or []) - set(plan)):
         raise ValueError(f"unknown sections {unknown}; choose from {list(plan)}")
     t0 = time.perf_counter()
     mode = "gpu" if device.type == "cuda" else "cpu-toy (sizes say nothing about GPUs)"
     report = {"check": "gpu_check", "mode": mode,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "sizes": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(sizes).items()},
-              "sections": {}}
-    for name, fn in plan.items():
-        if sections and name not in sections:
-            continue
-        report["sections"][name] = _row(name, fn)
+              "sizes": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(sizes).items()}}
+    report["sections"] = {name: _row(name, fn) for name, fn in plan.items() if not sections or name in sections}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["failed_rows"] = sum(r.get("status") == "failed" for rows in report["sections"].values() for r in rows)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -380,8 +360,7 @@ def format_markdown(report: dict) -> str:
     for name, rows in report["sections"].items():
         lines += [f"## {name}", ""]
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        lines.append("| " + " | ".join(keys) + " |")
-        lines.append("|" + "---|" * len(keys))
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         for r in rows:
             cells = [(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, ""))) for k in keys]
             lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")

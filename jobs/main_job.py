@@ -1,18 +1,10 @@
-"""The main job (README quick start, ``make demo``): the whole release, for real, in minutes on a CPU.
-
-Stages, each the ``main(cfg)`` of an entry point in this process: data (the embedded benchmark), train (DINO,
-preset ``tiny_cpu``, the one stage run as its own process, under ``accelerate launch``), knn, segmentation
-(linear probe, mIoU), analysis (attention maps, per-layer metrics), claims (not by default: the paper's two
-analysis claims), random (the baseline: a randomly initialised model of the same config through the same k-NN
-and segmentation stages, so the summary says what training added) and hub (card + Hub folder, reloaded with
-``trust_remote_code`` in a fresh process that cannot
-import this project). A stage is skipped when its outputs exist and ``OUTPUT_DIR/stages/<stage>.json`` records
-the same settings and SHA-256 of the files it read (a retrained model reruns every evaluation); a stage that
-finished with other inputs has its outputs removed and reruns, an interrupted one keeps them (training resumes
-from its last checkpoint). Nothing is uploaded.
+"""The main job (README quick start, ``make demo``): the whole release, for real, in minutes on a CPU (stages:
+MainJobConfig.stages, docs/reproduction.md). Each stage is an entry point's ``main(cfg)`` in this process; only
+training runs as its own process, under ``accelerate launch``. A stage is skipped when its outputs exist and
+``OUTPUT_DIR/stages/<stage>.json`` records the same settings and SHA-256 of the files it read (a retrained model
+reruns every evaluation); a stage that finished with other inputs has its outputs removed and reruns, an
+interrupted one keeps them (training resumes from its last checkpoint). Nothing is uploaded.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import hashlib
@@ -77,16 +69,12 @@ class MainJobConfig:
             raise ValueError(f"train_processes must be >= 1, got {self.train_processes}")
 
 
-def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Path],
-              settings: Any = None, inputs: Sequence[Path] = (), clean: Sequence[Path] = (),
-              force: bool = False) -> dict:
+def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Path], settings: Any = None,
+              inputs: Sequence[Path] = (), clean: Sequence[Path] = (), force: bool = False) -> dict:
     """Run ``fn`` unless ``out/stages/<name>.json`` records the same settings and input hashes and every
     output exists. ``clean`` folders are removed before a rerun that replaces a finished stage (or under
     ``force``); an interrupted stage keeps them (training resumes from its checkpoints)."""
-    def sha256(path: Path) -> Any:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    hashes = {str(p): sha256(p) if p.is_file() else None for p in inputs}
+    hashes = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in inputs}
     key = json.loads(json.dumps({"settings": settings, "inputs": hashes}, default=str))
     record_path = out / "stages" / f"{name}.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else None

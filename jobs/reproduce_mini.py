@@ -1,18 +1,11 @@
-"""A mini reproduction of the paper on CPU: softmax vs entmax-1.5 (optionally sparsemax), several seeds each.
-
-For every transform and seed it runs the main job's train / knn / segmentation (patch and patch+[CLS]) /
-analysis stages (entmax_vit.jobs.main_job, in this process; training under accelerate launch) with the SAME
-preset and budget - only ``model.attention`` and the seed differ - then reports every metric as mean ± std
-[min, max] over seeds, the per-seed numbers, a bar chart with error bars, and sentences generated from the
-numbers that call a difference noise when it is not larger than the seed spread (jobs/seed_stats.py).
-``--long`` runs the dense-degradation study instead (jobs/degradation.py).
-
-Resumable: each run lives in ``OUTPUT_DIR/<attention>/seed_<seed>/`` and its finished stages are skipped;
-training resumes from its last checkpoint. ``--docs_dir docs`` also writes the report's section into
+"""The multi-seed mini reproduction (``scripts/reproduce_mini.py``, docs/reproduction.md): softmax vs entmax-1.5
+(optionally sparsemax), several seeds each, every run being the main job's stages (entmax_vit.jobs.main_job, in
+this process) with the SAME preset and budget; only ``model.attention`` and the seed differ. Every metric is
+reported as mean ± std [min, max] over seeds, with the per-seed numbers, a bar chart and sentences generated from
+the numbers (jobs/seed_stats.py). ``--long`` is jobs/degradation.py. Resumable: each run lives in
+``OUTPUT_DIR/<attention>/seed_<seed>/``; ``--docs_dir docs`` also writes the report's section into
 ``docs/reproduce_mini_results.md`` and its figures into ``docs/figures/``.
 """
-
-from __future__ import annotations
 
 import json
 import shutil
@@ -80,9 +73,6 @@ def main_job_config(cfg: ReproduceMiniConfig, attention: str, seed: int, run_dir
                          force=cfg.force, analysis_images=cfg.analysis_images)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Collecting results
-# ----------------------------------------------------------------------------------------------------------
 def collect(run_dir: Path, attention: str, seed: int) -> dict:
     """Every number the report needs for one run folder of the main job; ``random_init``: its random-init
     baseline's probe results (the main job's random stage), empty when that stage did not run."""
@@ -112,20 +102,11 @@ def training_gain_lines(table: dict, attentions: Sequence[str]) -> list[str]:
     return lines
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reporting
-# ----------------------------------------------------------------------------------------------------------
-def paper_table() -> list[str]:
-    from entmax_vit.recipe import PAPER_RESULTS
-
-    return ["| benchmark (paper, ViT-S/16, 200 ep ImageNet) | softmax mIoU | entmax-1.5 mIoU | change |",
-            "|---|---|---|---|",
-            *(f"| {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for name, (a, b) in PAPER_RESULTS.items())]
-
-
 def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, figures: str = "") -> str:
     """The multi-seed section: means ± spread, generated verdicts, per-seed numbers, the paper's table.
     ``figures`` prefixes the image links (e.g. "figures/" inside docs/)."""
+    from entmax_vit.recipe import PAPER_RESULTS
+
     table = aggregate(rows, [key for key, _, _ in (*METRICS, *CLAIMS)])
     baselines = random_rows(rows)
     shown = {**table, **aggregate(baselines, [key for key, _, _ in METRICS])}  # trained, then random init
@@ -180,7 +161,9 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
         f"Every layer, mean over seeds: `{figures}reproduce_mini_layer_curves.png`. For comparison, the paper's "
         "linear segmentation probe:",
         "",
-        *paper_table(),
+        "| benchmark (paper, ViT-S/16, 200 ep ImageNet) | softmax mIoU | entmax-1.5 mIoU | change |",
+        "|---|---|---|---|",
+        *(f"| {name} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for name, (a, b) in PAPER_RESULTS.items()),
         "",
         "Caveat of scale: a tiny ViT pretrained for minutes on a few thousand 64-pixel synthetic images is not a "
         "200-epoch ViT-S/16 on ImageNet; this tests whether the mechanism shows at a scale anyone can run, not "
@@ -216,8 +199,7 @@ def plot_probes(rows: list[dict], path: Path) -> Path:
 
 
 def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
-    """DINO loss against the step (the training logs' rows with a loss), one colour per transform, one line per
-    seed."""
+    """DINO loss against the optimizer step: one colour per transform, one line per seed."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     from entmax_vit.training.metrics_log import read_metrics
@@ -271,7 +253,6 @@ def publish(docs_dir: Path, section: str, text: str, figures: Sequence[Path]) ->
     return page
 
 
-# ----------------------------------------------------------------------------------------------------------
 def run_all(cfg: ReproduceMiniConfig, out: Path, stages: Sequence[str], train_overrides: Optional[dict] = None,
             ) -> list[tuple[str, int, Path]]:
     """The main job of every (transform, seed), one after the other: ``[(attention, seed, run_dir)]``."""

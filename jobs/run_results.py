@@ -1,8 +1,6 @@
 """Reading an evaluated run folder of the main job: where its evaluation stages write, and the headline numbers
 that the main job's summary, the mini reproduction's rows and the degradation curves all take from it."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Sequence
 

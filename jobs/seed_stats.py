@@ -5,8 +5,6 @@ of the two sample standard deviations over seeds. With one seed there is no spre
 told apart from noise. This is a rule of thumb for a handful of seeds, not a significance test.
 """
 
-from __future__ import annotations
-
 import math
 import statistics
 from dataclasses import dataclass

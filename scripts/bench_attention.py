@@ -10,8 +10,6 @@ the ratio to softmax SDPA measured in the same run, and the max |probs - entmax.
 method. Writes OUTPUT_DIR/bench_attention.json and the resolved config.
 """
 
-from __future__ import annotations
-
 import logging
 import statistics
 import time
@@ -65,6 +63,13 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
         return lambda q, k, v: ATTENTION_KERNELS[kernel](q, k, v, transform=transform, scaling=scaling,
                                                          need_weights=kernel != "tiled")
 
+    def package(fn: Callable) -> Callable:  # the `entmax` package's transform of the scores
+        def run(q, k, v):
+            probs = fn(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
+            return torch.matmul(probs, v), probs
+
+        return run
+
     methods: dict[str, Callable] = {
         "softmax_sdpa": lambda q, k, v: (F.scaled_dot_product_attention(q, k, v, scale=scaling), None),
         "softmax_eager": ours("softmax", "eager"),
@@ -74,22 +79,13 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
     if cfg.compiled:
         methods["entmax15_ours_compiled"] = ours("entmax15", "compiled")
     if cfg.package:
-
-        def package(fn: Callable) -> Callable:
-            def run(q, k, v):
-                probs = fn(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
-                return torch.matmul(probs, v), probs
-
-            return run
-
         methods["entmax15_package"] = package(entmax.entmax15)
         methods["entmax_bisect_package"] = package(lambda s, dim: entmax.entmax_bisect(s, 1.5, dim=dim))
     methods["sparsemax_ours_tiled"] = ours("sparsemax", "tiled")
     methods["entmax_bisect_ours_tiled"] = ours("entmax_bisect", "tiled")
     methods["entmax_bisect_ours_eager"] = ours("entmax_bisect", "eager")
     if cfg.methods:
-        unknown = sorted(set(cfg.methods) - set(methods))
-        if unknown:
+        if unknown := sorted(set(cfg.methods) - set(methods)):
             raise ValueError(f"unknown methods {unknown}; choose from {sorted(methods)}")
         methods = {name: fn for name, fn in methods.items() if name == "softmax_sdpa" or name in cfg.methods}
     return methods
@@ -99,8 +95,7 @@ def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
     """Time every method at (batch, heads, tokens, head_dim); forward and forward+backward."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (batch, cfg.heads, tokens, cfg.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
-    grad = torch.randn(shape, generator=gen)
+    q, k, v, grad = (torch.randn(shape, generator=gen) for _ in range(4))
     scaling = cfg.head_dim**-0.5
     methods = _methods(cfg, scaling)
 
@@ -127,9 +122,8 @@ def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
     times: dict[str, dict[str, list[float]]] = {m: {"forward": [], "forward_backward": []} for m in methods}
     for r in range(cfg.warmup + cfg.repeats):
         for name, fn in methods.items():  # round-robin: background load hits every method alike
-            done = len(times[name]["forward"])
             spent = sum(times[name]["forward"]) + sum(times[name]["forward_backward"])
-            if done >= cfg.min_rounds and spent > cfg.max_seconds_per_method:
+            if len(times[name]["forward"]) >= cfg.min_rounds and spent > cfg.max_seconds_per_method:
                 continue  # slow method (the package's bisection): enough rounds for a median
             for mode, run in (("forward", forward), ("forward_backward", forward_backward)):
                 t0 = time.perf_counter()
@@ -176,10 +170,8 @@ def format_table(cases: list[dict]) -> str:
                      f"{'err vs entmax15':>16s}")
         for name, r in case["methods"].items():
             err = "" if r["max_abs_err_vs_entmax15"] is None else f"{r['max_abs_err_vs_entmax15']:.1e}"
-            lines.append(
-                f"{name:28s} {r['forward_ms']:9.2f} {r['forward_ratio_vs_sdpa']:7.2f} "
-                f"{r['forward_backward_ms']:11.2f} {r['forward_backward_ratio_vs_sdpa']:7.2f} {err:>16s}"
-            )
+            lines.append(f"{name:28s} {r['forward_ms']:9.2f} {r['forward_ratio_vs_sdpa']:7.2f} "
+                         f"{r['forward_backward_ms']:11.2f} {r['forward_backward_ratio_vs_sdpa']:7.2f} {err:>16s}")
     return "\n".join(lines)
 
 

@@ -11,9 +11,8 @@ first) so machine load hits both alike; the medians over rounds are compared. On
 DataLoader worker. Before timing, both pipelines are run on the same seeds and their tensors compared.
 """
 
-from __future__ import annotations
-
 import io
+import itertools
 import json
 import random
 import statistics
@@ -62,22 +61,16 @@ def load_images(cfg: BenchConfig) -> list[Image.Image]:
 
         ds = load_image_dataset(cfg.dataset, split=cfg.split, streaming=True)
         column = find_column(ds, "image")
-        pool = []
-        for row in ds:
-            pool.append(to_rgb(row[column]))
-            if len(pool) >= cfg.num_images:
-                break
+        pool = [to_rgb(row[column]) for row in itertools.islice(ds, cfg.num_images)]
     if not pool:
         raise ValueError(f"no images in {cfg.dataset or 'scikit-image samples'}")
     return [pool[i % len(pool)] for i in range(cfg.num_images)]
 
 
 def timed_round(fn: Callable, items: list) -> tuple[float, float]:
-    """(images per CPU-second, images per wall-second) for one pass of ``fn`` over ``items``.
-
-    CPU time of this process is what one DataLoader worker spends per image; unlike wall time it does not
-    change when other processes share the cores.
-    """
+    """(images per CPU-second, images per wall-second) for one pass of ``fn`` over ``items``. CPU time of this
+    process is what one DataLoader worker spends per image; unlike wall time it does not change when other
+    processes share the cores."""
     cpu, wall = time.process_time(), time.perf_counter()
     for item in items:
         fn(item)

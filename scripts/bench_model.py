@@ -15,8 +15,6 @@
 Writes OUTPUT_DIR/bench_model.json and the resolved config.
 """
 
-from __future__ import annotations
-
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -43,11 +41,8 @@ class BenchModelConfig:
     drop_path_rate: float = 0.1  # stochastic depth of the timed training steps (the DINO student's 0.1)
     # Variants timed, "attention:kernel": softmax | entmax15 | sparsemax | entmax_bisect with a kernel of
     # modeling.attention (sdpa, eager, tiled, compiled, triton on CUDA); every one gets the same weights.
-    variants: list[str] = field(
-        default_factory=lambda: [
-            "softmax:sdpa", "softmax:eager", "entmax15:tiled", "entmax15:eager", "entmax15:compiled",
-        ]
-    )
+    variants: list[str] = field(default_factory=lambda: [
+        "softmax:sdpa", "softmax:eager", "entmax15:tiled", "entmax15:eager", "entmax15:compiled"])
     baseline: str = "softmax:sdpa"  # ratios are to this variant
     repeats: int = 5  # timed rounds (median reported)
     warmup: int = 1  # untimed rounds (the compiled variant compiles here)
@@ -76,9 +71,8 @@ def build_variants(cfg: BenchModelConfig, image_size: Optional[int] = None) -> d
         attention, _, kernel = variant.partition(":")
         if not kernel:
             raise ValueError(f"variant {variant!r}: expected 'attention:kernel', e.g. 'entmax15:tiled'")
-        config = EntmaxViTConfig.from_preset(
-            cfg.preset, attention=attention, drop_path_rate=cfg.drop_path_rate, image_size=image_size or cfg.image_size
-        )
+        config = EntmaxViTConfig.from_preset(cfg.preset, attention=attention, drop_path_rate=cfg.drop_path_rate,
+                                             image_size=image_size or cfg.image_size)
         model = EntmaxViTModel._from_config(config, attn_implementation=kernel).train()
         if state is None:
             state = model.state_dict()
@@ -119,9 +113,8 @@ def extraction_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
         with torch.inference_mode():
             case = timed(cfg, {name: (lambda m=m: m(pixels)) for name, m in models.items()}, cfg.extract_repeats, "ms")
             if size == cfg.inference_memory_size:
-                for name, model in models.items():
-                    if _measurable(name):
-                        case[name]["peak_memory_bytes"] = peak_bytes(lambda: model(pixels), CPU)
+                for name in filter(_measurable, models):
+                    case[name]["peak_memory_bytes"] = peak_bytes(lambda: models[name](pixels), CPU)
                 add_ratios(case, cfg.baseline, "peak_memory_bytes", "peak_memory_ratio_vs_baseline")
         results[f"{batch} x {size}px"] = case
     return results
@@ -169,10 +162,8 @@ def format_report(record: dict) -> str:
             mem = r.get("peak_memory_bytes")
             mem_s = f"{mem / 2**20:9.1f}" if mem else f"{'-':>9s}"
             lines.append(f"{name:22s} {r['step_ms']:9.1f} {r['ratio_vs_baseline']:16.3f} {mem_s}")
-    for title, key, field_ in [
-        ("feature extraction", "extraction_by_size", "ms"),
-        ("training-step peak memory", "training_memory_by_size", None),
-    ]:
+    for title, key, field_ in [("feature extraction", "extraction_by_size", "ms"),
+                               ("training-step peak memory", "training_memory_by_size", None)]:
         for case, results in record[key].items():
             lines.append(f"\n{title}, {case}")
             for name, r in results.items():
@@ -214,9 +205,8 @@ def main(cfg: BenchModelConfig) -> dict:
         steps = {name: (lambda m=m: training_step(m, batches)) for name, m in models.items()}
         results = timed(cfg, steps, cfg.repeats, "step_ms")
         if cfg.memory:
-            for name, model in models.items():
-                if _measurable(name):
-                    results[name]["peak_memory_bytes"] = peak_step_memory(model, batches)
+            for name in filter(_measurable, models):
+                results[name]["peak_memory_bytes"] = peak_step_memory(models[name], batches)
             add_ratios(results, "softmax:eager", "peak_memory_bytes", "peak_memory_ratio_vs_softmax_eager")
         training[case] = results
     log.info("feature extraction throughput")

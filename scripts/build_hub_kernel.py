@@ -12,8 +12,6 @@ exporting entmax15, sparsemax and entmax_bisect, and metadata.json with a sha256
         Dinov2Model(Dinov2Config(), attn_implementation='OWNER/entmax-attention:entmax15')"
 """
 
-from __future__ import annotations
-
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence

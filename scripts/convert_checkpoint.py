@@ -11,8 +11,6 @@ INPUT and OUTPUT_DIR may also be given as --input / --output_dir; every field of
 (entmax_vit.conversion.convert) is a --key value option, and --config YAML loads a file of them.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from entmax_vit.cli import entry_point

@@ -8,8 +8,6 @@ OUT then holds config.json, model.safetensors, the EntmaxViT remote code, prepro
 training_config.yaml, loadable with ``AutoModel.from_pretrained(OUT, trust_remote_code=True)``.
 """
 
-from __future__ import annotations
-
 import logging
 from dataclasses import dataclass
 from pathlib import Path

@@ -11,8 +11,6 @@ interpreter (TRITON_INTERPRET=1, set here before anything imports triton). Exit 
 the report says which (report.json "failed_rows").
 """
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

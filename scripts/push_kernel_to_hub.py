@@ -11,8 +11,6 @@ lacks are deleted (kernels checks every file of a variant against its digest). T
 `hf auth login`. Users then load it with ``allow_all_kernels=True`` (docs/hub.md: trusting a kernel).
 """
 
-from __future__ import annotations
-
 import json
 import sys
 from dataclasses import dataclass

@@ -15,8 +15,6 @@ results files and a generated README.md card. Name the task when loading:
 also come from a YAML file via --config FILE; ``--results`` takes several files.
 """
 
-from __future__ import annotations
-
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -66,10 +64,9 @@ def main(cfg: PushConfig) -> dict:
         raise ConfigError("Give the model folder: push_to_hub.py MODEL_DIR [--repo-id OWNER/NAME] ...")
     upload = should_upload(cfg.upload, cfg.repo_id, cfg.output_dir)
     with work_folder(cfg.output_dir, "entmax_vit_hub_") as folder:
-        assembled = assemble_repository(
-            cfg.model_dir, folder, repo_id=cfg.repo_id, results=cfg.results, seg_head=cfg.seg_head,
-            license=cfg.license, measure=cfg.measure_sparsity, verify=cfg.verify, overwrite=cfg.overwrite,
-        )
+        assembled = assemble_repository(cfg.model_dir, folder, repo_id=cfg.repo_id, results=cfg.results,
+                                        seg_head=cfg.seg_head, license=cfg.license, measure=cfg.measure_sparsity,
+                                        verify=cfg.verify, overwrite=cfg.overwrite)
         summary = {"folder": str(folder) if cfg.output_dir else None, "files": assembled.files,
                    "sparsity": assembled.sparsity.to_dict() if assembled.sparsity else None,
                    "verification": asdict(assembled.verification) if assembled.verification else None,
@@ -81,11 +78,6 @@ def main(cfg: PushConfig) -> dict:
                                        revision=cfg.revision, commit_message=cfg.commit_message)
             summary["upload"] = dict(result.__dict__)
         (records / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _print_summary(summary)
-    return summary
-
-
-def _print_summary(summary: dict) -> None:
     print(f"[push_to_hub] {len(summary['files'])} files: {', '.join(summary['files'])}")
     if summary["sparsity"]:
         s = summary["sparsity"]
@@ -101,6 +93,7 @@ def _print_summary(summary: dict) -> None:
     if summary["upload"]:
         u = summary["upload"]
         print(f"[push_to_hub] uploaded to {u['repo_url']} ({u['revision']}): {u['pr_url'] or u['commit_url']}")
+    return summary
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,7 +26,6 @@ class ScenesConfig(synthetic_scenes.ScenesConfig):
 
 def raw_pixel_baselines(scenes, size: int = 32, k: int = 20, epochs: int = 200, seed: int = 0) -> dict[str, float]:
     """Top-1 accuracy (%) of two probes on raw pixels: what the benchmark gives away without any learned feature.
-
     Images are resized to ``size`` px and standardised per pixel with train statistics; ``knn`` is the project's
     weighted k-NN (evaluation.knn, official DINO's vote) with ``k`` neighbours, ``linear`` the best validation
     accuracy of a full-batch softmax regression (Adam, ``epochs`` steps) over three weight decays. ``chance`` is
