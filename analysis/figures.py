@@ -46,14 +46,8 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 
 
 @torch.no_grad()
-def save_attention_maps(
-    model: nn.Module,
-    image_tensor: torch.Tensor,
-    path: str | os.PathLike,
-    *,
-    layer: int = -1,
-    mass: Optional[float] = DINO_MASS_THRESHOLD,
-) -> Path:
+def save_attention_maps(model: nn.Module, image_tensor: torch.Tensor, path: str | os.PathLike, *, layer: int = -1,
+                        mass: Optional[float] = DINO_MASS_THRESHOLD) -> Path:
     """PNG of one image's (3, H, W) per-head [CLS] attention: row 1 the image, each head's map (nearest-upsampled,
     own colour scale) and the head mean; row 2 (``mass`` set) the image masked to the patches holding ``mass`` of
     each map (DINO's thresholded maps)."""
@@ -105,16 +99,9 @@ def _pca_basis(features: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def pca_rgb(
-    model: nn.Module,
-    images: torch.Tensor,
-    *,
-    layer: int = -1,
-    foreground_only: bool = False,
-    masks: Optional[torch.Tensor] = None,
-    mass: float = DINO_MASS_THRESHOLD,
-    feature_norm: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
+def pca_rgb(model: nn.Module, images: torch.Tensor, *, layer: int = -1, foreground_only: bool = False,
+            masks: Optional[torch.Tensor] = None, mass: float = DINO_MASS_THRESHOLD,
+            feature_norm: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """PCA of patch features as RGB: ``(rgb (B, h, w, 3) in [0, 1], foreground (B, h, w) bool)``, fitted on the
     patches of all ``images`` (B, 3, H, W), with ``foreground_only`` on foreground patches only: from ``masks``
     (most pixels non-zero, non-255) or else the last layer's head-averaged [CLS] attention keeping ``mass``;
@@ -182,12 +169,8 @@ def curve_metrics(runs: Mapping[str, PerLayerMetrics]) -> list[str]:
     return sorted(n for n in names if not any(s in n for s in skip) or n.endswith("_head_avg_map"))
 
 
-def plot_layer_curves(
-    runs: Mapping[str, PerLayerMetrics],
-    out_dir: str | os.PathLike,
-    metrics: Optional[Iterable[str]] = None,
-    separate: bool = False,
-) -> list[Path]:
+def plot_layer_curves(runs: Mapping[str, PerLayerMetrics], out_dir: str | os.PathLike,
+                      metrics: Optional[Iterable[str]] = None, separate: bool = False) -> list[Path]:
     """``layer_curves.png``: every metric over layers, one line per model (``runs``: {name: analyze_model output});
     with ``separate`` also ``curve_<metric>.png`` each. Returns the written paths (overview first)."""
     if not runs:

@@ -73,18 +73,10 @@ def _collect(rows: ImageRows, items, num_images: int, size: int, with_masks: boo
     return AnalysisImages(torch.stack(pixels), stacked_masks, names, rows.skipped)
 
 
-def load_analysis_images(
-    source: str,
-    *,
-    split: str = "validation",
-    num_images: int = 16,
-    image_size: int = 224,
-    mask_dir: Optional[str] = None,
-    image_column: Optional[str] = None,
-    mask_column: Optional[str] = None,
-    use_masks: bool = True,
-    streaming: bool = False,
-) -> AnalysisImages:
+def load_analysis_images(source: str, *, split: str = "validation", num_images: int = 16, image_size: int = 224,
+                         mask_dir: Optional[str] = None, image_column: Optional[str] = None,
+                         mask_column: Optional[str] = None, use_masks: bool = True,
+                         streaming: bool = False) -> AnalysisImages:
     """The first ``num_images`` readable images of ``source`` (and their masks where the source has them)."""
     path = Path(source).expanduser()
     if _is_plain_image_folder(path):

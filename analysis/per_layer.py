@@ -49,9 +49,8 @@ def forward_with_internals(model: nn.Module, pixel_values: torch.Tensor) -> tupl
     out = base(pixel_values=pixel_values.to(device), output_attentions=True, output_hidden_states=True, return_dict=True)
     attentions, hidden = out.attentions, out.hidden_states
     if not attentions or any(a is None for a in attentions):
-        raise ValueError(
-            f"{type(base).__name__} returned no attention weights; load it with attn_implementation='eager'"
-        )
+        raise ValueError(f"{type(base).__name__} returned no attention weights; load it with "
+                         "attn_implementation='eager'")
     if hidden is None or len(hidden) != len(attentions) + 1:
         raise ValueError("expected hidden_states = embeddings + one output per block")
     norms = (getattr(base, "layernorm", None), getattr(base, "norm", None))
@@ -60,17 +59,10 @@ def forward_with_internals(model: nn.Module, pixel_values: torch.Tensor) -> tupl
 
 
 @torch.no_grad()
-def analyze_model(
-    model: nn.Module,
-    pixel_values: torch.Tensor,
-    masks: Optional[torch.Tensor] = None,
-    *,
-    batch_size: int = 8,
-    outlier_k: float = DEFAULT_OUTLIER_K,
-    mass_threshold: float = DINO_MASS_THRESHOLD,
-    feature_norm: bool = True,
-    progress: bool = False,
-) -> PerLayerMetrics:
+def analyze_model(model: nn.Module, pixel_values: torch.Tensor, masks: Optional[torch.Tensor] = None, *,
+                  batch_size: int = 8, outlier_k: float = DEFAULT_OUTLIER_K,
+                  mass_threshold: float = DINO_MASS_THRESHOLD, feature_norm: bool = True,
+                  progress: bool = False) -> PerLayerMetrics:
     """``{layer: {metric: value}}`` (layer 0 = the first block) of ``model`` on normalised ``pixel_values``
     (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, 255 ignored) for the foreground
     Jaccard. Metrics as defined in attention_metrics, token_metrics and foreground, each the exact mean over all
