@@ -159,16 +159,6 @@ def save_pca_image(model: nn.Module, images: torch.Tensor, path: str | os.PathLi
     return _save(fig, path)
 
 
-def curve_metrics(runs: Mapping[str, PerLayerMetrics]) -> list[str]:
-    """Metrics worth a curve: every metric of any run except per-head entries and bookkeeping indices."""
-    names: set[str] = set()
-    for per_layer in runs.values():
-        for metrics in per_layer.values():
-            names.update(metrics)
-    skip = ("_head_", "best_head_index", "outlier_threshold")
-    return sorted(n for n in names if not any(s in n for s in skip) or n.endswith("_head_avg_map"))
-
-
 def plot_layer_curves(runs: Mapping[str, PerLayerMetrics], out_dir: str | os.PathLike,
                       metrics: Optional[Iterable[str]] = None, separate: bool = False) -> list[Path]:
     """``layer_curves.png``: every metric over layers, one line per model (``runs``: {name: analyze_model output});
@@ -176,7 +166,11 @@ def plot_layer_curves(runs: Mapping[str, PerLayerMetrics], out_dir: str | os.Pat
     if not runs:
         raise ValueError("plot_layer_curves needs at least one {name: per_layer_metrics} entry")
     out = Path(out_dir)
-    names = list(metrics) if metrics is not None else curve_metrics(runs)
+    if metrics is None:  # every metric of any run except per-head entries and bookkeeping indices
+        found = {name for per_layer in runs.values() for layer in per_layer.values() for name in layer}
+        skip = ("_head_", "best_head_index", "outlier_threshold")
+        metrics = sorted(n for n in found if not any(s in n for s in skip) or n.endswith("_head_avg_map"))
+    names = list(metrics)
     if not names:
         raise ValueError("no metrics to plot")
 

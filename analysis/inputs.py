@@ -43,10 +43,6 @@ def preprocess_mask(mask: Any, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).astype(np.int64))
 
 
-def _is_plain_image_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir() if p.is_file())
-
-
 def _find_mask(mask_dir: Path, stem: str) -> Optional[Path]:
     return next((p for p in sorted(mask_dir.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
 
@@ -79,8 +75,9 @@ def load_analysis_images(source: str, *, split: str = "validation", num_images: 
                          streaming: bool = False) -> AnalysisImages:
     """The first ``num_images`` readable images of ``source`` (and their masks where the source has them)."""
     path = Path(source).expanduser()
-    if _is_plain_image_folder(path):
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    listing = path.iterdir() if path.is_dir() else ()
+    files = sorted(p for p in listing if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if files:  # a plain folder of images
         mdir = Path(mask_dir).expanduser() if (mask_dir and use_masks) else None
         if mdir is not None and not mdir.is_dir():
             raise ValueError(f"mask_dir {mdir} is not a directory")
