@@ -28,19 +28,15 @@ def row_entropy(attn: torch.Tensor) -> torch.Tensor:
     return -plogp.sum(-1)
 
 
-def _check(attn: torch.Tensor, grid: tuple[int, int], prefix: int) -> None:
+def attention_statistics(attn: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> tuple[Stats, torch.Tensor]:
+    """Running sums of the attention metrics of one layer (defined in docs/analysis.md, "Metrics"; an
+    attention_distance row with no mass on patch keys is skipped), and ``support_hist`` (T + 1,): rows (all heads,
+    all queries) with exactly ``k`` non-zero entries, from which the median support is read exactly."""
     if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attention must be (batch, heads, tokens, tokens), got shape {tuple(attn.shape)}")
     h, w = grid
     if attn.shape[-1] != prefix + h * w:
         raise ValueError(f"attention has {attn.shape[-1]} tokens but prefix {prefix} + grid {h}x{w} = {prefix + h * w}")
-
-
-def attention_statistics(attn: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> tuple[Stats, torch.Tensor]:
-    """Running sums of the attention metrics of one layer (defined in docs/analysis.md, "Metrics"; an
-    attention_distance row with no mass on patch keys is skipped), and ``support_hist`` (T + 1,): rows (all heads,
-    all queries) with exactly ``k`` non-zero entries, from which the median support is read exactly."""
-    _check(attn, grid, prefix)
     attn = attn.float()
     batch, heads, tokens, _ = attn.shape
     nonzero = attn > 0  # (B, H, T, T)

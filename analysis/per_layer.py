@@ -63,10 +63,9 @@ def analyze_model(model: nn.Module, pixel_values: torch.Tensor, masks: Optional[
                   batch_size: int = 8, outlier_k: float = DEFAULT_OUTLIER_K,
                   mass_threshold: float = DINO_MASS_THRESHOLD, feature_norm: bool = True,
                   progress: bool = False) -> PerLayerMetrics:
-    """``{layer: {metric: value}}`` (layer 0 = the first block) of ``model`` on normalised ``pixel_values``
-    (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, 255 ignored) for the foreground
-    Jaccard. Metrics as defined in attention_metrics, token_metrics and foreground, each the exact mean over all
-    images (batching does not change the numbers)."""
+    """``{layer: {metric: value}}`` (layer 0 = the first block; metrics: docs/analysis.md) of ``model`` on normalised
+    ``pixel_values`` (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, 255 ignored) for the foreground
+    Jaccard; each the exact mean over all images (batching does not change the numbers)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
@@ -111,7 +110,7 @@ def analyze_model(model: nn.Module, pixel_values: torch.Tensor, masks: Optional[
 
     result: PerLayerMetrics = {}
     for layer in sorted(sums):
-        metrics = finalize({k: (s, c) for k, (s, c) in sums[layer].items()})
+        metrics = finalize(sums[layer])
         metrics["support_median"] = median_from_histogram(hists[layer])
         metrics.update(norm_metrics(torch.cat(patch_norms[layer]), torch.cat(cls_norms[layer]), outlier_k))
         metrics.update(summarize_heads(metrics))

@@ -31,17 +31,12 @@ def high_norm_threshold(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> fl
     return float(median + k * MAD_TO_STD * mad)
 
 
-def _check(features: torch.Tensor, grid: tuple[int, int], prefix: int) -> None:
-    h, w = grid
-    if features.ndim != 3 or features.shape[1] != prefix + h * w:
-        raise ValueError(f"features must be (batch, {prefix} + {h}*{w} tokens, dim), got shape {tuple(features.shape)}")
-
-
 def similarity_statistics(features: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> Stats:
     """Running sums of ``cos_to_cls``, ``cos_neighbors``, ``cos_pairwise`` and ``locality_contrast`` (per image)
     of (B, T, D) features (definitions: docs/analysis.md, "Metrics")."""
-    _check(features, grid, prefix)
     h, w = grid
+    if features.ndim != 3 or features.shape[1] != prefix + h * w:
+        raise ValueError(f"features must be (batch, {prefix} + {h}*{w} tokens, dim), got shape {tuple(features.shape)}")
     batch = features.shape[0]
     x = F.normalize(features.float(), dim=-1)
     cls, patches = x[:, 0], x[:, prefix:]  # (B, D), (B, N, D)
