@@ -214,7 +214,6 @@ def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.Path
     fig = Figure(figsize=(5.5, 3.6))
     ax = fig.subplots()
     offsets = np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [0.0]
-    plotted = False
     for (label, per_layer), dx in zip(runs.items(), offsets):
         xs, ys = [], []
         for layer in sorted(per_layer):
@@ -223,8 +222,7 @@ def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.Path
             ys += heads
         if xs:
             ax.scatter(xs, ys, s=12, alpha=0.8, label=label)
-            plotted = True
-    if not plotted:
+    if not ax.collections:  # no model had per-head distances
         raise ValueError("no attention_distance_head_<i> metrics to plot")
     ax.set_xlabel("layer")
     ax.set_ylabel("mean attention distance (patches)")
