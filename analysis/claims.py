@@ -1,12 +1,8 @@
 """The paper's two analysis claims, measured on one trained model with the project's own probes (the metric names
-and their definitions: docs/analysis.md, "The paper's two analysis claims").
-
-    numbers = measure(model, ClaimsConfig(dataset="embedded"))        # {name: float}, mIoU and Jaccard in percent
-    write_claims(numbers, "out/claims_results.json", model=model, cfg=ClaimsConfig())
+and their definitions: docs/analysis.md, "The paper's two analysis claims"); mIoU and Jaccard in percent.
 
 Every probe is ``scripts/eval_segmentation.py``'s (same preset, transforms, optimiser, mIoU) on the same data; one
-model and seed cannot separate small differences from noise: compare across seeds (``scripts/reproduce_mini.py``).
-"""
+model and seed cannot separate small differences from noise: compare across seeds (``scripts/reproduce_mini.py``)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""PNG figures of the analysis: per-head [CLS] attention maps (DINO's visualize_attention, with the mass-thresholded
-maps), PCA of patch features as RGB, metric curves over layers and per-head attention distances per model.
-
-Drawn on bare matplotlib Figures, never pyplot: a Figure renders with Agg whatever backend pyplot would pick (on a
-desktop pyplot starts a GUI toolkit, which fails off the main thread) and joins no global figure list."""
+"""PNG figures of the analysis, drawn on bare matplotlib Figures, never pyplot: a Figure renders with Agg whatever
+backend pyplot would pick (on a desktop pyplot starts a GUI toolkit, which fails off the main thread) and joins no
+global figure list."""
 
 from __future__ import annotations
 

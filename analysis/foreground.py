@@ -1,9 +1,6 @@
 """How well [CLS] attention picks out the foreground: DINO's "keep a share of the attention mass" maps, then
-Jaccard (IoU) with a foreground mask, per head and for the best head.
-
-Masks are segmentation maps (B, H, W) with 0 = background, ``ignore_index`` (255) = unlabelled, anything
-else = foreground; ignored pixels count in neither the intersection nor the union.
-"""
+Jaccard (IoU) with a foreground mask (B, H, W): 0 = background, ``ignore_index`` (255) = unlabelled, counted in
+neither the intersection nor the union, anything else = foreground."""
 
 from __future__ import annotations
 

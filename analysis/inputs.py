@@ -1,7 +1,6 @@
-"""Images (and masks, where present) for the analysis, as tensors: a dataset source of
-``data.datasets.load_image_dataset``, or a plain folder of images with an optional ``mask_dir`` (masks named like
-the images; 0 = background, 255 = ignore). As DINO's visualize_attention, whole images: shorter side resized to
-``image_size`` (bicubic; masks nearest) and centre-cropped, ImageNet-normalised (evaluation's eval transform)."""
+"""Images (and masks, where present) for the analysis, as tensors, from a ``load_image_dataset`` source or a plain
+folder of images (masks from ``mask_dir``, named like the images). As DINO's visualize_attention, whole images:
+shorter side resized (bicubic; masks nearest), centre-cropped, ImageNet-normalised (evaluation's eval transform)."""
 
 from __future__ import annotations
 

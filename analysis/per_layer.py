@@ -1,9 +1,6 @@
 """``analyze_model``: every semantic-diffusion metric, per layer, for a ViT (EntmaxViT, a model wrapping one, or any
-ViT with ``output_attentions`` / ``output_hidden_states`` and ``config.patch_size``) on a set of images.
-
-Layer i uses block i's attention and output tokens. Norms are taken on the raw residual stream (LayerNorm would hide
-high-norm artefacts); cosine similarities on what a probe sees (final LayerNorm applied) unless ``feature_norm=False``.
-"""
+ViT with ``output_attentions`` / ``output_hidden_states`` and ``config.patch_size``) on a set of images. Norms are
+taken on the raw residual stream (LayerNorm would hide high-norm artefacts), cosines on what a probe sees."""
 
 from __future__ import annotations
 
