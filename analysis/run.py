@@ -199,11 +199,9 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
         image_size = eval_resolution(None, image_size, source, what="image_size")[1]
     cfg = dataclasses.replace(cfg, image_size=image_size)
 
-    images = load_analysis_images(
-        cfg.dataset, split=cfg.split, num_images=cfg.num_images, image_size=cfg.image_size,
-        mask_dir=cfg.mask_dir, image_column=cfg.image_column, mask_column=cfg.mask_column,
-        use_masks=cfg.use_masks, streaming=cfg.streaming,
-    )
+    images = load_analysis_images(cfg.dataset, split=cfg.split, num_images=cfg.num_images, image_size=cfg.image_size,
+                                  mask_dir=cfg.mask_dir, image_column=cfg.image_column, mask_column=cfg.mask_column,
+                                  use_masks=cfg.use_masks, streaming=cfg.streaming)
     n = images.pixel_values.shape[0]
     logger.info("%d images from %s (%s), masks: %s", n, cfg.dataset, cfg.split, images.masks is not None)
     if n < cfg.num_images:
