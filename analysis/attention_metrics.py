@@ -28,37 +28,15 @@ def row_entropy(attn: torch.Tensor) -> torch.Tensor:
     return -plogp.sum(-1)
 
 
-def _check(attn: torch.Tensor, grid: tuple[int, int], prefix: int) -> None:
+def attention_statistics(attn: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> tuple[Stats, torch.Tensor]:
+    """Running sums of the attention metrics of one layer (defined in docs/analysis.md, "Metrics"; an
+    attention_distance row with no mass on patch keys is skipped), and ``support_hist`` (T + 1,): rows (all heads,
+    all queries) with exactly ``k`` non-zero entries, from which the median support is read exactly."""
     if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attention must be (batch, heads, tokens, tokens), got shape {tuple(attn.shape)}")
     h, w = grid
     if attn.shape[-1] != prefix + h * w:
-        raise ValueError(
-            f"attention has {attn.shape[-1]} tokens but prefix {prefix} + grid {h}x{w} = {prefix + h * w}"
-        )
-
-
-def attention_statistics(attn: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> tuple[Stats, torch.Tensor]:
-    """Running sums of the attention metrics of one layer, and the histogram of row support sizes.
-
-    Returns ``(stats, support_hist)`` where ``support_hist[k]`` counts rows (all heads, all queries) with
-    exactly ``k`` non-zero entries, (T + 1,), from which the median support is read exactly.
-
-    Metrics (means over images, heads and the rows named):
-      attention_zero_share        share of exact zeros over all entries
-      support_mean                non-zeros per row, all rows
-      cls_support_mean            non-zeros in the [CLS] query row
-      cls_zero_share              share of exact zeros in the [CLS] query row
-      entropy / cls_entropy       row entropy (nats), all rows / [CLS] row
-      patch_entropy               row entropy of patch queries
-      patch_to_prefix_mass        attention mass patch queries put on [CLS] + registers
-      attention_distance          patch-to-patch attention distance in patches: for each patch query the
-                                  attention-weighted mean distance to the patch keys, weights renormalised over
-                                  patch keys (ViT paper's "mean attention distance"); rows with no patch mass
-                                  are skipped
-      attention_distance_head_<i> the same per head
-    """
-    _check(attn, grid, prefix)
+        raise ValueError(f"attention has {attn.shape[-1]} tokens but prefix {prefix} + grid {h}x{w} = {prefix + h * w}")
     attn = attn.float()
     batch, heads, tokens, _ = attn.shape
     nonzero = attn > 0  # (B, H, T, T)

@@ -1,20 +1,8 @@
-"""The paper's two analysis claims, measured on one trained model with the project's own probes.
-
-    numbers = measure(model, ClaimsConfig(dataset="embedded"))        # {name: float}, mIoU and Jaccard in percent
-    write_claims(numbers, "out/claims_results.json", model=model, cfg=ClaimsConfig())
-
-(a) "Shallow blocks align better with the foreground, yet probe worse than deeper ones." Per block i:
-    ``block_<i>/fg_jaccard`` (best head) and ``fg_jaccard_avg_map`` (head-averaged map): Jaccard of the thresholded
-    [CLS] attention (60 % of the mass, as ``scripts/analyze.py``) with the masks' foreground; ``block_<i>/seg_miou``:
-    the segmentation probe (preset ``probe_preset``) on block i's patch tokens alone. Summaries (shallow = mean over
-    the first half of the blocks, deep = the last): ``fg_shallow_minus_deep``, ``miou_deep_minus_shallow``,
-    ``claim_shallow_aligns_probes_worse`` (1.0 when both > 0), ``fg_best_block`` / ``miou_best_block``.
-(b) "[CLS] is complementary for dense prediction": the last block's probe with [CLS] concatenated to every patch,
-    ``seg_miou_patch_cls`` vs ``seg_miou_patch``, ``cls_gain_miou``, ``claim_cls_complementary`` (1.0 when > 0).
+"""The paper's two analysis claims, measured on one trained model with the project's own probes (the metric names
+and their definitions: docs/analysis.md, "The paper's two analysis claims"); mIoU and Jaccard in percent.
 
 Every probe is ``scripts/eval_segmentation.py``'s (same preset, transforms, optimiser, mIoU) on the same data; one
-model and seed cannot separate small differences from noise: compare across seeds (``scripts/reproduce_mini.py``).
-"""
+model and seed cannot separate small differences from noise: compare across seeds (``scripts/reproduce_mini.py``)."""
 
 from __future__ import annotations
 
@@ -93,9 +81,9 @@ def _eager_attention(model: nn.Module) -> Iterator[nn.Module]:
             model.set_attn_implementation(before)
 
 
-def foreground_alignment(model: nn.Module, cfg: ClaimsConfig, image_size: int) -> dict[int, dict[str, float]]:
-    """Per block: ``fg_jaccard`` (best head) and ``fg_jaccard_avg_map`` of the [CLS] attention on the first
-    ``cfg.foreground_images`` validation images (``analysis.per_layer.analyze_model``)."""
+def foreground_alignment(model: nn.Module, cfg: ClaimsConfig, image_size: int) -> dict[str, float]:
+    """``block_<i>/fg_jaccard`` (best head) and ``block_<i>/fg_jaccard_avg_map`` of the [CLS] attention on the first
+    ``cfg.foreground_images`` validation images (``analysis.per_layer.analyze_model``), in percent."""
     from .inputs import load_analysis_images
     from .per_layer import analyze_model
 
@@ -105,13 +93,14 @@ def foreground_alignment(model: nn.Module, cfg: ClaimsConfig, image_size: int) -
         raise ValueError(f"{cfg.dataset} split {cfg.eval_split!r} has no mask column: no foreground to align with")
     with _eager_attention(model):
         per_layer = analyze_model(model, images.pixel_values, images.masks, progress=cfg.progress)
-    return {layer: {"fg_jaccard": 100.0 * m["fg_jaccard_best_head"], "fg_jaccard_avg_map": 100.0 * m["fg_jaccard_head_avg_map"]}
-            for layer, m in per_layer.items() if "fg_jaccard_best_head" in m}
+    names = (("fg_jaccard", "fg_jaccard_best_head"), ("fg_jaccard_avg_map", "fg_jaccard_head_avg_map"))
+    return {f"block_{layer}/{name}": 100.0 * m[key]
+            for layer, m in per_layer.items() if "fg_jaccard_best_head" in m for name, key in names}
 
 
 def measure(model: Union[nn.Module, str], cfg: Optional[ClaimsConfig] = None) -> dict[str, float]:
     """Both claims on ``model`` (an in-memory EntmaxViT model or a model wrapping one, or a folder / Hub id):
-    a flat ``{name: float}`` (names in the module docstring). The model is used in eval mode and left as it was."""
+    a flat ``{name: float}`` (names in docs/analysis.md). The model is used in eval mode and left as it was."""
     from entmax_vit.evaluation.segmentation_probe import probe_datasets, probe_grid_miou
 
     cfg = cfg or ClaimsConfig()
@@ -127,11 +116,7 @@ def measure(model: Union[nn.Module, str], cfg: Optional[ClaimsConfig] = None) ->
         base = dataclasses.replace(base, input_size=backbone.config.image_size)
     try:
         data = probe_datasets(base)
-        numbers: dict[str, float] = {}
-        fg = foreground_alignment(backbone, cfg, base.input_size)
-        for block, values in fg.items():
-            for name, value in values.items():
-                numbers[f"block_{block}/{name}"] = value
+        numbers = foreground_alignment(backbone, cfg, base.input_size)
         runs = [(f"block_{b}/seg_miou", dict(layers=[b], use_cls_token=False)) for b in blocks]
         if depth - 1 not in blocks:
             runs.append((f"block_{depth - 1}/seg_miou", dict(layers=[depth - 1], use_cls_token=False)))
@@ -154,7 +139,7 @@ HEADLINE_KEYS = ("fg_shallow_minus_deep", "miou_deep_minus_shallow", "cls_gain_m
 
 
 def summarize(numbers: Mapping[str, float], depth: int) -> dict[str, float]:
-    """The claims' summary numbers from the per-block ones (see the module docstring)."""
+    """The claims' summary numbers from the per-block ones (definitions: docs/analysis.md)."""
     last = depth - 1
     out: dict[str, float] = {}
     patch = numbers.get(f"block_{last}/seg_miou")

@@ -1,8 +1,6 @@
-"""PNG figures of the analysis: per-head [CLS] attention maps (DINO's visualize_attention, with the mass-thresholded
-maps), PCA of patch features as RGB, metric curves over layers and per-head attention distances per model.
-
-Drawn on bare matplotlib Figures, never pyplot: a Figure renders with Agg whatever backend pyplot would pick (on a
-desktop pyplot starts a GUI toolkit, which fails off the main thread) and joins no global figure list."""
+"""PNG figures of the analysis, drawn on bare matplotlib Figures, never pyplot: a Figure renders with Agg whatever
+backend pyplot would pick (on a desktop pyplot starts a GUI toolkit, which fails off the main thread) and joins no
+global figure list."""
 
 from __future__ import annotations
 
@@ -46,14 +44,8 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 
 
 @torch.no_grad()
-def save_attention_maps(
-    model: nn.Module,
-    image_tensor: torch.Tensor,
-    path: str | os.PathLike,
-    *,
-    layer: int = -1,
-    mass: Optional[float] = DINO_MASS_THRESHOLD,
-) -> Path:
+def save_attention_maps(model: nn.Module, image_tensor: torch.Tensor, path: str | os.PathLike, *, layer: int = -1,
+                        mass: Optional[float] = DINO_MASS_THRESHOLD) -> Path:
     """PNG of one image's (3, H, W) per-head [CLS] attention: row 1 the image, each head's map (nearest-upsampled,
     own colour scale) and the head mean; row 2 (``mass`` set) the image masked to the patches holding ``mass`` of
     each map (DINO's thresholded maps)."""
@@ -105,16 +97,9 @@ def _pca_basis(features: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def pca_rgb(
-    model: nn.Module,
-    images: torch.Tensor,
-    *,
-    layer: int = -1,
-    foreground_only: bool = False,
-    masks: Optional[torch.Tensor] = None,
-    mass: float = DINO_MASS_THRESHOLD,
-    feature_norm: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
+def pca_rgb(model: nn.Module, images: torch.Tensor, *, layer: int = -1, foreground_only: bool = False,
+            masks: Optional[torch.Tensor] = None, mass: float = DINO_MASS_THRESHOLD,
+            feature_norm: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """PCA of patch features as RGB: ``(rgb (B, h, w, 3) in [0, 1], foreground (B, h, w) bool)``, fitted on the
     patches of all ``images`` (B, 3, H, W), with ``foreground_only`` on foreground patches only: from ``masks``
     (most pixels non-zero, non-255) or else the last layer's head-averaged [CLS] attention keeping ``mass``;
@@ -172,28 +157,18 @@ def save_pca_image(model: nn.Module, images: torch.Tensor, path: str | os.PathLi
     return _save(fig, path)
 
 
-def curve_metrics(runs: Mapping[str, PerLayerMetrics]) -> list[str]:
-    """Metrics worth a curve: every metric of any run except per-head entries and bookkeeping indices."""
-    names: set[str] = set()
-    for per_layer in runs.values():
-        for metrics in per_layer.values():
-            names.update(metrics)
-    skip = ("_head_", "best_head_index", "outlier_threshold")
-    return sorted(n for n in names if not any(s in n for s in skip) or n.endswith("_head_avg_map"))
-
-
-def plot_layer_curves(
-    runs: Mapping[str, PerLayerMetrics],
-    out_dir: str | os.PathLike,
-    metrics: Optional[Iterable[str]] = None,
-    separate: bool = False,
-) -> list[Path]:
+def plot_layer_curves(runs: Mapping[str, PerLayerMetrics], out_dir: str | os.PathLike,
+                      metrics: Optional[Iterable[str]] = None, separate: bool = False) -> list[Path]:
     """``layer_curves.png``: every metric over layers, one line per model (``runs``: {name: analyze_model output});
     with ``separate`` also ``curve_<metric>.png`` each. Returns the written paths (overview first)."""
     if not runs:
         raise ValueError("plot_layer_curves needs at least one {name: per_layer_metrics} entry")
     out = Path(out_dir)
-    names = list(metrics) if metrics is not None else curve_metrics(runs)
+    if metrics is None:  # every metric of any run except per-head entries and bookkeeping indices
+        found = {name for per_layer in runs.values() for layer in per_layer.values() for name in layer}
+        skip = ("_head_", "best_head_index", "outlier_threshold")
+        metrics = sorted(n for n in found if not any(s in n for s in skip) or n.endswith("_head_avg_map"))
+    names = list(metrics)
     if not names:
         raise ValueError("no metrics to plot")
 
@@ -237,7 +212,6 @@ def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.Path
     fig = Figure(figsize=(5.5, 3.6))
     ax = fig.subplots()
     offsets = np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [0.0]
-    plotted = False
     for (label, per_layer), dx in zip(runs.items(), offsets):
         xs, ys = [], []
         for layer in sorted(per_layer):
@@ -246,8 +220,7 @@ def plot_head_distances(runs: Mapping[str, PerLayerMetrics], path: str | os.Path
             ys += heads
         if xs:
             ax.scatter(xs, ys, s=12, alpha=0.8, label=label)
-            plotted = True
-    if not plotted:
+    if not ax.collections:  # no model had per-head distances
         raise ValueError("no attention_distance_head_<i> metrics to plot")
     ax.set_xlabel("layer")
     ax.set_ylabel("mean attention distance (patches)")

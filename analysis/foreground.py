@@ -1,9 +1,6 @@
 """How well [CLS] attention picks out the foreground: DINO's "keep a share of the attention mass" maps, then
-Jaccard (IoU) with a foreground mask, per head and for the best head.
-
-Masks are segmentation maps (B, H, W) with 0 = background, ``ignore_index`` (255) = unlabelled, anything
-else = foreground; ignored pixels count in neither the intersection nor the union.
-"""
+Jaccard (IoU) with a foreground mask (B, H, W): 0 = background, ``ignore_index`` (255) = unlabelled, counted in
+neither the intersection nor the union, anything else = foreground."""
 
 from __future__ import annotations
 
@@ -54,20 +51,10 @@ def upsample_to(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.bool() if maps.dtype == torch.bool else out
 
 
-def foreground_statistics(
-    attn: torch.Tensor,
-    masks: torch.Tensor,
-    grid: tuple[int, int],
-    prefix: int = 1,
-    mass: float = DINO_MASS_THRESHOLD,
-    ignore_index: int = 255,
-) -> Stats:
-    """Running sums of the Jaccard between thresholded [CLS] attention and the foreground of ``masks``.
-
-      fg_jaccard_head_<i>     head i's thresholded map
-      fg_jaccard_head_avg_map the head-averaged attention map, thresholded
-    Images without foreground pixels are skipped (the count says how many were used).
-    """
+def foreground_statistics(attn: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int], prefix: int = 1,
+                          mass: float = DINO_MASS_THRESHOLD, ignore_index: int = 255) -> Stats:
+    """Running sums of ``fg_jaccard_head_<i>`` and ``fg_jaccard_head_avg_map`` (the head-averaged map, thresholded):
+    Jaccard of thresholded [CLS] attention with the foreground of ``masks``; images without foreground are skipped."""
     if masks.ndim != 3 or masks.shape[0] != attn.shape[0]:
         raise ValueError(f"masks must be (batch={attn.shape[0]}, H, W), got shape {tuple(masks.shape)}")
     maps = cls_attention_maps(attn.float(), grid, prefix)  # (B, heads, h, w)

@@ -1,7 +1,6 @@
-"""Images (and masks, where present) for the analysis, as tensors: a dataset source of
-``data.datasets.load_image_dataset``, or a plain folder of images with an optional ``mask_dir`` (masks named like
-the images; 0 = background, 255 = ignore). As DINO's visualize_attention, whole images: shorter side resized to
-``image_size`` (bicubic; masks nearest) and centre-cropped, ImageNet-normalised (evaluation's eval transform)."""
+"""Images (and masks, where present) for the analysis, as tensors, from a ``load_image_dataset`` source or a plain
+folder of images (masks from ``mask_dir``, named like the images). As DINO's visualize_attention, whole images:
+shorter side resized (bicubic; masks nearest), centre-cropped, ImageNet-normalised (evaluation's eval transform)."""
 
 from __future__ import annotations
 
@@ -43,10 +42,6 @@ def preprocess_mask(mask: Any, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).astype(np.int64))
 
 
-def _is_plain_image_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir() if p.is_file())
-
-
 def _find_mask(mask_dir: Path, stem: str) -> Optional[Path]:
     return next((p for p in sorted(mask_dir.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
 
@@ -73,22 +68,15 @@ def _collect(rows: ImageRows, items, num_images: int, size: int, with_masks: boo
     return AnalysisImages(torch.stack(pixels), stacked_masks, names, rows.skipped)
 
 
-def load_analysis_images(
-    source: str,
-    *,
-    split: str = "validation",
-    num_images: int = 16,
-    image_size: int = 224,
-    mask_dir: Optional[str] = None,
-    image_column: Optional[str] = None,
-    mask_column: Optional[str] = None,
-    use_masks: bool = True,
-    streaming: bool = False,
-) -> AnalysisImages:
+def load_analysis_images(source: str, *, split: str = "validation", num_images: int = 16, image_size: int = 224,
+                         mask_dir: Optional[str] = None, image_column: Optional[str] = None,
+                         mask_column: Optional[str] = None, use_masks: bool = True,
+                         streaming: bool = False) -> AnalysisImages:
     """The first ``num_images`` readable images of ``source`` (and their masks where the source has them)."""
     path = Path(source).expanduser()
-    if _is_plain_image_folder(path):
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    listing = path.iterdir() if path.is_dir() else ()
+    files = sorted(p for p in listing if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if files:  # a plain folder of images
         mdir = Path(mask_dir).expanduser() if (mask_dir and use_masks) else None
         if mdir is not None and not mdir.is_dir():
             raise ValueError(f"mask_dir {mdir} is not a directory")

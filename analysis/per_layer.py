@@ -1,9 +1,6 @@
 """``analyze_model``: every semantic-diffusion metric, per layer, for a ViT (EntmaxViT, a model wrapping one, or any
-ViT with ``output_attentions`` / ``output_hidden_states`` and ``config.patch_size``) on a set of images.
-
-Layer i uses block i's attention and output tokens. Norms are taken on the raw residual stream (LayerNorm would hide
-high-norm artefacts); cosine similarities on what a probe sees (final LayerNorm applied) unless ``feature_norm=False``.
-"""
+ViT with ``output_attentions`` / ``output_hidden_states`` and ``config.patch_size``) on a set of images. Norms are
+taken on the raw residual stream (LayerNorm would hide high-norm artefacts), cosines on what a probe sees."""
 
 from __future__ import annotations
 
@@ -49,9 +46,8 @@ def forward_with_internals(model: nn.Module, pixel_values: torch.Tensor) -> tupl
     out = base(pixel_values=pixel_values.to(device), output_attentions=True, output_hidden_states=True, return_dict=True)
     attentions, hidden = out.attentions, out.hidden_states
     if not attentions or any(a is None for a in attentions):
-        raise ValueError(
-            f"{type(base).__name__} returned no attention weights; load it with attn_implementation='eager'"
-        )
+        raise ValueError(f"{type(base).__name__} returned no attention weights; load it with "
+                         "attn_implementation='eager'")
     if hidden is None or len(hidden) != len(attentions) + 1:
         raise ValueError("expected hidden_states = embeddings + one output per block")
     norms = (getattr(base, "layernorm", None), getattr(base, "norm", None))
@@ -60,21 +56,13 @@ def forward_with_internals(model: nn.Module, pixel_values: torch.Tensor) -> tupl
 
 
 @torch.no_grad()
-def analyze_model(
-    model: nn.Module,
-    pixel_values: torch.Tensor,
-    masks: Optional[torch.Tensor] = None,
-    *,
-    batch_size: int = 8,
-    outlier_k: float = DEFAULT_OUTLIER_K,
-    mass_threshold: float = DINO_MASS_THRESHOLD,
-    feature_norm: bool = True,
-    progress: bool = False,
-) -> PerLayerMetrics:
-    """``{layer: {metric: value}}`` (layer 0 = the first block) of ``model`` on normalised ``pixel_values``
-    (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, 255 ignored) for the foreground
-    Jaccard. Metrics as defined in attention_metrics, token_metrics and foreground, each the exact mean over all
-    images (batching does not change the numbers)."""
+def analyze_model(model: nn.Module, pixel_values: torch.Tensor, masks: Optional[torch.Tensor] = None, *,
+                  batch_size: int = 8, outlier_k: float = DEFAULT_OUTLIER_K,
+                  mass_threshold: float = DINO_MASS_THRESHOLD, feature_norm: bool = True,
+                  progress: bool = False) -> PerLayerMetrics:
+    """``{layer: {metric: value}}`` (layer 0 = the first block; metrics: docs/analysis.md) of ``model`` on normalised
+    ``pixel_values`` (B, 3, H, W), with optional ``masks`` (B, H, W; 0 background, 255 ignored) for the foreground
+    Jaccard; each the exact mean over all images (batching does not change the numbers)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
@@ -119,7 +107,7 @@ def analyze_model(
 
     result: PerLayerMetrics = {}
     for layer in sorted(sums):
-        metrics = finalize({k: (s, c) for k, (s, c) in sums[layer].items()})
+        metrics = finalize(sums[layer])
         metrics["support_median"] = median_from_histogram(hists[layer])
         metrics.update(norm_metrics(torch.cat(patch_norms[layer]), torch.cat(cls_norms[layer]), outlier_k))
         metrics.update(summarize_heads(metrics))

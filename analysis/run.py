@@ -1,8 +1,6 @@
 """The analysis entry point (``scripts/analyze.py --model A [--compare B ...] --dataset SOURCE``): each model on the
-same images, into ``output_dir``: config.yaml; per model ``<name>/`` analysis_results.json (task "analysis",
-``layer_<i>/<metric>``), per_layer.json / .md, attention_maps_<k>.png, pca.png; ``curves/`` layer_curves.png (+
-curve_<metric>.png), head_attention_distance.png; comparison.md (last-layer metrics side by side).
-``analyze_and_save`` / ``save_comparison`` write the same for models already in memory."""
+same images, into ``output_dir`` (the files: docs/analysis.md). ``analyze_and_save`` / ``save_comparison`` write
+the same for models already in memory."""
 
 from __future__ import annotations
 
@@ -113,10 +111,9 @@ def analyze_and_save(model: nn.Module, pixel_values: torch.Tensor, out_dir: str 
                      masks: Optional[torch.Tensor] = None, name: str = "model", cfg: Optional[AnalyzeConfig] = None,
                      model_name_or_path: Optional[str] = None, dataset: Optional[Mapping[str, Any]] = None,
                      image_names: Optional[Sequence[str]] = None, progress: bool = False) -> PerLayerMetrics:
-    """``analyze_model`` of one in-memory model with ``cfg``'s metric and figure options (what ``main`` does per
-    model), plus, in ``out_dir``: ``analysis_results.json`` (results schema, task "analysis", ``layer_<i>/<metric>``),
-    ``per_layer.json`` / ``per_layer.md``, ``attention_maps_<k>.png`` for the first ``cfg.num_figure_images`` images
-    and their ``pca.png``. ``dataset``: the results' dataset block (default: "in_memory")."""
+    """``analyze_model`` of one in-memory model with ``cfg``'s options, and the files ``main`` writes per model into
+    ``out_dir`` (figures of the first ``cfg.num_figure_images`` images). ``dataset``: the results' dataset block
+    (default: "in_memory")."""
     record_config = {} if cfg is None else to_dict(cfg)  # an in-memory call without cfg: no config to record
     cfg = cfg or AnalyzeConfig()
     out = Path(out_dir)
@@ -202,11 +199,9 @@ def main(cfg: AnalyzeConfig) -> dict[str, dict]:
         image_size = eval_resolution(None, image_size, source, what="image_size")[1]
     cfg = dataclasses.replace(cfg, image_size=image_size)
 
-    images = load_analysis_images(
-        cfg.dataset, split=cfg.split, num_images=cfg.num_images, image_size=cfg.image_size,
-        mask_dir=cfg.mask_dir, image_column=cfg.image_column, mask_column=cfg.mask_column,
-        use_masks=cfg.use_masks, streaming=cfg.streaming,
-    )
+    images = load_analysis_images(cfg.dataset, split=cfg.split, num_images=cfg.num_images, image_size=cfg.image_size,
+                                  mask_dir=cfg.mask_dir, image_column=cfg.image_column, mask_column=cfg.mask_column,
+                                  use_masks=cfg.use_masks, streaming=cfg.streaming)
     n = images.pixel_values.shape[0]
     logger.info("%d images from %s (%s), masks: %s", n, cfg.dataset, cfg.split, images.masks is not None)
     if n < cfg.num_images:

@@ -18,12 +18,9 @@ DEFAULT_OUTLIER_K = 6.0
 
 
 def high_norm_threshold(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> float:
-    """Outlier threshold ``median + k * 1.4826 * MAD`` of a set of token norms (any shape).
-
-    A robust version of the criterion of "Vision Transformers Need Registers" (Darcet et al. 2024), who flag
-    the patch tokens whose output norm is far above the bulk; the median/MAD makes it scale-free, so it works
-    for any model width without a hand-set absolute norm.
-    """
+    """Outlier threshold ``median + k * 1.4826 * MAD`` of a set of token norms (any shape): a robust form of the
+    criterion of "Vision Transformers Need Registers" (Darcet et al. 2024), scale-free, so it works for any model
+    width without a hand-set absolute norm."""
     if k <= 0:
         raise ValueError(f"outlier k must be > 0, got {k}")
     flat = norms.detach().float().flatten()
@@ -34,24 +31,12 @@ def high_norm_threshold(norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> fl
     return float(median + k * MAD_TO_STD * mad)
 
 
-def _check(features: torch.Tensor, grid: tuple[int, int], prefix: int) -> None:
+def similarity_statistics(features: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> Stats:
+    """Running sums of ``cos_to_cls``, ``cos_neighbors``, ``cos_pairwise`` and ``locality_contrast`` (per image)
+    of (B, T, D) features (definitions: docs/analysis.md, "Metrics")."""
     h, w = grid
     if features.ndim != 3 or features.shape[1] != prefix + h * w:
-        raise ValueError(
-            f"features must be (batch, {prefix} + {h}*{w} tokens, dim), got shape {tuple(features.shape)}"
-        )
-
-
-def similarity_statistics(features: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> Stats:
-    """Running sums of cosine similarities of patch tokens, (B, T, D) features:
-
-      cos_to_cls        patch token vs the image's [CLS] token, mean over patches
-      cos_neighbors     each 4-connected pair of adjacent patches once, mean over pairs
-      cos_pairwise      all pairs of distinct patches of an image, mean (global similarity)
-      locality_contrast cos_neighbors - cos_pairwise per image (high = local structure survives)
-    """
-    _check(features, grid, prefix)
-    h, w = grid
+        raise ValueError(f"features must be (batch, {prefix} + {h}*{w} tokens, dim), got shape {tuple(features.shape)}")
     batch = features.shape[0]
     x = F.normalize(features.float(), dim=-1)
     cls, patches = x[:, 0], x[:, prefix:]  # (B, D), (B, N, D)
@@ -74,17 +59,9 @@ def similarity_statistics(features: torch.Tensor, grid: tuple[int, int], prefix:
     return stats
 
 
-def norm_metrics(
-    patch_norms: torch.Tensor, cls_norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K
-) -> dict[str, float]:
-    """Norm metrics of one layer from pooled norms: ``patch_norms`` (num_images, N), ``cls_norms`` (num_images,).
-
-      norm_patch_mean / norm_patch_median / norm_cls_mean
-      outlier_threshold        median + k * 1.4826 * MAD over all patch-token norms of the layer
-      outlier_count            high-norm patch tokens per image (mean)
-      outlier_share            share of patch tokens that are high-norm
-      outlier_norm_ratio       mean outlier norm / median patch norm (0 when there is none)
-    """
+def norm_metrics(patch_norms: torch.Tensor, cls_norms: torch.Tensor, k: float = DEFAULT_OUTLIER_K) -> dict[str, float]:
+    """The ``norm_*`` and ``outlier_*`` metrics of one layer (docs/analysis.md) from pooled norms: ``patch_norms``
+    (num_images, N), ``cls_norms`` (num_images,). ``outlier_norm_ratio`` is 0 when there is no outlier."""
     patch_norms = patch_norms.float()
     threshold = high_norm_threshold(patch_norms, k)
     outliers = patch_norms > threshold  # (I, N)

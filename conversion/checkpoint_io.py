@@ -1,9 +1,6 @@
-"""Reading checkpoints safely: safetensors, pickled .pth files (weights only), save_pretrained folders and
-Hub repositories, and unwrapping the containers training code puts around a state dict.
-
-Pickles are always read with ``torch.load(weights_only=True)``; the only extra class allowed is
-``argparse.Namespace`` (official DINO full checkpoints store their command line as ``args``).
-"""
+"""Reading checkpoints safely (docs/conversion.md, "Safety"): safetensors, pickled .pth files (weights only, plus
+the ``argparse.Namespace`` official DINO full checkpoints store as ``args``), save_pretrained folders and Hub
+repositories, and unwrapping the containers training code puts around a state dict."""
 
 from __future__ import annotations
 
@@ -141,12 +138,9 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def unwrap_state_dict(obj: Any, which: str = "teacher") -> tuple[dict[str, torch.Tensor], list[str], Any]:
-    """Find the state dict inside ``obj``; returns it, notes describing what was unwrapped and the
-    ``argparse.Namespace`` DINO's full checkpoints store as ``args`` (else None).
-
-    A DINO training checkpoint ({"student", "teacher", "optimizer", "epoch", "args", ...}) gives the network
-    named by ``which``; timm/Lightning-style {"state_dict": ...} or {"model": ...} wrappers are opened.
-    """
+    """``(state dict, notes on what was unwrapped, the args Namespace of a DINO full checkpoint or None)``: a DINO
+    training checkpoint ({"student", "teacher", "optimizer", "epoch", "args", ...}) gives the network named by
+    ``which``; timm/Lightning-style {"state_dict": ...} or {"model": ...} wrappers are opened."""
     notes: list[str] = []
     if not isinstance(obj, Mapping):
         raise ValueError(f"Checkpoint holds a {type(obj).__name__}, not a state dict (a mapping of name -> tensor)")

@@ -1,13 +1,6 @@
-"""Convert a DINO, transformers-ViT or timm checkpoint into an EntmaxViT save_pretrained folder.
-
-    cfg = ConvertConfig(source="dino", input="dino_deitsmall16_pretrain.pth", output_dir="out/dino_vits16")
-    result = convert(cfg)          # EntmaxViTModel + report; checked against the source library's model
-    save_converted(result, cfg)    # config.json + model.safetensors + modeling code + preprocessor_config.json
-
-With ``attention="softmax"`` (default) the converted model reproduces the source; another transform keeps the
-weights and swaps the attention, for studies. The check runs the source library's own model: timm's
-``VisionTransformer`` (DINO's block) for DINO/timm, ``ViTModel.from_pretrained`` for transformers.
-"""
+"""Convert a DINO, transformers-ViT or timm checkpoint into an EntmaxViT save_pretrained folder (docs/conversion.md):
+``save_converted(convert(cfg), cfg)``. The check runs the source library's own model: timm's ``VisionTransformer``
+(DINO's block) for DINO/timm, ``ViTModel.from_pretrained`` for transformers."""
 
 from __future__ import annotations
 

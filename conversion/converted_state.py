@@ -1,16 +1,10 @@
-"""Renaming source state dicts to EntmaxViT names, and the checks shared by every source: architecture
-inference from tensor shapes and a strict load that names every offending key.
+"""Renaming source state dicts to EntmaxViT names (the key mapping: docs/conversion.md), and the checks shared by
+every source: architecture inference from tensor shapes and a strict load that names every offending key.
 
-EntmaxViT names (shapes): embeddings.cls_token (1, 1, D), embeddings.position_embeddings (1, 1 + N, D),
-embeddings.patch_embeddings.projection.* (D, C, p, p), layernorm.* (D,), and per block encoder.layer.{i}.
-norm1/norm2.*, attention.qkv.* (3D, D: rows [q; k; v], heads contiguous in each), attention.proj.*, mlp.fc1/fc2.*.
-
-DINO and timm share one naming (timm's ViT descends from DINO/DeiT): blocks.N.{norm1,norm2,attn.qkv,attn.proj,
-mlp.fc1,mlp.fc2}, cls_token, pos_embed, patch_embed.proj, norm; head.* is dropped. timm variants whose extra
+EntmaxViT's attention.qkv.* is (3D, D): rows [q; k; v], heads contiguous in each. timm variants whose extra
 parameters change the computation are rejected by name rather than silently mis-converted. transformers ViT has
-two namings: encoder.layer.N.attention.attention.{query,key,value} / output.dense / intermediate.dense (files,
-save_pretrained) and layers.N.attention.{q,k,v}_proj / o_proj / mlp.fc1 (v5 modules in memory); q/k/v are fused.
-The HF pooler (random for DINO weights; our pooler_output is the normed [CLS]), classifier and mask token are dropped.
+two namings: encoder.layer.N.attention.attention.query (files, save_pretrained) and layers.N.attention.q_proj (v5
+modules in memory).
 """
 
 from __future__ import annotations
@@ -168,9 +162,7 @@ def load_strict(model: nn.Module, converted: ConvertedState) -> None:
     model.load_state_dict(state, strict=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# DINO / timm
-# ----------------------------------------------------------------------------------------------------------
+# --- DINO / timm
 _DINO_RENAMES: Rules = [
     (re.compile(r"^cls_token$"), "embeddings.cls_token"),
     (re.compile(r"^pos_embed$"), "embeddings.position_embeddings"),
@@ -206,9 +198,7 @@ def convert_dino_keys(state: dict[str, torch.Tensor]) -> ConvertedState:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# transformers ViT
-# ----------------------------------------------------------------------------------------------------------
+# --- transformers ViT
 _BLOCK = r"^(?:encoder\.layer|layers)\.(\d+)\."
 _QKV = re.compile(_BLOCK + r"attention\.(?:attention\.(query|key|value)|(q_proj|k_proj|v_proj))\.(weight|bias)$")
 _QKV_INDEX = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}

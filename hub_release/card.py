@@ -115,9 +115,7 @@ def eval_results(results: list[dict]) -> list[EvalResult]:
 
 def card_data(inputs: CardInputs) -> ModelCardData:
     """The card's YAML metadata as huggingface_hub's ``ModelCardData``."""
-    tags = list(BASE_TAGS)
-    attention = inputs.model_config.get("attention", "softmax")
-    tags.append(attention.replace("_", "-"))
+    tags = [*BASE_TAGS, inputs.model_config.get("attention", "softmax").replace("_", "-")]
     if inputs.segmentation_head:
         tags.append("image-segmentation")
     datasets = [d for d in dict.fromkeys(inputs.datasets) if d]

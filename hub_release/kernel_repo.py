@@ -1,16 +1,11 @@
 """The entmax attention kernel repository for the Hub, generated from ``modeling/`` (issue 23): README.md (the
-kernel card) and two noarch variants, build/torch-cpu/ and build/torch-cuda/ (kernels picks the one of the installed
-torch; the files are identical, the functions pick Triton on CUDA tensors and the tiled kernel elsewhere, per call).
-Each holds byte-for-byte copies of modeling/attention.py and every file it imports relatively, a generated
-``__init__.py``, the ``entmax_attention/`` package older kernels releases import, and metadata.json (id, version,
-backend, kernels-minver, and the sha256 digest of every file that kernels checks on load).
+kernel card) and two noarch variants, build/torch-cpu/ and build/torch-cuda/ (identical files; the functions pick
+Triton on CUDA tensors and the tiled kernel elsewhere, per call). Each holds byte-for-byte copies of
+modeling/attention.py and every file it imports relatively, a generated ``__init__.py``, the ``entmax_attention/``
+package older kernels releases import, and metadata.json with the sha256 digest of every file.
 
-The contract with transformers and kernels (pinned by tests/test_hub_kernel.py): transformers asks for
-``version=1`` (branch v1) unless ``@REV`` is given and registers ``getattr(module, FUNC)`` for
-``attn_implementation="OWNER/entmax-attention:FUNC"``, called as an eager attention function. transformers 5.x
-refuses a Hub attention kernel without a flash-attention entry point, so the module also exports
-``flash_attn_forward`` (entmax-1.5) and deliberately NOT ``supports_flash_attn``: with both, transformers would
-register ``flash_attn_forward`` whatever ``:FUNC`` names. Without ``:FUNC`` there is nothing to register.
+What transformers and kernels require of the module (why it exports ``flash_attn_forward`` but NOT
+``supports_flash_attn``): docs/hub.md, pinned by tests/test_hub_kernel.py.
 """
 
 from __future__ import annotations

@@ -90,13 +90,10 @@ def additions(folder: Path, files: list[str]) -> list[CommitOperationAdd]:
 def upload_repository(folder: str | Path, repo_id: str, *, private: bool = False, create_pr: bool = False,
                       revision: Optional[str] = None, token: Optional[str] = None,
                       commit_message: Optional[str] = None) -> UploadResult:
-    """Create the model repo if needed, then commit every file of ``folder`` in one commit.
-
-    ``revision``: the branch to commit to (created from main when missing), or an open pull request's
-    ``refs/pr/N`` to add a commit to it. ``create_pr``: open a pull request against that branch instead of
-    committing to it. ``private``: create the repository private; an existing public repository is refused
-    rather than silently receiving the files. The token defaults to HF_TOKEN / the cached login.
-    """
+    """Create the model repo if needed, then commit every file of ``folder`` in one commit. ``revision``: the branch
+    to commit to (created from main when missing), or an open pull request's ``refs/pr/N`` to add a commit to it.
+    ``create_pr``: open a pull request against that branch instead. ``private``: create the repository private; an
+    existing public repository is refused rather than silently receiving the files. Token: HF_TOKEN / the login."""
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():
         raise ValueError(f"{folder} is not an assembled repository (needs config.json and README.md)")
