@@ -2,8 +2,6 @@
 patches row-major: sparsity, support size, entropy, mean attention distance. Returned as running sums ``{name: (sum,
 count)}`` so that batches accumulate exactly (``finalize`` turns them into means)."""
 
-from __future__ import annotations
-
 import math
 from typing import Optional
 

@@ -4,8 +4,6 @@ and their definitions: docs/analysis.md, "The paper's two analysis claims"); mIo
 Every probe is ``scripts/eval_segmentation.py``'s (same preset, transforms, optimiser, mIoU) on the same data; one
 model and seed cannot separate small differences from noise: compare across seeds (``scripts/reproduce_mini.py``)."""
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import logging

@@ -2,8 +2,6 @@
 backend pyplot would pick (on a desktop pyplot starts a GUI toolkit, which fails off the main thread) and joins no
 global figure list."""
 
-from __future__ import annotations
-
 import math
 import os
 from pathlib import Path

@@ -2,8 +2,6 @@
 Jaccard (IoU) with a foreground mask (B, H, W): 0 = background, ``ignore_index`` (255) = unlabelled, counted in
 neither the intersection nor the union, anything else = foreground."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

@@ -2,8 +2,6 @@
 folder of images (masks from ``mask_dir``, named like the images). As DINO's visualize_attention, whole images:
 shorter side resized (bicubic; masks nearest), centre-cropped, ImageNet-normalised (evaluation's eval transform)."""
 
-from __future__ import annotations
-
 import itertools
 import logging
 from dataclasses import dataclass, field

@@ -2,8 +2,6 @@
 ViT with ``output_attentions`` / ``output_hidden_states`` and ``config.patch_size``) on a set of images. Norms are
 taken on the raw residual stream (LayerNorm would hide high-norm artefacts), cosines on what a probe sees."""
 
-from __future__ import annotations
-
 from collections import defaultdict
 from typing import Optional
 

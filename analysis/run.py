@@ -2,8 +2,6 @@
 same images, into ``output_dir`` (the files: docs/analysis.md). ``analyze_and_save`` / ``save_comparison`` write
 the same for models already in memory."""
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import logging

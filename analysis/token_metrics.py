@@ -2,8 +2,6 @@
 their 4-connected neighbours and to each other ("semantic diffusion": global semantics spread through every patch
 make patches alike far beyond their neighbourhood). Features (B, T, D), ``prefix`` tokens then h * w patches."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

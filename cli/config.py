@@ -6,8 +6,6 @@
 Added to tyro: ``--config|--preset NAME_OR_YAML``, a dict field as one YAML mapping, the annotated bounds checked.
 """
 
-from __future__ import annotations
-
 import contextlib
 import io
 import sys

@@ -6,8 +6,6 @@ the process with its message alone and a non-zero status; ``ENTMAX_VIT_TRACEBACK
         run(main, KNNEvalConfig, "eval_knn", preset_dir=PRESET_DIR, model_fields=("model",))
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import sys

@@ -2,8 +2,6 @@
 the ``argparse.Namespace`` official DINO full checkpoints store as ``args``), save_pretrained folders and Hub
 repositories, and unwrapping the containers training code puts around a state dict."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import logging

@@ -2,8 +2,6 @@
 ``save_converted(convert(cfg), cfg)``. The check runs the source library's own model: timm's ``VisionTransformer``
 (DINO's block) for DINO/timm, ``ViTModel.from_pretrained`` for transformers."""
 
-from __future__ import annotations
-
 import json
 import logging
 import os

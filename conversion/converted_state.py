@@ -7,8 +7,6 @@ two namings: encoder.layer.N.attention.attention.query (files, save_pretrained) 
 modules in memory).
 """
 
-from __future__ import annotations
-
 import logging
 import math
 import re

@@ -5,8 +5,6 @@ declared in field annotations. At the bottom of the package graph, so every pack
     save_config(cfg, out_dir / "config.yaml")
 """
 
-from __future__ import annotations
-
 import dataclasses
 import difflib
 import inspect

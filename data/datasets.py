@@ -4,8 +4,6 @@ id, ``imagefolder:DIR``, ``webdataset:DIR_OR_GLOB``, a ``save_to_disk`` folder o
 In distributed runs use :func:`shard_for_rank` OR Accelerate's ``prepare()`` of the DataLoader, never both.
 """
 
-from __future__ import annotations
-
 import contextlib
 import glob
 import logging

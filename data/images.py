@@ -9,8 +9,6 @@ An unreadable row (an image or mask the decoder refuses, a mask not the size of 
 evaluation keeps it as ``valid=False`` out of the metric, analysis skips it; all three report the count.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 from collections import namedtuple

@@ -4,8 +4,6 @@ Without this check a mistyped folder reaches ``from_pretrained`` as a would-be H
 form ...") and a truncated weights file fails with safetensors' "incomplete metadata" and no file name.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 

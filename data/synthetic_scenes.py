@@ -17,8 +17,6 @@ is an error, never a silently different dataset. Cached with ``save_to_disk`` un
     python scripts/synthetic_scenes.py --preview scenes.png --pixel_baselines   # samples and masks; raw-pixel probes
 """
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import logging

@@ -6,8 +6,6 @@ Per image: ``cls`` (N, L, D) final-normed [CLS] of the last L blocks (``cls[:, -
 split. Unreadable rows are dropped after gathering and counted.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 import json

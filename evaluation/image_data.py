@@ -2,8 +2,6 @@
 (``data.images.ImageRows``). An unreadable row becomes a zero image with ``valid = False`` (batch shapes stay equal
 on every rank for ``gather_for_metrics``); the loops drop it after gathering and count it (``num_skipped``)."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 

@@ -2,8 +2,6 @@
 features, each test image's k nearest training images (cosine) vote with weight exp(similarity / T), T = 0.07;
 top-1 / top-5 for k in {10, 20, 100, 200} (each clipped to the train-set size)."""
 
-from __future__ import annotations
-
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path

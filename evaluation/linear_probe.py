@@ -7,8 +7,6 @@ head on the selection split reported at its last epoch. Selection split: the eva
 ``holdout_fraction`` of train held out.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 from dataclasses import dataclass, field

@@ -5,8 +5,6 @@
 the Hub (offline it fails); tests/test_eval_metrics.py checks against a numpy version of its definition.
 """
 
-from __future__ import annotations
-
 import torch
 
 

@@ -2,8 +2,6 @@
 EntmaxViT, e.g. 64 px for ``tiny_cpu``). Every evaluation and the analysis default to it (Resize(side * 256/224) +
 CenterCrop(side)) and warn when asked for another size."""
 
-from __future__ import annotations
-
 import json
 import logging
 from pathlib import Path

@@ -6,8 +6,6 @@
      "metrics": {name: float (percent)}, "config": {...}, "versions": {...}, "created": ISO time}
 """
 
-from __future__ import annotations
-
 import datetime as _dt
 import hashlib
 import json

@@ -4,8 +4,6 @@ mapped by ``CITYSCAPES_ID_TO_TRAINID``). Transforms: neco: image to (S, S), mask
 training. dinov2: train rescale by S x U(scale_range), random S crop (pad: image 0, mask ignore), flip; eval
 shorter side to S, mask at its original size, one image per batch."""
 
-from __future__ import annotations
-
 import random
 from typing import Any
 

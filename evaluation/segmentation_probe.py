@@ -4,8 +4,6 @@ patch resolution, then upsampled to the label size: for a 1x1 conv this equals N
 100x100, then 1x1 conv" exactly, at a fraction of the cost. mIoU: a confusion matrix summed across ranks.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import json
 import logging

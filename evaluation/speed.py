@@ -1,7 +1,5 @@
 """A backbone's speed and peak memory on CPU or CUDA (scripts/bench_model.py, jobs/gpu_check.py)."""
 
-from __future__ import annotations
-
 import statistics
 import time
 import weakref

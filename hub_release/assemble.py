@@ -2,8 +2,6 @@
 modeling files, the image processor, the custom pipelines (feature extraction; segmentation and its head when a
 head is given), the results files and a generated README.md card; then verify it in a fresh process."""
 
-from __future__ import annotations
-
 import copy
 import json
 import logging

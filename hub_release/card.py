@@ -2,8 +2,6 @@
 by the library) + what the model folder records, rendered through ``ModelCard.from_template`` with
 templates/model_card.md, which holds all the card's prose. Nothing here is prose: only data for the template."""
 
-from __future__ import annotations
-
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -8,8 +8,6 @@ What transformers and kernels require of the module (why it exports ``flash_attn
 ``supports_flash_attn``): docs/hub.md, pinned by tests/test_hub_kernel.py.
 """
 
-from __future__ import annotations
-
 import ast
 import base64
 import hashlib

@@ -1,8 +1,6 @@
 """Measured attention sparsity for the model card: run the model on a few real photographs that ship with
 scikit-image and count the exact zeros in every layer's attention probabilities."""
 
-from __future__ import annotations
-
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence

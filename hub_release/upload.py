@@ -1,7 +1,5 @@
 """Upload an assembled repository folder to the Hub in ONE commit (or one pull request) with huggingface_hub."""
 
-from __future__ import annotations
-
 import logging
 import shutil
 import tempfile

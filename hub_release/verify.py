@@ -2,8 +2,6 @@
 process that cannot see this project, run the model, the processor and both pipelines (remote_check.py), and
 compare every output with the source model run in this process."""
 
-from __future__ import annotations
-
 import json
 import logging
 import os

@@ -4,8 +4,6 @@ Importing this module registers every (transform, kernel) pair with transformers
 ViTModel, Dinov2Model and EntmaxViT share one vocabulary. Hub code: stdlib, torch, transformers (triton lazily).
 """
 
-from __future__ import annotations
-
 import os
 from functools import lru_cache, partial
 from typing import Any, Callable, Optional, Union

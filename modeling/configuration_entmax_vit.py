@@ -1,7 +1,5 @@
 """EntmaxViT configuration and named presets. Hub code: imports only the standard library and transformers."""
 
-from __future__ import annotations
-
 from typing import Any, Optional
 
 from transformers import PretrainedConfig

@@ -4,8 +4,6 @@ pipelines all call it, so an image gives the model the same pixels whichever way
 docs/data.md ("Robust decoding"). Hub code (stdlib, numpy, PIL).
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import functools

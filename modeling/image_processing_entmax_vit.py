@@ -3,8 +3,6 @@ images first go through the project's one decoder (``image_decoding.decode_image
 training saw; numpy / torch inputs keep transformers' conventions.
 """
 
-from __future__ import annotations
-
 from typing import Any, Optional
 
 from transformers import BitImageProcessorPil

@@ -3,8 +3,6 @@ ViT/Dinov2. Token layout everywhere: [CLS], registers (config.num_register_token
 (stdlib, torch, transformers and its flat siblings).
 """
 
-from __future__ import annotations
-
 import math
 import re
 from typing import Optional, Sequence, Union

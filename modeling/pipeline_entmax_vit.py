@@ -3,8 +3,6 @@ checkpoint, and transformers' image feature extraction, both fed by the project'
 ``load_image`` (whose ``convert("RGB")`` clips 16-bit / float images and drops transparency).
 """
 
-from __future__ import annotations
-
 import os
 from typing import Any, Optional, Union
 

@@ -2,8 +2,6 @@
 the Hub segmentation pipeline, so it lives with the Hub code (stdlib, torch, safetensors). Saved as
 ``segmentation_head.safetensors`` (weights) + ``segmentation_head.json`` (how to rebuild and run it)."""
 
-from __future__ import annotations
-
 import json
 import os
 from dataclasses import asdict, dataclass, field

@@ -5,8 +5,6 @@ at it has the size it was solved on. Backward needs only p: g = p^(2-alpha), dL/
 alpha's gradient is Correia et al. (2019), eq. 13. Hub code: imports only torch.
 """
 
-from __future__ import annotations
-
 from typing import Callable, Optional
 
 import torch

@@ -4,8 +4,6 @@ backward rebuilds each block's probabilities from them with the forward's arithm
 Hub code: imports only torch.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch

@@ -4,8 +4,6 @@ docs/performance.md, "The triton kernel"). Statistics are float32; matmuls take 
 IEEE float32, matching the references to 1e-6). Imported only when a CUDA tensor (or TRITON_INTERPRET=1) needs it.
 """
 
-from __future__ import annotations
-
 import os
 from functools import lru_cache
 from typing import Optional

@@ -2,8 +2,6 @@
 nothing of the project): the paper (title, citation, headline numbers) and the rule of official DINO that
 training and the linear probe share. The model card, the mini reproduction and the training loop import it."""
 
-from __future__ import annotations
-
 PAPER_TITLE = "Vision Transformers Need Better Token Interaction"
 PAPER_ARXIV = "2605.23868"
 PAPER_AUTHOR = "Su, Linxiang"

@@ -13,8 +13,6 @@ A checkpoint damaged after it was written (failing disk, bad copy) is found by :
 then falls back to the newest intact one (``dino.resolve_resume``).
 """
 
-from __future__ import annotations
-
 import contextlib
 import hashlib
 import json

@@ -2,8 +2,6 @@
 overridden by ``training/configs/*.yaml`` presets, then ``--section.key value``. Comments carry the official advice.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional
 

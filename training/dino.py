@@ -7,8 +7,6 @@ Reads top to bottom like official DINO's main_dino.py: ``train`` sets up data, n
 and resume, ``train_one_epoch`` runs the steps, the teacher is exported at the end (docs/training.md).
 """
 
-from __future__ import annotations
-
 import logging
 import math
 import time

@@ -6,8 +6,6 @@ RNG. An unreadable row is replaced by the next readable one (data.images' policy
 keep their size and ranks stay in step.
 """
 
-from __future__ import annotations
-
 import contextlib
 import itertools
 import logging

@@ -10,8 +10,6 @@ The center is a registered buffer, so it travels with ``state_dict()`` into chec
 is passed in as ``reduce_sum`` (``accelerator.reduce(t, "sum")``) so this file does not depend on Accelerate.
 """
 
-from __future__ import annotations
-
 from typing import Callable, Optional
 
 import torch

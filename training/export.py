@@ -8,8 +8,6 @@
 Loadable with ``AutoModel.from_pretrained(OUT, trust_remote_code=True)``.
 """
 
-from __future__ import annotations
-
 import json
 import os
 from pathlib import Path

@@ -5,8 +5,6 @@ the image counts stay on the device until ONE gather over ranks (:meth:`Run.sync
 checkpoint and at each epoch end (docs/training.md, "Host syncs"); a non-finite loss is never checkpointed.
 """
 
-from __future__ import annotations
-
 import logging
 import signal
 import time

@@ -1,8 +1,6 @@
 """Training metrics: always a JSONL file (one flushed line per log step), optionally Accelerate trackers
 (tensorboard), a loss-curve PNG, and the attention-support metric of the last block."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 import math

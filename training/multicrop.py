@@ -8,8 +8,6 @@ The random numbers come from the same generators in the same order (torch for cr
 the same uint8 math (docs/data.md; ``scripts/bench_data.py`` measures them).
 """
 
-from __future__ import annotations
-
 import random
 from collections import namedtuple
 from dataclasses import dataclass

@@ -7,8 +7,6 @@
           crop-major (crop 0 of all images first), as official DINO's MultiCropWrapper.
 """
 
-from __future__ import annotations
-
 import itertools
 from typing import Sequence
 

@@ -1,7 +1,5 @@
 """Optimizer parameter groups, per-parameter gradient clipping and last-layer freezing, as official DINO."""
 
-from __future__ import annotations
-
 from typing import Iterable
 
 import torch

@@ -4,8 +4,6 @@
     teacher_temp_schedule[epoch]                               (length epochs; official indexes it by epoch)
 """
 
-from __future__ import annotations
-
 import numpy as np
 
 
