@@ -1,7 +1,6 @@
-"""Attention transforms (``config.attention``: ``fn(scores, alpha=None) -> probs`` over the last dimension, sparse
-ones solved by ``thresholds.py``) and kernels (``attn_implementation``; docs/performance.md, "Which kernel to use").
-Importing this module registers every (transform, kernel) pair with transformers' ``AttentionInterface``, so
-ViTModel, Dinov2Model and EntmaxViT share one vocabulary. Hub code: stdlib, torch, transformers (triton lazily)."""
+"""Attention transforms (``config.attention``, sparse ones solved by ``thresholds.py``) and kernels
+(``attn_implementation``; docs/performance.md, "Which kernel to use"). Importing it registers every pair with
+transformers' ``AttentionInterface``, so ViTModel, Dinov2Model and EntmaxViT share one vocabulary. Hub code."""
 
 import os
 from functools import lru_cache, partial
@@ -127,6 +126,7 @@ def _fused_kernel(fused: Callable[..., torch.Tensor]) -> Callable:
 
 
 def _triton_attention(query, key, value, **kwargs) -> torch.Tensor:
+    """``triton_attention.triton_attention``, imported on first use (CUDA tensors, or any under TRITON_INTERPRET=1)."""
     if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"attn_implementation='triton' needs CUDA tensors, got {query.device.type} ones; use "
                          f"'tiled' (or the default, which picks tiled there)")
@@ -225,8 +225,7 @@ def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch
 
 @lru_cache(maxsize=None)  # one function object per pair, so AttentionInterface lookups return the same one
 def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """``transform`` with ``kernel`` in transformers' eager signature: (B, H, N, d) query/key/value ->
-    (attn_output (B, N, H, d), attn_weights (B, H, N, N) when ``output_attentions`` asks, always for eager)."""
+    """``transform`` with ``kernel`` in transformers' eager signature: (B, H, N, d) in, (B, N, H, d) out."""
     kernel = resolve_kernel(transform, kernel)
     run = ATTENTION_KERNELS[kernel]
 

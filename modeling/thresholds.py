@@ -7,8 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-# Newton steps before the closed-form finish: speed only (uncertified rows take the exact path; failure rates in
-# docs/performance.md).
+# Newton steps before the closed-form finish: speed only (uncertified rows take the exact path).
 NEWTON_STEPS = {"entmax15": 4, "sparsemax": 6}
 BISECT_CHECK_EVERY = 4  # alpha-entmax: iterations per convergence check
 BISECT_MAX_ITER = 64  # float64 rows at alpha > 2 need more than 48 (Newton creeps where phi is not convex)
@@ -86,8 +85,7 @@ def sparse_block_threshold(transform: str, y, e, mean, steps: int,
 
 
 def _certified(ok, t, e, rescore: Callable, sort_threshold: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, e) with the rows failing the certificate recomputed by ``sort_threshold`` on rescored y: only those
-    rows eagerly; under graph capture (static shapes) the whole block, in a ``torch.cond`` branch."""
+    """(t, e) with the uncertified rows sorted: only those eagerly, the whole block under graph capture."""
     if torch.compiler.is_compiling():
 
         def exact(t, ok, e):

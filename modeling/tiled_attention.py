@@ -18,8 +18,7 @@ MIN_BLOCK_ROWS = 16  # below this the matmuls lose efficiency and the Python ove
 
 
 def block_shape(batch_heads: int, n_keys: int, device_type: str = "cpu") -> tuple[int, int]:
-    """(heads, rows) of a block over the flattened (B*H, N) query rows: up to BLOCK_ROWS rows on CPU (all N on
-    CUDA), as many (batch, head) pairs as keep the float32 scores within BLOCK_BYTES (long rows: fewer rows)."""
+    """(heads, rows) of a block over the flattened (B*H, N) query rows, its float32 scores within BLOCK_BYTES."""
     budget = BLOCK_BYTES.get(device_type, BLOCK_BYTES["cuda"])
     rows = n_keys if device_type != "cpu" else min(n_keys, BLOCK_ROWS)
     heads = budget // (4 * rows * n_keys)
@@ -85,8 +84,7 @@ def _cat_blocks(results: list[list[tuple]], item: int) -> torch.Tensor:
 
 
 def _work_buffers(like: torch.Tensor, block: tuple[int, int], n: int):
-    """``views(q_blk)``: two (G, Bq, N) work buffers reused by every block of one call (views of the same storage
-    for the smaller edge blocks), so the block loop allocates nothing large."""
+    """``views(q_blk)``: two (G, Bq, N) work buffers reused by every block of one call (views for edge blocks)."""
     size = min(block[0], like.shape[0]) * min(block[1], like.shape[1]) * n
     flat = [like.new_empty(size), like.new_empty(size)]
     return lambda q_blk: [buf[: q_blk.shape[0] * q_blk.shape[1] * n].view(*q_blk.shape[:2], n) for buf in flat]
@@ -146,8 +144,7 @@ class _TiledEntmax(torch.autograd.Function):
 def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str, scaling: float,
                     alpha=None, block: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Exact sparse attention ``transform(scaling q k^T) v`` in blocks, half precision computed in float32.
-    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1), e.g. (H, 1, 1) per
-    head; gradients flow to it. ``block``: (heads, rows), default ``block_shape``."""
+    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1); gradients flow to it."""
     if transform not in SPARSE_TRANSFORMS:
         raise ValueError(f"tiled_attention supports {SPARSE_TRANSFORMS}, not {transform!r}")
     if (query.ndim != 4 or key.shape[:-1] != value.shape[:-1]

@@ -307,8 +307,7 @@ def _fwd_configs() -> list:
 
 
 def prune_fwd_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Candidates that fit N: one tile of exactly pow2(N) keys, and key tiles shorter than N when N exceeds
-    ONE_TILE_MAX (the tuner then also weighs recomputation against a register-heavy single tile)."""
+    """Candidates that fit N: one tile of exactly pow2(N) keys, plus shorter key tiles when N > ONE_TILE_MAX."""
     n = named_args["N"]
     one = [c for c in configs if c.kwargs["ONE_TILE"] and c.kwargs["BLOCK_N"] == _pow2(n)]
     tiled = [c for c in configs if not c.kwargs["ONE_TILE"] and c.kwargs["BLOCK_N"] < n]
