@@ -1,8 +1,6 @@
-"""Attention transforms (``config.attention``: ``fn(scores, alpha=None) -> probs`` over the last dimension, sparse
-ones solved by ``thresholds.py``) and kernels (``attn_implementation``; docs/performance.md, "Which kernel to use").
-Importing this module registers every (transform, kernel) pair with transformers' ``AttentionInterface``, so
-ViTModel, Dinov2Model and EntmaxViT share one vocabulary. Hub code: stdlib, torch, transformers (triton lazily).
-"""
+"""Attention transforms (``config.attention``, sparse ones solved by ``thresholds.py``) and kernels
+(``attn_implementation``; docs/performance.md, "Which kernel to use"). Importing it registers every pair with
+transformers' ``AttentionInterface``, so ViTModel, Dinov2Model and EntmaxViT share one vocabulary. Hub code."""
 
 import os
 from functools import lru_cache, partial
@@ -32,13 +30,11 @@ def _compiled_twin(fn: Callable) -> Callable:
 
 
 def _compiled(fn: Callable, compiled: bool) -> Callable:
-    """``fn``, or for the ``compiled`` kernel its torch.compile'd twin (static shapes); inside an outer
-    torch.compile / torch.export the plain function is traced (the outer compiler fuses it anyway)."""
+    # inside an outer torch.compile / torch.export the plain function is traced (the outer compiler fuses it)
     return _compiled_twin(fn) if compiled and not tracing() else fn
 
 
 class SparseTransformFunction(torch.autograd.Function):
-    """A sparse transform of ``scores`` (float32 or wider) saving only its output (and entmax_bisect's alpha)."""
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor, alpha_rows: torch.Tensor, transform: str,
@@ -60,7 +56,7 @@ class SparseTransformFunction(torch.autograd.Function):
 def _sparse_transform(transform: str, doc: str) -> Callable[..., torch.Tensor]:
     def fn(scores: torch.Tensor, alpha: Union[None, float, torch.Tensor] = None, *,
            compiled: bool = False) -> torch.Tensor:
-        # half precision is computed in float32 (thresholds need the mantissa), returned in the input dtype
+        # half precision in float32: thresholds need the mantissa
         x = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
         alpha_rows, scalar = (alpha_per_row(alpha, x.shape[:-1], x.device, x.dtype) if transform == "entmax_bisect"
                               else (x.new_empty(0), None))
@@ -77,7 +73,6 @@ entmax_bisect = _sparse_transform("entmax_bisect", """alpha-entmax over the last
 
 
 def softmax(scores: torch.Tensor, alpha: Optional[torch.Tensor] = None, *, compiled: bool = False) -> torch.Tensor:
-    """Softmax over the last dimension, computed in float32 under half precision."""
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
 
@@ -97,7 +92,7 @@ def get_attention_transform(name: str) -> Callable[..., torch.Tensor]:
 def eager_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
                  dropout: float = 0.0, need_weights: bool = False, compiled: bool = False):
     """Explicit scores -> transform -> dropout -> product. Any transform."""
-    # Scale the (N, d) query rather than the (N, N) scores: same math, a third of the work at d = 64.
+    # Scale the (N, d) query, not the (N, N) scores: a third of the work at d = 64.
     scores = torch.matmul(query * scaling, key.transpose(-2, -1))  # (B, H, N, N)
     if attention_mask is not None:
         if attention_mask.ndim != 4:  # a (B, N) padding mask would broadcast against the wrong axes
@@ -117,8 +112,7 @@ compiled_kernel = partial(eager_kernel, compiled=True)
 
 
 def _fused_kernel(fused: Callable[..., torch.Tensor]) -> Callable:
-    """A kernel running ``fused(query, key, value, transform=, scaling=, alpha=)``, which never forms the
-    probabilities: requested weights, a mask or dropout go through the eager kernel (same solver, same numbers)."""
+    """A kernel around ``fused``, which never forms the probabilities: weights, a mask or dropout go eager."""
 
     def kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
                dropout: float = 0.0, need_weights: bool = False):
@@ -147,7 +141,6 @@ triton_kernel = _fused_kernel(_triton_attention)
 
 def sdpa_kernel(query, key, value, attention_mask=None, *, transform: str, alpha=None, scaling: float,
                 dropout: float = 0.0, need_weights: bool = False):
-    """torch's scaled_dot_product_attention (softmax only); requested probabilities come from the eager kernel."""
     if transform != "softmax":
         raise ValueError(_unsupported_message(transform, "sdpa"))
     if need_weights:
@@ -158,7 +151,6 @@ def sdpa_kernel(query, key, value, attention_mask=None, *, transform: str, alpha
 
 
 def default_kernel(transform: str, device: Union[str, torch.device, None] = None) -> str:
-    """The kernel that ``auto`` runs for ``transform`` on ``device``."""
     get_attention_transform(transform)
     if transform == "softmax":
         return "sdpa"
@@ -166,7 +158,6 @@ def default_kernel(transform: str, device: Union[str, torch.device, None] = None
 
 
 def auto_kernel(query, key, value, attention_mask=None, *, transform: str, **kwargs):
-    """The device-aware default, decided per call."""
     kernel = default_kernel(transform, query.device)
     if kernel == "triton" and (query.shape != key.shape or query.shape[-1] > 128):
         kernel = "tiled"  # cross-attention or head dims the fused kernel does not cover
@@ -195,8 +186,8 @@ def _unsupported_message(transform: str, kernel: str) -> str:
 
 
 def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
-    """The kernel that runs ``transform``: ``requested`` (a kernel or an AttentionInterface name of this
-    transform: "tiled", "entmax15" = auto, "entmax15_triton"), checked; None gives sdpa for softmax, else auto."""
+    """``requested`` (a kernel, or an AttentionInterface name of this transform: "entmax15" = auto,
+    "entmax15_triton"), checked; None gives sdpa for softmax, else auto."""
     if requested is None:
         return "sdpa" if transform == "softmax" else "auto"
     for kernel in kernels_for(transform):
@@ -217,13 +208,11 @@ def resolve_kernel(transform: str, requested: Optional[str] = None) -> str:
 
 
 def attention_interface_name(transform: str, kernel: str) -> str:
-    """The AttentionInterface name of a (transform, kernel) pair: "entmax15" for ``auto``, else "entmax15_triton"."""
     return transform if kernel == "auto" else f"{transform}_{kernel}"
 
 
 def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch.Tensor]:
-    """entmax_bisect's alpha: EntmaxViT's ``alpha()``, else a transformers model's ``config.attention_alpha``
-    (default 1.5; a float, or one per head as a list or tensor). None for the other transforms."""
+    """entmax_bisect's alpha: EntmaxViT's ``alpha()``, else a transformers model's ``config.attention_alpha``."""
     if transform != "entmax_bisect":
         return None
     if callable(getattr(module, "alpha", None)):
@@ -236,8 +225,7 @@ def _module_alpha(module: nn.Module, transform: str) -> Union[None, float, torch
 
 @lru_cache(maxsize=None)  # one function object per pair, so AttentionInterface lookups return the same one
 def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """``transform`` with ``kernel`` in transformers' eager signature: (B, H, N, d) query/key/value ->
-    (attn_output (B, N, H, d), attn_weights (B, H, N, N) when ``output_attentions`` asks, always for eager)."""
+    """``transform`` with ``kernel`` in transformers' eager signature: (B, H, N, d) in, (B, N, H, d) out."""
     kernel = resolve_kernel(transform, kernel)
     run = ATTENTION_KERNELS[kernel]
 
@@ -257,7 +245,6 @@ def attention_function(transform: str, kernel: str) -> Callable[..., tuple[torch
 
 
 def register_attention_functions() -> list[str]:
-    """Register every (transform, kernel) pair with transformers' AttentionInterface (on import); returns the names."""
     names = []
     for transform in ATTENTION_TRANSFORMS:
         for kernel in kernels_for(transform):
@@ -271,6 +258,5 @@ ATTENTION_INTERFACE_NAMES: list[str] = register_attention_functions()
 
 
 def support_size(probs: torch.Tensor) -> torch.Tensor:
-    """Number of non-zero attention weights per row, (B, H, N)."""
     return (probs > 0).sum(dim=-1)
 

@@ -7,7 +7,6 @@ from transformers.backbone_utils import BackboneConfigMixin
 
 from .attention import get_attention_transform, resolve_kernel
 
-# Architecture presets (DINO's ViT family). Patch size is chosen separately: vit_small_patch16 etc.
 _SIZES: dict[str, dict[str, int]] = {
     "vit_tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3),
     "vit_small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),

@@ -1,8 +1,5 @@
-"""The one image decoder: anything users or datasets hold -> a fully decoded 8-bit RGB PIL image, or an
-:class:`ImageDecodeError` (a ``ValueError``) naming the source. Training, evaluation, the image processor and the
-pipelines all call it, so an image gives the model the same pixels whichever way it arrives. The rules are in
-docs/data.md ("Robust decoding"). Hub code (stdlib, numpy, PIL).
-"""
+"""The one image decoder: training, evaluation, the image processor and the pipelines all call it, so an image
+gives the model the same pixels whichever way it arrives. Rules: docs/data.md ("Robust decoding"). Hub code."""
 
 import base64
 import binascii
@@ -30,8 +27,7 @@ class ImageDecodeError(ValueError):
 def decode_image(value: Any, *, background: Color = WHITE, max_pixels: Optional[int] = None,
                  source: Optional[str] = None) -> Image.Image:
     """Decode ``value`` (a PIL image, ``datasets`` dict, bytes, path, file / base64 / ``data:`` str, array or
-    tensor) into a fully loaded 8-bit RGB PIL image. ``max_pixels`` defaults to ``PIL.Image.MAX_IMAGE_PIXELS``;
-    ``source`` names encoded bytes in error messages."""
+    tensor) into a fully loaded 8-bit RGB PIL image; ``source`` names encoded bytes in error messages."""
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     img, source = _open(value, limit, source)
     sixteen = _load(img, source, limit)
@@ -164,8 +160,7 @@ def _warn_truncated_allowed() -> None:
                    "JPEG/GIF/TIFF files now decode with filled-in rows instead of raising (PNG is still checked)")
 
 
-# PIL leaves rows past the end of a cut IDAT stream black without an error, so the stream is inflated (bounded
-# by the header's size) and its length compared with what the header needs.
+# Truncated PNGs: PIL leaves the missing rows black without an error (docs/data.md).
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 _ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
@@ -221,8 +216,7 @@ def _check_png_complete(data: bytes, source: str) -> None:
 
 
 def _png_sixteen_bit_rgb(data: bytes, img: Image.Image, tile: Any) -> np.ndarray:
-    """Exact 16-bit samples (H, W, 3|4) of a 16-bit RGB / RGBA PNG (``img`` loaded, ``tile`` its one tile).
-    Pillow keeps only the high byte; a second decode with the little-endian raw mode yields the low byte."""
+    """Exact 16-bit samples (H, W, 3|4): Pillow keeps the high byte, a little-endian second decode the low."""
     second = Image.open(io.BytesIO(data))
     second.tile = [tile._replace(args=tile.args.replace(";16B", ";16L"))]
     second.load()
@@ -252,8 +246,7 @@ def _mode_to_rgb(img: Image.Image, background: Color) -> Image.Image:
 
 
 def _composite(rgba: np.ndarray, background: Color) -> Image.Image:
-    """(H, W, 4) uint8 -> RGB on ``background``: round((c * a + bg * (255 - a)) / 255), exact integer math
-    (PIL's alpha_composite works at 7-bit precision and can be one level off)."""
+    """(H, W, 4) uint8 -> RGB on ``background`` (PIL's alpha_composite works at 7-bit precision: one level off)."""
     colour = rgba[..., :3].astype(np.int32)
     alpha = rgba[..., 3:].astype(np.int32)
     bg = np.asarray(background, dtype=np.int32)

@@ -1,7 +1,5 @@
 """DINO's evaluation preprocessing as a transformers image processor (PIL backend: no torchvision needed). PIL
-images first go through the project's one decoder (``image_decoding.decode_image``), so they get the pixels
-training saw; numpy / torch inputs keep transformers' conventions.
-"""
+images get the pixels training saw (``decode_image``); numpy / torch inputs keep transformers' conventions."""
 
 from typing import Any, Optional
 

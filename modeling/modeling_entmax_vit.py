@@ -1,7 +1,5 @@
 """EntmaxViT: a DINO-style Vision Transformer whose attention transform is a config field, built as transformers'
-ViT/Dinov2. Token layout everywhere: [CLS], registers (config.num_register_tokens), patches row-major. Hub code
-(stdlib, torch, transformers and its flat siblings).
-"""
+ViT/Dinov2. Token layout everywhere: [CLS], registers (config.num_register_tokens), patches row-major. Hub code."""
 
 import math
 import re
@@ -64,8 +62,7 @@ class EntmaxViTEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
-        """Position embeddings for height x width pixels, (1, 1 + h*w, D), as official DINO v1: bicubic by
-        ``scale_factor`` (target grid + ``config.interpolate_offset``) / stored grid, not resizing by size."""
+        """(1, 1 + h*w, D) for height x width pixels as official DINO v1: bicubic by scale_factor, not by size."""
         pos = self.position_embeddings
         stored = pos.shape[1] - 1
         if num_patches == stored and height == width:
@@ -106,12 +103,11 @@ class EntmaxViTAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
-        # Learnable alpha per head (alpha-entmax only), parametrised as alpha = 1 + softplus(raw) > 1.
+        # Learnable alpha per head (alpha-entmax only): alpha = 1 + softplus(raw) > 1.
         raw = torch.full((config.num_attention_heads,), _alpha_raw(config.attention_alpha))
         self.alpha_raw = nn.Parameter(raw) if config.attention_alpha_learnable else None
 
     def alpha(self) -> Union[None, float, torch.Tensor]:
-        """alpha of alpha-entmax: the config's float, or per head as (H, 1, 1) when learnt; None otherwise."""
         if self.config.attention != "entmax_bisect":
             return None
         if self.alpha_raw is None:
@@ -137,7 +133,6 @@ class EntmaxViTAttention(nn.Module):
 
 
 def _alpha_raw(alpha: float) -> float:
-    """Inverse of alpha = 1 + softplus(raw)."""
     return math.log(math.expm1(alpha - 1.0))
 
 
@@ -215,7 +210,6 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
     _input_embed_layer = "patch_embeddings"
 
     def get_correct_attn_implementation(self, requested_attention: Optional[str], is_init_check: bool = False) -> str:
-        """The kernel for ``config.attention`` (None: the transform's default); one that cannot run it raises."""
         return resolve_kernel(self.config.attention, requested_attention)
 
     @classmethod
@@ -234,9 +228,8 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """DINO initialisation: truncated normal (std ``initializer_range``, absolute +-2 as DINO/timm) for linear
-        weights and the [CLS] / register / position embeddings; the patch convolution with PyTorch's default
-        (kaiming-uniform, as DINO keeps it; written out for weights materialised from the meta device)."""
+        """DINO initialisation (truncated normal, absolute +-2 as DINO/timm); the patch convolution keeps PyTorch's
+        default, as DINO does, written out for weights materialised from the meta device."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0, b=2.0)
@@ -259,11 +252,10 @@ class EntmaxViTPreTrainedModel(PreTrainedModel):
 
 
 class EntmaxViTEncoder(EntmaxViTPreTrainedModel):
-    """The stack of blocks; records hidden states (embedding output + every block output) and attentions."""
 
     def __init__(self, config: EntmaxViTConfig) -> None:
         super().__init__(config)
-        # Stochastic depth decay rule (DINO): rates rise linearly from 0 to drop_path_rate over depth.
+        # DINO's stochastic depth decay rule
         depth = config.num_hidden_layers
         rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layer = nn.ModuleList([EntmaxViTLayer(config, r) for r in rates])
@@ -291,7 +283,6 @@ class EntmaxViTModel(EntmaxViTPreTrainedModel):
 
     @property
     def num_prefix_tokens(self) -> int:
-        """[CLS] + registers."""
         return 1 + self.config.num_register_tokens
 
     def _patch_map(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,7 +1,5 @@
-"""The Hub pipelines (docs/hub.md): semantic segmentation with the linear probe shipped beside an EntmaxViT
-checkpoint, and transformers' image feature extraction, both fed by the project's one image decoder instead of
-``load_image`` (whose ``convert("RGB")`` clips 16-bit / float images and drops transparency).
-"""
+"""The Hub pipelines (docs/hub.md), fed by the project's one image decoder instead of ``load_image`` (whose
+``convert("RGB")`` clips 16-bit / float images and drops transparency)."""
 
 import os
 from typing import Any, Optional, Union
@@ -21,8 +19,7 @@ from .segmentation_head import HEAD_CONFIG, HEAD_WEIGHTS, LinearSegmentationHead
 
 
 def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image":
-    """PIL image, path, http(s) URL, base64 / data: URL string, raw bytes, numpy array or tensor -> upright RGB
-    PIL image, decoded exactly as in training; unreadable input raises ImageDecodeError (a ValueError)."""
+    """``decode_image`` (exactly as in training) of any input it takes, or of an http(s) URL's content."""
     if isinstance(image, str) and image.startswith(("http://", "https://")):
         from huggingface_hub import get_session  # the Hub client's HTTP session (proxies, user agent)
 
@@ -38,10 +35,9 @@ def open_image(image: Any, timeout: Optional[float] = None) -> "PIL.Image.Image"
 
 class EntmaxViTSegmentationPipeline(Pipeline):
     """Linear-probe semantic segmentation on frozen EntmaxViT patch features. The probe comes from the model's
-    repository or folder, or ``segmentation_head=`` (a folder or a LinearSegmentationHead). Images are resized to
-    its ``input_size`` square; logits are bilinearly upsampled to the input's size and arg-maxed. One dict per
-    predicted label, as transformers': ``{"label", "score", "mask"}`` (mask: mode "L", 0/255, at the input's
-    size); ``score`` is the mean winning probability over the label's pixels (transformers gives None)."""
+    repository or folder, or ``segmentation_head=`` (a folder or a LinearSegmentationHead); images are resized to
+    its ``input_size`` square, logits upsampled to the input's size. One ``{"label", "score", "mask"}`` per label,
+    as transformers' (mask: "L", 0/255), but ``score`` is the label's mean winning probability, not None."""
 
     _load_processor = False
     _load_image_processor = True
@@ -89,7 +85,6 @@ class EntmaxViTSegmentationPipeline(Pipeline):
         side = self.head.config.input_size
         resized = image.resize((side, side), resample=PILImageResampling.BICUBIC)
         pixels = torch.from_numpy(np.array(resized)).permute(2, 0, 1).unsqueeze(0).float() / 255.0  # (1, 3, s, s)
-        # the ImageNet defaults only when the repository has no image processor config
         mean = getattr(self.image_processor, "image_mean", None) or IMAGENET_MEAN
         std = getattr(self.image_processor, "image_std", None) or IMAGENET_STD
         pixels = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)

@@ -1,6 +1,5 @@
 """Linear semantic-segmentation probe on frozen EntmaxViT patch features: trained by the evaluation code, run by
-the Hub segmentation pipeline, so it lives with the Hub code (stdlib, torch, safetensors). Saved as
-``segmentation_head.safetensors`` (weights) + ``segmentation_head.json`` (how to rebuild and run it)."""
+the Hub segmentation pipeline (so Hub code). Saved as HEAD_WEIGHTS + HEAD_CONFIG (how to rebuild and run it)."""
 
 import json
 import os

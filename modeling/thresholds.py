@@ -1,16 +1,13 @@
 """Threshold solvers of the sparse transforms, shared by every kernel (the Triton kernel mirrors them and is
 tested against them): p_i = [x_i - tau]_+^(1/(alpha-1)), x = (alpha-1) z, sum_i p_i = 1 (Peters et al., 2019).
-Method: docs/performance.md, "How it is exact without sorting"; a closed-form root is *certified* when the support
-at it has the size it was solved on. Backward needs only p: g = p^(2-alpha), dL/dz = g dP - g sum(g dP) / sum(g);
-alpha's gradient is Correia et al. (2019), eq. 13. Hub code: imports only torch.
+Method and certificate: docs/performance.md, "How it is exact without sorting". Hub code: imports only torch.
 """
 
 from typing import Callable, Optional
 
 import torch
 
-# Newton steps before the closed-form finish: speed only (uncertified rows take the exact path). With these no
-# Gaussian row failed the certificate at N = 37 and 197; at N >= 785 a few in a thousand.
+# Newton steps before the closed-form finish: speed only (uncertified rows take the exact path).
 NEWTON_STEPS = {"entmax15": 4, "sparsemax": 6}
 BISECT_CHECK_EVERY = 4  # alpha-entmax: iterations per convergence check
 BISECT_MAX_ITER = 64  # float64 rows at alpha > 2 need more than 48 (Newton creeps where phi is not convex)
@@ -20,7 +17,6 @@ SPARSE_TRANSFORMS = ("entmax15", "sparsemax", "entmax_bisect")
 
 
 def tracing() -> bool:
-    """True under torch.compile / torch.export / jit tracing, where a host sync cannot be taken."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
@@ -30,10 +26,9 @@ def _lower_bound(mean: torch.Tensor, n: int, power) -> torch.Tensor:
     return torch.clamp(torch.nan_to_num(mean - n**-power, nan=-1.0, neginf=-1.0), min=-1.0)
 
 
-# Exact sort-based thresholds: the fallback for rows the fast search cannot certify.
 def entmax15_sort_threshold(y: torch.Tensor) -> torch.Tensor:
-    """Exact 1.5-entmax threshold t (p = ((y - t)_+ / 2)^2) of rows ``y`` with max 0, (..., 1): on the k largest
-    of x = y / 2, tau_k = mean_k - sqrt((1 - k var_k) / k), k the largest with tau_k <= x_(k); t = 2 tau."""
+    """Exact 1.5-entmax threshold t (p = ((y - t)_+ / 2)^2) of rows ``y`` with max 0, the sort fallback: on x = y / 2,
+    tau_k = mean_k - sqrt((1 - k var_k) / k) over the k largest, k the largest with tau_k <= x_(k); t = 2 tau."""
     x_sorted, _ = torch.sort(y / 2, dim=-1, descending=True)  # (..., N)
     rho = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
     mean = x_sorted.cumsum(-1) / rho
@@ -44,7 +39,7 @@ def entmax15_sort_threshold(y: torch.Tensor) -> torch.Tensor:
 
 
 def sparsemax_sort_threshold(y: torch.Tensor) -> torch.Tensor:
-    """Exact sparsemax threshold (p = (y - t)_+) of rows ``y`` with max 0, by a sort (Martins & Astudillo)."""
+    """Exact sparsemax threshold (p = (y - t)_+) of rows ``y`` with max 0 (Martins & Astudillo)."""
     y_sorted, _ = torch.sort(y, dim=-1, descending=True)
     rho = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
     cumsum = y_sorted.cumsum(-1)
@@ -52,23 +47,20 @@ def sparsemax_sort_threshold(y: torch.Tensor) -> torch.Tensor:
     return (cumsum.gather(-1, support - 1) - 1) / support.to(y.dtype)
 
 
-# Thresholds on one block. y: (G, Bq, N) scores minus their row max; e: a work buffer of that shape or None
-# (then y is scratch too). Each returns t (G, Bq, 1) and e = (y - t)_+; ``rescore()`` recomputes y for the sort
-# fallback. Buffers and in-place ops because on CPU a fresh multi-MB tensor's page faults cost ~3x the arithmetic.
+# Thresholds on one block y (G, Bq, N), rows max 0; e: a work buffer of that shape or None (then y is scratch too);
+# ``rescore()`` recomputes y for the sort fallback. In-place: on CPU a fresh multi-MB tensor's page faults cost more.
 def _relu_sub(y: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     return (y - t if out is None else torch.sub(y, t, out=out)).clamp_min_(0)
 
 
 def _count_positive(e: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """Positive entries per row of a non-negative ``e``, as float (G, Bq, 1); ``out`` is scratch (may be e).
-    sign().sum() is several times faster on CPU than count_nonzero or (e > 0).sum() (no bool/int64 pass)."""
+    # ``out`` may be e. sign().sum() is several times faster on CPU than count_nonzero or (e > 0).sum()
     return (torch.sign(e) if out is None else torch.sign(e, out=out)).sum(dim=-1, keepdim=True)
 
 
 def sparse_block_threshold(transform: str, y, e, mean, steps: int,
                            rescore: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact threshold of entmax-1.5 (p = (e / 2)^2) or sparsemax (p = e), e = (y - t)_+ (``mean``: y's row mean):
-    Newton (sparsemax: Michelot's algorithm), the closed-form root on the support found, the certificate."""
+    """(t, e = (y - t)_+) of entmax-1.5 (p = (e / 2)^2) or sparsemax (p = e; Newton is Michelot's algorithm)."""
     buf, entmax15 = e, transform == "entmax15"
     t = 2 * _lower_bound(mean / 2, y.shape[-1], 0.5) if entmax15 else _lower_bound(mean, y.shape[-1], 1.0)  # <= t*
     for _ in range(steps):
@@ -93,8 +85,7 @@ def sparse_block_threshold(transform: str, y, e, mean, steps: int,
 
 
 def _certified(ok, t, e, rescore: Callable, sort_threshold: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, e) with the rows failing the certificate recomputed by ``sort_threshold`` on rescored y: only those
-    rows eagerly; under graph capture (static shapes) the whole block, in a ``torch.cond`` branch."""
+    """(t, e) with the uncertified rows sorted: only those eagerly, the whole block under graph capture."""
     if torch.compiler.is_compiling():
 
         def exact(t, ok, e):
@@ -116,11 +107,9 @@ def _certified(ok, t, e, rescore: Callable, sort_threshold: Callable) -> tuple[t
 def bisect_block_threshold(
     x: torch.Tensor, mean: torch.Tensor, am1: torch.Tensor, q, tol: float, check_every: int = BISECT_CHECK_EVERY
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha-entmax threshold of ``x`` = (alpha - 1) y (row max 0, row mean ``mean``); ``am1`` = alpha - 1 per
-    row (..., 1), ``q`` = 1 / (alpha - 1) (a float when alpha is one number: d ** 2.0 is a square, not exp/log).
-    Safeguarded Newton in rounds of ``check_every`` until every row converged (|f(lo)| <= ``tol``, or the bracket
-    within ``tol`` relative to |hi|: near-uniform rows at alpha > 2 have |tau| ~ 1e-3) or BISECT_MAX_ITER.
-    Returns (lo, z) with p = (x - lo)_+^q / z renormalised, as the ``entmax`` package does."""
+    """alpha-entmax threshold of ``x`` = (alpha - 1) y (row max 0): safeguarded Newton in rounds of ``check_every``
+    (the bracket test is relative: near-uniform rows at alpha > 2 have |tau| ~ 1e-3). ``q`` is a float when alpha
+    is one number (d ** 2.0 is a square, not exp/log). Returns (lo, z), p = (x - lo)_+^q / z as ``entmax`` does."""
     n = x.shape[-1]
     lo = _lower_bound(mean, n, torch.clamp(am1, max=1.0))
     hi = (-((1.0 / n) ** am1)).expand_as(lo)  # every entry contributes at most 1/n there
@@ -156,9 +145,8 @@ def bisect_block_threshold(
 
 def block_probabilities(y, e, mean, transform: str, alpha_rows, scalar_alpha: Optional[float], rescore: Callable,
                         newton_steps: Optional[int] = None, check_every: int = BISECT_CHECK_EVERY):
-    """Exact ``transform`` of a block ``y`` (..., N) of scores minus their row max (row mean ``mean``; ``e`` a work
-    buffer of y's shape or None; y is scratch): (t, w, z) with p = w / z. ``scalar_alpha``: ``alpha_rows`` as a
-    float, a cheaper exponent. ``newton_steps``, ``check_every``: any value is exact (fewer: more sort fallbacks)."""
+    """(t, w, z), p = w / z, of ``transform`` on a block ``y`` (..., N) with row max 0 (y is scratch). Any
+    ``newton_steps`` / ``check_every`` is exact (fewer: more sort fallbacks)."""
     steps = NEWTON_STEPS.get(transform) if newton_steps is None else newton_steps
     if transform != "entmax_bisect":
         t, e = sparse_block_threshold(transform, y, e, mean, steps, rescore)
@@ -173,8 +161,7 @@ def block_probabilities(y, e, mean, transform: str, alpha_rows, scalar_alpha: Op
 
 def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[torch.Tensor] = None,
                   scalar_alpha: Optional[float] = None, **solver) -> torch.Tensor:
-    """Exact ``transform`` of ``scores`` (float32 or wider) over the last dimension, as one block (the dense path);
-    ``solver``: ``newton_steps``, ``check_every`` of ``block_probabilities``."""
+    """Exact ``transform`` of ``scores`` (float32 or wider) over the last dimension, as one block (the dense path)."""
     m = scores.amax(dim=-1, keepdim=True)
     y = scores - m  # (..., N), row max 0
     _, w, z = block_probabilities(y, None, y.mean(dim=-1, keepdim=True), transform, alpha_rows, scalar_alpha,
@@ -183,8 +170,7 @@ def probabilities(scores: torch.Tensor, transform: str, alpha_rows: Optional[tor
 
 
 def jacobian_weights(probs: torch.Tensor, transform: str, alpha=None) -> torch.Tensor:
-    """g = p^(2 - alpha) (sqrt(p) for entmax-1.5, the support indicator for sparsemax), 0 off the support.
-    ``alpha``: a float or a tensor broadcastable to probs (entmax_bisect)."""
+    """g = p^(2 - alpha) (sqrt(p) for entmax-1.5, the support indicator for sparsemax), 0 off the support."""
     if transform == "entmax15":
         return torch.sqrt(probs)
     if transform == "sparsemax":
@@ -193,7 +179,7 @@ def jacobian_weights(probs: torch.Tensor, transform: str, alpha=None) -> torch.T
 
 
 def jacobian_product(g: torch.Tensor, dp: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """dL/dscores = g dP - g sum(g dP) / sum(g) per row (``inplace``: overwrites ``dp``, a work buffer)."""
+    """dL/dscores = g dP - g sum(g dP) / sum(g) per row."""
     gdp = dp.mul_(g) if inplace else dp * g
     return gdp.addcmul_(g, gdp.sum(dim=-1, keepdim=True) / g.sum(dim=-1, keepdim=True), value=-1)
 
@@ -208,9 +194,8 @@ def alpha_gradient(probs: torch.Tensor, g: torch.Tensor, dp: torch.Tensor, am1: 
 
 def alpha_per_row(alpha, rows_shape: tuple[int, ...], device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.Tensor, Optional[float]]:
-    """alpha (None = 1.5, a float, or a tensor broadcastable to the rows, e.g. (H, 1, 1)) as one value per row,
-    ``rows_shape + (1,)`` (an expanded view: autograd sums the broadcast back), and the float when alpha is one
-    fixed number (else None). Raises ValueError for alpha <= 1 (not checked while a graph is captured)."""
+    """alpha (None = 1.5, a float, or a tensor broadcastable to the rows) as an expanded view ``rows_shape + (1,)``
+    (autograd sums the broadcast back), and the float when alpha is one fixed number (else None)."""
     alpha = 1.5 if alpha is None else alpha
     scalar = None
     if not torch.is_tensor(alpha):

@@ -1,8 +1,7 @@
 """Tiled exact sparse attention at the memory cost of softmax SDPA (docs/performance.md, "The tiled kernel"):
 ``P V`` in cache-sized query blocks, keeping only the row max ``m``, threshold ``t`` (and alpha-entmax's ``z``);
 backward rebuilds each block's probabilities from them with the forward's arithmetic, hence bit-identical.
-Hub code: imports only torch.
-"""
+Hub code: imports only torch."""
 
 from typing import Optional
 
@@ -11,17 +10,15 @@ import torch
 from .thresholds import (BISECT_CHECK_EVERY, SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row, block_probabilities,
                          jacobian_product, jacobian_weights)
 
-# Max bytes of a block's (B, H, Bq, N) float32 scores. CPU: with their work buffers they stay in L2 + L3 (1-4 MB
-# blocks run 3-5x faster than whole tensors on the 2-core dev machine; docs/performance.md). CUDA: one block per
-# layer for a ViT-S/16 DINO step at 224 px instead of thousands of launches.
+# Max bytes of a block's float32 scores. CPU: with their work buffers they stay in cache (docs/performance.md).
+# CUDA: one block per layer for a ViT-S/16 DINO step at 224 px instead of thousands of launches.
 BLOCK_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 BLOCK_ROWS = 128  # preferred query rows per block on CPU (GEMM efficiency)
 MIN_BLOCK_ROWS = 16  # below this the matmuls lose efficiency and the Python overhead per block dominates
 
 
 def block_shape(batch_heads: int, n_keys: int, device_type: str = "cpu") -> tuple[int, int]:
-    """(heads, rows) of a block over the flattened (B*H, N) query rows: up to BLOCK_ROWS rows on CPU (all N on
-    CUDA), as many (batch, head) pairs as keep the float32 scores within BLOCK_BYTES (long rows: fewer rows)."""
+    """(heads, rows) of a block over the flattened (B*H, N) query rows, its float32 scores within BLOCK_BYTES."""
     budget = BLOCK_BYTES.get(device_type, BLOCK_BYTES["cuda"])
     rows = n_keys if device_type != "cpu" else min(n_keys, BLOCK_ROWS)
     heads = budget // (4 * rows * n_keys)
@@ -30,7 +27,6 @@ def block_shape(batch_heads: int, n_keys: int, device_type: str = "cpu") -> tupl
     return max(1, min(batch_heads, heads)), rows
 
 
-# One block: scores -> probability basis, and the backward's dS from it.
 def _block_scores(q_blk, key_t, out: Optional[torch.Tensor], m: Optional[torch.Tensor] = None):
     """y = q_blk key^T - row max (written into ``out`` if given), (G, Bq, N); returns (y, m). q_blk is scaled."""
     s = torch.matmul(q_blk, key_t) if out is None else torch.matmul(q_blk, key_t, out=out)
@@ -53,8 +49,7 @@ def forward_block(q_blk, key_t, key_mean, value, alpha_blk, y_buf, e_buf, transf
 
 def backward_block(q_blk, do_blk, key, key_t, value_t, m_blk, t_blk, z_blk, alpha_blk, dk, dv, y_buf, dp_buf,
                    transform: str, scalar_alpha: Optional[float], need_alpha: bool, scaling: float):
-    """One block of the backward: recomputes the block's probabilities with the forward's arithmetic, adds its
-    share to ``dk``, ``dv`` (G, N, d) in place, and returns (dq_blk, dalpha_blk or None)."""
+    """One block of the backward: adds its share to ``dk``, ``dv`` (G, N, d); returns (dq_blk, dalpha_blk)."""
     y, _ = _block_scores(q_blk, key_t, y_buf, m_blk)  # the forward's arithmetic: bit-identical probabilities
     dp = torch.matmul(do_blk, value_t) if dp_buf is None else torch.matmul(do_blk, value_t, out=dp_buf)  # dL/dP
     dalpha = None
@@ -80,19 +75,16 @@ def backward_block(q_blk, do_blk, key, key_t, value_t, m_blk, t_blk, z_blk, alph
 
 
 def _blocks(batch_heads: int, n: int, heads: int, rows: int):
-    """Block index slices over (B*H, N) query rows: for each group of ``heads``, the list of row slices."""
     row_slices = [slice(r, r + rows) for r in range(0, n, rows)]
     return [(slice(g, g + heads), row_slices) for g in range(0, batch_heads, heads)]
 
 
 def _cat_blocks(results: list[list[tuple]], item: int) -> torch.Tensor:
-    """Reassemble ``item`` of the per-block results (G, Bq, .) into (B*H, N, .): rows in a group, then groups."""
     return torch.cat([torch.cat([r[item] for r in group], dim=1) for group in results], dim=0)
 
 
 def _work_buffers(like: torch.Tensor, block: tuple[int, int], n: int):
-    """``views(q_blk)``: two (G, Bq, N) work buffers reused by every block of one call (views of the same storage
-    for the smaller edge blocks), so the block loop allocates nothing large."""
+    """``views(q_blk)``: two (G, Bq, N) work buffers reused by every block of one call (views for edge blocks)."""
     size = min(block[0], like.shape[0]) * min(block[1], like.shape[1]) * n
     flat = [like.new_empty(size), like.new_empty(size)]
     return lambda q_blk: [buf[: q_blk.shape[0] * q_blk.shape[1] * n].view(*q_blk.shape[:2], n) for buf in flat]
@@ -152,8 +144,7 @@ class _TiledEntmax(torch.autograd.Function):
 def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str, scaling: float,
                     alpha=None, block: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Exact sparse attention ``transform(scaling q k^T) v`` in blocks, half precision computed in float32.
-    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1), e.g. (H, 1, 1) per
-    head; gradients flow to it. ``block``: (heads, rows), default ``block_shape``."""
+    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1); gradients flow to it."""
     if transform not in SPARSE_TRANSFORMS:
         raise ValueError(f"tiled_attention supports {SPARSE_TRANSFORMS}, not {transform!r}")
     if (query.ndim != 4 or key.shape[:-1] != value.shape[:-1]
@@ -166,7 +157,6 @@ def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     block = block or block_shape(batch * heads, key.shape[-2], query.device.type)
     alpha_rows, scalar_alpha = query.new_empty(0, dtype=compute), None  # placeholder for fixed-alpha transforms
     if transform == "entmax_bisect":
-        # (B*H, N, 1), one alpha per row; autograd sums the broadcast back to alpha's shape
         alpha_rows, scalar_alpha = alpha_per_row(alpha, (batch, heads, n_q), query.device, compute)
         alpha_rows = alpha_rows.reshape(batch * heads, n_q, 1)
 

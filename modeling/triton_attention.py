@@ -1,8 +1,5 @@
-"""Fused exact sparse attention in Triton (kernel ``triton``): one launch forward, two backward, never holding the
-(B, H, N, N) scores; ``thresholds.py``'s method with every row certified on the device (design:
-docs/performance.md, "The triton kernel"). Statistics are float32; matmuls take the input dtype (float32 inputs in
-IEEE float32, matching the references to 1e-6). Imported only when a CUDA tensor (or TRITON_INTERPRET=1) needs it.
-"""
+"""Fused exact sparse attention in Triton (kernel ``triton``): ``thresholds.py``'s method with every row certified
+on the device, never holding the (B, H, N, N) scores. Design and dtypes: docs/performance.md, "The triton kernel"."""
 
 import os
 from functools import lru_cache
@@ -45,7 +42,7 @@ def _scores(q, k_base, start_n, N, D, stride_kn, stride_kd, scaling, m,
 
 @triton.jit
 def _probs(y, t, z, am1, TRANSFORM: tl.constexpr):
-    """(p, g) of a tile: the probabilities and g = p^(2 - alpha), the weights of the Jacobian."""
+    """(p, g = p^(2 - alpha)) of a tile."""
     if TRANSFORM == 0:  # entmax-1.5: p = (e / 2)^2, g = sqrt(p) = e / 2
         e = tl.maximum(y - t[:, None], 0.0)
         return e * e * 0.25, e * 0.5
@@ -288,7 +285,6 @@ def _bwd_dkdv(Q, K, V, DO, Alpha, M, T, Z, Delta, DK, DV,
     tl.store(DV + base, dv, mask=kv_mask)
 
 
-# Launchers and autograd
 def _pow2(x: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(x))
 
@@ -301,8 +297,7 @@ def block_sizes(n: int, d: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=8 if block_n >= 128 else 4)
 
 
-# Autotuning (CUDA), once per (N, d, transform, dtypes): the forward keeps all keys in registers when BLOCK_M x
-# pow2(N) float32 fits (up to 1024 keys with 16 rows), else recomputes QK^T per pass; backward tiles are smaller.
+# Autotuning (CUDA): all keys in registers while BLOCK_M x pow2(N) float32 fits, else QK^T recomputed per pass.
 def _fwd_configs() -> list:
     one_tile = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "ONE_TILE": True}, num_warps=4 if m * n <= 4096 else 8)
                 for n in (16, 32, 64, 128, 256, 512, 1024) for m in (16, 32, 64) if m * n <= 16384]
@@ -312,8 +307,7 @@ def _fwd_configs() -> list:
 
 
 def prune_fwd_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Candidates that fit N: one tile of exactly pow2(N) keys, and key tiles shorter than N when N exceeds
-    ONE_TILE_MAX (the tuner then also weighs recomputation against a register-heavy single tile)."""
+    """Candidates that fit N: one tile of exactly pow2(N) keys, plus shorter key tiles when N > ONE_TILE_MAX."""
     n = named_args["N"]
     one = [c for c in configs if c.kwargs["ONE_TILE"] and c.kwargs["BLOCK_N"] == _pow2(n)]
     tiled = [c for c in configs if not c.kwargs["ONE_TILE"] and c.kwargs["BLOCK_N"] < n]
@@ -327,7 +321,7 @@ def _bwd_configs(rows: tuple[int, ...], keys: tuple[int, ...]) -> list:
 
 @lru_cache(maxsize=None)
 def tuned_kernels() -> dict:
-    """The autotuned forward and backward kernels, built on first CUDA use (the autotuner needs a GPU)."""
+    """Built on first CUDA use (the autotuner needs a GPU)."""
     key = ["N", "D", "TRANSFORM"]
     return {
         "fwd": triton.autotune(_fwd_configs(), key=key, prune_configs_by={"early_config_prune": prune_fwd_configs})(_fwd),
@@ -337,12 +331,11 @@ def tuned_kernels() -> dict:
 
 
 def autotuned(query: torch.Tensor) -> bool:
-    """Whether launches take the autotuner's configuration: CUDA tensors (triton's interpreter has no timer)."""
+    """CUDA launches take the autotuner's configuration (triton's interpreter has no timer)."""
     return query.is_cuda
 
 
 def _launch(name: str, grid, cfg: Optional[dict], *args, **meta) -> None:
-    """Run kernel ``name`` over ``grid(config)`` with ``cfg``, or the autotuner's choice when ``cfg`` is None."""
     if cfg is None:
         tuned_kernels()[name][lambda config: grid(config)](*args, **meta)
     else:
@@ -350,7 +343,7 @@ def _launch(name: str, grid, cfg: Optional[dict], *args, **meta) -> None:
 
 
 class _TritonEntmax(torch.autograd.Function):
-    """out = P V over (B, H, N, d) tensors; saves Q, K, V and the per-row (m, t[, z]) only."""
+    """out = P V over (B, H, N, d); saves Q, K, V and the per-row (m, t[, z]) only."""
 
     @staticmethod
     def forward(ctx, query, key, value, alpha_rows, transform: str, scaling: float, blocks: Optional[dict]):
