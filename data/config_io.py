@@ -1,8 +1,5 @@
-"""Config dataclasses as YAML files (presets, saved configs, the resolved config beside the outputs) and the checks
-declared in field annotations. At the bottom of the package graph, so every package can use it; ``cli`` builds on it.
-
-    cfg = load_preset(DinoConfig, "tiny_cpu", CONFIG_DIR)
-    save_config(cfg, out_dir / "config.yaml")
+"""Config dataclasses as YAML files and the checks declared in field annotations. At the bottom of the package
+graph, so every package can use it; ``cli`` builds on it.
 """
 
 import dataclasses
@@ -63,8 +60,7 @@ def _check_value(key: str, value: Any, metadata: Sequence[Any]) -> None:
 
 
 def check_values(cfg: Any, prefix: str = "") -> None:
-    """Apply the fields' ``Annotated[...]`` checks (annotated-types bounds, :class:`KeysOf`), recursively; ConfigError
-    names the dotted key."""
+    """Apply the fields' ``Annotated[...]`` checks (annotated-types bounds, :class:`KeysOf`), recursively."""
     hints = typing.get_type_hints(type(cfg), include_extras=True)
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
@@ -101,8 +97,7 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """``cls`` from a nested mapping (missing keys keep their defaults); ConfigError names an unknown key, or a value
-    of the wrong type or out of its declared range."""
+    """``cls`` from a nested mapping (missing keys keep their defaults), type- and range-checked."""
     cfg = _build(cls, data, "")
     check_values(cfg)
     return cfg
@@ -129,8 +124,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_preset(cls: type[T], name_or_path: str, preset_dir: Optional[Path] = None) -> T:
-    """A YAML preset (``preset_dir/NAME.yaml`` for a bare name, else a path; a saved config is one too) as a checked
-    ``cls``; ConfigError listing the presets when there is no such file."""
+    """``preset_dir/NAME.yaml`` for a bare name, else a YAML path (a saved config is one too), as a checked ``cls``."""
     path = Path(name_or_path)
     if not path.suffix and preset_dir is not None:
         path = Path(preset_dir) / f"{name_or_path}.yaml"
@@ -144,10 +138,9 @@ def load_preset(cls: type[T], name_or_path: str, preset_dir: Optional[Path] = No
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary name of this process: two jobs saving into one folder must not rename each other's file away
+    # atomic, under a name of this process: two jobs saving into one folder must not rename each other's file away
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, path)

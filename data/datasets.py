@@ -1,7 +1,5 @@
-"""One way to name image data for training, evaluation and analysis, all through Hugging Face ``datasets``: a Hub
-id, ``imagefolder:DIR``, ``webdataset:DIR_OR_GLOB``, a ``save_to_disk`` folder or ``embedded`` (docs/data.md).
-
-In distributed runs use :func:`shard_for_rank` OR Accelerate's ``prepare()`` of the DataLoader, never both.
+"""One way to name image data, through Hugging Face ``datasets`` (the source forms: docs/data.md). In distributed
+runs use :func:`shard_for_rank` OR Accelerate's ``prepare()`` of the DataLoader, never both.
 """
 
 import contextlib
@@ -19,8 +17,7 @@ logger = logging.getLogger(__name__)
 AnyDataset = Union[Dataset, IterableDataset]
 EMBEDDED = "embedded"
 _EMBEDDED_OPTIONS = ("image_size", "num_train", "num_validation", "seed")
-# Shards given to Dataset.to_iterable_dataset when a local dataset is streamed: enough for DataLoader
-# workers and ranks to split by shard.
+# Shards of a streamed local dataset: enough for DataLoader workers and ranks to split by shard.
 _LOCAL_STREAM_SHARDS = 64
 
 
@@ -30,9 +27,7 @@ class DatasetLoadError(ValueError):
 
 def load_image_dataset(source: str, split: str = "train", *, streaming: bool = False,
                        cache_dir: Optional[str | os.PathLike] = None) -> AnyDataset:
-    """One split of ``source`` (the forms above and in docs/data.md; ``embedded[:image_size=32,...]`` takes integer
-    generator options; any other local path goes to ``datasets.load_dataset`` as is). ``streaming`` gives an
-    ``IterableDataset``. DatasetLoadError (a ValueError): unknown source, missing split, gated/offline Hub dataset."""
+    """One split of ``source`` (docs/data.md; any other local path goes to ``datasets.load_dataset`` as is)."""
     check_source(source)
     source = source.strip()
     kind, sep, rest = source.partition(":")
@@ -54,9 +49,8 @@ def load_image_dataset(source: str, split: str = "train", *, streaming: bool = F
 
 
 def check_source(source: str) -> None:
-    """The syntax of a dataset source, checked without loading anything (configs call it): non-empty, known
-    ``embedded`` options, an existing ``imagefolder:`` folder, a ``webdataset:`` pattern, no other ``NAME:`` prefix.
-    A Hub id or local folder is only found when loaded. DatasetLoadError (a ValueError) names what is wrong."""
+    """The syntax of a dataset source, checked without loading anything (configs call it); a Hub id or local
+    folder is only found when loaded."""
     if not isinstance(source, str) or not source.strip():
         raise DatasetLoadError(f"dataset source must be a non-empty string, got {source!r}")
     source = source.strip()
@@ -76,8 +70,7 @@ def check_source(source: str) -> None:
 
 
 def webdataset_shards(pattern: str, split: str) -> list[str]:
-    """The ``.tar`` shards for ``split``: ``DIR/<split>/*.tar``, else ``DIR/<split>*.tar``, else a glob. A folder
-    without per-split shards serves only ``split="train"``: evaluation never silently reads training shards."""
+    """The ``.tar`` shards for ``split`` (the lookup order: docs/data.md)."""
     path = Path(pattern).expanduser()
     if path.is_dir():
         for candidate in (sorted((path / split).glob("*.tar")), sorted(path.glob(f"{split}*.tar"))):
@@ -98,7 +91,6 @@ def webdataset_shards(pattern: str, split: str) -> list[str]:
 
 
 def _local_split(loaded: Dataset | DatasetDict, split: str, streaming: bool, where: str) -> AnyDataset:
-    """``split`` of a DatasetDict, or a single Dataset whatever ``split`` (with a warning when saved as another)."""
     if isinstance(loaded, DatasetDict):
         if split not in loaded:
             raise DatasetLoadError(f"{where}: no split {split!r}; splits: {sorted(loaded)}")
@@ -111,7 +103,7 @@ def _local_split(loaded: Dataset | DatasetDict, split: str, streaming: bool, whe
 
 
 def _embedded_options(options: str) -> dict[str, Any]:
-    """``image_size=32,num_train=64`` -> ``{"image_size": 32, "num_train": 64}`` (integer generator options)."""
+    """``image_size=32,num_train=64`` -> ``{"image_size": 32, "num_train": 64}``."""
     kwargs: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in options.split(","))):
         key, sep, value = item.partition("=")
@@ -154,9 +146,7 @@ _MASK_WORDS = ("mask", "annotation", "segmentation", "semantic", "seg", "gt", "l
 
 
 def find_column(ds: Any, kind: Literal["image", "label", "mask"] = "image", name: Optional[str] = None) -> str:
-    """Name of the ``kind`` column of ``ds`` (``name`` forces and checks one). image: an ``Image`` feature, by an
-    image-like name, else the first one not mask-like; label: a ``ClassLabel``, else an integer column, by a label-like
-    name; mask: an ``Image`` feature named mask/annotation/segmentation/... ValueError names the columns."""
+    """Name of the ``kind`` column of ``ds``; ``name`` forces and checks one (the rules: docs/data.md)."""
     features = getattr(ds, "features", None)
     if features is None and isinstance(ds, IterableDataset):  # no declared features: peek the first example
         with contextlib.suppress(Exception):
@@ -220,8 +210,8 @@ def undecoded_images(ds: Any, *columns: str, keep: Optional[tuple[str, ...]] = N
 
 def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_samples: Optional[int] = None,
                  streaming: bool = False, accelerator: Any = None) -> AnyDataset:
-    """One split of ``source`` cut to its first ``max_samples`` rows (None or <= 0: all). With an ``accelerator`` the
-    main process of each node loads (downloads, caches) it first and the other ranks then read that cache."""
+    """One split cut to its first ``max_samples`` rows (None or <= 0: all). With an ``accelerator`` the main
+    process of each node loads (downloads, caches) it first and the other ranks then read that cache."""
     first = accelerator.main_process_first() if accelerator is not None and not streaming else contextlib.nullcontext()
     with first:
         ds = load_image_dataset(source, split=split, streaming=streaming, cache_dir=cache_dir)
@@ -236,8 +226,7 @@ def open_dataset(source: str, split: str, cache_dir: Optional[str] = None, max_s
 
 
 def shard_for_rank(ds: AnyDataset, rank: int, world_size: int) -> AnyDataset:
-    """The part of ``ds`` that process ``rank`` of ``world_size`` reads (``split_dataset_by_node``, docs/data.md).
-    Rank sizes can differ by one sample: drop the last incomplete batch, or DDP waits forever."""
+    """Rank sizes can differ by one sample: drop the last incomplete batch, or DDP waits forever."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if world_size == 1:

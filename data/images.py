@@ -1,12 +1,5 @@
-"""Decoding dataset cells, and the one policy for a row that cannot be decoded (docs/data.md, "Unreadable rows").
-
-    image = decode_image(cell)                  # the project's one decoder (modeling/image_decoding.py)
-    mask = decode_mask(cell)                    # (H, W) int64 class ids, with the same file checks
-    rows = ImageRows(ds, "image", "mask")       # rows.read(i) -> Decoded(image, mask, row), or None (counted)
-
-An unreadable row (an image or mask the decoder refuses, a mask not the size of its image) is never lost silently
-(:class:`SkipCounter`) and never fatal for one file (``None``): training substitutes the next readable row,
-evaluation keeps it as ``valid=False`` out of the metric, analysis skips it; all three report the count.
+"""Decoding dataset cells, and the one policy for a row that cannot be decoded (docs/data.md, "Unreadable rows"):
+never lost silently (:class:`SkipCounter`), never fatal for one file (``None``).
 """
 
 import logging
@@ -24,10 +17,8 @@ logger = logging.getLogger(__name__)
 
 
 def decode_mask(value: Any) -> np.ndarray:
-    """A segmentation mask cell (PIL image, datasets dict, path, encoded bytes, array) -> (H, W) int64 class ids.
-    Encoded masks get the decoder's file checks (``open_image``) but keep their values (no orientation or colour
-    conversion). A 3-channel mask must have equal channels: one channel of a colour-coded mask would be wrong class
-    ids. Raises ImageDecodeError (a ValueError)."""
+    """A mask cell -> (H, W) int64 class ids: the decoder's file checks but no orientation or colour conversion. A
+    3-channel mask must have equal channels: one channel of a colour-coded mask would be wrong class ids."""
     if isinstance(value, (Image.Image, dict, str, bytes, bytearray, os.PathLike)):
         value = open_image(value)  # a datasets Image(decode=False) dict: bytes win over path
     elif not isinstance(value, np.ndarray):
@@ -67,9 +58,8 @@ Decoded = namedtuple("Decoded", "image mask row")
 
 
 class ImageRows:
-    """The image (and mask) columns of a ``datasets`` split, read as raw bytes and decoded by the one decoder under
-    the policy above. ``keep`` (None: every column) lists the other columns a caller needs; with
-    ``mask_required=False`` a row without a mask reads with ``mask=None`` instead of counting as unreadable."""
+    """A split's image (and mask) columns read raw and decoded here. ``keep`` (None: all) lists the other columns
+    a caller needs; with ``mask_required=False`` a row without a mask reads with ``mask=None``, not as unreadable."""
 
     def __init__(self, ds: Any, image_column: str, mask_column: Optional[str] = None,
                  keep: Optional[tuple[str, ...]] = None, mask_required: bool = True) -> None:
@@ -79,15 +69,13 @@ class ImageRows:
         self.skips = SkipCounter("image")
 
     @property
-    def skipped(self) -> int:
-        """Rows found unreadable by THIS process."""
+    def skipped(self) -> int:  # by THIS process
         return self.skips.count
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def decode(self, row: dict, where: str) -> Optional[Decoded]:
-        """The decoded row, or None when its image or mask is unreadable (counted and logged)."""
         try:
             image = decode_image(row[self.image_column])
             cell = row[self.mask_column] if self.mask_column else None
@@ -103,11 +91,10 @@ class ImageRows:
         return self.decode(self.ds[int(index)], f"#{index}")
 
     def describe(self, index: int) -> str:
-        """``"#index"``, with the row's file path when it has one (for logs naming unreadable rows)."""
         return describe_cell(self.ds[int(index)][self.image_column], f"#{index}")
 
     def stream(self) -> Iterator[tuple[int, Optional[Decoded], str]]:
-        """(position, decoded row or None, description naming the item and its file) over an iterable split."""
+        """(position, decoded row or None, description naming the item and its file)."""
         for i, row in enumerate(self.ds):
             where = f"stream item {i}"
             yield i, self.decode(row, where), describe_cell(row[self.image_column], where)

@@ -1,20 +1,9 @@
 """The embedded benchmark: synthetic scenes over real texture photographs, with image labels and pixel masks
-(docs/reproduction.md: the design, what it measures and why).
+(docs/reproduction.md: the design, the columns, what it measures and why).
 
-Every image holds 3-4 objects on a jittered 2 x 2 grid: two instances of the scene's MAIN class and one or two
-objects of other classes, about as large, over a background cropped from a photograph that ships inside
-scikit-image. A class is a SHAPE; colours and patterns come from one pool shared by all classes (see below).
-
-- ``label`` (ClassLabel over ``OBJECT_CLASSES``): the main class; a scene is redrawn until it covers strictly the
-  most visible pixels of all classes (after occlusion), so ``label`` always equals the largest region's class.
-- ``mask`` (PIL mode "L"): 0 = background, k = ``SEGMENTATION_CLASSES[k]`` (= ``OBJECT_CLASSES[k - 1]``).
-
-Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``, and a background that cannot be loaded
-is an error, never a silently different dataset. Cached with ``save_to_disk`` under ``$ENTMAX_VIT_CACHE``
-(default ``~/.cache/entmax_vit``), keyed by every parameter, the generator version and the photographs' hash.
-
-    scenes = load_synthetic_scenes()              # DatasetDict: train 2000 / validation 500, 64 px
-    python scripts/synthetic_scenes.py --preview scenes.png --pixel_baselines   # samples and masks; raw-pixel probes
+Invariants: ``label`` (the main class) covers strictly the most visible pixels of all classes after occlusion;
+``mask`` k = ``SEGMENTATION_CLASSES[k]`` (0 = background); image ``i`` of a split depends only on ``(seed, split,
+i)``; a background that cannot be loaded is an error, never a silently different dataset.
 """
 
 import dataclasses
@@ -177,9 +166,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _draw_object(rng: np.random.Generator, size: int, class_id: int, radius: float, center: tuple[float, float],
                  canvas: np.ndarray, labels: np.ndarray) -> None:
-    """Paint one object of ``class_id`` (0-based) onto ``canvas`` (S, S, 3) and ``labels`` (S, S) in place.
-
-    Only the object's bounding box is computed (every shape lies within 1.15 radii of its centre)."""
+    """Paint one object of ``class_id`` (0-based) onto ``canvas`` (S, S, 3) and ``labels`` (S, S) in place; only
+    its bounding box is computed (every shape lies within 1.15 radii of its centre)."""
     theta = rng.uniform(0, 2 * np.pi)
     reach = 1.15 * radius
     top, bottom = max(0, int(center[1] - reach)), min(size, int(np.ceil(center[1] + reach)))
@@ -228,7 +216,6 @@ MIN_OBJECT_SHARE = 0.02
 
 def render_scene(rng: np.random.Generator, image_size: int, main_class: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(image (S, S, 3) uint8, mask (S, S) uint8 with 0 = background and k = class k - 1, label = ``main_class``).
-
     Layouts in which another class covers as many pixels as ``main_class`` (0-based), or a class is (nearly) hidden,
     are redrawn with the other objects a little smaller."""
     hi = 2 * image_size  # render at 2x and box-downsample: anti-aliased edges
@@ -304,9 +291,8 @@ def default_cache_dir() -> Path:
 def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int = DEFAULT_NUM_TRAIN,
                           num_validation: int = DEFAULT_NUM_VALIDATION, seed: int = 0,
                           cache_dir: Optional[str | os.PathLike] = None, progress: bool = True):
-    """The embedded benchmark as a ``datasets.DatasetDict`` with splits "train" and "validation" (columns: see the
-    module docstring). Rendered once (a few seconds per thousand 64 px images), then loaded from
-    ``cache_dir/synthetic_scenes/<key>`` (default cache: ``$ENTMAX_VIT_CACHE`` or ``~/.cache/entmax_vit``)."""
+    """A ``datasets.DatasetDict`` of "train" and "validation", rendered once (a few seconds per thousand 64 px
+    images), then loaded from ``cache_dir/synthetic_scenes/<key>`` (default: :func:`default_cache_dir`)."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, load_from_disk
     from datasets import Image as ImageFeature
 
@@ -318,7 +304,6 @@ def load_synthetic_scenes(image_size: int = DEFAULT_IMAGE_SIZE, num_train: int =
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    # The key covers every parameter, the generator version and the source photographs' pixels.
     key = (f"v{GENERATOR_VERSION}_src{sources_fingerprint()}_size{image_size}_train{num_train}_val{num_validation}"
            f"_seed{seed}")
     target = root / "synthetic_scenes" / key

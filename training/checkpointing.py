@@ -1,16 +1,5 @@
-"""Atomic training checkpoints: ``OUTPUT_DIR/checkpoints/step_XXXXXXX/``.
-
-Written into ``.tmp_step_XXXXXXX`` and renamed when complete, so a ``step_*`` folder is always whole (a kill
-leaves only a temporary folder, deleted at the next start). Contents:
-
-    (Accelerate save_state)  model.safetensors (student), optimizer.bin, scheduler/scaler, random_states_R.pkl
-    teacher.safetensors      teacher weights ("teacher.*") and the loss center ("loss.center")
-    training_config.yaml     the resolved training config (export needs it; resume compares it)
-    manifest.json            size and SHA-256 of every other file, written before trainer_state.json
-    trainer_state.json       epoch, position in the epoch, global step, world size, ... (written last)
-
-A checkpoint damaged after it was written (failing disk, bad copy) is found by :func:`verify_checkpoint`; resuming
-then falls back to the newest intact one (``dino.resolve_resume``).
+"""Atomic training checkpoints ``OUTPUT_DIR/checkpoints/step_XXXXXXX/``: written into ``.tmp_step_XXXXXXX`` and
+renamed when complete (layout and guarantees: docs/training.md, "Outputs" and "Never losing work").
 """
 
 import contextlib
@@ -99,12 +88,9 @@ class CheckpointWriteError(RuntimeError):
 
 def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: int, teacher: nn.Module,
                     center: torch.Tensor, trainer_state: dict, config_yaml: str, keep_last: int = 0) -> Path:
-    """Collective: every rank calls it. Writes ``step_XXXXXXX`` atomically and prunes to ``keep_last``.
-
-    Decisions are the main process's, shared with the others by ``gather_object`` (a stale network-file-system
-    view on one rank cannot make ranks disagree and hang). A write that fails on any rank (ENOSPC, EDQUOT, EIO)
-    removes the half-written temporary folder and raises :class:`CheckpointWriteError` on every rank, naming the
-    previous checkpoint, which is left intact."""
+    """Collective: every rank calls it. Decisions are the main process's, shared by ``gather_object`` (a stale
+    network-file-system view on one rank cannot make ranks disagree and hang). A write failing on any rank raises
+    :class:`CheckpointWriteError` on every rank, the temporary folder removed and the previous checkpoint intact."""
     root = Path(checkpoint_root)
     final = root / f"step_{step:07d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -144,8 +130,7 @@ def save_checkpoint(accelerator: Any, checkpoint_root: str | os.PathLike, step: 
                "There is no earlier checkpoint: free disk space and start again.")
         )
     if accelerator.is_main_process and keep_last > 0:
-        # Prune: each old checkpoint is renamed first, so a kill never leaves a half-deleted step_* (only a
-        # .tmp_old_step_* that the next start removes).
+        # Renamed first, so a kill never leaves a half-deleted step_* (only a .tmp_old_step_*).
         for old in list_checkpoints(root)[:-keep_last]:
             doomed = root / f"{PRUNED_PREFIX}{old.name}"
             os.replace(old, doomed)
@@ -163,8 +148,7 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(checkpoint: Path) -> None:
-    """Record the size and SHA-256 of every file of ``checkpoint`` (before trainer_state.json is written); hashing
-    re-reads files just written (page cache): about a second per GB."""
+    """Size and SHA-256 of every file but itself and trainer_state.json; about a second per GB (page cache)."""
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         rel = path.relative_to(checkpoint).as_posix()
@@ -174,8 +158,7 @@ def write_manifest(checkpoint: Path) -> None:
 
 
 def verify_checkpoint(checkpoint: str | os.PathLike) -> list[str]:
-    """Problems found in a complete (renamed) checkpoint; empty when it is intact: trainer_state.json parses
-    and every file of the manifest exists with its recorded size and SHA-256."""
+    """Problems of a complete checkpoint (state unreadable, manifest files missing or changed); empty if intact."""
     ckpt = Path(checkpoint)
     problems = []
     try:
@@ -198,8 +181,7 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> list[str]:
 
 
 def set_aside_damaged(checkpoint: Path) -> Path:
-    """Rename a damaged checkpoint to ``damaged_step_XXXXXXX`` (kept for inspection, never resumed from, and
-    out of the way of the step folder the resumed run writes again). Main process only."""
+    """Move a damaged checkpoint aside to ``damaged_step_XXXXXXX[.n]``, out of the resumed run's way. Main only."""
     target = checkpoint.with_name(f"{DAMAGED_PREFIX}{checkpoint.name}")
     n = 1
     while target.exists():

@@ -101,8 +101,7 @@ def train(cfg: DinoConfig, stop: StopRequest) -> Optional[Path]:
 
     # ============ preparing data ============
     accum = cfg.optim.gradient_accumulation_steps
-    # The main process loads (downloads, caches) the dataset first, then the other ranks read its cache; they wait
-    # up to distributed.timeout_s (docs/training.md, "Running on GPUs": pre-download large datasets).
+    # The other ranks wait up to distributed.timeout_s (docs/training.md, "Running on GPUs": pre-download).
     with accelerator.main_process_first():
         data = TrainingData(cfg.data, cfg.crops, cfg.seed, accelerator, accum)
 
@@ -204,8 +203,8 @@ def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pair
                     dino_loss: DINOLoss, data: TrainingData, optimizer: torch.optim.Optimizer, lr_schedule: np.ndarray,
                     wd_schedule: np.ndarray, momentum_schedule: np.ndarray, teacher_temp: float, epoch: int,
                     accelerator: Accelerator, cfg: DinoConfig, run: Run) -> bool:
-    """One epoch from ``run.state.batch_in_epoch`` on; True when the run stops early (signal, debug.max_steps) after
-    a checkpoint. ``student`` is prepared (DDP), ``ema_pairs`` (teacher, student parameters) taken before prepare()."""
+    """True when the run stops early (signal, debug.max_steps) after a checkpoint. ``student`` is prepared (DDP),
+    ``ema_pairs`` (teacher, student parameters) taken before prepare()."""
     grad_norm = torch.zeros(())
     start = run.state.batch_in_epoch
     for batch_in_epoch, (crops, _) in enumerate(data.epoch(epoch, start), start=start):
@@ -257,10 +256,8 @@ def train_one_epoch(student: torch.nn.Module, teacher: torch.nn.Module, ema_pair
 
 
 def resolve_resume(cfg: DinoConfig, ckpt_root: Path, accelerator: Accelerator) -> Optional[Path]:
-    """``checkpoint.resume``: "" (fresh; refused over existing checkpoints), "auto" (the newest intact checkpoint;
-    damaged newer ones are set aside as ``damaged_step_*``), or a path (refused when damaged). Decided on the main
-    process and broadcast: every rank resumes from the same folder whatever its view of a network file system, and
-    a refusal reaches every rank (none is left waiting in a collective)."""
+    """``checkpoint.resume`` ("", "auto" or a path, docs/training.md), decided on the main process and broadcast:
+    every rank resumes from the same folder whatever its network-file-system view, and a refusal reaches every rank."""
     decision: list = [None, None]  # [path or None, error message or None]
     if accelerator.is_main_process:
         try:
@@ -326,19 +323,17 @@ def check_resume_compatible(checkpoint: Path, current: dict, saved_state: dict, 
 
 
 def cli(argv: Optional[list[str]] = None) -> None:
-    """``python training/dino.py`` / ``entmax-vit-train``: config errors and a refused resume exit 1 with the message
-    alone; a non-finite loss 3, a checkpoint that cannot be written (full disk) 4, a lost rank (dead, frozen past
-    distributed.timeout_s) 5. Returns None (a console script exits with the returned value)."""
+    """``entmax-vit-train``: config errors and a refused resume exit 1 with the message alone; exit codes 3-5 below.
+    Returns None (a console script exits with the returned value)."""
     from entmax_vit.cli.entry_point import run
 
     from accelerate import PartialState
 
     run(main, DinoConfig, "dino", preset_dir=CONFIG_DIR, argv=argv, log_format=None,  # main logs per rank
         description=__doc__, exit_codes={NonFiniteLossError: 3, ckpt.CheckpointWriteError: 4, LostRankError: 5})
-    # The run finished: tear the process group down before the interpreter does (torch asks for it; a gloo group
-    # left to interpreter teardown once made rank 1 abort, "terminate called without an active exception", status
-    # -6, after a finished two-process run). Only here, on success: main() keeps the group so it can run again in
-    # one process, and after a lost peer a collective teardown could block the failing rank.
+    # Tear the process group down before the interpreter does: a gloo group left to interpreter teardown once made
+    # rank 1 of a finished two-process run abort ("terminate called without an active exception", status -6). Only
+    # on success: main() keeps the group to run again, and after a lost peer a teardown could block this rank.
     PartialState().destroy_process_group()
 
 

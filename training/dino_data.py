@@ -1,9 +1,5 @@
-"""The DINO training data path: HF dataset -> multi-crop samples with their indices -> batches.
-
-Determinism (``--resume`` equals an uninterrupted run, with any number of workers): an epoch's sample order is a
-permutation seeded by (seed, epoch) and each sample's augmentation is seeded by (seed, epoch, index) in a forked
-RNG. An unreadable row is replaced by the next readable one (data.images' policy) and reported once, so batches
-keep their size and ranks stay in step.
+"""The DINO training data path: HF dataset -> seeded multi-crop samples with their indices -> batches
+(determinism and unreadable rows: docs/training.md, "Data").
 """
 
 import contextlib
@@ -70,14 +66,12 @@ class NoReadableImageError(ValueError):
 
 
 class SeededMultiCropDataset(Dataset):
-    """Item i -> (i, crops, unreadable): crops of row i seeded by (seed, epoch, i). When row i cannot be decoded,
-    ``unreadable`` names it and the crops come from the next readable row (wrapping around, same seed); no stretch
-    of bad rows stops training, a dataset without one readable row raises :class:`NoReadableImageError`."""
+    """Item i -> (i, crops seeded by (seed, epoch, i), unreadable): an undecodable row i is named in ``unreadable``
+    and replaced by the next readable row (wrapping around, same seed)."""
 
     def __init__(self, rows: ImageRows, transform: MultiCropTransform, seed: int) -> None:
         self.rows, self.transform, self.seed = rows, transform, seed
-        # In shared memory: persistent DataLoader workers (forked once per run) see every set_epoch.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # persistent workers see set_epoch
         # Decoding is deterministic: this cache only saves decoding a bad row twice (resume stays exact).
         self._unreadable: set[int] = set()
 
@@ -115,9 +109,8 @@ def collate_indexed(
 
 
 class StreamingMultiCropDataset(IterableDataset):
-    """One rank's shard of a buffer-shuffled HF IterableDataset, reshuffled per epoch; yields (stream position,
-    crops, names of the unreadable items skipped before it). The k-th augmentation of a DataLoader worker is seeded
-    by (seed, epoch, rank, worker, k), so replaying an epoch's stream (resume) gives the same batches."""
+    """One rank's shard of a buffer-shuffled stream; yields (position, crops, unreadable items skipped before it).
+    A worker's k-th augmentation is seeded by (seed, epoch, rank, worker, k): replaying an epoch (resume) is exact."""
 
     def __init__(self, hf_ds: Any, column: str, transform: MultiCropTransform, seed: int, rank: int,
                  world_size: int, shuffle_buffer: int = 10_000) -> None:
@@ -146,8 +139,7 @@ class StreamingMultiCropDataset(IterableDataset):
 
 
 def stream_sharding_problems(num_shards: Optional[int], world_size: int, num_workers: int) -> list[str]:
-    """What is wasted when a stream of ``num_shards`` shards feeds ``world_size`` ranks x ``num_workers``
-    DataLoader workers each (empty when every worker of every rank reads whole shards of its own)."""
+    """Warnings when ``num_shards`` do not give every worker of every rank whole shards of its own."""
     if not num_shards:
         return []
     if world_size > 1 and num_shards % world_size:
@@ -166,7 +158,6 @@ def stream_sharding_problems(num_shards: Optional[int], world_size: int, num_wor
 
 
 def build_dataset(data: DataConfig, crops: MultiCropConfig, seed: int) -> SeededMultiCropDataset:
-    """Load ``data.source`` (map-style) and wrap it for multi-crop training."""
     ds = open_dataset(data.source, data.split, data.cache_dir, data.max_samples)
     column = find_column(ds, "image", data.image_column)
     logger.info("dataset %s[%s]: %d images, column %r", data.source, data.split, len(ds), column)
@@ -174,12 +165,9 @@ def build_dataset(data: DataConfig, crops: MultiCropConfig, seed: int) -> Seeded
 
 
 class TrainingData:
-    """The loop's one view of its data: ``epoch(e, skip)`` yields the micro-batches ``(crops on the device,
-    indices)`` of epoch ``e`` after the first ``skip`` (resume); ``batches_per_epoch`` is the same on every rank.
-
-    Map-style: a (seed, epoch) permutation prepared by Accelerate; resuming skips batches without loading them.
-    Streaming: this rank's shard, epochs cut to whole accumulation cycles (a stream gives no end-of-epoch signal
-    to flush a partial one); resuming replays the epoch's stream up to the position."""
+    """The loop's view of its data; ``batches_per_epoch`` is the same on every rank. Streamed epochs are cut to
+    whole accumulation cycles (a stream gives no end-of-epoch signal to flush a partial one) and resuming replays
+    the epoch's stream; map-style resuming skips batches without loading them."""
 
     def __init__(self, data: DataConfig, crops: MultiCropConfig, seed: int, accelerator: Any,
                  accumulation: int = 1) -> None:
@@ -211,8 +199,7 @@ class TrainingData:
             self.loader = DataLoader(stream, **loader_kwargs)  # this rank's stream, already split: not prepared
         else:
             self.dataset = build_dataset(data, crops, seed)
-            # Prepared: each rank gets disjoint batches. Workers persist across epochs and read the epoch from the
-            # dataset's shared memory.
+            # Prepared: each rank gets disjoint batches.
             self.loader = accelerator.prepare(DataLoader(
                 self.dataset, sampler=EpochPermutationSampler(len(self.dataset), seed),
                 persistent_workers=data.num_workers > 0, **loader_kwargs))

@@ -1,8 +1,7 @@
 """The run's state and its bookkeeping between optimizer steps (logging, checkpoints, stops), kept out of the DINO step.
 
-No host sync per step (official DINO's ``loss.item()`` each step stalls the GPU queue): the loss, its finiteness and
-the image counts stay on the device until ONE gather over ranks (:meth:`Run.sync`) at log steps, before every
-checkpoint and at each epoch end (docs/training.md, "Host syncs"); a non-finite loss is never checkpointed.
+No host sync per step (official DINO's ``loss.item()`` stalls the GPU queue): ONE gather over ranks
+(:meth:`Run.sync`) at log steps, before every checkpoint and at epoch ends (docs/training.md, "Host syncs").
 """
 
 import logging
@@ -58,8 +57,7 @@ class RunState:
 
 
 class Run:
-    """``record`` every micro-batch's loss (no sync), ``step_done`` after every optimizer step, ``end_epoch`` after
-    each epoch; ``save_checkpoint()`` writes the current state and returns its folder."""
+    """``record`` every micro-batch, ``step_done`` every optimizer step, ``end_epoch`` every epoch."""
 
     def __init__(self, cfg: Any, accelerator: Any, data: Any, state: RunState, metrics: Any, stop: StopRequest,
                  save_checkpoint: Callable[[], Path], ckpt_root: Path, total_steps: int) -> None:
@@ -76,7 +74,6 @@ class Run:
         self.images_seen, self._log_images, self._log_time = 0, 0, time.time()
 
     def record(self, loss: torch.Tensor, step: int, batch_in_epoch: int) -> None:
-        """Keep the micro-batch's loss and, on the device, the first non-finite one."""
         loss = loss.detach().float()
         self.last_loss = loss
         bad = ~torch.isfinite(loss) & (self.bad_step < 0)  # on the device: no sync
@@ -85,9 +82,8 @@ class Run:
         self.bad_value = torch.where(bad, loss, self.bad_value)
 
     def sync(self, epoch: int, end_of_epoch: bool = False) -> float:
-        """One gather over ranks: the image counts go into ``state``; a non-finite loss (the lowest step over
-        ranks) raises NonFiniteLossError, too many unreadable images UnreadableDataError; returns the last
-        micro-batch's loss, mean over ranks."""
+        """One gather over ranks: counts into ``state``, non-finite loss / unreadable share checked; returns the
+        last micro-batch's loss, mean over ranks."""
         counts = torch.tensor([float(n) for n in self.data.take_counts()], device=self.bad_step.device)
         local = torch.cat([torch.stack([self.last_loss, self.bad_step, self.bad_batch, self.bad_value]), counts])
         gathered = self.accelerator.gather(local) if self.accelerator.num_processes > 1 else local
@@ -116,9 +112,8 @@ class Run:
         return sum(r[0] for r in rows) / len(rows)
 
     def step_done(self, epoch: int, batch_in_epoch: int, log_values: Callable[[], dict]) -> bool:
-        """After optimizer step ``state.global_step``: advance the state, log at log steps (``log_values()`` adds
-        the step's own values), checkpoint when due or stopping; True when the run stops early (a signal or
-        debug.max_steps), after writing a checkpoint."""
+        """Advance the state, log at log steps, checkpoint when due or stopping; True when the run stops early (a
+        signal or debug.max_steps), after writing a checkpoint."""
         cfg, accelerator, state = self.cfg, self.accelerator, self.state
         state.global_step = step = state.global_step + 1
         state.batch_in_epoch = batch_in_epoch + 1
@@ -151,7 +146,6 @@ class Run:
         return False
 
     def end_epoch(self, epoch: int) -> None:
-        """Check the epoch's loss and unreadable share, start the next epoch's state, checkpoint if configured."""
         self.sync(epoch, end_of_epoch=True)
         state = self.state
         logger.info("epoch %d done: %d unreadable image(s) replaced (%d in all)", epoch, state.epoch_images_skipped,

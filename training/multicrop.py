@@ -1,8 +1,5 @@
 """DINO multi-crop augmentation: exactly official DINO's ``DataAugmentationDINO`` (main_dino.py), faster.
 
-    tf = MultiCropTransform(MultiCropConfig())            # official DINO recipe: 2 x 224 global + 8 x 96 local
-    crops = tf(pil_image)                                 # [global1, global2, local1..local8], each (3, H, W)
-
 The random numbers come from the same generators in the same order (torch for crop/flip/jitter/grayscale, Python
 ``random`` for blur/solarize), so equal seeds give :func:`official_dino_transform`'s tensors; the speed-ups keep
 the same uint8 math (docs/data.md; ``scripts/bench_data.py`` measures them).
@@ -64,7 +61,6 @@ class MultiCropConfig:
             raise ValueError(f"std must be positive, got {self.std}")
 
 
-# What one output crop gets: its size, area-scale range and per-crop probabilities.
 CropSpec = namedtuple("CropSpec", "name size scale blur_p solarize_p")
 
 
