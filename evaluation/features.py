@@ -205,8 +205,7 @@ def start_run(cfg: Any, seed: Optional[int] = None) -> tuple[Any, Any]:
 
 
 def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
-    """The k-NN and linear probes' start: start_run, loader sizes and resolution resolved; returns the resolved
-    config, the Accelerator, the model and the ``split_features`` keywords both splits share."""
+    """The k-NN and linear probes' start: start_run, then the resolved config and both splits' split_features kwargs."""
     from .image_data import ClassificationTransform
 
     accelerator, model = start_run(cfg, seed)

@@ -17,8 +17,7 @@ logger = logging.getLogger(__name__)
 def knn_scores_for_ks(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                       ks: tuple[int, ...], num_classes: int, temperature: float = 0.07, chunk_size: int = 256,
                       device: Optional[torch.device | str] = None) -> dict[int, torch.Tensor]:
-    """Class scores (N_test, C) for every k in ``ks`` (clipped to the train size), on ``device`` (default: the
-    features'). One top-k at the largest k per chunk of test images; a smaller k reads its first columns."""
+    """(N_test, C) class scores for each k in ``ks`` (clipped to the train size): one top-k at the largest k."""
     if len(train_features) == 0:
         raise ValueError("k-NN needs at least one training sample")
     device = torch.device(device) if device is not None else train_features.device
