@@ -1,2 +1,1 @@
-"""Evaluation of frozen backbones: cached features, DINO k-NN, linear probe, linear segmentation probe, metrics,
-results JSON (one module each)."""
+"""Evaluation of frozen backbones: k-NN, linear and segmentation probes, metrics, results JSON (docs/evaluation.md)."""

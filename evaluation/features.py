@@ -1,10 +1,6 @@
-"""Frozen feature extraction with a disk cache (its key: docs/evaluation.md), shared by the k-NN and linear probes.
-
-Per image: ``cls`` (N, L, D) final-normed [CLS] of the last L blocks (``cls[:, -1]`` is DINO's k-NN feature),
-``patch_mean`` (N, D) mean of the last block's normed patch tokens (DINO's ``--avgpool_patchtokens``), ``patches``
-(N, P, D) float16 (only with ``store_patch_tokens``), ``labels`` (N,) (-1 without labels), ``index`` (N,) row in the
-split. Unreadable rows are dropped after gathering and counted.
-"""
+"""Frozen feature extraction with a disk cache (docs/evaluation.md), shared by the k-NN and linear probes. Per image:
+normed ``cls`` (N, L, D) of the last L blocks, ``patch_mean`` (N, D) of the last block, ``patches`` (N, P, D) float16
+(``store_patch_tokens``), ``labels`` (-1 without), ``index`` (row in the split); unreadable rows dropped, counted."""
 
 import dataclasses
 import hashlib
@@ -82,10 +78,8 @@ def _hash(spec: dict, n: int) -> str:
 def extract_features(model: torch.nn.Module, loader: torch.utils.data.DataLoader, *, n_last_blocks: int = 4,
                      store_patch_tokens: bool = False, accelerator: Any = None, desc: str = "features",
                      sharded_loader: bool = False, main_rank_only: bool = False) -> dict[str, torch.Tensor]:
-    """Run ``model`` over ``loader`` (batches of pixel_values / labels / valid / index), gathered on every rank. A
-    prepared loader is gathered per batch (``gather_for_metrics`` drops the sampler's duplicates); a
-    ``sharded_loader`` (a stream, each rank its rows) is padded and gathered once at the end. ``main_rank_only``:
-    the other ranks keep no rows (only the skip count), for a consumer on the main rank alone (k-NN)."""
+    """Features gathered on every rank: a prepared loader per batch (``gather_for_metrics``), a ``sharded_loader``
+    (a stream) padded and gathered once at the end. ``main_rank_only``: other ranks keep only the skip count."""
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     show = accelerator is None or accelerator.is_local_main_process
@@ -176,10 +170,8 @@ def split_features(model: torch.nn.Module, *, model_spec: dict, dataset: str, sp
 
 
 def sized_to_machine(batch_size: Optional[int], num_workers: Optional[int], accelerator: Any) -> tuple[int, int]:
-    """``(batch_size, num_workers)``: the given values, or where None the defaults for ``accelerator.device``. On a
-    GPU, decoding on the main process starves the model: batch 256 and up to 8 workers per process (more rarely
-    helps decoding keep up and multiplies memory; the cores shared among this node's processes, one left for the
-    main loop). On CPU the model is the bottleneck: batch 64, no workers."""
+    """Where None: on a GPU batch 256 and up to 8 workers per process (main-process decoding starves the model;
+    more rarely helps and multiplies memory; one core left for the main loop); on CPU batch 64, no workers."""
     on_gpu = accelerator.device.type == "cuda"
     if batch_size is None:
         batch_size = 256 if on_gpu else 64
@@ -213,8 +205,7 @@ def start_run(cfg: Any, seed: Optional[int] = None) -> tuple[Any, Any]:
 
 
 def prepare_classification(cfg: Any, batch_field: str, seed: Optional[int] = None) -> tuple[Any, Any, Any, dict]:
-    """The k-NN and linear probes' start: start_run, loader sizes and resolution resolved; returns the resolved
-    config, the Accelerator, the model and the ``split_features`` keywords both splits share."""
+    """The k-NN and linear probes' start: start_run, then the resolved config and both splits' split_features kwargs."""
     from .image_data import ClassificationTransform
 
     accelerator, model = start_run(cfg, seed)

@@ -58,11 +58,9 @@ class ClassificationRows(torch.utils.data.Dataset):
 
 
 class StreamingRows(torch.utils.data.IterableDataset):
-    """This rank's rows of a streamed split, decoded like ClassificationRows; ``index`` is unique across ranks
-    and DataLoader workers (a stream has no stable row numbers). A whole stream is split by ``shard_for_rank``
-    (each rank downloads only its part). A truncated stream
-    (``truncated``: ``take(n)`` was applied) is read by every rank, each keeping every world_size-th row: a
-    shard split after ``take`` would not cover exactly the first n rows."""
+    """This rank's rows of a stream (``index`` unique across ranks and workers), split by ``shard_for_rank``; a
+    ``truncated`` one (``take(n)``) is read by every rank, each keeping every world_size-th row: a shard split
+    after ``take`` would not cover exactly the first n rows."""
 
     def __init__(self, ds: Any, image_column: str, label_column: Optional[str], transform: Callable, rank: int = 0,
                  world_size: int = 1, truncated: bool = False) -> None:

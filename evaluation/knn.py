@@ -1,6 +1,4 @@
-"""Weighted k-NN classification on frozen [CLS] features, as official DINO's ``eval_knn.py``: L2-normalised
-features, each test image's k nearest training images (cosine) vote with weight exp(similarity / T), T = 0.07;
-top-1 / top-5 for k in {10, 20, 100, 200} (each clipped to the train-set size)."""
+"""Weighted k-NN classification on frozen [CLS] features, as official DINO's ``eval_knn.py`` (docs/evaluation.md)."""
 
 import logging
 from dataclasses import dataclass, field
@@ -19,8 +17,7 @@ logger = logging.getLogger(__name__)
 def knn_scores_for_ks(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                       ks: tuple[int, ...], num_classes: int, temperature: float = 0.07, chunk_size: int = 256,
                       device: Optional[torch.device | str] = None) -> dict[int, torch.Tensor]:
-    """Class scores (N_test, C) for every k in ``ks`` (clipped to the train size), on ``device`` (default: the
-    features'). One top-k at the largest k per chunk of test images; a smaller k reads its first columns."""
+    """(N_test, C) class scores for each k in ``ks`` (clipped to the train size): one top-k at the largest k."""
     if len(train_features) == 0:
         raise ValueError("k-NN needs at least one training sample")
     device = torch.device(device) if device is not None else train_features.device
@@ -42,8 +39,7 @@ def knn_scores_for_ks(train_features: torch.Tensor, train_labels: torch.Tensor, 
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, ks: tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
                  num_classes: Optional[int] = None, device: Optional[torch.device | str] = None) -> dict[str, float]:
-    """``{"top1_k10": ..., "top5_k10": ..., ...}`` in percent; k above the train size is clipped (a k clipped to
-    an already-reported value is skipped). ``device``: where to compute (default: where the features are)."""
+    """``{"top1_k10": ..., "top5_k10": ..., ...}`` in percent; k clipped to the train size, each value once."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_scores_for_ks(train_features, train_labels, test_features, tuple(ks), num_classes, temperature,
                                device=device)

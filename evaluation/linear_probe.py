@@ -1,11 +1,5 @@
-"""Linear classification probe on frozen features (both protocols, choice by choice: docs/evaluation.md).
-
-Protocol ``dino`` (default): official DINO ``eval_linear.py``, augmented crops every epoch, the BEST epoch reported;
-``protocol.name == "dino_eval_linear"``. Protocol ``cached_grid`` (fast, NOT DINO's; its results say so):
-centre-crop features cached once, a grid of heads (n x avgpool x lr, DINOv2 style) trained side by side, the best
-head on the selection split reported at its last epoch. Selection split: the eval split (as DINO/DINOv2), or
-``holdout_fraction`` of train held out.
-"""
+"""Linear classification probe on frozen features: protocol ``dino`` (official DINO ``eval_linear.py``, the best
+epoch reported) or ``cached_grid`` (fast, NOT DINO's). Both, choice by choice: docs/evaluation.md."""
 
 import json
 import logging
@@ -28,15 +22,13 @@ DINO_BASE_LR = 0.001  # eval_linear.py --lr, for a reference batch of 256
 
 
 def dino_feature_layout(hidden_size: int) -> tuple[int, bool]:
-    """Official DINO's (n_last_blocks, avgpool_patchtokens) for a ViT of this width: eval_linear.py's help says
-    n = 4 without avgpool for ViT-Small (384) and n = 1 with avgpool for ViT-Base (768)."""
+    """Official DINO's (n_last_blocks, avgpool_patchtokens) by width (eval_linear.py help: ViT-S 4, ViT-B 1 + pool)."""
     return (4, False) if hidden_size < 768 else (1, True)
 
 
 class DinoTrainTransform:
-    """Official eval_linear train transform: RandomResizedCrop(crop) with torchvision's defaults (scale
-    0.08-1, ratio 3/4-4/3, BILINEAR) + RandomHorizontalFlip + ImageNet normalisation. Drawn afresh per call
-    from torch's RNG (seeded per DataLoader worker)."""
+    """Official eval_linear train transform (torchvision's RandomResizedCrop defaults, BILINEAR; flip), drawn
+    afresh per call from torch's RNG (seeded per DataLoader worker)."""
 
     def __init__(self, crop: int = 224) -> None:
         from torchvision import transforms
@@ -60,8 +52,7 @@ def probe_inputs(cls: torch.Tensor, patch_mean: torch.Tensor, n: int, avgpool: b
     if n > cls.shape[1]:
         raise ValueError(f"n_last_blocks {n} > the {cls.shape[1]} blocks extracted")
     x = cls[:, -n:].flatten(1)
-    # Official DINO (n = 1 with avgpool) interleaves [CLS] and mean-patch channels; concatenating them instead
-    # only permutes the inputs of a linear layer with i.i.d. init: the same probe.
+    # DINO interleaves [CLS] and mean-patch channels; concatenating only permutes an i.i.d.-init Linear's inputs
     return torch.cat([x, patch_mean], dim=1) if avgpool else x
 
 
@@ -106,9 +97,8 @@ def make_optimizer(grid: LinearGrid, batch_size: int, momentum: float, weight_de
 def train_grid(grid: LinearGrid, batches: Callable[[], Iterable], *, epochs: int, batch_size: int,
                momentum: float = 0.9, weight_decay: float = 0.0, evaluate: Optional[Callable] = None,
                show: bool = True) -> list[dict]:
-    """Train every head for ``epochs`` as DINO (SGD, CosineAnnealingLR stepped per epoch) on the ``(cls,
-    patch_mean, labels, valid)`` batches of ``batches()``, rows not ``valid`` (unreadable) dropped and counted as
-    ``skipped``; ``evaluate(grid, epoch)`` runs after every epoch, its dict (None: not evaluated) joins the log."""
+    """Train every head as DINO (SGD, CosineAnnealingLR per epoch) on ``batches()``, rows not ``valid`` counted
+    as ``skipped``; ``evaluate(grid, epoch)`` runs after every epoch, its dict (None: not evaluated) joins the log."""
     opt = make_optimizer(grid, batch_size, momentum, weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     log = []
@@ -166,8 +156,7 @@ def evaluate_grid(grid: LinearGrid, feats: dict[str, torch.Tensor], batch_size: 
 
 
 def best_epoch(log: list[dict], head: int = 0, key: str = "eval") -> dict:
-    """The logged epoch with the highest ``key`` top-1 of ``head`` (the earliest on ties): DINO reports the
-    best accuracy over its per-epoch evaluations."""
+    """The epoch with the highest ``key`` top-1 of ``head``, the earliest on ties (DINO reports its best epoch)."""
     rows = [e for e in log if key in e]
     if not rows:
         raise ValueError(f"no epoch of the log has {key!r} results")
@@ -228,8 +217,7 @@ def resolve_heads(cfg: LinearEvalConfig, hidden_size: int, depth: int) -> list[H
 
 
 def is_official(cfg: LinearEvalConfig, specs: list[HeadSpec], hidden_size: int) -> bool:
-    """True when every protocol choice is official DINO eval_linear's (the batch size may differ: the lr
-    follows it by the scaling rule)."""
+    """Every choice official DINO eval_linear's (the batch size may differ: the lr follows it by the scaling rule)."""
     if cfg.protocol != "dino" or len(specs) != 1:
         return False
     spec = specs[0]
@@ -366,7 +354,6 @@ def main(cfg: LinearEvalConfig) -> dict:
 
 
 def _plot_grid(table: list[dict], path: Path) -> None:
-    """Eval top-1 against the learning rate, one curve per feature variant."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     fig = Figure(figsize=(5, 3.5))

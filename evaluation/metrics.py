@@ -1,9 +1,6 @@
-"""Segmentation metrics from a confusion matrix accumulated on device (as DINOv2's evaluation), and top-k accuracy.
-
-``conf[t, p]`` counts pixels of target ``t`` predicted ``p``; mIoU as the `evaluate` library's ``mean_iou`` and mmseg
-(docs/evaluation.md). Not `evaluate` itself: it keeps every pixel map until ``compute()`` and loads the metric from
-the Hub (offline it fails); tests/test_eval_metrics.py checks against a numpy version of its definition.
-"""
+"""Segmentation metrics from a confusion matrix ``conf[t, p]`` accumulated on device, and top-k accuracy. mIoU as
+`evaluate`'s ``mean_iou`` (docs/evaluation.md), not `evaluate` itself: it keeps every pixel map until ``compute()``
+and loads the metric from the Hub (offline it fails); tests/test_eval_metrics.py checks against its definition."""
 
 import torch
 

@@ -1,6 +1,4 @@
-"""The resolution a model is fed by default: its own, the one it was trained at (``config.image_size`` of an
-EntmaxViT, e.g. 64 px for ``tiny_cpu``). Every evaluation and the analysis default to it (Resize(side * 256/224) +
-CenterCrop(side)) and warn when asked for another size."""
+"""The resolution a model is fed by default: the one it was trained at (docs/evaluation.md, k-NN section)."""
 
 import json
 import logging

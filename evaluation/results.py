@@ -23,7 +23,6 @@ _REQUIRED = {"schema": str, "task": str, "model": dict, "dataset": dict, "protoc
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the packages that determine a result."""
     out = {}
     for pkg in ("entmax-vit", "torch", "transformers", "datasets", "accelerate"):
         try:
@@ -34,9 +33,8 @@ def library_versions() -> dict[str, str]:
 
 
 def weights_fingerprint(model: Any) -> str:
-    """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in name order. It
-    identifies the weights whatever the folder or Hub id they were loaded from, so a results file can be matched
-    to the model it was measured on (``hub_release.assemble`` refuses a mismatch)."""
+    """SHA-256 of every state-dict entry's name, dtype, shape and bytes: matches a results file to the weights it
+    was measured on, whatever their folder or Hub id (``hub_release.assemble`` refuses a mismatch)."""
     import torch
 
     digest = hashlib.sha256()
@@ -74,8 +72,7 @@ def validate_results(data: Any, source: str = "results") -> dict:
 def make_results(*, task: str, model_name_or_path: str, model_config: Mapping[str, Any], dataset: Mapping[str, Any],
                  protocol: Mapping[str, Any], metrics: Mapping[str, float], config: Mapping[str, Any],
                  weights_sha256: Optional[str] = None) -> dict:
-    """Assemble and validate a results record; ``weights_sha256`` (:func:`weights_fingerprint` of the evaluated
-    model) lets a model card check that the results belong to its model."""
+    """A validated record; ``weights_sha256``: :func:`weights_fingerprint` of the evaluated model."""
     record = {
         "schema": SCHEMA,
         "task": task,
@@ -96,7 +93,6 @@ def make_results(*, task: str, model_name_or_path: str, model_config: Mapping[st
 
 
 def write_results(record: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Validate and write atomically (temporary file + rename)."""
     validate_results(dict(record), str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

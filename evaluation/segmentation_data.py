@@ -1,8 +1,5 @@
-"""Image + mask rows for the linear segmentation probe. Label conventions (on the raw mask): VOC 21 classes, 255
-ignore; ADE20K 150 with ``reduce_zero_label`` (0 -> ignore, c -> c - 1); Cityscapes 19 trainIds (raw labelIds
-mapped by ``CITYSCAPES_ID_TO_TRAINID``). Transforms: neco: image to (S, S), mask nearest to (M, M), flip in
-training. dinov2: train rescale by S x U(scale_range), random S crop (pad: image 0, mask ignore), flip; eval
-shorter side to S, mask at its original size, one image per batch."""
+"""Image + mask rows for the linear segmentation probe; label conventions and transforms: docs/evaluation.md. dinov2
+pads its train crops with image 0, mask ignore; its eval keeps the mask at its original size, one image per batch."""
 
 import random
 from typing import Any

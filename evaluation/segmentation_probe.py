@@ -1,8 +1,5 @@
-"""Linear semantic-segmentation probe on a frozen backbone (NeCo/Leopart and DINOv2 linear protocols;
-docs/evaluation.md). The head is ``modeling.segmentation_head.LinearSegmentationHead``; its logits are computed at
-patch resolution, then upsampled to the label size: for a 1x1 conv this equals NeCo's "upsample features to
-100x100, then 1x1 conv" exactly, at a fraction of the cost. mIoU: a confusion matrix summed across ranks.
-"""
+"""Linear semantic-segmentation probe on a frozen backbone: NeCo/Leopart and DINOv2 linear (docs/evaluation.md).
+Logits at patch resolution, then upsampled: for a 1x1 conv this equals NeCo's "upsample features, then conv" exactly."""
 
 import dataclasses
 import json
@@ -95,7 +92,6 @@ class SegmentationEvalConfig:
 
 # --- Schedules (per iteration, as DINO) and prediction
 def lr_schedule(cfg: SegmentationEvalConfig, iters_per_epoch: int, total_iters: int) -> list[float]:
-    """Learning rate for every iteration."""
     out = []
     for it in range(total_iters):
         if cfg.lr_schedule == "step":
@@ -136,8 +132,7 @@ def sliding_window_logits(head: LinearSegmentationHead, model: torch.nn.Module, 
 @torch.no_grad()
 def evaluate_probe(head: LinearSegmentationHead, model: torch.nn.Module, loader, cfg: SegmentationEvalConfig,
                    num_classes: int, accelerator=None) -> tuple[torch.Tensor, int]:
-    """Confusion matrix (K, K) over the loader (summed across ranks) and the number of skipped rows. Batches with
-    ``features`` (the head's input, from ``head_features``) skip the backbone."""
+    """(K, K) confusion matrix summed across ranks and the skipped rows (``features`` batches skip the backbone)."""
     device = accelerator.device if accelerator is not None else next(head.parameters()).device
     head.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
@@ -320,9 +315,8 @@ def head_features(blocks: dict, config: SegmentationHeadConfig, depth: int) -> t
 
 
 def probe_grid_miou(model: torch.nn.Module, data: ProbeData, cfgs: list[SegmentationEvalConfig]) -> list[float]:
-    """``probe_miou`` for several probes that differ only in ``layers`` / ``use_cls_token``, with the backbone run
-    once over each split for all of them (train features cached as ``cache_features`` does, flips drawn once).
-    NeCo protocol only; each probe is trained and scored by the same functions as the entry point."""
+    """``probe_miou`` of probes differing only in ``layers`` / ``use_cls_token``, from one backbone pass per split
+    (NeCo protocol with ``cache_features``, flips drawn once; else one ``probe_miou`` each)."""
     first = cfgs[0]
     if first.protocol != "neco" or not first.cache_features:
         return [probe_miou(model, data, c) for c in cfgs]
@@ -425,7 +419,6 @@ def main(cfg: SegmentationEvalConfig) -> dict:
 
 
 def _plot_per_class(per_class: dict, path: Path, miou: Optional[float]) -> None:
-    """Bar chart of per-class IoU (absent classes left out)."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     items = [(k, 100 * v) for k, v in per_class.items() if math.isfinite(v)]

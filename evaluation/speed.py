@@ -20,9 +20,8 @@ def backbone_step(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
 
 
 class PeakMemory(TorchDispatchMode):
-    """Peak bytes of live tensor storages allocated under this mode (CPU or CUDA), including autograd's
-    backward ops. Each new storage is counted once and released when its Python storage object dies.
-    torch.compile'd code allocates outside the dispatcher and is not seen."""
+    """Peak bytes of live tensor storages allocated under this mode (CPU or CUDA, autograd's backward included),
+    each counted once until its storage object dies; torch.compile'd code allocates outside it, unseen."""
 
     def __init__(self) -> None:
         super().__init__()
