@@ -1,8 +1,6 @@
-"""Seed-to-seed spread of the mini reproduction's metrics, and the wording that follows from it.
-
-A difference between two transforms is called *noise* when it is not larger than the seed spread: the larger
-of the two sample standard deviations over seeds. With one seed there is no spread, so no difference can be
-told apart from noise. This is a rule of thumb for a handful of seeds, not a significance test.
+"""Seed-to-seed spread of the mini reproduction's metrics and the wording that follows from it: a difference is
+*noise* when not larger than the seed spread (the larger of the two sample standard deviations over seeds; none
+with one seed). A rule of thumb for a handful of seeds, not a significance test.
 """
 
 import math
@@ -86,7 +84,6 @@ def aggregate(rows: Sequence[Mapping], keys: Sequence[str]) -> dict[str, dict[st
 
 
 def verdict(base: Spread, other: Spread) -> str:
-    """How ``other`` differs from ``base``: "noise" unless the difference of means exceeds the seed spread."""
     if not base.values or not other.values:
         return "not measured"
     delta = other.mean - base.mean
@@ -121,8 +118,7 @@ def comparison_lines(table: Mapping[str, Mapping[str, Spread]], baseline: str,
 
 
 def claim_lines(table: Mapping[str, Mapping[str, Spread]]) -> list[str]:
-    """One bullet per (claim, transform): in how many seeds the difference is > 0, and whether its mean
-    exceeds the seed spread (generated from the numbers)."""
+    """One bullet per (claim, transform): seeds with a difference > 0, and whether its mean exceeds the spread."""
     lines = []
     for key, title, spec in CLAIMS:
         for attention, spreads in table.items():
