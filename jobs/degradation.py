@@ -69,7 +69,6 @@ def trend(steps: list[int], spreads: list[Spread]) -> dict:
 
 
 def verdict_lines(rows: Sequence[dict]) -> list[str]:
-    """Generated sentences: for each transform and quality metric, peak, final value and whether it falls."""
     titles = {key: title for key, title, _ in METRICS}
     lines, trends = [], {}
     for key in DENSE:

@@ -115,8 +115,8 @@ def environment_rows(device: torch.device) -> list[dict]:
 
 
 def kernel_probabilities(fn: Callable, q: torch.Tensor) -> torch.Tensor:
-    """P of an attention kernel ``fn(v) -> P v`` read through its output, d columns at a time: with V = columns
-    j..j+d of the identity, P V = P[:, j:j+d]. Works for any N (the fused kernels need V of q's shape)."""
+    """P of a kernel ``fn(v) -> P v``, d columns at a time: with V = columns j..j+d of the identity,
+    P V = P[:, j:j+d]. Works for any N (the fused kernels need V of q's shape)."""
     n, d = q.shape[-2:]
     eye = torch.eye(n, device=q.device)
     cols = []

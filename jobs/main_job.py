@@ -99,8 +99,8 @@ def run_process(name: str, command: list[str]) -> None:
 
 
 def training_config(cfg: MainJobConfig, train_dir: Path):
-    """The DinoConfig of the train stage: the preset, the job's settings, then the user's overrides (dotted or
-    nested keys alike; a dict field such as model.backbone_overrides is merged key by key)."""
+    """The train stage's DinoConfig: preset, job settings, then the user's overrides (dotted or nested keys; a
+    dict field such as model.backbone_overrides is merged key by key)."""
     from entmax_vit.data.config_io import flatten, from_dict, load_preset, to_dict
     from entmax_vit.training.config import DinoConfig
     from entmax_vit.training.dino import CONFIG_DIR

@@ -69,8 +69,7 @@ def main_job_config(cfg: ReproduceMiniConfig, attention: str, seed: int, run_dir
 
 
 def collect(run_dir: Path, attention: str, seed: int) -> dict:
-    """Every number the report needs for one run folder; ``random_init`` is empty when the random stage did
-    not run."""
+    """Every number the report needs for one run folder (``random_init`` empty without the random stage)."""
     per_layer = load_analysis(run_dir / "analysis")
     stages = json.loads((run_dir / "summary.json").read_text())["stages"] if (run_dir / "summary.json").is_file() else {}
     baseline = summary_metrics(run_dir / RANDOM_DIR, attention, FEATURES)
@@ -81,7 +80,6 @@ def collect(run_dir: Path, attention: str, seed: int) -> dict:
 
 
 def random_rows(rows: list[dict]) -> list[dict]:
-    """The random-init baselines as report rows: attention "<transform>, random init", probe metrics only."""
     return [{"attention": f"{row['attention']}, random init", "seed": row["seed"], **row["random_init"]}
             for row in rows if row.get("random_init")]
 
@@ -167,7 +165,6 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
 
 
 def plot_probes(rows: list[dict], path: Path) -> Path:
-    """One panel per metric: a bar per transform at the mean over seeds, error bar = std, dots = seeds."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     table = aggregate(rows, [key for key, _, _ in METRICS])

@@ -62,8 +62,7 @@ class Spread:
 
 def seed_table(rows: Sequence[Mapping], columns: Sequence[str], metrics: Sequence[tuple[str, str, str]],
                titles: Sequence[str] = ()) -> list[str]:
-    """A markdown table, one line per row: its ``columns`` as they are, then each metric formatted by its spec
-    ("n/a" when missing or nan); ``titles`` of the metric columns default to the metrics' titles."""
+    """A markdown table, one line per row: its ``columns``, then each metric by its spec ("n/a" when missing)."""
     titles = list(titles) or [title for _, title, _ in metrics]
     lines = ["| " + " | ".join([*columns, *titles]) + " |", "|" + "---|" * (len(columns) + len(titles))]
     for row in rows:
