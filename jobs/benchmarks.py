@@ -10,8 +10,7 @@ import torch
 
 
 def add_ratios(rows: dict[str, dict], baseline: str, key: str, ratio_key: str) -> dict[str, dict]:
-    """``rows[name][ratio_key] = rows[name][key] / rows[baseline][key]`` for every row where both are measured
-    (non-zero); returns ``rows``."""
+    """``rows[name][ratio_key] = rows[name][key] / rows[baseline][key]`` where both are measured (non-zero)."""
     base = rows.get(baseline, {}).get(key)
     for row in rows.values():
         if base and row.get(key):
@@ -20,8 +19,7 @@ def add_ratios(rows: dict[str, dict], baseline: str, key: str, ratio_key: str) -
 
 
 def start_benchmark(name: str, cfg: Any) -> Path:
-    """torch threads (``cfg.threads``; None = torch default) and seed (``cfg.seed``); the resolved config written to
-    OUTPUT_DIR/bench_NAME_config.yaml; returns OUTPUT_DIR."""
+    """Threads and seed set, the resolved config written to OUTPUT_DIR/bench_NAME_config.yaml; returns OUTPUT_DIR."""
     from entmax_vit.data.config_io import save_config
 
     if cfg.threads is not None:

@@ -1,10 +1,7 @@
-"""The dense-degradation run of the mini reproduction (``scripts/reproduce_mini.py --long``): does dense quality (a
-linear segmentation probe on patch tokens) degrade along prolonged DINO training while image-level quality holds,
-as the paper says of softmax? For every transform and seed one longer run keeps a checkpoint every
-``checkpoint_every_steps`` steps; each checkpoint's teacher is exported and evaluated by the main job's own stages.
-Step 0 is the run's random-init baseline (the main job's random stage). Resumable. Writes
-``OUTPUT_DIR/long/degradation.{md,json}`` and ``reproduce_mini_degradation.png``; the verdict is generated from
-the numbers.
+"""The dense-degradation run (``scripts/reproduce_mini.py --long``): does dense quality (a linear segmentation
+probe on patch tokens) degrade along prolonged DINO training while image-level quality holds, as the paper says of
+softmax? Every ``checkpoint_every_steps`` steps a checkpoint's teacher is evaluated by the main job's own stages;
+step 0 is the run's random-init baseline (the main job's random stage). Resumable.
 """
 
 import json
@@ -22,7 +19,6 @@ DENSE = ("seg_miou_patch", "seg_miou_patch_cls", "knn_top1")  # the quality curv
 
 
 def long_overrides(cfg: ReproduceMiniConfig) -> dict:
-    """Training overrides of the long run: the user's, the long budget, and a kept checkpoint every N steps."""
     return {**cfg.train_overrides, **cfg.long_train_overrides, "checkpoint.every_steps": cfg.checkpoint_every_steps,
             "checkpoint.at_epoch_end": False, "checkpoint.keep_last": 0}
 
@@ -45,7 +41,6 @@ def evaluate_checkpoints(cfg: ReproduceMiniConfig, attention: str, seed: int, ru
         rows.append({"attention": attention, "seed": seed, "step": step, **summary_metrics(out, attention, FEATURES)})
     if not rows:
         raise SystemExit(f"[reproduce_mini] {run_dir / 'train' / 'checkpoints'} holds no checkpoint to evaluate")
-    # step 0: the random init of the same config and seed, evaluated the same way
     random_baseline(job, run_dir / "steps" / checkpoints[0].name / "model", run_dir, job.stages)
     step_0 = summary_metrics(run_dir / RANDOM_DIR, attention, FEATURES)
     return [{"attention": attention, "seed": seed, "step": 0, **step_0}, *rows]
@@ -74,7 +69,6 @@ def trend(steps: list[int], spreads: list[Spread]) -> dict:
 
 
 def verdict_lines(rows: Sequence[dict]) -> list[str]:
-    """Generated sentences: for each transform and quality metric, peak, final value and whether it falls."""
     titles = {key: title for key, title, _ in METRICS}
     lines, trends = [], {}
     for key in DENSE:
@@ -102,7 +96,6 @@ def verdict_lines(rows: Sequence[dict]) -> list[str]:
 
 
 def plot_degradation(rows: Sequence[dict], path: Path) -> Path:
-    """Every metric against the training step: mean over seeds, band = min..max over seeds."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     fig = Figure(figsize=(11, 6))
@@ -163,8 +156,7 @@ def report(cfg: ReproduceMiniConfig, rows: Sequence[dict], elapsed: float, figur
 
 
 def main(cfg: ReproduceMiniConfig) -> dict:
-    """The dense-degradation study (``scripts/reproduce_mini.py --long``): its own entry, so that this module
-    builds on reproduce_mini and not the other way round."""
+    """``--long``: its own entry, so that this module builds on reproduce_mini and not the other way round."""
     from entmax_vit.data.config_io import save_config
 
     start = time.perf_counter()

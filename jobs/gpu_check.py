@@ -1,12 +1,7 @@
-"""The GPU acceptance check (``scripts/gpu_check.py --out DIR``; docs/training.md lists its rows): whether this
-machine runs EntmaxViT right and how fast, in report.json and report.md. Each section is a function returning
+"""The GPU acceptance check of ``scripts/gpu_check.py`` (docs/training.md lists its rows). Each section returns
 rows; a section or kernel that raises is a failed row and the check goes on. Exactness covers every kernel of
-``kernels_for`` (a new kernel without a change here) against the ``entmax`` package; timings are ratios to softmax
-SDPA (or softmax) measured in the same run.
-
-Without a GPU the same rows run at toy sizes on the CPU (Triton through its interpreter: ``TRITON_INTERPRET=1``
-must be set before triton is imported, which scripts/gpu_check.py does): that mode tests the check itself, its
-numbers say nothing about GPUs.
+``kernels_for`` (a new kernel needs no change here). The CPU toy mode (``TRITON_INTERPRET=1`` set before triton is
+imported) tests the check itself: its numbers say nothing about GPUs.
 """
 
 import datetime
@@ -84,7 +79,6 @@ CPU_TOY = Sizes(
 
 
 def _row(section: str, fn: Callable[[], list[dict]]) -> list[dict]:
-    """The rows of one section; an exception becomes one failed row (the check goes on)."""
     t0 = time.perf_counter()
     try:
         rows = fn()
@@ -121,8 +115,8 @@ def environment_rows(device: torch.device) -> list[dict]:
 
 
 def kernel_probabilities(fn: Callable, q: torch.Tensor) -> torch.Tensor:
-    """P of an attention kernel ``fn(v) -> P v`` read through its output, d columns at a time: with V = columns
-    j..j+d of the identity, P V = P[:, j:j+d]. Works for any N (the fused kernels need V of q's shape)."""
+    """P of a kernel ``fn(v) -> P v``, d columns at a time: with V = columns j..j+d of the identity,
+    P V = P[:, j:j+d]. Works for any N (the fused kernels need V of q's shape)."""
     n, d = q.shape[-2:]
     eye = torch.eye(n, device=q.device)
     cols = []
@@ -135,9 +129,8 @@ def kernel_probabilities(fn: Callable, q: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]) -> list[dict]:
-    """Every kernel of every sparse transform vs the ``entmax`` package, float32, on the same scores: q and k
-    on a 1/8 grid, so every score is exact in float32 whatever order a kernel sums in, and kernels differ from
-    the package only by their transforms."""
+    """Every kernel vs the ``entmax`` package in float32: q and k on a 1/8 grid make every score exact whatever
+    order a kernel sums in, so kernels differ from the package only by their transforms."""
     import entmax
 
     references = {"entmax15": lambda s: entmax.entmax15(s, dim=-1), "sparsemax": lambda s: entmax.sparsemax(s, dim=-1),
@@ -167,8 +160,7 @@ def kernel_exactness_rows(device: torch.device, shape: tuple[int, int, int, int]
 
 def kernel_timing_rows(device: torch.device, cases: list[tuple[int, int]], heads: int, head_dim: int,
                        dtype: torch.dtype, repeats: int) -> list[dict]:
-    """The attention product (QK^T -> transform -> PV) per (B, N) case, forward and forward+backward with its
-    peak memory: softmax SDPA (the baseline) and every kernel of every sparse transform."""
+    """The attention product per (B, N) case, forward and forward+backward with its peak memory, vs softmax SDPA."""
     scaling = head_dim**-0.5
     methods: dict[str, Callable] = {
         "softmax:sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scaling)}
@@ -277,9 +269,8 @@ def dino_resume_rows(device: torch.device, sizes: Sizes, work: Path) -> list[dic
 
 def _throughput(sizes: Sizes, device: torch.device, side: int, call: Callable[[torch.nn.Module], object],
                 per_call: int, train: bool, **fields) -> dict[str, dict]:
-    """Per attention (softmax, entmax15 with their default kernels, for images of ``side`` px): ``call(model)``
-    under bf16 autocast on a GPU, in inference mode unless ``train``; images/s (``per_call`` images a call) over
-    interleaved rounds and the peak memory of one call, ratios to softmax."""
+    """Softmax and entmax15 (default kernels) at ``side`` px: images/s of ``call(model)`` (bf16 autocast on a GPU)
+    over interleaved rounds and the peak memory of one call, ratios to softmax."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def run(attention: str) -> Callable[[], None]:
@@ -312,7 +303,6 @@ def multicrop_rows(device: torch.device, sizes: Sizes) -> list[dict]:
 
 
 def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
-    """Feature extraction (eval, inference mode) per image size: images/s and peak memory."""
     rows = []
     for size, batch in sorted(sizes.extract_sizes.items()):
         pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -324,8 +314,7 @@ def extraction_rows(device: torch.device, sizes: Sizes) -> list[dict]:
 
 
 def run_check(out: Path, device: Optional[torch.device] = None, sections: Optional[list[str]] = None) -> dict:
-    """Run every section (or those named) on ``device`` (default: CUDA if present, else the CPU toy sizes);
-    write ``out/report.json`` and ``out/report.md``; return the report."""
+    """Run every section (or those named); write ``out/report.json`` and ``out/report.md``; return the report."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = GPU if device.type == "cuda" else CPU_TOY
     work = out / "work"

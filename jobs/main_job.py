@@ -1,9 +1,5 @@
-"""The main job (README quick start, ``make demo``): the whole release, for real, in minutes on a CPU (stages:
-MainJobConfig.stages, docs/reproduction.md). Each stage is an entry point's ``main(cfg)`` in this process; only
-training runs as its own process, under ``accelerate launch``. A stage is skipped when its outputs exist and
-``OUTPUT_DIR/stages/<stage>.json`` records the same settings and SHA-256 of the files it read (a retrained model
-reruns every evaluation); a stage that finished with other inputs has its outputs removed and reruns, an
-interrupted one keeps them (training resumes from its last checkpoint). Nothing is uploaded.
+"""The main job of ``scripts/main_job.py`` (stages and skip rule: docs/reproduction.md). Each stage is an entry
+point's ``main(cfg)`` in this process; only training runs as its own process, under ``accelerate launch``.
 """
 
 import dataclasses
@@ -71,9 +67,8 @@ class MainJobConfig:
 
 def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Path], settings: Any = None,
               inputs: Sequence[Path] = (), clean: Sequence[Path] = (), force: bool = False) -> dict:
-    """Run ``fn`` unless ``out/stages/<name>.json`` records the same settings and input hashes and every
-    output exists. ``clean`` folders are removed before a rerun that replaces a finished stage (or under
-    ``force``); an interrupted stage keeps them (training resumes from its checkpoints)."""
+    """Run ``fn`` unless its record holds the same settings and input hashes and every output exists. ``clean``
+    folders go before a rerun of a finished stage (or under ``force``); an interrupted stage keeps them."""
     hashes = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None for p in inputs}
     key = json.loads(json.dumps({"settings": settings, "inputs": hashes}, default=str))
     record_path = out / "stages" / f"{name}.json"
@@ -98,15 +93,14 @@ def run_stage(out: Path, name: str, fn: Callable[[], Any], outputs: Sequence[Pat
 
 
 def run_process(name: str, command: list[str]) -> None:
-    """A stage that is its own process (training under accelerate launch); offline unless told otherwise."""
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
     if (code := subprocess.run(command, env=env).returncode) != 0:
         raise SystemExit(f"[main_job] stage {name} failed (exit code {code}): {' '.join(command)}")
 
 
 def training_config(cfg: MainJobConfig, train_dir: Path):
-    """The DinoConfig of the train stage: the preset, the job's settings, then the user's overrides (dotted or
-    nested keys alike; a dict field such as model.backbone_overrides is merged key by key)."""
+    """The train stage's DinoConfig: preset, job settings, then the user's overrides (dotted or nested keys; a
+    dict field such as model.backbone_overrides is merged key by key)."""
     from entmax_vit.data.config_io import flatten, from_dict, load_preset, to_dict
     from entmax_vit.training.config import DinoConfig
     from entmax_vit.training.dino import CONFIG_DIR
@@ -140,8 +134,7 @@ def train(cfg: MainJobConfig, train_dir: Path) -> None:
 
 
 def evaluation_jobs(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> list[tuple]:
-    """``(folder, entry point, its typed config, results file)`` of every evaluation stage in ``stages``
-    (each stage's module is imported only when it runs)."""
+    """``(folder, entry point, its typed config, results file)`` of every evaluation stage in ``stages``."""
     def size() -> int:  # the pretraining resolution (global crop size = position-embedding grid)
         value = json.loads((model_dir / "config.json").read_text())["image_size"]
         return int(value if isinstance(value, int) else value[0])
@@ -184,7 +177,6 @@ def evaluation_jobs(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequ
 
 
 def evaluate(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[str]) -> dict[str, dict]:
-    """The knn / segmentation / analysis / claims stages of one model folder into ``out``: ``{stage: record}``."""
     from entmax_vit.data.config_io import to_dict
 
     weights = [model_dir / "model.safetensors"]  # every stage reads them: a retrained model reruns all
@@ -194,8 +186,7 @@ def evaluate(cfg: MainJobConfig, model_dir: Path, out: Path, stages: Sequence[st
 
 
 def save_random_init(model_dir: Path, seed: int, random_dir: Path) -> None:
-    """A randomly initialised model with the config (and image processor) of ``model_dir``: the weights the
-    training stage started from, up to the initialisation's random draws, seeded by ``seed``."""
+    """A randomly initialised model (seeded by ``seed``) with the config and image processor of ``model_dir``."""
     import torch
 
     from entmax_vit.modeling import EntmaxViTConfig, EntmaxViTModel
@@ -209,9 +200,8 @@ def save_random_init(model_dir: Path, seed: int, random_dir: Path) -> None:
 
 def random_baseline(cfg: MainJobConfig, model_dir: Path, out: Path,
                     stages: Sequence[str] = ("knn", "segmentation")) -> dict[str, dict]:
-    """The ``random`` stage: the random-init model of the trained config, then the evaluation ``stages`` that are
-    in ``cfg.stages`` on it (``evaluate``), into ``out / RANDOM_DIR``: ``{stage: record}``. The dense-degradation
-    run's step 0 is the same, with every evaluation of its checkpoints."""
+    """The ``random`` stage: the random-init model of the trained config and its evaluations, into
+    ``out / RANDOM_DIR``. The dense-degradation run's step 0 is the same."""
     base, random_model = out / RANDOM_DIR, out / RANDOM_DIR / "model"
     records = {"random_model": run_stage(base, "random_model", lambda: save_random_init(model_dir, cfg.seed, random_model),
                                          [random_model / "model.safetensors"], settings={"seed": cfg.seed},
@@ -222,7 +212,6 @@ def random_baseline(cfg: MainJobConfig, model_dir: Path, out: Path,
 
 
 def hub(cfg: MainJobConfig, model_dir: Path, out: Path, results: list[Path], seg_head: Path | None) -> dict:
-    """Assemble the Hub folder and verify it in a fresh process (assemble_repository(verify=True))."""
     from entmax_vit.hub_release.assemble import assemble_repository
 
     repo = assemble_repository(model_dir, out, repo_id=cfg.hub_repo_id, results=results, seg_head=seg_head,

@@ -1,10 +1,6 @@
-"""The multi-seed mini reproduction (``scripts/reproduce_mini.py``, docs/reproduction.md): softmax vs entmax-1.5
-(optionally sparsemax), several seeds each, every run being the main job's stages (entmax_vit.jobs.main_job, in
-this process) with the SAME preset and budget; only ``model.attention`` and the seed differ. Every metric is
-reported as mean ± std [min, max] over seeds, with the per-seed numbers, a bar chart and sentences generated from
-the numbers (jobs/seed_stats.py). ``--long`` is jobs/degradation.py. Resumable: each run lives in
-``OUTPUT_DIR/<attention>/seed_<seed>/``; ``--docs_dir docs`` also writes the report's section into
-``docs/reproduce_mini_results.md`` and its figures into ``docs/figures/``.
+"""The multi-seed mini reproduction of ``scripts/reproduce_mini.py`` (docs/reproduction.md): every run is the
+main job in this process with the SAME preset and budget; only ``model.attention`` and the seed differ. Resumable:
+each run lives in ``OUTPUT_DIR/<attention>/seed_<seed>/``. ``--long`` is jobs/degradation.py.
 """
 
 import json
@@ -65,7 +61,6 @@ class ReproduceMiniConfig:
 
 def main_job_config(cfg: ReproduceMiniConfig, attention: str, seed: int, run_dir: Path, stages: Sequence[str],
                     train_overrides: Optional[dict] = None) -> MainJobConfig:
-    """The main job of one (transform, seed): only these two differ between the runs."""
     return MainJobConfig(output_dir=str(run_dir), attention=attention, seed=seed, dataset=cfg.dataset,
                          training_preset=cfg.training_preset,
                          train_overrides=cfg.train_overrides if train_overrides is None else train_overrides,
@@ -74,8 +69,7 @@ def main_job_config(cfg: ReproduceMiniConfig, attention: str, seed: int, run_dir
 
 
 def collect(run_dir: Path, attention: str, seed: int) -> dict:
-    """Every number the report needs for one run folder of the main job; ``random_init``: its random-init
-    baseline's probe results (the main job's random stage), empty when that stage did not run."""
+    """Every number the report needs for one run folder (``random_init`` empty without the random stage)."""
     per_layer = load_analysis(run_dir / "analysis")
     stages = json.loads((run_dir / "summary.json").read_text())["stages"] if (run_dir / "summary.json").is_file() else {}
     baseline = summary_metrics(run_dir / RANDOM_DIR, attention, FEATURES)
@@ -86,7 +80,6 @@ def collect(run_dir: Path, attention: str, seed: int) -> dict:
 
 
 def random_rows(rows: list[dict]) -> list[dict]:
-    """The random-init baselines as report rows: attention "<transform>, random init", probe metrics only."""
     return [{"attention": f"{row['attention']}, random init", "seed": row["seed"], **row["random_init"]}
             for row in rows if row.get("random_init")]
 
@@ -103,8 +96,7 @@ def training_gain_lines(table: dict, attentions: Sequence[str]) -> list[str]:
 
 
 def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, figures: str = "") -> str:
-    """The multi-seed section: means ± spread, generated verdicts, per-seed numbers, the paper's table.
-    ``figures`` prefixes the image links (e.g. "figures/" inside docs/)."""
+    """The multi-seed section; ``figures`` prefixes the image links (e.g. "figures/" inside docs/)."""
     from entmax_vit.recipe import PAPER_RESULTS
 
     table = aggregate(rows, [key for key, _, _ in (*METRICS, *CLAIMS)])
@@ -173,7 +165,6 @@ def markdown_report(cfg: ReproduceMiniConfig, rows: list[dict], elapsed: float, 
 
 
 def plot_probes(rows: list[dict], path: Path) -> Path:
-    """One panel per metric: a bar per transform at the mean over seeds, error bar = std, dots = seeds."""
     from matplotlib.figure import Figure  # no pyplot: see analysis/figures.py
 
     table = aggregate(rows, [key for key, _, _ in METRICS])
@@ -226,7 +217,7 @@ def plot_losses(runs: dict[str, list[Path]], path: Path) -> Optional[Path]:
 
 
 def mean_per_layer(rows: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
-    """``{attention: {layer: {metric: mean over seeds}}}`` for the layer curves."""
+    """``{attention: {layer: {metric: mean over seeds}}}``."""
     out: dict[str, dict[int, dict[str, float]]] = {}
     for attention in dict.fromkeys(row["attention"] for row in rows):
         runs = [row["per_layer"] for row in rows if row["attention"] == attention]
@@ -255,7 +246,6 @@ def publish(docs_dir: Path, section: str, text: str, figures: Sequence[Path]) ->
 
 def run_all(cfg: ReproduceMiniConfig, out: Path, stages: Sequence[str], train_overrides: Optional[dict] = None,
             ) -> list[tuple[str, int, Path]]:
-    """The main job of every (transform, seed), one after the other: ``[(attention, seed, run_dir)]``."""
     runs = [(a, s, out / a / f"seed_{s}") for a in cfg.attentions for s in cfg.run_seeds]
     for i, (attention, seed, run_dir) in enumerate(runs, 1):
         print(f"\n{'#' * 100}\n[reproduce_mini] run {i}/{len(runs)}: attention = {attention}, seed = {seed}\n"

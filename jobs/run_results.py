@@ -10,12 +10,10 @@ PROBE_KEYS = ("knn_top1", *(f"seg_miou_{f.replace('+', '_')}" for f in FEATURES)
 
 
 def seg_dir(out: Path, features: str) -> Path:
-    """The folder of the segmentation probe on ``features`` ("patch" or "patch+cls")."""
     return out / f"segmentation_{features.replace('+', '_')}"
 
 
 def load_analysis(analysis_dir: Path) -> dict[int, dict[str, float]]:
-    """Per-layer metrics ``{layer: {metric: value}}`` from the analysis results JSON in ``analysis_dir``."""
     from entmax_vit.analysis.per_layer import unflatten_metrics
     from entmax_vit.evaluation.results import load_results
 

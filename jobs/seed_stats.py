@@ -1,8 +1,6 @@
-"""Seed-to-seed spread of the mini reproduction's metrics, and the wording that follows from it.
-
-A difference between two transforms is called *noise* when it is not larger than the seed spread: the larger
-of the two sample standard deviations over seeds. With one seed there is no spread, so no difference can be
-told apart from noise. This is a rule of thumb for a handful of seeds, not a significance test.
+"""Seed-to-seed spread of the mini reproduction's metrics and the wording that follows from it: a difference is
+*noise* when not larger than the seed spread (the larger of the two sample standard deviations over seeds; none
+with one seed). A rule of thumb for a handful of seeds, not a significance test.
 """
 
 import math
@@ -64,8 +62,7 @@ class Spread:
 
 def seed_table(rows: Sequence[Mapping], columns: Sequence[str], metrics: Sequence[tuple[str, str, str]],
                titles: Sequence[str] = ()) -> list[str]:
-    """A markdown table, one line per row: its ``columns`` as they are, then each metric formatted by its spec
-    ("n/a" when missing or nan); ``titles`` of the metric columns default to the metrics' titles."""
+    """A markdown table, one line per row: its ``columns``, then each metric by its spec ("n/a" when missing)."""
     titles = list(titles) or [title for _, title, _ in metrics]
     lines = ["| " + " | ".join([*columns, *titles]) + " |", "|" + "---|" * (len(columns) + len(titles))]
     for row in rows:
@@ -86,7 +83,6 @@ def aggregate(rows: Sequence[Mapping], keys: Sequence[str]) -> dict[str, dict[st
 
 
 def verdict(base: Spread, other: Spread) -> str:
-    """How ``other`` differs from ``base``: "noise" unless the difference of means exceeds the seed spread."""
     if not base.values or not other.values:
         return "not measured"
     delta = other.mean - base.mean
@@ -121,8 +117,7 @@ def comparison_lines(table: Mapping[str, Mapping[str, Spread]], baseline: str,
 
 
 def claim_lines(table: Mapping[str, Mapping[str, Spread]]) -> list[str]:
-    """One bullet per (claim, transform): in how many seeds the difference is > 0, and whether its mean
-    exceeds the seed spread (generated from the numbers)."""
+    """One bullet per (claim, transform): seeds with a difference > 0, and whether its mean exceeds the spread."""
     lines = []
     for key, title, spec in CLAIMS:
         for attention, spreads in table.items():

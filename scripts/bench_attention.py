@@ -4,10 +4,8 @@
     python scripts/bench_attention.py --quick         # fewer repeats, no 3137 case, no package rows (minutes)
     python scripts/bench_attention.py --json          # print the results JSON instead of the table
 
-Every method runs the whole product (QK^T -> transform -> PV), forward and forward+backward, with methods
-interleaved round-robin so that load from other processes hits all of them alike; medians are reported with
-the ratio to softmax SDPA measured in the same run, and the max |probs - entmax.entmax15| of every entmax-1.5
-method. Writes OUTPUT_DIR/bench_attention.json and the resolved config.
+Methods run interleaved round-robin; medians, ratios to softmax SDPA of the same run and the max
+|probs - entmax.entmax15| are reported (docs/performance.md). Writes OUTPUT_DIR/bench_attention.json.
 """
 
 import logging
@@ -92,14 +90,12 @@ def _methods(cfg: BenchAttentionConfig, scaling: float) -> dict[str, Callable]:
 
 
 def bench_case(cfg: BenchAttentionConfig, batch: int, tokens: int) -> dict:
-    """Time every method at (batch, heads, tokens, head_dim); forward and forward+backward."""
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (batch, cfg.heads, tokens, cfg.head_dim)
     q, k, v, grad = (torch.randn(shape, generator=gen) for _ in range(4))
     scaling = cfg.head_dim**-0.5
     methods = _methods(cfg, scaling)
 
-    # Accuracy: max |probs - entmax15| for every entmax-1.5 method (bisect at alpha 1.5 included).
     errors: dict[str, float] = {}
     with torch.no_grad():
         reference = entmax.entmax15(torch.matmul(q * scaling, k.transpose(-2, -1)), dim=-1)
@@ -176,7 +172,6 @@ def format_table(cases: list[dict]) -> str:
 
 
 def _case(text: str) -> tuple[int, int]:
-    """ "8x197" -> (8, 197); anything else is a one-line error naming the option."""
     batch, sep, tokens = text.partition("x")
     if not (sep and batch.isdigit() and tokens.isdigit() and int(batch) > 0 and int(tokens) > 0):
         raise ValueError(f"--cases: expected BATCHxTOKENS such as 8x197, got {text!r}")

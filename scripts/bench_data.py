@@ -5,10 +5,8 @@
     python scripts/bench_data.py --rounds 10 --output_dir runs/bench --multicrop.local_crops_number 6
     python scripts/bench_data.py --dataset imagefolder:/data/imgs --num_images 64
 
-Both pipelines get the same decoded RGB images (decoding is not part of the comparison; it is reported
-separately for ours as decode+crop from JPEG bytes). Rounds alternate the two pipelines (and which goes
-first) so machine load hits both alike; the medians over rounds are compared. One torch thread, as in a
-DataLoader worker. Before timing, both pipelines are run on the same seeds and their tensors compared.
+Both pipelines get the same decoded RGB images (ours is also timed from JPEG bytes), are checked for equal
+tensors under equal seeds, then timed in alternating rounds on one torch thread (medians; docs/data.md).
 """
 
 import io
@@ -51,7 +49,6 @@ class BenchConfig:
 
 
 def load_images(cfg: BenchConfig) -> list[Image.Image]:
-    """``num_images`` decoded RGB images from scikit-image's samples or a dataset source."""
     if cfg.dataset is None:
         import skimage.data
 
@@ -68,9 +65,8 @@ def load_images(cfg: BenchConfig) -> list[Image.Image]:
 
 
 def timed_round(fn: Callable, items: list) -> tuple[float, float]:
-    """(images per CPU-second, images per wall-second) for one pass of ``fn`` over ``items``. CPU time of this
-    process is what one DataLoader worker spends per image; unlike wall time it does not change when other
-    processes share the cores."""
+    """(images per CPU-second, images per wall-second) of one pass. CPU time is what one DataLoader worker spends
+    per image; unlike wall time it does not change when other processes share the cores."""
     cpu, wall = time.process_time(), time.perf_counter()
     for item in items:
         fn(item)

@@ -4,15 +4,9 @@
     python scripts/bench_model.py --quick     # fewer repeats, smaller multi-crop step (a few minutes)
     python scripts/bench_model.py --json      # print the results JSON instead of the table
 
-* training step = forward + backward of the backbone (train mode, drop path 0.1 as the DINO student), no
-  optimizer step, on a batch of 224 images and on a DINO multi-crop step (2 x 224 + 8 x 96 crops per image).
-  Variants are "attention:kernel" (softmax:sdpa is the baseline); rounds interleave them so background load hits
-  all alike. Peak memory: weights + inputs + the peak of live storages during the step, tracked by a dispatch
-  mode, so the compiled variant (allocating outside the dispatcher) is not measured.
-* feature extraction per variant at 224 / 448 / 896 px, ratio to the baseline, with inference peak memory at
-  896 px; training-step peak memory at 448 px; images/s of EntmaxViT softmax vs transformers' ViTModel.
-
-Writes OUTPUT_DIR/bench_model.json and the resolved config.
+A training step is forward + backward of the backbone (train mode, drop path 0.1 as the DINO student), no
+optimizer step. Variants are "attention:kernel" (softmax:sdpa is the baseline), in interleaved rounds; what is
+measured: docs/performance.md (Benchmarks). Writes OUTPUT_DIR/bench_model.json and the resolved config.
 """
 
 import logging
@@ -91,8 +85,7 @@ def timed(cfg: BenchModelConfig, fns: dict[str, Callable], repeats: int, key: st
 
 
 def peak_step_memory(model: EntmaxViTModel, batches: list[torch.Tensor]) -> int:
-    """Peak bytes during one training step: weights + inputs + the step's peak of new tensors (activations,
-    temporaries, grads)."""
+    """Peak bytes of one training step: weights + inputs + the step's peak of new tensors."""
     base = sum(p.numel() * p.element_size() for p in model.parameters())
     base += sum(b.numel() * b.element_size() for b in batches)
     return base + peak_bytes(lambda: training_step(model, batches), CPU)
@@ -104,8 +97,8 @@ def _measurable(name: str) -> bool:
 
 
 def extraction_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
-    """Per image size: feature-extraction time of every variant (eval, inference mode, interleaved rounds) as a
-    ratio to the baseline; at ``inference_memory_size`` also the peak memory of one forward."""
+    """Per image size: feature-extraction ms of every variant, ratio to the baseline; at ``inference_memory_size``
+    also the peak memory of one forward."""
     results = {}
     for size, batch in tqdm(sorted(cfg.extract_sizes.items()), desc="feature extraction"):
         models = {name: m.eval() for name, m in build_variants(cfg, size).items()}
@@ -121,7 +114,6 @@ def extraction_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
 
 
 def training_memory_by_size(cfg: BenchModelConfig, gen: torch.Generator) -> dict:
-    """Peak memory of one training step (batch 2) per variant, at each of ``memory_sizes``."""
     results = {}
     for size in cfg.memory_sizes:
         batches = [torch.randn(2, 3, size, size, generator=gen)]

@@ -27,7 +27,6 @@ class ExportConfig:
 
 
 def main(cfg: ExportConfig) -> Path:
-    """Export ``cfg.checkpoint`` (or the newest checkpoint of a run folder) to ``cfg.out``; returns ``cfg.out``."""
     if not cfg.checkpoint or not cfg.out:
         raise ConfigError("Usage: export_checkpoint.py CHECKPOINT_OR_RUN_DIR OUT")
     ckpt = Path(cfg.checkpoint)

@@ -17,7 +17,6 @@ from entmax_vit.jobs.reproduce_mini import ReproduceMiniConfig
 
 
 def main(cfg: ReproduceMiniConfig) -> dict:
-    """--long: the dense-degradation study (jobs/degradation.py); otherwise the multi-seed comparison."""
     return degradation.main(cfg) if cfg.long else reproduce_mini.main(cfg)
 
 

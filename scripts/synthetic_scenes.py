@@ -25,11 +25,9 @@ class ScenesConfig(synthetic_scenes.ScenesConfig):
 
 
 def raw_pixel_baselines(scenes, size: int = 32, k: int = 20, epochs: int = 200, seed: int = 0) -> dict[str, float]:
-    """Top-1 accuracy (%) of two probes on raw pixels: what the benchmark gives away without any learned feature.
-    Images are resized to ``size`` px and standardised per pixel with train statistics; ``knn`` is the project's
-    weighted k-NN (evaluation.knn, official DINO's vote) with ``k`` neighbours, ``linear`` the best validation
-    accuracy of a full-batch softmax regression (Adam, ``epochs`` steps) over three weight decays. ``chance`` is
-    100 / classes."""
+    """Top-1 accuracy (%) of probes on raw pixels (resized to ``size`` px, standardised with train statistics):
+    what the benchmark gives away. ``knn``: the project's weighted k-NN (official DINO's vote); ``linear``: the best
+    validation accuracy of a full-batch softmax regression over three weight decays; ``chance``: 100 / classes."""
     def pixels(split):
         x = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in split["image"]])
         return torch.tensor(x.reshape(len(x), -1), dtype=torch.float32) / 255, torch.tensor(split["label"])
