@@ -36,8 +36,7 @@ class ClaimsConfig:
 
 
 def probe_config(cfg: ClaimsConfig, **overrides: Any):
-    """The segmentation probe config of ``cfg.probe_preset`` (the values ``eval_segmentation --preset NAME`` uses),
-    with the claims' data, seed and epochs, and ``overrides``."""
+    """``cfg.probe_preset``'s segmentation probe config with the claims' data, seed and epochs, and ``overrides``."""
     from entmax_vit.data.config_io import ConfigError, load_preset
     from entmax_vit.evaluation.entry_point import PRESET_DIR
     from entmax_vit.evaluation.segmentation_probe import SegmentationEvalConfig

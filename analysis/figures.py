@@ -157,8 +157,7 @@ def save_pca_image(model: nn.Module, images: torch.Tensor, path: str | os.PathLi
 
 def plot_layer_curves(runs: Mapping[str, PerLayerMetrics], out_dir: str | os.PathLike,
                       metrics: Optional[Iterable[str]] = None, separate: bool = False) -> list[Path]:
-    """``layer_curves.png``: every metric over layers, one line per model (``runs``: {name: analyze_model output});
-    with ``separate`` also ``curve_<metric>.png`` each. Returns the written paths (overview first)."""
+    """``layer_curves.png`` (one line per model), with ``separate`` also ``curve_<metric>.png``; overview first."""
     if not runs:
         raise ValueError("plot_layer_curves needs at least one {name: per_layer_metrics} entry")
     out = Path(out_dir)

@@ -12,10 +12,8 @@ DINO_MASS_THRESHOLD = 0.6
 
 
 def mass_threshold_mask(weights: torch.Tensor, mass: float = DINO_MASS_THRESHOLD) -> torch.Tensor:
-    """Smallest set of largest entries holding at least ``mass`` of the total, over the last dim.
-
-    As DINO's visualize_attention: weights are normalised to sum 1 per row, sorted descending, and an entry
-    is kept while the mass before it is below ``mass``. Exact zeros are never kept. (..., N) -> bool (..., N).
+    """Smallest set of largest entries holding at least ``mass`` of the total, over the last dim, as DINO's
+    visualize_attention: an entry is kept while the sorted mass before it is below ``mass``; exact zeros never are.
     """
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass threshold must be in (0, 1], got {mass}")
@@ -75,8 +73,7 @@ def foreground_statistics(attn: torch.Tensor, masks: torch.Tensor, grid: tuple[i
 
 
 def summarize_heads(metrics: dict[str, float]) -> dict[str, float]:
-    """Add ``fg_jaccard_best_head`` (max over heads of the per-head mean, DINO reports the best head),
-    ``fg_jaccard_best_head_index`` and ``fg_jaccard_mean_head`` from finalised per-head means."""
+    """``fg_jaccard_best_head`` (DINO reports the best head), its index, and ``fg_jaccard_mean_head``."""
     per_head = {int(k.rsplit("_", 1)[1]): v for k, v in metrics.items() if k.startswith("fg_jaccard_head_") and k[-1].isdigit()}
     if not per_head:
         return {}

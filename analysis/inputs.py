@@ -45,8 +45,7 @@ def _find_mask(mask_dir: Path, stem: str) -> Optional[Path]:
 
 
 def _collect(rows: ImageRows, items, num_images: int, size: int, with_masks: bool) -> AnalysisImages:
-    """The first ``num_images`` readable rows of ``items`` ((name, row) pairs); unreadable ones are skipped and
-    counted (the data layer's policy)."""
+    """The first ``num_images`` readable rows of ``items``; unreadable ones are skipped and counted."""
     transform = ClassificationTransform(resize=size, crop=size)
     pixels, masks, names = [], [], []
     for name, row in items:

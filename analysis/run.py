@@ -109,9 +109,7 @@ def analyze_and_save(model: nn.Module, pixel_values: torch.Tensor, out_dir: str 
                      masks: Optional[torch.Tensor] = None, name: str = "model", cfg: Optional[AnalyzeConfig] = None,
                      model_name_or_path: Optional[str] = None, dataset: Optional[Mapping[str, Any]] = None,
                      image_names: Optional[Sequence[str]] = None, progress: bool = False) -> PerLayerMetrics:
-    """``analyze_model`` of one in-memory model with ``cfg``'s options, and the files ``main`` writes per model into
-    ``out_dir`` (figures of the first ``cfg.num_figure_images`` images). ``dataset``: the results' dataset block
-    (default: "in_memory")."""
+    """``analyze_model`` of one in-memory model, writing into ``out_dir`` the files ``main`` writes per model."""
     record_config = {} if cfg is None else to_dict(cfg)  # an in-memory call without cfg: no config to record
     cfg = cfg or AnalyzeConfig()
     out = Path(out_dir)
@@ -151,8 +149,7 @@ def analyze_and_save(model: nn.Module, pixel_values: torch.Tensor, out_dir: str 
 
 def save_comparison(runs: Mapping[str, PerLayerMetrics], out_dir: str | os.PathLike,
                     separate_curves: bool = False) -> list[Path]:
-    """``curves/layer_curves.png`` (+ ``curve_<metric>.png`` with ``separate_curves``),
-    ``curves/head_attention_distance.png`` and ``comparison.md`` for ``{name: per_layer_metrics}``."""
+    """``curves/*.png`` and ``comparison.md`` for ``{name: per_layer_metrics}``."""
     out = Path(out_dir)
     paths = plot_layer_curves(runs, out / "curves", separate=separate_curves)
     paths.append(plot_head_distances(runs, out / "curves" / "head_attention_distance.png"))

@@ -38,8 +38,7 @@ SequenceFn = Callable[[torch.Tensor], torch.Tensor]  # pixel_values (B, C, H, W)
 
 
 def timm_vit_from_state(state: dict[str, torch.Tensor], arch: dict, num_heads: int, eps: float) -> SequenceFn:
-    """A timm VisionTransformer with the given sizes, loaded strictly from a DINO/timm-named backbone state
-    dict (heads already removed)."""
+    """A timm VisionTransformer (DINO's block) loaded strictly from a DINO/timm-named backbone state dict."""
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(
@@ -69,8 +68,7 @@ def timm_architecture(name: str, model_args: Optional[dict] = None) -> dict:
 
 
 def hf_vit_from_state(state: dict[str, torch.Tensor], hf_config: dict) -> SequenceFn:
-    """transformers' ViTModel (no pooler) loaded, through from_pretrained's own key mapping, from a state dict in
-    either naming written with ``hf_config`` into a temporary folder."""
+    """transformers' ViTModel (no pooler), loaded through from_pretrained's own key mapping (either naming)."""
     from safetensors.torch import save_file
     from transformers import ViTConfig, ViTModel
 
@@ -111,8 +109,7 @@ class ConversionResult:
 
 
 def convert(cfg: ConvertConfig) -> ConversionResult:
-    """Load, rename, infer the architecture, build and fill an EntmaxViTModel, and (``cfg.verify``) check it
-    against the source library's model. Raises ValueError naming the offending keys of a misfit checkpoint."""
+    """Load, rename, infer the architecture, build and fill an EntmaxViTModel, and (``cfg.verify``) check it."""
     if not cfg.input:
         raise ValueError("No input given: pass a checkpoint file, folder or Hub repo id")
     loaded = load_input(cfg.input, cfg.cache_dir)
@@ -195,8 +192,7 @@ def convert(cfg: ConvertConfig) -> ConversionResult:
 
 @torch.no_grad()
 def verify_against(model: EntmaxViTModel, reference, tolerance: float, batch: int = 2, seed: int = 0) -> float:
-    """Max |difference| of the final-normed token sequences on random input at the native resolution;
-    raises ValueError above ``tolerance``."""
+    """Max |difference| of the final-normed tokens on random input at the native resolution (<= ``tolerance``)."""
     cfg = model.config
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, cfg.num_channels, cfg.image_size, cfg.image_size, generator=generator)
@@ -211,8 +207,7 @@ def verify_against(model: EntmaxViTModel, reference, tolerance: float, batch: in
 
 
 def check_output_dir(cfg: ConvertConfig) -> Path:
-    """``cfg.output_dir`` as a Path: given, and not holding a model unless ``overwrite`` (checked by ``main`` before
-    anything is downloaded or converted, and again before writing)."""
+    """``cfg.output_dir``, refused when missing or holding a model (unless ``overwrite``)."""
     if not cfg.output_dir:
         raise ValueError("No output_dir given")
     out = Path(cfg.output_dir)
@@ -222,8 +217,7 @@ def check_output_dir(cfg: ConvertConfig) -> Path:
 
 
 def save_converted(result: ConversionResult, cfg: ConvertConfig) -> Path:
-    """Write the model (safetensors, config with auto_map, flat modeling code), DINO's eval image processor,
-    the resolved conversion config and a report into ``cfg.output_dir``."""
+    """Write the model, DINO's eval image processor, the resolved conversion config and a report."""
     out = check_output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(out)
@@ -238,7 +232,6 @@ def save_converted(result: ConversionResult, cfg: ConvertConfig) -> Path:
 
 
 def main(cfg: ConvertConfig) -> Path:
-    """Convert ``cfg.input`` and write it to ``cfg.output_dir``; a missing or occupied output folder is refused
-    before the input is read."""
+    """Convert and write; a missing or occupied output folder is refused before the input is read."""
     check_output_dir(cfg)
     return save_converted(convert(cfg), cfg)

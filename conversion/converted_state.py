@@ -1,11 +1,5 @@
-"""Renaming source state dicts to EntmaxViT names (the key mapping: docs/conversion.md), and the checks shared by
-every source: architecture inference from tensor shapes and a strict load that names every offending key.
-
-EntmaxViT's attention.qkv.* is (3D, D): rows [q; k; v], heads contiguous in each. timm variants whose extra
-parameters change the computation are rejected by name rather than silently mis-converted. transformers ViT has
-two namings: encoder.layer.N.attention.attention.query (files, save_pretrained) and layers.N.attention.q_proj (v5
-modules in memory).
-"""
+"""Renaming source state dicts to EntmaxViT names (key mapping, dropped and rejected keys: docs/conversion.md),
+architecture inference from tensor shapes, and a strict load that names every offending key by its source name."""
 
 import logging
 import math
@@ -46,8 +40,7 @@ class ConvertedState:
 
     def add_by_rules(self, key: str, tensor: torch.Tensor, renames: Rules, dropped: Rules, rejected: Rules,
                      unexpected: str) -> None:
-        """File one source key: the first matching rename (regex -> replacement), else dropped or rejected
-        with the first matching rule's reason, else rejected as ``unexpected``."""
+        """The first matching rename, else dropped or rejected with the first matching rule's reason."""
         for pattern, target in renames:
             if pattern.match(key):
                 self.put(pattern.sub(target, key), tensor, key)
@@ -66,8 +59,7 @@ def _listing(keys: list[str]) -> str:
 
 
 def raise_on_rejected(converted: ConvertedState, source: str) -> None:
-    """Fail, naming the keys (and the --source they look like), when the source holds parameters this
-    architecture cannot represent."""
+    """Fail naming the rejected keys, and the --source they look like."""
     if not converted.rejected:
         return
     by_reason: dict[str, list[str]] = {}
@@ -84,9 +76,7 @@ def raise_on_rejected(converted: ConvertedState, source: str) -> None:
 
 
 def infer_architecture(converted: ConvertedState) -> dict:
-    """Architecture sizes from tensor shapes: width from [CLS], patch size and channels from the patch
-    convolution, image size from the position-embedding length, depth from the block indices, MLP width from
-    fc1, qkv_bias from the presence of the qkv bias. Raises ValueError naming missing or inconsistent keys."""
+    """Architecture sizes from tensor shapes; a ValueError names missing or inconsistent keys."""
     state = converted.state
     required = ["embeddings.cls_token", "embeddings.position_embeddings",
                 "embeddings.patch_embeddings.projection.weight", "layernorm.weight"]
@@ -124,8 +114,7 @@ def infer_architecture(converted: ConvertedState) -> dict:
 
 
 def resolve_num_heads(hidden_size: int, explicit: Optional[int], from_source: Optional[int], source_name: str) -> int:
-    """Heads cannot be read off a fused qkv weight: take --num-heads, else the source's own config, else the
-    DINO/timm convention (head_dim 64) for the standard widths, else fail asking for --num-heads."""
+    """Heads cannot be read off a fused qkv weight: --num-heads, else the source's config, else head_dim 64."""
     if explicit is not None:
         if from_source is not None and explicit != from_source:
             raise ValueError(f"--num-heads {explicit} contradicts the {source_name} config ({from_source} heads)")
@@ -145,8 +134,7 @@ def resolve_num_heads(hidden_size: int, explicit: Optional[int], from_source: Op
 
 
 def load_strict(model: nn.Module, converted: ConvertedState) -> None:
-    """Copy ``converted.state`` into ``model``; missing, unexpected or mis-shaped keys raise one ValueError
-    naming them by their source names."""
+    """Copy ``converted.state`` into ``model``; one ValueError names every missing/unexpected/mis-shaped key."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in converted.state]
     unexpected = [converted.sources(k) for k in converted.state if k not in expected]

@@ -1,6 +1,4 @@
-"""Model card renderer: metadata as huggingface_hub's ``ModelCardData`` (model-index built from ``EvalResult``s
-by the library) + what the model folder records, rendered through ``ModelCard.from_template`` with
-templates/model_card.md, which holds all the card's prose. Nothing here is prose: only data for the template."""
+"""Model card: ``ModelCardData`` metadata + data for templates/model_card.md, which holds all the card's prose."""
 
 import re
 from dataclasses import dataclass, field
@@ -55,9 +53,8 @@ class CardInputs:
 
 
 def public_config(node: Any) -> Any:
-    """A config / results record without the local paths of the machine that made it: :data:`LOCAL_KEYS`
-    dropped, an absolute or home path (also after ``imagefolder:`` / ``webdataset:``) reduced to
-    ``<local>/LAST_PART``. Hub ids, relative names and numbers are kept."""
+    """A config / results record without :data:`LOCAL_KEYS` and with absolute or home paths (also after
+    ``imagefolder:`` / ``webdataset:``) reduced to ``<local>/LAST_PART``."""
     if isinstance(node, dict):
         return {k: public_config(v) for k, v in node.items() if k not in LOCAL_KEYS}
     if isinstance(node, list):
@@ -81,11 +78,9 @@ def metric_type(name: str) -> str:
 
 
 def eval_results(results: list[dict]) -> list[EvalResult]:
-    """One ``EvalResult`` per metric of every results record, ordered as the library's model-index groups them.
-
-    huggingface_hub writes one model-index entry per (task type, dataset, config, split, revision), named by its
-    first result: records sharing those (k-NN and linear probe on one split) get a joint task name and keep the
-    protocol per metric, so ``ModelCard.load`` gives back exactly these results, in this order."""
+    """One ``EvalResult`` per metric, grouped as huggingface_hub writes model-index entries: one per (task type,
+    dataset, config, split, revision), named by its first result. Records sharing those (k-NN and linear probe on
+    one split) get a joint task name, so ``ModelCard.load`` gives back exactly these results, in this order."""
     out: list[EvalResult] = []
     for record in results:
         task_type, task_name = TASK_TYPES[record["task"]]
@@ -112,7 +107,6 @@ def eval_results(results: list[dict]) -> list[EvalResult]:
 
 
 def card_data(inputs: CardInputs) -> ModelCardData:
-    """The card's YAML metadata as huggingface_hub's ``ModelCardData``."""
     tags = [*BASE_TAGS, inputs.model_config.get("attention", "softmax").replace("_", "-")]
     if inputs.segmentation_head:
         tags.append("image-segmentation")
@@ -127,7 +121,6 @@ def card_data(inputs: CardInputs) -> ModelCardData:
 
 
 def card_name(inputs: CardInputs) -> str:
-    """The model's name: the last part of the repo id (or of the folder path)."""
     return inputs.repo_id.rstrip("/").split("/")[-1]
 
 
