@@ -162,7 +162,7 @@ def plot_layer_curves(runs: Mapping[str, PerLayerMetrics], out_dir: str | os.Pat
         raise ValueError("plot_layer_curves needs at least one {name: per_layer_metrics} entry")
     out = Path(out_dir)
     if metrics is None:  # every metric of any run except per-head entries and bookkeeping indices
-        found = {name for per_layer in runs.values() for layer in per_layer.values() for name in layer}
+        found = {name for per_layer in runs.values() for values in per_layer.values() for name in values}
         skip = ("_head_", "best_head_index", "outlier_threshold")
         metrics = sorted(n for n in found if not any(s in n for s in skip) or n.endswith("_head_avg_map"))
     names = list(metrics)

@@ -1,6 +1,7 @@
 """Attention transforms (``config.attention``, sparse ones solved by ``thresholds.py``) and kernels
-(``attn_implementation``; docs/performance.md, "Which kernel to use"). Importing it registers every pair with
-transformers' ``AttentionInterface``, so ViTModel, Dinov2Model and EntmaxViT share one vocabulary. Hub code."""
+(``attn_implementation``; EntmaxViT's docs/performance.md, "Which kernel to use"). Importing it registers every
+pair with transformers' ``AttentionInterface``, so ViTModel, Dinov2Model and EntmaxViT share one vocabulary.
+Hub code."""
 
 import os
 from functools import lru_cache, partial

@@ -1,5 +1,6 @@
 """The one image decoder: training, evaluation, the image processor and the pipelines all call it, so an image
-gives the model the same pixels whichever way it arrives. Rules: docs/data.md ("Robust decoding"). Hub code."""
+gives the model the same pixels whichever way it arrives. Rules: EntmaxViT's docs/data.md ("Robust decoding").
+Hub code."""
 
 import base64
 import binascii
@@ -160,7 +161,7 @@ def _warn_truncated_allowed() -> None:
                    "JPEG/GIF/TIFF files now decode with filled-in rows instead of raising (PNG is still checked)")
 
 
-# Truncated PNGs: PIL leaves the missing rows black without an error (docs/data.md).
+# Truncated PNGs: PIL leaves the missing rows black without an error (EntmaxViT's docs/data.md).
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
 _ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]

@@ -1,5 +1,6 @@
-"""DINO's evaluation preprocessing as a transformers image processor (PIL backend: no torchvision needed). PIL
-images get the pixels training saw (``decode_image``); numpy / torch inputs keep transformers' conventions."""
+"""DINO's evaluation preprocessing as a transformers image processor (PIL backend: no torchvision needed): shorter
+side to 256 (bicubic), center-crop 224, ImageNet mean/std. PIL images get the pixels training saw
+(``decode_image``); numpy / torch inputs keep transformers' conventions."""
 
 from typing import Any, Optional
 

@@ -1,5 +1,5 @@
-"""The Hub pipelines (docs/hub.md), fed by the project's one image decoder instead of ``load_image`` (whose
-``convert("RGB")`` clips 16-bit / float images and drops transparency)."""
+"""The Hub pipelines (EntmaxViT's docs/hub.md), fed by the project's one image decoder instead of ``load_image``
+(whose ``convert("RGB")`` clips 16-bit / float images and drops transparency)."""
 
 import os
 from typing import Any, Optional, Union

@@ -1,6 +1,8 @@
 """Threshold solvers of the sparse transforms, shared by every kernel (the Triton kernel mirrors them and is
 tested against them): p_i = [x_i - tau]_+^(1/(alpha-1)), x = (alpha-1) z, sum_i p_i = 1 (Peters et al., 2019).
-Method and certificate: docs/performance.md, "How it is exact without sorting". Hub code: imports only torch.
+entmax-1.5 and sparsemax: Newton from a lower bound of tau over a block, a closed-form root on the support found,
+certified exact per row (no support entry below the root); rows that fail take the sort-based reference. Details:
+EntmaxViT's docs/performance.md, "How it is exact without sorting". Hub code: imports only torch.
 """
 
 from typing import Callable, Optional
@@ -116,8 +118,10 @@ def bisect_block_threshold(
     tau, err = lo, torch.full_like(lo, float("inf"))
     state = torch.stack(torch.broadcast_tensors(lo, hi, tau, err))  # (4, ..., 1): one operand for the branch
 
-    def more(state, x):  # check_every safeguarded Newton steps on ||(x - tau)_+||_q - 1 keeping the bracket
-        lo, hi, tau, err = state.unbind(0)  # f(lo) >= 0 >= f(hi): bisection where Newton would leave it (alpha > 2)
+    # check_every safeguarded Newton steps on ||(x - tau)_+||_q - 1 keeping the bracket f(lo) >= 0 >= f(hi):
+    # bisection where Newton would leave it (alpha > 2)
+    def more(state, x):
+        lo, hi, tau, err = state.unbind(0)
         for _ in range(check_every):
             d = torch.clamp(x - tau, min=0)
             dq = d**q

@@ -1,6 +1,6 @@
-"""Tiled exact sparse attention at the memory cost of softmax SDPA (docs/performance.md, "The tiled kernel"):
-``P V`` in cache-sized query blocks, keeping only the row max ``m``, threshold ``t`` (and alpha-entmax's ``z``);
-backward rebuilds each block's probabilities from them with the forward's arithmetic, hence bit-identical.
+"""Tiled exact sparse attention at the memory cost of softmax SDPA (EntmaxViT's docs/performance.md, "The tiled
+kernel"): ``P V`` in cache-sized query blocks, keeping only the row max ``m``, threshold ``t`` (and alpha-entmax's
+``z``); backward rebuilds each block's probabilities from them with the forward's arithmetic, hence bit-identical.
 Hub code: imports only torch."""
 
 from typing import Optional

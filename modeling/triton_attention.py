@@ -1,5 +1,7 @@
-"""Fused exact sparse attention in Triton (kernel ``triton``): ``thresholds.py``'s method with every row certified
-on the device, never holding the (B, H, N, N) scores. Design and dtypes: docs/performance.md, "The triton kernel"."""
+"""Fused exact sparse attention in Triton (kernel ``triton``): one launch forward, two backward, never holding the
+(B, H, N, N) scores; ``thresholds.py``'s method with every row certified on the device. Statistics are float32;
+matmuls take the input dtype (float32 in IEEE float32, matching the references to 1e-6). Design: EntmaxViT's
+docs/performance.md, "The triton kernel"."""
 
 import os
 from functools import lru_cache

@@ -176,6 +176,8 @@ def test_config_validation_and_yaml_round_trip():
         MultiCropConfig(local_blur_p=1.5)
     with pytest.raises(ValueError, match="local_crops_number"):
         MultiCropConfig(local_crops_number=-1)
+    with pytest.raises(ValueError, match="interpolation must be 'bicubic' or 'bilinear', got 'nearest'"):
+        MultiCropConfig(interpolation="nearest")  # the Python API too, not only tyro's Literal check
     cfg = MultiCropConfig(local_crops_number=6, local_crops_scale=(0.05, 0.32))
     assert from_dict(MultiCropConfig, to_dict(cfg)) == cfg
 
@@ -292,6 +294,16 @@ def test_bench_script_runs_and_reports(tmp_path):
     assert json.loads((tmp_path / "bench_data.json").read_text())["speedup"] == result["speedup"]
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "bench_data.png").stat().st_size > 1000
     assert (tmp_path / "multicrop_example.png").stat().st_size > 1000
+
+
+def test_bench_script_refuses_no_images():
+    from pathlib import Path
+
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_data.py"), run_name="bench")
+    with pytest.raises(ValueError, match="num_images must be >= 1, got 0"):
+        bench["BenchConfig"](num_images=0)
 
 
 def test_stream_resumes_from_state_dict():

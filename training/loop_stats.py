@@ -1,7 +1,7 @@
 """The run's state and its bookkeeping between optimizer steps (logging, checkpoints, stops), kept out of the DINO step.
 
 No host sync per step (official DINO's ``loss.item()`` stalls the GPU queue): ONE gather over ranks
-(:meth:`Run.sync`) at log steps, before every checkpoint and at epoch ends (docs/training.md, "Host syncs").
+(:meth:`Run.sync`) at log steps, before every checkpoint and at epoch ends (docs/training.md, "Running on GPUs").
 """
 
 import logging

@@ -59,6 +59,8 @@ class MultiCropConfig:
             raise ValueError(f"color_jitter must be >= 0 with hue <= 0.5, got {self.color_jitter}")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.interpolation not in ("bicubic", "bilinear"):  # checked here too: Python callers skip tyro
+            raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
 
 
 CropSpec = namedtuple("CropSpec", "name size scale blur_p solarize_p")
