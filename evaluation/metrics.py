@@ -1,6 +1,7 @@
 """Segmentation metrics from a confusion matrix ``conf[t, p]`` accumulated on device, and top-k accuracy. mIoU as
-`evaluate`'s ``mean_iou`` (docs/evaluation.md), not `evaluate` itself: it keeps every pixel map until ``compute()``
-and loads the metric from the Hub (offline it fails); tests/test_eval_metrics.py checks against its definition."""
+`evaluate`'s ``mean_iou`` and mmseg (docs/evaluation.md), not `evaluate` itself: it keeps every pixel map until
+``compute()`` and loads the metric from the Hub (offline it fails); tests/test_eval_metrics.py checks against its
+definition."""
 
 import torch
 

@@ -9,7 +9,8 @@ from typing import Callable, Optional
 
 import torch
 
-# Newton steps before the closed-form finish: speed only (uncertified rows take the exact path).
+# Newton steps before the closed-form finish: speed only (uncertified rows take the exact path). With these no
+# Gaussian row failed the certificate at N = 37 and 197; at N >= 785 a few in a thousand.
 NEWTON_STEPS = {"entmax15": 4, "sparsemax": 6}
 BISECT_CHECK_EVERY = 4  # alpha-entmax: iterations per convergence check
 BISECT_MAX_ITER = 64  # float64 rows at alpha > 2 need more than 48 (Newton creeps where phi is not convex)

@@ -10,7 +10,7 @@ import torch
 from .thresholds import (BISECT_CHECK_EVERY, SPARSE_TRANSFORMS, alpha_gradient, alpha_per_row, block_probabilities,
                          jacobian_product, jacobian_weights)
 
-# Max bytes of a block's float32 scores. CPU: with their work buffers they stay in cache (docs/performance.md).
+# Max bytes of a block's float32 scores. CPU: with their work buffers they stay in cache (EntmaxViT's docs).
 # CUDA: one block per layer for a ViT-S/16 DINO step at 224 px instead of thousands of launches.
 BLOCK_BYTES = {"cpu": 2 * 2**20, "cuda": 256 * 2**20}
 BLOCK_ROWS = 128  # preferred query rows per block on CPU (GEMM efficiency)
@@ -144,7 +144,8 @@ class _TiledEntmax(torch.autograd.Function):
 def tiled_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, transform: str, scaling: float,
                     alpha=None, block: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """Exact sparse attention ``transform(scaling q k^T) v`` in blocks, half precision computed in float32.
-    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1); gradients flow to it."""
+    ``alpha`` (entmax_bisect): None (1.5), a float, or a tensor broadcastable to (B, H, N, 1), e.g. (H, 1, 1) per
+    head; gradients flow to it. ``block``: (heads, rows), default ``block_shape``."""
     if transform not in SPARSE_TRANSFORMS:
         raise ValueError(f"tiled_attention supports {SPARSE_TRANSFORMS}, not {transform!r}")
     if (query.ndim != 4 or key.shape[:-1] != value.shape[:-1]

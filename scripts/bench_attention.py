@@ -4,8 +4,9 @@
     python scripts/bench_attention.py --quick         # fewer repeats, no 3137 case, no package rows (minutes)
     python scripts/bench_attention.py --json          # print the results JSON instead of the table
 
-Methods run interleaved round-robin; medians, ratios to softmax SDPA of the same run and the max
-|probs - entmax.entmax15| are reported (docs/performance.md). Writes OUTPUT_DIR/bench_attention.json.
+Methods run interleaved round-robin; medians, ratios to softmax SDPA of the same run and the largest
+difference from the `entmax` package's probabilities are reported (docs/performance.md). Writes
+OUTPUT_DIR/bench_attention.json and the resolved config.
 """
 
 import logging

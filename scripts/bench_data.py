@@ -43,13 +43,13 @@ class BenchConfig:
     seed: int = 0  # seed of torch and random before the timed rounds (the crops drawn)
     parity_checks: int = 4  # images checked for identical outputs under equal seeds (0 = skip)
     json: bool = False  # print the result as JSON instead of text
+    output_dir: Optional[str] = None  # write bench_data.json, config.yaml, bench_data.png and an example here
+    # The multi-crop recipe both pipelines run (training's crops section; official DINO's by default).
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {self.num_images}")
-    output_dir: Optional[str] = None  # write bench_data.json, config.yaml, bench_data.png and an example here
-    # The multi-crop recipe both pipelines run (training's crops section; official DINO's by default).
-    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
 
 def load_images(cfg: BenchConfig) -> list[Image.Image]:
