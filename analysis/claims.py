@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
-import torch
+from accelerate.utils import set_seed
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,9 @@ def measure(model: Union[nn.Module, str], cfg: Optional[ClaimsConfig] = None) ->
         if depth - 1 not in blocks:
             runs.append((f"block_{depth - 1}/seg_miou", dict(layers=[depth - 1], use_cls_token=False)))
         runs.append(("seg_miou_patch_cls", dict(layers=[depth - 1], use_cls_token=True)))
-        torch.manual_seed(cfg.seed)
+        # Python's random too (as the eval_segmentation entry point's start_run does): the probes' horizontal flips
+        # draw from it, and with torch's generator alone the claims changed from one process to the next.
+        set_seed(cfg.seed)
         # one backbone pass per split feeds every probe (they differ only in the block and the [CLS] option)
         mious = probe_grid_miou(backbone, data, [dataclasses.replace(base, **change) for _, change in runs])
         for (name, _), miou in zip(runs, mious):

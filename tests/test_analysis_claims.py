@@ -97,6 +97,16 @@ def test_measure_end_to_end(model, tmp_path):
     assert record["metrics"] == pytest.approx(numbers)
 
 
+def test_measure_is_reproducible_whatever_pythons_random_state(model):
+    # The embedded preset's probes flip training images with Python's random: measure seeds it (it did not, and the
+    # mini reproduction's claims moved by up to 0.05 mIoU between processes).
+    cfg = ClaimsConfig(dataset=DATA, epochs=1, foreground_images=6, blocks=[1])
+    random.seed(1)
+    first = measure(model, cfg)
+    random.seed(2)
+    assert measure(model, cfg) == first
+
+
 def test_attention_weights_are_read_with_the_eager_kernel_and_the_kernel_is_restored():
     from entmax_vit.analysis.claims import _eager_attention
 
