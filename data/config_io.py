@@ -60,7 +60,8 @@ def _check_value(key: str, value: Any, metadata: Sequence[Any]) -> None:
 
 
 def check_values(cfg: Any, prefix: str = "") -> None:
-    """Apply the fields' ``Annotated[...]`` checks (annotated-types bounds, :class:`KeysOf`), recursively."""
+    """Apply the fields' ``Annotated[...]`` checks (annotated-types bounds, :class:`KeysOf`) and ``Literal`` choices,
+    recursively (tyro and YAML loading check choices too; this also covers configs built in Python)."""
     hints = typing.get_type_hints(type(cfg), include_extras=True)
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
@@ -68,6 +69,8 @@ def check_values(cfg: Any, prefix: str = "") -> None:
             check_values(value, f"{prefix}{f.name}.")
         elif typing.get_origin(hint) is typing.Annotated:
             _check_value(prefix + f.name, value, hint.__metadata__)
+        elif typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+            raise ConfigError(f"{prefix}{f.name}: {value!r} is not one of {typing.get_args(hint)}")
 
 
 def _build(cls: type[T], data: Any, prefix: str) -> T:

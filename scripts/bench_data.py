@@ -17,13 +17,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import numpy as np
 import torch
+from annotated_types import Ge
 from PIL import Image
 
-from entmax_vit.data.config_io import save_config
+from entmax_vit.data.config_io import check_values, save_config
 from entmax_vit.data.images import decode_image as to_rgb
 from entmax_vit.training.multicrop import MultiCropConfig, MultiCropTransform, official_dino_transform
 
@@ -36,7 +37,7 @@ SKIMAGE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemis
 class BenchConfig:
     dataset: Optional[str] = None  # None: scikit-image sample photos; else a load_image_dataset source
     split: str = "train"  # split of --dataset to read images from (streamed; unused for the samples)
-    num_images: int = 16  # distinct images per round (cycled from the source)
+    num_images: Annotated[int, Ge(1)] = 16  # distinct images per round (cycled from the source)
     rounds: int = 8  # timed rounds per pipeline (alternating); the median is reported
     warmup: int = 1  # untimed rounds of both pipelines before the timed ones
     threads: int = 1  # torch threads, as in one DataLoader worker
@@ -48,8 +49,7 @@ class BenchConfig:
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
 
     def __post_init__(self) -> None:
-        if self.num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        check_values(self)  # refuses num_images < 1 from Python too (the command line checks it on parsing)
 
 
 def load_images(cfg: BenchConfig) -> list[Image.Image]:

@@ -19,7 +19,7 @@ from annotated_types import Ge, Gt
 
 from entmax_vit.cli import entry_point
 from entmax_vit.cli.config import parse_config, positionals_to_options
-from entmax_vit.data.config_io import ConfigError, KeysOf, flatten, from_dict, save_config, to_dict
+from entmax_vit.data.config_io import ConfigError, KeysOf, check_values, flatten, from_dict, save_config, to_dict
 from entmax_vit.training.config import DinoConfig
 from entmax_vit.training.dino import CONFIG_DIR, main as dino_main
 
@@ -120,6 +120,19 @@ def test_training_values_are_checked():
             parse_config(DinoConfig, ["--config", "tiny_cpu", *argv], preset_dir=CONFIG_DIR)
     with pytest.raises(ConfigError, match="hidden_size"):  # the closest valid key is suggested
         parse_config(DinoConfig, ["--model.backbone_overrides", "{hiden: 1}"], preset_dir=CONFIG_DIR)
+
+
+def test_check_values_covers_configs_built_in_python():
+    """Bounds and Literal choices hold for a config built in Python (no tyro, no YAML), nested ones by their path."""
+    check_values(Toy())
+    with pytest.raises(ConfigError, match=r"^mode: 'slow' is not one of \('fast', 'exact'\)$"):
+        check_values(Toy(mode="slow"))
+    with pytest.raises(ConfigError, match=r"^inner\.steps: 0 is out of range \(must be >= 1\)$"):
+        check_values(Toy(inner=Inner(steps=0)))
+    cfg = parse_config(DinoConfig, ["--config", "tiny_cpu"], preset_dir=CONFIG_DIR)
+    cfg.optim.mixed_precision = "fp8"
+    with pytest.raises(ConfigError, match=r"^optim\.mixed_precision: 'fp8' is not one of \('no', 'fp16', 'bf16'\)$"):
+        check_values(cfg)
 
 
 def test_help_comes_from_field_comments_and_lists_presets():

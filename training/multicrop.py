@@ -50,7 +50,7 @@ class MultiCropConfig:
     std: tuple[float, float, float] = IMAGENET_STD  # RGB std of the normalisation, > 0 (ImageNet)
 
     def __post_init__(self) -> None:
-        check_values(self)
+        check_values(self)  # bounds and choices for Python callers too (tyro checks the command line)
         for name in ("global_crops_scale", "local_crops_scale", "aspect_ratio", "blur_radius"):
             (lo, hi), top = getattr(self, name), 1.0 if name.endswith("scale") else float("inf")
             if not 0.0 < lo <= hi <= top:
@@ -59,8 +59,6 @@ class MultiCropConfig:
             raise ValueError(f"color_jitter must be >= 0 with hue <= 0.5, got {self.color_jitter}")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
-        if self.interpolation not in ("bicubic", "bilinear"):  # checked here too: Python callers skip tyro
-            raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
 
 
 CropSpec = namedtuple("CropSpec", "name size scale blur_p solarize_p")
