@@ -1,7 +1,7 @@
 """A mini reproduction of the paper on CPU: softmax vs entmax-1.5 (optionally sparsemax), several seeds each.
 
     python scripts/reproduce_mini.py --docs_dir docs                  # 3 seeds x 2 transforms (time: docs/reproduce_mini_results.md)
-    python scripts/reproduce_mini.py --long --docs_dir docs           # dense degradation (~81 min of one thread)
+    python scripts/reproduce_mini.py --long --docs_dir docs           # dense degradation (~75-80 min of one thread)
     python scripts/reproduce_mini.py --attentions softmax entmax15 sparsemax --seeds 0 1 2 3
     python scripts/reproduce_mini.py --tiny --seeds 0 1 --output_dir /tmp/repro   # smoke run of the machinery
 
