@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
 
+import typeguard
 import tyro
 import yaml
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
@@ -34,7 +35,10 @@ def _dict_rule(info: PrimitiveTypeInfo) -> Optional[PrimitiveConstructorSpec]:
         value = yaml.safe_load(tokens[0]) or {}
         if not isinstance(value, dict):
             raise ValueError(f"expected a YAML mapping such as '{{key: value}}', got {tokens[0]!r}")
-        return value
+        try:  # the keys and values too: YAML reads '{224:8}' (no space) as {13448: None}
+            return typeguard.check_type(value, info.type)
+        except typeguard.TypeCheckError as err:
+            raise ValueError(f"{tokens[0]!r} read as {value!r}: {err} (YAML needs a space after each ':')") from None
 
     return PrimitiveConstructorSpec(
         nargs=1, metavar="'{KEY: VALUE, ...}'", instance_from_str=parse, is_instance=lambda x: isinstance(x, dict),

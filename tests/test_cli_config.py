@@ -135,6 +135,21 @@ def test_check_values_covers_configs_built_in_python():
         check_values(cfg)
 
 
+@dataclasses.dataclass
+class Sizes:
+    sizes: dict[int, int] = dataclasses.field(default_factory=lambda: {224: 8})  # image size -> batch
+
+
+def test_dict_values_are_type_checked():
+    """A YAML mapping override is checked against the field's key and value types; '{224:8}' (no space after the
+    colon) is YAML 1.1's base-60 key 13448 with no value, refused by name instead of running with it."""
+    assert parse_config(Sizes, ["--sizes", "{448: 2, 896: 1}"]).sizes == {448: 2, 896: 1}
+    with pytest.raises(ConfigError, match=r"--sizes.*read as \{13448: None\}.*YAML needs a space after each ':'"):
+        parse_config(Sizes, ["--sizes", "{224:8}"])
+    with pytest.raises(ConfigError, match=r"--sizes.*'\{224: big\}'"):
+        parse_config(Sizes, ["--sizes", "{224: big}"])
+
+
 def test_help_comes_from_field_comments_and_lists_presets():
     text = usage(DinoConfig, "DINO training", CONFIG_DIR)
     assert "--optim.lr_base" in text and "Official 5e-4" in text and "tiny_cpu" in text
