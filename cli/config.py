@@ -8,6 +8,7 @@ Added to tyro: ``--config|--preset NAME_OR_YAML``, a dict field as one YAML mapp
 
 import contextlib
 import io
+import re
 import sys
 import typing
 from pathlib import Path
@@ -18,7 +19,7 @@ import tyro
 import yaml
 from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
-from entmax_vit.data.config_io import ConfigError, check_values, load_preset
+from entmax_vit.data.config_io import ALL_ITEMS, ConfigError, check_values, load_preset
 
 T = TypeVar("T")
 REGISTRY = ConstructorRegistry()
@@ -35,10 +36,11 @@ def _dict_rule(info: PrimitiveTypeInfo) -> Optional[PrimitiveConstructorSpec]:
         value = yaml.safe_load(tokens[0]) or {}
         if not isinstance(value, dict):
             raise ValueError(f"expected a YAML mapping such as '{{key: value}}', got {tokens[0]!r}")
-        try:  # the keys and values too: YAML reads '{224:8}' (no space) as {13448: None}
-            return typeguard.check_type(value, info.type)
+        try:  # every key and value: YAML reads '{224:8}' (no space) as {13448: None}
+            return typeguard.check_type(value, info.type, collection_check_strategy=ALL_ITEMS)
         except typeguard.TypeCheckError as err:
-            raise ValueError(f"{tokens[0]!r} read as {value!r}: {err} (YAML needs a space after each ':')") from None
+            hint = " (YAML needs a space after each ':')" if re.search(r":\S", tokens[0]) else ""
+            raise ValueError(f"{tokens[0]!r} read as {value!r}: {err}{hint}") from None
 
     return PrimitiveConstructorSpec(
         nargs=1, metavar="'{KEY: VALUE, ...}'", instance_from_str=parse, is_instance=lambda x: isinstance(x, dict),

@@ -15,6 +15,8 @@ import typeguard
 import yaml
 
 T = TypeVar("T")
+# typeguard checks only a collection's first item by default; a config is small, check every one
+ALL_ITEMS = typeguard.CollectionCheckStrategy.ALL_ITEMS
 
 
 class ConfigError(ValueError):
@@ -90,7 +92,7 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
         if typing.get_origin(tp) is tuple and isinstance(value, list):  # YAML has no tuples
             value = tuple(value)
         try:
-            kwargs[key] = typeguard.check_type(value, tp)
+            kwargs[key] = typeguard.check_type(value, tp, collection_check_strategy=ALL_ITEMS)
         except typeguard.TypeCheckError as err:
             raise ConfigError(f"{prefix}{key}: {value!r} is not a valid value ({err})") from None
     try:

@@ -146,8 +146,12 @@ def test_dict_values_are_type_checked():
     assert parse_config(Sizes, ["--sizes", "{448: 2, 896: 1}"]).sizes == {448: 2, 896: 1}
     with pytest.raises(ConfigError, match=r"--sizes.*read as \{13448: None\}.*YAML needs a space after each ':'"):
         parse_config(Sizes, ["--sizes", "{224:8}"])
-    with pytest.raises(ConfigError, match=r"--sizes.*'\{224: big\}'"):
-        parse_config(Sizes, ["--sizes", "{224: big}"])
+    with pytest.raises(ConfigError, match=r"--sizes.*read as \{224: 8, 26882: None\}.*YAML needs a space"):
+        parse_config(Sizes, ["--sizes", "{224: 8, 448:2}"])  # every entry is checked, not only the first
+    with pytest.raises(ConfigError, match=r"--sizes: '\{224: big\}' read as \{224: 'big'\}: value of key 224 of dict is not an instance of int Argument"):
+        parse_config(Sizes, ["--sizes", "{224: big}"])  # spaced right: no hint about spaces
+    with pytest.raises(ConfigError, match="value of key 26882 of dict is not an instance of int"):
+        from_dict(Sizes, {"sizes": {224: 8, 26882: None}})  # presets and saved configs too
 
 
 def test_help_comes_from_field_comments_and_lists_presets():
