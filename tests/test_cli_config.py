@@ -148,7 +148,9 @@ def test_dict_values_are_type_checked():
         parse_config(Sizes, ["--sizes", "{224:8}"])
     with pytest.raises(ConfigError, match=r"--sizes.*read as \{224: 8, 26882: None\}.*YAML needs a space"):
         parse_config(Sizes, ["--sizes", "{224: 8, 448:2}"])  # every entry is checked, not only the first
-    with pytest.raises(ConfigError, match=r"--sizes: '\{224: big\}' read as \{224: 'big'\}: value of key 224 of dict is not an instance of int Argument"):
+    no_hint = (r"--sizes: '\{224: big\}' read as \{224: 'big'\}: "
+               r"value of key 224 of dict is not an instance of int Argument")
+    with pytest.raises(ConfigError, match=no_hint):
         parse_config(Sizes, ["--sizes", "{224: big}"])  # spaced right: no hint about spaces
     with pytest.raises(ConfigError, match="value of key 26882 of dict is not an instance of int"):
         from_dict(Sizes, {"sizes": {224: 8, 26882: None}})  # presets and saved configs too
